@@ -102,13 +102,12 @@ class TrainConfig:
     eval_batches: Optional[int] = 25
     """Validation batches per evaluation; null evaluates the whole validation set."""
     save_every: int = 100
+    keep_checkpoints: int = 3
+    """How many recent checkpoints to keep (the best one is kept as well)."""
     early_stopping_patience: Optional[int] = None
     """Stop after this many evaluations without a new best validation loss."""
     grad_checkpoint: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30% slower)."""
-    loss_chunk_size: Optional[int] = None
-    """Compute the cross-entropy over this many tokens at a time so the full [tokens x vocab]
-    logits never exist at once; null computes it in one go."""
     compile: bool = True
     seed: int = 0
     log_every: int = 10
@@ -341,7 +340,7 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
         p.append(f"train.iters: must be >= 1, got {t.iters}")
     if t.epochs is not None and t.epochs <= 0:
         p.append(f"train.epochs: must be > 0, got {t.epochs}")
-    for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
+    for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_checkpoints"):
         if getattr(t, name) < 1:
             p.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     if t.lr <= 0:
@@ -354,8 +353,6 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
         p.append(f"train.max_grad_norm: must be > 0 or null, got {t.max_grad_norm}")
     if t.eval_batches is not None and t.eval_batches < 1:
         p.append(f"train.eval_batches: must be >= 1 or null, got {t.eval_batches}")
-    if t.loss_chunk_size is not None and t.loss_chunk_size < 1:
-        p.append(f"train.loss_chunk_size: must be >= 1 or null, got {t.loss_chunk_size}")
     if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
         p.append(f"train.early_stopping_patience: must be >= 1 or null, got {t.early_stopping_patience}")
     if p:

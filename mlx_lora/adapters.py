@@ -1,0 +1,330 @@
+"""Put adapters on a model, save and load them in the PEFT layout, fuse them.
+
+Module paths of mlx-lm models follow Hugging Face names (``model.layers.3.self_attn.q_proj``),
+so the PEFT keys are ``base_model.model.<path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight``
+([out, r]), plus ``.lora_magnitude_vector`` ([out]) for DoRA. ``adapter_config.json`` carries
+``r``, ``lora_alpha``, ``target_modules``, ``use_dora``, ``use_rslora`` and
+``base_model_name_or_path``: the format HF PEFT, llama.cpp's converter and Ollama read.
+Adapter folders written by mlx-lm (``adapters.safetensors``) load too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import LoraConfig
+from .errors import AdapterError
+from .io import atomic_write_json, atomic_save_safetensors
+from .lora import DoRALinear, LoRALinear, is_adapter_layer
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MLX_LM_WEIGHTS = "adapters.safetensors"
+
+
+def transformer_blocks(model: nn.Module) -> list:
+    blocks = getattr(model, "layers", None)
+    if blocks is None:
+        raise AdapterError(f"{type(model).__name__} exposes no transformer blocks (model.layers)")
+    return list(blocks)
+
+
+def _block_path(model: nn.Module, block) -> str:
+    for path, m in model.named_modules():
+        if m is block:
+            return path
+    raise AdapterError("cannot locate a transformer block inside the model")
+
+
+def _matches(path: str, patterns: Optional[list[str]]) -> bool:
+    if patterns is None:
+        return True
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], path):
+                return True
+        elif path == p or path.endswith("." + p):
+            return True
+    return False
+
+
+def candidate_layers(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """(path, layer) of every linear layer the config selects, in model order."""
+    blocks = transformer_blocks(model)
+    n = len(blocks)
+    if cfg.layers_to_transform is None:
+        indices = range(n)
+    else:
+        bad = [i for i in cfg.layers_to_transform if not -n <= i < n]
+        if bad:
+            raise AdapterError(f"lora.layers_to_transform: {bad} out of range for a model with {n} blocks")
+        indices = sorted({i % n for i in cfg.layers_to_transform})
+    found = []
+    for i in indices:
+        prefix = _block_path(model, blocks[i])
+        for sub, m in blocks[i].named_modules():
+            if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and sub:
+                path = f"{prefix}.{sub}"
+                if _matches(path, cfg.target_modules):
+                    found.append((path, m))
+    return found
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Freeze the model and wrap the selected layers; returns their module paths."""
+    model.freeze()
+    targets = candidate_layers(model, cfg)
+    if not targets:
+        names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+                        if isinstance(m, (nn.Linear, nn.QuantizedLinear))})
+        raise AdapterError(
+            f"lora.target_modules {cfg.target_modules} matched no linear layer; "
+            f"this model has: {', '.join(names)}"
+        )
+    cls = DoRALinear if cfg.use_dora else LoRALinear
+    wrapped = [
+        (path, cls(m, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora))
+        for path, m in targets
+    ]
+    model.update_modules(tree_unflatten(wrapped))
+    return [p for p, _ in wrapped]
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(p, m) for p, m in model.named_modules() if is_adapter_layer(m)]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; packed quantized weights count their logical size
+    and their scales/biases are not counted."""
+    quantized = {p: m for p, m in model.named_modules() if hasattr(m, "bits") and "scales" in m}
+    total = 0
+    for path, a in tree_flatten(model.parameters()):
+        owner, _, leaf = path.rpartition(".")
+        if owner in quantized:
+            if leaf in ("scales", "biases"):
+                continue
+            if leaf == "weight":
+                total += a.size * 32 // quantized[owner].bits
+                continue
+        total += a.size
+    trainable = sum(a.size for _, a in tree_flatten(model.trainable_parameters()))
+    return trainable, total
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load
+
+
+@dataclass
+class AdapterInfo:
+    lora: LoraConfig
+    base_model_name_or_path: Optional[str]
+    targets: list[str]
+    source_format: str  # "peft" or "mlx-lm"
+    extra: dict
+
+
+def adapter_state(model: nn.Module) -> dict[str, mx.array]:
+    """PEFT-named float32 tensors of every adapter layer."""
+    out = {}
+    for path, m in adapter_layers(model):
+        key = PEFT_PREFIX + path
+        out[f"{key}.lora_A.weight"] = m.lora_a.astype(mx.float32)
+        out[f"{key}.lora_B.weight"] = m.lora_b.astype(mx.float32)
+        if isinstance(m, DoRALinear):
+            out[f"{key}.lora_magnitude_vector"] = m.magnitude.astype(mx.float32)
+    return out
+
+
+def peft_config(cfg: LoraConfig, targets: Iterable[str], base_model: Optional[str], extra=None) -> dict:
+    targets = list(targets)
+    modules = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    layers = sorted({int(m.group(1)) for t in targets if (m := re.search(r"\.layers\.(\d+)\.", t))})
+    conf = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": modules,
+        "layers_to_transform": cfg.layers_to_transform if cfg.layers_to_transform is None else layers,
+        "use_dora": cfg.use_dora,
+        "use_rslora": cfg.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    if extra:
+        conf["mlx_lora"] = extra
+    return conf
+
+
+def save_adapter(model: nn.Module, out_dir, cfg: LoraConfig, base_model: Optional[str],
+                 extra: Optional[dict] = None) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` atomically (each file is
+    replaced whole; the weights are written before the config that points readers at them)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = adapter_state(model)
+    if not state:
+        raise AdapterError("the model has no adapter layers to save")
+    atomic_save_safetensors(out_dir / ADAPTER_WEIGHTS, state, metadata={"format": "pt"})
+    targets = [p for p, _ in adapter_layers(model)]
+    atomic_write_json(out_dir / ADAPTER_CONFIG, peft_config(cfg, targets, base_model, extra))
+    return out_dir
+
+
+def _lora_config_from_peft(conf: dict, path: Path) -> LoraConfig:
+    try:
+        r = int(conf["r"])
+    except (KeyError, TypeError, ValueError):
+        raise AdapterError(f"{path}: field 'r' missing or not an integer") from None
+    targets = conf.get("target_modules")
+    if isinstance(targets, str):  # PEFT allows a regex string
+        targets = ["re:" + targets]
+    layers = conf.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    return LoraConfig(
+        r=r,
+        alpha=float(conf.get("lora_alpha", r)),
+        dropout=float(conf.get("lora_dropout", 0.0) or 0.0),
+        target_modules=list(targets) if targets else None,
+        layers_to_transform=list(layers) if layers else None,
+        use_dora=bool(conf.get("use_dora", False)),
+        use_rslora=bool(conf.get("use_rslora", False)),
+    )
+
+
+def _read_mlx_lm_adapter(folder: Path, conf: dict, model: nn.Module):
+    """Translate an mlx-lm adapter folder into (LoraConfig, PEFT-named weights)."""
+    params = conf.get("lora_parameters") or {}
+    r = int(params.get("rank", 8))
+    scale = float(params.get("scale", 20.0))
+    keys = params.get("keys")
+    n = len(transformer_blocks(model))
+    num_layers = conf.get("num_layers", n)
+    num_layers = n if num_layers in (-1, None) else int(num_layers)
+    weights = mx.load(str(folder / MLX_LM_WEIGHTS))
+    state, targets = {}, set()
+    for k, v in weights.items():
+        base, _, leaf = k.rpartition(".")
+        key = PEFT_PREFIX + base
+        if leaf == "lora_a":  # mlx-lm stores [in, r]
+            state[f"{key}.lora_A.weight"] = v.T
+        elif leaf == "lora_b":  # [r, out]
+            state[f"{key}.lora_B.weight"] = v.T
+        elif leaf == "m":
+            state[f"{key}.lora_magnitude_vector"] = v
+        else:
+            continue
+        targets.add(base)
+    # mlx-lm's scale multiplies B A directly: alpha = scale * r reproduces it.
+    cfg = LoraConfig(
+        r=r,
+        alpha=scale * r,
+        dropout=float(params.get("dropout", 0.0)),
+        target_modules=["re:" + "|".join(re.escape(t) for t in sorted(targets))] if targets else keys,
+        layers_to_transform=list(range(n - num_layers, n)),
+        use_dora=conf.get("fine_tune_type") == "dora",
+    )
+    return cfg, state
+
+
+def read_adapter(folder, model: Optional[nn.Module] = None) -> tuple[AdapterInfo, dict]:
+    """Read an adapter folder (PEFT or mlx-lm layout) without touching a model."""
+    folder = Path(folder)
+    if folder.is_file():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder not found: {folder}")
+    conf_path = folder / ADAPTER_CONFIG
+    if not conf_path.is_file():
+        raise AdapterError(f"{folder}: no {ADAPTER_CONFIG}; not an adapter folder")
+    try:
+        conf = json.loads(conf_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{conf_path}: not valid JSON ({e})") from None
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        lora = _lora_config_from_peft(conf, conf_path)
+        try:
+            state = mx.load(str(folder / ADAPTER_WEIGHTS))
+        except Exception as e:
+            raise AdapterError(f"{folder / ADAPTER_WEIGHTS}: cannot read ({e})") from None
+        targets = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
+        info = AdapterInfo(lora, conf.get("base_model_name_or_path"), targets, "peft",
+                           conf.get("mlx_lora") or {})
+        return info, state
+    if (folder / MLX_LM_WEIGHTS).is_file():
+        if model is None:
+            raise AdapterError(f"{folder}: an mlx-lm adapter needs the model to be read")
+        lora, state = _read_mlx_lm_adapter(folder, conf, model)
+        targets = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
+        return AdapterInfo(lora, conf.get("model"), targets, "mlx-lm", {}), state
+    raise AdapterError(f"{folder}: no {ADAPTER_WEIGHTS} (PEFT) or {MLX_LM_WEIGHTS} (mlx-lm) file")
+
+
+def load_adapter(model: nn.Module, folder) -> AdapterInfo:
+    """Wrap the model's layers as the adapter describes and load its weights.
+
+    Every missing, unexpected or wrongly shaped tensor is reported in one AdapterError.
+    """
+    info, state = read_adapter(folder, model)
+    # Wrap exactly the layers the file has weights for.
+    lora = replace(info.lora, target_modules=["re:" + "|".join(re.escape(t) for t in info.targets)],
+                   layers_to_transform=None)
+    modules = dict(model.named_modules())
+    problems = [f"'{t}': no such layer in the model" for t in info.targets if t not in modules]
+    if problems:
+        raise AdapterError(f"{folder}: adapter does not fit this model:\n  - " + "\n  - ".join(problems[:20])
+                           + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    apply_lora(model, lora)
+    expected = adapter_state(model)
+    for k in sorted(set(state) | set(expected)):
+        if k not in expected:
+            problems.append(f"unexpected tensor '{k}'")
+        elif k not in state:
+            problems.append(f"missing tensor '{k}'")
+        elif tuple(state[k].shape) != tuple(expected[k].shape):
+            problems.append(f"'{k}': shape {tuple(state[k].shape)} in the file, "
+                            f"{tuple(expected[k].shape)} expected by the model")
+    if problems:
+        raise AdapterError(f"{folder}: adapter does not fit this model "
+                           f"({len(problems)} problems):\n  - " + "\n  - ".join(problems[:20])
+                           + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    set_adapter_state(model, state)
+    return info
+
+
+def set_adapter_state(model: nn.Module, state: dict[str, mx.array]) -> None:
+    updates = []
+    for path, m in adapter_layers(model):
+        key = PEFT_PREFIX + path
+        updates.append((f"{path}.lora_a", state[f"{key}.lora_A.weight"].astype(mx.float32)))
+        updates.append((f"{path}.lora_b", state[f"{key}.lora_B.weight"].astype(mx.float32)))
+        if isinstance(m, DoRALinear):
+            updates.append((f"{path}.magnitude", state[f"{key}.lora_magnitude_vector"].astype(mx.float32)))
+    model.load_weights(updates, strict=False)
+    mx.eval(model.parameters())
+
+
+def fuse_model(model: nn.Module) -> list[str]:
+    """Replace every adapter layer by its fused plain layer, in place; returns the fused paths."""
+    fused = [(p, m.fuse()) for p, m in adapter_layers(model)]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return [p for p, _ in fused]

@@ -1,0 +1,231 @@
+"""The Python API; each CLI command is a thin wrapper over one of these functions."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable, Optional, TextIO
+
+from .config import Config, to_yaml, validate
+from .errors import CheckpointError, MlxLoraError
+
+
+def _log(msg: str, stream: Optional[TextIO] = None) -> None:
+    print(msg, file=stream or sys.stderr, flush=True)
+
+
+def _is_rank0() -> bool:
+    import mlx.core as mx
+
+    return mx.distributed.init().rank() == 0
+
+
+def banner_lines(cfg: Config, info, trainable: int, total: int, splits, steps: int, world: int) -> list[str]:
+    from .backend import fmt_bytes, summary
+
+    facts = summary(info.dtype)
+    lines = [f"backend   {facts['backend']} ({facts['device_name']}), compute {facts['compute_dtype']}, "
+             f"memory {facts['memory']}"]
+    if "blas" in facts:
+        lines.append(f"blas      {facts['blas']}")
+        if "blas_hint" in facts:
+            lines.append(f"          WARNING: slow BLAS; {facts['blas_hint']}")
+    q = info.quantization
+    qtxt = f", {q['bits']}-bit quantized base (QLoRA)" if q else ""
+    lines.append(f"model     {cfg.model.path} [{info.model_type}{qtxt}]")
+    method = "DoRA" if cfg.lora.use_dora else "LoRA"
+    lines.append(f"adapter   {method} r={cfg.lora.r} alpha={cfg.lora.alpha:g} scale={cfg.lora.scale:.3g}"
+                 f"{' (rsLoRA)' if cfg.lora.use_rslora else ''}: trainable {trainable:,} of {total:,} "
+                 f"parameters ({100 * trainable / max(total, 1):.3f}%)")
+    for name in ("train", "valid"):
+        ds = getattr(splits, name)
+        if ds is None:
+            continue
+        s = ds.stats
+        extra = []
+        if s.truncated:
+            extra.append(f"{s.truncated} truncated to {cfg.data.max_seq_length} tokens")
+        if s.skipped:
+            extra.append(f"{s.skipped} skipped")
+        lines.append(f"{name:<9} {s.path}: {s.examples} examples ({s.format}), {s.target_tokens:,} target "
+                     f"of {s.total_tokens:,} tokens" + (f"; {', '.join(extra)}" if extra else ""))
+    t = cfg.train
+    global_batch = t.batch_size * t.grad_accum * world
+    lines.append(f"training  {steps} steps, batch {t.batch_size} x accum {t.grad_accum}"
+                 + (f" x {world} ranks" if world > 1 else "") + f" = {global_batch} examples/step, "
+                 f"{t.optimizer} lr {t.lr:g} ({t.schedule}, warmup {t.warmup_steps})")
+    return lines
+
+
+def prepare_run_dir(out: str, resume: bool, overwrite: bool):
+    from .checkpoints import RunDir
+    from .io import ensure_writable_dir
+
+    run = RunDir(out)
+    ensure_writable_dir(run.path, "run folder")
+    if resume:
+        if not run.exists():
+            raise CheckpointError(f"{run.path}: no run to resume (config.yaml missing)")
+    elif run.path.exists() and any(run.path.iterdir()):
+        if not overwrite:
+            raise MlxLoraError(f"{run.path} already holds a run; continue it with --resume {run.path}, "
+                               f"choose another --out, or pass --overwrite to start over")
+    return run
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbacks: Iterable = (),
+          progress: bool = True, stream: Optional[TextIO] = None):
+    """Fine-tune ``cfg.model.path`` on ``cfg.data.path``; writes the run folder ``cfg.out``.
+
+    Everything that can fail on user input (config, model, data, run folder) is checked before the
+    run folder is created or changed.
+    """
+    import mlx.core as mx
+
+    from . import adapters, config as config_mod
+    from .callbacks import MetricsFile, Progress, plot_losses
+    from .data import load_datasets
+    from .models import load_model
+    from .trainer import Trainer
+
+    validate(cfg)
+    group = mx.distributed.init()
+    rank0 = group.rank() == 0
+    log = (lambda m: _log(m, stream)) if rank0 else (lambda m: None)
+    run = prepare_run_dir(cfg.out, resume, overwrite)
+    mx.random.seed(cfg.train.seed)
+
+    model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    splits = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    adapters.apply_lora(model, cfg.lora)
+    trainable, total = adapters.count_parameters(model)
+
+    extra = {"model_type": info.model_type}
+
+    def save_adapter(folder):
+        adapters.save_adapter(model, folder, cfg.lora, cfg.model.path, extra=extra)
+
+    callbacks = list(callbacks)
+    metrics = MetricsFile(run.metrics_file, log_every=cfg.train.log_every) if rank0 else None
+    if rank0:
+        callbacks.append(metrics)
+        if progress:
+            callbacks.append(Progress(stream=stream, log_every=cfg.train.log_every))
+    trainer = Trainer(model, cfg, splits.train, splits.valid, run, save_adapter=save_adapter,
+                      callbacks=callbacks, group=group)
+
+    if resume:
+        ckpt = run.latest_checkpoint()
+        if ckpt is None:
+            raise CheckpointError(f"{run.path}: no complete checkpoint to resume from")
+        adapter_state, opt_state, state = run.load_checkpoint(ckpt)
+        trainer.restore(adapter_state, opt_state, state)
+        if metrics is not None:
+            metrics.truncate_after(state.step)
+        log(f"resuming  {ckpt} (step {state.step} of {trainer.total_steps})")
+    elif rank0:
+        if overwrite and run.path.exists():
+            shutil.rmtree(run.path)
+        run.path.mkdir(parents=True, exist_ok=True)
+    if rank0:
+        run.write_config(config_mod.to_yaml(cfg))
+    for line in banner_lines(cfg, info, trainable, total, splits, trainer.total_steps, group.size()):
+        log(line)
+
+    result = trainer.fit()
+    if rank0:
+        if result.stopped == "interrupted":
+            log(f"interrupted at step {result.steps}; saved. Continue with: mlx-lora train --resume {run.path}")
+        else:
+            log(f"done: {result.steps} steps, final loss {result.final_loss:.4f}" if result.final_loss is not None
+                else f"done: {result.steps} steps")
+            if result.best_val_loss is not None:
+                log(f"best validation loss {result.best_val_loss:.4f} at step {result.best_step} "
+                    f"({run.checkpoints / 'best'})")
+        if run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png"):
+            log(f"loss curve {run.path / 'loss.png'}")
+        log(f"adapter   {run.path}")
+    return result
+
+
+def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: str = "auto"):
+    """(model, tokenizer, info) with the adapter applied, in eval mode."""
+    from . import adapters
+    from .models import load_model
+
+    model, tokenizer, info = load_model(model_path, dtype=dtype)
+    if adapter:
+        adapters.load_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer, info
+
+
+def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch_size: int = 4,
+             max_seq_length: int = 2048, train_on: str = "assistant", chat_template: Optional[str] = None,
+             max_batches: Optional[int] = None, dtype: str = "auto") -> dict:
+    """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder."""
+    import math
+
+    from .config import Config, DataConfig, ModelConfig, TrainConfig
+    from .data import load_jsonl_dataset
+    from .trainer import Trainer
+
+    path = Path(data)
+    if path.is_dir():
+        for name in ("test.jsonl", "valid.jsonl"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise MlxLoraError(f"{data}: no test.jsonl or valid.jsonl in this folder")
+    model, tokenizer, _ = load_for_inference(model_path, adapter, dtype)
+    dcfg = DataConfig(path=str(path), max_seq_length=max_seq_length, train_on=train_on,
+                      chat_template=chat_template, valid_fraction=0.0)
+    ds = load_jsonl_dataset(path, dcfg, tokenizer)
+    cfg = Config(model=ModelConfig(path=model_path), data=dcfg,
+                 train=TrainConfig(batch_size=batch_size, iters=1, compile=False))
+    trainer = Trainer(model, cfg, ds, None, None)
+    loss, ntoks = trainer.evaluate(ds, max_batches)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": ntoks, "examples": len(ds),
+            "path": str(path)}
+
+
+def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat: bool = False,
+             system: Optional[str] = None, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, dtype: str = "auto", stream: bool = False, model_and_tokenizer=None):
+    """Generate a continuation (greedy by default). With ``chat`` the prompt is wrapped in the
+    tokenizer's chat template as a user turn. Yields text pieces when ``stream``."""
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    if model_and_tokenizer is None:
+        model, tokenizer, _ = load_for_inference(model_path, adapter, dtype)
+    else:
+        model, tokenizer = model_and_tokenizer
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MlxLoraError(f"{model_path}: the tokenizer has no chat template; drop --chat")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt_tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(prompt_tokens, dict):
+            prompt_tokens = prompt_tokens["input_ids"]
+    else:
+        prompt_tokens = tokenizer.encode(prompt)
+    mx.random.seed(seed)
+    sampler = make_sampler(temp=temperature, top_p=top_p)
+    pieces = (r.text for r in stream_generate(model, tokenizer, prompt_tokens, max_tokens=max_tokens, sampler=sampler))
+    return pieces if stream else "".join(pieces)
+
+
+def doctor() -> dict:
+    """Backend, dtype, BLAS (with a measured matmul rate), memory and versions."""
+    from . import backend
+
+    facts = backend.summary()
+    facts["matmul_gflops"] = round(backend.measure_matmul_gflops(1024), 1)
+    facts["versions"] = backend.versions()
+    facts["openblas_found"] = backend.find_openblas()
+    return facts

@@ -1,0 +1,137 @@
+"""Things that watch training: the progress display, the metrics file, the loss plot.
+
+A callback is any object with some of ``on_train_start(trainer)``, ``on_step(trainer, metrics)``,
+``on_eval(trainer, metrics)``, ``on_checkpoint(trainer, path)`` and ``on_train_end(trainer, result)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional, TextIO
+
+
+def _fmt_time(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+class Progress:
+    """A one-line bar on a terminal, plain log lines otherwise (CI, files, pipes)."""
+
+    def __init__(self, stream: Optional[TextIO] = None, log_every: int = 10, tty: Optional[bool] = None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.log_every = log_every
+        self._last_len = 0
+
+    def _line(self, text: str, final: bool = False) -> None:
+        if self.tty:
+            pad = max(0, self._last_len - len(text))
+            self.stream.write("\r" + text + " " * pad + ("\n" if final else ""))
+            self._last_len = 0 if final else len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def on_step(self, trainer, m: dict) -> None:
+        step, total = m["step"], m["total_steps"]
+        if not self.tty and step % self.log_every and step != total:
+            return
+        width = 24
+        done = int(width * step / max(total, 1))
+        bar = "#" * done + "-" * (width - done)
+        eta = _fmt_time(m.get("eta_s", float("nan")))
+        text = (f"[{bar}] {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                f"{m['tokens_per_s']:.0f} tok/s eta {eta} peak {m['peak_memory_gb']:.2f} GB")
+        if not self.tty:
+            text = (f"step {step}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+                    f"{m['tokens_per_s']:.0f} tok/s  eta {eta}  peak {m['peak_memory_gb']:.2f} GB")
+        self._line(text)
+
+    def on_eval(self, trainer, m: dict) -> None:
+        best = " (best)" if m.get("is_best") else ""
+        self._line(f"step {m['step']}: val loss {m['val_loss']:.4f}  ppl {m['val_ppl']:.2f}{best}", final=True)
+
+    def on_checkpoint(self, trainer, path) -> None:
+        if not self.tty:
+            self._line(f"saved checkpoint {path}")
+
+    def on_train_end(self, trainer, result) -> None:
+        if self.tty and self._last_len:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class MetricsFile:
+    """Appends one JSON object per logged step / evaluation to ``metrics.jsonl``."""
+
+    def __init__(self, path, log_every: int = 1):
+        self.path = Path(path)
+        self.log_every = log_every
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records past the checkpoint so the file tells one consistent story."""
+        if not self.path.exists():
+            return
+        from .io import atomic_write_text
+
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+        atomic_write_text(self.path, "".join(l + "\n" for l in keep))
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_step(self, trainer, m: dict) -> None:
+        if m["step"] % self.log_every == 0 or m["step"] == m["total_steps"]:
+            self._write({k: m[k] for k in ("step", "loss", "lr", "tokens", "trained_tokens",
+                                           "tokens_per_s", "peak_memory_gb", "elapsed_s") if k in m})
+
+    def on_eval(self, trainer, m: dict) -> None:
+        self._write({"step": m["step"], "val_loss": m["val_loss"], "val_ppl": m["val_ppl"]})
+
+
+def plot_losses(metrics_path, out_png) -> Optional[Path]:
+    """Loss curves as a PNG when matplotlib is installed (the ``plot`` extra); else None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps, losses, vsteps, vlosses = [], [], [], []
+    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            steps.append(r["step"]), losses.append(r["loss"])
+        if "val_loss" in r:
+            vsteps.append(r["step"]), vlosses.append(r["val_loss"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, label="train")
+    if vsteps:
+        ax.plot(vsteps, vlosses, "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    from .io import atomic_path
+
+    with atomic_path(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return Path(out_png)

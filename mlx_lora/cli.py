@@ -1,0 +1,209 @@
+"""The ``mlx-lora`` command. Thin: parse options, build a config, call one library function.
+
+Heavy imports (mlx, mlx-lm, numpy) happen inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+import click
+
+# name -> "module:attribute" of commands defined outside this file, imported on first use.
+LAZY_COMMANDS = {
+    "convert": "converters.cli:convert",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            module, attr = LAZY_COMMANDS[name].split(":")
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as e:
+                reason = f"{type(e).__name__}: {e}"
+
+                @click.command(name=name, help=f"(unavailable: {reason})")
+                def unavailable():
+                    raise click.ClickException(f"command '{name}' is unavailable ({reason})")
+
+                return unavailable
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.version_option(package_name="mlx-lora")
+@click.pass_context
+def cli(ctx, debug):
+    """Fine-tune LLMs with LoRA, QLoRA and DoRA on MLX, then fuse or export them."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug or bool(os.environ.get("MLX_LORA_DEBUG"))
+
+
+def _overrides(**options) -> dict:
+    """CLI options that were given, as a nested config dict."""
+    mapping = {
+        "model": ("model", "path"), "data": ("data", "path"), "out": ("out",), "iters": ("train", "iters"),
+        "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
+        "rank": ("lora", "r"), "alpha": ("lora", "alpha"), "dora": ("lora", "use_dora"),
+        "max_seq_length": ("data", "max_seq_length"), "seed": ("train", "seed"),
+        "grad_checkpoint": ("train", "grad_checkpoint"), "packing": ("data", "packing"),
+    }
+    out: dict = {}
+    for key, value in options.items():
+        if value is None or key not in mapping:
+            continue
+        path = mapping[key]
+        if len(path) == 1:
+            out[path[0]] = value
+        else:
+            out.setdefault(path[0], {})[path[1]] = value
+    return out
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config (see recipes/).")
+@click.option("--model", help="Local HF/MLX folder, Hugging Face repo id, or .gguf file.")
+@click.option("--data", help="JSONL file or folder with train.jsonl [valid.jsonl test.jsonl].")
+@click.option("--out", help="Run folder (default runs/run).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. lora.r=16.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option("--iters", type=int, help="Optimizer steps.")
+@click.option("--epochs", type=float, help="Passes over the training data (when --iters is not given).")
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--rank", type=int, help="LoRA rank r.")
+@click.option("--alpha", type=float, help="LoRA alpha (scale = alpha / r).")
+@click.option("--dora/--no-dora", default=None, help="Use DoRA instead of LoRA.")
+@click.option("--max-seq-length", type=int)
+@click.option("--packing/--no-packing", default=None, help="Pack short examples into full rows.")
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Trade compute for memory.")
+@click.option("--seed", type=int)
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def train(config_file, sets, resume_dir, overwrite, quiet, **options):
+    """Fine-tune an adapter. Writes config, adapter, checkpoints and metrics to the run folder."""
+    from . import api, config
+
+    if resume_dir:
+        run_config = os.path.join(resume_dir, "config.yaml")
+        if not os.path.isfile(run_config):
+            raise click.ClickException(f"{resume_dir}: no run to resume (config.yaml missing)")
+        config_file = config_file or run_config
+        options["out"] = resume_dir
+    cfg = config.build(config_file, list(sets), extra=_overrides(**options))
+    result = api.train(cfg, resume=bool(resume_dir), overwrite=overwrite, progress=not quiet)
+    if result.stopped == "interrupted":
+        sys.exit(130)
+
+
+@cli.command()
+@click.option("--model", required=True, help="Base model (folder, repo id or .gguf).")
+@click.option("--adapter", help="Adapter or run folder.")
+@click.option("--prompt", required=True, help="Prompt text ('-' reads standard input).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template as a user turn.")
+@click.option("--system", help="System message (with --chat).")
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_p, seed):
+    """Generate text with a model and optional adapter (streams to standard output)."""
+    from . import api
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    for piece in api.generate(model, prompt, adapter, chat=chat, system=system, max_tokens=max_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed, stream=True):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@cli.command(name="eval")
+@click.option("--model", required=True)
+@click.option("--adapter", help="Adapter or run folder.")
+@click.option("--data", required=True, help="JSONL file, or a folder with test.jsonl / valid.jsonl.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--max-seq-length", type=int, default=2048, show_default=True)
+@click.option("--train-on", type=click.Choice(["assistant", "last", "all"]), default="assistant", show_default=True)
+@click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template.")
+@click.option("--max-batches", type=int, help="Evaluate at most this many batches.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_template, max_batches, as_json):
+    """Loss and perplexity on a data set."""
+    import json
+
+    from . import api
+
+    r = api.evaluate(model, data, adapter, batch_size=batch_size, max_seq_length=max_seq_length,
+                     train_on=train_on, chat_template=chat_template, max_batches=max_batches)
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        click.echo(f"{r['path']}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
+                   f"({r['examples']} examples, {r['tokens']:,} target tokens)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def doctor(as_json):
+    """Backend (Metal/CUDA/CPU), dtype, BLAS, memory and versions."""
+    import json
+
+    from . import api
+
+    facts = api.doctor()
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    for k in ("backend", "device", "device_name", "compute_dtype", "memory", "blas", "matmul_gflops"):
+        if k in facts:
+            click.echo(f"{k:<14} {facts[k]}")
+    if "blas_hint" in facts:
+        click.echo(f"{'':<14} WARNING: slow BLAS; {facts['blas_hint']}")
+    for k, v in facts["versions"].items():
+        click.echo(f"{k:<14} {v}")
+
+
+def main(argv=None) -> None:
+    from .backend import reexec_with_openblas
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    reexec_with_openblas(argv)
+    debug = "--debug" in argv or bool(os.environ.get("MLX_LORA_DEBUG"))
+    try:
+        cli.main(args=argv, prog_name="mlx-lora", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        from .errors import MlxLoraError
+
+        if isinstance(e, MlxLoraError):
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
+            click.echo(f"error: out of disk space ({e.filename or ''}); free space and resume with --resume",
+                       err=True)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

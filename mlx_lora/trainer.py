@@ -1,0 +1,325 @@
+"""The training loop: one compiled step over explicit state, token-weighted accumulation,
+checkpoints that resume exactly, evaluation, early stopping and data-parallel ranks.
+
+Gradients are gradients of the *summed* token loss; they are summed over micro-batches and
+ranks and divided once by the total number of target tokens. So ``grad_accum=4, batch_size=1``,
+``batch_size=4`` and 2 ranks x ``batch_size=2`` all take the same step on the same examples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from .checkpoints import RunDir, TrainState
+from .config import Config
+from .data import BatchPosition, TokenizedDataset, attention_mask_from_segments, iterate_batches
+from .errors import MlxLoraError
+from .losses import masked_cross_entropy
+
+
+class TrainingStopped(MlxLoraError):
+    """Training stopped on a non-finite loss (the last good checkpoint is kept)."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: Optional[float]
+    best_val_loss: Optional[float]
+    best_step: Optional[int]
+    trained_tokens: int
+    elapsed_s: float
+    stopped: str  # "completed", "early_stopping", "interrupted", "nan"
+    last_checkpoint: Optional[str] = None
+
+
+def build_schedule(t, total_steps: int):
+    """Linear warmup from 0 to ``lr``, then constant / cosine / linear decay to ``min_lr_ratio*lr``."""
+    decay_steps = max(total_steps - t.warmup_steps, 1)
+    end = t.lr * t.min_lr_ratio
+    if t.schedule == "constant":
+        main = t.lr
+    elif t.schedule == "cosine":
+        main = optim.cosine_decay(t.lr, decay_steps, end)
+    else:
+        main = optim.linear_schedule(t.lr, end, decay_steps)
+    if t.warmup_steps > 0:
+        warm = optim.linear_schedule(0.0, t.lr, t.warmup_steps)
+        main = main if callable(main) else (lambda lr: (lambda step: mx.array(lr, mx.float32)))(main)
+        return optim.join_schedules([warm, main], [t.warmup_steps])
+    return main
+
+
+def build_optimizer(t, total_steps: int) -> optim.Optimizer:
+    lr = build_schedule(t, total_steps)
+    if t.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return optim.Adam(learning_rate=lr)
+    if t.optimizer == "sgd":
+        return optim.SGD(learning_rate=lr, momentum=0.9, weight_decay=t.weight_decay)
+    return optim.Adafactor(learning_rate=lr, relative_step=False, scale_parameter=False)
+
+
+def enable_grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward pass.
+
+    Each block instance gets its own subclass whose ``__call__`` runs under ``mx.checkpoint``;
+    the architecture's class itself is left untouched, so other models in the process are not
+    affected.
+    """
+    for block in model.layers:
+        cls = type(block)
+        if getattr(cls, "_mlx_lora_checkpointed", False):
+            continue
+
+        def call(self, x, *args, __base=cls.__call__, **kwargs):
+            def inner(params, x):
+                self.update(params)
+                return __base(self, x, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+        block.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_mlx_lora_checkpointed": True})
+
+
+def batches_per_epoch(ds: TokenizedDataset, cfg: Config, world_size: int) -> int:
+    it = iterate_batches(ds, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length, seed=cfg.train.seed,
+                         shuffle=False, packing=cfg.data.packing, loop=False, rank=0, world_size=world_size)
+    return sum(1 for _ in it)
+
+
+class Trainer:
+    """Trains the adapter layers of ``model``. Collaborators come in as arguments."""
+
+    def __init__(self, model: nn.Module, cfg: Config, train_set: TokenizedDataset,
+                 valid_set: Optional[TokenizedDataset], run: Optional[RunDir],
+                 save_adapter: Optional[Callable] = None, callbacks=(), group=None):
+        self.model, self.cfg, self.train_set, self.valid_set = model, cfg, train_set, valid_set
+        self.run, self.save_adapter_fn = run, save_adapter
+        self.callbacks = list(callbacks)
+        self.group = group if group is not None else mx.distributed.init()
+        self.rank, self.world = self.group.rank(), self.group.size()
+        t = cfg.train
+        if t.iters is not None:
+            self.total_steps = t.iters
+        else:
+            per_epoch = batches_per_epoch(train_set, cfg, self.world)
+            self.total_steps = max(1, math.ceil((t.epochs or 1.0) * per_epoch / t.grad_accum))
+        self.optimizer = build_optimizer(t, self.total_steps)
+        # Create the optimizer state now so the compiled update sees it as an input, not a new array.
+        self.optimizer.init(model.trainable_parameters())
+        self.state = TrainState(world_size=self.world)
+        if t.grad_checkpoint:
+            enable_grad_checkpoint(model)
+        self._build_steps()
+
+    # -- compiled pieces -------------------------------------------------------------------------
+
+    def _build_steps(self) -> None:
+        model, opt, t = self.model, self.optimizer, self.cfg.train
+        world = self.world
+        loss_and_grad = nn.value_and_grad(model, masked_cross_entropy)
+
+        def fwd_bwd(inputs, targets, mask):
+            (loss, ntoks), grads = loss_and_grad(model, inputs, targets, mask)
+            return loss, ntoks, grads
+
+        def fwd_bwd_packed(inputs, targets, mask, attn):
+            (loss, ntoks), grads = loss_and_grad(model, inputs, targets, mask, attn)
+            return loss, ntoks, grads
+
+        def update(grads, ntoks):
+            if world > 1:
+                grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group), grads)
+                ntoks = mx.distributed.all_sum(ntoks, group=self.group)
+            grads = tree_map(lambda g: g / mx.maximum(ntoks, 1), grads)
+            if t.max_grad_norm is not None:
+                grads, _ = optim.clip_grad_norm(grads, t.max_grad_norm)
+            opt.update(model, grads)
+
+        if t.compile:
+            # value_and_grad writes the traced parameters into the model, so model.state is an output too.
+            state = dict(inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
+            fwd_bwd = mx.compile(fwd_bwd, **state)
+            fwd_bwd_packed = mx.compile(fwd_bwd_packed, **state)
+            update = mx.compile(update, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
+        self._fwd_bwd, self._fwd_bwd_packed, self._update = fwd_bwd, fwd_bwd_packed, update
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _arrays(self, batch):
+        attn = None
+        if batch.segments is not None:
+            attn = mx.array(attention_mask_from_segments(batch.segments))
+        return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.loss_mask), attn
+
+    def _emit(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
+
+    def _reduce(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        return mx.distributed.all_sum(mx.array(x, mx.float32), group=self.group).item()
+
+    def evaluate(self, dataset: TokenizedDataset, max_batches: Optional[int] = None) -> tuple[float, int]:
+        """Token-weighted mean loss over ``dataset`` (reduced across ranks) and its token count."""
+        total, ntoks = mx.array(0.0), mx.array(0.0)
+        it = iterate_batches(dataset, self.cfg.train.batch_size, max_seq_length=self.cfg.data.max_seq_length,
+                             seed=self.cfg.train.seed, shuffle=False, packing=self.cfg.data.packing,
+                             loop=False, rank=self.rank, world_size=self.world)
+        for i, (batch, _) in enumerate(it):
+            if max_batches is not None and i >= max_batches:
+                break
+            inputs, targets, mask, attn = self._arrays(batch)
+            loss, n = masked_cross_entropy(self.model, inputs, targets, mask, attn)
+            total, ntoks = total + loss, ntoks + n
+            mx.eval(total, ntoks)
+        total_f, n_f = self._reduce(total.item()), self._reduce(ntoks.item())
+        return (total_f / n_f if n_f else float("nan")), int(n_f)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Optional[str]:
+        if self.run is None or self.save_adapter_fn is None:
+            return None
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        if self.rank != 0:
+            return None
+        path = self.run.save_checkpoint(self.state.step, self.save_adapter_fn, self.optimizer.state, self.state,
+                                        keep=self.cfg.train.keep_checkpoints)
+        self.save_adapter_fn(self.run.path)  # the run folder's top-level adapter is the newest
+        self._emit("on_checkpoint", path)
+        return str(path)
+
+    def restore(self, adapter_state: dict, optimizer_state: dict, state: TrainState) -> None:
+        from .adapters import set_adapter_state
+
+        set_adapter_state(self.model, adapter_state)
+        self.optimizer.state = optimizer_state
+        mx.eval(self.optimizer.state)
+        self.state = replace(state, world_size=self.world)
+        if state.world_size != self.world:
+            # The global batch of the old run was batch_size * old_world examples; with another
+            # number of ranks the position in examples is kept, so no example is skipped or repeated
+            # when the global batch size is unchanged.
+            old_global = self.cfg.train.batch_size * state.world_size
+            new_global = self.cfg.train.batch_size * self.world
+            self.state.batch_index = (state.batch_index * old_global) // new_global
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        t = self.cfg.train
+        model = self.model
+        model.train()
+        self._emit("on_train_start")
+        pos = BatchPosition(self.state.epoch, self.state.batch_index)
+        batches = iterate_batches(self.train_set, t.batch_size, max_seq_length=self.cfg.data.max_seq_length,
+                                  seed=t.seed, shuffle=True, packing=self.cfg.data.packing, start=pos,
+                                  loop=True, rank=self.rank, world_size=self.world)
+        stopped, last_loss = "completed", None
+        last_ckpt = None
+        window_tokens, window_start = 0, time.perf_counter()
+        session_start, elapsed0, session_steps = time.perf_counter(), self.state.elapsed_s, 0
+        mx.reset_peak_memory()
+        try:
+            while self.state.step < self.total_steps:
+                loss_sum, ntoks, grads = mx.array(0.0), mx.array(0.0), None
+                for _ in range(t.grad_accum):
+                    batch, pos = next(batches)
+                    inputs, targets, mask, attn = self._arrays(batch)
+                    if attn is None:
+                        loss, n, g = self._fwd_bwd(inputs, targets, mask)
+                    else:
+                        loss, n, g = self._fwd_bwd_packed(inputs, targets, mask, attn)
+                    grads = g if grads is None else tree_map(mx.add, grads, g)
+                    loss_sum, ntoks = loss_sum + loss, ntoks + n
+                mx.eval(loss_sum, ntoks, grads)
+                global_loss = self._reduce(loss_sum.item())
+                global_ntoks = self._reduce(ntoks.item())
+                step_loss = global_loss / max(global_ntoks, 1.0)
+                if not math.isfinite(step_loss):
+                    if t.nan_policy == "skip":
+                        self._emit("on_nonfinite", self.state.step + 1)
+                        continue
+                    stopped = "nan"
+                    raise TrainingStopped(
+                        f"loss became {step_loss} at step {self.state.step + 1}; stopped with the last good "
+                        f"checkpoint kept. Lower train.lr, enable train.max_grad_norm, or set "
+                        f"train.nan_policy: skip")
+                self._update(grads, ntoks)
+                mx.eval(model.trainable_parameters(), self.optimizer.state)
+                self.state.step += 1
+                self.state.epoch, self.state.batch_index = pos.epoch, pos.index
+                self.state.trained_tokens += int(global_ntoks)
+                last_loss = step_loss
+                window_tokens += int(global_ntoks)
+                now = time.perf_counter()
+                elapsed = elapsed0 + now - session_start
+                self.state.elapsed_s = elapsed
+                session_steps += 1
+                if self.state.step % t.log_every == 0 or self.state.step in (1, self.total_steps):
+                    rate = window_tokens / max(now - window_start, 1e-9)
+                    per_step = (now - session_start) / session_steps
+                    metrics = {
+                        "step": self.state.step, "total_steps": self.total_steps, "loss": step_loss,
+                        "lr": float(self.optimizer.learning_rate.item()),
+                        "tokens": int(global_ntoks), "trained_tokens": self.state.trained_tokens,
+                        "tokens_per_s": rate, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                        "elapsed_s": elapsed, "eta_s": (self.total_steps - self.state.step) * per_step,
+                    }
+                    self._emit("on_step", metrics)
+                    window_tokens, window_start = 0, time.perf_counter()
+                stop = False
+                if self.valid_set is not None and len(self.valid_set) and (
+                        self.state.step % t.eval_every == 0 or self.state.step == self.total_steps):
+                    stop = self._run_eval()
+                    window_start = time.perf_counter()
+                if self.state.step % t.save_every == 0 or self.state.step == self.total_steps or stop:
+                    last_ckpt = self.save_checkpoint()
+                if stop:
+                    stopped = "early_stopping"
+                    break
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+            if self.state.step > 0:
+                last_ckpt = self.save_checkpoint()
+        result = TrainResult(self.state.step, last_loss, self.state.best_val_loss, self.state.best_step,
+                             self.state.trained_tokens, self.state.elapsed_s, stopped, last_ckpt)
+        self._emit("on_train_end", result)
+        return result
+
+    def _run_eval(self) -> bool:
+        """Evaluate; track the best adapter; return True when early stopping triggers."""
+        t = self.cfg.train
+        self.model.eval()
+        val_loss, _ = self.evaluate(self.valid_set, t.eval_batches)
+        self.model.train()
+        st = self.state
+        is_best = math.isfinite(val_loss) and (st.best_val_loss is None or val_loss < st.best_val_loss)
+        if is_best:
+            st.best_val_loss, st.best_step, st.evals_since_best = val_loss, st.step, 0
+            if self.run is not None and self.save_adapter_fn is not None and self.rank == 0:
+                from .io import atomic_dir
+
+                with atomic_dir(self.run.checkpoints / "best", overwrite=True) as tmp:
+                    self.save_adapter_fn(tmp)
+        else:
+            st.evals_since_best += 1
+        self._emit("on_eval", {"step": st.step, "val_loss": val_loss,
+                               "val_ppl": math.exp(min(val_loss, 50.0)), "is_best": is_best})
+        return t.early_stopping_patience is not None and st.evals_since_best >= t.early_stopping_patience
