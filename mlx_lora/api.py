@@ -107,12 +107,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
     def save_adapter(folder):
         adapters.save_adapter(model, folder, cfg.lora, cfg.model.path, extra=extra)
 
-    callbacks = list(callbacks)
+    # The metrics file comes first so a user callback that stops training cannot drop a record.
     metrics = MetricsFile(run.metrics_file, log_every=cfg.train.log_every) if rank0 else None
-    if rank0:
-        callbacks.append(metrics)
-        if progress:
-            callbacks.append(Progress(stream=stream, log_every=cfg.train.log_every))
+    own = [metrics] + ([Progress(stream=stream, log_every=cfg.train.log_every)] if progress else []) if rank0 else []
+    callbacks = own + list(callbacks)
     trainer = Trainer(model, cfg, splits.train, splits.valid, run, save_adapter=save_adapter,
                       callbacks=callbacks, group=group)
 

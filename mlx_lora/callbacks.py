@@ -97,7 +97,7 @@ class MetricsFile:
             f.write(json.dumps(record) + "\n")
 
     def on_step(self, trainer, m: dict) -> None:
-        if m["step"] % self.log_every == 0 or m["step"] == m["total_steps"]:
+        if m["step"] % self.log_every == 0 or m["step"] in (1, m["total_steps"]):
             self._write({k: m[k] for k in ("step", "loss", "lr", "tokens", "trained_tokens",
                                            "tokens_per_s", "peak_memory_gb", "elapsed_s") if k in m})
 

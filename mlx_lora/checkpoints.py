@@ -89,9 +89,7 @@ class RunDir:
         target = self.checkpoints / f"step-{step:07d}"
         with atomic_dir(target, overwrite=True) as tmp:
             adapter_writer(tmp)
-            arrays = dict(tree_flatten(optimizer_state))
-            arrays["__rng__"] = mx.random.state[0]
-            atomic_save_safetensors(tmp / OPTIMIZER_FILE, arrays)
+            atomic_save_safetensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer_state)))
             atomic_write_json(tmp / STATE_FILE, state.__dict__)
         atomic_write_text(self.checkpoints / "latest", target.name + "\n")
         for old in self.list_checkpoints()[:-keep]:
@@ -126,14 +124,11 @@ class RunDir:
 
     @staticmethod
     def load_checkpoint(ckpt: Path) -> tuple[dict, dict, TrainState]:
-        """(adapter tensors, optimizer state tree, TrainState); restores the RNG."""
+        """(adapter tensors, optimizer state tree, TrainState)."""
         try:
             adapter = mx.load(str(ckpt / "adapter_model.safetensors"))
             opt = mx.load(str(ckpt / OPTIMIZER_FILE))
             state = TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
         except Exception as e:
             raise CheckpointError(f"{ckpt}: checkpoint is unreadable ({e})") from None
-        rng = opt.pop("__rng__", None)
-        if rng is not None:
-            mx.random.state[0] = rng
         return adapter, tree_unflatten(list(opt.items())), state

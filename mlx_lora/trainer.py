@@ -22,9 +22,12 @@ from mlx.utils import tree_flatten, tree_map
 
 from .checkpoints import RunDir, TrainState
 from .config import Config
-from .data import BatchPosition, TokenizedDataset, attention_mask_from_segments, iterate_batches
+from .data import BatchPosition, TokenizedDataset, attention_mask_from_segments, iterate_batches, num_batches
 from .errors import MlxLoraError
 from .losses import masked_cross_entropy
+
+
+MAX_CONSECUTIVE_SKIPS = 20  # with nan_policy "skip": give up after this many bad steps in a row
 
 
 class TrainingStopped(MlxLoraError):
@@ -93,12 +96,6 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
         block.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_mlx_lora_checkpointed": True})
 
 
-def batches_per_epoch(ds: TokenizedDataset, cfg: Config, world_size: int) -> int:
-    it = iterate_batches(ds, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length, seed=cfg.train.seed,
-                         shuffle=False, packing=cfg.data.packing, loop=False, rank=0, world_size=world_size)
-    return sum(1 for _ in it)
-
-
 class Trainer:
     """Trains the adapter layers of ``model``. Collaborators come in as arguments."""
 
@@ -114,8 +111,9 @@ class Trainer:
         if t.iters is not None:
             self.total_steps = t.iters
         else:
-            per_epoch = batches_per_epoch(train_set, cfg, self.world)
-            self.total_steps = max(1, math.ceil((t.epochs or 1.0) * per_epoch / t.grad_accum))
+            per_epoch = num_batches(train_set, t.batch_size * t.grad_accum, max_seq_length=cfg.data.max_seq_length,
+                                    packing=cfg.data.packing, world_size=self.world)
+            self.total_steps = max(1, math.ceil((t.epochs or 1.0) * per_epoch))
         self.optimizer = build_optimizer(t, self.total_steps)
         # Create the optimizer state now so the compiled update sees it as an input, not a new array.
         self.optimizer.init(model.trainable_parameters())
@@ -158,11 +156,12 @@ class Trainer:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _arrays(self, batch):
+    @staticmethod
+    def _arrays(batch, rows: slice = slice(None)):
         attn = None
         if batch.segments is not None:
-            attn = mx.array(attention_mask_from_segments(batch.segments))
-        return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.loss_mask), attn
+            attn = mx.array(attention_mask_from_segments(batch.segments[rows]))
+        return mx.array(batch.inputs[rows]), mx.array(batch.targets[rows]), mx.array(batch.loss_mask[rows]), attn
 
     def _emit(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -211,6 +210,7 @@ class Trainer:
         set_adapter_state(self.model, adapter_state)
         self.optimizer.state = optimizer_state
         mx.eval(self.optimizer.state)
+        self._build_steps()  # the compiled update must capture the restored state objects
         self.state = replace(state, world_size=self.world)
         if state.world_size != self.world:
             # The global batch of the old run was batch_size * old_world examples; with another
@@ -228,10 +228,14 @@ class Trainer:
         model.train()
         self._emit("on_train_start")
         pos = BatchPosition(self.state.epoch, self.state.batch_index)
-        batches = iterate_batches(self.train_set, t.batch_size, max_seq_length=self.cfg.data.max_seq_length,
+        # One item per optimizer step: this rank's share of the global batch (batch_size * grad_accum
+        # rows per rank), split below into grad_accum micro-batches. Accumulating 4 x 1 thus sees
+        # exactly the examples of one batch of 4.
+        batches = iterate_batches(self.train_set, t.batch_size * t.grad_accum,
+                                  max_seq_length=self.cfg.data.max_seq_length,
                                   seed=t.seed, shuffle=True, packing=self.cfg.data.packing, start=pos,
                                   loop=True, rank=self.rank, world_size=self.world)
-        stopped, last_loss = "completed", None
+        stopped, last_loss, skipped = "completed", None, 0
         last_ckpt = None
         window_tokens, window_start = 0, time.perf_counter()
         session_start, elapsed0, session_steps = time.perf_counter(), self.state.elapsed_s, 0
@@ -239,9 +243,13 @@ class Trainer:
         try:
             while self.state.step < self.total_steps:
                 loss_sum, ntoks, grads = mx.array(0.0), mx.array(0.0), None
-                for _ in range(t.grad_accum):
-                    batch, pos = next(batches)
-                    inputs, targets, mask, attn = self._arrays(batch)
+                batch, pos = next(batches)
+                # Randomness (dropout) depends only on (seed, step), so a resumed run draws the
+                # same masks as an uninterrupted one without saving generator state.
+                mx.random.seed(t.seed * 1_000_003 + self.state.step)
+                for micro in range(t.grad_accum):
+                    rows = slice(micro * t.batch_size, (micro + 1) * t.batch_size)
+                    inputs, targets, mask, attn = self._arrays(batch, rows)
                     if attn is None:
                         loss, n, g = self._fwd_bwd(inputs, targets, mask)
                     else:
@@ -253,7 +261,8 @@ class Trainer:
                 global_ntoks = self._reduce(ntoks.item())
                 step_loss = global_loss / max(global_ntoks, 1.0)
                 if not math.isfinite(step_loss):
-                    if t.nan_policy == "skip":
+                    skipped += 1
+                    if t.nan_policy == "skip" and skipped <= MAX_CONSECUTIVE_SKIPS:
                         self._emit("on_nonfinite", self.state.step + 1)
                         continue
                     stopped = "nan"
@@ -261,6 +270,7 @@ class Trainer:
                         f"loss became {step_loss} at step {self.state.step + 1}; stopped with the last good "
                         f"checkpoint kept. Lower train.lr, enable train.max_grad_norm, or set "
                         f"train.nan_policy: skip")
+                skipped = 0
                 self._update(grads, ntoks)
                 mx.eval(model.trainable_parameters(), self.optimizer.state)
                 self.state.step += 1
