@@ -1,7 +1,7 @@
 """The one typed configuration of a training run.
 
-Defaults live here and nowhere else. A config comes from a YAML file, ``--set section.key=value``
-overrides and CLI options, in that order of precedence (later wins). :func:`validate` collects
+Defaults live here and nowhere else. A config comes from a YAML file, CLI options and
+``--set section.key=value`` overrides, in that order of precedence (later wins). :func:`validate` collects
 every problem and raises a single :class:`~mlx_lora.errors.ConfigError` naming each key.
 """
 
@@ -31,6 +31,7 @@ class ModelConfig:
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) when ``path`` is a repo id."""
     trust_remote_code: bool = False
+    """Allow a model folder to run its own Python code to build the architecture."""
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,20 @@ class LoraConfig:
     """PEFT-style adapter settings. Scale is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
 
     r: int = 8
+    """Rank of the update B A."""
     alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / r."""
     dropout: float = 0.0
+    """Dropout on the adapter's input (training only)."""
     target_modules: Optional[list[str]] = None
     """Module names (``q_proj``) or regexes (``re:.*mlp.*``); default: every linear layer of
     attention and MLP blocks."""
     layers_to_transform: Optional[list[int]] = None
     """Transformer block indices to adapt (negative counts from the end); default: all."""
     use_dora: bool = False
+    """DoRA: also learn a per-output magnitude (arXiv:2402.09353)."""
     use_rslora: bool = False
+    """rsLoRA: scale by alpha / sqrt(r), which keeps high ranks stable (arXiv:2312.03732)."""
 
     @property
     def scale(self) -> float:
@@ -64,6 +70,7 @@ class DataConfig:
     valid_fraction: float = 0.05
     """Share of a single JSONL file held out for validation when no valid.jsonl exists."""
     max_seq_length: int = 2048
+    """Longest example in tokens; longer ones follow ``overlong``."""
     train_on: str = "assistant"
     """Which tokens carry loss: assistant (every assistant turn / the completion), last (last
     assistant turn only) or all."""
@@ -86,22 +93,29 @@ class TrainConfig:
     epochs: Optional[float] = None
     """Passes over the training set (used when ``iters`` is unset; default 1)."""
     batch_size: int = 4
+    """Examples (or packed rows) per micro-batch on each rank."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the loss is weighted by target tokens across them."""
     lr: float = 1e-4
+    """Peak learning rate."""
     optimizer: str = "adamw"
     """adam, adamw, sgd or adafactor."""
     weight_decay: float = 0.0
+    """Decoupled weight decay (adamw, sgd)."""
     schedule: str = "cosine"
     """constant, cosine or linear (decay to ``min_lr_ratio * lr``), after linear warmup."""
     warmup_steps: int = 0
+    """Steps of linear warmup from 0 to ``lr``."""
     min_lr_ratio: float = 0.0
+    """Final learning rate of cosine/linear decay, as a fraction of ``lr``."""
     max_grad_norm: Optional[float] = 1.0
     """Clip the global gradient norm; null disables clipping."""
     eval_every: int = 100
+    """Validate every this many steps (and at the end)."""
     eval_batches: Optional[int] = 25
     """Validation batches per evaluation; null evaluates the whole validation set."""
     save_every: int = 100
+    """Checkpoint every this many steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3
     """How many recent checkpoints to keep (the best one is kept as well)."""
     early_stopping_patience: Optional[int] = None
@@ -109,8 +123,11 @@ class TrainConfig:
     grad_checkpoint: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30% slower)."""
     compile: bool = True
+    """Compile the training step with mx.compile (faster; off for debugging)."""
     seed: int = 0
+    """Seeds data order, validation split, LoRA init and dropout."""
     log_every: int = 10
+    """Progress and metrics.jsonl every this many steps."""
     nan_policy: str = "stop"
     """On a non-finite loss: stop (keep the last good checkpoint) or skip the step."""
 
@@ -174,9 +191,12 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if tp is int:
             if isinstance(value, bool):
                 raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(float(value))
+            if isinstance(value, (float, str)):  # "1e3" is fine; "8.5" and "1e400" are not
+                number = float(value)
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            return int(value)
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -221,7 +241,10 @@ def from_dict(data: dict, base: Optional[Config] = None, source: Optional[str] =
                 continue
             kwargs[k] = _section_from_dict(SECTIONS[k], v, k + ".", problems, getattr(base, k))
         elif k == "out":
-            kwargs[k] = str(v)
+            if v is None or isinstance(v, (dict, list)) or str(v).strip() == "":
+                problems.append(f"out: expected a folder path, got {v!r}")
+            else:
+                kwargs[k] = str(v)
         else:
             problems.append(f"unknown key '{k}'" + _did_you_mean(k, list(SECTIONS) + ["out"]))
     if problems:
@@ -370,3 +393,32 @@ def to_dict(cfg: Any) -> Any:
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings (the string literal after each field) of a dataclass, by field name."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def reference_markdown() -> str:
+    """The README's configuration reference, generated from the dataclasses (kept in sync by a test)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for section, cls in SECTIONS.items():
+        docs = _field_docs(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+            shown = shown.removesuffix("\n...").removesuffix(" ...").strip()
+            lines.append(f"| `{section}.{f.name}` | `{shown}` | {docs.get(f.name, '')} |")
+    lines.append(f"| `out` | `{Config().out}` | Run folder: config, adapter, checkpoints, metrics. |")
+    return "\n".join(lines)
