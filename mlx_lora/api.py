@@ -132,7 +132,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
     for line in banner_lines(cfg, info, trainable, total, splits, trainer.total_steps, group.size()):
         log(line)
 
-    result = trainer.fit()
+    result = _with_sigterm_as_interrupt(trainer.fit)
     if rank0:
         if result.stopped == "interrupted":
             log(f"interrupted at step {result.steps}; saved. Continue with: mlx-lora train --resume {run.path}")
@@ -146,6 +146,25 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
             log(f"loss curve {run.path / 'loss.png'}")
         log(f"adapter   {run.path}")
     return result
+
+
+def _with_sigterm_as_interrupt(fn):
+    """Run ``fn`` with SIGTERM (e.g. a job scheduler or `kill`) handled like Ctrl-C: the trainer
+    saves a checkpoint and returns instead of dying mid-step."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        return fn()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: str = "auto"):

@@ -270,3 +270,27 @@ def test_bad_data_leaves_no_run_folder(memo_model, tmp_path):
     with pytest.raises(MlxLoraError, match=r"bad\.jsonl:2"):
         mlx_lora.train(_cfg(memo_model, bad, run, **{"train.iters": 1}), progress=False)
     assert not run.exists()
+
+
+def test_grad_checkpoint_takes_the_same_steps(memo_model, chat8, tmp_path):
+    common = {"train.iters": 3, "train.lr": 1e-3, "train.batch_size": 4}
+    mlx_lora.train(_cfg(memo_model, chat8, tmp_path / "plain", **common), progress=False)
+    mlx_lora.train(_cfg(memo_model, chat8, tmp_path / "ckpt", **common, **{"train.grad_checkpoint": True}),
+                   progress=False)
+    a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "ckpt")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    # only the instances were changed: a freshly loaded model of the same class is untouched
+    from mlx_lora.models import load_model
+
+    fresh, _, _ = load_model(str(memo_model), with_tokenizer=False)
+    assert not getattr(type(fresh.layers[0]), "_mlx_lora_checkpointed", False)
+
+
+def test_packed_training_memorises(memo_model, chat8, tmp_path):
+    run = tmp_path / "packed"
+    cfg = _cfg(memo_model, chat8, run, **{"train.iters": 60, "train.lr": 3e-3, "train.batch_size": 1,
+                                          "lora.r": 16, "data.packing": True, "data.max_seq_length": 256})
+    mlx_lora.train(cfg, progress=False)
+    losses = _losses(run)
+    assert losses[-1] < 0.2 * losses[0]
