@@ -82,6 +82,9 @@ def candidate_layers(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Mo
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Freeze the model and wrap the selected layers; returns their module paths."""
+    if adapter_layers(model):
+        # Wrapping again would put adapters inside adapters (on their frozen base layers).
+        raise AdapterError("the model already has adapter layers; fuse them (fuse_model) or load a fresh model")
     model.freeze()
     targets = candidate_layers(model, cfg)
     if not targets:
@@ -212,6 +215,9 @@ def _lora_config_from_peft(conf: dict, path: Path) -> LoraConfig:
 
 def _read_mlx_lm_adapter(folder: Path, conf: dict, model: nn.Module):
     """Translate an mlx-lm adapter folder into (LoraConfig, PEFT-named weights)."""
+    if conf.get("fine_tune_type") == "full":
+        raise AdapterError(f"{folder}: mlx-lm full fine-tune weights, not an adapter; load that folder's "
+                           f"weights as a model instead")
     params = conf.get("lora_parameters") or {}
     r = int(params.get("rank", 8))
     scale = float(params.get("scale", 20.0))
@@ -284,6 +290,8 @@ def load_adapter(model: nn.Module, folder) -> AdapterInfo:
     Every missing, unexpected or wrongly shaped tensor is reported in one AdapterError.
     """
     info, state = read_adapter(folder, model)
+    if not info.targets:
+        raise AdapterError(f"{folder}: the adapter file holds no LoRA tensors")
     # Wrap exactly the layers the file has weights for.
     lora = replace(info.lora, target_modules=["re:" + "|".join(re.escape(t) for t in info.targets)],
                    layers_to_transform=None)

@@ -40,10 +40,13 @@ def _hub_download(repo_id: str, revision: Optional[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        from huggingface_hub.utils import is_offline_mode
-    except ImportError:  # older hub versions
-        def is_offline_mode():
-            return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        from huggingface_hub import is_offline_mode
+    except ImportError:
+        try:
+            from huggingface_hub.utils import is_offline_mode
+        except ImportError:  # the hub's own truth test for the variable
+            def is_offline_mode():
+                return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
     except Exception as e:  # the hub raises many types; all mean "could not get it"
@@ -106,12 +109,14 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
                with_tokenizer: bool = True):
     """Load (model, tokenizer, ModelInfo). Float weights are cast to the compute dtype; quantized
     weights stay packed (QLoRA); LoRA weights are float32 whatever the compute dtype."""
+    # Resolve first: a wrong path is reported before the multi-second mlx-lm import.
+    folder, kind = resolve(source, revision, keep_quantized=keep_quantized)
+
     import mlx.core as mx
     from mlx_lm.utils import _get_classes, load_model as mlx_lm_load_model, load_tokenizer
 
     from .backend import compute_dtype
 
-    folder, kind = resolve(source, revision, keep_quantized=keep_quantized)
     config = read_config(folder)
     model_type = config.get("model_type")
     if not model_type:
