@@ -153,15 +153,27 @@ class _Cursor:
         return v[0] if len(v) == 1 else v
 
     def string(self) -> str:
-        n = self.unpack("<Q")
-        self.need(n)
-        s = bytes(self.buf[self.pos : self.pos + n])
-        self.pos += n
-        try:
-            return s.decode("utf-8")
-        except UnicodeDecodeError:
-            # Some vocabularies hold invalid UTF-8 pieces; llama.cpp keeps the bytes.
-            return s.decode("utf-8", errors="replace")
+        return self.strings(1)[0]
+
+    def strings(self, count: int) -> list[str]:
+        # The hot loop of a 150k-token vocabulary: bounds are checked inline, not via need().
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        unpack = struct.Struct("<Q").unpack_from
+        out = []
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                self.need(8)
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > end:
+                self.pos = pos
+                self.need(n)
+            # Some vocabularies hold invalid UTF-8 pieces; llama.cpp keeps them, we replace them.
+            out.append(str(buf[pos : pos + n], "utf-8", "replace"))
+            pos += n
+        self.pos = pos
+        return out
 
     def value(self, vtype: int):
         if vtype == _STRING:
@@ -169,7 +181,7 @@ class _Cursor:
         if vtype == _ARRAY:
             etype, count = self.unpack("<I"), self.unpack("<Q")
             if etype == _STRING:
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             if etype == _ARRAY:
                 return [self.value(_ARRAY) for _ in range(count)]
             if etype not in _SCALAR:

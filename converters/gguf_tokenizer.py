@@ -19,7 +19,6 @@ the special token ids, ``add_bos_token`` / ``add_eos_token`` / ``add_space_prefi
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 from mlx_lora.errors import ModelError
@@ -111,7 +110,6 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
             splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
         tok.decoder = decoders.ByteLevel()
-        add_bos_default = pre in _BOS_BY_DEFAULT
         special_types = (TOKEN_CONTROL,)
     elif kind == "llama":
         scores = list(_required(meta, "tokenizer.ggml.scores", source))
@@ -131,7 +129,6 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
         if prefix:
             steps.append(decoders.Strip(content=" ", left=1, right=0))
         tok.decoder = decoders.Sequence(steps)
-        add_bos_default = True
         special_types = (TOKEN_CONTROL, TOKEN_UNKNOWN)
     else:
         raise ModelError(
@@ -149,8 +146,7 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
 
     bos_id = _get(meta, "tokenizer.ggml.bos_token_id")
     eos_id = _get(meta, "tokenizer.ggml.eos_token_id")
-    add_bos = bool(_get(meta, "tokenizer.ggml.add_bos_token", add_bos_default)) and _valid(bos_id, tokens)
-    add_eos = bool(_get(meta, "tokenizer.ggml.add_eos_token", False)) and _valid(eos_id, tokens)
+    add_bos, add_eos = added_bos_eos(meta)
     if add_bos or add_eos:
         pre_s = [tokens[bos_id]] if add_bos else []
         post_s = [tokens[eos_id]] if add_eos else []
@@ -161,6 +157,19 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
     elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
+
+
+def added_bos_eos(meta: dict) -> tuple[bool, bool]:
+    """Whether llama.cpp adds BOS / EOS around encoded text for this vocabulary."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    if meta.get("tokenizer.ggml.model") == "llama":
+        bos_default = True
+    else:
+        bos_default = meta.get("tokenizer.ggml.pre", "default") in _BOS_BY_DEFAULT
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", bos_default))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    return (add_bos and _valid(meta.get("tokenizer.ggml.bos_token_id"), tokens),
+            add_eos and _valid(meta.get("tokenizer.ggml.eos_token_id"), tokens))
 
 
 def _valid(token_id: Optional[int], tokens: list[str]) -> bool:
@@ -206,14 +215,11 @@ def tokenizer_files(meta: dict, source: str = "GGUF file", model_max_length: Opt
                 "single_word": False, "special": ty in special_types,
             }
     bos, eos, unk, pad = name("bos"), name("eos"), name("unknown"), name("padding")
-    post = json.loads(tok.to_str()).get("post_processor") or {}
-    template = post.get("single", []) if post.get("type") == "TemplateProcessing" else []
-    first = template[0].get("SpecialToken", {}).get("id") if template else None
-    last = template[-1].get("SpecialToken", {}).get("id") if template else None
+    add_bos, add_eos = added_bos_eos(meta)
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": first is not None and first == bos,
-        "add_eos_token": last is not None and last == eos,
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
         "bos_token": bos,
         "eos_token": eos,
         "unk_token": unk,

@@ -66,6 +66,28 @@ def test_roundtrip_gives_identical_logits_in_mlx_lm(tiny_models, tmp_path, arch)
     assert tokenizer.encode("What is the code word for the red apple?")
 
 
+@pytest.mark.parametrize("arch, kwargs", [
+    ("llama", {"quantize": True, "bits": 4, "group_size": 32}),
+    ("phi3", {"quantize": True, "bits": 8, "group_size": 64, "dtype": "float16"}),
+    ("gemma2", {"dtype": "bfloat16"}),
+])
+def test_same_tensors_as_mlx_lm_convert(tiny_models, tmp_path, arch, kwargs):
+    """mlx-lm's own converter (which loads the whole model) writes bit-identical tensors."""
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    src = tiny_models[arch]
+    ours = convert(str(src), tmp_path / "ours", **kwargs)
+    mlx_lm_convert(str(src), str(tmp_path / "theirs"), quantize=kwargs.get("quantize", False),
+                   q_group_size=kwargs.get("group_size"), q_bits=kwargs.get("bits"), dtype=kwargs.get("dtype"))
+    a, b = mx.load(str(ours / "model.safetensors")), mx.load(str(tmp_path / "theirs" / "model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]).item(), k
+    cfg_a = json.loads((ours / "config.json").read_text())
+    cfg_b = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    assert cfg_a.get("quantization") == cfg_b.get("quantization")
+
+
 def _shard(src: Path, dst: Path, parts: int) -> Path:
     """Re-save ``src`` as ``parts`` safetensors shards with an index, as the hub stores big models."""
     shutil.copytree(src, dst)
@@ -343,3 +365,13 @@ def test_cli_convert_quantized(tiny_llama, tmp_path):
     assert cfg["quantization"]["lm_head"] is False and cfg["torch_dtype"] == "float16"
     result = CliRunner().invoke(cli_convert, [str(tmp_path / "nope"), "--out", str(tmp_path / "n")])
     assert isinstance(result.exception, ModelError)
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    """Tests never reach the hub; with HF_HUB_OFFLINE=1 a repo id that is not cached says so."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty hub cache
+    with pytest.raises(ModelError, match="some-org/some-model") as e:
+        convert("some-org/some-model", tmp_path / "out")
+    assert "offline" in str(e.value) or "could not download" in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -560,3 +560,24 @@ def test_smollm2_config_and_chat_template(smollm2_gguf, smollm2_hf):
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     assert tok.eos_token_id == 2
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_smollm2_hf_layout_loads_in_transformers(smollm2_hf):
+    """The HF-layout import is a valid transformers checkpoint: torch's logits match llama.cpp's
+    golden top-1 and correlate above 0.99 (needs torch: ``pip install -e .[reference]``)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    golden = np.load(GOLDEN)
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_hf), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(smollm2_hf))
+    prompt = "Question: which city is the capital of France? Answer: The capital of France is"
+    assert tok(prompt)["input_ids"] == golden["tokens"].tolist()
+    with torch.no_grad():
+        logits = model(torch.tensor([golden["tokens"].tolist()])).logits[0].numpy()
+    assert logits.argmax(axis=1).tolist() == golden["argmax"].tolist()
+    ours = np.take_along_axis(logits, golden["ids"], axis=1)
+    for a, b in zip(ours, golden["logits"].astype(np.float32)):
+        assert np.corrcoef(a, b)[0, 1] > 0.99
