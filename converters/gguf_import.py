@@ -672,14 +672,23 @@ def import_gguf(
         generation["eos_token_id"] = eos[0] if len(eos) == 1 else eos
 
     fmt = "mlx" if quantization else "pt"
-    with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        io.write_sharded(tmp, groups, metadata={"format": fmt}, show_progress=show_progress)
-        io.write_json(tmp / "config.json", cfg)
-        io.write_json(tmp / "generation_config.json", generation)
-        io.write_json(tmp / "tokenizer_config.json", tok_files["tokenizer_config.json"])
-        io.write_json(tmp / "special_tokens_map.json", tok_files["special_tokens_map.json"])
-        try:
-            (tmp / "tokenizer.json").write_text(tok_files["tokenizer.json"], encoding="utf-8")
-        except OSError as e:
-            raise io._disk_error(e, tmp / "tokenizer.json") from None
-    return Path(out_dir).expanduser()
+    out = Path(out_dir).expanduser()
+    try:
+        with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
+            io.write_sharded(tmp, groups, metadata={"format": fmt}, show_progress=show_progress)
+            io.write_json(tmp / "config.json", cfg)
+            io.write_json(tmp / "generation_config.json", generation)
+            io.write_json(tmp / "tokenizer_config.json", tok_files["tokenizer_config.json"])
+            io.write_json(tmp / "special_tokens_map.json", tok_files["special_tokens_map.json"])
+            try:
+                (tmp / "tokenizer.json").write_text(tok_files["tokenizer.json"], encoding="utf-8")
+            except OSError as e:
+                raise io._disk_error(e, tmp / "tokenizer.json") from None
+    except io.OutputAppeared:
+        # Several processes (e.g. training ranks) importing the same file into the cache: the
+        # first complete folder wins and is identical to ours, since the cache key covers the
+        # file and the options.
+        if out.resolve() == gguf_cache_dir(src, keep_quantized).resolve() and (out / "config.json").is_file():
+            return out
+        raise
+    return out

@@ -72,6 +72,10 @@ def dtype_name(dtype) -> str:
 # Atomic output folders
 
 
+class OutputAppeared(ExportError):
+    """Another process created the output folder while we were writing ours."""
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``out_dir``; on success move it to ``out_dir``.
@@ -109,7 +113,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
     if not overwrite:
-        raise ExportError(f"output folder {out} appeared while it was being written (another conversion?)")
+        raise OutputAppeared(f"output folder {out} appeared while it was being written (another conversion?)")
     # Swap: old -> trash, new -> out, then drop the trash; a crash in between leaves both
     # complete folders on disk, never a mix.
     trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))

@@ -188,6 +188,19 @@ def test_quantized_logits_error_matches_the_rounding_noise_model(tiny_models, tm
     assert 17 / 1.5 < errors[4] / errors[8] < 17 * 1.5, errors
 
 
+def test_our_loader_loads_the_converted_folder(tiny_models, tmp_path):
+    from mlx_lora.models import load_model
+
+    src = tiny_models["qwen3"]
+    out = convert(str(src), tmp_path / "q", quantize=True, bits=8, group_size=32, keep=["embeddings"])
+    model, tokenizer, info = load_model(str(out))
+    assert info.quantization["bits"] == 8 and info.kind == "folder"
+    assert isinstance(model.model.layers[0].self_attn.o_proj, nn.QuantizedLinear)
+    assert type(model.model.embed_tokens) is nn.Embedding
+    np.testing.assert_allclose(logits(model), logits(as_float32(load(out)[0])), rtol=0, atol=1e-5)
+    assert tokenizer.encode("the red apple")
+
+
 def test_keep_patterns(tiny_models, tmp_path):
     src = tiny_models["llama"]  # untied: has lm_head
     out = convert(str(src), tmp_path / "q", quantize=True, bits=4, group_size=32, keep=["lm_head", "embeddings", "down_proj=8"])

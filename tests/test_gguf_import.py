@@ -414,6 +414,19 @@ def test_unsupported_tensor_type_names_the_tensor(tiny_model_dir, tmp_path):
     _expect_error(tmp_path, path, "'blk.1.ffn_up.weight'", "Q8_1")
 
 
+def test_corrupt_tensor_type_id(tiny_model_dir, tmp_path):
+    path = write_gguf(tiny_model_dir("llama"), tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    name = b"blk.1.attn_v.weight"
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    n_dims = int.from_bytes(data[at : at + 4], "little")
+    type_at = at + 4 + 8 * n_dims
+    assert int.from_bytes(data[type_at : type_at + 4], "little") == 0  # F32
+    data[type_at : type_at + 4] = (99).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    _expect_error(tmp_path, path, "'blk.1.attn_v.weight'", "unknown tensor type id 99")
+
+
 def test_unsupported_architecture(tiny_model_dir, tmp_path):
     path = write_gguf(tiny_model_dir("llama"), tmp_path / "m.gguf", arch="bert")
     _expect_error(tmp_path, path, "unsupported architecture 'bert'")
@@ -471,6 +484,48 @@ def test_cache_dir_key(tmp_path, monkeypatch):
     assert gguf_cache_dir(f) == a and gguf_cache_dir(f, keep_quantized=True) != a
     os.utime(f, ns=(1, 1))
     assert gguf_cache_dir(f) != a  # a replaced file gets a fresh import
+
+
+def test_concurrent_imports_into_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+    """Two processes importing the same file into the cache: the one that finishes second keeps
+    the first one's folder. Elsewhere a folder appearing under us is an error."""
+    monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tiny_model_dir("llama"), tmp_path / "m.gguf")
+    first = import_gguf(path, tmp_path / "first")
+    real = io.write_sharded
+
+    def racing(out_dir, *args, **kwargs):
+        names = real(out_dir, *args, **kwargs)
+        shutil.copytree(first, target)  # the other process finishes first
+        return names
+
+    monkeypatch.setattr(io, "write_sharded", racing)
+    target = gguf_cache_dir(path)
+    assert import_gguf(path, target) == target and (target / "config.json").is_file()
+    target = tmp_path / "elsewhere"
+    with pytest.raises(ExportError, match="appeared while"):
+        import_gguf(path, target)
+    assert no_partial_dirs(tmp_path) and no_partial_dirs(tmp_path / "cache" / "gguf")
+
+
+def test_our_loader_reads_gguf_directly(tiny_model_dir, tmp_path, monkeypatch):
+    """mlx_lora.models.load_model on a .gguf path imports it once into the cache and reuses it."""
+    import mlx.nn as nn
+    from mlx_lora.models import load_model
+
+    monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tiny_model_dir("llama"), tmp_path / "m.gguf", qtype=QT.Q8_0)
+    model, tokenizer, info = load_model(str(path), keep_quantized=True)
+    assert info.kind == "gguf" and info.local_path == gguf_cache_dir(path, keep_quantized=True)
+    assert isinstance(model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    stamp = (info.local_path / "model.safetensors").stat().st_mtime_ns
+    dense, _, info2 = load_model(str(path))
+    assert info2.local_path == gguf_cache_dir(path) != info.local_path
+    load_model(str(path), keep_quantized=True)
+    assert (info.local_path / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not re-imported
+    x = mx.array([PROMPT_IDS])
+    # Same Q8_0 values; the dense import rounds d * q to float16 (relative error <= 2^-11).
+    np.testing.assert_allclose(np.array(model(x)), np.array(dense(x)), rtol=0, atol=1e-3)
 
 
 def test_cli_convert_gguf(tiny_model_dir, tmp_path):
