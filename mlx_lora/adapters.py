@@ -154,6 +154,11 @@ def peft_config(cfg: LoraConfig, targets: Iterable[str], base_model: Optional[st
     targets = list(targets)
     modules = sorted({t.rsplit(".", 1)[-1] for t in targets})
     layers = sorted({int(m.group(1)) for t in targets if (m := re.search(r"\.layers\.(\d+)\.", t))})
+    selected = modules
+    if any(p.startswith("re:") for p in (cfg.target_modules or [])):
+        # A regex may pick a module in some blocks only: PEFT takes a string as a regex that must
+        # fullmatch the module path, so name exactly the wrapped paths.
+        selected = "|".join(re.escape(t) for t in targets)
     conf = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -161,7 +166,7 @@ def peft_config(cfg: LoraConfig, targets: Iterable[str], base_model: Optional[st
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": modules,
+        "target_modules": selected,
         "layers_to_transform": cfg.layers_to_transform if cfg.layers_to_transform is None else layers,
         "use_dora": cfg.use_dora,
         "use_rslora": cfg.use_rslora,
@@ -204,7 +209,7 @@ def _lora_config_from_peft(conf: dict, path: Path) -> LoraConfig:
         layers = [layers]
     return LoraConfig(
         r=r,
-        alpha=float(conf.get("lora_alpha", r)),
+        alpha=float(conf.get("lora_alpha") or 8),  # PEFT's default when the key is absent
         dropout=float(conf.get("lora_dropout", 0.0) or 0.0),
         target_modules=list(targets) if targets else None,
         layers_to_transform=list(layers) if layers else None,

@@ -94,6 +94,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
     rank0 = group.rank() == 0
     log = (lambda m: _log(m, stream)) if rank0 else (lambda m: None)
     run = prepare_run_dir(cfg.out, resume, overwrite)
+    if not Path(cfg.data.path).expanduser().exists():  # fail fast, before the model loads
+        from .errors import DataError
+
+        raise DataError("no such file or folder", path=cfg.data.path, field="data.path")
     mx.random.seed(cfg.train.seed)
 
     model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,

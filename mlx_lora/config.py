@@ -158,8 +158,19 @@ CHOICES = {
 # building
 
 
+# Names users bring from PEFT, mlx-lm and transformers configs.
+ALIASES = {"rank": "r", "lora_rank": "r", "lora_r": "r", "lora_alpha": "alpha", "scale": "alpha",
+           "lora_dropout": "dropout", "learning_rate": "lr", "num_epochs": "epochs", "iterations": "iters",
+           "gradient_accumulation_steps": "grad_accum", "max_length": "max_seq_length", "model": "path",
+           "data": "path", "warmup": "warmup_steps", "lr_schedule": "schedule", "grad_checkpointing": "grad_checkpoint",
+           "gradient_checkpointing": "grad_checkpoint", "steps_per_eval": "eval_every", "batch": "batch_size"}
+
+
 def _did_you_mean(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    options = list(options)
+    if ALIASES.get(key) in options:
+        return f" (did you mean '{ALIASES[key]}'?)"
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
