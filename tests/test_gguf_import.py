@@ -196,6 +196,36 @@ def test_f32_import_gives_back_the_hf_model(tiny_model_dir, tmp_path, arch, gguf
     assert cfg["torch_dtype"] == "float32"
 
 
+def test_llama3_rope_scaling_is_recovered_from_rope_freqs(tiny_model_dir, tmp_path):
+    """Llama 3.1-style GGUFs carry rope scaling only as per-frequency divisors ``rope_freqs``;
+    the import turns them back into ``rope_scaling`` and mlx-lm then computes the same logits."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir("llama"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cfg.update(rope_scaling=scaling, rope_theta=500000.0)
+    (src / "config.json").write_text(json.dumps(cfg))
+    # llama.cpp's converter: divisor 1 for short wavelengths, `factor` for long, blended between.
+    hd = cfg["head_dim"]
+    freqs = 500000.0 ** (-np.arange(0, hd, 2) / hd)
+    divisors = []
+    for wavelen in 2 * np.pi / freqs:
+        if wavelen < 8192 / 4.0:
+            divisors.append(1.0)
+        elif wavelen > 8192 / 1.0:
+            divisors.append(8.0)
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            divisors.append(1 / ((1 - smooth) / 8.0 + smooth))
+    assert 1.0 < max(divisors) and min(divisors) == 1.0  # the tiny head spans all three regimes
+    path = write_gguf(src, tmp_path / "m.gguf", extra_tensors={"rope_freqs.weight": np.array(divisors, np.float32)})
+    out = import_gguf(path, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["rope_scaling"] == scaling
+    long_prompt = list(range(1, 200))
+    np.testing.assert_allclose(mlx_logits(out, long_prompt), mlx_logits(src, long_prompt), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1])
 def test_block_quants_decode_like_gguf_reference(tiny_model_dir, tmp_path, qtype):
     """Dequantized and keep_quantized imports both equal gguf.quants.dequantize of each tensor
