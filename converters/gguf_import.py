@@ -355,6 +355,9 @@ def _affine(gf: GGUFFile, t: GGUFTensor, dtype: str, perm: Optional[np.ndarray])
     bits = AFFINE_TYPES[t.ggml_type]
     q, d, b = _block_fields(gf.raw(t), t.ggml_type)
     w, s, bb = _pack_mlx(q, bits), _to_dtype(d, dtype), _to_dtype(b, dtype)
+    if dtype == "float16" and not (np.isfinite(s).all() and np.isfinite(bb).all()):
+        # -128 d overflows float16 for block scales above 511.
+        raise ModelError(f"{gf.path}: tensor '{t.name}': block scales overflow float16; import with dtype float32")
     if perm is not None:
         w, s, bb = w[perm], s[perm], bb[perm]
     return [w, s, bb]

@@ -76,7 +76,7 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
     ``meta`` maps GGUF keys to plain Python values (lists for arrays). ``source`` names the file
     in error messages.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, Regex
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     kind = _required(meta, "tokenizer.ggml.model", source)
     tokens: list[str] = list(_required(meta, "tokenizer.ggml.tokens", source))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional, Union

@@ -6,7 +6,7 @@ relative to the end of the header, plus an optional ``"__metadata__"`` string ma
 little-endian tensor bytes. Reading validates the header against the file size first so a
 truncated or corrupt file is reported by file and tensor name; the tensors themselves are loaded
 with ``mx.load``, which maps them lazily. Writing streams one tensor at a time, so converting a
-model never holds more than the tensor in flight (see :class:`ShardWriter`).
+model never holds more than the tensor in flight (see :func:`write_safetensors_streaming`).
 """
 
 from __future__ import annotations
@@ -257,11 +257,10 @@ def load_safetensors(path: PathLike) -> dict:
 
 @dataclass
 class PendingTensor:
-    """An output tensor: its name, final shape and dtype, and how to compute it.
+    """An output tensor's name, final shape and dtype (an MLX dtype name).
 
-    ``compute`` returns the MLX array (or a tuple of arrays for a ``group``, see
-    :meth:`ShardWriter.write`). Shapes and dtypes are known before any data is read, so the
-    header can be written first and the data streamed after it.
+    Shapes and dtypes are known before any data is read, so a file's header is written first
+    and the data streamed after it (see :func:`write_safetensors_streaming`).
     """
 
     name: str
@@ -303,14 +302,13 @@ def write_safetensors_streaming(
 ) -> dict[str, int]:
     """Write a safetensors file whose tensors are computed one group at a time.
 
-    ``groups`` is a list of ``(tensors, compute)``: ``compute()`` returns one MLX array per
-    entry of ``tensors`` (several outputs of one computation, e.g. a quantized weight with its
-    scales and biases, are evaluated together and never computed twice). Only one group is held
-    in memory at once. Returns ``{name: nbytes}``. Disk errors raise :class:`ExportError` naming
-    the file and the tensor being written.
+    ``groups`` is a list of ``(tensors, compute)``: ``compute()`` returns one array (MLX or
+    numpy) per entry of ``tensors`` (several outputs of one computation, e.g. a quantized weight
+    with its scales and biases, are evaluated together and never computed twice). Only one group
+    is held in memory at once. Returns ``{name: nbytes}``. Disk errors raise
+    :class:`ExportError` naming the file and the tensor being written.
     """
     import mlx.core as mx
-    import numpy as np
 
     path = Path(path)
     header: dict = {}

@@ -319,7 +319,7 @@ def test_out_of_disk(tiny_llama, tmp_path, monkeypatch):
         return real(t, a)
 
     monkeypatch.setattr(io, "_tensor_bytes", failing)
-    msg = _expect(tmp_path, tiny_llama, ExportError, "out of disk space", "model.safetensors", "tensor '")
+    _expect(tmp_path, tiny_llama, ExportError, "out of disk space", "model.safetensors", "tensor '")
 
 
 def test_output_folder_is_atomic(tiny_llama, tmp_path):
