@@ -19,6 +19,7 @@ replaced atomically after that, so a crash at any instant leaves the previous ch
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -94,8 +95,35 @@ class RunDir:
         atomic_write_text(self.checkpoints / "latest", target.name + "\n")
         for old in self.list_checkpoints()[:-keep]:
             if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+                # Hide it first (one atomic rename): a crash during the deletion then leaves a hidden
+                # folder that remove_partial_writes() clears, never a half-deleted step-* checkpoint.
+                doomed = old.with_name(f".{old.name}.deleting")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
         return target
+
+    def remove_partial_writes(self) -> list[Path]:
+        """Clear what writes cut short by a crash left behind: hidden temporary files and folders of
+        the run folder and ``checkpoints/``. A folder that was being replaced when the crash came
+        (``.NAME.old`` with no ``NAME``) is put back. Returns the paths removed."""
+        removed = []
+        for folder in (self.path, self.checkpoints):
+            if not folder.is_dir():
+                continue
+            for p in sorted(folder.iterdir()):
+                name = p.name
+                if not name.startswith("."):
+                    continue
+                if name.endswith(".old") and p.is_dir() and not (folder / name[1:-4]).exists():
+                    os.replace(p, folder / name[1:-4])
+                    continue
+                if ".tmp" in name or name.endswith((".old", ".deleting")):
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+                    removed.append(p)
+        return removed
 
     def latest_checkpoint(self) -> Optional[Path]:
         """The newest checkpoint that is complete; falls back past damaged ones."""

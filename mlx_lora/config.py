@@ -174,6 +174,15 @@ def _did_you_mean(key: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _in_other_section(key: str, section: Optional[str]) -> str:
+    """' (did you mean 'sec.key'?)' when ``key`` (or its alias) is a key of another section."""
+    for name in (key, ALIASES.get(key)):
+        for sec, cls in SECTIONS.items():
+            if sec != section and name in {f.name for f in fields(cls)}:
+                return f" (did you mean '{sec}.{name}'?)"
+    return ""
+
+
 def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     """Convert ``value`` to the annotated type ``tp``; record a problem when it cannot."""
     origin = get_origin(tp)
@@ -228,7 +237,8 @@ def _section_from_dict(cls, data: dict, prefix: str, problems: list[str], base=N
     kwargs = {}
     for k, v in data.items():
         if k not in names:
-            problems.append(f"unknown key '{prefix}{k}'" + _did_you_mean(k, names))
+            problems.append(f"unknown key '{prefix}{k}'"
+                            + (_did_you_mean(k, names) or _in_other_section(k, prefix.rstrip("."))))
             continue
         kwargs[k] = _coerce(v, hints[k], prefix + k, problems)
     base = base if base is not None else cls()
@@ -257,7 +267,8 @@ def from_dict(data: dict, base: Optional[Config] = None, source: Optional[str] =
             else:
                 kwargs[k] = str(v)
         else:
-            problems.append(f"unknown key '{k}'" + _did_you_mean(k, list(SECTIONS) + ["out"]))
+            problems.append(f"unknown key '{k}'" + (_in_other_section(str(k), None)
+                                                     or _did_you_mean(k, list(SECTIONS) + ["out"])))
     if problems:
         raise ConfigError(problems, source)
     return replace(base, **kwargs)

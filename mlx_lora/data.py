@@ -34,7 +34,7 @@ import numpy as np
 
 from .config import DataConfig
 from .errors import DataError
-from .templates import ChatTemplate, alpaca_prompt, resolve_chat_template
+from .templates import ChatTemplate, alpaca_prompt, resolve_chat_template, template_from_source
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,9 @@ def _check_tools(row: dict, path: str, line: int) -> Optional[list]:
             raise DataError("expected a list of tools (or a JSON string of one)", path, line, "tools") from None
     if tools is not None and not isinstance(tools, list):
         raise DataError(f"expected a list of tools, got {_tname(tools)}", path, line, "tools")
+    for i, tool in enumerate(tools or []):
+        if not isinstance(tool, dict):  # chat templates take JSON schemas (objects) only
+            raise DataError(f"expected a tool object (JSON schema), got {_tname(tool)}", path, line, f"tools[{i}]")
     return tools or None
 
 
@@ -315,6 +318,21 @@ def _target_turns(msgs: list[dict], train_on: str) -> list[int]:
     return [] if train_on == "all" else assistant[-1:] if train_on == "last" else assistant
 
 
+def _generation_prompt(enc: _Encoder, tools) -> str:
+    """The template's text before an assistant turn that opens the conversation. transformers
+    refuses to render an empty conversation, so a tokenizer's Jinja template is rendered here
+    directly (the prefix check in _assemble still verifies that it fits the full rendering)."""
+    try:
+        return enc.template.render([], tools=tools, add_generation_prompt=True)
+    except Exception:
+        source = getattr(enc.tokenizer, "chat_template", None)
+        if not isinstance(source, str):
+            raise
+        if getattr(enc, "_own_template", None) is None:
+            enc._own_template = template_from_source(source, enc.template.name, enc.tokenizer)
+        return enc._own_template.render([], tools=tools, add_generation_prompt=True)
+
+
 def _render_chat(sample: tuple, enc: _Encoder, train_on: str, path: str, line: int) -> list[str]:
     """Texts whose tokens locate the target turns: the whole conversation, then for each target
     assistant turn i the prefix up to its header (messages[:i] + generation prompt) and the prefix
@@ -330,7 +348,8 @@ def _render_chat(sample: tuple, enc: _Encoder, train_on: str, path: str, line: i
     try:
         texts = [enc.template.render(msgs, tools=tools)]
         for i in _target_turns(msgs, train_on):
-            texts.append(enc.template.render(msgs[:i], tools=tools, add_generation_prompt=True))
+            texts.append(_generation_prompt(enc, tools) if i == 0 else
+                         enc.template.render(msgs[:i], tools=tools, add_generation_prompt=True))
             texts.append(texts[0] if i == len(msgs) - 1 else enc.template.render(msgs[: i + 1], tools=tools))
     except Exception as e:
         raise DataError(f"chat template ({enc.template.name}) failed: {type(e).__name__}: {e}", path, line) from None
@@ -377,6 +396,15 @@ def _assemble(sample: tuple, ids: list[list[int]], enc: _Encoder, train_on: str,
     return np.asarray(tokens, dtype=np.int32), mask
 
 
+def _why_no_target(sample: tuple, cfg: DataConfig, truncated: bool) -> tuple[Optional[str], str]:
+    """(field, reason) for a row that kept no target token."""
+    if sample[0] == "chat" and cfg.train_on != "all" and not any(m["role"] == "assistant" for m in sample[1]):
+        return sample[3], "the conversation has no assistant turn (data.train_on: all would train on every token)"
+    if truncated:
+        return None, f"its target tokens lie past data.max_seq_length={cfg.max_seq_length}"
+    return None, "it has no target token"
+
+
 @dataclass
 class _FileData:
     """Everything tokenization produced for one file; what the cache stores."""
@@ -397,6 +425,7 @@ def _tokenize_file(path: Path, data: bytes, cfg: DataConfig, enc: _Encoder) -> _
     fmt, samples = _samples(path, rows, cfg.format)
     status = np.zeros(len(rows), dtype=np.int8)
     examples, ex_rows = [], []
+    first_skip = None  # (line, field, why) of the first row dropped: says why when nothing is left
     for start in range(0, len(rows), _ENCODE_BLOCK):
         block = range(start, min(start + _ENCODE_BLOCK, len(rows)))
         texts, counts = [], []
@@ -421,19 +450,25 @@ def _tokenize_file(path: Path, data: bytes, cfg: DataConfig, enc: _Encoder) -> _
                     )
                 if cfg.overlong == "skip":
                     status[r] = _SKIPPED
+                    first_skip = first_skip or (line, None, f"it is {len(tokens)} tokens and data.overlong is skip")
                     continue
                 tokens, mask = tokens[: cfg.max_seq_length], mask[: cfg.max_seq_length]
                 status[r] = _TRUNCATED
             if not mask.any():
+                first_skip = first_skip or (line, *_why_no_target(samples[r], cfg, status[r] == _TRUNCATED))
                 status[r] = _SKIPPED
                 continue
             examples.append((tokens, mask))
             ex_rows.append(r)
     if not examples:
+        line, field, why = first_skip
         raise DataError(
             f"nothing to learn: none of the {len(rows)} rows has a target token after masking and "
-            f"truncation (data.train_on: {cfg.train_on}, data.max_seq_length: {cfg.max_seq_length})",
+            f"truncation (data.train_on: {cfg.train_on}, data.max_seq_length: {cfg.max_seq_length}); "
+            f"the first, line {line}: {why}",
             p,
+            line,
+            field,
         )
     lengths = np.array([len(t) for t, _ in examples], dtype=np.int64)
     return _FileData(

@@ -104,6 +104,14 @@ def read_config(folder: Path) -> dict:
         raise ModelError(f"{cfg_path}: cannot read ({e})") from None
 
 
+def _name_damaged_weight_file(folder: Path) -> None:
+    """Raise a ModelError naming the truncated or corrupt weight file and tensor, if one is."""
+    from .integrity import check_safetensors
+
+    for f in sorted(folder.glob("*.safetensors")):
+        check_safetensors(f)
+
+
 def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = None,
                trust_remote_code: bool = False, keep_quantized: bool = False,
                with_tokenizer: bool = True):
@@ -136,6 +144,7 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
     except FileNotFoundError as e:
         raise ModelError(f"{folder}: {e}") from None
     except Exception as e:  # truncated / corrupt safetensors surface here
+        _name_damaged_weight_file(folder)
         raise ModelError(f"{folder}: cannot read the weights ({type(e).__name__}: {str(e)[:300]})") from None
 
     target = compute_dtype(dtype)
@@ -143,6 +152,7 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
     try:
         mx.eval(model.parameters())
     except Exception as e:
+        _name_damaged_weight_file(folder)
         raise ModelError(f"{folder}: cannot read the weights ({type(e).__name__}: {str(e)[:300]})") from None
     tokenizer = None
     if with_tokenizer:
