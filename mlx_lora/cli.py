@@ -15,6 +15,8 @@ import click
 # name -> "module:attribute" of commands defined outside this file, imported on first use.
 LAZY_COMMANDS = {
     "convert": "converters.cli:convert",
+    "fuse": "converters.export_cli:fuse",
+    "export": "converters.export_cli:export",
 }
 
 

@@ -1,0 +1,245 @@
+"""Numeric verification of exported files: reload what was written and compare logits.
+
+For every prompt, both models score every position; per position ``p``:
+
+    top-1 agreement   = mean_p [argmax ref_p == argmax test_p]
+    relative error    = max_p  max_v |test_p,v - ref_p,v| / (max_v ref_p,v - min_v ref_p,v)
+
+The relative error is normalised by the spread of the reference logits at that position, so it
+means the same for a random tiny model (logits near 0) and a trained one. Each export type has a
+threshold on both numbers (:data:`THRESHOLDS`); beyond them the export fails loudly.
+
+GGUF files are read back without llama.cpp: the tensors are dequantized with the gguf package
+(``gguf.quants.dequantize``), mapped back to Hugging Face names, loaded into the mlx-lm model
+of the same architecture and run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlx_lora.errors import ExportError
+
+VERIFY_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers such as 17, 42, 256 and 1024 appear in the answers.",
+)
+CHAT_PROMPT = "What is the code word for the red apple?"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    max_rel_error: float
+    min_top1: float
+
+
+# Measured on SmolLM2-135M (trained adapter) and the tiny test models, with a margin of ~3x on
+# the error: float formats only round, 8-bit blocks lose ~0.4% per weight, 4/5-bit ~2-7%.
+THRESHOLDS: dict[str, Threshold] = {
+    "f32": Threshold(1e-4, 1.0),
+    "f16": Threshold(2e-2, 0.9),
+    "bf16": Threshold(6e-2, 0.8),
+    "q8_0": Threshold(6e-2, 0.8),
+    "q5_0": Threshold(0.2, 0.6),
+    "q5_1": Threshold(0.2, 0.6),
+    "q4_0": Threshold(0.35, 0.5),
+    "q4_1": Threshold(0.35, 0.5),
+    "q6_k": Threshold(0.15, 0.6),
+    "q5_k_m": Threshold(0.2, 0.6),
+    "q4_k_m": Threshold(0.35, 0.5),
+}
+DTYPE_KIND = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
+@dataclass
+class Comparison:
+    what: str
+    kind: str
+    positions: int
+    top1_agreement: float
+    max_rel_error: float
+    threshold: Threshold
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel_error <= self.threshold.max_rel_error and self.top1_agreement >= self.threshold.min_top1
+
+    def line(self) -> str:
+        mark = "ok" if self.ok else "FAILED"
+        return (f"verify {self.what} [{self.kind}]: top-1 agreement {self.top1_agreement:.1%} over "
+                f"{self.positions} positions, max relative logit error {self.max_rel_error:.2e} "
+                f"(limits: >= {self.threshold.min_top1:.0%}, <= {self.threshold.max_rel_error:.0e}) {mark}")
+
+
+@dataclass
+class VerifyReport:
+    comparisons: list[Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(c.ok for c in self.comparisons)
+
+    def lines(self) -> list[str]:
+        return [c.line() for c in self.comparisons] + self.notes + [f"verify FAILED: {p}" for p in self.problems]
+
+    def raise_if_failed(self, target: str) -> None:
+        if not self.ok:
+            raise ExportError(f"verification of {target} failed; nothing was written:\n  " + "\n  ".join(self.lines())
+                              + "\n(pass --no-verify to write it anyway)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits
+
+
+def prompts(tokenizer, max_tokens: int = 48) -> list[list[int]]:
+    """Token ids of the verification prompts (plain texts, plus a chat turn when the tokenizer
+    has a template), each cut to ``max_tokens``."""
+    out = [list(tokenizer.encode(t))[:max_tokens] for t in VERIFY_TEXTS]
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}],
+                                                add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict):
+                ids = ids["input_ids"]
+            out.append(list(ids)[:max_tokens])
+        except Exception:  # noqa: BLE001, S110  (a template needing extra variables: the plain prompts suffice)
+            pass
+    return [p for p in out if p]
+
+
+def logits(model, token_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """float32 logits [T, vocab] of ``model`` for each token list."""
+    import mlx.core as mx
+
+    out = []
+    for toks in token_lists:
+        y = model(mx.array([list(toks)]))
+        out.append(np.array(y[0].astype(mx.float32)))
+    return out
+
+
+def compare(ref: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> tuple[float, float, int]:
+    """(top-1 agreement, max relative error, positions); see the module docstring."""
+    agree, total, worst = 0, 0, 0.0
+    for r, t in zip(ref, test):
+        if r.shape != t.shape:
+            raise ExportError(f"logit shapes differ: {r.shape} vs {t.shape}")
+        agree += int((r.argmax(-1) == t.argmax(-1)).sum())
+        total += r.shape[0]
+        spread = np.maximum(r.max(-1) - r.min(-1), 1e-12)
+        err = np.abs(t - r).max(-1) / spread
+        worst = max(worst, float(err.max())) if np.all(np.isfinite(err)) else math.inf
+    return agree / max(total, 1), worst, total
+
+
+def compare_models(ref_logits: Sequence[np.ndarray], model, token_lists, what: str, kind: str) -> Comparison:
+    top1, err, n = compare(ref_logits, logits(model, token_lists))
+    return Comparison(what, kind, n, top1, err, THRESHOLDS[kind])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading GGUF back
+
+
+def read_gguf(path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], np.ndarray]]]:
+    """(metadata, {name: (ggml type id, numpy shape, raw bytes as uint8 rows)})."""
+    path = Path(path)
+    try:
+        from converters.gguf_import import read_gguf as fast_read  # a parser that skips per-element objects
+    except ImportError:
+        fast_read = None
+    if fast_read is not None:
+        gf = fast_read(path)
+        return gf.metadata, {n: (t.ggml_type, t.shape, gf.raw(t)) for n, t in gf.tensors.items()}
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    tensors = {}
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        raw = np.asarray(t.data).view(np.uint8)
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        tensors[t.name] = (int(t.tensor_type), shape, raw.reshape(rows, -1))
+    return meta, tensors
+
+
+def dequantize(type_id: int, shape: tuple[int, ...], raw: np.ndarray) -> np.ndarray:
+    """float32 values of one GGUF tensor in numpy order."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(type_id)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return raw.view(np.float32).reshape(shape)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return raw.view(np.float16).astype(np.float32).reshape(shape)
+    return np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32).reshape(shape)
+
+
+def model_from_gguf(path, config: dict):
+    """The mlx-lm model for ``config`` with weights read back from the GGUF file ``path``
+    (float32). Returns (model, metadata)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    from .gguf_arch import TensorNames, arch_spec, from_gguf
+
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    spec = arch_spec(config["model_type"])
+    meta, tensors = read_gguf(path)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    names = TensorNames(spec, int(config["num_hidden_layers"]))
+    weights, used = [], set()
+    for hf_name, p in tree_flatten(model.parameters()):
+        g = names.gguf_name(hf_name)
+        if g not in tensors:
+            raise ExportError(f"{path}: tensor '{g}' (for {hf_name}) is missing")
+        type_id, shape, raw = tensors[g]
+        if tuple(shape) != tuple(p.shape):
+            raise ExportError(f"{path}: tensor '{g}' has shape {list(shape)}, the model expects {list(p.shape)}")
+        w = from_gguf(spec, config, hf_name, dequantize(type_id, shape, raw))
+        weights.append((hf_name, mx.array(w)))
+        used.add(g)
+    extra = sorted(set(tensors) - used - {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
+    if extra:
+        raise ExportError(f"{path}: unexpected tensors {extra[:8]}")
+    model.load_weights(weights, strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model, meta
+
+
+def check_gguf_tokenizer(meta: dict, hf_tokenizer, texts: Sequence[str] = VERIFY_TEXTS) -> tuple[list[str], list[str]]:
+    """Rebuild the tokenizer from the GGUF metadata and compare its token ids with the source
+    tokenizer on ``texts``; returns (notes, problems)."""
+    try:
+        from converters.gguf_tokenizer import build_tokenizer
+    except ImportError:
+        return ["verify tokenizer: skipped (GGUF tokenizer rebuild unavailable)"], []
+    try:
+        tok = build_tokenizer(meta, "exported GGUF")
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001  (the rebuild raises its own error types on metadata it cannot read)
+        return [], [f"the GGUF tokenizer metadata cannot be rebuilt into a tokenizer: {e}"]
+    inner = getattr(hf_tokenizer, "_tokenizer", hf_tokenizer)
+    bad = []
+    for text in texts:
+        want = list(inner.encode(text, add_special_tokens=False))
+        got = tok.encode(text, add_special_tokens=False).ids
+        if want != got:
+            bad.append(f"tokenizer mismatch on {text!r}: source {want[:12]}..., GGUF {got[:12]}...")
+    if bad:
+        return [], bad
+    return [f"verify tokenizer: GGUF vocabulary encodes the {len(texts)} check texts exactly as the source"], []

@@ -1,0 +1,227 @@
+"""Exports checked by independent implementations: llama.cpp (llama-cpp-python), transformers and
+peft on torch. Marked ``reference``: not in the default run; run by hand with the reference extra::
+
+    pip install -e '.[reference]'
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 pytest -m reference tests/test_export_reference.py
+
+Set ``LLAMA_CPP_DIR`` to a llama.cpp source tree to also compare with its own
+``convert_hf_to_gguf.py`` output byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_fuse import TOKENS, adapter_logits, make_adapter
+
+from converters import verify as V
+from converters.adapter_export import export_gguf_adapter, export_peft
+from converters.fuse import fuse, load_fused
+from converters.gguf_export import export_gguf
+from mlx_lora.testing import ARCHITECTURES
+
+pytestmark = pytest.mark.reference
+QUIET = {"log": lambda m: None}
+
+
+def _llama(path: Path, lora: Path | None = None):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    kwargs = {"lora_path": str(lora)} if lora else {}
+    return llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=512, n_threads=2, seed=0, **kwargs)
+
+
+def llama_cpp_logits(llm, token_lists) -> list[np.ndarray]:
+    out = []
+    for toks in token_lists:
+        llm.reset()
+        llm.eval(list(toks))
+        out.append(np.array(llm.scores[: len(toks)], dtype=np.float32))
+    return out
+
+
+def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(list(prompt))
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(t)
+        llm.eval([t])
+    return out
+
+
+def mlx_greedy(model, prompt: list[int], n: int) -> list[int]:
+    from mlx_lm.generate import generate_step
+
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]  # argmax by default
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny models, every architecture
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_llama_cpp_runs_the_fused_gguf_like_mlx(tmp_path, tiny_models, arch):
+    ad = make_adapter(tiny_models[arch], tmp_path / "ad")
+    fm = load_fused(str(tiny_models[arch]), ad)
+    path = export_gguf(None, None, tmp_path / "m.gguf", type_name="f32", fused=fm, **QUIET).path
+    tokens = V.prompts(fm.tokenizer)
+    top1, err, _ = V.compare(V.logits(fm.model, tokens), llama_cpp_logits(_llama(path), tokens))
+    assert top1 == 1.0 and err < 2e-3, (arch, top1, err)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_llama_cpp_base_plus_gguf_lora_matches_the_fused_model(tmp_path, tiny_models, arch):
+    folder = tiny_models[arch]
+    ad = make_adapter(folder, tmp_path / "ad", rslora=arch == "qwen3")
+    base = export_gguf(str(folder), None, tmp_path / "base.gguf", type_name="f32", **QUIET).path
+    lora = export_gguf_adapter(ad, tmp_path / "lora.gguf", model=str(folder), **QUIET).path
+    fm = load_fused(str(folder), ad)
+    tokens = V.prompts(fm.tokenizer)
+    top1, err, _ = V.compare(V.logits(fm.model, tokens), llama_cpp_logits(_llama(base, lora), tokens))
+    assert top1 == 1.0 and err < 2e-3, (arch, top1, err)
+
+
+def test_llama_cpp_tokenizes_like_the_source(tmp_path, tiny_models):
+    for arch in ("llama", "qwen2"):
+        fm = load_fused(str(tiny_models[arch]))
+        path = export_gguf(None, None, tmp_path / f"{arch}.gguf", type_name="f16", fused=fm, **QUIET).path
+        llm = _llama(path)
+        for text in V.VERIFY_TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == fm.tokenizer.encode(text), (arch, text)
+
+
+def test_kquants_from_llama_cpps_quantizer_run_in_llama_cpp(tmp_path, tiny_model_dir):
+    folder = tiny_model_dir("llama", hidden_size=256)  # K-quant blocks hold 256 values
+    fm = load_fused(str(folder))
+    for type_name in ("q4_k_m", "q6_k"):
+        st = export_gguf(None, None, tmp_path / f"{type_name}.gguf", type_name=type_name, fused=fm, **QUIET)
+        assert st.verify.ok
+        tokens = V.prompts(fm.tokenizer)
+        _, err, _ = V.compare(V.logits(fm.model, tokens), llama_cpp_logits(_llama(st.path), tokens))
+        assert err < V.THRESHOLDS[type_name].max_rel_error, (type_name, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers and peft
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_transformers_loads_the_fused_folder(tmp_path, tiny_models, arch):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    ad = make_adapter(tiny_models[arch], tmp_path / "ad", dora=arch == "gemma2")
+    out = fuse(str(tiny_models[arch]), ad, tmp_path / "fused", **QUIET).out_dir
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        got = [hf(torch.tensor(TOKENS)).logits[0].numpy()]
+    assert V.compare(adapter_logits(tiny_models[arch], ad), got)[1] < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "rslora"])
+def test_peft_loads_the_peft_export(tmp_path, tiny_models, kind):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    for arch in ("llama", "phi3"):
+        folder = tiny_models[arch]
+        ad = make_adapter(folder, tmp_path / f"ad-{arch}", dora=kind == "dora", rslora=kind == "rslora")
+        out = export_peft(ad, tmp_path / f"peft-{arch}", model=str(folder), **QUIET).path
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = peft.PeftModel.from_pretrained(base, out).eval()
+        with torch.no_grad():
+            got = [model(torch.tensor(TOKENS)).logits[0].numpy()]
+        top1, err, _ = V.compare(adapter_logits(folder, ad), got)
+        assert top1 == 1.0 and err < 1e-4, (arch, kind, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct
+
+
+CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+                "Explain what a LoRA adapter is in one sentence."]
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_hf, tmp_path_factory):
+    """SmolLM2 with a LoRA on every linear layer (random non-zero B: a fine-tune that visibly
+    changes the outputs) and the fused in-memory model."""
+    root = tmp_path_factory.mktemp("smol-export")
+    ad = make_adapter(smollm2_hf, root / "adapter", r=8, alpha=16.0, b_std=0.02)
+    fm = load_fused(str(smollm2_hf), ad)
+    prompts = []
+    for p in CHAT_PROMPTS:
+        ids = fm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=True)
+        prompts.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
+    return {"root": root, "adapter": ad, "fm": fm, "prompts": prompts, "base": smollm2_hf}
+
+
+@pytest.mark.parametrize("type_name", ["f16", "q8_0"])
+def test_smollm2_gguf_greedy_continuations_match_mlx(smol, type_name):
+    """llama.cpp's greedy continuation equals MLX's on the same weights: the fused model itself
+    for f16 (rounding to f16 does not flip a greedy choice here), and the q8_0 weights read back
+    from the file for q8_0 (8-bit rounding of a random-direction fine-tune can flip a near tie
+    after a dozen tokens, in any runtime)."""
+    fm = smol["fm"]
+    st = export_gguf(None, None, smol["root"] / f"smol.{type_name}.gguf", type_name=type_name, fused=fm,
+                     overwrite=True, **QUIET)
+    llm = _llama(st.path)
+    ref = fm.model if type_name == "f16" else V.model_from_gguf(st.path, fm.config)[0]
+    for prompt in smol["prompts"]:
+        want = mlx_greedy(ref, prompt, 24)
+        got = llama_cpp_greedy(llm, prompt, 24)
+        assert got == want, (type_name, fm.tokenizer.decode(want), fm.tokenizer.decode(got))
+    top1, err, _ = V.compare(V.logits(fm.model, smol["prompts"]), llama_cpp_logits(llm, smol["prompts"]))
+    assert top1 >= V.THRESHOLDS[type_name].min_top1 and err < V.THRESHOLDS[type_name].max_rel_error
+
+
+def test_smollm2_base_gguf_plus_gguf_lora_matches_fused(smol):
+    base = export_gguf(str(smol["base"]), None, smol["root"] / "base.f16.gguf", type_name="f16", overwrite=True,
+                       **QUIET).path
+    lora = export_gguf_adapter(smol["adapter"], smol["root"] / "lora.gguf", model=str(smol["base"]), overwrite=True,
+                               **QUIET).path
+    llm = _llama(base, lora)
+    for prompt in smol["prompts"]:
+        assert llama_cpp_greedy(llm, prompt, 24) == mlx_greedy(smol["fm"].model, prompt, 24)
+
+
+def test_smollm2_peft_export_in_transformers(smol):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    out = export_peft(smol["adapter"], smol["root"] / "peft", model=str(smol["base"]), overwrite=True, **QUIET).path
+    base = AutoModelForCausalLM.from_pretrained(smol["base"], dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        got = [model(torch.tensor([p])).logits[0].numpy() for p in smol["prompts"]]
+    top1, err, _ = V.compare(adapter_logits(smol["base"], smol["adapter"], smol["prompts"]), got)
+    assert top1 == 1.0 and err < 1e-4, err
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA_CPP_DIR"), reason="set LLAMA_CPP_DIR to a llama.cpp source tree")
+@pytest.mark.parametrize("type_name", ["f16", "q8_0"])
+def test_smollm2_gguf_equals_llama_cpps_converter(smol, type_name):
+    fused = fuse(str(smol["base"]), smol["adapter"], smol["root"] / "fused", overwrite=True, **QUIET).out_dir
+    ours = export_gguf(str(fused), None, smol["root"] / f"ours.{type_name}.gguf", type_name=type_name, overwrite=True,
+                       **QUIET).path
+    theirs = smol["root"] / f"theirs.{type_name}.gguf"
+    script = Path(os.environ["LLAMA_CPP_DIR"]) / "convert_hf_to_gguf.py"
+    subprocess.run([sys.executable, str(script), str(fused), "--outtype", type_name, "--outfile", str(theirs)],
+                   check=True, capture_output=True)
+    ma, ta = V.read_gguf(ours)
+    mb, tb = V.read_gguf(theirs)
+    assert {k: v for k, v in ma.items() if k != "general.name"} == {k: v for k, v in mb.items() if k != "general.name"}
+    assert set(ta) == set(tb)
+    for name in ta:
+        assert ta[name][:2] == tb[name][:2] and np.array_equal(ta[name][2], tb[name][2]), name
