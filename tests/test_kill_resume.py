@@ -34,7 +34,7 @@ from mlx_lora.checkpoints import RunDir
 from mlx_lora.config import build
 from mlx_lora.testing import make_tiny_dataset
 
-STEPS = 12
+STEPS = 16
 CONFIG = """\
 model: {{path: {model}}}
 data: {{path: {data}, valid_fraction: 0.0}}
