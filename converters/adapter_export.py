@@ -216,7 +216,7 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
     """Write ``adapter`` as a llama.cpp GGUF LoRA adapter at ``out`` (for ``--lora``)."""
     import gguf
 
-    from .fuse import ensure_output_path
+    from .fuse import ensure_output_path, made_dirs
     from .gguf_export import _encode, _nbytes, _qtype
 
     t0 = time.perf_counter()
@@ -251,29 +251,29 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for tname, arr, qt in planned:
         writer.add_tensor_info(tname, arr.shape, np.dtype(np.float32), _nbytes(arr.shape, qt), raw_dtype=_qtype(qt))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    vr = None
-    try:
+    with made_dirs(out.parent):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        vr = None
         try:
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for _, arr, qt in planned:
-                writer.write_tensor_data(_encode(arr, qt))
+            try:
+                writer.write_header_to_file(path=tmp)
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                for _, arr, qt in planned:
+                    writer.write_tensor_data(_encode(arr, qt))
+            finally:
+                writer.close()
+            if verify:
+                vr = verify_gguf_adapter(tmp, source, adapter, config)
+                vr.raise_if_failed(str(out))
+            os.replace(tmp, out)
+        except OSError as e:
+            raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
         finally:
-            writer.close()
-        if verify:
-            vr = verify_gguf_adapter(tmp, source, adapter, config)
-            vr.raise_if_failed(str(out))
-        os.replace(tmp, out)
-    except OSError as e:
-        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            if tmp.exists():
+                tmp.unlink()
     res = AdapterExport(out, f"GGUF LoRA ({type_name})", len(groups), time.perf_counter() - t0, vr, notes)
     for line in res.lines():
         log(line)

@@ -19,6 +19,7 @@ sibling folder and renamed into place only after verification passes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import struct
@@ -303,6 +304,25 @@ def ensure_output_path(out: Path, overwrite: bool, is_dir: bool) -> Path:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ExportError(f"output {out} is not writable ({probe} denies write access)")
     return out
+
+
+@contextlib.contextmanager
+def made_dirs(folder: Path, written: list | None = None) -> Iterator[Path]:
+    """Create ``folder`` and its missing parents; if the block fails, delete the files listed in
+    ``written`` and the folders created here (when empty), so a failed export leaves nothing."""
+    folder = Path(folder)
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for f in written or ():
+            with contextlib.suppress(OSError):
+                Path(f).unlink()
+        for p in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
 
 
 @dataclass

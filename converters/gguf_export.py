@@ -6,8 +6,10 @@ Tensor names, q/k permutation and architecture metadata follow llama.cpp (:mod:`
 the vocabulary too (:mod:`.gguf_vocab`).
 
 Types. ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1`` are quantized
-in numpy by ``gguf.quants``; 1-D tensors and norms stay F32 as llama.cpp expects, and a matrix
-whose rows are not whole 32-value blocks falls back to F16. K-quants (``q4_k_m``, ``q5_k_m``,
+in numpy by ``gguf.quants``; 1-D tensors and norms stay F32 as llama.cpp expects, a matrix whose
+rows are not whole 32-value blocks falls back to F16, and in the 4- and 5-bit types the output
+projection (``output.weight``, or the tied ``token_embd.weight``) is Q8_0, as llama.cpp's own
+quantizer keeps it at 6 or 8 bits. K-quants (``q4_k_m``, ``q5_k_m``,
 ``q6_k``) are made by llama.cpp's own quantizer (``llama_model_quantize`` from the optional
 llama-cpp-python package) from a float GGUF written first.
 
@@ -40,6 +42,7 @@ NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 KQUANT_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 """K-quant name -> llama_ftype of llama.cpp's quantizer."""
 EXPORT_TYPES = NUMPY_TYPES + tuple(KQUANT_TYPES)
+LOW_BIT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1")
 LLAMA_CPP_EXTRA = "pip install 'mlx-lora[llama-cpp]' (installs llama-cpp-python)"
 
 
@@ -227,6 +230,11 @@ def plan_tensors(fm, type_name: str, stats: GGUFStats) -> list[TensorPlan]:
     names = gguf_arch.TensorNames(spec, int(config["num_hidden_layers"]))
     modules = dict(fm.model.named_modules())
     quant_target = type_name not in ("f32", "f16", "bf16")
+    # The output projection (output.weight, or token_embd.weight when the embeddings are tied)
+    # stays at Q8_0 in 4- and 5-bit exports, as llama.cpp's own quantizer keeps it at Q6_K/Q8_0:
+    # its error goes straight into the logits.
+    params = dict(tree_flatten(fm.model.parameters()))
+    output_name = "output.weight" if "lm_head.weight" in params else "token_embd.weight"
     plans: list[TensorPlan] = []
 
     for hf_name, arr in tree_flatten(fm.model.parameters()):
@@ -238,7 +246,7 @@ def plan_tensors(fm, type_name: str, stats: GGUFStats) -> list[TensorPlan]:
         if len(shape) == 1 or gname.endswith("_norm.weight"):
             qtype = "f32"
         else:
-            qtype = type_name
+            qtype = "q8_0" if type_name in LOW_BIT_TYPES and gname == output_name else type_name
             if quant_target and shape[-1] % gguf.GGML_QUANT_SIZES[_qtype(qtype)][0]:
                 qtype = "f16"
                 stats.fallbacks.append(gname)
@@ -246,11 +254,16 @@ def plan_tensors(fm, type_name: str, stats: GGUFStats) -> list[TensorPlan]:
 
         if owner in fm.quantized:
             layer = modules[owner]
-            if quant_target and qtype == type_name:
-                packed = repack(layer, qtype, perm)
+            # Blocks that are already in a GGUF block format are copied: into the preferred type,
+            # else into the requested one (a 4-bit output projection is not worth re-rounding to 8).
+            packed = None
+            for candidate in dict.fromkeys([qtype, type_name]) if quant_target and qtype != "f16" else ():
+                packed = repack(layer, candidate, perm)
                 if packed is not None:
-                    plans.append(TensorPlan(gname, hf_name, shape, qtype, "repack", lambda p=packed: p))
-                    continue
+                    plans.append(TensorPlan(gname, hf_name, shape, candidate, "repack", lambda p=packed: p))
+                    break
+            if packed is not None:
+                continue
 
             def compute(layer=layer, hf_name=hf_name, gname=gname, qtype=qtype):
                 w = gguf_arch.to_gguf(spec, config, hf_name, np.array(dequantized(layer)))
@@ -376,7 +389,7 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
     import gguf
 
     from . import verify as V
-    from .fuse import ensure_output_path, load_fused
+    from .fuse import ensure_output_path, load_fused, made_dirs
 
     t0 = time.perf_counter()
     type_name = check_type(type_name)
@@ -389,38 +402,38 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
                               f"needs the optional llama-cpp extra: {LLAMA_CPP_EXTRA}") from None
     fm = fused or load_fused(model, adapter)
     gguf_arch.arch_spec(fm.model_type)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    inter = None
-    try:
-        if type_name in KQUANT_TYPES:
-            fd, inter_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".f.partial", dir=out.parent)
-            os.close(fd)
-            inter = Path(inter_name)
-            stats = write_gguf(fm, inter, _intermediate_type(fm), name=name, pre_tokenizer=pre_tokenizer)
-            stats.path, stats.type = out, type_name
-            if fm.quantized:
-                stats.notes.append(f"{len(fm.quantized)} quantized layers were dequantized for llama.cpp's K-quantizer")
-            llama_cpp_quantize(inter, tmp, type_name)
-            stats.counts = {}
-            _, tensors = V.read_gguf(tmp)
-            for t, _, _ in tensors.values():
-                k = gguf.GGMLQuantizationType(t).name.lower()
-                stats.counts[k] = stats.counts.get(k, 0) + 1
-        else:
-            stats = write_gguf(fm, tmp, type_name, name=name, pre_tokenizer=pre_tokenizer, stats=GGUFStats(out, type_name))
-        if verify:
-            stats.verify = verify_gguf(fm, tmp, type_name)
-            stats.verify.raise_if_failed(str(out))
-        os.replace(tmp, out)
-    except OSError as e:
-        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        for p in (tmp, inter):
-            if p is not None and p.exists():
-                p.unlink()
+    with made_dirs(out.parent):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        inter = None
+        try:
+            if type_name in KQUANT_TYPES:
+                fd, inter_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".f.partial", dir=out.parent)
+                os.close(fd)
+                inter = Path(inter_name)
+                stats = write_gguf(fm, inter, _intermediate_type(fm), name=name, pre_tokenizer=pre_tokenizer)
+                stats.path, stats.type = out, type_name
+                if fm.quantized:
+                    stats.notes.append(f"{len(fm.quantized)} quantized layers were dequantized for llama.cpp's K-quantizer")
+                llama_cpp_quantize(inter, tmp, type_name)
+                stats.counts = {}
+                _, tensors = V.read_gguf(tmp)
+                for t, _, _ in tensors.values():
+                    k = gguf.GGMLQuantizationType(t).name.lower()
+                    stats.counts[k] = stats.counts.get(k, 0) + 1
+            else:
+                stats = write_gguf(fm, tmp, type_name, name=name, pre_tokenizer=pre_tokenizer, stats=GGUFStats(out, type_name))
+            if verify:
+                stats.verify = verify_gguf(fm, tmp, type_name)
+                stats.verify.raise_if_failed(str(out))
+            os.replace(tmp, out)
+        except OSError as e:
+            raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+        finally:
+            for p in (tmp, inter):
+                if p is not None and p.exists():
+                    p.unlink()
     stats.seconds = time.perf_counter() - t0
     for line in stats.lines():
         log(line)

@@ -289,7 +289,7 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
     from mlx_lora.io import atomic_write_text
 
     from .adapter_export import export_gguf_adapter
-    from .fuse import ensure_output_path, load_fused
+    from .fuse import ensure_output_path, load_fused, made_dirs
     from .gguf_export import check_type, export_gguf
 
     name = _safe_name(name)
@@ -304,37 +304,38 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
     if create and exe is None:
         raise ExportError("--create: the 'ollama' command is not on PATH")
     stem = name.replace("/", "_").replace(":", "_")
-    folder.mkdir(parents=True, exist_ok=True)
-    fm = load_fused(model, adapter if mode == "fused" else None)
-    files, lines = [], []
-    base_gguf = str(fm.info.source).lower().endswith(".gguf")
-    if mode == "adapter" and base_gguf:
-        from_path = str(Path(fm.info.source).expanduser().resolve())
-        lines.append(f"FROM uses the base GGUF file itself: {from_path}")
-    else:
-        gguf_file = folder / f"{stem}.{type_name}.gguf"
-        st = export_gguf(None, None, gguf_file, type_name=type_name, verify=verify, overwrite=overwrite, fused=fm,
-                         name=name, log=lines.append)
-        files.append(st.path)
-        from_path = f"./{gguf_file.name}"
-    adapter_line = None
-    if mode == "adapter":
-        lora_file = folder / f"{stem}-lora.gguf"
-        res = export_gguf_adapter(adapter, lora_file, model=model or str(fm.info.source), overwrite=overwrite,
-                                  verify=verify, log=lines.append)
-        files.append(res.path)
-        adapter_line = f"./{lora_file.name}"
-    add_bos = bool(getattr(fm.tokenizer, "bos_token", None)) and _adds_bos(fm.tokenizer)
-    fmt = derive_chat_format(fm.tokenizer, add_bos)
-    generation = _generation(fm)
-    ctx = num_ctx or min(int(fm.config.get("max_position_embeddings") or 4096), 8192)
-    text = modelfile_text(from_path, adapter_path=adapter_line, fmt=fmt, stops=stop_tokens(fm.tokenizer, fmt, generation),
-                          num_ctx=ctx, generation=generation, system=system)
-    modelfile = folder / "Modelfile"
-    atomic_write_text(modelfile, text)
-    files.append(modelfile)
-    lines.append(f"wrote {modelfile}" + ("" if fmt else " (no TEMPLATE: the chat template is not a fixed "
-                                                      "per-role wrapper; Ollama reads it from the GGUF metadata)"))
+    files: list[Path] = []
+    lines: list[str] = []
+    with made_dirs(folder, written=files):
+        fm = load_fused(model, adapter if mode == "fused" else None)
+        base_gguf = str(fm.info.source).lower().endswith(".gguf")
+        if mode == "adapter" and base_gguf:
+            from_path = str(Path(fm.info.source).expanduser().resolve())
+            lines.append(f"FROM uses the base GGUF file itself: {from_path}")
+        else:
+            gguf_file = folder / f"{stem}.{type_name}.gguf"
+            st = export_gguf(None, None, gguf_file, type_name=type_name, verify=verify, overwrite=overwrite, fused=fm,
+                             name=name, log=lines.append)
+            files.append(st.path)
+            from_path = f"./{gguf_file.name}"
+        adapter_line = None
+        if mode == "adapter":
+            lora_file = folder / f"{stem}-lora.gguf"
+            res = export_gguf_adapter(adapter, lora_file, model=model or str(fm.info.source), overwrite=overwrite,
+                                      verify=verify, log=lines.append)
+            files.append(res.path)
+            adapter_line = f"./{lora_file.name}"
+        add_bos = bool(getattr(fm.tokenizer, "bos_token", None)) and _adds_bos(fm.tokenizer)
+        fmt = derive_chat_format(fm.tokenizer, add_bos)
+        generation = _generation(fm)
+        ctx = num_ctx or min(int(fm.config.get("max_position_embeddings") or 4096), 8192)
+        text = modelfile_text(from_path, adapter_path=adapter_line, fmt=fmt, stops=stop_tokens(fm.tokenizer, fmt, generation),
+                              num_ctx=ctx, generation=generation, system=system)
+        modelfile = folder / "Modelfile"
+        atomic_write_text(modelfile, text)
+        files.append(modelfile)
+        lines.append(f"wrote {modelfile}" + ("" if fmt else " (no TEMPLATE: the chat template is not a fixed "
+                                                          "per-role wrapper; Ollama reads it from the GGUF metadata)"))
     command = ["ollama", "create", name, "-f", str(modelfile)]
     result = PackageResult(folder, files, command, False, "translated" if fmt else "gguf", lines)
     run = exe is not None if create is None else create

@@ -74,7 +74,7 @@ class Comparison:
         mark = "ok" if self.ok else "FAILED"
         return (f"verify {self.what} [{self.kind}]: top-1 agreement {self.top1_agreement:.1%} over "
                 f"{self.positions} positions, max relative logit error {self.max_rel_error:.2e} "
-                f"(limits: >= {self.threshold.min_top1:.0%}, <= {self.threshold.max_rel_error:.0e}) {mark}")
+                f"(limits: >= {self.threshold.min_top1:.0%}, <= {self.threshold.max_rel_error:.2g}) {mark}")
 
 
 @dataclass

@@ -191,3 +191,18 @@ def test_cli_export_ollama_and_lmstudio(tmp_path, tiny_llama, monkeypatch):
                                  "my-model", "--models-dir", str(tmp_path / "lms"), "--type", "f16"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "lms" / "mlx-lora" / "my-model" / "my-model-F16.gguf").is_file()
+
+
+def test_failed_packages_leave_nothing(tmp_path, tiny_llama, monkeypatch):
+    from converters import verify as V
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    dora = make_adapter(tiny_llama, tmp_path / "dora", dora=True)
+    # the base GGUF is written first, then the DoRA adapter is refused: both go
+    with pytest.raises(ExportError, match="DoRA"):
+        export_ollama(str(tiny_llama), dora, "m", out_dir=tmp_path / "pkg", mode="adapter", **QUIET)
+    assert not (tmp_path / "pkg").exists()
+    monkeypatch.setitem(V.THRESHOLDS, "q8_0", V.Threshold(-1.0, 1.0))
+    with pytest.raises(ExportError, match="verification"):
+        export_lmstudio(str(tiny_llama), None, "m", models_dir=tmp_path / "models", **QUIET)
+    assert not (tmp_path / "models").exists()
