@@ -366,9 +366,25 @@ def llama_cpp_quantize(src: Path, dst: Path, type_name: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = KQUANT_TYPES[type_name]
     params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
-        raise ExportError(f"llama.cpp's quantizer failed on {src} (code {rc})")
+    # llama.cpp logs every tensor from C straight to file descriptors 1 and 2; keep that out of
+    # the user's terminal and show its tail only if quantizing fails.
+    with tempfile.TemporaryFile() as log:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        if rc != 0:
+            log.seek(0)
+            tail = log.read().decode("utf-8", "replace").strip().splitlines()[-5:]
+            raise ExportError(f"llama.cpp's quantizer failed on {src} (code {rc}):\n  " + "\n  ".join(tail))
 
 
 def _intermediate_type(fm) -> str:
@@ -426,7 +442,7 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
                 stats = write_gguf(fm, tmp, type_name, name=name, pre_tokenizer=pre_tokenizer, stats=GGUFStats(out, type_name))
             if verify:
                 stats.verify = verify_gguf(fm, tmp, type_name)
-                stats.verify.raise_if_failed(str(out))
+                stats.verify.raise_if_failed(str(out), _failure_hint(stats, type_name))
             os.replace(tmp, out)
         except OSError as e:
             raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
@@ -438,6 +454,16 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
     for line in stats.lines():
         log(line)
     return stats
+
+
+def _failure_hint(stats: GGUFStats, type_name: str) -> str:
+    if type_name in ("f32", "f16", "bf16"):
+        return ""
+    hint = (f"{type_name} rounds the weights by more than this model tolerates; quantization steps larger than "
+            f"the fine-tune's change put the weights back on the base model's grid. Try q8_0 (or f16), or a K-quant.")
+    if stats.delta_errors:
+        hint += f" (median ||Q(W')-W'||/||W'-W|| here: {np.median(list(stats.delta_errors.values())):.2g})"
+    return hint
 
 
 def verify_gguf(fm, path: Path, type_name: str):

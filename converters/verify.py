@@ -39,20 +39,24 @@ class Threshold:
     min_top1: float
 
 
-# Measured on SmolLM2-135M (trained adapter) and the tiny test models, with a margin of ~3x on
-# the error: float formats only round, 8-bit blocks lose ~0.4% per weight, 4/5-bit ~2-7%.
+# Calibrated on SmolLM2-135M with a trained LoRA (the worst case: small models lose the most to
+# quantization) and on the tiny test models: float formats only round (f16 ~1e-3, bf16 ~1e-2),
+# q8_0 reached 0.023 / 99% top-1, q5_0 0.17 / 88%, q4_k_m 0.29 / 84%, q4_0 0.39 / 62%. A broken
+# file (wrong tensor, layout or scale) gives errors above 1 and near-random top-1. Exceeding the
+# limit at 4-5 bits can also be real information: the rounding is larger than the fine-tune's
+# change, so the file behaves like the base model again.
 THRESHOLDS: dict[str, Threshold] = {
     "f32": Threshold(1e-4, 1.0),
     "f16": Threshold(2e-2, 0.9),
     "bf16": Threshold(6e-2, 0.8),
     "q8_0": Threshold(6e-2, 0.8),
-    "q5_0": Threshold(0.2, 0.6),
-    "q5_1": Threshold(0.2, 0.6),
-    "q4_0": Threshold(0.35, 0.5),
-    "q4_1": Threshold(0.35, 0.5),
-    "q6_k": Threshold(0.15, 0.6),
-    "q5_k_m": Threshold(0.2, 0.6),
-    "q4_k_m": Threshold(0.35, 0.5),
+    "q6_k": Threshold(0.15, 0.7),
+    "q5_0": Threshold(0.3, 0.6),
+    "q5_1": Threshold(0.3, 0.6),
+    "q5_k_m": Threshold(0.3, 0.6),
+    "q4_0": Threshold(0.5, 0.5),
+    "q4_1": Threshold(0.5, 0.5),
+    "q4_k_m": Threshold(0.5, 0.5),
 }
 DTYPE_KIND = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
@@ -90,10 +94,10 @@ class VerifyReport:
     def lines(self) -> list[str]:
         return [c.line() for c in self.comparisons] + self.notes + [f"verify FAILED: {p}" for p in self.problems]
 
-    def raise_if_failed(self, target: str) -> None:
+    def raise_if_failed(self, target: str, hint: str = "") -> None:
         if not self.ok:
             raise ExportError(f"verification of {target} failed; nothing was written:\n  " + "\n  ".join(self.lines())
-                              + "\n(pass --no-verify to write it anyway)")
+                              + (f"\n{hint}" if hint else "") + "\n(pass --no-verify to write it anyway)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,6 +186,14 @@ def test_quantized_export_reports_error_relative_to_the_adapter(tmp_path, tiny_l
     assert any(line.startswith("verify GGUF [q4_0]") for line in lines)
 
 
+def test_quantized_verification_failure_explains_itself(tmp_path, tiny_llama, monkeypatch):
+    ad = make_adapter(tiny_llama, tmp_path / "ad")
+    monkeypatch.setitem(V.THRESHOLDS, "q4_1", V.Threshold(1e-9, 1.0))
+    with pytest.raises(ExportError, match=r"(?s)FAILED.*Try q8_0.*\|\|Q\(W'\)-W'\|\|/\|\|W'-W\|\| here"):
+        export_gguf(str(tiny_llama), ad, tmp_path / "m.gguf", type_name="q4_1", **QUIET)
+    assert sorted(os.listdir(tmp_path)) == ["ad"]
+
+
 # ---------------------------------------------------------------------------------------------
 # tokenizer
 
