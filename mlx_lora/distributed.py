@@ -7,9 +7,9 @@ batch of ``batch_size x grad_accum x ranks`` examples; rank r takes its own disj
 The ranks sum their gradients and target-token counts with one ``all_sum`` inside the compiled
 step and divide once by the group's token count, so 2 ranks x ``batch_size: 2`` take exactly the
 step of 1 process x ``batch_size: 4`` (up to float rounding; with ``lora.dropout`` > 0 each rank
-draws its own masks, so the runs agree statistically, not bit for bit). The all-summed gradient is the same
-on every rank, so the adapter and the optimizer state stay identical everywhere (each checkpoint
-verifies this with a fingerprint). Only rank 0 writes the run folder, the metrics and the
+draws its own masks, so the runs agree statistically, not bit for bit). The all-summed gradient
+is the same on every rank, so the adapter and the optimizer state stay identical everywhere
+(each checkpoint verifies this with a fingerprint). Only rank 0 writes the run folder, the metrics and the
 progress; validation is split over the ranks and reduced. The reported loss, tokens/s and
 "examples/step" are those of the whole group.
 
@@ -59,10 +59,9 @@ continues at the same fraction of the epoch.
 
 Failures: a rank that crashes or is killed closes its connections, and the others stop within
 about a second with "lost the connection to another rank" (under ``mlx.launch`` the launcher may
-stop them first: it prints which rank exited, and rank 0 saves a checkpoint when it is between two
-steps). A rank that hangs, or a Mac that drops
-off the network, is caught by a watchdog: a rank that waits longer than ``--dist-timeout``
-seconds (default 300, or ``MLX_LORA_DIST_TIMEOUT``) for the others, to connect or inside a
+stop them first: it prints which rank exited, and rank 0 saves a checkpoint when it is between
+two steps). A rank that hangs, or a Mac that drops off the network, is caught by a watchdog: a
+rank that waits longer than ``--dist-timeout`` seconds (default 300, or ``MLX_LORA_DIST_TIMEOUT``) for the others, to connect or inside a
 collective, prints what it was waiting for and exits with code 3. Checkpoints are written
 atomically by rank 0, so the newest one is always complete. ``mlx.launch`` itself stops the
 remaining ranks when one exits with an error, but always exits with status 0: check the output.
