@@ -61,8 +61,9 @@ Failures: a rank that crashes or is killed closes its connections, and the other
 about a second with "lost the connection to another rank" (under ``mlx.launch`` the launcher may
 stop them first: it prints which rank exited, and rank 0 saves a checkpoint when it is between
 two steps). A rank that hangs, or a Mac that drops off the network, is caught by a watchdog: a
-rank that waits longer than ``--dist-timeout`` seconds (default 300, or ``MLX_LORA_DIST_TIMEOUT``) for the others, to connect or inside a
-collective, prints what it was waiting for and exits with code 3. Checkpoints are written
+rank that waits longer than ``--dist-timeout`` seconds (default 300, or
+``MLX_LORA_DIST_TIMEOUT``) for the others, to connect or inside a collective, prints what it was
+waiting for and exits with code 3. Checkpoints are written
 atomically by rank 0, so the newest one is always complete. ``mlx.launch`` itself stops the
 remaining ranks when one exits with an error, but always exits with status 0: check the output.
 
