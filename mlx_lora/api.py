@@ -55,6 +55,9 @@ def banner_lines(cfg: Config, info, trainable: int, total: int, splits, steps: i
     lines.append(f"training  {steps} steps, batch {t.batch_size} x accum {t.grad_accum}"
                  + (f" x {world} ranks" if world > 1 else "") + f" = {global_batch} examples/step, "
                  f"{t.optimizer} lr {t.lr:g} ({t.schedule}, warmup {t.warmup_steps})")
+    from .distributed import batch_lines, launch_backend
+
+    lines += batch_lines(t.batch_size, t.grad_accum, world, t.lr, launch_backend() or "")
     return lines
 
 
@@ -68,6 +71,10 @@ def prepare_run_dir(out: str, resume: bool, overwrite: bool):
         if not run.exists():
             raise CheckpointError(f"{run.path}: no run to resume (config.yaml missing)")
     elif run.path.exists() and any(run.path.iterdir()):
+        if not run.exists():
+            # --overwrite deletes the folder: never do that to one that is not a run (e.g. --out .)
+            raise MlxLoraError(f"{run.path} is not empty and is not a run folder (no config.yaml), so neither "
+                               f"--resume nor --overwrite applies; choose an empty or new --out folder")
         if not overwrite:
             raise MlxLoraError(f"{run.path} already holds a run; continue it with --resume {run.path}, "
                                f"choose another --out, or pass --overwrite to start over")
@@ -75,8 +82,13 @@ def prepare_run_dir(out: str, resume: bool, overwrite: bool):
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbacks: Iterable = (),
-          progress: bool = True, stream: Optional[TextIO] = None):
+          progress: bool = True, stream: Optional[TextIO] = None, distributed: bool = False,
+          dist_timeout_s: Optional[float] = None):
     """Fine-tune ``cfg.model.path`` on ``cfg.data.path``; writes the run folder ``cfg.out``.
+
+    Launched by ``mlx.launch`` this process is one rank of a data-parallel group (see
+    :mod:`mlx_lora.distributed`); ``distributed`` makes a missing group an error, and
+    ``dist_timeout_s`` bounds how long a rank waits for the others.
 
     Everything that can fail on user input (config, model, data, run folder) is checked before the
     run folder is created or changed.
@@ -89,11 +101,17 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
     from .models import load_model
     from .trainer import Trainer
 
+    from . import distributed as dist
+    from .checkpoints import RunDir
+
     validate(cfg)
-    group = mx.distributed.init()
+    group = dist.init(required=distributed, timeout_s=dist_timeout_s)
+    sync = dist.Collectives(group, dist_timeout_s)
+    dist.check_same_config(config_mod.to_yaml(cfg), sync)
     rank0 = group.rank() == 0
     log = (lambda m: _log(m, stream)) if rank0 else (lambda m: None)
-    run = prepare_run_dir(cfg.out, resume, overwrite)
+    # Only rank 0 reads and writes the run folder (other machines need none).
+    run = prepare_run_dir(cfg.out, resume, overwrite) if rank0 else RunDir(cfg.out)
     if not Path(cfg.data.path).expanduser().exists():  # fail fast, before the model loads
         from .errors import DataError
 
@@ -106,7 +124,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
     adapters.apply_lora(model, cfg.lora)
     trainable, total = adapters.count_parameters(model)
 
-    extra = {"model_type": info.model_type}
+    from .integrity import FINGERPRINT_KEY, base_model_fingerprint
+
+    # Checkpoints and the final adapter name the exact base they belong to (see integrity.py).
+    extra = {"model_type": info.model_type, FINGERPRINT_KEY: base_model_fingerprint(info.local_path)}
 
     def save_adapter(folder):
         adapters.save_adapter(model, folder, cfg.lora, cfg.model.path, extra=extra)
@@ -116,13 +137,19 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
     own = [metrics] + ([Progress(stream=stream, log_every=cfg.train.log_every)] if progress else []) if rank0 else []
     callbacks = own + list(callbacks)
     trainer = Trainer(model, cfg, splits.train, splits.valid, run, save_adapter=save_adapter,
-                      callbacks=callbacks, group=group)
+                      callbacks=callbacks, group=group, sync=sync)
 
     if resume:
-        ckpt = run.latest_checkpoint()
-        if ckpt is None:
-            raise CheckpointError(f"{run.path}: no complete checkpoint to resume from")
-        adapter_state, opt_state, state = run.load_checkpoint(ckpt)
+        ckpt = loaded = None
+        if rank0:  # the other ranks receive rank 0's checkpoint, bit for bit
+            ckpt = run.latest_checkpoint()
+            if ckpt is None:
+                raise CheckpointError(f"{run.path}: no complete checkpoint to resume from; start over with "
+                                      f"--overwrite")
+            run.remove_partial_writes()  # leftovers of a run that was killed mid-write
+            loaded = run.load_checkpoint(ckpt)
+            _warn_if_base_changed(ckpt, info.local_path, log)
+        adapter_state, opt_state, state = dist.share_checkpoint(loaded, sync)
         trainer.restore(adapter_state, opt_state, state)
         if metrics is not None:
             metrics.truncate_after(state.step)
@@ -136,10 +163,19 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
     for line in banner_lines(cfg, info, trainable, total, splits, trainer.total_steps, group.size()):
         log(line)
 
-    result = _with_sigterm_as_interrupt(trainer.fit)
+    try:
+        result = _with_sigterm_as_interrupt(trainer.fit)
+    except (MemoryError, RuntimeError, OSError) as e:
+        from .integrity import resource_error
+
+        err = resource_error(e, run_dir=run.path, last_checkpoint=run.latest_checkpoint())
+        if err is None:
+            raise
+        raise err from e
     if rank0:
         if result.stopped == "interrupted":
-            log(f"interrupted at step {result.steps}; saved. Continue with: mlx-lora train --resume {run.path}")
+            saved = "saved" if result.last_checkpoint else "the last checkpoint is kept"
+            log(f"interrupted at step {result.steps}; {saved}. Continue with: mlx-lora train --resume {run.path}")
         else:
             log(f"done: {result.steps} steps, final loss {result.final_loss:.4f}" if result.final_loss is not None
                 else f"done: {result.steps} steps")
@@ -171,21 +207,44 @@ def _with_sigterm_as_interrupt(fn):
         signal.signal(signal.SIGTERM, previous)
 
 
-def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: str = "auto"):
-    """(model, tokenizer, info) with the adapter applied, in eval mode."""
+def _warn_if_base_changed(ckpt: Path, model_folder: Path, log) -> None:
+    """Resuming onto another base than the run started with cannot continue the same run."""
+    import json
+
+    from .integrity import check_adapter_base
+
+    try:
+        conf = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # is_complete() read it moments ago; nothing to compare if it vanished
+    msg = check_adapter_base(conf, model_folder, adapter_name=str(ckpt))
+    if msg:
+        log(f"warning: {msg}")
+
+
+def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: str = "auto", *,
+                       strict: bool = False, stream: Optional[TextIO] = None):
+    """(model, tokenizer, info) with the adapter applied, in eval mode.
+
+    An adapter trained on another base model than ``model_path`` (by the fingerprint it records)
+    loads with a warning on ``stream`` (stderr), or raises AdapterError when ``strict``."""
     from . import adapters
+    from .integrity import check_adapter_base
     from .models import load_model
 
     model, tokenizer, info = load_model(model_path, dtype=dtype)
     if adapter:
-        adapters.load_adapter(model, adapter)
+        ainfo = adapters.load_adapter(model, adapter)
+        msg = check_adapter_base(ainfo, info.local_path, strict=strict, adapter_name=str(adapter))
+        if msg:
+            _log(f"warning: {msg}", stream)
     model.eval()
     return model, tokenizer, info
 
 
 def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch_size: int = 4,
              max_seq_length: int = 2048, train_on: str = "assistant", chat_template: Optional[str] = None,
-             max_batches: Optional[int] = None, dtype: str = "auto") -> dict:
+             max_batches: Optional[int] = None, dtype: str = "auto", strict: bool = False) -> dict:
     """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder."""
     import math
 
@@ -201,7 +260,7 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
                 break
         else:
             raise MlxLoraError(f"{data}: no test.jsonl or valid.jsonl in this folder")
-    model, tokenizer, _ = load_for_inference(model_path, adapter, dtype)
+    model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict)
     dcfg = DataConfig(path=str(path), max_seq_length=max_seq_length, train_on=train_on,
                       chat_template=chat_template, valid_fraction=0.0)
     ds = load_jsonl_dataset(path, dcfg, tokenizer)
@@ -215,7 +274,8 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
 
 def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat: bool = False,
              system: Optional[str] = None, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, dtype: str = "auto", stream: bool = False, model_and_tokenizer=None):
+             seed: int = 0, dtype: str = "auto", stream: bool = False, model_and_tokenizer=None,
+             strict: bool = False):
     """Generate a continuation (greedy by default). With ``chat`` the prompt is wrapped in the
     tokenizer's chat template as a user turn. Yields text pieces when ``stream``."""
     import mlx.core as mx
@@ -223,7 +283,7 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
     from mlx_lm.sample_utils import make_sampler
 
     if model_and_tokenizer is None:
-        model, tokenizer, _ = load_for_inference(model_path, adapter, dtype)
+        model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict)
     else:
         model, tokenizer = model_and_tokenizer
     if chat:

@@ -5,6 +5,7 @@ Heavy imports (mlx, mlx-lm, numpy) happen inside the commands so ``--help`` is i
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -93,18 +94,38 @@ def _overrides(**options) -> dict:
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Trade compute for memory.")
 @click.option("--seed", type=int)
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def train(config_file, sets, resume_dir, overwrite, quiet, **options):
-    """Fine-tune an adapter. Writes config, adapter, checkpoints and metrics to the run folder."""
+@click.option("--dry-run", is_flag=True,
+              help="Measure a few steps and print the job's peak memory and duration; train nothing, write nothing.")
+@click.option("--distributed", is_flag=True,
+              help="This is one rank of an mlx.launch job: fail at once if there is no group to join.")
+@click.option("--dist-timeout", type=float, metavar="SECONDS",
+              help="How long a rank waits for the others (to connect, or in a collective) before exiting "
+                   "[default: 300, or $MLX_LORA_DIST_TIMEOUT].")
+def train(config_file, sets, resume_dir, overwrite, quiet, dry_run, distributed, dist_timeout, **options):
+    """Fine-tune an adapter. Writes config, adapter, checkpoints and metrics to the run folder.
+
+    Several processes or Macs: mlx.launch --hostfile hosts.json --python "$(which python)" -m mlx_lora
+    train ... --distributed (each rank trains on its share of every batch; rank 0 writes the run)."""
     from . import api, config
 
     if resume_dir:
         run_config = os.path.join(resume_dir, "config.yaml")
-        if not os.path.isfile(run_config):
-            raise click.ClickException(f"{resume_dir}: no run to resume (config.yaml missing)")
+        # --config stands in for a run folder that lives on another machine (ranks > 0)
+        if not os.path.isfile(run_config) and not config_file:
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"{resume_dir}: no run to resume (config.yaml missing)")
         config_file = config_file or run_config
         options["out"] = resume_dir
     cfg = config.build(config_file, list(sets), extra=_overrides(**options))
-    result = api.train(cfg, resume=bool(resume_dir), overwrite=overwrite, progress=not quiet)
+    if dry_run:
+        from .estimate import estimate
+
+        est = estimate(cfg, log=None if quiet else (lambda m: click.echo(m, err=True)))
+        click.echo("\n".join(est.lines()))
+        return
+    result = api.train(cfg, resume=bool(resume_dir), overwrite=overwrite, progress=not quiet,
+                       distributed=distributed, dist_timeout_s=dist_timeout)
     if result.stopped == "interrupted":
         sys.exit(130)
 
@@ -119,14 +140,15 @@ def train(config_file, sets, resume_dir, overwrite, quiet, **options):
 @click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_p, seed):
+@click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
+def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_p, seed, strict):
     """Generate text with a model and optional adapter (streams to standard output)."""
     from . import api
 
     if prompt == "-":
         prompt = sys.stdin.read()
     for piece in api.generate(model, prompt, adapter, chat=chat, system=system, max_tokens=max_tokens,
-                              temperature=temperature, top_p=top_p, seed=seed, stream=True):
+                              temperature=temperature, top_p=top_p, seed=seed, stream=True, strict=strict):
         click.echo(piece, nl=False)
     click.echo()
 
@@ -141,14 +163,15 @@ def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_
 @click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template.")
 @click.option("--max-batches", type=int, help="Evaluate at most this many batches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_template, max_batches, as_json):
+@click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
+def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_template, max_batches, as_json, strict):
     """Loss and perplexity on a data set."""
     import json
 
     from . import api
 
     r = api.evaluate(model, data, adapter, batch_size=batch_size, max_seq_length=max_seq_length,
-                     train_on=train_on, chat_template=chat_template, max_batches=max_batches)
+                     train_on=train_on, chat_template=chat_template, max_batches=max_batches, strict=strict)
     if as_json:
         click.echo(json.dumps(r))
     else:
@@ -205,11 +228,20 @@ def main(argv=None) -> None:
                 traceback.print_exc()
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
-        if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
-            click.echo(f"error: out of disk space ({e.filename or ''}); free space and resume with --resume",
-                       err=True)
-            sys.exit(2)
-        raise
+        from .integrity import INFERENCE_MEMORY_HINT, TRAIN_MEMORY_HINT, resource_error
+
+        # Out of memory / disk outside the training loop (which names its run itself).
+        hint = TRAIN_MEMORY_HINT if "train" in argv else INFERENCE_MEMORY_HINT
+        err = resource_error(e, memory_hint=hint)
+        if err is None and isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            err = MlxLoraError(f"{e.filename or 'a file'}: {e.strerror or e} (check its permissions, or use "
+                               f"another location)")
+        if err is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

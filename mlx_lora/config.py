@@ -122,6 +122,14 @@ class TrainConfig:
     """Stop after this many evaluations without a new best validation loss."""
     grad_checkpoint: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30% slower)."""
+    checkpoint_attention: bool = False
+    """Recompute each block's attention in the backward pass instead of keeping its
+    [heads x L x L] probabilities (less memory on long rows, a few % slower); implied by
+    grad_checkpoint."""
+    loss_chunk_tokens: Optional[int] = 256
+    """Apply the output layer and cross-entropy this many tokens at a time, computing their
+    gradient in the same pass, so the full [tokens x vocab] logits never exist (same loss and
+    gradients, same speed); null computes all logits at once."""
     compile: bool = True
     """Compile the training step with mx.compile (faster; off for debugging)."""
     seed: int = 0
@@ -400,6 +408,8 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
         p.append(f"train.eval_batches: must be >= 1 or null, got {t.eval_batches}")
     if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
         p.append(f"train.early_stopping_patience: must be >= 1 or null, got {t.early_stopping_patience}")
+    if t.loss_chunk_tokens is not None and t.loss_chunk_tokens < 1:
+        p.append(f"train.loss_chunk_tokens: must be >= 1 or null, got {t.loss_chunk_tokens}")
     if p:
         raise ConfigError(p, source)
     return cfg

@@ -20,11 +20,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from . import distributed as dist
 from .checkpoints import RunDir, TrainState
 from .config import Config
 from .data import BatchPosition, TokenizedDataset, attention_mask_from_segments, iterate_batches, num_batches
 from .errors import MlxLoraError
-from .losses import masked_cross_entropy
+from .losses import make_loss
 
 
 MAX_CONSECUTIVE_SKIPS = 20  # with nan_policy "skip": give up after this many bad steps in a row
@@ -96,17 +97,64 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
         block.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_mlx_lora_checkpointed": True})
 
 
+def _attention_module(block: nn.Module) -> Optional[nn.Module]:
+    for name in ("self_attn", "attention", "attn"):
+        if name in block and isinstance(block[name], nn.Module):
+            return block[name]
+    return None
+
+
+def enable_attention_checkpoint(model: nn.Module) -> int:
+    """Recompute each block's attention (projections, RoPE, scores) in the backward pass.
+
+    Attention keeps its ``[heads, L, L]`` probabilities for the backward pass: at a few hundred
+    positions that is already the largest activation of a small model's block, and it grows with
+    L^2. Recomputing the attention sub-module costs its projections' forward pass again (about a
+    quarter of a block's matmuls) and keeps only its input. Per instance, as
+    :func:`enable_grad_checkpoint`. Returns how many blocks were changed.
+    """
+    changed = 0
+    for block in model.layers:
+        attn = _attention_module(block)
+        if attn is None:
+            continue
+        cls = type(attn)
+        if getattr(cls, "_mlx_lora_checkpointed", False):
+            continue
+
+        def call(self, x, *args, __base=cls.__call__, **kwargs):
+            def inner(params, x):
+                self.update(params)
+                return __base(self, x, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+        attn.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_mlx_lora_checkpointed": True})
+        changed += 1
+    return changed
+
+
 class Trainer:
     """Trains the adapter layers of ``model``. Collaborators come in as arguments."""
 
     def __init__(self, model: nn.Module, cfg: Config, train_set: TokenizedDataset,
                  valid_set: Optional[TokenizedDataset], run: Optional[RunDir],
-                 save_adapter: Optional[Callable] = None, callbacks=(), group=None):
+                 save_adapter: Optional[Callable] = None, callbacks=(), group=None,
+                 sync: Optional[dist.Collectives] = None):
         self.model, self.cfg, self.train_set, self.valid_set = model, cfg, train_set, valid_set
         self.run, self.save_adapter_fn = run, save_adapter
         self.callbacks = list(callbacks)
-        self.group = group if group is not None else mx.distributed.init()
+        if group is None:
+            group = sync.group if sync is not None else mx.distributed.init()
+        self.group = group
         self.rank, self.world = self.group.rank(), self.group.size()
+        # Collectives with a watchdog: a rank never waits forever for a dead or hung peer.
+        self.sync = sync if sync is not None else dist.Collectives(self.group)
+        if run is not None:
+            self.sync.hint = (f"Checkpoints in {run.checkpoints} are complete; continue with: "
+                              f"mlx-lora train --resume {run.path} (with any number of ranks).")
+        self.sync.broadcast_parameters(model)  # identical start on every rank
+        self._update_pending = False
         t = cfg.train
         if t.iters is not None:
             self.total_steps = t.iters
@@ -120,6 +168,10 @@ class Trainer:
         self.state = TrainState(world_size=self.world)
         if t.grad_checkpoint:
             enable_grad_checkpoint(model)
+        elif t.checkpoint_attention:
+            enable_attention_checkpoint(model)
+        # The chunked loss (when the model allows it) never materialises [tokens x vocab] logits.
+        self.loss = make_loss(model, t.loss_chunk_tokens)
         self._build_steps()
 
     # -- compiled pieces -------------------------------------------------------------------------
@@ -127,7 +179,7 @@ class Trainer:
     def _build_steps(self) -> None:
         model, opt, t = self.model, self.optimizer, self.cfg.train
         world = self.world
-        loss_and_grad = nn.value_and_grad(model, masked_cross_entropy)
+        loss_and_grad = nn.value_and_grad(model, self.loss.train)
 
         def fwd_bwd(inputs, targets, mask):
             (loss, ntoks), grads = loss_and_grad(model, inputs, targets, mask)
@@ -139,8 +191,8 @@ class Trainer:
 
         def update(grads, ntoks):
             if world > 1:
-                grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group), grads)
-                ntoks = mx.distributed.all_sum(ntoks, group=self.group)
+                # one all_sum for all LoRA gradients and the token count
+                grads, ntoks = dist.all_sum_gradients(grads, ntoks, self.group)
             grads = tree_map(lambda g: g / mx.maximum(ntoks, 1), grads)
             if t.max_grad_norm is not None:
                 grads, _ = optim.clip_grad_norm(grads, t.max_grad_norm)
@@ -169,10 +221,27 @@ class Trainer:
             if fn is not None:
                 fn(self, *args)
 
-    def _reduce(self, x: float) -> float:
-        if self.world == 1:
-            return x
-        return mx.distributed.all_sum(mx.array(x, mx.float32), group=self.group).item()
+    def _reduce(self, x: float, what: str = "a loss all_sum") -> float:
+        return self.sync.sum([x], what)[0]
+
+    def step_on(self, batch) -> tuple[float, int]:
+        """One optimizer step on ``batch`` (this process's rows, split into grad_accum micro-batches
+        as in :meth:`fit`), evaluated before returning; no bookkeeping, callbacks or collectives.
+        Returns (mean target-token loss, target tokens). Used to measure a job (``--dry-run``)."""
+        t = self.cfg.train
+        loss_sum, ntoks, grads = mx.array(0.0), mx.array(0.0), None
+        for micro in range(t.grad_accum):
+            inputs, targets, mask, attn = self._arrays(batch, slice(micro * t.batch_size, (micro + 1) * t.batch_size))
+            if attn is None:
+                loss, n, g = self._fwd_bwd(inputs, targets, mask)
+            else:
+                loss, n, g = self._fwd_bwd_packed(inputs, targets, mask, attn)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss_sum, ntoks = loss_sum + loss, ntoks + n
+        mx.eval(loss_sum, ntoks, grads)
+        self._update(grads, ntoks)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        return loss_sum.item() / max(ntoks.item(), 1.0), int(ntoks.item())
 
     def evaluate(self, dataset: TokenizedDataset, max_batches: Optional[int] = None) -> tuple[float, int]:
         """Token-weighted mean loss over ``dataset`` (reduced across ranks) and its token count."""
@@ -184,18 +253,33 @@ class Trainer:
             if max_batches is not None and i >= max_batches:
                 break
             inputs, targets, mask, attn = self._arrays(batch)
-            loss, n = masked_cross_entropy(self.model, inputs, targets, mask, attn)
+            loss, n = self.loss.eval(self.model, inputs, targets, mask, attn)
             total, ntoks = total + loss, ntoks + n
             mx.eval(total, ntoks)
-        total_f, n_f = self._reduce(total.item()), self._reduce(ntoks.item())
+        total_f, n_f = self.sync.sum([total.item(), ntoks.item()], "the validation loss all_sum")
         return (total_f / n_f if n_f else float("nan")), int(n_f)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> Optional[str]:
+    def save_checkpoint(self, verify: bool = True) -> Optional[str]:
+        """Rank 0 writes a checkpoint. With several ranks and ``verify``, all ranks first check
+        (by fingerprint, one small collective) that their adapter and optimizer state are still
+        bit-identical, the promise data parallelism rests on."""
         if self.run is None or self.save_adapter_fn is None:
             return None
         mx.eval(self.model.parameters(), self.optimizer.state)
+        t = self.cfg.train
+        # The data position is a global batch index; resuming with another number of ranks or
+        # batch size converts it through the global batch size (see restore()).
+        self.state.extra["global_batch"] = t.batch_size * t.grad_accum * self.world
+        if verify and self.world > 1:
+            arrays = [v for _, v in tree_flatten(self.model.trainable_parameters())]
+            arrays += [v for _, v in tree_flatten(self.optimizer.state)]
+            if not self.sync.identical(arrays, f"the checkpoint check of step {self.state.step}"):
+                raise dist.DistributedError(
+                    f"after step {self.state.step} the ranks hold different adapter or optimizer states, so "
+                    f"data-parallel training is no longer one run; make sure every host runs the same "
+                    f"mlx and mlx-lora versions. {self.sync.hint}")
         if self.rank != 0:
             return None
         path = self.run.save_checkpoint(self.state.step, self.save_adapter_fn, self.optimizer.state, self.state,
@@ -211,14 +295,12 @@ class Trainer:
         self.optimizer.state = optimizer_state
         mx.eval(self.optimizer.state)
         self._build_steps()  # the compiled update must capture the restored state objects
-        self.state = replace(state, world_size=self.world)
-        if state.world_size != self.world:
-            # The global batch of the old run was batch_size * old_world examples; with another
-            # number of ranks the position in examples is kept, so no example is skipped or repeated
-            # when the global batch size is unchanged.
-            old_global = self.cfg.train.batch_size * state.world_size
-            new_global = self.cfg.train.batch_size * self.world
-            self.state.batch_index = (state.batch_index * old_global) // new_global
+        self.state = replace(state, world_size=self.world, extra=dict(state.extra))
+        t = self.cfg.train
+        new_global = t.batch_size * t.grad_accum * self.world
+        # Checkpoints record their global batch size; older ones only their number of ranks.
+        old_global = int(state.extra.get("global_batch", t.batch_size * t.grad_accum * state.world_size))
+        self.state.batch_index = dist.convert_position(state.batch_index, old_global, new_global)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -244,9 +326,10 @@ class Trainer:
             while self.state.step < self.total_steps:
                 loss_sum, ntoks, grads = mx.array(0.0), mx.array(0.0), None
                 batch, pos = next(batches)
-                # Randomness (dropout) depends only on (seed, step), so a resumed run draws the
-                # same masks as an uninterrupted one without saving generator state.
-                mx.random.seed(t.seed * 1_000_003 + self.state.step)
+                # Randomness (dropout) depends only on (seed, step, rank), so a resumed run draws
+                # the same masks as an uninterrupted one without saving generator state; the rank
+                # term keeps ranks from drawing the same masks for their different examples.
+                mx.random.seed(t.seed * 1_000_003 + self.state.step + self.rank * 1_000_000_007)
                 for micro in range(t.grad_accum):
                     rows = slice(micro * t.batch_size, (micro + 1) * t.batch_size)
                     inputs, targets, mask, attn = self._arrays(batch, rows)
@@ -257,8 +340,8 @@ class Trainer:
                     grads = g if grads is None else tree_map(mx.add, grads, g)
                     loss_sum, ntoks = loss_sum + loss, ntoks + n
                 mx.eval(loss_sum, ntoks, grads)
-                global_loss = self._reduce(loss_sum.item())
-                global_ntoks = self._reduce(ntoks.item())
+                global_loss, global_ntoks = self.sync.sum(
+                    [loss_sum.item(), ntoks.item()], f"the loss all_sum of step {self.state.step + 1}")
                 step_loss = global_loss / max(global_ntoks, 1.0)
                 if not math.isfinite(step_loss):
                     skipped += 1
@@ -271,11 +354,14 @@ class Trainer:
                         f"checkpoint kept. Lower train.lr, enable train.max_grad_norm, or set "
                         f"train.nan_policy: skip")
                 skipped = 0
+                self._update_pending = True
                 self._update(grads, ntoks)
-                mx.eval(model.trainable_parameters(), self.optimizer.state)
+                self.sync.eval(model.trainable_parameters(), self.optimizer.state,
+                               what=f"the gradient all_sum of step {self.state.step + 1}")
                 self.state.step += 1
                 self.state.epoch, self.state.batch_index = pos.epoch, pos.index
                 self.state.trained_tokens += int(global_ntoks)
+                self._update_pending = False
                 last_loss = step_loss
                 window_tokens += int(global_ntoks)
                 now = time.perf_counter()
@@ -306,7 +392,12 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             stopped = "interrupted"
-            if self.state.step > 0:
+            if self.world > 1:
+                # The ranks are interrupted independently, so no collective can be trusted now. Rank
+                # 0 saves alone, and only between steps, when its state is the group's.
+                if self.state.step > 0 and not self._update_pending:
+                    last_ckpt = self.save_checkpoint(verify=False)
+            elif self.state.step > 0:
                 last_ckpt = self.save_checkpoint()
         result = TrainResult(self.state.step, last_loss, self.state.best_val_loss, self.state.best_step,
                              self.state.trained_tokens, self.state.elapsed_s, stopped, last_ckpt)

@@ -223,15 +223,22 @@ class Poison:
     """Makes the loss NaN from a given step on (a diverging run, without waiting for one)."""
 
     def __init__(self, monkeypatch, from_step):
+        import dataclasses
+
         import mlx_lora.trainer as tr
 
-        self.on, self.from_step, orig = False, from_step, tr.masked_cross_entropy
+        self.on, self.from_step, orig_make = False, from_step, tr.make_loss
 
-        def loss(model, *args):
-            value, n = orig(model, *args)
-            return (value * float("nan") if self.on else value), n
+        def make_loss(model, chunk_tokens):
+            plain = orig_make(model, chunk_tokens)
 
-        monkeypatch.setattr(tr, "masked_cross_entropy", loss)
+            def loss(model, *args):
+                value, n = plain.train(model, *args)
+                return (value * float("nan") if self.on else value), n
+
+            return dataclasses.replace(plain, train=loss)
+
+        monkeypatch.setattr(tr, "make_loss", make_loss)
 
     def on_step(self, trainer, m):
         self.on = m["step"] >= self.from_step - 1

@@ -1,0 +1,1 @@
+"""Benchmarks (run as scripts: python bench/train_vs_mlx_lm.py); see bench/README.md."""

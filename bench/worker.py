@@ -1,0 +1,232 @@
+"""One measurement in a fresh process: ``python bench/worker.py SPEC.json``.
+
+The spec's ``kind`` picks what runs; the result is written (atomically) as JSON to
+``spec["result"]``. A fresh process per run makes ``mx.get_peak_memory`` a per-run number and keeps
+one trainer's compiled graphs and allocator cache away from the other.
+
+kinds:
+  probe   backend facts, BLAS, matmul peak, model shape (for FLOPs), token lengths of the data
+  ours    mlx_lora.train with the given config overrides
+  mlx_lm  mlx-lm's LoRA trainer (mlx_lm.tuner.trainer.train, what ``mlx_lm.lora`` calls)
+  eval    per-example validation loss of the base model and of each adapter
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _write(path: str, obj: dict) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _blas() -> str:
+    """Which BLAS MLX's CPU matmuls use in this process. A preloaded library wins symbol lookup;
+    otherwise the mlx-cpu wheel's bundled reference BLAS. (numpy maps its own OpenBLAS too, under
+    prefixed symbol names MLX never calls, so a library merely being mapped proves nothing.)"""
+    from mlx_lora import backend
+
+    if sys.platform == "darwin":
+        return "Accelerate"
+    if backend.backend_name() != "cpu":
+        return "n/a (GPU matmuls)"
+    pre = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if "blas" in p.lower()]
+    if pre:
+        return f"{pre[0]} (preloaded)"
+    return "reference BLAS bundled with mlx-cpu"
+
+
+def _facts() -> dict:
+    from mlx_lora import backend
+
+    facts = backend.summary()
+    facts["blas"] = _blas()
+    facts.pop("blas_hint", None)
+    facts["versions"] = backend.versions()
+    return facts
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def probe(spec: dict) -> dict:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlx_lora import backend
+    from mlx_lora.config import DataConfig, LoraConfig
+    from mlx_lora.data import load_datasets
+    from mlx_lora.adapters import apply_lora, adapter_layers
+    from mlx_lora.models import load_model
+
+    dtype = backend.compute_dtype(spec.get("dtype", "auto"))
+    # Matmul peak of this backend in the compute dtype: the best of a few square sizes.
+    peak = max(backend.measure_matmul_gflops(n, dtype=dtype, repeats=3) for n in spec.get("matmul_sizes", [1024, 2048]))
+    model, tokenizer, info = load_model(spec["model"], dtype=spec.get("dtype", "auto"))
+    args = info.config
+    hidden = args["hidden_size"]
+    heads = args["num_attention_heads"]
+    head_dim = args.get("head_dim") or hidden // heads
+    head_params = args["vocab_size"] * hidden
+    apply_lora(model, LoraConfig(r=spec["lora_r"], alpha=spec["lora_alpha"]))
+    linear = lora = 0
+    for _, layer in adapter_layers(model):
+        out_dims, in_dims = layer.out_features, layer.in_features
+        linear += out_dims * in_dims
+        lora += layer.lora_a.size + layer.lora_b.size
+    # Frozen linear layers that got no adapter still run forward and backward.
+    for block in model.layers:
+        for _, m in block.named_modules():
+            if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and not any(m is l.base for _, l in adapter_layers(block)):
+                linear += m.weight.shape[0] * (m.weight.shape[1] * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1))
+    shape = {"linear_params": linear, "head_params": head_params, "lora_params": lora,
+             "attn_dim": heads * head_dim, "layers": len(model.layers), "vocab": args["vocab_size"]}
+    data = {}
+    for name, folder in spec.get("data", {}).items():
+        dcfg = DataConfig(path=folder, valid_fraction=0.0, max_seq_length=spec["max_seq_length"])
+        ds = load_datasets(dcfg, tokenizer, seed=0, splits=("train",)).train
+        data[name] = {"lengths": [int(len(t)) for t, _ in ds.examples],
+                      "targets": [int(m[1:].sum()) for _, m in ds.examples]}
+    return {"facts": _facts(), "matmul_peak_gflops": peak, "compute_dtype": str(dtype).replace("mlx.core.", ""),
+            "shape": shape, "data": data}
+
+
+class _Recorder:
+    """Per-step (loss, target tokens, seconds, peak memory) from the trainer's step metrics, and
+    the wall time of the training loop alone (as mlx-lm's is timed: no loading, no tokenizing)."""
+
+    def __init__(self):
+        self.steps = []
+        self.start = self.end = None
+
+    def on_train_start(self, trainer):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, result):
+        self.end = time.perf_counter()
+
+    def on_step(self, trainer, m):
+        self.steps.append({"step": m["step"], "loss": m["loss"], "tokens": m["tokens"],
+                           "seconds": m["tokens"] / m["tokens_per_s"] if m["tokens_per_s"] else 0.0,
+                           "peak_memory_gb": m["peak_memory_gb"]})
+
+
+def ours(spec: dict) -> dict:
+    import mlx.core as mx
+
+    import mlx_lora
+    from mlx_lora.config import build
+
+    cfg = build(extra=spec["config"], overrides=spec.get("overrides", []))
+    rec = _Recorder()
+    t0 = time.perf_counter()
+    result = mlx_lora.train(cfg, progress=False, overwrite=True, callbacks=[rec])
+    return {"facts": _facts(), "steps": rec.steps, "train_wall_s": rec.end - rec.start,
+            "process_train_call_s": time.perf_counter() - t0, "trained_tokens": result.trained_tokens,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9, "adapter": cfg.out,
+            "process_peak_rss_gb": _rss_gb()}
+
+
+def mlx_lm(spec: dict) -> dict:
+    """mlx-lm's LoRA fine-tuning as ``mlx_lm.lora --train`` runs it (load, datasets, LoRA layers,
+    optimizer, ``tuner.trainer.train``), minus its validation passes and console UI."""
+    import types
+
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load
+
+    args = types.SimpleNamespace(data=spec["data"], train=True, test=False, mask_prompt=True, hf_dataset=None)
+    np.random.seed(spec["seed"])
+    mx.random.seed(spec["seed"])
+    model, tokenizer = load(spec["model"])
+    train_set, _, _ = load_dataset(args, tokenizer)
+    model.freeze()
+    lora = {"rank": spec["lora_r"], "scale": spec["lora_alpha"] / spec["lora_r"], "dropout": 0.0, "keys": spec["keys"]}
+    linear_to_lora_layers(model, -1, lora)
+    adapter_dir = Path(spec["adapter_dir"])
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": -1, "lora_parameters": lora}))
+
+    steps = []
+
+    class Recorder(TrainingCallback):
+        def on_train_loss_report(self, info):
+            done = info["trained_tokens"] - sum(s["tokens"] for s in steps)
+            steps.append({"step": info["iteration"], "loss": info["train_loss"], "tokens": done,
+                          "seconds": done / info["tokens_per_second"] if info["tokens_per_second"] else 0.0,
+                          "peak_memory_gb": info["peak_memory"]})
+
+    targs = TrainingArgs(batch_size=spec["batch_size"], iters=spec["steps"], steps_per_report=1,
+                         steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=spec["max_seq_length"],
+                         adapter_file=str(adapter_dir / "adapters.safetensors"), grad_checkpoint=False)
+    opt = optim.Adam(learning_rate=spec["lr"])
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    train(model=model, optimizer=opt, train_dataset=CacheDataset(train_set), val_dataset=None, args=targs,
+          training_callback=Recorder())
+    wall = time.perf_counter() - t0
+    return {"facts": _facts(), "steps": steps, "train_wall_s": wall,
+            "trained_tokens": sum(s["tokens"] for s in steps), "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "adapter": str(adapter_dir), "weights_dtype": str(model.layers[0].self_attn.q_proj.linear.weight.dtype),
+            "process_peak_rss_gb": _rss_gb()}
+
+
+def evaluate(spec: dict) -> dict:
+    """Per-example summed target loss and target count on the validation rows, for the base model
+    and each adapter, all with this project's evaluator (one code path for every adapter)."""
+    import mlx.core as mx
+
+    from mlx_lora import adapters
+    from mlx_lora.config import DataConfig
+    from mlx_lora.data import load_datasets
+    from mlx_lora.losses import masked_cross_entropy
+    from mlx_lora.models import load_model
+
+    out = {}
+    for name, adapter in [("base", None)] + list(spec["adapters"].items()):
+        model, tokenizer, _ = load_model(spec["model"])
+        if adapter:
+            adapters.load_adapter(model, adapter)
+        model.eval()
+        ds = load_datasets(DataConfig(path=spec["data"], valid_fraction=0.0, max_seq_length=spec["max_seq_length"]),
+                           tokenizer, splits=("train",)).train
+        losses, counts = [], []
+        for tokens, mask in ds.examples:
+            x = mx.array(tokens[None, :-1])
+            y = mx.array(tokens[None, 1:])
+            m = mx.array(mask[None, 1:].astype("float32"))
+            loss, n = masked_cross_entropy(model, x, y, m)
+            losses.append(loss.item())
+            counts.append(n.item())
+        out[name] = {"loss_sums": losses, "targets": counts}
+    return {"facts": _facts(), "results": out}
+
+
+def _rss_gb() -> float:
+    import resource
+
+    # ru_maxrss is in KiB on Linux and bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1e9 if sys.platform == "darwin" else 1e6)
+
+
+KINDS = {"probe": probe, "ours": ours, "mlx_lm": mlx_lm, "eval": evaluate}
+
+if __name__ == "__main__":
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    _write(spec["result"], KINDS[spec["kind"]](spec))

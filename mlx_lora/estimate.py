@@ -1,0 +1,199 @@
+"""How much memory and time a training job needs, from a few measured steps (``train --dry-run``).
+
+The job is set up exactly as :func:`mlx_lora.api.train` would (model, data, adapter, trainer,
+batching), then:
+
+- the batch with the most positions among those of the longest padded length runs once after
+  ``mx.reset_peak_memory()``: its peak is the job's peak (activations grow with rows x length
+  and attention with length^2, and every other batch is smaller in both);
+- a typical batch (median padded size) and the longest batch run twice each; the second runs,
+  free of compilation, fit ``seconds = positions * (a + b * length)`` (per-position work plus
+  attention), which prices every batch of the epoch plan;
+- the first run of the typical batch minus its second run is the compile cost, paid once per
+  distinct batch shape.
+
+Nothing is written: no run folder, no adapter. The measured steps do update the in-memory adapter,
+which is then discarded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .config import Config, validate
+
+
+@dataclass
+class MeasuredBatch:
+    rows: int
+    length: int
+    target_tokens: int
+    first_s: float
+    """First run: includes tracing and compiling this shape."""
+    second_s: float
+
+    @property
+    def positions(self) -> int:
+        return self.rows * self.length
+
+
+@dataclass
+class Estimate:
+    peak_memory_bytes: int
+    available_bytes: Optional[int]
+    """Memory the backend can use (GPU working set on Metal, RAM on CPU)."""
+    total_steps: int
+    target_tokens: int
+    """Target tokens the whole run trains on."""
+    train_seconds: float
+    """Predicted training time, compilation included (evaluation and checkpoints not)."""
+    compile_seconds: float
+    shapes: int
+    """Distinct batch shapes in an epoch (each is compiled once)."""
+    typical: MeasuredBatch
+    longest: MeasuredBatch
+    backend: str
+    dtype: str
+    loss: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.target_tokens / self.train_seconds if self.train_seconds else float("nan")
+
+    @property
+    def fits(self) -> Optional[bool]:
+        # Leave headroom for the allocator cache, the OS and other processes.
+        return None if self.available_bytes is None else self.peak_memory_bytes <= 0.9 * self.available_bytes
+
+    def lines(self) -> list[str]:
+        from .backend import fmt_bytes
+
+        fit = {None: "", True: " -> fits", False: " -> DOES NOT FIT (lower train.batch_size or "
+               "data.max_seq_length, or set train.grad_checkpoint: true)"}[self.fits]
+        avail = f" of {fmt_bytes(self.available_bytes)}" if self.available_bytes else ""
+        lg, ty = self.longest, self.typical
+        out = [
+            f"dry run   {self.backend}, compute {self.dtype}, {self.loss}; measured 4 steps, nothing written",
+            f"memory    peak {fmt_bytes(self.peak_memory_bytes)}{avail}{fit} (longest batch: {lg.rows} x {lg.length} "
+            f"positions)",
+            f"speed     {ty.target_tokens / ty.second_s:,.0f} target tokens/s on a typical batch ({ty.rows} x {ty.length}), "
+            f"{lg.target_tokens / lg.second_s:,.0f} on the longest; {self.tokens_per_s:,.0f} over the whole run",
+            f"run       {self.total_steps:,} steps, {self.target_tokens:,} target tokens: about "
+            f"{_duration(self.train_seconds)} (incl. ~{self.compile_seconds:.0f} s compiling {self.shapes} batch shape{'s' if self.shapes != 1 else ''}; "
+            f"evaluation and checkpoints extra)",
+        ]
+        return out + [f"note      {n}" for n in self.notes]
+
+
+def _duration(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def _plan(trainer) -> list[tuple[int, int, int]]:
+    """(rows, padded length, target tokens) of every batch of one epoch, in order."""
+    from .data import iterate_batches
+
+    t, d = trainer.cfg.train, trainer.cfg.data
+    it = iterate_batches(trainer.train_set, t.batch_size * t.grad_accum, max_seq_length=d.max_seq_length,
+                         seed=t.seed, shuffle=True, packing=d.packing, loop=False)
+    return [(b.inputs.shape[0], b.inputs.shape[1], b.ntokens) for b, _ in it]
+
+
+def _batch_at(trainer, index: int):
+    from .data import iterate_batches
+
+    t, d = trainer.cfg.train, trainer.cfg.data
+    it = iterate_batches(trainer.train_set, t.batch_size * t.grad_accum, max_seq_length=d.max_seq_length,
+                         seed=t.seed, shuffle=True, packing=d.packing, loop=False)
+    for i, (b, _) in enumerate(it):
+        if i == index:
+            return b
+    raise IndexError(index)
+
+
+def _timed(trainer, batch) -> float:
+    t0 = time.perf_counter()
+    trainer.step_on(batch)
+    return time.perf_counter() - t0
+
+
+def estimate(cfg: Config, *, log=None) -> Estimate:
+    """Set up ``cfg``'s job, measure a few steps and predict its peak memory and duration."""
+    import mlx.core as mx
+
+    from . import adapters, backend
+    from .data import load_datasets
+    from .models import load_model
+    from .trainer import Trainer
+
+    validate(cfg)
+    say = log or (lambda m: None)
+    mx.random.seed(cfg.train.seed)
+    model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    splits = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed, splits=("train",))
+    adapters.apply_lora(model, cfg.lora)
+    trainer = Trainer(model, cfg, splits.train, None, None)
+    model.train()
+
+    plan = _plan(trainer)
+    sizes = [r * l for r, l, _ in plan]
+    longest_len = max(l for _, l, _ in plan)
+    i_long = max((i for i, (_, l, _) in enumerate(plan) if l == longest_len), key=lambda i: sizes[i])
+    order = sorted(range(len(plan)), key=lambda i: sizes[i])
+    i_typ = order[len(order) // 2]
+    notes = []
+    if trainer.world > 1:
+        notes.append(f"per rank of {trainer.world}: each rank holds its own copy of this peak")
+
+    say(f"measuring a typical batch {plan[i_typ][0]} x {plan[i_typ][1]} ...")
+    typ_batch = _batch_at(trainer, i_typ)
+    typ = MeasuredBatch(plan[i_typ][0], plan[i_typ][1], plan[i_typ][2], _timed(trainer, typ_batch), _timed(trainer, typ_batch))
+    say(f"measuring the longest batch {plan[i_long][0]} x {plan[i_long][1]} ...")
+    long_batch = _batch_at(trainer, i_long)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    first = _timed(trainer, long_batch)
+    peak = int(mx.get_peak_memory())
+    lng = MeasuredBatch(plan[i_long][0], plan[i_long][1], plan[i_long][2], first, _timed(trainer, long_batch))
+
+    # seconds(batch) = positions * (a + b * length), through the two compile-free measurements.
+    (p1, l1, s1), (p2, l2, s2) = (typ.positions, typ.length, typ.second_s), (lng.positions, lng.length, lng.second_s)
+    if l1 != l2:
+        b = (s2 / p2 - s1 / p1) / (l2 - l1)
+        b = max(b, 0.0)  # noise can make the attention term negative; per-position cost alone then
+        a = max(s1 / p1 - b * l1, 0.0) if b else s1 / p1
+    else:
+        a, b = (s1 + s2) / (p1 + p2), 0.0
+    epoch_s = sum(r * l * (a + b * l) for r, l, _ in plan)
+    per_step = epoch_s / len(plan)
+    steps = trainer.total_steps
+    shapes = len({(r, l) for r, l, _ in plan})
+    compile_s = max(typ.first_s - typ.second_s, 0.0) * shapes
+    epoch_tokens = sum(n for _, _, n in plan)
+    tokens = round(epoch_tokens * steps / len(plan))
+
+    available = None
+    info_dev = backend.device_info()
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        if info_dev.get(key):
+            available = int(info_dev[key])
+            break
+    if available is None:
+        available = backend.total_memory_bytes()
+    loss = (f"chunked loss ({trainer.loss.chunk_tokens} tokens)" if trainer.loss.chunk_tokens else "plain loss")
+    if trainer.loss.note:
+        notes.append(trainer.loss.note)
+    if cfg.train.grad_checkpoint:
+        loss += ", gradient checkpointing"
+    return Estimate(peak_memory_bytes=peak, available_bytes=available, total_steps=steps, target_tokens=tokens,
+                    train_seconds=per_step * steps + compile_s, compile_seconds=compile_s, shapes=shapes,
+                    typical=typ, longest=lng, backend=backend.backend_name(),
+                    dtype=str(info.dtype).replace("mlx.core.", ""), loss=loss, notes=notes)
