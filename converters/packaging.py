@@ -131,7 +131,10 @@ def derive_chat_format(tokenizer, add_bos: bool) -> ChatFormat | None:
     except Exception:  # noqa: BLE001  (Jinja and transformers raise many types; any means "cannot render")
         return None
     bos = getattr(tokenizer, "bos_token", None) or ""
-    lead = bos if bos and all(r.startswith(bos) for r in (r_u, r_ua, r_uau, r_ug)) else ""
+    # A template that prints bos_token starts every rendering with it; a template may also simply
+    # start with the same text (SmolLM2's BOS is <|im_start|>), which is not a BOS to drop.
+    prints_bos = "bos_token" in str(tokenizer.chat_template)
+    lead = bos if bos and prints_bos and all(r.startswith(bos) for r in (r_u, r_ua, r_uau, r_ug)) else ""
     r_u, r_ua, r_uau, r_ug = (r[len(lead):] for r in (r_u, r_ua, r_uau, r_ug))
     if not (r_ua.startswith(r_u) and r_uau.startswith(r_ua) and r_ug.startswith(r_u)) or r_u.count(_U1) != 1:
         return None

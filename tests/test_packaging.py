@@ -93,6 +93,10 @@ def test_translation_details(tokenizer):
     qwen = derive_chat_format(_with_template(tokenizer, TEMPLATES["qwen-default-system"]), add_bos=False)
     assert qwen.head == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     assert "{{ else }}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{{ end }}" in qwen.go_template()
+    # SmolLM2's BOS token is <|im_start|>: a ChatML template starts with it without printing bos_token
+    smol = _with_template(tokenizer, TEMPLATES["qwen-default-system"])
+    smol.bos_token = "<|im_start|>"
+    assert derive_chat_format(smol, add_bos=False).go_template().startswith("{{ if .System }}<|im_start|>system\n")
     mistral = derive_chat_format(_with_template(tokenizer, TEMPLATES["mistral"]), add_bos=False)
     assert mistral.system_prefix is None and mistral.generation_prompt == ""
     assert mistral.go_template().startswith("<|endoftext|>{{ range .Messages }}")
