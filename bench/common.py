@@ -134,7 +134,9 @@ def make_rows(n: int, seed: int, min_len: int, max_len: int, median: float, sigm
     rows = []
     for _ in range(n):
         target = min(max(math.exp(rng.gauss(math.log(median), sigma)), min_len), max_len)
-        rows.append(_row(rng, max(1, round((target - 41) / 3.45))))
+        words = round((target - 41) / 3.45)
+        # Long rows of rare words run up to ~3.7 tokens a word: cap so max_len holds.
+        rows.append(_row(rng, max(1, min(words, int((max_len - 41) / 3.7)))))
     return rows
 
 

@@ -40,6 +40,15 @@ from bench import common  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 TARGETS = {"speed": 1.5, "memory": 0.7, "lowmem": 0.4, "out_of_box": 20.0}
+# One change each against our defaults (--levers). Packing fills rows of max_len positions, so an
+# epoch takes fewer (bigger) steps: compare its tokens/s, not its step count.
+LEVERS = {
+    "lever_plain_loss": {"train": {"loss_chunk_tokens": None}},
+    "lever_no_attn_recompute": {"train": {"checkpoint_attention": False}},
+    "lever_attn_recompute_always": {"train": {"checkpoint_attention": True}},
+    "lever_not_compiled": {"train": {"compile": False}},
+    "lever_packing": {"data": {"packing": True}, "train": {"batch_size": 1}},  # 1 row of 2 x max_len
+}
 
 
 def log(msg: str) -> None:
@@ -119,6 +128,15 @@ def val_summary(ev: dict) -> dict:
     return out
 
 
+def padding_pct(shapes, stats: dict):
+    """Share of the computed positions that are padding, over the epoch (None if unknown)."""
+    if not shapes:
+        return None
+    computed = sum(rows * length for rows, length in shapes)
+    real = stats["tokens"] - stats["rows"]  # a row of n tokens fills n - 1 positions
+    return 100 * (1 - real / computed)
+
+
 def fmt(x, spec=".1f"):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -157,6 +175,7 @@ def report(R: dict) -> list[str]:
     row("peak memory (GB)", "peak_memory_gb", ".2f")
     row("wall time, training (s)", "train_wall_s", ".1f")
     row("first step incl. compile (s)", "warmup_seconds", ".1f")
+    row("padding (% of positions)", "padding_pct", ".1f")
     row("epoch mean train loss", "epoch_loss", ".4f")
     row("final train loss (last step)", "final_step_loss", ".4f")
     row("validation loss after", "val_loss", ".4f")
@@ -165,6 +184,15 @@ def report(R: dict) -> list[str]:
     lines.append("")
     for n in names:
         lines.append(f"loss curve {title[n]:<13} " + " ".join(f"{s['loss']:.3f}" for s in runs[n]["steps"]))
+    levers = [n for n in runs if n.startswith("lever_")]
+    if levers:
+        lines.append("")
+        lines.append(f"levers (ours with one change){'':<8}{'tokens/s':>10}{'vs ours':>9}{'peak GB':>9}{'vs ours':>9}")
+        ref = R["summary"]["ours"]
+        for n in levers:
+            x = R["summary"][n]
+            lines.append(f"  {n[6:]:<35}{x['tokens_per_s']:>10.1f}{x['tokens_per_s'] / ref['tokens_per_s']:>8.2f}x"
+                         f"{x['peak_memory_gb']:>9.2f}{x['peak_memory_gb'] / ref['peak_memory_gb']:>8.2f}x")
     oob = R.get("out_of_box")
     if oob:
         lines.append("")
@@ -207,7 +235,8 @@ def targets(R: dict) -> list[dict]:
         cost = S["ours_lowmem"]["tokens_per_s"] / S["ours"]["tokens_per_s"] if "ours" in S else float("nan")
         out.append({"name": "lowmem", "met": r <= TARGETS["lowmem"], "ratio": r, "speed_vs_default": cost,
                     "text": f"memory-constrained mode peak/mlx-lm = {r:.2f}x (target <= {TARGETS['lowmem']}x); "
-                            f"its speed is {cost:.2f}x our default ({(1 - cost) * 100:.0f}% slower), "
+                            f"its speed is {cost:.2f}x our default ({abs(1 - cost) * 100:.0f}% "
+                            f"{'slower' if cost <= 1 else 'faster'}), "
                             f"{S['ours_lowmem']['tokens_per_s'] / S['mlx_lm']['tokens_per_s']:.2f}x mlx-lm"})
     oob = R.get("out_of_box")
     if oob:
@@ -234,6 +263,9 @@ def main(argv=None) -> int:
     ap.add_argument("--valid-rows", type=int, default=24)
     ap.add_argument("--lowmem-chunk", type=int, default=64, help="loss chunk (tokens) of the memory-constrained mode")
     ap.add_argument("--no-out-of-box", action="store_true", help="skip the out-of-box comparison")
+    ap.add_argument("--levers", action="store_true",
+                    help="also run our trainer with one lever changed at a time (plain loss, no attention "
+                         "recomputation, attention recomputation always, not compiled, packing)")
     ap.add_argument("--oob-steps", type=int, default=2, help="mlx-lm steps in the out-of-box run (first is warm-up)")
     ap.add_argument("--oob-batch-size", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -274,6 +306,7 @@ def main(argv=None) -> int:
                "platform": platform.platform(), "cpu_count": os.cpu_count(), "config": base, "runs": {},
                "loadavg_before": load_before, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
     R["probe"] = run_worker("probe", dict(base, kind="probe", data={"train": str(train_dir)}), work, env, args.timeout)
+    R["probe"]["data"]["train"]["batch_shapes"] = R["probe"]["data"]["train"].pop("ours_batch_shapes")
     lens, tg = R["probe"]["data"]["train"]["lengths"], R["probe"]["data"]["train"]["targets"]
     R["data_stats"] = {"rows": len(lens), "min": min(lens), "median": statistics.median(lens),
                        "mean": statistics.fmean(lens), "max": max(lens), "tokens": sum(lens), "targets": sum(tg)}
@@ -293,6 +326,15 @@ def main(argv=None) -> int:
     R["runs"]["ours"] = run_worker("ours", dict(base, kind="ours", config=ours_cfg), work, env, args.timeout)
     R["runs"]["ours_lowmem"] = run_worker("ours_lowmem", dict(base, kind="ours", config=lowmem_cfg), work, env,
                                           args.timeout)
+    for n in ("ours", "ours_lowmem"):  # the same batches: the plan depends on the data and seed only
+        R["runs"][n]["batch_shapes"] = R["probe"]["data"]["train"]["batch_shapes"]
+    if args.levers:
+        for name, change in LEVERS.items():
+            cfg = json.loads(json.dumps(ours_cfg))
+            cfg["out"] = str(work / name)
+            for section, values in change.items():
+                cfg[section].update(values)
+            R["runs"][name] = run_worker(name, dict(base, kind="ours", config=cfg), work, env, args.timeout)
     ev = run_worker("eval", dict(base, kind="eval", data=str(valid_dir),
                                  adapters={"ours": str(work / "ours"), "ours_lowmem": str(work / "ours_lowmem"),
                                            "mlx_lm": str(work / "mlx_lm")}),
@@ -309,7 +351,8 @@ def main(argv=None) -> int:
         s.update(peak_memory_gb=run["peak_memory_gb"], train_wall_s=run["train_wall_s"], epoch_loss=epoch_loss(run),
                  final_step_loss=run["steps"][-1]["loss"], val_loss=R["val"].get(n, float("nan")),
                  mfu_pct=100 * s["tokens_per_s"] * flops_per_target / peak,
-                 blas=run["facts"].get("blas"), weights_dtype=run.get("weights_dtype"))
+                 blas=run["facts"].get("blas"), weights_dtype=run.get("weights_dtype"),
+                 padding_pct=padding_pct(run.get("batch_shapes"), R["data_stats"]))
         R["summary"][n] = s
     R["flops_per_target_token"] = flops_per_target
 

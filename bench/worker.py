@@ -63,7 +63,7 @@ def probe(spec: dict) -> dict:
 
     from mlx_lora import backend
     from mlx_lora.config import DataConfig, LoraConfig
-    from mlx_lora.data import load_datasets
+    from mlx_lora.data import iterate_batches, load_datasets
     from mlx_lora.adapters import apply_lora, adapter_layers
     from mlx_lora.models import load_model
 
@@ -93,8 +93,11 @@ def probe(spec: dict) -> dict:
     for name, folder in spec.get("data", {}).items():
         dcfg = DataConfig(path=folder, valid_fraction=0.0, max_seq_length=spec["max_seq_length"])
         ds = load_datasets(dcfg, tokenizer, seed=0, splits=("train",)).train
+        # The batches our trainer will build for one epoch (same function, data and seed).
+        shapes = [list(b.inputs.shape) for b, _ in iterate_batches(
+            ds, spec["batch_size"], max_seq_length=spec["max_seq_length"], seed=spec["seed"], loop=False)]
         data[name] = {"lengths": [int(len(t)) for t, _ in ds.examples],
-                      "targets": [int(m[1:].sum()) for _, m in ds.examples]}
+                      "targets": [int(m[1:].sum()) for _, m in ds.examples], "ours_batch_shapes": shapes}
     return {"facts": _facts(), "matmul_peak_gflops": peak, "compute_dtype": str(dtype).replace("mlx.core.", ""),
             "shape": shape, "data": data}
 
@@ -145,7 +148,7 @@ def mlx_lm(spec: dict) -> dict:
     import numpy as np
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.datasets import CacheDataset, load_dataset
-    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load
 
@@ -174,14 +177,23 @@ def mlx_lm(spec: dict) -> dict:
     targs = TrainingArgs(batch_size=spec["batch_size"], iters=spec["steps"], steps_per_report=1,
                          steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=spec["max_seq_length"],
                          adapter_file=str(adapter_dir / "adapters.safetensors"), grad_checkpoint=False)
+    shapes = []
+
+    def recording_batches(*a, **kw):
+        """mlx-lm's own batching, unchanged; records each batch's [rows, positions]."""
+        for batch, lengths in iterate_batches(*a, **kw):
+            shapes.append([batch.shape[0], batch.shape[1] - 1])  # inputs are batch[:, :-1]
+            yield batch, lengths
+
     opt = optim.Adam(learning_rate=spec["lr"])
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     train(model=model, optimizer=opt, train_dataset=CacheDataset(train_set), val_dataset=None, args=targs,
-          training_callback=Recorder())
+          training_callback=Recorder(), iterate_batches=recording_batches)
     wall = time.perf_counter() - t0
     return {"facts": _facts(), "steps": steps, "train_wall_s": wall,
             "trained_tokens": sum(s["tokens"] for s in steps), "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "batch_shapes": shapes[:len(steps)],
             "adapter": str(adapter_dir), "weights_dtype": str(model.layers[0].self_attn.q_proj.linear.weight.dtype),
             "process_peak_rss_gb": _rss_gb()}
 

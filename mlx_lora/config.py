@@ -122,10 +122,12 @@ class TrainConfig:
     """Stop after this many evaluations without a new best validation loss."""
     grad_checkpoint: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~30% slower)."""
-    checkpoint_attention: bool = False
+    checkpoint_attention: Optional[bool] = None
     """Recompute each block's attention in the backward pass instead of keeping its
-    [heads x L x L] probabilities (less memory on long rows, a few % slower); implied by
-    grad_checkpoint."""
+    [heads x L x L] probabilities: true (always), false (never) or null (auto: only for the
+    batches that set the peak, at least 3/4 as long as the longest row of the data and long
+    enough that heads x L >= the MLP's intermediate size). Lowers peak memory on long rows for
+    some extra compute; grad_checkpoint recomputes whole blocks instead."""
     loss_chunk_tokens: Optional[int] = 256
     """Apply the output layer and cross-entropy this many tokens at a time, computing their
     gradient in the same pass, so the full [tokens x vocab] logits never exist (same loss and

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 log = logging.getLogger(__name__)
@@ -212,10 +213,38 @@ class Loss:
     note: str = ""
     """Why the plain loss is used although chunking was asked for (empty otherwise)."""
 
+    def positions(self, loss_mask) -> Optional[mx.array]:
+        """The extra ``positions`` argument ``train`` takes for this mask, or None when it takes
+        none (the plain loss)."""
+        return None if self.chunk_tokens is None else target_positions(loss_mask, self.chunk_tokens)
+
+
+def target_positions(loss_mask, chunk_tokens: int) -> mx.array:
+    """Flat indices of the target positions of a ``[B, L]`` mask, padded with -1.
+
+    The count is rounded up to a multiple of ``max(chunk_tokens, B*L/8)`` so a batch shape is
+    traced (compiled) at most 8 ways, whatever its number of targets. Computed on the host from
+    the mask the batch was built with.
+    """
+    m = np.asarray(loss_mask).reshape(-1)
+    idx = np.flatnonzero(m > 0).astype(np.int32)
+    n = m.shape[0]
+    quantum = max(chunk_tokens, -(-n // 8))
+    size = min(max(-(-len(idx) // quantum), 1) * quantum, max(n, 1))
+    out = np.full(max(size, len(idx)), -1, dtype=np.int32)
+    out[:len(idx)] = idx
+    return mx.array(out)
+
 
 def chunked_cross_entropy(split: HeadSplit, chunk_tokens: int) -> tuple[Callable, Callable]:
     """(train, eval) loss functions with the signature of :func:`masked_cross_entropy` that never
-    materialise more than ``chunk_tokens`` rows of logits."""
+    materialise more than ``chunk_tokens`` rows of logits.
+
+    ``train`` takes an optional last argument ``positions`` (:func:`target_positions`): then the
+    output layer and the loss run only at those positions. Prompt and padding positions carry no
+    loss, and the output layer (vocab x hidden weights) is a large share of a small model's
+    matmuls, so this skips real work; the result is the same.
+    """
     fused = _fused_head_ce(split.head, chunk_tokens)
 
     def flat(model, inputs, targets, loss_mask, attn_mask):
@@ -223,8 +252,12 @@ def chunked_cross_entropy(split: HeadSplit, chunk_tokens: int) -> tuple[Callable
         d = h.shape[-1]
         return h.reshape(-1, d), targets.reshape(-1), loss_mask.reshape(-1).astype(mx.float32)
 
-    def train(model, inputs, targets, loss_mask, attn_mask=None):
+    def train(model, inputs, targets, loss_mask, attn_mask=None, positions=None):
         h, t, m = flat(model, inputs, targets, loss_mask, attn_mask)
+        if positions is not None:
+            valid = positions >= 0
+            idx = mx.where(valid, positions, 0)
+            h, t, m = h[idx], t[idx], m[idx] * valid
         loss, _ = fused(h, t, m)
         return loss, loss_mask.sum()
 

@@ -421,8 +421,12 @@ TABLE_LENGTHS = (512, 2048, 8192)
 
 
 def memory_table_markdown(r: int = 16, grad_checkpoint: bool = True) -> str:
-    """Estimated peak memory (bfloat16 compute, batch 1, LoRA rank ``r`` on every linear layer)
-    per model, weight precision and sequence length, with the smallest Mac it fits."""
+    """Estimated peak memory (bfloat16 compute, batch 1, LoRA rank ``r`` on every linear layer,
+    the trainer's default loss) per model, weight precision and sequence length, with the smallest
+    Mac it fits."""
+    from .config import TrainConfig
+
+    chunk = getattr(TrainConfig(), "loss_chunk_tokens", None)
     lines = ["| model | weights | " + " | ".join(f"{n} tokens" for n in TABLE_LENGTHS) + " |",
              "|---|---|" + "---|" * len(TABLE_LENGTHS)]
     for label, key in TABLE_MODELS:
@@ -430,7 +434,8 @@ def memory_table_markdown(r: int = 16, grad_checkpoint: bool = True) -> str:
         for bits, name in ((16, "bf16"), (8, "8-bit"), (4, "4-bit")):
             cells = []
             for n in TABLE_LENGTHS:
-                gb = estimate_peak_memory(shape, bits=bits, seq_len=n, r=r, grad_checkpoint=grad_checkpoint).gb()
+                gb = estimate_peak_memory(shape, bits=bits, seq_len=n, r=r, grad_checkpoint=grad_checkpoint,
+                                          loss_chunk_tokens=chunk).gb()
                 mac = smallest_mac(gb)
                 cells.append(f"{gb:.1f} GB ({mac} GB)" if mac else f"{gb:.1f} GB (none)")
             lines.append(f"| {label} ({shape.params / 1e9:.2f}B) | {name} | " + " | ".join(cells) + " |")

@@ -104,14 +104,32 @@ def _attention_module(block: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-def enable_attention_checkpoint(model: nn.Module) -> int:
-    """Recompute each block's attention (projections, RoPE, scores) in the backward pass.
+def attention_checkpoint_length(model: nn.Module, longest: int) -> Optional[int]:
+    """Shortest row length at which ``checkpoint_attention: null`` (auto) recomputes attention.
 
-    Attention keeps its ``[heads, L, L]`` probabilities for the backward pass: at a few hundred
-    positions that is already the largest activation of a small model's block, and it grows with
-    L^2. Recomputing the attention sub-module costs its projections' forward pass again (about a
-    quarter of a block's matmuls) and keeps only its input. Per instance, as
-    :func:`enable_grad_checkpoint`. Returns how many blocks were changed.
+    Two conditions. The attention probabilities (``heads x L`` floats per position) must outgrow
+    the MLP's activations (``intermediate_size`` per position), else recomputing saves little.
+    And the batch must be at least 3/4 as long as the longest the data can produce (``longest``):
+    peak memory is set by the longest batches, so recomputing shorter ones would cost compute and
+    lower nothing (at 3/4 of the length a plain batch needs about what a recomputed longest one
+    does). None when the model does not state its sizes.
+    """
+    args = getattr(model, "args", None)
+    heads, inter = getattr(args, "num_attention_heads", None), getattr(args, "intermediate_size", None)
+    if not isinstance(heads, int) or not isinstance(inter, int) or heads < 1:
+        return None
+    return max(-(-inter // heads), -(-3 * longest // 4))
+
+
+def enable_attention_checkpoint(model: nn.Module, min_length: int = 0) -> int:
+    """Recompute each block's attention (projections, RoPE, scores) in the backward pass, for
+    rows of at least ``min_length`` positions (decided per batch shape, when it is traced).
+
+    Attention keeps its ``[heads, L, L]`` probabilities for the backward pass; they grow with L^2
+    and at a few hundred positions are a block's largest activation. Recomputing the attention
+    sub-module costs its projections' forward pass again (about a quarter of a block's matmuls)
+    and keeps only its input. Per instance, as :func:`enable_grad_checkpoint`. Returns how many
+    blocks were changed.
     """
     changed = 0
     for block in model.layers:
@@ -123,6 +141,9 @@ def enable_attention_checkpoint(model: nn.Module) -> int:
             continue
 
         def call(self, x, *args, __base=cls.__call__, **kwargs):
+            if x.ndim < 2 or x.shape[-2] < min_length:
+                return __base(self, x, *args, **kwargs)
+
             def inner(params, x):
                 self.update(params)
                 return __base(self, x, *args, **kwargs)
@@ -168,8 +189,12 @@ class Trainer:
         self.state = TrainState(world_size=self.world)
         if t.grad_checkpoint:
             enable_grad_checkpoint(model)
-        elif t.checkpoint_attention:
-            enable_attention_checkpoint(model)
+        elif t.checkpoint_attention is not False:  # None: auto
+            packed_or_empty = cfg.data.packing or not len(train_set)
+            longest = cfg.data.max_seq_length if packed_or_empty else int(train_set.lengths.max()) - 1
+            min_length = 0 if t.checkpoint_attention else attention_checkpoint_length(model, longest)
+            if min_length is not None:
+                enable_attention_checkpoint(model, min_length)
         # The chunked loss (when the model allows it) never materialises [tokens x vocab] logits.
         self.loss = make_loss(model, t.loss_chunk_tokens)
         self._build_steps()
@@ -181,12 +206,13 @@ class Trainer:
         world = self.world
         loss_and_grad = nn.value_and_grad(model, self.loss.train)
 
-        def fwd_bwd(inputs, targets, mask):
-            (loss, ntoks), grads = loss_and_grad(model, inputs, targets, mask)
+        # The chunked loss takes the target positions as an extra argument (computed on the host).
+        def fwd_bwd(inputs, targets, mask, *positions):
+            (loss, ntoks), grads = loss_and_grad(model, inputs, targets, mask, None, *positions)
             return loss, ntoks, grads
 
-        def fwd_bwd_packed(inputs, targets, mask, attn):
-            (loss, ntoks), grads = loss_and_grad(model, inputs, targets, mask, attn)
+        def fwd_bwd_packed(inputs, targets, mask, attn, *positions):
+            (loss, ntoks), grads = loss_and_grad(model, inputs, targets, mask, attn, *positions)
             return loss, ntoks, grads
 
         def update(grads, ntoks):
@@ -204,6 +230,14 @@ class Trainer:
             fwd_bwd = mx.compile(fwd_bwd, **state)
             fwd_bwd_packed = mx.compile(fwd_bwd_packed, **state)
             update = mx.compile(update, inputs=[model.state, opt.state], outputs=[model.state, opt.state])
+        if self.loss.chunk_tokens is not None:
+            fb, fbp, pos = fwd_bwd, fwd_bwd_packed, self.loss.positions
+
+            def fwd_bwd(inputs, targets, mask):
+                return fb(inputs, targets, mask, pos(mask))
+
+            def fwd_bwd_packed(inputs, targets, mask, attn):
+                return fbp(inputs, targets, mask, attn, pos(mask))
         self._fwd_bwd, self._fwd_bwd_packed, self._update = fwd_bwd, fwd_bwd_packed, update
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -65,6 +65,8 @@ def test_chunked_loss_equals_plain_loss_and_gradients(tiny_models, arch):
     assert loss.chunk_tokens == 16 and not loss.note
     ref = _grads(model, masked_cross_entropy, inputs, targets, mask)
     _assert_same(ref, _grads(model, loss.train, inputs, targets, mask))
+    # The output layer applied at the target positions only: same loss and gradients.
+    _assert_same(ref, _grads(model, loss.train, inputs, targets, mask, None, loss.positions(mask)))
     # Evaluation gives the same value without gradients.
     ev, n = loss.eval(model, inputs, targets, mask)
     assert math.isclose(ev.item(), ref[0], rel_tol=1e-5) and n.item() == ref[1]
@@ -74,6 +76,24 @@ def test_chunked_loss_equals_plain_loss_and_gradients(tiny_models, arch):
     (l, _), g = step(inputs, targets, mask)
     mx.eval(l, g)
     assert math.isclose(l.item(), ref[0], rel_tol=1e-5)
+    (l, _), g = step(inputs, targets, mask, None, loss.positions(mask))
+    mx.eval(l, g)
+    assert math.isclose(l.item(), ref[0], rel_tol=1e-5)
+
+
+def test_target_positions_are_the_mask_padded_to_few_sizes():
+    from mlx_lora.losses import target_positions
+
+    rng = np.random.default_rng(0)
+    sizes = set()
+    for _ in range(200):
+        mask = (rng.random((4, 64)) < rng.random()).astype(np.float32)
+        pos = np.array(target_positions(mx.array(mask), chunk_tokens=16))
+        k = int(mask.sum())
+        np.testing.assert_array_equal(pos[:k], np.flatnonzero(mask.reshape(-1)))
+        assert (pos[k:] == -1).all() and len(pos) >= max(k, 1) and len(pos) % 32 == 0  # 256 / 8 = 32
+        sizes.add(len(pos))
+    assert len(sizes) <= 8  # at most 8 traced variants per batch shape
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
@@ -157,3 +177,67 @@ def test_chunked_loss_never_holds_the_full_logits():
     # 4x the rows: the plain loss needs >= 3 * logits[small] more; the chunked one only the
     # body's own activations (hidden size 32 here, so a small fraction of that).
     assert chunked_peak - chunked_small < (logits[big] - logits[small]) / 5, (chunked_small, chunked_peak)
+
+
+# ----------------------------------------------------------------------------------------------
+# recomputing attention in the backward pass (trainer.enable_attention_checkpoint)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_attention_checkpoint_keeps_loss_and_gradients(tiny_models, arch):
+    from mlx_lora.trainer import enable_attention_checkpoint
+
+    model = _lora_model(tiny_models[arch], seed=2)
+    other = _lora_model(tiny_models[arch], seed=2)
+    inputs, targets, mask = _batch(model.args.vocab_size, seed=2)
+    ref = _grads(model, masked_cross_entropy, inputs, targets, mask)
+    assert enable_attention_checkpoint(model) == len(model.layers)
+    _assert_same(ref, _grads(model, masked_cross_entropy, inputs, targets, mask))
+    _assert_same(ref, _grads(model, make_loss(model, 16).train, inputs, targets, mask))
+    # Per instance: another model of the same architecture is left alone.
+    assert type(other.layers[0].self_attn) is not type(model.layers[0].self_attn)
+    assert not getattr(type(other.layers[0].self_attn), "_mlx_lora_checkpointed", False)
+
+
+def test_attention_checkpoint_frees_the_attention_probabilities():
+    """Blocks with many heads and long rows, where the [B, heads, L, L] probabilities dominate.
+    Plain autodiff keeps them for every block; recomputing attention needs them for one block at
+    a time (its backward pass), so the peak drops by at least two blocks' worth; below
+    ``min_length`` nothing changes."""
+    from mlx_lm.models import llama
+
+    from mlx_lora.trainer import attention_checkpoint_length, enable_attention_checkpoint
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+                           num_attention_heads=16, num_key_value_heads=4, rms_norm_eps=1e-5, vocab_size=256)
+    # heads x L >= intermediate: L >= ceil(128 / 16) = 8; and at least 3/4 of the longest row
+    assert attention_checkpoint_length(llama.Model(args), longest=8) == 8
+    assert attention_checkpoint_length(llama.Model(args), longest=1000) == 750
+
+    def peak(min_length=None):
+        mx.random.seed(0)
+        model = llama.Model(args)
+        adapters.apply_lora(model, LoraConfig(r=4))
+        if min_length is not None:
+            enable_attention_checkpoint(model, min_length)
+        mx.eval(model.parameters())
+        inputs, targets, mask = _batch(args.vocab_size, B=4, L=256)
+        state = [model.state]
+        step = mx.compile(lambda *a: nn.value_and_grad(model, masked_cross_entropy)(model, *a),
+                          inputs=state, outputs=state)
+        mx.eval(step(inputs, targets, mask))
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        out = step(inputs, targets, mask)
+        mx.eval(out)
+        return mx.get_peak_memory() - base, out[0][0].item()
+
+    probs_bytes = 4 * 16 * 256 * 256 * 4  # one block's probabilities
+    plain, loss = peak()
+    ckpt, loss_ckpt = peak(0)
+    skipped, _ = peak(257)  # rows shorter than min_length keep the plain attention
+    assert loss_ckpt == pytest.approx(loss, rel=1e-5)
+    assert plain > 4 * probs_bytes
+    assert ckpt < plain - 2 * probs_bytes, (plain, ckpt, probs_bytes)
+    assert skipped > ckpt + 2 * probs_bytes
