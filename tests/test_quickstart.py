@@ -198,7 +198,7 @@ def test_quickstart_pipeline_on_a_tiny_model(tiny_llama, tmp_path):
 QUICK_ITERS, QUICK_EVAL = 24, 40
 
 
-@pytest.mark.slow
+@pytest.mark.quickstart
 def test_quickstart_on_smollm2_improves_accuracy_widely(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # CI has no hub: exercise the PyPI fallback
     out = tmp_path / "qs"
