@@ -219,17 +219,21 @@ class Loss:
         return None if self.chunk_tokens is None else target_positions(loss_mask, self.chunk_tokens)
 
 
+POSITION_QUANTUM = 32  # the smallest step between gathered-row counts
+
+
 def target_positions(loss_mask, chunk_tokens: int) -> mx.array:
     """Flat indices of the target positions of a ``[B, L]`` mask, padded with -1.
 
-    The count is rounded up to a multiple of ``max(chunk_tokens, B*L/8)`` so a batch shape is
-    traced (compiled) at most 8 ways, whatever its number of targets. Computed on the host from
-    the mask the batch was built with.
+    The count is rounded up to a multiple of ``max(32, B*L/8)`` so a batch shape is traced
+    (compiled) at most 8 ways, whatever its number of targets, while a small batch with few
+    targets still runs the output layer on few rows (``chunk_tokens`` only splits the rows into
+    chunks). Computed on the host from the mask the batch was built with.
     """
     m = np.asarray(loss_mask).reshape(-1)
     idx = np.flatnonzero(m > 0).astype(np.int32)
     n = m.shape[0]
-    quantum = max(chunk_tokens, -(-n // 8))
+    quantum = max(POSITION_QUANTUM, -(-n // 8))
     size = min(max(-(-len(idx) // quantum), 1) * quantum, max(n, 1))
     out = np.full(max(size, len(idx)), -1, dtype=np.int32)
     out[:len(idx)] = idx

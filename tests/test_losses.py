@@ -94,6 +94,10 @@ def test_target_positions_are_the_mask_padded_to_few_sizes():
         assert (pos[k:] == -1).all() and len(pos) >= max(k, 1) and len(pos) % 32 == 0  # 256 / 8 = 32
         sizes.add(len(pos))
     assert len(sizes) <= 8  # at most 8 traced variants per batch shape
+    # a small batch with few targets runs the output layer on few rows, whatever the chunk size
+    few = np.zeros((2, 64), np.float32)
+    few[0, 50:60] = few[1, 40:52] = 1
+    assert len(np.array(target_positions(mx.array(few), chunk_tokens=256))) == 32
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
