@@ -11,13 +11,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import distributed as dist
@@ -258,10 +256,9 @@ class Trainer:
     def _reduce(self, x: float, what: str = "a loss all_sum") -> float:
         return self.sync.sum([x], what)[0]
 
-    def step_on(self, batch) -> tuple[float, int]:
-        """One optimizer step on ``batch`` (this process's rows, split into grad_accum micro-batches
-        as in :meth:`fit`), evaluated before returning; no bookkeeping, callbacks or collectives.
-        Returns (mean target-token loss, target tokens). Used to measure a job (``--dry-run``)."""
+    def _accumulate(self, batch):
+        """Summed loss, target tokens and summed gradients of this process's rows of ``batch``,
+        split into grad_accum micro-batches, evaluated (the update divides by the tokens)."""
         t = self.cfg.train
         loss_sum, ntoks, grads = mx.array(0.0), mx.array(0.0), None
         for micro in range(t.grad_accum):
@@ -273,6 +270,13 @@ class Trainer:
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss_sum, ntoks = loss_sum + loss, ntoks + n
         mx.eval(loss_sum, ntoks, grads)
+        return loss_sum, ntoks, grads
+
+    def step_on(self, batch) -> tuple[float, int]:
+        """One optimizer step on ``batch`` (this process's rows, split into grad_accum micro-batches
+        as in :meth:`fit`), evaluated before returning; no bookkeeping, callbacks or collectives.
+        Returns (mean target-token loss, target tokens). Used to measure a job (``--dry-run``)."""
+        loss_sum, ntoks, grads = self._accumulate(batch)
         self._update(grads, ntoks)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return loss_sum.item() / max(ntoks.item(), 1.0), int(ntoks.item())
@@ -358,22 +362,12 @@ class Trainer:
         mx.reset_peak_memory()
         try:
             while self.state.step < self.total_steps:
-                loss_sum, ntoks, grads = mx.array(0.0), mx.array(0.0), None
                 batch, pos = next(batches)
                 # Randomness (dropout) depends only on (seed, step, rank), so a resumed run draws
                 # the same masks as an uninterrupted one without saving generator state; the rank
                 # term keeps ranks from drawing the same masks for their different examples.
                 mx.random.seed(t.seed * 1_000_003 + self.state.step + self.rank * 1_000_000_007)
-                for micro in range(t.grad_accum):
-                    rows = slice(micro * t.batch_size, (micro + 1) * t.batch_size)
-                    inputs, targets, mask, attn = self._arrays(batch, rows)
-                    if attn is None:
-                        loss, n, g = self._fwd_bwd(inputs, targets, mask)
-                    else:
-                        loss, n, g = self._fwd_bwd_packed(inputs, targets, mask, attn)
-                    grads = g if grads is None else tree_map(mx.add, grads, g)
-                    loss_sum, ntoks = loss_sum + loss, ntoks + n
-                mx.eval(loss_sum, ntoks, grads)
+                loss_sum, ntoks, grads = self._accumulate(batch)
                 global_loss, global_ntoks = self.sync.sum(
                     [loss_sum.item(), ntoks.item()], f"the loss all_sum of step {self.state.step + 1}")
                 step_loss = global_loss / max(global_ntoks, 1.0)
