@@ -45,6 +45,20 @@ def _grads(model, fn, *args):
     return loss.item(), n.item(), dict(tree_flatten(g))
 
 
+def _step_peak(model, fn, inputs, targets, mask) -> tuple[int, float]:
+    """(peak bytes above the resident arrays, loss) of one compiled loss+gradient step, compiled
+    outside the measurement."""
+    state = [model.state]
+    step = mx.compile(lambda *a: nn.value_and_grad(model, fn)(model, *a), inputs=state, outputs=state)
+    mx.eval(step(inputs, targets, mask))
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = step(inputs, targets, mask)
+    mx.eval(out)
+    return mx.get_peak_memory() - base, out[0][0].item()
+
+
 def _assert_same(ref, got):
     (l0, n0, g0), (l1, n1, g1) = ref, got
     assert n0 == n1
@@ -159,16 +173,7 @@ def test_chunked_loss_never_holds_the_full_logits():
     chunked = make_loss(model, 32).train
 
     def peak(fn, B, L):
-        inputs, targets, mask = _batch(args.vocab_size, B=B, L=L)
-        state = [model.state]
-        step = mx.compile(lambda *a: nn.value_and_grad(model, fn)(model, *a), inputs=state, outputs=state)
-        mx.eval(step(inputs, targets, mask))  # compile outside the measurement
-        mx.clear_cache()
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        out = step(inputs, targets, mask)
-        mx.eval(out)
-        return mx.get_peak_memory() - base, out[0][0].item()
+        return _step_peak(model, fn, *_batch(args.vocab_size, B=B, L=L))
 
     small, big = (16, 64), (64, 64)  # 1024 and 4096 rows; short rows keep attention memory small
     logits = {shape: shape[0] * shape[1] * args.vocab_size * 4 for shape in (small, big)}
@@ -225,17 +230,7 @@ def test_attention_checkpoint_frees_the_attention_probabilities():
         if min_length is not None:
             enable_attention_checkpoint(model, min_length)
         mx.eval(model.parameters())
-        inputs, targets, mask = _batch(args.vocab_size, B=4, L=256)
-        state = [model.state]
-        step = mx.compile(lambda *a: nn.value_and_grad(model, masked_cross_entropy)(model, *a),
-                          inputs=state, outputs=state)
-        mx.eval(step(inputs, targets, mask))
-        mx.clear_cache()
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        out = step(inputs, targets, mask)
-        mx.eval(out)
-        return mx.get_peak_memory() - base, out[0][0].item()
+        return _step_peak(model, masked_cross_entropy, *_batch(args.vocab_size, B=4, L=256))
 
     probs_bytes = 4 * 16 * 256 * 256 * 4  # one block's probabilities
     plain, loss = peak()
