@@ -216,19 +216,19 @@ class Loss:
     def positions(self, loss_mask) -> Optional[mx.array]:
         """The extra ``positions`` argument ``train`` takes for this mask, or None when it takes
         none (the plain loss)."""
-        return None if self.chunk_tokens is None else target_positions(loss_mask, self.chunk_tokens)
+        return None if self.chunk_tokens is None else target_positions(loss_mask)
 
 
 POSITION_QUANTUM = 32  # the smallest step between gathered-row counts
 
 
-def target_positions(loss_mask, chunk_tokens: int) -> mx.array:
+def target_positions(loss_mask) -> mx.array:
     """Flat indices of the target positions of a ``[B, L]`` mask, padded with -1.
 
     The count is rounded up to a multiple of ``max(32, B*L/8)`` so a batch shape is traced
     (compiled) at most 8 ways, whatever its number of targets, while a small batch with few
-    targets still runs the output layer on few rows (``chunk_tokens`` only splits the rows into
-    chunks). Computed on the host from the mask the batch was built with.
+    targets still runs the output layer on few rows (the loss's chunk size only splits the rows
+    into chunks). Computed on the host from the mask the batch was built with.
     """
     m = np.asarray(loss_mask).reshape(-1)
     idx = np.flatnonzero(m > 0).astype(np.int32)

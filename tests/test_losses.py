@@ -102,16 +102,16 @@ def test_target_positions_are_the_mask_padded_to_few_sizes():
     sizes = set()
     for _ in range(200):
         mask = (rng.random((4, 64)) < rng.random()).astype(np.float32)
-        pos = np.array(target_positions(mx.array(mask), chunk_tokens=16))
+        pos = np.array(target_positions(mx.array(mask)))
         k = int(mask.sum())
         np.testing.assert_array_equal(pos[:k], np.flatnonzero(mask.reshape(-1)))
-        assert (pos[k:] == -1).all() and len(pos) >= max(k, 1) and len(pos) % 32 == 0  # 256 / 8 = 32
+        assert (pos[k:] == -1).all() and len(pos) >= max(k, 1) and len(pos) % 32 == 0  # 4 x 64 / 8 = 32
         sizes.add(len(pos))
     assert len(sizes) <= 8  # at most 8 traced variants per batch shape
     # a small batch with few targets runs the output layer on few rows, whatever the chunk size
     few = np.zeros((2, 64), np.float32)
     few[0, 50:60] = few[1, 40:52] = 1
-    assert len(np.array(target_positions(mx.array(few), chunk_tokens=256))) == 32
+    assert len(np.array(target_positions(mx.array(few)))) == 32
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
