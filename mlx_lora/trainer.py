@@ -8,7 +8,11 @@ ranks and divided once by the total number of target tokens. So ``grad_accum=4, 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -24,6 +28,35 @@ from .config import Config
 from .data import BatchPosition, TokenizedDataset, attention_mask_from_segments, iterate_batches, num_batches
 from .errors import MlxLoraError
 from .losses import make_loss
+
+
+@contextlib.contextmanager
+def interrupts_deferred(enabled: bool = True):
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them as they would have been.
+
+    An optimizer step changes the weights, the optimizer state and the step counter; an
+    interrupt between those changes would save a checkpoint whose parts disagree (the weights
+    of step N+1 labelled step N), and the resumed run would diverge. Only the main thread can
+    handle signals, so elsewhere (and when ``enabled`` is false) this does nothing."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in caught[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif signum == signal.SIGINT and handler == signal.default_int_handler:
+                raise KeyboardInterrupt
+            elif handler != signal.SIG_IGN:
+                os.kill(os.getpid(), signum)  # the default action, now that the step is whole
 
 
 MAX_CONSECUTIVE_SKIPS = 20  # with nan_policy "skip": give up after this many bad steps in a row
@@ -382,14 +415,17 @@ class Trainer:
                         f"checkpoint kept. Lower train.lr, enable train.max_grad_norm, or set "
                         f"train.nan_policy: skip")
                 skipped = 0
-                self._update_pending = True
-                self._update(grads, ntoks)
-                self.sync.eval(model.trainable_parameters(), self.optimizer.state,
-                               what=f"the gradient all_sum of step {self.state.step + 1}")
-                self.state.step += 1
-                self.state.epoch, self.state.batch_index = pos.epoch, pos.index
-                self.state.trained_tokens += int(global_ntoks)
-                self._update_pending = False
+                # One process: no interrupt can split a step (several: a rank must stay
+                # interruptible inside a collective, so rank 0 saves only between steps instead).
+                with interrupts_deferred(self.world == 1):
+                    self._update_pending = True
+                    self._update(grads, ntoks)
+                    self.sync.eval(model.trainable_parameters(), self.optimizer.state,
+                                   what=f"the gradient all_sum of step {self.state.step + 1}")
+                    self.state.step += 1
+                    self.state.epoch, self.state.batch_index = pos.epoch, pos.index
+                    self.state.trained_tokens += int(global_ntoks)
+                    self._update_pending = False
                 last_loss = step_loss
                 window_tokens += int(global_ntoks)
                 now = time.perf_counter()

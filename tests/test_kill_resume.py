@@ -460,3 +460,21 @@ def test_fingerprint_follows_the_weights_not_the_files(tiny_model_dir, tmp_path)
         shutil.copytree(model, broken)
         os.truncate(broken / "model.safetensors", 4096)
         base_model_fingerprint(broken)
+
+
+def test_an_interrupt_inside_an_optimizer_step_waits_for_the_step_to_finish():
+    """Ctrl-C (or SIGTERM, handled like it) during a step's weight/optimizer/counter update is
+    delivered only once the update is whole, so the checkpoint it triggers is consistent."""
+    from mlx_lora.trainer import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # a signal would be handled here, mid-step
+            done.append("rest of the step")
+    assert done == ["rest of the step"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    with interrupts_deferred(enabled=False), pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
