@@ -415,8 +415,8 @@ class Trainer:
                         f"checkpoint kept. Lower train.lr, enable train.max_grad_norm, or set "
                         f"train.nan_policy: skip")
                 skipped = 0
-                # One process: no interrupt can split a step (several: a rank must stay
-                # interruptible inside a collective, so rank 0 saves only between steps instead).
+                # One process: no interrupt can split a step and its metrics line (several: a rank
+                # must stay interruptible inside a collective, so rank 0 saves only between steps).
                 with interrupts_deferred(self.world == 1):
                     self._update_pending = True
                     self._update(grads, ntoks)
@@ -426,24 +426,24 @@ class Trainer:
                     self.state.epoch, self.state.batch_index = pos.epoch, pos.index
                     self.state.trained_tokens += int(global_ntoks)
                     self._update_pending = False
-                last_loss = step_loss
-                window_tokens += int(global_ntoks)
-                now = time.perf_counter()
-                elapsed = elapsed0 + now - session_start
-                self.state.elapsed_s = elapsed
-                session_steps += 1
-                if self.state.step % t.log_every == 0 or self.state.step in (1, self.total_steps):
-                    rate = window_tokens / max(now - window_start, 1e-9)
-                    per_step = (now - session_start) / session_steps
-                    metrics = {
-                        "step": self.state.step, "total_steps": self.total_steps, "loss": step_loss,
-                        "lr": float(self.optimizer.learning_rate.item()),
-                        "tokens": int(global_ntoks), "trained_tokens": self.state.trained_tokens,
-                        "tokens_per_s": rate, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                        "elapsed_s": elapsed, "eta_s": (self.total_steps - self.state.step) * per_step,
-                    }
-                    self._emit("on_step", metrics)
-                    window_tokens, window_start = 0, time.perf_counter()
+                    last_loss = step_loss
+                    window_tokens += int(global_ntoks)
+                    now = time.perf_counter()
+                    elapsed = elapsed0 + now - session_start
+                    self.state.elapsed_s = elapsed
+                    session_steps += 1
+                    if self.state.step % t.log_every == 0 or self.state.step in (1, self.total_steps):
+                        rate = window_tokens / max(now - window_start, 1e-9)
+                        per_step = (now - session_start) / session_steps
+                        metrics = {
+                            "step": self.state.step, "total_steps": self.total_steps, "loss": step_loss,
+                            "lr": float(self.optimizer.learning_rate.item()),
+                            "tokens": int(global_ntoks), "trained_tokens": self.state.trained_tokens,
+                            "tokens_per_s": rate, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                            "elapsed_s": elapsed, "eta_s": (self.total_steps - self.state.step) * per_step,
+                        }
+                        self._emit("on_step", metrics)
+                        window_tokens, window_start = 0, time.perf_counter()
                 stop = False
                 if self.valid_set is not None and len(self.valid_set) and (
                         self.state.step % t.eval_every == 0 or self.state.step == self.total_steps):
