@@ -7,16 +7,22 @@ Every run is its own process (bench/worker.py), one after the other, so peak mem
 no run competes with another for the cores. Runs:
 
   probe          backend, BLAS, matmul peak in the compute dtype, model shape, token lengths
-  mlx-lm         mlx-lm's LoRA trainer (what mlx_lm.lora --train calls)
+  mlx-lm         mlx-lm's LoRA trainer (what mlx_lm.lora --train calls); records its first
+                 batches and initial LoRA weights
+  lockstep       our compiled step on mlx-lm's recorded batches from mlx-lm's initial weights:
+                 the per-step losses must agree (same computation, no quality traded for speed)
   ours           mlx-lora with its defaults (length bucketing, chunked loss, compiled step)
-  ours-lowmem    + gradient checkpointing and a smaller loss chunk (memory-constrained mode)
+  ours-lowmem    + gradient checkpointing and a smaller loss chunk (memory-constrained mode), on
+                 the first batch of our plan and its longest ones (which set the peak memory)
   eval           validation loss of the base model and of both adapters, same evaluator
   out of box     (Linux CPU only) both tools as a new user runs them: the model as downloaded
                  (float16), no BLAS set up; mlx-lm for 2 steps on short rows, extrapolated
 
-Both trainers see the same rows once (the data set is exactly steps x batch rows, one epoch), with
-the same optimizer (Adam, constant learning rate, no clipping) and loss (assistant tokens only).
-Tokens/s counts non-padding target tokens and leaves out the first step (compilation).
+Both trainers see the same rows (steps x batch / epochs rows, --epochs times), with the same
+optimizer (Adam, constant learning rate, no clipping) and loss (assistant tokens only), each in its
+own batch order. Tokens/s counts non-padding target tokens and leaves out the first step
+(compilation), or the whole first epoch with --epochs > 1 (every batch shape compiled once: the
+steady state of a long run).
 """
 
 from __future__ import annotations
@@ -128,15 +134,18 @@ def paired(a: dict, b: dict) -> tuple[float, float]:
     return D, math.sqrt(k * var) / total
 
 
-def adapter_diff(a: Path, b: Path) -> float:
-    """Largest |difference| between two adapters' weights, relative to the largest |weight|."""
-    import mlx.core as mx
+def lockstep_diff(ours: dict, theirs: dict) -> float:
+    """Largest relative difference between the per-step losses of the lockstep run and mlx-lm's
+    first steps (same batches, same initial weights)."""
+    pairs = list(zip(ours["steps"], theirs["steps"]))
+    return max(abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-12) for a, b in pairs)
 
-    wa, wb = (mx.load(str(Path(p) / "adapter_model.safetensors")) for p in (a, b))
-    assert wa.keys() == wb.keys(), "the two adapters hold different weights"
-    diff = max(mx.abs(wa[k] - wb[k]).max().item() for k in wa)
-    scale = max(mx.abs(wa[k]).max().item() for k in wa)
-    return diff / max(scale, 1e-30)
+
+def lowmem_plan_steps(shapes: list, n: int) -> list[int]:
+    """Plan steps (1-based) for the memory-constrained run: the first (compilation warm-up, and a
+    loss to compare with our default's first step) and the ``n`` longest of the others."""
+    rest = sorted(range(1, len(shapes)), key=lambda i: (-shapes[i][0] * shapes[i][1], i))[:n]
+    return [1] + sorted(i + 1 for i in rest)
 
 
 def val_summary(ev: dict) -> dict:
@@ -165,8 +174,8 @@ def fmt(x, spec=".1f"):
 
 
 def report(R: dict) -> list[str]:
-    runs, names = R["runs"], [n for n in ("ours", "ours_lowmem", "mlx_lm") if n in R["runs"]]
-    title = {"ours": "ours", "ours_lowmem": "ours low-mem", "mlx_lm": "mlx-lm"}
+    runs, names = R["runs"], [n for n in ("ours", "mlx_lm") if n in R["runs"]]
+    title = {"ours": "ours", "mlx_lm": "mlx-lm"}
     lines = []
     p = R["probe"]
     f = p["facts"]
@@ -182,7 +191,7 @@ def report(R: dict) -> list[str]:
     lines.append(f"load avg  {R['loadavg_before'][0]:.2f} before, {R['loadavg_after'][0]:.2f} after (1-min)")
     lines.append("")
     head = f"{'':<28}" + "".join(f"{title[n]:>14}" for n in names)
-    ratio_cols = [n for n in ("ours", "ours_lowmem") if n in names and "mlx_lm" in names]
+    ratio_cols = ["ours"] if names == ["ours", "mlx_lm"] else []
     head += "".join(f"{title[n] + '/mlx-lm':>20}" for n in ratio_cols)
     lines.append(head)
 
@@ -198,7 +207,8 @@ def report(R: dict) -> list[str]:
     row("trained tokens/s", "tokens_per_s", ".1f")
     row("peak memory (GB)", "peak_memory_gb", ".2f")
     row("wall time, training (s)", "train_wall_s", ".1f")
-    row("first step incl. compile (s)", "warmup_seconds", ".1f")
+    row("first epoch incl. compile (s)" if R["config"].get("epochs", 1) > 1 else "first step incl. compile (s)",
+        "warmup_seconds", ".1f")
     row("padding (% of positions)", "padding_pct", ".1f")
     row("epoch mean train loss", "epoch_loss", ".4f")
     row("final train loss (last step)", "final_step_loss", ".4f")
@@ -208,9 +218,17 @@ def report(R: dict) -> list[str]:
     lines.append("")
     for n in names:
         lines.append(f"loss curve {title[n]:<13} " + " ".join(f"{s['loss']:.3f}" for s in runs[n]["steps"]))
-    if "lowmem_adapter_diff" in R:
-        lines.append(f"low-mem adapter vs default: largest difference {R['lowmem_adapter_diff']:.1e} of the largest "
-                     f"weight (same computation, other memory policy; not evaluated separately)")
+    lm = R.get("lowmem")
+    if lm:
+        lines.append(f"low-mem ran plan steps {lm['plan_steps']} (the first and the longest); on steps "
+                     f"{lm['timed_steps']}: {lm['tokens_per_s']:.1f} tokens/s against our default's "
+                     f"{lm['ours_tokens_per_s']:.1f}; first-step loss {lm['step1_loss']:.5f} vs default "
+                     f"{lm['ours_step1_loss']:.5f} (same computation, other memory policy)")
+    ls = R.get("lockstep")
+    if ls:
+        lines.append(f"lockstep  ours on mlx-lm's first {len(ls['steps'])} batches from its initial weights: "
+                     + " ".join(f"{s['loss']:.5f}" for s in ls["steps"]) + " vs mlx-lm "
+                     + " ".join(f"{s['loss']:.5f}" for s in R["runs"]["mlx_lm"]["steps"][:len(ls["steps"])]))
     levers = [n for n in runs if n.startswith("lever_")]
     if levers:
         lines.append("")
@@ -246,31 +264,29 @@ def targets(R: dict) -> list[dict]:
     v = R["val"]
     if "ours" in S:
         r = S["ours"]["tokens_per_s"] / S["mlx_lm"]["tokens_per_s"]
+        ls = R.get("lockstep")
+        quality = ls is not None and ls["max_rel_diff"] <= ls["tolerance"]
+        lock = (f"same batches and initial weights as mlx-lm: per-step losses differ by at most "
+                f"{ls['max_rel_diff']:.1e} relative (tolerance {ls['tolerance']:g}, {ls['dtype']}) -> "
+                f"{'same computation' if quality else 'DIFFERENT computation'}") if ls else "no lockstep run"
         diff, se = v.get("paired_diff", float("nan")), v.get("paired_se", float("nan"))
-        spread = v.get("order_spread")
-        # Noise: what the data order alone changes (std over our seeds) and the validation set's
-        # own sampling error; "not worse" = the difference is within 2 of that noise (or < 1%).
-        noise = math.hypot(spread or 0.0, se)
-        quality = diff <= max(2 * noise, 0.01 * v["mlx_lm"])
-        order = f", data-order spread {spread:.4f} (std over {R['config']['quality_seeds'] + 1} seeds)" if spread else ""
         out.append({"name": "speed", "met": r >= TARGETS["speed"] and quality, "ratio": r, "quality_ok": quality,
-                    "noise": noise,
-                    "text": f"tokens/s ours/mlx-lm = {r:.2f}x (target >= {TARGETS['speed']}x); validation loss "
-                            f"ours {v['ours']:.4f} vs mlx-lm {v['mlx_lm']:.4f}: difference {diff:+.4f}, noise "
-                            f"{noise:.4f} (paired s.e. {se:.4f}{order}) -> "
-                            f"{'same within noise' if quality else 'WORSE than noise allows'}"})
+                    "text": f"tokens/s ours/mlx-lm = {r:.2f}x (target >= {TARGETS['speed']}x); {lock}; "
+                            f"each in its own data order, validation loss ours {v['ours']:.4f} vs mlx-lm "
+                            f"{v['mlx_lm']:.4f} ({diff:+.4f}, paired s.e. {se:.4f})"})
         r = S["ours"]["peak_memory_gb"] / S["mlx_lm"]["peak_memory_gb"]
         out.append({"name": "memory", "met": r <= TARGETS["memory"], "ratio": r,
                     "text": f"peak memory ours/mlx-lm = {r:.2f}x (target <= {TARGETS['memory']}x): "
                             f"{S['ours']['peak_memory_gb']:.2f} vs {S['mlx_lm']['peak_memory_gb']:.2f} GB"})
-    if "ours_lowmem" in S:
-        r = S["ours_lowmem"]["peak_memory_gb"] / S["mlx_lm"]["peak_memory_gb"]
-        cost = S["ours_lowmem"]["tokens_per_s"] / S["ours"]["tokens_per_s"] if "ours" in S else float("nan")
+    lm = R.get("lowmem")
+    if lm:
+        r = lm["peak_memory_gb"] / S["mlx_lm"]["peak_memory_gb"]
+        cost = lm["tokens_per_s"] / lm["ours_tokens_per_s"]
         out.append({"name": "lowmem", "met": r <= TARGETS["lowmem"], "ratio": r, "speed_vs_default": cost,
-                    "text": f"memory-constrained mode peak/mlx-lm = {r:.2f}x (target <= {TARGETS['lowmem']}x); "
-                            f"its speed is {cost:.2f}x our default ({abs(1 - cost) * 100:.0f}% "
-                            f"{'slower' if cost <= 1 else 'faster'}), "
-                            f"{S['ours_lowmem']['tokens_per_s'] / S['mlx_lm']['tokens_per_s']:.2f}x mlx-lm"})
+                    "text": f"memory-constrained mode peak/mlx-lm = {r:.2f}x (target <= {TARGETS['lowmem']}x): "
+                            f"{lm['peak_memory_gb']:.2f} GB; on the same batches its speed is {cost:.2f}x our "
+                            f"default ({abs(1 - cost) * 100:.0f}% {'slower' if cost <= 1 else 'faster'}), about "
+                            f"{cost * S['ours']['tokens_per_s'] / S['mlx_lm']['tokens_per_s']:.2f}x mlx-lm"})
     oob = R.get("out_of_box")
     if oob:
         out.append({"name": "out_of_box", "met": oob["ratio"] >= TARGETS["out_of_box"], "ratio": oob["ratio"],
@@ -302,7 +318,14 @@ def main(argv=None) -> int:
     ap.add_argument("--oob-steps", type=int, default=2, help="mlx-lm steps in the out-of-box run (first is warm-up)")
     ap.add_argument("--oob-batch-size", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quality-seeds", type=int, default=1,
+    ap.add_argument("--epochs", type=int, default=1,
+                    help="passes over the data in the --steps (tokens/s then leaves out the whole first pass: "
+                         "the steady state of a long run, which matters where compiling a shape is slow)")
+    ap.add_argument("--lockstep-steps", type=int, default=3,
+                    help="steps of our trainer on mlx-lm's own batches and initial weights (0 = none)")
+    ap.add_argument("--lowmem-steps", type=int, default=3,
+                    help="longest batches the memory-constrained mode runs (after the first batch)")
+    ap.add_argument("--quality-seeds", type=int, default=0,
                     help="extra runs of ours with other data orders, to measure how much the order alone "
                          "moves the validation loss (the noise the quality check allows; 0 = none)")
     ap.add_argument("--work", help="scratch folder (default: a new temporary folder)")
@@ -328,7 +351,9 @@ def main(argv=None) -> int:
     blas = backend.find_openblas() if (backend_name == "cpu" and sys.platform == "linux") else None
     env = common.environment(blas)
 
-    rows = args.steps * args.batch_size
+    if args.epochs < 1 or args.steps % args.epochs:
+        raise SystemExit(f"error: --steps {args.steps} must be a multiple of --epochs {args.epochs}")
+    rows = args.steps * args.batch_size // args.epochs
     train_dir = common.write_jsonl(work / "data" / "train" / "train.jsonl",
                                    common.make_rows(rows, args.seed, args.min_len, args.max_len, args.median_len))
     valid_dir = common.write_jsonl(work / "data" / "valid" / "train.jsonl",
@@ -337,7 +362,7 @@ def main(argv=None) -> int:
     max_seq = 2 * args.max_len  # above every row: nothing is truncated in either trainer
     base = {"model": model, "lora_r": 8, "lora_alpha": 16.0, "keys": common.LORA_KEYS, "steps": args.steps,
             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "max_seq_length": max_seq,
-            "quality_seeds": args.quality_seeds}
+            "quality_seeds": args.quality_seeds, "epochs": args.epochs}
 
     R: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
                "platform": platform.platform(), "cpu_count": os.cpu_count(), "config": base, "runs": {},
@@ -357,14 +382,33 @@ def main(argv=None) -> int:
     lowmem_cfg = json.loads(json.dumps(ours_cfg))
     lowmem_cfg["out"] = str(work / "ours_lowmem")
     lowmem_cfg["train"].update(grad_checkpoint=True, loss_chunk_tokens=args.lowmem_chunk)
+    record = min(args.lockstep_steps, args.steps)
 
     R["runs"]["mlx_lm"] = run_worker("mlx_lm", dict(base, kind="mlx_lm", data=str(train_dir),
-                                                    adapter_dir=str(work / "mlx_lm")), work, env, args.timeout)
+                                                    adapter_dir=str(work / "mlx_lm"), record_steps=record,
+                                                    record_file=str(work / "mlx_lm_recorded.npz")), work, env, args.timeout)
+    if record:
+        ls = run_worker("lockstep", dict(base, kind="lockstep", config=ours_cfg,
+                                         recorded=str(work / "mlx_lm_recorded.npz")), work, env, args.timeout)
+        # float32 runs agree to rounding; 16-bit activations round differently once fused.
+        dtype = R["probe"]["compute_dtype"]
+        R["lockstep"] = {"steps": ls["steps"], "dtype": dtype, "tolerance": 1e-3 if dtype == "float32" else 3e-2,
+                         "max_rel_diff": lockstep_diff(ls, R["runs"]["mlx_lm"])}
     R["runs"]["ours"] = run_worker("ours", dict(base, kind="ours", config=ours_cfg), work, env, args.timeout)
-    R["runs"]["ours_lowmem"] = run_worker("ours_lowmem", dict(base, kind="ours", config=lowmem_cfg), work, env,
-                                          args.timeout)
-    for n in ("ours", "ours_lowmem"):  # the same batches: the plan depends on the data and seed only
-        R["runs"][n]["batch_shapes"] = R["probe"]["data"]["train"]["batch_shapes"]
+    R["runs"]["ours"]["batch_shapes"] = R["probe"]["data"]["train"]["batch_shapes"]
+    shapes = R["probe"]["data"]["train"]["batch_shapes"]
+    plan_steps = lowmem_plan_steps(shapes, args.lowmem_steps)
+    lm = run_worker("ours_lowmem", dict(base, kind="batches", config=lowmem_cfg, plan_steps=plan_steps), work, env,
+                    args.timeout)
+    timed = lm["steps"][1:] or lm["steps"]
+    ours_by_step = {s["step"]: s for s in R["runs"]["ours"]["steps"]}
+    same = [ours_by_step[s["plan_step"]] for s in timed]
+    R["lowmem"] = {"plan_steps": plan_steps, "timed_steps": [s["plan_step"] for s in timed],
+                   "peak_memory_gb": lm["peak_memory_gb"], "steps": lm["steps"],
+                   "tokens_per_s": sum(s["tokens"] for s in timed) / sum(s["seconds"] for s in timed),
+                   "ours_tokens_per_s": sum(s["tokens"] for s in same) / sum(s["seconds"] for s in same),
+                   "step1_loss": lm["steps"][0]["loss"], "ours_step1_loss": R["runs"]["ours"]["steps"][0]["loss"],
+                   "process_wall_s": lm["process_wall_s"]}
     seeds = {}
     for k in range(1, args.quality_seeds + 1):
         cfg = json.loads(json.dumps(ours_cfg))
@@ -385,22 +429,21 @@ def main(argv=None) -> int:
                                            **{n: str(work / n) for n in seeds}}),
                     work, env, args.timeout)
     R["val"] = val_summary(ev)
-    # The low-memory mode changes how the step is computed, not what: its adapter is compared with
-    # the default's directly instead of being evaluated again.
-    R["lowmem_adapter_diff"] = adapter_diff(work / "ours", work / "ours_lowmem")
 
     # Model FLOPs per target token, from the real token lengths of the rows both trainers see.
     shape = R["probe"]["shape"]
     flops_per_target = sum(common.flops_per_example(shape, n - 1) for n in lens) / max(sum(tg), 1)
     peak = R["probe"]["matmul_peak_gflops"] * 1e9
     R["summary"] = {}
+    per_epoch = args.steps // args.epochs
+    warmup = per_epoch if args.epochs > 1 else 1
     for n, run in R["runs"].items():
-        s = speed(run)
+        s = speed(run, warmup)
         s.update(peak_memory_gb=run["peak_memory_gb"], train_wall_s=run["train_wall_s"], epoch_loss=epoch_loss(run),
                  final_step_loss=run["steps"][-1]["loss"], val_loss=R["val"].get(n, float("nan")),
                  mfu_pct=100 * s["tokens_per_s"] * flops_per_target / peak,
                  blas=run["facts"].get("blas"), weights_dtype=run.get("weights_dtype"),
-                 padding_pct=padding_pct(run.get("batch_shapes"), R["data_stats"]))
+                 padding_pct=padding_pct((run.get("batch_shapes") or [])[:per_epoch], R["data_stats"]))
         R["summary"][n] = s
     R["flops_per_target_token"] = flops_per_target
 

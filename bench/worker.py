@@ -6,9 +6,12 @@ one trainer's compiled graphs and allocator cache away from the other.
 
 kinds:
   probe   backend facts, BLAS, matmul peak, model shape (for FLOPs), token lengths of the data
-  ours    mlx_lora.train with the given config overrides
-  mlx_lm  mlx-lm's LoRA trainer (mlx_lm.tuner.trainer.train, what ``mlx_lm.lora`` calls)
-  eval    per-example validation loss of the base model and of each adapter
+  ours      mlx_lora.train with the given config overrides
+  batches   our trainer's compiled step on chosen batches of its own plan (memory-constrained mode)
+  mlx_lm    mlx-lm's LoRA trainer (mlx_lm.tuner.trainer.train, what ``mlx_lm.lora`` calls); also
+            records its first batches and its initial LoRA weights for ``lockstep``
+  lockstep  our trainer's compiled step on mlx-lm's recorded batches from mlx-lm's initial weights
+  eval      per-example validation loss of the base model and of each adapter
 """
 
 from __future__ import annotations
@@ -58,13 +61,12 @@ def _facts() -> dict:
 
 
 def probe(spec: dict) -> dict:
-    import mlx.core as mx
-    import mlx.nn as nn
+    from mlx import nn
 
     from mlx_lora import backend
+    from mlx_lora.adapters import adapter_layers, apply_lora
     from mlx_lora.config import DataConfig, LoraConfig
     from mlx_lora.data import iterate_batches, load_datasets
-    from mlx_lora.adapters import apply_lora, adapter_layers
     from mlx_lora.models import load_model
 
     dtype = backend.compute_dtype(spec.get("dtype", "auto"))
@@ -96,7 +98,7 @@ def probe(spec: dict) -> dict:
         # The batches our trainer will build for one epoch (same function, data and seed).
         shapes = [list(b.inputs.shape) for b, _ in iterate_batches(
             ds, spec["batch_size"], max_seq_length=spec["max_seq_length"], seed=spec["seed"], loop=False)]
-        data[name] = {"lengths": [int(len(t)) for t, _ in ds.examples],
+        data[name] = {"lengths": [len(t) for t, _ in ds.examples],
                       "targets": [int(m[1:].sum()) for _, m in ds.examples], "ours_batch_shapes": shapes}
     return {"facts": _facts(), "matmul_peak_gflops": peak, "compute_dtype": str(dtype).replace("mlx.core.", ""),
             "shape": shape, "data": data}
@@ -138,6 +140,95 @@ def ours(spec: dict) -> dict:
             "process_peak_rss_gb": _rss_gb()}
 
 
+def _our_trainer(spec: dict, before_trainer=None):
+    """Our Trainer as ``mlx_lora.train`` sets it up (same seed, model, data, LoRA), without a run
+    folder: for runs that feed it chosen batches. ``before_trainer(model)`` may change the adapter
+    weights before the trainer takes the model."""
+    import mlx.core as mx
+
+    from mlx_lora.adapters import apply_lora
+    from mlx_lora.config import build
+    from mlx_lora.data import load_datasets
+    from mlx_lora.models import load_model
+    from mlx_lora.trainer import Trainer
+
+    cfg = build(extra=spec["config"], overrides=spec.get("overrides", []))
+    mx.random.seed(cfg.train.seed)
+    model, tokenizer, _ = load_model(cfg.model.path, dtype=cfg.model.dtype)
+    train_set = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed, splits=("train",)).train
+    apply_lora(model, cfg.lora)
+    if before_trainer is not None:
+        before_trainer(model)
+    return cfg, train_set, Trainer(model, cfg, train_set, None, None)
+
+
+def _timed_steps(trainer, batches) -> list[dict]:
+    import mlx.core as mx
+
+    steps = []
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        loss, ntoks = trainer.step_on(batch)
+        steps.append({"step": i + 1, "loss": loss, "tokens": ntoks, "seconds": time.perf_counter() - t0,
+                      "peak_memory_gb": mx.get_peak_memory() / 1e9})
+    return steps
+
+
+def batches(spec: dict) -> dict:
+    """Our trainer's step on the batches of its own epoch plan numbered ``spec["plan_steps"]``
+    (1-based, as the full run numbers them), from the full run's initial state. Peak memory is set
+    by the longest batches, so a memory-constrained run needs only those to show its peak and its
+    speed on them."""
+    import mlx.core as mx
+
+    from mlx_lora.data import iterate_batches
+
+    cfg, train_set, trainer = _our_trainer(spec)
+    plan = [b for b, _ in iterate_batches(train_set, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length,
+                                          seed=cfg.train.seed, packing=cfg.data.packing, loop=False)]
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    steps = _timed_steps(trainer, [plan[k - 1] for k in spec["plan_steps"]])
+    wall = time.perf_counter() - t0
+    for s, k in zip(steps, spec["plan_steps"]):
+        s["plan_step"] = k
+    return {"facts": _facts(), "steps": steps, "train_wall_s": wall, "trained_tokens": sum(s["tokens"] for s in steps),
+            "peak_memory_gb": mx.get_peak_memory() / 1e9, "process_peak_rss_gb": _rss_gb()}
+
+
+def lockstep(spec: dict) -> dict:
+    """Our compiled step, on exactly the batches mlx-lm trained on (its tokens, its padding, its
+    target mask) from exactly its initial LoRA weights, so the per-step losses of the two trainers
+    can be compared number for number: any difference is a difference in the computation."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_lora.adapters import adapter_layers
+    from mlx_lora.data import Batch
+
+    rec = np.load(spec["recorded"])
+
+    def mlx_lm_init(model):
+        layers = dict(adapter_layers(model))
+        for key in rec.files:
+            if key.startswith("lora_a/"):
+                path = key[len("lora_a/"):]
+                name = next(n for n in layers if n == path or n.endswith("." + path))
+                layers[name].lora_a = mx.array(rec[key].T)  # mlx-lm keeps A as [in, r], we as [r, in]
+
+    _, _, trainer = _our_trainer(spec, before_trainer=mlx_lm_init)
+    mlx_batches = []
+    for k in range(int(rec["n"])):
+        tokens, lengths = rec[f"batch{k}"], rec[f"lengths{k}"]
+        targets = tokens[:, 1:]
+        # mlx-lm's mask (tuner.trainer.default_loss): target j+1 counts when offset <= j+1 <= length.
+        pos = np.arange(1, targets.shape[1] + 1)
+        mask = ((pos >= lengths[:, :1]) & (pos <= lengths[:, 1:])).astype(np.float32)
+        mlx_batches.append(Batch(tokens[:, :-1].astype(np.int32), targets.astype(np.int32), mask))
+    steps = _timed_steps(trainer, mlx_batches)
+    return {"facts": _facts(), "steps": steps}
+
+
 def mlx_lm(spec: dict) -> dict:
     """mlx-lm's LoRA fine-tuning as ``mlx_lm.lora --train`` runs it (load, datasets, LoRA layers,
     optimizer, ``tuner.trainer.train``), minus its validation passes and console UI."""
@@ -160,6 +251,12 @@ def mlx_lm(spec: dict) -> dict:
     model.freeze()
     lora = {"rank": spec["lora_r"], "scale": spec["lora_alpha"] / spec["lora_r"], "dropout": 0.0, "keys": spec["keys"]}
     linear_to_lora_layers(model, -1, lora)
+    from mlx.utils import tree_flatten
+
+    # What the lockstep run needs: the initial LoRA A matrices and the first batches as trained.
+    recorded = {f"lora_a/{k[:-len('.lora_a')]}": np.array(v) for k, v in tree_flatten(model.trainable_parameters())
+                if k.endswith(".lora_a")}
+    n_record = spec.get("record_steps", 0)
     adapter_dir = Path(spec["adapter_dir"])
     adapter_dir.mkdir(parents=True, exist_ok=True)
     (adapter_dir / "adapter_config.json").write_text(json.dumps(
@@ -182,6 +279,9 @@ def mlx_lm(spec: dict) -> dict:
     def recording_batches(*a, **kw):
         """mlx-lm's own batching, unchanged; records each batch's [rows, positions]."""
         for batch, lengths in iterate_batches(*a, **kw):
+            k = len(shapes)
+            if k < n_record:
+                recorded[f"batch{k}"], recorded[f"lengths{k}"] = np.array(batch), np.array(lengths)
             shapes.append([batch.shape[0], batch.shape[1] - 1])  # inputs are batch[:, :-1]
             yield batch, lengths
 
@@ -191,6 +291,9 @@ def mlx_lm(spec: dict) -> dict:
     train(model=model, optimizer=opt, train_dataset=CacheDataset(train_set), val_dataset=None, args=targs,
           training_callback=Recorder(), iterate_batches=recording_batches)
     wall = time.perf_counter() - t0
+    if n_record:
+        recorded["n"] = np.array(min(n_record, len(shapes)))
+        np.savez(spec["record_file"], **recorded)
     return {"facts": _facts(), "steps": steps, "train_wall_s": wall,
             "trained_tokens": sum(s["tokens"] for s in steps), "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "batch_shapes": shapes[:len(steps)],
@@ -210,13 +313,23 @@ def evaluate(spec: dict) -> dict:
     from mlx_lora.models import load_model
 
     out = {}
+    model, tokenizer, _ = load_model(spec["model"])
+    model.eval()
+    ds = load_datasets(DataConfig(path=spec["data"], valid_fraction=0.0, max_seq_length=spec["max_seq_length"]),
+                       tokenizer, splits=("train",)).train
     for name, adapter in [("base", None)] + list(spec["adapters"].items()):
-        model, tokenizer, _ = load_model(spec["model"])
-        if adapter:
+        if adapter and not adapters.adapter_layers(model):
             adapters.load_adapter(model, adapter)
-        model.eval()
-        ds = load_datasets(DataConfig(path=spec["data"], valid_fraction=0.0, max_seq_length=spec["max_seq_length"]),
-                           tokenizer, splits=("train",)).train
+        elif adapter:  # same layers, other weights and scale: no reload of the model
+            info, state = adapters.read_adapter(adapter, model)
+            if sorted(info.targets) != sorted(p for p, _ in adapters.adapter_layers(model)):
+                model, _, _ = load_model(spec["model"])
+                model.eval()
+                adapters.load_adapter(model, adapter)
+            else:
+                adapters.set_adapter_state(model, state)
+                for _, layer in adapters.adapter_layers(model):
+                    layer.scale = info.lora.alpha / (info.lora.r ** 0.5 if info.lora.use_rslora else info.lora.r)
         losses, counts = [], []
         for tokens, mask in ds.examples:
             x = mx.array(tokens[None, :-1])
@@ -237,7 +350,8 @@ def _rss_gb() -> float:
     return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
 
-KINDS = {"probe": probe, "ours": ours, "mlx_lm": mlx_lm, "eval": evaluate}
+KINDS = {"probe": probe, "ours": ours, "batches": batches, "mlx_lm": mlx_lm, "lockstep": lockstep,
+         "eval": evaluate}
 
 if __name__ == "__main__":
     spec = json.loads(Path(sys.argv[1]).read_text())
