@@ -54,6 +54,7 @@ LEVERS = {
     "lever_attn_recompute_always": {"train": {"checkpoint_attention": True}},
     "lever_not_compiled": {"train": {"compile": False}},
     "lever_packing": {"data": {"packing": True}, "train": {"batch_size": 1}},  # 1 row of 2 x max_len
+    "lever_length_bucketing": {"data": {"length_bucketing": True}},  # batches of similar lengths
 }
 
 
@@ -232,12 +233,14 @@ def report(R: dict) -> list[str]:
     levers = [n for n in runs if n.startswith("lever_")]
     if levers:
         lines.append("")
-        lines.append(f"levers (ours with one change){'':<8}{'tokens/s':>10}{'vs ours':>9}{'peak GB':>9}{'vs ours':>9}")
+        lines.append(f"levers (ours with one change){'':<8}{'tokens/s':>10}{'vs ours':>9}{'peak GB':>9}{'vs ours':>9}"
+                     f"{'val loss':>10}")
         ref = R["summary"]["ours"]
         for n in levers:
             x = R["summary"][n]
             lines.append(f"  {n[6:]:<35}{x['tokens_per_s']:>10.1f}{x['tokens_per_s'] / ref['tokens_per_s']:>8.2f}x"
-                         f"{x['peak_memory_gb']:>9.2f}{x['peak_memory_gb'] / ref['peak_memory_gb']:>8.2f}x")
+                         f"{x['peak_memory_gb']:>9.2f}{x['peak_memory_gb'] / ref['peak_memory_gb']:>8.2f}x"
+                         f"{fmt(x['val_loss'], '.4f'):>10}")
     oob = R.get("out_of_box")
     if oob:
         lines.append("")
@@ -312,9 +315,9 @@ def main(argv=None) -> int:
     ap.add_argument("--valid-rows", type=int, default=16)
     ap.add_argument("--lowmem-chunk", type=int, default=64, help="loss chunk (tokens) of the memory-constrained mode")
     ap.add_argument("--no-out-of-box", action="store_true", help="skip the out-of-box comparison")
-    ap.add_argument("--levers", action="store_true",
-                    help="also run our trainer with one lever changed at a time (plain loss, no attention "
-                         "recomputation, attention recomputation always, not compiled, packing)")
+    ap.add_argument("--levers", nargs="?", const="all", default=None,
+                    help="also run our trainer with one lever changed at a time: all (the default when given "
+                         "alone) or a comma list of " + ", ".join(n[6:] for n in LEVERS))
     ap.add_argument("--oob-steps", type=int, default=2, help="mlx-lm steps in the out-of-box run (first is warm-up)")
     ap.add_argument("--oob-batch-size", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -323,7 +326,7 @@ def main(argv=None) -> int:
                          "the steady state of a long run, which matters where compiling a shape is slow)")
     ap.add_argument("--lockstep-steps", type=int, default=3,
                     help="steps of our trainer on mlx-lm's own batches and initial weights (0 = none)")
-    ap.add_argument("--lowmem-steps", type=int, default=3,
+    ap.add_argument("--lowmem-steps", type=int, default=2,
                     help="longest batches the memory-constrained mode runs (after the first batch)")
     ap.add_argument("--quality-seeds", type=int, default=0,
                     help="extra runs of ours with other data orders, to measure how much the order alone "
@@ -332,6 +335,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="train_vs_mlx_lm.json", help="where to write the results")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     args = ap.parse_args(argv)
+    wanted = []
+    if args.levers:
+        wanted = list(LEVERS) if args.levers == "all" else ["lever_" + n.strip() for n in args.levers.split(",")]
+        unknown = [n[6:] for n in wanted if n not in LEVERS]
+        if unknown:
+            ap.error(f"unknown lever(s) {', '.join(unknown)}; known: {', '.join(n[6:] for n in LEVERS)}")
     t_start = time.perf_counter()
     load_before = os.getloadavg()
     if load_before[0] > 1.5:
@@ -418,7 +427,7 @@ def main(argv=None) -> int:
                                             args.timeout)
     R["quality_runs"] = {n: {"steps": r["steps"]} for n, r in seeds.items()}
     if args.levers:
-        for name, change in LEVERS.items():
+        for name, change in ((n, LEVERS[n]) for n in wanted):
             cfg = json.loads(json.dumps(ours_cfg))
             cfg["out"] = str(work / name)
             for section, values in change.items():
@@ -426,7 +435,8 @@ def main(argv=None) -> int:
             R["runs"][name] = run_worker(name, dict(base, kind="ours", config=cfg), work, env, args.timeout)
     ev = run_worker("eval", dict(base, kind="eval", data=str(valid_dir),
                                  adapters={"ours": str(work / "ours"), "mlx_lm": str(work / "mlx_lm"),
-                                           **{n: str(work / n) for n in seeds}}),
+                                           **{n: str(work / n) for n in seeds},
+                                           **{n: str(work / n) for n in R["runs"] if n.startswith("lever_")}}),
                     work, env, args.timeout)
     R["val"] = val_summary(ev)
 

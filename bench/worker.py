@@ -97,7 +97,8 @@ def probe(spec: dict) -> dict:
         ds = load_datasets(dcfg, tokenizer, seed=0, splits=("train",)).train
         # The batches our trainer will build for one epoch (same function, data and seed).
         shapes = [list(b.inputs.shape) for b, _ in iterate_batches(
-            ds, spec["batch_size"], max_seq_length=spec["max_seq_length"], seed=spec["seed"], loop=False)]
+            ds, spec["batch_size"], max_seq_length=spec["max_seq_length"], seed=spec["seed"], loop=False,
+            bucketing=DataConfig().length_bucketing)]
         data[name] = {"lengths": [len(t) for t, _ in ds.examples],
                       "targets": [int(m[1:].sum()) for _, m in ds.examples], "ours_batch_shapes": shapes}
     return {"facts": _facts(), "matmul_peak_gflops": peak, "compute_dtype": str(dtype).replace("mlx.core.", ""),
@@ -185,7 +186,8 @@ def batches(spec: dict) -> dict:
 
     cfg, train_set, trainer = _our_trainer(spec)
     plan = [b for b, _ in iterate_batches(train_set, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length,
-                                          seed=cfg.train.seed, packing=cfg.data.packing, loop=False)]
+                                          seed=cfg.train.seed, packing=cfg.data.packing, loop=False,
+                                          bucketing=cfg.data.length_bucketing)]
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     steps = _timed_steps(trainer, [plan[k - 1] for k in spec["plan_steps"]])

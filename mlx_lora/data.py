@@ -728,20 +728,22 @@ def pack(sizes: np.ndarray, capacity: int, order: Optional[np.ndarray] = None) -
     return [np.array(r, dtype=np.int64) for r in rows]
 
 
-def epoch_plan(sizes: np.ndarray, global_batch: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
+def epoch_plan(sizes: np.ndarray, global_batch: int, seed: int, epoch: int, shuffle: bool = True,
+               bucket_batches: int = BUCKET_BATCHES) -> list[np.ndarray]:
     """Global batches (item indices) of one epoch, by length bucketing.
 
     Shuffle the items, top them up to a whole number of batches with the first items of that order
-    (so every batch is full and every item is seen each epoch), cut into chunks of BUCKET_BATCHES
+    (so every batch is full and every item is seen each epoch), cut into chunks of ``bucket_batches``
     batches, sort each chunk by size, cut it into batches, and shuffle the batch order. Without
-    ``shuffle`` the items keep their order and only the within-chunk sort applies."""
+    ``shuffle`` the items keep their order and only the within-chunk sort applies. With
+    ``bucket_batches=1`` every batch is a random draw (no length bucketing)."""
     n = len(sizes)
     rng = np.random.default_rng(_seed_seq(seed, 2, epoch))
     order = rng.permutation(n) if shuffle else np.arange(n)
     nb = -(-n // global_batch)
     order = np.concatenate([order, order[np.arange(nb * global_batch - n) % n]])
     batches = []
-    step = BUCKET_BATCHES * global_batch
+    step = max(1, bucket_batches) * global_batch
     for s in range(0, len(order), step):
         chunk = order[s : s + step]
         chunk = chunk[np.argsort(sizes[chunk], kind="stable")]
@@ -793,6 +795,7 @@ def iterate_batches(
     rank: int = 0,
     world_size: int = 1,
     pad_multiple: int = 32,
+    bucketing: bool = True,
 ) -> Iterator[tuple[Batch, BatchPosition]]:
     """Yield ``(batch for this rank, position after it)``.
 
@@ -802,7 +805,7 @@ def iterate_batches(
     a multiple of ``pad_multiple`` positions (capped at ``max_seq_length``) so compiled steps see
     few shapes. With ``packing``, examples are packed (best-fit decreasing, per epoch) into rows of
     at most ``max_seq_length`` positions and ``segments`` tells them apart. ``loop=False`` stops at
-    the end of ``start.epoch``."""
+    the end of ``start.epoch``. ``bucketing=False`` draws batches without regard to length."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or pad_multiple < 1:
         raise ValueError(f"bad batching arguments: batch_size={batch_size} rank={rank} world_size={world_size}")
     if len(ds) == 0:
@@ -821,7 +824,7 @@ def iterate_batches(
             item_sizes = np.array([sizes[m].sum() for m in members], dtype=np.int64)
         else:
             members, item_sizes = None, sizes
-        plan = epoch_plan(item_sizes, global_batch, seed, epoch, shuffle)
+        plan = epoch_plan(item_sizes, global_batch, seed, epoch, shuffle, BUCKET_BATCHES if bucketing else 1)
         for i in range(index, len(plan)):
             items = plan[i][rank * batch_size : (rank + 1) * batch_size]
             rows = [members[j] for j in items] if packing else [[j] for j in items]

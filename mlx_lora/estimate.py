@@ -102,7 +102,7 @@ def _plan(trainer) -> list[tuple[int, int, int]]:
 
     t, d = trainer.cfg.train, trainer.cfg.data
     it = iterate_batches(trainer.train_set, t.batch_size * t.grad_accum, max_seq_length=d.max_seq_length,
-                         seed=t.seed, shuffle=True, packing=d.packing, loop=False)
+                         seed=t.seed, shuffle=True, packing=d.packing, loop=False, bucketing=d.length_bucketing)
     return [(b.inputs.shape[0], b.inputs.shape[1], b.ntokens) for b, _ in it]
 
 
@@ -111,7 +111,7 @@ def _batch_at(trainer, index: int):
 
     t, d = trainer.cfg.train, trainer.cfg.data
     it = iterate_batches(trainer.train_set, t.batch_size * t.grad_accum, max_seq_length=d.max_seq_length,
-                         seed=t.seed, shuffle=True, packing=d.packing, loop=False)
+                         seed=t.seed, shuffle=True, packing=d.packing, loop=False, bucketing=d.length_bucketing)
     for i, (b, _) in enumerate(it):
         if i == index:
             return b

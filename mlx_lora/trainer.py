@@ -387,7 +387,8 @@ class Trainer:
         batches = iterate_batches(self.train_set, t.batch_size * t.grad_accum,
                                   max_seq_length=self.cfg.data.max_seq_length,
                                   seed=t.seed, shuffle=True, packing=self.cfg.data.packing, start=pos,
-                                  loop=True, rank=self.rank, world_size=self.world)
+                                  loop=True, rank=self.rank, world_size=self.world,
+                                  bucketing=self.cfg.data.length_bucketing)
         stopped, last_loss, skipped = "completed", None, 0
         last_ckpt = None
         window_tokens, window_start = 0, time.perf_counter()
