@@ -54,7 +54,7 @@ LEVERS = {
     "lever_attn_recompute_always": {"train": {"checkpoint_attention": True}},
     "lever_not_compiled": {"train": {"compile": False}},
     "lever_packing": {"data": {"packing": True}, "train": {"batch_size": 1}},  # 1 row of 2 x max_len
-    "lever_length_bucketing": {"data": {"length_bucketing": True}},  # batches of similar lengths
+    "lever_mixed_batches": {"data": {"length_bucketing": False}},  # random batches, as mlx-lm's
 }
 
 
@@ -324,9 +324,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1,
                     help="passes over the data in the --steps (tokens/s then leaves out the whole first pass: "
                          "the steady state of a long run, which matters where compiling a shape is slow)")
-    ap.add_argument("--lockstep-steps", type=int, default=3,
+    ap.add_argument("--lockstep-steps", type=int, default=2,
                     help="steps of our trainer on mlx-lm's own batches and initial weights (0 = none)")
-    ap.add_argument("--lowmem-steps", type=int, default=2,
+    ap.add_argument("--lowmem-steps", type=int, default=1,
                     help="longest batches the memory-constrained mode runs (after the first batch)")
     ap.add_argument("--quality-seeds", type=int, default=0,
                     help="extra runs of ours with other data orders, to measure how much the order alone "

@@ -78,10 +78,10 @@ class DataConfig:
     """None uses the tokenizer's template; 'chatml' (built in) or a path to a .jinja file."""
     packing: bool = False
     """Pack several short examples per row; a block-diagonal mask keeps them apart."""
-    length_bucketing: bool = False
-    """Batch examples of similar length together: less padding and faster steps, but each step then
-    sees only short or only long examples, which cost validation loss in short runs (bench/RESULTS.md).
-    False (default) draws every batch at random."""
+    length_bucketing: bool = True
+    """Batch examples of similar length together: less padding, faster steps. Each step then sees
+    only short or only long examples, which cost validation loss in short runs (bench/RESULTS.md);
+    false draws every batch at random."""
     overlong: str = "truncate"
     """What to do with an example longer than max_seq_length: truncate, skip or error."""
     cache: bool = True

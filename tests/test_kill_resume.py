@@ -467,6 +467,15 @@ def test_an_interrupt_inside_an_optimizer_step_waits_for_the_step_to_finish():
     delivered only once the update is whole, so the checkpoint it triggers is consistent."""
     from mlx_lora.trainer import interrupts_deferred
 
+    # Python's own Ctrl-C handler, whatever an earlier test in this process left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_waits_for_the_block(interrupts_deferred)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_waits_for_the_block(interrupts_deferred):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
