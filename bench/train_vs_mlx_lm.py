@@ -404,8 +404,7 @@ def main(argv=None) -> int:
         R["lockstep"] = {"steps": ls["steps"], "dtype": dtype, "tolerance": 1e-3 if dtype == "float32" else 3e-2,
                          "max_rel_diff": lockstep_diff(ls, R["runs"]["mlx_lm"])}
     R["runs"]["ours"] = run_worker("ours", dict(base, kind="ours", config=ours_cfg), work, env, args.timeout)
-    R["runs"]["ours"]["batch_shapes"] = R["probe"]["data"]["train"]["batch_shapes"]
-    shapes = R["probe"]["data"]["train"]["batch_shapes"]
+    shapes = R["runs"]["ours"]["batch_shapes"] = R["probe"]["data"]["train"]["batch_shapes"]
     plan_steps = lowmem_plan_steps(shapes, args.lowmem_steps)
     lm = run_worker("ours_lowmem", dict(base, kind="batches", config=lowmem_cfg, plan_steps=plan_steps), work, env,
                     args.timeout)

@@ -239,6 +239,7 @@ def mlx_lm(spec: dict) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
+    from mlx.utils import tree_flatten
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.datasets import CacheDataset, load_dataset
     from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
@@ -253,8 +254,6 @@ def mlx_lm(spec: dict) -> dict:
     model.freeze()
     lora = {"rank": spec["lora_r"], "scale": spec["lora_alpha"] / spec["lora_r"], "dropout": 0.0, "keys": spec["keys"]}
     linear_to_lora_layers(model, -1, lora)
-    from mlx.utils import tree_flatten
-
     # What the lockstep run needs: the initial LoRA A matrices and the first batches as trained.
     recorded = {f"lora_a/{k[:-len('.lora_a')]}": np.array(v) for k, v in tree_flatten(model.trainable_parameters())
                 if k.endswith(".lora_a")}
@@ -315,23 +314,13 @@ def evaluate(spec: dict) -> dict:
     from mlx_lora.models import load_model
 
     out = {}
-    model, tokenizer, _ = load_model(spec["model"])
-    model.eval()
-    ds = load_datasets(DataConfig(path=spec["data"], valid_fraction=0.0, max_seq_length=spec["max_seq_length"]),
-                       tokenizer, splits=("train",)).train
     for name, adapter in [("base", None)] + list(spec["adapters"].items()):
-        if adapter and not adapters.adapter_layers(model):
+        model, tokenizer, _ = load_model(spec["model"])
+        if adapter:
             adapters.load_adapter(model, adapter)
-        elif adapter:  # same layers, other weights and scale: no reload of the model
-            info, state = adapters.read_adapter(adapter, model)
-            if sorted(info.targets) != sorted(p for p, _ in adapters.adapter_layers(model)):
-                model, _, _ = load_model(spec["model"])
-                model.eval()
-                adapters.load_adapter(model, adapter)
-            else:
-                adapters.set_adapter_state(model, state)
-                for _, layer in adapters.adapter_layers(model):
-                    layer.scale = info.lora.alpha / (info.lora.r ** 0.5 if info.lora.use_rslora else info.lora.r)
+        model.eval()
+        ds = load_datasets(DataConfig(path=spec["data"], valid_fraction=0.0, max_seq_length=spec["max_seq_length"]),
+                           tokenizer, splits=("train",)).train
         losses, counts = [], []
         for tokens, mask in ds.examples:
             x = mx.array(tokens[None, :-1])
