@@ -11,10 +11,12 @@ no run competes with another for the cores. Runs:
                  batches and initial LoRA weights
   lockstep       our compiled step on mlx-lm's recorded batches from mlx-lm's initial weights:
                  the per-step losses must agree (same computation, no quality traded for speed)
-  ours           mlx-lora with its defaults (length bucketing, chunked loss, compiled step)
+  ours           mlx-lora with its defaults (random batches whose rows run at their own lengths,
+                 chunked loss, compiled step)
   ours-lowmem    + gradient checkpointing and a smaller loss chunk (memory-constrained mode), on
                  the first batch of our plan and its longest ones (which set the peak memory)
-  eval           validation loss of the base model and of both adapters, same evaluator
+  (validation)   the probe, mlx-lm and ours each score their model (base, adapter just trained)
+                 on the validation rows with one evaluator, in their own process
   out of box     (Linux CPU only) both tools as a new user runs them: the model as downloaded
                  (float16), no BLAS set up; mlx-lm for 2 steps on short rows, extrapolated
 
@@ -54,7 +56,10 @@ LEVERS = {
     "lever_attn_recompute_always": {"train": {"checkpoint_attention": True}},
     "lever_not_compiled": {"train": {"compile": False}},
     "lever_packing": {"data": {"packing": True}, "train": {"batch_size": 1}},  # 1 row of 2 x max_len
-    "lever_mixed_batches": {"data": {"length_bucketing": False}},  # random batches, as mlx-lm's
+    # each batch padded to its longest row and run whole, as mlx-lm runs it (random batches)
+    "lever_whole_batches": {"train": {"length_groups": False}},
+    # the previous default: length-bucketed batches, run whole
+    "lever_bucketed_whole_batches": {"data": {"length_bucketing": True}, "train": {"length_groups": False}},
 }
 
 
@@ -142,17 +147,25 @@ def lockstep_diff(ours: dict, theirs: dict) -> float:
     return max(abs(a["loss"] - b["loss"]) / max(abs(b["loss"]), 1e-12) for a, b in pairs)
 
 
-def lowmem_plan_steps(shapes: list, n: int) -> list[int]:
+def lowmem_plan_steps(calls: list, n: int) -> list[int]:
     """Plan steps (1-based) for the memory-constrained run: the first (compilation warm-up, and a
-    loss to compare with our default's first step) and the ``n`` longest of the others."""
-    rest = sorted(range(1, len(shapes)), key=lambda i: (-shapes[i][0] * shapes[i][1], i))[:n]
+    loss to compare with our default's first step) and the ``n`` others with the largest call
+    (``calls[i]``: [rows, positions] of each call step i + 1 is computed in), which set the peak."""
+    rest = sorted(range(1, len(calls)), key=lambda i: (-max(r * l for r, l in calls[i]), i))[:n]
     return [1] + sorted(i + 1 for i in rest)
 
 
-def val_summary(ev: dict) -> dict:
-    """Token-weighted validation loss of each model; ours against mlx-lm on the same rows; and the
-    spread that the data order alone causes (ours trained with other seeds)."""
-    res = ev["results"]
+def epoch_calls(run: dict, per_epoch: int) -> list:
+    """[rows, positions] of every call of the first epoch: our runs' calls, mlx-lm's batches."""
+    if run.get("batch_calls"):
+        return [c for calls in run["batch_calls"][:per_epoch] for c in calls]
+    return (run.get("batch_shapes") or [])[:per_epoch]
+
+
+def val_summary(res: dict) -> dict:
+    """Token-weighted validation loss of each model ({name: per-row losses and target counts});
+    ours against mlx-lm on the same rows; and the spread that the data order alone causes (ours
+    trained with other seeds)."""
     out = {name: sum(r["loss_sums"]) / sum(r["targets"]) for name, r in res.items()}
     if "ours" in res and "mlx_lm" in res:
         out["paired_diff"], out["paired_se"] = paired(res["ours"], res["mlx_lm"])
@@ -319,7 +332,7 @@ def main(argv=None) -> int:
                     help="also run our trainer with one lever changed at a time: all (the default when given "
                          "alone) or a comma list of " + ", ".join(n[6:] for n in LEVERS))
     ap.add_argument("--oob-steps", type=int, default=2, help="mlx-lm steps in the out-of-box run (first is warm-up)")
-    ap.add_argument("--oob-batch-size", type=int, default=2)
+    ap.add_argument("--oob-batch-size", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=1,
                     help="passes over the data in the --steps (tokens/s then leaves out the whole first pass: "
@@ -371,13 +384,13 @@ def main(argv=None) -> int:
     max_seq = 2 * args.max_len  # above every row: nothing is truncated in either trainer
     base = {"model": model, "lora_r": 8, "lora_alpha": 16.0, "keys": common.LORA_KEYS, "steps": args.steps,
             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "max_seq_length": max_seq,
-            "quality_seeds": args.quality_seeds, "epochs": args.epochs}
+            "quality_seeds": args.quality_seeds, "epochs": args.epochs, "valid_data": str(valid_dir)}
 
     R: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
                "platform": platform.platform(), "cpu_count": os.cpu_count(), "config": base, "runs": {},
                "loadavg_before": load_before, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
     R["probe"] = run_worker("probe", dict(base, kind="probe", data={"train": str(train_dir)}), work, env, args.timeout)
-    R["probe"]["data"]["train"]["batch_shapes"] = R["probe"]["data"]["train"].pop("ours_batch_shapes")
+    R["probe"]["data"]["train"]["batch_calls"] = R["probe"]["data"]["train"].pop("ours_batch_calls")
     lens, tg = R["probe"]["data"]["train"]["lengths"], R["probe"]["data"]["train"]["targets"]
     R["data_stats"] = {"rows": len(lens), "min": min(lens), "median": statistics.median(lens),
                        "mean": statistics.fmean(lens), "max": max(lens), "tokens": sum(lens), "targets": sum(tg)}
@@ -404,8 +417,8 @@ def main(argv=None) -> int:
         R["lockstep"] = {"steps": ls["steps"], "dtype": dtype, "tolerance": 1e-3 if dtype == "float32" else 3e-2,
                          "max_rel_diff": lockstep_diff(ls, R["runs"]["mlx_lm"])}
     R["runs"]["ours"] = run_worker("ours", dict(base, kind="ours", config=ours_cfg), work, env, args.timeout)
-    shapes = R["runs"]["ours"]["batch_shapes"] = R["probe"]["data"]["train"]["batch_shapes"]
-    plan_steps = lowmem_plan_steps(shapes, args.lowmem_steps)
+    calls = R["runs"]["ours"]["batch_calls"] = R["probe"]["data"]["train"]["batch_calls"]
+    plan_steps = lowmem_plan_steps(calls, args.lowmem_steps)
     lm = run_worker("ours_lowmem", dict(base, kind="batches", config=lowmem_cfg, plan_steps=plan_steps), work, env,
                     args.timeout)
     timed = lm["steps"][1:] or lm["steps"]
@@ -432,12 +445,8 @@ def main(argv=None) -> int:
             for section, values in change.items():
                 cfg[section].update(values)
             R["runs"][name] = run_worker(name, dict(base, kind="ours", config=cfg), work, env, args.timeout)
-    ev = run_worker("eval", dict(base, kind="eval", data=str(valid_dir),
-                                 adapters={"ours": str(work / "ours"), "mlx_lm": str(work / "mlx_lm"),
-                                           **{n: str(work / n) for n in seeds},
-                                           **{n: str(work / n) for n in R["runs"] if n.startswith("lever_")}}),
-                    work, env, args.timeout)
-    R["val"] = val_summary(ev)
+    R["val"] = val_summary({"base": R["probe"]["val"], **{n: r["val"] for n, r in {**R["runs"], **seeds}.items()
+                                                          if r.get("val")}})
 
     # Model FLOPs per target token, from the real token lengths of the rows both trainers see.
     shape = R["probe"]["shape"]
@@ -452,7 +461,7 @@ def main(argv=None) -> int:
                  final_step_loss=run["steps"][-1]["loss"], val_loss=R["val"].get(n, float("nan")),
                  mfu_pct=100 * s["tokens_per_s"] * flops_per_target / peak,
                  blas=run["facts"].get("blas"), weights_dtype=run.get("weights_dtype"),
-                 padding_pct=padding_pct((run.get("batch_shapes") or [])[:per_epoch], R["data_stats"]))
+                 padding_pct=padding_pct(epoch_calls(run, per_epoch), R["data_stats"]))
         R["summary"][n] = s
     R["flops_per_target_token"] = flops_per_target
 
@@ -480,7 +489,7 @@ def out_of_box(args, work: Path, base: dict) -> dict:
     rows = common.make_rows(max(args.oob_steps, 4) * args.oob_batch_size, args.seed + 2, 40, 64, 52, sigma=0.15)
     data = common.write_jsonl(work / "data" / "oob" / "train.jsonl", rows).parent
     spec = dict(base, model=model, kind="mlx_lm", data=str(data), steps=args.oob_steps, batch_size=args.oob_batch_size,
-                lr=1e-5, adapter_dir=str(work / "oob_mlx_lm"))
+                lr=1e-5, adapter_dir=str(work / "oob_mlx_lm"), valid_data=None)
     theirs = run_worker("oob_mlx_lm", spec, work, env, args.timeout)
     ours = run_ours_cli(model, data, work / "oob_ours", max(args.oob_steps, 4), args.oob_batch_size, common.LORA_KEYS,
                         env, args.timeout)

@@ -11,7 +11,9 @@ kinds:
   mlx_lm    mlx-lm's LoRA trainer (mlx_lm.tuner.trainer.train, what ``mlx_lm.lora`` calls); also
             records its first batches and its initial LoRA weights for ``lockstep``
   lockstep  our trainer's compiled step on mlx-lm's recorded batches from mlx-lm's initial weights
-  eval      per-example validation loss of the base model and of each adapter
+
+probe, ours and mlx_lm also score their model (base, or the adapter just trained) on the
+validation rows of ``spec["valid_data"]`` with one evaluator, ``validation``.
 """
 
 from __future__ import annotations
@@ -65,9 +67,10 @@ def probe(spec: dict) -> dict:
 
     from mlx_lora import backend
     from mlx_lora.adapters import adapter_layers, apply_lora
-    from mlx_lora.config import DataConfig, LoraConfig
+    from mlx_lora.config import DataConfig, LoraConfig, TrainConfig
     from mlx_lora.data import iterate_batches, load_datasets
     from mlx_lora.models import load_model
+    from mlx_lora.trainer import micro_batches
 
     dtype = backend.compute_dtype(spec.get("dtype", "auto"))
     # Matmul peak of this backend in the compute dtype: the best of a few square sizes.
@@ -78,6 +81,7 @@ def probe(spec: dict) -> dict:
     heads = args["num_attention_heads"]
     head_dim = args.get("head_dim") or hidden // heads
     head_params = args["vocab_size"] * hidden
+    val = validation(model, tokenizer, spec)  # the base model's, before any adapter
     apply_lora(model, LoraConfig(r=spec["lora_r"], alpha=spec["lora_alpha"]))
     linear = lora = 0
     for _, layer in adapter_layers(model):
@@ -92,17 +96,20 @@ def probe(spec: dict) -> dict:
     shape = {"linear_params": linear, "head_params": head_params, "lora_params": lora,
              "attn_dim": heads * head_dim, "layers": len(model.layers), "vocab": args["vocab_size"]}
     data = {}
+    tcfg = TrainConfig(batch_size=spec["batch_size"])
+    gpu = backend.backend_name() != "cpu"
     for name, folder in spec.get("data", {}).items():
         dcfg = DataConfig(path=folder, valid_fraction=0.0, max_seq_length=spec["max_seq_length"])
         ds = load_datasets(dcfg, tokenizer, seed=0, splits=("train",)).train
-        # The batches our trainer will build for one epoch (same function, data and seed).
-        shapes = [list(b.inputs.shape) for b, _ in iterate_batches(
+        # The batches our trainer will build for one epoch (same function, data and seed), and
+        # the calls it computes each in ([rows, positions] each).
+        calls = [[[len(r), l] for r, l in micro_batches(b, tcfg, gpu)] for b, _ in iterate_batches(
             ds, spec["batch_size"], max_seq_length=spec["max_seq_length"], seed=spec["seed"], loop=False,
-            bucketing=DataConfig().length_bucketing)]
+            bucketing=dcfg.length_bucketing)]
         data[name] = {"lengths": [len(t) for t, _ in ds.examples],
-                      "targets": [int(m[1:].sum()) for _, m in ds.examples], "ours_batch_shapes": shapes}
+                      "targets": [int(m[1:].sum()) for _, m in ds.examples], "ours_batch_calls": calls}
     return {"facts": _facts(), "matmul_peak_gflops": peak, "compute_dtype": str(dtype).replace("mlx.core.", ""),
-            "shape": shape, "data": data}
+            "shape": shape, "data": data, "val": val}
 
 
 class _Recorder:
@@ -111,10 +118,11 @@ class _Recorder:
 
     def __init__(self):
         self.steps = []
-        self.start = self.end = None
+        self.start = self.end = self.trainer = None
 
     def on_train_start(self, trainer):
         self.start = time.perf_counter()
+        self.trainer = trainer
 
     def on_train_end(self, trainer, result):
         self.end = time.perf_counter()
@@ -135,10 +143,17 @@ def ours(spec: dict) -> dict:
     rec = _Recorder()
     t0 = time.perf_counter()
     result = mlx_lora.train(cfg, progress=False, overwrite=True, callbacks=[rec])
-    return {"facts": _facts(), "steps": rec.steps, "train_wall_s": rec.end - rec.start,
-            "process_train_call_s": time.perf_counter() - t0, "trained_tokens": result.trained_tokens,
-            "peak_memory_gb": mx.get_peak_memory() / 1e9, "adapter": cfg.out,
-            "process_peak_rss_gb": _rss_gb()}
+    out = {"facts": _facts(), "steps": rec.steps, "train_wall_s": rec.end - rec.start,
+           "process_train_call_s": time.perf_counter() - t0, "trained_tokens": result.trained_tokens,
+           "peak_memory_gb": mx.get_peak_memory() / 1e9, "adapter": cfg.out,
+           "process_peak_rss_gb": _rss_gb()}
+    if spec.get("valid_data"):
+        from mlx_lm.utils import load_tokenizer
+
+        from mlx_lora.models import resolve
+
+        out["val"] = validation(rec.trainer.model, load_tokenizer(resolve(cfg.model.path)[0]), spec)
+    return out
 
 
 def _our_trainer(spec: dict, before_trainer=None):
@@ -226,7 +241,10 @@ def lockstep(spec: dict) -> dict:
         # mlx-lm's mask (tuner.trainer.default_loss): target j+1 counts when offset <= j+1 <= length.
         pos = np.arange(1, targets.shape[1] + 1)
         mask = ((pos >= lengths[:, :1]) & (pos <= lengths[:, 1:])).astype(np.float32)
-        mlx_batches.append(Batch(tokens[:, :-1].astype(np.int32), targets.astype(np.int32), mask))
+        # Each row fills positions 0..length-1 (its last target is the padding token after it), so
+        # our default step may run it at its own length like any of our rows.
+        filled = np.minimum(lengths[:, 1], targets.shape[1])
+        mlx_batches.append(Batch(tokens[:, :-1].astype(np.int32), targets.astype(np.int32), mask, None, filled))
     steps = _timed_steps(trainer, mlx_batches)
     return {"facts": _facts(), "steps": steps}
 
@@ -295,42 +313,39 @@ def mlx_lm(spec: dict) -> dict:
     if n_record:
         recorded["n"] = np.array(min(n_record, len(shapes)))
         np.savez(spec["record_file"], **recorded)
+    peak = mx.get_peak_memory() / 1e9
     return {"facts": _facts(), "steps": steps, "train_wall_s": wall,
-            "trained_tokens": sum(s["tokens"] for s in steps), "peak_memory_gb": mx.get_peak_memory() / 1e9,
-            "batch_shapes": shapes[:len(steps)],
+            "trained_tokens": sum(s["tokens"] for s in steps), "peak_memory_gb": peak,
+            "batch_shapes": shapes[:len(steps)], "val": validation(model, tokenizer, spec),
             "adapter": str(adapter_dir), "weights_dtype": str(model.layers[0].self_attn.q_proj.linear.weight.dtype),
             "process_peak_rss_gb": _rss_gb()}
 
 
-def evaluate(spec: dict) -> dict:
-    """Per-example summed target loss and target count on the validation rows, for the base model
-    and each adapter, all with this project's evaluator (one code path for every adapter)."""
+def validation(model, tokenizer, spec: dict):
+    """Per-row summed target loss and target count of ``model`` on the validation rows
+    (``spec["valid_data"]``), one row per forward, no padding: the one evaluator every adapter
+    (and the base model) is scored by, in the process that trained it. None without rows."""
     import mlx.core as mx
 
-    from mlx_lora import adapters
     from mlx_lora.config import DataConfig
     from mlx_lora.data import load_datasets
     from mlx_lora.losses import masked_cross_entropy
-    from mlx_lora.models import load_model
 
-    out = {}
-    for name, adapter in [("base", None)] + list(spec["adapters"].items()):
-        model, tokenizer, _ = load_model(spec["model"])
-        if adapter:
-            adapters.load_adapter(model, adapter)
-        model.eval()
-        ds = load_datasets(DataConfig(path=spec["data"], valid_fraction=0.0, max_seq_length=spec["max_seq_length"]),
-                           tokenizer, splits=("train",)).train
-        losses, counts = [], []
-        for tokens, mask in ds.examples:
-            x = mx.array(tokens[None, :-1])
-            y = mx.array(tokens[None, 1:])
-            m = mx.array(mask[None, 1:].astype("float32"))
-            loss, n = masked_cross_entropy(model, x, y, m)
-            losses.append(loss.item())
-            counts.append(n.item())
-        out[name] = {"loss_sums": losses, "targets": counts}
-    return {"facts": _facts(), "results": out}
+    if not spec.get("valid_data"):
+        return None
+    training = model.training
+    model.eval()
+    ds = load_datasets(DataConfig(path=spec["valid_data"], valid_fraction=0.0, max_seq_length=spec["max_seq_length"]),
+                       tokenizer, splits=("train",), cache_dir=None).train
+    losses, counts = [], []
+    t0 = time.perf_counter()
+    for tokens, mask in ds.examples:
+        loss, n = masked_cross_entropy(model, mx.array(tokens[None, :-1]), mx.array(tokens[None, 1:]),
+                                       mx.array(mask[None, 1:].astype("float32")))
+        losses.append(loss.item())
+        counts.append(n.item())
+    model.train(training)
+    return {"loss_sums": losses, "targets": counts, "seconds": time.perf_counter() - t0}
 
 
 def _rss_gb() -> float:
@@ -341,8 +356,7 @@ def _rss_gb() -> float:
     return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
 
-KINDS = {"probe": probe, "ours": ours, "batches": batches, "mlx_lm": mlx_lm, "lockstep": lockstep,
-         "eval": evaluate}
+KINDS = {"probe": probe, "ours": ours, "batches": batches, "mlx_lm": mlx_lm, "lockstep": lockstep}
 
 if __name__ == "__main__":
     spec = json.loads(Path(sys.argv[1]).read_text())

@@ -78,10 +78,10 @@ class DataConfig:
     """None uses the tokenizer's template; 'chatml' (built in) or a path to a .jinja file."""
     packing: bool = False
     """Pack several short examples per row; a block-diagonal mask keeps them apart."""
-    length_bucketing: bool = True
-    """Batch examples of similar length together: less padding, faster steps. Each step then sees
-    only short or only long examples, which cost validation loss in short runs (bench/RESULTS.md);
-    false draws every batch at random."""
+    length_bucketing: bool = False
+    """Batch examples of similar length together (less padding where train.length_groups is off).
+    Each step then sees only short or only long examples, which cost validation loss in short runs
+    (bench/RESULTS.md); the default draws every batch at random."""
     overlong: str = "truncate"
     """What to do with an example longer than max_seq_length: truncate, skip or error."""
     cache: bool = True
@@ -136,6 +136,13 @@ class TrainConfig:
     """Apply the output layer and cross-entropy this many tokens at a time, computing their
     gradient in the same pass, so the full [tokens x vocab] logits never exist (same loss and
     gradients, same speed); null computes all logits at once."""
+    length_groups: Optional[bool] = None
+    """Run each batch as groups of rows of similar length, each padded only to its own longest
+    row, and sum their gradients into the one optimizer step: the update of the whole batch
+    (same examples, same loss) without computing its padding. null (auto): on for the CPU, where
+    a one-row call is as efficient per position as a batch, so every row runs alone; off on a
+    GPU, which wants many rows per call (true there groups up to batch_size rows, trading
+    padding against calls). Packed batches always run whole."""
     compile: bool = True
     """Compile the training step with mx.compile (faster; off for debugging)."""
     seed: int = 0

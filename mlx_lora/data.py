@@ -49,6 +49,8 @@ _SIGNATURES = (
     ("alpaca", ("instruction", "output")),
     ("text", ("text",)),
 )
+PAD_MULTIPLE = 32
+"""Batches are padded to a multiple of this many positions, so compiled steps see few shapes."""
 BUCKET_BATCHES = 50
 """Global batches per length-sorted chunk: larger chunks pad less but make batches less random."""
 _CACHE_VERSION = 1
@@ -691,6 +693,8 @@ class Batch:
     """[B, L] float32: 1.0 where targets[b, t] is a target token; 0.0 on padding."""
     segments: Optional[np.ndarray] = None
     """[B, L] int32 when packed: 1..k = which example of the row, 0 = padding; None otherwise."""
+    lengths: Optional[np.ndarray] = None
+    """[B] int: positions each row fills (the rest is padding); None when not known."""
 
     @property
     def ntokens(self) -> int:
@@ -768,6 +772,7 @@ def _make_batch(ds: TokenizedDataset, rows: list[np.ndarray], length: int, packe
     targets = np.zeros((B, length), np.int32)
     loss = np.zeros((B, length), np.float32)
     segments = np.zeros((B, length), np.int32) if packed else None
+    lengths = np.zeros(B, np.int64)
     for b, members in enumerate(rows):
         at = 0
         for k, e in enumerate(members):
@@ -779,7 +784,8 @@ def _make_batch(ds: TokenizedDataset, rows: list[np.ndarray], length: int, packe
             if packed:
                 segments[b, at : at + n] = k + 1
             at += n
-    return Batch(inputs, targets, loss, segments)
+        lengths[b] = at
+    return Batch(inputs, targets, loss, segments, lengths)
 
 
 def iterate_batches(
@@ -794,8 +800,8 @@ def iterate_batches(
     loop: bool = True,
     rank: int = 0,
     world_size: int = 1,
-    pad_multiple: int = 32,
-    bucketing: bool = True,
+    pad_multiple: int = PAD_MULTIPLE,
+    bucketing: bool = False,
 ) -> Iterator[tuple[Batch, BatchPosition]]:
     """Yield ``(batch for this rank, position after it)``.
 
@@ -835,6 +841,40 @@ def iterate_batches(
         if not loop:
             return
         epoch, index = epoch + 1, 0
+
+
+def length_groups(lengths: np.ndarray, max_rows: int, *, pad_multiple: int = PAD_MULTIPLE, cap: Optional[int] = None,
+                  overhead: int = 0) -> list[tuple[np.ndarray, int]]:
+    """Split one batch's rows into groups of similar length, each padded only to its own longest
+    row: ``[(row indices, padded length), ...]``, at most ``max_rows`` rows per group.
+
+    Their gradients summed give the step of the whole batch (the loss is a sum over target
+    tokens), so this changes how much padding is computed, not what is learned. The split
+    minimises ``sum(rows * padded length + overhead)`` over groups of consecutive rows in length
+    order (exact, by dynamic programming); ``overhead`` is the fixed cost of one more call, in
+    positions (a GPU wants large groups, a CPU barely minds small ones). Lengths are rounded up to
+    a multiple of ``pad_multiple`` (capped at ``cap``) so compiled steps see few shapes."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = np.argsort(lengths, kind="stable")
+    padded = -(-np.maximum(lengths[order], 1) // pad_multiple) * pad_multiple
+    if cap is not None:
+        padded = np.minimum(padded, cap)
+    best = [0] + [None] * n  # best[j]: cost of the first j rows (in length order)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_rows), j):
+            c = best[i] + (j - i) * int(padded[j - 1]) + overhead
+            if best[j] is None or c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
+    while j > 0:
+        i = cut[j]
+        groups.append((order[i:j], int(padded[j - 1])))
+        j = i
+    return groups[::-1]
 
 
 def attention_mask_from_segments(segments: np.ndarray) -> np.ndarray:

@@ -3,14 +3,15 @@
 The job is set up exactly as :func:`mlx_lora.api.train` would (model, data, adapter, trainer,
 batching), then:
 
-- the batch with the most positions among those of the longest padded length runs once after
+- the batch holding the longest call (the trainer may run a batch's rows in calls of their own
+  length, ``train.length_groups``), with the most rows among those, runs once after
   ``mx.reset_peak_memory()``: its peak is the job's peak (activations grow with rows x length
-  and attention with length^2, and every other batch is smaller in both);
-- a typical batch (median padded size) and the longest batch run twice each; the second runs,
-  free of compilation, fit ``seconds = positions * (a + b * length)`` (per-position work plus
-  attention), which prices every batch of the epoch plan;
-- the first run of the typical batch minus its second run is the compile cost, paid once per
-  distinct batch shape.
+  and attention with length^2, and every other call is smaller in both);
+- a typical batch (median positions) and the longest batch run twice each; the second runs,
+  free of compilation, fit ``seconds = sum over calls of positions * (a + b * length)``
+  (per-position work plus attention), which prices every batch of the epoch plan;
+- the first run of the typical batch minus its second run, per call shape it met, is the
+  compile cost, paid once per distinct call shape.
 
 Nothing is written: no run folder, no adapter. The measured steps do update the in-memory adapter,
 which is then discarded.
@@ -33,10 +34,9 @@ class MeasuredBatch:
     first_s: float
     """First run: includes tracing and compiling this shape."""
     second_s: float
-
-    @property
-    def positions(self) -> int:
-        return self.rows * self.length
+    positions: int
+    """Positions computed (the batch's rows may run in calls of their own lengths)."""
+    calls: int = 1
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Estimate:
         out = [
             f"dry run   {self.backend}, compute {self.dtype}, {self.loss}; measured 4 steps, nothing written",
             f"memory    peak {fmt_bytes(self.peak_memory_bytes)}{avail}{fit} (longest batch: {lg.rows} x {lg.length} "
-            f"positions)",
+            f"positions{_calls(lg)})",
             f"speed     {ty.target_tokens / ty.second_s:,.0f} target tokens/s on a typical batch ({ty.rows} x {ty.length}), "
             f"{lg.target_tokens / lg.second_s:,.0f} on the longest; {self.tokens_per_s:,.0f} over the whole run",
             f"run       {self.total_steps:,} steps, {self.target_tokens:,} target tokens: about "
@@ -86,6 +86,10 @@ class Estimate:
             f"evaluation and checkpoints extra)",
         ]
         return out + [f"note      {n}" for n in self.notes]
+
+
+def _calls(m: MeasuredBatch) -> str:
+    return f", run as {m.calls} calls of their own length" if m.calls > 1 else ""
 
 
 def _duration(s: float) -> str:
@@ -96,23 +100,23 @@ def _duration(s: float) -> str:
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
-def _plan(trainer) -> list[tuple[int, int, int]]:
-    """(rows, padded length, target tokens) of every batch of one epoch, in order."""
+def _plan(trainer) -> list[tuple[int, int, int, list[tuple[int, int]]]]:
+    """(rows, padded length, target tokens, [(rows, length) of each call]) of every batch of one
+    epoch, in order; the calls are how the trainer runs the batch (see Trainer.micro_batches)."""
+    return [(b.inputs.shape[0], b.inputs.shape[1], b.ntokens, [(len(r), l) for r, l in trainer.micro_batches(b) if len(r)])
+            for b, _ in _batches(trainer)]
+
+
+def _batches(trainer):
     from .data import iterate_batches
 
     t, d = trainer.cfg.train, trainer.cfg.data
-    it = iterate_batches(trainer.train_set, t.batch_size * t.grad_accum, max_seq_length=d.max_seq_length,
-                         seed=t.seed, shuffle=True, packing=d.packing, loop=False, bucketing=d.length_bucketing)
-    return [(b.inputs.shape[0], b.inputs.shape[1], b.ntokens) for b, _ in it]
+    return iterate_batches(trainer.train_set, t.batch_size * t.grad_accum, max_seq_length=d.max_seq_length,
+                           seed=t.seed, shuffle=True, packing=d.packing, loop=False, bucketing=d.length_bucketing)
 
 
 def _batch_at(trainer, index: int):
-    from .data import iterate_batches
-
-    t, d = trainer.cfg.train, trainer.cfg.data
-    it = iterate_batches(trainer.train_set, t.batch_size * t.grad_accum, max_seq_length=d.max_seq_length,
-                         seed=t.seed, shuffle=True, packing=d.packing, loop=False, bucketing=d.length_bucketing)
-    for i, (b, _) in enumerate(it):
+    for i, (b, _) in enumerate(_batches(trainer)):
         if i == index:
             return b
     raise IndexError(index)
@@ -122,6 +126,11 @@ def _timed(trainer, batch) -> float:
     t0 = time.perf_counter()
     trainer.step_on(batch)
     return time.perf_counter() - t0
+
+
+def _work(calls) -> tuple[int, int]:
+    """(positions, positions x length) computed by a batch's calls."""
+    return sum(r * l for r, l in calls), sum(r * l * l for r, l in calls)
 
 
 def estimate(cfg: Config, *, log=None) -> Estimate:
@@ -144,40 +153,46 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
     model.train()
 
     plan = _plan(trainer)
-    sizes = [r * l for r, l, _ in plan]
-    longest_len = max(l for _, l, _ in plan)
-    i_long = max((i for i, (_, l, _) in enumerate(plan) if l == longest_len), key=lambda i: sizes[i])
-    order = sorted(range(len(plan)), key=lambda i: sizes[i])
+    # The peak: the longest call, and among those the one with the most rows.
+    peak_call = [max((l, r * l) for r, l in calls) for *_, calls in plan]
+    i_long = max(range(len(plan)), key=lambda i: peak_call[i])
+    order = sorted(range(len(plan)), key=lambda i: _work(plan[i][3])[0])
     i_typ = order[len(order) // 2]
     notes = []
     if trainer.world > 1:
         notes.append(f"per rank of {trainer.world}: each rank holds its own copy of this peak")
 
+    def measured(i, first, second):
+        rows, length, ntok, calls = plan[i]
+        return MeasuredBatch(rows, length, ntok, first, second, _work(calls)[0], len(calls))
+
     say(f"measuring a typical batch {plan[i_typ][0]} x {plan[i_typ][1]} ...")
     typ_batch = _batch_at(trainer, i_typ)
-    typ = MeasuredBatch(plan[i_typ][0], plan[i_typ][1], plan[i_typ][2], _timed(trainer, typ_batch), _timed(trainer, typ_batch))
+    typ = measured(i_typ, _timed(trainer, typ_batch), _timed(trainer, typ_batch))
     say(f"measuring the longest batch {plan[i_long][0]} x {plan[i_long][1]} ...")
     long_batch = _batch_at(trainer, i_long)
     mx.clear_cache()
     mx.reset_peak_memory()
     first = _timed(trainer, long_batch)
     peak = int(mx.get_peak_memory())
-    lng = MeasuredBatch(plan[i_long][0], plan[i_long][1], plan[i_long][2], first, _timed(trainer, long_batch))
+    lng = measured(i_long, first, _timed(trainer, long_batch))
 
-    # seconds(batch) = positions * (a + b * length), through the two compile-free measurements.
-    (p1, l1, s1), (p2, l2, s2) = (typ.positions, typ.length, typ.second_s), (lng.positions, lng.length, lng.second_s)
-    if l1 != l2:
-        b = (s2 / p2 - s1 / p1) / (l2 - l1)
-        b = max(b, 0.0)  # noise can make the attention term negative; per-position cost alone then
-        a = max(s1 / p1 - b * l1, 0.0) if b else s1 / p1
-    else:
+    # seconds(batch) = sum over its calls of positions * (a + b * length) (per-position work plus
+    # attention), through the two compile-free measurements.
+    (p1, q1), (p2, q2) = _work(plan[i_typ][3]), _work(plan[i_long][3])
+    s1, s2 = typ.second_s, lng.second_s
+    det = p1 * q2 - p2 * q1
+    a = b = -1.0
+    if abs(det) > 1e-9 * p1 * q2:
+        a, b = (s1 * q2 - s2 * q1) / det, (p1 * s2 - p2 * s1) / det
+    if a < 0 or b < 0:  # equal shapes, or noise making one term negative: per-position cost alone
         a, b = (s1 + s2) / (p1 + p2), 0.0
-    epoch_s = sum(r * l * (a + b * l) for r, l, _ in plan)
+    epoch_s = sum(a * p + b * q for p, q in (_work(calls) for *_, calls in plan))
     per_step = epoch_s / len(plan)
     steps = trainer.total_steps
-    shapes = len({(r, l) for r, l, _ in plan})
-    compile_s = max(typ.first_s - typ.second_s, 0.0) * shapes
-    epoch_tokens = sum(n for _, _, n in plan)
+    shapes = len({c for *_, calls in plan for c in calls})
+    compile_s = max(typ.first_s - typ.second_s, 0.0) / len(set(plan[i_typ][3])) * shapes
+    epoch_tokens = sum(n for _, _, n, _ in plan)
     tokens = round(epoch_tokens * steps / len(plan))
 
     available = None

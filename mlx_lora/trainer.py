@@ -19,13 +19,15 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from . import distributed as dist
 from .checkpoints import RunDir, TrainState
 from .config import Config
-from .data import BatchPosition, TokenizedDataset, attention_mask_from_segments, iterate_batches, num_batches
+from .data import (PAD_MULTIPLE, BatchPosition, TokenizedDataset, attention_mask_from_segments, iterate_batches,
+                   length_groups, num_batches)
 from .errors import MlxLoraError
 from .losses import make_loss
 
@@ -59,6 +61,7 @@ def interrupts_deferred(enabled: bool = True):
                 os.kill(os.getpid(), signum)  # the default action, now that the step is whole
 
 
+GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
 MAX_CONSECUTIVE_SKIPS = 20  # with nan_policy "skip": give up after this many bad steps in a row
 
 
@@ -186,6 +189,23 @@ def enable_attention_checkpoint(model: nn.Module, min_length: int = 0) -> int:
     return changed
 
 
+def micro_batches(batch, t, gpu: bool) -> list[tuple[np.ndarray, int]]:
+    """The calls one optimizer step on ``batch`` is computed in: [(row indices, positions)].
+
+    With ``train.length_groups`` (auto: on for the CPU) and unpacked rows, rows of similar length
+    run together, each group cut to its own padded length (data.length_groups): a CPU runs a
+    one-row call as efficiently per position as a batch (measured: bench/RESULTS.md), so each row
+    runs alone; a GPU needs many rows per call, so it groups up to batch_size rows and splits only
+    where that saves more padding than a call's assumed overhead. Otherwise grad_accum slices of
+    batch_size rows, padded to the batch's length."""
+    B, L = batch.inputs.shape
+    split = (not gpu) if t.length_groups is None else t.length_groups
+    if split and batch.segments is None and batch.lengths is not None:
+        return length_groups(batch.lengths, t.batch_size if gpu else 1, pad_multiple=PAD_MULTIPLE, cap=L,
+                             overhead=GROUP_OVERHEAD_GPU if gpu else 0)
+    return [(np.arange(m * t.batch_size, min((m + 1) * t.batch_size, B)), L) for m in range(t.grad_accum)]
+
+
 class Trainer:
     """Trains the adapter layers of ``model``. Collaborators come in as arguments."""
 
@@ -218,6 +238,7 @@ class Trainer:
         # Create the optimizer state now so the compiled update sees it as an input, not a new array.
         self.optimizer.init(model.trainable_parameters())
         self.state = TrainState(world_size=self.world)
+        self.on_gpu = mx.default_device() == mx.gpu
         if t.grad_checkpoint:
             enable_grad_checkpoint(model)
         elif t.checkpoint_attention is not False:  # None: auto
@@ -274,11 +295,13 @@ class Trainer:
     # -- helpers ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _arrays(batch, rows: slice = slice(None)):
+    def _arrays(batch, rows=slice(None), length: Optional[int] = None):
+        cols = slice(None) if length is None else slice(0, length)
         attn = None
         if batch.segments is not None:
-            attn = mx.array(attention_mask_from_segments(batch.segments[rows]))
-        return mx.array(batch.inputs[rows]), mx.array(batch.targets[rows]), mx.array(batch.loss_mask[rows]), attn
+            attn = mx.array(attention_mask_from_segments(batch.segments[rows, cols]))
+        return (mx.array(batch.inputs[rows, cols]), mx.array(batch.targets[rows, cols]),
+                mx.array(batch.loss_mask[rows, cols]), attn)
 
     def _emit(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -289,13 +312,18 @@ class Trainer:
     def _reduce(self, x: float, what: str = "a loss all_sum") -> float:
         return self.sync.sum([x], what)[0]
 
+    def micro_batches(self, batch) -> list[tuple[np.ndarray, int]]:
+        """How :meth:`_accumulate` runs ``batch``: see :func:`micro_batches`."""
+        return micro_batches(batch, self.cfg.train, self.on_gpu)
+
     def _accumulate(self, batch):
         """Summed loss, target tokens and summed gradients of this process's rows of ``batch``,
-        split into grad_accum micro-batches, evaluated (the update divides by the tokens)."""
-        t = self.cfg.train
+        run as :meth:`micro_batches`, evaluated (the update divides by the tokens)."""
         loss_sum, ntoks, grads = mx.array(0.0), mx.array(0.0), None
-        for micro in range(t.grad_accum):
-            inputs, targets, mask, attn = self._arrays(batch, slice(micro * t.batch_size, (micro + 1) * t.batch_size))
+        for rows, length in self.micro_batches(batch):
+            if len(rows) == 0:
+                continue
+            inputs, targets, mask, attn = self._arrays(batch, rows, length)
             if attn is None:
                 loss, n, g = self._fwd_bwd(inputs, targets, mask)
             else:
@@ -323,9 +351,11 @@ class Trainer:
         for i, (batch, _) in enumerate(it):
             if max_batches is not None and i >= max_batches:
                 break
-            inputs, targets, mask, attn = self._arrays(batch)
-            loss, n = self.loss.eval(self.model, inputs, targets, mask, attn)
-            total, ntoks = total + loss, ntoks + n
+            for rows, length in self.micro_batches(batch):
+                if len(rows):
+                    inputs, targets, mask, attn = self._arrays(batch, rows, length)
+                    loss, n = self.loss.eval(self.model, inputs, targets, mask, attn)
+                    total, ntoks = total + loss, ntoks + n
             mx.eval(total, ntoks)
         total_f, n_f = self.sync.sum([total.item(), ntoks.item()], "the validation loss all_sum")
         return (total_f / n_f if n_f else float("nan")), int(n_f)

@@ -472,7 +472,7 @@ def test_length_bucketing_pads_far_less_than_random_batches():
     expected_ours = 1 - q.sum() / (B * q[B - 1 :: B]).sum()
 
     real = area = 0
-    for batch, _ in D.iterate_batches(ds, B, max_seq_length=cap, seed=1, loop=False, pad_multiple=1):
+    for batch, _ in D.iterate_batches(ds, B, max_seq_length=cap, seed=1, loop=False, pad_multiple=1, bucketing=True):
         real += int(sum(len(r) for r in rows_of(batch)))
         area += batch.inputs.size
     ours = 1 - real / area
@@ -495,6 +495,43 @@ def test_length_bucketing_pads_far_less_than_random_batches():
         seen += [len(r) for r in rows]
     assert abs((1 - real / area) - expected_naive) < 0.1 * expected_naive
     assert sorted(seen) == sorted(positions.tolist())
+
+
+def test_length_groups_cover_each_row_once_with_the_least_padding():
+    """The split is exact (every row once, at most max_rows per group, each group padded to its
+    own longest row) and optimal: no split into groups has a lower cost (brute force)."""
+    import itertools
+
+    rng = np.random.default_rng(3)
+
+    def cost(groups, lengths, pm, overhead):
+        return sum(len(g) * -(-max(lengths[g]) // pm) * pm + overhead for g in groups)
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for k in range(len(rest) + 1):
+            for others in itertools.combinations(rest, k):
+                left = [x for x in rest if x not in others]
+                for p in partitions(left):
+                    yield [[first, *others]] + p
+
+    for trial in range(40):
+        n = int(rng.integers(1, 7))
+        lengths = rng.integers(1, 300, size=n)
+        max_rows, overhead = int(rng.integers(1, 5)), int(rng.choice([0, 16, 256]))
+        groups = D.length_groups(lengths, max_rows, pad_multiple=32, overhead=overhead)
+        rows = np.concatenate([g for g, _ in groups])
+        assert sorted(rows.tolist()) == list(range(n))
+        for g, length in groups:
+            assert 1 <= len(g) <= max_rows and length == -(-lengths[g].max() // 32) * 32
+        best = min(cost(p, lengths, 32, overhead) for p in partitions(list(range(n)))
+                   if all(len(g) <= max_rows for g in p))
+        assert cost([g for g, _ in groups], lengths, 32, overhead) == best
+    # one row per group when max_rows is 1; the cap bounds the padded length
+    assert [(g.tolist(), L) for g, L in D.length_groups(np.array([40, 7, 90]), 1, cap=64)] == [([1], 32), ([0], 64), ([2], 64)]
 
 
 def test_pad_multiple_and_cap():

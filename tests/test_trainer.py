@@ -106,11 +106,16 @@ def test_interrupt_and_resume_matches_uninterrupted_run(memo_model, chat8, tmp_p
     np.testing.assert_allclose(_losses(part), _losses(full), rtol=1e-4)
 
 
-def test_grad_accumulation_equals_larger_batch(memo_model, chat8, tmp_path):
+@pytest.mark.parametrize("other", [{"train.batch_size": 1, "train.grad_accum": 4, "train.length_groups": False},
+                                   {"train.batch_size": 4, "train.length_groups": True}],
+                         ids=["grad_accum", "length_groups"])
+def test_grad_accumulation_and_length_groups_equal_the_whole_batch(memo_model, chat8, tmp_path, other):
+    """4 micro-batches of 1 row, or rows grouped by length (each cut to its own length), take the
+    step of one padded batch of 4."""
     common = {"train.iters": 3, "train.lr": 1e-3, "train.seed": 1}
-    mlx_lora.train(_cfg(memo_model, chat8, tmp_path / "b4", **common, **{"train.batch_size": 4}), progress=False)
-    mlx_lora.train(_cfg(memo_model, chat8, tmp_path / "a4", **common,
-                        **{"train.batch_size": 1, "train.grad_accum": 4}), progress=False)
+    mlx_lora.train(_cfg(memo_model, chat8, tmp_path / "b4", **common,
+                        **{"train.batch_size": 4, "train.length_groups": False}), progress=False)
+    mlx_lora.train(_cfg(memo_model, chat8, tmp_path / "a4", **common, **other), progress=False)
     a, b = _adapter(tmp_path / "b4"), _adapter(tmp_path / "a4")
     assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
     # Adam divides by the gradient's running RMS, so float32 summation-order noise in tiny
@@ -301,3 +306,36 @@ def test_packed_training_memorises(memo_model, chat8, tmp_path):
     mlx_lora.train(cfg, progress=False)
     losses = _losses(run)
     assert losses[-1] < 0.2 * losses[0]
+
+
+def test_dry_run_predicts_the_jobs_peak_and_writes_nothing(memo_model, chat8, tmp_path):
+    """`train --dry-run` measures a few steps of the configured job: its peak is the peak a real
+    run of the same job reaches, its plan counts the job's steps and target tokens, and it writes
+    no run folder."""
+    from click.testing import CliRunner
+
+    from mlx_lora.cli import cli
+    from mlx_lora.estimate import estimate
+
+    run = tmp_path / "run"
+    cfg = _cfg(memo_model, chat8, run, **{"train.iters": 6, "train.batch_size": 4})
+    est = estimate(cfg)
+    assert not run.exists()
+    assert est.total_steps == 6 and est.train_seconds > 0 and est.shapes >= 1
+    # chat8 is 8 examples: 2 batches of 4 per epoch, 3 epochs in 6 steps
+    ds_tokens = sum(b.ntokens for b, _ in mlx_lora.data.iterate_batches(
+        mlx_lora.data.load_datasets(cfg.data, mlx_lora.models.load_model(str(memo_model))[1], seed=0,
+                                    splits=("train",)).train, 4, max_seq_length=cfg.data.max_seq_length,
+        seed=0, loop=False))
+    assert est.target_tokens == 3 * ds_tokens
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    mlx_lora.train(cfg, progress=False)
+    real = mx.get_peak_memory()
+    assert 0.5 * real <= est.peak_memory_bytes <= 1.5 * real, (est.peak_memory_bytes, real)
+
+    out = CliRunner().invoke(cli, ["train", "--model", str(memo_model), "--data", str(chat8), "--out",
+                                   str(tmp_path / "cli"), "--iters", "6", "--dry-run", "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert "peak" in out.output and "target tokens/s" in out.output and "6 steps" in out.output
+    assert not (tmp_path / "cli").exists()
