@@ -2,12 +2,16 @@
 
 For every prompt, both models score every position; per position ``p``:
 
-    top-1 agreement   = mean_p [argmax ref_p == argmax test_p]
-    relative error    = max_p  max_v |test_p,v - ref_p,v| / (max_v ref_p,v - min_v ref_p,v)
+    top-1 agreement    = mean_p [argmax ref_p == argmax test_p]
+    relative error e_p = max_v |test_p,v - ref_p,v| / (max_v ref_p,v - min_v ref_p,v)
 
 The relative error is normalised by the spread of the reference logits at that position, so it
 means the same for a random tiny model (logits near 0) and a trained one. Each export type has a
-threshold on both numbers (:data:`THRESHOLDS`); beyond them the export fails loudly.
+threshold (:data:`THRESHOLDS`) on the top-1 agreement and on the typical error, the 90th
+percentile of ``e_p`` over positions; beyond them the export fails loudly. The worst position is
+reported too but not judged: a wrong file (tensor, layout, scale, rope) is wrong at nearly every
+position, while correct rounding can be amplified at a single sensitive position (measured: an
+f16 fine-tune of SmolLM2-135M at 1.5e-2 on one position of 89, under 3e-3 at all others).
 
 GGUF files are read back without llama.cpp: the tensors are dequantized with the gguf package
 (``gguf.quants.dequantize``), mapped back to Hugging Face names, loaded into the mlx-lm model
@@ -35,8 +39,12 @@ CHAT_PROMPT = "What is the code word for the red apple?"
 
 @dataclass(frozen=True)
 class Threshold:
-    max_rel_error: float
+    rel_error: float
+    """Limit on the typical (90th-percentile position's) relative error."""
     min_top1: float
+
+
+PERCENTILE = 90
 
 
 # Calibrated on SmolLM2-135M with a trained LoRA (the worst case: small models lose the most to
@@ -69,16 +77,19 @@ class Comparison:
     top1_agreement: float
     max_rel_error: float
     threshold: Threshold
+    typical_rel_error: float = math.nan
+    """The 90th-percentile position's relative error (the judged one)."""
 
     @property
     def ok(self) -> bool:
-        return self.max_rel_error <= self.threshold.max_rel_error and self.top1_agreement >= self.threshold.min_top1
+        return self.typical_rel_error <= self.threshold.rel_error and self.top1_agreement >= self.threshold.min_top1
 
     def line(self) -> str:
         mark = "ok" if self.ok else "FAILED"
         return (f"verify {self.what} [{self.kind}]: top-1 agreement {self.top1_agreement:.1%} over "
-                f"{self.positions} positions, max relative logit error {self.max_rel_error:.2e} "
-                f"(limits: >= {self.threshold.min_top1:.0%}, <= {self.threshold.max_rel_error:.2g}) {mark}")
+                f"{self.positions} positions, relative logit error {self.typical_rel_error:.2e} at the "
+                f"{PERCENTILE}th-percentile position, {self.max_rel_error:.2e} at the worst "
+                f"(limits: >= {self.threshold.min_top1:.0%}, <= {self.threshold.rel_error:.2g}) {mark}")
 
 
 @dataclass
@@ -131,23 +142,32 @@ def logits(model, token_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
     return out
 
 
-def compare(ref: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> tuple[float, float, int]:
-    """(top-1 agreement, max relative error, positions); see the module docstring."""
-    agree, total, worst = 0, 0, 0.0
+def position_errors(ref: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> tuple[float, np.ndarray]:
+    """(top-1 agreement, relative error of every position); see the module docstring."""
+    agree, errs = 0, []
     for r, t in zip(ref, test):
         if r.shape != t.shape:
             raise ExportError(f"logit shapes differ: {r.shape} vs {t.shape}")
         agree += int((r.argmax(-1) == t.argmax(-1)).sum())
-        total += r.shape[0]
         spread = np.maximum(r.max(-1) - r.min(-1), 1e-12)
         err = np.abs(t - r).max(-1) / spread
-        worst = max(worst, float(err.max())) if np.all(np.isfinite(err)) else math.inf
-    return agree / max(total, 1), worst, total
+        errs.append(np.where(np.isfinite(err), err, math.inf))
+    errs = np.concatenate(errs) if errs else np.zeros(0)
+    return agree / max(len(errs), 1), errs
+
+
+def compare(ref: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> tuple[float, float, int]:
+    """(top-1 agreement, max relative error, positions); see the module docstring."""
+    top1, errs = position_errors(ref, test)
+    return top1, float(errs.max()) if len(errs) else 0.0, len(errs)
 
 
 def compare_models(ref_logits: Sequence[np.ndarray], model, token_lists, what: str, kind: str) -> Comparison:
-    top1, err, n = compare(ref_logits, logits(model, token_lists))
-    return Comparison(what, kind, n, top1, err, THRESHOLDS[kind])
+    top1, errs = position_errors(ref_logits, logits(model, token_lists))
+    typical = float(np.percentile(errs, PERCENTILE)) if len(errs) else 0.0
+    if not np.isfinite(errs).all():
+        typical = math.inf  # a non-finite logit anywhere is a broken file
+    return Comparison(what, kind, len(errs), top1, float(errs.max()) if len(errs) else 0.0, THRESHOLDS[kind], typical)
 
 
 # ---------------------------------------------------------------------------------------------

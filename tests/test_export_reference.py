@@ -105,7 +105,7 @@ def test_kquants_from_llama_cpps_quantizer_run_in_llama_cpp(tmp_path, tiny_model
         assert st.verify.ok
         tokens = V.prompts(fm.tokenizer)
         _, err, _ = V.compare(V.logits(fm.model, tokens), llama_cpp_logits(_llama(st.path), tokens))
-        assert err < V.THRESHOLDS[type_name].max_rel_error, (type_name, err)
+        assert err < V.THRESHOLDS[type_name].rel_error, (type_name, err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_smollm2_gguf_greedy_continuations_match_mlx(smol, type_name):
         got = llama_cpp_greedy(llm, prompt, 24)
         assert got == want, (type_name, fm.tokenizer.decode(want), fm.tokenizer.decode(got))
     top1, err, _ = V.compare(V.logits(fm.model, smol["prompts"]), llama_cpp_logits(llm, smol["prompts"]))
-    assert top1 >= V.THRESHOLDS[type_name].min_top1 and err < V.THRESHOLDS[type_name].max_rel_error
+    assert top1 >= V.THRESHOLDS[type_name].min_top1 and err < V.THRESHOLDS[type_name].rel_error
 
 
 def test_smollm2_base_gguf_plus_gguf_lora_matches_fused(smol):

@@ -186,6 +186,32 @@ def test_quantized_export_reports_error_relative_to_the_adapter(tmp_path, tiny_l
     assert any(line.startswith("verify GGUF [q4_0]") for line in lines)
 
 
+def test_verification_judges_the_typical_position_and_fails_a_wrong_tensor(tiny_llama):
+    """A wrong tensor is wrong at nearly every position and fails; rounding amplified at one
+    sensitive position (the worst position far above the rest) is reported but passes."""
+    from mlx_lora.models import load_model
+
+    model, tok, _ = load_model(str(tiny_llama))
+    tokens = V.prompts(tok)
+    ref = V.logits(model, tokens)
+    broken, _, _ = load_model(str(tiny_llama), with_tokenizer=False)
+    o = broken.model.layers[0].self_attn.o_proj
+    o.weight = o.weight.T  # a square tensor written in the wrong layout
+    c = V.compare_models(ref, broken, tokens, "GGUF", "q8_0")
+    assert not c.ok and c.typical_rel_error > 0.2 and c.top1_agreement < 0.5, c.line()
+
+    class OnePositionOff:  # the reference model, but one position's logits moved by 0.5 x spread
+        def __call__(self, x):
+            y = np.array(model(x))
+            if x.shape[1] == len(tokens[0]):
+                y[0, 3] += 0.5 * (y[0, 3].max() - y[0, 3].min()) * (np.arange(y.shape[-1]) == 0)
+            return mx.array(y)
+
+    c = V.compare_models(ref, OnePositionOff(), tokens, "GGUF", "f16")
+    assert c.ok and c.max_rel_error == pytest.approx(0.5, rel=1e-3) and c.typical_rel_error < 1e-6, c.line()
+    assert "at the worst" in c.line()
+
+
 def test_quantized_verification_failure_explains_itself(tmp_path, tiny_llama, monkeypatch):
     ad = make_adapter(tiny_llama, tmp_path / "ad")
     monkeypatch.setitem(V.THRESHOLDS, "q4_1", V.Threshold(1e-9, 1.0))
