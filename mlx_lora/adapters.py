@@ -11,7 +11,6 @@ Adapter folders written by mlx-lm (``adapters.safetensors``) load too.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path

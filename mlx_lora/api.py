@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional, TextIO
 
-from .config import Config, to_yaml, validate
+from .config import Config, validate
 from .errors import CheckpointError, MlxLoraError
 
 
@@ -22,7 +22,7 @@ def _is_rank0() -> bool:
 
 
 def banner_lines(cfg: Config, info, trainable: int, total: int, splits, steps: int, world: int) -> list[str]:
-    from .backend import fmt_bytes, summary
+    from .backend import summary
 
     facts = summary(info.dtype)
     lines = [f"backend   {facts['backend']} ({facts['device_name']}), compute {facts['compute_dtype']}, "

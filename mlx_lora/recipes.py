@@ -30,8 +30,6 @@ conservative where a backend has a fused attention backward pass.
 from __future__ import annotations
 
 import difflib
-import math
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
