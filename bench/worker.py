@@ -70,7 +70,7 @@ def probe(spec: dict) -> dict:
     from mlx_lora.config import DataConfig, LoraConfig, TrainConfig
     from mlx_lora.data import iterate_batches, load_datasets
     from mlx_lora.models import load_model
-    from mlx_lora.trainer import micro_batches
+    from mlx_lora.trainer import call_overhead, micro_batches
 
     dtype = backend.compute_dtype(spec.get("dtype", "auto"))
     # Matmul peak of this backend in the compute dtype: the best of a few square sizes.
@@ -98,12 +98,13 @@ def probe(spec: dict) -> dict:
     data = {}
     tcfg = TrainConfig(batch_size=spec["batch_size"])
     gpu = backend.backend_name() != "cpu"
+    overhead = call_overhead(model, gpu)
     for name, folder in spec.get("data", {}).items():
         dcfg = DataConfig(path=folder, valid_fraction=0.0, max_seq_length=spec["max_seq_length"])
         ds = load_datasets(dcfg, tokenizer, seed=0, splits=("train",)).train
         # The batches our trainer will build for one epoch (same function, data and seed), and
         # the calls it computes each in ([rows, positions] each).
-        calls = [[[len(r), l] for r, l in micro_batches(b, tcfg, gpu)] for b, _ in iterate_batches(
+        calls = [[[len(r), l] for r, l in micro_batches(b, tcfg, gpu, overhead)] for b, _ in iterate_batches(
             ds, spec["batch_size"], max_seq_length=spec["max_seq_length"], seed=spec["seed"], loop=False,
             bucketing=dcfg.length_bucketing)]
         data[name] = {"lengths": [len(t) for t, _ in ds.examples],

@@ -140,9 +140,10 @@ class TrainConfig:
     """Run each batch as groups of rows of similar length, each padded only to its own longest
     row, and sum their gradients into the one optimizer step: the update of the whole batch
     (same examples, same loss) without computing its padding. null (auto): on for the CPU, where
-    a one-row call is as efficient per position as a batch, so every row runs alone; off on a
-    GPU, which wants many rows per call (true there groups up to batch_size rows, trading
-    padding against calls). Packed batches always run whole."""
+    a one-row call of any real model is as efficient per position as a batch, so every row runs
+    alone (a tiny model, whose calls cost more than its positions, groups rows); off on a GPU,
+    which wants many rows per call (true there groups up to batch_size rows, trading padding
+    against calls). Packed batches always run whole."""
     compile: bool = True
     """Compile the training step with mx.compile (faster; off for debugging)."""
     seed: int = 0

@@ -62,6 +62,10 @@ def interrupts_deferred(enabled: bool = True):
 
 
 GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
+# On the CPU, one more call costs ~4 ms (a tiny llama: 23 ms for a step on 4 x 64 positions, 37 ms as
+# 4 one-row calls) and a position ~6 x parameters FLOPs at ~67 GFLOP/s (SmolLM2-135M: 12 ms per
+# position); both measured on a 2-core x86 box. A call thus costs this many positions / parameters.
+CPU_CALL_OVERHEAD = 4e-3 * 67e9 / 6
 MAX_CONSECUTIVE_SKIPS = 20  # with nan_policy "skip": give up after this many bad steps in a row
 
 
@@ -189,20 +193,30 @@ def enable_attention_checkpoint(model: nn.Module, min_length: int = 0) -> int:
     return changed
 
 
-def micro_batches(batch, t, gpu: bool) -> list[tuple[np.ndarray, int]]:
+def call_overhead(model: nn.Module, gpu: bool) -> float:
+    """The fixed cost of one more call of the training step, in positions of ``model``."""
+    if gpu:
+        return float(GROUP_OVERHEAD_GPU)
+    params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    return CPU_CALL_OVERHEAD / max(params, 1)
+
+
+def micro_batches(batch, t, gpu: bool, overhead: float = 0.0) -> list[tuple[np.ndarray, int]]:
     """The calls one optimizer step on ``batch`` is computed in: [(row indices, positions)].
 
     With ``train.length_groups`` (auto: on for the CPU) and unpacked rows, rows of similar length
-    run together, each group cut to its own padded length (data.length_groups): a CPU runs a
-    one-row call as efficiently per position as a batch (measured: bench/RESULTS.md), so each row
-    runs alone; a GPU needs many rows per call, so it groups up to batch_size rows and splits only
-    where that saves more padding than a call's assumed overhead. Otherwise grad_accum slices of
-    batch_size rows, padded to the batch's length."""
+    run together, each group cut to its own padded length (data.length_groups), trading padding
+    against the ``overhead`` of one more call (in positions, :func:`call_overhead`). Where a call
+    costs under one position (the CPU with any real model: a one-row call is as efficient per
+    position as a batch, measured in bench/RESULTS.md), each row runs alone, which also keeps the
+    compiled shapes to one per padded length; a tiny model or a GPU groups up to batch_size rows.
+    Otherwise grad_accum slices of batch_size rows, padded to the batch's length."""
     B, L = batch.inputs.shape
     split = (not gpu) if t.length_groups is None else t.length_groups
     if split and batch.segments is None and batch.lengths is not None:
-        return length_groups(batch.lengths, t.batch_size if gpu else 1, pad_multiple=PAD_MULTIPLE, cap=L,
-                             overhead=GROUP_OVERHEAD_GPU if gpu else 0)
+        alone = overhead < 1
+        return length_groups(batch.lengths, 1 if alone else t.batch_size, pad_multiple=PAD_MULTIPLE, cap=L,
+                             overhead=0 if alone else int(round(overhead)))
     return [(np.arange(m * t.batch_size, min((m + 1) * t.batch_size, B)), L) for m in range(t.grad_accum)]
 
 
@@ -239,6 +253,7 @@ class Trainer:
         self.optimizer.init(model.trainable_parameters())
         self.state = TrainState(world_size=self.world)
         self.on_gpu = mx.default_device() == mx.gpu
+        self.call_overhead = call_overhead(model, self.on_gpu)
         if t.grad_checkpoint:
             enable_grad_checkpoint(model)
         elif t.checkpoint_attention is not False:  # None: auto
@@ -314,7 +329,7 @@ class Trainer:
 
     def micro_batches(self, batch) -> list[tuple[np.ndarray, int]]:
         """How :meth:`_accumulate` runs ``batch``: see :func:`micro_batches`."""
-        return micro_batches(batch, self.cfg.train, self.on_gpu)
+        return micro_batches(batch, self.cfg.train, self.on_gpu, self.call_overhead)
 
     def _accumulate(self, batch):
         """Summed loss, target tokens and summed gradients of this process's rows of ``batch``,
