@@ -106,9 +106,15 @@ def _assert_same_adapter(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
     # Summation order differs (two partial sums vs one), which Adam's normalisation turns into
-    # ~1e-6 absolute noise in weights of ~1e-1.
+    # ~1e-6 absolute noise in weights of ~1e-1; where a gradient is itself near zero (lora_A's,
+    # while lora_B is still near its zero init) Adam divides the noise by that tiny gradient, so a
+    # rare element moves by up to ~1e-4 (measured: 1 of 512). A different computation (other rows,
+    # a missing reduction) moves every element: each tensor must agree as a whole to 1e-3 and in
+    # 99% of its elements to float32 summation noise.
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=2e-5, err_msg=k)
+        assert np.linalg.norm(a[k] - b[k]) <= 1e-3 * np.linalg.norm(b[k]), k
+        close = np.isclose(a[k], b[k], rtol=1e-3, atol=2e-5)
+        assert close.mean() >= 0.99, (k, int((~close).sum()), a[k].size)
 
 
 @pytest.fixture(scope="module")
