@@ -337,7 +337,7 @@ def validation(model, tokenizer, spec: dict):
     training = model.training
     model.eval()
     ds = load_datasets(DataConfig(path=spec["valid_data"], valid_fraction=0.0, max_seq_length=spec["max_seq_length"]),
-                       tokenizer, splits=("train",), cache_dir=None).train
+                       tokenizer, splits=("train",)).train
     losses, counts = [], []
     t0 = time.perf_counter()
     for tokens, mask in ds.examples:

@@ -788,6 +788,12 @@ def _make_batch(ds: TokenizedDataset, rows: list[np.ndarray], length: int, packe
     return Batch(inputs, targets, loss, segments, lengths)
 
 
+def padded_length(n, pad_multiple: int, cap: Optional[int] = None):
+    """``n`` positions (an int or an array) rounded up to a multiple of ``pad_multiple``, at most ``cap``."""
+    padded = -(-n // pad_multiple) * pad_multiple
+    return padded if cap is None else np.minimum(padded, cap)
+
+
 def iterate_batches(
     ds: TokenizedDataset,
     batch_size: int,
@@ -835,7 +841,7 @@ def iterate_batches(
             items = plan[i][rank * batch_size : (rank + 1) * batch_size]
             rows = [members[j] for j in items] if packing else [[j] for j in items]
             longest = int(item_sizes[items].max())
-            length = min(-(-longest // pad_multiple) * pad_multiple, max_seq_length)
+            length = int(padded_length(longest, pad_multiple, max_seq_length))
             after = BatchPosition(epoch, i + 1) if i + 1 < len(plan) else BatchPosition(epoch + 1, 0)
             yield _make_batch(ds, rows, length, packing), after
         if not loop:
@@ -859,9 +865,7 @@ def length_groups(lengths: np.ndarray, max_rows: int, *, pad_multiple: int = PAD
     if n == 0:
         return []
     order = np.argsort(lengths, kind="stable")
-    padded = -(-np.maximum(lengths[order], 1) // pad_multiple) * pad_multiple
-    if cap is not None:
-        padded = np.minimum(padded, cap)
+    padded = padded_length(np.maximum(lengths[order], 1), pad_multiple, cap)
     best = [0] + [None] * n  # best[j]: cost of the first j rows (in length order)
     cut = [0] * (n + 1)
     for j in range(1, n + 1):

@@ -103,7 +103,7 @@ def _duration(s: float) -> str:
 def _plan(trainer) -> list[tuple[int, int, int, list[tuple[int, int]]]]:
     """(rows, padded length, target tokens, [(rows, length) of each call]) of every batch of one
     epoch, in order; the calls are how the trainer runs the batch (see Trainer.micro_batches)."""
-    return [(b.inputs.shape[0], b.inputs.shape[1], b.ntokens, [(len(r), l) for r, l in trainer.micro_batches(b) if len(r)])
+    return [(b.inputs.shape[0], b.inputs.shape[1], b.ntokens, [(len(r), l) for r, l in trainer.micro_batches(b)])
             for b, _ in _batches(trainer)]
 
 

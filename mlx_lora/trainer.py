@@ -19,8 +19,8 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import distributed as dist
@@ -210,14 +210,15 @@ def micro_batches(batch, t, gpu: bool, overhead: float = 0.0) -> list[tuple[np.n
     costs under one position (the CPU with any real model: a one-row call is as efficient per
     position as a batch, measured in bench/RESULTS.md), each row runs alone, which also keeps the
     compiled shapes to one per padded length; a tiny model or a GPU groups up to batch_size rows.
-    Otherwise grad_accum slices of batch_size rows, padded to the batch's length."""
+    Otherwise slices of batch_size rows (grad_accum of them in a training batch), padded to the
+    batch's length."""
     B, L = batch.inputs.shape
     split = (not gpu) if t.length_groups is None else t.length_groups
     if split and batch.segments is None and batch.lengths is not None:
         alone = overhead < 1
         return length_groups(batch.lengths, 1 if alone else t.batch_size, pad_multiple=PAD_MULTIPLE, cap=L,
                              overhead=0 if alone else int(round(overhead)))
-    return [(np.arange(m * t.batch_size, min((m + 1) * t.batch_size, B)), L) for m in range(t.grad_accum)]
+    return [(np.arange(s, min(s + t.batch_size, B)), L) for s in range(0, B, t.batch_size)]
 
 
 class Trainer:
@@ -336,8 +337,6 @@ class Trainer:
         run as :meth:`micro_batches`, evaluated (the update divides by the tokens)."""
         loss_sum, ntoks, grads = mx.array(0.0), mx.array(0.0), None
         for rows, length in self.micro_batches(batch):
-            if len(rows) == 0:
-                continue
             inputs, targets, mask, attn = self._arrays(batch, rows, length)
             if attn is None:
                 loss, n, g = self._fwd_bwd(inputs, targets, mask)
@@ -367,10 +366,9 @@ class Trainer:
             if max_batches is not None and i >= max_batches:
                 break
             for rows, length in self.micro_batches(batch):
-                if len(rows):
-                    inputs, targets, mask, attn = self._arrays(batch, rows, length)
-                    loss, n = self.loss.eval(self.model, inputs, targets, mask, attn)
-                    total, ntoks = total + loss, ntoks + n
+                inputs, targets, mask, attn = self._arrays(batch, rows, length)
+                loss, n = self.loss.eval(self.model, inputs, targets, mask, attn)
+                total, ntoks = total + loss, ntoks + n
             mx.eval(total, ntoks)
         total_f, n_f = self.sync.sum([total.item(), ntoks.item()], "the validation loss all_sum")
         return (total_f / n_f if n_f else float("nan")), int(n_f)
