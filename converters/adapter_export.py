@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from mlx_lora.errors import AdapterError, ExportError
+from mlx_lora.io import publish_file
+from mlx_lora.ownership import temp_prefix
 
 from . import gguf_arch
 
@@ -130,11 +132,12 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
 
     from mlx_lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config
     from mlx_lora.io import atomic_dir, atomic_save_safetensors, atomic_write_json
+    from mlx_lora.ownership import write_marker
 
     from .fuse import ensure_output_path
 
     t0 = time.perf_counter()
-    out = ensure_output_path(Path(out_dir), overwrite, is_dir=True)
+    out = ensure_output_path(Path(out_dir), overwrite, is_dir=True, kind="peft")
     info, state = _read(adapter, model)
     groups = check_adapter_state(state, info.lora.r, str(adapter))
     has_mag = {p for p, g in groups.items() if "lora_magnitude_vector" in g}
@@ -157,6 +160,7 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
                     raise ExportError("--verify for a PEFT export needs --model (the base model)")
                 vr = _verify_peft(model, adapter, tmp)
                 vr.raise_if_failed(str(out))
+            write_marker(tmp, "peft", "export adapter --format peft")
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     res = AdapterExport(out, "PEFT", len(groups), time.perf_counter() - t0, vr,
@@ -252,7 +256,7 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
     for tname, arr, qt in planned:
         writer.add_tensor_info(tname, arr.shape, np.dtype(np.float32), _nbytes(arr.shape, qt), raw_dtype=_qtype(qt))
     with made_dirs(out.parent):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(out.name), suffix=".partial", dir=out.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         vr = None
@@ -268,7 +272,7 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
             if verify:
                 vr = verify_gguf_adapter(tmp, source, adapter, config)
                 vr.raise_if_failed(str(out))
-            os.replace(tmp, out)
+            publish_file(tmp, out)
         except OSError as e:
             raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
         finally:

@@ -288,18 +288,17 @@ def output_tensors(fm: FusedModel, dtype: str | None = None, keep_quantized: boo
     return out
 
 
-def ensure_output_path(out: Path, overwrite: bool, is_dir: bool) -> Path:
-    """Fail early (before any work) when ``out`` cannot be written."""
+def ensure_output_path(out: Path, overwrite: bool, is_dir: bool, kind: str | None = None) -> Path:
+    """Fail early (before any work) when ``out`` cannot be written or may not be replaced.
+
+    A folder output (``is_dir``) of ``kind`` follows the ownership rule of
+    :func:`mlx_lora.ownership.check_output_dir`; a file output may replace only a GGUF file.
+    Returns the path to write (a symbolic link followed)."""
     import os
 
-    out = Path(out).expanduser()
-    if out.exists():
-        if is_dir and not out.is_dir():
-            raise ExportError(f"output path {out} is a file, not a folder")
-        if not is_dir and out.is_dir():
-            raise ExportError(f"output path {out} is a folder; give a file name")
-        if not overwrite and (not is_dir or any(out.iterdir())):
-            raise ExportError(f"output {out} already exists (pass --overwrite to replace it)")
+    from mlx_lora.ownership import check_output_dir, check_output_file
+
+    out = check_output_dir(out, kind, overwrite=overwrite) if is_dir else check_output_file(out, overwrite=overwrite)
     probe = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ExportError(f"output {out} is not writable ({probe} denies write access)")
@@ -391,13 +390,14 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
     reloaded and its logits compared with the in-memory fused model before it is moved into place.
     """
     from mlx_lora.io import atomic_dir
+    from mlx_lora.ownership import write_marker
 
     from . import verify as V
 
     t0 = time.perf_counter()
     if dtype is not None and dtype not in V.DTYPE_KIND:
         raise ExportError(f"--dtype {dtype}: choose float32, float16 or bfloat16")
-    out = ensure_output_path(Path(out_dir), overwrite, is_dir=True)
+    out = ensure_output_path(Path(out_dir), overwrite, is_dir=True, kind="model")
     fm = load_fused(model, adapter)
     if not fm.fused and adapter is not None:
         raise AdapterError(f"{adapter}: the adapter has no layers to fuse")
@@ -419,6 +419,7 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
                 kind = V.DTYPE_KIND[main_dtype]
                 vr = V.VerifyReport([V.compare_models(ref_logits, reloaded, ref_tokens, "fused folder", kind)])
                 vr.raise_if_failed(str(out))
+            write_marker(tmp, "model", "fuse")
             result = FuseResult(out, main_dtype, len(fm.fused), time.perf_counter() - t0, report, vr)
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from mlx_lora.errors import ExportError
+from mlx_lora.io import publish_file
+from mlx_lora.ownership import temp_prefix
 
 from . import gguf_arch, gguf_vocab
 
@@ -419,13 +421,13 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
     fm = fused or load_fused(model, adapter)
     gguf_arch.arch_spec(fm.model_type)
     with made_dirs(out.parent):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(out.name), suffix=".partial", dir=out.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         inter = None
         try:
             if type_name in KQUANT_TYPES:
-                fd, inter_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".f.partial", dir=out.parent)
+                fd, inter_name = tempfile.mkstemp(prefix=temp_prefix(out.name), suffix=".f.partial", dir=out.parent)
                 os.close(fd)
                 inter = Path(inter_name)
                 stats = write_gguf(fm, inter, _intermediate_type(fm), name=name, pre_tokenizer=pre_tokenizer)
@@ -443,7 +445,7 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
             if verify:
                 stats.verify = verify_gguf(fm, tmp, type_name)
                 stats.verify.raise_if_failed(str(out), _failure_hint(stats, type_name))
-            os.replace(tmp, out)
+            publish_file(tmp, out)
         except OSError as e:
             raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
         finally:

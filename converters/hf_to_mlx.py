@@ -28,6 +28,8 @@ from typing import Optional, Union
 
 from mlx_lora.errors import ExportError, ModelError
 
+from mlx_lora.ownership import temp_prefix
+
 from . import io
 
 PathLike = Union[str, os.PathLike]
@@ -67,7 +69,10 @@ def convert(
     are; ``hf`` asks for a plain Hugging Face folder (dequantized, loadable by transformers).
     The output is written atomically: it is complete or absent. Returns ``out_dir``.
     """
+    from mlx_lora.ownership import check_output_dir
+
     _check_options(quantize, bits, group_size, keep, dtype)
+    out_dir = check_output_dir(out_dir, "model", overwrite=overwrite)  # before any download or work
     src_path = Path(str(src)).expanduser()
     if src_path.suffix.lower() == ".gguf":
         return _convert_gguf(src_path, out_dir, dtype=dtype, quantize=quantize, bits=bits, group_size=group_size,
@@ -110,7 +115,7 @@ def _convert_gguf(src: Path, out_dir, *, dtype, quantize, bits, group_size, keep
     out = Path(out_dir).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     # Dequantize next to the output (same disk), then quantize from there.
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=".gguf-import") as tmp:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=temp_prefix(out.name), suffix=".gguf-import.tmp") as tmp:
         staged = import_gguf(src, Path(tmp) / "hf", dtype=dtype, show_progress=show_progress)
         return convert_folder(staged, out, quantize=True, bits=bits, group_size=group_size, keep=keep,
                               overwrite=overwrite, show_progress=show_progress, max_shard_bytes=max_shard_bytes)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 from mlx_lora.errors import ExportError, ModelError
+from mlx_lora.ownership import temp_prefix
 
 PathLike = Union[str, os.PathLike]
 
@@ -77,25 +78,26 @@ class OutputAppeared(ExportError):
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out_dir: PathLike, *, overwrite: bool = False, kind: str = "model",
+                      command: str = "convert") -> Iterator[Path]:
     """Yield an empty temporary folder next to ``out_dir``; on success move it to ``out_dir``.
 
     On any exception the temporary folder is deleted and ``out_dir`` is left as it was, so a
     reader never sees a half-written model. An existing non-empty ``out_dir`` is an error unless
-    ``overwrite``; then it is replaced only after the new folder is complete. If ``out_dir``
-    appears while we write (another process converting to the same place), it is replaced with
-    ``overwrite`` and is an error without.
+    ``overwrite`` and the tool wrote it (see :func:`mlx_lora.ownership.check_output_dir`); then it
+    is replaced only after the new folder is complete. The new folder carries the ownership
+    marker of ``kind``. If ``out_dir`` appears while we write (another process converting to the
+    same place), it is replaced with ``overwrite`` and is an error without.
     """
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"output path {out} exists and is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"output folder {out} already exists and is not empty (pass --overwrite to replace it)")
+    from mlx_lora.ownership import check_output_dir, write_marker
+
+    out = check_output_dir(out_dir, kind, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out.name), suffix=".partial"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal folder
         yield tmp
+        write_marker(tmp, kind, command)
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,7 +118,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         raise OutputAppeared(f"output folder {out} appeared while it was being written (another conversion?)")
     # Swap: old -> trash, new -> out, then drop the trash; a crash in between leaves both
     # complete folders on disk, never a mix.
-    trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out.name), suffix=".old"))
     os.replace(out, trash / "old")
     os.replace(tmp, out)
     shutil.rmtree(trash, ignore_errors=True)
@@ -132,7 +134,7 @@ def write_json(path: PathLike, obj) -> None:
     """Write ``obj`` as indented JSON to ``path`` through a temp file in the same folder."""
     path = Path(path)
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

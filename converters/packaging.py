@@ -290,6 +290,7 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
     an ``ADAPTER`` line). ``create``: run ``ollama create`` (default: when ollama is on PATH).
     """
     from mlx_lora.io import atomic_write_text
+    from mlx_lora.ownership import write_marker
 
     from .adapter_export import export_gguf_adapter
     from .fuse import ensure_output_path, load_fused, made_dirs
@@ -302,7 +303,7 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
     if mode == "adapter" and adapter is None:
         raise ExportError("--mode adapter needs --adapter")
     folder = ensure_output_path(Path(out_dir or f"{name.replace('/', '_').replace(':', '_')}-ollama"),
-                                overwrite, is_dir=True)
+                                overwrite, is_dir=True, kind="ollama")
     exe = shutil.which("ollama")
     if create and exe is None:
         raise ExportError("--create: the 'ollama' command is not on PATH")
@@ -339,6 +340,8 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
         files.append(modelfile)
         lines.append(f"wrote {modelfile}" + ("" if fmt else " (no TEMPLATE: the chat template is not a fixed "
                                                           "per-role wrapper; Ollama reads it from the GGUF metadata)"))
+        # The folder held only what an earlier export wrote (checked above), so all of it is ours.
+        write_marker(folder, "ollama", "export ollama")
     command = ["ollama", "create", name, "-f", str(modelfile)]
     result = PackageResult(folder, files, command, False, "translated" if fmt else "gguf", lines)
     run = exe is not None if create is None else create
@@ -385,6 +388,8 @@ def export_lmstudio(model: str | None, adapter, name: str, *, models_dir=None, p
                     type_name: str = "q8_0", verify: bool = True, overwrite: bool = False,
                     log: Callable[[str], None] = _log_default) -> PackageResult:
     """Write ``<models dir>/<publisher>/<name>/<name>-<type>.gguf`` (adapter fused)."""
+    from mlx_lora.ownership import read_marker, write_marker
+
     from .gguf_export import check_type, export_gguf
 
     type_name = check_type(type_name)
@@ -393,9 +398,14 @@ def export_lmstudio(model: str | None, adapter, name: str, *, models_dir=None, p
             raise ExportError(f"{what} '{v}': use letters, digits, '.', '_' and '-' only (it becomes a folder name)")
     root = lmstudio_models_dir(models_dir)
     target = root / publisher / name / f"{name}-{type_name.upper()}.gguf"
+    new_folder = not target.parent.exists()
     lines: list[str] = []
     st = export_gguf(model, adapter, target, type_name=type_name, verify=verify, overwrite=overwrite, name=name,
                      log=lines.append)
+    if new_folder or read_marker(target.parent) is not None:
+        # Several types of one model share the folder; the marker lists every file the tool wrote.
+        previous = (read_marker(target.parent) or {}).get("files", [])
+        write_marker(target.parent, "lmstudio", "export lmstudio", files=[*previous, target.name])
     lines.append(f"LM Studio: the model appears as {publisher}/{name} (models folder {root})")
     for line in lines:
         log(line)

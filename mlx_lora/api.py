@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterable, Optional, TextIO
@@ -62,23 +61,23 @@ def banner_lines(cfg: Config, info, trainable: int, total: int, splits, steps: i
 
 
 def prepare_run_dir(out: str, resume: bool, overwrite: bool):
+    """The run folder ``out``, checked before anything is written: a run to resume, or a folder a
+    new run may use (new, empty, or with ``overwrite`` a run folder this tool wrote; see
+    :mod:`mlx_lora.ownership`)."""
     from .checkpoints import RunDir
     from .io import ensure_writable_dir
+    from .ownership import check_output_dir, follow_link
 
-    run = RunDir(out)
-    ensure_writable_dir(run.path, "run folder")
     if resume:
+        run = RunDir(follow_link(out, "run folder"))
+        ensure_writable_dir(run.path, "run folder")
         if not run.exists():
             raise CheckpointError(f"{run.path}: no run to resume (config.yaml missing)")
-    elif run.path.exists() and any(run.path.iterdir()):
-        if not run.exists():
-            # --overwrite deletes the folder: never do that to one that is not a run (e.g. --out .)
-            raise MlxLoraError(f"{run.path} is not empty and is not a run folder (no config.yaml), so neither "
-                               f"--resume nor --overwrite applies; choose an empty or new --out folder")
-        if not overwrite:
-            raise MlxLoraError(f"{run.path} already holds a run; continue it with --resume {run.path}, "
-                               f"choose another --out, or pass --overwrite to start over")
-    return run
+        return run
+    path = follow_link(out, "run folder")
+    ensure_writable_dir(path, "run folder")
+    hint = f"it holds a run: continue it with --resume {path}, choose another --out, or pass --overwrite to start over"
+    return RunDir(check_output_dir(path, "run", overwrite=overwrite, what="run folder", exists_hint=hint))
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbacks: Iterable = (),
@@ -155,9 +154,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
             metrics.truncate_after(state.step)
         log(f"resuming  {ckpt} (step {state.step} of {trainer.total_steps})")
     elif rank0:
+        from .ownership import clear_owned_dir, write_marker
+
         if overwrite and run.path.exists():
-            shutil.rmtree(run.path)
+            clear_owned_dir(run.path)  # a run folder of ours, checked by prepare_run_dir
         run.path.mkdir(parents=True, exist_ok=True)
+        write_marker(run.path, "run", "train", files=[])
     if rank0:
         run.write_config(config_mod.to_yaml(cfg))
     for line in banner_lines(cfg, info, trainable, total, splits, trainer.total_steps, group.size()):

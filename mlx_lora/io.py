@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
+from .ownership import temp_prefix
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -39,19 +41,25 @@ def atomic_path(target, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it replaces ``target``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".tmp" + suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result is a normal file
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        publish_file(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def publish_file(tmp, target) -> None:
+    """Move the finished temporary file ``tmp`` over ``target``: with the permissions the umask
+    gives a new file (mkstemp makes it private), flushed to disk, in one atomic rename."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(Path(target).parent)
 
 
 def atomic_write_text(target, text: str) -> None:
@@ -82,7 +90,7 @@ def atomic_dir(target, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal folder
         yield tmp
@@ -109,6 +117,8 @@ def ensure_writable_dir(path, what: str = "output folder") -> Path:
     if path.exists() and not path.is_dir():
         raise MlxLoraError(f"{what} {path} is a file, not a folder")
     probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise MlxLoraError(f"{what} {path} cannot be created: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise MlxLoraError(f"{what} {path} is not writable ({probe} denies write access)")
     return path

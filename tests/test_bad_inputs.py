@@ -14,7 +14,6 @@ same end to end, including ``--debug``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,8 @@ from typing import Callable
 
 import pytest
 
+from cli_harness import (assert_one_error_message, diff, make_read_only as _make_read_only,
+                         make_writable as _make_writable, rows as _rows, run_main, snapshot, write as _write)
 from mlx_lora.testing import make_tiny_dataset
 
 ROW = {"messages": [{"role": "user", "content": "What is the code word?"}, {"role": "assistant", "content": "zebra-17"}]}
@@ -90,71 +91,9 @@ def world(tmp_path_factory, tiny_model_dir, _env) -> World:
 # snapshots
 
 
-def snapshot(*roots: Path) -> dict:
-    """Every path under ``roots`` -> (kind, mode, size, mtime_ns, sha256 of a file's bytes)."""
-    out = {}
-    for root in roots:
-        if not root.exists() and not root.is_symlink():
-            out[str(root)] = None
-            continue
-        paths = [root] + (sorted(root.rglob("*")) if root.is_dir() else [])
-        for p in paths:
-            st = p.lstat()
-            if p.is_file():
-                out[str(p)] = ("file", st.st_mode, st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            else:
-                out[str(p)] = ("dir" if p.is_dir() else "other", st.st_mode, None, st.st_mtime_ns, None)
-    return out
-
-
-def diff(before: dict, after: dict) -> list[str]:
-    return [f"{'created' if k not in before else 'removed' if k not in after else 'changed'}: {k}"
-            for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-
-
-def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
-    from mlx_lora.cli import main
-
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_error_message(code: int, out: str, err: str, fragments) -> str:
-    """Non-zero exit, nothing on stdout, and stderr is one message: an ``error:`` line, followed
-    only by indented lines when it lists several problems (e.g. every mismatched tensor)."""
-    assert code != 0, f"exit code 0\n{err}"
-    assert "Traceback" not in out + err, err
-    assert out == "", out
-    lines = err.strip().splitlines()
-    assert lines and lines[0].startswith("error: "), err
-    assert all(l.startswith("  ") for l in lines[1:]), err
-    message = err.strip()
-    for f in fragments:
-        assert str(f) in message, f"{f!r} not in: {message}"
-    return message
-
-
 # ----------------------------------------------------------------------------------------------
 # the cases: each takes (world, its own empty folder) and returns (argv, fragments the message must
 # contain, paths that must not change besides the case folder)
-
-
-def _write(path: Path, content) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return path
-
-
-def _rows(*rows) -> str:
-    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
 
 
 def train(w: World, ws: Path, data=None, model=None, *extra) -> list[str]:
@@ -507,13 +446,13 @@ def output_run_folder_read_only_with_overwrite(w, ws):
 @case
 def output_holds_a_run_without_overwrite(w, ws):
     shutil.copytree(w.previous_run, ws / "out")
-    return train(w, ws), [str(ws / "out"), "already holds a run", "--resume"]
+    return train(w, ws), [str(ws / "out"), "holds a run", "--resume"]
 
 
 @case
 def overwrite_on_a_folder_that_is_not_a_run(w, ws):
     _write(ws / "out" / "thesis.tex", "years of work")
-    return train(w, ws, None, None, "--overwrite"), [str(ws / "out"), "not a run folder"]
+    return train(w, ws, None, None, "--overwrite"), [str(ws / "out"), "'thesis.tex'", "not written by"]
 
 
 @case
@@ -529,25 +468,6 @@ def resume_with_every_checkpoint_damaged(w, ws):
     for ckpt in (run / "checkpoints").glob("step-*"):
         (ckpt / "state.json").write_text("{")
     return ["train", "--resume", str(run), "--quiet"], [str(run), "no complete checkpoint"]
-
-
-def _make_read_only(path: Path) -> None:
-    """Deny writes into ``path`` for this process: chmod for users, the immutable flag for root
-    (root ignores permission bits)."""
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        return
-    r = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"running as root and the immutable flag is unavailable here ({r.stderr.strip()})")
-
-
-def _make_writable(root: Path) -> None:
-    for p in [root, *root.rglob("*")] if root.exists() else []:
-        if p.is_dir():
-            if os.geteuid() == 0:
-                subprocess.run(["chattr", "-i", str(p)], capture_output=True)
-            p.chmod(0o755)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten, tree_map
 from converters import io
 from converters.hf_to_mlx import convert
 from mlx_lora.errors import ExportError, ModelError
+from mlx_lora.ownership import OwnershipError
 
 IDS = [[1, 5, 9, 33, 100, 200, 7, 64, 300, 42, 17, 3]]
 
@@ -325,12 +326,19 @@ def test_out_of_disk(tiny_llama, tmp_path, monkeypatch):
 def test_output_folder_is_atomic(tiny_llama, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("previous model")
-    with pytest.raises(ExportError, match="already exists"):
+    (out / "old.txt").write_text("a user's file")
+    for overwrite in (False, True):  # a folder the tool did not write is never replaced
+        with pytest.raises(OwnershipError, match="'old.txt'"):
+            convert(str(tiny_llama), out, overwrite=overwrite)
+    assert (out / "old.txt").read_text() == "a user's file"
+    (out / "old.txt").unlink()
+    convert(str(tiny_llama), out)
+    stale = out / "model.safetensors"
+    stale.write_bytes(b"previous model")  # a folder the tool wrote is replaced on request
+    with pytest.raises(OwnershipError, match="already exists"):
         convert(str(tiny_llama), out)
-    assert (out / "old.txt").read_text() == "previous model"
     convert(str(tiny_llama), out, overwrite=True)
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").read_bytes() != b"previous model"
     assert no_partial_dirs(tmp_path) and not [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
     assert oct(out.stat().st_mode & 0o777) != oct(0o700) and (out / "config.json").stat().st_mode & 0o044
 

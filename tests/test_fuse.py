@@ -28,6 +28,7 @@ from mlx_lora.adapters import adapter_layers, apply_lora, load_adapter, save_ada
 from mlx_lora.config import LoraConfig
 from mlx_lora.errors import AdapterError, ExportError
 from mlx_lora.models import load_model
+from mlx_lora.ownership import OwnershipError
 from mlx_lora.testing import ARCHITECTURES
 
 TOKENS = [[5, 17, 99, 3, 250, 42, 7, 300, 11, 64]]
@@ -239,7 +240,7 @@ def test_existing_or_unwritable_output_fails_before_any_work(tmp_path, tiny_llam
     ad = make_adapter(tiny_llama, tmp_path / "ad")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep me")
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(OwnershipError, match="'x'"):
         fuse(str(tiny_llama), ad, tmp_path / "taken", log=lambda m: None)
     assert (tmp_path / "taken" / "x").read_text() == "keep me"
     blocker = tmp_path / "a-file"

@@ -24,6 +24,7 @@ from converters import verify as V
 from converters.fuse import load_fused
 from converters.gguf_export import EXPORT_TYPES, NUMPY_TYPES, export_gguf, pack_blocks, unpack_mlx
 from mlx_lora.errors import ExportError
+from mlx_lora.ownership import OwnershipError
 from mlx_lora.testing import ARCHITECTURES
 
 QUIET = {"log": lambda m: None}
@@ -415,13 +416,13 @@ def test_unknown_type_and_architecture(tmp_path, tiny_llama):
 
 
 def test_failed_verification_and_existing_output(tmp_path, tiny_llama, monkeypatch):
-    (tmp_path / "old.gguf").write_bytes(b"keep")
-    with pytest.raises(ExportError, match="already exists"):
+    (tmp_path / "old.gguf").write_bytes(b"GGUF keep")
+    with pytest.raises(OwnershipError, match="already exists"):
         export_gguf(str(tiny_llama), None, tmp_path / "old.gguf", type_name="f16", **QUIET)
     monkeypatch.setitem(V.THRESHOLDS, "f16", V.Threshold(-1.0, 1.0))
     with pytest.raises(ExportError, match="verification"):
         export_gguf(str(tiny_llama), None, tmp_path / "old.gguf", type_name="f16", overwrite=True, **QUIET)
-    assert (tmp_path / "old.gguf").read_bytes() == b"keep"
+    assert (tmp_path / "old.gguf").read_bytes() == b"GGUF keep"
     assert sorted(os.listdir(tmp_path)) == ["old.gguf"]
 
 

@@ -27,6 +27,7 @@ from converters import gguf_import, io
 from converters.gguf_import import gguf_cache_dir, import_gguf, read_gguf, unpermute_rows
 from converters.gguf_tokenizer import build_tokenizer
 from mlx_lora.errors import ExportError, ModelError
+from mlx_lora.ownership import OwnershipError
 
 GOLDEN = Path(__file__).parent / "golden" / "smollm2_q4_1_logits.npz"
 PROMPT_IDS = [1, 5, 9, 33, 100, 200, 7, 64, 300, 42, 17, 3]
@@ -498,11 +499,16 @@ def test_existing_output_is_kept_unless_overwrite(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match="already exists"):
-        import_gguf(path, out)
+    for overwrite in (False, True):  # never over a folder the tool did not write
+        with pytest.raises(OwnershipError, match="'keep.txt'"):
+            import_gguf(path, out, overwrite=overwrite)
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    import_gguf(path, out)
+    with pytest.raises(OwnershipError, match="already exists"):
+        import_gguf(path, out)
     import_gguf(path, out, overwrite=True)
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "config.json").is_file()
 
 
 def test_cache_dir_key(tmp_path, monkeypatch):

@@ -144,7 +144,7 @@ def test_ollama_adapter_mode(tmp_path, tiny_llama, monkeypatch):
     assert not res.created
     text = (tmp_path / "pkg" / "Modelfile").read_text()
     assert "FROM ./m2.f16.gguf\nADAPTER ./m2-lora.gguf\n" in text
-    assert {p.name for p in (tmp_path / "pkg").iterdir()} == {"Modelfile", "m2.f16.gguf", "m2-lora.gguf"}
+    assert {p.name for p in (tmp_path / "pkg").iterdir()} == {"Modelfile", "m2.f16.gguf", "m2-lora.gguf", ".mlx-lora.json"}
     assert any("ollama create m2 -f Modelfile" in line for line in lines)
 
 

@@ -188,7 +188,7 @@ def test_quickstart_pipeline_on_a_tiny_model(tiny_llama, tmp_path):
     assert f"llama-cli -m {res.gguf}" in text and f"ollama run {qs.OLLAMA_NAME}" in text
     assert len(res.samples) == 2 and all({"ticket", "expected", "before", "after"} <= set(s) for s in res.samples)
 
-    with pytest.raises(qs.MlxLoraError, match="already holds a quickstart"):
+    with pytest.raises(qs.MlxLoraError, match="holds a quickstart"):
         qs.run_quickstart(tmp_path / "qs", model=str(tiny_llama), iters=1, eval_examples=1, export=False)
 
 

@@ -1,0 +1,99 @@
+"""What every bad-input and ownership test needs: snapshots of folders by hash, the CLI run
+in-process, and the one-line error check.
+
+A case runs :func:`mlx_lora.cli.main` in the test process (a subprocess pays seconds of imports
+per call), then :func:`assert_one_error_message` checks the contract every user mistake must
+keep: a non-zero exit, one ``error:`` line naming the file, line or key, no traceback; and
+:func:`snapshot` / :func:`diff` prove nothing on disk changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+def snapshot(*roots: Path) -> dict:
+    """Every path under ``roots`` -> (kind, mode, size, mtime_ns, sha256 of a file's bytes)."""
+    out = {}
+    for root in roots:
+        if not root.exists() and not root.is_symlink():
+            out[str(root)] = None
+            continue
+        paths = [root] + (sorted(root.rglob("*")) if root.is_dir() else [])
+        for p in paths:
+            st = p.lstat()
+            if p.is_file():
+                out[str(p)] = ("file", st.st_mode, st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                out[str(p)] = ("dir" if p.is_dir() else "other", st.st_mode, None, st.st_mtime_ns, None)
+    return out
+
+
+def diff(before: dict, after: dict) -> list[str]:
+    return [f"{'created' if k not in before else 'removed' if k not in after else 'changed'}: {k}"
+            for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+
+
+def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
+    from mlx_lora.cli import main
+
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_error_message(code: int, out: str, err: str, fragments) -> str:
+    """Non-zero exit, nothing on stdout, and stderr is one message: an ``error:`` line, followed
+    only by indented lines when it lists several problems (e.g. every mismatched tensor)."""
+    assert code != 0, f"exit code 0\n{err}"
+    assert "Traceback" not in out + err, err
+    assert out == "", out
+    lines = err.strip().splitlines()
+    assert lines and lines[0].startswith("error: "), err
+    assert all(l.startswith("  ") for l in lines[1:]), err
+    message = err.strip()
+    for f in fragments:
+        assert str(f) in message, f"{f!r} not in: {message}"
+    return message
+
+
+def write(path: Path, content) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def rows(*rows) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def make_read_only(path: Path) -> None:
+    """Deny writes into ``path`` for this process: chmod for users, the immutable flag for root
+    (root ignores permission bits)."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return
+    r = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"running as root and the immutable flag is unavailable here ({r.stderr.strip()})")
+
+
+def make_writable(root: Path) -> None:
+    for p in [root, *root.rglob("*")] if root.exists() else []:
+        if p.is_dir():
+            if os.geteuid() == 0:
+                subprocess.run(["chattr", "-i", str(p)], capture_output=True)
+            p.chmod(0o755)
