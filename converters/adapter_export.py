@@ -35,6 +35,7 @@ from mlx_lora.io import publish_file
 from mlx_lora.ownership import temp_prefix
 
 from . import gguf_arch
+from .io import disk_error
 
 PEFT_CONFIG_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout",
                     "target_modules", "layers_to_transform", "use_dora", "use_rslora", "bias", "fan_in_fan_out",
@@ -162,7 +163,7 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
                 vr.raise_if_failed(str(out))
             write_marker(tmp, "peft", "export adapter --format peft")
     except OSError as e:
-        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+        raise disk_error(e, out) from None
     res = AdapterExport(out, "PEFT", len(groups), time.perf_counter() - t0, vr,
                         [f"base_model_name_or_path = {conf['base_model_name_or_path']}"])
     for line in res.lines():
@@ -274,7 +275,7 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
                 vr.raise_if_failed(str(out))
             publish_file(tmp, out)
         except OSError as e:
-            raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+            raise disk_error(e, out) from None
         finally:
             if tmp.exists():
                 tmp.unlink()

@@ -34,6 +34,8 @@ import numpy as np
 
 from mlx_lora.errors import AdapterError, ExportError, ModelError
 
+from .io import disk_error
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 QUANT_KEYS = ("quantization", "quantization_config")
@@ -422,7 +424,7 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
             write_marker(tmp, "model", "fuse")
             result = FuseResult(out, main_dtype, len(fm.fused), time.perf_counter() - t0, report, vr)
     except OSError as e:
-        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+        raise disk_error(e, out) from None
     for line in result.lines():
         log(line)
     return result

@@ -39,6 +39,7 @@ from mlx_lora.io import publish_file
 from mlx_lora.ownership import temp_prefix
 
 from . import gguf_arch, gguf_vocab
+from .io import disk_error
 
 NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 KQUANT_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
@@ -447,7 +448,7 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
                 stats.verify.raise_if_failed(str(out), _failure_hint(stats, type_name))
             publish_file(tmp, out)
         except OSError as e:
-            raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+            raise disk_error(e, out) from None
         finally:
             for p in (tmp, inter):
                 if p is not None and p.exists():

@@ -686,7 +686,7 @@ def import_gguf(
             try:
                 (tmp / "tokenizer.json").write_text(tok_files["tokenizer.json"], encoding="utf-8")
             except OSError as e:
-                raise io._disk_error(e, tmp / "tokenizer.json") from None
+                raise io.disk_error(e, tmp / "tokenizer.json") from None
     except io.OutputAppeared:
         # Several processes (e.g. training ranks) importing the same file into the cache: the
         # first complete folder wins and is identical to ours, since the cache key covers the

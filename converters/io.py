@@ -143,7 +143,7 @@ def write_json(path: PathLike, obj) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise _disk_error(e, path) from None
+        raise disk_error(e, path) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -166,10 +166,11 @@ def read_json(path: PathLike, what: str = "file") -> dict:
     return data
 
 
-def _disk_error(e: OSError, path: Path, tensor: Optional[str] = None) -> ExportError:
+def disk_error(e: OSError, path: Path, tensor: Optional[str] = None) -> ExportError:
     what = f" (tensor '{tensor}')" if tensor else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ExportError(f"out of disk space while writing {path}{what}; nothing was left in the output folder")
+        return ExportError(f"out of disk space while writing {path}{what}; nothing was left in the output folder "
+                           f"(free space, or write to another disk)")
     return ExportError(f"cannot write {path}{what}: {e.strerror or e}")
 
 
@@ -343,7 +344,7 @@ def write_safetensors_streaming(
                 del arrays
                 mx.clear_cache()  # freed buffers go back to the system, not MLX's cache
     except OSError as e:
-        raise _disk_error(e, path, current) from None
+        raise disk_error(e, path, current) from None
     return {name: v["data_offsets"][1] - v["data_offsets"][0] for name, v in header.items() if name != "__metadata__"}
 
 
@@ -453,6 +454,6 @@ def copy_files(src: Path, dst: Path, names: Sequence[str]) -> list[str]:
                 try:
                     shutil.copyfile(p, dst / p.name)
                 except OSError as e:
-                    raise _disk_error(e, dst / p.name) from None
+                    raise disk_error(e, dst / p.name) from None
                 copied.append(p.name)
     return copied

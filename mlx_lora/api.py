@@ -89,9 +89,20 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
     :mod:`mlx_lora.distributed`); ``distributed`` makes a missing group an error, and
     ``dist_timeout_s`` bounds how long a rank waits for the others.
 
-    Everything that can fail on user input (config, model, data, run folder) is checked before the
-    run folder is created or changed.
+    Everything that can fail on user input (config, model, data, run folder, and with ``resume``
+    the keys a resumed run may not change, see :mod:`mlx_lora.resume`) is checked before the run
+    folder is created or changed. From its first write to its end the run holds the folder's lock
+    (:class:`~mlx_lora.checkpoints.RunLock`): a second writer is refused.
     """
+    import contextlib
+
+    # The run folder's lock, taken by _train before its first write, is let go on every way out.
+    with contextlib.ExitStack() as held:
+        return _train(cfg, resume, overwrite, callbacks, progress, stream, distributed, dist_timeout_s, held)
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, progress: bool,
+           stream: Optional[TextIO], distributed: bool, dist_timeout_s: Optional[float], held):
     import mlx.core as mx
 
     from . import adapters, config as config_mod
@@ -101,7 +112,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
     from .trainer import Trainer
 
     from . import distributed as dist
-    from .checkpoints import RunDir
+    from .checkpoints import RunDir, RunLock
+    from .ownership import LOCK
+    from .resume import plan_resume
 
     validate(cfg)
     group = dist.init(required=distributed, timeout_s=dist_timeout_s)
@@ -110,7 +123,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
     rank0 = group.rank() == 0
     log = (lambda m: _log(m, stream)) if rank0 else (lambda m: None)
     # Only rank 0 reads and writes the run folder (other machines need none).
+    if rank0:
+        RunLock(Path(cfg.out).expanduser()).check_free()  # a run writing there now comes first
     run = prepare_run_dir(cfg.out, resume, overwrite) if rank0 else RunDir(cfg.out)
+    plan = plan_resume(run, cfg, group.size()) if resume and rank0 else None
     if not Path(cfg.data.path).expanduser().exists():  # fail fast, before the model loads
         from .errors import DataError
 
@@ -127,6 +143,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
 
     # Checkpoints and the final adapter name the exact base they belong to (see integrity.py).
     extra = {"model_type": info.model_type, FINGERPRINT_KEY: base_model_fingerprint(info.local_path)}
+    if plan is not None:
+        plan.check_base(extra[FINGERPRINT_KEY], cfg.model.path)
 
     def save_adapter(folder):
         adapters.save_adapter(model, folder, cfg.lora, cfg.model.path, extra=extra)
@@ -139,20 +157,24 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
                       callbacks=callbacks, group=group, sync=sync)
 
     if resume:
-        ckpt = loaded = None
+        loaded = None
         if rank0:  # the other ranks receive rank 0's checkpoint, bit for bit
-            ckpt = run.latest_checkpoint()
-            if ckpt is None:
-                raise CheckpointError(f"{run.path}: no complete checkpoint to resume from; start over with "
-                                      f"--overwrite")
-            run.remove_partial_writes()  # leftovers of a run that was killed mid-write
-            loaded = run.load_checkpoint(ckpt)
-            _warn_if_base_changed(ckpt, info.local_path, log)
+            plan.check_total(trainer.total_steps, cfg)
+            loaded = run.load_checkpoint(plan.ckpt)
         adapter_state, opt_state, state = dist.share_checkpoint(loaded, sync)
-        trainer.restore(adapter_state, opt_state, state)
-        if metrics is not None:
+        trainer.restore(adapter_state, opt_state, state, source=plan.ckpt if plan else None)
+    # Everything is checked: from here on this process writes the run folder, and no other may.
+    if rank0:
+        held.enter_context(RunLock(run.path))
+        if resume:
+            plan.begin()  # clears what a killed run left half-written
+        elif not overwrite and any(p.name != LOCK for p in run.path.iterdir()):
+            raise CheckpointError(f"{run.path}: another mlx-lora train started a run here while this one was "
+                                  f"starting; choose another --out")
+    if resume:
+        if rank0:
             metrics.truncate_after(state.step)
-        log(f"resuming  {ckpt} (step {state.step} of {trainer.total_steps})")
+        log(f"resuming  {plan.ckpt if plan else ''} (step {state.step} of {trainer.total_steps})")
     elif rank0:
         from .ownership import clear_owned_dir, write_marker
 
@@ -176,8 +198,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, callbac
         raise err from e
     if rank0:
         if result.stopped == "interrupted":
-            saved = "saved" if result.last_checkpoint else "the last checkpoint is kept"
-            log(f"interrupted at step {result.steps}; {saved}. Continue with: mlx-lora train --resume {run.path}")
+            log(_interrupted_message(result, run))
         else:
             log(f"done: {result.steps} steps, final loss {result.final_loss:.4f}" if result.final_loss is not None
                 else f"done: {result.steps} steps")
@@ -209,19 +230,17 @@ def _with_sigterm_as_interrupt(fn):
         signal.signal(signal.SIGTERM, previous)
 
 
-def _warn_if_base_changed(ckpt: Path, model_folder: Path, log) -> None:
-    """Resuming onto another base than the run started with cannot continue the same run."""
-    import json
-
-    from .integrity import check_adapter_base
-
-    try:
-        conf = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # is_complete() read it moments ago; nothing to compare if it vanished
-    msg = check_adapter_base(conf, model_folder, adapter_name=str(ckpt))
-    if msg:
-        log(f"warning: {msg}")
+def _interrupted_message(result, run) -> str:
+    """What an interrupted run left, as it is: a new checkpoint, an older one, or none."""
+    at = f"interrupted at step {result.steps}" if result.steps else "interrupted before the first step"
+    resume = f"Continue with: mlx-lora train --resume {run.path}"
+    if result.last_checkpoint:
+        return f"{at}; saved {result.last_checkpoint}. {resume}"
+    kept = run.latest_checkpoint()
+    if kept is not None:
+        return f"{at}; nothing new was saved, the newest checkpoint is {kept}. {resume}"
+    return (f"{at}; no checkpoint was saved, so there is nothing to resume: run the same command with "
+            f"--overwrite to start over")
 
 
 def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: str = "auto", *,
@@ -231,9 +250,11 @@ def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: st
     An adapter trained on another base model than ``model_path`` (by the fingerprint it records)
     loads with a warning on ``stream`` (stderr), or raises AdapterError when ``strict``."""
     from . import adapters
+    from .config import CHOICES, check_options
     from .integrity import check_adapter_base
     from .models import load_model
 
+    check_options([("dtype", dtype, CHOICES["model.dtype"])])
     model, tokenizer, info = load_model(model_path, dtype=dtype)
     if adapter:
         ainfo = adapters.load_adapter(model, adapter)
@@ -250,10 +271,18 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
     """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder."""
     import math
 
-    from .config import Config, DataConfig, ModelConfig, TrainConfig
+    from .config import BOUNDS, CHOICES, INT_CAP, Bound, Config, DataConfig, ModelConfig, TrainConfig, check_options
     from .data import load_jsonl_dataset
     from .trainer import Trainer
 
+    # Before the model loads: batch size 0 would fail deep in the batching, and 0 batches would
+    # report a loss of nan as if it were a result.
+    check_options([("--batch-size", batch_size, BOUNDS["train.batch_size"]),
+                   ("--max-seq-length", max_seq_length, BOUNDS["data.max_seq_length"]),
+                   ("--train-on", train_on, CHOICES["data.train_on"]), ("dtype", dtype, CHOICES["model.dtype"])]
+                  + ([("--max-batches", max_batches, Bound(int, 1, INT_CAP))] if max_batches is not None else []))
+    if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
+        raise MlxLoraError("--chat-template must be 'chatml' or the path of a .jinja file")
     path = Path(data)
     if path.is_dir():
         for name in ("test.jsonl", "valid.jsonl"):
@@ -284,6 +313,18 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
+    from .config import CHOICES, MAX_SEED, MAX_SEQ_LENGTH, Bound, check_options
+
+    # Before the model loads. mlx-lm reads a negative max_tokens as "no limit", samples the least
+    # likely tokens first at a negative temperature, and silently ignores a top-p outside (0, 1).
+    check_options([("--max-tokens", max_tokens, Bound(int, 1, MAX_SEQ_LENGTH)),
+                   ("--temperature", temperature, Bound(float, 0, 100)),
+                   ("--top-p", top_p, Bound(float, 0, 1, lo_open=True, cap=False)),
+                   ("--seed", seed, Bound(int, 0, MAX_SEED)), ("dtype", dtype, CHOICES["model.dtype"])])
+    if not isinstance(prompt, str) or not prompt:
+        raise MlxLoraError("--prompt is empty: give the text to continue")
+    if system is not None and not isinstance(system, str):
+        raise MlxLoraError(f"--system must be text, got {type(system).__name__}")
     if model_and_tokenizer is None:
         model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict)
     else:
@@ -297,6 +338,8 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
             prompt_tokens = prompt_tokens["input_ids"]
     else:
         prompt_tokens = tokenizer.encode(prompt)
+    if len(prompt_tokens) == 0:
+        raise MlxLoraError("--prompt encodes to no tokens: give the text to continue")
     mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p)
     pieces = (r.text for r in stream_generate(model, tokenizer, prompt_tokens, max_tokens=max_tokens, sampler=sampler))

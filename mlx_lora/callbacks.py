@@ -83,9 +83,12 @@ class MetricsFile:
         from .io import atomic_write_text
 
         keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        # A crash can cut a line short, even inside a multi-byte character.
+        for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
+                record = json.loads(line)
+                at = record.get("step", 0) if isinstance(record, dict) else None
+                if isinstance(at, int) and at <= step:
                     keep.append(line)
             except ValueError:
                 continue  # a line cut short by a crash
@@ -114,8 +117,13 @@ def plot_losses(metrics_path, out_png) -> Optional[Path]:
     except ImportError:
         return None
     steps, losses, vsteps, vlosses = [], [], [], []
-    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
+    for line in Path(metrics_path).read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash is no reason to lose the plot
+        if not isinstance(r, dict):
+            continue
         if "loss" in r:
             steps.append(r["step"]), losses.append(r["loss"])
         if "val_loss" in r:

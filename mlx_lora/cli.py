@@ -136,10 +136,11 @@ def train(config_file, sets, resume_dir, overwrite, quiet, dry_run, distributed,
 @click.option("--prompt", required=True, help="Prompt text ('-' reads standard input).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template as a user turn.")
 @click.option("--system", help="System message (with --chat).")
-@click.option("--max-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="At most this many new tokens (>= 1).")
+@click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 = greedy; up to 100.")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="Sample from the most likely tokens holding this much probability, in (0, 1].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, 0 to 2**32-1.")
 @click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
 def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_p, seed, strict):
     """Generate text with a model and optional adapter (streams to standard output)."""
@@ -161,7 +162,7 @@ def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_
 @click.option("--max-seq-length", type=int, default=2048, show_default=True)
 @click.option("--train-on", type=click.Choice(["assistant", "last", "all"]), default="assistant", show_default=True)
 @click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template.")
-@click.option("--max-batches", type=int, help="Evaluate at most this many batches.")
+@click.option("--max-batches", type=int, help="Evaluate at most this many batches (>= 1; default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
 def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_template, max_batches, as_json, strict):
@@ -212,7 +213,9 @@ def main(argv=None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.UsageError as e:
-        e.show()
+        # One line, like every other mistake; the command's --help has the usage.
+        where = e.ctx.command_path if e.ctx is not None else "mlx-lora"
+        click.echo(f"error: {e.format_message()} (see {where} --help)", err=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)

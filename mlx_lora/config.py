@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterable, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, MlxLoraError
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,138 @@ CHOICES = {
     "train.nan_policy": ("stop", "skip"),
 }
 
+INT_CAP = 2**31 - 1
+"""Largest count of steps, batches or checkpoints: a larger one is a typo (at a millisecond a step,
+2**31 steps take weeks)."""
+MAX_SEQ_LENGTH = 2**20
+"""Longest sequence any model takes (1M-token contexts): a larger value is a typo."""
+MAX_RANK = 2**14
+"""No model's layers are wider than this (16384), and a rank above a layer's width adds nothing;
+:mod:`mlx_lora.adapters` checks the rank against the actual layers once the model is loaded."""
+MAX_BATCH = 2**16
+"""Rows per micro-batch, or micro-batches per step: more than any run uses; a larger value is a typo."""
+MAX_SEED = 2**32 - 1
+"""Seeds are combined with step and rank numbers into one unsigned 64-bit seed."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a number may take: its type, an interval and whether null is allowed.
+
+    ``cap`` marks an upper bound that only guards against absurd values (say ``<= 16384``) rather
+    than one that belongs to the meaning (a fraction's 1); a value below the lower bound is then
+    told the lower bound alone, as ``>= 1``."""
+
+    kind: type
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    nullable: bool = False
+    cap: bool = True
+
+    def interval(self) -> str:
+        return (f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}"
+                f"{')' if self.hi_open else ']'}")
+
+    def violation(self, value: Any) -> Optional[str]:
+        """None when ``value`` is allowed, else what is wrong ("must be >= 1, got 0")."""
+        null = " or null" if self.nullable else ""
+        if value is None:
+            return None if self.nullable else f"required ({self.interval()}), got null"
+        number = numbers.Real if self.kind is float else numbers.Integral  # numpy scalars included
+        if isinstance(value, bool) or not isinstance(value, number):
+            return f"expected {self.kind.__name__}, got {show(value)}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number in {self.interval()}{null}, got {show(value)}"
+        low = value <= self.lo if self.lo_open else value < self.lo
+        high = value >= self.hi if self.hi_open else value > self.hi
+        if not (low or high):
+            return None
+        if not self.cap:
+            return f"must be in {self.interval()}{null}, got {show(value)}"
+        if low:
+            return f"must be {'>' if self.lo_open else '>='} {_num(self.lo)}{null}, got {show(value)}"
+        return f"must be {'<' if self.hi_open else '<='} {_num(self.hi)}{null}, got {show(value)}"
+
+
+# Every number of the config: its type and range. validate() checks each one.
+BOUNDS = {
+    "lora.r": Bound(int, 1, MAX_RANK),
+    "lora.alpha": Bound(float, 0, 1e6, lo_open=True),
+    "lora.dropout": Bound(float, 0, 1, hi_open=True, cap=False),
+    "data.valid_fraction": Bound(float, 0, 1, hi_open=True, cap=False),
+    "data.max_seq_length": Bound(int, 2, MAX_SEQ_LENGTH),
+    "train.iters": Bound(int, 1, INT_CAP, nullable=True),
+    "train.epochs": Bound(float, 0, 10_000, lo_open=True, nullable=True),
+    "train.batch_size": Bound(int, 1, MAX_BATCH),
+    "train.grad_accum": Bound(int, 1, MAX_BATCH),
+    "train.lr": Bound(float, 0, 10, lo_open=True),
+    "train.weight_decay": Bound(float, 0, 10),
+    "train.warmup_steps": Bound(int, 0, INT_CAP),
+    "train.min_lr_ratio": Bound(float, 0, 1, cap=False),
+    "train.max_grad_norm": Bound(float, 0, 1e6, lo_open=True, nullable=True),
+    "train.eval_every": Bound(int, 1, INT_CAP),
+    "train.eval_batches": Bound(int, 1, INT_CAP, nullable=True),
+    "train.save_every": Bound(int, 1, INT_CAP),
+    "train.keep_checkpoints": Bound(int, 1, INT_CAP),
+    "train.early_stopping_patience": Bound(int, 1, INT_CAP, nullable=True),
+    "train.loss_chunk_tokens": Bound(int, 1, INT_CAP, nullable=True),
+    "train.seed": Bound(int, 0, MAX_SEED),
+    "train.log_every": Bound(int, 1, INT_CAP),
+}
+MAX_LAYER_INDEX = 2**16
+"""lora.layers_to_transform entries beyond this cannot name a block of any model."""
+
+
+def check_options(checks: Iterable[tuple[str, Any, Union[Bound, tuple]]]) -> None:
+    """Check the options of a command (or the arguments of the API function behind it) before any
+    work starts. ``checks`` holds (the option as the command line spells it, its value, a Bound or
+    a tuple of choices); raises one MlxLoraError naming every bad one, e.g. "--top-p must be in
+    (0, 1], got 5"."""
+    problems = []
+    for option, value, allowed in checks:
+        if isinstance(allowed, Bound):
+            problem = allowed.violation(value)
+            if problem:
+                problems.append(f"{option} {problem}")
+        elif not isinstance(value, str) or value not in allowed:
+            problems.append(f"{option} must be one of {', '.join(allowed)}, got {show(value)}")
+    if problems:
+        raise MlxLoraError("; ".join(problems))
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+SHOW_CHARS = 80
+"""How much of a value an error message echoes: a message stays one readable line however large
+the value (a long string, a list of thousands, a structure built from YAML aliases)."""
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = _repr.maxlong = SHOW_CHARS
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 8
+_repr.maxlevel = 3
+
+
+def clip(text: str, limit: int = SHOW_CHARS) -> str:
+    """``text`` on one line (control characters escaped), cut to ``limit`` characters with '...'."""
+    text = str(text)[: limit * 4]
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show(value: Any) -> str:
+    """``repr(value)`` for a message, on one line and at most SHOW_CHARS characters, without ever
+    building the whole repr of a huge value."""
+    if isinstance(value, int) and value.bit_length() > 256:  # repr of a huge int is slow, or refused
+        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
+    try:
+        text = _repr.repr(value)
+    except Exception:  # a value whose repr fails: say what it is
+        text = f"<{type(value).__name__}>"
+    return clip(text)
+
 
 # ----------------------------------------------------------------------------------------------
 # building
@@ -218,7 +353,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {show(value)}")
             return value
         return [_coerce(v, item_tp, key, problems) for v in value]
     try:
@@ -233,10 +368,16 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if tp is int:
             if isinstance(value, bool):
                 raise ValueError
-            if isinstance(value, (float, str)):  # "1e3" is fine; "8.5" and "1e400" are not
+            if isinstance(value, (float, str)):  # "1e3" is fine; "8.5", "1e400" and ".nan" are not
                 number = float(value)
                 if not number.is_integer():
                     raise ValueError
+                # Past 2**53 a float is no exact integer: 1e30 is a typo, never a count or a size.
+                if abs(number) > 2**53:
+                    bound = BOUNDS.get(key)
+                    limit = f" <= {_num(bound.hi)}" if bound else ""
+                    problems.append(f"{key}: expected an int{limit}, got {show(value)}")
+                    return value
                 return int(number)
             return int(value)
         if tp is float:
@@ -247,8 +388,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
-        problems.append(f"{key}: expected {tp.__name__}, got {value!r}")
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
+        problems.append(f"{key}: expected {tp.__name__}, got {show(value)}")
         return value
     return value
 
@@ -259,6 +400,7 @@ def _section_from_dict(cls, data: dict, prefix: str, problems: list[str], base=N
     kwargs = {}
     for k, v in data.items():
         if k not in names:
+            k = clip(k)
             problems.append(f"unknown key '{prefix}{k}'"
                             + (_did_you_mean(k, names) or _in_other_section(k, prefix.rstrip("."))))
             continue
@@ -280,20 +422,73 @@ def from_dict(data: dict, base: Optional[Config] = None, source: Optional[str] =
             if v is None:
                 continue
             if not isinstance(v, dict):
-                problems.append(f"'{k}' must be a mapping of keys, got {v!r}")
+                problems.append(f"'{k}' must be a mapping of keys, got {show(v)}")
                 continue
             kwargs[k] = _section_from_dict(SECTIONS[k], v, k + ".", problems, getattr(base, k))
         elif k == "out":
             if v is None or isinstance(v, (dict, list)) or str(v).strip() == "":
-                problems.append(f"out: expected a folder path, got {v!r}")
+                problems.append(f"out: expected a folder path, got {show(v)}")
             else:
                 kwargs[k] = str(v)
         else:
-            problems.append(f"unknown key '{k}'" + (_in_other_section(str(k), None)
+            k = clip(k)
+            problems.append(f"unknown key '{k}'" + (_in_other_section(k, None)
                                                      or _did_you_mean(k, list(SECTIONS) + ["out"])))
     if problems:
         raise ConfigError(problems, source)
     return replace(base, **kwargs)
+
+
+MAX_YAML_NODES = 10_000
+"""Values a config document may hold once its YAML aliases are expanded. A config has a few dozen;
+aliases of aliases (the "billion laughs" file) reach billions from a few lines, which would take
+minutes and gigabytes to build and to print."""
+
+
+def _expanded_nodes(root: yaml.Node, limit: int) -> Optional[int]:
+    """How many nodes ``root`` holds with every alias expanded, counted up to ``limit + 1``, or
+    None when a node contains itself. Each distinct node is visited once (aliases share nodes)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, closing = stack.pop()
+        key = id(node)
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        if closing:
+            sizes[key] = min(limit + 1, 1 + sum(sizes[id(c)] for c in children))
+            open_nodes.discard(key)
+        elif key not in sizes:
+            if key in open_nodes:
+                return None
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+    return sizes[id(root)]
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a document whose aliases expand past MAX_YAML_NODES values
+    or refer to themselves (ConfigError without a source; callers add it)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_nodes(node, MAX_YAML_NODES)
+        if size is None:
+            raise ConfigError(["a YAML alias refers to a value that contains it"])
+        if size > MAX_YAML_NODES:
+            raise ConfigError([f"the YAML expands to more than {MAX_YAML_NODES:,} values through its aliases "
+                               f"(&anchor / *alias); a config needs far fewer"])
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load_yaml(path: Union[str, os.PathLike]) -> dict:
@@ -302,13 +497,19 @@ def load_yaml(path: Union[str, os.PathLike]) -> dict:
         raise ConfigError([f"config file not found: {path}"])
     try:
         text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except UnicodeDecodeError as e:
         raise ConfigError([f"not UTF-8 text ({e.reason} at byte {e.start})"], str(path)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError([f"YAML syntax error{where}: {getattr(e, 'problem', e)}"], str(path)) from None
+        raise ConfigError([f"YAML syntax error{where}: {clip(getattr(e, 'problem', e))}"], str(path)) from None
+    except ConfigError as e:
+        raise ConfigError(e.problems, str(path)) from None
+    except RecursionError:
+        raise ConfigError(["YAML nested too deeply"], str(path)) from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError([f"unreadable value: {clip(e)}"], str(path)) from None
     return data or {}
 
 
@@ -318,19 +519,25 @@ def parse_overrides(items: list[str]) -> dict:
     problems = []
     for item in items:
         if "=" not in item:
-            problems.append(f"--set '{item}': expected section.key=value")
+            problems.append(f"--set '{clip(item)}': expected section.key=value")
             continue
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = safe_load(raw) if raw.strip() else ""
+        except ConfigError as e:
+            problems.append(f"--set '{clip(key)}': {e.problems[0]}")
+            continue
+        except RecursionError:
+            problems.append(f"--set '{clip(key)}': YAML nested too deeply")
+            continue
+        except (yaml.YAMLError, ValueError):  # not YAML: the text itself (a bad type is reported later)
             value = raw
         d = out
         for p in parts[:-1]:
             d = d.setdefault(p, {})
             if not isinstance(d, dict):
-                problems.append(f"--set '{item}': '{p}' is not a section")
+                problems.append(f"--set '{clip(item)}': '{clip(p)}' is not a section")
                 break
         else:
             d[parts[-1]] = value
@@ -377,53 +584,38 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
     for key, choices in CHOICES.items():
         sec, name = key.split(".")
         value = getattr(getattr(cfg, sec), name)
-        if value not in choices:
-            p.append(f"{key}: '{value}' is not one of {', '.join(choices)}" + _did_you_mean(str(value), choices))
-    m, lo, d, t = cfg.model, cfg.lora, cfg.data, cfg.train
+        if not isinstance(value, str) or value not in choices:
+            p.append(f"{key}: {show(value)} is not one of {', '.join(choices)}"
+                     + _did_you_mean(clip(value), choices))
+    m, lo, d = cfg.model, cfg.lora, cfg.data
     if not m.path:
         p.append("model.path: required (a local folder, a Hugging Face repo id or a .gguf file)")
     if need_data and not d.path:
         p.append("data.path: required (a JSONL file or a folder with train.jsonl)")
-    if lo.r < 1:
-        p.append(f"lora.r: must be >= 1, got {lo.r}")
-    if lo.alpha <= 0:
-        p.append(f"lora.alpha: must be > 0, got {lo.alpha}")
-    if not 0 <= lo.dropout < 1:
-        p.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    # Numbers: type, finiteness and range, in the order of BOUNDS (NaN fails every comparison, so
+    # a bare "< 1" test would let it through).
+    for key, bound in BOUNDS.items():
+        sec, name = key.split(".")
+        problem = bound.violation(getattr(getattr(cfg, sec), name))
+        if problem:
+            p.append(f"{key}: {problem}")
     if lo.target_modules is not None:
         if not lo.target_modules:
             p.append("lora.target_modules: empty list; leave unset for all linear layers")
         for pat in lo.target_modules:
-            if pat.startswith("re:"):
+            if not isinstance(pat, str):
+                p.append(f"lora.target_modules: expected names or re: patterns, got {show(pat)}")
+            elif pat.startswith("re:"):
                 try:
                     re.compile(pat[3:])
                 except re.error as e:
-                    p.append(f"lora.target_modules: bad regex '{pat}': {e}")
-    if not 0 <= d.valid_fraction < 1:
-        p.append(f"data.valid_fraction: must be in [0, 1), got {d.valid_fraction}")
-    if d.max_seq_length < 2:
-        p.append(f"data.max_seq_length: must be >= 2, got {d.max_seq_length}")
-    if t.iters is not None and t.iters < 1:
-        p.append(f"train.iters: must be >= 1, got {t.iters}")
-    if t.epochs is not None and t.epochs <= 0:
-        p.append(f"train.epochs: must be > 0, got {t.epochs}")
-    for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_checkpoints"):
-        if getattr(t, name) < 1:
-            p.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
-    if t.lr <= 0:
-        p.append(f"train.lr: must be > 0, got {t.lr}")
-    if t.warmup_steps < 0:
-        p.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
-    if not 0 <= t.min_lr_ratio <= 1:
-        p.append(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
-    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
-        p.append(f"train.max_grad_norm: must be > 0 or null, got {t.max_grad_norm}")
-    if t.eval_batches is not None and t.eval_batches < 1:
-        p.append(f"train.eval_batches: must be >= 1 or null, got {t.eval_batches}")
-    if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
-        p.append(f"train.early_stopping_patience: must be >= 1 or null, got {t.early_stopping_patience}")
-    if t.loss_chunk_tokens is not None and t.loss_chunk_tokens < 1:
-        p.append(f"train.loss_chunk_tokens: must be >= 1 or null, got {t.loss_chunk_tokens}")
+                    p.append(f"lora.target_modules: bad regex {show(pat)}: {e}")
+    if lo.layers_to_transform is not None:
+        index = Bound(int, -MAX_LAYER_INDEX, MAX_LAYER_INDEX - 1)
+        bad = [show(i) for i in lo.layers_to_transform if index.violation(i)]
+        if bad:
+            p.append(f"lora.layers_to_transform: block indices must be integers in {index.interval()}, got "
+                     + clip(", ".join(bad)))
     if p:
         raise ConfigError(p, source)
     return cfg

@@ -21,8 +21,11 @@ adapter is being loaded onto, and warns or, when ``strict``, refuses.
 
 :func:`resource_error` turns the backends' out-of-memory errors (MLX raises ``RuntimeError``
 "[metal::malloc] ...", "[malloc] Unable to allocate ...", "cudaMalloc... failed: out of memory";
-``MemoryError`` from a failed host allocation) and a full disk (``OSError`` ENOSPC/EDQUOT) into
-a :class:`ResourceError` that names the remedies and the checkpoint that survived.
+``MemoryError`` from a failed host allocation) and a full disk into a :class:`ResourceError` that
+names the remedies and the checkpoint that survived, if any. A full disk shows up as ``OSError``
+ENOSPC/EDQUOT from Python's own writes, possibly as the cause or context of another exception,
+and as a ``RuntimeError`` "[write] Unable to write N bytes to file." from MLX's file writer
+(``mx.save_safetensors``, ``mx.save``), whose ``write(2)`` errno is lost on the way.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import errno
 import hashlib
 import json
 import math
+import os
 import re
 import struct
 from pathlib import Path
@@ -196,8 +200,45 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and bool(_OOM.search(str(e))))
 
 
+# MLX's FileWriter (mlx/io/load.h) on a failed write(2). A file it cannot create reads
+# "[save_safetensors] Failed to open file PATH", which may be a full disk or a permission: the
+# file system of PATH then tells which.
+_MLX_WRITE_FAILED = re.compile(r"^\[write\] Unable to write \d+ bytes")
+_MLX_OPEN_FAILED = re.compile(r"^\[\w+\] Failed to open file (?P<path>.+?)\.?$")
+
+
+def _no_space_at(path: str) -> bool:
+    try:
+        st = os.statvfs(Path(path).parent)
+    except OSError:
+        return False
+    blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail  # root may use the reserved blocks
+    return blocks == 0 or (st.f_files > 0 and st.f_favail == 0)
+
+
+def _chain(e: BaseException):
+    """``e`` and the exceptions it was raised from or while handling."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _disk_full_error(e: BaseException) -> Optional[BaseException]:
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return x
+        if isinstance(x, RuntimeError):
+            m = _MLX_OPEN_FAILED.match(str(x))
+            if _MLX_WRITE_FAILED.match(str(x)) or (m and _no_space_at(m["path"])):
+                return x
+    return None
+
+
 def is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    """Whether ``e`` (or an exception it came from) says a write found no space left."""
+    return _disk_full_error(e) is not None
 
 
 def resource_error(e: BaseException, *, run_dir=None, last_checkpoint=None,
@@ -211,11 +252,21 @@ def resource_error(e: BaseException, *, run_dir=None, last_checkpoint=None,
         detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         msg = f"out of memory ({detail}); to fit, {memory_hint}"
     elif is_disk_full(e):
-        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        full = _disk_full_error(e)
+        if getattr(full, "filename", None):
+            where = f" writing {full.filename}"
+        elif isinstance(full, RuntimeError):
+            where = f" ({str(full).strip()})"
+        else:
+            where = ""
         msg = f"out of disk space{where}; free space or write to another disk (--out, MLX_LORA_CACHE)"
     else:
         return None
     if run_dir is not None:
-        kept = f"The last good checkpoint {last_checkpoint} is kept; continue" if last_checkpoint else "Continue"
-        msg += f". {kept} with: mlx-lora train --resume {run_dir}"
+        if last_checkpoint:
+            msg += (f". The last good checkpoint {last_checkpoint} is kept; continue with: "
+                    f"mlx-lora train --resume {run_dir}")
+        else:
+            msg += (". No checkpoint was saved yet, so there is nothing to resume: run the same command with "
+                    "--overwrite to start over")
     return ResourceError(msg)

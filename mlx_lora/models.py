@@ -96,12 +96,163 @@ def resolve(source: str, revision: Optional[str] = None, keep_quantized: bool = 
     return _hub_download(source, revision), "hub"
 
 
+MAX_CONFIG_BYTES = 64 * 2**20
+"""A config.json is kilobytes; a larger file is not one, and reading it whole could exhaust memory."""
+
+# Sizes that config.json gives and the architectures build layers from, with bounds far beyond any
+# published model: a value past them is a typo (an extra zero) that would make mlx-lm build
+# millions of layers or allocate terabytes before any weight is read. Several names mean the same
+# size in different families (GPT-2's n_layer). intermediate_size may be a list (one per layer).
+SIZE_KEYS = {
+    "hidden_size": ("hidden", 2**17), "n_embd": ("hidden", 2**17), "d_model": ("hidden", 2**17),
+    "num_hidden_layers": ("layers", 4096), "n_layer": ("layers", 4096), "num_layers": ("layers", 4096),
+    "intermediate_size": ("intermediate", 2**20), "n_inner": ("intermediate", 2**20),
+    "num_attention_heads": ("heads", 4096), "n_head": ("heads", 4096),
+    "num_key_value_heads": ("kv_heads", 4096), "head_dim": ("head_dim", 2**14),
+    "vocab_size": ("vocab", 2**24),
+    "num_local_experts": ("experts", 4096), "num_experts": ("experts", 4096), "n_routed_experts": ("experts", 4096),
+}
+# Sizes that may be null (the architecture then derives them, or has none), and sizes that may be 0.
+NULLABLE_SIZES = {"num_key_value_heads", "head_dim", "n_inner", "intermediate_size", "num_local_experts",
+                  "num_experts", "n_routed_experts"}
+MAY_BE_ZERO = {"intermediate", "experts"}
+
+
 def read_config(folder: Path) -> dict:
+    """config.json of a model folder, with the types and sizes of the keys that decide what gets
+    built checked (see :func:`check_config`)."""
     cfg_path = folder / "config.json"
     try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
+        size = cfg_path.stat().st_size
+        config = json.loads(cfg_path.read_text(encoding="utf-8")) if size <= MAX_CONFIG_BYTES else None
+    except RecursionError:
+        raise ModelError(f"{cfg_path}: cannot read (JSON nested too deeply)") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ModelError(f"{cfg_path}: cannot read ({e})") from None
+        raise ModelError(f"{cfg_path}: cannot read ({str(e)[:200]})") from None
+    if size > MAX_CONFIG_BYTES:
+        raise ModelError(f"{cfg_path}: {size:,} bytes is far too large for a model config")
+    check_config(config, cfg_path)
+    return config
+
+
+def _size_keys(config: dict) -> list[tuple[str, str, Any]]:
+    """(name for messages, meaning, value) of every size key, top level and in text_config."""
+    found = []
+    for prefix, section in (("", config), ("text_config.", config.get("text_config"))):
+        if isinstance(section, dict):
+            found += [(prefix + k, SIZE_KEYS[k][0], section[k]) for k in SIZE_KEYS if k in section]
+    return found
+
+
+def _sizes(config: dict) -> dict[str, tuple[str, int]]:
+    """meaning -> (key, value) of the first size key given for each meaning; a per-layer list
+    counts as its smallest entry. Call after :func:`check_config`."""
+    sizes: dict[str, tuple[str, int]] = {}
+    for key, meaning, value in _size_keys(config):
+        if value is not None and meaning not in sizes:
+            sizes[meaning] = (key, min(value) if isinstance(value, list) else value)
+    return sizes
+
+
+def check_config(config: Any, cfg_path: Path) -> None:
+    """Refuse a config.json whose keys have the wrong type or absurd sizes, or whose sizes need far
+    more weights than the folder's safetensors files hold, before anything is built from it.
+    Every message names config.json and the key."""
+    from .backend import fmt_bytes
+    from .config import Bound, show
+
+    def bad(key: str, problem: str):
+        raise ModelError(f"{cfg_path}: '{key}': {problem}")
+
+    if not isinstance(config, dict):
+        raise ModelError(f"{cfg_path}: expected a JSON object, got {show(config)}")
+    model_type = config.get("model_type")
+    if model_type is not None and (not isinstance(model_type, str) or not model_type.strip()):
+        bad("model_type", f"must be an architecture name (a string), got {show(model_type)}")
+    if config.get("text_config") is not None and not isinstance(config["text_config"], dict):
+        bad("text_config", f"must be an object, got {show(config['text_config'])}")
+    eos = config.get("eos_token_id")  # handed to the tokenizer
+    token_id = Bound(int, 0, 2**31 - 1)
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    if eos is not None and (not eos_ids or any(token_id.violation(t) for t in eos_ids)):
+        bad("eos_token_id", f"must be a token id or a list of token ids, got {show(eos)}")
+    if config.get("tie_word_embeddings") is not None and not isinstance(config["tie_word_embeddings"], bool):
+        bad("tie_word_embeddings", f"must be true or false, got {show(config['tie_word_embeddings'])}")
+    quant = config.get("quantization")
+    if quant is not None:
+        if not isinstance(quant, dict):
+            bad("quantization", f"must be an object with bits and group_size, got {show(quant)}")
+        for key, bound in (("bits", Bound(int, 1, 8)), ("group_size", Bound(int, 1, 2**16))):
+            problem = bound.violation(quant.get(key))
+            if problem:
+                bad(f"quantization.{key}", problem)
+    for key, meaning, value in _size_keys(config):
+        name = key.rsplit(".", 1)[-1]
+        bound = Bound(int, 0 if meaning in MAY_BE_ZERO else 1, SIZE_KEYS[name][1], nullable=name in NULLABLE_SIZES)
+        for v in value if meaning == "intermediate" and isinstance(value, list) and value else [value]:
+            problem = bound.violation(v)
+            if problem:
+                bad(key, problem)
+
+    files = [f for f in cfg_path.parent.glob("*.safetensors") if f.is_file()]
+    sizes = _sizes(config)
+    if not files or "hidden" not in sizes:
+        return  # nothing to compare with (a folder being assembled, an unusual family)
+    on_disk = sum(f.stat().st_size for f in files)
+    need = weight_lower_bound(sizes) * (_fewest_bits(config) or 8) / 8  # 8 bits: FP8, the smallest float
+    # Twice the files leaves room for architectures where the bound is loose; a wrong size is off
+    # by orders of magnitude.
+    if need > 2 * on_disk + 2**20:
+        raise ModelError(f"{cfg_path}: its sizes ({_size_summary(sizes)}) mean at least {fmt_bytes(need)} of "
+                         f"weights, but the weight files hold {fmt_bytes(on_disk)}; config.json does not match "
+                         f"the weights")
+
+
+def weight_lower_bound(sizes: dict[str, tuple[str, int]]) -> int:
+    """Fewest weights a model with these sizes can have: the embedding table, and per block at least
+    one hidden x hidden projection (attention, or what replaces it) and an MLP (up and down) of
+    intermediate_size. No architecture has less; mixture-of-experts ones have far more."""
+    def get(meaning):
+        return sizes[meaning][1] if meaning in sizes else 0
+
+    h = get("hidden")
+    return get("vocab") * h + get("layers") * (h * h + 2 * h * get("intermediate"))
+
+
+def _fewest_bits(config: dict) -> Optional[float]:
+    """Fewest bits a weight of this quantized model is stored in; None when it is not quantized."""
+    quant = config.get("quantization")
+    if isinstance(quant, dict):
+        # per-layer overrides (mixed-precision quantization) are objects of their own
+        bits = [v for v in [quant.get("bits")] + [q.get("bits") for q in quant.values() if isinstance(q, dict)]
+                if isinstance(v, int)]
+        return min(bits or [1])
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    if "quantization_config" in config or "quantization_config" in text:
+        return 1  # GPTQ, AWQ, bitsandbytes, ternary...: some pack weights below 2 bits
+    return None
+
+
+def _size_summary(sizes: dict[str, tuple[str, int]]) -> str:
+    return ", ".join(f"{sizes[m][0]}={sizes[m][1]}" for m in ("layers", "hidden", "intermediate", "vocab")
+                     if m in sizes)
+
+
+def check_fits_in_memory(config: dict, cfg_path: Path, dtype) -> None:
+    """Refuse a model whose weights alone, at the compute ``dtype`` (quantized ones stay packed),
+    exceed the machine's memory: loading it would only end in an out-of-memory kill."""
+    from .backend import fmt_bytes, total_memory_bytes
+
+    sizes = _sizes(config)
+    if "hidden" not in sizes:
+        return
+    bits = _fewest_bits(config)  # quantized weights stay packed; the others take the compute dtype
+    need = weight_lower_bound(sizes) * (dtype.size if bits is None else bits / 8)
+    total = total_memory_bytes()
+    if total and need > total:
+        raise ModelError(f"{cfg_path}: its sizes ({_size_summary(sizes)}) mean at least {fmt_bytes(need)} of "
+                         f"weights in {str(dtype).replace('mlx.core.', '')}, more than this machine's "
+                         f"{fmt_bytes(total)} of memory")
 
 
 def _name_damaged_weight_file(folder: Path) -> None:
@@ -117,6 +268,10 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
                with_tokenizer: bool = True):
     """Load (model, tokenizer, ModelInfo). Float weights are cast to the compute dtype; quantized
     weights stay packed (QLoRA); LoRA weights are float32 whatever the compute dtype."""
+    from .config import CHOICES, show
+
+    if dtype not in CHOICES["model.dtype"]:
+        raise ModelError(f"dtype {show(dtype)} is not one of {', '.join(CHOICES['model.dtype'])}")
     # Resolve first: a wrong path is reported before the multi-second mlx-lm import.
     folder, kind = resolve(source, revision, keep_quantized=keep_quantized)
 
@@ -129,6 +284,8 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
     model_type = config.get("model_type")
     if not model_type:
         raise ModelError(f"{folder / 'config.json'}: field 'model_type' is missing")
+    target = compute_dtype(dtype)
+    check_fits_in_memory(config, folder / "config.json", target)
     try:
         _get_classes(config)
     except (ValueError, ImportError, ModuleNotFoundError):
@@ -147,7 +304,6 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
         _name_damaged_weight_file(folder)
         raise ModelError(f"{folder}: cannot read the weights ({type(e).__name__}: {str(e)[:300]})") from None
 
-    target = compute_dtype(dtype)
     model.set_dtype(target, lambda x: mx.issubdtype(x, mx.floating))
     try:
         mx.eval(model.parameters())

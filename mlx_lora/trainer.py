@@ -28,7 +28,7 @@ from .checkpoints import RunDir, TrainState
 from .config import Config
 from .data import (PAD_MULTIPLE, BatchPosition, TokenizedDataset, attention_mask_from_segments, iterate_batches,
                    length_groups, num_batches)
-from .errors import MlxLoraError
+from .errors import CheckpointError, MlxLoraError
 from .losses import make_loss
 
 
@@ -70,7 +70,7 @@ MAX_CONSECUTIVE_SKIPS = 20  # with nan_policy "skip": give up after this many ba
 
 
 class TrainingStopped(MlxLoraError):
-    """Training stopped on a non-finite loss (the last good checkpoint is kept)."""
+    """Training stopped on a non-finite loss (the message says which checkpoint, if any, is kept)."""
 
 
 @dataclass
@@ -221,6 +221,22 @@ def micro_batches(batch, t, gpu: bool, overhead: float = 0.0) -> list[tuple[np.n
     return [(np.arange(s, min(s + t.batch_size, B)), L) for s in range(0, B, t.batch_size)]
 
 
+def _check_same_tensors(expected: dict, got: dict, what: str) -> None:
+    """Raise CheckpointError unless ``got`` has exactly the names and shapes of ``expected``."""
+    missing = sorted(expected.keys() - got.keys())
+    if missing:
+        raise CheckpointError(f"{what} lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1
+                                                              else "") + "; it was written for another adapter")
+    extra = sorted(got.keys() - expected.keys())
+    if extra:
+        raise CheckpointError(f"{what} has {extra[0]}, which this config's adapter does not"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for name in sorted(expected):
+        if tuple(expected[name].shape) != tuple(got[name].shape):
+            raise CheckpointError(f"{what} holds {name} of shape {tuple(got[name].shape)}, but this config builds "
+                                  f"{tuple(expected[name].shape)}")
+
+
 class Trainer:
     """Trains the adapter layers of ``model``. Collaborators come in as arguments."""
 
@@ -237,9 +253,7 @@ class Trainer:
         self.rank, self.world = self.group.rank(), self.group.size()
         # Collectives with a watchdog: a rank never waits forever for a dead or hung peer.
         self.sync = sync if sync is not None else dist.Collectives(self.group)
-        if run is not None:
-            self.sync.hint = (f"Checkpoints in {run.checkpoints} are complete; continue with: "
-                              f"mlx-lora train --resume {run.path} (with any number of ranks).")
+        self._set_hint(have_checkpoint=False)
         self.sync.broadcast_parameters(model)  # identical start on every rank
         self._update_pending = False
         t = cfg.train
@@ -375,6 +389,29 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    def _set_hint(self, have_checkpoint: bool) -> None:
+        """What a rank that gives up on the others tells the user about the run folder: true only
+        once this run has restored or written a checkpoint."""
+        run = self.run
+        if run is None:
+            return
+        if have_checkpoint:
+            self.sync.hint = (f"Checkpoints in {run.checkpoints} are complete; continue with: "
+                              f"mlx-lora train --resume {run.path} (with any number of ranks, keeping "
+                              f"batch_size x grad_accum x ranks).")
+        else:
+            self.sync.hint = ("No checkpoint of this run was saved yet, so there is nothing to resume; "
+                              "start over with --overwrite.")
+
+    def _what_is_kept(self) -> str:
+        """The checkpoint a stopped run leaves (rank 0 writes them, so only it can tell)."""
+        if self.run is None or self.rank != 0:
+            return "the checkpoints saved so far are kept"
+        latest = self.run.latest_checkpoint()
+        if latest is None:
+            return "no checkpoint was saved yet, so nothing is kept and a rerun starts over (--overwrite)"
+        return f"the last good checkpoint {latest} is kept (continue with: mlx-lora train --resume {self.run.path})"
+
     def save_checkpoint(self, verify: bool = True) -> Optional[str]:
         """Rank 0 writes a checkpoint. With several ranks and ``verify``, all ranks first check
         (by fingerprint, one small collective) that their adapter and optimizer state are still
@@ -395,17 +432,29 @@ class Trainer:
                     f"data-parallel training is no longer one run; make sure every host runs the same "
                     f"mlx and mlx-lora versions. {self.sync.hint}")
         if self.rank != 0:
+            self._set_hint(have_checkpoint=True)  # rank 0 is writing it now
             return None
         path = self.run.save_checkpoint(self.state.step, self.save_adapter_fn, self.optimizer.state, self.state,
                                         keep=self.cfg.train.keep_checkpoints)
+        self._set_hint(have_checkpoint=True)
         self.save_adapter_fn(self.run.path)  # the run folder's top-level adapter is the newest
         self._emit("on_checkpoint", path)
         return str(path)
 
-    def restore(self, adapter_state: dict, optimizer_state: dict, state: TrainState) -> None:
-        from .adapters import set_adapter_state
+    def restore(self, adapter_state: dict, optimizer_state: dict, state: TrainState, source=None) -> None:
+        """Continue from a checkpoint (``source`` names it in errors). Its adapter and optimizer
+        state must have exactly the tensors this config builds: loading weights of another shape
+        would silently train an adapter its own config does not describe."""
+        from .adapters import adapter_state as current_adapter, set_adapter_state
 
+        what = f"checkpoint {source}" if source is not None else "the checkpoint"
+        _check_same_tensors(current_adapter(self.model), adapter_state, f"{what}: its adapter")
+        _check_same_tensors(dict(tree_flatten(self.optimizer.state)), dict(tree_flatten(optimizer_state)),
+                            f"{what}: its optimizer state")
         set_adapter_state(self.model, adapter_state)
+        # The learning rate comes from this config, which may have changed it: a schedule recomputes
+        # it from the step at every update, but a constant one lives only in the optimizer state.
+        optimizer_state = {**optimizer_state, "learning_rate": self.optimizer.state["learning_rate"]}
         self.optimizer.state = optimizer_state
         mx.eval(self.optimizer.state)
         self._build_steps()  # the compiled update must capture the restored state objects
@@ -415,6 +464,7 @@ class Trainer:
         # Checkpoints record their global batch size; older ones only their number of ranks.
         old_global = int(state.extra.get("global_batch", t.batch_size * t.grad_accum * state.world_size))
         self.state.batch_index = dist.convert_position(state.batch_index, old_global, new_global)
+        self._set_hint(have_checkpoint=True)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -455,9 +505,8 @@ class Trainer:
                         continue
                     stopped = "nan"
                     raise TrainingStopped(
-                        f"loss became {step_loss} at step {self.state.step + 1}; stopped with the last good "
-                        f"checkpoint kept. Lower train.lr, enable train.max_grad_norm, or set "
-                        f"train.nan_policy: skip")
+                        f"loss became {step_loss} at step {self.state.step + 1}; stopped: {self._what_is_kept()}. "
+                        f"Lower train.lr, enable train.max_grad_norm, or set train.nan_policy: skip")
                 skipped = 0
                 # One process: no interrupt can split a step and its metrics line (several: a rank
                 # must stay interruptible inside a collective, so rank 0 saves only between steps).

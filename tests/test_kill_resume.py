@@ -32,6 +32,7 @@ import pytest
 
 from mlx_lora.checkpoints import RunDir
 from mlx_lora.config import build
+from mlx_lora.ownership import LOCK, MARKER
 from mlx_lora.testing import make_tiny_dataset
 
 STEPS = 40  # enough that a fast machine cannot finish before every kind of kill has happened
@@ -97,9 +98,10 @@ def assert_same_run(run, ref) -> None:
 
 
 def leftovers(run: Path) -> list[str]:
-    """Hidden temporary files and folders a cut-short write leaves in the run folder."""
+    """Hidden temporary files and folders a cut-short write leaves in the run folder (the ownership
+    marker and the lock file, which a killed run leaves behind by design, are not such leftovers)."""
     return sorted(str(p.relative_to(run)) for folder in (run, run / "checkpoints") if folder.is_dir()
-                  for p in folder.iterdir() if p.name.startswith("."))
+                  for p in folder.iterdir() if p.name.startswith(".") and p.name not in (MARKER, LOCK))
 
 
 def assert_everything_readable(run: Path) -> int:

@@ -275,7 +275,7 @@ def test_existing_run_folder_is_not_clobbered(memo_model, chat8, tmp_path):
     run.mkdir()
     (run / "notes.txt").write_text("mine")
     cfg = _cfg(memo_model, chat8, run, **{"train.iters": 1})
-    with pytest.raises(MlxLoraError, match="--resume"):
+    with pytest.raises(MlxLoraError, match="'notes.txt'"):
         mlx_lora.train(cfg, progress=False)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
