@@ -11,6 +11,7 @@ Adapter folders written by mlx-lm (``adapters.safetensors``) load too.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import LoraConfig
 from .errors import AdapterError
 from .io import atomic_write_json, atomic_save_safetensors
-from .lora import DoRALinear, LoRALinear, is_adapter_layer
+from .lora import DoRALinear, LoRALinear, base_dims, is_adapter_layer
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -79,20 +80,45 @@ def candidate_layers(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Mo
     return found
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
-    """Freeze the model and wrap the selected layers; returns their module paths."""
+def _linear_names(model: nn.Module) -> str:
+    return ", ".join(sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+                             if isinstance(m, (nn.Linear, nn.QuantizedLinear))}))
+
+
+def _refuse_stacking(model: nn.Module) -> None:
     if adapter_layers(model):
         # Wrapping again would put adapters inside adapters (on their frozen base layers).
         raise AdapterError("the model already has adapter layers; fuse them (fuse_model) or load a fresh model")
-    model.freeze()
+
+
+def rank_problem(targets: list[tuple[str, nn.Module]], r) -> Optional[str]:
+    """Why rank ``r`` cannot adapt ``targets``, or None. B A has rank at most min(in, out) of its
+    layer, so a larger r only adds parameters; and r x in floats per layer is what a typo such as
+    1e8 would try to allocate."""
+    if not targets:
+        return None
+    path, layer = min(targets, key=lambda t: (min(base_dims(t[1])), t[0]))  # the same layer named every time
+    out_dims, in_dims = base_dims(layer)
+    if r > min(out_dims, in_dims):
+        return (f"{r} is larger than the layer {path} allows ({in_dims} in, {out_dims} out): "
+                f"the rank can be at most {min(out_dims, in_dims)}")
+    return None
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Freeze the model and wrap the selected layers; returns their module paths."""
+    _refuse_stacking(model)
     targets = candidate_layers(model, cfg)
     if not targets:
-        names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
-                        if isinstance(m, (nn.Linear, nn.QuantizedLinear))})
         raise AdapterError(
             f"lora.target_modules {cfg.target_modules} matched no linear layer; "
-            f"this model has: {', '.join(names)}"
+            f"this model has: {_linear_names(model)}"
         )
+    # Checked before anything is frozen or allocated.
+    problem = rank_problem(targets, cfg.r)
+    if problem:
+        raise AdapterError(f"lora.r={cfg.r}: {problem}")
+    model.freeze()
     cls = DoRALinear if cfg.use_dora else LoRALinear
     wrapped = [
         (path, cls(m, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora))
@@ -195,41 +221,152 @@ def save_adapter(model: nn.Module, out_dir, cfg: LoraConfig, base_model: Optiona
     return out_dir
 
 
+_ABSENT = object()
+
+
+def _show(value) -> str:
+    r = json.dumps(value) if isinstance(value, (str, bool, type(None))) else repr(value)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+class _Fields:
+    """Typed reads of an adapter config: each wrong type or value is an AdapterError naming the
+    file and the key. A key that is absent or null takes its default (as PEFT's own reader does)."""
+
+    def __init__(self, conf, path: Path, prefix: str = ""):
+        if not isinstance(conf, dict):
+            raise AdapterError(f"{path}: expected a JSON object, got {type(conf).__name__}")
+        self.conf, self.path, self.prefix = conf, path, prefix
+
+    def fail(self, key: str, message: str) -> AdapterError:
+        return AdapterError(f"{self.path}: key '{self.prefix}{key}': {message}")
+
+    def get(self, key: str, default=None):
+        value = self.conf.get(key)
+        return default if value is None else value
+
+    def boolean(self, key: str, default: bool = False) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):  # "false" is a true string: only JSON booleans say it
+            raise self.fail(key, f"expected true or false, got {_show(value)}")
+        return value
+
+    def integer(self, key: str, default=_ABSENT, lo: int = 1) -> int:
+        value = self.get(key, default)
+        if value is _ABSENT:
+            raise self.fail(key, f"missing; expected an integer >= {lo}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected an integer >= {lo}, got {_show(value)}")
+        if value < lo:
+            raise self.fail(key, f"must be >= {lo}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, lo: float, hi: Optional[float] = None, lo_open: bool = True) -> float:
+        value = self.get(key, default)
+        rng = f"{'>' if lo_open else '>='} {lo:g}" if hi is None else f"in [{lo:g}, {hi:g})"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, f"expected a number {rng}, got {_show(value)}")
+        x = float(value)
+        low = x <= lo if lo_open else x < lo
+        if not math.isfinite(x) or low or (hi is not None and x >= hi):
+            raise self.fail(key, f"must be a number {rng}, got {_show(value)}")
+        return x
+
+    def text(self, key: str) -> Optional[str]:
+        value = self.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {_show(value)}")
+        return value
+
+    def mapping(self, key: str) -> dict:
+        value = self.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected an object, got {_show(value)}")
+        return value
+
+    def names(self, key: str) -> Optional[list[str]]:
+        """Module names (a list), a PEFT regex (a string) or all linear layers (absent, "all-linear")."""
+        value = self.get(key)
+        if value is None or value == "all-linear":
+            return None
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise self.fail(key, f"not a valid regular expression ({e})") from None
+            return ["re:" + value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.fail(key, f"expected a list of module names or a regex string, got {_show(value)}")
+        if not value:
+            raise self.fail(key, "empty list: it selects no layer")
+        return list(value)
+
+    def indices(self, key: str) -> Optional[list[int]]:
+        value = self.get(key)
+        if value is None:
+            return None
+        value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                               for v in value):
+            raise self.fail(key, f"expected a non-empty list of block indices, got {_show(value)}")
+        return value
+
+
 def _lora_config_from_peft(conf: dict, path: Path) -> LoraConfig:
-    try:
-        r = int(conf["r"])
-    except (KeyError, TypeError, ValueError):
-        raise AdapterError(f"{path}: field 'r' missing or not an integer") from None
-    targets = conf.get("target_modules")
-    if isinstance(targets, str):  # PEFT allows a regex string
-        targets = ["re:" + targets]
-    layers = conf.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
+    f = _Fields(conf, path)
+    peft_type = f.text("peft_type")
+    if peft_type is not None and peft_type.upper() != "LORA":
+        raise f.fail("peft_type", f"{_show(peft_type)} adapters are not supported (LORA only)")
+    if f.boolean("fan_in_fan_out"):
+        # Transposed weights (GPT-2's Conv1D): on a square layer they would load without a shape error.
+        raise f.fail("fan_in_fan_out", "transposed (Conv1D-style) adapter weights are not supported")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if f.mapping(key):  # per-layer ranks or scales would be applied as one uniform r / alpha
+            raise f.fail(key, "per-layer ranks and alphas are not supported")
+    f.text("base_model_name_or_path")
+    f.mapping("mlx_lora")
     return LoraConfig(
-        r=r,
-        alpha=float(conf.get("lora_alpha") or 8),  # PEFT's default when the key is absent
-        dropout=float(conf.get("lora_dropout", 0.0) or 0.0),
-        target_modules=list(targets) if targets else None,
-        layers_to_transform=list(layers) if layers else None,
-        use_dora=bool(conf.get("use_dora", False)),
-        use_rslora=bool(conf.get("use_rslora", False)),
+        r=f.integer("r"),
+        alpha=f.number("lora_alpha", 8, 0),  # 8: PEFT's default when the key is absent
+        dropout=f.number("lora_dropout", 0.0, 0, 1, lo_open=False),
+        target_modules=f.names("target_modules"),
+        layers_to_transform=f.indices("layers_to_transform"),
+        use_dora=f.boolean("use_dora"),
+        use_rslora=f.boolean("use_rslora"),
     )
 
 
 def _read_mlx_lm_adapter(folder: Path, conf: dict, model: nn.Module):
     """Translate an mlx-lm adapter folder into (LoraConfig, PEFT-named weights)."""
-    if conf.get("fine_tune_type") == "full":
+    conf_path = folder / ADAPTER_CONFIG
+    f = _Fields(conf, conf_path)
+    kind = f.text("fine_tune_type")
+    kind = "lora" if kind is None else kind
+    if kind == "full":
         raise AdapterError(f"{folder}: mlx-lm full fine-tune weights, not an adapter; load that folder's "
                            f"weights as a model instead")
-    params = conf.get("lora_parameters") or {}
-    r = int(params.get("rank", 8))
-    scale = float(params.get("scale", 20.0))
+    if kind not in ("lora", "dora"):
+        raise f.fail("fine_tune_type", f"expected lora, dora or full, got {_show(kind)}")
+    params = _Fields(f.mapping("lora_parameters"), conf_path, "lora_parameters.")
+    r = params.integer("rank", 8)
+    scale = params.number("scale", 20.0, 0)
+    dropout = params.number("dropout", 0.0, 0, 1, lo_open=False)
     keys = params.get("keys")
+    if keys is not None and (not isinstance(keys, list) or not keys
+                             or not all(isinstance(k, str) and k for k in keys)):
+        raise params.fail("keys", f"expected a non-empty list of module names, got {_show(keys)}")
+    f.text("model")
     n = len(transformer_blocks(model))
-    num_layers = conf.get("num_layers", n)
-    num_layers = n if num_layers in (-1, None) else int(num_layers)
-    weights = mx.load(str(folder / MLX_LM_WEIGHTS))
+    num_layers = f.get("num_layers", n)
+    if num_layers == -1:
+        num_layers = n
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= n:
+        raise f.fail("num_layers", f"expected -1 or an integer in [1, {n}] (this model's blocks), "
+                                   f"got {_show(num_layers)}")
+    try:
+        weights = mx.load(str(folder / MLX_LM_WEIGHTS))
+    except Exception as e:
+        raise AdapterError(f"{folder / MLX_LM_WEIGHTS}: cannot read ({e})") from None
     state, targets = {}, set()
     for k, v in weights.items():
         base, _, leaf = k.rpartition(".")
@@ -247,10 +384,10 @@ def _read_mlx_lm_adapter(folder: Path, conf: dict, model: nn.Module):
     cfg = LoraConfig(
         r=r,
         alpha=scale * r,
-        dropout=float(params.get("dropout", 0.0)),
+        dropout=dropout,
         target_modules=["re:" + "|".join(re.escape(t) for t in sorted(targets))] if targets else keys,
         layers_to_transform=list(range(n - num_layers, n)),
-        use_dora=conf.get("fine_tune_type") == "dora",
+        use_dora=kind == "dora",
     )
     return cfg, state
 
@@ -276,8 +413,7 @@ def read_adapter(folder, model: Optional[nn.Module] = None) -> tuple[AdapterInfo
         except Exception as e:
             raise AdapterError(f"{folder / ADAPTER_WEIGHTS}: cannot read ({e})") from None
         targets = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
-        info = AdapterInfo(lora, conf.get("base_model_name_or_path"), targets, "peft",
-                           conf.get("mlx_lora") or {})
+        info = AdapterInfo(lora, conf.get("base_model_name_or_path"), targets, "peft", conf.get("mlx_lora") or {})
         return info, state
     if (folder / MLX_LM_WEIGHTS).is_file():
         if model is None:
@@ -304,6 +440,7 @@ def load_adapter(model: nn.Module, folder) -> AdapterInfo:
     if problems:
         raise AdapterError(f"{folder}: adapter does not fit this model:\n  - " + "\n  - ".join(problems[:20])
                            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    _check_against_model(model, info, folder)
     apply_lora(model, lora)
     expected = adapter_state(model)
     for k in sorted(set(state) | set(expected)):
@@ -320,6 +457,34 @@ def load_adapter(model: nn.Module, folder) -> AdapterInfo:
                            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
     set_adapter_state(model, state)
     return info
+
+
+def _check_against_model(model: nn.Module, info: AdapterInfo, folder) -> None:
+    """The config's selection and rank, checked against the model before anything is allocated."""
+    _refuse_stacking(model)
+    conf_path = _config_path(folder)
+    if info.source_format == "peft" and (info.lora.target_modules is not None
+                                         or info.lora.layers_to_transform is not None):
+        try:
+            selected = candidate_layers(model, info.lora)
+        except AdapterError as e:  # a block index past this model's blocks
+            raise AdapterError(f"{conf_path}: key 'layers_to_transform': {str(e).split(': ', 1)[-1]}") from None
+        if not selected:
+            where = "" if info.lora.layers_to_transform is None else f" in blocks {info.lora.layers_to_transform}"
+            names = [t[3:] if t.startswith("re:") else t for t in info.lora.target_modules or ["all-linear"]]
+            raise AdapterError(f"{conf_path}: key 'target_modules': {names} match no linear layer of this model"
+                               f"{where}; it has: {_linear_names(model)}")
+    layers = [(t, m) for t, m in model.named_modules() if t in set(info.targets)
+              and isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    problem = rank_problem(layers, info.lora.r)
+    if problem:
+        key = "r" if info.source_format == "peft" else "lora_parameters.rank"
+        raise AdapterError(f"{conf_path}: key '{key}': {problem}")
+
+
+def _config_path(folder) -> Path:
+    folder = Path(folder)
+    return (folder.parent if folder.is_file() else folder) / ADAPTER_CONFIG
 
 
 def set_adapter_state(model: nn.Module, state: dict[str, mx.array]) -> None:

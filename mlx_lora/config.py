@@ -472,10 +472,31 @@ def _expanded_nodes(root: yaml.Node, limit: int) -> Optional[int]:
     return sizes[id(root)]
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with its own copy of the implicit resolvers, so what a config means
+    does not depend on which other library changed ``yaml.SafeLoader`` at import (mlx-lm's
+    ``lora`` module adds one). Numbers in exponent form without a dot (``1e-4``, which YAML 1.1
+    reads as a string) are floats, as people write learning rates."""
+
+    yaml_implicit_resolvers = {k: list(v) for k, v in yaml.resolver.Resolver.yaml_implicit_resolvers.items()}
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
 def safe_load(text: str) -> Any:
     """``yaml.safe_load`` that refuses a document whose aliases expand past MAX_YAML_NODES values
     or refer to themselves (ConfigError without a source; callers add it)."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:

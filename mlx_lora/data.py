@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 
 from .config import DataConfig
 from .errors import DataError
-from .templates import ChatTemplate, alpaca_prompt, resolve_chat_template, template_from_source
+from .templates import ChatTemplate, TemplateLimitError, alpaca_prompt, resolve_chat_template, template_from_source
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,27 @@ BUCKET_BATCHES = 50
 _CACHE_VERSION = 1
 _OK, _TRUNCATED, _SKIPPED = 0, 1, 2
 _ENCODE_BLOCK = 512  # rows rendered and tokenized together (one batched tokenizer call)
+
+# Work per row is bounded by what data.max_seq_length can use: a text longer than
+# _CHARS_PER_TOKEN * (max_seq_length + _CUT_MARGIN) characters is cut (at a space where it can be)
+# before it is tokenized. Tokenizers average 3-5 characters per token on prose and fewer on code or
+# other scripts, so 16 leaves the cut several times max_seq_length tokens away; a text that still
+# yields too few tokens (long runs of one character, say) is cut again with 4 times the characters,
+# so the result never depends on this factor, only the work does. The last _CUT_MARGIN tokens of a
+# cut text are not trusted: a word split by the cut may tokenize differently from the whole word.
+_CHARS_PER_TOKEN = 16
+_CUT_MARGIN = 32
+# Keys each format reads: the only values checked for valid Unicode (other keys are never used).
+_USED_KEYS = {
+    "chat": ("messages", "tools"),
+    "sharegpt": ("conversations", "tools"),
+    "completions": ("prompt", "completion"),
+    "alpaca": ("instruction", "input", "output"),
+    "text": ("text",),
+}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Message keys a chat template reads as text, when present.
+_TEXT_KEYS = ("name", "tool_call_id")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +137,39 @@ def _tname(value: Any) -> str:
     )
 
 
+def _short(value: Any, limit: int = 40) -> str:
+    """A value for a one-line message: repr (escapes newlines and surrogates), cut to ``limit``."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _key(k: Any) -> str:
+    """A JSON key as part of a field name, escaped when it would not print on one line."""
+    return k if isinstance(k, str) and k.isprintable() and not _SURROGATE.search(k) else json.dumps(k)[1:-1]
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _check_unicode(value: Any, path: str, line: int, field: str) -> None:
+    """Refuse a lone surrogate (JSON "\\ud800" without its pair) anywhere in ``value``: it is not
+    text, and tokenizers and templates fail on it deep inside with no row to blame."""
+    stack = [(value, field)]
+    while stack:
+        v, f = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii() and _SURROGATE.search(v):
+                raise DataError("not valid Unicode (lone surrogate)", path, line, f)
+        elif isinstance(v, dict):
+            for k, x in reversed(v.items()):  # reversed onto the stack: reported in file order
+                if _SURROGATE.search(k):
+                    raise DataError("not valid Unicode (lone surrogate in a key)", path, line, f"{f}.{_key(k)}")
+                stack.append((x, f"{f}.{_key(k)}"))
+        elif isinstance(v, list):
+            stack.extend((x, f"{f}[{i}]") for i, x in reversed(list(enumerate(v))))
+
+
 # ----------------------------------------------------------------------------------------------
 # reading and checking rows
 
@@ -147,6 +202,9 @@ def _parse_rows(path: Path, data: bytes) -> list[tuple[int, dict]]:
             raise DataError(f"invalid JSON: {e.msg} at column {e.colno}", str(path), line) from None
         except RecursionError:
             raise DataError("invalid JSON: nested too deeply", str(path), line) from None
+        except ValueError as e:  # an integer of more digits than Python converts (4300 by default)
+            what = "a number with too many digits" if "digits" in str(e) else _one_line(e)
+            raise DataError(f"invalid JSON: {what}", str(path), line) from None
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got {_tname(obj)}", str(path), line)
         rows.append((line, obj))
@@ -180,15 +238,28 @@ def _check_messages(msgs: Any, key: str, path: str, line: int, sharegpt: bool) -
             raise DataError("missing key", path, line, f"{where}.{role_key}")
         role = m[role_key]
         if not isinstance(role, str) or role not in roles:
-            raise DataError(f"unknown role {role!r}; expected one of {', '.join(roles)}", path, line, f"{where}.{role_key}")
+            raise DataError(f"unknown role {_short(role)}; expected one of {', '.join(roles)}", path, line,
+                            f"{where}.{role_key}")
         content = m.get(content_key)
         if sharegpt:
             if not isinstance(content, str):
                 raise DataError(f"expected a string, got {_tname(content)}", path, line, f"{where}.{content_key}")
             out.append({"role": SHAREGPT_ROLES[role], "content": content})
             continue
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise DataError(f"expected a list of tool calls, got {_tname(calls)}", path, line,
+                                f"{where}.tool_calls")
+            for j, call in enumerate(calls):
+                if not isinstance(call, dict):
+                    raise DataError(f"expected a tool call object, got {_tname(call)}", path, line,
+                                    f"{where}.tool_calls[{j}]")
+        for k in _TEXT_KEYS:
+            if m.get(k) is not None and not isinstance(m[k], str):
+                raise DataError(f"expected a string, got {_tname(m[k])}", path, line, f"{where}.{k}")
         # An assistant turn that only calls tools may have null or no content.
-        if not isinstance(content, str) and not (content is None and role == "assistant" and m.get("tool_calls")):
+        if not isinstance(content, str) and not (content is None and role == "assistant" and calls):
             what = "missing key" if content_key not in m else f"expected a string, got {_tname(content)}"
             raise DataError(what, path, line, f"{where}.{content_key}")
         out.append(dict(m))
@@ -200,8 +271,9 @@ def _check_tools(row: dict, path: str, line: int) -> Optional[list]:
     if isinstance(tools, str):  # some datasets store the tool list as a JSON string
         try:
             tools = json.loads(tools)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise DataError("expected a list of tools (or a JSON string of one)", path, line, "tools") from None
+        _check_unicode(tools, path, line, "tools")  # its \uXXXX escapes are decoded only now
     if tools is not None and not isinstance(tools, list):
         raise DataError(f"expected a list of tools, got {_tname(tools)}", path, line, "tools")
     for i, tool in enumerate(tools or []):
@@ -221,6 +293,9 @@ def _sample(row: dict, fmt: str, path: str, line: int, why: str) -> tuple:
             else:
                 msg = f"missing key ({fmt} rows need {', '.join(needed)}; {why})"
             raise DataError(msg, path, line, k)
+    for k in _USED_KEYS[fmt]:
+        if k in row:
+            _check_unicode(row[k], path, line, k)
 
     def text(key: str, optional: bool = False) -> str:
         v = row.get(key)
@@ -249,7 +324,7 @@ def _samples(path: Path, rows: list[tuple[int, dict]], fmt_cfg: str) -> tuple[st
     if fmt_cfg == "auto":
         fmt = detect_format(first)
         if fmt is None:
-            keys = ", ".join(sorted(first)) or "none"
+            keys = ", ".join(_key(k) for k in sorted(first)[:20]) or "none"
             expected = "; ".join(f"{f}: {'+'.join(k)}" for f, k in _SIGNATURES)
             raise DataError(f"unknown format: keys {keys} match no format ({expected}); set data.format", p, first_line)
         why = f"detected from line {first_line}"
@@ -280,6 +355,15 @@ class _Encoder:
         # mlx-lm's TokenizerWrapper forwards attributes but not calls; batch through the HF tokenizer.
         inner = getattr(tokenizer, "_tokenizer", None) if type(tokenizer).__name__ == "TokenizerWrapper" else tokenizer
         self._batch = inner if callable(inner) and hasattr(inner, "convert_ids_to_tokens") else None
+        self.size = self._size()  # ids the tokenizer produces are below this (None: it does not say)
+
+    def _size(self) -> Optional[int]:
+        for obj in (self.tokenizer, getattr(self.tokenizer, "_tokenizer", None)):
+            try:
+                return int(len(obj))
+            except TypeError:
+                continue
+        return _int_or_none(getattr(self.tokenizer, "vocab_size", None))
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -335,11 +419,12 @@ def _generation_prompt(enc: _Encoder, tools) -> str:
         return enc._own_template.render([], tools=tools, add_generation_prompt=True)
 
 
-def _render_chat(sample: tuple, enc: _Encoder, train_on: str, path: str, line: int) -> list[str]:
-    """Texts whose tokens locate the target turns: the whole conversation, then for each target
-    assistant turn i the prefix up to its header (messages[:i] + generation prompt) and the prefix
-    through its end (messages[:i+1])."""
-    _, msgs, tools, _ = sample
+def _render_chat(sample: tuple, enc: _Encoder, train_on: str, path: str, line: int) -> Iterator:
+    """Texts whose tokens locate the target turns: yields the whole conversation, then for each
+    target assistant turn i a pair: the prefix up to its header (messages[:i] + generation prompt)
+    and the prefix through its end (messages[:i+1]). A generator, so that a long conversation's
+    turns past max_seq_length need not be rendered at all (see _chat_by_turns)."""
+    _, msgs, tools, key = sample
     if enc.template is None:
         raise DataError(
             "chat rows need a chat template and the tokenizer has none; set data.chat_template: chatml "
@@ -348,26 +433,102 @@ def _render_chat(sample: tuple, enc: _Encoder, train_on: str, path: str, line: i
             line,
         )
     try:
-        texts = [enc.template.render(msgs, tools=tools)]
+        whole = enc.template.render(msgs, tools=tools)
+        yield whole
         for i in _target_turns(msgs, train_on):
-            texts.append(_generation_prompt(enc, tools) if i == 0 else
-                         enc.template.render(msgs[:i], tools=tools, add_generation_prompt=True))
-            texts.append(texts[0] if i == len(msgs) - 1 else enc.template.render(msgs[: i + 1], tools=tools))
+            head = (_generation_prompt(enc, tools) if i == 0 else
+                    enc.template.render(msgs[:i], tools=tools, add_generation_prompt=True))
+            yield head, (whole if i == len(msgs) - 1 else enc.template.render(msgs[: i + 1], tools=tools))
+    except TemplateLimitError as e:
+        raise DataError(f"chat template {enc.template.name} {e} (rendering this row)", path, line, key) from None
     except Exception as e:
-        raise DataError(f"chat template ({enc.template.name}) failed: {type(e).__name__}: {e}", path, line) from None
-    return texts
+        raise DataError(f"chat template ({enc.template.name}) failed: {type(e).__name__}: {_one_line(e)}",
+                        path, line, key) from None
 
 
-def _assemble(sample: tuple, ids: list[list[int]], enc: _Encoder, train_on: str, path: str, line: int):
-    """(tokens int32, mask bool) of one row from the encodings of its texts."""
+def _cut(text: str, chars: int) -> tuple[str, bool]:
+    """``text`` cut to at most ``chars`` characters, at the last space or newline of the final
+    quarter when there is one (a word boundary tokenizes the same cut or not); and whether it was cut."""
+    if len(text) <= chars:
+        return text, False
+    at = max(text.rfind(c, chars * 3 // 4, chars) for c in " \n\t")
+    return text[: at if at > 0 else chars], True
+
+
+def _chat_by_turns(turns: Iterator, whole: str, enc: _Encoder, chars: int, max_len: int):
+    """(token ids, cut flags) of a long conversation: the whole conversation (cut), then the
+    prefixes of its target turns, each tokenized as soon as it is rendered, up to the first turn
+    that ends past ``max_len`` tokens. Later turns start past it too (their prefixes extend that
+    one), so they have no target within max_seq_length and are neither rendered nor tokenized:
+    rendering and tokenizing the prefixes of every turn costs time quadratic in the length of a
+    conversation of many turns."""
+    text, cut = _cut(whole, chars)
+    ids, cuts = enc.encode_many([text]), [cut]
+    for head, end in turns:
+        pair = [_cut(head, chars), _cut(end, chars)]
+        ids += enc.encode_many([t for t, _ in pair])
+        cuts += [c for _, c in pair]
+        if len(ids[-1]) - _CUT_MARGIN >= max_len:  # the margin covers a token merged across the boundary
+            break
+    return ids, cuts
+
+
+def _row_texts(sample: tuple, enc: _Encoder, cfg: DataConfig, path: str, line: int, chars: int):
+    """(texts to tokenize, which of them were cut, token ids or None) for one row, each text at most
+    ``chars`` characters. A long conversation comes back tokenized already (see _chat_by_turns):
+    one that is cut, or whose prefixes would add up to several times ``chars`` characters."""
+    if sample[0] == "chat":
+        turns = _render_chat(sample, enc, cfg.train_on, path, line)
+        whole = next(turns)
+        if len(whole) > chars or len(whole) * len(_target_turns(sample[1], cfg.train_on)) > 4 * chars:
+            ids, cuts = _chat_by_turns(turns, whole, enc, chars, cfg.max_seq_length)
+            turns.close()
+            return None, cuts, ids
+        texts = [whole] + [t for pair in turns for t in pair]
+    else:
+        texts = list(sample[1:])
+    cut = [_cut(t, chars) for t in texts]
+    if sample[0] == "pair" and cut[0][1]:
+        cut[1] = ("", True)  # the completion starts past the cut prompt: nothing of it is needed
+    return [t for t, _ in cut], [c for _, c in cut], None
+
+
+def _trusted(ids: list[int], cut: bool) -> int:
+    return len(ids) - _CUT_MARGIN if cut else len(ids)
+
+
+def _window_known(sample: tuple, ids: list[list[int]], cut: list[bool], max_len: int) -> bool:
+    """Whether the tokens of the (cut) texts settle the first ``max_len`` tokens of the example:
+    every cut text reaches past them with tokens it can trust."""
+    if not any(cut):
+        return True
+    if sample[0] == "pair":
+        if cut[0]:
+            return _trusted(ids[0], True) > max_len
+        return len(ids[0]) + _trusted(ids[1], True) > max_len
+    return all(_trusted(t, True) > max_len for t, c in zip(ids, cut) if c)
+
+
+def _assemble(sample: tuple, ids: list[list[int]], enc: _Encoder, train_on: str, path: str, line: int,
+              cut: Optional[list[bool]] = None):
+    """(tokens int32, mask bool) of one row from the encodings of its texts. A text that was cut
+    (see _window_known) is compared and used only as far as it can be trusted; the tokens past
+    that lie beyond max_seq_length and are truncated away."""
     kind = sample[0]
+    cut = cut or [False] * len(ids)
     spans: list[tuple[int, int]] = []
     if kind == "chat":
         tokens = ids[0]
+        known = _trusted(tokens, cut[0])
         for k, i in enumerate(_target_turns(sample[1], train_on)):
+            if 2 + 2 * k >= len(ids):  # this turn and the rest start past max_seq_length (see _chat_by_turns)
+                break
             head, end = ids[1 + 2 * k], ids[2 + 2 * k]
-            for part in (head, end):
-                if tokens[: len(part)] != part:
+            for part, part_cut in ((head, cut[1 + 2 * k]), (end, cut[2 + 2 * k])):
+                n = min(_trusted(part, part_cut), known)
+                # A prefix longer than the whole (uncut) conversation cannot be a prefix of it.
+                longer = not cut[0] and (part_cut or len(part) > len(tokens))
+                if longer or tokens[:n] != part[:n]:
                     raise DataError(
                         "template does not tokenize consistently: the conversation rendered up to this "
                         "assistant turn does not tokenize to a prefix of the whole conversation's tokens, "
@@ -380,12 +541,18 @@ def _assemble(sample: tuple, ids: list[list[int]], enc: _Encoder, train_on: str,
             spans.append((len(head), len(end)))
     elif kind == "pair":
         prompt, completion = ids
-        tokens = prompt + completion
-        spans.append((len(prompt), len(tokens) + (enc.eos_id is not None)))
-        if enc.eos_id is not None:
-            tokens = tokens + [enc.eos_id]
+        if cut[0]:  # the completion lies past max_seq_length
+            tokens = list(prompt)
+            spans.append((len(tokens), len(tokens)))
+        else:
+            eos = enc.eos_id is not None and not cut[1]
+            tokens = prompt + completion
+            spans.append((len(prompt), len(tokens) + eos))
+            if eos:
+                tokens = tokens + [enc.eos_id]
     else:
-        tokens = ids[0] + ([enc.eos_id] if enc.eos_id is not None and ids[0][-1:] != [enc.eos_id] else [])
+        eos = enc.eos_id is not None and not cut[0] and ids[0][-1:] != [enc.eos_id]
+        tokens = ids[0] + ([enc.eos_id] if eos else [])
     shift = 0
     if enc.adds_bos and tokens[:1] != [enc.bos_id]:
         tokens, shift = [enc.bos_id] + tokens, 1
@@ -428,33 +595,41 @@ def _tokenize_file(path: Path, data: bytes, cfg: DataConfig, enc: _Encoder) -> _
     status = np.zeros(len(rows), dtype=np.int8)
     examples, ex_rows = [], []
     first_skip = None  # (line, field, why) of the first row dropped: says why when nothing is left
+    max_len = cfg.max_seq_length
+    budget = _CHARS_PER_TOKEN * (max_len + _CUT_MARGIN)
     for start in range(0, len(rows), _ENCODE_BLOCK):
         block = range(start, min(start + _ENCODE_BLOCK, len(rows)))
-        texts, counts = [], []
+        texts, rows_texts = [], []
         for r in block:
-            s, line = samples[r], rows[r][0]
-            t = _render_chat(s, enc, cfg.train_on, p, line) if s[0] == "chat" else list(s[1:])
-            texts += t
-            counts.append(len(t))
+            t, c, pre = _row_texts(samples[r], enc, cfg, p, rows[r][0], budget)
+            texts += t or []
+            rows_texts.append((r, len(t or []), c, pre))
         ids = enc.encode_many(texts)
         at = 0
-        for r, c in zip(block, counts):
+        for r, n, row_cut, pre in rows_texts:
             line = rows[r][0]
-            tokens, mask = _assemble(samples[r], ids[at : at + c], enc, cfg.train_on, p, line)
-            at += c
-            if len(tokens) > cfg.max_seq_length:
+            row_ids, chars = (ids[at : at + n] if pre is None else pre), budget
+            at += n
+            while not _window_known(samples[r], row_ids, row_cut, max_len):
+                chars *= 4  # too few tokens before the cut (see _CHARS_PER_TOKEN): cut later
+                t, row_cut, pre = _row_texts(samples[r], enc, cfg, p, line, chars)
+                row_ids = enc.encode_many(t) if pre is None else pre
+            tokens, mask = _assemble(samples[r], row_ids, enc, cfg.train_on, p, line, row_cut)
+            if len(tokens) > max_len:
+                # A cut row's length is known only to exceed max_seq_length.
+                size = f"is {len(tokens)} tokens, longer than" if not any(row_cut) else "is longer than"
                 if cfg.overlong == "error":
                     raise DataError(
-                        f"example is {len(tokens)} tokens, longer than data.max_seq_length={cfg.max_seq_length} "
+                        f"example {size} data.max_seq_length={max_len} "
                         "(data.overlong is error; truncate or skip would keep going)",
                         p,
                         line,
                     )
                 if cfg.overlong == "skip":
                     status[r] = _SKIPPED
-                    first_skip = first_skip or (line, None, f"it is {len(tokens)} tokens and data.overlong is skip")
+                    first_skip = first_skip or (line, None, f"it {size} data.max_seq_length and data.overlong is skip")
                     continue
-                tokens, mask = tokens[: cfg.max_seq_length], mask[: cfg.max_seq_length]
+                tokens, mask = tokens[:max_len], mask[:max_len]
                 status[r] = _TRUNCATED
             if not mask.any():
                 first_skip = first_skip or (line, *_why_no_target(samples[r], cfg, status[r] == _TRUNCATED))
@@ -548,37 +723,61 @@ def _write_cache(cpath: Path, fd: _FileData) -> None:
             os.unlink(tmp)
 
 
-def _read_cache(cpath: Path, path: Path) -> Optional[_FileData]:
+def _cache_problem(z, n_lines: int, vocab: Optional[int], max_len: int) -> Optional[str]:
+    """What makes the arrays of a cache file unusable, or None. Training indexes the embedding
+    with these ids and slices batches by these offsets, so anything out of range or out of shape
+    would crash it (or silently train on garbage) instead of failing here."""
+    ints = ("lines", "status", "tokens", "offsets", "ex_rows")
+    for name in ints + ("mask",):
+        a = z[name]
+        if a.ndim != 1 or a.dtype.kind not in ("b" if name == "mask" else "iu"):
+            return f"'{name}' is not a vector of {'booleans' if name == 'mask' else 'integers'}"
+    if z["format"].ndim != 0 or str(z["format"]) not in FORMATS:
+        return "unknown format"
+    lines, status, tokens, offsets, ex_rows, mask = (z[n] for n in (*ints, "mask"))
+    k = len(ex_rows)
+    if not (len(status) == len(lines) and 0 < k <= len(lines) and len(offsets) == k + 1):
+        return "arrays of inconsistent lengths"
+    if not (offsets[0] == 0 and offsets[-1] == len(tokens) == len(mask)):
+        return "offsets do not match the tokens"
+    lengths = np.diff(offsets)
+    if not bool(np.all((lengths >= 2) & (lengths <= max_len))):
+        return f"an example shorter than 2 or longer than {max_len} tokens"
+    if len(tokens) and (int(tokens.min()) < 0 or (vocab is not None and int(tokens.max()) >= vocab)):
+        return f"token ids outside the vocabulary (0..{vocab - 1 if vocab is not None else 'n'})"
+    if not (int(lines[0]) >= 1 and int(lines[-1]) <= n_lines and bool(np.all(np.diff(lines) > 0))):
+        return "source lines out of order or past the end of the file"
+    if not bool(np.all((status >= 0) & (status <= _SKIPPED))):
+        return "unknown row status"
+    if not (int(ex_rows[0]) >= 0 and int(ex_rows[-1]) < len(lines) and bool(np.all(np.diff(ex_rows) > 0))):
+        return "example rows out of order or out of range"
+    if k != int(np.sum(status != _SKIPPED)) or bool(np.any(status[ex_rows] == _SKIPPED)):
+        return "examples do not match the rows kept"
+    if bool(np.any(mask[offsets[:-1]])) or not bool(np.all(np.logical_or.reduceat(mask, offsets[:-1]))):
+        return "an example with a target on its first token or with no target"
+    return None
+
+
+def _read_cache(cpath: Path, path: Path, n_lines: int, vocab: Optional[int], max_len: int) -> Optional[_FileData]:
     if not cpath.is_file():
         return None
     try:
         with np.load(cpath, allow_pickle=False) as z:
-            fd = _FileData(
+            arrays = {k: z[k] for k in ("format", "lines", "status", "tokens", "mask", "offsets", "ex_rows")}
+        reason = _cache_problem(arrays, n_lines, vocab, max_len)
+        if reason is None:
+            return _FileData(
                 path=str(path),
-                format=str(z["format"]),
-                lines=z["lines"].astype(np.int64),
-                status=z["status"].astype(np.int8),
-                tokens=z["tokens"].astype(np.int32),
-                mask=z["mask"].astype(bool),
-                offsets=z["offsets"].astype(np.int64),
-                ex_rows=z["ex_rows"].astype(np.int64),
+                format=str(arrays["format"]),
+                lines=arrays["lines"].astype(np.int64),
+                status=arrays["status"].astype(np.int8),
+                tokens=arrays["tokens"].astype(np.int32),
+                mask=arrays["mask"].astype(bool),
+                offsets=arrays["offsets"].astype(np.int64),
+                ex_rows=arrays["ex_rows"].astype(np.int64),
             )
-        k = len(fd.ex_rows)
-        consistent = (
-            fd.format in FORMATS
-            and len(fd.offsets) == k + 1
-            and k > 0
-            and fd.offsets[0] == 0
-            and fd.offsets[-1] == len(fd.tokens) == len(fd.mask)
-            and bool(np.all(np.diff(fd.offsets) >= 2))
-            and len(fd.status) == len(fd.lines)
-            and bool(np.all((fd.ex_rows >= 0) & (fd.ex_rows < len(fd.lines))))
-        )
-        if consistent:
-            return fd
-        reason = "inconsistent arrays"
     except Exception as e:  # any unreadable cache file is rebuilt, never an error
-        reason = f"{type(e).__name__}: {e}"
+        reason = f"{type(e).__name__}: {_one_line(e)}"
     log.warning("ignoring corrupt data cache %s (%s); rebuilding it", cpath, reason)
     return None
 
@@ -592,7 +791,7 @@ def _load_file(path: Path, cfg: DataConfig, enc: _Encoder, cache_dir: Optional[P
     if cache_dir is None:
         return _tokenize_file(path, data, cfg, enc)
     cpath = _cache_path(cache_dir, path, hashlib.sha256(data).hexdigest(), cfg, enc)
-    fd = _read_cache(cpath, path)
+    fd = _read_cache(cpath, path, data.count(b"\n") + 1, enc.size, cfg.max_seq_length)
     if fd is None:
         fd = _tokenize_file(path, data, cfg, enc)
         _write_cache(cpath, fd)

@@ -20,6 +20,7 @@ The base layer is never modified; :meth:`fuse` returns a new plain layer.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import mlx.core as mx
@@ -56,9 +57,16 @@ class LoRALinear(nn.Module):
     def __init__(self, base: Base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  use_rslora: bool = False):
         super().__init__()
-        if r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {r}")
         out_dims, in_dims = base_dims(base)
+        # Checked before lora_a / lora_b are allocated: r x in floats for a mistyped r can take the
+        # whole memory. The rank of B A cannot exceed min(out, in), so a larger r adds nothing.
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= min(out_dims, in_dims):
+            raise ValueError(f"LoRA rank must be an integer in [1, {min(out_dims, in_dims)}] for a layer with "
+                             f"{in_dims} inputs and {out_dims} outputs, got {r!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        if not math.isfinite(alpha):
+            raise ValueError(f"LoRA alpha must be a finite number, got {alpha!r}")
         self.base = base
         self.base.freeze()
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora

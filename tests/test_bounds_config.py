@@ -120,7 +120,7 @@ def epochs_inf_in_yaml(w, ws):
 @case
 def max_seq_length_1e30_in_yaml(w, ws):
     c = write(ws / "c.yaml", "data:\n  max_seq_length: 1e30\n")
-    return train(w, ws, "--config", str(c)), [str(c), "data.max_seq_length", "1e30"]
+    return train(w, ws, "--config", str(c)), [str(c), "data.max_seq_length", "1e+30"]
 
 
 @case
@@ -152,7 +152,7 @@ def negative_seed_option(w, ws):
 
 @case
 def layer_index_1e30(w, ws):
-    return train(w, ws, "--set", "lora.layers_to_transform=[0, 1e30]"), ["lora.layers_to_transform", "1e30"]
+    return train(w, ws, "--set", "lora.layers_to_transform=[0, 1e30]"), ["lora.layers_to_transform", "1e+30"]
 
 
 @case
