@@ -43,7 +43,7 @@ def imported_model(dtype: Optional[str], log=print) -> Path:
         return folder
     gguf = fetch_gguf(log)
     log(f"importing {gguf.name} -> {folder} ({dtype or 'stored dtype'}) ...")
-    from converters.gguf_import import import_gguf
+    from mlx_lora.converters.gguf_import import import_gguf
 
     return Path(import_gguf(gguf, folder, dtype=dtype, overwrite=True, show_progress=False))
 

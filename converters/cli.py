@@ -1,4 +1,4 @@
-"""``mlx-lora convert``: a thin click command over :func:`converters.hf_to_mlx.convert`.
+"""``mlx-lora convert``: a thin click command over :func:`mlx_lora.converters.hf_to_mlx.convert`.
 
 Heavy imports (MLX, mlx-lm, gguf) happen inside the command so ``--help`` is instant. Errors are
 :class:`~mlx_lora.errors.MlxLoraError` subclasses, which the main CLI prints in one line.

@@ -403,7 +403,7 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
 
     The file is written next to ``out`` under a temporary name and renamed into place only after
     verification (reload, compare logits and tokenization with the in-memory fused model) passes.
-    ``fused`` reuses an already loaded :class:`~converters.fuse.FusedModel`.
+    ``fused`` reuses an already loaded :class:`~mlx_lora.converters.fuse.FusedModel`.
     """
     import gguf
 

@@ -176,25 +176,10 @@ def compare_models(ref_logits: Sequence[np.ndarray], model, token_lists, what: s
 
 def read_gguf(path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], np.ndarray]]]:
     """(metadata, {name: (ggml type id, numpy shape, raw bytes as uint8 rows)})."""
-    path = Path(path)
-    try:
-        from converters.gguf_import import read_gguf as fast_read  # a parser that skips per-element objects
-    except ImportError:
-        fast_read = None
-    if fast_read is not None:
-        gf = fast_read(path)
-        return gf.metadata, {n: (t.ggml_type, t.shape, gf.raw(t)) for n, t in gf.tensors.items()}
-    import gguf
+    from .gguf_import import read_gguf as parse  # a parser that skips gguf-py's per-element objects
 
-    r = gguf.GGUFReader(path)
-    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    tensors = {}
-    for t in r.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        raw = np.asarray(t.data).view(np.uint8)
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        tensors[t.name] = (int(t.tensor_type), shape, raw.reshape(rows, -1))
-    return meta, tensors
+    gf = parse(Path(path))
+    return gf.metadata, {n: (t.ggml_type, t.shape, gf.raw(t)) for n, t in gf.tensors.items()}
 
 
 def dequantize(type_id: int, shape: tuple[int, ...], raw: np.ndarray) -> np.ndarray:
@@ -247,10 +232,8 @@ def model_from_gguf(path, config: dict):
 def check_gguf_tokenizer(meta: dict, hf_tokenizer, texts: Sequence[str] = VERIFY_TEXTS) -> tuple[list[str], list[str]]:
     """Rebuild the tokenizer from the GGUF metadata and compare its token ids with the source
     tokenizer on ``texts``; returns (notes, problems)."""
-    try:
-        from converters.gguf_tokenizer import build_tokenizer
-    except ImportError:
-        return ["verify tokenizer: skipped (GGUF tokenizer rebuild unavailable)"], []
+    from .gguf_tokenizer import build_tokenizer
+
     try:
         tok = build_tokenizer(meta, "exported GGUF")
     except ExportError:

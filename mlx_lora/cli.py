@@ -15,9 +15,9 @@ import click
 
 # name -> "module:attribute" of commands defined outside this file, imported on first use.
 LAZY_COMMANDS = {
-    "convert": "converters.cli:convert",
-    "fuse": "converters.export_cli:fuse",
-    "export": "converters.export_cli:export",
+    "convert": "mlx_lora.converters.cli:convert",
+    "fuse": "mlx_lora.converters.export_cli:fuse",
+    "export": "mlx_lora.converters.export_cli:export",
     "quickstart": "mlx_lora.quickstart:quickstart_command",
     "recipes": "mlx_lora.recipes:recipes_group",
 }
@@ -29,17 +29,9 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx, name):
         if name in LAZY_COMMANDS:
+            # A command that fails to import is a broken installation: let the error show.
             module, attr = LAZY_COMMANDS[name].split(":")
-            try:
-                return getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as e:
-                reason = f"{type(e).__name__}: {e}"
-
-                @click.command(name=name, help=f"(unavailable: {reason})")
-                def unavailable():
-                    raise click.ClickException(f"command '{name}' is unavailable ({reason})")
-
-                return unavailable
+            return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
 
 

@@ -74,10 +74,8 @@ def resolve(source: str, revision: Optional[str] = None, keep_quantized: bool = 
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        try:
-            from converters.gguf_import import gguf_cache_dir, import_gguf
-        except ImportError as e:
-            raise ModelError(f"{path}: GGUF import is unavailable ({e})") from None
+        from .converters.gguf_import import gguf_cache_dir, import_gguf
+
         out = gguf_cache_dir(path, keep_quantized=keep_quantized)
         if not (out / "config.json").is_file():
             import_gguf(path, out, keep_quantized=keep_quantized)

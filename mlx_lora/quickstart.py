@@ -405,8 +405,8 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
                            samples=pick_samples(test_rows, before, after, samples), run_dir=cfg.out)
     system = test_rows[0]["messages"][0]["content"]
     if export:
-        from converters.fuse import fuse
-        from converters.packaging import export_ollama
+        from mlx_lora.converters.fuse import fuse
+        from mlx_lora.converters.packaging import export_ollama
 
         t = time.perf_counter()
         fused = fuse(base.source, cfg.out, out / "fused", log=log)

@@ -1,7 +1,7 @@
 """Recipes: ready-made fine-tuning jobs (a YAML config each, plus scripts) and the bundled demo data.
 
-The recipes live in the repository's ``recipes/`` folder and, identical, in the package
-(``mlx_lora/recipes_data/``), so ``mlx-lora recipes list|show|copy`` works from a wheel too.
+The recipes live in the repository's ``recipes/`` folder, which a wheel installs as
+``mlx_lora/recipes_data/``, so ``mlx-lora recipes list|show|copy`` works from a wheel too.
 A recipe's header comment starts with the exact command that runs it, followed by a one-line
 description and ``key: value`` lines (task, model, data, prepare, memory, fits, demo); the
 first line that is not a comment ends the header.
@@ -41,7 +41,10 @@ import click
 from .errors import MlxLoraError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RECIPES_DIR = PACKAGE_DIR / "recipes_data"
+# An installed package holds the recipes as mlx_lora/recipes_data (mapped from recipes/ at build
+# time); a source checkout or editable install reads the repository's recipes/ folder itself.
+RECIPES_DIR = next((d for d in (PACKAGE_DIR / "recipes_data", PACKAGE_DIR.parent / "recipes") if d.is_dir()),
+                   PACKAGE_DIR / "recipes_data")
 DEMO_DIR = PACKAGE_DIR / "demo_data"
 # Bundled demo data sets: name -> path relative to DEMO_DIR.
 DEMO_DATA = {
@@ -54,6 +57,8 @@ DEMO_DATA = {
 }
 HEADER_KEYS = ("task", "model", "data", "prepare", "memory", "fits", "demo")
 SCRIPT_SUFFIXES = (".py",)
+SHIPPED_SCRIPTS = ("train_fuse_export.py", "prepare_data.py")
+"""The recipe scripts (the folder's other scripts maintain the recipes and demo data)."""
 MAC_SIZES_GB = (8, 16, 24, 32, 48, 64, 96, 128, 192)
 MAC_USABLE_FRACTION = 0.7
 """Share of a Mac's unified memory that training may use: macOS caps what the GPU may wire at
@@ -132,7 +137,7 @@ def recipe_files(folder: Optional[Path] = None) -> list[Path]:
     folder = Path(folder) if folder is not None else RECIPES_DIR
     if not folder.is_dir():
         raise RecipeError(f"{folder}: recipes folder missing (a broken installation?)")
-    return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".yaml" or p.suffix in SCRIPT_SUFFIXES))
+    return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".yaml" or p.name in SHIPPED_SCRIPTS))
 
 
 def list_recipes(folder: Optional[Path] = None) -> list[Recipe]:

@@ -31,8 +31,8 @@ from pathlib import Path
 from mlx_lora import api, config
 from mlx_lora.errors import MlxLoraError
 
-from converters.fuse import fuse
-from converters.packaging import export_ollama
+from mlx_lora.converters.fuse import fuse
+from mlx_lora.converters.packaging import export_ollama
 
 
 def log(msg: str) -> None:

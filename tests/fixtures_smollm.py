@@ -42,6 +42,6 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2 imported from its GGUF into an HF-layout folder (dequantized, float16)."""
-    from converters.gguf_import import import_gguf
+    from mlx_lora.converters.gguf_import import import_gguf
 
     return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf")

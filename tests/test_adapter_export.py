@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 from test_fuse import adapter_logits, make_adapter
 from test_gguf_export import GGUF_ARCH, llama_cpp_rows
 
-from converters.adapter_export import PEFT_CONFIG_KEYS, export_gguf_adapter, export_peft
+from mlx_lora.converters.adapter_export import PEFT_CONFIG_KEYS, export_gguf_adapter, export_peft
 from mlx_lora.errors import AdapterError, ExportError
 from mlx_lora.testing import ARCHITECTURES
 

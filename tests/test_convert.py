@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from converters import io
-from converters.hf_to_mlx import convert
+from mlx_lora.converters import io
+from mlx_lora.converters.hf_to_mlx import convert
 from mlx_lora.errors import ExportError, ModelError
 from mlx_lora.ownership import OwnershipError
 
@@ -376,7 +376,7 @@ def test_streaming_writer_is_read_back_by_the_safetensors_library(tmp_path):
 def test_cli_convert_quantized(tiny_llama, tmp_path):
     from click.testing import CliRunner
 
-    from converters.cli import convert as cli_convert
+    from mlx_lora.converters.cli import convert as cli_convert
 
     result = CliRunner().invoke(cli_convert, [str(tiny_llama), "--out", str(tmp_path / "m"), "-q", "--bits", "4",
                                               "--group-size", "32", "--keep", "lm_head", "--dtype", "float16"])

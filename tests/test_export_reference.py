@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from test_fuse import TOKENS, adapter_logits, make_adapter
 
-from converters import verify as V
-from converters.adapter_export import export_gguf_adapter, export_peft
-from converters.fuse import fuse, load_fused
-from converters.gguf_export import export_gguf
+from mlx_lora.converters import verify as V
+from mlx_lora.converters.adapter_export import export_gguf_adapter, export_peft
+from mlx_lora.converters.fuse import fuse, load_fused
+from mlx_lora.converters.gguf_export import export_gguf
 from mlx_lora.testing import ARCHITECTURES
 
 pytestmark = pytest.mark.reference

@@ -22,8 +22,8 @@ from mlx import nn
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
 
-from converters import verify as V
-from converters.fuse import fuse, load_fused
+from mlx_lora.converters import verify as V
+from mlx_lora.converters.fuse import fuse, load_fused
 from mlx_lora.adapters import adapter_layers, apply_lora, load_adapter, save_adapter
 from mlx_lora.config import LoraConfig
 from mlx_lora.errors import AdapterError, ExportError

@@ -19,10 +19,10 @@ import pytest
 from safetensors.numpy import load_file
 from test_fuse import make_adapter, quantized_copy
 
-from converters import gguf_arch, gguf_vocab
-from converters import verify as V
-from converters.fuse import load_fused
-from converters.gguf_export import EXPORT_TYPES, NUMPY_TYPES, export_gguf, pack_blocks, unpack_mlx
+from mlx_lora.converters import gguf_arch, gguf_vocab
+from mlx_lora.converters import verify as V
+from mlx_lora.converters.fuse import load_fused
+from mlx_lora.converters.gguf_export import EXPORT_TYPES, NUMPY_TYPES, export_gguf, pack_blocks, unpack_mlx
 from mlx_lora.errors import ExportError
 from mlx_lora.ownership import OwnershipError
 from mlx_lora.testing import ARCHITECTURES
@@ -136,7 +136,7 @@ def test_every_architecture_names_shapes_metadata_and_values(tmp_path, tiny_mode
 
 
 def test_adapter_is_fused_into_the_exported_weights(tmp_path, tiny_llama):
-    from converters.fuse import fuse
+    from mlx_lora.converters.fuse import fuse
 
     ad = make_adapter(tiny_llama, tmp_path / "ad")
     fused = fuse(str(tiny_llama), ad, tmp_path / "fused", **QUIET).out_dir
@@ -316,7 +316,7 @@ def test_sentencepiece_vocabulary_has_scores_and_types(tmp_path):
     w.close()
     meta, _ = read(path)
     assert meta["tokenizer.ggml.scores"] == pytest.approx(vocab.scores)
-    from converters.gguf_tokenizer import build_tokenizer
+    from mlx_lora.converters.gguf_tokenizer import build_tokenizer
 
     tok = build_tokenizer(meta, str(path))
     for text in ("The quick brown fox jumps over the lazy dog.", "What is the code word for the red apple?"):
@@ -363,7 +363,7 @@ def test_other_quantization_is_requantized_and_reported(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("type_name", ["q8_0", "q4_0"])
 def test_gguf_import_then_export_is_bit_exact(tmp_path, tiny_llama, type_name):
-    from converters.gguf_import import import_gguf
+    from mlx_lora.converters.gguf_import import import_gguf
 
     export_gguf(str(tiny_llama), None, tmp_path / "a.gguf", type_name=type_name, **QUIET)
     imported = import_gguf(tmp_path / "a.gguf", tmp_path / "imported", keep_quantized=True, dtype="float32")
@@ -469,7 +469,7 @@ def test_cli_export_gguf(tmp_path, tiny_llama):
 def test_smollm2_q4_1_gguf_round_trips_bit_for_bit(tmp_path, smollm2_gguf):
     """The real SmolLM2 Q4_1 file (Q8_0 tied embeddings): imported keeping its blocks and exported
     as q4_1 again, every tensor and every metadata value the importer keeps comes back unchanged."""
-    from converters.gguf_import import import_gguf
+    from mlx_lora.converters.gguf_import import import_gguf
 
     imported = import_gguf(smollm2_gguf, tmp_path / "imported", keep_quantized=True, dtype="float32")
     stats = export_gguf(str(imported), None, tmp_path / "out.gguf", type_name="q4_1", **QUIET)

@@ -23,9 +23,9 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from hypothesis import given, settings, strategies as st
 
-from converters import gguf_import, io
-from converters.gguf_import import gguf_cache_dir, import_gguf, read_gguf, unpermute_rows
-from converters.gguf_tokenizer import build_tokenizer
+from mlx_lora.converters import gguf_import, io
+from mlx_lora.converters.gguf_import import gguf_cache_dir, import_gguf, read_gguf, unpermute_rows
+from mlx_lora.converters.gguf_tokenizer import build_tokenizer
 from mlx_lora.errors import ExportError, ModelError
 from mlx_lora.ownership import OwnershipError
 
@@ -567,7 +567,7 @@ def test_our_loader_reads_gguf_directly(tiny_model_dir, tmp_path, monkeypatch):
 def test_cli_convert_gguf(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
-    from converters.cli import convert
+    from mlx_lora.converters.cli import convert
 
     path = write_gguf(tiny_model_dir("llama"), tmp_path / "m.gguf", qtype=QT.Q4_0)
     runner = CliRunner()

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from test_fuse import make_adapter
 
-from converters.packaging import derive_chat_format, export_lmstudio, export_ollama, lmstudio_models_dir
+from mlx_lora.converters.packaging import derive_chat_format, export_lmstudio, export_ollama, lmstudio_models_dir
 from mlx_lora.errors import ExportError
 
 QUIET = {"log": lambda m: None}
@@ -149,7 +149,7 @@ def test_ollama_adapter_mode(tmp_path, tiny_llama, monkeypatch):
 
 
 def test_ollama_adapter_mode_on_a_gguf_base_uses_that_file(tmp_path, tiny_llama, monkeypatch):
-    from converters.gguf_export import export_gguf
+    from mlx_lora.converters.gguf_export import export_gguf
 
     monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -198,7 +198,7 @@ def test_cli_export_ollama_and_lmstudio(tmp_path, tiny_llama, monkeypatch):
 
 
 def test_failed_packages_leave_nothing(tmp_path, tiny_llama, monkeypatch):
-    from converters import verify as V
+    from mlx_lora.converters import verify as V
 
     monkeypatch.setenv("PATH", str(tmp_path))
     dora = make_adapter(tiny_llama, tmp_path / "dora", dora=True)

@@ -1,0 +1,122 @@
+"""The shape of the code: one direction of dependencies (as ARCHITECTURE.md's table says), one
+top-level import name in the built wheel, mlx-lm internals touched in one module only."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = ("plumbing", "formats", "core", "commands")
+PACKAGES = {"mlx_lora": ROOT / "mlx_lora", "mlx_lora.converters": ROOT / "converters"}
+MLX_LM_COMPAT = "mlx_lora.mlx_lm_compat"
+
+
+def module_name(path: Path) -> str:
+    for pkg, folder in PACKAGES.items():
+        if path.parent == folder:
+            return pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"
+    raise AssertionError(f"{path} is outside the packages")
+
+
+def source_modules() -> dict[str, Path]:
+    return {module_name(p): p for folder in PACKAGES.values() for p in sorted(folder.glob("*.py"))}
+
+
+def documented_layers() -> dict[str, str]:
+    """module -> layer, from the table in ARCHITECTURE.md."""
+    out = {}
+    for line in (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\| `([\w/]+\.py)` \| (\w+) \|", line)
+        if m:
+            out[module_name(ROOT / m.group(1))] = m.group(2)
+    return out
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """Every module of ours that ``path`` imports, at the top or inside a function."""
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t.split(".")[0] in ("mlx_lora", "converters")}
+    modules = source_modules()
+    return {t for t in found if t in modules} | {t.rpartition(".")[0] for t in found
+                                                  if t not in modules and t.rpartition(".")[0] in modules}
+
+
+def test_every_module_is_in_the_architecture_table():
+    documented, actual = documented_layers(), source_modules()
+    assert set(documented) == set(actual), (
+        f"ARCHITECTURE.md lists modules that do not exist: {sorted(set(documented) - set(actual))}; "
+        f"modules missing from it: {sorted(set(actual) - set(documented))}")
+    assert set(documented.values()) <= set(LAYERS)
+
+
+def test_imports_point_one_way():
+    layers = documented_layers()
+    rank = {name: LAYERS.index(layer) for name, layer in layers.items()}
+    wrong = []
+    for name, path in source_modules().items():
+        for target in sorted(imports_of(name, path) - {name}):
+            if rank[target] > rank[name]:
+                wrong.append(f"{name} ({layers[name]}) imports {target} ({layers[target]})")
+    assert not wrong, "imports against the layers of ARCHITECTURE.md:\n" + "\n".join(wrong)
+
+
+def test_no_import_names_the_repository_folder():
+    """Code imports mlx_lora.converters, never the folder name converters (which is not installed)."""
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for folder in (ROOT / "mlx_lora", ROOT / "converters", ROOT / "tests",
+                                                            ROOT / "recipes", ROOT / "bench")
+                 for p in folder.rglob("*.py")
+                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                 if re.match(r"\s*(from|import) converters\b", line)]
+    assert not offenders
+
+
+def test_the_wheel_installs_one_top_level_name(tmp_path):
+    """Build the wheel from the tracked files alone: mlx_lora is its only import name, with the
+    converters and the recipes inside it."""
+    if shutil.which("git") is None:
+        pytest.skip("git is needed to list the tracked files")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    src = tmp_path / "src"
+    for f in files:
+        if (ROOT / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, src / f)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("mlx_lora-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"mlx_lora"}
+    top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["mlx_lora"]
+    for p in (ROOT / "converters").glob("*.py"):
+        assert f"mlx_lora/converters/{p.name}" in names
+    recipes = {Path(n).name for n in names if n.startswith("mlx_lora/recipes_data/")}
+    assert {p.name for p in (ROOT / "recipes").glob("*.yaml")} <= recipes
+    assert {"train_fuse_export.py", "prepare_data.py"} <= recipes
+    assert "mlx_lora/templates/chatml.jinja" in names
+    assert any(n.startswith("mlx_lora/demo_data/triage/") for n in names)
