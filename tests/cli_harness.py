@@ -97,3 +97,15 @@ def make_writable(root: Path) -> None:
             if os.geteuid() == 0:
                 subprocess.run(["chattr", "-i", str(p)], capture_output=True)
             p.chmod(0o755)
+
+
+def cli_env(tmp_path_factory):
+    """The environment every in-process CLI test runs in (use as a module fixture): its own data
+    cache, no re-exec for the BLAS preload over the test process, no --debug from outside. Yields
+    the cache folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        cache = tmp_path_factory.mktemp("cache")
+        mp.setenv("MLX_LORA_CACHE", str(cache))
+        mp.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")  # main() must never exec over the test process
+        mp.delenv("MLX_LORA_DEBUG", raising=False)
+        yield cache

@@ -26,7 +26,7 @@ from typing import Callable
 
 import pytest
 
-from cli_harness import (assert_one_error_message, diff, make_read_only as _make_read_only,
+from cli_harness import (cli_env, assert_one_error_message, diff, make_read_only as _make_read_only,
                          make_writable as _make_writable, rows as _rows, run_main, snapshot, write as _write)
 from mlx_lora.testing import make_tiny_dataset
 
@@ -50,13 +50,7 @@ class World:
     other_adapter: Path  # adapter trained on `other_seed`
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLX_LORA_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")  # main() must never exec over the test process
-        mp.delenv("MLX_LORA_DEBUG", raising=False)
-        yield
+_env = pytest.fixture(scope="module", autouse=True)(cli_env)
 
 
 def _adapter_for(model_dir: Path, out: Path) -> Path:

@@ -20,19 +20,13 @@ from typing import Callable, Optional, Union, get_args, get_origin, get_type_hin
 
 import pytest
 
-from cli_harness import assert_one_error_message, diff, run_main, snapshot, write
+from cli_harness import cli_env, assert_one_error_message, diff, run_main, snapshot, write
 from mlx_lora.config import BOUNDS, SECTIONS, SHOW_CHARS, Bound, build, show
 from mlx_lora.errors import ConfigError, MlxLoraError
 from mlx_lora.testing import make_tiny_dataset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLX_LORA_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")  # main() must never exec over the test process
-        mp.delenv("MLX_LORA_DEBUG", raising=False)
-        yield
+_env = pytest.fixture(scope="module", autouse=True)(cli_env)
 
 
 @dataclass

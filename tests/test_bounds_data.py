@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from cli_harness import assert_one_error_message, diff, rows as _rows, run_main, snapshot, write as _write
+from cli_harness import cli_env, assert_one_error_message, diff, rows as _rows, run_main, snapshot, write as _write
 from mlx_lora import data as D
 from mlx_lora.testing import make_tiny_dataset
 
@@ -46,14 +46,7 @@ class World:
     cache: Path
 
 
-@pytest.fixture(scope="module")
-def _env(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        cache = tmp_path_factory.mktemp("cache")
-        mp.setenv("MLX_LORA_CACHE", str(cache))
-        mp.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")  # main() must never exec over the test process
-        mp.delenv("MLX_LORA_DEBUG", raising=False)
-        yield cache
+_env = pytest.fixture(scope="module")(cli_env)
 
 
 @pytest.fixture(scope="module")

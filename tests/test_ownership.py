@@ -19,18 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from cli_harness import assert_one_error_message, diff, run_main, snapshot, write
+from cli_harness import cli_env, assert_one_error_message, diff, run_main, snapshot, write
 from mlx_lora.ownership import MARKER, read_marker, temp_prefix
 from mlx_lora.testing import make_tiny_dataset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLX_LORA_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
-        mp.delenv("MLX_LORA_DEBUG", raising=False)
-        yield
+_env = pytest.fixture(scope="module", autouse=True)(cli_env)
 
 
 class World:

@@ -28,20 +28,14 @@ from pathlib import Path
 
 import pytest
 
-from cli_harness import assert_one_error_message, diff, make_read_only, make_writable, run_main, snapshot
+from cli_harness import cli_env, assert_one_error_message, diff, make_read_only, make_writable, run_main, snapshot
 from mlx_lora.checkpoints import RunDir, RunLock
 from mlx_lora.testing import make_tiny_dataset
 
 TRAIN = ("--quiet", "--batch-size", "2", "--set", "data.valid_fraction=0", "--set", "train.save_every=1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLX_LORA_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")  # main() must never exec over the test process
-        mp.delenv("MLX_LORA_DEBUG", raising=False)
-        yield
+_env = pytest.fixture(scope="module", autouse=True)(cli_env)
 
 
 class World:
