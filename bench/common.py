@@ -14,17 +14,14 @@ import random
 from pathlib import Path
 from typing import Optional
 
+from mlx_lora.cache import cache_root
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 # LoRA on every attention and MLP projection of every block (llama-family names).
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-
-
-def cache_root() -> Path:
-    root = os.environ.get("MLX_LORA_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "mlx-lora"
 
 
 def fetch_gguf(log=print) -> Path:

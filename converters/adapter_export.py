@@ -19,10 +19,8 @@ written this way (its magnitude rescales every output row of the merged weight).
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,8 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_lora.errors import AdapterError, ExportError
-from mlx_lora.io import publish_file
-from mlx_lora.ownership import temp_prefix
+from mlx_lora.io import atomic_path
 
 from . import gguf_arch
 from .io import disk_error
@@ -256,29 +253,24 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for tname, arr, qt in planned:
         writer.add_tensor_info(tname, arr.shape, np.dtype(np.float32), _nbytes(arr.shape, qt), raw_dtype=_qtype(qt))
+    vr = None
     with made_dirs(out.parent):
-        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(out.name), suffix=".partial", dir=out.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        vr = None
         try:
-            try:
-                writer.write_header_to_file(path=tmp)
-                writer.write_kv_data_to_file()
-                writer.write_ti_data_to_file()
-                for _, arr, qt in planned:
-                    writer.write_tensor_data(_encode(arr, qt))
-            finally:
-                writer.close()
-            if verify:
-                vr = verify_gguf_adapter(tmp, source, adapter, config)
-                vr.raise_if_failed(str(out))
-            publish_file(tmp, out)
+            # Published only once verification passes; removed on any failure.
+            with atomic_path(out, temp_suffix=".partial") as tmp:
+                try:
+                    writer.write_header_to_file(path=tmp)
+                    writer.write_kv_data_to_file()
+                    writer.write_ti_data_to_file()
+                    for _, arr, qt in planned:
+                        writer.write_tensor_data(_encode(arr, qt))
+                finally:
+                    writer.close()
+                if verify:
+                    vr = verify_gguf_adapter(tmp, source, adapter, config)
+                    vr.raise_if_failed(str(out))
         except OSError as e:
             raise disk_error(e, out) from None
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     res = AdapterExport(out, f"GGUF LoRA ({type_name})", len(groups), time.perf_counter() - t0, vr, notes)
     for line in res.lines():
         log(line)
@@ -288,7 +280,7 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
 def read_gguf_adapter(path, config: dict) -> tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """(alpha, {HF module path: (A [r, in], B [out, r])}) of a GGUF LoRA file, B un-permuted."""
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
+    from mlx_lora.mlx_lm_compat import model_classes as _get_classes
 
     from . import verify as V
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import struct
 import sys
 import time
 from collections import Counter
@@ -34,7 +33,7 @@ import numpy as np
 
 from mlx_lora.errors import AdapterError, ExportError, ModelError
 
-from .io import disk_error
+from .io import disk_error, read_safetensors_header
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
@@ -77,15 +76,9 @@ def safetensors_dtypes(folder: Path) -> dict[str, str]:
     """Tensor name -> float dtype name, read from the headers of ``folder/*.safetensors``."""
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
-        try:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error) as e:
-            raise ModelError(f"{f}: cannot read the safetensors header ({e})") from None
-        for name, meta in header.items():
-            if name != "__metadata__" and meta.get("dtype") in _ST_DTYPES:
-                out[name] = _ST_DTYPES[meta["dtype"]]
+        for name, info in read_safetensors_header(f)[0].items():
+            if info.dtype in _ST_DTYPES:
+                out[name] = _ST_DTYPES[info.dtype]
     return out
 
 

@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_lora.errors import ExportError
-from mlx_lora.io import publish_file
-from mlx_lora.ownership import temp_prefix
+from mlx_lora.io import atomic_path, temp_file
 
 from . import gguf_arch, gguf_vocab
 from .io import disk_error
@@ -422,37 +421,28 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
     fm = fused or load_fused(model, adapter)
     gguf_arch.arch_spec(fm.model_type)
     with made_dirs(out.parent):
-        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(out.name), suffix=".partial", dir=out.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        inter = None
         try:
-            if type_name in KQUANT_TYPES:
-                fd, inter_name = tempfile.mkstemp(prefix=temp_prefix(out.name), suffix=".f.partial", dir=out.parent)
-                os.close(fd)
-                inter = Path(inter_name)
-                stats = write_gguf(fm, inter, _intermediate_type(fm), name=name, pre_tokenizer=pre_tokenizer)
-                stats.path, stats.type = out, type_name
-                if fm.quantized:
-                    stats.notes.append(f"{len(fm.quantized)} quantized layers were dequantized for llama.cpp's K-quantizer")
-                llama_cpp_quantize(inter, tmp, type_name)
-                stats.counts = {}
-                _, tensors = V.read_gguf(tmp)
-                for t, _, _ in tensors.values():
-                    k = gguf.GGMLQuantizationType(t).name.lower()
-                    stats.counts[k] = stats.counts.get(k, 0) + 1
-            else:
-                stats = write_gguf(fm, tmp, type_name, name=name, pre_tokenizer=pre_tokenizer, stats=GGUFStats(out, type_name))
-            if verify:
-                stats.verify = verify_gguf(fm, tmp, type_name)
-                stats.verify.raise_if_failed(str(out), _failure_hint(stats, type_name))
-            publish_file(tmp, out)
+            # Published only once verification passes; removed on any failure.
+            with atomic_path(out, temp_suffix=".partial") as tmp:
+                if type_name in KQUANT_TYPES:
+                    with temp_file(out, ".f.partial") as inter:
+                        stats = write_gguf(fm, inter, _intermediate_type(fm), name=name, pre_tokenizer=pre_tokenizer)
+                        stats.path, stats.type = out, type_name
+                        if fm.quantized:
+                            stats.notes.append(f"{len(fm.quantized)} quantized layers were dequantized for llama.cpp's K-quantizer")
+                        llama_cpp_quantize(inter, tmp, type_name)
+                    stats.counts = {}
+                    _, tensors = V.read_gguf(tmp)
+                    for t, _, _ in tensors.values():
+                        k = gguf.GGMLQuantizationType(t).name.lower()
+                        stats.counts[k] = stats.counts.get(k, 0) + 1
+                else:
+                    stats = write_gguf(fm, tmp, type_name, name=name, pre_tokenizer=pre_tokenizer, stats=GGUFStats(out, type_name))
+                if verify:
+                    stats.verify = verify_gguf(fm, tmp, type_name)
+                    stats.verify.raise_if_failed(str(out), _failure_hint(stats, type_name))
         except OSError as e:
             raise disk_error(e, out) from None
-        finally:
-            for p in (tmp, inter):
-                if p is not None and p.exists():
-                    p.unlink()
     stats.seconds = time.perf_counter() - t0
     for line in stats.lines():
         log(line)

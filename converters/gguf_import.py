@@ -16,13 +16,13 @@ import evaluates the same formula. Every other type the ``gguf`` package can deq
 (K-quants, IQ-quants, ...) is dequantized with it; with ``keep_quantized`` those are re-quantized
 with MLX at :data:`REQUANT_BITS` (lossy, but never below the source's bits per value).
 
-Names. llama.cpp renames tensors (``blk.N.attn_q.weight``) and, for the llama architecture
-(rotary embedding in the "normal" GPT-J style), permutes the rows of ``attn_q`` / ``attn_k`` per
-head so that rotary pairs are adjacent: HF row ``h * hd + t * hd/2 + j`` (``t`` in 0,1) is stored
-at row ``h * hd + 2 j + t``. We apply the inverse, ``w.reshape(n_head, hd/2, 2, -1).swapaxes(1, 2)``.
-It is a row permutation, and quantization groups run along rows, so packed weights, scales and
-biases are permuted with the same row index. Qwen2/Qwen3 use the NeoX rotary layout and are not
-permuted.
+Names, transforms and config. Everything architecture-specific comes from the table in
+:mod:`.gguf_arch`, the one the exporter writes with: the ``<arch>.*`` metadata becomes
+``config.json`` (:func:`.gguf_arch.hf_config`), the GGUF tensor names are those the gguf package
+gives each HF tensor of the model that config describes, and the export's transforms are undone
+(q/k rows un-permuted for llama, Gemma's norm offset removed). The q/k permutation moves whole
+rows and quantization groups run along rows, so packed weights, scales and biases are permuted
+with the same row index.
 
 The file is parsed here (header, metadata, tensor table) rather than with ``gguf.GGUFReader``,
 which builds a Python object per array element and takes ~10 s on a 49k-token vocabulary; the
@@ -43,9 +43,9 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from mlx_lora.errors import ModelError
+from mlx_lora.errors import ExportError, ModelError
 
-from . import io
+from . import gguf_arch, io
 
 PathLike = Union[str, os.PathLike]
 
@@ -65,34 +65,6 @@ AFFINE_TYPES = {Q4_0: 4, Q4_1: 4, Q8_0: 8}
 REQUANT_BITS = {"Q2_K": 3, "Q3_K": 4, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6, "Q5_0": 5, "Q5_1": 5}
 """MLX bits for other quantized types under ``keep_quantized`` (anything not listed: 8)."""
 GROUP_SIZE = 32
-
-# GGUF architecture -> (HF model_type, HF class, llama.cpp permuted q/k rows)
-ARCHITECTURES = {
-    "llama": ("llama", "LlamaForCausalLM", True),
-    "mistral": ("mistral", "MistralForCausalLM", True),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
-}
-
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Parsing
@@ -340,13 +312,15 @@ def _check_decodable(gf: GGUFFile, t: GGUFTensor) -> None:
 _ROW_CHUNK_ELEMENTS = 1 << 22  # bounds the float32 temporaries of one tensor
 
 
-def _dense(gf: GGUFFile, t: GGUFTensor, dtype: str, perm: Optional[np.ndarray]) -> np.ndarray:
+def _dense(gf: GGUFFile, t: GGUFTensor, dtype: str, perm: Optional[np.ndarray],
+           values: Callable[[np.ndarray], np.ndarray] = lambda w: w) -> np.ndarray:
+    """The tensor in ``dtype``: ``values`` applied to float32 row chunks, then rows gathered by ``perm``."""
     rows = gf.raw(t).shape[0]
     cols = math.prod(t.shape) // rows
     out = np.empty((rows, cols), dtype=np.uint16 if dtype == "bfloat16" else np.dtype(dtype))
     step = max(1, _ROW_CHUNK_ELEMENTS // max(cols, 1))
     for r0 in range(0, rows, step):
-        out[r0 : r0 + step] = _to_dtype(_dequantize_rows(gf, t, slice(r0, r0 + step)), dtype)
+        out[r0 : r0 + step] = _to_dtype(values(_dequantize_rows(gf, t, slice(r0, r0 + step))), dtype)
     out = out.reshape(t.shape)
     return out[perm] if perm is not None else out
 
@@ -363,140 +337,46 @@ def _affine(gf: GGUFFile, t: GGUFTensor, dtype: str, perm: Optional[np.ndarray])
     return [w, s, bb]
 
 
-def _requantized(gf: GGUFFile, t: GGUFTensor, bits: int, dtype: str, perm: Optional[np.ndarray]):
+def _requantized(gf: GGUFFile, t: GGUFTensor, bits: int, dtype: str, perm: Optional[np.ndarray], values):
     import mlx.core as mx
 
-    w = mx.array(_dense(gf, t, "float32", perm))
+    w = mx.array(_dense(gf, t, "float32", perm, values))
     wq, s, b = mx.quantize(w, group_size=GROUP_SIZE, bits=bits)
     return [wq, s.astype(io.mx_dtype(dtype)), b.astype(io.mx_dtype(dtype))]
-
-
-def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
-    """Row index that undoes llama.cpp's q/k permutation: ``hf = gguf[perm]``."""
-    if n_rows % (2 * n_head):
-        raise ValueError(f"{n_rows} rows cannot be split into {n_head} heads of even size")
-    return np.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Config
 
 
-def _meta(gf: GGUFFile, key: str, default: Any = ModelError):
-    if key in gf.metadata:
-        return gf.metadata[key]
-    if default is ModelError:
-        raise ModelError(f"{gf.path}: metadata key '{key}' is missing")
-    return default
-
-
-def hf_config(gf: GGUFFile, dtype: str) -> dict:
-    """The HF ``config.json`` for ``gf`` (llama-family architectures)."""
-    arch = _meta(gf, "general.architecture")
-    if arch not in ARCHITECTURES:
+def _spec(gf: GGUFFile) -> gguf_arch.ArchSpec:
+    arch = gf.metadata.get("general.architecture")
+    if arch is None:
+        raise ModelError(f"{gf.path}: metadata key 'general.architecture' is missing")
+    spec = gguf_arch.spec_for_gguf(arch)
+    if spec is None:
         raise ModelError(
             f"{gf.path}: unsupported architecture '{arch}' (metadata 'general.architecture'); "
-            f"supported: {', '.join(ARCHITECTURES)}"
+            f"supported: {', '.join(gguf_arch.ARCHS)}"
         )
-    model_type, hf_class, _ = ARCHITECTURES[arch]
-    hidden = int(_meta(gf, f"{arch}.embedding_length"))
-    heads = int(_meta(gf, f"{arch}.attention.head_count"))
-    kv_heads = int(_meta(gf, f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(_meta(gf, f"{arch}.attention.key_length", hidden // heads))
-    value_dim = int(_meta(gf, f"{arch}.attention.value_length", head_dim))
-    if value_dim != head_dim:
-        raise ModelError(f"{gf.path}: key_length {head_dim} != value_length {value_dim} is not supported for {arch}")
+    return spec
+
+
+def hf_config(gf: GGUFFile, dtype: str) -> tuple[gguf_arch.ArchSpec, dict]:
+    """The architecture spec and HF ``config.json`` for ``gf``."""
+    spec = _spec(gf)
     if "token_embd.weight" not in gf.tensors:
         raise ModelError(f"{gf.path}: tensor 'token_embd.weight' is missing")
-    vocab = gf.tensors["token_embd.weight"].shape[0]
-    cfg: dict[str, Any] = {
-        "architectures": [hf_class],
-        "model_type": model_type,
-        "hidden_size": hidden,
-        "intermediate_size": int(_meta(gf, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_meta(gf, f"{arch}.block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "rms_norm_eps": float(_meta(gf, f"{arch}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_meta(gf, f"{arch}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_meta(gf, f"{arch}.context_length", 2048)),
-        "vocab_size": vocab,
-        "tie_word_embeddings": "output.weight" not in gf.tensors,
-        "hidden_act": "silu",
-        "rope_scaling": _rope_scaling(gf, arch, head_dim),
-        "torch_dtype": dtype,
-    }
-    if model_type in ("llama", "mistral"):
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in gf.tensors
-        cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in gf.tensors
-    if model_type == "qwen3":
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in gf.tensors
-    if model_type in ("qwen2", "qwen3", "mistral"):
-        window = gf.metadata.get(f"{arch}.attention.sliding_window")
-        cfg["sliding_window"] = int(window) if window else None
-        if model_type != "mistral":
-            cfg["use_sliding_window"] = False
-    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
-        if (v := gf.metadata.get(f"tokenizer.ggml.{name}_token_id")) is not None:
-            cfg[key] = int(v)
-    return dict(sorted(cfg.items()))
 
+    def tensor(name: str) -> Optional[np.ndarray]:
+        t = gf.tensors.get(name)
+        return None if t is None else _dequantize_rows(gf, t, slice(None)).reshape(t.shape).astype(np.float64)
 
-def _rope_scaling(gf: GGUFFile, arch: str, head_dim: int) -> Optional[dict]:
-    kind = gf.metadata.get(f"{arch}.rope.scaling.type", "none")
-    factor = gf.metadata.get(f"{arch}.rope.scaling.factor")
-    if "rope_freqs.weight" in gf.tensors:
-        return _llama3_scaling(gf, arch, head_dim)
-    if kind in ("none", None) or not factor or float(factor) == 1.0:
-        return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
-    if kind == "yarn":
-        orig = gf.metadata.get(f"{arch}.rope.scaling.original_context_length")
-        out = {"rope_type": "yarn", "factor": float(factor)}
-        if orig:
-            out["original_max_position_embeddings"] = int(orig)
-        return out
-    raise ModelError(f"{gf.path}: unsupported rope scaling '{kind}' (metadata '{arch}.rope.scaling.type')")
-
-
-def _llama3_scaling(gf: GGUFFile, arch: str, head_dim: int) -> dict:
-    """Recover Llama 3.1-style rope scaling from the per-frequency divisors llama.cpp stores.
-
-    Llama 3 divides frequency ``f`` with wavelength ``L = 2 pi / f`` by ``factor`` when
-    ``L > orig / low``, keeps it when ``L < orig / high``, and in between blends with
-    ``s = (orig / L - low) / (high - low)``: divisor ``1 / ((1 - s) / factor + s)``. The published
-    models use low = 1, high = 4 and orig = 8192; we check that those reproduce the file.
-    """
-    t = gf.tensors["rope_freqs.weight"]
-    stored = _dequantize_rows(gf, t, slice(None)).reshape(-1).astype(np.float64)
-    theta = float(gf.metadata.get(f"{arch}.rope.freq_base", 10000.0))
-    factor = float(stored.max())
-    low, high, orig = 1.0, 4.0, 8192
-    freqs = theta ** (-np.arange(0, head_dim, 2) / head_dim)
-    wavelen = 2 * np.pi / freqs
-    s = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)
-    expected = 1.0 / ((1 - s) / factor + s)
-    if expected.shape != stored.shape or not np.allclose(expected, stored, rtol=1e-3):
-        raise ModelError(
-            f"{gf.path}: tensor 'rope_freqs.weight' holds rope scaling that is not Llama 3 style "
-            f"(factor {factor}, low 1, high 4, original context 8192); this import does not support it"
-        )
-    return {
-        "rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-        "original_max_position_embeddings": orig,
-    }
-
-
-def hf_tensor_name(gguf_name: str) -> Optional[str]:
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if unknown."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
-    return None
+    cfg = gguf_arch.hf_config(spec, gf.metadata, source=str(gf.path), tensor_names=gf.tensors, tensor=tensor,
+                              gguf_arch=gf.metadata["general.architecture"])
+    cfg["vocab_size"] = gf.tensors["token_embd.weight"].shape[0]
+    cfg["torch_dtype"] = dtype
+    return spec, dict(sorted(cfg.items()))
 
 
 def _default_dtype(gf: GGUFFile) -> str:
@@ -524,11 +404,11 @@ def gguf_cache_dir(gguf_path: PathLike, keep_quantized: bool = False) -> Path:
         st = p.stat()
     except OSError as e:
         raise ModelError(f"{p}: cannot read ({e.strerror or e})") from None
-    root = os.environ.get("MLX_LORA_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "mlx-lora"
+    from mlx_lora.cache import cache_root
+
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}|q={int(bool(keep_quantized))}|v={IMPORTER_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return base / "gguf" / f"{p.stem}-{digest}"
+    return cache_root() / "gguf" / f"{p.stem}-{digest}"
 
 
 @dataclass
@@ -536,37 +416,38 @@ class _Plan:
     gguf: GGUFTensor
     hf_name: str
     perm: Optional[np.ndarray]
+    values: Callable[[np.ndarray], np.ndarray]
     mode: str  # "dense", "affine" or "requant"
     bits: int = 0
 
 
-def _plan(gf: GGUFFile, cfg: dict, keep_quantized: bool) -> list[_Plan]:
-    arch = gf.metadata["general.architecture"]
-    permute = ARCHITECTURES[arch][2]
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+def _plan(gf: GGUFFile, spec: gguf_arch.ArchSpec, cfg: dict, keep_quantized: bool) -> list[_Plan]:
+    # GGUF name -> HF name: the export's mapping applied to every tensor of the model cfg describes.
+    hf_names = gguf_arch.TensorNames(spec, cfg["num_hidden_layers"]).hf_names(_expected_parameters(cfg, None))
+    skip = set(spec.extra_tensor_names)  # read into config["rope_scaling"] by hf_config
     plans = []
     for t in gf.tensors.values():
-        if t.name == "rope_freqs.weight":
-            continue  # folded into config["rope_scaling"]
-        hf = hf_tensor_name(t.name)
+        if t.name in skip:
+            continue
+        hf = hf_names.get(t.name)
         if hf is None:
-            raise ModelError(f"{gf.path}: tensor '{t.name}' has no Hugging Face {arch} counterpart; cannot import it")
+            raise ModelError(
+                f"{gf.path}: tensor '{t.name}' has no Hugging Face {spec.model_type} counterpart; cannot import it"
+            )
         _check_decodable(gf, t)
-        perm = None
-        if permute and (".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf):
-            n = heads if ".q_proj." in hf else kv_heads
-            try:
-                perm = unpermute_rows(t.shape[0], n)
-            except ValueError as e:
-                raise ModelError(f"{gf.path}: tensor '{t.name}': {e}") from None
+        try:
+            perm = gguf_arch.hf_row_order(spec, cfg, hf, t.shape[0])
+        except ExportError as e:
+            raise ModelError(f"{gf.path}: tensor '{t.name}': {e}") from None
+        values = lambda w, hf=hf: gguf_arch.values_from_gguf(spec, hf, w)  # noqa: E731
         quantized = t.ggml_type not in (F32, F16, BF16)
         if keep_quantized and quantized and len(t.shape) == 2 and t.shape[1] % GROUP_SIZE == 0:
             if t.ggml_type in AFFINE_TYPES:
-                plans.append(_Plan(t, hf, perm, "affine", AFFINE_TYPES[t.ggml_type]))
+                plans.append(_Plan(t, hf, perm, values, "affine", AFFINE_TYPES[t.ggml_type]))
             else:
-                plans.append(_Plan(t, hf, perm, "requant", REQUANT_BITS.get(t.type_name, 8)))
+                plans.append(_Plan(t, hf, perm, values, "requant", REQUANT_BITS.get(t.type_name, 8)))
         else:
-            plans.append(_Plan(t, hf, perm, "dense"))
+            plans.append(_Plan(t, hf, perm, values, "dense"))
     return plans
 
 
@@ -574,7 +455,7 @@ def _expected_parameters(cfg: dict, quantization: Optional[dict], quantized_weig
     """Parameter names and shapes of mlx-lm's model for ``cfg`` (built lazily: no memory)."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
+    from mlx_lora.mlx_lm_compat import model_classes as _get_classes
 
     model_class, args_class = _get_classes(cfg)
     model = model_class(args_class.from_dict(cfg))
@@ -613,11 +494,11 @@ def import_gguf(
     gf = read_gguf(src)
     dtype = dtype or _default_dtype(gf)
     io.mx_dtype(dtype)  # validates the name
-    cfg = hf_config(gf, dtype)
+    spec, cfg = hf_config(gf, dtype)
     from .gguf_tokenizer import tokenizer_files
 
     tok_files = tokenizer_files(gf.metadata, str(src), model_max_length=cfg["max_position_embeddings"])
-    plans = _plan(gf, cfg, keep_quantized)
+    plans = _plan(gf, spec, cfg, keep_quantized)
 
     quantization = None
     quantized = [p for p in plans if p.mode != "dense"]
@@ -636,7 +517,7 @@ def import_gguf(
         t = p.gguf
         if p.mode == "dense":
             tensors = [io.PendingTensor(p.hf_name, t.shape, dtype)]
-            compute: Callable = (lambda p=p: [_dense(gf, p.gguf, dtype, p.perm)])
+            compute: Callable = (lambda p=p: [_dense(gf, p.gguf, dtype, p.perm, p.values)])
         else:
             rows, cols = t.shape
             base = p.hf_name[: -len(".weight")]
@@ -648,7 +529,7 @@ def import_gguf(
             if p.mode == "affine":
                 compute = lambda p=p: _affine(gf, p.gguf, dtype, p.perm)
             else:
-                compute = lambda p=p: _requantized(gf, p.gguf, p.bits, dtype, p.perm)
+                compute = lambda p=p: _requantized(gf, p.gguf, p.bits, dtype, p.perm, p.values)
         for pt in tensors:
             produced[pt.name] = pt.shape
         groups.append((tensors, compute))

@@ -23,37 +23,15 @@ from typing import Any, Optional
 
 from mlx_lora.errors import ModelError
 
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-
-# Pre-tokenizer regexes used by llama.cpp for the ``tokenizer.ggml.pre`` values of the model
-# families we import (the same expressions as the families' own tokenizer.json files).
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_DIGIT = r"\p{N}"
+from .gguf_vocab import CONTROL, NORMAL, PRE_TOKENIZER_ALIASES, UNKNOWN, USER_DEFINED
+from .gguf_vocab import PRE_TOKENIZERS as _EXPORT_PRE_TOKENIZERS
 
 PRE_TOKENIZERS: dict[str, list[str]] = {
-    "default": [_GPT2],
-    "gpt-2": [_GPT2],
-    "gpt2": [_GPT2],
-    "llama3": [_LLAMA3],
-    "llama-v3": [_LLAMA3],
-    "llama-bpe": [_LLAMA3],
-    "smaug-bpe": [_LLAMA3],
-    "dbrx": [_LLAMA3],
-    "qwen2": [_QWEN2],
-    "deepseek-r1-qwen": [_QWEN2],
-    "smollm": [_DIGIT, _GPT2],
-    "starcoder": [_DIGIT, _GPT2],
-    "refact": [_DIGIT, _GPT2],
-    "command-r": [_DIGIT, _GPT2],
+    name: list(_EXPORT_PRE_TOKENIZERS[PRE_TOKENIZER_ALIASES.get(name, name)])
+    for name in (*_EXPORT_PRE_TOKENIZERS, *PRE_TOKENIZER_ALIASES)
 }
+"""Every ``tokenizer.ggml.pre`` value we import -> the regexes llama.cpp splits with."""
+
 # Pre-tokenizers for which llama.cpp looks a whole pre-token up in the vocabulary before merging.
 _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx"}
 # Where add_bos_token is absent llama.cpp adds BOS for SentencePiece and for Llama-3-style BPE.
@@ -80,7 +58,7 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
 
     kind = _required(meta, "tokenizer.ggml.model", source)
     tokens: list[str] = list(_required(meta, "tokenizer.ggml.tokens", source))
-    types = list(_get(meta, "tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
+    types = list(_get(meta, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     if len(types) != len(tokens):
         raise ModelError(
             f"{source}: 'tokenizer.ggml.token_type' has {len(types)} entries for {len(tokens)} tokens"
@@ -110,7 +88,7 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
             splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
         tok.decoder = decoders.ByteLevel()
-        special_types = (TOKEN_CONTROL,)
+        special_types = (CONTROL,)
     elif kind == "llama":
         scores = list(_required(meta, "tokenizer.ggml.scores", source))
         if len(scores) != len(tokens):
@@ -129,7 +107,7 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
         if prefix:
             steps.append(decoders.Strip(content=" ", left=1, right=0))
         tok.decoder = decoders.Sequence(steps)
-        special_types = (TOKEN_CONTROL, TOKEN_UNKNOWN)
+        special_types = (CONTROL, UNKNOWN)
     else:
         raise ModelError(
             f"{source}: unsupported tokenizer model 'tokenizer.ggml.model' = '{kind}'; supported: gpt2 (BPE), llama (SentencePiece)"
@@ -139,7 +117,7 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
     for i, (t, ty) in enumerate(zip(tokens, types)):
         if ty in special_types:
             added.append(AddedToken(t, special=True, normalized=False))
-        elif ty == TOKEN_USER_DEFINED:
+        elif ty == USER_DEFINED:
             added.append(AddedToken(t, special=False, normalized=False))
     if added:
         tok.add_tokens(added)
@@ -179,7 +157,7 @@ def _valid(token_id: Optional[int], tokens: list[str]) -> bool:
 def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
     """SentencePiece BPE as ranked merges: ``(a, b)`` for every piece ``a + b`` in the vocabulary,
     best-scoring result first (ties by the result's id, then by the split position)."""
-    mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (TOKEN_NORMAL, TOKEN_USER_DEFINED)}
+    mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (NORMAL, USER_DEFINED)}
     found = []
     for piece, pid in mergeable.items():
         for cut in range(1, len(piece)):
@@ -199,17 +177,17 @@ def tokenizer_files(meta: dict, source: str = "GGUF file", model_max_length: Opt
     """
     tok = build_tokenizer(meta, source)
     tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
 
     def name(key: str) -> Optional[str]:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[int(i)] if _valid(i, tokens) else None
 
     kind = meta["tokenizer.ggml.model"]
-    special_types = (TOKEN_CONTROL,) if kind == "gpt2" else (TOKEN_CONTROL, TOKEN_UNKNOWN)
+    special_types = (CONTROL,) if kind == "gpt2" else (CONTROL, UNKNOWN)
     added_decoder = {}
     for i, (t, ty) in enumerate(zip(tokens, types)):
-        if ty in special_types or ty == TOKEN_USER_DEFINED:
+        if ty in special_types or ty == USER_DEFINED:
             added_decoder[str(i)] = {
                 "content": t, "lstrip": False, "normalized": False, "rstrip": False,
                 "single_word": False, "special": ty in special_types,

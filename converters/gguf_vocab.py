@@ -42,7 +42,15 @@ PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
     "qwen2": (QWEN2_REGEX,),
     "smollm": (DIGIT_REGEX, GPT2_REGEX),  # digits split one by one, then GPT-2 (also StarCoder)
 }
-"""llama.cpp pre-tokenizer name -> the regexes it splits text with, in order."""
+"""llama.cpp pre-tokenizer name -> the regexes it splits text with, in order (the names export writes)."""
+
+PRE_TOKENIZER_ALIASES: dict[str, str] = {
+    "default": "gpt-2", "gpt2": "gpt-2",
+    "llama3": "llama-bpe", "llama-v3": "llama-bpe", "smaug-bpe": "llama-bpe", "dbrx": "llama-bpe",
+    "deepseek-r1-qwen": "qwen2",
+    "starcoder": "smollm", "refact": "smollm", "command-r": "smollm",
+}
+"""Other llama.cpp names for the same regexes, which files written elsewhere carry."""
 
 
 @dataclass

@@ -169,7 +169,7 @@ def _matches(pattern: str, path: str, module) -> bool:
 
 
 def _model_for(config: dict, config_path: Path):
-    from mlx_lm.utils import _get_classes
+    from mlx_lora.mlx_lm_compat import model_classes as _get_classes
 
     model_type = config.get("model_type")
     if not model_type:

@@ -1,4 +1,4 @@
-"""Shared disk helpers for the converters: atomic output folders, safetensors files, progress.
+"""Shared disk helpers for the converters: atomic output folders, safetensors files.
 
 Safetensors layout (the whole format): an 8-byte little-endian header length ``N``, ``N`` bytes of
 JSON mapping each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
@@ -18,21 +18,22 @@ import math
 import os
 import shutil
 import struct
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 from mlx_lora.errors import ExportError, ModelError
-from mlx_lora.ownership import temp_prefix
+from mlx_lora.io import OutputAppeared as OutputAppeared  # callers of atomic_output_dir catch it here
+from mlx_lora.io import atomic_dir, atomic_write_json
+from mlx_lora.progress import ByteProgress
 
 PathLike = Union[str, os.PathLike]
 
 MAX_SHARD_BYTES = 5 * 2**30
 """Output shards hold at most this many bytes of tensor data (mlx-lm and transformers use 5 GB)."""
 
-# safetensors dtype name -> (bytes per element, MLX dtype name)
+# safetensors dtype name -> (bytes per element, MLX dtype name, or None for a dtype MLX reads but
+# has no array type of its own: FP8 weights, which mlx-lm models dequantize when they load)
 SAFETENSORS_DTYPES = {
     "F64": (8, "float64"),
     "F32": (4, "float32"),
@@ -47,8 +48,10 @@ SAFETENSORS_DTYPES = {
     "U16": (2, "uint16"),
     "U8": (1, "uint8"),
     "BOOL": (1, "bool"),
+    "F8_E4M3": (1, None),
+    "F8_E5M2": (1, None),
 }
-_MLX_TO_SAFETENSORS = {mlx: st for st, (_, mlx) in SAFETENSORS_DTYPES.items()}
+_MLX_TO_SAFETENSORS = {mlx: st for st, (_, mlx) in SAFETENSORS_DTYPES.items() if mlx is not None}
 # Raw bytes leave MLX through a same-width unsigned view (numpy has no bfloat16).
 _UINT_OF_WIDTH = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
@@ -73,10 +76,6 @@ def dtype_name(dtype) -> str:
 # Atomic output folders
 
 
-class OutputAppeared(ExportError):
-    """Another process created the output folder while we were writing ours."""
-
-
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: PathLike, *, overwrite: bool = False, kind: str = "model",
                       command: str = "convert") -> Iterator[Path]:
@@ -87,67 +86,22 @@ def atomic_output_dir(out_dir: PathLike, *, overwrite: bool = False, kind: str =
     ``overwrite`` and the tool wrote it (see :func:`mlx_lora.ownership.check_output_dir`); then it
     is replaced only after the new folder is complete. The new folder carries the ownership
     marker of ``kind``. If ``out_dir`` appears while we write (another process converting to the
-    same place), it is replaced with ``overwrite`` and is an error without.
+    same place), it is replaced with ``overwrite`` and raises :class:`OutputAppeared` without.
     """
     from mlx_lora.ownership import check_output_dir, write_marker
 
     out = check_output_dir(out_dir, kind, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out.name), suffix=".partial"))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal folder
+    with atomic_dir(out, overwrite, suffix=".partial", set_aside=False) as tmp:
         yield tmp
         write_marker(tmp, kind, command)
-        _move_into_place(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()  # os.replace cannot replace a folder on every OS, even an empty one
-    if not out.exists():
-        try:
-            os.replace(tmp, out)
-            return
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-    if not overwrite:
-        raise OutputAppeared(f"output folder {out} appeared while it was being written (another conversion?)")
-    # Swap: old -> trash, new -> out, then drop the trash; a crash in between leaves both
-    # complete folders on disk, never a mix.
-    trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out.name), suffix=".old"))
-    os.replace(out, trash / "old")
-    os.replace(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: PathLike, obj) -> None:
-    """Write ``obj`` as indented JSON to ``path`` through a temp file in the same folder."""
-    path = Path(path)
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+    """Write ``obj`` as indented JSON (UTF-8, non-ASCII kept as is) to ``path`` atomically."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        atomic_write_json(path, obj, ensure_ascii=False)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise disk_error(e, path) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        raise disk_error(e, Path(path)) from None
 
 
 def read_json(path: PathLike, what: str = "file") -> dict:
@@ -184,14 +138,19 @@ class TensorInfo:
     dtype: str  # safetensors name, e.g. "BF16"
     shape: tuple[int, ...]
     nbytes: int
+    offset: int  # where its data starts, in bytes from the start of the file
+
+
+MAX_HEADER_BYTES = 100 * 2**20
+"""A safetensors header is kilobytes to a few megabytes; a larger length is a corrupt file."""
 
 
 def read_safetensors_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate a safetensors file's header against its size; return (tensors, metadata).
 
     Raises :class:`ModelError` naming the file and, where one is at fault, the tensor: a file
-    shorter than its header says (interrupted download), an unknown dtype, a shape that does
-    not match the byte range, or overlapping ranges.
+    shorter than its header says (interrupted download or copy), an unknown dtype, a shape that
+    does not match the byte range, or overlapping ranges. Reads only the header.
     """
     path = Path(path)
     try:
@@ -201,7 +160,7 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict
             if len(head) < 8:
                 raise ModelError(f"{path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100 * 2**20:
+            if n > size - 8 or n > MAX_HEADER_BYTES:
                 raise ModelError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes, file of {size})")
             raw = f.read(n)
     except OSError as e:
@@ -213,12 +172,14 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict
     except (UnicodeDecodeError, ValueError) as e:
         raise ModelError(f"{path}: corrupt safetensors header ({e})") from None
     meta = header.pop("__metadata__", None) or {}
-    data_len = size - 8 - n
+    data_start = 8 + n
+    data_len = size - data_start
     tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            begin, end = int(begin), int(end)
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path}: tensor '{name}': malformed header entry {info!r}") from None
         if dtype not in SAFETENSORS_DTYPES:
@@ -232,9 +193,9 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict
         if end > data_len:
             raise ModelError(
                 f"{path}: tensor '{name}' extends past the end of the file ({end} > {data_len} data bytes): "
-                f"the file is truncated (interrupted download?)"
+                f"the file is truncated (interrupted download or copy?)"
             )
-        tensors[name] = TensorInfo(name, dtype, shape, expected)
+        tensors[name] = TensorInfo(name, dtype, shape, expected, data_start + begin)
         spans.append((begin, end, name))
     spans.sort()
     for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
@@ -247,7 +208,10 @@ def load_safetensors(path: PathLike) -> dict:
     """Validate ``path`` and return its tensors as lazily loaded MLX arrays."""
     import mlx.core as mx
 
-    read_safetensors_header(path)
+    tensors, _ = read_safetensors_header(path)
+    for t in tensors.values():
+        if SAFETENSORS_DTYPES[t.dtype][1] is None:
+            raise ModelError(f"{path}: tensor '{t.name}': unsupported dtype {t.dtype}")
     try:
         return mx.load(str(path))
     except (RuntimeError, ValueError) as e:
@@ -301,7 +265,7 @@ def write_safetensors_streaming(
     groups: Sequence[tuple[list[PendingTensor], Callable[[], Sequence]]],
     *,
     metadata: Optional[dict[str, str]] = None,
-    progress: Optional["Progress"] = None,
+    progress: Optional[ByteProgress] = None,
 ) -> dict[str, int]:
     """Write a safetensors file whose tensors are computed one group at a time.
 
@@ -388,7 +352,7 @@ def write_sharded(
     for shard_name, keys in zip(names, plan):
         shard_groups = [groups[int(k)] for k in keys]
         nbytes = sum(_nbytes(t.shape, t.dtype) for ts, _ in shard_groups for t in ts)
-        with Progress(nbytes, shard_name, show=show_progress) as bar:
+        with ByteProgress(nbytes, shard_name, show=show_progress) as bar:
             written = write_safetensors_streaming(out_dir / shard_name, shard_groups, metadata=metadata, progress=bar)
         for name, n in written.items():
             weight_map[name] = shard_name
@@ -407,38 +371,6 @@ def check_free_space(folder: Path, needed: int, margin: int = 64 * 2**20) -> Non
             f"not enough disk space in {folder}: the model needs {needed / 2**30:.2f} GiB, "
             f"{free / 2**30:.2f} GiB is free"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-    """A byte-count progress bar on stderr (tqdm), shown only on a terminal unless ``show`` says.
-
-    ``MLX_LORA_PROGRESS=0`` turns every bar off, ``=1`` forces them on.
-    """
-
-    def __init__(self, total: int, desc: str, show: Optional[bool] = None):
-        env = os.environ.get("MLX_LORA_PROGRESS")
-        if show is None:
-            show = env == "1" or (env != "0" and sys.stderr.isatty())
-        self._bar = None
-        if show:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=True)
-
-    def update(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def model_from_gguf(path, config: dict):
     (float32). Returns (model, metadata)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
+    from mlx_lora.mlx_lm_compat import model_classes as _get_classes
 
     from .gguf_arch import TensorNames, arch_spec, from_gguf
 
@@ -220,7 +220,7 @@ def model_from_gguf(path, config: dict):
         w = from_gguf(spec, config, hf_name, dequantize(type_id, shape, raw))
         weights.append((hf_name, mx.array(w)))
         used.add(g)
-    extra = sorted(set(tensors) - used - {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
+    extra = sorted(set(tensors) - used - set(spec.extra_tensor_names))
     if extra:
         raise ExportError(f"{path}: unexpected tensors {extra[:8]}")
     model.load_weights(weights, strict=True)

@@ -14,12 +14,6 @@ def _log(msg: str, stream: Optional[TextIO] = None) -> None:
     print(msg, file=stream or sys.stderr, flush=True)
 
 
-def _is_rank0() -> bool:
-    import mlx.core as mx
-
-    return mx.distributed.init().rank() == 0
-
-
 def banner_lines(cfg: Config, info, trainable: int, total: int, splits, steps: int, world: int) -> list[str]:
     from .backend import summary
 
@@ -113,6 +107,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
 
     from . import distributed as dist
     from .checkpoints import RunDir, RunLock
+    from .interrupts import sigterm_as_interrupt
     from .ownership import LOCK
     from .resume import plan_resume
 
@@ -188,7 +183,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         log(line)
 
     try:
-        result = _with_sigterm_as_interrupt(trainer.fit)
+        with sigterm_as_interrupt():
+            result = trainer.fit()
     except (MemoryError, RuntimeError, OSError) as e:
         from .integrity import resource_error
 
@@ -209,25 +205,6 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
             log(f"loss curve {run.path / 'loss.png'}")
         log(f"adapter   {run.path}")
     return result
-
-
-def _with_sigterm_as_interrupt(fn):
-    """Run ``fn`` with SIGTERM (e.g. a job scheduler or `kill`) handled like Ctrl-C: the trainer
-    saves a checkpoint and returns instead of dying mid-step."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return fn()
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        return fn()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupted_message(result, run) -> str:
@@ -273,7 +250,8 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
 
     from .config import BOUNDS, CHOICES, INT_CAP, Bound, Config, DataConfig, ModelConfig, TrainConfig, check_options
     from .data import load_jsonl_dataset
-    from .trainer import Trainer
+    from .losses import make_loss
+    from .trainer import evaluate as evaluate_loss
 
     # Before the model loads: batch size 0 would fail deep in the batching, and 0 batches would
     # report a loss of nan as if it were a result.
@@ -295,10 +273,8 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
     dcfg = DataConfig(path=str(path), max_seq_length=max_seq_length, train_on=train_on,
                       chat_template=chat_template, valid_fraction=0.0)
     ds = load_jsonl_dataset(path, dcfg, tokenizer)
-    cfg = Config(model=ModelConfig(path=model_path), data=dcfg,
-                 train=TrainConfig(batch_size=batch_size, iters=1, compile=False))
-    trainer = Trainer(model, cfg, ds, None, None)
-    loss, ntoks = trainer.evaluate(ds, max_batches)
+    cfg = Config(model=ModelConfig(path=model_path), data=dcfg, train=TrainConfig(batch_size=batch_size))
+    loss, ntoks = evaluate_loss(model, make_loss(model, cfg.train.loss_chunk_tokens), ds, cfg, max_batches=max_batches)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": ntoks, "examples": len(ds),
             "path": str(path)}
 

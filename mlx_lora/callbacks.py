@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
+from .progress import bar, show_bar
+
 
 def _fmt_time(s: float) -> str:
     if not math.isfinite(s):
@@ -23,50 +25,54 @@ def _fmt_time(s: float) -> str:
 
 
 class Progress:
-    """A one-line bar on a terminal, plain log lines otherwise (CI, files, pipes)."""
+    """A live bar (tqdm) on a terminal, plain log lines otherwise (CI, files, pipes); see
+    :func:`mlx_lora.progress.show_bar` for ``MLX_LORA_PROGRESS``."""
+
+    # What follows the bar: step count, then this step's numbers (tqdm's own rate and ETA would
+    # ignore the time evaluations and checkpoints take, which the trainer's ETA includes).
+    BAR_FORMAT = "[{bar:24}] {n_fmt}/{total_fmt}{postfix}"
 
     def __init__(self, stream: Optional[TextIO] = None, log_every: int = 10, tty: Optional[bool] = None):
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
+        self.tty = show_bar(self.stream, tty)
         self.log_every = log_every
-        self._last_len = 0
+        self._bar = None
 
-    def _line(self, text: str, final: bool = False) -> None:
-        if self.tty:
-            pad = max(0, self._last_len - len(text))
-            self.stream.write("\r" + text + " " * pad + ("\n" if final else ""))
-            self._last_len = 0 if final else len(text)
+    def _line(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)  # above the bar, which is drawn again below
         else:
             self.stream.write(text + "\n")
-        self.stream.flush()
+            self.stream.flush()
 
     def on_step(self, trainer, m: dict) -> None:
         step, total = m["step"], m["total_steps"]
-        if not self.tty and step % self.log_every and step != total:
-            return
-        width = 24
-        done = int(width * step / max(total, 1))
-        bar = "#" * done + "-" * (width - done)
         eta = _fmt_time(m.get("eta_s", float("nan")))
-        text = (f"[{bar}] {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-                f"{m['tokens_per_s']:.0f} tok/s eta {eta} peak {m['peak_memory_gb']:.2f} GB")
-        if not self.tty:
-            text = (f"step {step}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
-                    f"{m['tokens_per_s']:.0f} tok/s  eta {eta}  peak {m['peak_memory_gb']:.2f} GB")
-        self._line(text)
+        if self.tty:
+            if self._bar is None:
+                self._bar = bar(total, "train", stream=self.stream, initial=step - 1, ascii="-#",
+                                bar_format=self.BAR_FORMAT)
+            self._bar.set_postfix_str(f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s "
+                                      f"eta {eta} peak {m['peak_memory_gb']:.2f} GB", refresh=False)
+            self._bar.update(step - self._bar.n)
+            return
+        if step % self.log_every and step != total:
+            return
+        self._line(f"step {step}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+                   f"{m['tokens_per_s']:.0f} tok/s  eta {eta}  peak {m['peak_memory_gb']:.2f} GB")
 
     def on_eval(self, trainer, m: dict) -> None:
         best = " (best)" if m.get("is_best") else ""
-        self._line(f"step {m['step']}: val loss {m['val_loss']:.4f}  ppl {m['val_ppl']:.2f}{best}", final=True)
+        self._line(f"step {m['step']}: val loss {m['val_loss']:.4f}  ppl {m['val_ppl']:.2f}{best}")
 
     def on_checkpoint(self, trainer, path) -> None:
         if not self.tty:
             self._line(f"saved checkpoint {path}")
 
     def on_train_end(self, trainer, result) -> None:
-        if self.tty and self._last_len:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class MetricsFile:

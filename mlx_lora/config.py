@@ -20,6 +20,7 @@ from typing import Any, Iterable, Optional, Union, get_args, get_origin, get_typ
 
 import yaml
 
+from .data_formats import FORMATS
 from .errors import ConfigError, MlxLoraError
 
 
@@ -170,7 +171,7 @@ class Config:
 SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "data.format": ("auto", "chat", "completions", "text", "alpaca", "sharegpt"),
+    "data.format": ("auto", *FORMATS),  # the formats are defined once, in data_formats
     "data.train_on": ("assistant", "last", "all"),
     "data.overlong": ("truncate", "skip", "error"),
     "train.optimizer": ("adam", "adamw", "sgd", "adafactor"),

@@ -261,13 +261,6 @@ class _InitGuard:
         return False
 
 
-def describe(group: mx.distributed.Group) -> str:
-    """E.g. ``"2 ranks (ring)"``."""
-    n = group.size()
-    backend = launch_backend() or "local"
-    return f"{n} rank{'s' if n != 1 else ''} ({backend})" if n > 1 else "1 process"
-
-
 # ----------------------------------------------------------------------------------------------
 # collectives with a watchdog
 

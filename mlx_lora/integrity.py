@@ -34,13 +34,12 @@ import contextlib
 import errno
 import hashlib
 import json
-import math
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
+from .converters.io import read_safetensors_header
 from .errors import AdapterError, MlxLoraError, ModelError
 
 FINGERPRINT_KEY = "base_model_fingerprint"
@@ -48,56 +47,12 @@ FINGERPRINT_KEY = "base_model_fingerprint"
 _VERSION = b"mlx-lora-fingerprint/1"
 SAMPLE = 64
 """Bytes hashed at each of the three sampled places of a tensor."""
-_MAX_HEADER = 100 * 2**20
-
-# Bytes per element of the safetensors dtypes (what the header's byte ranges are checked against).
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _tensors(path: Path) -> list[tuple[str, str, tuple, int, int]]:
-    """(name, dtype, shape, absolute begin, absolute end) of every tensor of a safetensors file,
-    checked against the file's size so a truncated file is named here."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelError(f"{path}: not a safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > _MAX_HEADER:
-                raise ModelError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, "
-                                 f"file of {size})")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ModelError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise ModelError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    data_start, out = 8 + n, []
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path}: tensor '{name}': malformed header entry") from None
-        itemsize = _ITEMSIZE.get(dtype)
-        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
-            raise ModelError(f"{path}: tensor '{name}': {dtype} shape {list(shape)} does not match its "
-                             f"{end - begin} bytes; the file is corrupt")
-        if begin < 0 or end < begin or data_start + end > size:
-            raise ModelError(f"{path}: tensor '{name}' extends past the end of the file: the file is "
-                             f"truncated (interrupted download or copy?)")
-        out.append((name, dtype, shape, data_start + begin, data_start + end))
-    return out
 
 
 def check_safetensors(path: Union[str, Path]) -> None:
     """Raise :class:`ModelError` naming the file and tensor when a safetensors file is truncated
     or its header is corrupt (reads only the header)."""
-    _tensors(Path(path))
+    read_safetensors_header(path)
 
 
 def base_model_fingerprint(folder: Union[str, Path]) -> str:
@@ -120,7 +75,8 @@ def base_model_fingerprint(folder: Union[str, Path]) -> str:
         pass  # the weights alone still identify the model
     entries = []
     for path in files:
-        entries += [(name, dtype, shape, begin, end, path) for name, dtype, shape, begin, end in _tensors(path)]
+        entries += [(t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes, path)
+                    for t in read_safetensors_header(path)[0].values()]
     entries.sort(key=lambda e: e[0])
     h = hashlib.sha256(_VERSION + b"\0" + model_type.encode() + b"\0")
     try:

@@ -1,12 +1,15 @@
 """Atomic file and folder writes: a reader (or a resumed run) never sees half a file.
 
-Each writer puts the content in a temporary sibling, flushes it to disk, then ``os.replace``s it
-over the target, which POSIX makes atomic within one filesystem.
+Each writer puts the content in a temporary sibling named by :func:`~mlx_lora.ownership.temp_prefix`
+(so a later run can remove what a killed process left), flushes it to disk, gives it the
+permissions the umask gives a new file, then ``os.replace``s it over the target, which POSIX makes
+atomic within one filesystem.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,7 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
+from .errors import ExportError
 from .ownership import temp_prefix
+
+
+class OutputAppeared(ExportError):
+    """Another process created the output folder while we were writing ours."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -37,19 +45,29 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(target, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success it replaces ``target``."""
+def temp_file(target, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield an empty temporary file next to ``target`` (same disk, so it can be renamed over it);
+    it is removed on the way out unless something moved it away."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".tmp" + suffix, dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
-        publish_file(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(target, suffix: str = "", *, temp_suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success it replaces ``target``.
+
+    ``suffix`` ends the temporary name for writers that insist on an extension."""
+    with temp_file(target, temp_suffix + suffix) as tmp:
+        yield tmp
+        publish_file(tmp, target)
 
 
 def publish_file(tmp, target) -> None:
@@ -67,8 +85,8 @@ def atomic_write_text(target, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_write_json(target, obj) -> None:
-    atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def atomic_write_json(target, obj, *, ensure_ascii: bool = True) -> None:
+    atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=ensure_ascii) + "\n")
 
 
 def atomic_save_safetensors(target, arrays: dict, metadata: Optional[dict] = None) -> None:
@@ -79,34 +97,65 @@ def atomic_save_safetensors(target, arrays: dict, metadata: Optional[dict] = Non
         mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
 
 
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
 @contextlib.contextmanager
-def atomic_dir(target, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(target, overwrite: bool = False, *, suffix: str = ".tmp", set_aside: bool = True) -> Iterator[Path]:
     """Yield a temporary folder next to ``target``; on success it becomes ``target``.
 
-    On failure the temporary folder is removed and ``target`` is left as it was. With
-    ``overwrite`` an existing ``target`` is replaced only after the new one is complete.
+    On failure the temporary folder is removed and ``target`` is left as it was. An existing
+    ``target`` other than an empty folder is an error unless ``overwrite``; then it is replaced
+    only after the new one is complete. A ``target`` that another process creates while we write
+    raises :class:`OutputAppeared` (without ``overwrite``) and is left as that process wrote it.
+
+    ``suffix`` ends the temporary folder's name. The folder being replaced is first renamed to
+    ``.NAME.old`` when ``set_aside`` (a crash between the two renames then leaves it under a name a
+    caller can recover, see :mod:`mlx_lora.checkpoints`), else into a temporary folder that
+    :func:`~mlx_lora.ownership.clean_stale_temps` removes after a crash.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists")
+    if target.exists() and not overwrite and not _is_empty_dir(target):
+        raise FileExistsError(f"{target} already exists and is not an empty folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=suffix, dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal folder
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        _move_into_place(tmp, target, overwrite, set_aside)
         _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, target: Path, overwrite: bool, set_aside: bool) -> None:
+    if _is_empty_dir(target):
+        target.rmdir()  # os.replace cannot replace a folder on every OS, even an empty one
+    if not target.exists():
+        try:
+            os.replace(tmp, target)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    if not overwrite:
+        raise OutputAppeared(f"output folder {target} appeared while it was being written (another conversion?)")
+    # Swap: old aside, new in place, then drop the old; a crash in between leaves both complete
+    # folders on disk, never a mix.
+    if set_aside:
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        trash = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name), suffix=".old"))
+        os.replace(target, trash / "old")
+        os.replace(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def ensure_writable_dir(path, what: str = "output folder") -> Path:

@@ -27,35 +27,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .mlx_lm_compat import SegmentMask
+
 log = logging.getLogger(__name__)
-
-
-class SegmentMask:
-    """A stand-in for mlx-lm's KV cache that carries a packed batch's block-diagonal mask.
-
-    mlx-lm models build their attention mask from ``cache.make_mask`` when the cache has one and
-    apply RoPE at ``cache.offset``; returning our mask and storing nothing makes every
-    architecture honour packing without touching its code. RoPE scores depend only on relative
-    positions, so examples packed later in a row see the same attention as if they were alone.
-    """
-
-    offset = 0
-
-    def __init__(self, mask: mx.array):
-        self.mask = mask  # [B, 1, L, L] bool
-
-    def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
-        mask = self.mask
-        if window_size is not None and window_size < N:
-            i = mx.arange(N)
-            mask = mask & ((i[:, None] - i[None]) < window_size)
-        return mask
-
-    def update_and_fetch(self, keys, values):
-        return keys, values
-
-    def __bool__(self):  # some models test `if cache` before asking for a mask
-        return True
 
 
 def _cache(model: nn.Module, attn_mask: Optional[mx.array]):

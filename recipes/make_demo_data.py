@@ -27,7 +27,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "mlx_lora" / "demo_data"
@@ -426,19 +425,13 @@ def jsonl(rows: list[dict]) -> str:
 
 
 def write(out: Path) -> list[Path]:
+    from mlx_lora.io import atomic_write_text
+
     written = []
     for rel, rows in all_files().items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(jsonl(rows))
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_text(path, jsonl(rows))
         written.append(path)
     return written
 

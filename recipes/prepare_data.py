@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 FORMATS = ("chat", "completions", "alpaca", "text")
@@ -57,12 +55,6 @@ PRESETS = {
 class PrepareError(ValueError):
     pass
 
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 def convert_row(row: dict, fmt: str, fields: dict, template: str | None = None) -> dict | None:
     """One source row as a row of ``fmt``; None for a row with nothing to learn from."""
@@ -117,17 +109,9 @@ def load_rows(source: str, split: str, config: str | None):
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from mlx_lora.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def prepare(source: str, out: Path, *, fmt: str | None = None, split: str | None = None, config: str | None = None,

@@ -11,18 +11,16 @@ other failure fails them. ``smollm2_hf`` imports it once per session with the cu
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from mlx_lora import quickstart
+from mlx_lora.cache import cache_root
 
 
 def models_cache_dir() -> Path:
-    root = os.environ.get("MLX_LORA_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "mlx-lora"
-    return base / "test-models"
+    return cache_root() / "test-models"
 
 
 def fetch_smollm2_gguf() -> Path:

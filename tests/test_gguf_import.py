@@ -3,7 +3,7 @@
 Fast tests write GGUF files from the tiny HF models with the ``gguf`` package's writer, laid out
 as llama.cpp's converter does (tensor names, q/k rows permuted per head for llama, tokenizer
 metadata), and check that the import gives back the HF model: the same logits in mlx-lm, the
-same tokenization. Quantized blocks are checked against ``gguf.quants.dequantize`` (tested by its
+same tokenization. Every architecture of the table also goes through our own export and back. Quantized blocks are checked against ``gguf.quants.dequantize`` (tested by its
 authors against libggml) and against MLX's own GGUF reader. The slow tests import the real
 SmolLM2-135M-Instruct Q4_1 file and compare with llama.cpp's logits recorded in
 ``tests/golden/smollm2_q4_1_logits.npz``.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,11 +24,15 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from hypothesis import given, settings, strategies as st
 
-from mlx_lora.converters import gguf_import, io
-from mlx_lora.converters.gguf_import import gguf_cache_dir, import_gguf, read_gguf, unpermute_rows
+from test_gguf_export import GGUF_ARCH, expected_names, hf_expected
+
+from mlx_lora.converters import gguf_arch, gguf_import, io
+from mlx_lora.converters.gguf_export import export_gguf
+from mlx_lora.converters.gguf_import import gguf_cache_dir, import_gguf, read_gguf
 from mlx_lora.converters.gguf_tokenizer import build_tokenizer
 from mlx_lora.errors import ExportError, ModelError
 from mlx_lora.ownership import OwnershipError
+from mlx_lora.testing import ARCHITECTURES
 
 GOLDEN = Path(__file__).parent / "golden" / "smollm2_q4_1_logits.npz"
 PROMPT_IDS = [1, 5, 9, 33, 100, 200, 7, 64, 300, 42, 17, 3]
@@ -42,16 +47,14 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_HF_TO_GGUF_BLOCK = {v: k for k, v in gguf_import._BLOCK_NAMES.items()}
-_HF_TO_GGUF_GLOBAL = {v: k for k, v in gguf_import._GLOBAL_NAMES.items()}
+def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of :func:`llama_cpp_permute`: rows (2j, 2j+1) of each head back to (j, j + hd/2)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_name(hf: str) -> str:
-    if hf in _HF_TO_GGUF_GLOBAL:
-        return _HF_TO_GGUF_GLOBAL[hf]
-    _, _, layer, rest = hf.split(".", 3)
-    module, leaf = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_HF_TO_GGUF_BLOCK[module]}.{leaf}"
+def hf_names(cfg: dict) -> dict[str, str]:
+    """GGUF name -> HF name, as llama.cpp names the tensors (spelled out in test_gguf_export)."""
+    return expected_names(cfg["model_type"], cfg)
 
 
 def tokenizer_metadata(hf_dir: Path) -> dict:
@@ -100,6 +103,7 @@ def write_gguf(hf_dir: Path, out: Path, *, arch: str = "llama", qtype: QT = QT.F
     """
     cfg = json.loads((hf_dir / "config.json").read_text())
     weights = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(hf_dir / "model.safetensors")).items()}
+    gguf_names = {h: g for g, h in hf_names(cfg).items()}
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     meta = {
@@ -123,11 +127,8 @@ def write_gguf(hf_dir: Path, out: Path, *, arch: str = "llama", qtype: QT = QT.F
             _add_meta(w, k, v)
     overrides = overrides or {}
     for hf, value in weights.items():
-        name = gguf_name(hf)
-        if arch in ("llama", "mistral") and ".self_attn.q_proj." in hf:
-            value = llama_cpp_permute(value, heads)
-        elif arch in ("llama", "mistral") and ".self_attn.k_proj." in hf:
-            value = llama_cpp_permute(value, kv)
+        name = gguf_names[hf]
+        value = hf_expected(cfg["model_type"], cfg, hf, value)  # q/k rows permuted, Gemma's full norm scale
         t = overrides.get(name, qtype if value.ndim == 2 else QT.F32)
         if isinstance(t, tuple):  # (raw bytes, type)
             w.add_tensor(name, t[0], raw_dtype=t[1])
@@ -171,23 +172,30 @@ def no_partial_dirs(parent: Path) -> bool:
 @settings(max_examples=40, deadline=None)
 @given(n_head=st.integers(1, 8), half=st.integers(1, 16), cols=st.integers(1, 5))
 def test_unpermute_inverts_llama_cpp_permutation(n_head, half, cols):
-    w = np.arange(n_head * 2 * half * cols).reshape(n_head * 2 * half, cols)
-    assert np.array_equal(llama_cpp_permute(w, n_head)[unpermute_rows(w.shape[0], n_head)], w)
+    w = np.arange(n_head * 2 * half * cols, dtype=np.float32).reshape(n_head * 2 * half, cols)
+    cfg = {"num_attention_heads": n_head, "num_key_value_heads": n_head}
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.bias"):
+        back = gguf_arch.from_gguf(gguf_arch.ARCHS["llama"], cfg, name, llama_cpp_permute(w, n_head))
+        assert np.array_equal(back, w)
 
 
 # ---------------------------------------------------------------------------------------------
 # Round trips through GGUF
 
 
-@pytest.mark.parametrize("arch, gguf_arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")])
-def test_f32_import_gives_back_the_hf_model(tiny_model_dir, tmp_path, arch, gguf_arch):
-    """Names, q/k un-permutation and config mapping: logits equal the source model's."""
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_f32_import_gives_back_the_hf_model(tiny_model_dir, tmp_path, arch):
+    """Names, q/k un-permutation, norm offset and config mapping on a file laid out by this test:
+    weights and logits equal the source model's."""
     src = tiny_model_dir(arch)
-    out = import_gguf(write_gguf(src, tmp_path / "m.gguf", arch=gguf_arch), tmp_path / "hf")
+    out = import_gguf(write_gguf(src, tmp_path / "m.gguf", arch=GGUF_ARCH[arch]), tmp_path / "hf")
     ours, theirs = folder_weights(out), folder_weights(src)
     assert set(ours) == set(theirs)
-    for name in theirs:  # exact: F32 in, F32 out; catches a wrong q/k row order that logits of a
-        np.testing.assert_array_equal(np.array(ours[name]), np.array(theirs[name]), err_msg=name)  # tiny model hide
+    for name in theirs:  # exact: F32 in, F32 out; catches a wrong q/k row order that logits of a tiny model hide
+        if arch == "gemma2" and name.endswith("norm.weight"):  # stored as w + 1: rounded to half a float32
+            np.testing.assert_allclose(np.array(ours[name]), np.array(theirs[name]), rtol=0, atol=2**-24, err_msg=name)
+        else:  # step in [1, 2), then 1 subtracted exactly
+            np.testing.assert_array_equal(np.array(ours[name]), np.array(theirs[name]), err_msg=name)
     np.testing.assert_allclose(mlx_logits(out), mlx_logits(src), rtol=0, atol=1e-5)
     cfg = json.loads((out / "config.json").read_text())
     src_cfg = json.loads((src / "config.json").read_text())
@@ -227,6 +235,128 @@ def test_llama3_rope_scaling_is_recovered_from_rope_freqs(tiny_model_dir, tmp_pa
     np.testing.assert_allclose(mlx_logits(out, long_prompt), mlx_logits(src, long_prompt), rtol=0, atol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------------
+# Round trips through our own export: every architecture of the table, both directions
+
+IMPORTED_AS = {"mistral": "llama"}
+"""GGUF has no Mistral architecture: llama.cpp reads Mistral as llama, so it comes back as llama."""
+
+
+def _close_to_source(got: np.ndarray, want: np.ndarray, type_name: str, name: str) -> None:
+    if type_name == "f16" or want.ndim == 1:  # 1-D tensors stay F32 in every export type
+        # float16 keeps 11 significant bits; Gemma's norms go through w + 1 in float32 and back
+        np.testing.assert_allclose(got, want, rtol=2**-11, atol=1e-7, err_msg=name)
+    else:  # Q8_0: w = d q with d = max|block| / 127 stored as float16 and |q| <= 127: within half a
+        # step, plus 127 times d's float16 rounding (relative 2^-11)
+        step = np.abs(want.reshape(want.shape[0], -1, 32)).max(-1, keepdims=True) / 127
+        err = np.abs(got - want).reshape(step.shape[0], -1, 32)
+        assert np.all(err <= step * (0.5 + 127 * 2**-11) + 1e-9), (name, float((err / step).max()))
+
+
+def _relative_logit_error(ours: np.ndarray, theirs: np.ndarray) -> float:
+    return float((np.abs(ours - theirs).max(-1) / (theirs.max(-1) - theirs.min(-1))).max())
+
+
+def _same_config_value(got, want) -> bool:
+    """Equal, with floats as float32 round trips and ``type`` / ``rope_type`` as the same key."""
+    if isinstance(want, dict):
+        norm = lambda d: {("rope_type" if k == "type" else k): v for k, v in d.items()}  # noqa: E731
+        g, w = norm(got), norm(want)
+        return set(g) == set(w) and all(_same_config_value(g[k], w[k]) for k in w)
+    if isinstance(want, list):
+        return len(got) == len(want) and all(_same_config_value(a, b) for a, b in zip(got, want))
+    if isinstance(want, float) and isinstance(got, (int, float)):
+        return got == pytest.approx(want, rel=1e-6)
+    return got == want
+
+
+@pytest.mark.parametrize("type_name", ["f16", "q8_0"])
+@pytest.mark.parametrize("arch", list(gguf_arch.ARCHS))
+def test_export_then_import_gives_back_the_model(tiny_model_dir, tmp_path, arch, type_name):
+    """Every architecture of the table: tiny model -> our GGUF export -> import. Weights equal the
+    source within the type's rounding, logits agree, and config.json keys come back."""
+    src = tiny_model_dir(arch)
+    export_gguf(str(src), None, tmp_path / "m.gguf", type_name=type_name, log=lambda m: None)
+    out = import_gguf(tmp_path / "m.gguf", tmp_path / "hf", dtype="float32")
+    ours, theirs = folder_weights(out), folder_weights(src)
+    assert set(ours) == set(theirs)
+    for name, w in theirs.items():
+        _close_to_source(np.array(ours[name]), np.array(w.astype(mx.float32)), type_name, name)
+    prompt = list(range(1, 64))
+    a, b = mlx_logits(out, prompt), mlx_logits(src, prompt)
+    assert _relative_logit_error(a, b) < (2e-3 if type_name == "f16" else 3e-2)
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+    cfg = json.loads((out / "config.json").read_text())
+    src_cfg = json.loads((src / "config.json").read_text())
+    want_type = IMPORTED_AS.get(arch, arch)
+    assert cfg["model_type"] == want_type
+    assert cfg["architectures"] == json.loads((tiny_model_dir(want_type) / "config.json").read_text())["architectures"]
+    common = set(cfg) & set(src_cfg) - {"model_type", "architectures", "torch_dtype"}
+    # what the import must at least restore (each architecture's own keys included)
+    assert common >= {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
+                      "vocab_size", "tie_word_embeddings", "hidden_act", "eos_token_id", "pad_token_id"}
+    assert common >= {"gemma2": {"head_dim", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
+                                 "query_pre_attn_scalar", "hidden_activation", "attention_bias"},
+                      "phi3": {"original_max_position_embeddings", "sliding_window"},
+                      "qwen3": {"head_dim", "attention_bias", "use_sliding_window", "sliding_window"},
+                      "qwen2": {"use_sliding_window", "sliding_window"},
+                      "llama": {"head_dim", "attention_bias", "mlp_bias"}}.get(arch, set())
+    for key in sorted(common):
+        assert _same_config_value(cfg[key], src_cfg[key]), (key, cfg[key], src_cfg[key])
+
+
+ROPE_VARIANTS = [
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}, "rope_theta": 500000.0}),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}}),
+    ("phi3", {"rope_scaling": {"type": "longrope", "long_factor": [1.0 + i / 4 for i in range(8)],
+                               "short_factor": [1.0 + i / 8 for i in range(8)]},
+              "max_position_embeddings": 131072}),
+]
+
+
+@pytest.mark.parametrize("arch, change", ROPE_VARIANTS, ids=["llama3", "linear", "yarn", "longrope"])
+def test_rope_scaling_round_trips(tiny_model_dir, tmp_path, arch, change):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir(arch), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(change)
+    (src / "config.json").write_text(json.dumps(cfg))
+    export_gguf(str(src), None, tmp_path / "m.gguf", type_name="f32", log=lambda m: None)
+    out = import_gguf(tmp_path / "m.gguf", tmp_path / "hf")
+    got = json.loads((out / "config.json").read_text())
+    for key, want in change.items():
+        assert _same_config_value(got[key], want), (key, got[key], want)
+    prompt = list(range(1, 200))
+    np.testing.assert_allclose(mlx_logits(out, prompt), mlx_logits(src, prompt), rtol=0, atol=1e-5)
+
+
+def _listed(text: str, pattern: str) -> list[str]:
+    """The architectures of an English list ("a, b and c") that ``pattern`` captures in ``text``."""
+    m = re.search(pattern, " ".join(text.split()))
+    assert m, pattern
+    return re.split(r", | and | or ", m.group(1))
+
+
+def test_import_and_export_support_the_table_and_the_readme_says_so(tmp_path, tiny_llama):
+    table = list(gguf_arch.ARCHS)
+    assert table == list(ARCHITECTURES)  # each entry has a tiny model, so the round trips above cover it
+    with pytest.raises(ExportError) as e:
+        gguf_arch.arch_spec("olmo2")
+    exported = str(e.value).split("supported: ")[1].split(", ")
+    path = write_gguf(tiny_llama, tmp_path / "m.gguf", arch="bert")
+    with pytest.raises(ModelError) as e:
+        import_gguf(path, tmp_path / "out")
+    imported = str(e.value).split("supported: ")[1].split(", ")
+    assert imported == exported == table
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert _listed(readme, r"Architectures ((?:\w+, )*\w+ and \w+), with llama\.cpp's tensor names") == table
+    assert _listed(readme, r"a `\.gguf` file of architecture ((?:\w+, )*\w+ or \w+) \(imported once") == table
+
+
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1])
 def test_block_quants_decode_like_gguf_reference(tiny_model_dir, tmp_path, qtype):
     """Dequantized and keep_quantized imports both equal gguf.quants.dequantize of each tensor
@@ -243,11 +373,12 @@ def test_block_quants_decode_like_gguf_reference(tiny_model_dir, tmp_path, qtype
 
     gf = read_gguf(path)
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    names = hf_names(cfg)
     for t in gf.tensors.values():
-        hf = gguf_import.hf_tensor_name(t.name)
+        hf = names[t.name]
         reference = gguf.quants.dequantize(gf.raw(t), QT(t.ggml_type)).reshape(t.shape)
         if ".q_proj." in hf or ".k_proj." in hf:
-            reference = reference[unpermute_rows(t.shape[0], heads if ".q_proj." in hf else kv)]
+            reference = llama_cpp_unpermute(reference, heads if ".q_proj." in hf else kv)
         np.testing.assert_array_equal(np.array(dense[hf]), reference, err_msg=hf)
         if t.ggml_type == qtype:
             base = hf[: -len(".weight")]

@@ -82,6 +82,43 @@ def test_imports_point_one_way():
     assert not wrong, "imports against the layers of ARCHITECTURE.md:\n" + "\n".join(wrong)
 
 
+# Folders whose modules may reach into mlx-lm only through MLX_LM_COMPAT. bench/ runs mlx-lm's own
+# trainer for comparison, and tests compare against mlx-lm's own code, so both are left out.
+MLX_LM_CHECKED = ("mlx_lora", "converters", "recipes")
+MLX_LM_INTERNALS = ("mlx_lm.models.cache", "mlx_lm.tuner")
+
+
+def mlx_lm_internals(path: Path) -> list[str]:
+    """What ``path`` imports of mlx-lm beyond its public API: a private name, or a module of
+    :data:`MLX_LM_INTERNALS` (or below it)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            pairs = [(a.name, None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            pairs = [(node.module, a.name) for a in node.names]
+        else:
+            continue
+        for module, name in pairs:
+            if module.split(".")[0] != "mlx_lm":
+                continue
+            dotted = module if name is None else f"{module}.{name}"
+            private = any(part.startswith("_") for part in dotted.split("."))
+            internal = any(dotted == m or dotted.startswith(m + ".") for m in MLX_LM_INTERNALS)
+            if private or internal:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {dotted}")
+    return found
+
+
+def test_mlx_lm_internals_are_used_in_one_module_only():
+    compat = ROOT / (MLX_LM_COMPAT.replace("mlx_lora.", "mlx_lora/", 1).replace(".", "/") + ".py")
+    assert mlx_lm_internals(compat), f"{compat} no longer uses mlx-lm internals: update this test"
+    offenders = [hit for folder in MLX_LM_CHECKED for p in sorted((ROOT / folder).rglob("*.py")) if p != compat
+                 for hit in mlx_lm_internals(p)]
+    assert not offenders, ("mlx-lm internals used outside mlx_lora/mlx_lm_compat.py (add what you need there):\n"
+                           + "\n".join(offenders))
+
+
 def test_no_import_names_the_repository_folder():
     """Code imports mlx_lora.converters, never the folder name converters (which is not installed)."""
     offenders = [f"{p.relative_to(ROOT)}:{i}" for folder in (ROOT / "mlx_lora", ROOT / "converters", ROOT / "tests",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora import quickstart as qs
+from mlx_lora import hub, quickstart as qs
 from mlx_lora.errors import ModelError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,11 +106,11 @@ def test_hub_first_then_pypi_with_a_one_line_reason(tmp_path, monkeypatch):
 def test_a_hub_that_does_not_answer_is_abandoned_after_the_timeout():
     t0 = time.perf_counter()
     with pytest.raises(TimeoutError):
-        qs._with_deadline(lambda: time.sleep(30), 0.3)
+        hub.with_deadline(lambda: time.sleep(30), 0.3)
     assert time.perf_counter() - t0 < 5
-    assert qs._with_deadline(lambda: 42, 5) == 42
+    assert hub.with_deadline(lambda: 42, 5) == 42
     with pytest.raises(KeyError):
-        qs._with_deadline(lambda: {}["missing"], 5)
+        hub.with_deadline(lambda: {}["missing"], 5)
 
 
 def test_hub_snapshot_gives_up_on_a_silent_hub(monkeypatch):
