@@ -170,8 +170,10 @@ def smol(smollm2_hf, tmp_path_factory):
 def test_smollm2_gguf_greedy_continuations_match_mlx(smol, type_name):
     """llama.cpp's greedy continuation equals MLX's on the same weights: the fused model itself
     for f16 (rounding to f16 does not flip a greedy choice here), and the q8_0 weights read back
-    from the file for q8_0 (8-bit rounding of a random-direction fine-tune can flip a near tie
-    after a dozen tokens, in any runtime)."""
+    from the file for q8_0. For q8_0 llama.cpp also rounds the activations to 8 bits inside each
+    matrix product (its q8_0 x q8_0 dot product), which can flip a near tie: there the two
+    continuations may part, but only where MLX itself rates llama.cpp's token within a tie
+    (0.1 standard deviations of that position's logits; measured here: 0.12 of 3.3-3.5)."""
     fm = smol["fm"]
     st = export_gguf(None, None, smol["root"] / f"smol.{type_name}.gguf", type_name=type_name, fused=fm,
                      overwrite=True, **QUIET)
@@ -180,7 +182,13 @@ def test_smollm2_gguf_greedy_continuations_match_mlx(smol, type_name):
     for prompt in smol["prompts"]:
         want = mlx_greedy(ref, prompt, 24)
         got = llama_cpp_greedy(llm, prompt, 24)
-        assert got == want, (type_name, fm.tokenizer.decode(want), fm.tokenizer.decode(got))
+        if type_name == "f16" or got == want:
+            assert got == want, (type_name, fm.tokenizer.decode(want), fm.tokenizer.decode(got))
+            continue
+        k = next(i for i, (a, b) in enumerate(zip(want, got)) if a != b)
+        logits = np.array(ref(mx.array([prompt + want[:k]]))[0, -1].astype(mx.float32))
+        gap = float(logits[want[k]] - logits[got[k]])
+        assert gap < 0.1 * float(logits.std()), (k, gap, fm.tokenizer.decode(want), fm.tokenizer.decode(got))
     top1, err, _ = V.compare(V.logits(fm.model, smol["prompts"]), llama_cpp_logits(llm, smol["prompts"]))
     assert top1 >= V.THRESHOLDS[type_name].min_top1 and err < V.THRESHOLDS[type_name].rel_error
 
