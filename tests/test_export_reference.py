@@ -189,8 +189,9 @@ def test_smollm2_gguf_greedy_continuations_match_mlx(smol, type_name):
         logits = np.array(ref(mx.array([prompt + want[:k]]))[0, -1].astype(mx.float32))
         gap = float(logits[want[k]] - logits[got[k]])
         assert gap < 0.1 * float(logits.std()), (k, gap, fm.tokenizer.decode(want), fm.tokenizer.decode(got))
-    top1, err, _ = V.compare(V.logits(fm.model, smol["prompts"]), llama_cpp_logits(llm, smol["prompts"]))
-    assert top1 >= V.THRESHOLDS[type_name].min_top1 and err < V.THRESHOLDS[type_name].rel_error
+    # Against the same weights (the file's, read back), so only the runtimes' arithmetic differs.
+    top1, err, _ = V.compare(V.logits(ref, smol["prompts"]), llama_cpp_logits(llm, smol["prompts"]))
+    assert top1 >= V.THRESHOLDS[type_name].min_top1 and err < V.THRESHOLDS[type_name].rel_error, (top1, err)
 
 
 def test_smollm2_base_gguf_plus_gguf_lora_matches_fused(smol):
