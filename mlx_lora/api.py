@@ -27,6 +27,8 @@ def banner_lines(cfg: Config, info, trainable: int, total: int, splits, steps: i
     q = info.quantization
     qtxt = f", {q['bits']}-bit quantized base (QLoRA)" if q else ""
     lines.append(f"model     {cfg.model.path} [{info.model_type}{qtxt}]")
+    if getattr(info, "compute", None):
+        lines.append(f"compute   {info.compute}")
     method = "DoRA" if cfg.lora.use_dora else "LoRA"
     lines.append(f"adapter   {method} r={cfg.lora.r} alpha={cfg.lora.alpha:g} scale={cfg.lora.scale:.3g}"
                  f"{' (rsLoRA)' if cfg.lora.use_rslora else ''}: trainable {trainable:,} of {total:,} "
@@ -129,7 +131,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     mx.random.seed(cfg.train.seed)
 
     model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+                                        trust_remote_code=cfg.model.trust_remote_code,
+                                        dequantize_on_cpu=cfg.model.dequantize_on_cpu)
     splits = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     adapters.apply_lora(model, cfg.lora)
     trainable, total = adapters.count_parameters(model)
@@ -221,18 +224,21 @@ def _interrupted_message(result, run) -> str:
 
 
 def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: str = "auto", *,
-                       strict: bool = False, stream: Optional[TextIO] = None):
+                       strict: bool = False, stream: Optional[TextIO] = None,
+                       dequantize_on_cpu: Optional[str] = None):
     """(model, tokenizer, info) with the adapter applied, in eval mode.
 
     An adapter trained on another base model than ``model_path`` (by the fingerprint it records)
-    loads with a warning on ``stream`` (stderr), or raises AdapterError when ``strict``."""
+    loads with a warning on ``stream`` (stderr), or raises AdapterError when ``strict``.
+    ``dequantize_on_cpu``: see :func:`mlx_lora.models.load_model` (None keeps a quantized base's
+    layers quantized, for callers that inspect them)."""
     from . import adapters
     from .config import CHOICES, check_options
     from .integrity import check_adapter_base
     from .models import load_model
 
     check_options([("dtype", dtype, CHOICES["model.dtype"])])
-    model, tokenizer, info = load_model(model_path, dtype=dtype)
+    model, tokenizer, info = load_model(model_path, dtype=dtype, dequantize_on_cpu=dequantize_on_cpu)
     if adapter:
         ainfo = adapters.load_adapter(model, adapter)
         msg = check_adapter_base(ainfo, info.local_path, strict=strict, adapter_name=str(adapter))
@@ -269,7 +275,8 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
                 break
         else:
             raise MlxLoraError(f"{data}: no test.jsonl or valid.jsonl in this folder")
-    model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict)
+    # "auto": on the CPU backend a quantized base computes dequantized when it fits (same values)
+    model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict, dequantize_on_cpu="auto")
     dcfg = DataConfig(path=str(path), max_seq_length=max_seq_length, train_on=train_on,
                       chat_template=chat_template, valid_fraction=0.0)
     ds = load_jsonl_dataset(path, dcfg, tokenizer)
@@ -302,7 +309,8 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
     if system is not None and not isinstance(system, str):
         raise MlxLoraError(f"--system must be text, got {type(system).__name__}")
     if model_and_tokenizer is None:
-        model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict)
+        model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict,
+                                                 dequantize_on_cpu="auto")
     else:
         model, tokenizer = model_and_tokenizer
     if chat:

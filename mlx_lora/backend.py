@@ -160,6 +160,21 @@ def total_memory_bytes() -> Optional[int]:
         return None
 
 
+def available_memory_bytes() -> Optional[int]:
+    """Memory a new allocation can get without swapping or an out-of-memory kill: Linux's
+    MemAvailable (free plus reclaimable cache), else free pages, else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -24,6 +24,14 @@ def _fmt_time(s: float) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
 
 
+def fmt_rate(x: float) -> str:
+    """Tokens/s with the digits that matter: a slow run (a quantized base on the CPU backend, a
+    large model) shows 0.3, not 0."""
+    if not math.isfinite(x) or x >= 10:
+        return f"{x:.0f}"
+    return f"{x:.1f}" if x >= 0.1 else f"{x:.2g}"
+
+
 class Progress:
     """A live bar (tqdm) on a terminal, plain log lines otherwise (CI, files, pipes); see
     :func:`mlx_lora.progress.show_bar` for ``MLX_LORA_PROGRESS``."""
@@ -52,14 +60,14 @@ class Progress:
             if self._bar is None:
                 self._bar = bar(total, "train", stream=self.stream, initial=step - 1, ascii="-#",
                                 bar_format=self.BAR_FORMAT)
-            self._bar.set_postfix_str(f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s "
+            self._bar.set_postfix_str(f"loss {m['loss']:.4f} lr {m['lr']:.2e} {fmt_rate(m['tokens_per_s'])} tok/s "
                                       f"eta {eta} peak {m['peak_memory_gb']:.2f} GB", refresh=False)
             self._bar.update(step - self._bar.n)
             return
         if step % self.log_every and step != total:
             return
         self._line(f"step {step}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
-                   f"{m['tokens_per_s']:.0f} tok/s  eta {eta}  peak {m['peak_memory_gb']:.2f} GB")
+                   f"{fmt_rate(m['tokens_per_s'])} tok/s  eta {eta}  peak {m['peak_memory_gb']:.2f} GB")
 
     def on_eval(self, trainer, m: dict) -> None:
         best = " (best)" if m.get("is_best") else ""

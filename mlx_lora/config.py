@@ -36,6 +36,11 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) when ``path`` is a repo id."""
     trust_remote_code: bool = False
     """Allow a model folder to run its own Python code to build the architecture."""
+    dequantize_on_cpu: str = "auto"
+    """Quantized base on the CPU backend: compute with its weights dequantized to float32 (the same
+    values; 10-30x faster there, where quantized matmuls have no fast kernel). auto: when they fit in
+    half the available memory; true: always; false: never. The quantized folder stays the base the
+    adapter records; GPUs always compute quantized."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,7 @@ class Config:
 SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.dequantize_on_cpu": ("auto", "true", "false"),
     "data.format": ("auto", *FORMATS),  # the formats are defined once, in data_formats
     "data.train_on": ("assistant", "last", "all"),
     "data.overlong": ("truncate", "skip", "error"),
@@ -388,6 +394,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
+            # YAML reads a bare true/false as a bool; for a choice that names them it means the word
+            if isinstance(value, bool) and "true" in CHOICES.get(key, ()):
+                return "true" if value else "false"
             return str(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
         problems.append(f"{key}: expected {tp.__name__}, got {show(value)}")

@@ -79,8 +79,8 @@ class Estimate:
             f"dry run   {self.backend}, compute {self.dtype}, {self.loss}; measured 4 steps, nothing written",
             f"memory    peak {fmt_bytes(self.peak_memory_bytes)}{avail}{fit} (longest batch: {lg.rows} x {lg.length} "
             f"positions{_calls(lg)})",
-            f"speed     {ty.target_tokens / ty.second_s:,.0f} target tokens/s on a typical batch ({ty.rows} x {ty.length}), "
-            f"{lg.target_tokens / lg.second_s:,.0f} on the longest; {self.tokens_per_s:,.0f} over the whole run",
+            f"speed     {_rate(ty.target_tokens / ty.second_s)} target tokens/s on a typical batch ({ty.rows} x {ty.length}), "
+            f"{_rate(lg.target_tokens / lg.second_s)} on the longest; {_rate(self.tokens_per_s)} over the whole run",
             f"run       {self.total_steps:,} steps, {self.target_tokens:,} target tokens: about "
             f"{_duration(self.train_seconds)} (incl. ~{self.compile_seconds:.0f} s compiling {self.shapes} batch shape{'s' if self.shapes != 1 else ''}; "
             f"evaluation and checkpoints extra)",
@@ -90,6 +90,13 @@ class Estimate:
 
 def _calls(m: MeasuredBatch) -> str:
     return f", run as {m.calls} calls of their own length" if m.calls > 1 else ""
+
+
+def _rate(x: float) -> str:
+    """Tokens/s: thousands separated, and a slow job (a quantized base on the CPU) as 0.3, not 0."""
+    from .callbacks import fmt_rate
+
+    return f"{x:,.0f}" if x >= 10 else fmt_rate(x)
 
 
 def _duration(s: float) -> str:

@@ -27,6 +27,7 @@ class ModelInfo:
     config: dict
     quantization: Optional[dict]
     dtype: Any             # compute dtype (mx.Dtype)
+    compute: Optional[str] = None  # how a quantized base is computed, for the banner (see plan_cpu_compute)
 
 
 def resolve(source: str, revision: Optional[str] = None, keep_quantized: bool = False) -> tuple[Path, str]:
@@ -226,15 +227,102 @@ def _name_damaged_weight_file(folder: Path) -> None:
         check_safetensors(f)
 
 
+QUANTIZED_CPU_SLOWDOWN = "10-30x"
+"""How much slower a step is with quantized matmuls than with float32 weights on the CPU backend
+(mlx has no fast CPU kernel for them), measured on a 2-core x86 box with OpenBLAS: 13-15x per
+step for SmolLM2-135M on short rows (batch 4, ~90 tokens), 31-35x per layer forward+backward at
+its shapes (matmuls weigh more as rows grow)."""
+DEQUANTIZE_MEMORY_SHARE = 0.5
+"""Dequantized weights may take at most this share of the available memory: the rest is for the
+activations, the logits and their gradients, which on long rows outgrow a small model's weights."""
+
+
+def _quantized_modules(model) -> list[tuple[str, Any]]:
+    import mlx.nn as nn
+
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+
+
+def _logical_shape(m) -> tuple[int, int]:
+    rows, packed = m.weight.shape
+    return rows, packed * 32 // m.bits
+
+
+def dequantized_bytes(model, dtype) -> int:
+    """Size of the model's quantized layers once dequantized to ``dtype``."""
+    total = 0
+    for _, m in _quantized_modules(model):
+        rows, cols = _logical_shape(m)
+        total += rows * cols * dtype.size
+    return total
+
+
+def dequantize_layers(model, dtype) -> int:
+    """Replace every ``QuantizedLinear`` / ``QuantizedEmbedding`` with a float ``Linear`` /
+    ``Embedding`` holding exactly the values the quantized layer computes with; returns how many.
+    One layer at a time, so the packed and dense copies never both exist for the whole model."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+
+    found = _quantized_modules(model)
+    for path, m in found:
+        w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
+                          mode=getattr(m, "mode", "affine")).astype(dtype)
+        # Built without __init__: the constructors draw random initial weights, which would move
+        # the seeded random stream and give the LoRA matrices another start than on the quantized path.
+        cls = nn.Embedding if isinstance(m, nn.QuantizedEmbedding) else nn.Linear
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.weight = w
+        if "bias" in m:
+            new.bias = m.bias
+        mx.eval(new.parameters())
+        model.update_modules(tree_unflatten([(path, new)]))
+    return len(found)
+
+
+def plan_cpu_compute(model, info: "ModelInfo", mode: str) -> Optional[str]:
+    """Decide how a quantized base computes on the CPU backend and do it: with ``mode`` auto
+    (dequantize when it fits in :data:`DEQUANTIZE_MEMORY_SHARE` of the available memory), true or
+    false. Returns the banner's line (None when there is nothing to decide: a float base, a GPU).
+
+    Only the computation changes: ``info`` keeps the quantized folder, so the adapter records that
+    folder and its fingerprint, and fuse/export load it quantized as before."""
+    from .backend import available_memory_bytes, backend_name, fmt_bytes
+
+    if not info.quantization or backend_name() != "cpu" or not _quantized_modules(model):
+        return None
+    need, avail = dequantized_bytes(model, info.dtype), available_memory_bytes()
+    fits = avail is None or need <= DEQUANTIZE_MEMORY_SHARE * avail
+    dtype = str(info.dtype).replace("mlx.core.", "")
+    room = f"{fmt_bytes(need)} of {fmt_bytes(avail)} available"
+    if mode == "true" or (mode == "auto" and fits):
+        n = dequantize_layers(model, info.dtype)
+        forced = "" if fits else "; forced by model.dequantize_on_cpu: true past the safe share"
+        return (f"dequantized: {n} quantized layers computed as {dtype} ({room}{forced}), since the CPU "
+                f"backend has no fast quantized matmul; the adapter's base stays the quantized folder")
+    why = ("model.dequantize_on_cpu: false" if mode == "false" else
+           f"dequantized weights need {room}, more than the safe share")
+    return (f"quantized: WARNING: {QUANTIZED_CPU_SLOWDOWN} slower per step than {dtype} weights "
+            f"(the CPU backend has no fast quantized matmul); {why}")
+
+
 def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = None,
                trust_remote_code: bool = False, keep_quantized: bool = False,
-               with_tokenizer: bool = True):
+               with_tokenizer: bool = True, dequantize_on_cpu: Optional[str] = None):
     """Load (model, tokenizer, ModelInfo). Float weights are cast to the compute dtype; quantized
-    weights stay packed (QLoRA); LoRA weights are float32 whatever the compute dtype."""
+    weights stay packed (QLoRA); LoRA weights are float32 whatever the compute dtype.
+
+    ``dequantize_on_cpu`` (auto, true, false; see :func:`plan_cpu_compute`) lets a quantized base
+    compute dequantized on the CPU backend; None (fuse, export) keeps the layers quantized."""
     from .config import CHOICES, show
 
     if dtype not in CHOICES["model.dtype"]:
         raise ModelError(f"dtype {show(dtype)} is not one of {', '.join(CHOICES['model.dtype'])}")
+    if dequantize_on_cpu is not None and dequantize_on_cpu not in CHOICES["model.dequantize_on_cpu"]:
+        raise ModelError(f"dequantize_on_cpu {show(dequantize_on_cpu)} is not one of "
+                         f"{', '.join(CHOICES['model.dequantize_on_cpu'])}")
     # Resolve first: a wrong path is reported before the multi-second mlx-lm import.
     folder, kind = resolve(source, revision, keep_quantized=keep_quantized)
 
@@ -282,4 +370,6 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
             raise ModelError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {str(e)[:300]})") from None
     info = ModelInfo(source=source, local_path=folder, kind=kind, model_type=model_type, config=config,
                      quantization=config.get("quantization"), dtype=target)
+    if dequantize_on_cpu is not None:
+        info.compute = plan_cpu_compute(model, info, dequantize_on_cpu)
     return model, tokenizer, info

@@ -43,6 +43,7 @@ ALLOWED: dict[str, str] = {
     "train.grad_checkpoint": "memory", "train.checkpoint_attention": "memory",
     "train.loss_chunk_tokens": "memory", "train.length_groups": "memory", "train.compile": "memory",
     "data.cache": "memory", "model.trust_remote_code": "memory",
+    "model.dequantize_on_cpu": "memory",  # the dequantized weights are the quantized ones' values
     # where the run folder is (it may have been moved or be reached through another path)
     "out": "location",
 }

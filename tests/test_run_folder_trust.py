@@ -169,6 +169,7 @@ ALLOWED_CASES = {
     "train.compile": ["train.compile=false"],
     "data.cache": ["data.cache=false"],
     "model.trust_remote_code": ["model.trust_remote_code=true"],
+    "model.dequantize_on_cpu": ["model.dequantize_on_cpu=false"],
     # the same examples per step, in another shape: what the out-of-memory advice asks for
     "train.batch_size": ["train.batch_size=1", "train.grad_accum=2"],
     "train.grad_accum": ["train.batch_size=1", "train.grad_accum=2"],
