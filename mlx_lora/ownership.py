@@ -253,18 +253,6 @@ def check_output_file(path, *, overwrite: bool, what: str = "output file", magic
     return out
 
 
-def remove_owned_dir(path) -> None:
-    """Delete a folder :func:`check_output_dir` accepted for replacement: first renamed to a hidden
-    temporary name (one atomic step), so a crash mid-deletion leaves a leftover that the next run
-    cleans, never a half-deleted folder under the real name."""
-    path = Path(path)
-    if not path.exists():
-        return
-    doomed = path.with_name(temp_prefix(path.name) + "deleting")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 def clear_owned_dir(path, keep: Iterable[str] = (LOCK,)) -> None:
     """Empty a folder :func:`check_output_dir` accepted for replacement, in place, except ``keep``
     (a run folder's lock file stays, so the lock held on it keeps its meaning). Folders are first

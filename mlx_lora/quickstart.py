@@ -319,7 +319,7 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     """
     from . import api, config
     from .io import atomic_write_json
-    from .ownership import check_output_dir, remove_owned_dir, write_marker
+    from .ownership import check_output_dir, clear_owned_dir, write_marker
     from .recipes import demo_data, get_recipe
 
     t_start = time.perf_counter()
@@ -340,8 +340,8 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     base = resolve_base_model(model, hub_timeout=hub_timeout, log=log)
     log(base.message)
     cfg = config.build(str(get_recipe(RECIPE).path), [f"model.path={base.source}", *overrides])
-    remove_owned_dir(out)  # an earlier quickstart (checked above), replaced as --overwrite asked
-    out.mkdir(parents=True)
+    clear_owned_dir(out)  # an earlier quickstart (checked above), replaced as --overwrite asked
+    out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "quickstart", "quickstart", files=[])
 
     # Before: the base model, as the user would run it.

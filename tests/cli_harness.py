@@ -14,6 +14,7 @@ import os
 import json
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -97,6 +98,19 @@ def make_writable(root: Path) -> None:
             if os.geteuid() == 0:
                 subprocess.run(["chattr", "-i", str(p)], capture_output=True)
             p.chmod(0o755)
+
+
+def assert_refused(capsys, argv: list[str], fragments, watched, code: Optional[int] = None) -> str:
+    """Run ``argv``; it must end in one error message containing ``fragments`` (with exit status
+    ``code`` when given) and leave every path under ``watched`` exactly as it was. Returns the
+    message."""
+    before = snapshot(*watched)
+    got, out, err = run_main(capsys, argv)
+    message = assert_one_error_message(got, out, err, fragments)
+    if code is not None:
+        assert got == code, err
+    assert diff(before, snapshot(*watched)) == [], message
+    return message
 
 
 def cli_env(tmp_path_factory):

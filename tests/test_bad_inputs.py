@@ -26,7 +26,7 @@ from typing import Callable
 
 import pytest
 
-from cli_harness import (cli_env, assert_one_error_message, diff, make_read_only as _make_read_only,
+from cli_harness import (assert_one_error_message, assert_refused, cli_env, diff, make_read_only as _make_read_only,
                          make_writable as _make_writable, rows as _rows, run_main, snapshot, write as _write)
 from mlx_lora.testing import make_tiny_dataset
 
@@ -478,12 +478,8 @@ def _run_case(name: str, w: World, tmp_path: Path, capsys, prior_run: bool) -> s
             # the most dangerous variant: a finished run in the way, and --overwrite given
             shutil.copytree(w.previous_run, ws / "out")
             argv = argv + ["--overwrite"]
-        watched = (ws, w.model, w.good, w.previous_run, w.other_adapter, w.wide_adapter)
-        before = snapshot(*watched)
-        code, out, err = run_main(capsys, argv)
-        line = assert_one_error_message(code, out, err, fragments)
-        assert diff(before, snapshot(*watched)) == [], line
-        return line
+        return assert_refused(capsys, argv, fragments,
+                              (ws, w.model, w.good, w.previous_run, w.other_adapter, w.wide_adapter))
     finally:
         _make_writable(ws)
 

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Union, get_args, get_origin, get_type_hin
 
 import pytest
 
-from cli_harness import cli_env, assert_one_error_message, diff, run_main, snapshot, write
+from cli_harness import assert_refused, cli_env, run_main, write
 from mlx_lora.config import BOUNDS, SECTIONS, SHOW_CHARS, Bound, build, show
 from mlx_lora.errors import ConfigError, MlxLoraError
 from mlx_lora.testing import make_tiny_dataset
@@ -331,12 +331,8 @@ for _name, (_command, _extra, _fragments) in OPTION_CASES.items():
 
 
 def _run_case(argv, fragments, watched, capsys) -> str:
-    before = snapshot(*watched)
-    code, out, err = run_main(capsys, argv)
-    message = assert_one_error_message(code, out, err, fragments)
-    assert code == 2, err
+    message = assert_refused(capsys, argv, fragments, watched, code=2)
     assert len(message) < 600, f"{len(message)} characters: {message[:600]}"
-    assert diff(before, snapshot(*watched)) == [], message
     return message
 
 

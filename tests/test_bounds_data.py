@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from cli_harness import cli_env, assert_one_error_message, diff, rows as _rows, run_main, snapshot, write as _write
+from cli_harness import assert_refused, cli_env, rows as _rows, run_main, write as _write
 from mlx_lora import data as D
 from mlx_lora.testing import make_tiny_dataset
 
@@ -290,14 +290,9 @@ def _run_case(name: str, w: World, tmp_path: Path, capsys, prior_run: bool) -> s
     if prior_run:
         shutil.copytree(w.previous_run, ws / "out")
         argv = argv + ["--overwrite"]
-    watched = (ws, w.model, w.good, w.previous_run, w.cache)
-    before = snapshot(*watched)
-    code, out, err = run_main(capsys, argv)
-    line = assert_one_error_message(code, out, err, fragments)
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1, err
+    line = assert_refused(capsys, argv, fragments, (ws, w.model, w.good, w.previous_run, w.cache), code=2)
+    assert len(line.splitlines()) == 1, line
     assert len(line) < 1000, line[:2000]  # names the value, never prints a huge one back
-    assert diff(before, snapshot(*watched)) == [], line
     return line
 
 
