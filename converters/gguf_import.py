@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from mlx_lora.errors import ExportError, ModelError
+from mlx_lora.io import OutputAppeared
 
 from . import gguf_arch, io
 
@@ -568,7 +569,7 @@ def import_gguf(
                 (tmp / "tokenizer.json").write_text(tok_files["tokenizer.json"], encoding="utf-8")
             except OSError as e:
                 raise io.disk_error(e, tmp / "tokenizer.json") from None
-    except io.OutputAppeared:
+    except OutputAppeared:
         # Several processes (e.g. training ranks) importing the same file into the cache: the
         # first complete folder wins and is identical to ours, since the cache key covers the
         # file and the options.

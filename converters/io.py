@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 from mlx_lora.errors import ExportError, ModelError
-from mlx_lora.io import OutputAppeared as OutputAppeared  # callers of atomic_output_dir catch it here
 from mlx_lora.io import atomic_dir, atomic_write_json
 from mlx_lora.progress import ByteProgress
 
