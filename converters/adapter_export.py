@@ -193,6 +193,9 @@ def gguf_adapter_tensors(groups: dict[str, dict], config: dict) -> list[tuple[st
         if tied and path.endswith("lm_head"):
             raise ExportError(f"the adapter adapts '{path}', but this model ties lm_head to the embeddings; "
                               f"llama.cpp cannot apply it (fuse instead)")
+        if any(f".{stacked}" in f"{path}." for stacked in spec.experts):
+            raise ExportError(f"the adapter adapts the experts of '{path}', which the GGUF LoRA export does not "
+                              f"write; fuse instead (mlx-lora export gguf --adapter ...)")
         base = names.gguf_module(path)
         a = np.array(g["lora_A.weight"], dtype=np.float32)
         b = np.array(g["lora_B.weight"], dtype=np.float32)
@@ -233,6 +236,7 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
     groups = check_adapter_state(state, info.lora.r, str(adapter))
     source, config = _base_config(model, info)
     spec = gguf_arch.arch_spec(config["model_type"])
+    spec.refuse(config, "GGUF LoRA export")
     tensors = gguf_adapter_tensors(groups, config)
     notes, planned = [], []
     for tname, arr in tensors:

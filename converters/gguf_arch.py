@@ -18,8 +18,19 @@ Transforms (HF -> GGUF, all invertible):
 - gemma2: HF stores RMSNorm scales minus one (the layer computes ``x * (1 + w)``); GGUF stores the
   full scale, so ``1`` is added to every ``*norm.weight``.
 
+- gemma3_text: the same norm offset, q/k norms included.
+- Mixture of experts (qwen3_moe, mixtral): mlx-lm holds each projection of a layer's experts as
+  one stacked ``switch_mlp.<proj>.weight`` (experts, out, in), exactly the ``ffn_<proj>_exps``
+  tensor llama.cpp's converter builds by stacking the per-expert HF tensors; only the name
+  changes (:attr:`ArchSpec.experts`). The router (``ffn_gate_inp``) stays F32 in every type.
+
 GGUF cannot tell Mistral from Llama (llama.cpp reads both as ``llama``), so an imported Mistral
-file comes back as a ``llama`` model with the same weights and logits.
+file comes back as a ``llama`` model with the same weights and logits. Mixtral is ``llama`` with
+``llama.expert_count`` set, which the import uses to tell it apart.
+
+A config that llama.cpp would run differently from the HF model (a layout it hard-codes, such as
+SmolLM3's NoPE layers or Gemma's query scale) is refused before anything is written
+(:attr:`ArchSpec.check`).
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import numpy as np
 
 from mlx_lora.errors import ExportError, ModelError
 
-U32, F32, STR = "u32", "f32", "str"
+U32, F32, STR, BOOLS = "u32", "f32", "str", "bools"
 REQUIRED = object()
 """Import default of a metadata key llama.cpp cannot load a file without."""
 
@@ -275,6 +286,106 @@ class Phi3Rope:
                                "short_factor": [float(x) for x in short.reshape(-1)]}
 
 
+@dataclass(frozen=True)
+class SwaPattern:
+    """Gemma 3's local/global layer pattern: layer ``i`` is global (full attention) when
+    ``(i + 1) % sliding_window_pattern == 0``. llama.cpp assumes a pattern of 6 (the published
+    checkpoints) unless the file carries ``attention.sliding_window_pattern`` (one bool per layer,
+    true = sliding), which llama.cpp's converter never writes; it is written here for any other
+    pattern so that llama.cpp runs the layers the HF model runs."""
+
+    default: int = 6
+    tensor_names: tuple[str, ...] = ()
+
+    @staticmethod
+    def layers(pattern: int, n: int) -> list[bool]:
+        return [(i + 1) % pattern != 0 for i in range(n)]
+
+    def write(self, config: dict) -> list[tuple[str, Any, str]]:
+        pattern = int(config.get("sliding_window_pattern") or self.default)
+        if pattern in (1, self.default):  # 1: no sliding layers, and then no window is written
+            return []
+        return [("attention.sliding_window_pattern", self.layers(pattern, int(config["num_hidden_layers"])), BOOLS)]
+
+    def tensors(self, config: dict) -> dict[str, np.ndarray]:
+        return {}
+
+    def read(self, r: _Reader, cfg: dict) -> None:
+        n = cfg["num_hidden_layers"]
+        stored = r.get("attention.sliding_window_pattern")
+        if stored is None:
+            cfg["sliding_window_pattern"] = self.default if r.get("attention.sliding_window") else 1
+            return
+        if isinstance(stored, (int, float)):  # llama.cpp also reads one number
+            cfg["sliding_window_pattern"] = int(stored)
+            return
+        flags = [bool(x) for x in stored]
+        for pattern in range(1, n + 2):
+            if flags == self.layers(pattern, n):
+                cfg["sliding_window_pattern"] = pattern
+                return
+        raise ModelError(f"{r.source}: metadata '{r.arch}.attention.sliding_window_pattern' {flags} is not one global "
+                         f"layer every k layers; this import does not support it")
+
+
+def _query_scale_check(config: dict) -> str | None:
+    # llama.cpp scales Gemma queries by head_dim^-0.5, except in the 27B model (hidden / heads)
+    hd, scalar = head_dim(config), config.get("query_pre_attn_scalar")
+    if scalar is None or float(scalar) == hd:
+        return None
+    if int(config["num_hidden_layers"]) in (46, 62) and float(scalar) == config["hidden_size"] // config["num_attention_heads"]:
+        return None
+    return f"query_pre_attn_scalar {scalar} is neither head_dim ({hd}) nor the 27B model's hidden_size / heads"
+
+
+def _gemma3_check(config: dict) -> str | None:
+    if config.get("attn_logit_softcapping"):
+        return "attn_logit_softcapping is set, which Gemma 3 in llama.cpp does not apply"
+    return _query_scale_check(config)
+
+
+def _gemma3_query_scalar(n_layers: int, cfg: dict) -> float:
+    if int(n_layers) == 62:
+        return cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["head_dim"]
+
+
+def no_rope_layers(n: int) -> list[int]:
+    """SmolLM3's ``no_rope_layers`` as llama.cpp hard-codes it: every 4th layer has no rotary embedding (0)."""
+    return [int((i + 1) % 4 != 0) for i in range(n)]
+
+
+def _smollm3_check(config: dict) -> str | None:
+    n = int(config["num_hidden_layers"])
+    given = config.get("no_rope_layers")
+    if given is None:
+        interval = int(config.get("no_rope_layer_interval", 4))
+        given = [int((i + 1) % interval != 0) for i in range(n)]
+    if list(given) != no_rope_layers(n):
+        return f"no_rope_layers {list(given)} differs from llama.cpp's fixed layout (no rotary embedding in every 4th layer)"
+    if config.get("use_sliding_window"):
+        return "use_sliding_window is true, which SmolLM3 in llama.cpp does not implement"
+    return None
+
+
+def _qwen3_moe_check(config: dict) -> str | None:
+    if not config.get("norm_topk_prob", True):
+        return "norm_topk_prob is false, while llama.cpp's qwen3moe always renormalises the top-k expert weights"
+    if int(config.get("decoder_sparse_step", 1)) != 1 or config.get("mlp_only_layers"):
+        return "some layers are dense (decoder_sparse_step / mlp_only_layers), which llama.cpp's qwen3moe does not support"
+    return None
+
+
+def _olmo2_check(config: dict) -> str | None:
+    if config.get("sliding_window") or config.get("layer_types"):
+        return "sliding window layers (OLMo 3 style) are not part of the olmo2 GGUF layout"
+    return None
+
+
+def _experts(count_key: str) -> tuple:
+    return (Key("expert_count", count_key, U32, REQUIRED), Key("expert_used_count", "num_experts_per_tok", U32, REQUIRED))
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
 
@@ -291,10 +402,31 @@ class ArchSpec:
     """config.json keys GGUF does not carry (llama.cpp hard-codes them per architecture)."""
     tensor_flags: dict = field(default_factory=dict)
     """config.json key -> HF tensor whose presence in the file sets it (biases are optional)."""
+    experts: dict = field(default_factory=dict)
+    """MoE: mlx-lm's stacked module (``mlp.switch_mlp.gate_proj``) -> the merged HF name the gguf
+    package maps (``mlp.experts.gate_proj``)."""
+    check: Callable[[dict], str | None] | None = None
+    """Why llama.cpp would run this config differently from the HF model (None: it runs it alike)."""
+    skip: tuple[str, ...] = ()
+    """Keys of :data:`GENERAL` this family's converter does not write."""
+    peft: str = "yes"
+    """PEFT export support shown in the support matrix."""
+    gguf_lora: bool = True
+    """llama.cpp applies GGUF LoRA adapters to this architecture."""
 
     @property
     def entries(self) -> tuple:
-        return GENERAL + self.metadata
+        return tuple(e for e in GENERAL if e.key not in self.skip) + self.metadata
+
+    @property
+    def moe(self) -> bool:
+        return bool(self.experts)
+
+    def refuse(self, config: dict, what: str = "GGUF export") -> None:
+        """Raise :class:`ExportError` if llama.cpp would not run ``config`` as the HF model does."""
+        why = self.check(config) if self.check else None
+        if why:
+            raise ExportError(f"config.json: {why}; {what} refuses it (llama.cpp would compute other logits)")
 
     @property
     def extra_tensor_names(self) -> tuple[str, ...]:
@@ -339,6 +471,7 @@ ARCHS: dict[str, ArchSpec] = {
                 to_hf=lambda n, cfg: cfg["hidden_size"] // cfg["num_attention_heads"] if int(n) == 46 else cfg["head_dim"]),
         ),
         {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
+        check=_query_scale_check,
     ),
     "phi3": ArchSpec(
         "phi3", "phi3", "Phi3ForCausalLM", False, 0.0,
@@ -355,6 +488,63 @@ ARCHS: dict[str, ArchSpec] = {
         ),
         {"hidden_act": "silu"},
     ),
+    "smollm3": ArchSpec(
+        "smollm3", "smollm3", "SmolLM3ForCausalLM", True, 0.0,
+        _LLAMA_METADATA + (Key("block_count", "no_rope_layers", U32, export=False, to_hf=lambda n, cfg: no_rope_layers(int(n))),),
+        {"hidden_act": "silu", "no_rope_layer_interval": 4, "use_sliding_window": False, "sliding_window": None},
+        _LLAMA_FLAGS, check=_smollm3_check,
+    ),
+    "gemma3_text": ArchSpec(
+        "gemma3_text", "gemma3", "Gemma3ForCausalLM", False, 1.0,
+        (
+            RopeScaling(llama3=False),
+            # llama.cpp's converter writes Gemma 3's default head size when config.json has none
+            Key("attention.key_length", None, U32, get=lambda c: None if c.get("head_dim") else 256),
+            Key("attention.value_length", None, U32, get=lambda c: None if c.get("head_dim") else 256),
+            Key("rope.freq_base_swa", "rope_local_base_freq", F32, 10000.0,
+                get=lambda c: c.get("rope_local_base_freq", 10000.0)),
+            Key("final_logit_softcapping", "final_logit_softcapping", F32, None),
+            Key("attention.sliding_window", "sliding_window", U32, 512,
+                get=lambda c: None if c.get("sliding_window_pattern") == 1 else c.get("sliding_window")),
+            SwaPattern(),
+            Key("block_count", "query_pre_attn_scalar", U32, export=False, to_hf=_gemma3_query_scalar),
+        ),
+        {"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "attn_logit_softcapping": None},
+        check=_gemma3_check,
+    ),
+    "olmo2": ArchSpec("olmo2", "olmo2", "Olmo2ForCausalLM", False, 0.0, (RopeScaling(llama3=False),),
+                      {"hidden_act": "silu"}, {"attention_bias": "model.layers.0.self_attn.q_proj.bias"},
+                      check=_olmo2_check),
+    "granite": ArchSpec(
+        "granite", "granite", "GraniteForCausalLM", True, 0.0,
+        _LLAMA_METADATA + (
+            Key("attention.scale", "attention_multiplier", F32, lambda cfg: (cfg["hidden_size"] // cfg["num_attention_heads"]) ** -0.5),
+            Key("embedding_scale", "embedding_multiplier", F32, 1.0),
+            Key("residual_scale", "residual_multiplier", F32, 1.0),
+            Key("logit_scale", "logits_scaling", F32, REQUIRED),
+        ),
+        {"hidden_act": "silu"}, _LLAMA_FLAGS,
+        # Granite's head size is always hidden_size / heads: the converter drops head_dim
+        skip=("attention.key_length", "attention.value_length"),
+    ),
+    "qwen3_moe": ArchSpec(
+        "qwen3_moe", "qwen3moe", "Qwen3MoeForCausalLM", False, 0.0,
+        (RopeScaling(llama3=False), _WINDOW) + _experts("num_experts")
+        + (Key("expert_feed_forward_length", "moe_intermediate_size", U32, REQUIRED),),
+        {"hidden_act": "silu", "use_sliding_window": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
+         "norm_topk_prob": True},
+        {"attention_bias": "model.layers.0.self_attn.q_proj.bias"},
+        experts={f"mlp.switch_mlp.{p}": f"mlp.experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")},
+        check=_qwen3_moe_check, peft="branch moe",
+    ),
+    "mixtral": ArchSpec(
+        "mixtral", "llama", "MixtralForCausalLM", True, 0.0, _LLAMA_METADATA + (_WINDOW,) + _experts("num_local_experts"),
+        {"hidden_act": "silu"},
+        experts={"block_sparse_moe.switch_mlp.gate_proj": "block_sparse_moe.experts.w1",
+                 "block_sparse_moe.switch_mlp.up_proj": "block_sparse_moe.experts.w3",
+                 "block_sparse_moe.switch_mlp.down_proj": "block_sparse_moe.experts.w2"},
+        peft="branch moe",
+    ),
 }
 
 
@@ -366,10 +556,14 @@ def arch_spec(model_type: str) -> ArchSpec:
     return ARCHS[model_type]
 
 
-def spec_for_gguf(gguf_arch: str) -> ArchSpec | None:
+def spec_for_gguf(gguf_arch: str, metadata: dict | None = None) -> ArchSpec | None:
     """The spec an import uses for ``general.architecture``: the first table entry written under
-    that name (``llama`` for llama and mistral), else the entry of that model_type."""
-    return next((s for s in ARCHS.values() if s.gguf_arch == gguf_arch), None) or ARCHS.get(gguf_arch)
+    that name (``llama`` for llama and mistral; ``mixtral`` when ``llama.expert_count`` is set),
+    else the entry of that model_type."""
+    moe = bool((metadata or {}).get(f"{gguf_arch}.expert_count"))
+    candidates = [s for s in ARCHS.values() if s.gguf_arch == gguf_arch]
+    return (next((s for s in candidates if s.moe == moe), None) or next(iter(candidates), None)
+            or ARCHS.get(gguf_arch))
 
 
 def _gguf_arch_enum(spec: ArchSpec):
@@ -391,7 +585,10 @@ class TensorNames:
         self._map = gguf.get_tensor_name_map(_gguf_arch_enum(spec), n_blocks)
 
     def gguf_name(self, hf_name: str) -> str:
-        name = self._map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        lookup = hf_name
+        for stacked, merged in self.spec.experts.items():
+            lookup = lookup.replace(f".{stacked}.", f".{merged}.")
+        name = self._map.get_name(lookup, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ExportError(
                 f"tensor '{hf_name}' has no GGUF counterpart in llama.cpp's '{self.spec.gguf_arch}' architecture"
@@ -447,6 +644,11 @@ def row_permutation(spec: ArchSpec, config: dict, hf_name: str, n_rows: int) -> 
     return None if n_head is None else qk_permutation(n_rows, n_head)
 
 
+def is_f32_tensor(gguf_name: str) -> bool:
+    """Matrices llama.cpp keeps in F32 whatever the file type (MoE routers)."""
+    return gguf_name.endswith((".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight"))
+
+
 def is_norm(hf_name: str) -> bool:
     return hf_name.endswith("norm.weight")
 
@@ -498,7 +700,7 @@ def extra_tensors(spec: ArchSpec, config: dict) -> dict[str, np.ndarray]:
 def write_metadata(writer, spec: ArchSpec, config: dict, file_type: int) -> None:
     """The ``<arch>.*`` hyper-parameters llama.cpp reads for ``spec``."""
     add = {U32: lambda k, v: writer.add_uint32(k, int(v)), F32: lambda k, v: writer.add_float32(k, float(v)),
-           STR: writer.add_string}
+           STR: writer.add_string, BOOLS: lambda k, v: writer.add_array(k, [bool(x) for x in v])}
     for e in spec.entries:
         if e is FILE_TYPE:
             writer.add_uint32(e.key, int(file_type))
@@ -517,9 +719,10 @@ def hf_config(spec: ArchSpec, metadata: dict, *, source: str, tensor_names: Iter
     cfg: dict[str, Any] = {"architectures": [spec.hf_class], "model_type": spec.model_type, **spec.hf_defaults}
     for e in spec.entries:
         e.read(reader, cfg)
-    value_dim = reader.get("attention.value_length", cfg["head_dim"])
-    if int(value_dim) != cfg["head_dim"]:
-        raise ModelError(f"{source}: key_length {cfg['head_dim']} != value_length {value_dim} is not supported for {reader.arch}")
+    key_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    value_dim = reader.get("attention.value_length", key_dim)
+    if int(value_dim) != key_dim:
+        raise ModelError(f"{source}: key_length {key_dim} != value_length {value_dim} is not supported for {reader.arch}")
     present = set(tensor_names)
     cfg["tie_word_embeddings"] = "output.weight" not in present
     if spec.tensor_flags:

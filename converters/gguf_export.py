@@ -229,6 +229,7 @@ def plan_tensors(fm, type_name: str, stats: GGUFStats) -> list[TensorPlan]:
 
     spec = gguf_arch.arch_spec(fm.model_type)
     config = fm.config
+    spec.refuse(config)
     names = gguf_arch.TensorNames(spec, int(config["num_hidden_layers"]))
     modules = dict(fm.model.named_modules())
     quant_target = type_name not in ("f32", "f16", "bf16")
@@ -244,8 +245,8 @@ def plan_tensors(fm, type_name: str, stats: GGUFStats) -> list[TensorPlan]:
         if owner in fm.quantized and leaf != "weight":
             continue  # scales/biases travel with their weight
         gname = names.gguf_name(hf_name)
-        shape = tuple(arr.shape) if owner not in fm.quantized else (arr.shape[0], arr.shape[1] * 32 // fm.quantized[owner]["bits"])
-        if len(shape) == 1 or gname.endswith("_norm.weight"):
+        shape = tuple(arr.shape) if owner not in fm.quantized else (*arr.shape[:-1], arr.shape[-1] * 32 // fm.quantized[owner]["bits"])
+        if len(shape) == 1 or gname.endswith("_norm.weight") or gguf_arch.is_f32_tensor(gname):
             qtype = "f32"
         else:
             qtype = "q8_0" if type_name in LOW_BIT_TYPES and gname == output_name else type_name
@@ -419,7 +420,7 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
             raise ExportError(f"GGUF type '{type_name}' (a K-quant) is made by llama.cpp's own quantizer, which "
                               f"needs the optional llama-cpp extra: {LLAMA_CPP_EXTRA}") from None
     fm = fused or load_fused(model, adapter)
-    gguf_arch.arch_spec(fm.model_type)
+    gguf_arch.arch_spec(fm.model_type).refuse(fm.config)
     with made_dirs(out.parent):
         try:
             # Published only once verification passes; removed on any failure.

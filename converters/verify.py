@@ -212,6 +212,8 @@ def model_from_gguf(path, config: dict):
     weights, used = [], set()
     for hf_name, p in tree_flatten(model.parameters()):
         g = names.gguf_name(hf_name)
+        if g not in tensors and hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue  # a head built before loading (gemma3_text); its sanitize below drops it
         if g not in tensors:
             raise ExportError(f"{path}: tensor '{g}' (for {hf_name}) is missing")
         type_id, shape, raw = tensors[g]
@@ -223,6 +225,8 @@ def model_from_gguf(path, config: dict):
     extra = sorted(set(tensors) - used - set(spec.extra_tensor_names))
     if extra:
         raise ExportError(f"{path}: unexpected tensors {extra[:8]}")
+    if hasattr(model, "sanitize"):  # as mlx-lm's loader does (a tied head is dropped here)
+        weights = list(model.sanitize(dict(weights)).items())
     model.load_weights(weights, strict=True)
     mx.eval(model.parameters())
     model.eval()

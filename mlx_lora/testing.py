@@ -34,7 +34,8 @@ import numpy as np
 
 from .io import atomic_dir, atomic_write_json, atomic_write_text
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "smollm3", "gemma3_text", "olmo2",
+                 "granite", "qwen3_moe", "mixtral")
 """Families in the GGUF architecture table (tests iterate it)."""
 MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
 """Mixture-of-experts families (4 experts, top-2 routing), written in the published per-expert
@@ -42,6 +43,8 @@ layout (``...experts.{e}.gate_proj.weight`` / ``...experts.{e}.w1.weight``) that
 on load and transformers merges on load."""
 
 PathLike = Union[str, os.PathLike]
+ROUTER_SCALE = 25.0
+"""MoE router weights are drawn ``ROUTER_SCALE`` times wider than the other weights."""
 
 # Special tokens get the first ids, in this order, because the BPE trainer adds them first.
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -194,6 +197,7 @@ class _ArchSpec:
     norm_offset: float  # stored norm weight = scale - norm_offset
     extra: dict = field(default_factory=dict)
     untied_supported: bool = True
+    num_layers: int = 2  # default depth (enough to hold every layer kind the family has)
     experts: Optional[tuple[str, str, dict]] = None
     """MoE layout: (mlx-lm's stacked module, the per-expert HF module, mlx-lm name -> HF name)."""
 
@@ -239,6 +243,37 @@ _SPECS = {
             "resid_pdrop": 0.0, "hidden_act": "silu",
         },
     ),
+    "gemma3_text": _ArchSpec(
+        # Gemma 3 1B, scaled down: local (sliding, rope base 10k) and global (rope base 1M) layers;
+        # a pattern of 2 puts one of each in two layers (published checkpoints: 5 local, 1 global).
+        "Gemma3ForCausalLM", tie=True, explicit_head_dim=True, wide_heads=True, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=32768, norm_offset=0.0, untied_supported=False,
+        extra={
+            "attention_bias": False, "attn_logit_softcapping": None, "final_logit_softcapping": None,
+            "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 512, "sliding_window_pattern": 2,
+            "rope_local_base_freq": 10000.0,
+        },
+    ),
+    "smollm3": _ArchSpec(
+        # SmolLM3 3B: every 4th layer has no rotary embedding (NoPE), hence 4 layers.
+        "SmolLM3ForCausalLM", tie=True, explicit_head_dim=False, wide_heads=False, rope_theta=5000000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=65536, norm_offset=1.0, num_layers=4,
+        extra={"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "no_rope_layer_interval": 4,
+               "use_sliding_window": False, "sliding_window": None},
+    ),
+    "olmo2": _ArchSpec(
+        # OLMo 2 1B: norms after attention and MLP, q/k norms over all heads.
+        "Olmo2ForCausalLM", tie=False, explicit_head_dim=False, wide_heads=False, rope_theta=500000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=4096, norm_offset=1.0,
+        extra={"attention_bias": False, "hidden_act": "silu"},
+    ),
+    "granite": _ArchSpec(
+        # Granite 3.x 2B's multipliers (embedding, residual, attention, logits).
+        "GraniteForCausalLM", tie=True, explicit_head_dim=False, wide_heads=False, rope_theta=10000000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=131072, norm_offset=1.0,
+        extra={"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "embedding_multiplier": 12.0,
+               "residual_multiplier": 0.22, "attention_multiplier": 0.015625, "logits_scaling": 8.0},
+    ),
     "qwen3_moe": _ArchSpec(
         # Qwen3-30B-A3B: every layer sparse, top-k weights renormalised, untied head.
         "Qwen3MoeForCausalLM", tie=False, explicit_head_dim=True, wide_heads=True, rope_theta=1000000.0,
@@ -282,7 +317,7 @@ def tiny_config(
     arch: str,
     *,
     hidden_size: int = 64,
-    num_layers: int = 2,
+    num_layers: Optional[int] = None,
     vocab_size: int = 512,
     dtype: str = "float32",
     tie_word_embeddings: Optional[bool] = None,
@@ -293,8 +328,10 @@ def tiny_config(
     (grouped-query attention), ``intermediate_size = 3 * hidden_size``. Qwen3 and Gemma 2 use an
     explicit ``head_dim`` of 32 so that ``heads * head_dim = 2 * hidden_size``, as in their
     published checkpoints, which exercises code that wrongly assumes ``hidden / heads``.
+    ``num_layers`` defaults to 2 (4 for smollm3, whose every 4th layer has no rotary embedding).
     """
     spec = _spec(arch)
+    num_layers = spec.num_layers if num_layers is None else num_layers
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if hidden_size < 32 or hidden_size % 16:
@@ -336,6 +373,10 @@ def tiny_config(
         config["max_window_layers"] = num_layers
     if arch == "qwen3_moe":
         config["moe_intermediate_size"] = 2 * hidden_size
+    if arch == "smollm3":
+        config["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(num_layers)]
+    if arch == "gemma3_text":
+        config["query_pre_attn_scalar"] = head_dim
     if arch == "gemma2":
         # Gemma 2 scales queries by query_pre_attn_scalar**-0.5; published checkpoints use head_dim.
         config["query_pre_attn_scalar"] = head_dim
@@ -358,6 +399,8 @@ def hf_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     shapes = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
+    if config.get("tie_word_embeddings"):
+        shapes.pop("lm_head.weight", None)  # gemma3_text builds its head before loading drops it
     experts = _SPECS[config["model_type"]].experts if config["model_type"] in _SPECS else None
     if experts is None:
         return shapes
@@ -381,6 +424,10 @@ def _random_weights(config: dict, seed: int, init_std: float, norm_offset: float
     for name, shape in hf_tensor_shapes(config).items():
         rng = np.random.default_rng([seed, arch_key, zlib.crc32(name.encode())])
         w = rng.standard_normal(shape, dtype=np.float32) * np.float32(init_std)
+        if name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight")):
+            # MoE routers: trained routers separate the chosen experts clearly; a router as small
+            # as the other weights would pick experts by rounding noise.
+            w *= np.float32(ROUTER_SCALE)
         if len(shape) == 1 and not name.endswith(".bias"):  # every 1-D weight here is an RMSNorm scale
             w += np.float32(norm_offset)
         weights[name] = w
@@ -400,7 +447,7 @@ def make_tiny_model(
     *,
     seed: int = 0,
     hidden_size: int = 64,
-    num_layers: int = 2,
+    num_layers: Optional[int] = None,
     vocab_size: int = 512,
     dtype: str = "float32",
     tie_word_embeddings: Optional[bool] = None,

