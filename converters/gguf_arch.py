@@ -338,6 +338,13 @@ def _query_scale_check(config: dict) -> str | None:
     return f"query_pre_attn_scalar {scalar} is neither head_dim ({hd}) nor the 27B model's hidden_size / heads"
 
 
+def _gemma2_check(config: dict) -> str | None:
+    theta = _theta(config)
+    if theta is not None and float(theta) != 10000.0:
+        return f"rope_theta {theta} is not Gemma 2's 10000, the value llama.cpp uses (its converter writes none)"
+    return _query_scale_check(config)
+
+
 def _gemma3_check(config: dict) -> str | None:
     if config.get("attn_logit_softcapping"):
         return "attn_logit_softcapping is set, which Gemma 3 in llama.cpp does not apply"
@@ -408,15 +415,17 @@ class ArchSpec:
     check: Callable[[dict], str | None] | None = None
     """Why llama.cpp would run this config differently from the HF model (None: it runs it alike)."""
     skip: tuple[str, ...] = ()
-    """Keys of :data:`GENERAL` this family's converter does not write."""
+    """Keys of :data:`GENERAL` this family's converter does not write (llama.cpp uses its own
+    value; import still reads them from files that have them)."""
     peft: str = "yes"
-    """PEFT export support shown in the support matrix."""
+    """PEFT export in the support matrix: ``yes``, or ``dense`` where expert layers are not yet
+    exported as PEFT (flip it here when they are)."""
     gguf_lora: bool = True
     """llama.cpp applies GGUF LoRA adapters to this architecture."""
 
     @property
     def entries(self) -> tuple:
-        return tuple(e for e in GENERAL if e.key not in self.skip) + self.metadata
+        return GENERAL + self.metadata
 
     @property
     def moe(self) -> bool:
@@ -471,7 +480,7 @@ ARCHS: dict[str, ArchSpec] = {
                 to_hf=lambda n, cfg: cfg["hidden_size"] // cfg["num_attention_heads"] if int(n) == 46 else cfg["head_dim"]),
         ),
         {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
-        check=_query_scale_check,
+        check=_gemma2_check, skip=("rope.freq_base",),
     ),
     "phi3": ArchSpec(
         "phi3", "phi3", "Phi3ForCausalLM", False, 0.0,
@@ -535,7 +544,7 @@ ARCHS: dict[str, ArchSpec] = {
          "norm_topk_prob": True},
         {"attention_bias": "model.layers.0.self_attn.q_proj.bias"},
         experts={f"mlp.switch_mlp.{p}": f"mlp.experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")},
-        check=_qwen3_moe_check, peft="branch moe",
+        check=_qwen3_moe_check, peft="dense",
     ),
     "mixtral": ArchSpec(
         "mixtral", "llama", "MixtralForCausalLM", True, 0.0, _LLAMA_METADATA + (_WINDOW,) + _experts("num_local_experts"),
@@ -543,7 +552,7 @@ ARCHS: dict[str, ArchSpec] = {
         experts={"block_sparse_moe.switch_mlp.gate_proj": "block_sparse_moe.experts.w1",
                  "block_sparse_moe.switch_mlp.up_proj": "block_sparse_moe.experts.w3",
                  "block_sparse_moe.switch_mlp.down_proj": "block_sparse_moe.experts.w2"},
-        peft="branch moe",
+        peft="dense",
     ),
 }
 
@@ -705,6 +714,8 @@ def write_metadata(writer, spec: ArchSpec, config: dict, file_type: int) -> None
         if e is FILE_TYPE:
             writer.add_uint32(e.key, int(file_type))
             continue
+        if e in GENERAL and e.key in spec.skip:
+            continue
         for key, value, kind in e.write(config):
             add[kind](f"{spec.gguf_arch}.{key}", value)
 
@@ -733,3 +744,29 @@ def hf_config(spec: ArchSpec, metadata: dict, *, source: str, tensor_names: Iter
         if (v := metadata.get(f"tokenizer.ggml.{name}_token_id")) is not None:
             cfg[key] = int(v)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The support matrix (README), generated from the table
+
+MATRIX_COLUMNS = ("train", "QLoRA", "fuse", "GGUF export", "GGUF import", "GGUF LoRA", "PEFT")
+
+
+def support_row(spec: ArchSpec) -> dict[str, str]:
+    """What the tool does for ``spec``'s family, column by column (each backed by a test that runs
+    the family's tiny model through it)."""
+    back = spec_for_gguf(spec.gguf_arch, {f"{spec.gguf_arch}.expert_count": 1} if spec.moe else {})
+    return {"train": "yes", "QLoRA": "yes", "fuse": "yes", "GGUF export": "yes",
+            "GGUF import": "yes" if back is spec else f"yes, as `{back.model_type}`",
+            "GGUF LoRA": ("attention layers" if spec.moe else "yes") if spec.gguf_lora else "no",
+            "PEFT": "yes" if spec.peft == "yes" else "non-expert layers (experts: fuse)"}
+
+
+def support_matrix_markdown() -> str:
+    """The README's support matrix: one row per family of :data:`ARCHS`."""
+    head = ["family (`model_type`)", "GGUF architecture", *MATRIX_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for spec in ARCHS.values():
+        row = support_row(spec)
+        lines.append("| " + " | ".join([f"`{spec.model_type}`", f"`{spec.gguf_arch}`", *(row[c] for c in MATRIX_COLUMNS)]) + " |")
+    return "\n".join(lines)

@@ -316,6 +316,26 @@ def _model_name(fm, name: str | None, tokens: list[str]) -> str:
     return name
 
 
+def _size_label(plans: list[TensorPlan]) -> str:
+    """``general.size_label`` as llama.cpp's converter computes it: the parameter count, or for
+    MoE ``<experts>x<parameters with one expert per stacked tensor>`` (e.g. ``4x6.4M``)."""
+    import gguf
+
+    total = shared = expert = 0
+    counts = []
+    for p in plans:
+        if p.source == "extra":
+            continue
+        size = int(np.prod(p.shape))
+        total += size
+        if "_exps." in p.gguf_name and len(p.shape) >= 3:
+            expert += size // p.shape[0]
+            counts.append(p.shape[0])
+        else:
+            shared += size
+    return gguf.size_label(total, shared, expert, sum(counts) // len(counts) if counts else 0)
+
+
 def write_gguf(fm, path: Path, type_name: str, *, name: str | None = None,
                pre_tokenizer: str | None = None, stats: GGUFStats | None = None) -> GGUFStats:
     """Write the fused model ``fm`` as a GGUF file at ``path`` (no atomic rename here) in a
@@ -335,8 +355,7 @@ def write_gguf(fm, path: Path, type_name: str, *, name: str | None = None,
     if fm.adapter is not None and fm.adapter.base_model_name_or_path:
         writer.add_base_model_count(1)
         writer.add_base_model_name(0, str(fm.adapter.base_model_name_or_path))
-    n_params = sum(int(np.prod(p.shape)) for p in plans if p.source != "extra")
-    writer.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+    writer.add_size_label(_size_label(plans))
     gguf_arch.write_metadata(writer, spec, fm.config, _file_type(type_name))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     gguf_vocab.write_vocab(writer, vocab)

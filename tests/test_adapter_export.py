@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 from test_fuse import adapter_logits, make_adapter
-from test_gguf_export import GGUF_ARCH, llama_cpp_rows
+from test_gguf_export import GGUF_ARCH, PERMUTED, llama_cpp_rows
 
 from mlx_lora.converters.adapter_export import PEFT_CONFIG_KEYS, export_gguf_adapter, export_peft
 from mlx_lora.errors import AdapterError, ExportError
@@ -24,7 +24,8 @@ from mlx_lora.testing import ARCHITECTURES
 QUIET = {"log": lambda m: None}
 GGUF_MODULE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+               "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
+               "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp"}  # MoE routers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def test_gguf_adapter_layout(tmp_path, tiny_models, arch):
         assert [int(d) for d in ta.shape] == [a.shape[1], a.shape[0]]  # ggml ne {in, r}
         assert [int(d) for d in tb.shape] == [b.shape[1], b.shape[0]]  # ggml ne {r, out}
         assert ta.tensor_type == tb.tensor_type == gguf.GGMLQuantizationType.F32
-        if GGUF_ARCH[arch] == "llama" and mod in ("self_attn.q_proj", "self_attn.k_proj"):
+        if arch in PERMUTED and mod in ("self_attn.q_proj", "self_attn.k_proj"):
             b = llama_cpp_rows(b, cfg["num_attention_heads"] if mod.endswith("q_proj") else cfg["num_key_value_heads"])
         np.testing.assert_array_equal(np.asarray(ta.data).reshape(a.shape), a)
         np.testing.assert_array_equal(np.asarray(tb.data).reshape(b.shape), b)

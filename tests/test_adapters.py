@@ -25,7 +25,9 @@ from mlx_lora.config import LoraConfig
 from mlx_lora.errors import AdapterError
 from mlx_lora.lora import DoRALinear, LoRALinear
 from mlx_lora.models import load_model
-from mlx_lora.testing import ARCHITECTURES
+from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES
+
+DENSE = [a for a in ARCHITECTURES if a not in MOE_ARCHITECTURES]  # expert targets: tested with LoRA on experts
 
 TOKENS = mx.array([[5, 17, 99, 3, 250, 42, 7, 300]])
 
@@ -89,7 +91,7 @@ def llama(tiny_llama):
 # which layers get wrapped
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", DENSE)
 def test_default_targets_every_block_linear_of_each_architecture(tiny_models, arch):
     path = tiny_models[arch]
     cfg = hf_config(path)
@@ -113,7 +115,7 @@ def test_default_targets_every_block_linear_of_each_architecture(tiny_models, ar
     assert set(trainable) == {f"{p}.{leaf}" for p in expected for leaf in ("lora_a", "lora_b")}
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", DENSE)
 def test_parameter_counts_follow_the_formula(tiny_models, arch):
     path = tiny_models[arch]
     cfg = hf_config(path)

@@ -5,11 +5,13 @@ import re
 from pathlib import Path
 
 from mlx_lora.config import reference_markdown
+from mlx_lora.converters.gguf_arch import support_matrix_markdown
 from mlx_lora.recipes import list_recipes, memory_table_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # block name in the README's <!-- name:start --> / <!-- name:end --> markers -> its generator
-GENERATED = {"config-reference": reference_markdown, "mac-table": memory_table_markdown}
+GENERATED = {"config-reference": reference_markdown, "mac-table": memory_table_markdown,
+             "support-matrix": support_matrix_markdown}
 
 
 def _block(name: str) -> re.Pattern:

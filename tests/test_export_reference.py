@@ -24,10 +24,18 @@ from mlx_lora.converters import verify as V
 from mlx_lora.converters.adapter_export import export_gguf_adapter, export_peft
 from mlx_lora.converters.fuse import fuse, load_fused
 from mlx_lora.converters.gguf_export import export_gguf
+from mlx_lora.converters import gguf_arch
 from mlx_lora.testing import ARCHITECTURES
 
 pytestmark = pytest.mark.reference
 QUIET = {"log": lambda m: None}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def targets(arch: str):
+    """LoRA targets of these tests: every linear layer, or for MoE families the attention layers
+    (LoRA on experts and its GGUF form belong to the expert work; routers have 4 outputs here)."""
+    return ATTENTION if gguf_arch.ARCHS[arch].moe else None
 
 
 def _llama(path: Path, lora: Path | None = None):
@@ -68,7 +76,7 @@ def mlx_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_llama_cpp_runs_the_fused_gguf_like_mlx(tmp_path, tiny_models, arch):
-    ad = make_adapter(tiny_models[arch], tmp_path / "ad")
+    ad = make_adapter(tiny_models[arch], tmp_path / "ad", targets=targets(arch))
     fm = load_fused(str(tiny_models[arch]), ad)
     path = export_gguf(None, None, tmp_path / "m.gguf", type_name="f32", fused=fm, **QUIET).path
     tokens = V.prompts(fm.tokenizer)
@@ -79,7 +87,7 @@ def test_llama_cpp_runs_the_fused_gguf_like_mlx(tmp_path, tiny_models, arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_llama_cpp_base_plus_gguf_lora_matches_the_fused_model(tmp_path, tiny_models, arch):
     folder = tiny_models[arch]
-    ad = make_adapter(folder, tmp_path / "ad", rslora=arch == "qwen3")
+    ad = make_adapter(folder, tmp_path / "ad", rslora=arch == "qwen3", targets=targets(arch))
     base = export_gguf(str(folder), None, tmp_path / "base.gguf", type_name="f32", **QUIET).path
     lora = export_gguf_adapter(ad, tmp_path / "lora.gguf", model=str(folder), **QUIET).path
     fm = load_fused(str(folder), ad)
@@ -231,6 +239,61 @@ def test_smollm2_gguf_equals_llama_cpps_converter(smol, type_name):
     ma, ta = V.read_gguf(ours)
     mb, tb = V.read_gguf(theirs)
     assert {k: v for k, v in ma.items() if k != "general.name"} == {k: v for k, v in mb.items() if k != "general.name"}
+    assert set(ta) == set(tb)
+    for name in ta:
+        assert ta[name][:2] == tb[name][:2] and np.array_equal(ta[name][2], tb[name][2]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Every family against llama.cpp's own converter
+
+# Keys this exporter writes that llama.cpp's converter does not: Gemma 3's layer pattern when it is
+# not the 5-local-to-1-global llama.cpp assumes (without it llama.cpp would run the tiny model's
+# global layer as a sliding one).
+EXTRA_KEYS = {"gemma3_text": {"gemma3.attention.sliding_window_pattern"},
+              # the converter writes it on its SentencePiece path, which this test keeps Gemma 2 off
+              "gemma2": {"tokenizer.ggml.add_space_prefix"}}
+
+
+def _with_smollm2_tokenizer(arch: str, smollm2_hf: Path, out: Path) -> Path:
+    """A tiny ``arch`` model with SmolLM2's tokenizer (whose pre-tokenizer llama.cpp's converter
+    recognises; the tiny BPE's it does not). Special ids 0, 1, 2 agree with the tiny configs."""
+    import shutil
+
+    from mlx_lora.testing import make_tiny_model
+
+    folder = make_tiny_model(arch, out, vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(smollm2_hf / name, folder / name)
+    return folder
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA_CPP_DIR"), reason="set LLAMA_CPP_DIR to a llama.cpp source tree")
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_family_equals_llama_cpps_converter(tmp_path, smollm2_hf, arch):
+    """Our f16 GGUF of a tiny model of each family equals convert_hf_to_gguf.py's: every tensor's
+    name, type, shape and bytes, and every metadata key it writes (general.name aside)."""
+    folder = _with_smollm2_tokenizer(arch, smollm2_hf, tmp_path / "hf")
+    ours = export_gguf(str(folder), None, tmp_path / "ours.gguf", type_name="f16", **QUIET).path
+    ma, ta = V.read_gguf(ours)
+    theirs = tmp_path / "theirs.gguf"
+    # The converter names a BPE pre-tokenizer by hashing how it splits a test text and knows only
+    # the original tokenizers' hashes; the tokenizer rebuilt from SmolLM2's GGUF is told the name
+    # our export found (the same path the llama family takes without hashing). Gemma 2 and Phi-3
+    # read only a SentencePiece tokenizer.model; they are given the BPE path the others take.
+    script = Path(os.environ["LLAMA_CPP_DIR"]) / "convert_hf_to_gguf.py"
+    wrapper = (f"import sys, runpy; sys.path[:0] = [{str(script.parent)!r}, {str(script.parent / 'gguf-py')!r}]\n"
+               f"import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, t: "
+               f"{ma['tokenizer.ggml.pre']!r}\n"
+               "import conversion.gemma as g, conversion.phi as p\n"
+               "g.Gemma2Model.set_vocab = p.Phi3MiniModel.set_vocab = b.TextModel._set_vocab_gpt2\n"
+               f"sys.argv = [{str(script)!r}, {str(folder)!r}, '--outtype', 'f16', '--outfile', {str(theirs)!r}]\n"
+               f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True)
+    mb, tb = V.read_gguf(theirs)
+    mb.pop("general.name")
+    assert {k: ma.get(k) for k in mb} == mb
+    assert set(ma) - set(mb) - {"general.name"} == EXTRA_KEYS.get(arch, set())
     assert set(ta) == set(tb)
     for name in ta:
         assert ta[name][:2] == tb[name][:2] and np.array_equal(ta[name][2], tb[name][2]), name

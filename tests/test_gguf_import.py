@@ -391,7 +391,7 @@ def test_import_and_export_support_the_table_and_the_readme_says_so(tmp_path, ti
     table = list(gguf_arch.ARCHS)
     assert table == list(ARCHITECTURES)  # each entry has a tiny model, so the round trips above cover it
     with pytest.raises(ExportError) as e:
-        gguf_arch.arch_spec("olmo2")
+        gguf_arch.arch_spec("starcoder2")
     exported = str(e.value).split("supported: ")[1].split(", ")
     path = write_gguf(tiny_llama, tmp_path / "m.gguf", arch="bert")
     with pytest.raises(ModelError) as e:
