@@ -26,13 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 # What published small checkpoints of each family do (Llama 3.x 8B, Mistral 7B, Qwen2.5 0.5B,
 # Qwen3 0.6B, Gemma 2 2B, Phi-3 mini).
 TYPICAL_TIE = {"llama": False, "mistral": False, "qwen2": True, "qwen3": True, "gemma2": True, "phi3": False,
-               "qwen3_moe": False, "mixtral": False}
-FAMILIES = ARCHITECTURES + MOE_ARCHITECTURES
+               "smollm3": True, "gemma3_text": True, "olmo2": False, "granite": True, "qwen3_moe": False,
+               "mixtral": False}
+FAMILIES = ARCHITECTURES
+ALWAYS_TIED = ("gemma2", "gemma3_text")  # mlx-lm ties their heads to the embeddings
 # Per-expert HF names of the MoE families: (module, number of experts key, HF name of gate/up/down)
 EXPERTS = {"qwen3_moe": ("mlp.experts", "num_experts", ("gate_proj", "up_proj", "down_proj")),
            "mixtral": ("block_sparse_moe.experts", "num_local_experts", ("w1", "w3", "w2"))}
 # Gemma's RMSNorm multiplies by (1 + w); the others multiply by w.
-NORM_SCALE_OFFSET = {"gemma2": 1.0}
+NORM_SCALE_OFFSET = {"gemma2": 1.0, "gemma3_text": 1.0}
+ROUTERS = (".mlp.gate.weight", ".block_sparse_moe.gate.weight")
 
 
 def read_config(path: Path) -> dict:
@@ -54,7 +57,8 @@ def expected_hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (vocab, h)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
+        if arch != "olmo2":  # OLMo 2 normalises after attention and MLP only
+            shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
         shapes[p + "self_attn.o_proj.weight"] = (h, heads * d)
         if arch in EXPERTS:
@@ -81,10 +85,14 @@ def expected_hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.q_proj.bias"] = (heads * d,)
             shapes[p + "self_attn.k_proj.bias"] = (kv * d,)
             shapes[p + "self_attn.v_proj.bias"] = (kv * d,)
-        if arch in ("qwen3", "qwen3_moe"):
+        if arch in ("qwen3", "qwen3_moe", "gemma3_text"):
             shapes[p + "self_attn.q_norm.weight"] = (d,)
             shapes[p + "self_attn.k_norm.weight"] = (d,)
-        if arch == "gemma2":
+        if arch == "olmo2":  # q/k norms over all heads
+            shapes[p + "self_attn.q_norm.weight"] = (heads * d,)
+            shapes[p + "self_attn.k_norm.weight"] = (kv * d,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
+        if arch in ("gemma2", "gemma3_text"):
             shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
             shapes[p + "post_feedforward_layernorm.weight"] = (h,)
     return shapes
@@ -134,7 +142,7 @@ def token_batch(vocab: int, length: int = 12, seed: int = 1) -> np.ndarray:
 
 def test_every_architecture_is_built(tiny_models):
     assert tuple(tiny_models) == ARCHITECTURES
-    assert not set(MOE_ARCHITECTURES) & set(ARCHITECTURES)
+    assert set(MOE_ARCHITECTURES) <= set(ARCHITECTURES)
     for arch, path in tiny_models.items():
         names = {p.name for p in path.iterdir()}
         assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
@@ -155,9 +163,17 @@ def test_sizes_are_consistent_and_use_gqa(tiny_model_dir, arch):
     tiny_models = {arch: tiny_model_dir(arch)}
     cfg = read_config(tiny_models[arch])
     heads, kv, h = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
-    assert (h, cfg["num_hidden_layers"], cfg["vocab_size"]) == (64, 2, 512)
+    # SmolLM3 needs 4 layers: the 4th is its first without rotary embedding
+    assert (h, cfg["num_hidden_layers"], cfg["vocab_size"]) == (64, 4 if arch == "smollm3" else 2, 512)
     assert kv < heads and heads % kv == 0
-    if "head_dim" in cfg and arch in ("qwen3", "gemma2", "qwen3_moe"):
+    if arch == "smollm3":
+        assert cfg["no_rope_layers"] == [1, 1, 1, 0]
+    if arch == "gemma3_text":  # one local (sliding) and one global layer, as llama.cpp needs to be told
+        assert cfg["sliding_window_pattern"] == 2 and cfg["query_pre_attn_scalar"] == cfg["head_dim"]
+        assert cfg["rope_local_base_freq"] != cfg["rope_theta"]
+    if arch == "granite":  # multipliers far from 1, so a dropped one changes the logits
+        assert cfg["embedding_multiplier"] > 2 and cfg["logits_scaling"] > 2 and cfg["residual_multiplier"] < 0.5
+    if "head_dim" in cfg and arch in ("qwen3", "gemma2", "qwen3_moe", "gemma3_text"):
         assert heads * cfg["head_dim"] != h  # these families decouple head_dim from hidden_size
     else:
         assert heads * cfg.get("head_dim", h // heads) == h
@@ -206,13 +222,17 @@ def test_config_keys_are_ones_transformers_knows(tiny_model_dir, arch):
     known = set(AutoConfig.for_model(arch).to_dict())
     # transformers 4.x wrote these top-level keys, which published checkpoints carry and 5.x reads.
     v4_layout = {"rope_theta", "rope_scaling", "torch_dtype"}
-    v4_layout |= {"gemma2": {"hidden_act", "cache_implementation"}}.get(arch, set())
+    v4_layout |= {"gemma2": {"hidden_act", "cache_implementation"},
+                  "gemma3_text": {"rope_local_base_freq", "sliding_window_pattern"}}.get(arch, set())
     # Qwen3-MoE checkpoints name these as published; transformers maps num_experts and reads head_dim.
     v4_layout |= {"qwen3_moe": {"num_experts", "head_dim"}}.get(arch, set())
     assert set(cfg) - known - v4_layout == set()
 
     hf = AutoConfig.from_pretrained(tiny_models[arch])
     rope = getattr(hf, "rope_parameters", None) or {"rope_theta": hf.rope_theta}
+    if "full_attention" in rope:  # Gemma 3: per layer kind; the global layers carry rope_theta
+        assert rope["sliding_attention"]["rope_theta"] == cfg["rope_local_base_freq"]
+        rope = rope["full_attention"]
     assert rope["rope_theta"] == cfg["rope_theta"]
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "tie_word_embeddings",
                 "eos_token_id", "pad_token_id", "vocab_size"):
@@ -230,8 +250,9 @@ def test_tie_default_is_typical_for_the_family(tiny_model_dir, arch):
     assert ("lm_head.weight" in read_weights(tiny_models[arch])) is not TYPICAL_TIE[arch]
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "gemma2"])
-def test_other_tie_variant_loads_and_shares_the_other_tensors(tiny_models, tiny_model_dir, arch):
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in ALWAYS_TIED])
+def test_other_tie_variant_loads_and_shares_the_other_tensors(tiny_model_dir, arch):
+    tiny_models = {arch: tiny_model_dir(arch)}
     flipped = tiny_model_dir(arch, tie_word_embeddings=not TYPICAL_TIE[arch])
     assert read_config(flipped)["tie_word_embeddings"] is not TYPICAL_TIE[arch]
     a, b = read_weights(tiny_models[arch]), read_weights(flipped)
@@ -241,7 +262,8 @@ def test_other_tie_variant_loads_and_shares_the_other_tensors(tiny_models, tiny_
     tokens = mx.array(token_batch(512))
     hidden = model.model(tokens)
     head = b.get("lm_head.weight", b["model.embed_tokens.weight"])
-    np.testing.assert_allclose(np.array(model(tokens)), np.array(hidden @ head.T), rtol=1e-5, atol=1e-6)
+    scale = read_config(flipped).get("logits_scaling", 1.0)  # Granite divides the logits by it
+    np.testing.assert_allclose(np.array(model(tokens)), np.array(hidden @ head.T) / scale, rtol=1e-5, atol=1e-6)
 
 
 def test_untied_gemma2_is_refused(tmp_path):
@@ -254,8 +276,12 @@ def test_untied_gemma2_is_refused(tmp_path):
 def test_weights_have_the_stated_distribution(tiny_models, arch):
     """Matrices ~ N(0, 0.02^2); effective RMSNorm scales (w, or 1 + w for Gemma) ~ 1 +- 0.02."""
     weights = {k: np.array(v) for k, v in read_weights(tiny_models[arch]).items()}
-    mats = np.concatenate([v.ravel() for v in weights.values() if v.ndim == 2])
+    mats = np.concatenate([v.ravel() for k, v in weights.items() if v.ndim == 2 and not k.endswith(ROUTERS)])
     assert abs(mats.mean()) < 1e-3 and 0.0195 < mats.std() < 0.0205
+    routers = [v for k, v in weights.items() if k.endswith(ROUTERS)]
+    assert bool(routers) == (arch in MOE_ARCHITECTURES)
+    if routers:  # drawn ROUTER_SCALE times wider
+        assert 0.8 * testing.ROUTER_SCALE * 0.02 < np.concatenate([r.ravel() for r in routers]).std() < 1.2 * testing.ROUTER_SCALE * 0.02
     norms = [k for k, v in weights.items() if v.ndim == 1 and k.endswith("norm.weight")]
     assert norms
     scale = np.concatenate([weights[k] for k in norms]) + NORM_SCALE_OFFSET.get(arch, 0.0)
@@ -475,7 +501,7 @@ def test_dataset_bad_arguments(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Reference: transformers + torch (run by hand: pytest -m reference tests/test_fixtures_models.py)
 
-VARIANTS = [(a, None) for a in FAMILIES] + [(a, not TYPICAL_TIE[a]) for a in FAMILIES if a != "gemma2"]
+VARIANTS = [(a, None) for a in FAMILIES] + [(a, not TYPICAL_TIE[a]) for a in FAMILIES if a not in ALWAYS_TIED]
 
 
 def hf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
