@@ -756,7 +756,8 @@ def support_row(spec: ArchSpec) -> dict[str, str]:
     """What the tool does for ``spec``'s family, column by column (each backed by a test that runs
     the family's tiny model through it)."""
     back = spec_for_gguf(spec.gguf_arch, {f"{spec.gguf_arch}.expert_count": 1} if spec.moe else {})
-    return {"train": "yes", "QLoRA": "yes", "fuse": "yes", "GGUF export": "yes",
+    return {"train": "yes", "QLoRA": "yes, fuse onto the float base" if spec.moe else "yes", "fuse": "yes",
+            "GGUF export": "yes",
             "GGUF import": "yes" if back is spec else f"yes, as `{back.model_type}`",
             "GGUF LoRA": ("attention layers" if spec.moe else "yes") if spec.gguf_lora else "no",
             "PEFT": "yes" if spec.peft == "yes" else "non-expert layers (experts: fuse)"}

@@ -37,6 +37,9 @@ from .io import atomic_dir, atomic_write_json, atomic_write_text
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "smollm3", "gemma3_text", "olmo2",
                  "granite", "qwen3_moe", "mixtral")
 """Families in the GGUF architecture table (tests iterate it)."""
+OTHER_ARCHITECTURES = ("starcoder2",)
+"""Families mlx-lm trains that the GGUF table does not hold (tests that they train, fuse and are
+refused by the GGUF exports)."""
 MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
 """Mixture-of-experts families (4 experts, top-2 routing), written in the published per-expert
 layout (``...experts.{e}.gate_proj.weight`` / ``...experts.{e}.w1.weight``) that mlx-lm stacks
@@ -273,6 +276,13 @@ _SPECS = {
         rms_norm_eps=1e-5, max_position_embeddings=131072, norm_offset=1.0,
         extra={"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "embedding_multiplier": 12.0,
                "residual_multiplier": 0.22, "attention_multiplier": 0.015625, "logits_scaling": 8.0},
+    ),
+    "starcoder2": _ArchSpec(
+        # StarCoder2 3B: LayerNorm with biases, biased projections, a plain GELU MLP.
+        "Starcoder2ForCausalLM", tie=True, explicit_head_dim=False, wide_heads=False, rope_theta=999999.4420358813,
+        rms_norm_eps=1e-5, max_position_embeddings=16384, norm_offset=1.0,
+        extra={"norm_epsilon": 1e-5, "use_bias": True, "hidden_act": "gelu_pytorch_tanh", "sliding_window": 4096,
+               "residual_dropout": 0.0, "embedding_dropout": 0.0},
     ),
     "qwen3_moe": _ArchSpec(
         # Qwen3-30B-A3B: every layer sparse, top-k weights renormalised, untied head.
