@@ -268,12 +268,51 @@ def _with_smollm2_tokenizer(arch: str, smollm2_hf: Path, out: Path) -> Path:
     return folder
 
 
+# Rope variants with tensors of their own: Llama 3.x scaling (rope_freqs) and Phi-3 LongRoPE
+# (rope_factors_long/short), each also run by llama.cpp below.
+LLAMA3 = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192}, "rope_theta": 500000.0}
+LONGROPE = {"rope_scaling": {"type": "longrope", "long_factor": [1.0 + i / 4 for i in range(8)],
+                             "short_factor": [1.0 + i / 8 for i in range(8)]}, "max_position_embeddings": 131072}
+CONVERTER_CASES = [(a, {}) for a in ARCHITECTURES] + [("llama", LLAMA3), ("phi3", LONGROPE)]
+
+
+def _changed(folder: Path, change: dict) -> Path:
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(change)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("arch, change", [("llama", LLAMA3), ("phi3", LONGROPE)], ids=["llama3-rope", "phi3-longrope"])
+def test_llama_cpp_runs_rope_scaled_exports_like_transformers(tmp_path, tiny_model_dir, arch, change):
+    """llama.cpp runs the exported file as transformers runs the HF folder. (mlx-lm's Phi-3 LongRoPE
+    itself differs from transformers here: relative error 2.9e-3, top-1 0.993 over 297 positions,
+    the same numbers llama.cpp gives against MLX; Llama 3 scaling agrees everywhere.)"""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = _changed(Path(shutil.copytree(tiny_model_dir(arch), tmp_path / "hf")), change)
+    path = export_gguf(str(folder), None, tmp_path / "m.gguf", type_name="f32", **QUIET).path
+    tokens = [list(range(3, 300))]  # long enough for the scaled frequencies to matter
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        ref = [hf(torch.tensor(tokens)).logits[0].numpy()]
+    top1, err, _ = V.compare(ref, llama_cpp_logits(_llama(path), tokens))
+    assert top1 == 1.0 and err < 2e-3, (arch, top1, err)
+
+
 @pytest.mark.skipif(not os.environ.get("LLAMA_CPP_DIR"), reason="set LLAMA_CPP_DIR to a llama.cpp source tree")
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_family_equals_llama_cpps_converter(tmp_path, smollm2_hf, arch):
+@pytest.mark.parametrize("arch, change", CONVERTER_CASES,
+                         ids=[a + ("-rope" if c else "") for a, c in CONVERTER_CASES])
+def test_every_family_equals_llama_cpps_converter(tmp_path, smollm2_hf, arch, change):
     """Our f16 GGUF of a tiny model of each family equals convert_hf_to_gguf.py's: every tensor's
     name, type, shape and bytes, and every metadata key it writes (general.name aside)."""
-    folder = _with_smollm2_tokenizer(arch, smollm2_hf, tmp_path / "hf")
+    folder = _changed(_with_smollm2_tokenizer(arch, smollm2_hf, tmp_path / "hf"), change)
     ours = export_gguf(str(folder), None, tmp_path / "ours.gguf", type_name="f16", **QUIET).path
     ma, ta = V.read_gguf(ours)
     theirs = tmp_path / "theirs.gguf"
@@ -296,4 +335,9 @@ def test_every_family_equals_llama_cpps_converter(tmp_path, smollm2_hf, arch):
     assert set(ma) - set(mb) - {"general.name"} == EXTRA_KEYS.get(arch, set())
     assert set(ta) == set(tb)
     for name in ta:
-        assert ta[name][:2] == tb[name][:2] and np.array_equal(ta[name][2], tb[name][2]), name
+        assert ta[name][:2] == tb[name][:2], name
+        if name == "rope_freqs.weight":  # the converter computes it with torch's float32 pow (1-ulp
+            a, b = (t[2].view(np.float32) for t in (ta[name], tb[name]))  # accurate); we in float64
+            np.testing.assert_allclose(a, b, rtol=2.5e-7, atol=0, err_msg=name)
+        else:
+            assert np.array_equal(ta[name][2], tb[name][2]), name

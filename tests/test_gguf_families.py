@@ -102,3 +102,29 @@ def _write_foreign_gguf(path: Path, arch: str) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# Configs that llama.cpp would run differently from the HF model (it hard-codes these layouts):
+# refused with one line naming the key, before any file is written.
+MISMATCHES = [
+    ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers"),
+    ("gemma3_text", {"query_pre_attn_scalar": 100}, "query_pre_attn_scalar"),
+    ("gemma2", {"rope_theta": 20000.0}, "rope_theta"),
+    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
+    ("olmo2", {"sliding_window": 4096}, "sliding window"),
+]
+
+
+@pytest.mark.parametrize("arch, change, key", MISMATCHES, ids=[f"{a}-{k}" for a, _, k in MISMATCHES])
+def test_configs_llama_cpp_would_run_differently_are_refused(tiny_model_dir, tmp_path, capsys, arch, change, key):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir(arch), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(change)
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(capsys, ["export", "gguf", "--model", str(src), "--out", str(out / "m.gguf")],
+                   ["config.json", key, "llama.cpp"], [src, out], code=2)
