@@ -121,11 +121,14 @@ def test_kquants_from_llama_cpps_quantizer_run_in_llama_cpp(tmp_path, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_transformers_loads_the_fused_folder(tmp_path, tiny_models, arch):
+def test_transformers_loads_the_fused_folder(tmp_path, tiny_models, arch, request):
+    if gguf_arch.ARCHS[arch].moe:  # strict: passing flags the limitation as gone
+        request.applymarker(pytest.mark.xfail(strict=True, reason="a fused MoE folder holds mlx-lm's stacked "
+                                              "switch_mlp experts, which transformers does not read"))
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    ad = make_adapter(tiny_models[arch], tmp_path / "ad", dora=arch == "gemma2")
+    ad = make_adapter(tiny_models[arch], tmp_path / "ad", dora=arch == "gemma2", targets=targets(arch))
     out = fuse(str(tiny_models[arch]), ad, tmp_path / "fused", **QUIET).out_dir
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():

@@ -29,7 +29,7 @@ from mlx_lora.config import LoraConfig
 from mlx_lora.errors import AdapterError, ExportError
 from mlx_lora.models import load_model
 from mlx_lora.ownership import OwnershipError
-from mlx_lora.testing import ARCHITECTURES
+from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES
 
 TOKENS = [[5, 17, 99, 3, 250, 42, 7, 300, 11, 64]]
 
@@ -166,7 +166,8 @@ def test_base_precision_is_kept(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_architecture_reloads_with_the_same_logits(tmp_path, tiny_models, arch):
-    ad = make_adapter(tiny_models[arch], tmp_path / "ad")
+    # the tiny MoE routers have 4 outputs, which bounds the rank of a LoRA on them
+    ad = make_adapter(tiny_models[arch], tmp_path / "ad", r=4 if arch in MOE_ARCHITECTURES else 8)
     res = fuse(str(tiny_models[arch]), ad, tmp_path / "fused", log=lambda m: None)
     assert max_rel(adapter_logits(tiny_models[arch], ad), folder_logits(res.out_dir)) < 1e-5
 
