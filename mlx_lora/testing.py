@@ -7,9 +7,10 @@ follows the transformers 4.x layout that most published checkpoints use (top-lev
 ``rope_theta``, ``torch_dtype``); transformers 5 reads it unchanged.
 
 Tensor names and shapes come from the mlx-lm implementation of the architecture, whose
-parameter names equal the Hugging Face names for every architecture in :data:`ARCHITECTURES`
-(the reference test in ``tests/test_fixtures_models.py`` loads each folder with transformers and
-checks that no key is missing or unexpected and that the logits agree).
+parameter names equal the Hugging Face names for every architecture here except the experts of
+mixture-of-experts models, which mlx-lm stacks (``switch_mlp``) and which are written per expert,
+as published (the reference test in ``tests/test_fixtures_models.py`` loads each folder with
+transformers and checks that no key is missing or unexpected and that the logits agree).
 
 Weights are ``N(0, init_std^2)``, drawn per tensor from a generator seeded by
 ``(seed, crc32(model_type), crc32(name))``, so a tensor's values depend only on the seed, the
