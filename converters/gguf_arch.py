@@ -759,7 +759,7 @@ def support_row(spec: ArchSpec) -> dict[str, str]:
     return {"train": "yes", "QLoRA": "yes, fuse onto the float base" if spec.moe else "yes", "fuse": "yes",
             "GGUF export": "yes",
             "GGUF import": "yes" if back is spec else f"yes, as `{back.model_type}`",
-            "GGUF LoRA": ("attention layers" if spec.moe else "yes") if spec.gguf_lora else "no",
+            "GGUF LoRA": ("attention, router" if spec.moe else "yes") if spec.gguf_lora else "no",
             "PEFT": "yes" if spec.peft == "yes" else "non-expert layers (experts: fuse)"}
 
 

@@ -33,9 +33,13 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def targets(arch: str):
-    """LoRA targets of these tests: every linear layer, or for MoE families the attention layers
-    (LoRA on experts and its GGUF form belong to the expert work; routers have 4 outputs here)."""
-    return ATTENTION if gguf_arch.ARCHS[arch].moe else None
+    """LoRA targets of these tests: every linear layer, or for MoE families the attention layers and
+    the router (``gate``; LoRA on experts and its GGUF form belong to the expert work)."""
+    return ATTENTION + ["gate"] if gguf_arch.ARCHS[arch].moe else None
+
+
+def rank(arch: str) -> int:
+    return 4 if gguf_arch.ARCHS[arch].moe else 8  # the tiny routers have 4 outputs
 
 
 def _llama(path: Path, lora: Path | None = None):
@@ -76,7 +80,7 @@ def mlx_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_llama_cpp_runs_the_fused_gguf_like_mlx(tmp_path, tiny_models, arch):
-    ad = make_adapter(tiny_models[arch], tmp_path / "ad", targets=targets(arch))
+    ad = make_adapter(tiny_models[arch], tmp_path / "ad", targets=targets(arch), r=rank(arch))
     fm = load_fused(str(tiny_models[arch]), ad)
     path = export_gguf(None, None, tmp_path / "m.gguf", type_name="f32", fused=fm, **QUIET).path
     tokens = V.prompts(fm.tokenizer)
@@ -87,7 +91,7 @@ def test_llama_cpp_runs_the_fused_gguf_like_mlx(tmp_path, tiny_models, arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_llama_cpp_base_plus_gguf_lora_matches_the_fused_model(tmp_path, tiny_models, arch):
     folder = tiny_models[arch]
-    ad = make_adapter(folder, tmp_path / "ad", rslora=arch == "qwen3", targets=targets(arch))
+    ad = make_adapter(folder, tmp_path / "ad", rslora=arch == "qwen3", targets=targets(arch), r=rank(arch))
     base = export_gguf(str(folder), None, tmp_path / "base.gguf", type_name="f32", **QUIET).path
     lora = export_gguf_adapter(ad, tmp_path / "lora.gguf", model=str(folder), **QUIET).path
     fm = load_fused(str(folder), ad)
@@ -128,7 +132,8 @@ def test_transformers_loads_the_fused_folder(tmp_path, tiny_models, arch, reques
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    ad = make_adapter(tiny_models[arch], tmp_path / "ad", dora=arch == "gemma2", targets=targets(arch))
+    ad = make_adapter(tiny_models[arch], tmp_path / "ad", dora=arch == "gemma2", targets=targets(arch),
+                      r=rank(arch))
     out = fuse(str(tiny_models[arch]), ad, tmp_path / "fused", **QUIET).out_dir
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():

@@ -25,7 +25,7 @@ from mlx_lora.converters.gguf_export import export_gguf
 from mlx_lora.testing import ARCHITECTURES, OTHER_ARCHITECTURES, make_tiny_dataset
 
 QUIET = {"log": lambda m: None}
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"]
+MOE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate"]  # attention and the router
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def test_qlora_train_fuse_and_every_export(tiny_model_dir, chat, tmp_path, arch)
     spec = gguf_arch.ARCHS[arch]
     folder = tiny_model_dir(arch)
     q4 = quantized_copy(folder, tmp_path / "q4", bits=4)
-    # MoE: LoRA on attention (expert LoRA and its exports are covered where experts are adapted)
-    run = train_3_steps(q4, chat, tmp_path / "run", targets=ATTENTION if spec.moe else None)
+    # MoE: LoRA on attention and router (expert LoRA and its exports are covered where experts are adapted)
+    run = train_3_steps(q4, chat, tmp_path / "run", targets=MOE_TARGETS if spec.moe else None)
 
     # Fusing into the 4-bit base dequantizes the adapted layers; a 4-bit MoE base keeps its experts
     # quantized, which the fused folder cannot hold yet: MoE adapters fuse onto the float base.
