@@ -849,3 +849,25 @@ def test_smollm2_hf_layout_loads_in_transformers(smollm2_hf):
     ours = np.take_along_axis(logits, golden["ids"], axis=1)
     for a, b in zip(ours, golden["logits"].astype(np.float32)):
         assert np.corrcoef(a, b)[0, 1] > 0.99
+
+
+def test_gemma3_layer_pattern_round_trips_and_odd_patterns_are_refused(tiny_model_dir, tmp_path):
+    """Gemma 3's published 5-local-to-1-global pattern is what llama.cpp assumes: no key is written
+    and the import reads 6 back; a per-layer pattern that is not periodic is refused by name."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir("gemma3_text", num_layers=6), src)  # mlx-lm runs a whole pattern
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["sliding_window_pattern"] = 6
+    (src / "config.json").write_text(json.dumps(cfg))
+    export_gguf(str(src), None, tmp_path / "m.gguf", type_name="f32", log=lambda m: None)
+    assert "gemma3.attention.sliding_window_pattern" not in read_gguf(tmp_path / "m.gguf").metadata
+    out = import_gguf(tmp_path / "m.gguf", tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["sliding_window_pattern"] == 6
+    np.testing.assert_allclose(mlx_logits(out), mlx_logits(src), rtol=0, atol=1e-5)
+
+    cfg = json.loads((tiny_model_dir("gemma3_text") / "config.json").read_text())
+    meta = {**family_metadata("gemma3_text", cfg), "gemma3.attention.sliding_window_pattern": [False, True]}
+    path = write_gguf(tiny_model_dir("gemma3_text"), tmp_path / "odd.gguf", arch="gemma3", extra_meta=meta)
+    with pytest.raises(ModelError, match="sliding_window_pattern"):
+        import_gguf(path, tmp_path / "odd")
+    assert not (tmp_path / "odd").exists()
