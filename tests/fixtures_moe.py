@@ -58,15 +58,33 @@ def hub_weights(config: dict, seed: int = 0, init_std: float = 0.05) -> dict[str
     return unstack_experts(config["model_type"], out)
 
 
-def make_tiny_moe(family: str, out_dir, seed: int = 0) -> Path:
+ROUTER_KEYS = {"qwen3_moe": ("num_experts", "mlp.gate.weight"),
+               "mixtral": ("num_local_experts", "block_sparse_moe.gate.weight")}
+
+
+def make_tiny_moe(family: str, out_dir, seed: int = 0, router_line: bool = False) -> Path:
+    """``router_line``: 5 experts whose router rows are ``c_e * u`` with c = (2, 1, 0, -1, -2) and
+    one random u. Every token's logits are then ``c_e * (u . x)``, so its top 2 are experts {0, 1}
+    or {3, 4} and expert 2 is never routed to, whatever the input."""
     import mlx.core as mx
 
-    config = dict(sorted(CONFIGS[family].items()))
+    config = dict(CONFIGS[family])
+    key, router = ROUTER_KEYS[family]
+    if router_line:
+        config[key] = 5
+    config = dict(sorted(config.items()))
+    weights = hub_weights(config, seed)
+    if router_line:
+        u = np.random.default_rng(seed).standard_normal(config["hidden_size"]).astype(np.float32)
+        c = np.array([2, 1, 0, -1, -2], dtype=np.float32)
+        for name in weights:
+            if name.endswith(router):
+                weights[name] = np.outer(c, u)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "config.json", config)
         atomic_write_json(tmp / "generation_config.json", {"eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID})
-        arrays = {k: mx.array(v) for k, v in sorted(hub_weights(config, seed).items())}
+        arrays = {k: mx.array(v) for k, v in sorted(weights.items())}
         mx.save_safetensors(str(tmp / "model.safetensors"), arrays, metadata={"format": "pt"})
         make_tokenizer(tmp, vocab_size=config["vocab_size"])
     return out

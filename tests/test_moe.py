@@ -1,0 +1,252 @@
+"""LoRA on the experts of mixture-of-experts models (mlx-lm's SwitchLinear / QuantizedSwitchLinear):
+per-expert math, default targets, refusals, training touches only routed experts, save/load
+(PEFT and mlx-lm layouts), fuse (float and quantized base), CPU dequantization."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_lora
+from fixtures_moe import make_tiny_moe
+from mlx_lora.adapters import adapter_layers, apply_lora, count_parameters, load_adapter, save_adapter
+from mlx_lora.config import LoraConfig, build
+from mlx_lora.errors import AdapterError
+from mlx_lora.lora import LoRASwitchLinear, dense_weight, is_expert_layer
+from mlx_lora.mlx_lm_compat import switch_linear_classes
+from mlx_lora.models import load_model
+from mlx_lora.testing import make_tiny_dataset
+
+SwitchLinear, QuantizedSwitchLinear = switch_linear_classes()
+TOKENS = mx.array([[5, 17, 99, 3, 250, 41, 7, 300, 12, 64], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {f: make_tiny_moe(f, root / f) for f in ("qwen3_moe", "mixtral")}
+
+
+@pytest.fixture(scope="module")
+def moe_q4(moe_dirs, tmp_path_factory):
+    from mlx_lm.convert import convert
+
+    out = tmp_path_factory.mktemp("moeq") / "q4"
+    convert(str(moe_dirs["qwen3_moe"]), str(out), quantize=True, q_group_size=32, q_bits=4)
+    return out
+
+
+def _np(a):
+    return np.array(a.astype(mx.float32))
+
+
+def _randomize(model, seed=3):
+    """Non-zero B everywhere, so that every adapter changes the output."""
+    rng = np.random.default_rng(seed)
+    for _, m in adapter_layers(model):
+        m.lora_b = mx.array(rng.standard_normal(m.lora_b.shape).astype(np.float32) * 0.05)
+    mx.eval(model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_expert_lora_is_the_base_at_init_and_adds_each_routed_experts_own_update(quantized):
+    E, out_dims, in_dims, r = 4, 48, 64, 4
+    mx.random.seed(0)
+    base = SwitchLinear(in_dims, out_dims, E, bias=True)
+    base.bias = mx.random.normal((E, out_dims)) * 0.1
+    if quantized:
+        base = base.to_quantized(group_size=32, bits=4)
+    layer = LoRASwitchLinear(base, r=r, alpha=8.0)
+    assert layer.lora_a.shape == (E, r, in_dims) and layer.lora_b.shape == (E, out_dims, r)
+    x = mx.random.normal((3, 5, 1, 1, in_dims))  # [batch, seq, 1, 1, in] as SwitchGLU calls it
+    idx = mx.array(np.random.default_rng(0).integers(0, E, (3, 5, 2)))
+    np.testing.assert_array_equal(_np(layer(x, idx)), _np(base(x, idx)))
+
+    layer.lora_b = mx.random.normal((E, out_dims, r)) * 0.1
+    w = _np(dense_weight(base))
+    bias = _np(base.bias)
+    delta = 2.0 * np.einsum("eor,eri->eoi", _np(layer.lora_b), _np(layer.lora_a))
+    xs, ids = _np(x)[:, :, 0, 0], np.array(idx)
+    want = (np.einsum("bskoi,bsi->bsko", (w + delta)[ids], xs) + bias[ids])[..., None, :]
+    np.testing.assert_allclose(_np(layer(x, idx)), want, rtol=1e-4, atol=1e-4)
+    fused = layer.fuse()
+    assert isinstance(fused, SwitchLinear)
+    np.testing.assert_allclose(_np(fused(x, idx)), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+
+
+def test_default_targets_include_every_expert_layer_but_not_the_router(moe_dirs):
+    for family, moe in (("qwen3_moe", "mlp"), ("mixtral", "block_sparse_moe")):
+        model, _, _ = load_model(str(moe_dirs[family]), dtype="float32", with_tokenizer=False)
+        paths = set(apply_lora(model, LoraConfig(r=4)))
+        experts = {f"model.layers.{i}.{moe}.switch_mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")}
+        assert experts <= paths, family
+        assert not any(p.endswith(f"{moe}.gate") for p in paths), family
+        # count_parameters counts A [E, r, in] and B [E, out, r] of every expert layer
+        trainable, _ = count_parameters(model)
+        per_block = 4 * 4 * (64 + 32) * 3 + 4 * (64 + 64) + 4 * (64 + 32) * 2 + 4 * (64 + 64)
+        assert trainable == 2 * per_block, family
+
+
+def test_a_router_named_in_target_modules_is_adapted(moe_dirs):
+    model, _, _ = load_model(str(moe_dirs["qwen3_moe"]), dtype="float32", with_tokenizer=False)
+    assert apply_lora(model, LoraConfig(r=4, target_modules=["gate"])) == [f"model.layers.{i}.mlp.gate" for i in (0, 1)]
+
+
+def test_targets_that_match_nothing_or_cannot_be_wrapped_are_never_silent(moe_dirs):
+    path = str(moe_dirs["qwen3_moe"])
+    model, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    with pytest.raises(AdapterError, match=r"matched no linear layer or expert layer.*this model has: .*gate_proj"):
+        apply_lora(model, LoraConfig(r=4, target_modules=["w1"]))
+    # switch_mlp holds the experts but is not a layer itself: named, with what it is
+    with pytest.raises(AdapterError, match=r"model\.layers\.0\.mlp\.switch_mlp \(SwitchGLU\)"):
+        apply_lora(model, LoraConfig(r=4, target_modules=["switch_mlp"]))
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.input_layernorm \(RMSNorm\).*cannot carry"):
+        apply_lora(model, LoraConfig(r=4, target_modules=["q_proj", "input_layernorm"]))
+    assert len(adapter_layers(model)) == 2
+
+
+def test_dora_and_an_oversized_rank_on_experts_are_refused_naming_the_layers(moe_dirs):
+    model, _, _ = load_model(str(moe_dirs["qwen3_moe"]), dtype="float32", with_tokenizer=False)
+    with pytest.raises(AdapterError, match=r"lora.use_dora: DoRA is not supported on expert layers "
+                                           r"\(model\.layers\.0\.mlp\.switch_mlp\.down_proj"):
+        apply_lora(model, LoraConfig(r=4, use_dora=True))
+    # experts have 32 hidden units (moe_intermediate_size): r = 48 fits attention (64) but not them
+    with pytest.raises(AdapterError, match=r"lora.r=48: .*switch_mlp\.\w+_proj .*at most 32"):
+        apply_lora(model, LoraConfig(r=48))
+    assert not adapter_layers(model)
+    apply_lora(model, LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"]))  # DoRA without experts
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def test_training_moves_routed_experts_only(tmp_path):
+    model_dir = make_tiny_moe("qwen3_moe", tmp_path / "line", router_line=True)
+    data = make_tiny_dataset(tmp_path / "chat.jsonl", "chat", n=8, seed=0)
+    cfg = build(extra={"model": {"path": str(model_dir)}, "data": {"path": str(data), "valid_fraction": 0.0},
+                       "out": str(tmp_path / "run"), "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000}},
+                overrides=["train.iters=3", "train.batch_size=4", "train.lr=1e-2", "lora.r=4"])
+    mlx_lora.train(cfg, progress=False, stream=io.StringIO())
+    trained = mx.load(str(tmp_path / "run" / "adapter_model.safetensors"))
+
+    # The initial A of the same run: same seed, same model, same wrapping order.
+    mx.random.seed(cfg.train.seed)
+    fresh, _, _ = load_model(str(model_dir), dtype="float32", with_tokenizer=False)
+    apply_lora(fresh, cfg.lora)
+    init = {p: m for p, m in adapter_layers(fresh)}
+    expert_keys = [k for k in trained if ".switch_mlp." in k]
+    assert len(expert_keys) == 2 * 3 * 2
+    for key in expert_keys:
+        path = key[len("base_model.model."):].rsplit(".lora_", 1)[0]
+        t = np.array(trained[key])
+        start = np.array(init[path].lora_a if ".lora_A." in key else init[path].lora_b)
+        assert t.shape[0] == 5
+        for e in (0, 1, 3, 4):  # routed: moved
+            assert np.abs(t[e] - start[e]).max() > 1e-4, (key, e)
+        np.testing.assert_array_equal(t[2], start[2], err_msg=f"{key}: expert 2 was never routed to")
+
+
+# ---------------------------------------------------------------------------------------------
+# Save / load
+
+
+def test_save_and_load_round_trip_expert_adapters(moe_dirs, tmp_path):
+    path = str(moe_dirs["mixtral"])
+    model, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    cfg = LoraConfig(r=4, alpha=8.0)
+    apply_lora(model, cfg)
+    _randomize(model)
+    want = _np(model(TOKENS))
+    save_adapter(model, tmp_path / "a", cfg, path)
+    saved = mx.load(str(tmp_path / "a" / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.1.block_sparse_moe.switch_mlp.up_proj"
+    assert saved[key + ".lora_A.weight"].shape == (4, 4, 64) and saved[key + ".lora_B.weight"].shape == (4, 32, 4)
+
+    again, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    info = load_adapter(again, tmp_path / "a")
+    assert key[len("base_model.model."):] in info.targets
+    np.testing.assert_allclose(_np(again(TOKENS)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_mlx_lm_adapter_on_experts_loads_and_computes_as_mlx_lm(moe_dirs, tmp_path):
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    path = str(moe_dirs["qwen3_moe"])
+    ref, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    ref.freeze()
+    params = {"rank": 4, "scale": 2.0, "dropout": 0.0}
+    linear_to_lora_layers(ref, 2, params)  # mlx-lm's own expert LoRA (LoRASwitchLinear)
+    rng = np.random.default_rng(0)
+    for name, a in tree_flatten(ref.trainable_parameters()):
+        if name.endswith("lora_b"):
+            ref.update(tree_unflatten([(name, mx.array(rng.standard_normal(a.shape).astype(np.float32) * 0.05))]))
+    folder = tmp_path / "mlxlm"
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(ref.trainable_parameters())))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params, "model": path}))
+    assert any(".switch_mlp." in k for k in mx.load(str(folder / "adapters.safetensors")))
+
+    ours, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    load_adapter(ours, folder)
+    assert sum(is_expert_layer(m.base) for _, m in adapter_layers(ours)) == 6
+    np.testing.assert_allclose(_np(ours(TOKENS)), _np(ref(TOKENS)), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuse
+
+
+@pytest.mark.parametrize("base", ["float", "q4"])
+def test_fused_folder_computes_as_the_lora_model(moe_dirs, moe_q4, base, tmp_path):
+    from mlx_lora.converters.fuse import fuse
+
+    path = str(moe_dirs["qwen3_moe"] if base == "float" else moe_q4)
+    model, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    cfg = LoraConfig(r=4, alpha=8.0)
+    apply_lora(model, cfg)
+    _randomize(model)
+    want = _np(model(TOKENS))
+    save_adapter(model, tmp_path / "a", cfg, path)
+    fuse(path, tmp_path / "a", tmp_path / "fused", log=lambda m: None)
+
+    names = json.loads((tmp_path / "fused" / "model.safetensors.index.json").read_text())["weight_map"] \
+        if (tmp_path / "fused" / "model.safetensors.index.json").exists() \
+        else mx.load(str(tmp_path / "fused" / "model.safetensors")).keys()
+    # the hub's per-expert layout, as transformers and convert_hf_to_gguf.py read it
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in names
+    assert not any("switch_mlp" in n for n in names)
+    fused, _, _ = load_model(str(tmp_path / "fused"), dtype="float32", with_tokenizer=False)
+    assert not any(isinstance(m, QuantizedSwitchLinear) for _, m in fused.named_modules())
+    np.testing.assert_allclose(_np(fused(TOKENS)), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU QLoRA
+
+
+def test_cpu_dequantization_covers_expert_layers(moe_q4):
+    quant, _, _ = load_model(str(moe_q4), with_tokenizer=False)
+    assert sum(isinstance(m, QuantizedSwitchLinear) for _, m in quant.named_modules()) == 6
+    deq, _, info = load_model(str(moe_q4), with_tokenizer=False, dequantize_on_cpu="true")
+    assert info.compute and info.compute.startswith("dequantized")
+    kinds = {type(m).__name__ for _, m in deq.named_modules()}
+    assert not kinds & {"QuantizedSwitchLinear", "QuantizedLinear", "QuantizedEmbedding"}, kinds
+    np.testing.assert_allclose(_np(deq(TOKENS)), _np(quant(TOKENS)), rtol=1e-4, atol=1e-4)
+    apply_lora(deq, LoraConfig(r=4))
+    assert sum(isinstance(m.base, SwitchLinear) for _, m in adapter_layers(deq)) == 6
