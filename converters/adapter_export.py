@@ -313,6 +313,11 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
                           f"weight, which a plain LoRA (what llama.cpp applies) cannot express. Fuse it instead: "
                           f"mlx-lora export gguf --model {model or 'MODEL'} --adapter {adapter} --out model.gguf")
     groups = check_adapter_state(state, info.lora.r, str(adapter))
+    experts = [p for p, g in groups.items() if g["lora_A.weight"].ndim == 3]
+    if experts:
+        raise ExportError(f"{adapter} adapts expert layers ({experts[0]}, ...), which a GGUF LoRA file cannot hold "
+                          f"yet. Fuse it instead: mlx-lora export gguf --model {model or 'MODEL'} --adapter {adapter} "
+                          f"--out model.gguf")
     source, config = _base_config(model, info)
     spec = gguf_arch.arch_spec(config["model_type"])
     tensors = gguf_adapter_tensors(groups, config)

@@ -250,3 +250,57 @@ def test_cpu_dequantization_covers_expert_layers(moe_q4):
     np.testing.assert_allclose(_np(deq(TOKENS)), _np(quant(TOKENS)), rtol=1e-4, atol=1e-4)
     apply_lora(deq, LoraConfig(r=4))
     assert sum(isinstance(m.base, SwitchLinear) for _, m in adapter_layers(deq)) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+@pytest.fixture(scope="module")
+def expert_adapter(moe_dirs, tmp_path_factory):
+    """A qwen3_moe adapter on attention and experts, saved as train saves it, and its model."""
+    path = str(moe_dirs["qwen3_moe"])
+    model, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    cfg = LoraConfig(r=4, alpha=8.0, dropout=0.1)
+    apply_lora(model, cfg)
+    _randomize(model)
+    out = tmp_path_factory.mktemp("ad") / "a"
+    save_adapter(model, out, cfg, path, extra={"model_type": "qwen3_moe"})
+    return out, path
+
+
+def test_peft_export_writes_one_adapter_per_expert_under_the_hubs_names(expert_adapter, tmp_path):
+    from mlx_lora.converters.adapter_export import export_peft
+
+    adapter, path = expert_adapter
+    export_peft(adapter, tmp_path / "peft", model=path, log=lambda m: None)
+    ours = mx.load(str(adapter / "adapter_model.safetensors"))
+    got = mx.load(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert not any("switch_mlp" in k for k in got)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        stacked = f"base_model.model.model.layers.1.mlp.switch_mlp.{proj}"
+        for e in range(4):
+            one = f"base_model.model.model.layers.1.mlp.experts.{e}.{proj}"
+            for leaf in ("lora_A.weight", "lora_B.weight"):
+                np.testing.assert_array_equal(_np(got[f"{one}.{leaf}"]), _np(ours[f"{stacked}.{leaf}"][e]))
+    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= set(conf["target_modules"])
+    assert conf["lora_dropout"] == 0.0  # peft's expert wrapper has no dropout; it plays no part in inference
+    assert (conf["r"], conf["lora_alpha"]) == (4, 8.0)
+
+
+def test_expert_adapters_that_cannot_be_exported_are_refused_with_fuse_instead(expert_adapter, tmp_path, capsys):
+    from cli_harness import assert_refused
+
+    adapter, path = expert_adapter
+    rs = tmp_path / "rs"
+    rs.mkdir()
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    (rs / "adapter_config.json").write_text(json.dumps({**conf, "use_rslora": True}))
+    (rs / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    assert_refused(capsys, ["export", "adapter", "--adapter", str(rs), "--format", "peft", "--out",
+                            str(tmp_path / "o1"), "--model", path], ["rsLoRA", "expert layers", "fuse instead"],
+                   [tmp_path], code=2)
+    assert_refused(capsys, ["export", "adapter", "--adapter", str(adapter), "--format", "gguf", "--out",
+                            str(tmp_path / "o2.gguf"), "--model", path], ["expert layers", "Fuse it instead"],
+                   [tmp_path], code=2)
