@@ -12,6 +12,10 @@ re-quantizes. Re-quantizing is an explicit option that reports, for every re-qua
 the error it adds relative to the adapter's change ``||Q(W') - W'||_F / ||W' - W||_F``: a value
 near or above 1 means quantization noise as large as the fine-tune itself.
 
+Expert layers of mixture-of-experts models fuse per expert (``LoRASwitchLinear.fuse``) and are
+written one matrix per expert, under the hub's names (:mod:`moe_layout`); an MLX-quantized output
+keeps mlx-lm's stacked experts.
+
 The output folder (``config.json``, ``model*.safetensors``, tokenizer files,
 ``generation_config.json``) loads in transformers and mlx-lm. It is assembled in a temporary
 sibling folder and renamed into place only after verification passes.
