@@ -160,6 +160,9 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
         # peft adapts transformers 5's fused expert parameters through ParamWrapper, which has no
         # dropout; dropout plays no part in inference.
         conf["lora_dropout"] = 0.0
+        # peft maps the per-expert names onto the fused parameters by their leaf names, not by a
+        # regex over per-expert paths: name the leaves, and the blocks when not all are adapted.
+        conf["target_modules"], conf["layers_to_transform"] = _leaves_and_blocks(targets, str(adapter))
     tensors = {k: v.astype(mx.float32) for k, v in sorted(state.items())}
     try:
         with atomic_dir(out, overwrite=True) as tmp:
@@ -190,6 +193,22 @@ def _model_type(info, model: str | None) -> str | None:
         folder, _ = resolve(str(source))
         model_type = read_config(folder).get("model_type")
     return model_type
+
+
+def _leaves_and_blocks(targets: list[str], source: str) -> tuple[list[str], list[int] | None]:
+    """(leaf names, block indices or None for all) selecting exactly ``targets``, the same leaves
+    in every adapted block; otherwise the selection cannot be written for peft."""
+    per_block: dict[int, set[str]] = {}
+    for t in targets:
+        m = re.search(r"\.layers\.(\d+)\.", t)
+        if m is None:
+            raise ExportError(f"{source}: '{t}' is outside the transformer blocks; fuse instead")
+        per_block.setdefault(int(m.group(1)), set()).add(t.rsplit(".", 1)[-1])
+    leaves = set.union(*per_block.values())
+    if any(v != leaves for v in per_block.values()):
+        raise ExportError(f"{source}: the adapter adapts different layers in different blocks, which peft cannot "
+                          f"select on a model with expert layers; fuse instead")
+    return sorted(leaves), sorted(per_block)
 
 
 def peft_expert_state(state: dict, groups: dict, info, model: str | None, source: str):

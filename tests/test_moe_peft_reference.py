@@ -23,6 +23,7 @@ TOKENS = [[5, 17, 99, 3, 250, 41, 7, 300, 12, 64], [1, 2, 3, 4, 5, 6, 7, 8, 9, 1
     ("mixtral", None),
     ("qwen3_moe", ["q_proj", "gate_proj", "down_proj"]),   # up_proj missing: a zero partner is added
     ("qwen3_moe", ["v_proj", "gate", "up_proj"]),          # the router too
+    ("mixtral", [r"re:.*layers\.1\..*_proj"]),            # one block, by regex
 ])
 def test_peft_export_of_expert_adapters_matches_in_transformers(family, targets, tmp_path):
     torch = pytest.importorskip("torch")
