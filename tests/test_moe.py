@@ -134,12 +134,25 @@ def test_dora_and_an_oversized_rank_on_experts_are_refused_naming_the_layers(moe
 # Training
 
 
-def test_training_moves_routed_experts_only(tmp_path):
-    model_dir = make_tiny_moe("qwen3_moe", tmp_path / "line", router_line=True)
-    data = make_tiny_dataset(tmp_path / "chat.jsonl", "chat", n=8, seed=0)
-    cfg = build(extra={"model": {"path": str(model_dir)}, "data": {"path": str(data), "valid_fraction": 0.0},
-                       "out": str(tmp_path / "run"), "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000}},
-                overrides=["train.iters=3", "train.batch_size=4", "train.lr=1e-2", "lora.r=4"])
+@pytest.fixture(scope="module")
+def line_setup(tmp_path_factory):
+    """A qwen3_moe model whose expert 2 no token can reach (``router_line``), 8 chat rows, and a
+    config factory for a 3-step run."""
+    root = tmp_path_factory.mktemp("line")
+    model_dir = make_tiny_moe("qwen3_moe", root / "line", router_line=True)
+    data = make_tiny_dataset(root / "chat.jsonl", "chat", n=8, seed=0)
+
+    def cfg(out, **train):
+        return build(extra={"model": {"path": str(model_dir)}, "data": {"path": str(data), "valid_fraction": 0.0},
+                            "out": str(out), "train": {"log_every": 1, "save_every": 2, "eval_every": 1000, **train}},
+                     overrides=["train.iters=3", "train.batch_size=4", "train.lr=1e-2", "lora.r=4"])
+
+    return model_dir, cfg
+
+
+def test_training_moves_routed_experts_only(line_setup, tmp_path):
+    model_dir, make_cfg = line_setup
+    cfg = make_cfg(tmp_path / "run")
     mlx_lora.train(cfg, progress=False, stream=io.StringIO())
     trained = mx.load(str(tmp_path / "run" / "adapter_model.safetensors"))
 
@@ -158,6 +171,30 @@ def test_training_moves_routed_experts_only(tmp_path):
         for e in (0, 1, 3, 4):  # routed: moved
             assert np.abs(t[e] - start[e]).max() > 1e-4, (key, e)
         np.testing.assert_array_equal(t[2], start[2], err_msg=f"{key}: expert 2 was never routed to")
+
+
+class _StopAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, trainer, m):
+        if m["step"] == self.step:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_resumes_to_the_same_expert_adapters(line_setup, tmp_path):
+    _, make_cfg = line_setup
+    mlx_lora.train(make_cfg(tmp_path / "full"), progress=False, stream=io.StringIO())
+    part = tmp_path / "part"
+    r1 = mlx_lora.train(make_cfg(part), progress=False, stream=io.StringIO(), callbacks=[_StopAt(2)])
+    assert r1.stopped == "interrupted" and r1.steps == 2
+    r2 = mlx_lora.train(build(str(part / "config.yaml")), resume=True, progress=False, stream=io.StringIO())
+    assert r2.steps == 3
+    a = mx.load(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = mx.load(str(part / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(".switch_mlp." in k for k in a)
+    for k in a:
+        np.testing.assert_allclose(_np(b[k]), _np(a[k]), rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 # ---------------------------------------------------------------------------------------------
