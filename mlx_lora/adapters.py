@@ -70,7 +70,7 @@ def routers(block: nn.Module) -> set[str]:
     score at most as many outputs as there are experts."""
     found = set()
     for path, m in block.named_modules():
-        children = dict(m.children()) if isinstance(m, nn.Module) else {}
+        children = m.children()  # direct descendants: modules, or lists / dicts of them
         experts = [e for c in children.values() if isinstance(c, nn.Module)
                    for _, e in c.named_modules() if is_expert_layer(e)]
         if not experts:
