@@ -68,3 +68,36 @@ def unstack_experts(model_type: str, tensors: dict) -> dict:
         for e in range(a.shape[0]):
             out[f"{expert_module(model_type, owner, e)}.{leaf}"] = a[e]
     return out
+
+
+_LORA_KEY = re.compile(r"^(?P<block>.*\.layers\.\d+)\.(?P<rest>.+)\.(?P<leaf>lora_A\.weight|lora_B\.weight)$")
+
+
+def stack_expert_state(model_type: str, state: dict) -> dict:
+    """PEFT tensors with per-expert adapters under the hub's names (``...mlp.experts.E.gate_proj
+    .lora_A.weight`` [r, in], as peft writes them for a transformers 4 model and as our PEFT export
+    does) stacked into mlx-lm's expert layers (``...mlp.switch_mlp.gate_proj.lora_A.weight``
+    [E, r, in]). Anything else, and experts not numbered 0..E-1 without a gap, stays as it is."""
+    import mlx.core as mx
+
+    layout = LAYOUTS.get(model_type)
+    if layout is None:
+        return state
+    hub = {v: k for k, v in layout.names.items()}
+    pattern = re.compile(re.escape(layout.per_expert).replace(r"\{e\}", r"(?P<e>\d+)") + r"\.(?P<proj>\w+)$")
+    groups: dict[tuple, dict[int, object]] = {}
+    out = {}
+    for key, value in state.items():
+        m = _LORA_KEY.match(key)
+        found = pattern.fullmatch(m["rest"]) if m else None
+        if found is None or found["proj"] not in hub:
+            out[key] = value
+            continue
+        target = (m["block"], hub[found["proj"]], m["leaf"])
+        groups.setdefault(target, {})[int(found["e"])] = (key, value)
+    for (block, proj, leaf), experts in groups.items():
+        if sorted(experts) != list(range(len(experts))):
+            out.update(dict(experts.values()))
+            continue
+        out[f"{block}.{layout.stacked}.{proj}.{leaf}"] = mx.stack([experts[e][1] for e in sorted(experts)])
+    return out

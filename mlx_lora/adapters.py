@@ -23,6 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import LoraConfig
+from .converters.moe_layout import stack_expert_state
 from .errors import AdapterError
 from .io import atomic_write_json, atomic_save_safetensors
 from .lora import DoRALinear, LoRALinear, LoRASwitchLinear, base_dims, is_adapter_layer, is_expert_layer
@@ -484,6 +485,9 @@ def read_adapter(folder, model: Optional[nn.Module] = None) -> tuple[AdapterInfo
             state = mx.load(str(folder / ADAPTER_WEIGHTS))
         except Exception as e:
             raise AdapterError(f"{folder / ADAPTER_WEIGHTS}: cannot read ({e})") from None
+        model_type = getattr(model, "model_type", None) or (conf.get("mlx_lora") or {}).get("model_type")
+        if isinstance(model_type, str):  # per-expert adapters (peft's layout) onto mlx-lm's stacked experts
+            state = stack_expert_state(model_type, state)
         targets = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
         info = AdapterInfo(lora, conf.get("base_model_name_or_path"), targets, "peft", conf.get("mlx_lora") or {})
         return info, state

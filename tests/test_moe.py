@@ -310,7 +310,9 @@ def test_peft_export_writes_one_adapter_per_expert_under_the_hubs_names(expert_a
     from mlx_lora.converters.adapter_export import export_peft
 
     adapter, path = expert_adapter
-    export_peft(adapter, tmp_path / "peft", model=path, log=lambda m: None)
+    # --verify reads the export back through our loader (stacking the experts again) and compares logits
+    result = export_peft(adapter, tmp_path / "peft", model=path, verify=True, log=lambda m: None)
+    assert result.verify is not None and "PEFT adapter" in "\n".join(result.verify.lines())
     ours = mx.load(str(adapter / "adapter_model.safetensors"))
     got = mx.load(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert not any("switch_mlp" in k for k in got)
@@ -324,6 +326,14 @@ def test_peft_export_writes_one_adapter_per_expert_under_the_hubs_names(expert_a
     assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= set(conf["target_modules"])
     assert conf["lora_dropout"] == 0.0  # peft's expert wrapper has no dropout; it plays no part in inference
     assert (conf["r"], conf["lora_alpha"]) == (4, 8.0)
+
+    original, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    load_adapter(original, adapter)
+    again, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    load_adapter(again, tmp_path / "peft")
+    assert sum(is_expert_layer(m.base) for _, m in adapter_layers(again)) == 6
+    original.eval(), again.eval()  # the adapter was trained with dropout
+    np.testing.assert_allclose(_np(again(TOKENS)), _np(original(TOKENS)), rtol=1e-5, atol=1e-5)
 
 
 def test_expert_adapters_that_cannot_be_exported_are_refused_with_fuse_instead(expert_adapter, tmp_path, capsys):
