@@ -113,22 +113,26 @@ def candidate_layers(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Mo
 
 
 def unwrappable_matches(model: nn.Module, cfg: LoraConfig) -> list[str]:
-    """Modules that ``target_modules`` names but no adapter can wrap, as 'path (Kind)': layers with
-    weights of their own (embeddings, norms, ...) matched by any pattern, and modules that only
-    hold other layers (``switch_mlp``, ``self_attn``) matched by a plain name."""
+    """What ``target_modules`` names that no adapter can wrap, as 'path (Kind)': layers with
+    weights of their own (embeddings, norms, ...) matched by any pattern, modules that only hold
+    other layers (``switch_mlp``, ``self_attn``) matched by a plain name, and plain names that
+    match no module of the selected blocks."""
     if cfg.target_modules is None:
         return []
     names = [p for p in cfg.target_modules if not p.startswith("re:")]
-    out = []
+    out, paths = [], []
     for prefix, block in _selected_blocks(model, cfg):
         for sub, m in block.named_modules():
-            if not sub or wrappable(m):
+            if not sub:
                 continue
             path = f"{prefix}.{sub}"
+            paths.append(path)
+            if wrappable(m):
+                continue
             own = any(isinstance(v, mx.array) for v in m.values())
             if (own and _matches(path, cfg.target_modules)) or (not own and _matches(path, names)):
                 out.append(f"{path} ({type(m).__name__})")
-    return out
+    return out + [f"'{n}' (no such module)" for n in names if not any(_matches(p, [n]) for p in paths)]
 
 
 def _linear_names(model: nn.Module) -> str:
@@ -164,7 +168,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, warn: Optional[Callable[[str],
     targets = candidate_layers(model, cfg)
     skipped = unwrappable_matches(model, cfg)
     if not targets:
-        named = f"; it names only layers that cannot carry an adapter: {_listing(skipped)}" if skipped else ""
+        named = f"; what it names instead: {_listing(skipped)}" if skipped else ""
         raise AdapterError(
             f"lora.target_modules {cfg.target_modules} matched no linear layer or expert layer{named}; "
             f"this model has: {_linear_names(model)}"
