@@ -274,6 +274,26 @@ def test_fused_folder_computes_as_the_lora_model(moe_dirs, moe_q4, base, tmp_pat
     np.testing.assert_allclose(_np(fused(TOKENS)), want, rtol=1e-4, atol=1e-4)
 
 
+def test_fuse_with_quantize_quantizes_the_experts_too(moe_dirs, tmp_path):
+    from mlx_lora.converters.fuse import fuse
+
+    path = str(moe_dirs["qwen3_moe"])
+    model, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    cfg = LoraConfig(r=4, alpha=8.0)
+    apply_lora(model, cfg)
+    _randomize(model)
+    want = _np(model(TOKENS))
+    save_adapter(model, tmp_path / "a", cfg, path)
+    result = fuse(path, tmp_path / "a", tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32, log=lambda m: None)
+    assert result.requant is not None and any("switch_mlp" in p for p in result.requant.delta_errors)
+    fused, _, _ = load_model(str(tmp_path / "q8"), dtype="float32", with_tokenizer=False)
+    assert sum(isinstance(m, QuantizedSwitchLinear) for _, m in fused.named_modules()) == 6
+    got = _np(fused(TOKENS))
+    base, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    # 8-bit rounding of the weights stays well below the adapter's own effect on the logits
+    assert np.abs(got - want).max() < 0.25 * np.abs(_np(base(TOKENS)) - want).max()
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU QLoRA
 
