@@ -35,6 +35,11 @@ import numpy as np
 from .io import atomic_dir, atomic_write_json, atomic_write_text
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+"""Families in the GGUF architecture table (tests iterate it)."""
+MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
+"""Mixture-of-experts families (4 experts, top-2 routing), written in the published per-expert
+layout (``...experts.{e}.gate_proj.weight`` / ``...experts.{e}.w1.weight``) that mlx-lm stacks
+on load and transformers merges on load."""
 
 PathLike = Union[str, os.PathLike]
 
@@ -189,6 +194,8 @@ class _ArchSpec:
     norm_offset: float  # stored norm weight = scale - norm_offset
     extra: dict = field(default_factory=dict)
     untied_supported: bool = True
+    experts: Optional[tuple[str, str, dict]] = None
+    """MoE layout: (mlx-lm's stacked module, the per-expert HF module, mlx-lm name -> HF name)."""
 
 
 _SPECS = {
@@ -232,6 +239,29 @@ _SPECS = {
             "resid_pdrop": 0.0, "hidden_act": "silu",
         },
     ),
+    "qwen3_moe": _ArchSpec(
+        # Qwen3-30B-A3B: every layer sparse, top-k weights renormalised, untied head.
+        "Qwen3MoeForCausalLM", tie=False, explicit_head_dim=True, wide_heads=True, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=40960, norm_offset=1.0,
+        extra={
+            "attention_bias": False, "use_sliding_window": False, "sliding_window": None, "hidden_act": "silu",
+            "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False,
+        },
+        experts=("mlp.switch_mlp", "mlp.experts", {"gate_proj": "gate_proj", "up_proj": "up_proj",
+                                                   "down_proj": "down_proj"}),
+    ),
+    "mixtral": _ArchSpec(
+        # Mixtral 8x7B, scaled down: 4 experts, top-2.
+        "MixtralForCausalLM", tie=False, explicit_head_dim=False, wide_heads=False, rope_theta=1000000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=32768, norm_offset=1.0,
+        extra={
+            "sliding_window": None, "hidden_act": "silu", "num_local_experts": 4, "num_experts_per_tok": 2,
+            "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0, "output_router_logits": False,
+        },
+        experts=("block_sparse_moe.switch_mlp", "block_sparse_moe.experts",
+                 {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}),
+    ),
 }
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -244,7 +274,7 @@ def default_tie_word_embeddings(arch: str) -> bool:
 
 def _spec(arch: str) -> _ArchSpec:
     if arch not in _SPECS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(_SPECS)}")
     return _SPECS[arch]
 
 
@@ -304,6 +334,8 @@ def tiny_config(
         config["head_dim"] = head_dim
     if arch in ("qwen2", "qwen3"):
         config["max_window_layers"] = num_layers
+    if arch == "qwen3_moe":
+        config["moe_intermediate_size"] = 2 * hidden_size
     if arch == "gemma2":
         # Gemma 2 scales queries by query_pre_attn_scalar**-0.5; published checkpoints use head_dim.
         config["query_pre_attn_scalar"] = head_dim
@@ -325,7 +357,22 @@ def hf_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
     model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
-    return {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
+    shapes = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
+    experts = _SPECS[config["model_type"]].experts if config["model_type"] in _SPECS else None
+    if experts is None:
+        return shapes
+    stacked, per_expert, names = experts
+    out = {}
+    for name, shape in shapes.items():
+        # model.layers.{i}.<stacked>.<proj>.weight (E, out, in) -> E tensors (out, in)
+        head, sep, tail = name.partition(f".{stacked}.")
+        if not sep:
+            out[name] = shape
+            continue
+        proj, _, kind = tail.partition(".")
+        for e in range(shape[0]):
+            out[f"{head}.{per_expert}.{e}.{names[proj]}.{kind}"] = shape[1:]
+    return out
 
 
 def _random_weights(config: dict, seed: int, init_std: float, norm_offset: float) -> dict[str, np.ndarray]:

@@ -19,13 +19,18 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_lora import testing
-from mlx_lora.testing import ARCHITECTURES, make_tiny_dataset, make_tiny_model, make_tokenizer
+from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES, make_tiny_dataset, make_tiny_model, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
 # What published small checkpoints of each family do (Llama 3.x 8B, Mistral 7B, Qwen2.5 0.5B,
 # Qwen3 0.6B, Gemma 2 2B, Phi-3 mini).
-TYPICAL_TIE = {"llama": False, "mistral": False, "qwen2": True, "qwen3": True, "gemma2": True, "phi3": False}
+TYPICAL_TIE = {"llama": False, "mistral": False, "qwen2": True, "qwen3": True, "gemma2": True, "phi3": False,
+               "qwen3_moe": False, "mixtral": False}
+FAMILIES = ARCHITECTURES + MOE_ARCHITECTURES
+# Per-expert HF names of the MoE families: (module, number of experts key, HF name of gate/up/down)
+EXPERTS = {"qwen3_moe": ("mlp.experts", "num_experts", ("gate_proj", "up_proj", "down_proj")),
+           "mixtral": ("block_sparse_moe.experts", "num_local_experts", ("w1", "w3", "w2"))}
 # Gemma's RMSNorm multiplies by (1 + w); the others multiply by w.
 NORM_SCALE_OFFSET = {"gemma2": 1.0}
 
@@ -52,7 +57,16 @@ def expected_hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
         shapes[p + "self_attn.o_proj.weight"] = (h, heads * d)
-        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+        if arch in EXPERTS:
+            module, count, (gate, up, down) = EXPERTS[arch]
+            n, e_inter = cfg[count], cfg.get("moe_intermediate_size", inter)
+            shapes[p + module.rsplit(".", 1)[0] + ".gate.weight"] = (n, h)
+            for e in range(n):
+                shapes[f"{p}{module}.{e}.{gate}.weight"] = (e_inter, h)
+                shapes[f"{p}{module}.{e}.{up}.weight"] = (e_inter, h)
+                shapes[f"{p}{module}.{e}.{down}.weight"] = (h, e_inter)
+        else:
+            shapes[p + "mlp.down_proj.weight"] = (h, inter)
         if arch == "phi3":
             shapes[p + "self_attn.qkv_proj.weight"] = ((heads + 2 * kv) * d, h)
             shapes[p + "mlp.gate_up_proj.weight"] = (2 * inter, h)
@@ -60,19 +74,47 @@ def expected_hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.q_proj.weight"] = (heads * d, h)
         shapes[p + "self_attn.k_proj.weight"] = (kv * d, h)
         shapes[p + "self_attn.v_proj.weight"] = (kv * d, h)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        if arch not in EXPERTS:
+            shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+            shapes[p + "mlp.up_proj.weight"] = (inter, h)
         if arch == "qwen2":
             shapes[p + "self_attn.q_proj.bias"] = (heads * d,)
             shapes[p + "self_attn.k_proj.bias"] = (kv * d,)
             shapes[p + "self_attn.v_proj.bias"] = (kv * d,)
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3_moe"):
             shapes[p + "self_attn.q_norm.weight"] = (d,)
             shapes[p + "self_attn.k_norm.weight"] = (d,)
         if arch == "gemma2":
             shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
             shapes[p + "post_feedforward_layernorm.weight"] = (h,)
     return shapes
+
+
+def stacked_experts(weights: dict, cfg: dict) -> dict:
+    """``weights`` with each MoE projection's experts stacked as mlx-lm's ``switch_mlp`` holds them."""
+    if cfg["model_type"] not in EXPERTS:
+        return weights
+    module, count, hf_names = EXPERTS[cfg["model_type"]]
+    out = {k: v for k, v in weights.items() if f".{module}." not in k}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.{module.rsplit('.', 1)[0]}"
+        for mlx_name, hf in zip(("gate_proj", "up_proj", "down_proj"), hf_names):
+            experts = [weights.get(f"{p}.experts.{e}.{hf}.weight") for e in range(cfg[count])]
+            out[f"{p}.switch_mlp.{mlx_name}.weight"] = mx.stack(experts)
+    return out
+
+
+def test_moe_families_route_tokens_to_different_experts(tiny_model_dir):
+    """Top-2 of 4 experts: the router sends tokens to more than two experts, so every expert matters."""
+    for arch in MOE_ARCHITECTURES:
+        cfg = read_config(tiny_model_dir(arch))
+        module, count, _ = EXPERTS[arch]
+        assert (cfg[count], cfg["num_experts_per_tok"]) == (4, 2)
+        model = load_mlx(tiny_model_dir(arch))
+        h = model.model.embed_tokens(mx.array(token_batch(512, length=24)))
+        router = getattr(model.model.layers[0], module.split(".")[0]).gate
+        top = np.argsort(-np.array(router(h)), axis=-1)[..., :2]
+        assert len(np.unique(top)) == 4, arch
 
 
 def load_mlx(path: Path):
@@ -92,6 +134,7 @@ def token_batch(vocab: int, length: int = 12, seed: int = 1) -> np.ndarray:
 
 def test_every_architecture_is_built(tiny_models):
     assert tuple(tiny_models) == ARCHITECTURES
+    assert not set(MOE_ARCHITECTURES) & set(ARCHITECTURES)
     for arch, path in tiny_models.items():
         names = {p.name for p in path.iterdir()}
         assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
@@ -99,20 +142,22 @@ def test_every_architecture_is_built(tiny_models):
         assert read_config(path)["model_type"] == arch
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_tensor_names_and_shapes_follow_hf_layout(tiny_models, arch):
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_tensor_names_and_shapes_follow_hf_layout(tiny_model_dir, arch):
+    tiny_models = {arch: tiny_model_dir(arch)}
     cfg = read_config(tiny_models[arch])
     got = {k: tuple(v.shape) for k, v in read_weights(tiny_models[arch]).items()}
     assert got == expected_hf_shapes(cfg)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_sizes_are_consistent_and_use_gqa(tiny_models, arch):
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_sizes_are_consistent_and_use_gqa(tiny_model_dir, arch):
+    tiny_models = {arch: tiny_model_dir(arch)}
     cfg = read_config(tiny_models[arch])
     heads, kv, h = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
     assert (h, cfg["num_hidden_layers"], cfg["vocab_size"]) == (64, 2, 512)
     assert kv < heads and heads % kv == 0
-    if "head_dim" in cfg and arch in ("qwen3", "gemma2"):
+    if "head_dim" in cfg and arch in ("qwen3", "gemma2", "qwen3_moe"):
         assert heads * cfg["head_dim"] != h  # these families decouple head_dim from hidden_size
     else:
         assert heads * cfg.get("head_dim", h // heads) == h
@@ -122,19 +167,21 @@ def test_sizes_are_consistent_and_use_gqa(tiny_models, arch):
         assert cfg["sliding_window"] >= 4096  # longer than any test sequence: mlx-lm has no window here
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_loads_strictly_in_mlx_lm_with_the_weights_on_disk(tiny_models, arch):
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_loads_strictly_in_mlx_lm_with_the_weights_on_disk(tiny_model_dir, arch):
+    tiny_models = {arch: tiny_model_dir(arch)}
     path = tiny_models[arch]
     model = load_mlx(path)
-    on_disk = read_weights(path)
+    on_disk = stacked_experts(read_weights(path), read_config(path))
     loaded = dict(tree_flatten(model.parameters()))
     assert set(loaded) == set(on_disk)  # sanitize dropped and renamed nothing
     for name, value in on_disk.items():
         assert mx.array_equal(loaded[name], value), name
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_forward_gives_finite_causal_logits(tiny_models, arch):
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_forward_gives_finite_causal_logits(tiny_model_dir, arch):
+    tiny_models = {arch: tiny_model_dir(arch)}
     cfg = read_config(tiny_models[arch])
     model = load_mlx(tiny_models[arch])
     tokens = token_batch(cfg["vocab_size"])
@@ -150,8 +197,9 @@ def test_forward_gives_finite_causal_logits(tiny_models, arch):
     assert np.abs(logits2[:, -1] - logits[:, -1]).max() > 1e-4
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_config_keys_are_ones_transformers_knows(tiny_models, arch):
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_config_keys_are_ones_transformers_knows(tiny_model_dir, arch):
+    tiny_models = {arch: tiny_model_dir(arch)}
     from transformers import AutoConfig
 
     cfg = read_config(tiny_models[arch])
@@ -159,6 +207,8 @@ def test_config_keys_are_ones_transformers_knows(tiny_models, arch):
     # transformers 4.x wrote these top-level keys, which published checkpoints carry and 5.x reads.
     v4_layout = {"rope_theta", "rope_scaling", "torch_dtype"}
     v4_layout |= {"gemma2": {"hidden_act", "cache_implementation"}}.get(arch, set())
+    # Qwen3-MoE checkpoints name these as published; transformers maps num_experts and reads head_dim.
+    v4_layout |= {"qwen3_moe": {"num_experts", "head_dim"}}.get(arch, set())
     assert set(cfg) - known - v4_layout == set()
 
     hf = AutoConfig.from_pretrained(tiny_models[arch])
@@ -171,8 +221,9 @@ def test_config_keys_are_ones_transformers_knows(tiny_models, arch):
         assert hf.head_dim == cfg["head_dim"]
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_tie_default_is_typical_for_the_family(tiny_models, arch):
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_tie_default_is_typical_for_the_family(tiny_model_dir, arch):
+    tiny_models = {arch: tiny_model_dir(arch)}
     cfg = read_config(tiny_models[arch])
     assert cfg["tie_word_embeddings"] is TYPICAL_TIE[arch]
     assert testing.default_tie_word_embeddings(arch) is TYPICAL_TIE[arch]
@@ -424,7 +475,7 @@ def test_dataset_bad_arguments(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Reference: transformers + torch (run by hand: pytest -m reference tests/test_fixtures_models.py)
 
-VARIANTS = [(a, None) for a in ARCHITECTURES] + [(a, not TYPICAL_TIE[a]) for a in ARCHITECTURES if a != "gemma2"]
+VARIANTS = [(a, None) for a in FAMILIES] + [(a, not TYPICAL_TIE[a]) for a in FAMILIES if a != "gemma2"]
 
 
 def hf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
