@@ -8,10 +8,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from fixtures_moe import make_tiny_moe
 from mlx_lora.adapters import adapter_layers, apply_lora, save_adapter
 from mlx_lora.config import LoraConfig
 from mlx_lora.models import load_model
+from mlx_lora.testing import make_tiny_model
 
 pytestmark = pytest.mark.reference
 
@@ -31,7 +31,7 @@ def test_peft_export_of_expert_adapters_matches_in_transformers(family, targets,
     peft = pytest.importorskip("peft")
     from mlx_lora.converters.adapter_export import export_peft
 
-    path = make_tiny_moe(family, tmp_path / family)
+    path = make_tiny_model(family, tmp_path / family, init_std=0.05)
     model, _, info = load_model(str(path), dtype="float32", with_tokenizer=False)
     cfg = LoraConfig(r=4, alpha=8.0, target_modules=targets)
     apply_lora(model, cfg)
