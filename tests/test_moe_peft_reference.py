@@ -1,6 +1,7 @@
-"""Reference: a PEFT export of an adapter on experts loads in transformers + peft (their own code,
-torch) and gives the logits of our LoRA model, which the default suite checks equal to the fused
-model's. Run by hand: ``pytest -m reference tests/test_moe_peft_reference.py``."""
+"""Reference, against transformers + peft (their own code, torch): a PEFT export of an adapter on
+experts loads and gives the logits of our LoRA model, and a fused MoE folder (experts written one
+matrix each) loads in transformers with the same logits. Run by hand:
+``pytest -m reference tests/test_moe_peft_reference.py``."""
 
 from __future__ import annotations
 
@@ -50,4 +51,27 @@ def test_peft_export_of_expert_adapters_matches_in_transformers(family, targets,
     with torch.no_grad():
         got = tuned(torch.tensor(TOKENS)).logits.numpy()
     assert np.abs(want - plain).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fused_moe_folder_loads_in_transformers_with_our_logits(family, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from mlx_lora.converters.fuse import fuse
+
+    path = make_tiny_model(family, tmp_path / family, init_std=0.05)
+    model, _, info = load_model(str(path), dtype="float32", with_tokenizer=False)
+    cfg = LoraConfig(r=4, alpha=8.0)
+    apply_lora(model, cfg)
+    rng = np.random.default_rng(1)
+    for _, m in adapter_layers(model):
+        m.lora_b = mx.array(rng.standard_normal(m.lora_b.shape).astype(np.float32) * 0.05)
+    want = np.array(model(mx.array(TOKENS)))
+    save_adapter(model, tmp_path / "a", cfg, str(path), extra={"model_type": info.model_type})
+    fuse(str(path), tmp_path / "a", tmp_path / "fused", log=lambda m: None)
+
+    fused = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "fused"), dtype=torch.float32)
+    with torch.no_grad():
+        got = fused(torch.tensor(TOKENS)).logits.numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
