@@ -78,17 +78,14 @@ def check_adapter_state(state: dict, r: int, source: str) -> dict[str, dict]:
         if a is None or b is None:
             problems.append(f"'{path}': lora_A and lora_B must both be present")
             continue
-        experts = a.ndim == 3  # an expert layer: [E, r, in] and [E, out, r]
         if (a.ndim, b.ndim) not in ((2, 2), (3, 3)) or a.shape[-2] != b.shape[-1] or a.shape[:-2] != b.shape[:-2]:
             problems.append(f"'{path}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, in] and "
                             f"[out, r] (nor [experts, r, in] and [experts, out, r])")
         elif a.shape[-2] != r:
             problems.append(f"'{path}': rank {a.shape[-2]} differs from the config's r = {r}")
-        elif experts and g.get("lora_magnitude_vector") is not None:
-            problems.append(f"'{path}': DoRA on expert layers is not supported")
         mag = g.get("lora_magnitude_vector")
-        if mag is not None and tuple(mag.shape) != (b.shape[0],):
-            problems.append(f"'{path}': lora_magnitude_vector {tuple(mag.shape)} should be [{b.shape[0]}]")
+        if mag is not None and tuple(mag.shape) != tuple(b.shape[:-1]):
+            problems.append(f"'{path}': lora_magnitude_vector {tuple(mag.shape)} should be {list(b.shape[:-1])}")
     if problems:
         raise AdapterError(f"{source}: not a valid PEFT LoRA adapter:\n  - " + "\n  - ".join(problems[:20]))
     if not groups:
@@ -232,6 +229,9 @@ def peft_expert_state(state: dict, groups: dict, info, model: str | None, source
                                                     for p in expert_paths):
         raise ExportError(f"{source}: PEFT export of adapters on expert layers ({expert_paths[0]}) is supported for "
                           f"{', '.join(sorted(moe_layout.LAYOUTS))}, not '{model_type}'; {fuse_hint}")
+    if info.lora.use_dora:
+        raise ExportError(f"{source}: a DoRA adapter on expert layers cannot be written for peft, whose adapters on "
+                          f"transformers 5's fused expert parameters are LoRA only; {fuse_hint}")
     if info.lora.use_rslora:
         raise ExportError(f"{source}: an rsLoRA adapter on expert layers cannot be written for peft, which doubles "
                           f"the rank of the fused gate/up experts and so changes alpha / sqrt(r); {fuse_hint}")

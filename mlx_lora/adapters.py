@@ -26,7 +26,8 @@ from .config import LoraConfig
 from .converters.moe_layout import stack_expert_state
 from .errors import AdapterError
 from .io import atomic_write_json, atomic_save_safetensors
-from .lora import DoRALinear, LoRALinear, LoRASwitchLinear, base_dims, is_adapter_layer, is_expert_layer
+from .lora import (DoRALinear, DoRASwitchLinear, LoRALinear, LoRASwitchLinear, base_dims, is_adapter_layer,
+                   is_expert_layer)
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -173,11 +174,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, warn: Optional[Callable[[str],
             f"lora.target_modules {cfg.target_modules} matched no linear layer or expert layer{named}; "
             f"this model has: {_linear_names(model)}"
         )
-    experts = [p for p, m in targets if is_expert_layer(m)]
-    if cfg.use_dora and experts:
-        raise AdapterError(
-            f"lora.use_dora: DoRA is not supported on expert layers ({_listing(experts)}); train LoRA, or leave "
-            f"the experts out with lora.target_modules (e.g. [q_proj, k_proj, v_proj, o_proj])")
     # Checked before anything is frozen or allocated.
     problem = rank_problem(targets, cfg.r)
     if problem:
@@ -192,7 +188,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, warn: Optional[Callable[[str],
     model.freeze()
     wrapped = []
     for path, m in targets:
-        cls = LoRASwitchLinear if is_expert_layer(m) else DoRALinear if cfg.use_dora else LoRALinear
+        if is_expert_layer(m):
+            cls = DoRASwitchLinear if cfg.use_dora else LoRASwitchLinear
+        else:
+            cls = DoRALinear if cfg.use_dora else LoRALinear
         wrapped.append((path, cls(m, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora)))
     model.update_modules(tree_unflatten(wrapped))
     return [p for p, _ in wrapped]
@@ -245,7 +244,7 @@ def adapter_state(model: nn.Module) -> dict[str, mx.array]:
         key = PEFT_PREFIX + path
         out[f"{key}.lora_A.weight"] = m.lora_a.astype(mx.float32)
         out[f"{key}.lora_B.weight"] = m.lora_b.astype(mx.float32)
-        if isinstance(m, DoRALinear):
+        if isinstance(m, (DoRALinear, DoRASwitchLinear)):
             out[f"{key}.lora_magnitude_vector"] = m.magnitude.astype(mx.float32)
     return out
 
@@ -572,7 +571,7 @@ def set_adapter_state(model: nn.Module, state: dict[str, mx.array]) -> None:
         key = PEFT_PREFIX + path
         updates.append((f"{path}.lora_a", state[f"{key}.lora_A.weight"].astype(mx.float32)))
         updates.append((f"{path}.lora_b", state[f"{key}.lora_B.weight"].astype(mx.float32)))
-        if isinstance(m, DoRALinear):
+        if isinstance(m, (DoRALinear, DoRASwitchLinear)):
             updates.append((f"{path}.magnitude", state[f"{key}.lora_magnitude_vector"].astype(mx.float32)))
     model.load_weights(updates, strict=False)
     mx.eval(model.parameters())

@@ -1,5 +1,6 @@
 """LoRA and DoRA layers that wrap an existing ``nn.Linear`` or ``nn.QuantizedLinear``, and
-per-expert LoRA on the expert layers of mixture-of-experts blocks (:class:`LoRASwitchLinear`).
+per-expert LoRA and DoRA on the expert layers of mixture-of-experts blocks (:class:`LoRASwitchLinear`,
+:class:`DoRASwitchLinear`).
 
 LoRA (Hu et al. 2021, arXiv:2106.09685):
 
@@ -246,3 +247,60 @@ def make_switch_linear(weight: mx.array, bias: Optional[mx.array]):
     if bias is not None:
         layer.bias = bias
     return layer
+
+
+class DoRASwitchLinear(LoRASwitchLinear):
+    """DoRA per expert: a trainable magnitude per expert and output row, [E, out], times the
+    adapted direction of that expert, the row norm detached as in :class:`DoRALinear`:
+
+        W'_e = W_e + s B_e A_e,   y_e = m_e * (W'_e x) / ||W'_e||_row + b_e,   m_e initialised to ||W_e||_row
+
+    The norms of all experts come from ``||W'||^2 = ||W||^2 + 2 s <W, B A>_row + s^2 ||B A||^2``
+    with ``<W, B A>_row = sum_k B[:, k] (W A^T)[:, k]``: one pass of the (possibly quantized) base
+    over the rank-r rows of A, never a dense copy of the experts' weights."""
+
+    def __init__(self, base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        w = dense_weight(base).astype(mx.float32)
+        self.base_norm_sq = mx.sum(w * w, axis=-1)  # [E, out], a constant of the frozen base
+        self.magnitude = mx.sqrt(self.base_norm_sq)
+        mx.eval(self.base_norm_sq, self.magnitude)  # one layer's dense copy at a time
+        self.freeze(keys=["base_norm_sq"], recurse=False)
+
+    def _base_rows(self, x: mx.array, experts: mx.array) -> mx.array:
+        """W_e x for every expert e (x: [E, M, in]) -> [E, M, out], without the base's bias."""
+        y = self.base(x, experts)
+        if "bias" in self.base:
+            y = y - mx.expand_dims(self.base["bias"], -2)
+        return y
+
+    def row_norms(self) -> mx.array:
+        """||W_e + s B_e A_e|| per expert and output row, [E, out], in float32."""
+        experts = mx.arange(self.num_experts)
+        a, b, s = self.lora_a, self.lora_b, self.scale
+        wa = self._base_rows(a.astype(mx.float32), experts).swapaxes(-1, -2)  # W A^T: [E, out, r]
+        cross = mx.sum(b * wa, axis=-1)
+        gram = a @ a.swapaxes(-1, -2)  # A A^T: [E, r, r]
+        lora_sq = mx.sum((b @ gram) * b, axis=-1)
+        return mx.sqrt(mx.maximum(self.base_norm_sq + 2 * s * cross + s * s * lora_sq, 0.0))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        bias = self.base.get("bias")
+        out = super().__call__(x, indices, sorted_indices=sorted_indices)
+        if bias is not None:
+            out = out - mx.expand_dims(bias[indices], -2)
+        norm = mx.stop_gradient(self.row_norms())  # detached (DoRA section 4.3)
+        factor = (self.magnitude / norm).astype(x.dtype)
+        out = mx.expand_dims(factor[indices], -2) * out
+        return out + mx.expand_dims(bias[indices], -2) if bias is not None else out
+
+    def fuse(self):
+        w = dense_weight(self.base)
+        merged = w.astype(mx.float32) + self.delta()
+        merged = (self.magnitude / mx.linalg.norm(merged, axis=-1))[..., None] * merged
+        merged = merged.astype(w.dtype)
+        mx.eval(merged)
+        if not bool(mx.all(mx.isfinite(merged)).item()):
+            raise ValueError("fused weight has NaN or inf values; the adapter is broken, refusing to fuse")
+        return make_switch_linear(merged, self.base.get("bias"))

@@ -17,7 +17,7 @@ from fixtures_moe import UNREACHABLE, with_unreachable_expert
 from mlx_lora.adapters import adapter_layers, apply_lora, count_parameters, load_adapter, rank_problem, save_adapter
 from mlx_lora.config import LoraConfig, build
 from mlx_lora.errors import AdapterError
-from mlx_lora.lora import LoRASwitchLinear, dense_weight, is_expert_layer
+from mlx_lora.lora import DoRASwitchLinear, LoRASwitchLinear, dense_weight, is_expert_layer
 from mlx_lora.mlx_lm_compat import switch_linear_classes
 from mlx_lora.models import load_model
 from mlx_lora.testing import MOE_ARCHITECTURES, make_tiny_dataset
@@ -128,13 +128,55 @@ def test_targets_that_match_nothing_or_cannot_be_wrapped_are_never_silent(moe_di
     assert len(adapter_layers(model)) == 2
 
 
-def test_dora_on_experts_is_refused_naming_the_layers(moe_dirs):
-    model, _, _ = load_model(str(moe_dirs["qwen3_moe"]), dtype="float32", with_tokenizer=False)
-    with pytest.raises(AdapterError, match=r"lora.use_dora: DoRA is not supported on expert layers "
-                                           r"\(model\.layers\.0\.mlp\.switch_mlp\.down_proj"):
-        apply_lora(model, LoraConfig(r=4, use_dora=True))
-    assert not adapter_layers(model)
-    apply_lora(model, LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"]))  # DoRA without experts
+@pytest.mark.parametrize("quantized", [False, True])
+def test_expert_dora_is_the_base_at_init_and_rescales_each_experts_rows(quantized):
+    E, out_dims, in_dims, r = 4, 48, 64, 4
+    mx.random.seed(1)
+    base = SwitchLinear(in_dims, out_dims, E, bias=True)
+    base.bias = mx.random.normal((E, out_dims)) * 0.1
+    if quantized:
+        base = base.to_quantized(group_size=32, bits=4)
+    layer = DoRASwitchLinear(base, r=r, alpha=8.0)
+    x = mx.random.normal((3, 5, 1, 1, in_dims))
+    idx = mx.array(np.random.default_rng(1).integers(0, E, (3, 5, 2)))
+    np.testing.assert_allclose(_np(layer(x, idx)), _np(base(x, idx)), rtol=1e-5, atol=1e-5)
+
+    layer.lora_b = mx.random.normal((E, out_dims, r)) * 0.1
+    layer.magnitude = layer.magnitude * (1 + 0.2 * mx.random.uniform(shape=(E, out_dims)))
+    merged = _np(dense_weight(base)) + 2.0 * np.einsum("eor,eri->eoi", _np(layer.lora_b), _np(layer.lora_a))
+    w = _np(layer.magnitude)[..., None] * merged / np.linalg.norm(merged, axis=-1, keepdims=True)
+    ids = np.array(idx)
+    want = (np.einsum("bskoi,bsi->bsko", w[ids], _np(x)[:, :, 0, 0]) + _np(base.bias)[ids])[..., None, :]
+    np.testing.assert_allclose(_np(layer(x, idx)), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_np(layer.fuse()(x, idx)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_wraps_experts_and_round_trips(moe_dirs, tmp_path):
+    from mlx_lora.converters.fuse import fuse
+
+    path = str(moe_dirs["qwen3_moe"])
+    model, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    cfg = LoraConfig(r=4, alpha=8.0, use_dora=True)
+    apply_lora(model, cfg)
+    assert sum(isinstance(m, DoRASwitchLinear) for _, m in adapter_layers(model)) == 6
+    _randomize(model)
+    for _, m in adapter_layers(model):
+        m.magnitude = m.magnitude * 1.1
+    want = _np(model(TOKENS))
+    save_adapter(model, tmp_path / "a", cfg, path)
+    again, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    load_adapter(again, tmp_path / "a")
+    np.testing.assert_allclose(_np(again(TOKENS)), want, rtol=1e-5, atol=1e-5)
+    fuse(path, tmp_path / "a", tmp_path / "fused", log=lambda m: None)
+    fused, _, _ = load_model(str(tmp_path / "fused"), dtype="float32", with_tokenizer=False)
+    np.testing.assert_allclose(_np(fused(TOKENS)), want, rtol=1e-4, atol=1e-4)
+    # peft adapts transformers 5's fused experts with LoRA only
+    from mlx_lora.converters.adapter_export import export_peft
+    from mlx_lora.errors import ExportError
+
+    with pytest.raises(ExportError, match=r"DoRA adapter on expert layers.*fuse instead"):
+        export_peft(tmp_path / "a", tmp_path / "peft", model=path, log=lambda m: None)
+    assert not (tmp_path / "peft").exists()
 
 
 def test_the_rank_bound_covers_expert_layers():
@@ -158,17 +200,19 @@ def line_setup(moe_dirs, tmp_path_factory):
     model_dir = with_unreachable_expert(moe_dirs["qwen3_moe"], root / "line")
     data = make_tiny_dataset(root / "chat.jsonl", "chat", n=8, seed=0)
 
-    def cfg(out, **train):
+    def cfg(out, dora: bool = False):
         return build(extra={"model": {"path": str(model_dir)}, "data": {"path": str(data), "valid_fraction": 0.0},
-                            "out": str(out), "train": {"log_every": 1, "save_every": 2, "eval_every": 1000, **train}},
-                     overrides=["train.iters=3", "train.batch_size=4", "train.lr=1e-2", "lora.r=4"])
+                            "out": str(out), "train": {"log_every": 1, "save_every": 2, "eval_every": 1000}},
+                     overrides=["train.iters=3", "train.batch_size=4", "train.lr=1e-2", "lora.r=4",
+                                f"lora.use_dora={str(dora).lower()}"])
 
     return model_dir, cfg
 
 
-def test_training_moves_routed_experts_only(line_setup, tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_training_moves_routed_experts_only(line_setup, tmp_path, dora):
     model_dir, make_cfg = line_setup
-    cfg = make_cfg(tmp_path / "run")
+    cfg = make_cfg(tmp_path / "run", dora=dora)
     mlx_lora.train(cfg, progress=False, stream=io.StringIO())
     trained = mx.load(str(tmp_path / "run" / "adapter_model.safetensors"))
 
@@ -178,11 +222,12 @@ def test_training_moves_routed_experts_only(line_setup, tmp_path):
     apply_lora(fresh, cfg.lora)
     init = {p: m for p, m in adapter_layers(fresh)}
     expert_keys = [k for k in trained if ".switch_mlp." in k]
-    assert len(expert_keys) == 2 * 3 * 2
+    assert len(expert_keys) == 2 * 3 * (3 if dora else 2)  # blocks x projections x (A, B[, magnitude])
     for key in expert_keys:
         path = key[len("base_model.model."):].rsplit(".lora_", 1)[0]
         t = np.array(trained[key])
-        start = np.array(init[path].lora_a if ".lora_A." in key else init[path].lora_b)
+        leaf = "lora_a" if ".lora_A." in key else "lora_b" if ".lora_B." in key else "magnitude"
+        start = np.array(init[path][leaf])
         assert t.shape[0] == 5
         for e in {0, 1, 2, 3, 4} - {UNREACHABLE}:  # routed: moved
             assert np.abs(t[e] - start[e]).max() > 1e-4, (key, e)
