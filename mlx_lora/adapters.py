@@ -2,8 +2,9 @@
 
 Module paths of mlx-lm models follow Hugging Face names (``model.layers.3.self_attn.q_proj``),
 so the PEFT keys are ``base_model.model.<path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight``
-([out, r]), plus ``.lora_magnitude_vector`` ([out]) for DoRA. ``adapter_config.json`` carries
-``r``, ``lora_alpha``, ``target_modules``, ``use_dora``, ``use_rslora`` and
+([out, r]), plus ``.lora_magnitude_vector`` ([out]) for DoRA; the expert layers of
+mixture-of-experts blocks (mlx-lm's ``switch_mlp``) keep one of each per expert: [E, r, in],
+[E, out, r], [E, out]. ``adapter_config.json`` carries ``r``, ``lora_alpha``, ``target_modules``, ``use_dora``, ``use_rslora`` and
 ``base_model_name_or_path``: the format HF PEFT, llama.cpp's converter and Ollama read.
 Adapter folders written by mlx-lm (``adapters.safetensors``) load too.
 """
@@ -551,8 +552,8 @@ def _check_against_model(model: nn.Module, info: AdapterInfo, folder) -> None:
         if not selected:
             where = "" if info.lora.layers_to_transform is None else f" in blocks {info.lora.layers_to_transform}"
             names = [t[3:] if t.startswith("re:") else t for t in info.lora.target_modules or ["all-linear"]]
-            raise AdapterError(f"{conf_path}: key 'target_modules': {names} match no linear layer or expert layer of this model"
-                               f"{where}; it has: {_linear_names(model)}")
+            raise AdapterError(f"{conf_path}: key 'target_modules': {names} match no linear layer or expert layer "
+                               f"of this model{where}; it has: {_linear_names(model)}")
     layers = [(t, m) for t, m in model.named_modules() if t in set(info.targets) and wrappable(m)]
     problem = rank_problem(layers, info.lora.r)
     if problem:
