@@ -75,3 +75,40 @@ def test_fused_moe_folder_loads_in_transformers_with_our_logits(family, tmp_path
     with torch.no_grad():
         got = fused(torch.tensor(TOKENS)).logits.numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_mlx_lm_expert_adapter_exports_to_peft_with_mlx_lms_logits(tmp_path):
+    """mlx-lm's own LoRA on every layer of its default keys (experts and routers), converted."""
+    import json
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlx_lora.converters.adapter_export import export_peft
+
+    path = make_tiny_model("qwen3_moe", tmp_path / "m", init_std=0.05)
+    ref, _, _ = load_model(str(path), dtype="float32", with_tokenizer=False)
+    ref.freeze()
+    params = {"rank": 4, "scale": 2.0, "dropout": 0.0}
+    linear_to_lora_layers(ref, 2, params)
+    rng = np.random.default_rng(2)
+    for name, a in tree_flatten(ref.trainable_parameters()):
+        if name.endswith("lora_b"):
+            ref.update(tree_unflatten([(name, mx.array(rng.standard_normal(a.shape).astype(np.float32) * 0.05))]))
+    want = np.array(ref(mx.array(TOKENS)))
+    folder = tmp_path / "mlxlm"
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(ref.trainable_parameters())))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params, "model": str(path)}))
+    export_peft(folder, tmp_path / "peft", model=str(path), log=lambda m: None)
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    tuned = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft"))
+    tuned.eval()
+    with torch.no_grad():
+        got = tuned(torch.tensor(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
