@@ -215,8 +215,8 @@ def peft_expert_state(state: dict, groups: dict, info, model: str | None, source
     stacks them onto the fused expert parameters (``gate_up_proj`` through ``target_parameters``,
     with rank and alpha doubled there, ``down_proj``). Returns (state, target paths, notes).
 
-    Refused (fuse instead) where that cannot be exact: a family without a known expert layout,
-    rsLoRA (peft's doubled rank and alpha change ``alpha / sqrt(r)``)."""
+    Refused (fuse instead) where that is not known to load exactly: a family outside
+    :data:`moe_layout.PEFT_FAMILIES`, DoRA, rsLoRA (peft's doubled rank and alpha change ``alpha / sqrt(r)``)."""
     import mlx.core as mx
 
     from mlx_lora.adapters import PEFT_PREFIX
@@ -225,10 +225,10 @@ def peft_expert_state(state: dict, groups: dict, info, model: str | None, source
     fuse_hint = (f"fuse instead: mlx-lora fuse --model {model or 'MODEL'} --adapter {source} --out FOLDER "
                  f"(a full model folder transformers loads)")
     expert_paths = [p for p, g in groups.items() if g["lora_A.weight"].ndim == 3]
-    if model_type not in moe_layout.LAYOUTS or any(moe_layout.split_expert_path(model_type, p) is None
-                                                    for p in expert_paths):
+    if model_type not in moe_layout.PEFT_FAMILIES or any(moe_layout.split_expert_path(model_type, p) is None
+                                                          for p in expert_paths):
         raise ExportError(f"{source}: PEFT export of adapters on expert layers ({expert_paths[0]}) is supported for "
-                          f"{', '.join(sorted(moe_layout.LAYOUTS))}, not '{model_type}'; {fuse_hint}")
+                          f"{', '.join(moe_layout.PEFT_FAMILIES)}, not '{model_type}'; {fuse_hint}")
     if info.lora.use_dora:
         raise ExportError(f"{source}: a DoRA adapter on expert layers cannot be written for peft, whose adapters on "
                           f"transformers 5's fused expert parameters are LoRA only; {fuse_hint}")

@@ -35,6 +35,13 @@ LAYOUTS: dict[str, ExpertLayout] = {
     "mixtral": _MIXTRAL,
     "phimoe": _MIXTRAL,
 }
+"""Fused folders of these families are written per expert (and reloaded through mlx-lm's
+``sanitize`` to verify every fuse)."""
+
+PEFT_FAMILIES = ("qwen3_moe", "mixtral")
+"""Families whose per-expert PEFT adapters are checked to load in transformers + peft with our
+logits (tests/test_moe_peft_reference.py). Qwen2-MoE's shared expert, for one, has projections named
+like the experts', which peft's renaming for transformers 5 would move onto the experts."""
 
 _PATH = re.compile(r"^(?P<block>.*\.layers\.\d+)\.(?P<module>.+)\.(?P<proj>[A-Za-z0-9_]+)$")
 

@@ -429,6 +429,13 @@ def test_expert_adapters_that_cannot_be_exported_are_refused_with_fuse_instead(e
     assert_refused(capsys, ["export", "adapter", "--adapter", str(rs), "--format", "peft", "--out",
                             str(tmp_path / "o1"), "--model", path], ["rsLoRA", "expert layers", "fuse instead"],
                    [tmp_path], code=2)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps({**conf, "mlx_lora": {"model_type": "olmoe"}}))
+    (other / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    assert_refused(capsys, ["export", "adapter", "--adapter", str(other), "--format", "peft", "--out",
+                            str(tmp_path / "o3")], ["qwen3_moe, mixtral, not 'olmoe'", "fuse instead"],
+                   [tmp_path], code=2)
     assert_refused(capsys, ["export", "adapter", "--adapter", str(adapter), "--format", "gguf", "--out",
                             str(tmp_path / "o2.gguf"), "--model", path], ["expert layers", "Fuse it instead"],
                    [tmp_path], code=2)
