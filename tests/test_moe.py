@@ -439,3 +439,44 @@ def test_expert_adapters_that_cannot_be_exported_are_refused_with_fuse_instead(e
     assert_refused(capsys, ["export", "adapter", "--adapter", str(adapter), "--format", "gguf", "--out",
                             str(tmp_path / "o2.gguf"), "--model", path], ["expert layers", "Fuse it instead"],
                    [tmp_path], code=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The expert layout table
+
+
+_SMALL = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+              vocab_size=64, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128,
+              tie_word_embeddings=False)
+_MOE_KEYS = {
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
+                      mlp_only_layers=[], norm_topk_prob=True, head_dim=16),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
+                      shared_expert_intermediate_size=24, mlp_only_layers=[], norm_topk_prob=False),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, head_dim=16),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, rope_scaling=None),
+}
+
+
+def test_every_expert_layout_is_what_mlx_lms_sanitize_undoes():
+    """For each family of moe_layout.LAYOUTS, the per-expert tensors we write are mapped back by
+    mlx-lm's own loading code (``Model.sanitize``) to exactly the stacked weights we started from."""
+    from mlx.utils import tree_flatten
+
+    from mlx_lora.converters.moe_layout import LAYOUTS, unstack_experts
+    from mlx_lora.mlx_lm_compat import model_classes
+
+    assert set(_MOE_KEYS) == set(LAYOUTS)
+    for family, keys in _MOE_KEYS.items():
+        config = {"model_type": family, **_SMALL, **keys}
+        model_class, args_class = model_classes(config)
+        model = model_class(args_class.from_dict(config))
+        stacked = dict(tree_flatten(model.parameters()))
+        hub = unstack_experts(family, stacked)
+        assert not any(".switch_mlp." in k for k in hub), family
+        assert len(hub) == len(stacked) + sum(a.shape[0] - 1 for k, a in stacked.items() if ".switch_mlp." in k)
+        back = model.sanitize(dict(hub))
+        assert back.keys() == stacked.keys(), family
+        for k, a in stacked.items():
+            np.testing.assert_array_equal(np.array(back[k]), np.array(a), err_msg=f"{family}: {k}")
