@@ -214,6 +214,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = 0
     for path, a in tree_flatten(model.parameters()):
         owner, _, leaf = path.rpartition(".")
+        if leaf == "base_norm_sq":  # DoRASwitchLinear's cached ||W||^2 rows, not a weight of the model
+            continue
         if owner in quantized:
             if leaf in ("scales", "biases"):
                 continue

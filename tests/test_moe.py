@@ -159,6 +159,14 @@ def test_dora_wraps_experts_and_round_trips(moe_dirs, tmp_path):
     cfg = LoraConfig(r=4, alpha=8.0, use_dora=True)
     apply_lora(model, cfg)
     assert sum(isinstance(m, DoRASwitchLinear) for _, m in adapter_layers(model)) == 6
+    config = json.loads((moe_dirs["qwen3_moe"] / "config.json").read_text())
+    h, hd, inner = config["hidden_size"], config["head_dim"], config["moe_intermediate_size"]
+    rows = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * hd + h  # q, k, v, o outputs
+    rows += config["num_experts"] * (2 * inner + h)  # each expert's gate, up, down outputs
+    trainable, total = count_parameters(model)
+    assert trainable == _adapter_size(config, 4) + config["num_hidden_layers"] * rows  # + one magnitude per row
+    plain, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
+    assert total == count_parameters(plain)[1] + trainable
     _randomize(model)
     for _, m in adapter_layers(model):
         m.magnitude = m.magnitude * 1.1
