@@ -31,7 +31,7 @@ import numpy as np
 from mlx_lora.errors import AdapterError, ExportError
 from mlx_lora.io import atomic_path
 
-from . import gguf_arch
+from . import gguf_arch, moe_layout
 from .io import disk_error
 
 PEFT_CONFIG_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout",
@@ -78,13 +78,14 @@ def check_adapter_state(state: dict, r: int, source: str) -> dict[str, dict]:
         if a is None or b is None:
             problems.append(f"'{path}': lora_A and lora_B must both be present")
             continue
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            problems.append(f"'{path}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, in] and [out, r]")
-        elif a.shape[0] != r:
-            problems.append(f"'{path}': rank {a.shape[0]} differs from the config's r = {r}")
+        if (a.ndim, b.ndim) not in ((2, 2), (3, 3)) or a.shape[-2] != b.shape[-1] or a.shape[:-2] != b.shape[:-2]:
+            problems.append(f"'{path}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, in] and "
+                            f"[out, r] (nor [experts, r, in] and [experts, out, r])")
+        elif a.shape[-2] != r:
+            problems.append(f"'{path}': rank {a.shape[-2]} differs from the config's r = {r}")
         mag = g.get("lora_magnitude_vector")
-        if mag is not None and tuple(mag.shape) != (b.shape[0],):
-            problems.append(f"'{path}': lora_magnitude_vector {tuple(mag.shape)} should be [{b.shape[0]}]")
+        if mag is not None and tuple(mag.shape) != tuple(b.shape[:-1]):
+            problems.append(f"'{path}': lora_magnitude_vector {tuple(mag.shape)} should be {list(b.shape[:-1])}")
     if problems:
         raise AdapterError(f"{source}: not a valid PEFT LoRA adapter:\n  - " + "\n  - ".join(problems[:20]))
     if not groups:
@@ -143,10 +144,22 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
         raise AdapterError(f"{adapter}: use_dora is set but {len(groups) - len(has_mag)} layers have no lora_magnitude_vector")
     if not info.lora.use_dora and has_mag:
         raise AdapterError(f"{adapter}: lora_magnitude_vector tensors present but use_dora is false")
-    conf = peft_config(info.lora, list(groups), base_model or model or info.base_model_name_or_path)
+    targets = list(groups)
+    expert_notes = []
+    if any(g["lora_A.weight"].ndim == 3 for g in groups.values()):
+        state, targets, expert_notes = peft_expert_state(state, groups, info, model or info.base_model_name_or_path,
+                                                         str(adapter))
+    conf = peft_config(info.lora, targets, base_model or model or info.base_model_name_or_path)
     conf = {k: conf[k] for k in PEFT_CONFIG_KEYS if k in conf}
     if info.lora.layers_to_transform is None:
         conf["layers_to_transform"] = None
+    if expert_notes:
+        # peft adapts transformers 5's fused expert parameters through ParamWrapper, which has no
+        # dropout; dropout plays no part in inference.
+        conf["lora_dropout"] = 0.0
+        # peft maps the per-expert names onto the fused parameters by their leaf names, not by a
+        # regex over per-expert paths: name the leaves, and the blocks when not all are adapted.
+        conf["target_modules"], conf["layers_to_transform"] = _leaves_and_blocks(targets, str(adapter))
     tensors = {k: v.astype(mx.float32) for k, v in sorted(state.items())}
     try:
         with atomic_dir(out, overwrite=True) as tmp:
@@ -162,10 +175,98 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
     except OSError as e:
         raise disk_error(e, out) from None
     res = AdapterExport(out, "PEFT", len(groups), time.perf_counter() - t0, vr,
-                        [f"base_model_name_or_path = {conf['base_model_name_or_path']}"])
+                        [f"base_model_name_or_path = {conf['base_model_name_or_path']}"] + expert_notes)
     for line in res.lines():
         log(line)
     return res
+
+
+def _model_type(info, model: str | None) -> str | None:
+    from mlx_lora.models import read_config, resolve
+
+    model_type = (info.extra or {}).get("model_type")
+    source = model or info.base_model_name_or_path
+    if not model_type and source:
+        folder, _ = resolve(str(source))
+        model_type = read_config(folder).get("model_type")
+    return model_type
+
+
+def _leaves_and_blocks(targets: list[str], source: str) -> tuple[list[str], list[int] | None]:
+    """(leaf names, block indices or None for all) selecting exactly ``targets``, the same leaves
+    in every adapted block; otherwise the selection cannot be written for peft."""
+    per_block: dict[int, set[str]] = {}
+    for t in targets:
+        m = re.search(r"\.layers\.(\d+)\.", t)
+        if m is None:
+            raise ExportError(f"{source}: '{t}' is outside the transformer blocks; fuse instead")
+        per_block.setdefault(int(m.group(1)), set()).add(t.rsplit(".", 1)[-1])
+    leaves = set.union(*per_block.values())
+    if any(v != leaves for v in per_block.values()):
+        raise ExportError(f"{source}: the adapter adapts different layers in different blocks, which peft cannot "
+                          f"select on a model with expert layers; fuse instead")
+    return sorted(leaves), sorted(per_block)
+
+
+def peft_expert_state(state: dict, groups: dict, info, model: str | None, source: str):
+    """An adapter with expert layers, in the layout ``peft`` loads: one ``lora_A`` [r, in] and
+    ``lora_B`` [out, r] per expert under the hub's per-expert names
+    (``...mlp.experts.E.gate_proj``, see :mod:`moe_layout`). On a transformers 5 model peft itself
+    stacks them onto the fused expert parameters (``gate_up_proj`` through ``target_parameters``,
+    with rank and alpha doubled there, ``down_proj``). Returns (state, target paths, notes).
+
+    Refused (fuse instead) where that is not known to load exactly: a family outside
+    :data:`moe_layout.PEFT_FAMILIES`, DoRA, rsLoRA (peft's doubled rank and alpha change ``alpha / sqrt(r)``)."""
+    import mlx.core as mx
+
+    from mlx_lora.adapters import PEFT_PREFIX
+
+    model_type = _model_type(info, model)
+    fuse_hint = (f"fuse instead: mlx-lora fuse --model {model or 'MODEL'} --adapter {source} --out FOLDER "
+                 f"(a full model folder transformers loads)")
+    expert_paths = [p for p, g in groups.items() if g["lora_A.weight"].ndim == 3]
+    if model_type not in moe_layout.PEFT_FAMILIES or any(moe_layout.split_expert_path(model_type, p) is None
+                                                          for p in expert_paths):
+        raise ExportError(f"{source}: PEFT export of adapters on expert layers ({expert_paths[0]}) is supported for "
+                          f"{', '.join(moe_layout.PEFT_FAMILIES)}, not '{model_type}'; {fuse_hint}")
+    if info.lora.use_dora:
+        raise ExportError(f"{source}: a DoRA adapter on expert layers cannot be written for peft, whose adapters on "
+                          f"transformers 5's fused expert parameters are LoRA only; {fuse_hint}")
+    if info.lora.use_rslora:
+        raise ExportError(f"{source}: an rsLoRA adapter on expert layers cannot be written for peft, which doubles "
+                          f"the rank of the fused gate/up experts and so changes alpha / sqrt(r); {fuse_hint}")
+    out = {k: v for k, v in state.items() if _KEY.match(k)["path"] not in expert_paths}
+    targets = [p for p in groups if p not in expert_paths]
+    added = []
+    for path in expert_paths:
+        block, layout, proj = moe_layout.split_expert_path(model_type, path)
+        a, b = groups[path]["lora_A.weight"], groups[path]["lora_B.weight"]
+        for e in range(a.shape[0]):
+            module = moe_layout.expert_module(model_type, path, e)
+            out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a[e]
+            out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b[e]
+            targets.append(module)
+        # transformers 5 fuses gate and up into one parameter, and peft's conversion expects the
+        # fused gate/up and the down experts adapted together: a projection left out gets an
+        # exactly-zero adapter (A = B = 0).
+        r, e_count = a.shape[1], a.shape[0]
+        hidden, inner = (a.shape[2], b.shape[1]) if proj in layout.fused_pairs else (b.shape[1], a.shape[2])
+        for partner in layout.names:
+            other = f"{block}.{layout.stacked}.{partner}"
+            if other in groups or other in added:
+                continue
+            added.append(other)
+            in_dims, out_dims = (hidden, inner) if partner in layout.fused_pairs else (inner, hidden)
+            for e in range(e_count):
+                module = moe_layout.expert_module(model_type, other, e)
+                out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = mx.zeros((r, in_dims), dtype=mx.float32)
+                out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = mx.zeros((out_dims, r), dtype=mx.float32)
+                targets.append(module)
+    notes = [f"{len(expert_paths)} expert layers written per expert ({a.shape[0]} experts each), as peft loads them"]
+    if added:
+        notes.append(f"{len(added)} expert layers the adapter leaves alone written as zero adapters (peft adapts "
+                     f"gate, up and down experts together)")
+    return out, targets, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +335,11 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
                           f"weight, which a plain LoRA (what llama.cpp applies) cannot express. Fuse it instead: "
                           f"mlx-lora export gguf --model {model or 'MODEL'} --adapter {adapter} --out model.gguf")
     groups = check_adapter_state(state, info.lora.r, str(adapter))
+    experts = [p for p, g in groups.items() if g["lora_A.weight"].ndim == 3]
+    if experts:
+        raise ExportError(f"{adapter} adapts expert layers ({experts[0]}, ...), which a GGUF LoRA file cannot hold "
+                          f"yet. Fuse it instead: mlx-lora export gguf --model {model or 'MODEL'} --adapter {adapter} "
+                          f"--out model.gguf")
     source, config = _base_config(model, info)
     spec = gguf_arch.arch_spec(config["model_type"])
     spec.refuse(config, "GGUF LoRA export")

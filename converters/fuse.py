@@ -12,6 +12,10 @@ re-quantizes. Re-quantizing is an explicit option that reports, for every re-qua
 the error it adds relative to the adapter's change ``||Q(W') - W'||_F / ||W' - W||_F``: a value
 near or above 1 means quantization noise as large as the fine-tune itself.
 
+Expert layers of mixture-of-experts models fuse per expert (``LoRASwitchLinear.fuse``) and are
+written one matrix per expert, under the hub's names (:mod:`moe_layout`); an MLX-quantized output
+keeps mlx-lm's stacked experts.
+
 The output folder (``config.json``, ``model*.safetensors``, tokenizer files,
 ``generation_config.json``) loads in transformers and mlx-lm. It is assembled in a temporary
 sibling folder and renamed into place only after verification passes.
@@ -34,6 +38,7 @@ import numpy as np
 from mlx_lora.errors import AdapterError, ExportError, ModelError
 
 from .io import disk_error, read_safetensors_header
+from .moe_layout import unstack_experts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
@@ -115,7 +120,7 @@ def load_fused(model: str | None, adapter=None, *, revision: str | None = None,
     from mlx.utils import tree_unflatten
 
     from mlx_lora.adapters import adapter_layers, load_adapter
-    from mlx_lora.lora import dense_weight
+    from mlx_lora.lora import dense_weight, is_expert_layer
     from mlx_lora.models import load_model, read_config
 
     adapter_path = Path(adapter).expanduser() if adapter else None
@@ -138,7 +143,8 @@ def load_fused(model: str | None, adapter=None, *, revision: str | None = None,
     mx.eval(m.parameters())
     m.eval()
     quantized = {p: {"bits": q.bits, "group_size": q.group_size, "mode": getattr(q, "mode", "affine")}
-                 for p, q in m.named_modules() if isinstance(q, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+                 for p, q in m.named_modules() if isinstance(q, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                 or (is_expert_layer(q) and "scales" in q)}
     dtypes = safetensors_dtypes(info.local_path)
     counts = Counter(dtypes.values())
     default = counts.most_common(1)[0][0] if counts else "float32"
@@ -162,11 +168,12 @@ def dense_tensors(fm: FusedModel) -> Iterator[tuple[str, object]]:
 
 
 def dequantized(m):
-    """float32 dense weight of a quantized layer."""
+    """float32 dense weight of a quantized layer (experts: [experts, out, in])."""
     import mlx.core as mx
 
-    return mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
-                         mode=getattr(m, "mode", "affine")).astype(mx.float32)
+    from mlx_lora.lora import dense_weight
+
+    return dense_weight(m).astype(mx.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +211,8 @@ def requantize(fm: FusedModel, bits: int | None = None, group_size: int | None =
     from mlx import nn
     from mlx.utils import tree_unflatten
 
+    from mlx_lora.lora import is_expert_layer
+
     base_q = fm.info.quantization or {}
     bits = int(bits or base_q.get("bits") or 4)
     group_size = int(group_size or base_q.get("group_size") or 64)
@@ -215,7 +224,8 @@ def requantize(fm: FusedModel, bits: int | None = None, group_size: int | None =
         targets = list(fm.fused)
     else:
         targets = [p for p, m in fm.model.named_modules()
-                   if isinstance(m, (nn.Linear, nn.Embedding)) and p and m.weight.shape[-1] % group_size == 0]
+                   if (isinstance(m, (nn.Linear, nn.Embedding)) or is_expert_layer(m)) and p
+                   and m.weight.shape[-1] % group_size == 0]
     delta_err, weight_err, new = {}, {}, []
     modules = dict(fm.model.named_modules())
     for path in targets:
@@ -346,6 +356,8 @@ def write_hf_folder(fm: FusedModel, tmp: Path, dtype: str | None, quantized: boo
     from mlx_lora.io import atomic_write_json
 
     tensors = output_tensors(fm, dtype, keep_quantized=quantized)
+    if not quantized:  # MLX-quantized folders keep mlx-lm's stacked experts, as mlx-community's do
+        tensors = unstack_experts(fm.model_type, tensors)
     floats = Counter(str(a.dtype).rsplit(".", 1)[-1] for a in tensors.values() if a.dtype != mx.uint32)
     main_dtype = dtype or (floats.most_common(1)[0][0] if floats else fm.default_dtype)
     shards = make_shards(tensors, MAX_SHARD_GB)

@@ -2,8 +2,9 @@
 
 Module paths of mlx-lm models follow Hugging Face names (``model.layers.3.self_attn.q_proj``),
 so the PEFT keys are ``base_model.model.<path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight``
-([out, r]), plus ``.lora_magnitude_vector`` ([out]) for DoRA. ``adapter_config.json`` carries
-``r``, ``lora_alpha``, ``target_modules``, ``use_dora``, ``use_rslora`` and
+([out, r]), plus ``.lora_magnitude_vector`` ([out]) for DoRA; the expert layers of
+mixture-of-experts blocks (mlx-lm's ``switch_mlp``) keep one of each per expert: [E, r, in],
+[E, out, r], [E, out]. ``adapter_config.json`` carries ``r``, ``lora_alpha``, ``target_modules``, ``use_dora``, ``use_rslora`` and
 ``base_model_name_or_path``: the format HF PEFT, llama.cpp's converter and Ollama read.
 Adapter folders written by mlx-lm (``adapters.safetensors``) load too.
 """
@@ -13,18 +14,21 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import LoraConfig
+from .converters.moe_layout import stack_expert_state
 from .errors import AdapterError
 from .io import atomic_write_json, atomic_save_safetensors
-from .lora import DoRALinear, LoRALinear, base_dims, is_adapter_layer
+from .lora import (DoRALinear, DoRASwitchLinear, LoRALinear, LoRASwitchLinear, base_dims, is_adapter_layer,
+                   is_expert_layer)
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -58,8 +62,30 @@ def _matches(path: str, patterns: Optional[list[str]]) -> bool:
     return False
 
 
-def candidate_layers(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module]]:
-    """(path, layer) of every linear layer the config selects, in model order."""
+def wrappable(m) -> bool:
+    """Whether ``m`` is a layer an adapter can wrap: linear, quantized linear or expert layer."""
+    return isinstance(m, (nn.Linear, nn.QuantizedLinear)) or is_expert_layer(m)
+
+
+def routers(block: nn.Module) -> set[str]:
+    """Sub-paths (inside ``block``) of the routers of its mixture-of-experts modules: the linear
+    layers that sit next to the experts (``mlp.gate``, Qwen2-MoE's ``shared_expert_gate``) and
+    score at most as many outputs as there are experts."""
+    found = set()
+    for path, m in block.named_modules():
+        children = m.children()  # direct descendants: modules, or lists / dicts of them
+        experts = [e for c in children.values() if isinstance(c, nn.Module)
+                   for _, e in c.named_modules() if is_expert_layer(e)]
+        if not experts:
+            continue
+        n = experts[0].weight.shape[0]
+        for name, c in children.items():
+            if isinstance(c, (nn.Linear, nn.QuantizedLinear)) and c.weight.shape[0] <= n:
+                found.add(f"{path}.{name}" if path else name)
+    return found
+
+
+def _selected_blocks(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module]]:
     blocks = transformer_blocks(model)
     n = len(blocks)
     if cfg.layers_to_transform is None:
@@ -69,20 +95,50 @@ def candidate_layers(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Mo
         if bad:
             raise AdapterError(f"lora.layers_to_transform: {bad} out of range for a model with {n} blocks")
         indices = sorted({i % n for i in cfg.layers_to_transform})
+    return [(_block_path(model, blocks[i]), blocks[i]) for i in indices]
+
+
+def candidate_layers(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """(path, layer) of every linear and expert layer the config selects, in model order.
+
+    Without ``target_modules`` that is every such layer of the blocks except the routers of
+    mixture-of-experts blocks (see :func:`routers`); a router named in ``target_modules`` is adapted."""
     found = []
-    for i in indices:
-        prefix = _block_path(model, blocks[i])
-        for sub, m in blocks[i].named_modules():
-            if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and sub:
+    for prefix, block in _selected_blocks(model, cfg):
+        skip = routers(block) if cfg.target_modules is None else set()
+        for sub, m in block.named_modules():
+            if sub and sub not in skip and wrappable(m):
                 path = f"{prefix}.{sub}"
                 if _matches(path, cfg.target_modules):
                     found.append((path, m))
     return found
 
 
+def unwrappable_matches(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """What ``target_modules`` names that no adapter can wrap, as 'path (Kind)': layers with
+    weights of their own (embeddings, norms, ...) matched by any pattern, modules that only hold
+    other layers (``switch_mlp``, ``self_attn``) matched by a plain name, and plain names that
+    match no module of the selected blocks."""
+    if cfg.target_modules is None:
+        return []
+    names = [p for p in cfg.target_modules if not p.startswith("re:")]
+    out, paths = [], []
+    for prefix, block in _selected_blocks(model, cfg):
+        for sub, m in block.named_modules():
+            if not sub:
+                continue
+            path = f"{prefix}.{sub}"
+            paths.append(path)
+            if wrappable(m):
+                continue
+            own = any(isinstance(v, mx.array) for v in m.values())
+            if (own and _matches(path, cfg.target_modules)) or (not own and _matches(path, names)):
+                out.append(f"{path} ({type(m).__name__})")
+    return out + [f"'{n}' (no such module)" for n in names if not any(_matches(p, [n]) for p in paths)]
+
+
 def _linear_names(model: nn.Module) -> str:
-    return ", ".join(sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
-                             if isinstance(m, (nn.Linear, nn.QuantizedLinear))}))
+    return ", ".join(sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if wrappable(m)}))
 
 
 def _refuse_stacking(model: nn.Module) -> None:
@@ -105,30 +161,49 @@ def rank_problem(targets: list[tuple[str, nn.Module]], r) -> Optional[str]:
     return None
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
-    """Freeze the model and wrap the selected layers; returns their module paths."""
+def apply_lora(model: nn.Module, cfg: LoraConfig, warn: Optional[Callable[[str], None]] = None) -> list[str]:
+    """Freeze the model and wrap the selected layers; returns their module paths.
+
+    Modules that ``target_modules`` names but that cannot carry an adapter are reported through
+    ``warn`` (default: a Python warning), never skipped silently."""
     _refuse_stacking(model)
     targets = candidate_layers(model, cfg)
+    skipped = unwrappable_matches(model, cfg)
     if not targets:
+        named = f"; what it names instead: {_listing(skipped)}" if skipped else ""
         raise AdapterError(
-            f"lora.target_modules {cfg.target_modules} matched no linear layer; "
+            f"lora.target_modules {cfg.target_modules} matched no linear layer or expert layer{named}; "
             f"this model has: {_linear_names(model)}"
         )
     # Checked before anything is frozen or allocated.
     problem = rank_problem(targets, cfg.r)
     if problem:
         raise AdapterError(f"lora.r={cfg.r}: {problem}")
+    if skipped:
+        message = (f"lora.target_modules: {_listing(skipped)} cannot carry a LoRA adapter (only linear and expert "
+                   f"layers can) and stay as they are")
+        if warn is None:
+            warnings.warn(message, stacklevel=2)
+        else:
+            warn(message)
     model.freeze()
-    cls = DoRALinear if cfg.use_dora else LoRALinear
-    wrapped = [
-        (path, cls(m, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora))
-        for path, m in targets
-    ]
+    wrapped = []
+    for path, m in targets:
+        if is_expert_layer(m):
+            cls = DoRASwitchLinear if cfg.use_dora else LoRASwitchLinear
+        else:
+            cls = DoRALinear if cfg.use_dora else LoRALinear
+        wrapped.append((path, cls(m, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora)))
     model.update_modules(tree_unflatten(wrapped))
     return [p for p, _ in wrapped]
 
 
-def adapter_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+def _listing(paths: list[str], limit: int = 4) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(p, m) for p, m in model.named_modules() if is_adapter_layer(m)]
 
 
@@ -139,6 +214,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = 0
     for path, a in tree_flatten(model.parameters()):
         owner, _, leaf = path.rpartition(".")
+        if leaf == "base_norm_sq":  # DoRASwitchLinear's cached ||W||^2 rows, not a weight of the model
+            continue
         if owner in quantized:
             if leaf in ("scales", "biases"):
                 continue
@@ -170,7 +247,7 @@ def adapter_state(model: nn.Module) -> dict[str, mx.array]:
         key = PEFT_PREFIX + path
         out[f"{key}.lora_A.weight"] = m.lora_a.astype(mx.float32)
         out[f"{key}.lora_B.weight"] = m.lora_b.astype(mx.float32)
-        if isinstance(m, DoRALinear):
+        if isinstance(m, (DoRALinear, DoRASwitchLinear)):
             out[f"{key}.lora_magnitude_vector"] = m.magnitude.astype(mx.float32)
     return out
 
@@ -371,10 +448,12 @@ def _read_mlx_lm_adapter(folder: Path, conf: dict, model: nn.Module):
     for k, v in weights.items():
         base, _, leaf = k.rpartition(".")
         key = PEFT_PREFIX + base
-        if leaf == "lora_a":  # mlx-lm stores [in, r]
-            state[f"{key}.lora_A.weight"] = v.T
-        elif leaf == "lora_b":  # [r, out]
-            state[f"{key}.lora_B.weight"] = v.T
+        # mlx-lm stores a linear layer's A as [in, r] and B as [r, out], an expert layer's as
+        # [E, r, in] and [E, out, r] (already PEFT's orientation).
+        if leaf == "lora_a":
+            state[f"{key}.lora_A.weight"] = v.T if v.ndim == 2 else v
+        elif leaf == "lora_b":
+            state[f"{key}.lora_B.weight"] = v.T if v.ndim == 2 else v
         elif leaf == "m":
             state[f"{key}.lora_magnitude_vector"] = v
         else:
@@ -412,6 +491,9 @@ def read_adapter(folder, model: Optional[nn.Module] = None) -> tuple[AdapterInfo
             state = mx.load(str(folder / ADAPTER_WEIGHTS))
         except Exception as e:
             raise AdapterError(f"{folder / ADAPTER_WEIGHTS}: cannot read ({e})") from None
+        model_type = getattr(model, "model_type", None) or (conf.get("mlx_lora") or {}).get("model_type")
+        if isinstance(model_type, str):  # per-expert adapters (peft's layout) onto mlx-lm's stacked experts
+            state = stack_expert_state(model_type, state)
         targets = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
         info = AdapterInfo(lora, conf.get("base_model_name_or_path"), targets, "peft", conf.get("mlx_lora") or {})
         return info, state
@@ -472,10 +554,9 @@ def _check_against_model(model: nn.Module, info: AdapterInfo, folder) -> None:
         if not selected:
             where = "" if info.lora.layers_to_transform is None else f" in blocks {info.lora.layers_to_transform}"
             names = [t[3:] if t.startswith("re:") else t for t in info.lora.target_modules or ["all-linear"]]
-            raise AdapterError(f"{conf_path}: key 'target_modules': {names} match no linear layer of this model"
-                               f"{where}; it has: {_linear_names(model)}")
-    layers = [(t, m) for t, m in model.named_modules() if t in set(info.targets)
-              and isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+            raise AdapterError(f"{conf_path}: key 'target_modules': {names} match no linear layer or expert layer "
+                               f"of this model{where}; it has: {_linear_names(model)}")
+    layers = [(t, m) for t, m in model.named_modules() if t in set(info.targets) and wrappable(m)]
     problem = rank_problem(layers, info.lora.r)
     if problem:
         key = "r" if info.source_format == "peft" else "lora_parameters.rank"
@@ -493,7 +574,7 @@ def set_adapter_state(model: nn.Module, state: dict[str, mx.array]) -> None:
         key = PEFT_PREFIX + path
         updates.append((f"{path}.lora_a", state[f"{key}.lora_A.weight"].astype(mx.float32)))
         updates.append((f"{path}.lora_b", state[f"{key}.lora_B.weight"].astype(mx.float32)))
-        if isinstance(m, DoRALinear):
+        if isinstance(m, (DoRALinear, DoRASwitchLinear)):
             updates.append((f"{path}.magnitude", state[f"{key}.lora_magnitude_vector"].astype(mx.float32)))
     model.load_weights(updates, strict=False)
     mx.eval(model.parameters())

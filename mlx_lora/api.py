@@ -134,7 +134,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
                                         trust_remote_code=cfg.model.trust_remote_code,
                                         dequantize_on_cpu=cfg.model.dequantize_on_cpu)
     splits = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
-    adapters.apply_lora(model, cfg.lora)
+    adapters.apply_lora(model, cfg.lora, warn=lambda m: log(f"WARNING: {m}"))
     trainable, total = adapters.count_parameters(model)
 
     from .integrity import FINGERPRINT_KEY, base_model_fingerprint

@@ -55,7 +55,7 @@ class LoraConfig:
     """Dropout on the adapter's input (training only)."""
     target_modules: Optional[list[str]] = None
     """Module names (``q_proj``) or regexes (``re:.*mlp.*``); default: every linear layer of
-    attention and MLP blocks."""
+    attention and MLP blocks, and every expert layer of MoE blocks (not their routers)."""
     layers_to_transform: Optional[list[int]] = None
     """Transformer block indices to adapt (negative counts from the end); default: all."""
     use_dora: bool = False

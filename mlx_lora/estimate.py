@@ -155,7 +155,7 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
     model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
     splits = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed, splits=("train",))
-    adapters.apply_lora(model, cfg.lora)
+    adapters.apply_lora(model, cfg.lora, warn=lambda m: say(f"WARNING: {m}"))
     trainer = Trainer(model, cfg, splits.train, None, None)
     model.train()
 

@@ -7,6 +7,7 @@ means checking this one file:
 
 - ``mlx_lm.utils._get_classes``: the model and argument classes of an architecture;
 - ``mlx_lm.models.cache.BatchKVCache``: a KV cache for left-padded batches;
+- ``mlx_lm.models.switch_layers``: the expert layers of mixture-of-experts blocks;
 - the cache protocol of ``mlx_lm.models.base.create_attention_mask`` (``make_mask``, ``offset``,
   ``update_and_fetch``), which :class:`SegmentMask` implements to carry a packed batch's mask.
 
@@ -63,3 +64,11 @@ class SegmentMask:
 
     def __bool__(self):  # some models test `if cache` before asking for a mask
         return True
+
+
+def switch_linear_classes() -> tuple[type, type]:
+    """(``SwitchLinear``, ``QuantizedSwitchLinear``): the expert layers of mlx-lm's mixture-of-experts
+    blocks (``SwitchGLU`` / ``SwitchMLP``), one [experts, out, in] weight called with expert indices."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    return SwitchLinear, QuantizedSwitchLinear

@@ -8,6 +8,7 @@ huggingface-hub), or a ``.gguf`` file (imported once into a cache folder by ``co
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,45 +239,50 @@ activations, the logits and their gradients, which on long rows outgrow a small 
 
 
 def _quantized_modules(model) -> list[tuple[str, Any]]:
+    """Quantized linear, embedding and expert (``QuantizedSwitchLinear``) layers."""
     import mlx.nn as nn
 
-    return [(p, m) for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    from .mlx_lm_compat import switch_linear_classes
+
+    kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding, switch_linear_classes()[1])
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, kinds)]
 
 
-def _logical_shape(m) -> tuple[int, int]:
-    rows, packed = m.weight.shape
-    return rows, packed * 32 // m.bits
+def _logical_size(m) -> int:
+    *lead, packed = m.weight.shape
+    return math.prod(lead) * (packed * 32 // m.bits)
 
 
 def dequantized_bytes(model, dtype) -> int:
     """Size of the model's quantized layers once dequantized to ``dtype``."""
-    total = 0
-    for _, m in _quantized_modules(model):
-        rows, cols = _logical_shape(m)
-        total += rows * cols * dtype.size
-    return total
+    return sum(_logical_size(m) * dtype.size for _, m in _quantized_modules(model))
 
 
 def dequantize_layers(model, dtype) -> int:
-    """Replace every ``QuantizedLinear`` / ``QuantizedEmbedding`` with a float ``Linear`` /
-    ``Embedding`` holding exactly the values the quantized layer computes with; returns how many.
-    One layer at a time, so the packed and dense copies never both exist for the whole model."""
+    """Replace every ``QuantizedLinear`` / ``QuantizedEmbedding`` / ``QuantizedSwitchLinear`` with a
+    float ``Linear`` / ``Embedding`` / ``SwitchLinear`` holding exactly the values the quantized
+    layer computes with; returns how many. One layer at a time, so the packed and dense copies
+    never both exist for the whole model."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
 
+    from .lora import dense_weight, make_switch_linear
+
     found = _quantized_modules(model)
     for path, m in found:
-        w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
-                          mode=getattr(m, "mode", "affine")).astype(dtype)
-        # Built without __init__: the constructors draw random initial weights, which would move
-        # the seeded random stream and give the LoRA matrices another start than on the quantized path.
-        cls = nn.Embedding if isinstance(m, nn.QuantizedEmbedding) else nn.Linear
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.weight = w
-        if "bias" in m:
-            new.bias = m.bias
+        w = dense_weight(m).astype(dtype)
+        if not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):  # experts
+            new = make_switch_linear(w, m.get("bias"))
+        else:
+            # Built without __init__: the constructors draw random initial weights, which would move
+            # the seeded random stream and give the LoRA matrices another start than on the quantized path.
+            cls = nn.Embedding if isinstance(m, nn.QuantizedEmbedding) else nn.Linear
+            new = cls.__new__(cls)
+            nn.Module.__init__(new)
+            new.weight = w
+            if "bias" in m:
+                new.bias = m.bias
         mx.eval(new.parameters())
         model.update_modules(tree_unflatten([(path, new)]))
     return len(found)
