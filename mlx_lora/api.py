@@ -45,6 +45,8 @@ def banner_lines(cfg: Config, info, trainable: int, total: int, splits, steps: i
             extra.append(f"{s.skipped} skipped")
         lines.append(f"{name:<9} {s.path}: {s.examples} examples ({s.format}), {s.target_tokens:,} target "
                      f"of {s.total_tokens:,} tokens" + (f"; {', '.join(extra)}" if extra else ""))
+    if hasattr(splits.train, "source_lines"):  # a mixture: each source's rows, share and validation
+        lines += splits.train.source_lines(cfg.data.max_seq_length)
     t = cfg.train
     global_batch = t.batch_size * t.grad_accum * world
     lines.append(f"training  {steps} steps, batch {t.batch_size} x accum {t.grad_accum}"
@@ -124,10 +126,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         RunLock(Path(cfg.out).expanduser()).check_free()  # a run writing there now comes first
     run = prepare_run_dir(cfg.out, resume, overwrite) if rank0 else RunDir(cfg.out)
     plan = plan_resume(run, cfg, group.size()) if resume and rank0 else None
-    if not Path(cfg.data.path).expanduser().exists():  # fail fast, before the model loads
-        from .errors import DataError
+    from .data_sources import check_exists
 
-        raise DataError("no such file or folder", path=cfg.data.path, field="data.path")
+    for i, source in enumerate(cfg.data.sources or [{"path": cfg.data.path}]):  # fail fast, before the model loads
+        check_exists(source["path"], "data.path" if not cfg.data.sources else f"data.sources[{i}].path")
     mx.random.seed(cfg.train.seed)
 
     model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
