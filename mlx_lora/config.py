@@ -101,7 +101,7 @@ class DataConfig:
     answer}; the data sets the recipes name are mapped already."""
     sources: Optional[list[dict]] = None
     """Mix several sources instead of path: a list of {path, weight (default 1), columns, format,
-    split}; each epoch samples sum-of-sizes examples, weight-proportional shares (see README)."""
+    split}; each epoch gives source i a share w_i / sum(w) of all sources' examples (README "Data")."""
 
 
 @dataclass(frozen=True)

@@ -233,8 +233,9 @@ def map_jsonl_rows(rows: list[tuple[int, dict]], columns: Optional[dict], path: 
 def _datasets():
     try:
         import datasets
-    except ImportError:  # pragma: no cover - declared as a dependency
-        raise DataError("reading a Hugging Face data set needs the datasets package: pip install datasets") from None
+    except ImportError:  # an optional dependency
+        raise DataError("reading a Hugging Face data set needs the datasets package: "
+                        "pip install 'mlx-lora[datasets]'") from None
     return datasets
 
 
@@ -453,18 +454,16 @@ class SourcePart:
     def line(self, max_seq_length: int) -> str:
         s = self.train
         n = max(s.examples, 1)
-        how = "all once" if self.share == s.examples else (
-            f"{self.share / n:.2f}x, drawn without replacement" if self.share < s.examples
-            else f"{self.share / n:.2f}x, repeated")
+        how = f"{self.share / n:.2f}x" + (", repeated" if self.share > s.examples else "")
         cut = []
         if s.truncated:
             cut.append(f"{s.truncated} truncated to {max_seq_length} tokens")
         if s.skipped:
             cut.append(f"{s.skipped} skipped")
-        valid = f"{self.valid.examples} valid ({self.valid_how})" if self.valid is not None else "no valid"
+        valid = f"valid {self.valid.examples} ({self.valid_how})" if self.valid is not None else "no valid"
         return (f"{s.path} ({s.format}): {s.rows:,} rows -> {s.examples:,} examples"
                 + (f" ({', '.join(cut)})" if cut else "") + f"; weight {self.weight:g} -> "
-                f"{self.share:,} per epoch ({how}); {valid}")
+                f"{self.share:,}/epoch ({how}); {valid}")
 
 
 class MixedDataset(TokenizedDataset):
@@ -535,8 +534,7 @@ def load_mixture(cfg, tokenizer, *, seed: int, cache_dir=None, splits=("train", 
         weights = [float(s.get("weight", 1.0)) for s in cfg.sources]
         shares = epoch_shares([len(t) for t in trains], weights)
         for t, v, w, k in zip(trains, valids, weights, shares):
-            how = (f"{cfg.valid_fraction:g} held out" if v is not None and v.stats.path == t.stats.path
-                   else "its validation split")
+            how = "held out" if v is not None and v.stats.path == t.stats.path else "split"
             reports.append(SourcePart(t.stats.path, w, k, t.stats, v.stats if v is not None else None, how))
         train = MixedDataset(trains, reports)
     else:

@@ -263,10 +263,8 @@ def test_mixture_validation_per_source(tmp_path, tok):
     got = D.load_datasets(cfg, tok)
     assert len(got.train) == 8 + 18 and len(got.valid) == 3 + 2
     lines = got.train.source_lines(64)
-    assert lines[0].startswith(f"source 1  {a}[train] (completions): 8 rows -> 8 examples; weight 1 -> 17 per epoch")
-    assert lines[0].endswith("3 valid (its validation split)")
-    assert lines[1].startswith(f"source 2  {b} (completions): 18 rows -> 18 examples; weight 0.5 -> 9 per epoch")
-    assert lines[1].endswith("2 valid (0.1 held out)")
+    assert lines[0] == f"source 1  {a}[train] (completions): 8 rows -> 8 examples; weight 1 -> 17/epoch (2.12x, repeated); valid 3 (split)"
+    assert lines[1] == f"source 2  {b} (completions): 18 rows -> 18 examples; weight 0.5 -> 9/epoch (0.50x); valid 2 (held out)"
 
 
 @pytest.mark.parametrize("sources, fragment", [
@@ -381,6 +379,6 @@ def test_cli_banner_and_refusals(tiny_llama, tmp_path, cli_env, capsys):
                                "train": {"iters": 1}}))
     code, out, err = run_main(capsys, ["train", "--config", str(cfg)])
     assert code == 0, err
-    assert f"source 1  {a}[train] (completions): 5 rows -> 5 examples; weight 3 -> 6 per epoch" in err
-    assert f"source 2  {folder}[train] (completions): 3 rows -> 3 examples; weight 1 -> 2 per epoch" in err
+    assert f"source 1  {a}[train] (completions): 5 rows -> 5 examples; weight 3 -> 6/epoch (1.20x, repeated)" in err
+    assert f"source 2  {folder}[train] (completions): 3 rows -> 3 examples; weight 1 -> 2/epoch (0.67x); valid 1" in err
     assert "train     2 sources: 8 examples (mixed)" in err and "valid     2 sources: 2 examples (mixed)" in err
