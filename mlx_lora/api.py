@@ -252,8 +252,10 @@ def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: st
 
 def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch_size: int = 4,
              max_seq_length: int = 2048, train_on: str = "assistant", chat_template: Optional[str] = None,
-             max_batches: Optional[int] = None, dtype: str = "auto", strict: bool = False) -> dict:
-    """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder."""
+             max_batches: Optional[int] = None, dtype: str = "auto", strict: bool = False,
+             columns: Optional[dict] = None) -> dict:
+    """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder, or the
+    test (else validation) split of a data set (hf: id or save_to_disk folder)."""
     import math
 
     from .config import BOUNDS, CHOICES, INT_CAP, Bound, Config, DataConfig, ModelConfig, TrainConfig, check_options
@@ -269,8 +271,16 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
                   + ([("--max-batches", max_batches, Bound(int, 1, INT_CAP))] if max_batches is not None else []))
     if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
         raise MlxLoraError("--chat-template must be 'chatml' or the path of a .jinja file")
-    path = Path(data)
-    if path.is_dir():
+    from .config import ConfigError
+    from .data_sources import check_exists, config_problems, is_datasets_source, load_eval_split
+
+    problems = config_problems(columns, None, (), None)
+    if problems:
+        raise ConfigError([p.replace("data.columns", "--column") for p in problems])
+    path, hub = Path(data), is_datasets_source(data)  # hub: an hf: id or a save_to_disk folder
+    if hub:
+        check_exists(data, "--data")
+    elif path.is_dir():
         for name in ("test.jsonl", "valid.jsonl"):
             if (path / name).is_file():
                 path = path / name
@@ -279,13 +289,13 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
             raise MlxLoraError(f"{data}: no test.jsonl or valid.jsonl in this folder")
     # "auto": on the CPU backend a quantized base computes dequantized when it fits (same values)
     model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict, dequantize_on_cpu="auto")
-    dcfg = DataConfig(path=str(path), max_seq_length=max_seq_length, train_on=train_on,
-                      chat_template=chat_template, valid_fraction=0.0)
-    ds = load_jsonl_dataset(path, dcfg, tokenizer)
+    dcfg = DataConfig(path=data if hub else str(path), max_seq_length=max_seq_length, train_on=train_on,
+                      chat_template=chat_template, valid_fraction=0.0, columns=columns)
+    ds = load_eval_split(dcfg, tokenizer) if hub else load_jsonl_dataset(path, dcfg, tokenizer)
     cfg = Config(model=ModelConfig(path=model_path), data=dcfg, train=TrainConfig(batch_size=batch_size))
     loss, ntoks = evaluate_loss(model, make_loss(model, cfg.train.loss_chunk_tokens), ds, cfg, max_batches=max_batches)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": ntoks, "examples": len(ds),
-            "path": str(path)}
+            "path": ds.stats.path if hub else str(path)}
 
 
 def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat: bool = False,

@@ -46,7 +46,7 @@ __all__ = [
     "BUCKET_BATCHES", "CHAT_ROLES", "FORMATS", "PAD_MULTIPLE", "SHAREGPT_ROLES", "Batch", "BatchPosition",
     "DataSplits", "DataStats", "TokenizedDataset", "attention_mask_from_segments", "default_cache_dir",
     "detect_format", "epoch_plan", "iterate_batches", "length_groups", "load_datasets", "load_jsonl_dataset",
-    "load_source", "num_batches", "pack", "padded_length", "split_rows",
+    "load_rows_dataset", "load_source", "num_batches", "pack", "padded_length", "split_rows",
 ]
 
 _CACHE_VERSION = 1
@@ -488,6 +488,13 @@ def load_jsonl_dataset(path, cfg: DataConfig, tokenizer, *, cache_dir: Optional[
     """Tokenize one JSONL file as a whole (no split). Uses the cache when ``cfg.cache``."""
     cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if cfg.cache else None
     return _dataset(_load_file(Path(path).expanduser(), cfg, _encoder(cfg, tokenizer), cache))
+
+
+def load_rows_dataset(src, cfg: DataConfig, tokenizer, *, cache_dir: Optional[Path] = None) -> TokenizedDataset:
+    """Tokenize one split of a ``datasets`` data set (a :class:`~mlx_lora.data_sources.RowSource`)
+    as a whole (no split). Uses the cache when ``cfg.cache``."""
+    cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if cfg.cache else None
+    return _dataset(_load_rows(src, cfg, _encoder(cfg, tokenizer), cache))
 
 
 def split_rows(n_rows: int, valid_fraction: float, seed: int) -> np.ndarray:

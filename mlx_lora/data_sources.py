@@ -37,7 +37,7 @@ import numpy as np
 
 from .batching import seed_seq
 from .data import DataSplits, DataStats, TokenizedDataset, load_source
-from .data_formats import REGISTRY, one_line
+from .data_formats import BY_NAME, REGISTRY, one_line
 from .errors import DataError
 
 HF_PREFIX = "hf:"
@@ -181,12 +181,18 @@ class RowSource:
         ds = self.dataset
         if self.columns:
             check_columns(self.columns, ds.column_names, self.label)
-        out = []
-        for i, row in enumerate(ds):
-            out.append((i + 1, map_row(row, self.columns)))
-        if not out:
+        if self.fmt in BY_NAME:  # a known format: only the columns it reads are converted
+            cls, theirs = BY_NAME[self.fmt], dict(self.columns or {})
+            for key in cls.keys:
+                if theirs.get(key, key) not in ds.column_names:
+                    raise DataError(f"no column {theirs.get(key, key)!r}, which {cls.name} rows need for field "
+                                    f"{key!r} (columns: {', '.join(ds.column_names)}); map one with data.columns",
+                                    self.label, field="data.columns")
+            ds = ds.select_columns([c for c in dict.fromkeys(theirs.get(k, k) for k in cls.reads)
+                                    if c in ds.column_names])
+        if ds.num_rows == 0:
             raise DataError("empty data set: no rows", self.label)
-        return out
+        return [(i + 1, map_row(row, self.columns)) for i, row in enumerate(ds.to_list())]
 
     def relabel(self, e: DataError) -> DataError:
         """A DataError raised on this source's rows, naming ``label row i`` (0-based, as
@@ -254,6 +260,8 @@ def _offline() -> bool:
 def _hub_error(hid: HubId, e: Exception) -> DataError:
     """One line saying what to do about a data set the hub did not give."""
     name, text = type(e).__name__, one_line(e)
+    if isinstance(e, ValueError) and "config" in text.lower():  # a config name it does not have
+        return DataError(text, str(hid))
     if _offline() or "OfflineModeIsEnabled" in text or "offline" in text.lower():
         return DataError(f"not in the local datasets cache, and offline mode is on (HF_HUB_OFFLINE / "
                          f"HF_DATASETS_OFFLINE). Load it once with network access (the datasets cache keeps it), "
@@ -261,10 +269,6 @@ def _hub_error(hid: HubId, e: Exception) -> DataError:
     if "DatasetNotFound" in name or "doesn't exist" in text or "404" in text:
         return DataError("no such data set on the Hugging Face hub (or it is private: run `huggingface-cli "
                          "login`)", str(hid))
-    if "split" in text.lower() and isinstance(e, (ValueError, KeyError)):
-        return DataError(f"{text}", str(hid))
-    if "config" in text.lower() and isinstance(e, ValueError):
-        return DataError(f"{text}", str(hid))
     return DataError(f"could not load it with datasets ({name}: {text}). Check the network and the name", str(hid))
 
 
@@ -337,6 +341,21 @@ def open_source(path: str, *, split: Optional[str] = None, columns: Optional[dic
     if out["train"] is None:
         raise DataError(f"no train split (splits: {', '.join(names)}); name one with @split or split:", path)
     return out
+
+
+def load_eval_split(cfg, tokenizer, *, cache_dir=None):
+    """The examples ``mlx-lora eval`` scores in the data set ``cfg.path``: the split named with
+    ``@split``, else its test split, else its validation split; a folder holding one Dataset is
+    scored whole."""
+    from .data import load_rows_dataset
+
+    srcs = open_source(cfg.path, columns=cfg.columns, fmt=cfg.format)
+    named = is_hf_id(cfg.path) and parse_hf_id(cfg.path).split is not None
+    single = not is_hf_id(cfg.path) and srcs["train"].label == str(cfg.path)
+    src = srcs["train"] if named or single else (srcs["test"] or srcs["valid"])
+    if src is None:
+        raise DataError("no test or validation split to evaluate on (name one with @split)", cfg.path)
+    return load_rows_dataset(src, cfg, tokenizer, cache_dir=cache_dir)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -128,6 +128,10 @@ def test_missing_column_is_one_error_listing_the_columns(tmp_path, tok):
     msg = str(e.value)
     assert "\n" not in msg and "'query'" in msg and "columns: question, answer, category" in msg
     assert msg.startswith(f"{folder}[train], field 'data.columns'")
+    with pytest.raises(DataError) as e:  # a forced format whose fields the data set lacks
+        D.load_datasets(DataConfig(path=str(folder), format="completions"), tok)
+    assert str(e.value) == (f"{folder}[train], field 'data.columns': no column 'prompt', which completions rows "
+                            "need for field 'prompt' (columns: question, answer, category); map one with data.columns")
 
 
 def test_bad_row_names_source_and_row_index(tmp_path, tok):
@@ -382,3 +386,32 @@ def test_cli_banner_and_refusals(tiny_llama, tmp_path, cli_env, capsys):
     assert f"source 1  {a}[train] (completions): 5 rows -> 5 examples; weight 3 -> 6/epoch (1.20x, repeated)" in err
     assert f"source 2  {folder}[train] (completions): 3 rows -> 3 examples; weight 1 -> 2/epoch (0.67x); valid 1" in err
     assert "train     2 sources: 8 examples (mixed)" in err and "valid     2 sources: 2 examples (mixed)" in err
+
+
+def test_resume_refuses_other_sources_or_their_order():
+    from mlx_lora.resume import refused_changes
+
+    a, b = {"path": "a.jsonl", "weight": 1}, {"path": "hf:org/b", "weight": 2}
+    cfg = lambda *srcs: build(extra={"model": {"path": "m"}, "data": {"sources": list(srcs)}})  # noqa: E731
+    assert refused_changes(cfg(a, b), cfg(a, b), 4, 4) == []
+    for other in (cfg(b, a), cfg(a, dict(b, weight=3)), cfg(a)):
+        assert [c.key for c in refused_changes(cfg(a, b), other, 4, 4)] == ["data.sources"]
+
+
+def test_eval_scores_a_data_sets_test_split(tiny_llama, tmp_path, cli_env, capsys):
+    from cli_harness import run_main
+
+    folder = save_dict(tmp_path / "qa", train=qa_rows(4), validation=qa_rows(2, "v"), test=qa_rows(3, "t"))
+    code, out, err = run_main(capsys, ["eval", "--model", str(tiny_llama), "--data", str(folder), "--json",
+                                       "--column", "prompt=question", "--column", "completion=answer"])
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["path"] == f"{folder}[test]" and got["examples"] == 3 and np.isfinite(got["loss"])
+    one = tmp_path / "one"
+    datasets.Dataset.from_dict(qa_rows(5)).save_to_disk(str(one))
+    r = mlx_lora.api.evaluate(str(tiny_llama), str(one), columns=QA)
+    assert r["path"] == str(one) and r["examples"] == 5
+    assert_refused(capsys, ["eval", "--model", str(tiny_llama), "--data", str(folder), "--column", "answer"],
+                   ["--column 'answer': expected FIELD=COLUMN"], [tmp_path])
+    assert_refused(capsys, ["eval", "--model", str(tiny_llama), "--data", str(folder), "--column", "answer=x"],
+                   ["--column: 'answer' is not a field of any data format"], [tmp_path])
