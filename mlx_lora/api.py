@@ -45,6 +45,8 @@ def banner_lines(cfg: Config, info, trainable: int, total: int, splits, steps: i
             extra.append(f"{s.skipped} skipped")
         lines.append(f"{name:<9} {s.path}: {s.examples} examples ({s.format}), {s.target_tokens:,} target "
                      f"of {s.total_tokens:,} tokens" + (f"; {', '.join(extra)}" if extra else ""))
+    if hasattr(splits.train, "source_lines"):  # a mixture: each source's rows, share and validation
+        lines += splits.train.source_lines(cfg.data.max_seq_length)
     t = cfg.train
     global_batch = t.batch_size * t.grad_accum * world
     lines.append(f"training  {steps} steps, batch {t.batch_size} x accum {t.grad_accum}"
@@ -124,10 +126,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         RunLock(Path(cfg.out).expanduser()).check_free()  # a run writing there now comes first
     run = prepare_run_dir(cfg.out, resume, overwrite) if rank0 else RunDir(cfg.out)
     plan = plan_resume(run, cfg, group.size()) if resume and rank0 else None
-    if not Path(cfg.data.path).expanduser().exists():  # fail fast, before the model loads
-        from .errors import DataError
+    from .data_sources import check_exists
 
-        raise DataError("no such file or folder", path=cfg.data.path, field="data.path")
+    for i, source in enumerate(cfg.data.sources or [{"path": cfg.data.path}]):  # fail fast, before the model loads
+        check_exists(source["path"], "data.path" if not cfg.data.sources else f"data.sources[{i}].path")
     mx.random.seed(cfg.train.seed)
 
     model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
@@ -250,8 +252,10 @@ def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: st
 
 def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch_size: int = 4,
              max_seq_length: int = 2048, train_on: str = "assistant", chat_template: Optional[str] = None,
-             max_batches: Optional[int] = None, dtype: str = "auto", strict: bool = False) -> dict:
-    """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder."""
+             max_batches: Optional[int] = None, dtype: str = "auto", strict: bool = False,
+             columns: Optional[dict] = None) -> dict:
+    """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder, or the
+    test (else validation) split of a data set (hf: id or save_to_disk folder)."""
     import math
 
     from .config import BOUNDS, CHOICES, INT_CAP, Bound, Config, DataConfig, ModelConfig, TrainConfig, check_options
@@ -267,8 +271,16 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
                   + ([("--max-batches", max_batches, Bound(int, 1, INT_CAP))] if max_batches is not None else []))
     if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
         raise MlxLoraError("--chat-template must be 'chatml' or the path of a .jinja file")
-    path = Path(data)
-    if path.is_dir():
+    from .config import ConfigError
+    from .data_sources import check_exists, config_problems, is_datasets_source, load_eval_split
+
+    problems = config_problems(columns, None, (), None)
+    if problems:
+        raise ConfigError([p.replace("data.columns", "--column") for p in problems])
+    path, hub = Path(data), is_datasets_source(data)  # hub: an hf: id or a save_to_disk folder
+    if hub:
+        check_exists(data, "--data")
+    elif path.is_dir():
         for name in ("test.jsonl", "valid.jsonl"):
             if (path / name).is_file():
                 path = path / name
@@ -277,13 +289,13 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
             raise MlxLoraError(f"{data}: no test.jsonl or valid.jsonl in this folder")
     # "auto": on the CPU backend a quantized base computes dequantized when it fits (same values)
     model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict, dequantize_on_cpu="auto")
-    dcfg = DataConfig(path=str(path), max_seq_length=max_seq_length, train_on=train_on,
-                      chat_template=chat_template, valid_fraction=0.0)
-    ds = load_jsonl_dataset(path, dcfg, tokenizer)
+    dcfg = DataConfig(path=data if hub else str(path), max_seq_length=max_seq_length, train_on=train_on,
+                      chat_template=chat_template, valid_fraction=0.0, columns=columns)
+    ds = load_eval_split(dcfg, tokenizer) if hub else load_jsonl_dataset(path, dcfg, tokenizer)
     cfg = Config(model=ModelConfig(path=model_path), data=dcfg, train=TrainConfig(batch_size=batch_size))
     loss, ntoks = evaluate_loss(model, make_loss(model, cfg.train.loss_chunk_tokens), ds, cfg, max_batches=max_batches)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": ntoks, "examples": len(ds),
-            "path": str(path)}
+            "path": ds.stats.path if hub else str(path)}
 
 
 def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat: bool = False,

@@ -162,12 +162,14 @@ def iterate_batches(
     a multiple of ``pad_multiple`` positions (capped at ``max_seq_length``) so compiled steps see
     few shapes. With ``packing``, examples are packed (best-fit decreasing, per epoch) into rows of
     at most ``max_seq_length`` positions and ``segments`` tells them apart. ``loop=False`` stops at
-    the end of ``start.epoch``. ``bucketing=False`` draws batches without regard to length."""
+    the end of ``start.epoch``. ``bucketing=False`` draws batches without regard to length. A
+    dataset with ``for_epoch(seed, epoch)`` (a mixture of sources) gives each epoch's examples."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or pad_multiple < 1:
         raise ValueError(f"bad batching arguments: batch_size={batch_size} rank={rank} world_size={world_size}")
     if len(ds) == 0:
         raise ValueError(f"no examples to batch in {ds.stats.path}")
-    sizes = ds.lengths - 1  # positions each example fills
+    pool = ds
+    sizes = pool.lengths - 1  # positions each example fills
     if sizes.max() > max_seq_length:
         raise ValueError(
             f"an example of {sizes.max() + 1} tokens exceeds max_seq_length={max_seq_length}; "
@@ -176,6 +178,9 @@ def iterate_batches(
     global_batch = batch_size * world_size
     epoch, index = start.epoch, start.index
     while True:
+        if hasattr(pool, "for_epoch"):  # a mixture of sources: this epoch's sample (data_sources)
+            ds = pool.for_epoch(seed, epoch)
+            sizes = ds.lengths - 1
         if packing:
             members = pack(sizes, max_seq_length, np.random.default_rng(seed_seq(seed, 3, epoch)).permutation(len(sizes)))
             item_sizes = np.array([sizes[m].sum() for m in members], dtype=np.int64)

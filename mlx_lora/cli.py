@@ -69,7 +69,8 @@ def _overrides(**options) -> dict:
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config (see recipes/).")
 @click.option("--model", help="Local HF/MLX folder, Hugging Face repo id, or .gguf file.")
-@click.option("--data", help="JSONL file or folder with train.jsonl [valid.jsonl test.jsonl].")
+@click.option("--data", help="JSONL file or folder with train.jsonl [valid.jsonl test.jsonl], a datasets "
+              "save_to_disk folder, or hf:org/name[:config][@split].")
 @click.option("--out", help="Run folder (default runs/run).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. lora.r=16.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this folder.")
@@ -149,7 +150,8 @@ def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_
 @cli.command(name="eval")
 @click.option("--model", required=True)
 @click.option("--adapter", help="Adapter or run folder.")
-@click.option("--data", required=True, help="JSONL file, or a folder with test.jsonl / valid.jsonl.")
+@click.option("--data", required=True, help="JSONL file, a folder with test.jsonl / valid.jsonl, or a data set "
+              "(hf: id or save_to_disk folder: its @split, test or validation split).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--max-seq-length", type=int, default=2048, show_default=True)
 @click.option("--train-on", type=click.Choice(["assistant", "last", "all"]), default="assistant", show_default=True)
@@ -157,14 +159,22 @@ def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_
 @click.option("--max-batches", type=int, help="Evaluate at most this many batches (>= 1; default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
-def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_template, max_batches, as_json, strict):
+@click.option("--column", "columns", multiple=True, metavar="FIELD=COLUMN",
+              help="Map a column onto a format field (as data.columns), e.g. --column completion=answer.")
+def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_template, max_batches, as_json, strict,
+          columns):
     """Loss and perplexity on a data set."""
     import json
 
     from . import api
+    from .errors import MlxLoraError
 
+    bad = [c for c in columns if "=" not in c or not all(c.split("=", 1))]
+    if bad:
+        raise MlxLoraError(f"--column {bad[0]!r}: expected FIELD=COLUMN, e.g. completion=answer")
     r = api.evaluate(model, data, adapter, batch_size=batch_size, max_seq_length=max_seq_length,
-                     train_on=train_on, chat_template=chat_template, max_batches=max_batches, strict=strict)
+                     train_on=train_on, chat_template=chat_template, max_batches=max_batches, strict=strict,
+                     columns=dict(c.split("=", 1) for c in columns) or None)
     if as_json:
         click.echo(json.dumps(r))
     else:

@@ -73,7 +73,8 @@ class DataConfig:
     """Where examples come from and how they become token batches."""
 
     path: Optional[str] = None
-    """A JSONL file (validation split carved off) or a folder with train.jsonl [valid.jsonl test.jsonl]."""
+    """A JSONL file (validation split carved off), a folder with train.jsonl [valid.jsonl test.jsonl], a
+    folder saved with datasets' save_to_disk, or a Hugging Face data set hf:org/name[:config][@split]."""
     format: str = "auto"
     """auto, chat, completions, text, alpaca or sharegpt (auto detects per file)."""
     valid_fraction: float = 0.05
@@ -95,6 +96,12 @@ class DataConfig:
     """What to do with an example longer than max_seq_length: truncate, skip or error."""
     cache: bool = True
     """Cache tokenized data on disk, keyed by file hash, tokenizer and settings."""
+    columns: Optional[dict] = None
+    """Map a source's columns onto format fields, {field: column}, e.g. {prompt: question, completion:
+    answer}; the data sets the recipes name are mapped already."""
+    sources: Optional[list[dict]] = None
+    """Mix several sources instead of path: a list of {path, weight (default 1), columns, format,
+    split}; each epoch gives source i a share w_i / sum(w) of all sources' examples (README "Data")."""
 
 
 @dataclass(frozen=True)
@@ -265,6 +272,9 @@ BOUNDS = {
     "train.seed": Bound(int, 0, MAX_SEED),
     "train.log_every": Bound(int, 1, INT_CAP),
 }
+SOURCE_BOUNDS = {"data.sources[].weight": Bound(float, 0, 1e6, lo_open=True)}
+"""Numbers inside each entry of data.sources (checked by validate() with the entry's index)."""
+SOURCE_CHOICES = {"data.sources[].format": ("auto", *FORMATS)}
 MAX_LAYER_INDEX = 2**16
 """lora.layers_to_transform entries beyond this cannot name a block of any model."""
 
@@ -621,8 +631,14 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
     m, lo, d = cfg.model, cfg.lora, cfg.data
     if not m.path:
         p.append("model.path: required (a local folder, a Hugging Face repo id or a .gguf file)")
-    if need_data and not d.path:
+    if need_data and not d.path and not d.sources:
         p.append("data.path: required (a JSONL file or a folder with train.jsonl)")
+    if d.sources and d.path:
+        p.append("data.sources: set either data.path or data.sources, not both")
+    from .data_sources import config_problems
+
+    p += config_problems(d.columns, d.sources, SOURCE_CHOICES["data.sources[].format"][1:],
+                         SOURCE_BOUNDS["data.sources[].weight"])
     # Numbers: type, finiteness and range, in the order of BOUNDS (NaN fails every comparison, so
     # a bare "< 1" test would let it through).
     for key, bound in BOUNDS.items():

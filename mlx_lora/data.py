@@ -46,7 +46,7 @@ __all__ = [
     "BUCKET_BATCHES", "CHAT_ROLES", "FORMATS", "PAD_MULTIPLE", "SHAREGPT_ROLES", "Batch", "BatchPosition",
     "DataSplits", "DataStats", "TokenizedDataset", "attention_mask_from_segments", "default_cache_dir",
     "detect_format", "epoch_plan", "iterate_batches", "length_groups", "load_datasets", "load_jsonl_dataset",
-    "num_batches", "pack", "padded_length", "split_rows",
+    "load_rows_dataset", "load_source", "num_batches", "pack", "padded_length", "split_rows",
 ]
 
 _CACHE_VERSION = 1
@@ -248,8 +248,12 @@ class _FileData:
 
 
 def _tokenize_file(path: Path, data: bytes, cfg: DataConfig, enc: _Encoder) -> _FileData:
-    p = str(path)
-    rows = _parse_rows(path, data)
+    from .data_sources import map_jsonl_rows
+
+    return _tokenize_rows(str(path), map_jsonl_rows(_parse_rows(path, data), cfg.columns, str(path)), cfg, enc)
+
+
+def _tokenize_rows(p: str, rows: list[tuple[int, dict]], cfg: DataConfig, enc: _Encoder) -> _FileData:
     fmt, samples = file_samples(p, rows, cfg.format)
     status = np.zeros(len(rows), dtype=np.int8)
     examples, ex_rows = [], []
@@ -356,6 +360,8 @@ def _cache_path(cache_dir: Path, path: Path, file_sha: str, cfg: DataConfig, enc
         "tokenizer": enc.identity(),
         "data": {k: getattr(cfg, k) for k in ("format", "max_seq_length", "train_on", "chat_template", "overlong")},
     }
+    if cfg.columns:  # only when set, so the keys of existing caches stay what they were
+        key["columns"] = cfg.columns
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return cache_dir / f"{path.stem}-{digest[:40]}.npz"
 
@@ -452,6 +458,28 @@ def _load_file(path: Path, cfg: DataConfig, enc: _Encoder, cache_dir: Optional[P
     return fd
 
 
+def _load_rows(src, cfg: DataConfig, enc: _Encoder, cache_dir: Optional[Path]) -> _FileData:
+    """:func:`_load_file` for one split of a ``datasets`` data set (a
+    :class:`~mlx_lora.data_sources.RowSource`); errors name its label and row index."""
+    import re
+
+    from dataclasses import replace
+
+    cfg = replace(cfg, format=src.fmt, columns=src.columns)
+    try:
+        if cache_dir is None:
+            return _tokenize_rows(src.label, src.rows(), cfg, enc)
+        cpath = _cache_path(cache_dir, Path(re.sub(r"[^A-Za-z0-9._-]", "_", src.label)), src.fingerprint(), cfg, enc)
+        fd = _read_cache(cpath, Path(src.label), len(src), enc.size, cfg.max_seq_length)
+        if fd is None:
+            fd = _tokenize_rows(src.label, src.rows(), cfg, enc)
+            _write_cache(cpath, fd)
+        fd.path = src.label
+        return fd
+    except DataError as e:
+        raise src.relabel(e) from None
+
+
 def _encoder(cfg: DataConfig, tokenizer) -> _Encoder:
     return _Encoder(tokenizer, resolve_chat_template(cfg.chat_template, tokenizer))
 
@@ -460,6 +488,13 @@ def load_jsonl_dataset(path, cfg: DataConfig, tokenizer, *, cache_dir: Optional[
     """Tokenize one JSONL file as a whole (no split). Uses the cache when ``cfg.cache``."""
     cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if cfg.cache else None
     return _dataset(_load_file(Path(path).expanduser(), cfg, _encoder(cfg, tokenizer), cache))
+
+
+def load_rows_dataset(src, cfg: DataConfig, tokenizer, *, cache_dir: Optional[Path] = None) -> TokenizedDataset:
+    """Tokenize one split of a ``datasets`` data set (a :class:`~mlx_lora.data_sources.RowSource`)
+    as a whole (no split). Uses the cache when ``cfg.cache``."""
+    cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if cfg.cache else None
+    return _dataset(_load_rows(src, cfg, _encoder(cfg, tokenizer), cache))
 
 
 def split_rows(n_rows: int, valid_fraction: float, seed: int) -> np.ndarray:
@@ -481,32 +516,62 @@ def load_datasets(
     cache_dir: Optional[Path] = None,
     splits: Sequence[str] = ("train", "valid", "test"),
 ) -> DataSplits:
-    """Load ``cfg.path``: a JSONL file (``valid_fraction`` of its rows held out for validation) or a
+    """Load ``cfg.path``: a JSONL file (``valid_fraction`` of its rows held out for validation), a
     folder with train.jsonl and optional valid.jsonl, test.jsonl (without valid.jsonl the
-    validation rows are carved out of train.jsonl the same way). The split depends only on the
-    file and ``seed``."""
+    validation rows are carved out of train.jsonl the same way), a ``datasets`` folder or an
+    ``hf:`` data set id (see :mod:`mlx_lora.data_sources`); or, with ``cfg.sources``, the mixture
+    of several. The split depends only on the data and ``seed``."""
     unknown = set(splits) - {"train", "valid", "test"}
     if unknown:
         raise ValueError(f"unknown splits {sorted(unknown)}")
+    if cfg.sources:
+        from .data_sources import load_mixture
+
+        return load_mixture(cfg, tokenizer, seed=seed, cache_dir=cache_dir, splits=splits)
+    return load_source(cfg, tokenizer, seed=seed, cache_dir=cache_dir, splits=splits)
+
+
+def load_source(cfg: DataConfig, tokenizer, *, seed: int = 0, cache_dir: Optional[Path] = None,
+                splits: Sequence[str] = ("train", "valid", "test"), split: Optional[str] = None) -> DataSplits:
+    """:func:`load_datasets` of the one source ``cfg.path`` (``split``: a data set's training split)."""
+    from .data_sources import is_datasets_source, open_source
+
     if not cfg.path:
         raise DataError("data.path is not set (a JSONL file or a folder with train.jsonl)")
-    root = Path(cfg.path).expanduser()
-    if not root.exists():
-        raise DataError("no such file or folder", str(root), field="data.path")
-    if root.is_dir():
-        train_file = root / "train.jsonl"
-        if not train_file.is_file():
-            raise DataError("folder has no train.jsonl (expected train.jsonl, optional valid.jsonl and test.jsonl)", str(root))
-        valid_file, test_file = root / "valid.jsonl", root / "test.jsonl"
-    else:
-        train_file, valid_file, test_file = root, None, None
     enc = _encoder(cfg, tokenizer)
     cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) if cfg.cache else None
+    if is_datasets_source(cfg.path):
+        srcs = open_source(cfg.path, split=split, columns=cfg.columns, fmt=cfg.format)
+        train_file, valid_file, test_file = srcs["train"], srcs["valid"], srcs["test"]
+        label = train_file.label
+        has_valid_file, has_test_file = valid_file is not None, test_file is not None
+
+        def load(src):
+            return _load_rows(src, cfg, enc, cache)
+    else:
+        root = Path(cfg.path).expanduser()
+        if not root.exists():
+            raise DataError("no such file or folder", str(root), field="data.path")
+        if split is not None:
+            raise DataError(f"split {split!r} given, but this is JSONL, not a data set with splits", str(root))
+        if root.is_dir():
+            train_file = root / "train.jsonl"
+            if not train_file.is_file():
+                raise DataError("folder has no train.jsonl (expected train.jsonl, optional valid.jsonl and "
+                                "test.jsonl, or a folder saved with datasets' save_to_disk)", str(root))
+            valid_file, test_file = root / "valid.jsonl", root / "test.jsonl"
+        else:
+            train_file, valid_file, test_file = root, None, None
+        label = str(train_file)
+        has_valid_file = valid_file is not None and valid_file.is_file()
+        has_test_file = test_file is not None and test_file.is_file()
+
+        def load(path):
+            return _load_file(path, cfg, enc, cache)
 
     train = valid = test = None
-    has_valid_file = valid_file is not None and valid_file.is_file()
     if "train" in splits or ("valid" in splits and not has_valid_file):
-        fd = _load_file(train_file, cfg, enc, cache)
+        fd = load(train_file)
         held_out = np.zeros(len(fd.lines), bool) if has_valid_file else split_rows(len(fd.lines), cfg.valid_fraction, seed)
         if "train" in splits:
             train = _dataset(fd, ~held_out)
@@ -514,17 +579,15 @@ def load_datasets(
                 raise DataError(
                     f"nothing to learn: every row left for training after holding out {int(held_out.sum())} "
                     "for validation was skipped (see data.max_seq_length, data.train_on)",
-                    str(train_file),
+                    label,
                 )
         if "valid" in splits and held_out.any():
             valid = _dataset(fd, held_out)
             if len(valid) == 0:
-                log.warning("%s: all %d validation rows were skipped; no validation split", train_file, valid.stats.rows)
+                log.warning("%s: all %d validation rows were skipped; no validation split", label, valid.stats.rows)
                 valid = None
     if "valid" in splits and has_valid_file:
-        valid = _dataset(_load_file(valid_file, cfg, enc, cache))
-    if "test" in splits and test_file is not None and test_file.is_file():
-        test = _dataset(_load_file(test_file, cfg, enc, cache))
+        valid = _dataset(load(valid_file))
+    if "test" in splits and has_test_file:
+        test = _dataset(load(test_file))
     return DataSplits(train, valid, test)
-
-

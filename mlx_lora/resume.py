@@ -83,7 +83,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _same(key: str, old: Any, new: Any) -> bool:
     if old == new:
         return True
-    if isinstance(old, list) and isinstance(new, list):
+    if isinstance(old, list) and isinstance(new, list) and key != "data.sources":  # sources: order decides the sample
         return sorted(map(str, old)) == sorted(map(str, new))  # the same modules or layers, listed otherwise
     if key in _PATH_KEYS and isinstance(old, str) and isinstance(new, str):
         try:
