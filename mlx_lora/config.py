@@ -161,6 +161,17 @@ class TrainConfig:
     """Progress and metrics.jsonl every this many steps."""
     nan_policy: str = "stop"
     """On a non-finite loss: stop (keep the last good checkpoint) or skip the step."""
+    method: str = "sft"
+    """sft (cross-entropy on the targets), dpo or orpo (preference tuning on prompt/chosen/rejected
+    rows; batch_size then counts pairs)."""
+    dpo_loss: str = "sigmoid"
+    """train.method dpo's loss: sigmoid (DPO) or ipo (IPO, squared loss on per-token log ratios)."""
+    dpo_beta: float = 0.1
+    """DPO/IPO beta: how far the policy may move from the reference (the base, adapter off)."""
+    dpo_label_smoothing: float = 0.0
+    """Conservative DPO: the assumed share of pairs whose preference is flipped (sigmoid loss only)."""
+    orpo_lambda: float = 0.1
+    """ORPO: weight of the odds-ratio term added to the chosen responses' NLL."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,8 @@ CHOICES = {
     "train.optimizer": ("adam", "adamw", "sgd", "adafactor"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.nan_policy": ("stop", "skip"),
+    "train.method": ("sft", "dpo", "orpo"),
+    "train.dpo_loss": ("sigmoid", "ipo"),
 }
 
 INT_CAP = 2**31 - 1
@@ -264,6 +277,9 @@ BOUNDS = {
     "train.loss_chunk_tokens": Bound(int, 1, INT_CAP, nullable=True),
     "train.seed": Bound(int, 0, MAX_SEED),
     "train.log_every": Bound(int, 1, INT_CAP),
+    "train.dpo_beta": Bound(float, 0, 1e3, lo_open=True),
+    "train.dpo_label_smoothing": Bound(float, 0, 0.5, hi_open=True, cap=False),
+    "train.orpo_lambda": Bound(float, 0, 1e3),
 }
 MAX_LAYER_INDEX = 2**16
 """lora.layers_to_transform entries beyond this cannot name a block of any model."""
@@ -641,6 +657,12 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
                     re.compile(pat[3:])
                 except re.error as e:
                     p.append(f"lora.target_modules: bad regex {show(pat)}: {e}")
+    t = cfg.train
+    if t.method in ("dpo", "orpo") and d.packing:
+        p.append(f"data.packing: not available with train.method {t.method} (each response is a row of its own)")
+    if BOUNDS["train.dpo_label_smoothing"].violation(t.dpo_label_smoothing) is None and t.dpo_label_smoothing and (
+            t.method != "dpo" or t.dpo_loss != "sigmoid"):
+        p.append("train.dpo_label_smoothing: applies to train.method dpo with train.dpo_loss sigmoid only")
     if lo.layers_to_transform is not None:
         index = Bound(int, -MAX_LAYER_INDEX, MAX_LAYER_INDEX - 1)
         bad = [show(i) for i in lo.layers_to_transform if index.violation(i)]

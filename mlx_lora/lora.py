@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,6 +54,9 @@ def dense_weight(layer: Base) -> mx.array:
 
 class LoRALinear(nn.Module):
     """A LoRA adapter around a frozen base layer (QLoRA when the base is quantized)."""
+
+    adapter_off = False
+    """When True (see :func:`adapters_off`) the layer is exactly its base layer."""
 
     def __init__(self, base: Base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  use_rslora: bool = False):
@@ -93,6 +97,8 @@ class LoRALinear(nn.Module):
         return ((h @ a.T) @ b.T) * self.scale
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.adapter_off:
+            return self.base(x)
         return self.base(x) + self._lora(x)
 
     def delta(self) -> mx.array:
@@ -123,6 +129,8 @@ class DoRALinear(LoRALinear):
         return dense_weight(self.base).astype(mx.float32) + self.delta()
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.adapter_off:
+            return self.base(x)
         bias = self.base.get("bias")
         base_out = self.base(x)
         if bias is not None:
@@ -155,3 +163,18 @@ def _make_linear(weight: mx.array, bias: Optional[mx.array]) -> nn.Linear:
 
 def is_adapter_layer(m) -> bool:
     return isinstance(m, LoRALinear)
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Within this block every LoRA/DoRA layer of ``model`` computes its base layer alone: the
+    model is its base model, from the same weights (no copy). Used for DPO's reference model; a
+    Python flag, so inside a traced (compiled) function the trace takes the base path."""
+    layers = [m for _, m in model.named_modules() if is_adapter_layer(m)]
+    for m in layers:
+        m.adapter_off = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.adapter_off = False
