@@ -46,8 +46,9 @@ from .lora import adapters_off
 from .losses import HeadSplit, Loss, _cache, _token_ce, make_loss, model_logits, split_head, target_positions
 
 METHODS = ("sft", "dpo", "orpo")
-STATS = ("correct", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "nll")
-"""What a preference loss sums over pairs, in the order of its statistics vector."""
+STATS = ("correct", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "nll", "tokens")
+"""What a preference loss sums over pairs, in the order of its statistics vector (``tokens``: the
+target tokens of both responses, which throughput and ``trained_tokens`` count)."""
 METRICS = ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp", "rejected_logp",
            "nll")
 """The metrics a preference run records (``nll`` for ORPO only), per step and with ``val_`` at evaluation."""
@@ -114,7 +115,7 @@ def pair_losses(obj: Objective, chosen: mx.array, rejected: mx.array, n_chosen: 
         r_c, r_r, lp_c, lp_r = obj.beta * ratio_c, obj.beta * ratio_r, chosen, rejected
         nll = mx.zeros_like(losses)
     correct = (r_c > r_r).astype(mx.float32)
-    stats = mx.stack([correct, r_c, r_r, lp_c, lp_r, nll], axis=-1)
+    stats = mx.stack([correct, r_c, r_r, lp_c, lp_r, nll, n_chosen + n_rejected], axis=-1)
     return losses, mx.stop_gradient(stats)
 
 

@@ -590,12 +590,14 @@ class Trainer:
         return self._accumulate(batch)
 
     def _global_loss(self, loss_sum, ntoks) -> tuple[float, float]:
-        """(mean loss over the global batch's target tokens, their number), summed over ranks."""
+        """(mean loss over the global batch's target tokens, their number), summed over ranks (a
+        preference loss: mean over its pairs, and the number of their target tokens)."""
         extra = [x for s in self._stats for x in np.asarray(s).reshape(-1).tolist()]
         sums = self.sync.sum([loss_sum.item(), ntoks.item()] + extra, f"the loss all_sum of step {self.state.step + 1}")
         total, n = sums[:2]
-        if self._stats:
+        if self._stats:  # a preference loss: n counts pairs; throughput counts their target tokens
             self.step_metrics = preference_metrics(sums[2:], n, self.cfg.train.method)
+            return total / max(n, 1.0), sums[-1]
         return total / max(n, 1.0), n
 
     def _stopped_on(self, loss: float) -> TrainingStopped:

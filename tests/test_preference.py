@@ -52,7 +52,8 @@ def test_dpo_sigmoid_loss_rewards_and_label_smoothing_by_hand():
     # d = (c - c0) - (r - r0) = 1 - (-0.5) = 1.5; beta d = 0.75
     loss, stats = _losses(Objective("dpo", "sigmoid", beta=0.5))
     assert loss == pytest.approx(math.log(1 + math.exp(-0.75)), rel=1e-6)
-    correct, r_c, r_r, lp_c, lp_r, _ = stats
+    correct, r_c, r_r, lp_c, lp_r, _, tokens = stats
+    assert tokens == NC + NR
     assert (correct, r_c, r_r, lp_c, lp_r) == pytest.approx((1.0, 0.5, -0.25, PC, PR))
     # conservative DPO: -(1 - e) log s(0.75) - e log s(-0.75)
     loss, _ = _losses(Objective("dpo", "sigmoid", beta=0.5, label_smoothing=0.2))
@@ -72,7 +73,7 @@ def test_orpo_loss_is_nll_plus_odds_ratio_term():
     a_c, a_r = PC / NC, PR / NR  # -1.25, -1.4
     log_odds = (a_c - a_r) - (math.log(1 - math.exp(a_c)) - math.log(1 - math.exp(a_r)))
     assert loss == pytest.approx(-a_c - 0.25 * math.log(_sig(log_odds)), rel=1e-6)
-    correct, r_c, r_r, lp_c, lp_r, nll = stats
+    correct, r_c, r_r, lp_c, lp_r, nll, _ = stats
     assert (correct, r_c, r_r, lp_c, lp_r, nll) == pytest.approx((1.0, 0.25 * a_c, 0.25 * a_r, a_c, a_r, 1.25))
 
 
@@ -331,6 +332,8 @@ def test_dpo_learns_the_preference_and_generalises_to_held_out_pairs(memo_model,
         assert key in steps[0] and "val_" + key in evals[-1], key
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=0.05)  # policy == reference at step 1
     assert steps[-1]["loss"] < 0.5 * steps[0]["loss"]
+    # throughput and trained_tokens count the target tokens of both responses, not pairs
+    assert steps[0]["tokens"] > 8 * 4 and result.trained_tokens == sum(r["tokens"] for r in steps)
     assert evals[-1]["val_reward_accuracy"] >= 0.9 and evals[-1]["val_reward_margin"] > 0
     accuracy, prefers = _held_out(memo_model, run, pref_data)
     assert accuracy >= 0.9 and accuracy == pytest.approx(evals[-1]["val_reward_accuracy"])
