@@ -43,6 +43,8 @@ def _trl_dpo(case, loss_type: str, beta: float, label_smoothing: float = 0.0):
 
     token_logps, mask, ref = case
     n = len(ref)
+    # TRL's batch holds every chosen row, then every rejected one (ours interleaves them)
+    token_logps, mask = (np.concatenate([x[0::2], x[1::2]]) for x in (token_logps, mask))
 
     def model(**kwargs):
         t = torch.tensor(token_logps)
