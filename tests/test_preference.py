@@ -372,6 +372,34 @@ def test_interrupt_and_resume_matches_uninterrupted_run(tiny_llama, pref_data, t
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x["step"])
 
 
+def test_two_ranks_take_the_step_of_one_rank_with_the_same_pairs(memo_model, pref_data, tmp_path):
+    """mlx.launch -n 2: 1 pair per rank equals 2 pairs in one process (loss, rewards, adapter)."""
+    import subprocess
+    import sys
+
+    from test_distributed import LAUNCH, _assert_same_adapter, _env, _free_port_pair
+
+    args = ["--model", str(memo_model), "--data", str(pref_data / "train.jsonl"), "--iters", "4", "--lr", "3e-3",
+            "--seed", "1", "--set", "train.method=dpo", "--set", "data.valid_fraction=0", "--set", "train.log_every=1",
+            "--set", "train.save_every=100", "--quiet"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    mlx_lora.train(_cfg(memo_model, pref_data / "train.jsonl", one, **{
+        "train.iters": 4, "train.lr": 3e-3, "train.seed": 1, "train.batch_size": 2}), progress=False)
+    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()), "--python",
+           sys.executable, "-m", "mlx_lora", "train", *args, "--batch-size", "1", "--out", str(two), "--distributed",
+           "--dist-timeout", "60"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    ra, rb = rec(one), rec(two)
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    for x, y in zip(ra, rb):
+        for key in ("loss", "reward_margin", "chosen_logp", "tokens"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x["step"])
+    _assert_same_adapter({k: np.array(v) for k, v in mx.load(str(two / "adapter_model.safetensors")).items()},
+                         {k: np.array(v) for k, v in mx.load(str(one / "adapter_model.safetensors")).items()})
+
+
 # ----------------------------------------------------------------------------------------------
 # configuration and the command line
 
