@@ -40,6 +40,8 @@ class Batch:
     """[B, L] int32 when packed: 1..k = which example of the row, 0 = padding; None otherwise."""
     lengths: Optional[np.ndarray] = None
     """[B] int: positions each row fills (the rest is padding); None when not known."""
+    items: Optional[np.ndarray] = None
+    """[B] int: the dataset example of each row (unpacked batches), None when packed."""
     per_item: int = 1
     """Consecutive rows that form one item and are never split: 2 for preference pairs
     (rows 2i and 2i+1 are pair i's chosen and rejected), 1 otherwise."""
@@ -140,7 +142,8 @@ def _make_batch(ds: TokenizedDataset, rows: list[np.ndarray], length: int, packe
                 segments[b, at : at + n] = k + 1
             at += n
         lengths[b] = at
-    return Batch(inputs, targets, loss, segments, lengths, per_item)
+    items = None if packed else np.array([int(m[0]) for m in rows], dtype=np.int64)
+    return Batch(inputs, targets, loss, segments, lengths, items, per_item)
 
 
 def padded_length(n, pad_multiple: int, cap: Optional[int] = None):

@@ -172,6 +172,9 @@ class TrainConfig:
     """Conservative DPO: the assumed share of pairs whose preference is flipped (sigmoid loss only)."""
     orpo_lambda: float = 0.1
     """ORPO: weight of the odds-ratio term added to the chosen responses' NLL."""
+    dpo_precompute_ref: bool = False
+    """DPO: compute the reference log-probs of the training pairs in one pass before training and
+    cache them in the run folder (reference_logps.npz, reused on resume) instead of in every step."""
 
 
 @dataclass(frozen=True)
@@ -663,6 +666,8 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
     if BOUNDS["train.dpo_label_smoothing"].violation(t.dpo_label_smoothing) is None and t.dpo_label_smoothing and (
             t.method != "dpo" or t.dpo_loss != "sigmoid"):
         p.append("train.dpo_label_smoothing: applies to train.method dpo with train.dpo_loss sigmoid only")
+    if t.dpo_precompute_ref is True and t.method != "dpo":
+        p.append("train.dpo_precompute_ref: applies to train.method dpo only (orpo has no reference model)")
     if lo.layers_to_transform is not None:
         index = Bound(int, -MAX_LAYER_INDEX, MAX_LAYER_INDEX - 1)
         bad = [show(i) for i in lo.layers_to_transform if index.violation(i)]

@@ -211,11 +211,10 @@ def preference_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int
     base = make_loss(model, chunk_tokens)
     seq = SequenceLogps(split_head(model) if base.chunk_tokens is not None else None, base.chunk_tokens)
 
-    def objective(model, inputs, targets, mask, attn=None, positions=None, grad=True):
+    def objective(model, inputs, targets, mask, attn=None, positions=None, grad=True, ref=None):
         policy = seq(model, inputs, targets, mask, attn, positions, grad=grad)
         counts = mask.astype(mx.float32).sum(axis=-1)
-        ref = None
-        if obj.needs_reference:
+        if obj.needs_reference and ref is None:
             with adapters_off(model):
                 ref = mx.stop_gradient(seq(model, inputs, targets, mask, attn, positions, grad=False))
         P = inputs.shape[0] // 2
@@ -228,8 +227,14 @@ def preference_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int
         losses, stats = pair_losses(obj, c, r, nc, nr, rc, rr)
         return losses.sum(), mx.array(float(P)), stats.sum(axis=0)
 
-    def train(model, inputs, targets, mask, attn=None, positions=None):
-        return objective(model, inputs, targets, mask, attn, positions, grad=True)
+    # The trainer passes the target positions when the output layer is chunked, then the
+    # precomputed reference log-probs of the rows when there are any (train.dpo_precompute_ref).
+    if base.chunk_tokens is not None:
+        def train(model, inputs, targets, mask, attn=None, positions=None, ref=None):
+            return objective(model, inputs, targets, mask, attn, positions, grad=True, ref=ref)
+    else:
+        def train(model, inputs, targets, mask, attn=None, ref=None):
+            return objective(model, inputs, targets, mask, attn, None, grad=True, ref=ref)
 
     def evaluate(model, inputs, targets, mask, attn=None):
         return objective(model, inputs, targets, mask, attn, None, grad=False)
@@ -242,6 +247,66 @@ def training_loss(model: nn.Module, t: TrainConfig) -> Loss:
     if t.method == "sft":
         return make_loss(model, t.loss_chunk_tokens)
     return preference_loss(model, Objective.from_config(t), t.loss_chunk_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# precomputed reference log-probs (train.dpo_precompute_ref)
+
+REFERENCE_FILE = "reference_logps.npz"
+
+
+def reference_logps(model: nn.Module, ds, cfg: Config) -> np.ndarray:
+    """The reference model's (adapter off) summed target log-probs of every example of ``ds``,
+    float32 [examples], in one pass without gradients (``train.batch_size`` pairs at a time)."""
+    from .batching import iterate_batches
+
+    seq = SequenceLogps(None, None)
+    out = np.zeros(len(ds), np.float32)
+    training = model.training
+    model.eval()
+    try:
+        with adapters_off(model):
+            for batch, _ in iterate_batches(ds, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length,
+                                            seed=0, shuffle=False, loop=False):
+                inputs, targets, mask = (mx.array(a) for a in (batch.inputs, batch.targets, batch.loss_mask))
+                out[batch.items] = np.array(seq(model, inputs, targets, mask))
+    finally:
+        model.train(training)
+    return out
+
+
+def _reference_key(ds, cfg: Config) -> str:
+    """What the reference log-probs depend on: every example's tokens and targets, and the base
+    (its path and compute dtype; ``--resume`` refuses a base whose fingerprint changed)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{cfg.model.path}\0{cfg.model.dtype}\0{len(ds)}".encode())
+    for tokens, mask in ds.examples:
+        h.update(np.asarray(tokens, np.int32).tobytes())
+        h.update(np.asarray(mask, bool).tobytes())
+    return h.hexdigest()
+
+
+def cached_reference_logps(model: nn.Module, ds, cfg: Config, folder, write: bool = True) -> np.ndarray:
+    """:func:`reference_logps` of ``ds``, read from ``folder``/reference_logps.npz when it was
+    written for the same data and base, else computed and (``write``) saved there atomically."""
+    from pathlib import Path
+
+    from .io import atomic_path
+
+    path, key = Path(folder) / REFERENCE_FILE, _reference_key(ds, cfg)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == key and z["logps"].shape == (len(ds),) and np.isfinite(z["logps"]).all():
+                    return z["logps"].astype(np.float32)
+        except Exception:  # an unreadable cache is computed again, never an error
+            pass
+    logps = reference_logps(model, ds, cfg)
+    if write:
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), logps=logps)
+    return logps
 
 
 def check_data(cfg: Config, *datasets) -> None:

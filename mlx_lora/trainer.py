@@ -356,6 +356,7 @@ class Trainer:
         self.loss = training_loss(model, t)
         self.step_metrics: dict = {}  # a preference loss's metrics of the last step (global batch)
         self._stats: list = []
+        self._ref: Optional[np.ndarray] = None  # precomputed reference log-probs (train.dpo_precompute_ref)
         self._build_steps()
 
     # -- compiled pieces -------------------------------------------------------------------------
@@ -393,11 +394,11 @@ class Trainer:
         if self.loss.chunk_tokens is not None:
             fb, fbp, pos = fwd_bwd, fwd_bwd_packed, self.loss.positions
 
-            def fwd_bwd(inputs, targets, mask):
-                return fb(inputs, targets, mask, pos(mask))
+            def fwd_bwd(inputs, targets, mask, *ref):
+                return fb(inputs, targets, mask, pos(mask), *ref)
 
-            def fwd_bwd_packed(inputs, targets, mask, attn):
-                return fbp(inputs, targets, mask, attn, pos(mask))
+            def fwd_bwd_packed(inputs, targets, mask, attn, *ref):
+                return fbp(inputs, targets, mask, attn, pos(mask), *ref)
         self._fwd_bwd, self._fwd_bwd_packed, self._update = fwd_bwd, fwd_bwd_packed, update
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -418,8 +419,9 @@ class Trainer:
         loss_sum, ntoks, grads, stats = mx.array(0.0), mx.array(0.0), None, []
         for rows, length in self.micro_batches(batch):
             inputs, targets, mask, attn = batch_arrays(batch, rows, length)
+            ref = () if self._ref is None else (mx.array(self._ref[batch.items[rows]]),)
             if attn is None:
-                loss, n, g, *extra = self._fwd_bwd(inputs, targets, mask)
+                loss, n, g, *extra = self._fwd_bwd(inputs, targets, mask, *ref)
             else:
                 loss, n, g, *extra = self._fwd_bwd_packed(inputs, targets, mask, attn)
             grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -530,6 +532,12 @@ class Trainer:
         """Train until ``total_steps``, early stopping, or an interrupt (Ctrl-C, or SIGTERM within
         :func:`~mlx_lora.interrupts.sigterm_as_interrupt`), which saves a checkpoint and returns.
         A non-finite loss skips the step or raises :class:`TrainingStopped` (``train.nan_policy``)."""
+        if self.cfg.train.dpo_precompute_ref and self._ref is None:  # one pass, cached in the run folder
+            from .preference import cached_reference_logps, reference_logps
+
+            self._ref = (reference_logps(self.model, self.train_set, self.cfg) if self.run is None else
+                         cached_reference_logps(self.model, self.train_set, self.cfg, self.run.path,
+                                                write=self.rank == 0))
         self.model.train()
         self._emit("on_train_start")
         batches = self._batches()

@@ -372,6 +372,36 @@ def test_interrupt_and_resume_matches_uninterrupted_run(tiny_llama, pref_data, t
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x["step"])
 
 
+def test_precomputed_reference_gives_the_same_run_and_is_reused_on_resume(memo_model, pref_data, tmp_path,
+                                                                         monkeypatch):
+    from mlx_lora import preference
+
+    sets = {"train.iters": 4, "train.lr": 3e-3, "train.batch_size": 2, "train.save_every": 2, "train.seed": 2}
+    live, pre = tmp_path / "live", tmp_path / "pre"
+    mlx_lora.train(_cfg(memo_model, pref_data / "train.jsonl", live, **sets), progress=False)
+    r1 = mlx_lora.train(_cfg(memo_model, pref_data / "train.jsonl", pre, **sets, **{"train.dpo_precompute_ref": True}),
+                        progress=False, callbacks=[StopAt(2)])
+    assert r1.stopped == "interrupted"
+    cache = pre / preference.REFERENCE_FILE
+    with np.load(cache) as z:
+        assert z["logps"].shape == (96,) and np.all(z["logps"] < 0)
+
+    def no_second_pass(*a, **k):
+        raise AssertionError("the cached reference log-probs were computed again")
+
+    monkeypatch.setattr(preference, "reference_logps", no_second_pass)
+    monkeypatch.setattr(preference, "adapters_off", no_second_pass)  # and no step computes them either
+    mlx_lora.train(build(str(pre / "config.yaml")), resume=True, progress=False)
+    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for x, y in zip(rec(live), rec(pre), strict=True):
+        for key in ("loss", "reward_margin", "chosen_reward"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (key, x["step"])
+    a = {k: np.array(v) for k, v in mx.load(str(live / "adapter_model.safetensors")).items()}
+    b = {k: np.array(v) for k, v in mx.load(str(pre / "adapter_model.safetensors")).items()}
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
 def test_two_ranks_take_the_step_of_one_rank_with_the_same_pairs(memo_model, pref_data, tmp_path):
     """mlx.launch -n 2: 1 pair per rank equals 2 pairs in one process (loss, rewards, adapter)."""
     import subprocess
@@ -411,6 +441,7 @@ def test_two_ranks_take_the_step_of_one_rank_with_the_same_pairs(memo_model, pre
     ({"train.dpo_label_smoothing": 0.5}, "train.dpo_label_smoothing: must be in [0, 0.5)"),
     ({"train.orpo_lambda": -1}, "train.orpo_lambda: must be >= 0"),
     ({"train.method": "dpo", "data.packing": True}, "data.packing: not available with train.method dpo"),
+    ({"train.method": "orpo", "train.dpo_precompute_ref": True}, "train.dpo_precompute_ref: applies to train.method dpo"),
     ({"train.method": "dpo", "train.dpo_loss": "ipo", "train.dpo_label_smoothing": 0.1},
      "train.dpo_label_smoothing: applies to train.method dpo with train.dpo_loss sigmoid only"),
 ])
