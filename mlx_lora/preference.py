@@ -242,13 +242,6 @@ def preference_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int
     return Loss(train, evaluate, base.chunk_tokens, base.note)
 
 
-def training_loss(model: nn.Module, t: TrainConfig) -> Loss:
-    """The loss ``train.method`` trains with: token cross-entropy (sft) or a preference loss."""
-    if t.method == "sft":
-        return make_loss(model, t.loss_chunk_tokens)
-    return preference_loss(model, Objective.from_config(t), t.loss_chunk_tokens)
-
-
 # ----------------------------------------------------------------------------------------------
 # precomputed reference log-probs (train.dpo_precompute_ref)
 

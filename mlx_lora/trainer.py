@@ -27,8 +27,8 @@ from .batching import (PAD_MULTIPLE, Batch, BatchPosition, attention_mask_from_s
 from .data import TokenizedDataset
 from .errors import CheckpointError, MlxLoraError
 from .interrupts import interrupts_deferred
-from .losses import Loss
-from .preference import check_data, metrics as preference_metrics, training_loss
+from .losses import Loss, make_loss
+from .preference import Objective, check_data, metrics as preference_metrics, preference_loss
 
 
 GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
@@ -353,7 +353,8 @@ class Trainer:
         # The chunked loss (when the model allows it) never materialises [tokens x vocab] logits.
         # Preference methods (train.method dpo, orpo) plug their pair loss into the same step.
         check_data(cfg, train_set, valid_set)
-        self.loss = training_loss(model, t)
+        self.loss = (make_loss(model, t.loss_chunk_tokens) if t.method == "sft" else
+                     preference_loss(model, Objective.from_config(t), t.loss_chunk_tokens))
         self.step_metrics: dict = {}  # a preference loss's metrics of the last step (global batch)
         self._stats: list = []
         self._ref: Optional[np.ndarray] = None  # precomputed reference log-probs (train.dpo_precompute_ref)
@@ -366,7 +367,8 @@ class Trainer:
         world = self.world
         loss_and_grad = nn.value_and_grad(model, self.loss.train)
 
-        # The chunked loss takes the target positions as an extra argument (computed on the host).
+        # The chunked loss takes the target positions as an extra argument (computed on the host),
+        # a preference loss with train.dpo_precompute_ref the reference log-probs of the rows.
         # A preference loss also returns a vector of statistics (see mlx_lora.preference).
         def fwd_bwd(inputs, targets, mask, *positions):
             (loss, ntoks, *extra), grads = loss_and_grad(model, inputs, targets, mask, None, *positions)
