@@ -8,7 +8,7 @@ reply states a wrong one or brushes the question off. 200 training pairs and 40 
 questions never occur in training. Measured on the held-out pairs: the share whose chosen reply the model
 gives the higher log-probability (before and after), the reward accuracy after (DPO's implicit reward
 against the base), and greedy answers to the 40 held-out questions: how many state the right result, how
-many are a brush-off.
+many are a brush-off, how many take the chosen replies' form ("A plus B is C").
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ def answers(model_path: str, adapter, questions, brush_offs):
     for q, result in questions:
         text = api.generate(model_path, q, adapter, chat=True, max_tokens=24, model_and_tokenizer=loaded)
         ok = re.search(rf"\b{result}\b", text) is not None
+        sentence = re.match(r"\s*\d+ (plus|times) \d+ is -?\d+", text) is not None  # the chosen replies' form
         brush = any(b.lower().rstrip(".") in text.lower() for b in brush_offs)
         right, brushed = right + ok, brushed + brush
-        out.append({"question": q, "answer": text, "right": ok, "brush_off": brush})
+        out.append({"question": q, "answer": text, "right": ok, "brush_off": brush, "sentence": sentence})
     return out, right, brushed
 
 
