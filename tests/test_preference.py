@@ -338,6 +338,10 @@ def test_dpo_learns_the_preference_and_generalises_to_held_out_pairs(memo_model,
     accuracy, prefers = _held_out(memo_model, run, pref_data)
     assert accuracy >= 0.9 and accuracy == pytest.approx(evals[-1]["val_reward_accuracy"])
     assert prefers >= 0.9 and prefers > prefers_before
+    # mlx-lora eval on preference pairs reports the same reward accuracy
+    got = mlx_lora.api.evaluate(str(memo_model), str(pref_data / "valid.jsonl"), str(run))
+    assert got["pairs"] == 16 and got["reward_accuracy"] == pytest.approx(accuracy)
+    assert got["loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-4)
 
 
 class StopAt:
