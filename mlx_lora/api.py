@@ -255,7 +255,8 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
              max_batches: Optional[int] = None, dtype: str = "auto", strict: bool = False,
              columns: Optional[dict] = None) -> dict:
     """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder, or the
-    test (else validation) split of a data set (hf: id or save_to_disk folder)."""
+    test (else validation) split of a data set (hf: id or save_to_disk folder); on
+    preference pairs, DPO's loss (beta 0.1) and reward accuracy, margin and log-probs against the base."""
     import math
 
     from .config import BOUNDS, CHOICES, INT_CAP, Bound, Config, DataConfig, ModelConfig, TrainConfig, check_options
@@ -292,6 +293,17 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
     dcfg = DataConfig(path=data if hub else str(path), max_seq_length=max_seq_length, train_on=train_on,
                       chat_template=chat_template, valid_fraction=0.0, columns=columns)
     ds = load_eval_split(dcfg, tokenizer) if hub else load_jsonl_dataset(path, dcfg, tokenizer)
+    if ds.per_item == 2:  # preference pairs: DPO's loss and rewards against the base (adapter off)
+        from .preference import Objective, preference_loss
+
+        cfg = Config(model=ModelConfig(path=model_path), data=dcfg, train=TrainConfig(batch_size=batch_size,
+                                                                                      method="dpo"))
+        extra: dict = {}
+        loss, pairs = evaluate_loss(model, preference_loss(model, Objective.from_config(cfg.train),
+                                                           cfg.train.loss_chunk_tokens), ds, cfg,
+                                    max_batches=max_batches, metrics=extra)
+        return {"loss": loss, "pairs": pairs, "examples": len(ds), "path": ds.stats.path if hub else str(path),
+                **{k.removeprefix("val_"): v for k, v in extra.items()}}
     cfg = Config(model=ModelConfig(path=model_path), data=dcfg, train=TrainConfig(batch_size=batch_size))
     loss, ntoks = evaluate_loss(model, make_loss(model, cfg.train.loss_chunk_tokens), ds, cfg, max_batches=max_batches)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": ntoks, "examples": len(ds),

@@ -40,6 +40,11 @@ class Batch:
     """[B, L] int32 when packed: 1..k = which example of the row, 0 = padding; None otherwise."""
     lengths: Optional[np.ndarray] = None
     """[B] int: positions each row fills (the rest is padding); None when not known."""
+    items: Optional[np.ndarray] = None
+    """[B] int: the dataset example of each row (unpacked batches), None when packed."""
+    per_item: int = 1
+    """Consecutive rows that form one item and are never split: 2 for preference pairs
+    (rows 2i and 2i+1 are pair i's chosen and rejected), 1 otherwise."""
 
     @property
     def ntokens(self) -> int:
@@ -102,16 +107,23 @@ def epoch_plan(sizes: np.ndarray, global_batch: int, seed: int, epoch: int, shuf
     return batches
 
 
+def unit_sizes(ds: TokenizedDataset) -> np.ndarray:
+    """Positions each item of ``ds`` fills: an example's, or the longer of a preference pair's
+    two (the unit batching draws, see :attr:`TokenizedDataset.per_item`)."""
+    sizes = ds.lengths - 1
+    return sizes if ds.per_item == 1 else sizes.reshape(-1, ds.per_item).max(axis=1)
+
+
 def num_batches(ds: TokenizedDataset, batch_size: int, *, max_seq_length: int, packing: bool = False, world_size: int = 1) -> int:
     """Global batches per epoch of :func:`iterate_batches`, without building them: ceil(items /
-    (batch_size * world_size)), items being examples, or packed rows (best-fit decreasing decides
-    by sizes alone, so every epoch packs into the same number of rows)."""
-    sizes = ds.lengths - 1
+    (batch_size * world_size)), items being examples (preference pairs), or packed rows
+    (best-fit decreasing decides by sizes alone, so every epoch packs into the same number of rows)."""
+    sizes = unit_sizes(ds)
     items = len(pack(sizes, max_seq_length)) if packing else len(sizes)
     return -(-items // (batch_size * world_size))
 
 
-def _make_batch(ds: TokenizedDataset, rows: list[np.ndarray], length: int, packed: bool) -> Batch:
+def _make_batch(ds: TokenizedDataset, rows: list[np.ndarray], length: int, packed: bool, per_item: int = 1) -> Batch:
     B = len(rows)
     inputs = np.zeros((B, length), np.int32)
     targets = np.zeros((B, length), np.int32)
@@ -130,7 +142,8 @@ def _make_batch(ds: TokenizedDataset, rows: list[np.ndarray], length: int, packe
                 segments[b, at : at + n] = k + 1
             at += n
         lengths[b] = at
-    return Batch(inputs, targets, loss, segments, lengths)
+    items = None if packed else np.array([int(m[0]) for m in rows], dtype=np.int64)
+    return Batch(inputs, targets, loss, segments, lengths, items, per_item)
 
 
 def padded_length(n, pad_multiple: int, cap: Optional[int] = None):
@@ -163,13 +176,19 @@ def iterate_batches(
     few shapes. With ``packing``, examples are packed (best-fit decreasing, per epoch) into rows of
     at most ``max_seq_length`` positions and ``segments`` tells them apart. ``loop=False`` stops at
     the end of ``start.epoch``. ``bucketing=False`` draws batches without regard to length. A
-    dataset with ``for_epoch(seed, epoch)`` (a mixture of sources) gives each epoch's examples."""
+    dataset with ``for_epoch(seed, epoch)`` (a mixture of sources) gives each epoch's examples.
+
+    A dataset of preference pairs (``ds.per_item == 2``) is batched by pairs: ``batch_size``
+    counts pairs, and each pair gives two consecutive rows (chosen, rejected) of the batch, so a
+    pair is never split across batches or ranks. Pairs cannot be packed."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or pad_multiple < 1:
         raise ValueError(f"bad batching arguments: batch_size={batch_size} rank={rank} world_size={world_size}")
     if len(ds) == 0:
         raise ValueError(f"no examples to batch in {ds.stats.path}")
+    if packing and ds.per_item > 1:
+        raise ValueError("preference pairs cannot be packed")
     pool = ds
-    sizes = pool.lengths - 1  # positions each example fills
+    sizes = unit_sizes(pool)  # positions each example (pair) fills
     if sizes.max() > max_seq_length:
         raise ValueError(
             f"an example of {sizes.max() + 1} tokens exceeds max_seq_length={max_seq_length}; "
@@ -180,7 +199,7 @@ def iterate_batches(
     while True:
         if hasattr(pool, "for_epoch"):  # a mixture of sources: this epoch's sample (data_sources)
             ds = pool.for_epoch(seed, epoch)
-            sizes = ds.lengths - 1
+            sizes = unit_sizes(ds)
         if packing:
             members = pack(sizes, max_seq_length, np.random.default_rng(seed_seq(seed, 3, epoch)).permutation(len(sizes)))
             item_sizes = np.array([sizes[m].sum() for m in members], dtype=np.int64)
@@ -189,11 +208,12 @@ def iterate_batches(
         plan = epoch_plan(item_sizes, global_batch, seed, epoch, shuffle, BUCKET_BATCHES if bucketing else 1)
         for i in range(index, len(plan)):
             items = plan[i][rank * batch_size : (rank + 1) * batch_size]
-            rows = [members[j] for j in items] if packing else [[j] for j in items]
+            g = ds.per_item
+            rows = [members[j] for j in items] if packing else [[g * j + k] for j in items for k in range(g)]
             longest = int(item_sizes[items].max())
             length = int(padded_length(longest, pad_multiple, max_seq_length))
             after = BatchPosition(epoch, i + 1) if i + 1 < len(plan) else BatchPosition(epoch + 1, 0)
-            yield _make_batch(ds, rows, length, packing), after
+            yield _make_batch(ds, rows, length, packing, g), after
         if not loop:
             return
         epoch, index = epoch + 1, 0

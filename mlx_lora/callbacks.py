@@ -14,6 +14,17 @@ from typing import Optional, TextIO
 
 from .progress import bar, show_bar
 
+# Preference tuning's metrics (train.method dpo, orpo; see mlx_lora.preference), recorded when present.
+PREFERENCE_KEYS = ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp",
+                   "rejected_logp", "nll")
+
+
+def _preference_text(m: dict, prefix: str = "") -> str:
+    """'  acc 0.75  margin 0.123' for a preference run's metrics, else empty."""
+    if prefix + "reward_accuracy" not in m:
+        return ""
+    return f"  acc {m[prefix + 'reward_accuracy']:.2f}  margin {m[prefix + 'reward_margin']:.3f}"
+
 
 def _fmt_time(s: float) -> str:
     if not math.isfinite(s):
@@ -60,17 +71,21 @@ class Progress:
             if self._bar is None:
                 self._bar = bar(total, "train", stream=self.stream, initial=step - 1, ascii="-#",
                                 bar_format=self.BAR_FORMAT)
-            self._bar.set_postfix_str(f"loss {m['loss']:.4f} lr {m['lr']:.2e} {fmt_rate(m['tokens_per_s'])} tok/s "
-                                      f"eta {eta} peak {m['peak_memory_gb']:.2f} GB", refresh=False)
+            self._bar.set_postfix_str(f"loss {m['loss']:.4f}{_preference_text(m)} lr {m['lr']:.2e} "
+                                      f"{fmt_rate(m['tokens_per_s'])} tok/s eta {eta} peak {m['peak_memory_gb']:.2f} GB",
+                                      refresh=False)
             self._bar.update(step - self._bar.n)
             return
         if step % self.log_every and step != total:
             return
-        self._line(f"step {step}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+        self._line(f"step {step}/{total}  loss {m['loss']:.4f}{_preference_text(m)}  lr {m['lr']:.2e}  "
                    f"{fmt_rate(m['tokens_per_s'])} tok/s  eta {eta}  peak {m['peak_memory_gb']:.2f} GB")
 
     def on_eval(self, trainer, m: dict) -> None:
         best = " (best)" if m.get("is_best") else ""
+        if "val_reward_accuracy" in m:  # a preference loss: perplexity means nothing
+            self._line(f"step {m['step']}: val loss {m['val_loss']:.4f}{_preference_text(m, 'val_')}{best}")
+            return
         self._line(f"step {m['step']}: val loss {m['val_loss']:.4f}  ppl {m['val_ppl']:.2f}{best}")
 
     def on_checkpoint(self, trainer, path) -> None:
@@ -115,10 +130,11 @@ class MetricsFile:
     def on_step(self, trainer, m: dict) -> None:
         if m["step"] % self.log_every == 0 or m["step"] in (1, m["total_steps"]):
             self._write({k: m[k] for k in ("step", "loss", "lr", "tokens", "trained_tokens",
-                                           "tokens_per_s", "peak_memory_gb", "elapsed_s") if k in m})
+                                           "tokens_per_s", "peak_memory_gb", "elapsed_s", *PREFERENCE_KEYS) if k in m})
 
     def on_eval(self, trainer, m: dict) -> None:
-        self._write({"step": m["step"], "val_loss": m["val_loss"], "val_ppl": m["val_ppl"]})
+        self._write({k: m[k] for k in ("step", "val_loss", "val_ppl", *("val_" + k for k in PREFERENCE_KEYS))
+                     if k in m})
 
 
 def plot_losses(metrics_path, out_png) -> Optional[Path]:

@@ -177,6 +177,9 @@ def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_templ
                      columns=dict(c.split("=", 1) for c in columns) or None)
     if as_json:
         click.echo(json.dumps(r))
+    elif "reward_accuracy" in r:  # preference pairs
+        click.echo(f"{r['path']}: DPO loss {r['loss']:.4f}  reward accuracy {r['reward_accuracy']:.3f}  "
+                   f"margin {r['reward_margin']:.3f}  ({r['pairs']} pairs)")
     else:
         click.echo(f"{r['path']}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  "
                    f"({r['examples']} examples, {r['tokens']:,} target tokens)")

@@ -168,6 +168,20 @@ class TrainConfig:
     """Progress and metrics.jsonl every this many steps."""
     nan_policy: str = "stop"
     """On a non-finite loss: stop (keep the last good checkpoint) or skip the step."""
+    method: str = "sft"
+    """sft (cross-entropy on the targets), dpo or orpo (preference tuning on prompt/chosen/rejected
+    rows; batch_size then counts pairs)."""
+    dpo_loss: str = "sigmoid"
+    """train.method dpo's loss: sigmoid (DPO) or ipo (IPO, squared loss on per-token log ratios)."""
+    dpo_beta: float = 0.1
+    """DPO/IPO beta: how far the policy may move from the reference (the base, adapter off)."""
+    dpo_label_smoothing: float = 0.0
+    """Conservative DPO: the assumed share of pairs whose preference is flipped (sigmoid loss only)."""
+    orpo_lambda: float = 0.1
+    """ORPO: weight of the odds-ratio term added to the chosen responses' NLL."""
+    dpo_precompute_ref: bool = False
+    """DPO: compute the reference log-probs of the training pairs in one pass before training and
+    cache them in the run folder (reference_logps.npz, reused on resume) instead of in every step."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +204,8 @@ CHOICES = {
     "train.optimizer": ("adam", "adamw", "sgd", "adafactor"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.nan_policy": ("stop", "skip"),
+    "train.method": ("sft", "dpo", "orpo"),
+    "train.dpo_loss": ("sigmoid", "ipo"),
 }
 
 INT_CAP = 2**31 - 1
@@ -271,6 +287,9 @@ BOUNDS = {
     "train.loss_chunk_tokens": Bound(int, 1, INT_CAP, nullable=True),
     "train.seed": Bound(int, 0, MAX_SEED),
     "train.log_every": Bound(int, 1, INT_CAP),
+    "train.dpo_beta": Bound(float, 0, 1e3, lo_open=True),
+    "train.dpo_label_smoothing": Bound(float, 0, 0.5, hi_open=True, cap=False),
+    "train.orpo_lambda": Bound(float, 0, 1e3),
 }
 SOURCE_BOUNDS = {"data.sources[].weight": Bound(float, 0, 1e6, lo_open=True)}
 """Numbers inside each entry of data.sources (checked by validate() with the entry's index)."""
@@ -657,6 +676,14 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
                     re.compile(pat[3:])
                 except re.error as e:
                     p.append(f"lora.target_modules: bad regex {show(pat)}: {e}")
+    t = cfg.train
+    if t.method in ("dpo", "orpo") and d.packing:
+        p.append(f"data.packing: not available with train.method {t.method} (each response is a row of its own)")
+    if BOUNDS["train.dpo_label_smoothing"].violation(t.dpo_label_smoothing) is None and t.dpo_label_smoothing and (
+            t.method != "dpo" or t.dpo_loss != "sigmoid"):
+        p.append("train.dpo_label_smoothing: applies to train.method dpo with train.dpo_loss sigmoid only")
+    if t.dpo_precompute_ref is True and t.method != "dpo":
+        p.append("train.dpo_precompute_ref: applies to train.method dpo only (orpo has no reference model)")
     if lo.layers_to_transform is not None:
         index = Bound(int, -MAX_LAYER_INDEX, MAX_LAYER_INDEX - 1)
         bad = [show(i) for i in lo.layers_to_transform if index.violation(i)]

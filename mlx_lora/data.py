@@ -16,6 +16,7 @@ sharegpt    conversations: [{from, value}]          as chat (from: human/user/gp
 completions prompt, completion                      completion + EOS
 alpaca      instruction, input?, output             output + EOS, after the Alpaca prompt
 text        text                                    every token
+preference  prompt?, chosen, rejected               two examples (chosen, rejected), as above
 ==========  ======================================  ==========================================
 """
 
@@ -33,8 +34,8 @@ import numpy as np
 from .batching import (BUCKET_BATCHES, PAD_MULTIPLE, Batch, BatchPosition, attention_mask_from_segments,
                        epoch_plan, iterate_batches, length_groups, num_batches, pack, padded_length, seed_seq)
 from .config import DataConfig
-from .data_formats import (CHAT_ROLES, CUT_MARGIN, FORMATS, SHAREGPT_ROLES, Sample, detect_format, file_samples,
-                           one_line, tname)
+from .data_formats import (CHAT_ROLES, CUT_MARGIN, FORMATS, SHAREGPT_ROLES, Sample, detect_format, examples_per_row,
+                           file_samples, one_line, tname)
 from .errors import DataError
 from .io import atomic_path
 from .templates import ChatTemplate, resolve_chat_template
@@ -97,6 +98,9 @@ class TokenizedDataset:
     stats: DataStats
     lines: Optional[np.ndarray] = None
     """1-based source line of each example."""
+    per_item: int = 1
+    """Consecutive examples that travel together through batching: 2 for preference pairs
+    (chosen, rejected), 1 otherwise."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -277,10 +281,11 @@ def _tokenize_rows(p: str, rows: list[tuple[int, dict]], cfg: DataConfig, enc: _
                 chars *= 4  # too few tokens before the cut (see _CHARS_PER_TOKEN): cut later
                 t, row_cut, pre = sample.texts(enc, cfg.train_on, max_len, p, line, chars)
                 row_ids = enc.encode_many(t) if pre is None else pre
-            tokens, mask = sample.example(row_ids, enc, cfg.train_on, p, line, row_cut)
-            if len(tokens) > max_len:
+            made = sample.examples(row_ids, enc, cfg.train_on, p, line, row_cut)  # a preference pair: 2
+            longest = max(len(t) for t, _ in made)
+            if longest > max_len:
                 # A cut row's length is known only to exceed max_seq_length.
-                size = f"is {len(tokens)} tokens, longer than" if not any(row_cut) else "is longer than"
+                size = f"is {longest} tokens, longer than" if not any(row_cut) else "is longer than"
                 if cfg.overlong == "error":
                     raise DataError(
                         f"example {size} data.max_seq_length={max_len} "
@@ -292,14 +297,14 @@ def _tokenize_rows(p: str, rows: list[tuple[int, dict]], cfg: DataConfig, enc: _
                     status[r] = _SKIPPED
                     first_skip = first_skip or (line, None, f"it {size} data.max_seq_length and data.overlong is skip")
                     continue
-                tokens, mask = tokens[:max_len], mask[:max_len]
+                made = [(t[:max_len], m[:max_len]) for t, m in made]
                 status[r] = _TRUNCATED
-            if not mask.any():
+            if not all(m.any() for _, m in made):
                 first_skip = first_skip or (line, *_why_no_target(sample, cfg, status[r] == _TRUNCATED))
                 status[r] = _SKIPPED
                 continue
-            examples.append((tokens, mask))
-            ex_rows.append(r)
+            examples += made
+            ex_rows += [r] * len(made)
     if not examples:
         line, field, why = first_skip
         raise DataError(
@@ -339,7 +344,7 @@ def _dataset(fd: _FileData, rows: Optional[np.ndarray] = None) -> TokenizedDatas
         target_tokens=int(sum(int(m.sum()) for _, m in examples)),
         total_tokens=int(sum(len(t) for t, _ in examples)),
     )
-    return TokenizedDataset(examples, stats, fd.lines[fd.ex_rows[keep]])
+    return TokenizedDataset(examples, stats, fd.lines[fd.ex_rows[keep]], examples_per_row(fd.format))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,8 +400,10 @@ def _cache_problem(z, n_lines: int, vocab: Optional[int], max_len: int) -> Optio
     if z["format"].ndim != 0 or str(z["format"]) not in FORMATS:
         return "unknown format"
     lines, status, tokens, offsets, ex_rows, mask = (z[n] for n in (*ints, "mask"))
-    k = len(ex_rows)
-    if not (len(status) == len(lines) and 0 < k <= len(lines) and len(offsets) == k + 1):
+    k, per = len(ex_rows), examples_per_row(str(z["format"]))
+    if k % per or bool(np.any(ex_rows.reshape(-1, per) != ex_rows[::per, None])):
+        return "a row's examples do not come together"
+    if not (len(status) == len(lines) and 0 < k <= per * len(lines) and len(offsets) == k + 1):
         return "arrays of inconsistent lengths"
     if not (offsets[0] == 0 and offsets[-1] == len(tokens) == len(mask)):
         return "offsets do not match the tokens"
@@ -409,9 +416,9 @@ def _cache_problem(z, n_lines: int, vocab: Optional[int], max_len: int) -> Optio
         return "source lines out of order or past the end of the file"
     if not bool(np.all((status >= 0) & (status <= _SKIPPED))):
         return "unknown row status"
-    if not (int(ex_rows[0]) >= 0 and int(ex_rows[-1]) < len(lines) and bool(np.all(np.diff(ex_rows) > 0))):
+    if not (int(ex_rows[0]) >= 0 and int(ex_rows[-1]) < len(lines) and bool(np.all(np.diff(ex_rows[::per]) > 0))):
         return "example rows out of order or out of range"
-    if k != int(np.sum(status != _SKIPPED)) or bool(np.any(status[ex_rows] == _SKIPPED)):
+    if k != per * int(np.sum(status != _SKIPPED)) or bool(np.any(status[ex_rows] == _SKIPPED)):
         return "examples do not match the rows kept"
     if bool(np.any(mask[offsets[:-1]])) or not bool(np.all(np.logical_or.reduceat(mask, offsets[:-1]))):
         return "an example with a target on its first token or with no target"

@@ -140,6 +140,11 @@ class Sample:
         mask[:1] = False  # nothing predicts the first token
         return np.asarray(tokens, dtype=np.int32), mask
 
+    def examples(self, ids: list[list[int]], enc, train_on: str, path: str, line: int,
+                 cut: Optional[list[bool]] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The examples this row makes: one (:meth:`example`); a preference pair makes two."""
+        return [self.example(ids, enc, train_on, path, line, cut)]
+
     def no_target(self, train_on: str) -> Optional[tuple[Optional[str], str]]:
         """(field, reason) when the row itself explains why it has no target token, else None."""
         return None
@@ -307,6 +312,63 @@ class ChatSample(Sample):
         return None
 
 
+
+class ContinuationChatSample(ChatSample):
+    """A conversation whose targets are the assistant turns from message ``first`` on: a
+    preference pair's continuation of its shared prompt conversation."""
+
+    def __init__(self, messages: list[dict], tools: Optional[list], key: str, first: int):
+        super().__init__(messages, tools, key)
+        self.first = first
+
+    def target_turns(self, train_on: str) -> list[int]:
+        turns = [i for i in super().target_turns("assistant") if i >= self.first]
+        return [] if train_on == "all" else turns[-1:] if train_on == "last" else turns
+
+    def no_target(self, train_on):
+        if train_on != "all" and not self.target_turns(train_on):
+            return self.key, "the continuation has no assistant turn"
+        return None
+
+
+class PreferenceSample(Sample):
+    """A preference pair: two samples (chosen, rejected) of one prompt, rendered together and
+    kept together (two examples, chosen first). Each renders, masks and is cut exactly as the
+    sample of its kind does in supervised training."""
+
+    def __init__(self, chosen: Sample, rejected: Sample):
+        self.chosen, self.rejected = chosen, rejected
+        self._split = 0  # how many of the texts (token id lists) are the chosen one's, from texts()
+
+    def texts(self, enc, train_on, max_len, path, line, chars):
+        tc, cc, pc = self.chosen.texts(enc, train_on, max_len, path, line, chars)
+        tr, cr, pr = self.rejected.texts(enc, train_on, max_len, path, line, chars)
+        if pc is None and pr is None:
+            self._split = len(tc)
+            return tc + tr, cc + cr, None
+        # One of them came back tokenized (a long conversation): tokenize the other too.
+        ids_c = pc if pc is not None else enc.encode_many(tc)
+        ids_r = pr if pr is not None else enc.encode_many(tr)
+        self._split = len(ids_c)
+        return None, cc + cr, ids_c + ids_r
+
+    def window_known(self, ids, cut, max_len):
+        k = self._split
+        return (self.chosen.window_known(ids[:k], cut[:k], max_len)
+                and self.rejected.window_known(ids[k:], cut[k:], max_len))
+
+    def examples(self, ids, enc, train_on, path, line, cut=None):
+        k, cut = self._split, cut or [False] * len(ids)
+        return [self.chosen.example(ids[:k], enc, train_on, path, line, cut[:k]),
+                self.rejected.example(ids[k:], enc, train_on, path, line, cut[k:])]
+
+    def example(self, ids, enc, train_on, path, line, cut=None):
+        raise TypeError("a preference pair makes two examples; use examples()")
+
+    def no_target(self, train_on):
+        return self.chosen.no_target(train_on) or self.rejected.no_target(train_on)
+
+
 # ----------------------------------------------------------------------------------------------
 # formats: detection and validation
 
@@ -367,6 +429,8 @@ class Format:
     """The keys it uses: the only values checked for valid Unicode (other keys are never used)."""
     listed: ClassVar[int]
     """Its place where the formats are listed for a user (data.format's choices)."""
+    per_row: ClassVar[int] = 1
+    """Examples each row makes, which travel together (a preference pair: 2)."""
 
     @classmethod
     def matches(cls, row: dict) -> bool:
@@ -402,30 +466,35 @@ class Chat(Format):
 
     @classmethod
     def parse(cls, row, path, line):
-        msgs = row["messages"]
-        _check_list(msgs, "messages", path, line)
-        out = []
-        for i, m in enumerate(msgs):
-            where = f"messages[{i}]"
-            role = _check_turn(m, where, "role", "content", CHAT_ROLES, path, line)
-            content = m.get("content")
-            calls = m.get("tool_calls")
-            if calls is not None:
-                if not isinstance(calls, list):
-                    raise DataError(f"expected a list of tool calls, got {tname(calls)}", path, line,
-                                    f"{where}.tool_calls")
-                for j, call in enumerate(calls):
-                    if not isinstance(call, dict):
-                        raise DataError(f"expected a tool call object, got {tname(call)}", path, line,
-                                        f"{where}.tool_calls[{j}]")
-            for k in _TEXT_KEYS:
-                if m.get(k) is not None and not isinstance(m[k], str):
-                    raise DataError(f"expected a string, got {tname(m[k])}", path, line, f"{where}.{k}")
-            if not isinstance(content, str) and not (content is None and role == "assistant" and calls):
-                what = "missing key" if "content" not in m else f"expected a string, got {tname(content)}"
-                raise DataError(what, path, line, f"{where}.content")
-            out.append(dict(m))
-        return ChatSample(out, _check_tools(row, path, line), "messages")
+        return ChatSample(chat_messages(row["messages"], "messages", path, line), _check_tools(row, path, line),
+                          "messages")
+
+
+def chat_messages(msgs: Any, key: str, path: str, line: int) -> list[dict]:
+    """The checked messages of the conversation in field ``key`` (chat format)."""
+    _check_list(msgs, key, path, line)
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"{key}[{i}]"
+        role = _check_turn(m, where, "role", "content", CHAT_ROLES, path, line)
+        content = m.get("content")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise DataError(f"expected a list of tool calls, got {tname(calls)}", path, line,
+                                f"{where}.tool_calls")
+            for j, call in enumerate(calls):
+                if not isinstance(call, dict):
+                    raise DataError(f"expected a tool call object, got {tname(call)}", path, line,
+                                    f"{where}.tool_calls[{j}]")
+        for k in _TEXT_KEYS:
+            if m.get(k) is not None and not isinstance(m[k], str):
+                raise DataError(f"expected a string, got {tname(m[k])}", path, line, f"{where}.{k}")
+        if not isinstance(content, str) and not (content is None and role == "assistant" and calls):
+            what = "missing key" if "content" not in m else f"expected a string, got {tname(content)}"
+            raise DataError(what, path, line, f"{where}.content")
+        out.append(dict(m))
+    return out
 
 
 class ShareGPT(Format):
@@ -479,10 +548,65 @@ class Text(Format):
         return TextSample(_string(row, "text", path, line))
 
 
-REGISTRY: tuple[type[Format], ...] = (Chat, ShareGPT, Completions, Alpaca, Text)
+def _as_messages(v: Any, key: str, path: str, line: int, role: str) -> list[dict]:
+    """A preference field as messages: a string is one message of ``role``."""
+    return [{"role": role, "content": v}] if isinstance(v, str) else chat_messages(v, key, path, line)
+
+
+class Preference(Format):
+    """``prompt``, ``chosen``, ``rejected``: a prompt and two responses, the first preferred.
+
+    Strings (rendered as completions: prompt, then the response and EOS as targets), or chat
+    messages: ``prompt`` a conversation (or a string: one user turn), ``chosen`` and ``rejected``
+    its assistant continuations (a string is one assistant turn), or whole conversations that
+    start with the prompt's messages. Without ``prompt`` both must be conversations, and their
+    longest common prefix of messages is the prompt. Either way the targets are the assistant
+    turns of the continuation (``train_on`` as for chat)."""
+
+    name, keys, reads = "preference", ("chosen", "rejected"), ("prompt", "chosen", "rejected", "tools")
+    listed = 5
+    per_row = 2
+
+    @classmethod
+    def parse(cls, row, path, line):
+        prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+        for key, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(v, (str, list)) and not (key == "prompt" and v is None):
+                raise DataError(f"expected a string or a list of messages, got {tname(v)}", path, line, key)
+        if all(isinstance(v, str) for v in (chosen, rejected)) and not isinstance(prompt, list):
+            if prompt is None:
+                raise DataError("missing key (string chosen and rejected need a prompt string)", path, line,
+                                "prompt")
+            return PreferenceSample(PairSample(prompt, chosen), PairSample(prompt, rejected))
+        tools = _check_tools(row, path, line)
+        c = _as_messages(chosen, "chosen", path, line, "assistant")
+        r = _as_messages(rejected, "rejected", path, line, "assistant")
+        if prompt is None:
+            k = 0
+            while k < min(len(c), len(r)) and c[k] == r[k]:
+                k += 1
+            if k == len(c) or k == len(r):
+                raise DataError("chosen and rejected are the same conversation (or one extends the other); "
+                                "nothing tells them apart", path, line, "rejected")
+            p, c, r = c[:k], c[k:], r[k:]
+        else:
+            p = _as_messages(prompt, "prompt", path, line, "user")
+            # Whole conversations that repeat the prompt: keep their continuations.
+            c = c[len(p):] if len(c) > len(p) and c[:len(p)] == p else c
+            r = r[len(p):] if len(r) > len(p) and r[:len(p)] == p else r
+        return PreferenceSample(ContinuationChatSample(p + c, tools, "chosen", len(p)),
+                                ContinuationChatSample(p + r, tools, "rejected", len(p)))
+
+
+REGISTRY: tuple[type[Format], ...] = (Chat, ShareGPT, Preference, Completions, Alpaca, Text)
 """Every format, in the order detection tries them (a row with the keys of two is the first's)."""
 BY_NAME = {f.name: f for f in REGISTRY}
 FORMATS = tuple(f.name for f in sorted(REGISTRY, key=lambda f: f.listed))
+
+
+def examples_per_row(fmt: str) -> int:
+    """How many examples each row of format ``fmt`` makes (they travel together in batches)."""
+    return BY_NAME[fmt].per_row
 
 
 def detect_format(row: dict) -> Optional[str]:

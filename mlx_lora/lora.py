@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -75,6 +76,9 @@ def check_lora_args(r, alpha, dropout, out_dims: int, in_dims: int) -> None:
 class LoRALinear(nn.Module):
     """A LoRA adapter around a frozen base layer (QLoRA when the base is quantized)."""
 
+    adapter_off = False
+    """When True (see :func:`adapters_off`) the layer is exactly its base layer."""
+
     def __init__(self, base: Base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  use_rslora: bool = False):
         super().__init__()
@@ -106,6 +110,8 @@ class LoRALinear(nn.Module):
         return ((h @ a.T) @ b.T) * self.scale
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.adapter_off:
+            return self.base(x)
         return self.base(x) + self._lora(x)
 
     def delta(self) -> mx.array:
@@ -136,6 +142,8 @@ class DoRALinear(LoRALinear):
         return dense_weight(self.base).astype(mx.float32) + self.delta()
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.adapter_off:
+            return self.base(x)
         bias = self.base.get("bias")
         base_out = self.base(x)
         if bias is not None:
@@ -207,12 +215,16 @@ class LoRASwitchLinear(nn.Module):
         self.lora_a = mx.random.uniform(-bound, bound, (experts, r, in_dims), dtype=mx.float32)
         self.lora_b = mx.zeros((experts, out_dims, r), dtype=mx.float32)
 
+    adapter_off = False  # see adapters_off(): the base layer alone
+
     @property
     def num_experts(self) -> int:
         return self.lora_a.shape[0]
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         y = self.base(x, indices, sorted_indices=sorted_indices)
+        if self.adapter_off:
+            return y
         h = self.dropout(x) if self.dropout is not None else x
         a = self.lora_a.astype(x.dtype).swapaxes(-1, -2)
         b = self.lora_b.astype(x.dtype).swapaxes(-1, -2)
@@ -286,6 +298,8 @@ class DoRASwitchLinear(LoRASwitchLinear):
         return mx.sqrt(mx.maximum(self.base_norm_sq + 2 * s * cross + s * s * lora_sq, 0.0))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        if self.adapter_off:
+            return self.base(x, indices, sorted_indices=sorted_indices)
         bias = self.base.get("bias")
         out = super().__call__(x, indices, sorted_indices=sorted_indices)
         if bias is not None:
@@ -304,3 +318,18 @@ class DoRASwitchLinear(LoRASwitchLinear):
         if not bool(mx.all(mx.isfinite(merged)).item()):
             raise ValueError("fused weight has NaN or inf values; the adapter is broken, refusing to fuse")
         return make_switch_linear(merged, self.base.get("bias"))
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Within this block every LoRA/DoRA layer of ``model`` computes its base layer alone: the
+    model is its base model, from the same weights (no copy). Used for DPO's reference model; a
+    Python flag, so inside a traced (compiled) function the trace takes the base path."""
+    layers = [m for _, m in model.named_modules() if is_adapter_layer(m)]
+    for m in layers:
+        m.adapter_off = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.adapter_off = False

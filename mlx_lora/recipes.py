@@ -54,6 +54,7 @@ DEMO_DATA = {
     "summarize": "summarize.jsonl",
     "code": "code.jsonl",
     "text": "text.jsonl",
+    "preference": "preference.jsonl",
 }
 HEADER_KEYS = ("task", "model", "data", "prepare", "memory", "fits", "demo")
 SCRIPT_SUFFIXES = (".py",)

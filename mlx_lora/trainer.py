@@ -28,6 +28,7 @@ from .data import TokenizedDataset
 from .errors import CheckpointError, MlxLoraError
 from .interrupts import interrupts_deferred
 from .losses import Loss, make_loss
+from .preference import Objective, check_data, metrics as preference_metrics, preference_loss
 
 
 GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
@@ -182,12 +183,20 @@ def micro_batches(batch, t, gpu: bool, overhead: float = 0.0) -> list[tuple[np.n
     Otherwise slices of batch_size rows (grad_accum of them in a training batch), padded to the
     batch's length."""
     B, L = batch.inputs.shape
+    g = batch.per_item  # a preference pair's two rows always run in the same call
     split = (not gpu) if t.length_groups is None else t.length_groups
     if split and batch.segments is None and batch.lengths is not None:
         alone = overhead < 1
-        return length_groups(batch.lengths, 1 if alone else t.batch_size, pad_multiple=PAD_MULTIPLE, cap=L,
-                             overhead=0 if alone else int(round(overhead)))
-    return [(np.arange(s, min(s + t.batch_size, B)), L) for s in range(0, B, t.batch_size)]
+        groups = length_groups(batch.lengths.reshape(-1, g).max(axis=1), 1 if alone else t.batch_size,
+                               pad_multiple=PAD_MULTIPLE, cap=L, overhead=0 if alone else int(round(overhead)))
+        return [(_item_rows(items, g), length) for items, length in groups]
+    n = B // g
+    return [(_item_rows(np.arange(s, min(s + t.batch_size, n)), g), L) for s in range(0, n, t.batch_size)]
+
+
+def _item_rows(items: np.ndarray, per_item: int) -> np.ndarray:
+    """The batch rows of ``items`` (each item is ``per_item`` consecutive rows)."""
+    return items if per_item == 1 else (items[:, None] * per_item + np.arange(per_item)).reshape(-1)
 
 
 def batch_arrays(batch: Batch, rows=slice(None), length: Optional[int] = None):
@@ -202,17 +211,21 @@ def batch_arrays(batch: Batch, rows=slice(None), length: Optional[int] = None):
 
 
 def evaluate(model: nn.Module, loss: Loss, dataset: TokenizedDataset, cfg: Config, *,
-             max_batches: Optional[int] = None, sync: Optional[dist.Collectives] = None) -> tuple[float, int]:
+             max_batches: Optional[int] = None, sync: Optional[dist.Collectives] = None,
+             metrics: Optional[dict] = None) -> tuple[float, int]:
     """Token-weighted mean loss of ``model`` on ``dataset`` and its number of target tokens.
 
     The mean is ``sum_t m_t * CE_t / sum_t m_t`` over every target token of the first
     ``max_batches`` batches (in order, unshuffled; ``cfg.train.batch_size`` rows per rank), so
     it does not depend on how rows are grouped into batches or calls. With ``sync`` each rank
-    computes its rows and both sums are added across ranks. nan when there is no target token."""
+    computes its rows and both sums are added across ranks. nan when there is no target token.
+
+    With a preference loss the mean is over pairs instead of tokens, and ``metrics`` (a dict, when
+    given) receives the preference metrics (``val_reward_accuracy``, ...)."""
     rank, world = (sync.rank, sync.size) if sync is not None else (0, 1)
     gpu = mx.default_device() == mx.gpu
     overhead = call_overhead(model, gpu)
-    total, ntoks = mx.array(0.0), mx.array(0.0)
+    total, ntoks, stats = mx.array(0.0), mx.array(0.0), []
     it = iterate_batches(dataset, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length,
                          seed=cfg.train.seed, shuffle=False, packing=cfg.data.packing,
                          loop=False, rank=rank, world_size=world)
@@ -221,11 +234,15 @@ def evaluate(model: nn.Module, loss: Loss, dataset: TokenizedDataset, cfg: Confi
             break
         for rows, length in micro_batches(batch, cfg.train, gpu, overhead):
             inputs, targets, mask, attn = batch_arrays(batch, rows, length)
-            l, n = loss.eval(model, inputs, targets, mask, attn)
+            l, n, *extra = loss.eval(model, inputs, targets, mask, attn)
             total, ntoks = total + l, ntoks + n
-        mx.eval(total, ntoks)
-    sums = [total.item(), ntoks.item()]
-    total_f, n_f = sync.sum(sums, "the validation loss all_sum") if sync is not None else sums
+            stats = extra if not stats else [a + b for a, b in zip(stats, extra)]
+        mx.eval(total, ntoks, stats)
+    sums = [total.item(), ntoks.item()] + [x for s in stats for x in np.asarray(s).reshape(-1).tolist()]
+    sums = sync.sum(sums, "the validation loss all_sum") if sync is not None else sums
+    total_f, n_f = sums[:2]
+    if metrics is not None and stats:
+        metrics.update(preference_metrics(sums[2:], n_f, cfg.train.method, prefix="val_"))
     return (total_f / n_f if n_f else float("nan")), int(n_f)
 
 
@@ -334,7 +351,13 @@ class Trainer:
             if min_length is not None:
                 enable_attention_checkpoint(model, min_length)
         # The chunked loss (when the model allows it) never materialises [tokens x vocab] logits.
-        self.loss = make_loss(model, t.loss_chunk_tokens)
+        # Preference methods (train.method dpo, orpo) plug their pair loss into the same step.
+        check_data(cfg, train_set, valid_set)
+        self.loss = (make_loss(model, t.loss_chunk_tokens) if t.method == "sft" else
+                     preference_loss(model, Objective.from_config(t), t.loss_chunk_tokens))
+        self.step_metrics: dict = {}  # a preference loss's metrics of the last step (global batch)
+        self._stats: list = []
+        self._ref: Optional[np.ndarray] = None  # precomputed reference log-probs (train.dpo_precompute_ref)
         self._build_steps()
 
     # -- compiled pieces -------------------------------------------------------------------------
@@ -344,14 +367,16 @@ class Trainer:
         world = self.world
         loss_and_grad = nn.value_and_grad(model, self.loss.train)
 
-        # The chunked loss takes the target positions as an extra argument (computed on the host).
+        # The chunked loss takes the target positions as an extra argument (computed on the host),
+        # a preference loss with train.dpo_precompute_ref the reference log-probs of the rows.
+        # A preference loss also returns a vector of statistics (see mlx_lora.preference).
         def fwd_bwd(inputs, targets, mask, *positions):
-            (loss, ntoks), grads = loss_and_grad(model, inputs, targets, mask, None, *positions)
-            return loss, ntoks, grads
+            (loss, ntoks, *extra), grads = loss_and_grad(model, inputs, targets, mask, None, *positions)
+            return loss, ntoks, grads, *extra
 
         def fwd_bwd_packed(inputs, targets, mask, attn, *positions):
-            (loss, ntoks), grads = loss_and_grad(model, inputs, targets, mask, attn, *positions)
-            return loss, ntoks, grads
+            (loss, ntoks, *extra), grads = loss_and_grad(model, inputs, targets, mask, attn, *positions)
+            return loss, ntoks, grads, *extra
 
         def update(grads, ntoks):
             if world > 1:
@@ -371,11 +396,11 @@ class Trainer:
         if self.loss.chunk_tokens is not None:
             fb, fbp, pos = fwd_bwd, fwd_bwd_packed, self.loss.positions
 
-            def fwd_bwd(inputs, targets, mask):
-                return fb(inputs, targets, mask, pos(mask))
+            def fwd_bwd(inputs, targets, mask, *ref):
+                return fb(inputs, targets, mask, pos(mask), *ref)
 
-            def fwd_bwd_packed(inputs, targets, mask, attn):
-                return fbp(inputs, targets, mask, attn, pos(mask))
+            def fwd_bwd_packed(inputs, targets, mask, attn, *ref):
+                return fbp(inputs, targets, mask, attn, pos(mask), *ref)
         self._fwd_bwd, self._fwd_bwd_packed, self._update = fwd_bwd, fwd_bwd_packed, update
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -393,16 +418,19 @@ class Trainer:
     def _accumulate(self, batch):
         """Summed loss, target tokens and summed gradients of this process's rows of ``batch``,
         run as :meth:`micro_batches`, evaluated (the update divides by the tokens)."""
-        loss_sum, ntoks, grads = mx.array(0.0), mx.array(0.0), None
+        loss_sum, ntoks, grads, stats = mx.array(0.0), mx.array(0.0), None, []
         for rows, length in self.micro_batches(batch):
             inputs, targets, mask, attn = batch_arrays(batch, rows, length)
+            ref = () if self._ref is None else (mx.array(self._ref[batch.items[rows]]),)
             if attn is None:
-                loss, n, g = self._fwd_bwd(inputs, targets, mask)
+                loss, n, g, *extra = self._fwd_bwd(inputs, targets, mask, *ref)
             else:
-                loss, n, g = self._fwd_bwd_packed(inputs, targets, mask, attn)
+                loss, n, g, *extra = self._fwd_bwd_packed(inputs, targets, mask, attn)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss_sum, ntoks = loss_sum + loss, ntoks + n
-        mx.eval(loss_sum, ntoks, grads)
+            stats = extra if not stats else [a + b for a, b in zip(stats, extra)]
+        mx.eval(loss_sum, ntoks, grads, stats)
+        self._stats = stats
         return loss_sum, ntoks, grads
 
     def step_on(self, batch) -> tuple[float, int]:
@@ -414,10 +442,12 @@ class Trainer:
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return loss_sum.item() / max(ntoks.item(), 1.0), int(ntoks.item())
 
-    def evaluate(self, dataset: TokenizedDataset, max_batches: Optional[int] = None) -> tuple[float, int]:
+    def evaluate(self, dataset: TokenizedDataset, max_batches: Optional[int] = None,
+                 metrics: Optional[dict] = None) -> tuple[float, int]:
         """Token-weighted mean loss over ``dataset`` (reduced across ranks) and its token count:
         see :func:`evaluate`."""
-        return evaluate(self.model, self.loss, dataset, self.cfg, max_batches=max_batches, sync=self.sync)
+        return evaluate(self.model, self.loss, dataset, self.cfg, max_batches=max_batches, sync=self.sync,
+                        metrics=metrics)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -504,6 +534,12 @@ class Trainer:
         """Train until ``total_steps``, early stopping, or an interrupt (Ctrl-C, or SIGTERM within
         :func:`~mlx_lora.interrupts.sigterm_as_interrupt`), which saves a checkpoint and returns.
         A non-finite loss skips the step or raises :class:`TrainingStopped` (``train.nan_policy``)."""
+        if self.cfg.train.dpo_precompute_ref and self._ref is None:  # one pass, cached in the run folder
+            from .preference import cached_reference_logps, reference_logps
+
+            self._ref = (reference_logps(self.model, self.train_set, self.cfg) if self.run is None else
+                         cached_reference_logps(self.model, self.train_set, self.cfg, self.run.path,
+                                                write=self.rank == 0))
         self.model.train()
         self._emit("on_train_start")
         batches = self._batches()
@@ -564,8 +600,14 @@ class Trainer:
         return self._accumulate(batch)
 
     def _global_loss(self, loss_sum, ntoks) -> tuple[float, float]:
-        """(mean loss over the global batch's target tokens, their number), summed over ranks."""
-        total, n = self.sync.sum([loss_sum.item(), ntoks.item()], f"the loss all_sum of step {self.state.step + 1}")
+        """(mean loss over the global batch's target tokens, their number), summed over ranks (a
+        preference loss: mean over its pairs, and the number of their target tokens)."""
+        extra = [x for s in self._stats for x in np.asarray(s).reshape(-1).tolist()]
+        sums = self.sync.sum([loss_sum.item(), ntoks.item()] + extra, f"the loss all_sum of step {self.state.step + 1}")
+        total, n = sums[:2]
+        if self._stats:  # a preference loss: n counts pairs; throughput counts their target tokens
+            self.step_metrics = preference_metrics(sums[2:], n, self.cfg.train.method)
+            return total / max(n, 1.0), sums[-1]
         return total / max(n, 1.0), n
 
     def _stopped_on(self, loss: float) -> TrainingStopped:
@@ -597,6 +639,7 @@ class Trainer:
             "tokens": int(global_tokens), "trained_tokens": st.trained_tokens,
             "tokens_per_s": clock.tokens_per_s(), "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "elapsed_s": st.elapsed_s, "eta_s": (self.total_steps - st.step) * clock.s_per_step(),
+            **self.step_metrics,
         })
         clock.new_window()
 
@@ -626,7 +669,8 @@ class Trainer:
         ``early_stopping_patience`` evaluations in a row without a new best."""
         t = self.cfg.train
         self.model.eval()
-        val_loss, _ = self.evaluate(self.valid_set, t.eval_batches)
+        extra: dict = {}
+        val_loss, _ = self.evaluate(self.valid_set, t.eval_batches, metrics=extra)
         self.model.train()
         st = self.state
         is_best = math.isfinite(val_loss) and (st.best_val_loss is None or val_loss < st.best_val_loss)
@@ -636,7 +680,7 @@ class Trainer:
         else:
             st.evals_since_best += 1
         self._emit("on_eval", {"step": st.step, "val_loss": val_loss,
-                               "val_ppl": math.exp(min(val_loss, 50.0)), "is_best": is_best})
+                               "val_ppl": math.exp(min(val_loss, 50.0)), "is_best": is_best, **extra})
         return t.early_stopping_patience is not None and st.evals_since_best >= t.early_stopping_patience
 
     def _save_best(self) -> None:

@@ -18,6 +18,8 @@ Data sets (one per recipe family, small enough for tests to run a recipe for a f
 - ``summarize.jsonl`` (completions): long service agreements -> a three-sentence summary.
 - ``code.jsonl`` (alpaca): short Python functions from a one-line specification.
 - ``text.jsonl`` (text): field-guide paragraphs about invented plants (continued pretraining).
+- ``preference.jsonl`` (preference, chat): arithmetic questions; the chosen reply states the right
+  sum in a full sentence, the rejected one a wrong sum or an unhelpful brush-off (DPO, ORPO).
 """
 
 from __future__ import annotations
@@ -404,6 +406,31 @@ def text_rows(n: int = 40, seed: int = 61) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# preference: prompt / chosen / rejected
+
+BRUSH_OFFS = ("Work it out yourself.", "I would rather not say.", "That is too hard to answer.",
+              "Ask someone else.")
+
+
+def preference_rows(n: int = 40, seed: int = 71) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(2, 50), rng.randrange(2, 50)
+        op, word = rng.choice(((lambda x, y: x + y, "plus"), (lambda x, y: x * y, "times")))
+        right = op(a, b)
+        wrong = right + rng.choice((-10, -2, -1, 1, 2, 10))
+        question = rng.choice(("What is {a} {w} {b}?", "Please compute {a} {w} {b}.", "{a} {w} {b} = ?"))
+        rejected = (f"{a} {word} {b} is {wrong}." if rng.random() < 0.6 else rng.choice(BRUSH_OFFS))
+        out.append({
+            "prompt": [{"role": "user", "content": question.format(a=a, w=word, b=b)}],
+            "chosen": [{"role": "assistant", "content": f"{a} {word} {b} is {right}."}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # writing
 
 
@@ -416,6 +443,7 @@ def all_files() -> dict[str, list[dict]]:
         "summarize.jsonl": summarize_rows(),
         "code.jsonl": code_rows(),
         "text.jsonl": text_rows(),
+        "preference.jsonl": preference_rows(),
     })
     return files
 

@@ -28,12 +28,13 @@ import random
 import sys
 from pathlib import Path
 
-FORMATS = ("chat", "completions", "alpaca", "text")
+FORMATS = ("chat", "completions", "alpaca", "text", "preference")
 FIELDS = {
     "chat": ("messages",),
     "completions": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 SUMMARIZE = "Summarize the following document.\n\n{document}\n\nSummary:"
 
@@ -49,6 +50,8 @@ PRESETS = {
     "abisee/cnn_dailymail": {"format": "completions", "config": "3.0.0",
                              "fields": {"prompt": "article", "completion": "highlights"}, "template": SUMMARIZE},
     "Salesforce/wikitext": {"format": "text", "config": "wikitext-103-raw-v1"},
+    # chosen / rejected are whole conversations sharing the prompt turn (no prompt column)
+    "trl-lib/ultrafeedback_binarized": {"format": "preference"},
 }
 
 
@@ -84,6 +87,13 @@ def convert_row(row: dict, fmt: str, fields: dict, template: str | None = None) 
         if not instruction or not output:
             return None
         return {"instruction": instruction, "input": str(get("input", optional=True) or "").strip(), "output": output}
+    if fmt == "preference":
+        out = {k: get(k) for k in ("chosen", "rejected")}
+        prompt = get("prompt", optional=True)
+        if prompt:
+            out = {"prompt": prompt, **out}
+        plain = lambda v: v if isinstance(v, str) else [{"role": m["role"], "content": m["content"]} for m in v]  # noqa: E731
+        return {k: plain(v) for k, v in out.items()} if all(out.values()) else None
     text = str(get("text"))
     # wikitext-style dumps: one paragraph per row, headings as " = Title = ", many empty rows.
     stripped = text.strip()
