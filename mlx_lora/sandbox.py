@@ -30,6 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 DEFAULT_TIMEOUT_S = 10.0
 MEMORY_BYTES = 2 << 30   # address space: generous for tests, small enough that a runaway list fails fast
 FILE_BYTES = 64 << 20    # largest file the code may write
@@ -79,10 +84,10 @@ def network_isolation() -> Optional[list[str]]:
     return None
 
 
-def _limits(cpu_s: int, memory: int) -> None:  # runs in the child between fork and exec
-    try:
-        import resource
-    except ImportError:  # not on this OS
+def _limits(cpu_s: int, memory: int) -> None:
+    """Runs in the child between fork and exec: nothing here may import (another thread of the
+    parent may have held the import lock at the fork)."""
+    if resource is None:  # not on this OS
         return
     for name, value in (("RLIMIT_CPU", cpu_s), ("RLIMIT_AS", memory), ("RLIMIT_FSIZE", FILE_BYTES),
                         ("RLIMIT_NOFILE", OPEN_FILES), ("RLIMIT_CORE", 0)):

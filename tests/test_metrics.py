@@ -106,11 +106,14 @@ def test_a_crash_or_a_child_left_running_is_a_fail_that_does_not_hang():
 
 def test_code_runs_in_a_fresh_folder_with_a_clean_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")
-    r = run_python("import os, json\nprint(json.dumps([os.getcwd(), sorted(os.environ), os.listdir('.')]))")
+    r = run_python("import os, json, resource\nprint(json.dumps([os.getcwd(), sorted(os.environ), os.listdir('.'), "
+                   "resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_CPU)[0]]))",
+                   timeout_s=5)
     assert r.passed, r.output
     import json
 
-    cwd, env, files = json.loads(r.output)
+    cwd, env, files, memory, cpu = json.loads(r.output)
+    assert memory == 2 << 30 and cpu == 7
     assert "SECRET_TOKEN" not in env and "PYTHONPATH" not in env and "LD_PRELOAD" not in env
     assert files == ["main.py", "output.txt"] and "mlx-lora-sandbox-" in cwd
     from pathlib import Path
