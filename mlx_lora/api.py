@@ -303,6 +303,15 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
             "path": str(path)}
 
 
+def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None, **options) -> dict:
+    """``eval --generate``: generated answers scored against the rows' references, the base and
+    the adapter side by side with ``compare=True``; see :func:`mlx_lora.eval_generate.evaluate_generate`
+    for the options. Returns the summary."""
+    from .eval_generate import evaluate_generate as run
+
+    return run(model_path, data, adapter, **options)
+
+
 def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat: bool = False,
              system: Optional[str] = None, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, dtype: str = "auto", stream: bool = False, model_and_tokenizer=None,

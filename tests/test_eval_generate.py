@@ -202,3 +202,23 @@ def test_bad_inputs_are_refused_in_one_line(tiny_llama, tmp_path, capsys, _env):
     # Options of --generate without it
     assert_refused(capsys, ["eval", "--model", str(tiny_llama), "--data", str(paths["good"]), "--metric", "exact"],
                    ["--metric needs --generate"], [tmp_path])
+
+
+def test_pass_at_1_rows_through_eval_generate(tiny_llama, tmp_path, monkeypatch, _env):
+    """Code rows scored end to end with canned answers (a random model writes no code): a
+    passing, a failing, a hanging and a network-using answer; only the first passes."""
+    rows = [{"prompt": f"Write f{i}.", "completion": "...", "tests": f"assert f{i}(2) == 4"} for i in range(4)]
+    data = write(tmp_path / "code.jsonl", jsonl(*rows))
+    answers = ["```python\ndef f0(x):\n    return 2 * x\n```",
+               "def f1(x):\n    return x + 3",
+               "def f2(x):\n    while True:\n        pass",
+               "import urllib.request\ndef f3(x):\n    urllib.request.urlopen('http://example.com', timeout=2)\n"
+               "    return 4"]
+    monkeypatch.setattr(evaluation, "generate", lambda model, tok, prompts, max_tokens, **kw: answers[:len(prompts)])
+    out = tmp_path / "code-outputs.jsonl"
+    summary = mlx_lora.evaluate_generate(str(tiny_llama), str(data), timeout_s=2.0, out=str(out), log=None)
+    assert summary["metrics"] == ["pass@1"] and "tests" in summary["metric_reason"]
+    assert summary["scores"] == {"base": {"pass@1": 0.25}}
+    records = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["sandbox"]["base"] for r in records] == ["passed", "failed", "timeout", "failed"]
+    assert [r["scores"]["base"]["pass@1"] for r in records] == [1.0, 0.0, 0.0, 0.0]
