@@ -44,7 +44,7 @@ def check_available(report_to: Optional[Sequence[str]]) -> None:
 def trackers(report_to: Optional[Sequence[str]], run_dir, config: dict, log_every: int) -> list:
     """The callbacks ``report_to`` asks for (the trainer calls them where it calls MetricsFile)."""
     out = []
-    for name in report_to or ():
+    for name in dict.fromkeys(report_to or ()):  # each once, in the order given
         if name == "tensorboard":
             out.append(TensorBoard(Path(run_dir) / "tensorboard", log_every))
         elif name == "wandb":
