@@ -14,7 +14,8 @@ user site-packages, the script's folder not on ``sys.path``), and:
   exit status is a failure, never an exception in the caller.
 
 The prelude is a belt to ``unshare``'s braces: code can reach ``_socket`` itself, so the
-namespace is what stops a determined program where it is available.
+namespace is what stops a determined program where it is available. This is not a container:
+the program can read (and write) whatever files the user can outside its folder.
 """
 
 from __future__ import annotations

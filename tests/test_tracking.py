@@ -105,7 +105,11 @@ def test_wandb_runs_offline_into_the_run_folder(tiny_llama, chat, tmp_path, caps
     run_id = (run / "wandb" / "mlx-lora-run-id").read_text().strip()
     assert len(runs) == 1 and runs[0].name.endswith(run_id)
     assert (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
-    assert (run / "metrics.jsonl").is_file()
+    # --resume continues the same wandb run (offline: a second folder of the same run id, which
+    # `wandb sync` appends to that run)
+    _train(capsys, tiny_llama, chat, run, "--iters", "3", "--resume", str(run))
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
 
 
 def test_a_missing_tracker_or_an_unknown_one_is_refused_before_training(tiny_llama, chat, tmp_path, capsys, _env,
