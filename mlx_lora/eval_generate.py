@@ -63,9 +63,15 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
     evaluation.check_metrics(chosen, eval_set)
     out_path = None
     if out is not None:
-        from .ownership import check_output_file
+        from .ownership import OwnershipError, check_output_file
 
-        out_path = check_output_file(out, overwrite=overwrite, what="--out file", magic=OUT_MAGIC)
+        try:
+            out_path = check_output_file(out, overwrite=overwrite, what="--out file", magic=OUT_MAGIC)
+        except OwnershipError as e:
+            if "is not a" not in str(e):
+                raise
+            raise OwnershipError(f"--out file {out} exists and is not an output of mlx-lora eval --generate; "
+                                 f"--overwrite replaces only such files. Choose another name") from None
     batch = batch_size or evaluation.DEFAULT_BATCH_SIZE
 
     model, tokenizer, info = load_for_inference(model_path, None, dtype, strict=strict, dequantize_on_cpu="auto")

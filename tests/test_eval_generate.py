@@ -192,7 +192,7 @@ def test_bad_inputs_are_refused_in_one_line(tiny_llama, tmp_path, capsys, _env):
         (["--data", paths["good"], "--metric", "bleu"], ["unknown metric 'bleu'"]),
         (["--data", paths["good"], "--compare"], ["--compare", "--adapter"]),
         (["--data", paths["good"], "--out", taken], ["--out file", str(taken), "already exists"]),
-        (["--data", paths["good"], "--out", taken, "--overwrite"], [str(taken), "not a"]),
+        (["--data", paths["good"], "--out", taken, "--overwrite"], [str(taken), "not an output of mlx-lora eval"]),
         (["--data", paths["good"], "--top-p", "0"], ["--top-p must be in (0, 1]"]),
         (["--data", paths["good"], "--limit", "0"], ["--limit must be >= 1"]),
         (["--data", str(tmp_path / "missing.jsonl")], [str(tmp_path / "missing.jsonl"), "no such file"]),
