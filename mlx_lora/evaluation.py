@@ -149,7 +149,7 @@ def check_metrics(metrics: Sequence[str], data: EvalSet) -> None:
     every row, ``json`` a reference that parses as JSON."""
     for row in data.rows:
         if "pass@1" in metrics and not (row.tests or "").strip():
-            raise DataError(f"missing: pass@1 runs each row's tests (Python source, e.g. \"assert f(2) == 4\")",
+            raise DataError("missing: pass@1 runs each row's tests (Python source, e.g. \"assert f(2) == 4\")",
                             data.path, row.line, M.TESTS_FIELD)
         if "json" in metrics and not M.parse_json(row.reference)[0]:
             raise DataError("the reference is not JSON, so the json metric cannot compare with it", data.path,

@@ -6,7 +6,6 @@ per-example file, and bad inputs refused in one line with nothing changed."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
