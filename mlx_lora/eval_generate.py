@@ -75,6 +75,13 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
     batch = batch_size or evaluation.DEFAULT_BATCH_SIZE
 
     model, tokenizer, info = load_for_inference(model_path, None, dtype, strict=strict, dequantize_on_cpu="auto")
+    if adapter:  # an unreadable adapter (or, with strict, one for another base) fails before any generation
+        from .adapters import read_adapter
+        from .integrity import check_adapter_base
+
+        ainfo, _ = read_adapter(adapter, model)
+        if strict:
+            check_adapter_base(ainfo, info.local_path, strict=True, adapter_name=str(adapter))
     evaluation.render_prompts(eval_set, tokenizer, chat_template)
     n = len(eval_set.rows)
     log(f"data      {eval_set.path}: {n} rows ({eval_set.format})")

@@ -198,6 +198,11 @@ def test_bad_inputs_are_refused_in_one_line(tiny_llama, tmp_path, capsys, _env):
     ]
     for extra, fragments in cases:
         assert_refused(capsys, m + [str(a) for a in extra], fragments, [tmp_path])
+    # An adapter that cannot be read fails before the base model answers anything
+    not_adapter = tmp_path / "not-an-adapter"
+    not_adapter.mkdir()
+    assert_refused(capsys, m + ["--data", str(paths["good"]), "--compare", "--adapter", str(not_adapter)],
+                   [str(not_adapter), "not an adapter folder"], [tmp_path])
     # Options of --generate without it
     assert_refused(capsys, ["eval", "--model", str(tiny_llama), "--data", str(paths["good"]), "--metric", "exact"],
                    ["--metric needs --generate"], [tmp_path])
