@@ -14,7 +14,7 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-_API = {"train", "evaluate", "generate", "doctor", "load_for_inference"}
+_API = {"train", "evaluate", "evaluate_generate", "generate", "doctor", "load_for_inference"}
 
 
 def __getattr__(name):

@@ -116,6 +116,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     from .resume import plan_resume
 
     validate(cfg)
+    from .tracking import check_available, trackers
+
+    check_available(cfg.train.report_to)  # a missing extra is named before anything starts
     group = dist.init(required=distributed, timeout_s=dist_timeout_s)
     sync = dist.Collectives(group, dist_timeout_s)
     dist.check_same_config(config_mod.to_yaml(cfg), sync)
@@ -152,6 +155,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     # The metrics file comes first so a user callback that stops training cannot drop a record.
     metrics = MetricsFile(run.metrics_file, log_every=cfg.train.log_every) if rank0 else None
     own = [metrics] + ([Progress(stream=stream, log_every=cfg.train.log_every)] if progress else []) if rank0 else []
+    if rank0:  # train.report_to: the same records, to TensorBoard / wandb
+        own[1:1] = trackers(cfg.train.report_to, run.path, config_mod.to_dict(cfg), cfg.train.log_every)
     callbacks = own + list(callbacks)
     trainer = Trainer(model, cfg, splits.train, splits.valid, run, save_adapter=save_adapter,
                       callbacks=callbacks, group=group, sync=sync)
@@ -234,20 +239,39 @@ def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: st
     loads with a warning on ``stream`` (stderr), or raises AdapterError when ``strict``.
     ``dequantize_on_cpu``: see :func:`mlx_lora.models.load_model` (None keeps a quantized base's
     layers quantized, for callers that inspect them)."""
-    from . import adapters
     from .config import CHOICES, check_options
-    from .integrity import check_adapter_base
     from .models import load_model
 
     check_options([("dtype", dtype, CHOICES["model.dtype"])])
     model, tokenizer, info = load_model(model_path, dtype=dtype, dequantize_on_cpu=dequantize_on_cpu)
     if adapter:
-        ainfo = adapters.load_adapter(model, adapter)
-        msg = check_adapter_base(ainfo, info.local_path, strict=strict, adapter_name=str(adapter))
-        if msg:
-            _log(f"warning: {msg}", stream)
+        attach_adapter(model, info, adapter, strict=strict, stream=stream)
     model.eval()
     return model, tokenizer, info
+
+
+def attach_adapter(model, info, adapter: str, *, strict: bool = False, stream: Optional[TextIO] = None) -> None:
+    """Load ``adapter`` onto a model :func:`load_for_inference` loaded without one (``info``: its
+    load info), warning (or with ``strict`` refusing) when it was trained on another base."""
+    from . import adapters
+    from .integrity import check_adapter_base
+
+    ainfo = adapters.load_adapter(model, adapter)
+    msg = check_adapter_base(ainfo, info.local_path, strict=strict, adapter_name=str(adapter))
+    if msg:
+        _log(f"warning: {msg}", stream)
+    model.eval()
+
+
+def eval_data_file(data: str) -> Path:
+    """The file ``eval`` reads: ``data`` itself, or a folder's test.jsonl (else valid.jsonl)."""
+    path = Path(data)
+    if path.is_dir():
+        for name in ("test.jsonl", "valid.jsonl"):
+            if (path / name).is_file():
+                return path / name
+        raise MlxLoraError(f"{data}: no test.jsonl or valid.jsonl in this folder")
+    return path
 
 
 def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch_size: int = 4,
@@ -281,13 +305,8 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
     path, hub = Path(data), is_datasets_source(data)  # hub: an hf: id or a save_to_disk folder
     if hub:
         check_exists(data, "--data")
-    elif path.is_dir():
-        for name in ("test.jsonl", "valid.jsonl"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise MlxLoraError(f"{data}: no test.jsonl or valid.jsonl in this folder")
+    else:
+        path = eval_data_file(data)
     # "auto": on the CPU backend a quantized base computes dequantized when it fits (same values)
     model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict, dequantize_on_cpu="auto")
     dcfg = DataConfig(path=data if hub else str(path), max_seq_length=max_seq_length, train_on=train_on,
@@ -308,6 +327,15 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
     loss, ntoks = evaluate_loss(model, make_loss(model, cfg.train.loss_chunk_tokens), ds, cfg, max_batches=max_batches)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": ntoks, "examples": len(ds),
             "path": ds.stats.path if hub else str(path)}
+
+
+def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None, **options) -> dict:
+    """``eval --generate``: generated answers scored against the rows' references, the base and
+    the adapter side by side with ``compare=True``; see :func:`mlx_lora.eval_generate.evaluate_generate`
+    for the options. Returns the summary."""
+    from .eval_generate import evaluate_generate as run
+
+    return run(model_path, data, adapter, **options)
 
 
 def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat: bool = False,

@@ -98,6 +98,23 @@ class Progress:
             self._bar = None
 
 
+STEP_KEYS = ("step", "loss", "lr", "tokens", "trained_tokens", "tokens_per_s", "peak_memory_gb", "elapsed_s",
+             *PREFERENCE_KEYS)
+
+
+def step_record(m: dict, log_every: int = 1) -> Optional[dict]:
+    """The record ``metrics.jsonl`` (and every tracker, see :mod:`mlx_lora.tracking`) keeps of a
+    step, or None for a step it does not log (every ``log_every``-th, the first and the last)."""
+    if m["step"] % log_every == 0 or m["step"] in (1, m["total_steps"]):
+        return {k: m[k] for k in STEP_KEYS if k in m}
+    return None
+
+
+def eval_record(m: dict) -> dict:
+    """The record of an evaluation."""
+    return {k: m[k] for k in ("step", "val_loss", "val_ppl", *("val_" + k for k in PREFERENCE_KEYS)) if k in m}
+
+
 class MetricsFile:
     """Appends one JSON object per logged step / evaluation to ``metrics.jsonl``."""
 
@@ -128,13 +145,12 @@ class MetricsFile:
             f.write(json.dumps(record) + "\n")
 
     def on_step(self, trainer, m: dict) -> None:
-        if m["step"] % self.log_every == 0 or m["step"] in (1, m["total_steps"]):
-            self._write({k: m[k] for k in ("step", "loss", "lr", "tokens", "trained_tokens",
-                                           "tokens_per_s", "peak_memory_gb", "elapsed_s", *PREFERENCE_KEYS) if k in m})
+        record = step_record(m, self.log_every)
+        if record is not None:
+            self._write(record)
 
     def on_eval(self, trainer, m: dict) -> None:
-        self._write({k: m[k] for k in ("step", "val_loss", "val_ppl", *("val_" + k for k in PREFERENCE_KEYS))
-                     if k in m})
+        self._write(eval_record(m))
 
 
 def plot_losses(metrics_path, out_png) -> Optional[Path]:

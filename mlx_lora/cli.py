@@ -152,7 +152,7 @@ def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_
 @click.option("--adapter", help="Adapter or run folder.")
 @click.option("--data", required=True, help="JSONL file, a folder with test.jsonl / valid.jsonl, or a data set "
               "(hf: id or save_to_disk folder: its @split, test or validation split).")
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--batch-size", type=int, help="Rows per batch [default: 4; 16 with --generate].")
 @click.option("--max-seq-length", type=int, default=2048, show_default=True)
 @click.option("--train-on", type=click.Choice(["assistant", "last", "all"]), default="assistant", show_default=True)
 @click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template.")
@@ -161,9 +161,24 @@ def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_
 @click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
 @click.option("--column", "columns", multiple=True, metavar="FIELD=COLUMN",
               help="Map a column onto a format field (as data.columns), e.g. --column completion=answer.")
+@click.option("--generate", is_flag=True, help="Answer each row with the model and score the answers (see --metric).")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="With --generate: exact, contains, json, rouge-l, pass@1 (repeat or comma-separate) "
+                   "[default: chosen from the data].")
+@click.option("--compare", is_flag=True, help="With --generate: score the base model and --adapter side by side.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), help="With --generate: per-example outputs (JSONL).")
+@click.option("--overwrite", is_flag=True, help="Replace an --out file an earlier eval wrote.")
+@click.option("--limit", type=int, help="With --generate: only the first N rows.")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="With --generate: new tokens per answer.")
+@click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling, in (0, 1].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
+              help="pass@1: seconds each row's code and tests may run.")
 def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_template, max_batches, as_json, strict,
-          columns):
-    """Loss and perplexity on a data set."""
+          columns, generate, metrics, compare, out, overwrite, limit, max_tokens, temperature, top_p, seed,
+          timeout_s):
+    """Loss and perplexity on a data set; with --generate, scores of generated answers."""
     import json
 
     from . import api
@@ -172,9 +187,25 @@ def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_templ
     bad = [c for c in columns if "=" not in c or not all(c.split("=", 1))]
     if bad:
         raise MlxLoraError(f"--column {bad[0]!r}: expected FIELD=COLUMN, e.g. completion=answer")
-    r = api.evaluate(model, data, adapter, batch_size=batch_size, max_seq_length=max_seq_length,
-                     train_on=train_on, chat_template=chat_template, max_batches=max_batches, strict=strict,
-                     columns=dict(c.split("=", 1) for c in columns) or None)
+    if generate and columns:
+        raise click.UsageError("--column works without --generate only")
+    if generate:
+        from .eval_generate import evaluate_generate, summary_text
+
+        log = None if as_json else (lambda m: click.echo(m, err=True))
+        r = evaluate_generate(model, data, adapter, compare=compare, metrics=metrics, max_tokens=max_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, limit=limit,
+                              chat_template=chat_template, out=out, overwrite=overwrite, timeout_s=timeout_s,
+                              strict=strict, log=log)
+        click.echo(json.dumps(r) if as_json else summary_text(r))
+        return
+    given = [o for o, v in (("--metric", metrics), ("--compare", compare), ("--out", out), ("--limit", limit))
+             if v not in (None, False, ())]
+    if given:
+        raise click.UsageError(f"{given[0]} needs --generate")
+    r = api.evaluate(model, data, adapter, batch_size=4 if batch_size is None else batch_size,
+                     max_seq_length=max_seq_length, train_on=train_on, chat_template=chat_template,
+                     max_batches=max_batches, strict=strict, columns=dict(c.split("=", 1) for c in columns) or None)
     if as_json:
         click.echo(json.dumps(r))
     elif "reward_accuracy" in r:  # preference pairs

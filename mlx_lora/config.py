@@ -182,6 +182,10 @@ class TrainConfig:
     dpo_precompute_ref: bool = False
     """DPO: compute the reference log-probs of the training pairs in one pass before training and
     cache them in the run folder (reference_logps.npz, reused on resume) instead of in every step."""
+    report_to: Optional[list[str]] = None
+    """Also send the metrics.jsonl records to these trackers: tensorboard (event files in
+    RUN/tensorboard/), wandb (RUN/wandb/; offline without an API key). Optional extras:
+    pip install 'mlx-lora[tensorboard]' / 'mlx-lora[wandb]'. null: none."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,10 @@ CHOICES = {
     "train.method": ("sft", "dpo", "orpo"),
     "train.dpo_loss": ("sigmoid", "ipo"),
 }
+LIST_CHOICES = {
+    "train.report_to": ("tensorboard", "wandb"),
+}
+"""Keys whose value is a list (or null) of these choices."""
 
 INT_CAP = 2**31 - 1
 """Largest count of steps, batches or checkpoints: a larger one is a typo (at a millisecond a step,
@@ -647,6 +655,12 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
         if not isinstance(value, str) or value not in choices:
             p.append(f"{key}: {show(value)} is not one of {', '.join(choices)}"
                      + _did_you_mean(clip(value), choices))
+    for key, choices in LIST_CHOICES.items():
+        sec, name = key.split(".")
+        for value in getattr(getattr(cfg, sec), name) or ():
+            if not isinstance(value, str) or value not in choices:
+                p.append(f"{key}: {show(value)} is not one of {', '.join(choices)}"
+                         + _did_you_mean(clip(value), choices))
     m, lo, d = cfg.model, cfg.lora, cfg.data
     if not m.path:
         p.append("model.path: required (a local folder, a Hugging Face repo id or a .gguf file)")

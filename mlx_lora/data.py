@@ -47,7 +47,7 @@ __all__ = [
     "BUCKET_BATCHES", "CHAT_ROLES", "FORMATS", "PAD_MULTIPLE", "SHAREGPT_ROLES", "Batch", "BatchPosition",
     "DataSplits", "DataStats", "TokenizedDataset", "attention_mask_from_segments", "default_cache_dir",
     "detect_format", "epoch_plan", "iterate_batches", "length_groups", "load_datasets", "load_jsonl_dataset",
-    "load_rows_dataset", "load_source", "num_batches", "pack", "padded_length", "split_rows",
+    "load_rows_dataset", "load_source", "num_batches", "pack", "padded_length", "read_jsonl_rows", "split_rows",
 ]
 
 _CACHE_VERSION = 1
@@ -160,6 +160,13 @@ def _parse_rows(path: Path, data: bytes) -> list[tuple[int, dict]]:
     if not rows:
         raise DataError("empty file: no JSON rows", str(path))
     return rows
+
+
+def read_jsonl_rows(path) -> list[tuple[int, dict]]:
+    """(1-based line, JSON object) of every non-blank line of a JSONL file, checked as training
+    files are (UTF-8, valid JSON, one object per line)."""
+    path = Path(path).expanduser()
+    return _parse_rows(path, _read_bytes(path))
 
 
 

@@ -8,8 +8,9 @@ artefact goes under one output folder, with ``quickstart.json`` summarising the 
 
 The task (``mlx_lora/demo_data/triage``, made by ``recipes/make_demo_data.py``): a support
 ticket in, ``team/priority`` out, e.g. "The courier left order #51234 at the wrong address. I
-need this sorted today!" -> ``shipping/urgent``. An answer counts as correct when its first
-line, stripped and lower-cased, equals the label.
+need this sorted today!" -> ``shipping/urgent``. Scored as ``mlx-lora eval --generate --metric
+exact`` scores (the same code, :mod:`mlx_lora.evaluation`): greedy answers, correct when equal to
+the label up to case and whitespace.
 """
 
 from __future__ import annotations
@@ -181,52 +182,6 @@ def read_rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def normalize(text: str) -> str:
-    """The answer as scored: first line, surrounding spaces removed, lower case."""
-    return text.strip().split("\n", 1)[0].strip().lower()
-
-
-def greedy_tokens(model, prompts: list[list[int]], max_tokens: int, eos: set, batch_size: int = 16) -> list[list[int]]:
-    """Greedy continuations (token ids) of several token prompts, decoded in left-padded batches.
-
-    mlx-lm's ``BatchKVCache`` masks the padding and offsets each row's positions, so every row
-    continues exactly as it would alone (up to float rounding). A row stops at a token in ``eos``
-    (not included) or after ``max_tokens``."""
-    import mlx.core as mx
-
-    from .mlx_lm_compat import batch_kv_cache
-
-    out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        pad = [width - len(p) for p in chunk]
-        tokens = mx.array([[0] * k + list(p) for k, p in zip(pad, chunk)], dtype=mx.int32)
-        cache = [batch_kv_cache(pad) for _ in range(len(model.layers))]
-        logits = model(tokens, cache=cache)[:, -1, :]
-        generated: list[list[int]] = [[] for _ in chunk]
-        done = [False] * len(chunk)
-        for _ in range(max_tokens):
-            nxt = mx.argmax(logits, axis=-1)
-            for i, t in enumerate(nxt.tolist()):
-                if not done[i]:
-                    if t in eos:
-                        done[i] = True
-                    else:
-                        generated[i].append(t)
-            if all(done):
-                break
-            logits = model(nxt[:, None].astype(mx.int32), cache=cache)[:, -1, :]
-        out += generated
-    return out
-
-
-def greedy_generate(model, tokenizer, prompts: list[list[int]], max_tokens: int, batch_size: int = 16) -> list[str]:
-    """:func:`greedy_tokens`, decoded to text; stops at the tokenizer's end-of-sequence tokens."""
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-    return [tokenizer.decode(g) for g in greedy_tokens(model, prompts, max_tokens, eos, batch_size)]
-
-
 @dataclass
 class Score:
     accuracy: float
@@ -234,23 +189,21 @@ class Score:
     total: int
     outputs: list[str]
     seconds: float
+    hits: list[bool] = field(default_factory=list)
 
     def line(self) -> str:
         return f"{self.correct}/{self.total} = {100 * self.accuracy:.1f}%"
 
 
-def prompt_tokens(tokenizer, row: dict) -> list[int]:
-    msgs = row["messages"][:-1]
-    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+def exact_match(model, tokenizer, path: Path, limit: int, max_tokens: int = MAX_ANSWER_TOKENS) -> Score:
+    """Share of the first ``limit`` rows of the chat file ``path`` answered exactly (greedy), by
+    the code behind ``mlx-lora eval --generate --metric exact``."""
+    from .evaluation import generate_and_score, load_eval_set
 
-
-def exact_match(model, tokenizer, rows: list[dict], max_tokens: int = MAX_ANSWER_TOKENS) -> Score:
-    """Share of ``rows`` (chat rows whose last message is the expected answer) answered exactly."""
-    t0 = time.perf_counter()
-    outputs = greedy_generate(model, tokenizer, [prompt_tokens(tokenizer, r) for r in rows], max_tokens)
-    correct = sum(normalize(o) == normalize(r["messages"][-1]["content"]) for o, r in zip(outputs, rows))
-    return Score(correct / max(len(rows), 1), correct, len(rows), outputs, time.perf_counter() - t0)
+    rows = load_eval_set(path, tokenizer, limit=limit)
+    s = generate_and_score(model, tokenizer, rows, ["exact"], max_tokens=max_tokens)
+    hits = [r["exact"] == 1.0 for r in s.rows]
+    return Score(s.means["exact"], sum(hits), len(hits), s.outputs, s.seconds, hits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,9 +229,7 @@ class QuickstartResult:
 
 def pick_samples(rows: list[dict], before: Score, after: Score, n: int) -> list[dict]:
     """Up to ``n`` held-out examples, preferring ones the fine-tune fixed."""
-    order = sorted(range(len(rows)), key=lambda i: (
-        not (normalize(after.outputs[i]) == normalize(rows[i]["messages"][-1]["content"])
-             and normalize(before.outputs[i]) != normalize(rows[i]["messages"][-1]["content"])), i))
+    order = sorted(range(len(rows)), key=lambda i: (not (after.hits[i] and not before.hits[i]), i))
     return [{"ticket": rows[i]["messages"][-2]["content"], "expected": rows[i]["messages"][-1]["content"],
              "before": before.outputs[i], "after": after.outputs[i]} for i in order[:n]]
 
@@ -348,7 +299,7 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     m, tok, _ = api.load_for_inference(base.source, dtype=cfg.model.dtype)
     timings["load"] = time.perf_counter() - t
     log(f"scoring the base model on {len(test_rows)} held-out tickets ...")
-    before = exact_match(m, tok, test_rows)
+    before = exact_match(m, tok, data_dir / "test.jsonl", len(test_rows))
     del m
     timings["eval_before"] = before.seconds
     log(f"before    exact match {before.line()} ({before.seconds:.0f} s)")
@@ -359,7 +310,7 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
 
     t = time.perf_counter()
     m, tok, _ = api.load_for_inference(base.source, adapter=cfg.out, dtype=cfg.model.dtype)
-    after = exact_match(m, tok, test_rows)
+    after = exact_match(m, tok, data_dir / "test.jsonl", len(test_rows))
     del m
     timings["eval_after"] = time.perf_counter() - t
     log(f"after     exact match {after.line()} ({after.seconds:.0f} s)")

@@ -39,6 +39,7 @@ ALLOWED: dict[str, str] = {
     "train.eval_every": "cadence", "train.eval_batches": "cadence", "train.save_every": "cadence",
     "train.keep_checkpoints": "cadence", "train.log_every": "cadence",
     "train.early_stopping_patience": "cadence", "train.nan_policy": "failure handling",
+    "train.report_to": "cadence",
     # how a step is computed, not what it computes
     "train.grad_checkpoint": "memory", "train.checkpoint_attention": "memory",
     "train.loss_chunk_tokens": "memory", "train.length_groups": "memory", "train.compile": "memory",

