@@ -13,7 +13,8 @@ are validated before they are queued: a bad one gets the OpenAI error shape
 serving one is reported to that request (500) and logged, never taking the server down.
 """
 
-from __future__ import annotations
+# No "from __future__ import annotations": FastAPI reads the endpoints' annotations (Request),
+# which are imported inside create_app, so they must be evaluated where they are written.
 
 import asyncio
 import json
@@ -543,9 +544,12 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
     server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning", access_log=False))
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again: the normal way out
+        pass
     finally:
         engine.close()
         sock.close()
+    print("server stopped", file=out, flush=True)
 
 
 @click.command(name="serve")
