@@ -146,9 +146,10 @@ def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optio
          out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> Conversation:
     """Load ``model_path`` (+ ``adapter``) and chat on the terminal until the user leaves."""
     from .api import load_for_inference
-    from .generation import chat_template_for, check_sampling
+    from .config import check_options
+    from .generation import chat_template_for, sampling_checks
 
-    check_sampling(max_tokens, temperature, top_p, seed)
+    check_options(sampling_checks(max_tokens, temperature, top_p, seed))
     if system is not None and not isinstance(system, str):
         raise MlxLoraError(f"--system must be text, got {type(system).__name__}")
     err = err or sys.stderr

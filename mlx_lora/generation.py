@@ -36,13 +36,11 @@ MAX_STOPS = 4
 """Stop strings per request, as the OpenAI API allows."""
 
 
-def check_sampling(max_tokens, temperature, top_p, seed, spell=lambda name: "--" + name.replace("_", "-")) -> None:
-    """Raise one MlxLoraError naming every value outside :data:`LIMITS` (``spell`` turns a name
-    into the option or field the user wrote)."""
-    from .config import check_options
-
-    check_options([(spell(k), v, LIMITS[k]) for k, v in (("max_tokens", max_tokens), ("temperature", temperature),
-                                                          ("top_p", top_p), ("seed", seed))])
+def sampling_checks(max_tokens, temperature, top_p, seed) -> list[tuple]:
+    """The command-line checks of the sampling options, for :func:`mlx_lora.config.check_options`
+    (which names every bad one in one message)."""
+    return [(f"--{k.replace('_', '-')}", v, LIMITS[k]) for k, v in
+            (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("seed", seed))]
 
 
 def chat_template_for(tokenizer, spec: Optional[str], model_name: str):

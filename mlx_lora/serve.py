@@ -35,16 +35,13 @@ import click
 
 from .config import MAX_SEED, Bound, show
 from .errors import MlxLoraError
+from .generation import LIMITS
 
 DEFAULT_MAX_TOKENS = 512
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-# Request fields and the values they may take (temperature as the OpenAI API bounds it).
-FIELD_BOUNDS = {
-    "max_tokens": None,  # [1, the model's context] (see Engine.max_context)
-    "temperature": Bound(float, 0, 2, cap=False),
-    "top_p": Bound(float, 0, 1, lo_open=True, cap=False),
-    "seed": Bound(int, 0, MAX_SEED),
-}
+# Request fields and the values they may take (temperature as the OpenAI API bounds it; max_tokens
+# by the model's context, see parse_request).
+FIELD_BOUNDS = {"temperature": Bound(float, 0, 2, cap=False), "top_p": LIMITS["top_p"], "seed": LIMITS["seed"]}
 
 
 class RequestError(Exception):
@@ -178,7 +175,7 @@ def build_engine(model_path: str, adapters: dict[str, str], *, chat_template: Op
                  strict: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS, log: Optional[TextIO] = None) -> Engine:
     """Load the base once, then every adapter's layers (all checked before the server starts)."""
     from .api import load_for_inference
-    from .generation import AdapterSet, LIMITS, chat_template_for
+    from .generation import AdapterSet, chat_template_for
     from .config import check_options
 
     check_options([("--max-tokens", max_tokens, LIMITS["max_tokens"])])
@@ -525,7 +522,12 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
           out: Optional[TextIO] = None) -> None:
     """Serve until interrupted (Ctrl-C, SIGTERM). Everything that can be refused (options,
     adapters, the port) is refused before the server starts."""
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise MlxLoraError(f"mlx-lora serve needs FastAPI and uvicorn ({e.name} is missing): "
+                           f"pip install 'mlx-lora[serve]'") from None
 
     out = out or sys.stdout
     named = parse_adapters(adapters)

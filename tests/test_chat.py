@@ -213,3 +213,25 @@ def test_chat_refuses_bad_options_in_one_line(tiny_llama, tmp_path, capsys, cli_
     assert_refused(capsys, base + ["--chat-template", str(tmp_path / "none.jinja")],
                    [str(tmp_path / "none.jinja"), "no such file"], [tmp_path])
     assert_refused(capsys, ["chat", "--model", str(tmp_path / "missing")], ["does not exist"], [tmp_path])
+
+
+def test_a_tokenizer_without_a_template_needs_chat_template(tiny_llama, tmp_path):
+    import io
+    import shutil
+
+    from mlx_lora.chat import chat
+    from mlx_lora.errors import MlxLoraError
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_llama, model)
+    conf = json.loads((model / "tokenizer_config.json").read_text())
+    del conf["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(conf))
+    lines = iter(["Hello", "/quit"])
+    with pytest.raises(MlxLoraError, match="no chat template; pass --chat-template chatml"):
+        chat(str(model), read=lambda prompt: next(lines), out=io.StringIO(), err=io.StringIO())
+    out = io.StringIO()
+    conv = chat(str(model), chat_template="chatml", max_tokens=4, read=lambda prompt: next(lines), out=out,
+                err=io.StringIO())
+    assert [m["role"] for m in conv.turns] == ["user", "assistant"]
+    assert conv.turns[1]["content"] and conv.turns[1]["content"] in out.getvalue()
