@@ -533,8 +533,12 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
     named = parse_adapters(adapters)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise MlxLoraError(f"--port must be in [0, 65535], got {show(port)}")
-    engine = build_engine(model_path, named, chat_template=chat_template, strict=strict, max_tokens=max_tokens)
-    sock = bind(host, port)
+    sock = bind(host, port)  # a taken port is refused before the seconds the model takes to load
+    try:
+        engine = build_engine(model_path, named, chat_template=chat_template, strict=strict, max_tokens=max_tokens)
+    except BaseException:
+        sock.close()
+        raise
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving http://{shown}:{bound}/v1 (OpenAI API: /v1/chat/completions, /v1/completions, /v1/models)",
@@ -544,9 +548,14 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
         print(f"warning: listening on {host}: anyone who can reach this address can use the models "
               f"(there is no authentication)", file=out, flush=True)
     server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning", access_log=False))
+    from .interrupts import sigterm_as_interrupt
+
     try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again: the normal way out
+        # uvicorn shuts down gracefully on Ctrl-C or SIGTERM, then raises the signal again once it
+        # has restored the handlers it found: both end here, as the normal way out.
+        with sigterm_as_interrupt():
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
         pass
     finally:
         engine.close()

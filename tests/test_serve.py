@@ -245,6 +245,7 @@ def test_the_serve_command_prints_its_url_and_models_and_stops_on_ctrl_c(tiny_ll
         assert [m["id"] for m in httpx.get(url + "/models", timeout=30).json()["data"]] == ["llama", "alpha"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+        assert proc.stdout.read().strip() == "server stopped"
     finally:
         proc.kill()
         proc.wait()
@@ -258,3 +259,23 @@ def test_serve_refuses_bad_adapters_before_starting(tiny_llama, adapter_dirs, tm
     assert_refused(capsys, base + ["--adapter", f"llama={adapter_dirs['alpha']}"], ["names the base model"], [tmp_path])
     assert_refused(capsys, base + ["--adapter", f"x={tmp_path}"], [str(tmp_path), "not an adapter folder"], [tmp_path])
     assert_refused(capsys, base + ["--max-tokens", "0"], ["--max-tokens"], [tmp_path])
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert_refused(capsys, base[:-1] + [port], [f"127.0.0.1:{port}", "pick another with --port"], [tmp_path])
+
+
+def test_adapters_wrap_the_one_copy_of_the_base_layers(server, client):
+    """Every adapter's layers compute on the base model's own layer objects: no copy of a weight."""
+    import mlx.nn as nn
+
+    engine = server[1]
+    ask(client, "llama")  # the last request leaves the base alone in the model
+    plain = {p: m for p, m in engine.model.named_modules() if isinstance(m, nn.Linear)}
+    for name in ("alpha", "beta"):
+        wrapped = engine.adapters._layers[name]
+        assert wrapped and all(w.base is plain[p] and w.base.weight is plain[p].weight for p, w in wrapped)
+    assert {p for p, _ in engine.adapters._layers["beta"]} < set(plain)  # beta adapts q/v only
