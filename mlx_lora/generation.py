@@ -19,7 +19,7 @@ calls ``generate`` uses). What is added here:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 from .config import MAX_SEED, MAX_SEQ_LENGTH, Bound
@@ -86,7 +86,6 @@ class Result:
     finish_reason: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    pieces: list = field(default_factory=list)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -140,7 +139,6 @@ def stream(model, tokenizer, prompt_tokens: list[int], *, max_tokens: int = 256,
 
 def _emit(result: Result, piece: str) -> str:
     result.text += piece
-    result.pieces.append(piece)
     return piece
 
 

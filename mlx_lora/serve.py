@@ -216,7 +216,7 @@ def _get(body: dict, key: str, kinds: tuple, what: str, default=None):
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         raise RequestError(400, f"'{key}' must be {what}, got {show(value)}", key, "invalid_type")
     return value
 
@@ -303,7 +303,8 @@ def parse_request(body, engine: Engine, chat: bool):
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n != 1):
         raise RequestError(400, f"'n' must be 1 (one choice per request is supported), got {show(n)}", "n",
                            "unsupported_value")
-    unsupported = {"logprobs": body.get("logprobs") not in (None, False, 0), "echo": body.get("echo") not in (None, False),
+    unsupported = {"logprobs": body.get("logprobs") not in (None, False, 0),
+                   "echo": body.get("echo") not in (None, False),
                    "best_of": not chat and body.get("best_of") not in (None, 1)}
     for key, refused in unsupported.items():
         if refused:
@@ -386,7 +387,8 @@ def create_app(engine: Engine):
     @app.exception_handler(HTTPException)
     async def _http(request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", kind), status_code=e.status_code)
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", kind),
+                            status_code=e.status_code)
 
     @app.exception_handler(Exception)
     async def _crashed(request, e: Exception):
@@ -547,7 +549,9 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this address can use the models "
               f"(there is no authentication)", file=out, flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning", access_log=False))
+    # On Ctrl-C a reply still streaming gets a few seconds to finish, then its connection is closed.
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=5))
     from .interrupts import sigterm_as_interrupt
 
     try:
