@@ -403,10 +403,17 @@ def create_app(engine: Engine):
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
 
+    def card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": engine.created, "owned_by": "mlx-lora"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": engine.created,
-                                            "owned_by": "mlx-lora"} for n in engine.model_names]}
+        return {"object": "list", "data": [card(n) for n in engine.model_names]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        engine.adapter_for(name)  # 404 for a name this server does not have
+        return card(name)
 
     async def complete(request: Request, chat: bool):
         body = await read_json(request)

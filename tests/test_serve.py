@@ -106,6 +106,9 @@ def reference(tiny_llama, adapter_dirs):
 def test_models_lists_the_base_and_every_adapter(client, tiny_llama):
     assert tiny_llama.name == "llama"
     assert sorted(m.id for m in client.models.list().data) == ["alpha", "beta", "llama"]
+    assert client.models.retrieve("beta").id == "beta"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gamma")
 
 
 def ask(client, model: str, **kw) -> str:
