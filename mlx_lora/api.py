@@ -344,18 +344,12 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
              strict: bool = False):
     """Generate a continuation (greedy by default). With ``chat`` the prompt is wrapped in the
     tokenizer's chat template as a user turn. Yields text pieces when ``stream``."""
-    import mlx.core as mx
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    from .config import CHOICES, MAX_SEED, MAX_SEQ_LENGTH, Bound, check_options
+    from .config import CHOICES, check_options
+    from .generation import sampling_checks, stream as stream_text
 
     # Before the model loads. mlx-lm reads a negative max_tokens as "no limit", samples the least
     # likely tokens first at a negative temperature, and silently ignores a top-p outside (0, 1).
-    check_options([("--max-tokens", max_tokens, Bound(int, 1, MAX_SEQ_LENGTH)),
-                   ("--temperature", temperature, Bound(float, 0, 100)),
-                   ("--top-p", top_p, Bound(float, 0, 1, lo_open=True, cap=False)),
-                   ("--seed", seed, Bound(int, 0, MAX_SEED)), ("dtype", dtype, CHOICES["model.dtype"])])
+    check_options(sampling_checks(max_tokens, temperature, top_p, seed) + [("dtype", dtype, CHOICES["model.dtype"])])
     if not isinstance(prompt, str) or not prompt:
         raise MlxLoraError("--prompt is empty: give the text to continue")
     if system is not None and not isinstance(system, str):
@@ -376,9 +370,8 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
         prompt_tokens = tokenizer.encode(prompt)
     if len(prompt_tokens) == 0:
         raise MlxLoraError("--prompt encodes to no tokens: give the text to continue")
-    mx.random.seed(seed)
-    sampler = make_sampler(temp=temperature, top_p=top_p)
-    pieces = (r.text for r in stream_generate(model, tokenizer, prompt_tokens, max_tokens=max_tokens, sampler=sampler))
+    pieces = stream_text(model, tokenizer, list(prompt_tokens), max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed)
     return pieces if stream else "".join(pieces)
 
 

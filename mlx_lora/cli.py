@@ -20,6 +20,8 @@ LAZY_COMMANDS = {
     "export": "mlx_lora.converters.export_cli:export",
     "quickstart": "mlx_lora.quickstart:quickstart_command",
     "recipes": "mlx_lora.recipes:recipes_group",
+    "chat": "mlx_lora.chat:chat_command",
+    "serve": "mlx_lora.serve:serve_command",
 }
 
 
