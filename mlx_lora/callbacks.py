@@ -115,7 +115,8 @@ class MetricsFile:
     def on_step(self, trainer, m: dict) -> None:
         if m["step"] % self.log_every == 0 or m["step"] in (1, m["total_steps"]):
             self._write({k: m[k] for k in ("step", "loss", "lr", "tokens", "trained_tokens",
-                                           "tokens_per_s", "peak_memory_gb", "elapsed_s") if k in m})
+                                           "tokens_per_s", "peak_memory_gb", "elapsed_s", "shapes", "padding")
+                         if k in m})
 
     def on_eval(self, trainer, m: dict) -> None:
         self._write({"step": m["step"], "val_loss": m["val_loss"], "val_ppl": m["val_ppl"]})

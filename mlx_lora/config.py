@@ -22,6 +22,7 @@ import yaml
 
 from .data_formats import FORMATS
 from .errors import ConfigError, MlxLoraError
+from .shapes import POLICIES as SHAPE_POLICIES
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,21 @@ class TrainConfig:
     alone (a tiny model, whose calls cost more than its positions, groups rows); off on a GPU,
     which wants many rows per call (true there groups up to batch_size rows, trading padding
     against calls). Packed batches always run whole."""
+    shapes: str = "auto"
+    """How batches are laid out, and so how many shapes the compiled step meets: exact (each
+    batch padded to its longest row, rounded up to 32), ladder (padded up to a short ladder of
+    lengths ~1.41x apart), packed (the batch's examples packed into rows of one fixed length with a
+    block-diagonal mask) or auto (exact on the CPU; on a GPU the cheapest by a cost model of
+    padding against compile time). Same examples and loss either way."""
+    wired_limit_gb: Optional[float] = None
+    """Metal: memory (GB) the GPU keeps wired (mx.set_wired_limit), at most the device's
+    recommended working set; null leaves MLX's default. No effect on other backends."""
+    cache_limit_gb: Optional[float] = None
+    """Most memory (GB) MLX's allocator keeps cached for reuse (mx.set_cache_limit); 0 returns
+    every freed buffer at once. null leaves MLX's default (its memory limit)."""
+    clear_cache_after_eval: bool = True
+    """Return the allocator's cached buffers (mx.clear_cache) after each evaluation, so
+    evaluation's buffers do not sit beside training's."""
     compile: bool = True
     """Compile the training step with mx.compile (faster; off for debugging)."""
     seed: int = 0
@@ -183,6 +199,7 @@ CHOICES = {
     "train.optimizer": ("adam", "adamw", "sgd", "adafactor"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.nan_policy": ("stop", "skip"),
+    "train.shapes": SHAPE_POLICIES,
 }
 
 INT_CAP = 2**31 - 1
@@ -196,6 +213,8 @@ MAX_RANK = 2**14
 MAX_BATCH = 2**16
 """Rows per micro-batch, or micro-batches per step: more than any run uses; a larger value is a typo."""
 MAX_SEED = 2**32 - 1
+MAX_MEMORY_GB = 2**20
+"""A memory limit above a petabyte is a typo."""
 """Seeds are combined with step and rank numbers into one unsigned 64-bit seed."""
 
 
@@ -264,6 +283,8 @@ BOUNDS = {
     "train.loss_chunk_tokens": Bound(int, 1, INT_CAP, nullable=True),
     "train.seed": Bound(int, 0, MAX_SEED),
     "train.log_every": Bound(int, 1, INT_CAP),
+    "train.wired_limit_gb": Bound(float, 0, MAX_MEMORY_GB, nullable=True),
+    "train.cache_limit_gb": Bound(float, 0, MAX_MEMORY_GB, nullable=True),
 }
 MAX_LAYER_INDEX = 2**16
 """lora.layers_to_transform entries beyond this cannot name a block of any model."""
