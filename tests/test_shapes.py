@@ -156,3 +156,39 @@ def test_every_policy_trains_the_same_steps(tiny_llama, tmp_path):
     assert shapes["packed"] <= 3 and shapes["ladder"] <= shapes["exact"]
     assert padding["ladder"] >= padding["exact"] > padding["auto"] >= 0  # rows alone pad least
     assert all(0 <= p < 1 for p in padding.values())
+
+
+def test_packed_rows_get_per_example_logits_through_the_fast_attention_kernel(tiny_llama, monkeypatch):
+    """A batch packed by the ``packed`` policy gives each example the logits and loss it gets alone,
+    and its attention goes through mx.fast.scaled_dot_product_attention with a one-byte mask
+    broadcast over the heads ([B, 1, L, L] bool), not a float32 mask per head."""
+    from mlx_lora.losses import masked_cross_entropy, model_logits
+    from mlx_lora.models import load_model
+    from mlx_lora.trainer import batch_arrays
+
+    model, _, _ = load_model(str(tiny_llama), dtype="float32", with_tokenizer=False)
+    batch = _batch([30, 12, 50, 7, 21], seed=3)
+    packed = repack(batch, 64)
+    assert packed.inputs.shape[0] < 5
+    seen = []
+    fast = mx.fast.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, mask=None, **kwargs):
+        seen.append(mask if isinstance(mask, str) or mask is None else (mask.dtype, tuple(mask.shape), q.shape))
+        return fast(q, k, v, *args, mask=mask, **kwargs)
+
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
+    inputs, targets, mask, attn = batch_arrays(packed)
+    logits = np.array(model_logits(model, inputs, attn))
+    B, L = packed.inputs.shape
+    assert seen and all(s[0] == mx.bool_ and s[1] == (B, 1, L, L) and s[2][1] > 1 for s in seen), seen
+    for r in range(B):
+        for s in range(1, packed.segments[r].max() + 1):
+            at = np.flatnonzero(packed.segments[r] == s)
+            alone = np.array(model(mx.array(packed.inputs[r, at][None])))[0]
+            np.testing.assert_allclose(logits[r, at], alone, rtol=1e-4, atol=1e-4)
+    # The summed-token loss of the packed batch is the unpacked batch's.
+    got, n = masked_cross_entropy(model, inputs, targets, mask, attn)
+    ref, m = masked_cross_entropy(model, *batch_arrays(batch)[:3])
+    assert float(n.item()) == float(m.item()) == batch.ntokens
+    np.testing.assert_allclose(got.item(), ref.item(), rtol=1e-5)
