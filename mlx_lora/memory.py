@@ -74,11 +74,13 @@ class Recorder:
         import time
 
         mx = self.mx
-        mx.reset_peak_memory()
+        mx.reset_peak_memory()  # to zero: the phase's peak is at least what was held before and after it
+        before = mx.get_active_memory()
         t0 = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - t0
-        self.phases.append(Phase(name, int(mx.get_active_memory()), int(mx.get_peak_memory()),
+        active = int(mx.get_active_memory())
+        self.phases.append(Phase(name, active, int(max(mx.get_peak_memory(), before, active)),
                                  int(mx.get_cache_memory()), seconds))
         return out
 
