@@ -11,8 +11,8 @@
 # GPU_BUDGET (seconds, default 480) bounds the measurements of `run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=/tmp/mlx-lora-stage
-SITE=/tmp/site
+STAGE=${STAGE:-/tmp/mlx-lora-stage}
+SITE=${SITE:-/tmp/site}
 mode=${1:-}
 case "$mode" in
   stage)
