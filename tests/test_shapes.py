@@ -3,6 +3,7 @@ GPU cost model, and that every policy trains the same step (same examples, same 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -129,10 +130,12 @@ def _run(model, data, out, **sets):
     base = {"model": {"path": str(model)}, "data": {"path": str(data), "valid_fraction": 0.0},
             "out": str(out), "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000}}
     cfg = build(extra=base, overrides=[f"{k}={v}" for k, v in sets.items()])
-    result = mlx_lora.train(cfg, progress=False)
+    banner = io.StringIO()
+    result = mlx_lora.train(cfg, progress=False, stream=banner)
     rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     adapter = {k: np.array(v) for k, v in mx.load(str(Path(out) / "adapter_model.safetensors")).items()}
-    return result, [r for r in rows if "loss" in r], adapter
+    line = next(l for l in banner.getvalue().splitlines() if l.startswith("shapes "))
+    return result, [r for r in rows if "loss" in r], adapter, line
 
 
 def test_every_policy_trains_the_same_steps(tiny_llama, tmp_path):
@@ -144,8 +147,13 @@ def test_every_policy_trains_the_same_steps(tiny_llama, tmp_path):
         runs[policy] = _run(tiny_llama, data, tmp_path / policy, **common, **{"train.shapes": policy,
                                                                               "train.length_groups": "false"})
     runs["auto"] = _run(tiny_llama, data, tmp_path / "auto", **common)  # CPU: rows at their own length
-    ref_result, ref_rows, ref_adapter = runs["exact"]
-    for policy, (result, rows, adapter) in runs.items():
+    ref_result, ref_rows, ref_adapter, _ = runs["exact"]
+    for policy, (result, rows, adapter, line) in runs.items():
+        # the banner names the policy and predicts the shapes and padding the epoch then met
+        assert line.startswith(f"shapes    {'exact (auto: the CPU backend)' if policy == 'auto' else policy}"), line
+        n = rows[-1]["shapes"]
+        assert f"first epoch: {n} distinct call shape{'s' if n != 1 else ''}, {100 * rows[-1]['padding']:.1f}% padding" \
+            in line, (line, rows[-1])
         assert result.trained_tokens == ref_result.trained_tokens, policy
         np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref_rows], rtol=2e-5,
                                    err_msg=policy)
