@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps together")
     ap.add_argument("--work", default=None, help="scratch folder for models and runs (default: a temporary one)")
     ap.add_argument("--dry", action="store_true", help="run every step on the CPU at tiny sizes")
+    ap.add_argument("--step-cap", type=float, default=None, help="most seconds any one step may take (default: "
+                                                                   "each step's own cap)")
     ap.add_argument("--only", help="comma list of step kinds to run: facts, models, bench, trace, attention "
                                    "(default: all)")
     args = ap.parse_args(argv)
@@ -58,7 +61,10 @@ def main(argv=None) -> int:
 
     kinds = set((args.only or "facts,models,bench,trace,attention").split(","))
 
-    def step(name: str, cmd: list, minimum: float, cap: float) -> bool:
+    def step(name: str, cmd: list, minimum: float, cap: float, partial: tuple = ()) -> bool:
+        """Run ``cmd`` with the time left (at most ``cap``); ``partial``: (work folder, JSON it should
+        have written): when the JSON is missing (the step ran out of time), the results of the runs
+        it finished (``*.result.json`` in its work folder) are gathered into ``<name>.partial.json``."""
         left = deadline - time.monotonic()
         entry = {"name": name, "command": " ".join(str(c) for c in cmd)}
         kind = name.split("_")[0].replace("model", "models")
@@ -69,17 +75,25 @@ def main(argv=None) -> int:
             print(f"[gpu_run] {name}: skipped ({entry['skipped']})", flush=True)
             record["steps"].append(entry)
             return False
-        limit = min(left, cap)
+        limit = min(left, cap, args.step_cap or cap)
         print(f"[gpu_run] {name}: up to {limit:.0f} s: {entry['command']}", flush=True)
         t0 = time.monotonic()
+        # Its own process group, so that a timeout also stops the workers it started.
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
         try:
-            proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=limit, cwd=REPO,
-                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
-            rc, text = proc.returncode, proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
+            text, _ = proc.communicate(timeout=limit)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            text, _ = proc.communicate()
             rc = "timeout"
-            text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
         entry.update(rc=rc, seconds=round(time.monotonic() - t0, 1), tail=text[-6000:])
+        if partial and not Path(partial[1]).is_file():
+            done = {p.name.removesuffix(".result.json"): json.loads(p.read_text())
+                    for p in sorted(Path(partial[0]).glob("*.result.json"))}
+            (out / f"{name}.partial.json").write_text(json.dumps(done))
+            entry["partial"] = sorted(done)
         print(f"[gpu_run] {name}: exit {rc} after {entry['seconds']} s", flush=True)
         print(text[-2500:], flush=True)
         record["steps"].append(entry)
@@ -128,14 +142,16 @@ def main(argv=None) -> int:
         trace_args = []
     if "big" in models:
         step("bench_1b", [py, BENCH / "train_vs_mlx_lm.py", "--model", models["big"], "--no-out-of-box", *bench_args,
-                          "--work", work / "bench-big", "--json", out / "bench_1b.json"], 60, 420)
+                          "--work", work / "bench-big", "--json", out / "bench_1b.json"], 60, 420,
+             partial=(work / "bench-big", out / "bench_1b.json"))
         step("trace_1b", [py, BENCH / "memory_trace.py", "--model", models["big"], *trace_args,
                           "--json", out / "trace_1b.json"], 20, 120)
         step("trace_1b_packed", [py, BENCH / "memory_trace.py", "--model", models["big"], *trace_args,
                                  "--set", "train.shapes=packed", "--json", out / "trace_1b_packed.json"], 20, 120)
     if "small" in models:
         step("bench_135m", [py, BENCH / "train_vs_mlx_lm.py", "--model", models["small"], "--no-out-of-box",
-                            *bench_args, "--work", work / "bench-small", "--json", out / "bench_135m.json"], 60, 300)
+                            *bench_args, "--work", work / "bench-small", "--json", out / "bench_135m.json"], 60, 300,
+             partial=(work / "bench-small", out / "bench_135m.json"))
     step("attention_1b", [py, BENCH / "attention_mask.py", *attn, "--json", out / "attention_1b.json"], 10, 60)
     record["wall_s"] = round(args.budget - (deadline - time.monotonic()), 1)
     (out / "gpu_run.json").write_text(json.dumps(record, indent=1))

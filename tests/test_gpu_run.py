@@ -61,3 +61,37 @@ def test_shell_script_parses_and_names_its_modes():
         assert subprocess.run(["bash", "-n", str(REPO / "bench" / script)]).returncode == 0, script
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), "bogus"], capture_output=True, text=True)
     assert proc.returncode == 2 and "stage|run|dry" in proc.stderr
+
+
+def test_a_step_out_of_time_is_stopped_with_its_workers_and_keeps_finished_results(tmp_path, monkeypatch):
+    """A benchmark that runs out of time loses neither the runs it finished (gathered into a
+    partial JSON) nor the device: its worker processes are stopped with it."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_run
+
+    work = tmp_path / "work"
+    (work / "bench-big").mkdir(parents=True)
+    (work / "model-big").mkdir()  # as the models step (not run here) leaves it
+    (work / "bench-big" / "mlx_lm.result.json").write_text(json.dumps({"steps": [1, 2]}))
+    pidfile = tmp_path / "grandchild.pid"
+    slow = [sys.executable, "-c", "import subprocess, sys, time; "
+            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)"]
+    real = gpu_run.subprocess.Popen
+
+    def popen(cmd, **kw):  # every step's command becomes the slow one
+        return real(slow, **kw)
+
+    monkeypatch.setattr(gpu_run.subprocess, "Popen", popen)
+    t0 = __import__("time").monotonic()
+    rc = gpu_run.main(["--dry", "--only", "bench", "--like", str(tmp_path), "--out", str(tmp_path / "out"),
+                       "--work", str(work), "--budget", "600", "--step-cap", "3"])
+    assert __import__("time").monotonic() - t0 < 30
+    assert rc == 1
+    steps = json.loads((tmp_path / "out" / "gpu_run.json").read_text())["steps"]
+    big = next(s for s in steps if s["name"] == "bench_1b")
+    assert big["rc"] == "timeout" and big["partial"] == ["mlx_lm"]
+    assert json.loads((tmp_path / "out" / "bench_1b.partial.json").read_text()) == {"mlx_lm": {"steps": [1, 2]}}
+    pid = int(pidfile.read_text())
+    __import__("time").sleep(0.5)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
