@@ -60,6 +60,10 @@ LEVERS = {
     "lever_whole_batches": {"train": {"length_groups": False}},
     # the previous default: length-bucketed batches, run whole
     "lever_bucketed_whole_batches": {"data": {"length_bucketing": True}, "train": {"length_groups": False}},
+    # batch shape policies (train.shapes; auto is exact on the CPU, chosen by a cost model on a GPU)
+    "lever_shapes_exact": {"train": {"shapes": "exact"}},
+    "lever_shapes_ladder": {"train": {"shapes": "ladder"}},
+    "lever_shapes_packed": {"train": {"shapes": "packed"}},
 }
 
 
@@ -224,6 +228,11 @@ def report(R: dict) -> list[str]:
     row("first epoch incl. compile (s)" if R["config"].get("epochs", 1) > 1 else "first step incl. compile (s)",
         "warmup_seconds", ".1f")
     row("padding (% of positions)", "padding_pct", ".1f")
+    shaped = [n for n in runs if runs[n].get("shape_policy")]
+    if shaped:
+        lines.append(f"{'call shapes met':<28}" + "".join(
+            f"{str(runs[n]['distinct_shapes']) + ' (' + runs[n]['shape_policy'] + ')':>14}" if n in shaped else f"{'':>14}"
+            for n in names))
     row("epoch mean train loss", "epoch_loss", ".4f")
     row("final train loss (last step)", "final_step_loss", ".4f")
     row("validation loss after", "val_loss", ".4f")
@@ -417,7 +426,8 @@ def main(argv=None) -> int:
         R["lockstep"] = {"steps": ls["steps"], "dtype": dtype, "tolerance": 1e-3 if dtype == "float32" else 3e-2,
                          "max_rel_diff": lockstep_diff(ls, R["runs"]["mlx_lm"])}
     R["runs"]["ours"] = run_worker("ours", dict(base, kind="ours", config=ours_cfg), work, env, args.timeout)
-    calls = R["runs"]["ours"]["batch_calls"] = R["probe"]["data"]["train"]["batch_calls"]
+    # The calls our trainer made (its shape policy applied); the probe's plan where it did not say.
+    calls = R["runs"]["ours"].setdefault("batch_calls", R["probe"]["data"]["train"]["batch_calls"])
     plan_steps = lowmem_plan_steps(calls, args.lowmem_steps)
     lm = run_worker("ours_lowmem", dict(base, kind="batches", config=lowmem_cfg, plan_steps=plan_steps), work, env,
                     args.timeout)

@@ -148,6 +148,7 @@ def ours(spec: dict) -> dict:
            "process_train_call_s": time.perf_counter() - t0, "trained_tokens": result.trained_tokens,
            "peak_memory_gb": mx.get_peak_memory() / 1e9, "adapter": cfg.out,
            "process_peak_rss_gb": _rss_gb()}
+    out.update(_shape_facts(rec.trainer))
     if spec.get("valid_data"):
         from mlx_lm.utils import load_tokenizer
 
@@ -155,6 +156,16 @@ def ours(spec: dict) -> dict:
 
         out["val"] = validation(rec.trainer.model, load_tokenizer(resolve(cfg.model.path)[0]), spec)
     return out
+
+
+def _shape_facts(trainer) -> dict:
+    """The shape policy the trainer used, the calls ([rows, positions]) of each batch of its first
+    epoch as it laid them out, and the distinct call shapes it met."""
+    from mlx_lora.estimate import _plan
+
+    return {"shape_policy": trainer.shapes.name, "shape_choice": trainer.shapes.chosen,
+            "batch_calls": [[list(c) for c in calls] for *_, calls in _plan(trainer)],
+            "distinct_shapes": len(trainer.shape_stats.shapes)}
 
 
 def _our_trainer(spec: dict, before_trainer=None):

@@ -191,6 +191,11 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         run.write_config(config_mod.to_yaml(cfg))
     for line in banner_lines(cfg, info, trainable, total, splits, trainer.total_steps, group.size()):
         log(line)
+    from .shapes import epoch_stats
+
+    log(f"shapes    {trainer.shapes.chosen}; first epoch: {epoch_stats(trainer).line()}")
+    for note in trainer.memory_notes:
+        log(f"memory    {note}")
 
     try:
         with sigterm_as_interrupt():

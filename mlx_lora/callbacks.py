@@ -99,7 +99,7 @@ class Progress:
 
 
 STEP_KEYS = ("step", "loss", "lr", "tokens", "trained_tokens", "tokens_per_s", "peak_memory_gb", "elapsed_s",
-             *PREFERENCE_KEYS)
+             "shapes", "padding", *PREFERENCE_KEYS)
 
 
 def step_record(m: dict, log_every: int = 1) -> Optional[dict]:

@@ -22,6 +22,7 @@ import yaml
 
 from .data_formats import FORMATS
 from .errors import ConfigError, MlxLoraError
+from .shapes import POLICIES as SHAPE_POLICIES
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,21 @@ class TrainConfig:
     alone (a tiny model, whose calls cost more than its positions, groups rows); off on a GPU,
     which wants many rows per call (true there groups up to batch_size rows, trading padding
     against calls). Packed batches always run whole."""
+    shapes: str = "auto"
+    """How batches are laid out, and so how many shapes the compiled step meets: exact (each
+    batch padded to its longest row, rounded up to 32), ladder (padded up to a short ladder of
+    lengths ~1.41x apart), packed (the batch's examples packed into rows of one fixed length with a
+    block-diagonal mask) or auto (exact on the CPU; on a GPU the cheapest by a cost model of
+    padding against compile time). Same examples and loss either way."""
+    wired_limit_gb: Optional[float] = None
+    """Metal: memory (GB) the GPU keeps wired (mx.set_wired_limit), at most the device's
+    recommended working set; null leaves MLX's default. No effect on other backends."""
+    cache_limit_gb: Optional[float] = None
+    """Most memory (GB) MLX's allocator keeps cached for reuse (mx.set_cache_limit); 0 returns
+    every freed buffer at once. null leaves MLX's default (its memory limit)."""
+    clear_cache_after_eval: bool = True
+    """Return the allocator's cached buffers (mx.clear_cache) after each evaluation, so
+    evaluation's buffers do not sit beside training's."""
     compile: bool = True
     """Compile the training step with mx.compile (faster; off for debugging)."""
     seed: int = 0
@@ -210,6 +226,7 @@ CHOICES = {
     "train.nan_policy": ("stop", "skip"),
     "train.method": ("sft", "dpo", "orpo"),
     "train.dpo_loss": ("sigmoid", "ipo"),
+    "train.shapes": SHAPE_POLICIES,
 }
 LIST_CHOICES = {
     "train.report_to": ("tensorboard", "wandb"),
@@ -227,6 +244,8 @@ MAX_RANK = 2**14
 MAX_BATCH = 2**16
 """Rows per micro-batch, or micro-batches per step: more than any run uses; a larger value is a typo."""
 MAX_SEED = 2**32 - 1
+MAX_MEMORY_GB = 2**20
+"""A memory limit above a petabyte is a typo."""
 """Seeds are combined with step and rank numbers into one unsigned 64-bit seed."""
 
 
@@ -298,6 +317,8 @@ BOUNDS = {
     "train.dpo_beta": Bound(float, 0, 1e3, lo_open=True),
     "train.dpo_label_smoothing": Bound(float, 0, 0.5, hi_open=True, cap=False),
     "train.orpo_lambda": Bound(float, 0, 1e3),
+    "train.wired_limit_gb": Bound(float, 0, MAX_MEMORY_GB, nullable=True),
+    "train.cache_limit_gb": Bound(float, 0, MAX_MEMORY_GB, nullable=True),
 }
 SOURCE_BOUNDS = {"data.sources[].weight": Bound(float, 0, 1e6, lo_open=True)}
 """Numbers inside each entry of data.sources (checked by validate() with the entry's index)."""
@@ -693,6 +714,9 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
     t = cfg.train
     if t.method in ("dpo", "orpo") and d.packing:
         p.append(f"data.packing: not available with train.method {t.method} (each response is a row of its own)")
+    if t.method in ("dpo", "orpo") and t.shapes == "packed":
+        p.append(f"train.shapes: packed is not available with train.method {t.method} (each response is a row of "
+                 "its own); use ladder or exact")
     if BOUNDS["train.dpo_label_smoothing"].violation(t.dpo_label_smoothing) is None and t.dpo_label_smoothing and (
             t.method != "dpo" or t.dpo_loss != "sigmoid"):
         p.append("train.dpo_label_smoothing: applies to train.method dpo with train.dpo_loss sigmoid only")

@@ -58,6 +58,8 @@ class Estimate:
     dtype: str
     loss: str
     notes: list[str] = field(default_factory=list)
+    shape_line: str = ""
+    """The shape policy, its distinct call shapes and padding over an epoch."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -85,6 +87,8 @@ class Estimate:
             f"{_duration(self.train_seconds)} (incl. ~{self.compile_seconds:.0f} s compiling {self.shapes} batch shape{'s' if self.shapes != 1 else ''}; "
             f"evaluation and checkpoints extra)",
         ]
+        if self.shape_line:
+            out.append(f"shapes    {self.shape_line}")
         return out + [f"note      {n}" for n in self.notes]
 
 
@@ -110,8 +114,9 @@ def _duration(s: float) -> str:
 def _plan(trainer) -> list[tuple[int, int, int, list[tuple[int, int]]]]:
     """(rows, padded length, target tokens, [(rows, length) of each call]) of every batch of one
     epoch, in order; the calls are how the trainer runs the batch (see Trainer.micro_batches)."""
+    shaped = [trainer.shapes.apply(b) for b, _ in _batches(trainer)]
     return [(b.inputs.shape[0], b.inputs.shape[1], b.ntokens, [(len(r), l) for r, l in trainer.micro_batches(b)])
-            for b, _ in _batches(trainer)]
+            for b in shaped]
 
 
 def _batches(trainer):
@@ -210,6 +215,10 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
             break
     if available is None:
         available = backend.total_memory_bytes()
+    from .shapes import epoch_stats
+
+    shape_line = f"{trainer.shapes.chosen}; first epoch: {epoch_stats(trainer).line()}"
+    notes += trainer.memory_notes
     loss = (f"chunked loss ({trainer.loss.chunk_tokens} tokens)" if trainer.loss.chunk_tokens else "plain loss")
     if trainer.loss.note:
         notes.append(trainer.loss.note)
@@ -218,4 +227,5 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
     return Estimate(peak_memory_bytes=peak, available_bytes=available, total_steps=steps, target_tokens=tokens,
                     train_seconds=per_step * steps + compile_s, compile_seconds=compile_s, shapes=shapes,
                     typical=typ, longest=lng, backend=backend.backend_name(),
-                    dtype=str(info.dtype).replace("mlx.core.", ""), loss=loss, notes=notes)
+                    dtype=str(info.dtype).replace("mlx.core.", ""), loss=loss, notes=notes,
+                    shape_line=shape_line)

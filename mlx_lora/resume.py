@@ -45,6 +45,8 @@ ALLOWED: dict[str, str] = {
     "train.loss_chunk_tokens": "memory", "train.length_groups": "memory", "train.compile": "memory",
     "data.cache": "memory", "model.trust_remote_code": "memory",
     "model.dequantize_on_cpu": "memory",  # the dequantized weights are the quantized ones' values
+    "train.shapes": "memory", "train.wired_limit_gb": "memory", "train.cache_limit_gb": "memory",
+    "train.clear_cache_after_eval": "memory",  # how batches are laid out and memory held, not the step
     # where the run folder is (it may have been moved or be reached through another path)
     "out": "location",
 }

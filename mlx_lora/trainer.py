@@ -29,6 +29,7 @@ from .errors import CheckpointError, MlxLoraError
 from .interrupts import interrupts_deferred
 from .losses import Loss, make_loss
 from .preference import Objective, check_data, metrics as preference_metrics, preference_loss
+from . import memory, shapes
 
 
 GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
@@ -359,6 +360,13 @@ class Trainer:
         self._stats: list = []
         self._ref: Optional[np.ndarray] = None  # precomputed reference log-probs (train.dpo_precompute_ref)
         self._build_steps()
+        # How batches are laid out (train.shapes), the call shapes met, and the memory limits.
+        self.shapes = shapes.resolve(t.shapes, gpu=self.on_gpu, sizes=train_set.lengths - 1,
+                                     batch_rows=t.batch_size * t.grad_accum, max_seq_length=cfg.data.max_seq_length,
+                                     seed=t.seed, bucketing=cfg.data.length_bucketing, steps=self.total_steps,
+                                     dims=shapes.model_dims(model), allow_packed=train_set.per_item == 1)
+        self.shape_stats = shapes.ShapeStats()
+        self.memory_notes = memory.apply_limits(t)
 
     # -- compiled pieces -------------------------------------------------------------------------
 
@@ -412,14 +420,20 @@ class Trainer:
                 fn(self, *args)
 
     def micro_batches(self, batch) -> list[tuple[np.ndarray, int]]:
-        """How :meth:`_accumulate` runs ``batch``: see :func:`micro_batches`."""
-        return micro_batches(batch, self.cfg.train, self.on_gpu, self.call_overhead)
+        """How :meth:`_accumulate` runs ``batch`` (laid out by :attr:`shapes`): see :func:`micro_batches`;
+        with the ladder, calls of rows at their own length are padded up to a rung too."""
+        calls = micro_batches(batch, self.cfg.train, self.on_gpu, self.call_overhead)
+        if self.shapes.name == "ladder":
+            calls = [(rows, self.shapes.length(length, batch.inputs.shape[1])) for rows, length in calls]
+        return calls
 
     def _accumulate(self, batch):
         """Summed loss, target tokens and summed gradients of this process's rows of ``batch``,
         run as :meth:`micro_batches`, evaluated (the update divides by the tokens)."""
         loss_sum, ntoks, grads, stats = mx.array(0.0), mx.array(0.0), None, []
+        batch = self.shapes.apply(batch)
         for rows, length in self.micro_batches(batch):
+            self.shape_stats.add(len(rows), length, shapes.call_filled(batch, rows, length))
             inputs, targets, mask, attn = batch_arrays(batch, rows, length)
             ref = () if self._ref is None else (mx.array(self._ref[batch.items[rows]]),)
             if attn is None:
@@ -638,6 +652,7 @@ class Trainer:
             "lr": float(self.optimizer.learning_rate.item()),
             "tokens": int(global_tokens), "trained_tokens": st.trained_tokens,
             "tokens_per_s": clock.tokens_per_s(), "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "shapes": len(self.shape_stats.shapes), "padding": self.shape_stats.padding,
             "elapsed_s": st.elapsed_s, "eta_s": (self.total_steps - st.step) * clock.s_per_step(),
             **self.step_metrics,
         })
@@ -672,6 +687,8 @@ class Trainer:
         extra: dict = {}
         val_loss, _ = self.evaluate(self.valid_set, t.eval_batches, metrics=extra)
         self.model.train()
+        if t.clear_cache_after_eval:
+            mx.clear_cache()  # evaluation's buffers (other shapes than training's) go back to the system
         st = self.state
         is_best = math.isfinite(val_loss) and (st.best_val_loss is None or val_loss < st.best_val_loss)
         if is_best:

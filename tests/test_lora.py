@@ -277,3 +277,27 @@ def test_dora_fuse_keeps_half_precision_and_original(x):
     assert fused.weight.dtype == mx.float16
     assert np.array_equal(np.array(layer.base.weight), w_before)
     assert np.array_equal(np.array(layer.fuse().weight), np.array(fused.weight))
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+def test_low_rank_path_computes_in_the_activations_dtype(cls):
+    """bf16 activations (a GPU's compute dtype) give bf16 outputs through the adapter's own matmuls,
+    while its weights and their gradients (what the optimizer state is built from) stay float32."""
+    layer = cls(_linear(True, dtype=mx.bfloat16), r=R, alpha=8.0)
+    layer.lora_b = mx.array(np.random.default_rng(1).standard_normal((OUT, R)).astype(np.float32) * 0.1)
+    x = mx.array(np.random.default_rng(2).standard_normal((2, 3, IN)).astype(np.float32)).astype(mx.bfloat16)
+    assert layer._lora(x).dtype == mx.bfloat16
+    assert layer(x).dtype == mx.bfloat16
+
+    def loss(params):
+        layer.update(params)
+        return layer(x).astype(mx.float32).sum()
+
+    grads = mx.grad(loss)(layer.trainable_parameters())
+    assert grads["lora_a"].dtype == mx.float32 and grads["lora_b"].dtype == mx.float32
+    assert layer.lora_a.dtype == mx.float32
+    # The bf16 result is the float32 computation rounded: within bf16's precision of it.
+    ref = cls(_linear(True, dtype=mx.float32), r=R, alpha=8.0)
+    ref.update(layer.trainable_parameters())
+    want = np.array(ref(x.astype(mx.float32)))
+    np.testing.assert_allclose(np.array(layer(x).astype(mx.float32)), want, rtol=0.05, atol=0.05 * np.abs(want).max())

@@ -170,6 +170,10 @@ ALLOWED_CASES = {
     "data.cache": ["data.cache=false"],
     "model.trust_remote_code": ["model.trust_remote_code=true"],
     "model.dequantize_on_cpu": ["model.dequantize_on_cpu=false"],
+    "train.shapes": ["train.shapes=packed"],
+    "train.wired_limit_gb": ["train.wired_limit_gb=1"],
+    "train.cache_limit_gb": ["train.cache_limit_gb=0.5"],
+    "train.clear_cache_after_eval": ["train.clear_cache_after_eval=false"],
     # the same examples per step, in another shape: what the out-of-memory advice asks for
     "train.batch_size": ["train.batch_size=1", "train.grad_accum=2"],
     "train.grad_accum": ["train.batch_size=1", "train.grad_accum=2"],
