@@ -544,7 +544,7 @@ ARCHS: dict[str, ArchSpec] = {
          "norm_topk_prob": True},
         {"attention_bias": "model.layers.0.self_attn.q_proj.bias"},
         experts={f"mlp.switch_mlp.{p}": f"mlp.experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")},
-        check=_qwen3_moe_check, peft="dense",
+        check=_qwen3_moe_check,
     ),
     "mixtral": ArchSpec(
         "mixtral", "llama", "MixtralForCausalLM", True, 0.0, _LLAMA_METADATA + (_WINDOW,) + _experts("num_local_experts"),
@@ -552,7 +552,6 @@ ARCHS: dict[str, ArchSpec] = {
         experts={"block_sparse_moe.switch_mlp.gate_proj": "block_sparse_moe.experts.w1",
                  "block_sparse_moe.switch_mlp.up_proj": "block_sparse_moe.experts.w3",
                  "block_sparse_moe.switch_mlp.down_proj": "block_sparse_moe.experts.w2"},
-        peft="dense",
     ),
 }
 
