@@ -19,7 +19,7 @@ from test_gguf_export import GGUF_ARCH, PERMUTED, llama_cpp_rows
 
 from mlx_lora.converters.adapter_export import PEFT_CONFIG_KEYS, export_gguf_adapter, export_peft
 from mlx_lora.errors import AdapterError, ExportError
-from mlx_lora.testing import ARCHITECTURES
+from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES
 
 QUIET = {"log": lambda m: None}
 GGUF_MODULE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -105,7 +105,10 @@ def test_broken_adapter_is_refused(tmp_path, tiny_llama):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_gguf_adapter_layout(tmp_path, tiny_models, arch):
     folder = tiny_models[arch]
-    ad = make_adapter(folder, tmp_path / "ad", r=4, alpha=8.0)
+    # MoE families: attention and router (LoRA on experts is refused in a GGUF LoRA file: fuse instead)
+    moe = arch in MOE_ARCHITECTURES
+    ad = make_adapter(folder, tmp_path / "ad", r=4, alpha=8.0,
+                      targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate"] if moe else None)
     export_gguf_adapter(ad, tmp_path / "a.gguf", model=str(folder), **QUIET)
     r = gguf.GGUFReader(tmp_path / "a.gguf")
     meta = {k: f.contents() for k, f in r.fields.items()}
