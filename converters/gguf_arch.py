@@ -44,6 +44,8 @@ import numpy as np
 
 from mlx_lora.errors import ExportError, ModelError
 
+from .moe_layout import LAYOUTS as EXPERT_LAYOUTS
+
 U32, F32, STR, BOOLS = "u32", "f32", "str", "bools"
 REQUIRED = object()
 """Import default of a metadata key llama.cpp cannot load a file without."""
@@ -389,6 +391,15 @@ def _olmo2_check(config: dict) -> str | None:
     return None
 
 
+def _expert_names(model_type: str) -> dict:
+    """mlx-lm's stacked expert projections -> the merged per-expert name gguf's tensor map knows
+    (``mlp.switch_mlp.gate_proj`` -> ``mlp.experts.gate_proj``), from the one expert layout table
+    (:data:`moe_layout.LAYOUTS`)."""
+    lay = EXPERT_LAYOUTS[model_type]
+    merged = lay.per_expert.replace(".{e}", "")
+    return {f"{lay.stacked}.{ours}": f"{merged}.{hub}" for ours, hub in lay.names.items()}
+
+
 def _experts(count_key: str) -> tuple:
     return (Key("expert_count", count_key, U32, REQUIRED), Key("expert_used_count", "num_experts_per_tok", U32, REQUIRED))
 
@@ -543,15 +554,13 @@ ARCHS: dict[str, ArchSpec] = {
         {"hidden_act": "silu", "use_sliding_window": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
          "norm_topk_prob": True},
         {"attention_bias": "model.layers.0.self_attn.q_proj.bias"},
-        experts={f"mlp.switch_mlp.{p}": f"mlp.experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")},
+        experts=_expert_names("qwen3_moe"),
         check=_qwen3_moe_check,
     ),
     "mixtral": ArchSpec(
         "mixtral", "llama", "MixtralForCausalLM", True, 0.0, _LLAMA_METADATA + (_WINDOW,) + _experts("num_local_experts"),
         {"hidden_act": "silu"},
-        experts={"block_sparse_moe.switch_mlp.gate_proj": "block_sparse_moe.experts.w1",
-                 "block_sparse_moe.switch_mlp.up_proj": "block_sparse_moe.experts.w3",
-                 "block_sparse_moe.switch_mlp.down_proj": "block_sparse_moe.experts.w2"},
+        experts=_expert_names("mixtral"),
     ),
 }
 

@@ -202,8 +202,8 @@ class _ArchSpec:
     extra: dict = field(default_factory=dict)
     untied_supported: bool = True
     num_layers: int = 2  # default depth (enough to hold every layer kind the family has)
-    experts: Optional[tuple[str, str, dict]] = None
-    """MoE layout: (mlx-lm's stacked module, the per-expert HF module, mlx-lm name -> HF name)."""
+    experts: bool = False
+    """MoE: written in the hub's per-expert layout, from ``converters.moe_layout.LAYOUTS``."""
 
 
 _SPECS = {
@@ -294,8 +294,7 @@ _SPECS = {
             "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
             "norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False,
         },
-        experts=("mlp.switch_mlp", "mlp.experts", {"gate_proj": "gate_proj", "up_proj": "up_proj",
-                                                   "down_proj": "down_proj"}),
+        experts=True,
     ),
     "mixtral": _ArchSpec(
         # Mixtral 8x7B, scaled down: 4 experts, top-2.
@@ -305,8 +304,7 @@ _SPECS = {
             "sliding_window": None, "hidden_act": "silu", "num_local_experts": 4, "num_experts_per_tok": 2,
             "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0, "output_router_logits": False,
         },
-        experts=("block_sparse_moe.switch_mlp", "block_sparse_moe.experts",
-                 {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}),
+        experts=True,
     ),
 }
 
@@ -412,10 +410,13 @@ def hf_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     shapes = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
     if config.get("tie_word_embeddings"):
         shapes.pop("lm_head.weight", None)  # gemma3_text builds its head before loading drops it
-    experts = _SPECS[config["model_type"]].experts if config["model_type"] in _SPECS else None
-    if experts is None:
+    spec = _SPECS.get(config["model_type"])
+    if spec is None or not spec.experts:
         return shapes
-    stacked, per_expert, names = experts
+    from .converters.moe_layout import LAYOUTS
+
+    lay = LAYOUTS[config["model_type"]]
+    stacked, names = lay.stacked, lay.names
     out = {}
     for name, shape in shapes.items():
         # model.layers.{i}.<stacked>.<proj>.weight (E, out, in) -> E tensors (out, in)
@@ -425,7 +426,7 @@ def hf_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             continue
         proj, _, kind = tail.partition(".")
         for e in range(shape[0]):
-            out[f"{head}.{per_expert}.{e}.{names[proj]}.{kind}"] = shape[1:]
+            out[f"{head}.{lay.per_expert.format(e=e)}.{names[proj]}.{kind}"] = shape[1:]
     return out
 
 
