@@ -119,6 +119,16 @@ FORBIDDEN = {
     "train.seed": (["--seed", "1"], "0 -> 1"),
     "train.batch_size": (["--batch-size", "4"], f"{PER_STEP} (2 -> 4)"),
     "train.grad_accum": (["--set", "train.grad_accum=2"], f"{PER_STEP} (2 -> 4)"),
+    "train.method": (["--set", "train.method=orpo"], "sft -> orpo"),
+    "train.dpo_loss": (["--set", "train.dpo_loss=ipo"], "sigmoid -> ipo"),
+    "train.dpo_beta": (["--set", "train.dpo_beta=0.2"], "0.1 -> 0.2"),
+    "train.dpo_label_smoothing": (["--set", "train.method=dpo", "--set", "train.dpo_label_smoothing=0.1"], "0.0 -> 0.1"),
+    "train.orpo_lambda": (["--set", "train.orpo_lambda=0.2"], "0.1 -> 0.2"),
+    "train.dpo_precompute_ref": (["--set", "train.method=dpo", "--set", "train.dpo_precompute_ref=true"],
+                                 "false -> true"),
+    "data.columns": (["--set", "data.columns={completion: answer}"], 'data.columns.completion (null -> answer)'),
+    "data.sources": (lambda w, ws: ["--set", f"data.sources=[{{path: {_other_data(w, ws)}}}]", "--set", "data.path=null"],
+                     "null -> "),
 }
 
 
@@ -168,6 +178,7 @@ ALLOWED_CASES = {
     "train.length_groups": ["train.length_groups=false"],
     "train.compile": ["train.compile=false"],
     "data.cache": ["data.cache=false"],
+    "train.report_to": ["train.report_to=[tensorboard]"],
     "model.trust_remote_code": ["model.trust_remote_code=true"],
     "model.dequantize_on_cpu": ["model.dequantize_on_cpu=false"],
     "train.shapes": ["train.shapes=packed"],
