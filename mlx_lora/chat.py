@@ -20,6 +20,7 @@ from typing import Callable, Optional, TextIO
 
 import click
 
+from .cli import sampling_options
 from .errors import MlxLoraError
 
 HELP = """commands:
@@ -178,11 +179,7 @@ def _readline_wanted(read) -> bool:
 @click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template.")
 @click.option("--system", help="System message for the conversation.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="At most this many new tokens a reply.")
-@click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 = greedy; up to 100.")
-@click.option("--top-p", type=float, default=1.0, show_default=True,
-              help="Sample from the most likely tokens holding this much probability, in (0, 1].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, 0 to 2**32-1.")
-@click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
+@sampling_options
 def chat_command(model, adapter, chat_template, system, max_tokens, temperature, top_p, seed, strict):
     """Chat with a model (and adapter) in the terminal; replies stream as they are made."""
     chat(model, adapter, chat_template=chat_template, system=system, max_tokens=max_tokens,

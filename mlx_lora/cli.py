@@ -125,6 +125,20 @@ def train(config_file, sets, resume_dir, overwrite, quiet, dry_run, distributed,
         sys.exit(130)
 
 
+def sampling_options(f):
+    """--temperature, --top-p, --seed and --strict, as generate and chat take them."""
+    for option in reversed((
+        click.option("--temperature", "--temp", type=float, default=0.0, show_default=True,
+                     help="0 = greedy; up to 100."),
+        click.option("--top-p", type=float, default=1.0, show_default=True,
+                     help="Sample from the most likely tokens holding this much probability, in (0, 1]."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, 0 to 2**32-1."),
+        click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn)."),
+    )):
+        f = option(f)
+    return f
+
+
 @cli.command()
 @click.option("--model", required=True, help="Base model (folder, repo id or .gguf).")
 @click.option("--adapter", help="Adapter or run folder.")
@@ -132,11 +146,7 @@ def train(config_file, sets, resume_dir, overwrite, quiet, dry_run, distributed,
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template as a user turn.")
 @click.option("--system", help="System message (with --chat).")
 @click.option("--max-tokens", type=int, default=256, show_default=True, help="At most this many new tokens (>= 1).")
-@click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 = greedy; up to 100.")
-@click.option("--top-p", type=float, default=1.0, show_default=True,
-              help="Sample from the most likely tokens holding this much probability, in (0, 1].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, 0 to 2**32-1.")
-@click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
+@sampling_options
 def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_p, seed, strict):
     """Generate text with a model and optional adapter (streams to standard output)."""
     from . import api

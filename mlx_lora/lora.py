@@ -73,6 +73,21 @@ def check_lora_args(r, alpha, dropout, out_dims: int, in_dims: int) -> None:
         raise ValueError(f"LoRA alpha must be a finite number, got {alpha!r}")
 
 
+def _init_low_rank(layer, base, r, alpha, dropout, use_rslora, experts: tuple = ()) -> None:
+    """The frozen base, scale, dropout and the A (PEFT's uniform init) / B (zeros) factors of a
+    LoRA layer; ``experts`` = ``(E,)`` gives every expert its own pair."""
+    out_dims, in_dims = base_dims(base)
+    check_lora_args(r, alpha, dropout, out_dims, in_dims)
+    layer.base = base
+    layer.base.freeze()
+    layer.r, layer.alpha, layer.use_rslora = r, float(alpha), use_rslora
+    layer.scale = layer.alpha / (math.sqrt(r) if use_rslora else r)
+    layer.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+    bound = 1.0 / math.sqrt(in_dims)
+    layer.lora_a = mx.random.uniform(-bound, bound, (*experts, r, in_dims), dtype=mx.float32)
+    layer.lora_b = mx.zeros((*experts, out_dims, r), dtype=mx.float32)
+
+
 class LoRALinear(nn.Module):
     """A LoRA adapter around a frozen base layer (QLoRA when the base is quantized)."""
 
@@ -82,16 +97,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: Base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  use_rslora: bool = False):
         super().__init__()
-        out_dims, in_dims = base_dims(base)
-        check_lora_args(r, alpha, dropout, out_dims, in_dims)
-        self.base = base
-        self.base.freeze()
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
-        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
-        bound = 1.0 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(-bound, bound, (r, in_dims), dtype=mx.float32)
-        self.lora_b = mx.zeros((out_dims, r), dtype=mx.float32)
+        _init_low_rank(self, base, r, alpha, dropout, use_rslora)
 
     @property
     def in_features(self) -> int:
@@ -203,17 +209,7 @@ class LoRASwitchLinear(nn.Module):
     def __init__(self, base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  use_rslora: bool = False):
         super().__init__()
-        out_dims, in_dims = base_dims(base)
-        experts = base.weight.shape[0]
-        check_lora_args(r, alpha, dropout, out_dims, in_dims)
-        self.base = base
-        self.base.freeze()
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
-        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
-        bound = 1.0 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(-bound, bound, (experts, r, in_dims), dtype=mx.float32)
-        self.lora_b = mx.zeros((experts, out_dims, r), dtype=mx.float32)
+        _init_low_rank(self, base, r, alpha, dropout, use_rslora, experts=(base.weight.shape[0],))
 
     adapter_off = False  # see adapters_off(): the base layer alone
 
