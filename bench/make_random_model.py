@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_lora.io import atomic_dir
+from mlx_lora.plumbing.io import atomic_dir
 
 # name: (hidden, intermediate, layers, attention heads, key/value heads)
 SHAPES = {

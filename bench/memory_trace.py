@@ -1,4 +1,4 @@
-"""Where a training job's memory goes, phase by phase (see ``mlx_lora/memory.py``).
+"""Where a training job's memory goes, phase by phase (see ``mlx_lora/training/memory.py``).
 
     python bench/memory_trace.py                                  # SmolLM2-135M, the benchmark's data
     python bench/memory_trace.py --model /tmp/llama1b-rand --set train.shapes=packed --json trace.json
@@ -35,9 +35,9 @@ def main(argv=None) -> dict:
 
     import mlx.core as mx
 
-    from mlx_lora import backend
+    from mlx_lora.plumbing import backend
     from mlx_lora.config import build
-    from mlx_lora.memory import trace
+    from mlx_lora.training.estimate import trace
 
     dtype = "bfloat16" if backend.backend_name() != "cpu" else "float32"
     model = args.model or str(common.imported_model(dtype, print))

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from mlx_lora.adapters import apply_lora, count_parameters
+from mlx_lora.model.adapters import apply_lora, count_parameters
 from mlx_lora.config import LoraConfig
-from mlx_lora.mlx_lm_compat import model_classes
+from mlx_lora.plumbing.mlx_lm_compat import model_classes
 
 QWEN3_30B_A3B = {
     "model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48, "intermediate_size": 6144,

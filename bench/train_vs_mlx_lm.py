@@ -368,7 +368,7 @@ def main(argv=None) -> int:
     if load_before[0] > 1.5:
         log(f"warning: load average {load_before[0]:.2f}: other work competes for the cores; timings will be low")
 
-    from mlx_lora import backend
+    from mlx_lora.plumbing import backend
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlx-lora-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def _blas() -> str:
     """Which BLAS MLX's CPU matmuls use in this process. A preloaded library wins symbol lookup;
     otherwise the mlx-cpu wheel's bundled reference BLAS. (numpy maps its own OpenBLAS too, under
     prefixed symbol names MLX never calls, so a library merely being mapped proves nothing.)"""
-    from mlx_lora import backend
+    from mlx_lora.plumbing import backend
 
     if sys.platform == "darwin":
         return "Accelerate"
@@ -50,7 +50,7 @@ def _blas() -> str:
 
 
 def _facts() -> dict:
-    from mlx_lora import backend
+    from mlx_lora.plumbing import backend
 
     facts = backend.summary()
     facts["blas"] = _blas()
@@ -65,12 +65,13 @@ def _facts() -> dict:
 def probe(spec: dict) -> dict:
     from mlx import nn
 
-    from mlx_lora import backend
-    from mlx_lora.adapters import adapter_layers, apply_lora
+    from mlx_lora.plumbing import backend
+    from mlx_lora.model.adapters import adapter_layers, apply_lora
     from mlx_lora.config import DataConfig, LoraConfig, TrainConfig
-    from mlx_lora.data import iterate_batches, load_datasets
-    from mlx_lora.models import load_model
-    from mlx_lora.trainer import call_overhead, micro_batches
+    from mlx_lora.data.batching import iterate_batches
+    from mlx_lora.data.mixture import load_datasets
+    from mlx_lora.model.loading import load_model
+    from mlx_lora.training.trainer import call_overhead, micro_batches
 
     dtype = backend.compute_dtype(spec.get("dtype", "auto"))
     # Matmul peak of this backend in the compute dtype: the best of a few square sizes.
@@ -152,7 +153,7 @@ def ours(spec: dict) -> dict:
     if spec.get("valid_data"):
         from mlx_lm.utils import load_tokenizer
 
-        from mlx_lora.models import resolve
+        from mlx_lora.model.loading import resolve
 
         out["val"] = validation(rec.trainer.model, load_tokenizer(resolve(cfg.model.path)[0]), spec)
     return out
@@ -161,7 +162,7 @@ def ours(spec: dict) -> dict:
 def _shape_facts(trainer) -> dict:
     """The shape policy the trainer used, the calls ([rows, positions]) of each batch of its first
     epoch as it laid them out, and the distinct call shapes it met."""
-    from mlx_lora.estimate import _plan
+    from mlx_lora.training.estimate import _plan
 
     return {"shape_policy": trainer.shapes.name, "shape_choice": trainer.shapes.chosen,
             "batch_calls": [[list(c) for c in calls] for *_, calls in _plan(trainer)],
@@ -174,11 +175,11 @@ def _our_trainer(spec: dict, before_trainer=None):
     weights before the trainer takes the model."""
     import mlx.core as mx
 
-    from mlx_lora.adapters import apply_lora
+    from mlx_lora.model.adapters import apply_lora
     from mlx_lora.config import build
-    from mlx_lora.data import load_datasets
-    from mlx_lora.models import load_model
-    from mlx_lora.trainer import Trainer
+    from mlx_lora.data.mixture import load_datasets
+    from mlx_lora.model.loading import load_model
+    from mlx_lora.training.trainer import Trainer
 
     cfg = build(extra=spec["config"], overrides=spec.get("overrides", []))
     mx.random.seed(cfg.train.seed)
@@ -209,7 +210,7 @@ def batches(spec: dict) -> dict:
     speed on them."""
     import mlx.core as mx
 
-    from mlx_lora.data import iterate_batches
+    from mlx_lora.data.examples import iterate_batches
 
     cfg, train_set, trainer = _our_trainer(spec)
     plan = [b for b, _ in iterate_batches(train_set, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length,
@@ -232,8 +233,8 @@ def lockstep(spec: dict) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_lora.adapters import adapter_layers
-    from mlx_lora.data import Batch
+    from mlx_lora.model.adapters import adapter_layers
+    from mlx_lora.data.examples import Batch
 
     rec = np.load(spec["recorded"])
 
@@ -340,8 +341,8 @@ def validation(model, tokenizer, spec: dict):
     import mlx.core as mx
 
     from mlx_lora.config import DataConfig
-    from mlx_lora.data import load_datasets
-    from mlx_lora.losses import masked_cross_entropy
+    from mlx_lora.data.mixture import load_datasets
+    from mlx_lora.training.losses import masked_cross_entropy
 
     if not spec.get("valid_data"):
         return None

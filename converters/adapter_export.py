@@ -28,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_lora.errors import AdapterError, ExportError
-from mlx_lora.io import atomic_path
+from mlx_lora.plumbing.errors import AdapterError, ExportError
+from mlx_lora.plumbing.io import atomic_path
 
-from . import gguf_arch, moe_layout
-from .io import disk_error
+from mlx_lora.converters import gguf_arch
+from mlx_lora.converters import moe_layout
+from mlx_lora.converters.io import disk_error
 
 PEFT_CONFIG_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout",
                     "target_modules", "layers_to_transform", "use_dora", "use_rslora", "bias", "fan_in_fan_out",
@@ -95,13 +96,13 @@ def check_adapter_state(state: dict, r: int, source: str) -> dict[str, dict]:
 
 def _read(adapter, model: str | None):
     """(AdapterInfo, PEFT state) of ``adapter``; an mlx-lm adapter needs the model to be read."""
-    from mlx_lora.adapters import MLX_LM_WEIGHTS, read_adapter
+    from mlx_lora.model.adapters import MLX_LM_WEIGHTS, read_adapter
 
     folder = Path(adapter).expanduser()
     if (folder / MLX_LM_WEIGHTS).is_file() and not (folder / "adapter_model.safetensors").is_file():
         if not model:
             raise AdapterError(f"{folder}: an mlx-lm adapter can only be converted with its base model: pass --model")
-        from mlx_lora.models import load_model
+        from mlx_lora.model.loading import load_model
 
         m, _, _ = load_model(model, with_tokenizer=False)
         return read_adapter(folder, m)
@@ -110,9 +111,9 @@ def _read(adapter, model: str | None):
 
 def _verify_peft(model: str, original, exported: Path):
     """Logits of base + original adapter vs base + exported adapter (through our loader)."""
-    from mlx_lora.api import load_for_inference
+    from mlx_lora.commands.api import load_for_inference
 
-    from . import verify as V
+    from mlx_lora.converters import verify as V
 
     ref_model, tok, _ = load_for_inference(model, str(original), dtype="float32")
     tokens = V.prompts(tok)
@@ -129,11 +130,11 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
     model with the original and with the exported adapter (needs ``model``)."""
     import mlx.core as mx
 
-    from mlx_lora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config
-    from mlx_lora.io import atomic_dir, atomic_save_safetensors, atomic_write_json
-    from mlx_lora.ownership import write_marker
+    from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config
+    from mlx_lora.plumbing.io import atomic_dir, atomic_save_safetensors, atomic_write_json
+    from mlx_lora.plumbing.ownership import write_marker
 
-    from .fuse import ensure_output_path
+    from mlx_lora.converters.fuse import ensure_output_path
 
     t0 = time.perf_counter()
     out = ensure_output_path(Path(out_dir), overwrite, is_dir=True, kind="peft")
@@ -182,7 +183,7 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
 
 
 def _model_type(info, model: str | None) -> str | None:
-    from mlx_lora.models import read_config, resolve
+    from mlx_lora.model.loading import read_config, resolve
 
     model_type = (info.extra or {}).get("model_type")
     source = model or info.base_model_name_or_path
@@ -219,7 +220,7 @@ def peft_expert_state(state: dict, groups: dict, info, model: str | None, source
     :data:`moe_layout.PEFT_FAMILIES`, DoRA, rsLoRA (peft's doubled rank and alpha change ``alpha / sqrt(r)``)."""
     import mlx.core as mx
 
-    from mlx_lora.adapters import PEFT_PREFIX
+    from mlx_lora.model.adapters import PEFT_PREFIX
 
     model_type = _model_type(info, model)
     fuse_hint = (f"fuse instead: mlx-lora fuse --model {model or 'MODEL'} --adapter {source} --out FOLDER "
@@ -274,8 +275,8 @@ def peft_expert_state(state: dict, groups: dict, info, model: str | None, source
 
 
 def _base_config(model: str | None, info) -> tuple[str, dict]:
-    from mlx_lora.errors import ModelError
-    from mlx_lora.models import read_config, resolve
+    from mlx_lora.plumbing.errors import ModelError
+    from mlx_lora.model.loading import read_config, resolve
 
     source = model or info.base_model_name_or_path
     if not source:
@@ -322,8 +323,8 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
     """Write ``adapter`` as a llama.cpp GGUF LoRA adapter at ``out`` (for ``--lora``)."""
     import gguf
 
-    from .fuse import ensure_output_path, made_dirs
-    from .gguf_export import _encode, _nbytes, _qtype
+    from mlx_lora.converters.fuse import ensure_output_path, made_dirs
+    from mlx_lora.converters.gguf_export import _encode, _nbytes, _qtype
 
     t0 = time.perf_counter()
     if type_name not in ADAPTER_TYPES:
@@ -390,9 +391,9 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
 def read_gguf_adapter(path, config: dict) -> tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """(alpha, {HF module path: (A [r, in], B [out, r])}) of a GGUF LoRA file, B un-permuted."""
     from mlx.utils import tree_flatten
-    from mlx_lora.mlx_lm_compat import model_classes as _get_classes
+    from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
 
-    from . import verify as V
+    from mlx_lora.converters import verify as V
 
     meta, tensors = V.read_gguf(path)
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
@@ -427,12 +428,12 @@ def verify_gguf_adapter(path: Path, model: str, adapter, config: dict):
     base model and compare logits with the base model plus the original adapter."""
     import mlx.core as mx
 
-    from mlx_lora.adapters import PEFT_PREFIX, apply_lora, set_adapter_state
-    from mlx_lora.api import load_for_inference
+    from mlx_lora.model.adapters import PEFT_PREFIX, apply_lora, set_adapter_state
+    from mlx_lora.commands.api import load_for_inference
     from mlx_lora.config import LoraConfig
-    from mlx_lora.models import load_model
+    from mlx_lora.model.loading import load_model
 
-    from . import verify as V
+    from mlx_lora.converters import verify as V
 
     ref_model, tok, _ = load_for_inference(model, str(adapter), dtype="float32")
     tokens = V.prompts(tok)

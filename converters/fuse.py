@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_lora.errors import AdapterError, ExportError, ModelError
+from mlx_lora.plumbing.errors import AdapterError, ExportError, ModelError
 
-from .io import disk_error, read_safetensors_header
-from .moe_layout import unstack_experts
+from mlx_lora.converters.io import disk_error, read_safetensors_header
+from mlx_lora.converters.moe_layout import unstack_experts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
@@ -52,9 +52,9 @@ class FusedModel:
 
     model: object                         # mlx-lm nn.Module
     tokenizer: object
-    info: object                          # mlx_lora.models.ModelInfo
+    info: object                          # mlx_lora.model.loading.ModelInfo
     config: dict                          # the source config.json
-    adapter: object | None             # mlx_lora.adapters.AdapterInfo
+    adapter: object | None             # mlx_lora.model.adapters.AdapterInfo
     adapter_path: Path | None
     fused: list[str]                      # module paths that were fused
     delta_norms: dict[str, float]         # path -> ||W' - W||_F
@@ -88,7 +88,7 @@ def safetensors_dtypes(folder: Path) -> dict[str, str]:
 
 
 def _check_adapter_fits(adapter_path: Path, model_type: str) -> None:
-    from mlx_lora.adapters import read_adapter
+    from mlx_lora.model.adapters import read_adapter
 
     info, _ = read_adapter(adapter_path)
     trained_on = (info.extra or {}).get("model_type")
@@ -103,7 +103,7 @@ def resolve_model_source(model: str | None, adapter) -> str:
         return model
     if adapter is None:
         raise ModelError("no model given: pass --model")
-    from mlx_lora.adapters import read_adapter
+    from mlx_lora.model.adapters import read_adapter
 
     info, _ = read_adapter(adapter)
     if not info.base_model_name_or_path:
@@ -119,9 +119,9 @@ def load_fused(model: str | None, adapter=None, *, revision: str | None = None,
     from mlx import nn
     from mlx.utils import tree_unflatten
 
-    from mlx_lora.adapters import adapter_layers, load_adapter
-    from mlx_lora.lora import dense_weight, is_expert_layer
-    from mlx_lora.models import load_model, read_config
+    from mlx_lora.model.adapters import adapter_layers, load_adapter
+    from mlx_lora.model.lora import dense_weight, is_expert_layer
+    from mlx_lora.model.loading import load_model, read_config
 
     adapter_path = Path(adapter).expanduser() if adapter else None
     source = resolve_model_source(model, adapter_path)
@@ -171,7 +171,7 @@ def dequantized(m):
     """float32 dense weight of a quantized layer (experts: [experts, out, in])."""
     import mlx.core as mx
 
-    from mlx_lora.lora import dense_weight
+    from mlx_lora.model.lora import dense_weight
 
     return dense_weight(m).astype(mx.float32)
 
@@ -211,7 +211,7 @@ def requantize(fm: FusedModel, bits: int | None = None, group_size: int | None =
     from mlx import nn
     from mlx.utils import tree_unflatten
 
-    from mlx_lora.lora import is_expert_layer
+    from mlx_lora.model.lora import is_expert_layer
 
     base_q = fm.info.quantization or {}
     bits = int(bits or base_q.get("bits") or 4)
@@ -297,11 +297,11 @@ def ensure_output_path(out: Path, overwrite: bool, is_dir: bool, kind: str | Non
     """Fail early (before any work) when ``out`` cannot be written or may not be replaced.
 
     A folder output (``is_dir``) of ``kind`` follows the ownership rule of
-    :func:`mlx_lora.ownership.check_output_dir`; a file output may replace only a GGUF file.
+    :func:`mlx_lora.plumbing.ownership.check_output_dir`; a file output may replace only a GGUF file.
     Returns the path to write (a symbolic link followed)."""
     import os
 
-    from mlx_lora.ownership import check_output_dir, check_output_file
+    from mlx_lora.plumbing.ownership import check_output_dir, check_output_file
 
     out = check_output_dir(out, kind, overwrite=overwrite) if is_dir else check_output_file(out, overwrite=overwrite)
     probe = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
@@ -353,7 +353,7 @@ def write_hf_folder(fm: FusedModel, tmp: Path, dtype: str | None, quantized: boo
     import mlx.core as mx
     from mlx_lm.utils import make_shards
 
-    from mlx_lora.io import atomic_write_json
+    from mlx_lora.plumbing.io import atomic_write_json
 
     tensors = output_tensors(fm, dtype, keep_quantized=quantized)
     if not quantized:  # MLX-quantized folders keep mlx-lm's stacked experts, as mlx-community's do
@@ -396,10 +396,10 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
     re-quantizes the fused layers (see :func:`requantize`). With ``verify`` the written folder is
     reloaded and its logits compared with the in-memory fused model before it is moved into place.
     """
-    from mlx_lora.io import atomic_dir
-    from mlx_lora.ownership import write_marker
+    from mlx_lora.plumbing.io import atomic_dir
+    from mlx_lora.plumbing.ownership import write_marker
 
-    from . import verify as V
+    from mlx_lora.converters import verify as V
 
     t0 = time.perf_counter()
     if dtype is not None and dtype not in V.DTYPE_KIND:
@@ -417,7 +417,7 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
             main_dtype = write_hf_folder(fm, tmp, dtype, quantized=bool(fm.quantized) and quantize)
             vr = None
             if verify:
-                from mlx_lora.models import load_model
+                from mlx_lora.model.loading import load_model
 
                 reloaded, _, _ = load_model(str(tmp), dtype="float32", with_tokenizer=False)
                 reloaded.eval()

@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from mlx_lora.errors import ExportError, ModelError
+from mlx_lora.plumbing.errors import ExportError, ModelError
 
-from .moe_layout import LAYOUTS as EXPERT_LAYOUTS
+from mlx_lora.converters.moe_layout import LAYOUTS as EXPERT_LAYOUTS
 
 U32, F32, STR, BOOLS = "u32", "f32", "str", "bools"
 REQUIRED = object()

@@ -34,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_lora.errors import ExportError
-from mlx_lora.io import atomic_path, temp_file
+from mlx_lora.plumbing.errors import ExportError
+from mlx_lora.plumbing.io import atomic_path, temp_file
 
-from . import gguf_arch, gguf_vocab
-from .io import disk_error
+from mlx_lora.converters import gguf_arch
+from mlx_lora.converters import gguf_vocab
+from mlx_lora.converters.io import disk_error
 
 NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 KQUANT_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
@@ -225,7 +226,7 @@ def plan_tensors(fm, type_name: str, stats: GGUFStats) -> list[TensorPlan]:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from .fuse import dequantized
+    from mlx_lora.converters.fuse import dequantized
 
     spec = gguf_arch.arch_spec(fm.model_type)
     config = fm.config
@@ -426,8 +427,8 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
     """
     import gguf
 
-    from . import verify as V
-    from .fuse import ensure_output_path, load_fused, made_dirs
+    from mlx_lora.converters import verify as V
+    from mlx_lora.converters.fuse import ensure_output_path, load_fused, made_dirs
 
     t0 = time.perf_counter()
     type_name = check_type(type_name)
@@ -482,7 +483,7 @@ def _failure_hint(stats: GGUFStats, type_name: str) -> str:
 def verify_gguf(fm, path: Path, type_name: str):
     """Reload ``path`` into an MLX model, compare its logits with ``fm`` on the verification
     prompts, and check that its tokenizer metadata encodes like the source tokenizer."""
-    from . import verify as V
+    from mlx_lora.converters import verify as V
 
     tokens = V.prompts(fm.tokenizer)
     ref = V.logits(fm.model, tokens)

@@ -43,10 +43,11 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from mlx_lora.errors import ExportError, ModelError
-from mlx_lora.io import OutputAppeared
+from mlx_lora.plumbing.errors import ExportError, ModelError
+from mlx_lora.plumbing.io import OutputAppeared
 
-from . import gguf_arch, io
+from mlx_lora.converters import gguf_arch
+from mlx_lora.converters import io
 
 PathLike = Union[str, os.PathLike]
 
@@ -405,7 +406,7 @@ def gguf_cache_dir(gguf_path: PathLike, keep_quantized: bool = False) -> Path:
         st = p.stat()
     except OSError as e:
         raise ModelError(f"{p}: cannot read ({e.strerror or e})") from None
-    from mlx_lora.cache import cache_root
+    from mlx_lora.plumbing.cache import cache_root
 
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}|q={int(bool(keep_quantized))}|v={IMPORTER_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -456,7 +457,7 @@ def _expected_parameters(cfg: dict, quantization: Optional[dict], quantized_weig
     """Parameter names and shapes of mlx-lm's model for ``cfg`` (built lazily: no memory)."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
-    from mlx_lora.mlx_lm_compat import model_classes as _get_classes
+    from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
 
     model_class, args_class = _get_classes(cfg)
     model = model_class(args_class.from_dict(cfg))
@@ -499,7 +500,7 @@ def import_gguf(
     dtype = dtype or _default_dtype(gf)
     io.mx_dtype(dtype)  # validates the name
     spec, cfg = hf_config(gf, dtype)
-    from .gguf_tokenizer import tokenizer_files
+    from mlx_lora.converters.gguf_tokenizer import tokenizer_files
 
     tok_files = tokenizer_files(gf.metadata, str(src), model_max_length=cfg["max_position_embeddings"])
     plans = _plan(gf, spec, cfg, keep_quantized)

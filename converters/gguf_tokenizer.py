@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from mlx_lora.errors import ModelError
+from mlx_lora.plumbing.errors import ModelError
 
-from .gguf_vocab import CONTROL, NORMAL, PRE_TOKENIZER_ALIASES, UNKNOWN, USER_DEFINED
-from .gguf_vocab import PRE_TOKENIZERS as _EXPORT_PRE_TOKENIZERS
+from mlx_lora.converters.gguf_vocab import CONTROL, NORMAL, PRE_TOKENIZER_ALIASES, UNKNOWN, USER_DEFINED
+from mlx_lora.converters.gguf_vocab import PRE_TOKENIZERS as _EXPORT_PRE_TOKENIZERS
 
 PRE_TOKENIZERS: dict[str, list[str]] = {
     name: list(_EXPORT_PRE_TOKENIZERS[PRE_TOKENIZER_ALIASES.get(name, name)])

@@ -26,11 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from mlx_lora.errors import ExportError, ModelError
+from mlx_lora.plumbing.errors import ExportError, ModelError
 
-from mlx_lora.ownership import temp_prefix
+from mlx_lora.plumbing.io import temp_prefix
 
-from . import io
+from mlx_lora.converters import io
 
 PathLike = Union[str, os.PathLike]
 
@@ -69,7 +69,7 @@ def convert(
     are; ``hf`` asks for a plain Hugging Face folder (dequantized, loadable by transformers).
     The output is written atomically: it is complete or absent. Returns ``out_dir``.
     """
-    from mlx_lora.ownership import check_output_dir
+    from mlx_lora.plumbing.ownership import check_output_dir
 
     _check_options(quantize, bits, group_size, keep, dtype)
     out_dir = check_output_dir(out_dir, "model", overwrite=overwrite)  # before any download or work
@@ -82,7 +82,7 @@ def convert(
         raise ExportError("--keep-quantized applies to GGUF sources only")
     if hf:
         raise ExportError("--hf applies to GGUF sources only (a Hugging Face folder is already in HF layout)")
-    from mlx_lora.models import resolve
+    from mlx_lora.model.loading import resolve
 
     folder, _ = resolve(str(src), revision)
     return convert_folder(folder, out_dir, dtype=dtype, quantize=quantize, bits=bits, group_size=group_size,
@@ -103,7 +103,7 @@ def _check_options(quantize: bool, bits: int, group_size: int, keep: Optional[li
 
 def _convert_gguf(src: Path, out_dir, *, dtype, quantize, bits, group_size, keep, keep_quantized, hf, overwrite,
                   show_progress, max_shard_bytes) -> Path:
-    from .gguf_import import import_gguf
+    from mlx_lora.converters.gguf_import import import_gguf
 
     if hf and (quantize or keep_quantized):
         raise ExportError("--hf writes a plain (dequantized) Hugging Face folder; it cannot be combined with -q or --keep-quantized")
@@ -169,7 +169,7 @@ def _matches(pattern: str, path: str, module) -> bool:
 
 
 def _model_for(config: dict, config_path: Path):
-    from mlx_lora.mlx_lm_compat import model_classes as _get_classes
+    from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
 
     model_type = config.get("model_type")
     if not model_type:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlx_lora.errors import ExportError
+from mlx_lora.plumbing.errors import ExportError
 
 _U1, _U2, _A1, _S1 = "MLXLORAUSER1", "MLXLORAUSER2", "MLXLORAASSISTANT1", "MLXLORASYSTEM1"
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<|eom_id|>")
@@ -289,12 +289,12 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
     ``adapter`` (the base model GGUF, or the ``--model`` .gguf file itself, plus a GGUF LoRA on
     an ``ADAPTER`` line). ``create``: run ``ollama create`` (default: when ollama is on PATH).
     """
-    from mlx_lora.io import atomic_write_text
-    from mlx_lora.ownership import write_marker
+    from mlx_lora.plumbing.io import atomic_write_text
+    from mlx_lora.plumbing.ownership import write_marker
 
-    from .adapter_export import export_gguf_adapter
-    from .fuse import ensure_output_path, load_fused, made_dirs
-    from .gguf_export import check_type, export_gguf
+    from mlx_lora.converters.adapter_export import export_gguf_adapter
+    from mlx_lora.converters.fuse import ensure_output_path, load_fused, made_dirs
+    from mlx_lora.converters.gguf_export import check_type, export_gguf
 
     name = _safe_name(name)
     type_name = check_type(type_name)
@@ -388,9 +388,9 @@ def export_lmstudio(model: str | None, adapter, name: str, *, models_dir=None, p
                     type_name: str = "q8_0", verify: bool = True, overwrite: bool = False,
                     log: Callable[[str], None] = _log_default) -> PackageResult:
     """Write ``<models dir>/<publisher>/<name>/<name>-<type>.gguf`` (adapter fused)."""
-    from mlx_lora.ownership import read_marker, write_marker
+    from mlx_lora.plumbing.ownership import read_marker, write_marker
 
-    from .gguf_export import check_type, export_gguf
+    from mlx_lora.converters.gguf_export import check_type, export_gguf
 
     type_name = check_type(type_name)
     for what, v in (("--name", name), ("--publisher", publisher)):

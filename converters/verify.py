@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_lora.errors import ExportError
+from mlx_lora.plumbing.errors import ExportError
 
 VERIFY_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -176,7 +176,7 @@ def compare_models(ref_logits: Sequence[np.ndarray], model, token_lists, what: s
 
 def read_gguf(path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], np.ndarray]]]:
     """(metadata, {name: (ggml type id, numpy shape, raw bytes as uint8 rows)})."""
-    from .gguf_import import read_gguf as parse  # a parser that skips gguf-py's per-element objects
+    from mlx_lora.converters.gguf_import import read_gguf as parse  # a parser that skips gguf-py's per-element objects
 
     gf = parse(Path(path))
     return gf.metadata, {n: (t.ggml_type, t.shape, gf.raw(t)) for n, t in gf.tensors.items()}
@@ -199,9 +199,9 @@ def model_from_gguf(path, config: dict):
     (float32). Returns (model, metadata)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lora.mlx_lm_compat import model_classes as _get_classes
+    from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
 
-    from .gguf_arch import TensorNames, arch_spec, from_gguf
+    from mlx_lora.converters.gguf_arch import TensorNames, arch_spec, from_gguf
 
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     spec = arch_spec(config["model_type"])
@@ -236,7 +236,7 @@ def model_from_gguf(path, config: dict):
 def check_gguf_tokenizer(meta: dict, hf_tokenizer, texts: Sequence[str] = VERIFY_TEXTS) -> tuple[list[str], list[str]]:
     """Rebuild the tokenizer from the GGUF metadata and compare its token ids with the source
     tokenizer on ``texts``; returns (notes, problems)."""
-    from .gguf_tokenizer import build_tokenizer
+    from mlx_lora.converters.gguf_tokenizer import build_tokenizer
 
     try:
         tok = build_tokenizer(meta, "exported GGUF")

@@ -1,3 +1,3 @@
-from .cli import main
+from mlx_lora.commands.cli import main
 
 main()

@@ -2,7 +2,7 @@
 
 Defaults live here and nowhere else. A config comes from a YAML file, CLI options and
 ``--set section.key=value`` overrides, in that order of precedence (later wins). :func:`validate` collects
-every problem and raises a single :class:`~mlx_lora.errors.ConfigError` naming each key.
+every problem and raises a single :class:`~mlx_lora.plumbing.errors.ConfigError` naming each key.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import math
 import numbers
 import os
 import re
-import reprlib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .data_formats import FORMATS
-from .errors import ConfigError, MlxLoraError
-from .shapes import POLICIES as SHAPE_POLICIES
+from mlx_lora.data.formats import FORMATS
+from mlx_lora.plumbing.errors import SHOW_CHARS, ConfigError, MlxLoraError, clip, show  # noqa: F401 (re-exported)
+from mlx_lora.data.shapes import POLICIES as SHAPE_POLICIES
 
 
 @dataclass(frozen=True)
@@ -240,7 +239,7 @@ MAX_SEQ_LENGTH = 2**20
 """Longest sequence any model takes (1M-token contexts): a larger value is a typo."""
 MAX_RANK = 2**14
 """No model's layers are wider than this (16384), and a rank above a layer's width adds nothing;
-:mod:`mlx_lora.adapters` checks the rank against the actual layers once the model is loaded."""
+:mod:`mlx_lora.model.adapters` checks the rank against the actual layers once the model is loaded."""
 MAX_BATCH = 2**16
 """Rows per micro-batch, or micro-batches per step: more than any run uses; a larger value is a typo."""
 MAX_SEED = 2**32 - 1
@@ -346,34 +345,6 @@ def check_options(checks: Iterable[tuple[str, Any, Union[Bound, tuple]]]) -> Non
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-SHOW_CHARS = 80
-"""How much of a value an error message echoes: a message stays one readable line however large
-the value (a long string, a list of thousands, a structure built from YAML aliases)."""
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = _repr.maxlong = SHOW_CHARS
-_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 8
-_repr.maxlevel = 3
-
-
-def clip(text: str, limit: int = SHOW_CHARS) -> str:
-    """``text`` on one line (control characters escaped), cut to ``limit`` characters with '...'."""
-    text = str(text)[: limit * 4]
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def show(value: Any) -> str:
-    """``repr(value)`` for a message, on one line and at most SHOW_CHARS characters, without ever
-    building the whole repr of a huge value."""
-    if isinstance(value, int) and value.bit_length() > 256:  # repr of a huge int is slow, or refused
-        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
-    try:
-        text = _repr.repr(value)
-    except Exception:  # a value whose repr fails: say what it is
-        text = f"<{type(value).__name__}>"
-    return clip(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,7 +660,7 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
         p.append("data.path: required (a JSONL file or a folder with train.jsonl)")
     if d.sources and d.path:
         p.append("data.sources: set either data.path or data.sources, not both")
-    from .data_sources import config_problems
+    from mlx_lora.data.sources import config_problems
 
     p += config_problems(d.columns, d.sources, SOURCE_CHOICES["data.sources[].format"][1:],
                          SOURCE_BOUNDS["data.sources[].weight"])

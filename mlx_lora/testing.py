@@ -33,7 +33,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .io import atomic_dir, atomic_write_json, atomic_write_text
+from mlx_lora.plumbing.io import atomic_dir, atomic_write_json, atomic_write_text
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "smollm3", "gemma3_text", "olmo2",
                  "granite", "qwen3_moe", "mixtral")
@@ -403,7 +403,7 @@ def hf_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     names are the Hugging Face names, and a tied model has no ``lm_head.weight`` in either.
     """
     from mlx.utils import tree_flatten
-    from .mlx_lm_compat import model_classes
+    from mlx_lora.plumbing.mlx_lm_compat import model_classes
 
     model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
@@ -413,7 +413,7 @@ def hf_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     spec = _SPECS.get(config["model_type"])
     if spec is None or not spec.experts:
         return shapes
-    from .converters.moe_layout import LAYOUTS
+    from mlx_lora.converters.moe_layout import LAYOUTS
 
     lay = LAYOUTS[config["model_type"]]
     stacked, names = lay.stacked, lay.names

@@ -453,7 +453,7 @@ def jsonl(rows: list[dict]) -> str:
 
 
 def write(out: Path) -> list[Path]:
-    from mlx_lora.io import atomic_write_text
+    from mlx_lora.plumbing.io import atomic_write_text
 
     written = []
     for rel, rows in all_files().items():

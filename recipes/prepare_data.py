@@ -119,7 +119,7 @@ def load_rows(source: str, split: str, config: str | None):
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from mlx_lora.io import atomic_write_text
+    from mlx_lora.plumbing.io import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 

@@ -28,8 +28,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlx_lora import api, config
-from mlx_lora.errors import MlxLoraError
+from mlx_lora.commands import api
+from mlx_lora import config
+from mlx_lora.plumbing.errors import MlxLoraError
 
 from mlx_lora.converters.fuse import fuse
 from mlx_lora.converters.packaging import export_ollama

@@ -1,7 +1,7 @@
 """What every bad-input and ownership test needs: snapshots of folders by hash, the CLI run
 in-process, and the one-line error check.
 
-A case runs :func:`mlx_lora.cli.main` in the test process (a subprocess pays seconds of imports
+A case runs :func:`mlx_lora.commands.cli.main` in the test process (a subprocess pays seconds of imports
 per call), then :func:`assert_one_error_message` checks the contract every user mistake must
 keep: a non-zero exit, one ``error:`` line naming the file, line or key, no traceback; and
 :func:`snapshot` / :func:`diff` prove nothing on disk changed.
@@ -42,7 +42,7 @@ def diff(before: dict, after: dict) -> list[str]:
 
 
 def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
-    from mlx_lora.cli import main
+    from mlx_lora.commands.cli import main
 
     code = 0
     try:

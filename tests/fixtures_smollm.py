@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora import quickstart
-from mlx_lora.cache import cache_root
+from mlx_lora.commands import quickstart
+from mlx_lora.plumbing.cache import cache_root
 
 
 def models_cache_dir() -> Path:

@@ -18,7 +18,7 @@ from test_fuse import adapter_logits, make_adapter
 from test_gguf_export import GGUF_ARCH, PERMUTED, llama_cpp_rows
 
 from mlx_lora.converters.adapter_export import PEFT_CONFIG_KEYS, export_gguf_adapter, export_peft
-from mlx_lora.errors import AdapterError, ExportError
+from mlx_lora.plumbing.errors import AdapterError, ExportError
 from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES
 
 QUIET = {"log": lambda m: None}
@@ -173,7 +173,7 @@ def test_gguf_adapter_needs_a_known_base(tmp_path, tiny_llama):
 
 
 def test_cli_export_adapter(tmp_path, tiny_llama):
-    from mlx_lora.cli import cli
+    from mlx_lora.commands.cli import cli
 
     ad = make_adapter(tiny_llama, tmp_path / "ad")
     r = CliRunner().invoke(cli, ["export", "adapter", "--adapter", str(ad), "--format", "gguf", "--out",

@@ -16,15 +16,15 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
 
-from mlx_lora import adapters
-from mlx_lora.adapters import (
+from mlx_lora.model import adapters
+from mlx_lora.model.adapters import (
     PEFT_PREFIX, adapter_layers, apply_lora, count_parameters, fuse_model, load_adapter, read_adapter,
     save_adapter,
 )
 from mlx_lora.config import LoraConfig
-from mlx_lora.errors import AdapterError
-from mlx_lora.lora import DoRALinear, LoRALinear
-from mlx_lora.models import load_model
+from mlx_lora.plumbing.errors import AdapterError
+from mlx_lora.model.lora import DoRALinear, LoRALinear
+from mlx_lora.model.loading import load_model
 from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES
 
 DENSE = [a for a in ARCHITECTURES if a not in MOE_ARCHITECTURES]  # expert targets: tested with LoRA on experts

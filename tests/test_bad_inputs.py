@@ -7,7 +7,7 @@ fault, no traceback (unless ``--debug``), and nothing created or changed on disk
 folder, the inputs and the model are snapshotted (paths, modes, sizes, mtimes and SHA-256)
 before and after.
 
-The cases run in-process through :func:`mlx_lora.cli.main` (a subprocess pays seconds of imports
+The cases run in-process through :func:`mlx_lora.commands.cli.main` (a subprocess pays seconds of imports
 per call); :func:`test_real_command_line` runs a few of them as ``python -m mlx_lora`` to prove the
 same end to end, including ``--debug``.
 """
@@ -55,10 +55,10 @@ _env = pytest.fixture(scope="module", autouse=True)(cli_env)
 
 def _adapter_for(model_dir: Path, out: Path) -> Path:
     """An untrained adapter saved for ``model_dir`` with the fingerprint training records."""
-    from mlx_lora import adapters
+    from mlx_lora.model import adapters
     from mlx_lora.config import LoraConfig
-    from mlx_lora.integrity import FINGERPRINT_KEY, base_model_fingerprint
-    from mlx_lora.models import load_model
+    from mlx_lora.model.integrity import FINGERPRINT_KEY, base_model_fingerprint
+    from mlx_lora.model.loading import load_model
 
     model, _, info = load_model(str(model_dir), with_tokenizer=False)
     adapters.apply_lora(model, LoraConfig(r=4))
@@ -68,7 +68,7 @@ def _adapter_for(model_dir: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir, _env) -> World:
-    from mlx_lora.cli import main
+    from mlx_lora.commands.cli import main
 
     root = tmp_path_factory.mktemp("bad_inputs")
     model = tiny_model_dir("llama")

@@ -22,7 +22,7 @@ import pytest
 
 from cli_harness import assert_refused, cli_env, run_main, write
 from mlx_lora.config import BOUNDS, SECTIONS, SHOW_CHARS, Bound, build, show
-from mlx_lora.errors import ConfigError, MlxLoraError
+from mlx_lora.plumbing.errors import ConfigError, MlxLoraError
 from mlx_lora.testing import make_tiny_dataset
 
 
@@ -352,9 +352,9 @@ def test_prompt_from_empty_standard_input(world, tmp_path, capsys, monkeypatch):
 
 def test_model_too_large_for_memory(world, tmp_path, capsys, monkeypatch):
     """Sizes that match the files but not the machine: refused before mlx-lm builds anything."""
-    import mlx_lora.backend
+    import mlx_lora.plumbing.backend
 
-    monkeypatch.setattr(mlx_lora.backend, "total_memory_bytes", lambda: 100_000)
+    monkeypatch.setattr(mlx_lora.plumbing.backend, "total_memory_bytes", lambda: 100_000)
     _run_case(generate(world), [str(world.model / "config.json"), "num_hidden_layers=2", "memory"],
               (tmp_path, world.model), capsys)
 
@@ -375,7 +375,7 @@ def test_every_numeric_key_has_bounds():
 
 def test_the_library_refuses_bad_options_before_loading(world):
     """The Python API is protected too, and names the option as the command line spells it."""
-    from mlx_lora import api
+    from mlx_lora.commands import api
 
     missing = "no/such/model"  # the checks come first: the model is never looked for
     for kwargs, fragment in (({"top_p": 5}, "--top-p must be in (0, 1], got 5"), ({"max_tokens": -1}, "--max-tokens"),

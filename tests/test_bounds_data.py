@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from cli_harness import assert_refused, cli_env, rows as _rows, run_main, write as _write
-from mlx_lora import data as D
+from mlx_lora.data import examples as D
 from mlx_lora.testing import make_tiny_dataset
 
 USER = {"role": "user", "content": "What is the code word?"}
@@ -51,7 +51,7 @@ _env = pytest.fixture(scope="module")(cli_env)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir, _env) -> World:
-    from mlx_lora.cli import main
+    from mlx_lora.commands.cli import main
 
     root = tmp_path_factory.mktemp("bounds_data")
     model = tiny_model_dir("llama")
@@ -514,7 +514,7 @@ def test_corrupt_token_cache_is_rebuilt_with_a_warning(kind, world, tmp_path, ca
 
 
 def test_adapter_defaults_and_real_booleans_are_read_as_written(world, tmp_path):
-    from mlx_lora.adapters import read_adapter
+    from mlx_lora.model.adapters import read_adapter
 
     conf = json.loads((world.previous_run / "adapter_config.json").read_text())
     a = tmp_path / "adapter"

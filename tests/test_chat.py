@@ -125,8 +125,8 @@ def terminal(tmp_path):
 @pytest.fixture(scope="module")
 def greedy(tiny_llama):
     """What greedy generation answers to a list of messages (the reference for the chat)."""
-    from mlx_lora.api import load_for_inference
-    from mlx_lora.generation import chat_prompt, chat_template_for, stream
+    from mlx_lora.commands.api import load_for_inference
+    from mlx_lora.inference.generation import chat_prompt, chat_template_for, stream
 
     model, tokenizer, _ = load_for_inference(str(tiny_llama))
     template = chat_template_for(tokenizer, None, str(tiny_llama))
@@ -219,8 +219,8 @@ def test_a_tokenizer_without_a_template_needs_chat_template(tiny_llama, tmp_path
     import io
     import shutil
 
-    from mlx_lora.chat import chat
-    from mlx_lora.errors import MlxLoraError
+    from mlx_lora.commands.chat import chat
+    from mlx_lora.plumbing.errors import MlxLoraError
 
     model = tmp_path / "no-template"
     shutil.copytree(tiny_llama, model)

@@ -15,8 +15,8 @@ import click
 import mlx.core as mx
 import pytest
 
-from mlx_lora.backend import find_openblas
-from mlx_lora.cli import cli
+from mlx_lora.plumbing.backend import find_openblas
+from mlx_lora.commands.cli import cli
 
 
 def run_cli(*args, cwd: Path, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -51,7 +51,7 @@ def test_help_lists_commands_without_importing_mlx_lm(tmp_path):
     for name in ("train", "generate", "eval", "doctor", "convert"):
         assert name in commands
     # --help must stay instant: the multi-second mlx-lm import happens inside commands only.
-    probe = ("import sys; from click.testing import CliRunner; from mlx_lora.cli import cli; "
+    probe = ("import sys; from click.testing import CliRunner; from mlx_lora.commands.cli import cli; "
              "r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0, r.output; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx_lm', 'transformers', 'torch')))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -118,7 +118,7 @@ def test_missing_required_options_are_all_named(tmp_path):
 
 def test_train_options_leave_defaults_to_the_config():
     """Defaults live in config.py only: options the user did not give must not reach the config."""
-    from mlx_lora.cli import _overrides
+    from mlx_lora.commands.cli import _overrides
 
     train = cli.commands["train"]
     ctx = train.make_context("train", ["--model", "m", "--rank", "4"])

@@ -11,7 +11,7 @@ import yaml
 
 from mlx_lora import config
 from mlx_lora.config import Config, DataConfig, LoraConfig, ModelConfig, TrainConfig, build, validate
-from mlx_lora.errors import ConfigError
+from mlx_lora.plumbing.errors import ConfigError
 
 REQUIRED = ["model.path=m", "data.path=d.jsonl"]
 

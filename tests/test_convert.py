@@ -16,8 +16,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_lora.converters import io
 from mlx_lora.converters.hf_to_mlx import convert
-from mlx_lora.errors import ExportError, ModelError
-from mlx_lora.ownership import OwnershipError
+from mlx_lora.plumbing.errors import ExportError, ModelError
+from mlx_lora.plumbing.ownership import OwnershipError
 
 IDS = [[1, 5, 9, 33, 100, 200, 7, 64, 300, 42, 17, 3]]
 
@@ -190,7 +190,7 @@ def test_quantized_logits_error_matches_the_rounding_noise_model(tiny_models, tm
 
 
 def test_our_loader_loads_the_converted_folder(tiny_models, tmp_path):
-    from mlx_lora.models import load_model
+    from mlx_lora.model.loading import load_model
 
     src = tiny_models["qwen3"]
     out = convert(str(src), tmp_path / "q", quantize=True, bits=8, group_size=32, keep=["embeddings"])
@@ -376,7 +376,7 @@ def test_streaming_writer_is_read_back_by_the_safetensors_library(tmp_path):
 def test_cli_convert_quantized(tiny_llama, tmp_path):
     from click.testing import CliRunner
 
-    from mlx_lora.converters.cli import convert as cli_convert
+    from mlx_lora.commands.convert_cli import convert as cli_convert
 
     result = CliRunner().invoke(cli_convert, [str(tiny_llama), "--out", str(tmp_path / "m"), "-q", "--bits", "4",
                                               "--group-size", "32", "--keep", "lm_head", "--dtype", "float16"])

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import mlx_lora
-from mlx_lora.backend import backend_name
-from mlx_lora.callbacks import Progress
+from mlx_lora.plumbing.backend import backend_name
+from mlx_lora.training.callbacks import Progress
 from mlx_lora.config import build
-from mlx_lora.integrity import base_model_fingerprint, recorded_fingerprint
-from mlx_lora.models import load_model
+from mlx_lora.model.integrity import base_model_fingerprint, recorded_fingerprint
+from mlx_lora.model.loading import load_model
 from mlx_lora.testing import make_tiny_dataset
 
 pytestmark = pytest.mark.skipif(backend_name() != "cpu", reason="the choice is made on the CPU backend only")
@@ -87,7 +87,7 @@ def test_load_model_dequantizes_only_when_asked_and_computes_the_same(q4):
 
 
 def test_auto_keeps_quantized_compute_and_says_why_when_memory_is_short(q4, monkeypatch):
-    monkeypatch.setattr("mlx_lora.backend.available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr("mlx_lora.plumbing.backend.available_memory_bytes", lambda: 1000)
     model, _, info = load_model(str(q4), with_tokenizer=False, dequantize_on_cpu="auto")
     assert _quantized(model) > 0
     assert "slower per step" in info.compute and "available" in info.compute and "\n" not in info.compute

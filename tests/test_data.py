@@ -13,9 +13,10 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from mlx_lora import data as D
+from mlx_lora.data import examples as D
+from mlx_lora.data import mixture as M
 from mlx_lora.config import DataConfig
-from mlx_lora.errors import DataError
+from mlx_lora.plumbing.errors import DataError
 
 # ----------------------------------------------------------------------------------------------
 # a real tokenizer: byte-level BPE trained on a fixed string
@@ -224,7 +225,7 @@ def test_builtin_chatml_template_and_tools(tmp_path, bpe):
         "Four.<|im_end|>\n",
     ]
     # A .jinja path works the same as the built-in name.
-    src = Path(D.__file__).parent / "templates" / "chatml.jinja"
+    src = Path(D.__file__).parents[1] / "templates" / "chatml.jinja"
     again = load(tmp_path, [row], tok, chat_template=str(src)).examples[0]
     assert np.array_equal(again[0], ex[0])
 
@@ -324,10 +325,10 @@ def test_missing_and_empty_inputs(tmp_path, tok):
     cases["folder"] = "no train.jsonl"
     for name, words in cases.items():
         with pytest.raises(DataError) as e:
-            D.load_datasets(DataConfig(path=str(tmp_path / name), cache=False), tok)
+            M.load_datasets(DataConfig(path=str(tmp_path / name), cache=False), tok)
         assert words in str(e.value) and str(tmp_path / name) in str(e.value)
     with pytest.raises(DataError):
-        D.load_datasets(DataConfig(path=None), tok)
+        M.load_datasets(DataConfig(path=None), tok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,16 +377,16 @@ def test_single_file_split_is_deterministic_and_disjoint(tmp_path, tok):
     rows = [{"text": f"row {i} " + "fox " * (i % 5)} for i in range(40)]
     path = write_jsonl(tmp_path / "all.jsonl", rows)
     cfg = DataConfig(path=str(path), valid_fraction=0.1, cache=False)
-    a = D.load_datasets(cfg, tok, seed=3)
-    b = D.load_datasets(cfg, tok, seed=3)
-    c = D.load_datasets(cfg, tok, seed=4)
+    a = M.load_datasets(cfg, tok, seed=3)
+    b = M.load_datasets(cfg, tok, seed=3)
+    c = M.load_datasets(cfg, tok, seed=4)
     assert (a.train.stats.rows, a.valid.stats.rows, a.test) == (36, 4, None)
     assert set(a.train.lines) | set(a.valid.lines) == set(range(1, 41))
     assert not set(a.train.lines) & set(a.valid.lines)
     assert list(a.valid.lines) == list(b.valid.lines) and list(a.valid.lines) != list(c.valid.lines)
-    two = D.load_datasets(DataConfig(path=str(write_jsonl(tmp_path / "two.jsonl", rows[:2])), valid_fraction=0.01, cache=False), tok)
+    two = M.load_datasets(DataConfig(path=str(write_jsonl(tmp_path / "two.jsonl", rows[:2])), valid_fraction=0.01, cache=False), tok)
     assert (len(two.train), len(two.valid)) == (1, 1)
-    none = D.load_datasets(DataConfig(path=str(path), valid_fraction=0.0, cache=False), tok)
+    none = M.load_datasets(DataConfig(path=str(path), valid_fraction=0.0, cache=False), tok)
     assert none.valid is None and len(none.train) == 40
 
 
@@ -395,10 +396,10 @@ def test_folder_with_train_valid_test(tmp_path, tok):
     write_jsonl(folder / "train.jsonl", [CONV] * 5)
     write_jsonl(folder / "valid.jsonl", [{"text": "Hello"}] * 2)
     write_jsonl(folder / "test.jsonl", [{"prompt": "a", "completion": "b"}] * 3)
-    s = D.load_datasets(DataConfig(path=str(folder), cache=False), tok)
+    s = M.load_datasets(DataConfig(path=str(folder), cache=False), tok)
     assert (len(s.train), len(s.valid), len(s.test)) == (5, 2, 3)
     assert (s.train.stats.format, s.valid.stats.format, s.test.stats.format) == ("chat", "text", "completions")
-    only_test = D.load_datasets(DataConfig(path=str(folder), cache=False), tok, splits=("test",))
+    only_test = M.load_datasets(DataConfig(path=str(folder), cache=False), tok, splits=("test",))
     assert only_test.train is None and only_test.valid is None and len(only_test.test) == 3
 
 
@@ -643,10 +644,10 @@ def test_cache_hit_tamper_and_corruption(tmp_path, bpe, tok, monkeypatch):
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     cache = tmp_path / "cache"
     cfg = DataConfig(path=str(path), valid_fraction=0.0)
-    first = D.load_datasets(cfg, tok, cache_dir=cache).train
+    first = M.load_datasets(cfg, tok, cache_dir=cache).train
     files = list(cache.glob("*.npz"))
     assert len(files) == 1 and not list(cache.glob("*.tmp"))
-    second = D.load_datasets(cfg, tok, cache_dir=cache).train
+    second = M.load_datasets(cfg, tok, cache_dir=cache).train
     for (a, m), (b, n) in zip(first.examples, second.examples):
         assert np.array_equal(a, b) and np.array_equal(m, n)
     assert second.stats == first.stats
@@ -657,21 +658,21 @@ def test_cache_hit_tamper_and_corruption(tmp_path, bpe, tok, monkeypatch):
     arrays["tokens"] = arrays["tokens"] + 1
     with open(files[0], "wb") as f:
         np.savez(f, **arrays)
-    tampered = D.load_datasets(cfg, tok, cache_dir=cache).train
+    tampered = M.load_datasets(cfg, tok, cache_dir=cache).train
     assert np.array_equal(tampered.examples[0][0], first.examples[0][0] + 1)
 
     # A corrupt file is ignored and rebuilt.
     files[0].write_bytes(b"not a zip file at all")
-    rebuilt = D.load_datasets(cfg, tok, cache_dir=cache).train
+    rebuilt = M.load_datasets(cfg, tok, cache_dir=cache).train
     assert np.array_equal(rebuilt.examples[0][0], first.examples[0][0])
     with np.load(files[0]) as z:
         assert np.array_equal(z["tokens"][: len(first.examples[0][0])], first.examples[0][0])
 
     # Settings that change tokenization, the file bytes or the tokenizer get their own entry.
-    D.load_datasets(DataConfig(path=str(path), valid_fraction=0.0, train_on="last"), tok, cache_dir=cache)
-    D.load_datasets(cfg, make_tokenizer(bpe, chat_template="{{ eos_token }}" + CHATML), cache_dir=cache)
+    M.load_datasets(DataConfig(path=str(path), valid_fraction=0.0, train_on="last"), tok, cache_dir=cache)
+    M.load_datasets(cfg, make_tokenizer(bpe, chat_template="{{ eos_token }}" + CHATML), cache_dir=cache)
     write_jsonl(path, rows + [CONV])
-    D.load_datasets(cfg, tok, cache_dir=cache)
+    M.load_datasets(cfg, tok, cache_dir=cache)
     assert len(list(cache.glob("*.npz"))) == 4
 
     monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path / "env"))

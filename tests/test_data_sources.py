@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import mlx_lora
-from mlx_lora import data as D
-from mlx_lora import data_sources as S
+from mlx_lora.data import examples as D
+from mlx_lora.data import mixture as M
+from mlx_lora.data import sources as S
 from mlx_lora.config import DataConfig, build
-from mlx_lora.errors import ConfigError, DataError
+from mlx_lora.plumbing.errors import ConfigError, DataError
 from mlx_lora.testing import make_tiny_dataset, make_tokenizer
 
 datasets = pytest.importorskip("datasets")
@@ -84,7 +85,7 @@ def test_bad_hf_ids_are_refused(spec):
 
 def test_dataset_dict_folder_splits_and_column_mapping(tmp_path, tok):
     folder = save_dict(tmp_path / "qa", train=qa_rows(6), validation=qa_rows(2, "v"), test=qa_rows(3, "t"))
-    got = D.load_datasets(DataConfig(path=str(folder), columns=QA, cache=False), tok)
+    got = M.load_datasets(DataConfig(path=str(folder), columns=QA, cache=False), tok)
     assert (len(got.train), len(got.valid), len(got.test)) == (6, 2, 3)
     assert got.train.stats.format == "completions" and got.train.stats.path == f"{folder}[train]"
     # the completion (the mapped answer column) is what carries the loss, EOS included
@@ -95,9 +96,9 @@ def test_dataset_dict_folder_splits_and_column_mapping(tmp_path, tok):
 def test_single_dataset_folder_holds_out_valid_fraction(tmp_path, tok):
     folder = tmp_path / "one"
     datasets.Dataset.from_dict(qa_rows(20)).save_to_disk(str(folder))
-    got = D.load_datasets(DataConfig(path=str(folder), columns=QA, valid_fraction=0.25, cache=False), tok, seed=1)
+    got = M.load_datasets(DataConfig(path=str(folder), columns=QA, valid_fraction=0.25, cache=False), tok, seed=1)
     assert (len(got.train), len(got.valid), got.test) == (15, 5, None)
-    again = D.load_datasets(DataConfig(path=str(folder), columns=QA, valid_fraction=0.25, cache=False), tok, seed=1)
+    again = M.load_datasets(DataConfig(path=str(folder), columns=QA, valid_fraction=0.25, cache=False), tok, seed=1)
     assert targets(tok, again.valid) == targets(tok, got.valid)  # the split depends on the seed only
 
 
@@ -107,7 +108,7 @@ def test_unmapped_columns_keep_their_names(tmp_path, tok):
     folder = tmp_path / "dolly"
     datasets.Dataset.from_dict({"instruction": ["Say hi.", "Say bye."], "context": ["", "politely"],
                                 "response": ["hi", "bye"]}).save_to_disk(str(folder))
-    got = D.load_datasets(DataConfig(path=str(folder), columns={"input": "context", "output": "response"},
+    got = M.load_datasets(DataConfig(path=str(folder), columns={"input": "context", "output": "response"},
                                      valid_fraction=0.0, cache=False), tok)
     assert got.train.stats.format == "alpaca"
     assert targets(tok, got.train) == ["hi<|im_end|>", "bye<|im_end|>"]
@@ -117,19 +118,19 @@ def test_columns_map_jsonl_too(tmp_path, tok):
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
                             for q, a in zip(qa_rows(3)["question"], qa_rows(3)["answer"])))
-    got = D.load_datasets(DataConfig(path=str(path), columns=QA, valid_fraction=0.0, cache=False), tok)
+    got = M.load_datasets(DataConfig(path=str(path), columns=QA, valid_fraction=0.0, cache=False), tok)
     assert targets(tok, got.train) == [f" zebra-{i}<|im_end|>" for i in range(3)]
 
 
 def test_missing_column_is_one_error_listing_the_columns(tmp_path, tok):
     folder = save_dict(tmp_path / "qa", train=qa_rows(3))
     with pytest.raises(DataError) as e:
-        D.load_datasets(DataConfig(path=str(folder), columns={"prompt": "query", "completion": "answer"}), tok)
+        M.load_datasets(DataConfig(path=str(folder), columns={"prompt": "query", "completion": "answer"}), tok)
     msg = str(e.value)
     assert "\n" not in msg and "'query'" in msg and "columns: question, answer, category" in msg
     assert msg.startswith(f"{folder}[train], field 'data.columns'")
     with pytest.raises(DataError) as e:  # a forced format whose fields the data set lacks
-        D.load_datasets(DataConfig(path=str(folder), format="completions"), tok)
+        M.load_datasets(DataConfig(path=str(folder), format="completions"), tok)
     assert str(e.value) == (f"{folder}[train], field 'data.columns': no column 'prompt', which completions rows "
                             "need for field 'prompt' (columns: question, answer, category); map one with data.columns")
 
@@ -139,7 +140,7 @@ def test_bad_row_names_source_and_row_index(tmp_path, tok):
     rows["answer"][2] = None
     folder = save_dict(tmp_path / "qa", train=rows)
     with pytest.raises(DataError) as e:
-        D.load_datasets(DataConfig(path=str(folder), columns=QA, cache=False), tok)
+        M.load_datasets(DataConfig(path=str(folder), columns=QA, cache=False), tok)
     assert str(e.value).startswith(f"{folder}[train] row 2, field 'completion': ")
 
 
@@ -147,12 +148,12 @@ def test_token_cache_is_keyed_by_the_data_set(tmp_path, tok):
     folder = save_dict(tmp_path / "qa", train=qa_rows(5))
     cache = tmp_path / "cache"
     cfg = DataConfig(path=str(folder), columns=QA, valid_fraction=0.0)
-    first = D.load_datasets(cfg, tok, cache_dir=cache)
+    first = M.load_datasets(cfg, tok, cache_dir=cache)
     files = sorted(cache.iterdir())
     assert len(files) == 1
-    again = D.load_datasets(cfg, tok, cache_dir=cache)  # read from the cache: same examples
+    again = M.load_datasets(cfg, tok, cache_dir=cache)  # read from the cache: same examples
     assert targets(tok, again.train) == targets(tok, first.train) and sorted(cache.iterdir()) == files
-    other = D.load_datasets(DataConfig(path=str(folder), columns={"text": "question"}, format="text",
+    other = M.load_datasets(DataConfig(path=str(folder), columns={"text": "question"}, format="text",
                                        valid_fraction=0.0), tok, cache_dir=cache)
     assert other.train.stats.format == "text" and len(list(cache.iterdir())) == 2
     save_dict(tmp_path / "qa2", train=qa_rows(5, "x"))  # new data, new key
@@ -160,7 +161,7 @@ def test_token_cache_is_keyed_by_the_data_set(tmp_path, tok):
 
     shutil.rmtree(folder)
     (tmp_path / "qa2").rename(folder)
-    changed = D.load_datasets(cfg, tok, cache_dir=cache)
+    changed = M.load_datasets(cfg, tok, cache_dir=cache)
     assert targets(tok, changed.train) == [f" zebra-x{i}<|im_end|>" for i in range(5)]
 
 
@@ -178,7 +179,7 @@ def test_hub_id_offline_says_what_to_do(tmp_path, monkeypatch, tok):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf", raising=False)
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError) as e:
-        D.load_datasets(DataConfig(path="hf:nobody-here/no-such-set@train"), tok)
+        M.load_datasets(DataConfig(path="hf:nobody-here/no-such-set@train"), tok)
     msg = str(e.value)
     assert msg.startswith("hf:nobody-here/no-such-set@train: not in the local datasets cache, and offline mode")
     assert "network access" in msg and "\n" not in msg
@@ -201,17 +202,17 @@ def test_hub_ids_load_with_their_presets(tmp_path, monkeypatch, tok):
                                      "validation": datasets.Dataset.from_dict(qa_rows(2, "v"))})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    got = D.load_datasets(DataConfig(path="hf:HuggingFaceH4/ultrachat_200k", cache=False), tok)
+    got = M.load_datasets(DataConfig(path="hf:HuggingFaceH4/ultrachat_200k", cache=False), tok)
     assert calls[-1][:2] == ("HuggingFaceH4/ultrachat_200k", None)
     assert got.train.stats.path == "hf:HuggingFaceH4/ultrachat_200k@train_sft"
     assert got.valid.stats.path == "hf:HuggingFaceH4/ultrachat_200k@test_sft" and got.test is None
     assert got.train.stats.format == "chat" and targets(tok, got.train)[2] == "hello 2<|im_end|>\n"
 
-    got = D.load_datasets(DataConfig(path="hf:me/qa:main@validation", columns=QA, cache=False), tok)
+    got = M.load_datasets(DataConfig(path="hf:me/qa:main@validation", columns=QA, cache=False), tok)
     assert calls[-1][:2] == ("me/qa", "main")
     assert got.train.stats.path == "hf:me/qa:main@validation" and len(got.train) + len(got.valid) == 2
     with pytest.raises(DataError, match=r"hf:me/qa@dev: no split 'dev' \(splits: train, validation\)"):
-        D.load_datasets(DataConfig(path="hf:me/qa@dev", columns=QA), tok)
+        M.load_datasets(DataConfig(path="hf:me/qa@dev", columns=QA), tok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,10 +220,10 @@ def test_hub_ids_load_with_their_presets(tmp_path, monkeypatch, tok):
 
 
 def test_epoch_shares_follow_the_weights():
-    assert S.epoch_shares([100, 100], [1, 1]) == [100, 100]
-    assert S.epoch_shares([100, 50], [1, 2]) == [50, 100]
-    assert S.epoch_shares([10, 10, 10], [1, 1, 1]) == [10, 10, 10]
-    assert sum(S.epoch_shares([7, 11, 5], [0.3, 1.7, 2.0])) == 23
+    assert M.epoch_shares([100, 100], [1, 1]) == [100, 100]
+    assert M.epoch_shares([100, 50], [1, 2]) == [50, 100]
+    assert M.epoch_shares([10, 10, 10], [1, 1, 1]) == [10, 10, 10]
+    assert sum(M.epoch_shares([7, 11, 5], [0.3, 1.7, 2.0])) == 23
 
 
 def test_mixture_counts_over_an_epoch_and_is_deterministic(tmp_path, tok):
@@ -231,7 +232,7 @@ def test_mixture_counts_over_an_epoch_and_is_deterministic(tmp_path, tok):
     b.write_text("".join(json.dumps({"prompt": f"Say b{i}.", "completion": f" b{i}"}) + "\n" for i in range(10)))
     cfg = DataConfig(sources=[{"path": str(a), "weight": 1, "columns": QA}, {"path": str(b), "weight": 3}],
                      valid_fraction=0.0, cache=False)
-    mixed = D.load_datasets(cfg, tok, seed=7).train
+    mixed = M.load_datasets(cfg, tok, seed=7).train
     assert len(mixed) == 40 and mixed.shares == [10, 30]
     text = lambda ds: targets(tok, ds)  # noqa: E731
     seen = Counter()
@@ -248,7 +249,7 @@ def test_mixture_counts_over_an_epoch_and_is_deterministic(tmp_path, tok):
         seen.update(from_a)
     assert len(seen) > 10
     # a pure function of seed and epoch
-    again = D.load_datasets(cfg, tok, seed=7).train
+    again = M.load_datasets(cfg, tok, seed=7).train
     assert text(again.for_epoch(7, 1)) == text(mixed.for_epoch(7, 1))
     assert text(mixed.for_epoch(8, 1)) != text(mixed.for_epoch(7, 1))
     # what training iterates: every epoch is the sample of that epoch
@@ -264,7 +265,7 @@ def test_mixture_validation_per_source(tmp_path, tok):
     b = make_tiny_dataset(tmp_path / "b.jsonl", "completions", n=20)
     cfg = DataConfig(sources=[{"path": str(a), "columns": QA}, {"path": str(b), "weight": 0.5}],
                      valid_fraction=0.1, cache=False)
-    got = D.load_datasets(cfg, tok)
+    got = M.load_datasets(cfg, tok)
     assert len(got.train) == 8 + 18 and len(got.valid) == 3 + 2
     lines = got.train.source_lines(64)
     assert lines[0] == f"source 1  {a}[train] (completions): 8 rows -> 8 examples; weight 1 -> 17/epoch (2.12x, repeated); valid 3 (split)"
@@ -389,7 +390,7 @@ def test_cli_banner_and_refusals(tiny_llama, tmp_path, cli_env, capsys):
 
 
 def test_resume_refuses_other_sources_or_their_order():
-    from mlx_lora.resume import refused_changes
+    from mlx_lora.training.resume import refused_changes
 
     a, b = {"path": "a.jsonl", "weight": 1}, {"path": "hf:org/b", "weight": 2}
     cfg = lambda *srcs: build(extra={"model": {"path": "m"}, "data": {"sources": list(srcs)}})  # noqa: E731
@@ -409,7 +410,7 @@ def test_eval_scores_a_data_sets_test_split(tiny_llama, tmp_path, cli_env, capsy
     assert got["path"] == f"{folder}[test]" and got["examples"] == 3 and np.isfinite(got["loss"])
     one = tmp_path / "one"
     datasets.Dataset.from_dict(qa_rows(5)).save_to_disk(str(one))
-    r = mlx_lora.api.evaluate(str(tiny_llama), str(one), columns=QA)
+    r = mlx_lora.commands.api.evaluate(str(tiny_llama), str(one), columns=QA)
     assert r["path"] == str(one) and r["examples"] == 5
     assert_refused(capsys, ["eval", "--model", str(tiny_llama), "--data", str(folder), "--column", "answer"],
                    ["--column 'answer': expected FIELD=COLUMN"], [tmp_path])

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import mlx_lora
-from mlx_lora import distributed as dist
+from mlx_lora.training import distributed as dist
 from mlx_lora.config import build
 from mlx_lora.testing import make_tiny_dataset
 
@@ -134,7 +134,7 @@ def one_rank_run(model, data, tmp_path_factory):
     args = _train_args(model, data, out, 4)
     from click.testing import CliRunner
 
-    from mlx_lora.cli import cli
+    from mlx_lora.commands.cli import cli
 
     res = CliRunner().invoke(cli, ["train", "--quiet", *args], catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -201,7 +201,7 @@ def test_killed_rank_stops_the_other_and_checkpoint_resumes_on_one_rank(model, d
     assert took < 15, f"rank 0 took {took:.1f} s to notice"
     assert "lost the connection to another rank" in err and f"--resume {out}" in err, err
 
-    from mlx_lora.checkpoints import RunDir
+    from mlx_lora.training.checkpoints import RunDir
 
     ckpt = RunDir(out).latest_checkpoint()
     state = json.loads((ckpt / "state.json").read_text())
@@ -247,7 +247,7 @@ COLLECTIVES_SCRIPT = textwrap.dedent("""
     out["summed"] = [np.array(s).tolist() for s in summed]
     out["identical_same"] = sync.identical([mx.arange(4)], "test identical")
     out["identical_diff"] = sync.identical([mx.arange(4) + rank], "test identical")
-    from mlx_lora.checkpoints import TrainState
+    from mlx_lora.training.checkpoints import TrainState
     ckpt = None
     if rank == 0:
         opt = {"step": mx.array(np.uint64(5)), "state": {"w": {"m": mx.ones((2, 2)), "v": mx.full((3,), 0.5)}}}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mlx_lora.config import reference_markdown
 from mlx_lora.converters.gguf_arch import support_matrix_markdown
-from mlx_lora.recipes import list_recipes, memory_table_markdown
+from mlx_lora.commands.recipes import list_recipes, memory_table_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # block name in the README's <!-- name:start --> / <!-- name:end --> markers -> its generator

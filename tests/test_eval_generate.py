@@ -11,9 +11,9 @@ import pytest
 
 import mlx_lora
 from cli_harness import assert_refused, cli_env, rows as jsonl, run_main, snapshot, diff, write
-from mlx_lora import evaluation
+from mlx_lora.inference import evaluation
 from mlx_lora.config import build
-from mlx_lora.templates import alpaca_prompt
+from mlx_lora.data.templates import alpaca_prompt
 from mlx_lora.testing import make_tiny_dataset
 
 _env = pytest.fixture(scope="module")(cli_env)
@@ -48,8 +48,8 @@ def taught(memo_model, qa, tmp_path_factory, _env):
 
 
 def test_prompts_and_references_of_every_format(tiny_llama, tmp_path):
-    from mlx_lora.api import load_for_inference
-    from mlx_lora.templates import resolve_chat_template
+    from mlx_lora.commands.api import load_for_inference
+    from mlx_lora.data.templates import resolve_chat_template
 
     _, tok, _ = load_for_inference(str(tiny_llama))
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
@@ -89,7 +89,7 @@ def test_prompts_and_references_of_every_format(tiny_llama, tmp_path):
 def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tiny_llama):
     from mlx_lm.generate import stream_generate
 
-    from mlx_lora.api import load_for_inference
+    from mlx_lora.commands.api import load_for_inference
 
     model, tok, _ = load_for_inference(str(tiny_llama))
     texts = ["What is the code word for the red apple?", "Hi", "The quick brown fox jumps over the lazy dog again"]
@@ -105,7 +105,7 @@ def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tiny_llama):
 
 
 def test_sampling_is_seeded_and_top_p_narrows_it(tiny_llama):
-    from mlx_lora.api import load_for_inference
+    from mlx_lora.commands.api import load_for_inference
 
     model, tok, _ = load_for_inference(str(tiny_llama))
     prompts = [tok.encode(t) for t in ("Hello there", "What is the code word?", "a b c d e f")]

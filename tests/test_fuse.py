@@ -24,11 +24,11 @@ from safetensors.numpy import load_file
 
 from mlx_lora.converters import verify as V
 from mlx_lora.converters.fuse import fuse, load_fused
-from mlx_lora.adapters import adapter_layers, apply_lora, load_adapter, save_adapter
+from mlx_lora.model.adapters import adapter_layers, apply_lora, load_adapter, save_adapter
 from mlx_lora.config import LoraConfig
-from mlx_lora.errors import AdapterError, ExportError
-from mlx_lora.models import load_model
-from mlx_lora.ownership import OwnershipError
+from mlx_lora.plumbing.errors import AdapterError, ExportError
+from mlx_lora.model.loading import load_model
+from mlx_lora.plumbing.ownership import OwnershipError
 from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES
 
 TOKENS = [[5, 17, 99, 3, 250, 42, 7, 300, 11, 64]]
@@ -260,7 +260,7 @@ def test_verification_failure_leaves_nothing(tmp_path, tiny_llama, monkeypatch):
 
 
 def test_cli_fuse(tmp_path, tiny_llama):
-    from mlx_lora.cli import cli
+    from mlx_lora.commands.cli import cli
 
     ad = make_adapter(tiny_llama, tmp_path / "ad")
     r = CliRunner().invoke(cli, ["fuse", "--model", str(tiny_llama), "--adapter", str(ad), "--out",

@@ -25,9 +25,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mlx_lora import data as D
+from mlx_lora.data import examples as D
 from mlx_lora.config import DataConfig
-from mlx_lora.errors import DataError
+from mlx_lora.plumbing.errors import DataError
 from mlx_lora.testing import IM_END, make_tokenizer
 
 SCALE = float(os.environ.get("MLX_LORA_FUZZ_EXAMPLES", "1"))
@@ -249,7 +249,7 @@ def test_batches_hold_examples_verbatim_and_packing_never_crosses_examples(ds, b
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir):
-    from mlx_lora.models import load_model
+    from mlx_lora.model.loading import load_model
 
     model, _, _ = load_model(str(tiny_model_dir("llama")), dtype="float32", with_tokenizer=False)
     return model
@@ -261,7 +261,7 @@ def tiny_model(tiny_model_dir):
 def test_packed_examples_get_the_logits_they_get_alone(tiny_model, lengths, pad, seed):
     import mlx.core as mx
 
-    from mlx_lora.losses import model_logits
+    from mlx_lora.training.losses import model_logits
 
     rng = np.random.default_rng(seed)
     examples = [rng.integers(3, 512, size=n).astype(np.int32) for n in lengths]

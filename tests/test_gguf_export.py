@@ -23,8 +23,8 @@ from mlx_lora.converters import gguf_arch, gguf_vocab
 from mlx_lora.converters import verify as V
 from mlx_lora.converters.fuse import load_fused
 from mlx_lora.converters.gguf_export import EXPORT_TYPES, NUMPY_TYPES, export_gguf, pack_blocks, unpack_mlx
-from mlx_lora.errors import ExportError
-from mlx_lora.ownership import OwnershipError
+from mlx_lora.plumbing.errors import ExportError
+from mlx_lora.plumbing.ownership import OwnershipError
 from mlx_lora.testing import ARCHITECTURES
 
 QUIET = {"log": lambda m: None}
@@ -243,7 +243,7 @@ def test_quantized_export_reports_error_relative_to_the_adapter(tmp_path, tiny_l
 def test_verification_judges_the_typical_position_and_fails_a_wrong_tensor(tiny_llama):
     """A wrong tensor is wrong at nearly every position and fails; rounding amplified at one
     sensitive position (the worst position far above the rest) is reported but passes."""
-    from mlx_lora.models import load_model
+    from mlx_lora.model.loading import load_model
 
     model, tok, _ = load_model(str(tiny_llama))
     tokens = V.prompts(tok)
@@ -506,7 +506,7 @@ def test_permutation_and_rope_factors_follow_their_formulas():
 def test_cli_export_gguf(tmp_path, tiny_llama):
     from click.testing import CliRunner
 
-    from mlx_lora.cli import cli
+    from mlx_lora.commands.cli import cli
 
     ad = make_adapter(tiny_llama, tmp_path / "ad")
     r = CliRunner().invoke(cli, ["export", "gguf", "--model", str(tiny_llama), "--adapter", str(ad), "--out",

@@ -30,8 +30,8 @@ from mlx_lora.converters import gguf_arch, gguf_import, io
 from mlx_lora.converters.gguf_export import export_gguf
 from mlx_lora.converters.gguf_import import gguf_cache_dir, import_gguf, read_gguf
 from mlx_lora.converters.gguf_tokenizer import build_tokenizer
-from mlx_lora.errors import ExportError, ModelError
-from mlx_lora.ownership import OwnershipError
+from mlx_lora.plumbing.errors import ExportError, ModelError
+from mlx_lora.plumbing.ownership import OwnershipError
 from mlx_lora.testing import ARCHITECTURES
 
 GOLDEN = Path(__file__).parent / "golden" / "smollm2_q4_1_logits.npz"
@@ -722,9 +722,9 @@ def test_concurrent_imports_into_the_cache(tiny_model_dir, tmp_path, monkeypatch
 
 
 def test_our_loader_reads_gguf_directly(tiny_model_dir, tmp_path, monkeypatch):
-    """mlx_lora.models.load_model on a .gguf path imports it once into the cache and reuses it."""
+    """mlx_lora.model.loading.load_model on a .gguf path imports it once into the cache and reuses it."""
     import mlx.nn as nn
-    from mlx_lora.models import load_model
+    from mlx_lora.model.loading import load_model
 
     monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path / "cache"))
     path = write_gguf(tiny_model_dir("llama"), tmp_path / "m.gguf", qtype=QT.Q8_0)
@@ -744,7 +744,7 @@ def test_our_loader_reads_gguf_directly(tiny_model_dir, tmp_path, monkeypatch):
 def test_cli_convert_gguf(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
-    from mlx_lora.converters.cli import convert
+    from mlx_lora.commands.convert_cli import convert
 
     path = write_gguf(tiny_model_dir("llama"), tmp_path / "m.gguf", qtype=QT.Q4_0)
     runner = CliRunner()

@@ -30,9 +30,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lora.checkpoints import RunDir
+from mlx_lora.training.checkpoints import RunDir
 from mlx_lora.config import build
-from mlx_lora.ownership import LOCK, MARKER
+from mlx_lora.plumbing.ownership import LOCK, MARKER
 from mlx_lora.testing import make_tiny_dataset
 
 STEPS = 40  # enough that a fast machine cannot finish before every kind of kill has happened
@@ -133,9 +133,9 @@ def _hold(reason: str) -> None:
 def child_main() -> None:
     """Entry point of the training subprocess: install the pause for ``KILL_PHASE`` (on its
     ``KILL_ON_CALL``-th occurrence), then run ``mlx-lora`` with the given arguments."""
-    import mlx_lora.adapters as adapters
-    import mlx_lora.callbacks as callbacks
-    import mlx_lora.checkpoints as checkpoints
+    import mlx_lora.model.adapters as adapters
+    import mlx_lora.training.callbacks as callbacks
+    import mlx_lora.training.checkpoints as checkpoints
 
     phase, nth = os.environ.get("KILL_PHASE", ""), int(os.environ.get("KILL_ON_CALL", "1"))
     seen = [0]
@@ -189,7 +189,7 @@ def child_main() -> None:
     shutil.rmtree = remove_tree
     callbacks.MetricsFile._write = metric
 
-    from mlx_lora.cli import main
+    from mlx_lora.commands.cli import main
 
     main(sys.argv[1:])
 
@@ -281,7 +281,7 @@ def assert_progress(run: Path) -> int:
 
 
 def run_main(capsys, argv) -> tuple[int, str]:
-    from mlx_lora.cli import main
+    from mlx_lora.commands.cli import main
 
     code = 0
     try:
@@ -300,7 +300,7 @@ def one_error(err: str) -> str:
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_last_one(setup, tmp_path, capsys, monkeypatch):
-    import mlx_lora.checkpoints as checkpoints
+    import mlx_lora.training.checkpoints as checkpoints
 
     cfg, ref, _ = setup
     run = tmp_path / "run"
@@ -342,7 +342,7 @@ OOM_ERRORS = {
 
 @pytest.mark.parametrize("kind", list(OOM_ERRORS))
 def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(kind, setup, tmp_path, capsys, monkeypatch):
-    import mlx_lora.trainer as trainer
+    import mlx_lora.training.trainer as trainer
 
     cfg = setup[0]
     run = tmp_path / "run"
@@ -373,7 +373,7 @@ def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(kind, setup,
 
 
 def test_out_of_memory_outside_training_names_the_inference_remedies(setup, capsys, monkeypatch):
-    import mlx_lora.api as api
+    import mlx_lora.commands.api as api
 
     def load(*args, **kwargs):
         raise RuntimeError("[malloc] Unable to allocate 1073741824 bytes.")
@@ -389,7 +389,7 @@ def test_out_of_memory_outside_training_names_the_inference_remedies(setup, caps
 
 
 def test_runs_record_the_fingerprint_of_their_base(setup):
-    from mlx_lora.integrity import FINGERPRINT_KEY, base_model_fingerprint
+    from mlx_lora.model.integrity import FINGERPRINT_KEY, base_model_fingerprint
 
     cfg, ref, _ = setup
     expected = base_model_fingerprint(build(str(cfg)).model.path)
@@ -413,8 +413,8 @@ def test_run_files_get_the_usual_permissions(setup):
 
 
 def test_fingerprint_follows_the_weights_not_the_files(tiny_model_dir, tmp_path):
-    from mlx_lora.errors import ModelError
-    from mlx_lora.integrity import base_model_fingerprint, check_adapter_base
+    from mlx_lora.plumbing.errors import ModelError
+    from mlx_lora.model.integrity import base_model_fingerprint, check_adapter_base
 
     model = tiny_model_dir("llama")
     fp = base_model_fingerprint(model)
@@ -467,7 +467,7 @@ def test_fingerprint_follows_the_weights_not_the_files(tiny_model_dir, tmp_path)
 def test_an_interrupt_inside_an_optimizer_step_waits_for_the_step_to_finish():
     """Ctrl-C (or SIGTERM, handled like it) during a step's weight/optimizer/counter update is
     delivered only once the update is whole, so the checkpoint it triggers is consistent."""
-    from mlx_lora.trainer import interrupts_deferred
+    from mlx_lora.training.trainer import interrupts_deferred
 
     # Python's own Ctrl-C handler, whatever an earlier test in this process left installed.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_lora.lora import DoRALinear, LoRALinear, base_dims, dense_weight
+from mlx_lora.model.lora import DoRALinear, LoRALinear, base_dims, dense_weight
 
 IN, OUT, R = 64, 48, 4
 ATOL = 2e-5

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_lora import adapters
+from mlx_lora.model import adapters
 from mlx_lora.config import LoraConfig
-from mlx_lora.data import attention_mask_from_segments
-from mlx_lora.losses import make_loss, masked_cross_entropy, split_head, verify_split
-from mlx_lora.models import load_model
+from mlx_lora.data.examples import attention_mask_from_segments
+from mlx_lora.training.losses import make_loss, masked_cross_entropy, split_head, verify_split
+from mlx_lora.model.loading import load_model
 from mlx_lora.testing import ARCHITECTURES
 
 
@@ -98,7 +98,7 @@ def test_chunked_loss_equals_plain_loss_and_gradients(tiny_models, arch):
 
 
 def test_target_positions_are_the_mask_padded_to_few_sizes():
-    from mlx_lora.losses import target_positions
+    from mlx_lora.training.losses import target_positions
 
     rng = np.random.default_rng(0)
     sizes = set()
@@ -196,7 +196,7 @@ def test_chunked_loss_never_holds_the_full_logits():
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_attention_checkpoint_keeps_loss_and_gradients(tiny_models, arch):
-    from mlx_lora.trainer import enable_attention_checkpoint
+    from mlx_lora.training.trainer import enable_attention_checkpoint
 
     model = _lora_model(tiny_models[arch], seed=2)
     other = _lora_model(tiny_models[arch], seed=2)
@@ -217,7 +217,7 @@ def test_attention_checkpoint_frees_the_attention_probabilities():
     ``min_length`` nothing changes."""
     from mlx_lm.models import llama
 
-    from mlx_lora.trainer import attention_checkpoint_length, enable_attention_checkpoint
+    from mlx_lora.training.trainer import attention_checkpoint_length, enable_attention_checkpoint
 
     args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
                            num_attention_heads=16, num_key_value_heads=4, rms_norm_eps=1e-5, vocab_size=256)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.memory import Recorder, apply_limits
+from mlx_lora.training.estimate import Recorder
+from mlx_lora.training.memory import apply_limits
 
 
 def test_cache_limit_is_set_and_wired_limit_is_a_note_off_metal():

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from mlx_lora import metrics as M
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.sandbox import network_isolation, run_python
+from mlx_lora.inference import metrics as M
+from mlx_lora.plumbing.errors import MlxLoraError
+from mlx_lora.plumbing.sandbox import network_isolation, run_python
 
 
 def test_exact_and_contains_normalize_case_and_whitespace():

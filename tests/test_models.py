@@ -10,9 +10,9 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_lora.backend import compute_dtype
-from mlx_lora.errors import ModelError
-from mlx_lora.models import load_model, resolve
+from mlx_lora.plumbing.backend import compute_dtype
+from mlx_lora.plumbing.errors import ModelError
+from mlx_lora.model.loading import load_model, resolve
 
 
 def copy_model(src: Path, dst: Path) -> Path:

@@ -14,12 +14,12 @@ import pytest
 
 import mlx_lora
 from fixtures_moe import UNREACHABLE, with_unreachable_expert
-from mlx_lora.adapters import adapter_layers, apply_lora, count_parameters, load_adapter, rank_problem, save_adapter
+from mlx_lora.model.adapters import adapter_layers, apply_lora, count_parameters, load_adapter, rank_problem, save_adapter
 from mlx_lora.config import LoraConfig, build
-from mlx_lora.errors import AdapterError
-from mlx_lora.lora import DoRASwitchLinear, LoRASwitchLinear, dense_weight, is_expert_layer
-from mlx_lora.mlx_lm_compat import switch_linear_classes
-from mlx_lora.models import load_model
+from mlx_lora.plumbing.errors import AdapterError
+from mlx_lora.model.lora import DoRASwitchLinear, LoRASwitchLinear, dense_weight, is_expert_layer
+from mlx_lora.plumbing.mlx_lm_compat import switch_linear_classes
+from mlx_lora.model.loading import load_model
 from mlx_lora.testing import MOE_ARCHITECTURES, make_tiny_dataset
 
 SwitchLinear, QuantizedSwitchLinear = switch_linear_classes()
@@ -180,7 +180,7 @@ def test_dora_wraps_experts_and_round_trips(moe_dirs, tmp_path):
     np.testing.assert_allclose(_np(fused(TOKENS)), want, rtol=1e-4, atol=1e-4)
     # peft adapts transformers 5's fused experts with LoRA only
     from mlx_lora.converters.adapter_export import export_peft
-    from mlx_lora.errors import ExportError
+    from mlx_lora.plumbing.errors import ExportError
 
     with pytest.raises(ExportError, match=r"DoRA adapter on expert layers.*fuse instead"):
         export_peft(tmp_path / "a", tmp_path / "peft", model=path, log=lambda m: None)
@@ -473,7 +473,7 @@ def test_every_expert_layout_is_what_mlx_lms_sanitize_undoes():
     from mlx.utils import tree_flatten
 
     from mlx_lora.converters.moe_layout import LAYOUTS, unstack_experts
-    from mlx_lora.mlx_lm_compat import model_classes
+    from mlx_lora.plumbing.mlx_lm_compat import model_classes
 
     assert set(_MOE_KEYS) == set(LAYOUTS)
     for family, keys in _MOE_KEYS.items():

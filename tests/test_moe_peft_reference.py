@@ -9,9 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lora.adapters import adapter_layers, apply_lora, save_adapter
+from mlx_lora.model.adapters import adapter_layers, apply_lora, save_adapter
 from mlx_lora.config import LoraConfig
-from mlx_lora.models import load_model
+from mlx_lora.model.loading import load_model
 from mlx_lora.testing import make_tiny_model
 
 pytestmark = pytest.mark.reference

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from cli_harness import cli_env, assert_one_error_message, diff, run_main, snapshot, write
-from mlx_lora.ownership import MARKER, read_marker, temp_prefix
+from mlx_lora.plumbing.io import temp_prefix
+from mlx_lora.plumbing.ownership import MARKER, read_marker
 from mlx_lora.testing import make_tiny_dataset
 
 
@@ -45,7 +46,7 @@ def world(tmp_path_factory, tiny_model_dir, _env) -> World:
 
 
 def _main(argv) -> int:
-    from mlx_lora.cli import main
+    from mlx_lora.commands.cli import main
 
     try:
         main(argv)

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from test_fuse import make_adapter
 
 from mlx_lora.converters.packaging import derive_chat_format, export_lmstudio, export_ollama, lmstudio_models_dir
-from mlx_lora.errors import ExportError
+from mlx_lora.plumbing.errors import ExportError
 
 QUIET = {"log": lambda m: None}
 
@@ -183,7 +183,7 @@ def test_lmstudio_layout(tmp_path, tiny_llama, monkeypatch):
 
 
 def test_cli_export_ollama_and_lmstudio(tmp_path, tiny_llama, monkeypatch):
-    from mlx_lora.cli import cli
+    from mlx_lora.commands.cli import cli
 
     monkeypatch.setenv("PATH", str(tmp_path))
     ad = make_adapter(tiny_llama, tmp_path / "ad")

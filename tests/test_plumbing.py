@@ -11,13 +11,14 @@ import time
 
 import pytest
 
-from mlx_lora import hub, progress
-from mlx_lora.cache import cache_root
-from mlx_lora.callbacks import Progress
+from mlx_lora.plumbing import hub
+from mlx_lora.plumbing import progress
+from mlx_lora.plumbing.cache import cache_root
+from mlx_lora.training.callbacks import Progress
 from mlx_lora.converters import io as cio
-from mlx_lora.errors import ModelError
-from mlx_lora.integrity import base_model_fingerprint, check_safetensors
-from mlx_lora.io import OutputAppeared, atomic_dir
+from mlx_lora.plumbing.errors import ModelError
+from mlx_lora.model.integrity import base_model_fingerprint, check_safetensors
+from mlx_lora.plumbing.io import OutputAppeared, atomic_dir
 
 
 @pytest.fixture
@@ -133,9 +134,9 @@ def test_every_reader_applies_the_same_checks(tmp_path, entry, words):
 
 
 def test_every_cache_follows_mlx_lora_cache(tmp_path, monkeypatch):
-    from mlx_lora import quickstart
+    from mlx_lora.commands import quickstart
     from mlx_lora.converters.gguf_import import gguf_cache_dir
-    from mlx_lora.data import default_cache_dir
+    from mlx_lora.data.examples import default_cache_dir
 
     monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path / "c"))
     gguf = tmp_path / "m.gguf"

@@ -16,16 +16,16 @@ import pytest
 
 import mlx_lora
 from cli_harness import assert_refused, cli_env, rows, write
-from mlx_lora import adapters
-from mlx_lora.batching import iterate_batches
+from mlx_lora.model import adapters
+from mlx_lora.data.batching import iterate_batches
 from mlx_lora.config import DataConfig, LoraConfig, build
-from mlx_lora.data import load_datasets
-from mlx_lora.errors import ConfigError, DataError
-from mlx_lora.lora import adapters_off
-from mlx_lora.models import load_model
-from mlx_lora.preference import Objective, SequenceLogps, pair_losses
-from mlx_lora.losses import split_head
-from mlx_lora.trainer import batch_arrays, micro_batches
+from mlx_lora.data.mixture import load_datasets
+from mlx_lora.plumbing.errors import ConfigError, DataError
+from mlx_lora.model.lora import adapters_off
+from mlx_lora.model.loading import load_model
+from mlx_lora.training.preference import Objective, SequenceLogps, pair_losses
+from mlx_lora.training.losses import split_head
+from mlx_lora.training.trainer import batch_arrays, micro_batches
 
 _cli_env = pytest.fixture(scope="module")(cli_env)
 
@@ -254,7 +254,7 @@ def test_chunked_sequence_log_probs_and_gradients_equal_full_logits(tiny_llama):
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     want = (np.take_along_axis(logp, np.array(targets)[..., None], -1)[..., 0] * np.array(mask)).sum(-1)
     full, chunked = SequenceLogps(None, None), SequenceLogps(split_head(model), 7)
-    from mlx_lora.losses import target_positions
+    from mlx_lora.training.losses import target_positions
 
     grads = []
     for seq, pos in ((full, None), (chunked, target_positions(mask))):
@@ -339,7 +339,7 @@ def test_dpo_learns_the_preference_and_generalises_to_held_out_pairs(memo_model,
     assert accuracy >= 0.9 and accuracy == pytest.approx(evals[-1]["val_reward_accuracy"])
     assert prefers >= 0.9 and prefers > prefers_before
     # mlx-lora eval on preference pairs reports the same reward accuracy
-    got = mlx_lora.api.evaluate(str(memo_model), str(pref_data / "valid.jsonl"), str(run))
+    got = mlx_lora.commands.api.evaluate(str(memo_model), str(pref_data / "valid.jsonl"), str(run))
     assert got["pairs"] == 16 and got["reward_accuracy"] == pytest.approx(accuracy)
     assert got["loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-4)
 
@@ -378,7 +378,7 @@ def test_interrupt_and_resume_matches_uninterrupted_run(tiny_llama, pref_data, t
 
 def test_precomputed_reference_gives_the_same_run_and_is_reused_on_resume(memo_model, pref_data, tmp_path,
                                                                          monkeypatch):
-    from mlx_lora import preference
+    from mlx_lora.training import preference
 
     sets = {"train.iters": 4, "train.lr": 3e-3, "train.batch_size": 2, "train.save_every": 2, "train.seed": 2}
     live, pre = tmp_path / "live", tmp_path / "pre"

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lora.preference import Objective, pair_losses
+from mlx_lora.training.preference import Objective, pair_losses
 
 pytestmark = pytest.mark.reference
 

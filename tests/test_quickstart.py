@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora import hub, quickstart as qs
-from mlx_lora.errors import ModelError
+from mlx_lora.plumbing import hub
+from mlx_lora.commands import quickstart as qs
+from mlx_lora.plumbing.errors import ModelError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -131,8 +132,8 @@ def test_hub_snapshot_gives_up_on_a_silent_hub(monkeypatch):
 
 
 def test_exact_match_scores_with_the_eval_generate_code(tiny_llama, tmp_path, monkeypatch):
-    from mlx_lora import evaluation
-    from mlx_lora.api import load_for_inference
+    from mlx_lora.inference import evaluation
+    from mlx_lora.commands.api import load_for_inference
 
     path = tmp_path / "test.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_lora import config
-from mlx_lora.cli import cli
-from mlx_lora.recipes import (DEMO_DATA, DEMO_DIR, HEADER_KEYS, KNOWN_MODELS, ModelShape, RecipeError,
+from mlx_lora.commands.cli import cli
+from mlx_lora.commands.recipes import (DEMO_DATA, DEMO_DIR, HEADER_KEYS, KNOWN_MODELS, ModelShape, RecipeError,
                               copy_recipe, demo_data, estimate_for_config, estimate_peak_memory, get_recipe,
                               list_recipes, memory_text, read_recipe, smallest_mac)
 
@@ -124,7 +124,7 @@ def test_shape_from_a_real_config_counts_the_loaded_parameters(tiny_llama):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_lora.models import load_model
+    from mlx_lora.model.loading import load_model
 
     cfg = json.loads((tiny_llama / "config.json").read_text())
     shape = ModelShape.from_config(cfg)
@@ -132,7 +132,7 @@ def test_shape_from_a_real_config_counts_the_loaded_parameters(tiny_llama):
     total = sum(v.size for k, v in tree_flatten(model.parameters()) if "norm" not in k)
     assert shape.params == total
     # r (in + out) per linear layer, from the adapter the library builds
-    from mlx_lora import adapters
+    from mlx_lora.model import adapters
     from mlx_lora.config import LoraConfig
 
     adapters.apply_lora(model, LoraConfig(r=4))
@@ -175,8 +175,8 @@ def tiny_quantized(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.stem)
 def test_recipe_trains_two_steps_on_its_demo_data(path, tiny_llama, tiny_model_dir, tiny_quantized, tmp_path):
-    from mlx_lora import api
-    from mlx_lora.adapters import read_adapter
+    from mlx_lora.commands import api
+    from mlx_lora.model.adapters import read_adapter
 
     recipe = read_recipe(path)
     shipped = config.build(str(path))
@@ -283,7 +283,7 @@ def test_prepare_data_converts_preset_columns_and_splits(tmp_path):
 
     # the written folder is what the trainer reads
     from mlx_lora.config import DataConfig
-    from mlx_lora.data import load_datasets
+    from mlx_lora.data.mixture import load_datasets
     from mlx_lora.testing import make_tokenizer
 
     make_tokenizer(tmp_path / "tok")
@@ -343,10 +343,10 @@ def test_estimate_matches_the_measured_peak_of_a_training_step(variant):
     import mlx.optimizers as optim
     from mlx_lm.utils import _get_classes
 
-    from mlx_lora import adapters
+    from mlx_lora.model import adapters
     from mlx_lora.config import LoraConfig
-    from mlx_lora.losses import make_loss
-    from mlx_lora.trainer import enable_attention_checkpoint, enable_grad_checkpoint
+    from mlx_lora.training.losses import make_loss
+    from mlx_lora.training.trainer import enable_attention_checkpoint, enable_grad_checkpoint
 
     shape = ModelShape(hidden=256, layers=4, intermediate=768, heads=4, kv_heads=2, vocab=8192, tied=False)
     B, L, chunk = 2, 256, 128

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from cli_harness import cli_env, assert_one_error_message, diff, make_read_only, make_writable, run_main, snapshot
-from mlx_lora.checkpoints import RunDir, RunLock
+from mlx_lora.training.checkpoints import RunDir, RunLock
 from mlx_lora.testing import make_tiny_dataset
 
 TRAIN = ("--quiet", "--batch-size", "2", "--set", "data.valid_fraction=0", "--set", "train.save_every=1")
@@ -55,7 +55,7 @@ def world(tmp_path_factory, tiny_model_dir, _env) -> World:
 
 
 def _main(argv) -> int:
-    from mlx_lora.cli import main
+    from mlx_lora.commands.cli import main
 
     try:
         main([str(a) for a in argv])
@@ -229,7 +229,7 @@ def test_the_tables_decide_every_config_key():
     """A key added to the config is refused on resume until someone allows it; both tables here
     must then name it, so the decision is made on purpose."""
     from mlx_lora.config import SECTIONS
-    from mlx_lora.resume import ALLOWED, BATCH_KEYS, refused_changes
+    from mlx_lora.training.resume import ALLOWED, BATCH_KEYS, refused_changes
 
     keys = {f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in fields(cls)} | {"out"}
     assert keys <= set(FORBIDDEN) | set(ALLOWED_CASES), keys - set(FORBIDDEN) - set(ALLOWED_CASES)
@@ -237,7 +237,7 @@ def test_the_tables_decide_every_config_key():
     assert not (set(ALLOWED) & set(FORBIDDEN))
 
     # refused by default: a key the allowed list does not know
-    from mlx_lora import resume
+    from mlx_lora.training import resume
     from mlx_lora.config import Config
 
     real = resume.to_dict
@@ -292,8 +292,8 @@ def test_the_adapter_must_fit_the_checkpoint_tensors(world, tmp_path):
     """Defence in depth below the config check: restoring tensors of another shape is an error."""
     import mlx.core as mx
 
-    from mlx_lora.errors import CheckpointError
-    from mlx_lora.trainer import _check_same_tensors
+    from mlx_lora.plumbing.errors import CheckpointError
+    from mlx_lora.training.trainer import _check_same_tensors
 
     a = {"x.lora_A.weight": mx.zeros((8, 64))}
     _check_same_tensors(a, {"x.lora_A.weight": mx.ones((8, 64))}, "ckpt")
@@ -405,9 +405,9 @@ def test_a_second_writer_is_refused_and_changes_nothing(how, world, tmp_path, ca
 
 def test_a_new_run_folder_is_locked_before_its_first_write(world, tmp_path, capsys, monkeypatch):
     """Even the first files of a new run (marker, config) are written under the lock."""
-    import mlx_lora.checkpoints as checkpoints
+    import mlx_lora.training.checkpoints as checkpoints
 
-    import mlx_lora.ownership as ownership
+    import mlx_lora.plumbing.ownership as ownership
 
     seen = []
 
@@ -467,8 +467,8 @@ def test_a_checkpoint_left_renamed_aside_by_a_crash_is_resumed_from(world, tmp_p
 
 def test_a_resume_sees_what_happened_while_it_was_starting(world, tmp_path):
     from mlx_lora.config import build
-    from mlx_lora.errors import CheckpointError
-    from mlx_lora.resume import plan_resume
+    from mlx_lora.plumbing.errors import CheckpointError
+    from mlx_lora.training.resume import plan_resume
 
     run = _copy_run(world, tmp_path / "run")
     plan = plan_resume(RunDir(run), build(str(run / "config.yaml"), extra={"out": str(run)}), 1)
@@ -487,7 +487,7 @@ PAUSE_AT = 2
 def paused_main() -> None:
     """Entry point of a training subprocess that stops after writing step PAUSE_AT's metrics
     line and waits there, holding its run folder, until it is killed."""
-    import mlx_lora.callbacks as callbacks
+    import mlx_lora.training.callbacks as callbacks
 
     on_step = callbacks.MetricsFile.on_step
 
@@ -498,7 +498,7 @@ def paused_main() -> None:
             time.sleep(600)
 
     callbacks.MetricsFile.on_step = pausing
-    from mlx_lora.cli import main
+    from mlx_lora.commands.cli import main
 
     main(sys.argv[1:])
 
@@ -552,7 +552,7 @@ MLX_WRITE_FAILED = "[write] Unable to write 2097246 bytes to file."
 
 
 def test_disk_full_is_recognised_however_it_is_raised(tmp_path):
-    from mlx_lora.integrity import is_disk_full, resource_error
+    from mlx_lora.model.integrity import is_disk_full, resource_error
 
     enospc = OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl")
 
@@ -607,7 +607,7 @@ def test_mlx_reports_a_full_disk_as_the_integrity_module_expects(small_disk):
     """The message matched above is the one the installed MLX raises on a real full disk."""
     import mlx.core as mx
 
-    from mlx_lora.integrity import is_disk_full
+    from mlx_lora.model.integrity import is_disk_full
 
     disk = small_disk("1m")
     with pytest.raises(RuntimeError) as info:
@@ -620,7 +620,7 @@ def test_a_file_mlx_cannot_create_on_a_full_disk_is_a_full_disk(small_disk, tmp_
     has no inode left (and blocks to spare)."""
     import mlx.core as mx
 
-    from mlx_lora.integrity import is_disk_full
+    from mlx_lora.model.integrity import is_disk_full
 
     disk = small_disk("1m,nr_inodes=3")
     with pytest.raises(OSError) as info:
@@ -646,7 +646,7 @@ def test_a_real_full_disk_keeps_the_last_checkpoint_and_the_run_resumes(world, s
     assert kept is not None, err
     assert line.startswith("error: out of disk space") and f"{kept} is kept" in line and f"--resume {run}" in line
     RunDir.load_checkpoint(kept)
-    from mlx_lora.ownership import MARKER
+    from mlx_lora.plumbing.ownership import MARKER
 
     hidden = sorted(p.name for d in (run, run / "checkpoints") for p in d.iterdir() if p.name.startswith("."))
     assert hidden == [MARKER]  # no half-written temporary, no lock left behind
@@ -676,7 +676,7 @@ def _nan_at(monkeypatch, step: int) -> None:
     """Make the loss of optimizer step ``step`` non-finite."""
     import mlx.core as mx
 
-    import mlx_lora.trainer as trainer
+    import mlx_lora.training.trainer as trainer
 
     accumulate = trainer.Trainer._accumulate
 
@@ -707,7 +707,7 @@ def test_a_non_finite_loss_names_the_checkpoint_it_keeps_or_says_there_is_none(s
 
 @pytest.mark.parametrize("at", [0, 2])
 def test_an_interrupt_says_what_was_saved(at, world, tmp_path, capsys, monkeypatch):
-    import mlx_lora.trainer as trainer
+    import mlx_lora.training.trainer as trainer
 
     batches = trainer.iterate_batches
 

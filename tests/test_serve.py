@@ -36,9 +36,9 @@ def make_adapter(model_path: Path, out: Path, seed: int, **lora) -> Path:
     """An adapter with random, large A and B: it changes the model's greedy answers."""
     import mlx.core as mx
 
-    from mlx_lora import adapters
+    from mlx_lora.model import adapters
     from mlx_lora.config import LoraConfig
-    from mlx_lora.models import load_model
+    from mlx_lora.model.loading import load_model
 
     model, _, _ = load_model(str(model_path))
     cfg = LoraConfig(**lora)
@@ -64,7 +64,7 @@ def adapter_dirs(tiny_llama, tmp_path_factory):
 def server(tiny_llama, adapter_dirs):
     import uvicorn
 
-    from mlx_lora import serve
+    from mlx_lora.commands import serve
 
     engine = serve.build_engine(str(tiny_llama), {k: str(v) for k, v in adapter_dirs.items()}, max_tokens=16)
     sock = serve.bind("127.0.0.1", 0)
@@ -91,8 +91,8 @@ def client(server):
 @pytest.fixture(scope="module")
 def reference(tiny_llama, adapter_dirs):
     """Greedy answers of the model loaded alone, with each adapter loaded the usual way."""
-    from mlx_lora.api import load_for_inference
-    from mlx_lora.generation import chat_prompt, chat_template_for, encode, stream
+    from mlx_lora.commands.api import load_for_inference
+    from mlx_lora.inference.generation import chat_prompt, chat_template_for, encode, stream
 
     out = {}
     for name, folder in [("tiny", None), *adapter_dirs.items()]:

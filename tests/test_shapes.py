@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import mlx_lora
-from mlx_lora.batching import PAD_MULTIPLE, Batch
+from mlx_lora.data.batching import PAD_MULTIPLE, Batch
 from mlx_lora.config import build
-from mlx_lora.errors import ConfigError
-from mlx_lora.shapes import ShapePolicy, ladder, plan_costs, repack, resolve, rung
+from mlx_lora.plumbing.errors import ConfigError
+from mlx_lora.data.shapes import ShapePolicy, ladder, plan_costs, repack, resolve, rung
 
 
 def _varied_chat(path: Path, n: int = 12) -> Path:
@@ -170,9 +170,9 @@ def test_packed_rows_get_per_example_logits_through_the_fast_attention_kernel(ti
     """A batch packed by the ``packed`` policy gives each example the logits and loss it gets alone,
     and its attention goes through mx.fast.scaled_dot_product_attention with a one-byte mask
     broadcast over the heads ([B, 1, L, L] bool), not a float32 mask per head."""
-    from mlx_lora.losses import masked_cross_entropy, model_logits
-    from mlx_lora.models import load_model
-    from mlx_lora.trainer import batch_arrays
+    from mlx_lora.training.losses import masked_cross_entropy, model_logits
+    from mlx_lora.model.loading import load_model
+    from mlx_lora.training.trainer import batch_arrays
 
     model, _, _ = load_model(str(tiny_llama), dtype="float32", with_tokenizer=False)
     batch = _batch([30, 12, 50, 7, 21], seed=3)

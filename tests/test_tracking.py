@@ -73,7 +73,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl_and_resume_appends(tiny_llama, 
 
 
 def test_a_resumed_run_supersedes_what_was_logged_past_its_checkpoint(tmp_path):
-    from mlx_lora.tracking import TensorBoard
+    from mlx_lora.training.tracking import TensorBoard
 
     class Trainer:
         class state:

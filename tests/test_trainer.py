@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 import mlx_lora
-from mlx_lora import adapters
+import mlx_lora.data.mixture
+from mlx_lora.model import adapters
 from mlx_lora.config import build
-from mlx_lora.errors import MlxLoraError
+from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES, make_tiny_dataset
 
 
@@ -112,7 +113,7 @@ def test_interrupt_and_resume_matches_uninterrupted_run(memo_model, chat8, tmp_p
 def test_grad_accumulation_and_length_groups_equal_the_whole_batch(memo_model, chat8, tmp_path, other, monkeypatch):
     """4 micro-batches of 1 row, or each row alone at its own padded length, take the step of one
     padded batch of 4."""
-    from mlx_lora import trainer as T
+    from mlx_lora.training import trainer as T
 
     # Calls of this tiny model cost more than its positions, so it would group the rows back into
     # one call: price a call at nothing, as for a real model, so every row runs alone.
@@ -133,9 +134,9 @@ def test_grad_accumulation_and_length_groups_equal_the_whole_batch(memo_model, c
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_packed_row_gives_each_example_its_own_loss(tiny_models, arch):
     """Three examples packed in one row with the block-diagonal mask score exactly as alone."""
-    from mlx_lora.data import attention_mask_from_segments
-    from mlx_lora.losses import masked_cross_entropy
-    from mlx_lora.models import load_model
+    from mlx_lora.data.examples import attention_mask_from_segments
+    from mlx_lora.training.losses import masked_cross_entropy
+    from mlx_lora.model.loading import load_model
 
     model, _, _ = load_model(str(tiny_models[arch]), with_tokenizer=False)
     rng = np.random.default_rng(0)
@@ -170,7 +171,7 @@ def test_every_architecture_trains_saves_and_reloads(tiny_models, tmp_path, arch
     state = _adapter(run)
     assert any(np.abs(v).max() > 0 for k, v in state.items() if "lora_B" in k)
     # a fresh model with the saved adapter gives the same logits as the trained one would
-    from mlx_lora.api import load_for_inference
+    from mlx_lora.commands.api import load_for_inference
 
     model, tok, _ = load_for_inference(str(tiny_models[arch]), str(run))
     x = mx.array([[1, 5, 9, 33, 70]])
@@ -237,7 +238,7 @@ class Poison:
     def __init__(self, monkeypatch, from_step):
         import dataclasses
 
-        import mlx_lora.trainer as tr
+        import mlx_lora.training.trainer as tr
 
         self.on, self.from_step, orig_make = False, from_step, tr.make_loss
 
@@ -262,9 +263,9 @@ def test_nonfinite_loss_policy_keeps_last_good_checkpoint(memo_model, chat8, tmp
     cfg = _cfg(memo_model, chat8, run, **{"train.iters": 8, "train.batch_size": 8, "train.save_every": 1,
                                           "train.compile": False, "train.nan_policy": policy})
     poison = Poison(monkeypatch, from_step=4)
-    with pytest.raises(mlx_lora.trainer.TrainingStopped, match="last good checkpoint"):
+    with pytest.raises(mlx_lora.training.trainer.TrainingStopped, match="last good checkpoint"):
         mlx_lora.train(cfg, progress=False, callbacks=[poison])
-    from mlx_lora.checkpoints import RunDir
+    from mlx_lora.training.checkpoints import RunDir
 
     ckpt = RunDir(run).latest_checkpoint()
     assert ckpt is not None and ckpt.name == "step-0000003" and RunDir.is_complete(ckpt)
@@ -300,7 +301,7 @@ def test_grad_checkpoint_takes_the_same_steps(memo_model, chat8, tmp_path):
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
     # only the instances were changed: a freshly loaded model of the same class is untouched
-    from mlx_lora.models import load_model
+    from mlx_lora.model.loading import load_model
 
     fresh, _, _ = load_model(str(memo_model), with_tokenizer=False)
     assert not getattr(type(fresh.layers[0]), "_mlx_lora_checkpointed", False)
@@ -321,8 +322,8 @@ def test_dry_run_predicts_the_jobs_peak_and_writes_nothing(memo_model, chat8, tm
     no run folder."""
     from click.testing import CliRunner
 
-    from mlx_lora.cli import cli
-    from mlx_lora.estimate import estimate
+    from mlx_lora.commands.cli import cli
+    from mlx_lora.training.estimate import estimate
 
     run = tmp_path / "run"
     cfg = _cfg(memo_model, chat8, run, **{"train.iters": 6, "train.batch_size": 4})
@@ -330,8 +331,8 @@ def test_dry_run_predicts_the_jobs_peak_and_writes_nothing(memo_model, chat8, tm
     assert not run.exists()
     assert est.total_steps == 6 and est.train_seconds > 0 and est.shapes >= 1
     # chat8 is 8 examples: 2 batches of 4 per epoch, 3 epochs in 6 steps
-    ds_tokens = sum(b.ntokens for b, _ in mlx_lora.data.iterate_batches(
-        mlx_lora.data.load_datasets(cfg.data, mlx_lora.models.load_model(str(memo_model))[1], seed=0,
+    ds_tokens = sum(b.ntokens for b, _ in mlx_lora.data.examples.iterate_batches(
+        mlx_lora.data.mixture.load_datasets(cfg.data, mlx_lora.model.loading.load_model(str(memo_model))[1], seed=0,
                                     splits=("train",)).train, 4, max_seq_length=cfg.data.max_seq_length,
         seed=0, loop=False))
     assert est.target_tokens == 3 * ds_tokens

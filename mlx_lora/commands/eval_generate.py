@@ -1,0 +1,162 @@
+"""``mlx-lora eval --generate``: answer held-out rows with the model, score the answers, and with
+``--compare`` score the base model (adapter off) and the adapter on the same rows side by side.
+
+Rows, prompts, generation and metrics live in :mod:`mlx_lora.inference.evaluation` and
+:mod:`mlx_lora.inference.metrics`; this module checks the options, loads the model once (the adapter is
+attached after the base has answered), prints the table and writes the per-example file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Callable, Optional, Sequence
+
+from mlx_lora.plumbing.errors import MlxLoraError
+
+OUT_MAGIC = b'{"line": '
+"""How every line of an ``--out`` file starts: ``--overwrite`` replaces only such a file."""
+MAX_TIMEOUT_S = 3600.0
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None, *, compare: bool = False,
+                      metrics: Sequence[str] = (), max_tokens: int = 256, temperature: float = 0.0,
+                      top_p: float = 1.0, seed: int = 0, batch_size: Optional[int] = None,
+                      limit: Optional[int] = None, chat_template: Optional[str] = None,
+                      out: Optional[str] = None, overwrite: bool = False, timeout_s: float = 10.0,
+                      dtype: str = "auto", strict: bool = False, log: Optional[Callable[[str], None]] = _stderr) -> dict:
+    """Generate an answer for each row of ``data`` (a JSONL file, or a folder's test.jsonl /
+    valid.jsonl) and score it with ``metrics`` (default: chosen from the data, see
+    :func:`mlx_lora.inference.metrics.default_metric`). Scores the adapter when one is given, the base
+    model otherwise, and both with ``compare``. Returns the summary (what ``--json`` prints);
+    ``out`` receives one JSON object per row."""
+    from mlx_lora.inference import evaluation
+    from mlx_lora.inference.loading import attach_adapter, eval_data_file, load_for_inference
+    from mlx_lora.config import CHOICES, INT_CAP, MAX_BATCH, MAX_SEED, MAX_SEQ_LENGTH, Bound, check_options
+    from mlx_lora.inference.metrics import default_metric, parse_metrics
+
+    log = log or (lambda m: None)
+    # Everything a user can get wrong is checked before the model loads.
+    check_options([("--max-tokens", max_tokens, Bound(int, 1, MAX_SEQ_LENGTH)),
+                   ("--temperature", temperature, Bound(float, 0, 100)),
+                   ("--top-p", top_p, Bound(float, 0, 1, lo_open=True, cap=False)),
+                   ("--seed", seed, Bound(int, 0, MAX_SEED)),
+                   ("--timeout", timeout_s, Bound(float, 0, MAX_TIMEOUT_S, lo_open=True)),
+                   ("dtype", dtype, CHOICES["model.dtype"])]
+                  + ([("--batch-size", batch_size, Bound(int, 1, MAX_BATCH))] if batch_size is not None else [])
+                  + ([("--limit", limit, Bound(int, 1, INT_CAP))] if limit is not None else []))
+    chosen = parse_metrics(metrics)
+    if compare and not adapter:
+        raise MlxLoraError("--compare scores the base model and an adapter side by side: give --adapter")
+    if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
+        raise MlxLoraError("--chat-template must be 'chatml' or the path of a .jinja file")
+    path = eval_data_file(data)
+    eval_set = evaluation.read_eval_set(path, limit=limit)
+    reason = None
+    if not chosen:
+        metric, why = default_metric([r.reference for r in eval_set.rows], [bool(r.tests) for r in eval_set.rows])
+        chosen, reason = [metric], why
+    evaluation.check_metrics(chosen, eval_set)
+    out_path = None
+    if out is not None:
+        from mlx_lora.plumbing.ownership import OwnershipError, check_output_file
+
+        try:
+            out_path = check_output_file(out, overwrite=overwrite, what="--out file", magic=OUT_MAGIC)
+        except OwnershipError as e:
+            if "is not a" not in str(e):
+                raise
+            raise OwnershipError(f"--out file {out} exists and is not an output of mlx-lora eval --generate; "
+                                 f"--overwrite replaces only such files. Choose another name") from None
+    batch = batch_size or evaluation.DEFAULT_BATCH_SIZE
+
+    model, tokenizer, info = load_for_inference(model_path, None, dtype, strict=strict, dequantize_on_cpu="auto")
+    if adapter:  # an unreadable adapter (or, with strict, one for another base) fails before any generation
+        from mlx_lora.model.adapters import read_adapter
+        from mlx_lora.model.integrity import check_adapter_base
+
+        ainfo, _ = read_adapter(adapter, model)
+        if strict:
+            check_adapter_base(ainfo, info.local_path, strict=True, adapter_name=str(adapter))
+    evaluation.render_prompts(eval_set, tokenizer, chat_template)
+    n = len(eval_set.rows)
+    log(f"data      {eval_set.path}: {n} rows ({eval_set.format})")
+    log(f"metric    {', '.join(chosen)}" + (f" (chosen from the data: {reason}; choose with --metric)" if reason else ""))
+    how = "greedy" if temperature == 0 else f"sampled at temperature {temperature:g}, top-p {top_p:g}, seed {seed}"
+    log(f"generate  {how}, at most {max_tokens} new tokens, batches of {batch}")
+
+    kw = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch,
+              timeout_s=timeout_s)
+    results: dict[str, evaluation.Scores] = {}
+    if compare or not adapter:
+        results["base"] = evaluation.generate_and_score(model, tokenizer, eval_set, chosen, **kw)
+        log(f"base      {n} rows in {results['base'].seconds:.0f} s")
+    if adapter:
+        attach_adapter(model, info, adapter, strict=strict)
+        results["adapter"] = evaluation.generate_and_score(model, tokenizer, eval_set, chosen, **kw)
+        log(f"adapter   {n} rows in {results['adapter'].seconds:.0f} s")
+
+    cols = evaluation.columns(chosen)
+    summary = {
+        "path": eval_set.path, "format": eval_set.format, "rows": n, "metrics": chosen, "metric_reason": reason,
+        "model": model_path, "adapter": adapter,
+        "generation": {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                       "batch_size": batch},
+        "scores": {name: s.means for name, s in results.items()},
+        "seconds": {name: round(s.seconds, 2) for name, s in results.items()},
+    }
+    if "base" in results and "adapter" in results:
+        summary["delta"] = {c: results["adapter"].means[c] - results["base"].means[c] for c in cols}
+    if out_path is not None:
+        from mlx_lora.plumbing.io import atomic_write_text
+
+        atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                            for r in example_records(eval_set, results, "pass@1" in chosen)))
+        summary["out"] = str(out_path)
+    return summary
+
+
+def example_records(eval_set, results: dict, sandbox: bool) -> list[dict]:
+    """One record per row: its line, prompt, reference, each model's output and scores."""
+    records = []
+    for k, row in enumerate(eval_set.rows):
+        r = {"line": row.line, "prompt": row.prompt, "reference": row.reference}
+        for name, s in results.items():
+            r[f"{name}_output"] = s.outputs[k]
+        r["scores"] = {name: s.rows[k] for name, s in results.items()}
+        if sandbox:
+            r["sandbox"] = {name: s.statuses[k] for name, s in results.items()}
+        if row.tests is not None:
+            r["tests"] = row.tests
+        records.append(r)
+    return records
+
+
+def table_lines(summary: dict) -> list[str]:
+    """The scores as a table: a row per metric column, a column per model (and the delta, in
+    percentage points, when both were scored)."""
+    models = list(summary["scores"])
+    cols = [c for c in next(iter(summary["scores"].values()))]
+    head = ["metric", *models] + (["delta"] if "delta" in summary else [])
+    rows = []
+    for c in cols:
+        cells = [c] + [f"{100 * summary['scores'][m][c]:.1f}%" for m in models]
+        if "delta" in summary:
+            cells.append(f"{100 * summary['delta'][c]:+.1f}")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return [fmt(head), *map(fmt, rows)]
+
+
+def summary_text(summary: dict) -> str:
+    lines = table_lines(summary)
+    lines.append(f"({summary['rows']} rows of {summary['path']}"
+                 + ("; delta in percentage points" if "delta" in summary else "") + ")")
+    if summary.get("out"):
+        lines.append(f"per-example outputs: {summary['out']}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Data: rows to rendered, tokenized, masked examples; formats, sources, chat templates, batches and shapes."""

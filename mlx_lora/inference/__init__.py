@@ -1,0 +1,1 @@
+"""Inference: the generation engine, prompts and sampling, evaluation and its metrics."""

@@ -1,0 +1,1 @@
+"""Models: loading any source with mlx-lm, LoRA/DoRA layers, adapters, base-model fingerprints."""
