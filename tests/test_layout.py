@@ -1,5 +1,6 @@
-"""The shape of the code: one direction of dependencies (as ARCHITECTURE.md's table says), one
-top-level import name in the built wheel, mlx-lm internals touched in one module only."""
+"""The shape of the code: folders that are the layers, one direction of dependencies (as
+ARCHITECTURE.md's table says), no import loops, one top-level import name in the built wheel, mlx-lm
+internals touched in one module only."""
 
 from __future__ import annotations
 
@@ -17,17 +18,49 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ("plumbing", "formats", "core", "commands")
 PACKAGES = {"mlx_lora": ROOT / "mlx_lora", "mlx_lora.converters": ROOT / "converters"}
 MLX_LM_COMPAT = "mlx_lora.plumbing.mlx_lm_compat"
+# The layer each folder of mlx_lora/ holds (converters/ holds two: formats and exports, by the table).
+FOLDER_LAYERS = {"plumbing": "plumbing", "data": "core", "model": "core", "training": "core",
+                 "inference": "core", "commands": "commands"}
+# Inside the layers, a finer order of groups; an import pointing back up it is an exception listed here.
+GROUP_ORDER = ("plumbing", "formats", "data", "config", "model", "training", "inference", "testing", "commands")
+BACK_UP = {
+    # the data containers are typed by the one config's data section (DataConfig): data -> config
+    ("mlx_lora.data.examples", "mlx_lora.config"),
+    ("mlx_lora.data.mixture", "mlx_lora.config"),
+}
 
 
 def module_name(path: Path) -> str:
     for pkg, folder in PACKAGES.items():
-        if path.parent == folder:
-            return pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"
+        if folder in path.parents:
+            parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            return ".".join([pkg, *parts])
     raise AssertionError(f"{path} is outside the packages")
 
 
 def source_modules() -> dict[str, Path]:
-    return {module_name(p): p for folder in PACKAGES.values() for p in sorted(folder.glob("*.py"))}
+    return {module_name(p): p for folder in PACKAGES.values() for p in sorted(folder.rglob("*.py"))}
+
+
+def tabled_modules() -> dict[str, Path]:
+    """Every module but the subpackages' own __init__ files (which only name their folder)."""
+    return {n: p for n, p in source_modules().items()
+            if not (p.name == "__init__.py" and p.parent.parent == PACKAGES["mlx_lora"])}
+
+
+def layer_of(name: str, layers: dict[str, str]) -> str:
+    if name in layers:
+        return layers[name]
+    return FOLDER_LAYERS[name.split(".")[1]]  # a subpackage's __init__
+
+
+def group_of(name: str, layers: dict[str, str]) -> str:
+    parts = name.split(".")
+    if parts[1] == "converters":
+        return "formats" if layer_of(name, layers) == "formats" else "commands"
+    if len(parts) == 2:
+        return {"config": "config", "testing": "testing", "__main__": "commands"}.get(parts[1], "plumbing")
+    return parts[1] if parts[1] in GROUP_ORDER else FOLDER_LAYERS[parts[1]]
 
 
 def documented_layers() -> dict[str, str]:
@@ -64,7 +97,7 @@ def imports_of(name: str, path: Path) -> set[str]:
 
 
 def test_every_module_is_in_the_architecture_table():
-    documented, actual = documented_layers(), source_modules()
+    documented, actual = documented_layers(), tabled_modules()
     assert set(documented) == set(actual), (
         f"ARCHITECTURE.md lists modules that do not exist: {sorted(set(documented) - set(actual))}; "
         f"modules missing from it: {sorted(set(actual) - set(documented))}")
@@ -77,9 +110,67 @@ def test_imports_point_one_way():
     wrong = []
     for name, path in source_modules().items():
         for target in sorted(imports_of(name, path) - {name}):
-            if rank[target] > rank[name]:
-                wrong.append(f"{name} ({layers[name]}) imports {target} ({layers[target]})")
+            if rank.get(target, LAYERS.index(layer_of(target, layers))) > rank.get(
+                    name, LAYERS.index(layer_of(name, layers))):
+                wrong.append(f"{name} ({layer_of(name, layers)}) imports {target} ({layer_of(target, layers)})")
     assert not wrong, "imports against the layers of ARCHITECTURE.md:\n" + "\n".join(wrong)
+
+
+def test_folders_are_the_layers():
+    """A module's folder says its layer: ARCHITECTURE.md's table agrees with the folder."""
+    layers = documented_layers()
+    wrong = [f"{name}: table says {layer}, folder {name.split('.')[1]}/ holds {FOLDER_LAYERS[name.split('.')[1]]}"
+             for name, layer in layers.items()
+             if len(name.split(".")) > 2 and name.split(".")[1] in FOLDER_LAYERS
+             and FOLDER_LAYERS[name.split(".")[1]] != layer]
+    assert not wrong, "\n".join(wrong)
+    assert len([p for p in PACKAGES["mlx_lora"].glob("*.py")]) <= 5, "mlx_lora/ keeps its modules in subpackages"
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = source_modules()
+    return {name: {t for t in imports_of(name, path) - {name} if t in modules and t != "mlx_lora"}
+            for name, path in modules.items()}
+
+
+def test_no_import_loops():
+    """No module reaches itself through imports, counting imports written inside functions."""
+    graph = import_graph()
+    index, low, stack, on_stack, loops = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                loops.append(" <-> ".join(sorted(comp)))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not loops, "import loops:\n" + "\n".join(loops)
+
+
+def test_imports_pointing_back_up_are_the_named_exceptions():
+    layers = documented_layers()
+    back = {(name, t) for name, targets in import_graph().items() for t in targets
+            if GROUP_ORDER.index(group_of(t, layers)) > GROUP_ORDER.index(group_of(name, layers))}
+    assert back <= BACK_UP, f"imports pointing back up the order {GROUP_ORDER}: {sorted(back - BACK_UP)}"
+    assert len(BACK_UP) <= 3
 
 
 # Folders whose modules may reach into mlx-lm only through MLX_LM_COMPAT. bench/ runs mlx-lm's own
@@ -111,7 +202,7 @@ def mlx_lm_internals(path: Path) -> list[str]:
 
 
 def test_mlx_lm_internals_are_used_in_one_module_only():
-    compat = ROOT / (MLX_LM_COMPAT.replace("mlx_lora.", "mlx_lora/", 1).replace(".", "/") + ".py")
+    compat = ROOT / (MLX_LM_COMPAT.replace(".", "/") + ".py")
     assert mlx_lm_internals(compat), f"{compat} no longer uses mlx-lm internals: update this test"
     offenders = [hit for folder in MLX_LM_CHECKED for p in sorted((ROOT / folder).rglob("*.py")) if p != compat
                  for hit in mlx_lm_internals(p)]
