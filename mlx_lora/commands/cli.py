@@ -13,6 +13,8 @@ import traceback
 
 import click
 
+from mlx_lora.plumbing import logs
+
 # name -> "module:attribute" of commands defined outside this file, imported on first use.
 LAZY_COMMANDS = {
     "convert": "mlx_lora.commands.convert_cli:convert",
@@ -38,13 +40,16 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("-q", "--quiet", "quiet_all", is_flag=True, help="Only warnings and errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Also debug messages.")
+@click.option("--debug", is_flag=True, help="Debug messages and full tracebacks for errors.")
 @click.version_option(package_name="mlx-lora")
 @click.pass_context
-def cli(ctx, debug):
+def cli(ctx, quiet_all, verbose, debug):
     """Fine-tune LLMs with LoRA, QLoRA and DoRA on MLX, then fuse or export them."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug or bool(os.environ.get("MLX_LORA_DEBUG"))
+    logs.setup(logs.VERBOSE if (verbose or ctx.obj["debug"]) else logs.QUIET if quiet_all else logs.NORMAL)
 
 
 def _overrides(**options) -> dict:
@@ -256,6 +261,7 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     reexec_with_openblas(argv)
     debug = "--debug" in argv or bool(os.environ.get("MLX_LORA_DEBUG"))
+    logs.setup()
     try:
         cli.main(args=argv, prog_name="mlx-lora", standalone_mode=False)
     except click.exceptions.Abort:
