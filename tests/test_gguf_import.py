@@ -398,7 +398,8 @@ def test_import_and_export_support_the_table_and_the_readme_says_so(tmp_path, ti
         import_gguf(path, tmp_path / "out")
     imported = str(e.value).split("supported: ")[1].split(", ")
     assert imported == exported == table
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text() + (root / "docs" / "export.md").read_text()
     assert _listed(readme, r"Architectures ((?:\w+, )*\w+ and \w+), with llama\.cpp's tensor names") == table
     assert _listed(readme, r"a `\.gguf` file of architecture ((?:\w+, )*\w+ or \w+) \(imported once") == table
 
