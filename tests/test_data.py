@@ -564,6 +564,28 @@ def test_num_batches_matches_the_iterator(packing):
     assert D.num_batches(ds, 3, max_seq_length=64) == 14  # ceil(41 / 3)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_batch_plan_is_the_configs_batching(packing):
+    """One plan, built from the config, gives the batches training, evaluation and the estimates
+    walk: the training order is iterate_batches with the run's keys, its step count is the epoch's."""
+    from mlx_lora.config import build
+    from mlx_lora.data.batching import BatchPlan
+
+    ds = synthetic(np.random.default_rng(9).integers(2, 50, size=37))
+    cfg = build(extra={"data": {"packing": packing, "max_seq_length": 64, "length_bucketing": True},
+                       "train": {"batch_size": 2, "grad_accum": 2, "seed": 11}}, check=False)
+    rows = lambda batches: [b.inputs.tolist() for b in batches]  # noqa: E731
+    for rank, world in ((0, 1), (1, 2)):
+        plan = BatchPlan.for_training(cfg, ds, rank, world)
+        direct = D.iterate_batches(ds, 4, max_seq_length=64, seed=11, shuffle=True, packing=packing, loop=False,
+                                   rank=rank, world_size=world, bucketing=True)
+        assert rows(plan.first_epoch()) == rows(b for b, _ in direct)
+        assert plan.steps_per_epoch() == sum(1 for _ in plan.first_epoch())
+    ev = BatchPlan.for_evaluation(cfg, ds)
+    assert ev.batch_size == 2 and not ev.shuffle and not ev.bucketing
+    assert {i for b in ev.first_epoch() for i in b.items.tolist()} == set(range(len(ds)))
+
+
 def collect(ds, n, **kw):
     it = D.iterate_batches(ds, **kw)
     return [next(it) for _ in range(n)]

@@ -195,7 +195,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         log(line)
     from mlx_lora.data.shapes import epoch_stats
 
-    log(f"shapes    {trainer.shapes.chosen}; first epoch: {epoch_stats(trainer).line()}")
+    log(f"shapes    {trainer.shapes.chosen}; first epoch: {epoch_stats(trainer.plan, trainer.shapes, trainer.micro_batches).line()}")
     for note in trainer.memory_notes:
         log(f"memory    {note}")
 

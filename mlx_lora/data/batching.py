@@ -262,3 +262,51 @@ def attention_mask_from_segments(segments: np.ndarray) -> np.ndarray:
     pad = seg == 0
     mask |= np.eye(L, dtype=bool)[None] & pad[:, :, None]
     return mask[:, None]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one split is cut into batches for a run, built once from the config (and this rank's
+    place in a data-parallel world) and used by everything that walks the data: the training loop,
+    evaluation, preference precomputation, the shape policy, the dry-run estimate and the memory
+    trace. ``batch_size`` is rows per rank per step (a training plan's is ``batch_size *
+    grad_accum``: one optimizer step's rows, which the trainer splits into micro-batches)."""
+
+    dataset: TokenizedDataset
+    batch_size: int
+    max_seq_length: int
+    seed: int
+    shuffle: bool = True
+    packing: bool = False
+    bucketing: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def for_training(cls, cfg, dataset: TokenizedDataset, rank: int = 0, world_size: int = 1) -> "BatchPlan":
+        """The training order of ``cfg`` (a :class:`~mlx_lora.config.Config`): shuffled per epoch by
+        the run's seed, packed and length-bucketed as the config says."""
+        t, d = cfg.train, cfg.data
+        return cls(dataset, t.batch_size * t.grad_accum, d.max_seq_length, t.seed, shuffle=True, packing=d.packing,
+                   bucketing=d.length_bucketing, rank=rank, world_size=world_size)
+
+    @classmethod
+    def for_evaluation(cls, cfg, dataset: TokenizedDataset, rank: int = 0, world_size: int = 1) -> "BatchPlan":
+        """Every example once, in order (``cfg.train.batch_size`` rows per rank)."""
+        return cls(dataset, cfg.train.batch_size, cfg.data.max_seq_length, cfg.train.seed, shuffle=False,
+                   packing=cfg.data.packing, rank=rank, world_size=world_size)
+
+    def batches(self, *, start: BatchPosition = BatchPosition(), loop: bool = True
+                ) -> Iterator[tuple[Batch, BatchPosition]]:
+        """:func:`iterate_batches` of this plan from ``start`` (``loop=False``: to the end of its epoch)."""
+        return iterate_batches(self.dataset, self.batch_size, max_seq_length=self.max_seq_length, seed=self.seed,
+                               shuffle=self.shuffle, packing=self.packing, start=start, loop=loop, rank=self.rank,
+                               world_size=self.world_size, bucketing=self.bucketing)
+
+    def first_epoch(self) -> Iterator[Batch]:
+        """The batches of the first epoch, in the order the run sees them."""
+        return (b for b, _ in self.batches(loop=False))
+
+    def steps_per_epoch(self) -> int:
+        return num_batches(self.dataset, self.batch_size, max_seq_length=self.max_seq_length, packing=self.packing,
+                           world_size=self.world_size)

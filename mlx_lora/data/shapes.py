@@ -30,9 +30,11 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
 
-from mlx_lora.data.batching import PAD_MULTIPLE, Batch, epoch_plan, pack, padded_length
+from mlx_lora.data.batching import PAD_MULTIPLE, Batch, BatchPlan, epoch_plan, pack, padded_length
 
 POLICIES = ("auto", "exact", "ladder", "packed")
 LADDER_RATIO = 2**0.5
@@ -226,18 +228,14 @@ def resolve(policy: str, *, gpu: bool, sizes: np.ndarray, batch_rows: int, max_s
     return ShapePolicy(name, rungs, row_length, chosen=f"{name} (auto on a GPU; predicted {priced})")
 
 
-def epoch_stats(trainer) -> ShapeStats:
-    """The call shapes and padding of ``trainer``'s first epoch, as its steps will run them."""
-    from mlx_lora.data.batching import iterate_batches
-
-    t, d = trainer.cfg.train, trainer.cfg.data
+def epoch_stats(plan: BatchPlan, policy: ShapePolicy, calls: Callable[[Batch], list]) -> ShapeStats:
+    """The call shapes and padding of a run's first epoch (``plan``), laid out by ``policy`` and cut
+    into calls by ``calls`` (the trainer's micro-batching), as its steps will run them."""
     stats = ShapeStats()
-    if not len(trainer.train_set):
+    if not len(plan.dataset):
         return stats
-    for b, _ in iterate_batches(trainer.train_set, t.batch_size * t.grad_accum, max_seq_length=d.max_seq_length,
-                                seed=t.seed, shuffle=True, packing=d.packing, loop=False, rank=trainer.rank,
-                                world_size=trainer.world, bucketing=d.length_bucketing):
-        b = trainer.shapes.apply(b)
-        for rows, length in trainer.micro_batches(b):
+    for b in plan.first_epoch():
+        b = policy.apply(b)
+        for rows, length in calls(b):
             stats.add(len(rows), length, call_filled(b, rows, length))
     return stats

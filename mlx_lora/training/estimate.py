@@ -115,21 +115,13 @@ def _duration(s: float) -> str:
 def _plan(trainer) -> list[tuple[int, int, int, list[tuple[int, int]]]]:
     """(rows, padded length, target tokens, [(rows, length) of each call]) of every batch of one
     epoch, in order; the calls are how the trainer runs the batch (see Trainer.micro_batches)."""
-    shaped = [trainer.shapes.apply(b) for b, _ in _batches(trainer)]
+    shaped = [trainer.shapes.apply(b) for b in trainer.plan.first_epoch()]
     return [(b.inputs.shape[0], b.inputs.shape[1], b.ntokens, [(len(r), l) for r, l in trainer.micro_batches(b)])
             for b in shaped]
 
 
-def _batches(trainer):
-    from mlx_lora.data.examples import iterate_batches
-
-    t, d = trainer.cfg.train, trainer.cfg.data
-    return iterate_batches(trainer.train_set, t.batch_size * t.grad_accum, max_seq_length=d.max_seq_length,
-                           seed=t.seed, shuffle=True, packing=d.packing, loop=False, bucketing=d.length_bucketing)
-
-
 def _batch_at(trainer, index: int):
-    for i, (b, _) in enumerate(_batches(trainer)):
+    for i, b in enumerate(trainer.plan.first_epoch()):
         if i == index:
             return b
     raise IndexError(index)
@@ -219,7 +211,7 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
         available = backend.total_memory_bytes()
     from mlx_lora.data.shapes import epoch_stats
 
-    shape_line = f"{trainer.shapes.chosen}; first epoch: {epoch_stats(trainer).line()}"
+    shape_line = f"{trainer.shapes.chosen}; first epoch: {epoch_stats(trainer.plan, trainer.shapes, trainer.micro_batches).line()}"
     notes += trainer.memory_notes
     loss = (f"chunked loss ({trainer.loss.chunk_tokens} tokens)" if trainer.loss.chunk_tokens else "plain loss")
     if trainer.loss.note:
@@ -314,13 +306,7 @@ def trace(cfg, *, log: Optional[Callable[[str], None]] = None) -> Recorder:
     rec.run("LoRA wrapped", wrap)
     trainer = rec.run("trainer built (optimizer state)", lambda: Trainer(model, cfg, splits.train, None, None))
     model.train()
-    t = cfg.train
-    from mlx_lora.data.batching import iterate_batches
-
-    it = iterate_batches(splits.train, t.batch_size * t.grad_accum, max_seq_length=cfg.data.max_seq_length,
-                         seed=t.seed, shuffle=True, packing=cfg.data.packing, loop=False,
-                         bucketing=cfg.data.length_bucketing)
-    batch = max((trainer.shapes.apply(b) for b, _ in it), key=lambda b: b.inputs.size)
+    batch = max((trainer.shapes.apply(b) for b in trainer.plan.first_epoch()), key=lambda b: b.inputs.size)
     rows, length = max(trainer.micro_batches(batch), key=lambda c: (c[1], len(c[0])))
     say(f"tracing memory on a call of {len(rows)} x {length} positions ({trainer.shapes.name} shapes)")
     inputs, targets, mask, attn = batch_arrays(batch, rows, length)

@@ -251,7 +251,7 @@ REFERENCE_FILE = "reference_logps.npz"
 def reference_logps(model: nn.Module, ds, cfg: Config) -> np.ndarray:
     """The reference model's (adapter off) summed target log-probs of every example of ``ds``,
     float32 [examples], in one pass without gradients (``train.batch_size`` pairs at a time)."""
-    from mlx_lora.data.batching import iterate_batches
+    from mlx_lora.data.batching import BatchPlan
 
     seq = SequenceLogps(None, None)
     out = np.zeros(len(ds), np.float32)
@@ -259,8 +259,8 @@ def reference_logps(model: nn.Module, ds, cfg: Config) -> np.ndarray:
     model.eval()
     try:
         with adapters_off(model):
-            for batch, _ in iterate_batches(ds, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length,
-                                            seed=0, shuffle=False, loop=False):
+            plan = BatchPlan(ds, cfg.train.batch_size, cfg.data.max_seq_length, seed=0, shuffle=False)
+            for batch in plan.first_epoch():
                 inputs, targets, mask = (mx.array(a) for a in (batch.inputs, batch.targets, batch.loss_mask))
                 out[batch.items] = np.array(seq(model, inputs, targets, mask))
     finally:

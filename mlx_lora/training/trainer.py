@@ -22,8 +22,8 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lora.training import distributed as dist
 from mlx_lora.training.checkpoints import RunDir, TrainState
 from mlx_lora.config import Config
-from mlx_lora.data.batching import (PAD_MULTIPLE, Batch, BatchPosition, attention_mask_from_segments, iterate_batches,
-                       length_groups, num_batches)
+from mlx_lora.data.batching import (PAD_MULTIPLE, Batch, BatchPlan, BatchPosition, attention_mask_from_segments,
+                                    length_groups)
 from mlx_lora.data.examples import TokenizedDataset
 from mlx_lora.plumbing.errors import CheckpointError, MlxLoraError
 from mlx_lora.plumbing.interrupts import interrupts_deferred
@@ -228,10 +228,7 @@ def evaluate(model: nn.Module, loss: Loss, dataset: TokenizedDataset, cfg: Confi
     gpu = mx.default_device() == mx.gpu
     overhead = call_overhead(model, gpu)
     total, ntoks, stats = mx.array(0.0), mx.array(0.0), []
-    it = iterate_batches(dataset, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length,
-                         seed=cfg.train.seed, shuffle=False, packing=cfg.data.packing,
-                         loop=False, rank=rank, world_size=world)
-    for i, (batch, _) in enumerate(it):
+    for i, batch in enumerate(BatchPlan.for_evaluation(cfg, dataset, rank, world).first_epoch()):
         if max_batches is not None and i >= max_batches:
             break
         for rows, length in micro_batches(batch, cfg.train, gpu, overhead):
@@ -332,12 +329,11 @@ class Trainer:
         self.sync.broadcast_parameters(model)  # identical start on every rank
         self._update_pending = False
         t = cfg.train
+        self.plan = BatchPlan.for_training(cfg, train_set, self.rank, self.world)
         if t.iters is not None:
             self.total_steps = t.iters
         else:
-            per_epoch = num_batches(train_set, t.batch_size * t.grad_accum, max_seq_length=cfg.data.max_seq_length,
-                                    packing=cfg.data.packing, world_size=self.world)
-            self.total_steps = max(1, math.ceil((t.epochs or 1.0) * per_epoch))
+            self.total_steps = max(1, math.ceil((t.epochs or 1.0) * self.plan.steps_per_epoch()))
         self.optimizer = build_optimizer(t, self.total_steps)
         # Create the optimizer state now so the compiled update sees it as an input, not a new array.
         self.optimizer.init(model.trainable_parameters())
@@ -600,11 +596,7 @@ class Trainer:
         rank's share of the global batch (batch_size * grad_accum rows per rank), split into
         grad_accum micro-batches by _accumulate. Accumulating 4 x 1 thus sees exactly the examples
         of one batch of 4."""
-        t = self.cfg.train
-        return iterate_batches(self.train_set, t.batch_size * t.grad_accum, max_seq_length=self.cfg.data.max_seq_length,
-                               seed=t.seed, shuffle=True, packing=self.cfg.data.packing,
-                               start=BatchPosition(self.state.epoch, self.state.batch_index), loop=True,
-                               rank=self.rank, world_size=self.world, bucketing=self.cfg.data.length_bucketing)
+        return self.plan.batches(start=BatchPosition(self.state.epoch, self.state.batch_index), loop=True)
 
     def _forward_backward(self, batch):
         """:meth:`_accumulate` with this step's randomness. Dropout masks depend only on (seed,
