@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         return rc == 0
 
     # 1. facts
-    step("facts", [py, "-c", "import json, mlx.core as mx; from mlx_lora import backend; "
+    step("facts", [py, "-c", "import json, mlx.core as mx; from mlx_lora.plumbing import backend; "
                    "print(json.dumps({'mlx': mx.__version__, 'backend': backend.backend_name(), "
                    "'device': str(mx.default_device()), 'info': {k: str(v) for k, v in backend.device_info().items()}}))"],
          5, 120)

@@ -225,7 +225,7 @@ COLLECTIVES_SCRIPT = textwrap.dedent("""
     import json, sys, time
     import mlx.core as mx
     import numpy as np
-    from mlx_lora import distributed as dist
+    from mlx_lora.training import distributed as dist
 
     group = dist.init(required=True, timeout_s=30)
     rank = group.rank()
@@ -322,7 +322,7 @@ def test_collectives_between_two_processes_and_watchdog(tmp_path):
 
 def test_rank_whose_peer_never_connects_gives_up(tmp_path):
     hosts = _hostfile(tmp_path, 2)
-    code = "from mlx_lora import distributed as dist; dist.init(timeout_s=2); print('JOINED')"
+    code = "from mlx_lora.training import distributed as dist; dist.init(timeout_s=2); print('JOINED')"
     start = time.monotonic()
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=_env(MLX_RANK="0", MLX_HOSTFILE=str(hosts)))
