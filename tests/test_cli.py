@@ -123,3 +123,25 @@ def test_train_options_leave_defaults_to_the_config():
     train = cli.commands["train"]
     ctx = train.make_context("train", ["--model", "m", "--rank", "4"])
     assert _overrides(**ctx.params) == {"model": {"path": "m"}, "lora": {"r": 4}}
+
+
+def test_help_lists_the_lazy_commands_without_importing_them():
+    """`mlx-lora --help` stays fast: it lists every command with its own short help, and imports
+    none of the lazily loaded command modules (nor numpy, nor the config)."""
+    import subprocess
+    import sys
+
+    from mlx_lora.commands.cli import LAZY_COMMANDS, lazy_command
+
+    code = ("import sys; from mlx_lora.commands.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in sys.modules if m.startswith(('mlx_lora.', 'numpy', 'mlx.'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    assert r.returncode == 0, r.stderr
+    loaded = r.stdout.split("LOADED", 1)[1]
+    assert "numpy" not in loaded and "mlx_lora.config" not in loaded, loaded
+    for name, (_, short) in LAZY_COMMANDS.items():
+        assert name in r.stdout
+        own = " ".join((lazy_command(name).help or "").split("\n\n")[0].split())
+        assert short == own, f"{name}: LAZY_COMMANDS says {short!r}, the command says {own!r}"

@@ -583,7 +583,8 @@ def test_batch_plan_is_the_configs_batching(packing):
         assert plan.steps_per_epoch() == sum(1 for _ in plan.first_epoch())
     ev = BatchPlan.for_evaluation(cfg, ds)
     assert ev.batch_size == 2 and not ev.shuffle and not ev.bucketing
-    assert {i for b in ev.first_epoch() for i in b.items.tolist()} == set(range(len(ds)))
+    if not packing:  # packed rows hold several examples and name none
+        assert {i for b in ev.first_epoch() for i in b.items.tolist()} == set(range(len(ds)))
 
 
 def collect(ds, n, **kw):

@@ -15,16 +15,29 @@ import click
 
 from mlx_lora.plumbing import logs
 
-# name -> "module:attribute" of commands defined outside this file, imported on first use.
+# name -> ("module:attribute", short help) of commands defined outside this file, imported on first
+# use. `mlx-lora --help` lists them from the short help here, without importing them (their modules
+# pull in numpy, jinja2 and the config, about a second on a small machine); tests/test_cli.py checks
+# each short help against the command's own.
 LAZY_COMMANDS = {
-    "convert": "mlx_lora.commands.convert_cli:convert",
-    "fuse": "mlx_lora.commands.export_cli:fuse",
-    "export": "mlx_lora.commands.export_cli:export",
-    "quickstart": "mlx_lora.commands.quickstart:quickstart_command",
-    "recipes": "mlx_lora.commands.recipes:recipes_group",
-    "chat": "mlx_lora.commands.chat:chat_command",
-    "serve": "mlx_lora.commands.serve:serve_command",
+    "convert": ("mlx_lora.commands.convert_cli:convert",
+                "Convert SRC (Hugging Face folder or repo id, or a .gguf file) into an MLX model folder."),
+    "fuse": ("mlx_lora.commands.export_cli:fuse", "Merge an adapter into its base model and write an HF-format folder (safetensors + tokenizer)."),
+    "export": ("mlx_lora.commands.export_cli:export",
+               "Export a model (+ adapter) for llama.cpp, Ollama, LM Studio or Hugging Face PEFT."),
+    "quickstart": ("mlx_lora.commands.quickstart:quickstart_command",
+                   "Fine-tune a small real model on a bundled task, end to end (about 5-10 minutes on a laptop CPU)."),
+    "recipes": ("mlx_lora.commands.recipes:recipes_group", "Ready-made fine-tuning jobs: list, show and copy them; find the bundled demo data."),
+    "chat": ("mlx_lora.commands.chat:chat_command", "Chat with a model (and adapter) in the terminal; replies stream as they are made."),
+    "serve": ("mlx_lora.commands.serve:serve_command",
+              "Serve the model and its adapters over an OpenAI-compatible HTTP API."),
 }
+
+
+def lazy_command(name: str):
+    """The click command ``name`` of :data:`LAZY_COMMANDS`, imported now."""
+    module, attr = LAZY_COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 class LazyGroup(click.Group):
@@ -34,9 +47,22 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         if name in LAZY_COMMANDS:
             # A command that fails to import is a broken installation: let the error show.
-            module, attr = LAZY_COMMANDS[name].split(":")
-            return getattr(importlib.import_module(module), attr)
+            return lazy_command(name)
         return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        """The command list of ``--help``, without importing the lazy commands."""
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+            else:
+                cmd = super().get_command(ctx, name)
+                if cmd is not None and not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(limit=formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -259,7 +285,8 @@ def main(argv=None) -> None:
     from mlx_lora.plumbing.backend import reexec_with_openblas
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    reexec_with_openblas(argv)
+    if not ({"-h", "--help", "--version"} & set(argv) or not argv):  # help computes nothing: no re-exec
+        reexec_with_openblas(argv)
     debug = "--debug" in argv or bool(os.environ.get("MLX_LORA_DEBUG"))
     logs.setup()
     try:
