@@ -348,13 +348,13 @@ def run_python(source: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, memory_byte
     level "none" (elsewhere the network namespace is always empty)."""
     level = containment(backend)
     if not level.contained:
-        _warn_unconfined()
+        _warn_unconfined(level.description)
     return _run(level.backend, source, timeout_s, memory_bytes, tmpfs_bytes, isolate_network=isolate_network)
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_unconfined() -> None:
-    logger.warning("running untrusted code without isolation (sandbox: %s)", containment().description)
+def _warn_unconfined(description: str) -> None:
+    logger.warning("running untrusted code without isolation (sandbox: %s)", description)
 
 
 def _run(backend: str, source: str, timeout_s: float, memory_bytes: int, tmpfs_bytes: int, *,
