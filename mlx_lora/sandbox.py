@@ -81,6 +81,9 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "
 ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "passwd", "group", "nsswitch.conf",
              "hosts", "host.conf", "protocols", "services", "alternatives", "os-release", "mime.types")
 DEVICES = ("null", "zero", "full", "random", "urandom")
+DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+             ("stderr", "/proc/self/fd/2"), ("shm", WORK))
+"""/dev/shm (POSIX semaphores, multiprocessing) is the tmpfs: one writable place, one size limit."""
 PIVOT_ROOT = {"x86_64": 155, "amd64": 155, "aarch64": 41, "arm64": 41, "riscv64": 41, "loongarch64": 41,
               "ppc64le": 203, "ppc64": 203, "s390x": 217, "i386": 217, "i686": 217, "armv7l": 218}
 """The pivot_root system call's number per machine (glibc has no wrapper); elsewhere: chroot."""
@@ -166,8 +169,7 @@ def build_root(root):
     for name in cfg["devices"]:
         open(root + "/dev/" + name, "a").close()
         mount("/dev/" + name, root + "/dev/" + name, None, BIND)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")):
+    for name, target in cfg["dev_links"]:
         os.symlink(target, root + "/dev/" + name)
     mount(None, root + "/dev", None, REMOUNT | BIND | RDONLY | NOSUID | NOEXEC)
     os.makedirs(root + cfg["work"], exist_ok=True)
@@ -413,8 +415,12 @@ def _command(backend: str, cfg: dict) -> list[str]:
            "--disable-userns", "--cap-drop", "ALL", "--clearenv"]
     for kind, dst, src in cfg["binds"]:
         cmd += ["--symlink", src, dst] if kind == "symlink" else ["--ro-bind", src, dst]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(cfg["tmpfs_bytes"]), "--tmpfs", WORK,
-            "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/"]
+    cmd += ["--proc", "/proc", "--dir", "/dev"]
+    for name in cfg["devices"]:
+        cmd += ["--dev-bind", f"/dev/{name}", f"/dev/{name}"]
+    for name, target in DEV_LINKS:
+        cmd += ["--symlink", target, f"/dev/{name}"]
+    cmd += ["--size", str(cfg["tmpfs_bytes"]), "--tmpfs", WORK, "--remount-ro", "/", "--chdir", "/"]
     return cmd + init
 
 
@@ -483,7 +489,7 @@ def _run_namespaced(backend: str, source: str, timeout_s: float, memory_bytes: i
         root.mkdir()
         read_end, write_end = os.pipe()
         cfg = {"backend": backend, "status_fd": write_end, "root": str(root), "binds": _binds(),
-               "devices": [d for d in DEVICES if os.path.exists(f"/dev/{d}")], "work": WORK,
+               "devices": [d for d in DEVICES if os.path.exists(f"/dev/{d}")], "dev_links": DEV_LINKS, "work": WORK,
                "tmpfs_bytes": int(tmpfs_bytes), "tmpfs_inodes": TMPFS_INODES, "timeout_s": float(timeout_s),
                "limits": _limits(int(timeout_s) + 2, memory_bytes), "python": sys.executable, "prelude": PRELUDE,
                "env": ENV, "pivot_root": PIVOT_ROOT.get(platform.machine().lower(), 0)}
