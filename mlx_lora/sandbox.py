@@ -17,7 +17,8 @@ On Linux each run gets its own user, PID, mount, network, IPC and UTS namespaces
 
 A small init process (:data:`INIT`) is PID 1 of the namespace: it starts the program, waits for it
 (or for the timeout) and exits, and the kernel then kills every process left in the namespace
-before the run returns; ``--die-with-parent`` / ``--kill-child`` do the same if the caller dies.
+before the run returns; ``--die-with-parent`` / ``--kill-child`` and a parent-death signal on
+bwrap / unshare do the same if the caller dies.
 
 On macOS ``sandbox-exec`` runs the program under a profile (:func:`macos_profile`) that denies
 network and writes outside its folder. Where neither works the level is ``none``: the program
@@ -32,6 +33,7 @@ caller.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
@@ -56,6 +58,8 @@ except ImportError:  # Windows
     resource = None
 
 logger = logging.getLogger(__name__)
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
 
 DEFAULT_TIMEOUT_S = 10.0
 MEMORY_BYTES = 2 << 30   # address space: generous for tests, small enough that a runaway list fails fast
@@ -424,6 +428,14 @@ def _command(backend: str, cfg: dict) -> list[str]:
     return cmd + init
 
 
+def _die_with_caller(caller: int) -> None:
+    """Runs in bwrap / unshare between fork and exec (nothing here may import): SIGKILL it when
+    the caller's thread ends, so its namespace dies with a caller that is killed mid-run."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != caller:  # the caller died before the line above
+        os._exit(1)
+
+
 def _namespace_children(pid: int) -> list[int]:
     """The processes ``pid`` started (the namespace's init), from /proc."""
     try:
@@ -497,9 +509,10 @@ def _run_namespaced(backend: str, source: str, timeout_s: float, memory_bytes: i
         timed_out = False
         try:
             with open(log, "wb") as out:
+                caller = os.getpid()
                 proc = subprocess.Popen(_command(backend, cfg), stdin=subprocess.PIPE, stdout=out,
                                         stderr=subprocess.STDOUT, env=ENV, start_new_session=True,
-                                        pass_fds=(write_end,))
+                                        pass_fds=(write_end,), preexec_fn=lambda: _die_with_caller(caller))
                 os.close(write_end)
                 write_end = -1
                 try:

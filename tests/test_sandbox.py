@@ -143,6 +143,31 @@ def test_setsid_and_double_fork_do_not_outlive_the_run(backend, ending, tmp_path
     assert not later.exists()
 
 
+CALLER = r"""
+import sys
+from mlx_lora import sandbox
+sandbox.run_python(open(sys.argv[2]).read(), backend=sys.argv[1], timeout_s=600)
+"""
+
+
+@pytest.mark.parametrize("backend", HERE)
+def test_a_killed_caller_takes_the_run_with_it(backend, tmp_path):
+    """The caller is SIGKILLed while its program's setsid grandchildren run (with 600 s left on
+    the timeout): every one of them is gone soon after, not when the timeout would have ended them."""
+    marker = f"mlx-lora-survivor-{uuid.uuid4().hex}"
+    source, later = survivor_program(tmp_path, marker, "while True:\n    pass\n")
+    program = write(tmp_path / "program.py", source)
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, backend, str(program)],
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        wait_for(lambda: len(processes_with(marker)) == 5, "the grandchildren to start")
+    finally:
+        caller.kill()
+        caller.wait()
+    wait_for(lambda: processes_with(marker) == [], "the grandchildren to die with the caller")
+    assert not later.exists()
+
+
 def test_the_survivor_check_finds_survivors_of_an_unconfined_run(tmp_path):
     """The same program at the level "none" (a plain process group) leaves its grandchildren
     running and writing to the host folder: the check above can fail."""
