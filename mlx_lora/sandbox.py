@@ -521,6 +521,10 @@ def _run_namespaced(backend: str, source: str, timeout_s: float, memory_bytes: i
                     timed_out = True
                 finally:
                     _kill_namespace(proc)
+                    try:
+                        proc.stdin.close()
+                    except OSError:
+                        pass
             report = _read_report(read_end)
         finally:
             os.close(read_end)

@@ -418,11 +418,34 @@ def test_clean_environment_limits_and_results(backend):
     cwd, env, files, memory, cpu, nofile, fsize = json.loads(r.output)
     assert (cwd, env, files) == ("/tmp", S.ENV, ["main.py"])
     assert (memory, cpu, nofile, fsize) == (S.MEMORY_BYTES, 7, S.OPEN_FILES, S.FILE_BYTES)
+    caps = run("print([l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', "
+               "'CapBnd', 'NoNewPrivs'))])", backend)
+    assert caps.output.strip() == str(["0" * 16, "0" * 16, "0" * 16, "1"]), caps
     assert (run("raise SystemExit(3)", backend).status, run("raise SystemExit(3)", backend).returncode) == ("failed", 3)
     crashed = run("import os\nos.kill(os.getpid(), 9)", backend)
     assert (crashed.status, crashed.returncode) == ("crashed", -9)
     timeout = run("while True:\n    pass", backend, timeout_s=1.5)
     assert (timeout.status, timeout.passed) == ("timeout", False)
+
+
+@pytest.mark.parametrize("backend", HERE)
+def test_code_cannot_fake_a_pass(backend):
+    """A failing program that first tries to write "exit 0" into every file descriptor of the
+    namespace's init (which reports the verdict) and to trace it: still a failure."""
+    code = ("import ctypes, glob, os\ntried = []\n"
+            "for fd in glob.glob('/proc/1/fd/*'):\n"
+            "    try:\n"
+            "        with open(fd, 'w') as f:\n"
+            "            f.write('ready\\nexit 0\\n')\n"
+            "        tried.append(fd)\n"
+            "    except OSError as e:\n"
+            "        tried.append(e.strerror)\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "print(tried, libc.ptrace(16, 1, None, None), flush=True)\n"  # PTRACE_ATTACH
+            "raise SystemExit(1)\n")
+    r = run(code, backend)
+    assert (r.status, r.passed, r.returncode) == ("failed", False, 1), r
+    assert "-1" in r.output, r.output
 
 
 # ---------------------------------------------------------------------------------------------
