@@ -10,7 +10,7 @@ On Linux each run gets its own user, PID, mount, network, IPC and UTS namespaces
   caller's folders, so no filesystem socket outside is reachable);
 - a fresh ``/proc`` of its own PID namespace (the caller's processes do not exist there), a minimal
   ``/dev`` and a private tmpfs of ``tmpfs_bytes`` at ``/tmp``: the only writable place (working
-  folder, ``HOME`` and ``TMPDIR``);
+  folder, ``HOME``, ``TMPDIR`` and ``/dev/shm``);
 - an environment of a few fixed variables (nothing of the caller's), no capabilities, no new
   privileges and no nested user namespaces;
 - the rlimits (CPU seconds, address space, file size, open files, no core dumps) and the timeout.
