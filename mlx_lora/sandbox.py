@@ -502,7 +502,8 @@ def _run_namespaced(backend: str, source: str, timeout_s: float, memory_bytes: i
         read_end, write_end = os.pipe()
         cfg = {"backend": backend, "status_fd": write_end, "root": str(root), "binds": _binds(),
                "devices": [d for d in DEVICES if os.path.exists(f"/dev/{d}")], "dev_links": DEV_LINKS, "work": WORK,
-               "tmpfs_bytes": int(tmpfs_bytes), "tmpfs_inodes": TMPFS_INODES, "timeout_s": float(timeout_s),
+               "tmpfs_bytes": int(tmpfs_bytes), "tmpfs_inodes": TMPFS_INODES,
+               "timeout_s": max(float(timeout_s), 0.01),  # 0 would disarm the init's timer
                "limits": _limits(int(timeout_s) + 2, memory_bytes), "python": sys.executable, "prelude": PRELUDE,
                "env": ENV, "pivot_root": PIVOT_ROOT.get(platform.machine().lower(), 0)}
         t0 = time.perf_counter()
