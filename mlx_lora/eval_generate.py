@@ -13,6 +13,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from .errors import MlxLoraError
+from .sandbox import require_isolation
 
 OUT_MAGIC = b'{"line": '
 """How every line of an ``--out`` file starts: ``--overwrite`` replaces only such a file."""
@@ -65,8 +66,6 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
         chosen, reason = [metric], why
     evaluation.check_metrics(chosen, eval_set)
     if "pass@1" in chosen:  # before anything runs: where the rows' code will run, or a refusal
-        from .sandbox import require_isolation
-
         level = require_isolation(unsafe_exec)
         log(f"sandbox   {level.description}" if level.contained else
             f"sandbox   none: each row's code runs WITHOUT isolation, as your user (--unsafe-exec)")
