@@ -521,6 +521,11 @@ def test_without_isolation_pass_at_1_needs_unsafe_exec(tiny_llama, tmp_path, cap
     assert code == 0, err
     assert "sandbox   none: each row's code runs WITHOUT isolation" in err
     assert [json.loads(l)["sandbox"]["base"] for l in out.read_text().splitlines()] == ["passed"]
+    if HERE:  # with a sandbox the same command needs no flag and names the level first
+        monkeypatch.delenv(S.ENV_VAR)
+        code, stdout, err = run_main(capsys, argv + ["--overwrite"])
+        assert code == 0, err
+        assert err.splitlines()[0] == f"sandbox   {S.containment().description}"
     assert_refused(capsys, ["eval", "--model", str(tiny_llama), "--data", str(data), "--unsafe-exec"],
                    ["--unsafe-exec needs --generate"], [tmp_path])
 
