@@ -112,7 +112,7 @@ _runpy.run_path(_sys.argv[0], run_name="__main__")
 # built it); drops every privilege; starts the program; reports "ready", then "exit N" (N < 0: killed
 # by signal -N) or "timeout" on the status pipe; and exits, which kills whatever is left.
 INIT = r"""
-import ctypes, json, os, re, resource, signal, sys
+import ctypes, json, os, re, resource, signal, sys, time
 cfg = json.loads(sys.argv[1])
 status = cfg["status_fd"]
 os.set_inheritable(status, False)
@@ -199,23 +199,21 @@ check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 with open(cfg["work"] + "/main.py", "wb") as f:
     f.write(source)
 
-class Timeout(Exception):
-    pass
-
-def on_alarm(*args):
-    raise Timeout
-
+# No handler the program could trigger: PID 1 ignores signals from its own namespace unless it
+# handles them, so SIGINT is ignored and SIGCHLD blocked (read with sigtimedwait); the timeout is
+# a monotonic deadline, not an alarm.
 try:
     os.setsid()  # kill(0, ...) from the program reaches only the namespace
 except OSError:
     pass  # bubblewrap's --new-session made it a session leader already
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGALRM, on_alarm)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
 os.write(status, b"ready\n")
 pid = os.fork()
 if pid == 0:
     try:
-        for s in (signal.SIGINT, signal.SIGALRM, signal.SIGPIPE, signal.SIGXFSZ):
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        for s in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(s, signal.SIG_DFL)
         os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
         os.closerange(3, 1 << 16)
@@ -230,16 +228,25 @@ if pid == 0:
     except BaseException as e:
         os.write(2, ("sandbox: cannot start the program: %r\n" % (e,)).encode())
     os._exit(127)
-try:
-    signal.setitimer(signal.ITIMER_REAL, cfg["timeout_s"])
-    while True:
-        done, st = os.waitpid(-1, 0)  # also reaps orphans, which the kernel hands to PID 1
-        if done == pid:
+deadline = time.monotonic() + cfg["timeout_s"]
+verdict = None
+while verdict is None:
+    while True:  # reap every child that ended: the program, and orphans the kernel hands to PID 1
+        try:
+            done, st = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
             break
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    os.write(status, b"exit %d\n" % os.waitstatus_to_exitcode(st))
-except Timeout:
-    os.write(status, b"timeout\n")
+        if done == 0:
+            break
+        if done == pid:
+            verdict = b"exit %d" % os.waitstatus_to_exitcode(st)
+    if verdict is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            verdict = b"timeout"
+        else:
+            signal.sigtimedwait({signal.SIGCHLD}, left)
+os.write(status, verdict + b"\n")
 os._exit(0)
 """
 

@@ -434,7 +434,8 @@ def test_clean_environment_limits_and_results(backend):
 @pytest.mark.parametrize("backend", HERE)
 def test_code_cannot_fake_a_pass(backend):
     """A failing program that first tries to write "exit 0" into every file descriptor of the
-    namespace's init (which reports the verdict) and to trace it: still a failure."""
+    namespace's init (which reports the verdict), to trace it, and to signal it (an alarm, an
+    interrupt, a child's end, a stop): still a plain failure, reported when it ends."""
     code = ("import ctypes, glob, os\ntried = []\n"
             "for fd in glob.glob('/proc/1/fd/*'):\n"
             "    try:\n"
@@ -445,6 +446,10 @@ def test_code_cannot_fake_a_pass(backend):
             "        tried.append(e.strerror)\n"
             "libc = ctypes.CDLL(None, use_errno=True)\n"
             "print(tried, libc.ptrace(16, 1, None, None), flush=True)\n"  # PTRACE_ATTACH
+            "import signal, time\n"
+            "for sig in (signal.SIGALRM, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGSTOP):\n"
+            "    os.kill(1, sig)\n"
+            "time.sleep(1)\n"  # room for a wrongly handled signal to end the run early
             "raise SystemExit(1)\n")
     r = run(code, backend)
     assert (r.status, r.passed, r.returncode) == ("failed", False, 1), r
