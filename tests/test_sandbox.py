@@ -415,12 +415,12 @@ def test_clean_environment_limits_and_results(backend):
     kind of result: passed, failed (exit 3), crashed (SIGKILL of itself), timeout."""
     r = run("import os, json, resource\nprint(json.dumps([os.getcwd(), dict(os.environ), os.listdir('.'), "
             "resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_CPU)[0], "
-            "resource.getrlimit(resource.RLIMIT_NOFILE)[0], resource.getrlimit(resource.RLIMIT_FSIZE)[0]]))",
-            backend, timeout_s=5)
+            "resource.getrlimit(resource.RLIMIT_NOFILE)[0], resource.getrlimit(resource.RLIMIT_FSIZE)[0], "
+            "resource.getrlimit(resource.RLIMIT_CORE)[0]]))", backend, timeout_s=5)
     assert r.passed, r
-    cwd, env, files, memory, cpu, nofile, fsize = json.loads(r.output)
+    cwd, env, files, memory, cpu, nofile, fsize, core = json.loads(r.output)
     assert (cwd, env, files) == ("/tmp", S.ENV, ["main.py"])
-    assert (memory, cpu, nofile, fsize) == (S.MEMORY_BYTES, 7, S.OPEN_FILES, S.FILE_BYTES)
+    assert (memory, cpu, nofile, fsize, core) == (S.MEMORY_BYTES, 7, S.OPEN_FILES, S.FILE_BYTES, 0)
     caps = run("print([l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', "
                "'CapBnd', 'NoNewPrivs'))])", backend)
     assert caps.output.strip() == str(["0" * 16, "0" * 16, "0" * 16, "1"]), caps
