@@ -153,6 +153,10 @@ def bind_read_only(src, dst):
 def build_root(root):
     mount(None, "/", None, REC | PRIVATE)  # nothing mounted here reaches the caller's namespace
     mount("tmpfs", root, "tmpfs", NOSUID | NODEV, "size=1m,mode=0755")
+    # The writable tmpfs first: a Python installed below its path stays visible, bound on top.
+    os.makedirs(root + cfg["work"], exist_ok=True)
+    mount("tmpfs", root + cfg["work"], "tmpfs", NOSUID | NODEV,
+          "size=%d,nr_inodes=%d,mode=1777" % (cfg["tmpfs_bytes"], cfg["tmpfs_inodes"]))
     for kind, dst, src in cfg["binds"]:
         path = root + dst
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -176,9 +180,6 @@ def build_root(root):
     for name, target in cfg["dev_links"]:
         os.symlink(target, root + "/dev/" + name)
     mount(None, root + "/dev", None, REMOUNT | BIND | RDONLY | NOSUID | NOEXEC)
-    os.makedirs(root + cfg["work"], exist_ok=True)
-    mount("tmpfs", root + cfg["work"], "tmpfs", NOSUID | NODEV,
-          "size=%d,nr_inodes=%d,mode=1777" % (cfg["tmpfs_bytes"], cfg["tmpfs_inodes"]))
     os.chdir(root)
     if cfg["pivot_root"]:  # the caller's root leaves this namespace altogether
         check(libc.syscall(cfg["pivot_root"], b".", b"."), "pivot_root")
@@ -423,7 +424,9 @@ def _command(backend: str, cfg: dict) -> list[str]:
                 "--mount", "--net", "--ipc", "--uts"] + init
     cmd = [shutil.which("bwrap") or "bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
            "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--as-pid-1", "--new-session",
-           "--disable-userns", "--cap-drop", "ALL", "--clearenv"]
+           "--disable-userns", "--cap-drop", "ALL", "--clearenv",
+           # the writable tmpfs first: a Python installed below its path stays visible, bound on top
+           "--size", str(cfg["tmpfs_bytes"]), "--tmpfs", WORK]
     for kind, dst, src in cfg["binds"]:
         cmd += ["--symlink", src, dst] if kind == "symlink" else ["--ro-bind", src, dst]
     cmd += ["--proc", "/proc", "--dir", "/dev"]
@@ -431,7 +434,7 @@ def _command(backend: str, cfg: dict) -> list[str]:
         cmd += ["--dev-bind", f"/dev/{name}", f"/dev/{name}"]
     for name, target in DEV_LINKS:
         cmd += ["--symlink", target, f"/dev/{name}"]
-    cmd += ["--size", str(cfg["tmpfs_bytes"]), "--tmpfs", WORK, "--remount-ro", "/", "--chdir", "/"]
+    cmd += ["--remount-ro", "/", "--chdir", "/"]
     return cmd + init
 
 
