@@ -401,9 +401,15 @@ def _binds() -> list[tuple[str, str, str]]:
     pythons = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
                os.path.dirname(os.path.dirname(sys.executable)),
                os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))}
-    for p in sorted(pythons):
-        for inside in sorted({os.path.abspath(p), os.path.realpath(p)}):
-            out.append(("dir", inside, os.path.realpath(p)))
+    home = os.path.realpath(os.path.expanduser("~"))
+    for prefix in sorted(pythons):
+        real = os.path.realpath(prefix)
+        # A Python installed straight into the home folder (or /): only its bin and lib folders.
+        parts = [""] if real != home and not (home + "/").startswith(real.rstrip("/") + "/") else \
+            ["/bin", "/lib", "/lib64"]
+        for part in parts:
+            for inside in sorted({os.path.abspath(prefix) + part, real + part}):
+                out.append(("dir", inside, real + part))
 
     def covered(path: str, by: list[tuple[str, str, str]]) -> bool:
         return any(path == d or path.startswith(d.rstrip("/") + "/") for k, d, _ in by if k != "file")
