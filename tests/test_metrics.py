@@ -14,6 +14,7 @@ import pytest
 from mlx_lora.inference import metrics as M
 from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.plumbing.sandbox import network_isolation, run_python
+from mlx_lora.plumbing.sandbox import containment
 
 
 def test_exact_and_contains_normalize_case_and_whitespace():
@@ -115,10 +116,13 @@ def test_code_runs_in_a_fresh_folder_with_a_clean_environment(tmp_path, monkeypa
     cwd, env, files, memory, cpu = json.loads(r.output)
     assert memory == 2 << 30 and cpu == 7
     assert "SECRET_TOKEN" not in env and "PYTHONPATH" not in env and "LD_PRELOAD" not in env
-    assert files == ["main.py", "output.txt"] and "mlx-lora-sandbox-" in cwd
-    from pathlib import Path
+    if containment().contained:  # its own tmpfs, gone with its mount namespace (tests/test_sandbox.py)
+        assert (cwd, files) == ("/tmp", ["main.py"])
+    else:
+        assert files == ["main.py", "output.txt"] and "mlx-lora-sandbox-" in cwd
+        from pathlib import Path
 
-    assert not Path(cwd).exists()  # removed afterwards
+        assert not Path(cwd).exists()  # removed afterwards
 
 
 def test_code_cannot_reach_the_network():
@@ -147,11 +151,11 @@ def test_code_cannot_reach_the_network():
         raw = (f"import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(3)\n"
                f"s.connect(('127.0.0.1', {port}))")
         result = run_python(raw, timeout_s=10)
-        if network_isolation() is not None:
+        if network_isolation() is not None or containment().contained:
             assert not result.passed, result.output
     finally:
         stop.set()
         t.join(2)
         server.close()
-    if network_isolation() is not None:
+    if network_isolation() is not None or containment().contained:
         assert hits == []

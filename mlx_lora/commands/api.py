@@ -340,11 +340,17 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
 
 
 def doctor() -> dict:
-    """Backend, dtype, BLAS (with a measured matmul rate), memory and versions."""
+    """Backend, dtype, BLAS (with a measured matmul rate), memory, the pass@1 sandbox's
+    containment level and versions."""
     from mlx_lora.plumbing import backend
+    from mlx_lora.plumbing import sandbox
 
     facts = backend.summary()
     facts["matmul_gflops"] = round(backend.measure_matmul_gflops(1024), 1)
     facts["versions"] = backend.versions()
     facts["openblas_found"] = backend.find_openblas()
+    try:
+        facts["sandbox"] = sandbox.containment().description
+    except MlxLoraError as e:  # MLX_LORA_SANDBOX names a level that does not work here
+        facts["sandbox"] = str(e)
     return facts

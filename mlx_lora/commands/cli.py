@@ -219,9 +219,11 @@ def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
               help="pass@1: seconds each row's code and tests may run.")
+@click.option("--unsafe-exec", is_flag=True,
+              help="pass@1 on a machine without a sandbox (see `mlx-lora doctor`): run each row's code unconfined.")
 def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_template, max_batches, as_json, strict,
           columns, generate, metrics, compare, out, overwrite, limit, max_tokens, temperature, top_p, seed,
-          timeout_s):
+          timeout_s, unsafe_exec):
     """Loss and perplexity on a data set; with --generate, scores of generated answers."""
     import json
 
@@ -240,11 +242,11 @@ def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_templ
         r = evaluate_generate(model, data, adapter, compare=compare, metrics=metrics, max_tokens=max_tokens,
                               temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, limit=limit,
                               chat_template=chat_template, out=out, overwrite=overwrite, timeout_s=timeout_s,
-                              strict=strict, log=log)
+                              strict=strict, unsafe_exec=unsafe_exec, log=log)
         click.echo(json.dumps(r) if as_json else summary_text(r))
         return
-    given = [o for o, v in (("--metric", metrics), ("--compare", compare), ("--out", out), ("--limit", limit))
-             if v not in (None, False, ())]
+    given = [o for o, v in (("--metric", metrics), ("--compare", compare), ("--out", out), ("--limit", limit),
+                            ("--unsafe-exec", unsafe_exec)) if v not in (None, False, ())]
     if given:
         raise click.UsageError(f"{given[0]} needs --generate")
     r = api.evaluate(model, data, adapter, batch_size=4 if batch_size is None else batch_size,
@@ -263,7 +265,7 @@ def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_templ
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
 def doctor(as_json):
-    """Backend (Metal/CUDA/CPU), dtype, BLAS, memory and versions."""
+    """Backend (Metal/CUDA/CPU), dtype, BLAS, memory, the pass@1 sandbox and versions."""
     import json
 
     from mlx_lora.commands import api
@@ -272,7 +274,7 @@ def doctor(as_json):
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
-    for k in ("backend", "device", "device_name", "compute_dtype", "memory", "blas", "matmul_gflops"):
+    for k in ("backend", "device", "device_name", "compute_dtype", "memory", "blas", "matmul_gflops", "sandbox"):
         if k in facts:
             click.echo(f"{k:<14} {facts[k]}")
     if "blas_hint" in facts:

@@ -13,6 +13,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from mlx_lora.plumbing.errors import MlxLoraError
+from mlx_lora.plumbing.sandbox import require_isolation
 
 OUT_MAGIC = b'{"line": '
 """How every line of an ``--out`` file starts: ``--overwrite`` replaces only such a file."""
@@ -28,12 +29,15 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
                       top_p: float = 1.0, seed: int = 0, batch_size: Optional[int] = None,
                       limit: Optional[int] = None, chat_template: Optional[str] = None,
                       out: Optional[str] = None, overwrite: bool = False, timeout_s: float = 10.0,
-                      dtype: str = "auto", strict: bool = False, log: Optional[Callable[[str], None]] = _stderr) -> dict:
+                      dtype: str = "auto", strict: bool = False, unsafe_exec: bool = False,
+                      log: Optional[Callable[[str], None]] = _stderr) -> dict:
     """Generate an answer for each row of ``data`` (a JSONL file, or a folder's test.jsonl /
     valid.jsonl) and score it with ``metrics`` (default: chosen from the data, see
     :func:`mlx_lora.inference.metrics.default_metric`). Scores the adapter when one is given, the base
     model otherwise, and both with ``compare``. Returns the summary (what ``--json`` prints);
-    ``out`` receives one JSON object per row."""
+    ``out`` receives one JSON object per row. pass@1 runs each row's code in
+    :mod:`mlx_lora.plumbing.sandbox`; where this machine offers no isolation it is refused unless
+    ``unsafe_exec``."""
     from mlx_lora.inference import evaluation
     from mlx_lora.inference.loading import attach_adapter, eval_data_file, load_for_inference
     from mlx_lora.config import CHOICES, INT_CAP, MAX_BATCH, MAX_SEED, MAX_SEQ_LENGTH, Bound, check_options
@@ -61,6 +65,10 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
         metric, why = default_metric([r.reference for r in eval_set.rows], [bool(r.tests) for r in eval_set.rows])
         chosen, reason = [metric], why
     evaluation.check_metrics(chosen, eval_set)
+    if "pass@1" in chosen:  # before anything runs: where the rows' code will run, or a refusal
+        level = require_isolation(unsafe_exec)
+        log(f"sandbox   {level.description}" if level.contained else
+            f"sandbox   none: each row's code runs WITHOUT isolation, as your user (--unsafe-exec)")
     out_path = None
     if out is not None:
         from mlx_lora.plumbing.ownership import OwnershipError, check_output_file
