@@ -237,18 +237,20 @@ def _interrupted_message(result, run) -> str:
 
 def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: str = "auto", *,
                        strict: bool = False, stream: Optional[TextIO] = None,
-                       dequantize_on_cpu: Optional[str] = None):
+                       dequantize_on_cpu: Optional[str] = None, trust_remote_code: bool = False):
     """(model, tokenizer, info) with the adapter applied, in eval mode.
 
     An adapter trained on another base model than ``model_path`` (by the fingerprint it records)
     loads with a warning on ``stream`` (stderr), or raises AdapterError when ``strict``.
     ``dequantize_on_cpu``: see :func:`mlx_lora.models.load_model` (None keeps a quantized base's
-    layers quantized, for callers that inspect them)."""
+    layers quantized, for callers that inspect them). ``trust_remote_code``: let the model folder
+    run the code it ships (``auto_map``, ``model_file``); otherwise a folder that needs it is refused."""
     from .config import CHOICES, check_options
     from .models import load_model
 
     check_options([("dtype", dtype, CHOICES["model.dtype"])])
-    model, tokenizer, info = load_model(model_path, dtype=dtype, dequantize_on_cpu=dequantize_on_cpu)
+    model, tokenizer, info = load_model(model_path, dtype=dtype, dequantize_on_cpu=dequantize_on_cpu,
+                                        trust_remote_code=trust_remote_code is True)
     if adapter:
         attach_adapter(model, info, adapter, strict=strict, stream=stream)
     model.eval()
@@ -282,7 +284,7 @@ def eval_data_file(data: str) -> Path:
 def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch_size: int = 4,
              max_seq_length: int = 2048, train_on: str = "assistant", chat_template: Optional[str] = None,
              max_batches: Optional[int] = None, dtype: str = "auto", strict: bool = False,
-             columns: Optional[dict] = None) -> dict:
+             columns: Optional[dict] = None, trust_remote_code: bool = False) -> dict:
     """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder, or the
     test (else validation) split of a data set (hf: id or save_to_disk folder); on
     preference pairs, DPO's loss (beta 0.1) and reward accuracy, margin and log-probs against the base."""
@@ -313,7 +315,8 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
     else:
         path = eval_data_file(data)
     # "auto": on the CPU backend a quantized base computes dequantized when it fits (same values)
-    model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict, dequantize_on_cpu="auto")
+    model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict, dequantize_on_cpu="auto",
+                                             trust_remote_code=trust_remote_code)
     dcfg = DataConfig(path=data if hub else str(path), max_seq_length=max_seq_length, train_on=train_on,
                       chat_template=chat_template, valid_fraction=0.0, columns=columns)
     ds = load_eval_split(dcfg, tokenizer) if hub else load_jsonl_dataset(path, dcfg, tokenizer)
@@ -346,7 +349,7 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
 def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat: bool = False,
              system: Optional[str] = None, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, dtype: str = "auto", stream: bool = False, model_and_tokenizer=None,
-             strict: bool = False):
+             strict: bool = False, trust_remote_code: bool = False):
     """Generate a continuation (greedy by default). With ``chat`` the prompt is wrapped in the
     tokenizer's chat template as a user turn. Yields text pieces when ``stream``."""
     from .config import CHOICES, check_options
@@ -361,7 +364,7 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
         raise MlxLoraError(f"--system must be text, got {type(system).__name__}")
     if model_and_tokenizer is None:
         model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict,
-                                                 dequantize_on_cpu="auto")
+                                                 dequantize_on_cpu="auto", trust_remote_code=trust_remote_code)
     else:
         model, tokenizer = model_and_tokenizer
     if chat:

@@ -144,7 +144,7 @@ def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_to
 def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optional[str] = None,
          system: Optional[str] = None, max_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
          seed: int = 0, strict: bool = False, read: Callable[[str], str] = input,
-         out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> Conversation:
+         out: Optional[TextIO] = None, err: Optional[TextIO] = None, trust_remote_code: bool = False) -> Conversation:
     """Load ``model_path`` (+ ``adapter``) and chat on the terminal until the user leaves."""
     from .api import load_for_inference
     from .config import check_options
@@ -155,7 +155,7 @@ def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optio
         raise MlxLoraError(f"--system must be text, got {type(system).__name__}")
     err = err or sys.stderr
     model, tokenizer, info = load_for_inference(model_path, adapter, strict=strict, stream=err,
-                                                dequantize_on_cpu="auto")
+                                                dequantize_on_cpu="auto", trust_remote_code=trust_remote_code)
     template = chat_template_for(tokenizer, chat_template, model_path)
     if _readline_wanted(read):
         try:
@@ -180,7 +180,8 @@ def _readline_wanted(read) -> bool:
 @click.option("--system", help="System message for the conversation.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="At most this many new tokens a reply.")
 @sampling_options
-def chat_command(model, adapter, chat_template, system, max_tokens, temperature, top_p, seed, strict):
+def chat_command(model, adapter, chat_template, system, max_tokens, temperature, top_p, seed, strict,
+                 trust_remote_code):
     """Chat with a model (and adapter) in the terminal; replies stream as they are made."""
     chat(model, adapter, chat_template=chat_template, system=system, max_tokens=max_tokens,
-         temperature=temperature, top_p=top_p, seed=seed, strict=strict)
+         temperature=temperature, top_p=top_p, seed=seed, strict=strict, trust_remote_code=trust_remote_code)

@@ -28,7 +28,8 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
                       top_p: float = 1.0, seed: int = 0, batch_size: Optional[int] = None,
                       limit: Optional[int] = None, chat_template: Optional[str] = None,
                       out: Optional[str] = None, overwrite: bool = False, timeout_s: float = 10.0,
-                      dtype: str = "auto", strict: bool = False, log: Optional[Callable[[str], None]] = _stderr) -> dict:
+                      dtype: str = "auto", strict: bool = False, log: Optional[Callable[[str], None]] = _stderr,
+                      trust_remote_code: bool = False) -> dict:
     """Generate an answer for each row of ``data`` (a JSONL file, or a folder's test.jsonl /
     valid.jsonl) and score it with ``metrics`` (default: chosen from the data, see
     :func:`mlx_lora.metrics.default_metric`). Scores the adapter when one is given, the base
@@ -74,7 +75,8 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
                                  f"--overwrite replaces only such files. Choose another name") from None
     batch = batch_size or evaluation.DEFAULT_BATCH_SIZE
 
-    model, tokenizer, info = load_for_inference(model_path, None, dtype, strict=strict, dequantize_on_cpu="auto")
+    model, tokenizer, info = load_for_inference(model_path, None, dtype, strict=strict, dequantize_on_cpu="auto",
+                                                trust_remote_code=trust_remote_code)
     if adapter:  # an unreadable adapter (or, with strict, one for another base) fails before any generation
         from .adapters import read_adapter
         from .integrity import check_adapter_base
