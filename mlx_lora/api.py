@@ -353,7 +353,7 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
     """Generate a continuation (greedy by default). With ``chat`` the prompt is wrapped in the
     tokenizer's chat template as a user turn. Yields text pieces when ``stream``."""
     from .config import CHOICES, check_options
-    from .generation import sampling_checks, stream as stream_text
+    from .generation import chat_prompt, chat_template_for, sampling_checks, stream as stream_text
 
     # Before the model loads. mlx-lm reads a negative max_tokens as "no limit", samples the least
     # likely tokens first at a negative temperature, and silently ignores a top-p outside (0, 1).
@@ -371,9 +371,7 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
         if not getattr(tokenizer, "chat_template", None):
             raise MlxLoraError(f"{model_path}: the tokenizer has no chat template; drop --chat")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        prompt_tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(prompt_tokens, dict):
-            prompt_tokens = prompt_tokens["input_ids"]
+        prompt_tokens = chat_prompt(tokenizer, chat_template_for(tokenizer, None, model_path), messages)
     else:
         prompt_tokens = tokenizer.encode(prompt)
     if len(prompt_tokens) == 0:

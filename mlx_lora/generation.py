@@ -64,8 +64,11 @@ def chat_template_for(tokenizer, spec: Optional[str], model_name: str):
 
 
 def chat_prompt(tokenizer, template, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` followed by the assistant's generation prompt."""
-    text = template.render(messages, add_generation_prompt=True)
+    """Token ids of ``messages`` followed by the assistant's generation prompt (rendered bounded,
+    see :func:`mlx_lora.templates.apply_chat_template`)."""
+    from .templates import apply_chat_template
+
+    text = apply_chat_template(tokenizer, messages, add_generation_prompt=True, template=template)
     return encode(tokenizer, text)
 
 
