@@ -353,6 +353,7 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
     """Generate a continuation (greedy by default). With ``chat`` the prompt is wrapped in the
     tokenizer's chat template as a user turn. Yields text pieces when ``stream``."""
     from .config import CHOICES, check_options
+    from .evaluation import bound_prompt, context_length
     from .generation import chat_prompt, chat_template_for, sampling_checks, stream as stream_text
 
     # Before the model loads. mlx-lm reads a negative max_tokens as "no limit", samples the least
@@ -363,17 +364,23 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
     if system is not None and not isinstance(system, str):
         raise MlxLoraError(f"--system must be text, got {type(system).__name__}")
     if model_and_tokenizer is None:
-        model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict,
-                                                 dequantize_on_cpu="auto", trust_remote_code=trust_remote_code)
+        model, tokenizer, info = load_for_inference(model_path, adapter, dtype, strict=strict,
+                                                    dequantize_on_cpu="auto", trust_remote_code=trust_remote_code)
+        context = context_length(info.config)
     else:
         model, tokenizer = model_and_tokenizer
+        args = getattr(model, "args", None)
+        context = context_length(vars(args)) if args is not None and hasattr(args, "__dict__") else None
+    # The prompt must leave room for --max-tokens in the model's context (checked before a long
+    # text is tokenized: see evaluation.bound_prompt).
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise MlxLoraError(f"{model_path}: the tokenizer has no chat template; drop --chat")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        prompt_tokens = chat_prompt(tokenizer, chat_template_for(tokenizer, None, model_path), messages)
+        prompt_tokens = chat_prompt(tokenizer, chat_template_for(tokenizer, None, model_path), messages,
+                                    context=context, max_tokens=max_tokens)
     else:
-        prompt_tokens = tokenizer.encode(prompt)
+        prompt_tokens = bound_prompt(tokenizer, prompt, context=context, max_tokens=max_tokens, what="--prompt")
     if len(prompt_tokens) == 0:
         raise MlxLoraError("--prompt encodes to no tokens: give the text to continue")
     pieces = stream_text(model, tokenizer, list(prompt_tokens), max_tokens=max_tokens, temperature=temperature,

@@ -71,9 +71,11 @@ class Conversation:
 
 def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_tokens: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             read: Callable[[str], str] = input, out: Optional[TextIO] = None) -> Conversation:
+             read: Callable[[str], str] = input, out: Optional[TextIO] = None,
+             context: Optional[int] = None) -> Conversation:
     """The read-reply loop; returns the conversation when the user leaves. ``read`` is called
     with the prompt and raises EOFError or KeyboardInterrupt to end the chat."""
+    from .evaluation import PromptTooLong
     from .generation import Result, chat_prompt, stream
 
     out = out or sys.stdout
@@ -121,7 +123,10 @@ def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_to
             continue
         messages = conv.messages() + [{"role": "user", "content": line}]
         try:
-            prompt = chat_prompt(tokenizer, template, messages)
+            prompt = chat_prompt(tokenizer, template, messages, context=context, max_tokens=max_tokens)
+        except PromptTooLong as e:
+            say(f"[not sent: {e}; /reset starts a new conversation]")
+            continue
         except Exception as e:  # a template that refuses this conversation (role order, say)
             say(f"[the chat template failed on this conversation: {type(e).__name__}: {str(e)[:200]}]")
             continue
@@ -148,6 +153,7 @@ def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optio
     """Load ``model_path`` (+ ``adapter``) and chat on the terminal until the user leaves."""
     from .api import load_for_inference
     from .config import check_options
+    from .evaluation import context_length
     from .generation import chat_template_for, sampling_checks
 
     check_options(sampling_checks(max_tokens, temperature, top_p, seed))
@@ -166,7 +172,7 @@ def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optio
               + f" ({template.name}); /help for commands, Ctrl-D to leave\n")
     err.flush()
     return run_chat(model, tokenizer, template, system=system, max_tokens=max_tokens, temperature=temperature,
-                    top_p=top_p, seed=seed, read=read, out=out)
+                    top_p=top_p, seed=seed, read=read, out=out, context=context_length(info.config))
 
 
 def _readline_wanted(read) -> bool:
