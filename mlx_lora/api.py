@@ -62,7 +62,7 @@ def prepare_run_dir(out: str, resume: bool, overwrite: bool):
     """The run folder ``out``, checked before anything is written: a run to resume, or a folder a
     new run may use (new, empty, or with ``overwrite`` a run folder this tool wrote; see
     :mod:`mlx_lora.ownership`)."""
-    from .checkpoints import RunDir
+    from .checkpoints import RunDir, check_run_layout
     from .io import ensure_writable_dir
     from .ownership import check_output_dir, follow_link
 
@@ -71,6 +71,7 @@ def prepare_run_dir(out: str, resume: bool, overwrite: bool):
         ensure_writable_dir(run.path, "run folder")
         if not run.exists():
             raise CheckpointError(f"{run.path}: no run to resume (config.yaml missing)")
+        check_run_layout(run.path)  # e.g. a folder in place of checkpoints/latest, before any write
         return run
     path = follow_link(out, "run folder")
     ensure_writable_dir(path, "run folder")
@@ -166,6 +167,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         if rank0:  # the other ranks receive rank 0's checkpoint, bit for bit
             plan.check_total(trainer.total_steps, cfg)
             loaded = run.load_checkpoint(plan.ckpt)
+            # The same check as every adapter load: finite values, a sane scale (before any write).
+            adapters.check_adapter_values(cfg.lora, loaded[0], plan.ckpt / adapters.ADAPTER_WEIGHTS,
+                                          plan.ckpt / adapters.ADAPTER_CONFIG)
         adapter_state, opt_state, state = dist.share_checkpoint(loaded, sync)
         trainer.restore(adapter_state, opt_state, state, source=plan.ckpt if plan else None)
     # Everything is checked: from here on this process writes the run folder, and no other may.
