@@ -260,8 +260,8 @@ def check_run_layout(folder) -> None:
         got = ("a broken symbolic link" if not path.exists() else "a folder" if path.is_dir() else
                "a file" if path.is_file() else "neither a file nor a folder")
         want = "a folder" if kind == "dir" else "a file"
-        raise CheckpointError(f"{path}: expected {want} written by mlx-lora train, found {got}; this run folder "
-                              f"was changed by hand: remove or rename {path.name}")
+        raise CheckpointError(f"{path} is {got}, where mlx-lora train writes {want}: this run folder was changed by "
+                              f"hand; remove or rename {path.name}")
 
 
 class RunDir:
