@@ -152,8 +152,9 @@ def test_trust_remote_code_reaches_the_tokenizer(world, tmp_path, capsys, monkey
                                        "--trust-remote-code"])
     assert code == 0, err
     assert marker.read_text() == "ran"
-    # train: the config key reaches it too
-    marker.unlink()
+    # train: the config key reaches it too (another folder: this process has imported the first one)
+    marker = tmp_path / "MARKER2"
+    evil = evil_model(world.model, tmp_path / "evil_two", marker)
     code, out, err = run_main(capsys, ["train", "--model", str(evil), "--data", str(world.chat_data), "--out",
                                        str(tmp_path / "run"), "--iters", "1", "--batch-size", "2", "--quiet",
                                        "--set", "data.valid_fraction=0", "--set", "model.trust_remote_code=true"])
