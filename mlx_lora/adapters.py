@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoints import check_run_layout
-from .config import LoraConfig
+from .config import BOUNDS, LoraConfig
 from .converters.moe_layout import stack_expert_state
 from .errors import AdapterError
 from .io import atomic_write_json, atomic_save_safetensors
@@ -478,6 +478,10 @@ less than 1; a larger change (a huge ``lora_alpha``, exploded training) overflow
 and gives garbage or NaN logits."""
 
 
+MAX_ADAPTER_SCALE = BOUNDS["lora.alpha"].hi
+"""The largest scale an adapter may have: the largest ``lora.alpha`` a run may set, at rank 1."""
+
+
 def _max_abs(x: mx.array) -> float:
     return float(mx.max(mx.abs(x.astype(mx.float32))).item()) if x.size else 0.0
 
@@ -485,15 +489,18 @@ def _max_abs(x: mx.array) -> float:
 def check_adapter_values(lora: LoraConfig, state: dict, weights_file: Path, config_file: Path,
                          key: str = "lora_alpha") -> None:
     """The one check of a loaded adapter's values, where every command loads one (generate, eval,
-    chat, serve, fuse, export, a resumed run): every tensor is finite, and no layer's update
-    ``scale * B A`` changes a weight by more than :data:`MAX_ADAPTER_DELTA` (what fuse would
-    otherwise find only while merging). A cheap bound per layer comes first; the exact product
+    chat, serve, fuse, export, a resumed run): every tensor is finite, the scale is at most
+    :data:`MAX_ADAPTER_SCALE`, and no layer's update ``scale * B A`` changes a weight by more than
+    :data:`MAX_ADAPTER_DELTA` (what fuse would otherwise find only while merging). A cheap bound per layer comes first; the exact product
     is computed only for a layer that fails it. Raises AdapterError naming the file and key."""
     for k, v in state.items():
         if not bool(mx.all(mx.isfinite(v)).item()):
             raise AdapterError(f"{weights_file}: tensor '{k}' has NaN or infinite values; the adapter is broken "
                                f"(retrain it, or resume from an earlier checkpoint)")
     scale = float(lora.scale)
+    if not math.isfinite(scale) or scale > MAX_ADAPTER_SCALE:  # inf in float32 even where B is zero
+        raise AdapterError(f"{config_file}: key '{key}': scale {scale:.3g} is over {MAX_ADAPTER_SCALE:g}, the "
+                           f"most a run may set (it overflows the computation); the adapter is broken")
     for name in sorted(k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")):
         a, b = state[f"{name}.lora_A.weight"], state.get(f"{name}.lora_B.weight")
         if b is None:

@@ -34,7 +34,7 @@ from typing import Optional, TextIO
 import click
 
 from .config import MAX_SEED, Bound, show
-from .errors import MlxLoraError
+from .errors import DataError, MlxLoraError
 from .generation import LIMITS
 
 DEFAULT_MAX_TOKENS = 512
@@ -192,8 +192,8 @@ def build_engine(model_path: str, adapters: dict[str, str], *, chat_template: Op
     template = None
     try:
         template = chat_template_for(tokenizer, chat_template, model_path)
-    except MlxLoraError:
-        if chat_template is not None:
+    except MlxLoraError as e:
+        if chat_template is not None or isinstance(e, DataError):  # a template that fails its check
             raise
         print(f"warning: {model_path} has no chat template: /v1/chat/completions will refuse requests "
               f"(start with --chat-template chatml or FILE.jinja); /v1/completions works", file=log, flush=True)

@@ -402,13 +402,22 @@ def broken_adapter(world: World, tmp: Path, how: str) -> Path:
         conf = json.loads((folder / "adapter_config.json").read_text())
         conf["lora_alpha"] = 1e308
         (folder / "adapter_config.json").write_text(json.dumps(conf))
+    elif how == "alpha-untrained":  # B = 0 (as at step 0): the update is 0, but the scale overflows float32
+        conf = json.loads((folder / "adapter_config.json").read_text())
+        conf["lora_alpha"] = 1e308
+        (folder / "adapter_config.json").write_text(json.dumps(conf))
+        weights = folder / "adapter_model.safetensors"
+        state = {k: (mx.zeros_like(v) if k.endswith("lora_B.weight") else v) for k, v in mx.load(str(weights)).items()}
+        mx.save_safetensors(str(weights), state)
     elif how == "latest-folder":
         (folder / "checkpoints" / "latest").unlink()
         (folder / "checkpoints" / "latest").mkdir()
     return folder
 
 
-ADAPTER_FAULTS = {"nan": ["NaN"], "alpha": ["lora_alpha", "1e+"], "latest-folder": ["checkpoints/latest is a folder"]}
+ADAPTER_FAULTS = {"nan": ["NaN"], "alpha": ["lora_alpha", "scale 1.25e+307"],
+                  "alpha-untrained": ["lora_alpha", "scale 1.25e+307"],
+                  "latest-folder": ["checkpoints/latest is a folder"]}
 
 
 def _adapter_argv(command: str, w: World, adapter: Path, tmp: Path) -> list:
