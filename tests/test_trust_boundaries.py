@@ -467,3 +467,49 @@ def test_a_healthy_adapter_still_loads_everywhere(world, capsys):
     code, out, err = run_main(capsys, ["generate", "--model", str(world.model), "--adapter", str(world.run),
                                        "--prompt", "hi", "--max-tokens", "2"])
     assert code == 0, err
+
+
+def test_serve_answers_a_template_bomb_with_a_400_and_keeps_serving(world, tmp_path):
+    """The server renders in worker threads: a request whose messages set off the model's own
+    template gets a 400 naming the template's file, and the next request is answered."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    import uvicorn
+
+    from mlx_lora import serve
+
+    model = bomb_model(world, tmp_path, LATE_BOMB)
+    engine = serve.build_engine(str(model), {}, max_tokens=4)
+    sock = serve.bind("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(serve.create_app(engine), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        end = time.monotonic() + 120
+        while not srv.started and time.monotonic() < end:
+            time.sleep(0.05)
+        assert srv.started
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/chat/completions"
+
+        def post(content: str):
+            body = json.dumps({"model": model.name, "messages": [{"role": "user", "content": content}],
+                               "max_tokens": 2}).encode()
+            req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        status, body = post("boom")
+        assert status == 400, body
+        assert str(model / "tokenizer_config.json") in json.dumps(body) and "size limit" in json.dumps(body)
+        status, body = post("hello")
+        assert status == 200, body
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=60)
+        engine.close()
+        sock.close()
