@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_lora.plumbing.errors import ExportError
+from mlx_lora.data.templates import apply_chat_template
 
 _U1, _U2, _A1, _S1 = "MLXLORAUSER1", "MLXLORAUSER2", "MLXLORAASSISTANT1", "MLXLORASYSTEM1"
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<|eom_id|>")
@@ -112,7 +113,7 @@ class ChatFormat:
 
 
 def _render(tokenizer, messages, gen: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    return apply_chat_template(tokenizer, messages, add_generation_prompt=gen)
 
 
 def derive_chat_format(tokenizer, add_bos: bool) -> ChatFormat | None:

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from mlx_lora.plumbing.errors import ExportError
+from mlx_lora.inference.generation import encode
+from mlx_lora.data.templates import apply_chat_template
 
 VERIFY_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -121,10 +123,9 @@ def prompts(tokenizer, max_tokens: int = 48) -> list[list[int]]:
     out = [list(tokenizer.encode(t))[:max_tokens] for t in VERIFY_TEXTS]
     if getattr(tokenizer, "chat_template", None):
         try:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}],
-                                                add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict):
-                ids = ids["input_ids"]
+            text = apply_chat_template(tokenizer, [{"role": "user", "content": CHAT_PROMPT}],
+                                       add_generation_prompt=True)
+            ids = encode(tokenizer, text)
             out.append(list(ids)[:max_tokens])
         except Exception:  # noqa: BLE001, S110  (a template needing extra variables: the plain prompts suffice)
             pass

@@ -63,7 +63,7 @@ def prepare_run_dir(out: str, resume: bool, overwrite: bool):
     """The run folder ``out``, checked before anything is written: a run to resume, or a folder a
     new run may use (new, empty, or with ``overwrite`` a run folder this tool wrote; see
     :mod:`mlx_lora.plumbing.ownership`)."""
-    from mlx_lora.training.checkpoints import RunDir
+    from mlx_lora.training.checkpoints import RunDir, check_run_layout
     from mlx_lora.plumbing.io import ensure_writable_dir
     from mlx_lora.plumbing.ownership import check_output_dir, follow_link
 
@@ -72,6 +72,7 @@ def prepare_run_dir(out: str, resume: bool, overwrite: bool):
         ensure_writable_dir(run.path, "run folder")
         if not run.exists():
             raise CheckpointError(f"{run.path}: no run to resume (config.yaml missing)")
+        check_run_layout(run.path)  # e.g. a folder in place of checkpoints/latest, before any write
         return run
     path = follow_link(out, "run folder")
     ensure_writable_dir(path, "run folder")
@@ -168,6 +169,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         if rank0:  # the other ranks receive rank 0's checkpoint, bit for bit
             plan.check_total(trainer.total_steps, cfg)
             loaded = run.load_checkpoint(plan.ckpt)
+            # The same check as every adapter load: finite values, a sane scale (before any write).
+            adapters.check_adapter_values(cfg.lora, loaded[0], plan.ckpt / adapters.ADAPTER_WEIGHTS,
+                                          plan.ckpt / adapters.ADAPTER_CONFIG)
         adapter_state, opt_state, state = dist.share_checkpoint(loaded, sync)
         trainer.restore(adapter_state, opt_state, state, source=plan.ckpt if plan else None)
     # Everything is checked: from here on this process writes the run folder, and no other may.
@@ -240,7 +244,7 @@ def _interrupted_message(result, run) -> str:
 def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch_size: int = 4,
              max_seq_length: int = 2048, train_on: str = "assistant", chat_template: Optional[str] = None,
              max_batches: Optional[int] = None, dtype: str = "auto", strict: bool = False,
-             columns: Optional[dict] = None) -> dict:
+             columns: Optional[dict] = None, trust_remote_code: bool = False) -> dict:
     """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder, or the
     test (else validation) split of a data set (hf: id or save_to_disk folder); on
     preference pairs, DPO's loss (beta 0.1) and reward accuracy, margin and log-probs against the base."""
@@ -272,7 +276,8 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
     else:
         path = eval_data_file(data)
     # "auto": on the CPU backend a quantized base computes dequantized when it fits (same values)
-    model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict, dequantize_on_cpu="auto")
+    model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict, dequantize_on_cpu="auto",
+                                             trust_remote_code=trust_remote_code)
     dcfg = DataConfig(path=data if hub else str(path), max_seq_length=max_seq_length, train_on=train_on,
                       chat_template=chat_template, valid_fraction=0.0, columns=columns)
     ds = load_eval_split(dcfg, tokenizer) if hub else load_jsonl_dataset(path, dcfg, tokenizer)
@@ -305,11 +310,13 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
 def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat: bool = False,
              system: Optional[str] = None, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, dtype: str = "auto", stream: bool = False, model_and_tokenizer=None,
-             strict: bool = False):
+             strict: bool = False, trust_remote_code: bool = False):
     """Generate a continuation (greedy by default). With ``chat`` the prompt is wrapped in the
     tokenizer's chat template as a user turn. Yields text pieces when ``stream``."""
     from mlx_lora.config import CHOICES, check_options
     from mlx_lora.inference.generation import sampling_checks, stream as stream_text
+    from mlx_lora.inference.evaluation import bound_prompt, context_length
+    from mlx_lora.inference.generation import chat_prompt, chat_template_for
 
     # Before the model loads. mlx-lm reads a negative max_tokens as "no limit", samples the least
     # likely tokens first at a negative temperature, and silently ignores a top-p outside (0, 1).
@@ -319,19 +326,23 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
     if system is not None and not isinstance(system, str):
         raise MlxLoraError(f"--system must be text, got {type(system).__name__}")
     if model_and_tokenizer is None:
-        model, tokenizer, _ = load_for_inference(model_path, adapter, dtype, strict=strict,
-                                                 dequantize_on_cpu="auto")
+        model, tokenizer, info = load_for_inference(model_path, adapter, dtype, strict=strict,
+                                                    dequantize_on_cpu="auto", trust_remote_code=trust_remote_code)
+        context = context_length(info.config)
     else:
         model, tokenizer = model_and_tokenizer
+        args = getattr(model, "args", None)
+        context = context_length(vars(args)) if args is not None and hasattr(args, "__dict__") else None
+    # The prompt must leave room for --max-tokens in the model's context (checked before a long
+    # text is tokenized: see evaluation.bound_prompt).
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise MlxLoraError(f"{model_path}: the tokenizer has no chat template; drop --chat")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        prompt_tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(prompt_tokens, dict):
-            prompt_tokens = prompt_tokens["input_ids"]
+        prompt_tokens = chat_prompt(tokenizer, chat_template_for(tokenizer, None, model_path), messages,
+                                    context=context, max_tokens=max_tokens)
     else:
-        prompt_tokens = tokenizer.encode(prompt)
+        prompt_tokens = bound_prompt(tokenizer, prompt, context=context, max_tokens=max_tokens, what="--prompt")
     if len(prompt_tokens) == 0:
         raise MlxLoraError("--prompt encodes to no tokens: give the text to continue")
     pieces = stream_text(model, tokenizer, list(prompt_tokens), max_tokens=max_tokens, temperature=temperature,

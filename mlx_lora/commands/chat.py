@@ -71,10 +71,12 @@ class Conversation:
 
 def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_tokens: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             read: Callable[[str], str] = input, out: Optional[TextIO] = None) -> Conversation:
+             read: Callable[[str], str] = input, out: Optional[TextIO] = None,
+             context: Optional[int] = None) -> Conversation:
     """The read-reply loop; returns the conversation when the user leaves. ``read`` is called
     with the prompt and raises EOFError or KeyboardInterrupt to end the chat."""
     from mlx_lora.inference.generation import Result, chat_prompt, stream
+    from mlx_lora.inference.evaluation import PromptTooLong
 
     out = out or sys.stdout
     conv = Conversation(system)
@@ -121,7 +123,10 @@ def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_to
             continue
         messages = conv.messages() + [{"role": "user", "content": line}]
         try:
-            prompt = chat_prompt(tokenizer, template, messages)
+            prompt = chat_prompt(tokenizer, template, messages, context=context, max_tokens=max_tokens)
+        except PromptTooLong as e:
+            say(f"[not sent: {e}; /reset starts a new conversation]")
+            continue
         except Exception as e:  # a template that refuses this conversation (role order, say)
             say(f"[the chat template failed on this conversation: {type(e).__name__}: {str(e)[:200]}]")
             continue
@@ -144,18 +149,19 @@ def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_to
 def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optional[str] = None,
          system: Optional[str] = None, max_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
          seed: int = 0, strict: bool = False, read: Callable[[str], str] = input,
-         out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> Conversation:
+         out: Optional[TextIO] = None, err: Optional[TextIO] = None, trust_remote_code: bool = False) -> Conversation:
     """Load ``model_path`` (+ ``adapter``) and chat on the terminal until the user leaves."""
     from mlx_lora.commands.api import load_for_inference
     from mlx_lora.config import check_options
     from mlx_lora.inference.generation import chat_template_for, sampling_checks
+    from mlx_lora.inference.evaluation import context_length
 
     check_options(sampling_checks(max_tokens, temperature, top_p, seed))
     if system is not None and not isinstance(system, str):
         raise MlxLoraError(f"--system must be text, got {type(system).__name__}")
     err = err or sys.stderr
     model, tokenizer, info = load_for_inference(model_path, adapter, strict=strict, stream=err,
-                                                dequantize_on_cpu="auto")
+                                                dequantize_on_cpu="auto", trust_remote_code=trust_remote_code)
     template = chat_template_for(tokenizer, chat_template, model_path)
     if _readline_wanted(read):
         try:
@@ -166,7 +172,7 @@ def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optio
               + f" ({template.name}); /help for commands, Ctrl-D to leave\n")
     err.flush()
     return run_chat(model, tokenizer, template, system=system, max_tokens=max_tokens, temperature=temperature,
-                    top_p=top_p, seed=seed, read=read, out=out)
+                    top_p=top_p, seed=seed, read=read, out=out, context=context_length(info.config))
 
 
 def _readline_wanted(read) -> bool:
@@ -180,7 +186,8 @@ def _readline_wanted(read) -> bool:
 @click.option("--system", help="System message for the conversation.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="At most this many new tokens a reply.")
 @sampling_options
-def chat_command(model, adapter, chat_template, system, max_tokens, temperature, top_p, seed, strict):
+def chat_command(model, adapter, chat_template, system, max_tokens, temperature, top_p, seed, strict,
+                 trust_remote_code):
     """Chat with a model (and adapter) in the terminal; replies stream as they are made."""
     chat(model, adapter, chat_template=chat_template, system=system, max_tokens=max_tokens,
-         temperature=temperature, top_p=top_p, seed=seed, strict=strict)
+         temperature=temperature, top_p=top_p, seed=seed, strict=strict, trust_remote_code=trust_remote_code)

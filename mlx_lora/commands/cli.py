@@ -158,7 +158,7 @@ def train(config_file, sets, resume_dir, overwrite, quiet, dry_run, distributed,
 
 
 def sampling_options(f):
-    """--temperature, --top-p, --seed and --strict, as generate and chat take them."""
+    """--temperature, --top-p, --seed, --strict and --trust-remote-code, as generate and chat take them."""
     for option in reversed((
         click.option("--temperature", "--temp", type=float, default=0.0, show_default=True,
                      help="0 = greedy; up to 100."),
@@ -166,6 +166,7 @@ def sampling_options(f):
                      help="Sample from the most likely tokens holding this much probability, in (0, 1]."),
         click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed, 0 to 2**32-1."),
         click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn)."),
+        click.option("--trust-remote-code", is_flag=True, help="Let the model folder run the Python code it ships."),
     )):
         f = option(f)
     return f
@@ -179,14 +180,15 @@ def sampling_options(f):
 @click.option("--system", help="System message (with --chat).")
 @click.option("--max-tokens", type=int, default=256, show_default=True, help="At most this many new tokens (>= 1).")
 @sampling_options
-def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_p, seed, strict):
+def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_p, seed, strict, trust_remote_code):
     """Generate text with a model and optional adapter (streams to standard output)."""
     from mlx_lora.commands import api
 
     if prompt == "-":
         prompt = sys.stdin.read()
     for piece in api.generate(model, prompt, adapter, chat=chat, system=system, max_tokens=max_tokens,
-                              temperature=temperature, top_p=top_p, seed=seed, stream=True, strict=strict):
+                              temperature=temperature, top_p=top_p, seed=seed, stream=True, strict=strict,
+                              trust_remote_code=trust_remote_code):
         click.echo(piece, nl=False)
     click.echo()
 
@@ -221,9 +223,10 @@ def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_
               help="pass@1: seconds each row's code and tests may run.")
 @click.option("--unsafe-exec", is_flag=True,
               help="pass@1 on a machine without a sandbox (see `mlx-lora doctor`): run each row's code unconfined.")
+@click.option("--trust-remote-code", is_flag=True, help="Let the model folder run the Python code it ships.")
 def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_template, max_batches, as_json, strict,
           columns, generate, metrics, compare, out, overwrite, limit, max_tokens, temperature, top_p, seed,
-          timeout_s, unsafe_exec):
+          timeout_s, unsafe_exec, trust_remote_code):
     """Loss and perplexity on a data set; with --generate, scores of generated answers."""
     import json
 
@@ -242,7 +245,7 @@ def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_templ
         r = evaluate_generate(model, data, adapter, compare=compare, metrics=metrics, max_tokens=max_tokens,
                               temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, limit=limit,
                               chat_template=chat_template, out=out, overwrite=overwrite, timeout_s=timeout_s,
-                              strict=strict, unsafe_exec=unsafe_exec, log=log)
+                              strict=strict, unsafe_exec=unsafe_exec, log=log, trust_remote_code=trust_remote_code)
         click.echo(json.dumps(r) if as_json else summary_text(r))
         return
     given = [o for o, v in (("--metric", metrics), ("--compare", compare), ("--out", out), ("--limit", limit),
@@ -251,7 +254,8 @@ def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_templ
         raise click.UsageError(f"{given[0]} needs --generate")
     r = api.evaluate(model, data, adapter, batch_size=4 if batch_size is None else batch_size,
                      max_seq_length=max_seq_length, train_on=train_on, chat_template=chat_template,
-                     max_batches=max_batches, strict=strict, columns=dict(c.split("=", 1) for c in columns) or None)
+                     max_batches=max_batches, strict=strict, columns=dict(c.split("=", 1) for c in columns) or None,
+                     trust_remote_code=trust_remote_code)
     if as_json:
         click.echo(json.dumps(r))
     elif "reward_accuracy" in r:  # preference pairs

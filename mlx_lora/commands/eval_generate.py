@@ -30,7 +30,7 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
                       limit: Optional[int] = None, chat_template: Optional[str] = None,
                       out: Optional[str] = None, overwrite: bool = False, timeout_s: float = 10.0,
                       dtype: str = "auto", strict: bool = False, unsafe_exec: bool = False,
-                      log: Optional[Callable[[str], None]] = _stderr) -> dict:
+                      log: Optional[Callable[[str], None]] = _stderr, trust_remote_code: bool = False) -> dict:
     """Generate an answer for each row of ``data`` (a JSONL file, or a folder's test.jsonl /
     valid.jsonl) and score it with ``metrics`` (default: chosen from the data, see
     :func:`mlx_lora.inference.metrics.default_metric`). Scores the adapter when one is given, the base
@@ -82,7 +82,8 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
                                  f"--overwrite replaces only such files. Choose another name") from None
     batch = batch_size or evaluation.DEFAULT_BATCH_SIZE
 
-    model, tokenizer, info = load_for_inference(model_path, None, dtype, strict=strict, dequantize_on_cpu="auto")
+    model, tokenizer, info = load_for_inference(model_path, None, dtype, strict=strict, dequantize_on_cpu="auto",
+                                                trust_remote_code=trust_remote_code)
     if adapter:  # an unreadable adapter (or, with strict, one for another base) fails before any generation
         from mlx_lora.model.adapters import read_adapter
         from mlx_lora.model.integrity import check_adapter_base
@@ -90,9 +91,16 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
         ainfo, _ = read_adapter(adapter, model)
         if strict:
             check_adapter_base(ainfo, info.local_path, strict=True, adapter_name=str(adapter))
-    evaluation.render_prompts(eval_set, tokenizer, chat_template)
-    n = len(eval_set.rows)
-    log(f"data      {eval_set.path}: {n} rows ({eval_set.format})")
+    # Prompts that leave no room for --max-tokens in the model's context are skipped and counted.
+    evaluation.render_prompts(eval_set, tokenizer, chat_template, context=evaluation.context_length(info.config),
+                              max_tokens=max_tokens)
+    n, skipped = len(eval_set.rows), eval_set.skipped
+    if skipped and not n:
+        raise MlxLoraError(f"{eval_set.path}: all {len(skipped)} rows skipped, none fits the model's context "
+                           f"(line {skipped[0][0]}: {skipped[0][1]})")
+    log(f"data      {eval_set.path}: {n} rows ({eval_set.format})"
+        + (f"; {len(skipped)} skipped, their prompts do not fit (line {skipped[0][0]}: {skipped[0][1]})"
+           if skipped else ""))
     log(f"metric    {', '.join(chosen)}" + (f" (chosen from the data: {reason}; choose with --metric)" if reason else ""))
     how = "greedy" if temperature == 0 else f"sampled at temperature {temperature:g}, top-p {top_p:g}, seed {seed}"
     log(f"generate  {how}, at most {max_tokens} new tokens, batches of {batch}")
@@ -111,6 +119,7 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
     cols = evaluation.columns(chosen)
     summary = {
         "path": eval_set.path, "format": eval_set.format, "rows": n, "metrics": chosen, "metric_reason": reason,
+        "skipped": len(skipped), "skipped_lines": [line for line, _ in skipped],
         "model": model_path, "adapter": adapter,
         "generation": {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                        "batch_size": batch},
@@ -141,7 +150,9 @@ def example_records(eval_set, results: dict, sandbox: bool) -> list[dict]:
         if row.tests is not None:
             r["tests"] = row.tests
         records.append(r)
-    return records
+    # A skipped row has a record too, saying why it has no output.
+    records += [{"line": line, "skipped": why} for line, why in eval_set.skipped]
+    return sorted(records, key=lambda r: r["line"])
 
 
 def table_lines(summary: dict) -> list[str]:
@@ -164,6 +175,8 @@ def table_lines(summary: dict) -> list[str]:
 def summary_text(summary: dict) -> str:
     lines = table_lines(summary)
     lines.append(f"({summary['rows']} rows of {summary['path']}"
+                 + (f"; {summary['skipped']} rows skipped, their prompts do not fit the model's context"
+                    if summary.get("skipped") else "")
                  + ("; delta in percentage points" if "delta" in summary else "") + ")")
     if summary.get("out"):
         lines.append(f"per-example outputs: {summary['out']}")

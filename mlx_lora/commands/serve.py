@@ -36,6 +36,7 @@ import click
 from mlx_lora.config import MAX_SEED, Bound, show
 from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.inference.generation import LIMITS
+from mlx_lora.plumbing.errors import DataError
 
 DEFAULT_MAX_TOKENS = 512
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -172,7 +173,8 @@ class Engine:
 
 
 def build_engine(model_path: str, adapters: dict[str, str], *, chat_template: Optional[str] = None,
-                 strict: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS, log: Optional[TextIO] = None) -> Engine:
+                 strict: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS, log: Optional[TextIO] = None,
+                 trust_remote_code: bool = False) -> Engine:
     """Load the base once, then every adapter's layers (all checked before the server starts)."""
     from mlx_lora.commands.api import load_for_inference
     from mlx_lora.inference.generation import AdapterSet, chat_template_for
@@ -184,14 +186,15 @@ def build_engine(model_path: str, adapters: dict[str, str], *, chat_template: Op
     if base_name in adapters:
         raise MlxLoraError(f"--adapter {base_name}=...: {base_name!r} already names the base model; "
                            f"choose another adapter name")
-    model, tokenizer, info = load_for_inference(model_path, None, stream=log, dequantize_on_cpu="auto")
+    model, tokenizer, info = load_for_inference(model_path, None, stream=log, dequantize_on_cpu="auto",
+                                                trust_remote_code=trust_remote_code)
     adapter_set = AdapterSet(model, info.local_path, adapters, strict=strict,
                              warn=lambda m: print(f"warning: {m}", file=log, flush=True))
     template = None
     try:
         template = chat_template_for(tokenizer, chat_template, model_path)
-    except MlxLoraError:
-        if chat_template is not None:
+    except MlxLoraError as e:
+        if chat_template is not None or isinstance(e, DataError):  # a template that fails its check
             raise
         print(f"warning: {model_path} has no chat template: /v1/chat/completions will refuse requests "
               f"(start with --chat-template chatml or FILE.jinja); /v1/completions works", file=log, flush=True)
@@ -528,7 +531,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 8080,
           chat_template: Optional[str] = None, max_tokens: int = DEFAULT_MAX_TOKENS, strict: bool = False,
-          out: Optional[TextIO] = None) -> None:
+          out: Optional[TextIO] = None, trust_remote_code: bool = False) -> None:
     """Serve until interrupted (Ctrl-C, SIGTERM). Everything that can be refused (options,
     adapters, the port) is refused before the server starts."""
     try:
@@ -544,7 +547,8 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
         raise MlxLoraError(f"--port must be in [0, 65535], got {show(port)}")
     sock = bind(host, port)  # a taken port is refused before the seconds the model takes to load
     try:
-        engine = build_engine(model_path, named, chat_template=chat_template, strict=strict, max_tokens=max_tokens)
+        engine = build_engine(model_path, named, chat_template=chat_template, strict=strict, max_tokens=max_tokens,
+                              trust_remote_code=trust_remote_code)
     except BaseException:
         sock.close()
         raise
@@ -584,6 +588,8 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
 @click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True,
               help="New tokens when a request does not say.")
 @click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
-def serve_command(model, adapters, host, port, chat_template, max_tokens, strict):
+@click.option("--trust-remote-code", is_flag=True, help="Let the model folder run the Python code it ships.")
+def serve_command(model, adapters, host, port, chat_template, max_tokens, strict, trust_remote_code):
     """Serve the model and its adapters over an OpenAI-compatible HTTP API."""
-    serve(model, adapters, host=host, port=port, chat_template=chat_template, max_tokens=max_tokens, strict=strict)
+    serve(model, adapters, host=host, port=port, chat_template=chat_template, max_tokens=max_tokens, strict=strict,
+          trust_remote_code=trust_remote_code)

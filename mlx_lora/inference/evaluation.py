@@ -19,6 +19,7 @@ Generation runs left-padded batches through mlx-lm's batch KV cache (see
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -27,8 +28,79 @@ from mlx_lora.inference import metrics as M
 from mlx_lora.data.formats import ChatSample, PairSample, TextSample, file_samples, one_line, tname
 from mlx_lora.plumbing.errors import DataError, MlxLoraError
 from mlx_lora.data.templates import TemplateLimitError
+from mlx_lora.config import MAX_SEQ_LENGTH
 
 DEFAULT_BATCH_SIZE = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt bounds
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
+                "max_sequence_length")
+"""Where a model's config.json gives its context length (the first one present counts)."""
+
+
+class PromptTooLong(MlxLoraError):
+    """A prompt that leaves no room in the model's context for the tokens asked for."""
+
+
+def context_length(config: dict) -> Optional[int]:
+    """The model's context length from its config (or its ``text_config``), None when unknown."""
+    for conf in (config, config.get("text_config")):
+        if isinstance(conf, dict):
+            for key in CONTEXT_KEYS:
+                v = conf.get(key)
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    return v
+    return None
+
+
+_TOKEN_CHARS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def token_chars(tokenizer) -> int:
+    """The most characters one token stands for (the longest vocabulary entry, at least 16): a
+    text longer than this many characters per token cannot fit, whatever it tokenizes to."""
+    try:
+        return _TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    try:
+        longest = max((len(t) for t in tokenizer.get_vocab() if isinstance(t, str)), default=0)
+    except Exception:  # noqa: BLE001  (a tokenizer without a readable vocabulary: a generous constant)
+        longest = 64
+    n = max(16, longest)
+    try:
+        _TOKEN_CHARS[tokenizer] = n
+    except TypeError:
+        pass
+    return n
+
+
+def bound_prompt(tokenizer, text: str, *, context: Optional[int], max_tokens: int,
+                 encode: Optional[Callable[[str], list[int]]] = None, what: str = "the prompt") -> list[int]:
+    """Token ids of the prompt ``text`` when it fits in the model's ``context`` (tokens; None:
+    unknown, then :data:`~mlx_lora.config.MAX_SEQ_LENGTH`) with room for ``max_tokens`` new
+    tokens; otherwise :class:`PromptTooLong`, one line saying by how much.
+
+    Memory stays bounded whatever the text: a text longer than the room times twice the most
+    characters a token can stand for (:func:`token_chars`) is refused before it is tokenized.
+    ``encode`` turns text into ids (default: the tokenizer's ``encode``). Every prompt path
+    (``generate``, ``chat``, ``eval --generate``) calls this one function."""
+    limit = (context or MAX_SEQ_LENGTH) - max_tokens
+    ctx = f"the model's context is {context} tokens" if context else f"at most {MAX_SEQ_LENGTH} tokens are allowed"
+    if limit < 1:
+        raise PromptTooLong(f"{max_tokens} new tokens leave no room for {what}: {ctx}; ask for fewer new tokens")
+    max_chars = 2 * limit * token_chars(tokenizer)
+    if len(text) > max_chars:
+        raise PromptTooLong(f"{what} has {len(text):,} characters, far more than fit: {ctx}, {max_tokens} of them "
+                            f"kept for new tokens, so at most {limit:,} prompt tokens (checked before tokenizing)")
+    tokens = list(encode(text) if encode is not None else tokenizer.encode(text))
+    if len(tokens) > limit:
+        raise PromptTooLong(f"{what} has {len(tokens):,} tokens: {ctx} and {max_tokens} of them are kept for new "
+                            f"tokens, so at most {limit:,} prompt tokens fit; shorten it or ask for fewer new tokens")
+    return tokens
 
 
 @dataclass
@@ -52,6 +124,8 @@ class EvalSet:
     path: str
     format: str
     rows: list[EvalRow]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    """(line, reason) of the rows left out because their prompt does not fit (see :func:`bound_prompt`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,25 +190,41 @@ def read_eval_set(path, *, fmt: str = "auto", limit: Optional[int] = None) -> Ev
     return EvalSet(p, name, out)
 
 
-def render_prompts(data: EvalSet, tokenizer, chat_template: Optional[str] = None) -> EvalSet:
+def render_prompts(data: EvalSet, tokenizer, chat_template: Optional[str] = None, *,
+                   context: Optional[int] = None, max_tokens: int = 0) -> EvalSet:
     """Fill in each row's prompt text and tokens: the chat template (``chat_template``, else the
-    tokenizer's) for conversations, and the BOS token where training examples have one."""
+    tokenizer's) for conversations, and the BOS token where training examples have one.
+
+    A row whose prompt does not fit in ``context`` tokens with room for ``max_tokens`` new ones
+    (:func:`bound_prompt`) is moved to ``data.skipped`` with the reason, never generated for."""
     from mlx_lora.data.examples import _Encoder
     from mlx_lora.data.templates import resolve_chat_template
 
     chat = data.format in ("chat", "sharegpt")
     template = resolve_chat_template(chat_template, tokenizer) if chat else None
     enc = _Encoder(tokenizer, template)
+
+    def encode(text: str) -> list[int]:
+        tokens = enc.encode_many([text])[0]
+        if enc.adds_bos and tokens[:1] != [enc.bos_id]:
+            tokens = [enc.bos_id] + tokens  # as training examples start (data_formats.Sample.example)
+        return tokens
+
+    kept = []
     for row in data.rows:
         sample = row.sample
         row.prompt = (_chat_prompt(sample, template, data.path, row.line) if isinstance(sample, ChatSample)
                       else sample.prompt)
-    for row, tokens in zip(data.rows, enc.encode_many([r.prompt for r in data.rows])):
-        if enc.adds_bos and tokens[:1] != [enc.bos_id]:
-            tokens = [enc.bos_id] + tokens  # as training examples start (data_formats.Sample.example)
-        if not tokens:
+        try:
+            row.tokens = bound_prompt(tokenizer, row.prompt, context=context, max_tokens=max_tokens, encode=encode)
+        except PromptTooLong as e:
+            data.skipped.append((row.line, str(e)))
+            row.prompt = ""  # a skipped row's text is not kept (it may be megabytes)
+            continue
+        if not row.tokens:
             raise DataError("the prompt is empty (no tokens)", data.path, row.line)
-        row.tokens = tokens
+        kept.append(row)
+    data.rows = kept
     return data
 
 

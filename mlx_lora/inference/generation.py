@@ -63,10 +63,19 @@ def chat_template_for(tokenizer, spec: Optional[str], model_name: str):
     return template
 
 
-def chat_prompt(tokenizer, template, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` followed by the assistant's generation prompt."""
-    text = template.render(messages, add_generation_prompt=True)
-    return encode(tokenizer, text)
+def chat_prompt(tokenizer, template, messages: list[dict], *, context: Optional[int] = None,
+                max_tokens: Optional[int] = None) -> list[int]:
+    """Token ids of ``messages`` followed by the assistant's generation prompt (rendered bounded,
+    see :func:`mlx_lora.data.templates.apply_chat_template`). With ``max_tokens``, a prompt that leaves
+    no room for them in ``context`` is refused (:func:`mlx_lora.inference.evaluation.bound_prompt`)."""
+    from mlx_lora.inference.evaluation import bound_prompt
+    from mlx_lora.data.templates import apply_chat_template
+
+    text = apply_chat_template(tokenizer, messages, add_generation_prompt=True, template=template)
+    if max_tokens is None:
+        return encode(tokenizer, text)
+    return bound_prompt(tokenizer, text, context=context, max_tokens=max_tokens, what="the conversation",
+                        encode=lambda t: encode(tokenizer, t))
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -19,15 +19,17 @@ def _log(msg: str, stream: Optional[TextIO] = None) -> None:
 
 def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: str = "auto", *,
                        strict: bool = False, stream: Optional[TextIO] = None,
-                       dequantize_on_cpu: Optional[str] = None):
+                       dequantize_on_cpu: Optional[str] = None, trust_remote_code: bool = False):
     """(model, tokenizer, info) with the adapter applied, in eval mode.
 
     An adapter trained on another base model than ``model_path`` (by the fingerprint it records)
     loads with a warning on ``stream`` (stderr), or raises AdapterError when ``strict``.
     ``dequantize_on_cpu``: see :func:`mlx_lora.model.loading.load_model` (None keeps a quantized base's
-    layers quantized, for callers that inspect them)."""
+    layers quantized, for callers that inspect them). ``trust_remote_code``: let the model folder
+    run the code it ships (``auto_map``, ``model_file``); otherwise a folder that needs it is refused."""
     check_options([("dtype", dtype, CHOICES["model.dtype"])])
-    model, tokenizer, info = load_model(model_path, dtype=dtype, dequantize_on_cpu=dequantize_on_cpu)
+    model, tokenizer, info = load_model(model_path, dtype=dtype, dequantize_on_cpu=dequantize_on_cpu,
+                                        trust_remote_code=trust_remote_code is True)
     if adapter:
         attach_adapter(model, info, adapter, strict=strict, stream=stream)
     model.eval()

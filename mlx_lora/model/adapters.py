@@ -23,12 +23,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_lora.config import LoraConfig
+from mlx_lora.config import BOUNDS, LoraConfig
 from mlx_lora.converters.moe_layout import stack_expert_state
-from mlx_lora.plumbing.errors import AdapterError
-from mlx_lora.plumbing.io import atomic_write_json, atomic_save_safetensors
 from mlx_lora.model.lora import (DoRALinear, DoRASwitchLinear, LoRALinear, LoRASwitchLinear, base_dims, is_adapter_layer,
-                   is_expert_layer)
+                                 is_expert_layer)
+from mlx_lora.plumbing.errors import AdapterError
+from mlx_lora.plumbing.io import atomic_save_safetensors, atomic_write_json
+from mlx_lora.model.run_layout import check_run_layout
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -471,13 +472,67 @@ def _read_mlx_lm_adapter(folder: Path, conf: dict, model: nn.Module):
     return cfg, state
 
 
+MAX_ADAPTER_DELTA = 1e4
+"""The largest change an adapter may make to one weight. Real fine-tunes change weights by far
+less than 1; a larger change (a huge ``lora_alpha``, exploded training) overflows half precision
+and gives garbage or NaN logits."""
+
+
+MAX_ADAPTER_SCALE = BOUNDS["lora.alpha"].hi
+"""The largest scale an adapter may have: the largest ``lora.alpha`` a run may set, at rank 1."""
+
+
+def _max_abs(x: mx.array) -> float:
+    return float(mx.max(mx.abs(x.astype(mx.float32))).item()) if x.size else 0.0
+
+
+def check_adapter_values(lora: LoraConfig, state: dict, weights_file: Path, config_file: Path,
+                         key: str = "lora_alpha") -> None:
+    """The one check of a loaded adapter's values, where every command loads one (generate, eval,
+    chat, serve, fuse, export, a resumed run): every tensor is finite, the scale is at most
+    :data:`MAX_ADAPTER_SCALE`, and no layer's update ``scale * B A`` changes a weight by more than
+    :data:`MAX_ADAPTER_DELTA` (what fuse would otherwise find only while merging). A cheap bound per layer comes first; the exact product
+    is computed only for a layer that fails it. Raises AdapterError naming the file and key."""
+    for k, v in state.items():
+        if not bool(mx.all(mx.isfinite(v)).item()):
+            raise AdapterError(f"{weights_file}: tensor '{k}' has NaN or infinite values; the adapter is broken "
+                               f"(retrain it, or resume from an earlier checkpoint)")
+    scale = float(lora.scale)
+    if not math.isfinite(scale) or scale > MAX_ADAPTER_SCALE:  # inf in float32 even where B is zero
+        raise AdapterError(f"{config_file}: key '{key}': scale {scale:.3g} is over {MAX_ADAPTER_SCALE:g}, the "
+                           f"most a run may set (it overflows the computation); the adapter is broken")
+    for name in sorted(k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")):
+        a, b = state[f"{name}.lora_A.weight"], state.get(f"{name}.lora_B.weight")
+        if b is None:
+            continue
+        bound = scale * a.shape[-2] * _max_abs(a) * _max_abs(b)  # |scale (B A)_ij| <= scale r max|B| max|A|
+        if math.isfinite(bound) and bound <= MAX_ADAPTER_DELTA:
+            continue
+        delta = _max_abs(mx.matmul(b.astype(mx.float32), a.astype(mx.float32))) * scale
+        if math.isfinite(delta) and delta <= MAX_ADAPTER_DELTA:
+            continue
+        layer = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        size = "NaN or infinity" if not math.isfinite(delta) else f"{delta:.3g}"
+        raise AdapterError(f"{config_file}: key '{key}': scale {scale:.3g} makes layer '{layer}' change its weights "
+                           f"by {size}, more than {MAX_ADAPTER_DELTA:g}; the adapter is broken")
+
+
+def _checked(info: "AdapterInfo", state: dict, folder: Path, weights: str) -> tuple["AdapterInfo", dict]:
+    key = "lora_parameters.scale" if weights == MLX_LM_WEIGHTS else "lora_alpha"
+    check_adapter_values(info.lora, state, folder / weights, folder / ADAPTER_CONFIG, key)
+    return info, state
+
+
 def read_adapter(folder, model: Optional[nn.Module] = None) -> tuple[AdapterInfo, dict]:
-    """Read an adapter folder (PEFT or mlx-lm layout) without touching a model."""
+    """Read an adapter folder (PEFT or mlx-lm layout) without touching a model; a run folder's
+    layout is checked (:func:`mlx_lora.model.run_layout.check_run_layout`) and the adapter's values
+    too (:func:`check_adapter_values`)."""
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
     if not folder.is_dir():
         raise AdapterError(f"adapter folder not found: {folder}")
+    check_run_layout(folder)
     conf_path = folder / ADAPTER_CONFIG
     if not conf_path.is_file():
         raise AdapterError(f"{folder}: no {ADAPTER_CONFIG}; not an adapter folder")
@@ -496,13 +551,13 @@ def read_adapter(folder, model: Optional[nn.Module] = None) -> tuple[AdapterInfo
             state = stack_expert_state(model_type, state)
         targets = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
         info = AdapterInfo(lora, conf.get("base_model_name_or_path"), targets, "peft", conf.get("mlx_lora") or {})
-        return info, state
+        return _checked(info, state, folder, ADAPTER_WEIGHTS)
     if (folder / MLX_LM_WEIGHTS).is_file():
         if model is None:
             raise AdapterError(f"{folder}: an mlx-lm adapter needs the model to be read")
         lora, state = _read_mlx_lm_adapter(folder, conf, model)
         targets = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
-        return AdapterInfo(lora, conf.get("model"), targets, "mlx-lm", {}), state
+        return _checked(AdapterInfo(lora, conf.get("model"), targets, "mlx-lm", {}), state, folder, MLX_LM_WEIGHTS)
     raise AdapterError(f"{folder}: no {ADAPTER_WEIGHTS} (PEFT) or {MLX_LM_WEIGHTS} (mlx-lm) file")
 
 

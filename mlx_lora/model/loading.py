@@ -7,9 +7,12 @@ huggingface-hub), or a ``.gguf`` file (imported once into a cache folder by ``co
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -98,6 +101,61 @@ def read_config(folder: Path) -> dict:
         raise ModelError(f"{cfg_path}: {size:,} bytes is far too large for a model config")
     check_config(config, cfg_path)
     return config
+
+
+REMOTE_CODE_FLAG = ("model.trust_remote_code: true (train: in the config or --set) or --trust-remote-code (generate, "
+                    "eval, chat, serve), "
+                    "only if you trust the code in it")
+"""How a user lets a model folder run its own code, named by every refusal."""
+
+
+def remote_code(folder: Path) -> list[tuple[Path, str, str]]:
+    """Where ``folder`` asks to run code it ships: (file, field, what) for ``auto_map`` in
+    ``config.json`` / ``tokenizer_config.json`` and mlx-lm's ``model_file``. Reading only."""
+    found = []
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and \
+                path.stat().st_size <= MAX_CONFIG_BYTES else None
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        auto = data.get("auto_map")
+        refs = (list(auto.values()) if isinstance(auto, dict) else auto if isinstance(auto, list) else [])
+        refs = [r for ref in refs for r in (ref if isinstance(ref, list) else [ref]) if isinstance(r, str) and r]
+        if refs:
+            found.append((path, "auto_map", refs[0]))
+        if name == "config.json" and isinstance(data.get("model_file"), str):
+            found.append((path, "model_file", data["model_file"]))
+    return found
+
+
+def remote_code_error(folder: Path, asks: list[tuple[Path, str, str]]) -> ModelError:
+    path, field, what = asks[0]
+    return ModelError(f"{path}: field '{field}' asks to run code shipped in {folder} ({what}); it was not run. "
+                      f"To allow it, set {REMOTE_CODE_FLAG}")
+
+
+class _NoAnswer(io.StringIO):
+    """Standard input while a model loads: every read is at its end, so a library that asks
+    (transformers' "Do you wish to run the custom code? [y/N]") gets no answer from a pipe."""
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def no_stdin():
+    """Nothing a library reads from standard input inside this block comes from the user: a
+    question on stdin (``input()``) ends at once with EOFError. Restores ``sys.stdin`` after."""
+    saved = sys.stdin
+    sys.stdin = _NoAnswer()
+    try:
+        yield
+    finally:
+        sys.stdin = saved
 
 
 def _size_keys(config: dict) -> list[tuple[str, str, Any]]:
@@ -351,8 +409,13 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
             f"{folder / 'config.json'}: architecture '{model_type}' is not supported by the installed "
             f"mlx-lm; upgrade mlx-lm or use a supported model"
         ) from None
+    trust_remote_code = trust_remote_code is True  # always an explicit bool: None would let transformers ask
+    asks = remote_code(folder)
+    if not trust_remote_code and any(field == "model_file" for _, field, _ in asks):
+        raise remote_code_error(folder, [a for a in asks if a[1] == "model_file"])
     try:
-        model, config = mlx_lm_load_model(folder, lazy=True, strict=True, trust_remote_code=trust_remote_code)
+        with no_stdin():
+            model, config = mlx_lm_load_model(folder, lazy=True, strict=True, trust_remote_code=trust_remote_code)
     except ValueError as e:
         msg = str(e)
         raise ModelError(f"{folder}: weights do not match the '{model_type}' architecture: {msg[:400]}") from None
@@ -371,9 +434,16 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
     tokenizer = None
     if with_tokenizer:
         try:
-            tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
+            # The flag goes to transformers explicitly (None would make it ask on stdin), and stdin
+            # cannot answer any question it asks anyway.
+            with no_stdin():
+                tokenizer = load_tokenizer(folder, {"trust_remote_code": trust_remote_code},
+                                           eos_token_ids=config.get("eos_token_id"))
         except Exception as e:
-            raise ModelError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {str(e)[:300]})") from None
+            if asks and not trust_remote_code and "trust_remote_code" in str(e):
+                raise remote_code_error(folder, asks) from None
+            raise ModelError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]})") from None
     info = ModelInfo(source=source, local_path=folder, kind=kind, model_type=model_type, config=config,
                      quantization=config.get("quantization"), dtype=target)
     if dequantize_on_cpu is not None:

@@ -31,11 +31,11 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_lora.model.run_layout import RUN_LAYOUT, STEP_DIR, check_run_layout  # noqa: F401 (re-exported)
 from mlx_lora.plumbing.errors import CheckpointError
 from mlx_lora.plumbing.io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from mlx_lora.plumbing.ownership import LOCK
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
 # A checkpoint renamed aside while a new one of the same step replaced it (io.atomic_dir); a crash
 # between the two renames leaves only this name, which remove_partial_writes() puts back.
 REPLACED_STEP_DIR = re.compile(r"^\.(step-(\d+))\.old$")
