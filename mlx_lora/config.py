@@ -16,12 +16,13 @@ import re
 import reprlib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Iterable, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .data_formats import FORMATS
 from .errors import ConfigError, MlxLoraError
+from .mlx_lm_config import is_mlx_lm_config, key_lines, translate as translate_mlx_lm
 from .shapes import POLICIES as SHAPE_POLICIES
 
 
@@ -55,8 +56,9 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the adapter's input (training only)."""
     target_modules: Optional[list[str]] = None
-    """Module names (``q_proj``) or regexes (``re:.*mlp.*``); default: every linear layer of
-    attention and MLP blocks, and every expert layer of MoE blocks (not their routers)."""
+    """Module names (``q_proj``, ``self_attn.q_proj``: the end of the module path) or regexes
+    (``re:.*mlp.*``); default: every linear layer of attention and MLP blocks, and every expert
+    layer of MoE blocks (not their routers); ``[all-linear]``: those and the routers (as mlx-lm)."""
     layers_to_transform: Optional[list[int]] = None
     """Transformer block indices to adapt (negative counts from the end); default: all."""
     use_dora: bool = False
@@ -650,13 +652,28 @@ def build(
     overrides: Optional[list[str]] = None,
     extra: Optional[dict] = None,
     check: bool = True,
+    on_translate: Optional[Callable[[str], None]] = None,
 ) -> Config:
-    """Defaults <- YAML file <- ``extra`` (CLI options) <- ``--set`` overrides, then validate."""
+    """Defaults <- YAML file <- ``extra`` (CLI options) <- ``--set`` overrides, then validate.
+
+    An mlx-lm config file (:mod:`mlx_lora.mlx_lm_config`) is translated first; ``on_translate``
+    then receives the equivalent config as YAML, followed by a ``note:`` line for each difference."""
     data: dict = {}
     if config_file:
         data = load_yaml(config_file)
         if not isinstance(data, dict):
             raise ConfigError(["expected a mapping at the top level"], str(config_file))
+        if is_mlx_lm_config(data):
+            try:
+                lines = key_lines(Path(config_file).read_text(encoding="utf-8"))
+                t = translate_mlx_lm(data, methods=CHOICES["train.method"], lines=lines)
+            except ConfigError as e:
+                raise ConfigError(e.problems, f"{config_file} (an mlx-lm config)") from None
+            data = t.config
+            if on_translate is not None:
+                text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None).rstrip()
+                on_translate("\n".join([f"{config_file}: an mlx-lm config; the same job in mlx-lora's keys:", text]
+                                       + [f"note: {n}" for n in t.notes]))
     if extra:
         data = deep_merge(data, extra)
     if overrides:
