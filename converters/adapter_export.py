@@ -235,14 +235,16 @@ def export_mlx_lm(adapter, out_dir, *, model: str | None = None, verify: bool = 
 
 def _verify_mlx_lm(base: str, original_model, exported: Path):
     """Logits of base + original adapter (our layers) vs base + exported folder (mlx-lm's loader)."""
-    from mlx_lm.tuner.utils import load_adapters
+    import mlx.core as mx
+    from mlx_lm import load as mlx_lm_load
 
-    from mlx_lora.models import load_model
+    from mlx_lora.models import resolve
 
     from . import verify as V
 
-    test_model, tok, _ = load_model(base, dtype="float32")
-    load_adapters(test_model, str(exported))
+    folder, _ = resolve(base)
+    test_model, tok = mlx_lm_load(str(folder), adapter_path=str(exported))
+    test_model.set_dtype(mx.float32, lambda x: mx.issubdtype(x, mx.floating))  # as the original was loaded
     tokens = V.prompts(tok)
     ref = V.logits(original_model, tokens)
     return V.VerifyReport([V.compare_models(ref, test_model, tokens, "mlx-lm adapter", "f32")])
