@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .converters.config_spellings import normalize as normalize_spelling
 from .errors import ModelError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -83,9 +84,10 @@ NULLABLE_SIZES = {"num_key_value_heads", "head_dim", "n_inner", "intermediate_si
 MAY_BE_ZERO = {"intermediate", "experts"}
 
 
-def read_config(folder: Path) -> dict:
+def read_config(folder: Path, spelling: bool = True) -> dict:
     """config.json of a model folder, with the types and sizes of the keys that decide what gets
-    built checked (see :func:`check_config`)."""
+    built checked (see :func:`check_config`); with ``spelling``, transformers 5 names come with
+    the transformers 4 names mlx-lm reads (:mod:`mlx_lora.converters.config_spellings`)."""
     cfg_path = folder / "config.json"
     try:
         size = cfg_path.stat().st_size
@@ -97,7 +99,7 @@ def read_config(folder: Path) -> dict:
     if size > MAX_CONFIG_BYTES:
         raise ModelError(f"{cfg_path}: {size:,} bytes is far too large for a model config")
     check_config(config, cfg_path)
-    return config
+    return normalize_spelling(config) if spelling else config
 
 
 def _size_keys(config: dict) -> list[tuple[str, str, Any]]:
@@ -338,7 +340,10 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
     from .backend import compute_dtype
     from .mlx_lm_compat import model_classes
 
-    config = read_config(folder)
+    raw = read_config(folder, spelling=False)
+    config = normalize_spelling(raw)
+    # mlx-lm reads config.json itself: it gets the names normalize_spelling added
+    added = {k: v for k, v in config.items() if k not in raw or raw[k] != v}
     model_type = config.get("model_type")
     if not model_type:
         raise ModelError(f"{folder / 'config.json'}: field 'model_type' is missing")
@@ -352,7 +357,8 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
             f"mlx-lm; upgrade mlx-lm or use a supported model"
         ) from None
     try:
-        model, config = mlx_lm_load_model(folder, lazy=True, strict=True, trust_remote_code=trust_remote_code)
+        model, config = mlx_lm_load_model(folder, lazy=True, strict=True, model_config=added,
+                                          trust_remote_code=trust_remote_code)
     except ValueError as e:
         msg = str(e)
         raise ModelError(f"{folder}: weights do not match the '{model_type}' architecture: {msg[:400]}") from None
