@@ -383,11 +383,20 @@ def show(value: Any) -> str:
 
 
 # Names users bring from PEFT, mlx-lm and transformers configs.
-ALIASES = {"rank": "r", "lora_rank": "r", "lora_r": "r", "lora_alpha": "alpha", "scale": "alpha",
+ALIASES = {"rank": "r", "lora_rank": "r", "lora_r": "r", "lora_alpha": "alpha",
            "lora_dropout": "dropout", "learning_rate": "lr", "num_epochs": "epochs", "iterations": "iters",
            "gradient_accumulation_steps": "grad_accum", "max_length": "max_seq_length", "model": "path",
            "data": "path", "warmup": "warmup_steps", "lr_schedule": "schedule", "grad_checkpointing": "grad_checkpoint",
            "gradient_checkpointing": "grad_checkpoint", "steps_per_eval": "eval_every", "batch": "batch_size"}
+
+
+def _scale_hint(value: Any, r: Any) -> str:
+    """mlx-lm's ``scale`` multiplies B A directly, ours is alpha / r: the alpha that gives it."""
+    where = "lora.alpha"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(r, int) and r > 0:
+        return (f" (mlx-lm's scale is alpha / r: for scale {value:g} with r {r}, set {where}: {value * r:g}, "
+                f"i.e. alpha = scale * r)")
+    return f" (mlx-lm's scale is alpha / r: set {where} to scale * r)"
 
 
 def _did_you_mean(key: str, options) -> str:
@@ -469,6 +478,10 @@ def _section_from_dict(cls, data: dict, prefix: str, problems: list[str], base=N
     names = {f.name for f in fields(cls)}
     kwargs = {}
     for k, v in data.items():
+        if k == "scale" and k not in names:
+            r = data.get("r", getattr(base, "r", None)) if cls is LoraConfig else None
+            problems.append(f"unknown key '{prefix}scale'{_scale_hint(v, r)}")
+            continue
         if k not in names:
             k = clip(k)
             problems.append(f"unknown key '{prefix}{k}'"
@@ -500,6 +513,8 @@ def from_dict(data: dict, base: Optional[Config] = None, source: Optional[str] =
                 problems.append(f"out: expected a folder path, got {show(v)}")
             else:
                 kwargs[k] = str(v)
+        elif k == "scale":
+            problems.append(f"unknown key 'scale'{_scale_hint(v, None)}")
         else:
             k = clip(k)
             problems.append(f"unknown key '{k}'" + (_in_other_section(k, None)

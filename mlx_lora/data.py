@@ -125,7 +125,9 @@ class DataSplits:
 
 def _read_bytes(path: Path) -> bytes:
     if not path.exists():
-        raise DataError("no such file", str(path))
+        from .data_sources import missing  # data_sources imports this module
+
+        raise DataError(missing(str(path)).replace("file or folder", "file", 1), str(path))
     if not path.is_file():
         raise DataError("not a file", str(path))
     return path.read_bytes()
@@ -548,7 +550,7 @@ def load_datasets(
 def load_source(cfg: DataConfig, tokenizer, *, seed: int = 0, cache_dir: Optional[Path] = None,
                 splits: Sequence[str] = ("train", "valid", "test"), split: Optional[str] = None) -> DataSplits:
     """:func:`load_datasets` of the one source ``cfg.path`` (``split``: a data set's training split)."""
-    from .data_sources import is_datasets_source, open_source
+    from .data_sources import is_datasets_source, missing, open_source
 
     if not cfg.path:
         raise DataError("data.path is not set (a JSONL file or a folder with train.jsonl)")
@@ -565,7 +567,7 @@ def load_source(cfg: DataConfig, tokenizer, *, seed: int = 0, cache_dir: Optiona
     else:
         root = Path(cfg.path).expanduser()
         if not root.exists():
-            raise DataError("no such file or folder", str(root), field="data.path")
+            raise DataError(missing(cfg.path), str(root), field="data.path")
         if split is not None:
             raise DataError(f"split {split!r} given, but this is JSONL, not a data set with splits", str(root))
         if root.is_dir():

@@ -70,6 +70,9 @@ def is_mlx_lm_config(data: Any) -> bool:
     """Whether a config document is mlx-lm's rather than ours."""
     if not isinstance(data, dict):
         return False
+    # One of our sections (a mapping, or lora / out) makes it ours: its stray keys get our hints.
+    if "lora" in data or "out" in data or any(isinstance(data.get(k), dict) for k in ("model", "data", "train")):
+        return False
     if any(k in MLX_LM_ONLY or k in GRPO_KEYS for k in data):
         return True
     return (isinstance(data.get("model"), str) or isinstance(data.get("data"), str)

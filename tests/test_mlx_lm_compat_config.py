@@ -470,3 +470,36 @@ def test_export_adapter_format_mlx_lm_on_the_command_line(capsys, tmp_path, tiny
     conf = json.loads((tmp_path / "ml" / "adapter_config.json").read_text())
     assert conf["lora_parameters"] == {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.v_proj"]}
     assert conf["num_layers"] == 2 and conf["fine_tune_type"] == "lora"
+
+
+# ------------------------------------------------------------------------------------------
+# hints
+
+
+@pytest.mark.parametrize("doc,fragment", [
+    ({"lora": {"r": 8, "scale": 20.0}}, "for scale 20 with r 8, set lora.alpha: 160"),
+    ({"lora": {"r": 4, "scale": 0.5}}, "for scale 0.5 with r 4, set lora.alpha: 2"),
+    ({"lora": {"scale": 2}}, "set lora.alpha: 16"),  # r takes its default, 8
+    ({"scale": 2}, "set lora.alpha to scale * r"),
+])
+def test_the_scale_hint_carries_the_factor_r(doc, fragment):
+    with pytest.raises(ConfigError) as e:
+        config_mod.from_dict(doc)
+    assert fragment in str(e.value) and "mlx-lm's scale is alpha / r" in str(e.value)
+
+
+@pytest.mark.parametrize("command", [["train", "--model", "M"], ["eval", "--model", "M"]])
+def test_data_that_looks_like_a_hub_id_says_to_write_hf(capsys, tmp_path, tiny_model_dir, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("M", str(tiny_model_dir("llama"))) for a in command] + ["--data", "mlx-community/wikisql"]
+    if command[0] == "train":
+        argv += ["--out", str(tmp_path / "run")]
+    code, _, err = run_main(capsys, argv)
+    assert code != 0 and err.count("\n") == 1, err
+    assert "mlx-community/wikisql" in err and "write hf:mlx-community/wikisql" in err
+
+
+def test_a_missing_local_path_gets_no_hub_hint(capsys, tmp_path, tiny_model_dir):
+    code, _, err = run_main(capsys, ["train", "--model", str(tiny_model_dir("llama")), "--data",
+                                     str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "run")])
+    assert code != 0 and "no such file or folder" in err and "hf:" not in err
