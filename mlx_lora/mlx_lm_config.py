@@ -245,14 +245,33 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
     else:
         _schedule(t, schedule, d)
 
-    for key, target, kind_ in (("iters", "train.iters", int), ("batch_size", "train.batch_size", int),
-                               ("steps_per_report", "train.log_every", int),
-                               ("steps_per_eval", "train.eval_every", int), ("save_every", "train.save_every", int),
+    for key, target, kind_ in (("batch_size", "train.batch_size", int),
                                ("grad_accumulation_steps", "train.grad_accum", int), ("seed", "train.seed", int),
                                ("max_seq_length", "data.max_seq_length", int)):
         value = _number(t, key, d[key], kind_)
         if value is not None:
             t.set(target, value)
+    # mlx-lm counts these in micro-batches (an update every grad_accumulation_steps of them, a
+    # last partial group never applied); mlx-lora counts optimizer steps.
+    accum = _number(t, "grad_accumulation_steps", d["grad_accumulation_steps"], int)
+    accum = accum if accum and accum > 0 else 1
+    counted = []
+    for key, target in (("iters", "train.iters"), ("steps_per_report", "train.log_every"),
+                        ("steps_per_eval", "train.eval_every"), ("save_every", "train.save_every")):
+        value = _number(t, key, d[key], int)
+        if value is None:
+            continue
+        if accum > 1 and value > 0:
+            steps = value // accum if key == "iters" else max(1, round(value / accum))
+            if key == "iters" and steps < 1:
+                t.refuse("iters", f"{value} micro-batches make no optimizer step with grad_accumulation_steps {accum}")
+                continue
+            counted.append(f"{key} {value} -> {steps}")
+            value = steps
+        t.set(target, value)
+    if counted:
+        t.notes.append(f"grad_accumulation_steps {accum}: mlx-lm counts micro-batches, mlx-lora optimizer steps ("
+                       + ", ".join(counted) + ")")
     vb = _number(t, "val_batches", d["val_batches"], int)
     if vb is not None:
         t.set("train.eval_batches", None if vb == -1 else vb)  # -1: the whole validation set

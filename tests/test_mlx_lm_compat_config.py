@@ -248,6 +248,10 @@ def _get(d: dict, dotted: str):
     ({"steps_per_eval": 50}, "train.eval_every", 50),
     ({"save_every": 20}, "train.save_every", 20),
     ({"grad_accumulation_steps": 4}, "train.grad_accum", 4),
+    ({"grad_accumulation_steps": 4, "iters": 1002}, "train.iters", 250),  # mlx-lm counts micro-batches
+    ({"grad_accumulation_steps": 4, "steps_per_eval": 200}, "train.eval_every", 50),
+    ({"grad_accumulation_steps": 4, "save_every": 100}, "train.save_every", 25),
+    ({"grad_accumulation_steps": 4, "steps_per_report": 10}, "train.log_every", 2),
     ({"adapter_path": "runs/x"}, "out", "runs/x"),
     ({"seed": 42}, "train.seed", 42),
     ({"max_seq_length": 512}, "data.max_seq_length", 512),
