@@ -662,6 +662,13 @@ def deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+class _ListsInline(yaml.SafeDumper):
+    """Block mappings with lists on one line, as a config is written by hand."""
+
+
+_ListsInline.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def build(
     config_file: Optional[str] = None,
     overrides: Optional[list[str]] = None,
@@ -684,9 +691,11 @@ def build(
                 t = translate_mlx_lm(data, methods=CHOICES["train.method"], lines=lines)
             except ConfigError as e:
                 raise ConfigError(e.problems, f"{config_file} (an mlx-lm config)") from None
-            data = t.config
+            data = {k: t.config[k] for k in (*SECTIONS, "out") if k in t.config}  # our order
             if on_translate is not None:
-                text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None).rstrip()
+                order = {k: [f.name for f in fields(cls)] for k, cls in SECTIONS.items()}
+                text = yaml.dump({k: {n: v[n] for n in order[k] if n in v} if k in order else v
+                                  for k, v in data.items()}, Dumper=_ListsInline, sort_keys=False, width=120).rstrip()
                 on_translate("\n".join([f"{config_file}: an mlx-lm config; the same job in mlx-lora's keys:", text]
                                        + [f"note: {n}" for n in t.notes]))
     if extra:

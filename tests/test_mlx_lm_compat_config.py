@@ -507,3 +507,21 @@ def test_a_missing_local_path_gets_no_hub_hint(capsys, tmp_path, tiny_model_dir)
     code, _, err = run_main(capsys, ["train", "--model", str(tiny_model_dir("llama")), "--data",
                                      str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "run")])
     assert code != 0 and "no such file or folder" in err and "hf:" not in err
+
+
+def test_the_printed_equivalent_is_a_config_of_ours_for_the_same_job(tmp_path):
+    text = EXAMPLE.replace("MODEL", "org/model").replace("DATA", str(tmp_path)) + (
+        "lr_schedule:\n  name: cosine_decay\n  warmup: 100\n  arguments: [1e-5, 1000, 1e-7]\n")  # its schedule too
+    src = tmp_path / "mlx_lm.yaml"
+    src.write_text(text)
+    printed = []
+    cfg = build(str(src), on_translate=printed.append)
+    assert len(printed) == 1
+    lines = printed[0].splitlines()
+    body = [ln for ln in lines[1:] if not ln.startswith("note: ")]
+    assert any("lr_schedule decays over 1000 steps" in ln for ln in lines)  # iters 1000 - warmup 100 differ
+    ours = tmp_path / "ours.yaml"
+    ours.write_text("\n".join(body))
+    assert build(str(ours)) == cfg
+    assert (cfg.train.schedule, cfg.train.warmup_steps, cfg.train.lr) == ("cosine", 100, 1e-5)
+    assert cfg.train.min_lr_ratio == pytest.approx(1e-7 / 1e-5)
