@@ -96,6 +96,10 @@ def _selected_blocks(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Mo
         indices = range(n)
     else:
         bad = [i for i in cfg.layers_to_transform if not -n <= i < n]
+        last = len(cfg.layers_to_transform)
+        if bad and cfg.layers_to_transform == list(range(-last, 0)):  # mlx-lm's num_layers
+            raise AdapterError(f"lora.layers_to_transform: the last {last} blocks ([-{last}, ..., -1], mlx-lm's "
+                               f"num_layers {last}), but the model has {n} blocks")
         if bad:
             raise AdapterError(f"lora.layers_to_transform: {bad} out of range for a model with {n} blocks")
         indices = sorted({i % n for i in cfg.layers_to_transform})

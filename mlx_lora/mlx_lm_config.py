@@ -414,7 +414,8 @@ def _hf_dataset(t: Translation, spec: Any, columns: dict) -> None:
     split = e.get("train_split")
     if split is None:
         t.notes.append("hf_dataset has no train_split: mlx-lm trains on train[:80%] and validates on train[-10%:]; "
-                       "mlx-lora trains on the train split and validates on the data set's validation split")
+                       "mlx-lora trains on the train split and validates on the data set's validation split (or, "
+                       "without one, on a data.valid_fraction share of train)")
     elif not isinstance(split, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", split):
         t.refuse("hf_dataset.train_split", f"{_show(split)}: only a whole split translates (no [:80%] slices)")
     else:

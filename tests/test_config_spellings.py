@@ -145,3 +145,33 @@ def test_convert_reads_a_transformers_5_folder(tmp_path, tiny_models, capsys):
     code, _, err = run_main(capsys, ["convert", str(v5_dir), "--out", str(tmp_path / "mlx")])
     assert code == 0, err
     np.testing.assert_array_equal(_logits(tmp_path / "mlx"), _logits(src))
+
+
+class _Metadata:
+    """A GGUF writer that only records the key-value pairs written to it."""
+
+    def __init__(self):
+        self.items = []
+
+    def add_uint32(self, key, value):
+        self.items.append((key, value))
+
+    add_float32 = add_string = add_uint32
+
+    def add_array(self, key, value):
+        self.items.append((key, list(value)))
+
+
+@pytest.mark.parametrize("arch,extra", [(a, {}) for a in ARCHS] + list(SCALED.items()))
+def test_gguf_export_reads_the_same_hyper_parameters_from_both_spellings(tiny_models, arch, extra):
+    from mlx_lora.converters import gguf_arch
+
+    v4 = {**json.loads((tiny_models[arch] / "config.json").read_text()), **extra}
+    spec = gguf_arch.arch_spec(arch)
+    written = []
+    for config in (normalize(v4), normalize(transformers5(v4))):
+        w = _Metadata()
+        gguf_arch.write_metadata(w, spec, config, 1)
+        tensors = {k: v.tolist() for k, v in gguf_arch.extra_tensors(spec, config).items()}
+        written.append((w.items, tensors))
+    assert written[0] == written[1]

@@ -525,3 +525,13 @@ def test_the_printed_equivalent_is_a_config_of_ours_for_the_same_job(tmp_path):
     assert build(str(ours)) == cfg
     assert (cfg.train.schedule, cfg.train.warmup_steps, cfg.train.lr) == ("cosine", 100, 1e-5)
     assert cfg.train.min_lr_ratio == pytest.approx(1e-7 / 1e-5)
+
+
+def test_more_layers_than_the_model_has_is_one_line_naming_num_layers(tmp_path, tiny_model_dir):
+    from mlx_lora.errors import AdapterError
+
+    cfg = config_mod.from_dict(translate({"model": "m", "data": "/", "num_layers": 16}).config)
+    model, _, _ = load_model(str(tiny_model_dir("llama")), with_tokenizer=False)
+    with pytest.raises(AdapterError) as e:
+        apply_lora(model, cfg.lora)
+    assert "the last 16 blocks" in str(e.value) and "num_layers 16" in str(e.value) and "has 2 blocks" in str(e.value)
