@@ -210,7 +210,7 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
     if not isinstance(opt_conf, dict):
         t.refuse("optimizer_config", f"expected a mapping of optimizer name to its arguments, got {_show(opt_conf)}")
         opt_conf = {}
-    own = opt_conf.get(opt) or {}
+    own = (opt_conf.get(opt) if isinstance(opt, str) else None) or {}
     if opt in ("adam", "adamw"):
         t.set("train.optimizer", opt)
         if not isinstance(own, dict):
@@ -243,7 +243,7 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
         if lr is not None:
             t.set("train.lr", lr)
     else:
-        _schedule(t, schedule, d)
+        _schedule(t, schedule, d, "learning_rate" in data)
 
     for key, target, kind_ in (("batch_size", "train.batch_size", int),
                                ("grad_accumulation_steps", "train.grad_accum", int), ("seed", "train.seed", int),
@@ -323,7 +323,7 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
     return t
 
 
-def _schedule(t: Translation, schedule: Any, d: dict) -> None:
+def _schedule(t: Translation, schedule: Any, d: dict, lr_given: bool) -> None:
     """``lr_schedule: {name, arguments, warmup, warmup_init}`` -> train.schedule, lr, warmup_steps, min_lr_ratio."""
     if not isinstance(schedule, dict) or not isinstance(schedule.get("arguments"), list) or not schedule["arguments"]:
         t.refuse("lr_schedule", f"expected {{name, arguments: [...], warmup}}, got {_show(schedule)}")
@@ -362,7 +362,7 @@ def _schedule(t: Translation, schedule: Any, d: dict) -> None:
     if isinstance(iters, int) and steps != iters - warmup:
         t.notes.append(f"lr_schedule decays over {steps} steps in mlx-lm; mlx-lora decays over iters - warmup = "
                        f"{iters - warmup} steps")
-    if "learning_rate" in d and d["learning_rate"] != peak and "learning_rate" in t.lines:
+    if lr_given and d["learning_rate"] != peak:
         t.notes.append(f"learning_rate is not used: lr_schedule's first argument ({peak:g}) is the peak, as in mlx-lm")
 
 

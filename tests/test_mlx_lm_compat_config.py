@@ -276,6 +276,24 @@ def test_each_key_maps_to_what_mlx_lm_does_with_it(given, key, value):
     assert _get(_translated(given), key) == value
 
 
+def test_notes_say_what_differs():
+    t = translate({"model": "m", "data": "/", "learning_rate": 3e-4, "iters": 500,
+                   "lr_schedule": {"name": "cosine_decay", "warmup": 10, "arguments": [1e-4, 200]}})
+    assert any("learning_rate is not used" in n for n in t.notes)
+    assert any("decays over 200 steps in mlx-lm" in n and "490 steps" in n for n in t.notes)
+    assert not any("decays" in n for n in translate({
+        "model": "m", "data": "/", "iters": 100, "lr_schedule": {"name": "cosine_decay", "warmup": 10,
+                                                                 "arguments": [1e-4, 90]}}).notes)
+
+
+def test_odd_values_are_refused_not_crashed_on():
+    for given in ({"optimizer": ["adam"]}, {"lora_parameters": [1, 2]}, {"num_layers": "many"},
+                  {"hf_dataset": [{"path": "a/b"}, {"path": "c/d"}]}, {"lr_schedule": "cosine"},
+                  {"optimizer_config": 3}, {"mask_prompt": "yes"}, {"report_to": 5}):
+        with pytest.raises(ConfigError):
+            _translated(given)
+
+
 def test_a_hub_id_as_data_becomes_an_hf_source():
     assert translate({"model": "m", "data": "mlx-community/wikisql"}).config["data"]["path"] == \
         "hf:mlx-community/wikisql"
