@@ -175,6 +175,15 @@ def test_mlx_lm_example_config_trains_unchanged_with_the_layers_mlx_lm_gives(cap
         assert tuple(state[f"base_model.model.{path}.lora_A.weight"].shape) == tuple(layer.lora_a.T.shape)
         assert layer.scale == pytest.approx(info.lora.scale)
 
+    # and the run folder loads back in mlx-lm, with our fused model's logits
+    from mlx_lm import load as mlx_lm_load
+
+    loaded, _ = mlx_lm_load(str(model_dir), adapter_path=str(run))
+    ours, _, _ = load_model(str(model_dir), with_tokenizer=False)
+    load_adapter(ours, run)
+    fuse_model(ours)
+    np.testing.assert_allclose(np.array(loaded(TOKENS)), np.array(ours(TOKENS)), atol=2e-5, rtol=1e-5)
+
 
 SELECTIONS = {
     "llama": [(-1, None), (1, ["mlp.down_proj"]), (2, ["self_attn.o_proj", "mlp.up_proj"]), (3, None)],
