@@ -562,3 +562,21 @@ def test_more_layers_than_the_model_has_is_one_line_naming_num_layers(tmp_path, 
     with pytest.raises(AdapterError) as e:
         apply_lora(model, cfg.lora)
     assert "the last 16 blocks" in str(e.value) and "num_layers 16" in str(e.value) and "has 2 blocks" in str(e.value)
+
+
+def test_mlx_lm_fuse_takes_a_run_folder(tmp_path, tiny_model_dir):
+    """``mlx_lm.fuse --adapter-path RUN`` gives the model our fuse gives."""
+    import subprocess
+    import sys
+
+    model_dir = tiny_model_dir("qwen2")
+    lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"])
+    model = _random_adapter(model_dir, lora)
+    save_adapter(model, tmp_path / "run", lora, str(model_dir))
+    res = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(model_dir), "--adapter-path",
+                          str(tmp_path / "run"), "--save-path", str(tmp_path / "fused")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fuse_model(model)
+    theirs, _, _ = load_model(str(tmp_path / "fused"), with_tokenizer=False)
+    np.testing.assert_allclose(np.array(theirs(TOKENS)), np.array(model(TOKENS)), atol=2e-5, rtol=1e-5)
