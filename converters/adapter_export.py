@@ -182,6 +182,75 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
     return res
 
 
+def export_mlx_lm(adapter, out_dir, *, model: str | None = None, verify: bool = False, overwrite: bool = False,
+                  log: Callable[[str], None] = _log_default) -> AdapterExport:
+    """Write ``adapter`` as an mlx-lm adapter folder (``adapters.safetensors`` and the
+    ``adapter_config.json`` keys ``mlx_lm.load(base, adapter_path=...)`` reads). The base model
+    (``model``, or the adapter's own) gives the block structure that mlx-lm's ``num_layers`` and
+    ``keys`` describe. ``verify`` loads the folder with mlx-lm's own loader and compares logits
+    with the original adapter on the same base."""
+    import mlx.core as mx
+
+    from mlx_lora.model.adapters import ADAPTER_CONFIG, MLX_LM_WEIGHTS, load_adapter, mlx_lm_layout
+    from mlx_lora.plumbing.io import atomic_dir, atomic_save_safetensors, atomic_write_json
+    from mlx_lora.model.loading import load_model
+    from mlx_lora.plumbing.ownership import write_marker
+
+    from mlx_lora.converters.fuse import ensure_output_path
+
+    t0 = time.perf_counter()
+    out = ensure_output_path(Path(out_dir), overwrite, is_dir=True, kind="mlx-lm")
+    info, _ = _read(adapter, model)
+    base = model or info.base_model_name_or_path
+    if not base:
+        raise AdapterError(f"{adapter}: records no base model; pass --model (mlx-lm's layout depends on its blocks)")
+    m, _, _ = load_model(base, dtype="float32", with_tokenizer=False)
+    load_adapter(m, adapter)
+    layout = mlx_lm_layout(m, info.lora)
+    if layout is None:
+        raise AdapterError(f"{adapter}: mlx-lm has no layer for this adapter (DoRA on expert layers); fuse it instead")
+    conf, weights = layout
+    conf = {"model": base, **conf}
+    try:
+        with atomic_dir(out, overwrite=True) as tmp:
+            atomic_save_safetensors(tmp / MLX_LM_WEIGHTS, weights, metadata={"format": "mlx"})
+            atomic_write_json(tmp / ADAPTER_CONFIG, conf)
+            vr = None
+            if verify:
+                vr = _verify_mlx_lm(base, m, tmp)
+                vr.raise_if_failed(str(out))
+            write_marker(tmp, "mlx-lm", "export adapter --format mlx-lm")
+    except OSError as e:
+        raise disk_error(e, out) from None
+    del m
+    mx.clear_cache()
+    params = conf["lora_parameters"]
+    res = AdapterExport(out, "mlx-lm", len(weights) // 2 if conf["fine_tune_type"] == "lora" else len(weights) // 3,
+                        time.perf_counter() - t0, vr,
+                        [f"num_layers {conf['num_layers']}, rank {params['rank']}, scale {params['scale']:g}, keys "
+                         f"{', '.join(params['keys'])}"])
+    for line in res.lines():
+        log(line)
+    return res
+
+
+def _verify_mlx_lm(base: str, original_model, exported: Path):
+    """Logits of base + original adapter (our layers) vs base + exported folder (mlx-lm's loader)."""
+    import mlx.core as mx
+    from mlx_lm import load as mlx_lm_load
+
+    from mlx_lora.model.loading import resolve
+
+    from mlx_lora.converters import verify as V
+
+    folder, _ = resolve(base)
+    test_model, tok = mlx_lm_load(str(folder), adapter_path=str(exported))
+    test_model.set_dtype(mx.float32, lambda x: mx.issubdtype(x, mx.floating))  # as the original was loaded
+    tokens = V.prompts(tok)
+    ref = V.logits(original_model, tokens)
+    return V.VerifyReport([V.compare_models(ref, test_model, tokens, "mlx-lm adapter", "f32")])
+
+
 def _model_type(info, model: str | None) -> str | None:
     from mlx_lora.model.loading import read_config, resolve
 

@@ -252,7 +252,10 @@ def requantize(fm: FusedModel, bits: int | None = None, group_size: int | None =
 
 
 def _output_config(fm: FusedModel, dtype: str, quantization: dict | None) -> dict:
-    cfg = {k: v for k, v in fm.config.items() if k not in QUANT_KEYS}
+    from mlx_lora.model.loading import read_config
+
+    # The base's own spelling (transformers 4 or 5), not the names added for mlx-lm.
+    cfg = {k: v for k, v in read_config(fm.info.local_path, spelling=False).items() if k not in QUANT_KEYS}
     if quantization:
         cfg["quantization"] = quantization
         cfg["quantization_config"] = quantization

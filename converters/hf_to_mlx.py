@@ -31,6 +31,8 @@ from mlx_lora.plumbing.errors import ExportError, ModelError
 from mlx_lora.plumbing.io import temp_prefix
 
 from mlx_lora.converters import io
+from mlx_lora.converters import io
+from mlx_lora.converters.config_spellings import normalize as normalize_spelling
 
 PathLike = Union[str, os.PathLike]
 
@@ -244,7 +246,7 @@ def convert_folder(
     if not config_path.is_file():
         raise ModelError(f"{folder}: config.json not found; not a model folder")
     config = io.read_json(config_path, "model config")
-    model = _model_for(config, config_path)
+    model = _model_for(normalize_spelling(config), config_path)
     _check_tokenizer(folder)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 

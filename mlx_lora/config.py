@@ -15,12 +15,16 @@ import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Iterable, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from mlx_lora.data.formats import FORMATS
 from mlx_lora.plumbing.errors import SHOW_CHARS, ConfigError, MlxLoraError, clip, show  # noqa: F401 (re-exported)
+from mlx_lora.data.shapes import POLICIES as SHAPE_POLICIES
+from mlx_lora.data.formats import FORMATS
+from mlx_lora.plumbing.errors import ConfigError, MlxLoraError
+from mlx_lora.mlx_lm_config import is_mlx_lm_config, key_lines, translate as translate_mlx_lm
 from mlx_lora.data.shapes import POLICIES as SHAPE_POLICIES
 
 
@@ -54,8 +58,9 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the adapter's input (training only)."""
     target_modules: Optional[list[str]] = None
-    """Module names (``q_proj``) or regexes (``re:.*mlp.*``); default: every linear layer of
-    attention and MLP blocks, and every expert layer of MoE blocks (not their routers)."""
+    """Module names (``q_proj``, ``self_attn.q_proj``: the end of the module path) or regexes
+    (``re:.*mlp.*``); default: every linear layer of attention and MLP blocks, and every expert
+    layer of MoE blocks (not their routers); ``[all-linear]``: those and the routers (as mlx-lm)."""
     layers_to_transform: Optional[list[int]] = None
     """Transformer block indices to adapt (negative counts from the end); default: all."""
     use_dora: bool = False
@@ -352,11 +357,20 @@ def _num(x: float) -> str:
 
 
 # Names users bring from PEFT, mlx-lm and transformers configs.
-ALIASES = {"rank": "r", "lora_rank": "r", "lora_r": "r", "lora_alpha": "alpha", "scale": "alpha",
+ALIASES = {"rank": "r", "lora_rank": "r", "lora_r": "r", "lora_alpha": "alpha",
            "lora_dropout": "dropout", "learning_rate": "lr", "num_epochs": "epochs", "iterations": "iters",
            "gradient_accumulation_steps": "grad_accum", "max_length": "max_seq_length", "model": "path",
            "data": "path", "warmup": "warmup_steps", "lr_schedule": "schedule", "grad_checkpointing": "grad_checkpoint",
            "gradient_checkpointing": "grad_checkpoint", "steps_per_eval": "eval_every", "batch": "batch_size"}
+
+
+def _scale_hint(value: Any, r: Any) -> str:
+    """mlx-lm's ``scale`` multiplies B A directly, ours is alpha / r: the alpha that gives it."""
+    where = "lora.alpha"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(r, int) and r > 0:
+        return (f" (mlx-lm's scale is alpha / r: for scale {value:g} with r {r}, set {where}: {value * r:g}, "
+                f"i.e. alpha = scale * r)")
+    return f" (mlx-lm's scale is alpha / r: set {where} to scale * r)"
 
 
 def _did_you_mean(key: str, options) -> str:
@@ -438,6 +452,10 @@ def _section_from_dict(cls, data: dict, prefix: str, problems: list[str], base=N
     names = {f.name for f in fields(cls)}
     kwargs = {}
     for k, v in data.items():
+        if k == "scale" and k not in names:
+            r = data.get("r", getattr(base, "r", None)) if cls is LoraConfig else None
+            problems.append(f"unknown key '{prefix}scale'{_scale_hint(v, r)}")
+            continue
         if k not in names:
             k = clip(k)
             problems.append(f"unknown key '{prefix}{k}'"
@@ -469,6 +487,8 @@ def from_dict(data: dict, base: Optional[Config] = None, source: Optional[str] =
                 problems.append(f"out: expected a folder path, got {show(v)}")
             else:
                 kwargs[k] = str(v)
+        elif k == "scale":
+            problems.append(f"unknown key 'scale'{_scale_hint(v, None)}")
         else:
             k = clip(k)
             problems.append(f"unknown key '{k}'" + (_in_other_section(k, None)
@@ -616,18 +636,42 @@ def deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+class _ListsInline(yaml.SafeDumper):
+    """Block mappings with lists on one line, as a config is written by hand."""
+
+
+_ListsInline.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def build(
     config_file: Optional[str] = None,
     overrides: Optional[list[str]] = None,
     extra: Optional[dict] = None,
     check: bool = True,
+    on_translate: Optional[Callable[[str], None]] = None,
 ) -> Config:
-    """Defaults <- YAML file <- ``extra`` (CLI options) <- ``--set`` overrides, then validate."""
+    """Defaults <- YAML file <- ``extra`` (CLI options) <- ``--set`` overrides, then validate.
+
+    An mlx-lm config file (:mod:`mlx_lora.mlx_lm_config`) is translated first; ``on_translate``
+    then receives the equivalent config as YAML, followed by a ``note:`` line for each difference."""
     data: dict = {}
     if config_file:
         data = load_yaml(config_file)
         if not isinstance(data, dict):
             raise ConfigError(["expected a mapping at the top level"], str(config_file))
+        if is_mlx_lm_config(data):
+            try:
+                lines = key_lines(Path(config_file).read_text(encoding="utf-8"))
+                t = translate_mlx_lm(data, methods=CHOICES["train.method"], lines=lines)
+            except ConfigError as e:
+                raise ConfigError(e.problems, f"{config_file} (an mlx-lm config)") from None
+            data = {k: t.config[k] for k in (*SECTIONS, "out") if k in t.config}  # our order
+            if on_translate is not None:
+                order = {k: [f.name for f in fields(cls)] for k, cls in SECTIONS.items()}
+                text = yaml.dump({k: {n: v[n] for n in order[k] if n in v} if k in order else v
+                                  for k, v in data.items()}, Dumper=_ListsInline, sort_keys=False, width=120).rstrip()
+                on_translate("\n".join([f"{config_file}: an mlx-lm config; the same job in mlx-lora's keys:", text]
+                                       + [f"note: {n}" for n in t.notes]))
     if extra:
         data = deep_merge(data, extra)
     if overrides:

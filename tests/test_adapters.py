@@ -215,7 +215,9 @@ def test_saved_files_use_peft_names_shapes_and_config(llama, tmp_path):
     lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1])
     apply_lora(model, lora)
     out = save_adapter(model, tmp_path / "ad", lora, "some/base-model")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # PEFT's files, and mlx-lm's weights beside them (tests/test_mlx_lm_compat_config.py)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "adapters.safetensors"]
     tensors = load_file(str(out / "adapter_model.safetensors"))  # independent reader
     expected = {}
     for path, (din, dout) in expected_targets(cfg, [1]).items():

@@ -59,7 +59,8 @@ def group_of(name: str, layers: dict[str, str]) -> str:
     if parts[1] == "converters":
         return "formats" if layer_of(name, layers) == "formats" else "commands"
     if len(parts) == 2:
-        return {"config": "config", "testing": "testing", "__main__": "commands"}.get(parts[1], "plumbing")
+        return {"config": "config", "mlx_lm_config": "config", "testing": "testing",
+                "__main__": "commands"}.get(parts[1], "plumbing")
     return parts[1] if parts[1] in GROUP_ORDER else FOLDER_LAYERS[parts[1]]
 
 

@@ -86,8 +86,25 @@ def _overrides(**options) -> dict:
         "rank": ("lora", "r"), "alpha": ("lora", "alpha"), "dora": ("lora", "use_dora"),
         "max_seq_length": ("data", "max_seq_length"), "seed": ("train", "seed"),
         "grad_checkpoint": ("train", "grad_checkpoint"), "packing": ("data", "packing"),
+        "steps_per_eval": ("train", "eval_every"), "save_every": ("train", "save_every"),
+        "steps_per_report": ("train", "log_every"), "grad_accumulation_steps": ("train", "grad_accum"),
     }
     out: dict = {}
+    # mlx-lm's spellings, with mlx-lm's meanings (see docs/coming-from-mlx-lm.md)
+    num_layers, kind = options.pop("num_layers", None), options.pop("fine_tune_type", None)
+    mask_prompt, val_batches = options.pop("mask_prompt", None), options.pop("val_batches", None)
+    if num_layers is not None:  # the last N blocks; -1 (mlx-lm: any N <= 0) every block
+        out.setdefault("lora", {})["layers_to_transform"] = None if num_layers <= 0 else list(range(-num_layers, 0))
+    if kind == "full":
+        from mlx_lora.plumbing.errors import ConfigError
+
+        raise ConfigError(["--fine-tune-type full: full fine-tuning is not available (lora or dora)"])
+    if kind is not None:
+        out.setdefault("lora", {})["use_dora"] = kind == "dora"
+    if mask_prompt:  # mlx-lm's --mask-prompt: the loss on the last message (the completion) only
+        out.setdefault("data", {})["train_on"] = "last"
+    if val_batches is not None:
+        out.setdefault("train", {})["eval_batches"] = None if val_batches == -1 else val_batches
     for key, value in options.items():
         if value is None or key not in mapping:
             continue
@@ -100,21 +117,32 @@ def _overrides(**options) -> dict:
 
 
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config (see recipes/).")
+@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML config (see recipes/), or an mlx-lm config (translated; the equivalent is printed).")
 @click.option("--model", help="Local HF/MLX folder, Hugging Face repo id, or .gguf file.")
 @click.option("--data", help="JSONL file or folder with train.jsonl [valid.jsonl test.jsonl], a datasets "
               "save_to_disk folder, or hf:org/name[:config][@split].")
-@click.option("--out", help="Run folder (default runs/run).")
+@click.option("--out", "--adapter-path", "out", help="Run folder (default runs/run).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. lora.r=16.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--iters", type=int, help="Optimizer steps.")
+@click.option("--steps-per-eval", type=int, help="Validate every N steps (train.eval_every).")
+@click.option("--val-batches", type=int, help="Validation batches per evaluation; -1: all (train.eval_batches).")
+@click.option("--steps-per-report", type=int, help="Report every N steps (train.log_every).")
+@click.option("--save-every", type=int, help="Checkpoint every N steps (train.save_every).")
+@click.option("--grad-accumulation-steps", type=int, help="Micro-batches per step (train.grad_accum).")
 @click.option("--epochs", type=float, help="Passes over the training data (when --iters is not given).")
 @click.option("--batch-size", type=int)
-@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--lr", "--learning-rate", "lr", type=float, help="Peak learning rate.")
 @click.option("--rank", type=int, help="LoRA rank r.")
 @click.option("--alpha", type=float, help="LoRA alpha (scale = alpha / r).")
 @click.option("--dora/--no-dora", default=None, help="Use DoRA instead of LoRA.")
+@click.option("--fine-tune-type", type=click.Choice(["lora", "dora", "full"]),
+              help="mlx-lm's spelling of --no-dora / --dora (full is not available).")
+@click.option("--num-layers", type=int, help="Adapt the last N transformer blocks; -1: all (lora.layers_to_transform).")
+@click.option("--mask-prompt", is_flag=True, default=None,
+              help="mlx-lm's --mask-prompt: the loss on the last message only (data.train_on last).")
 @click.option("--max-seq-length", type=int)
 @click.option("--packing/--no-packing", default=None, help="Pack short examples into full rows.")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Trade compute for memory.")
@@ -144,7 +172,8 @@ def train(config_file, sets, resume_dir, overwrite, quiet, dry_run, distributed,
             raise CheckpointError(f"{resume_dir}: no run to resume (config.yaml missing)")
         config_file = config_file or run_config
         options["out"] = resume_dir
-    cfg = config.build(config_file, list(sets), extra=_overrides(**options))
+    cfg = config.build(config_file, list(sets), extra=_overrides(**options),
+                       on_translate=None if quiet else (lambda text: click.echo(text, err=True)))
     if dry_run:
         from mlx_lora.training.estimate import estimate
 
@@ -174,7 +203,7 @@ def sampling_options(f):
 
 @cli.command()
 @click.option("--model", required=True, help="Base model (folder, repo id or .gguf).")
-@click.option("--adapter", help="Adapter or run folder.")
+@click.option("--adapter", "--adapter-path", "adapter", help="Adapter or run folder (PEFT or mlx-lm layout).")
 @click.option("--prompt", required=True, help="Prompt text ('-' reads standard input).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template as a user turn.")
 @click.option("--system", help="System message (with --chat).")
@@ -195,7 +224,7 @@ def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_
 
 @cli.command(name="eval")
 @click.option("--model", required=True)
-@click.option("--adapter", help="Adapter or run folder.")
+@click.option("--adapter", "--adapter-path", "adapter", help="Adapter or run folder (PEFT or mlx-lm layout).")
 @click.option("--data", required=True, help="JSONL file, a folder with test.jsonl / valid.jsonl, or a data set "
               "(hf: id or save_to_disk folder: its @split, test or validation split).")
 @click.option("--batch-size", type=int, help="Rows per batch [default: 4; 16 with --generate].")

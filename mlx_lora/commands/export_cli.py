@@ -11,16 +11,16 @@ import click
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")
 _model = click.option("--model", help="Base model: local HF/MLX folder, Hugging Face repo id or .gguf file "
                                       "(default: the adapter's base_model_name_or_path).")
-_adapter = click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+_adapter = click.option("--adapter", "--adapter-path", "adapter", type=click.Path(exists=True, file_okay=False),
                         help="Adapter folder or run folder (PEFT or mlx-lm layout).")
 _overwrite = click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 
 
 @click.command()
 @_model
-@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--adapter", "--adapter-path", "adapter", required=True, type=click.Path(exists=True, file_okay=False),
               help="Adapter folder or run folder (PEFT or mlx-lm layout).")
-@click.option("--out", required=True, type=click.Path(), help="Output folder (HF format).")
+@click.option("--out", "--save-path", "out", required=True, type=click.Path(), help="Output folder (HF format).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Store every tensor in this dtype (default: the precision each had in the base model).")
 @click.option("--quantize", is_flag=True, help="Re-quantize the fused layers (MLX affine) and report the error "
@@ -63,11 +63,12 @@ def gguf(model, adapter, out, type_name, name, pre_tokenizer, verify, overwrite)
 
 
 @export.command()
-@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--adapter", "--adapter-path", "adapter", required=True, type=click.Path(exists=True, file_okay=False),
               help="Adapter folder or run folder.")
-@click.option("--format", "fmt", required=True, type=click.Choice(["gguf", "peft"]),
-              help="gguf: llama.cpp LoRA (llama-cli --lora); peft: Hugging Face PEFT folder.")
-@click.option("--out", required=True, type=click.Path(), help="Output .gguf file or PEFT folder.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["gguf", "peft", "mlx-lm"]),
+              help="gguf: llama.cpp LoRA (llama-cli --lora); peft: Hugging Face PEFT folder; mlx-lm: "
+                   "mlx_lm.load(..., adapter_path=OUT) / mlx_lm.generate --adapter-path OUT.")
+@click.option("--out", required=True, type=click.Path(), help="Output .gguf file, PEFT or mlx-lm folder.")
 @click.option("--model", help="Base model (for the architecture, mlx-lm adapters and --verify; default: the "
                               "adapter's base_model_name_or_path).")
 @click.option("--type", "type_name", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32",
@@ -80,8 +81,11 @@ def gguf(model, adapter, out, type_name, name, pre_tokenizer, verify, overwrite)
 def adapter(adapter, fmt, out, model, type_name, base_model, name, verify, overwrite):
     """Export an adapter alone (GGUF LoRA or PEFT); DoRA adapters must be fused instead."""
     from mlx_lora.converters.adapter_export import export_gguf_adapter, export_peft
+    from mlx_lora.converters.adapter_export import export_gguf_adapter, export_mlx_lm, export_peft
 
-    if fmt == "peft":
+    if fmt == "mlx-lm":
+        export_mlx_lm(adapter, out, model=model, verify=verify, overwrite=overwrite, log=click.echo)
+    elif fmt == "peft":
         export_peft(adapter, out, model=model, base_model=base_model, verify=verify, overwrite=overwrite,
                     log=click.echo)
     else:

@@ -39,7 +39,7 @@ from mlx_lora.data.formats import (CHAT_ROLES, CUT_MARGIN, FORMATS, SHAREGPT_ROL
                            file_samples, one_line, tname)
 from mlx_lora.plumbing.errors import DataError
 from mlx_lora.plumbing.io import atomic_path
-from mlx_lora.data.sources import is_datasets_source, map_jsonl_rows, open_source
+from mlx_lora.data.sources import is_datasets_source, map_jsonl_rows, missing, open_source
 from mlx_lora.data.templates import ChatTemplate, resolve_chat_template
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ _CUT_MARGIN = CUT_MARGIN
 
 def _read_bytes(path: Path) -> bytes:
     if not path.exists():
-        raise DataError("no such file", str(path))
+        raise DataError(missing(str(path)).replace("file or folder", "file", 1), str(path))
     if not path.is_file():
         raise DataError("not a file", str(path))
     return path.read_bytes()
@@ -490,7 +490,7 @@ def load_source(cfg: DataConfig, tokenizer, *, seed: int = 0, cache_dir: Optiona
     else:
         root = Path(cfg.path).expanduser()
         if not root.exists():
-            raise DataError("no such file or folder", str(root), field="data.path")
+            raise DataError(missing(cfg.path), str(root), field="data.path")
         if split is not None:
             raise DataError(f"split {split!r} given, but this is JSONL, not a data set with splits", str(root))
         if root.is_dir():

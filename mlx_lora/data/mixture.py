@@ -20,7 +20,7 @@ from mlx_lora.config import DataConfig
 from mlx_lora.data.batching import seed_seq
 from mlx_lora.data.dataset import DataSplits, DataStats, TokenizedDataset
 from mlx_lora.data.examples import load_rows_dataset, load_source
-from mlx_lora.data.sources import is_datasets_source, is_hf_id, open_source, parse_hf_id
+from mlx_lora.data.sources import is_datasets_source, is_hf_id, missing, open_source, parse_hf_id
 from mlx_lora.plumbing.errors import DataError
 
 
@@ -177,7 +177,7 @@ def load_mixture(cfg, tokenizer, *, seed: int, cache_dir=None, splits=("train", 
         sub = replace(cfg, path=s["path"], sources=None, format=s.get("format") or cfg.format,
                       columns=s.get("columns") or cfg.columns)
         if not is_datasets_source(sub.path) and not Path(sub.path).expanduser().exists():
-            raise DataError("no such file or folder", sub.path, field=f"data.sources[{i}].path")
+            raise DataError(missing(sub.path), sub.path, field=f"data.sources[{i}].path")
         got = load_source(sub, tokenizer, seed=seed, cache_dir=cache_dir, splits=splits, split=s.get("split"))
         trains.append(got.train)
         valids.append(got.valid)

@@ -132,13 +132,24 @@ def is_datasets_source(path: Any) -> bool:
     return is_hf_id(path) or (isinstance(path, str) and is_datasets_folder(Path(path).expanduser()))
 
 
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def missing(path: str) -> str:
+    """What to say of a data path that does not exist: for an ``org/name`` that could be a hub
+    data set, how to name one."""
+    if _HUB_NAME.match(str(path)):
+        return f"no such file or folder; for the Hugging Face data set, write {HF_PREFIX}{path}"
+    return "no such file or folder"
+
+
 def check_exists(path: str, field: str = "data.path") -> None:
     """Fail fast (before the model loads) on a local path that does not exist or an hf: id that
     cannot be one; a hub data set itself is checked when it loads."""
     if is_hf_id(path):
         parse_hf_id(path)
     elif not Path(path).expanduser().exists():
-        raise DataError("no such file or folder", path, field=field)
+        raise DataError(missing(path), path, field=field)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,8 +51,12 @@ def _block_path(model: nn.Module, block) -> str:
     raise AdapterError("cannot locate a transformer block inside the model")
 
 
+ALL_LINEAR = "all-linear"
+"""lora.target_modules entry: every linear and expert layer of the selected blocks, routers included."""
+
+
 def _matches(path: str, patterns: Optional[list[str]]) -> bool:
-    if patterns is None:
+    if patterns is None or ALL_LINEAR in patterns:
         return True
     for p in patterns:
         if p.startswith("re:"):
@@ -93,6 +97,10 @@ def _selected_blocks(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Mo
         indices = range(n)
     else:
         bad = [i for i in cfg.layers_to_transform if not -n <= i < n]
+        last = len(cfg.layers_to_transform)
+        if bad and cfg.layers_to_transform == list(range(-last, 0)):  # mlx-lm's num_layers
+            raise AdapterError(f"lora.layers_to_transform: the last {last} blocks ([-{last}, ..., -1], mlx-lm's "
+                               f"num_layers {last}), but the model has {n} blocks")
         if bad:
             raise AdapterError(f"lora.layers_to_transform: {bad} out of range for a model with {n} blocks")
         indices = sorted({i % n for i in cfg.layers_to_transform})
@@ -122,7 +130,7 @@ def unwrappable_matches(model: nn.Module, cfg: LoraConfig) -> list[str]:
     match no module of the selected blocks."""
     if cfg.target_modules is None:
         return []
-    names = [p for p in cfg.target_modules if not p.startswith("re:")]
+    names = [p for p in cfg.target_modules if not p.startswith("re:") and p != ALL_LINEAR]
     out, paths = [], []
     for prefix, block in _selected_blocks(model, cfg):
         for sub, m in block.named_modules():
@@ -133,7 +141,8 @@ def unwrappable_matches(model: nn.Module, cfg: LoraConfig) -> list[str]:
             if wrappable(m):
                 continue
             own = any(isinstance(v, mx.array) for v in m.values())
-            if (own and _matches(path, cfg.target_modules)) or (not own and _matches(path, names)):
+            patterns = [p for p in cfg.target_modules if p != ALL_LINEAR]
+            if (own and patterns and _matches(path, patterns)) or (not own and names and _matches(path, names)):
                 out.append(f"{path} ({type(m).__name__})")
     return out + [f"'{n}' (no such module)" for n in names if not any(_matches(p, [n]) for p in paths)]
 
@@ -284,10 +293,49 @@ def peft_config(cfg: LoraConfig, targets: Iterable[str], base_model: Optional[st
     return conf
 
 
+def mlx_lm_layout(model: nn.Module, cfg: LoraConfig) -> Optional[tuple[dict, dict[str, mx.array]]]:
+    """The model's adapters as mlx-lm stores them: (the ``adapter_config.json`` keys mlx-lm's
+    ``load_adapters`` reads, the ``adapters.safetensors`` tensors); None when mlx-lm has no layer
+    for them (DoRA on expert layers, a layer outside the transformer blocks).
+
+    mlx-lm wraps the modules named by ``lora_parameters.keys`` (paths inside a block) in the last
+    ``num_layers`` blocks. Adapters on fewer layers than that rule reaches load too: mlx-lm starts
+    every layer's B at zero, so a wrapped layer without tensors in the file adds nothing."""
+    blocks = transformer_blocks(model)
+    index = {id(b): i for i, b in enumerate(blocks)}
+    prefixes = {}
+    for path, m in model.named_modules():
+        if id(m) in index:
+            prefixes[index[id(m)]] = path + "."
+    keys, first, dora, weights = set(), len(blocks), False, {}
+    for path, m in adapter_layers(model):
+        found = [(i, pre) for i, pre in prefixes.items() if path.startswith(pre)]
+        if not found or isinstance(m, DoRASwitchLinear):
+            return None
+        i, pre = found[0]
+        keys.add(path[len(pre):])
+        first = min(first, i)
+        expert = isinstance(m, LoRASwitchLinear)
+        # mlx-lm: a linear layer's A is [in, r] and B [r, out]; an expert layer's [E, r, in] and [E, out, r].
+        weights[f"{path}.lora_a"] = (m.lora_a if expert else m.lora_a.T).astype(mx.float32)
+        weights[f"{path}.lora_b"] = (m.lora_b if expert else m.lora_b.T).astype(mx.float32)
+        if isinstance(m, DoRALinear):
+            dora = True
+            weights[f"{path}.m"] = m.magnitude.astype(mx.float32)
+    conf = {"fine_tune_type": "dora" if dora else "lora", "num_layers": len(blocks) - first,
+            "lora_parameters": {"rank": cfg.r, "scale": cfg.scale, "dropout": cfg.dropout, "keys": sorted(keys)}}
+    return conf, weights
+
+
 def save_adapter(model: nn.Module, out_dir, cfg: LoraConfig, base_model: Optional[str],
                  extra: Optional[dict] = None) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` atomically (each file is
-    replaced whole; the weights are written before the config that points readers at them)."""
+    replaced whole; the weights are written before the config that points readers at them).
+
+    The same folder also loads in mlx-lm (``mlx_lm.load(base, adapter_path=...)``): beside PEFT's
+    keys, ``adapter_config.json`` carries mlx-lm's (``fine_tune_type``, ``num_layers``,
+    ``lora_parameters``; PEFT's reader drops keys it does not know), and ``adapters.safetensors``
+    holds the tensors in mlx-lm's names and orientation."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = adapter_state(model)
@@ -295,7 +343,12 @@ def save_adapter(model: nn.Module, out_dir, cfg: LoraConfig, base_model: Optiona
         raise AdapterError("the model has no adapter layers to save")
     atomic_save_safetensors(out_dir / ADAPTER_WEIGHTS, state, metadata={"format": "pt"})
     targets = [p for p, _ in adapter_layers(model)]
-    atomic_write_json(out_dir / ADAPTER_CONFIG, peft_config(cfg, targets, base_model, extra))
+    conf = peft_config(cfg, targets, base_model, extra)
+    layout = mlx_lm_layout(model, cfg)
+    if layout is not None:
+        atomic_save_safetensors(out_dir / MLX_LM_WEIGHTS, layout[1], metadata={"format": "mlx"})
+        conf.update(layout[0])
+    atomic_write_json(out_dir / ADAPTER_CONFIG, conf)
     return out_dir
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mlx_lora.plumbing.errors import ModelError
+from mlx_lora.converters.config_spellings import normalize as normalize_spelling
+from mlx_lora.plumbing.errors import ModelError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -86,9 +88,10 @@ NULLABLE_SIZES = {"num_key_value_heads", "head_dim", "n_inner", "intermediate_si
 MAY_BE_ZERO = {"intermediate", "experts"}
 
 
-def read_config(folder: Path) -> dict:
+def read_config(folder: Path, spelling: bool = True) -> dict:
     """config.json of a model folder, with the types and sizes of the keys that decide what gets
-    built checked (see :func:`check_config`)."""
+    built checked (see :func:`check_config`); with ``spelling``, transformers 5 names come with
+    the transformers 4 names mlx-lm reads (:mod:`mlx_lora.converters.config_spellings`)."""
     cfg_path = folder / "config.json"
     try:
         size = cfg_path.stat().st_size
@@ -100,7 +103,7 @@ def read_config(folder: Path) -> dict:
     if size > MAX_CONFIG_BYTES:
         raise ModelError(f"{cfg_path}: {size:,} bytes is far too large for a model config")
     check_config(config, cfg_path)
-    return config
+    return normalize_spelling(config) if spelling else config
 
 
 REMOTE_CODE_FLAG = ("model.trust_remote_code: true (train: in the config or --set) or --trust-remote-code (generate, "
@@ -396,7 +399,10 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
     from mlx_lora.plumbing.backend import compute_dtype
     from mlx_lora.plumbing.mlx_lm_compat import model_classes
 
-    config = read_config(folder)
+    raw = read_config(folder, spelling=False)
+    config = normalize_spelling(raw)
+    # mlx-lm reads config.json itself: it gets the names normalize_spelling added
+    added = {k: v for k, v in config.items() if k not in raw or raw[k] != v}
     model_type = config.get("model_type")
     if not model_type:
         raise ModelError(f"{folder / 'config.json'}: field 'model_type' is missing")
@@ -415,7 +421,8 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
         raise remote_code_error(folder, [a for a in asks if a[1] == "model_file"])
     try:
         with no_stdin():
-            model, config = mlx_lm_load_model(folder, lazy=True, strict=True, trust_remote_code=trust_remote_code)
+            model, config = mlx_lm_load_model(folder, lazy=True, strict=True, model_config=added,
+                                              trust_remote_code=trust_remote_code)
     except ValueError as e:
         msg = str(e)
         raise ModelError(f"{folder}: weights do not match the '{model_type}' architecture: {msg[:400]}") from None

@@ -42,6 +42,7 @@ COMPATIBLE = {
     "run": {"run"},
     "model": {"model"},  # `fuse` and `convert` both write model folders
     "peft": {"peft"},
+    "mlx-lm": {"mlx-lm"},
     "quickstart": {"quickstart"},
     "ollama": {"ollama"},
     "lmstudio": {"lmstudio"},
@@ -50,8 +51,8 @@ COMPATIBLE = {
 # Entries a folder of each kind may hold besides those its marker lists (a run folder grows while it
 # trains, so its contents are described by name rather than recorded once).
 _KNOWN_ENTRIES = {
-    "run": {"config.yaml", "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png",
-            "checkpoints"},
+    "run": {"config.yaml", "adapter_config.json", "adapter_model.safetensors", "adapters.safetensors", "metrics.jsonl",
+            "loss.png", "checkpoints"},
     "quickstart": {"run", "fused", "gguf", "quickstart.json"},
 }
 
