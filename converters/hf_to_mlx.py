@@ -31,7 +31,6 @@ from mlx_lora.plumbing.errors import ExportError, ModelError
 from mlx_lora.plumbing.io import temp_prefix
 
 from mlx_lora.converters import io
-from mlx_lora.converters import io
 from mlx_lora.converters.config_spellings import normalize as normalize_spelling
 
 PathLike = Union[str, os.PathLike]

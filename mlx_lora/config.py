@@ -22,10 +22,7 @@ import yaml
 from mlx_lora.data.formats import FORMATS
 from mlx_lora.plumbing.errors import SHOW_CHARS, ConfigError, MlxLoraError, clip, show  # noqa: F401 (re-exported)
 from mlx_lora.data.shapes import POLICIES as SHAPE_POLICIES
-from mlx_lora.data.formats import FORMATS
-from mlx_lora.plumbing.errors import ConfigError, MlxLoraError
 from mlx_lora.mlx_lm_config import is_mlx_lm_config, key_lines, translate as translate_mlx_lm
-from mlx_lora.data.shapes import POLICIES as SHAPE_POLICIES
 
 
 @dataclass(frozen=True)

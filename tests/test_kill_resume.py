@@ -342,19 +342,24 @@ OOM_ERRORS = {
 
 @pytest.mark.parametrize("kind", list(OOM_ERRORS))
 def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(kind, setup, tmp_path, capsys, monkeypatch):
-    import mlx_lora.training.trainer as trainer
+    from mlx_lora.data.batching import BatchPlan
 
     cfg = setup[0]
     run = tmp_path / "run"
-    batches = trainer.iterate_batches
+    batches = BatchPlan.batches
 
-    def running_out(*args, **kwargs):
-        for i, item in enumerate(batches(*args, **kwargs)):
-            if i == 3:  # the 4th step needs more memory than there is
-                raise OOM_ERRORS[kind]
-            yield item
+    def running_out(self, **kwargs):
+        if not kwargs.get("loop", True):  # evaluation walks its own plan: untouched
+            return batches(self, **kwargs)
 
-    monkeypatch.setattr(trainer, "iterate_batches", running_out)
+        def steps():
+            for i, item in enumerate(batches(self, **kwargs)):
+                if i == 3:  # the 4th step needs more memory than there is
+                    raise OOM_ERRORS[kind]
+                yield item
+        return steps()
+
+    monkeypatch.setattr(BatchPlan, "batches", running_out)
     code, err = run_main(capsys, ["train", "--config", cfg, "--out", run, "--quiet"])
     line = one_error(err)
     assert code == 2
@@ -365,7 +370,7 @@ def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(kind, setup,
     if kind != "metal":
         return
     # the advice works: half the batch, twice the accumulation, same examples per step
-    monkeypatch.setattr(trainer, "iterate_batches", batches)
+    monkeypatch.setattr(BatchPlan, "batches", batches)
     code, err = run_main(capsys, ["train", "--resume", run, "--quiet", "--set", "train.batch_size=1",
                                   "--set", "train.grad_accum=2"])
     assert code == 0, err

@@ -707,17 +707,22 @@ def test_a_non_finite_loss_names_the_checkpoint_it_keeps_or_says_there_is_none(s
 
 @pytest.mark.parametrize("at", [0, 2])
 def test_an_interrupt_says_what_was_saved(at, world, tmp_path, capsys, monkeypatch):
-    import mlx_lora.training.trainer as trainer
+    from mlx_lora.data.batching import BatchPlan
 
-    batches = trainer.iterate_batches
+    batches = BatchPlan.batches
 
-    def interrupted(*args, **kwargs):
-        for i, item in enumerate(batches(*args, **kwargs)):
-            if i == at:
-                raise KeyboardInterrupt
-            yield item
+    def interrupted(self, **kwargs):
+        if not kwargs.get("loop", True):  # evaluation walks its own plan: untouched
+            return batches(self, **kwargs)
 
-    monkeypatch.setattr(trainer, "iterate_batches", interrupted)
+        def steps():
+            for i, item in enumerate(batches(self, **kwargs)):
+                if i == at:
+                    raise KeyboardInterrupt
+                yield item
+        return steps()
+
+    monkeypatch.setattr(BatchPlan, "batches", interrupted)
     run = tmp_path / "run"
     code, _, err = run_main(capsys, ["train", "--model", str(world.model), "--data", str(world.data), "--out",
                                      str(run), "--iters", "4", *TRAIN])

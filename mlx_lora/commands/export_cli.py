@@ -81,7 +81,7 @@ def gguf(model, adapter, out, type_name, name, pre_tokenizer, verify, overwrite)
 def adapter(adapter, fmt, out, model, type_name, base_model, name, verify, overwrite):
     """Export an adapter alone (GGUF LoRA or PEFT); DoRA adapters must be fused instead."""
     from mlx_lora.converters.adapter_export import export_gguf_adapter, export_peft
-    from mlx_lora.converters.adapter_export import export_gguf_adapter, export_mlx_lm, export_peft
+    from mlx_lora.converters.adapter_export import export_mlx_lm
 
     if fmt == "mlx-lm":
         export_mlx_lm(adapter, out, model=model, verify=verify, overwrite=overwrite, log=click.echo)

@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 from mlx_lora.plumbing.errors import ModelError
 from mlx_lora.converters.config_spellings import normalize as normalize_spelling
-from mlx_lora.plumbing.errors import ModelError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
