@@ -396,8 +396,7 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
     re-quantizes the fused layers (see :func:`requantize`). With ``verify`` the written folder is
     reloaded and its logits compared with the in-memory fused model before it is moved into place.
     """
-    from mlx_lora.io import atomic_dir
-    from mlx_lora.ownership import write_marker
+    from mlx_lora.ownership import building
 
     from . import verify as V
 
@@ -413,7 +412,7 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
     ref_logits = V.logits(fm.model, ref_tokens) if verify else None
     result = None
     try:
-        with atomic_dir(out, overwrite=True) as tmp:
+        with building(out, "model", "fuse", suffix=".tmp") as tmp:
             main_dtype = write_hf_folder(fm, tmp, dtype, quantized=bool(fm.quantized) and quantize)
             vr = None
             if verify:
@@ -426,7 +425,6 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
                 kind = V.DTYPE_KIND[main_dtype]
                 vr = V.VerifyReport([V.compare_models(ref_logits, reloaded, ref_tokens, "fused folder", kind)])
                 vr.raise_if_failed(str(out))
-            write_marker(tmp, "model", "fuse")
             result = FuseResult(out, main_dtype, len(fm.fused), time.perf_counter() - t0, report, vr)
     except OSError as e:
         raise disk_error(e, out) from None

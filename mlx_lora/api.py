@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Iterable, Optional, TextIO
@@ -152,6 +153,20 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     def save_adapter(folder):
         adapters.save_adapter(model, folder, cfg.lora, cfg.model.path, extra=extra)
 
+    # Everything is checked. --overwrite over an earlier run builds the new one beside it (a
+    # temporary sibling) and swaps it in only when it completes: a failure or an interrupt before
+    # then leaves the earlier run as it was.
+    target = run.path
+    replacing = (rank0 and not resume and overwrite and run.path.is_dir()
+                 and any(p.name != LOCK for p in run.path.iterdir()))
+    if replacing:
+        from .ownership import new_beside
+
+        build = new_beside(target, ".partial")
+        swapped: list = []
+        held.callback(lambda: swapped or shutil.rmtree(build, ignore_errors=True))
+        run = RunDir(build, replacing=target)
+
     # The metrics file comes first so a user callback that stops training cannot drop a record.
     metrics = MetricsFile(run.metrics_file, log_every=cfg.train.log_every) if rank0 else None
     own = [metrics] + ([Progress(stream=stream, log_every=cfg.train.log_every)] if progress else []) if rank0 else []
@@ -170,10 +185,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         trainer.restore(adapter_state, opt_state, state, source=plan.ckpt if plan else None)
     # Everything is checked: from here on this process writes the run folder, and no other may.
     if rank0:
-        held.enter_context(RunLock(run.path))
+        held.enter_context(RunLock(target))  # the earlier run, when replacing one, until the swap
         if resume:
             plan.begin()  # clears what a killed run left half-written
-        elif not overwrite and any(p.name != LOCK for p in run.path.iterdir()):
+        elif not overwrite and any(p.name != LOCK for p in target.iterdir()):
             raise CheckpointError(f"{run.path}: another mlx-lora train started a run here while this one was "
                                   f"starting; choose another --out")
     if resume:
@@ -181,10 +196,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
             metrics.truncate_after(state.step)
         log(f"resuming  {plan.ckpt if plan else ''} (step {state.step} of {trainer.total_steps})")
     elif rank0:
-        from .ownership import clear_owned_dir, write_marker
+        from .ownership import write_marker
 
-        if overwrite and run.path.exists():
-            clear_owned_dir(run.path)  # a run folder of ours, checked by prepare_run_dir
         run.path.mkdir(parents=True, exist_ok=True)
         write_marker(run.path, "run", "train", files=[])
     if rank0:
@@ -203,10 +216,24 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     except (MemoryError, RuntimeError, OSError) as e:
         from .integrity import resource_error
 
-        err = resource_error(e, run_dir=run.path, last_checkpoint=run.latest_checkpoint())
+        err = resource_error(e, run_dir=target, last_checkpoint=None if replacing else run.latest_checkpoint())
         if err is None:
             raise
         raise err from e
+    if rank0 and replacing:
+        if result.stopped == "interrupted":
+            log(f"interrupted at step {result.steps}; {target} is left as it was (--overwrite replaces it only "
+                f"when the new run completes) and nothing of this run was kept")
+            return result
+        if run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png"):
+            run.record("loss.png")
+        from .ownership import swap_in
+
+        swap_in(build, target, what="run folder")
+        swapped.append(True)
+        run = RunDir(target)
+    elif rank0 and run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png"):
+        run.record("loss.png")
     if rank0:
         if result.stopped == "interrupted":
             log(_interrupted_message(result, run))
@@ -216,7 +243,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
             if result.best_val_loss is not None:
                 log(f"best validation loss {result.best_val_loss:.4f} at step {result.best_step} "
                     f"({run.checkpoints / 'best'})")
-        if run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png"):
+        if (run.path / "loss.png").exists():
             log(f"loss curve {run.path / 'loss.png'}")
         log(f"adapter   {run.path}")
     return result

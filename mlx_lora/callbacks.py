@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
+from .ownership import record
 from .progress import bar, show_bar
 
 # Preference tuning's metrics (train.method dpo, orpo; see mlx_lora.preference), recorded when present.
@@ -139,10 +140,12 @@ class MetricsFile:
             except ValueError:
                 continue  # a line cut short by a crash
         atomic_write_text(self.path, "".join(l + "\n" for l in keep))
+        record(self.path.parent, self.path.name)
 
-    def _write(self, record: dict) -> None:
+    def _write(self, rec: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(rec) + "\n")
+        record(self.path.parent, self.path.name)  # the run folder's marker follows every line
 
     def on_step(self, trainer, m: dict) -> None:
         record = step_record(m, self.log_every)

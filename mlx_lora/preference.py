@@ -44,6 +44,7 @@ from .config import Config, TrainConfig
 from .errors import DataError
 from .lora import adapters_off
 from .losses import HeadSplit, Loss, _cache, _token_ce, make_loss, model_logits, split_head, target_positions
+from .ownership import record
 
 METHODS = ("sft", "dpo", "orpo")
 STATS = ("correct", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "nll", "tokens")
@@ -299,6 +300,7 @@ def cached_reference_logps(model: nn.Module, ds, cfg: Config, folder, write: boo
     if write:
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, key=np.array(key), logps=logps)
+        record(path.parent, path.name)  # into the run folder's marker
     return logps
 
 

@@ -471,6 +471,10 @@ class Trainer:
         run = self.run
         if run is None:
             return
+        if run.replacing is not None:
+            self.sync.hint = (f"{run.replacing} is left as it was: --overwrite replaces it only when the new run "
+                              f"completes.")
+            return
         if have_checkpoint:
             self.sync.hint = (f"Checkpoints in {run.checkpoints} are complete; continue with: "
                               f"mlx-lora train --resume {run.path} (with any number of ranks, keeping "
@@ -483,6 +487,9 @@ class Trainer:
         """The checkpoint a stopped run leaves (rank 0 writes them, so only it can tell)."""
         if self.run is None or self.rank != 0:
             return "the checkpoints saved so far are kept"
+        if self.run.replacing is not None:
+            return (f"{self.run.replacing} is left as it was (--overwrite replaces it only when the new run "
+                    f"completes) and nothing of this run is kept")
         latest = self.run.latest_checkpoint()
         if latest is None:
             return "no checkpoint was saved yet, so nothing is kept and a rerun starts over (--overwrite)"
@@ -514,6 +521,7 @@ class Trainer:
                                         keep=self.cfg.train.keep_checkpoints)
         self._set_hint(have_checkpoint=True)
         self.save_adapter_fn(self.run.path)  # the run folder's top-level adapter is the newest
+        self.run.record(ADAPTER_CONFIG, ADAPTER_WEIGHTS)
         self._emit("on_checkpoint", path)
         return str(path)
 
@@ -702,7 +710,4 @@ class Trainer:
 
     def _save_best(self) -> None:
         if self.run is not None and self.save_adapter_fn is not None and self.rank == 0:
-            from .io import atomic_dir
-
-            with atomic_dir(self.run.checkpoints / "best", overwrite=True) as tmp:
-                self.save_adapter_fn(tmp)
+            self.run.replace_checkpoint("best", self.save_adapter_fn)
