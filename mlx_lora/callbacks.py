@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
-from .ownership import record
+from . import ownership
 from .progress import bar, show_bar
 
 # Preference tuning's metrics (train.method dpo, orpo; see mlx_lora.preference), recorded when present.
@@ -140,12 +140,12 @@ class MetricsFile:
             except ValueError:
                 continue  # a line cut short by a crash
         atomic_write_text(self.path, "".join(l + "\n" for l in keep))
-        record(self.path.parent, self.path.name)
+        ownership.record(self.path.parent, self.path.name)
 
     def _write(self, rec: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
-        record(self.path.parent, self.path.name)  # the run folder's marker follows every line
+        ownership.record(self.path.parent, self.path.name)  # the run folder's marker follows every line
 
     def on_step(self, trainer, m: dict) -> None:
         record = step_record(m, self.log_every)

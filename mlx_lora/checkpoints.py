@@ -335,12 +335,12 @@ class RunDir:
                 # or removed only when it is, entry for entry, the one the marker records as NAME.
                 old = re.match(r"^\.(.+)\.(old|deleting)$", name)
                 if old and p.is_dir() and not p.is_symlink() and not is_own_or_stale_temp(name):
+                    if old.group(2) == "old" and not (folder / old.group(1)).exists():
+                        os.replace(p, folder / old.group(1))  # put back: a rename deletes nothing
+                        continue
                     rel = str((folder / old.group(1)).relative_to(self.path))
                     if problems(p, under=rel, root=self.path):
                         continue  # not provably ours: left alone
-                    if old.group(2) == "old" and not (folder / old.group(1)).exists():
-                        os.replace(p, folder / old.group(1))
-                        continue
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
                 elif is_own_or_stale_temp(name):  # a temporary of this host's dead (or this) process

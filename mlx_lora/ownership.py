@@ -435,9 +435,9 @@ def check_output_dir(path, kind: str, *, overwrite: bool, what: str = "output fo
         raise OwnershipError(f"{what} {out} is not empty and was not written by this kind of mlx-lora command"
                              f"{label}: it holds {first!r}; mlx-lora replaces only folders it wrote. "
                              f"Choose another folder")
-    owned_entries_only(out, what=what)
     if not overwrite:
         raise OwnershipError(f"{what} {out} already exists; {exists_hint}")
+    owned_entries_only(out, what=what)
     return out
 
 

@@ -30,6 +30,7 @@ from .interrupts import interrupts_deferred
 from .losses import Loss, make_loss
 from .preference import Objective, check_data, metrics as preference_metrics, preference_loss
 from . import memory, shapes
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
