@@ -185,7 +185,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         trainer.restore(adapter_state, opt_state, state, source=plan.ckpt if plan else None)
     # Everything is checked: from here on this process writes the run folder, and no other may.
     if rank0:
-        held.enter_context(RunLock(target))  # the earlier run, when replacing one, until the swap
+        # Replacing an earlier run, the new one is locked where it is built: the earlier run stays
+        # untouched (not even a lock file) unless the new one completes.
+        lock = held.enter_context(RunLock(run.path))
         if resume:
             plan.begin()  # clears what a killed run left half-written
         elif not overwrite and any(p.name != LOCK for p in target.iterdir()):
@@ -229,8 +231,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
             run.record("loss.png")
         from .ownership import swap_in
 
+        RunLock(target).check_free()  # a run writing the earlier folder now comes first
         swap_in(build, target, what="run folder")
         swapped.append(True)
+        lock.moved_to(target)
         run = RunDir(target)
     elif rank0 and run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png"):
         run.record("loss.png")

@@ -198,6 +198,11 @@ class RunLock:
             raise CheckpointError(f"{self.path}: cannot lock the run folder ({e.strerror or e}); mlx-lora "
                                   f"locks it so that no two runs write it at once") from None
 
+    def moved_to(self, folder) -> None:
+        """The locked folder was renamed to ``folder`` (a run built beside the one it replaces)."""
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+
     def release(self) -> None:
         """Remove the lock file and let go (a no-op when not held)."""
         fd, self._fd = self._fd, None

@@ -274,10 +274,29 @@ def _walk_problems(path: Path, entries: dict, prefix: str, shown: str, out: list
         if is_own_or_stale_temp(child.name):
             continue  # a temporary this process, or a dead mlx-lora process, left half-written
         why = _why_not(child, entries.get(rel))
+        if why is not None and entries.get(rel) is None and child.is_dir() and not child.is_symlink():
+            name = _first_inside(child, name)  # name the user's file itself, however deep
         if why is not None:
             out.append((name, why))
         elif child.is_dir() and not child.is_symlink():
             _walk_problems(child, entries, rel, name, out, limit)
+
+
+def _first_inside(folder: Path, shown: str) -> str:
+    """The first file (sorted, depth first) inside an unrecorded folder, as ``shown/...``; the
+    folder itself when it holds none."""
+    try:
+        children = sorted(folder.iterdir())
+    except OSError:
+        return shown
+    for child in children:
+        if child.is_dir() and not child.is_symlink():
+            inner = _first_inside(child, f"{shown}/{child.name}")
+            if inner != f"{shown}/{child.name}":
+                return inner
+        else:
+            return f"{shown}/{child.name}"
+    return shown
 
 
 def marker_problem(folder) -> Optional[str]:

@@ -60,7 +60,7 @@ FOLDER_COMMANDS = {
     "export-ollama": lambda w, out: ["export", "ollama", "--model", w.model, "--adapter", w.adapter, "--name",
                                      "mine", "--out", out, "--no-create", "--no-verify", "--type", "f16"],
     "quickstart": lambda w, out: ["quickstart", "--out", out, "--model", w.model, "--iters", "1",
-                                  "--eval-examples", "1", "--no-export"],
+                                  "--eval-examples", "1", "--no-export", "--set", "data.max_seq_length=1024"],
 }
 
 
@@ -128,16 +128,17 @@ def test_a_whole_copy_of_an_output_is_not_proven(command, world, outputs, tmp_pa
             [tmp_path])
 
 
-def _fresh(world, command, tmp_path) -> Path:
+def _fresh(world, command, tmp_path, capsys) -> Path:
     out = tmp_path / "out"
     assert _main(FOLDER_COMMANDS[command](world, out)) == 0
+    capsys.readouterr()
     assert problems(out, limit=10) == []
     return out
 
 
 @pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
 def test_a_marker_that_lists_a_users_file_does_not_delete_it(command, world, tmp_path, capsys):
-    out = _fresh(world, command, tmp_path)
+    out = _fresh(world, command, tmp_path, capsys)
     write(out / "thesis.tex", "years of work\n")
     # a hand-made entry for it: any size and hash but its own prove nothing
     _edit_marker(out, lambda m: m["entries"].update({"thesis.tex": {"size": 3, "sha256": "0" * 64}}))
@@ -147,7 +148,7 @@ def test_a_marker_that_lists_a_users_file_does_not_delete_it(command, world, tmp
 
 @pytest.mark.parametrize("entry", ["../outside.txt", "/etc/passwd", "a/../../outside.txt", "./x"])
 def test_a_marker_listing_a_path_outside_its_folder_is_refused(entry, world, tmp_path, capsys):
-    out = _fresh(world, "train", tmp_path)
+    out = _fresh(world, "train", tmp_path, capsys)
     write(tmp_path / "outside.txt", "not the tool's\n")
     _edit_marker(out, lambda m: m["entries"].update({entry: {"size": 15, "sha256": "0" * 64}}))
     refused(capsys, train_argv(world, out, "--overwrite"), [str(out), repr(entry), "not a path inside"], [tmp_path])
@@ -156,7 +157,7 @@ def test_a_marker_listing_a_path_outside_its_folder_is_refused(entry, world, tmp
 @pytest.mark.parametrize("where", ["checkpoints/step-0000001/sub/deeper/notes.md", "checkpoints/mine.txt",
                                    "checkpoints/step-0000001/notes.md", "notes.md"])
 def test_a_users_file_inside_a_real_run_is_named_and_kept(where, world, tmp_path, capsys):
-    out = _fresh(world, "train", tmp_path)
+    out = _fresh(world, "train", tmp_path, capsys)
     write(out / where, "a user's file\n")
     refused(capsys, train_argv(world, out, "--overwrite"), [str(out), repr(where), "did not write"], [tmp_path])
 
@@ -164,7 +165,7 @@ def test_a_users_file_inside_a_real_run_is_named_and_kept(where, world, tmp_path
 @pytest.mark.parametrize("what", ["config.yaml", "metrics.jsonl", "checkpoints/step-0000001/state.json",
                                   "adapter_model.safetensors"])
 def test_a_recorded_file_changed_since_is_refused(what, world, tmp_path, capsys):
-    out = _fresh(world, "train", tmp_path)
+    out = _fresh(world, "train", tmp_path, capsys)
     with open(out / what, "ab") as f:
         f.write(b"\n# the user's edit\n")
     refused(capsys, train_argv(world, out, "--overwrite"), [str(out), repr(what), "changed since"], [tmp_path])
@@ -172,7 +173,7 @@ def test_a_recorded_file_changed_since_is_refused(what, world, tmp_path, capsys)
 
 @pytest.mark.parametrize("command", ["train", "fuse", "export-peft"])
 def test_a_symbolic_link_inside_pointing_out_is_refused_and_its_target_kept(command, world, tmp_path, capsys):
-    out = _fresh(world, command, tmp_path)
+    out = _fresh(world, command, tmp_path, capsys)
     outside = write(tmp_path / "elsewhere" / "data.bin", b"the user's bytes")
     sub = out / "checkpoints" if command == "train" else out
     (sub / "link").symlink_to(outside.parent, target_is_directory=True)
@@ -236,7 +237,7 @@ def test_an_old_checkpoint_holding_a_users_file_is_kept_by_the_rotation(world, t
 @pytest.mark.parametrize("how", ["exception", "ctrl-c"])
 def test_a_failure_after_the_new_output_is_built_but_before_the_swap_keeps_the_old(command, how, world, tmp_path,
                                                                                   capsys, monkeypatch):
-    out = _fresh(world, command, tmp_path)
+    out = _fresh(world, command, tmp_path, capsys)
     error = KeyboardInterrupt if how == "ctrl-c" else OSError
     real_swap, real_marker = ownership.swap_in, ownership.write_marker
     built = []
@@ -272,7 +273,7 @@ def _names(folder: Path) -> list[str]:
 def test_an_exception_in_the_middle_of_training_keeps_the_old_run(world, tmp_path, capsys, monkeypatch):
     from mlx_lora.callbacks import MetricsFile
 
-    out = _fresh(world, "train", tmp_path)
+    out = _fresh(world, "train", tmp_path, capsys)
 
     def boom(self, trainer, m):
         raise RuntimeError("injected in the middle of training")
@@ -287,7 +288,7 @@ def test_an_exception_in_the_middle_of_training_keeps_the_old_run(world, tmp_pat
 def test_ctrl_c_in_the_middle_of_training_keeps_the_old_run_and_says_so(world, tmp_path, capsys, monkeypatch):
     from mlx_lora.callbacks import MetricsFile
 
-    out = _fresh(world, "train", tmp_path)
+    out = _fresh(world, "train", tmp_path, capsys)
     real = MetricsFile.on_step
 
     def interrupt(self, trainer, m):
@@ -303,7 +304,7 @@ def test_ctrl_c_in_the_middle_of_training_keeps_the_old_run_and_says_so(world, t
 
 
 def test_quickstart_overwrite_with_bad_data_leaves_the_old_output(world, tmp_path, capsys):
-    out = _fresh(world, "quickstart", tmp_path)
+    out = _fresh(world, "quickstart", tmp_path, capsys)
     bad = write(tmp_path / "bad.jsonl", '{"messages": [{"role": "user", "content": "no answer"}]}\n{not json\n')
     before, names = snapshot(out), _names(tmp_path)
     code, _, err = run_main(capsys, [str(a) for a in FOLDER_COMMANDS["quickstart"](world, out)]
@@ -319,7 +320,7 @@ def test_quickstart_overwrite_with_bad_data_leaves_the_old_output(world, tmp_pat
 
 
 def test_a_model_that_does_not_load_leaves_the_old_quickstart(world, tmp_path, capsys):
-    out = _fresh(world, "quickstart", tmp_path)
+    out = _fresh(world, "quickstart", tmp_path, capsys)
     broken = write(tmp_path / "broken" / "config.json", "{}")
     before, names = snapshot(out), _names(tmp_path)
     code, _, err = run_main(capsys, ["quickstart", "--out", str(out), "--model", str(broken.parent),
@@ -387,7 +388,7 @@ def test_chat_save_appends_only_to_its_own_chat_jsonl(world, tmp_path):
                  "/save chats.jsonl", "/save chats.jsonl")
     assert diff(before, snapshot(config, outside, noisy, tmp_path / "link.jsonl")) == []
     assert (tmp_path / "link.jsonl").is_symlink()
-    assert f"[not saved: {config}, line 1: not a chat row that /save writes" in text, text
+    assert "[not saved: config.json, line 1: not a chat row that /save writes" in text, text
     assert "link.jsonl is a symbolic link" in text and "mixed.jsonl, line 2" in text, text
     rows = [json.loads(l) for l in chats.read_text().splitlines()]
     assert len(rows) == 2 and rows[0] == rows[1] and rows[0]["messages"][0] == {"role": "user", "content": "hello"}
