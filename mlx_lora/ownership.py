@@ -337,8 +337,10 @@ def owned_entries_only(folder, *, what: str, under: str = "", root=None) -> None
     if found:
         name, why = found[0]
         if name == MARKER:
-            raise OwnershipError(f"{what} {folder}: {why}; mlx-lora replaces only folders it can prove it wrote. "
-                                 f"Choose another folder")
+            first = next((p.name for p in sorted(Path(folder).iterdir()) if p.name not in (MARKER, LOCK)), None)
+            holds = f", so it proves nothing about {first!r}" if first else ""
+            raise OwnershipError(f"{what} {folder}: {why}{holds}; mlx-lora replaces only folders it can prove it "
+                                 f"wrote. Choose another folder")
         raise OwnershipError(f"{what} {folder} holds {name!r}, {why}; mlx-lora deletes only what it can prove "
                              f"it wrote: move it out or choose another folder")
 

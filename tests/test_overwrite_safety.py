@@ -116,7 +116,7 @@ def test_a_copied_marker_beside_a_users_files_authorises_nothing(command, world,
     target = user_files(tmp_path / "mine")
     shutil.copy2(outputs[command] / MARKER, target / MARKER)
     refused(capsys, FOLDER_COMMANDS[command](world, target) + ["--overwrite"],
-            [str(target), MARKER, "another folder"], [tmp_path])
+            [str(target), MARKER, "another folder", "'checkpoints'"], [tmp_path])
 
 
 @pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
@@ -401,3 +401,18 @@ def test_chat_save_keeps_the_files_mode(world, tmp_path):
     _chat(world, tmp_path, "again", "/save chats.jsonl")
     assert chats.stat().st_mode & 0o777 == 0o600
     assert len(chats.read_text().splitlines()) == 2
+
+
+def test_lm_studio_replaces_its_gguf_only_while_the_marker_records_it(world, tmp_path, capsys):
+    models = tmp_path / "models"
+    argv = ["export", "lmstudio", "--model", world.model, "--adapter", world.adapter, "--name", "mine",
+            "--models-dir", models, "--no-verify", "--type", "f16"]
+    assert _main(argv) == 0
+    gguf = models / "mlx-lora" / "mine" / "mine-F16.gguf"
+    gguf.chmod(0o600)
+    code, _, err = run_main(capsys, [str(a) for a in argv] + ["--overwrite"])
+    assert code == 0, err
+    assert gguf.stat().st_mode & 0o777 == 0o600 and problems(gguf.parent) == []
+    with open(gguf, "ab") as f:
+        f.write(b"the user's bytes")
+    refused(capsys, argv + ["--overwrite"], [str(gguf), "not the file mlx-lora wrote"], [tmp_path])
