@@ -227,7 +227,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
             log(f"interrupted at step {result.steps}; {target} is left as it was (--overwrite replaces it only "
                 f"when the new run completes) and nothing of this run was kept")
             return result
-        if run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png"):
+        plotted = run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png")
+        if plotted:
             run.record("loss.png")
         from .ownership import swap_in
 
@@ -236,8 +237,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         swapped.append(True)
         lock.moved_to(target)
         run = RunDir(target)
-    elif rank0 and run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png"):
-        run.record("loss.png")
+    elif rank0:
+        plotted = run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png")
+        if plotted:
+            run.record("loss.png")
     if rank0:
         if result.stopped == "interrupted":
             log(_interrupted_message(result, run))
@@ -247,7 +250,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
             if result.best_val_loss is not None:
                 log(f"best validation loss {result.best_val_loss:.4f} at step {result.best_step} "
                     f"({run.checkpoints / 'best'})")
-        if (run.path / "loss.png").exists():
+        if plotted:
             log(f"loss curve {run.path / 'loss.png'}")
         log(f"adapter   {run.path}")
     return result
