@@ -34,7 +34,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import CheckpointError
 from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, is_own_or_stale_temp
-from .ownership import LOCK, OwnershipError, new_beside, problems, record, remove_subfolder, replace_subfolder
+from .ownership import (LOCK, OwnershipError, new_beside, problems, record, remove_subfolder, replace_subfolder,
+                        subfolder_problems)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 REPLACED_STEP_DIR = re.compile(r"^\.(step-(\d+))\.old$")
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+# The files a checkpoint holds (best/ holds the first two).
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", OPTIMIZER_FILE, STATE_FILE)
 
 
 @dataclass
@@ -279,14 +282,14 @@ class RunDir:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         rel = f"checkpoints/{name}"
         if target.exists() or target.is_symlink():  # refuse before the work, naming what is not ours
-            found = problems(target, under=rel, root=self.path)
+            found = subfolder_problems(self.path, rel, CHECKPOINT_FILES)
             if found:
                 raise CheckpointError(f"{target} holds {found[0][0]!r}, {found[0][1]}; mlx-lora replaces only "
                                       f"checkpoints it wrote: move it out and --resume")
         tmp = new_beside(target, ".tmp")
         try:
             writer(tmp)
-            replace_subfolder(self.path, rel, tmp, what="checkpoint")
+            replace_subfolder(self.path, rel, tmp, what="checkpoint", names=CHECKPOINT_FILES)
         except OwnershipError as e:
             raise CheckpointError(str(e)) from None
         finally:
@@ -319,7 +322,8 @@ class RunDir:
                 # Renamed to a temporary name first (one atomic rename): a crash during the deletion
                 # then leaves a temporary, never a half-deleted step-* checkpoint. Only what the tool
                 # wrote is deleted: a checkpoint holding anything else is kept, and said so.
-                foreign = remove_subfolder(self.path, f"checkpoints/{old.name}", what="checkpoint")
+                foreign = remove_subfolder(self.path, f"checkpoints/{old.name}", what="checkpoint",
+                                           names=CHECKPOINT_FILES)
                 if foreign is not None:
                     logger.warning("kept old checkpoint %s: it holds %r, which mlx-lora did not write", old, foreign)
         return target

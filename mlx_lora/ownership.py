@@ -572,26 +572,71 @@ def swap_in(new, target, *, what: str = "output folder") -> None:
     _dispose(state, what)(old)
 
 
-def replace_subfolder(root, rel: str, tmp, *, what: str) -> None:
-    """Inside ``root`` (a folder with a marker), put the finished folder ``tmp`` at ``rel`` (a
-    checkpoint), replacing what is there only when the tool can prove it wrote it, then record it."""
-    root = Path(root)
+def subfolder_problems(root, rel: str, names: Iterable[str]) -> list[tuple[str, str]]:
+    """What in ``root/rel`` (a checkpoint inside a run folder) keeps the tool from replacing or
+    deleting it, as (path inside it, why): nothing when every entry matches the marker's records.
+    In a run folder whose marker proves nothing (a copy, or one an older version wrote, that is
+    being resumed) only regular files called one of ``names`` (those a checkpoint holds), and
+    nothing else, may go: the same files a save writes over by name."""
+    root, target = Path(root), Path(root) / rel
+    if target.is_symlink() or not target.is_dir():
+        return [(".", "a symbolic link, which mlx-lora never writes" if target.is_symlink() else "not a folder")]
+    if marker_problem(root) is None:
+        return problems(target, limit=1, under=rel, root=root)
+    names = set(names)
+    for child in sorted(target.iterdir()):
+        if child.is_symlink() or not child.is_file() or child.name not in names:
+            shown = _first_inside(child, child.name) if child.is_dir() and not child.is_symlink() else child.name
+            return [(shown, "which a checkpoint does not hold")]
+    return []
+
+
+def _delete(folder: Path, rel: str, root: Path, entries: Optional[dict], names: set) -> list[str]:
+    """Delete a checkpoint folder checked by :func:`subfolder_problems` (by its records, or by its
+    file names when ``entries`` is None); returns what was kept."""
+    if entries is not None:
+        return delete_owned(folder, under=rel, entries=entries)
+    kept = []
+    for child in sorted(folder.iterdir()):
+        if child.name in names and child.is_file() and not child.is_symlink():
+            child.unlink()
+        else:
+            kept.append(child.name)
+    if not kept:
+        folder.rmdir()
+    return kept
+
+
+def _entries_if_proven(root: Path) -> Optional[dict]:
+    return dict(read_marker(root)["entries"]) if marker_problem(root) is None else None
+
+
+def replace_subfolder(root, rel: str, tmp, *, what: str, names: Iterable[str]) -> None:
+    """Inside ``root`` (a run folder), put the finished folder ``tmp`` at ``rel`` (a checkpoint),
+    replacing what is there only when :func:`subfolder_problems` finds nothing, then record it."""
+    root, names = Path(root), set(names)
     target = root / rel
+
+    def refuse(found, where: Path):
+        raise OwnershipError(f"{where} holds {found[0][0]!r}, {found[0][1]}; mlx-lora replaces only "
+                             f"{what}s it wrote: move it out and --resume")
+
     if target.exists() or target.is_symlink():
-        owned_entries_only(target, what=what, under=rel, root=root)
-        marker = read_marker(root) or {}
-        entries = marker.get("entries", {}) if isinstance(marker.get("entries"), dict) else {}
+        found = subfolder_problems(root, rel, names)
+        if found:
+            refuse(found, target)
+        entries = _entries_if_proven(root)
         # Set aside as .NAME.old: a crash between the two renames leaves it under a name the run
         # folder recovers from (see mlx_lora.checkpoints), and the records still describe it.
         old = target.with_name(f".{target.name}.old")
         if old.exists() or old.is_symlink():
-            owned_entries_only(old, what=what, under=rel, root=root)
-            delete_owned(old, under=rel, entries=entries)
-            if old.exists():
+            found = subfolder_problems(root, str(PurePosixPath(rel).parent / old.name), names) \
+                if entries is None else problems(old, limit=1, under=rel, root=root)
+            if found or _delete(old, rel, root, entries, names):
                 raise OwnershipError(f"{what}: {old} is in the way of replacing {target}")
         os.replace(target, old)
         os.replace(tmp, target)
-        kept = delete_owned(old, under=rel, entries=entries)
+        kept = _delete(old, rel, root, entries, names)
         if kept and old.exists():
             keep = target.with_name(f"{target.name}.kept-{os.urandom(3).hex()}")
             os.replace(old, keep)
@@ -602,18 +647,17 @@ def replace_subfolder(root, rel: str, tmp, *, what: str) -> None:
     record(root, rel)
 
 
-def remove_subfolder(root, rel: str, *, what: str) -> Optional[str]:
-    """Delete ``root/rel`` (an old checkpoint) when every entry in it is one the tool wrote; else
-    keep it and return the first entry that is not (nothing is deleted then)."""
-    root = Path(root)
+def remove_subfolder(root, rel: str, *, what: str, names: Iterable[str]) -> Optional[str]:
+    """Delete ``root/rel`` (an old checkpoint) when :func:`subfolder_problems` finds nothing; else
+    keep it and return the first entry in the way (nothing is deleted then)."""
+    root, names = Path(root), set(names)
     target = root / rel
-    found = problems(target, limit=1, under=rel, root=root)
+    found = subfolder_problems(root, rel, names)
     if found:
         return found[0][0]
-    marker = read_marker(root)
-    entries = dict(marker["entries"])
+    entries = _entries_if_proven(root)
     doomed = target.with_name(temp_prefix(target.name) + "deleting")
     os.replace(target, doomed)  # one rename: a crash now leaves a temporary, never half a checkpoint
-    delete_owned(doomed, under=rel, entries=entries)
+    _delete(doomed, rel, root, entries, names)
     forget(root, rel)
     return None

@@ -416,3 +416,23 @@ def test_lm_studio_replaces_its_gguf_only_while_the_marker_records_it(world, tmp
     with open(gguf, "ab") as f:
         f.write(b"the user's bytes")
     refused(capsys, argv + ["--overwrite"], [str(gguf), "not the file mlx-lora wrote"], [tmp_path])
+
+
+def test_a_copied_run_resumes_and_its_checkpoints_rotate_by_their_file_names(world, tmp_path, capsys):
+    """A copy's marker proves nothing, yet the copy can be resumed: a checkpoint there is replaced or
+    deleted only when it holds nothing but the files a checkpoint holds."""
+    original = tmp_path / "original"
+    argv = ["train", "--model", world.model, "--data", world.data, "--out", original, "--quiet", "--iters", "2",
+            "--batch-size", "2", "--set", "data.valid_fraction=0.25", "--set", "train.save_every=1",
+            "--set", "train.keep_checkpoints=2", "--set", "train.eval_every=1"]
+    assert _main(argv) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    notes = write(copy / "checkpoints" / "step-0000001" / "notes.md", "mine\n")
+    code, _, err = run_main(capsys, ["train", "--resume", str(copy), "--iters", "5"])
+    assert code == 0, err
+    steps = sorted(p.name for p in (copy / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert steps == ["step-0000001", "step-0000004", "step-0000005"], steps  # step 2 and 3 rotated away
+    assert notes.read_text() == "mine\n" and (copy / "checkpoints" / "best" / "adapter_model.safetensors").is_file()
+    # and the copy is still not the tool's to delete
+    refused(capsys, argv[:6] + [copy] + argv[7:] + ["--overwrite"], [str(copy), "another folder"], [tmp_path])
