@@ -239,7 +239,7 @@ def test_a_failure_after_the_new_output_is_built_but_before_the_swap_keeps_the_o
                                                                                   capsys, monkeypatch):
     out = _fresh(world, command, tmp_path, capsys)
     error = KeyboardInterrupt if how == "ctrl-c" else OSError
-    real_swap, real_marker = ownership.swap_in, ownership.write_marker
+    real_marker = ownership.write_marker
     built = []
 
     def swap_fails(new, target, **kw):  # train and quickstart: the new folder is complete here
