@@ -133,6 +133,9 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
     from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config
     from mlx_lora.plumbing.io import atomic_dir, atomic_save_safetensors, atomic_write_json
     from mlx_lora.plumbing.ownership import write_marker
+    from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config
+    from mlx_lora.plumbing.io import atomic_save_safetensors, atomic_write_json
+    from mlx_lora.plumbing.ownership import building
 
     from mlx_lora.converters.fuse import ensure_output_path
 
@@ -163,7 +166,7 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
         conf["target_modules"], conf["layers_to_transform"] = _leaves_and_blocks(targets, str(adapter))
     tensors = {k: v.astype(mx.float32) for k, v in sorted(state.items())}
     try:
-        with atomic_dir(out, overwrite=True) as tmp:
+        with building(out, "peft", "export adapter --format peft", suffix=".tmp") as tmp:
             atomic_save_safetensors(tmp / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
             atomic_write_json(tmp / ADAPTER_CONFIG, conf)
             vr = None
@@ -172,7 +175,6 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
                     raise ExportError("--verify for a PEFT export needs --model (the base model)")
                 vr = _verify_peft(model, adapter, tmp)
                 vr.raise_if_failed(str(out))
-            write_marker(tmp, "peft", "export adapter --format peft")
     except OSError as e:
         raise disk_error(e, out) from None
     res = AdapterExport(out, "PEFT", len(groups), time.perf_counter() - t0, vr,

@@ -401,6 +401,7 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
     """
     from mlx_lora.plumbing.io import atomic_dir
     from mlx_lora.plumbing.ownership import write_marker
+    from mlx_lora.plumbing.ownership import building
 
     from mlx_lora.converters import verify as V
 
@@ -416,7 +417,7 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
     ref_logits = V.logits(fm.model, ref_tokens) if verify else None
     result = None
     try:
-        with atomic_dir(out, overwrite=True) as tmp:
+        with building(out, "model", "fuse", suffix=".tmp") as tmp:
             main_dtype = write_hf_folder(fm, tmp, dtype, quantized=bool(fm.quantized) and quantize)
             vr = None
             if verify:
@@ -429,7 +430,6 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
                 kind = V.DTYPE_KIND[main_dtype]
                 vr = V.VerifyReport([V.compare_models(ref_logits, reloaded, ref_tokens, "fused folder", kind)])
                 vr.raise_if_failed(str(out))
-            write_marker(tmp, "model", "fuse")
             result = FuseResult(out, main_dtype, len(fm.fused), time.perf_counter() - t0, report, vr)
     except OSError as e:
         raise disk_error(e, out) from None

@@ -25,6 +25,10 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 from mlx_lora.plumbing.errors import ExportError, ModelError
 from mlx_lora.plumbing.io import atomic_dir, atomic_write_json
 from mlx_lora.plumbing.progress import ByteProgress
+from mlx_lora.plumbing.errors import ExportError, ModelError
+from mlx_lora.plumbing.io import atomic_dir, atomic_write_json
+from mlx_lora.plumbing.ownership import building, check_output_dir, write_marker
+from mlx_lora.plumbing.progress import ByteProgress
 
 PathLike = Union[str, os.PathLike]
 
@@ -83,16 +87,19 @@ def atomic_output_dir(out_dir: PathLike, *, overwrite: bool = False, kind: str =
     On any exception the temporary folder is deleted and ``out_dir`` is left as it was, so a
     reader never sees a half-written model. An existing non-empty ``out_dir`` is an error unless
     ``overwrite`` and the tool wrote it (see :func:`mlx_lora.plumbing.ownership.check_output_dir`); then it
-    is replaced only after the new folder is complete. The new folder carries the ownership
-    marker of ``kind``. If ``out_dir`` appears while we write (another process converting to the
-    same place), it is replaced with ``overwrite`` and raises :class:`OutputAppeared` without.
+    is replaced only after the new folder is complete, and only where it still matches the
+    marker's records. The new folder carries the ownership marker of ``kind``. If ``out_dir``
+    appears while we write (another process converting to the same place), it is replaced with
+    ``overwrite`` when the tool can prove it wrote it, and raises :class:`OutputAppeared` without.
     """
-    from mlx_lora.plumbing.ownership import check_output_dir, write_marker
-
     out = check_output_dir(out_dir, kind, overwrite=overwrite)
-    with atomic_dir(out, overwrite, suffix=".partial", set_aside=False) as tmp:
+    if not overwrite:  # a folder that appears meanwhile is another process's: never replaced
+        with atomic_dir(out, False, suffix=".partial", set_aside=False) as tmp:
+            yield tmp
+            write_marker(tmp, kind, command)
+        return
+    with building(out, kind, command, suffix=".partial") as tmp:
         yield tmp
-        write_marker(tmp, kind, command)
 
 
 def write_json(path: PathLike, obj) -> None:

@@ -296,6 +296,12 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
     from mlx_lora.converters.adapter_export import export_gguf_adapter
     from mlx_lora.converters.fuse import ensure_output_path, load_fused, made_dirs
     from mlx_lora.converters.gguf_export import check_type, export_gguf
+    from mlx_lora.plumbing.io import atomic_write_text
+    from mlx_lora.plumbing.ownership import building
+
+    from mlx_lora.converters.adapter_export import export_gguf_adapter
+    from mlx_lora.converters.fuse import ensure_output_path, load_fused
+    from mlx_lora.converters.gguf_export import check_type, export_gguf
 
     name = _safe_name(name)
     type_name = check_type(type_name)
@@ -311,24 +317,25 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
     stem = name.replace("/", "_").replace(":", "_")
     files: list[Path] = []
     lines: list[str] = []
-    with made_dirs(folder, written=files):
-        fm = load_fused(model, adapter if mode == "fused" else None)
+    fm = load_fused(model, adapter if mode == "fused" else None)
+    # Built beside an earlier package and swapped in at the end: a failure leaves that one as it was.
+    with building(folder, "ollama", "export ollama", suffix=".tmp") as tmp:
         base_gguf = str(fm.info.source).lower().endswith(".gguf")
         if mode == "adapter" and base_gguf:
             from_path = str(Path(fm.info.source).expanduser().resolve())
             lines.append(f"FROM uses the base GGUF file itself: {from_path}")
         else:
-            gguf_file = folder / f"{stem}.{type_name}.gguf"
-            st = export_gguf(None, None, gguf_file, type_name=type_name, verify=verify, overwrite=overwrite, fused=fm,
-                             name=name, log=lines.append)
-            files.append(st.path)
+            gguf_file = tmp / f"{stem}.{type_name}.gguf"
+            export_gguf(None, None, gguf_file, type_name=type_name, verify=verify, fused=fm, name=name,
+                        log=lines.append)
+            files.append(folder / gguf_file.name)
             from_path = f"./{gguf_file.name}"
         adapter_line = None
         if mode == "adapter":
-            lora_file = folder / f"{stem}-lora.gguf"
-            res = export_gguf_adapter(adapter, lora_file, model=model or str(fm.info.source), overwrite=overwrite,
-                                      verify=verify, log=lines.append)
-            files.append(res.path)
+            lora_file = tmp / f"{stem}-lora.gguf"
+            export_gguf_adapter(adapter, lora_file, model=model or str(fm.info.source), verify=verify,
+                                log=lines.append)
+            files.append(folder / lora_file.name)
             adapter_line = f"./{lora_file.name}"
         add_bos = bool(getattr(fm.tokenizer, "bos_token", None)) and _adds_bos(fm.tokenizer)
         fmt = derive_chat_format(fm.tokenizer, add_bos)
@@ -337,12 +344,11 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
         text = modelfile_text(from_path, adapter_path=adapter_line, fmt=fmt, stops=stop_tokens(fm.tokenizer, fmt, generation),
                               num_ctx=ctx, generation=generation, system=system)
         modelfile = folder / "Modelfile"
-        atomic_write_text(modelfile, text)
+        atomic_write_text(tmp / modelfile.name, text)
         files.append(modelfile)
         lines.append(f"wrote {modelfile}" + ("" if fmt else " (no TEMPLATE: the chat template is not a fixed "
                                                           "per-role wrapper; Ollama reads it from the GGUF metadata)"))
-        # The folder held only what an earlier export wrote (checked above), so all of it is ours.
-        write_marker(folder, "ollama", "export ollama")
+    lines = [line.replace(str(tmp), str(folder)) for line in lines]  # name the files where they now are
     command = ["ollama", "create", name, "-f", str(modelfile)]
     result = PackageResult(folder, files, command, False, "translated" if fmt else "gguf", lines)
     run = exe is not None if create is None else create
@@ -390,6 +396,7 @@ def export_lmstudio(model: str | None, adapter, name: str, *, models_dir=None, p
                     log: Callable[[str], None] = _log_default) -> PackageResult:
     """Write ``<models dir>/<publisher>/<name>/<name>-<type>.gguf`` (adapter fused)."""
     from mlx_lora.plumbing.ownership import read_marker, write_marker
+    from mlx_lora.plumbing.ownership import read_marker, record, write_marker
 
     from mlx_lora.converters.gguf_export import check_type, export_gguf
 
@@ -403,10 +410,11 @@ def export_lmstudio(model: str | None, adapter, name: str, *, models_dir=None, p
     lines: list[str] = []
     st = export_gguf(model, adapter, target, type_name=type_name, verify=verify, overwrite=overwrite, name=name,
                      log=lines.append)
-    if new_folder or read_marker(target.parent) is not None:
-        # Several types of one model share the folder; the marker lists every file the tool wrote.
-        previous = (read_marker(target.parent) or {}).get("files", [])
-        write_marker(target.parent, "lmstudio", "export lmstudio", files=[*previous, target.name])
+    if new_folder:
+        write_marker(target.parent, "lmstudio", "export lmstudio", files=[target.name])
+    elif read_marker(target.parent) is not None:
+        # Several types of one model share the folder; the marker records every file the tool wrote.
+        record(target.parent, target.name)
     lines.append(f"LM Studio: the model appears as {publisher}/{name} (models folder {root})")
     for line in lines:
         log(line)

@@ -28,6 +28,7 @@ import pytest
 
 from cli_harness import (assert_one_error_message, assert_refused, cli_env, diff, make_read_only as _make_read_only,
                          make_writable as _make_writable, rows as _rows, run_main, snapshot, write as _write)
+from mlx_lora.plumbing.ownership import write_marker
 from mlx_lora.testing import make_tiny_dataset
 
 ROW = {"messages": [{"role": "user", "content": "What is the code word?"}, {"role": "assistant", "content": "zebra-17"}]}
@@ -477,6 +478,7 @@ def _run_case(name: str, w: World, tmp_path: Path, capsys, prior_run: bool) -> s
                 and argv[argv.index("--out") + 1] == str(ws / "out"):
             # the most dangerous variant: a finished run in the way, and --overwrite given
             shutil.copytree(w.previous_run, ws / "out")
+            write_marker(ws / "out", "run", "train")  # a copy's marker names the original: mark it the tool's
             argv = argv + ["--overwrite"]
         return assert_refused(capsys, argv, fragments,
                               (ws, w.model, w.good, w.previous_run, w.other_adapter, w.wide_adapter))

@@ -27,6 +27,8 @@ import pytest
 
 from cli_harness import assert_refused, cli_env, rows as _rows, run_main, write as _write
 from mlx_lora.data import examples as D
+from mlx_lora.data import examples as D
+from mlx_lora.plumbing.ownership import write_marker
 from mlx_lora.testing import make_tiny_dataset
 
 USER = {"role": "user", "content": "What is the code word?"}
@@ -289,6 +291,7 @@ def _run_case(name: str, w: World, tmp_path: Path, capsys, prior_run: bool) -> s
     argv, fragments = CASES[name](w, ws)
     if prior_run:
         shutil.copytree(w.previous_run, ws / "out")
+        write_marker(ws / "out", "run", "train")  # a copy's marker names the original: mark it the tool's
         argv = argv + ["--overwrite"]
     line = assert_refused(capsys, argv, fragments, (ws, w.model, w.good, w.previous_run, w.cache), code=2)
     assert len(line.splitlines()) == 1, line

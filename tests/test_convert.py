@@ -333,12 +333,16 @@ def test_output_folder_is_atomic(tiny_llama, tmp_path):
     assert (out / "old.txt").read_text() == "a user's file"
     (out / "old.txt").unlink()
     convert(str(tiny_llama), out)
-    stale = out / "model.safetensors"
-    stale.write_bytes(b"previous model")  # a folder the tool wrote is replaced on request
     with pytest.raises(OwnershipError, match="already exists"):
         convert(str(tiny_llama), out)
-    convert(str(tiny_llama), out, overwrite=True)
-    assert (out / "model.safetensors").read_bytes() != b"previous model"
+    first = (out / "model.safetensors").stat().st_ino
+    convert(str(tiny_llama), out, overwrite=True)  # a folder the tool wrote is replaced on request
+    assert (out / "model.safetensors").stat().st_ino != first
+    stale = out / "model.safetensors"
+    stale.write_bytes(b"edited model")  # changed since the tool wrote it: no longer provably its own
+    with pytest.raises(OwnershipError, match="'model.safetensors', which changed since"):
+        convert(str(tiny_llama), out, overwrite=True)
+    assert stale.read_bytes() == b"edited model"
     assert no_partial_dirs(tmp_path) and not [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
     assert oct(out.stat().st_mode & 0o777) != oct(0o700) and (out / "config.json").stat().st_mode & 0o044
 

@@ -136,6 +136,10 @@ def child_main() -> None:
     import mlx_lora.model.adapters as adapters
     import mlx_lora.training.callbacks as callbacks
     import mlx_lora.training.checkpoints as checkpoints
+    import mlx_lora.model.adapters as adapters
+    import mlx_lora.training.callbacks as callbacks
+    import mlx_lora.training.checkpoints as checkpoints
+    import mlx_lora.plumbing.ownership as ownership
 
     phase, nth = os.environ.get("KILL_PHASE", ""), int(os.environ.get("KILL_ON_CALL", "1"))
     seen = [0]
@@ -146,10 +150,12 @@ def child_main() -> None:
 
     def partial_file(target: Path) -> None:
         # what atomic_path leaves when a process dies while writing: a hidden, half-written temp file
-        (target.parent / f".{target.name}.killed.tmp").write_bytes(b"\x93partial" * 512)
+        # under a name that says which host and process made it
+        (target.parent / f"{ownership.temp_prefix(target.name)}killed.tmp").write_bytes(b"\x93partial" * 512)
 
     save_opt, save_adapter = checkpoints.atomic_save_safetensors, adapters.atomic_save_safetensors
-    write_text, rmtree, write_metric = checkpoints.atomic_write_text, shutil.rmtree, callbacks.MetricsFile._write
+    write_text, delete_owned, write_metric = (checkpoints.atomic_write_text, ownership.delete_owned,
+                                              callbacks.MetricsFile._write)
 
     def opt_file(target, arrays, metadata=None):
         if phase == "checkpoint-optimizer" and due():
@@ -169,12 +175,12 @@ def child_main() -> None:
             _hold(phase)
         return write_text(target, text)
 
-    def remove_tree(path, *args, **kwargs):
+    def remove_owned(path, *args, **kwargs):
         if phase == "pruning" and str(path).endswith(".deleting") and due():
             victim = next(p for p in sorted(Path(path).iterdir()) if p.is_file())
             victim.unlink()  # the deletion is half done
             _hold(phase)
-        return rmtree(path, *args, **kwargs)
+        return delete_owned(path, *args, **kwargs)
 
     def metric(self, record):
         if phase == "metrics-line" and "loss" in record and due():
@@ -186,7 +192,7 @@ def child_main() -> None:
     checkpoints.atomic_save_safetensors = opt_file
     adapters.atomic_save_safetensors = adapter_file
     checkpoints.atomic_write_text = text_file
-    shutil.rmtree = remove_tree
+    ownership.delete_owned = remove_owned
     callbacks.MetricsFile._write = metric
 
     from mlx_lora.commands.cli import main

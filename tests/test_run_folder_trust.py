@@ -389,6 +389,10 @@ def test_a_torn_or_binary_metrics_line_does_not_stop_a_resume(world, tmp_path, c
 @pytest.mark.parametrize("how", ["resume", "overwrite", "plain"])
 def test_a_second_writer_is_refused_and_changes_nothing(how, world, tmp_path, capsys):
     run = _copy_run(world, tmp_path / "run")
+    if how == "overwrite":  # a copy's marker names another folder: mark the copy as the tool's own
+        from mlx_lora.plumbing.ownership import write_marker
+
+        write_marker(run, "run", "train")
     argv = (["train", "--resume", run] if how == "resume" else
             ["train", "--model", world.model, "--data", world.data, "--out", run, *TRAIN]
             + (["--overwrite"] if how == "overwrite" else []))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Iterable, Optional, TextIO
@@ -155,6 +156,20 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     def save_adapter(folder):
         adapters.save_adapter(model, folder, cfg.lora, cfg.model.path, extra=extra)
 
+    # Everything is checked. --overwrite over an earlier run builds the new one beside it (a
+    # temporary sibling) and swaps it in only when it completes: a failure or an interrupt before
+    # then leaves the earlier run as it was.
+    target = run.path
+    replacing = (rank0 and not resume and overwrite and run.path.is_dir()
+                 and any(p.name != LOCK for p in run.path.iterdir()))
+    if replacing:
+        from mlx_lora.plumbing.ownership import new_beside
+
+        build = new_beside(target, ".partial")
+        swapped: list = []
+        held.callback(lambda: swapped or shutil.rmtree(build, ignore_errors=True))
+        run = RunDir(build, replacing=target)
+
     # The metrics file comes first so a user callback that stops training cannot drop a record.
     metrics = MetricsFile(run.metrics_file, log_every=cfg.train.log_every) if rank0 else None
     own = [metrics] + ([Progress(stream=stream, log_every=cfg.train.log_every)] if progress else []) if rank0 else []
@@ -176,10 +191,12 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         trainer.restore(adapter_state, opt_state, state, source=plan.ckpt if plan else None)
     # Everything is checked: from here on this process writes the run folder, and no other may.
     if rank0:
-        held.enter_context(RunLock(run.path))
+        # Replacing an earlier run, the new one is locked where it is built: the earlier run stays
+        # untouched (not even a lock file) unless the new one completes.
+        lock = held.enter_context(RunLock(run.path))
         if resume:
             plan.begin()  # clears what a killed run left half-written
-        elif not overwrite and any(p.name != LOCK for p in run.path.iterdir()):
+        elif not overwrite and any(p.name != LOCK for p in target.iterdir()):
             raise CheckpointError(f"{run.path}: another mlx-lora train started a run here while this one was "
                                   f"starting; choose another --out")
     if resume:
@@ -188,9 +205,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         log(f"resuming  {plan.ckpt if plan else ''} (step {state.step} of {trainer.total_steps})")
     elif rank0:
         from mlx_lora.plumbing.ownership import clear_owned_dir, write_marker
+        from mlx_lora.plumbing.ownership import write_marker
 
-        if overwrite and run.path.exists():
-            clear_owned_dir(run.path)  # a run folder of ours, checked by prepare_run_dir
         run.path.mkdir(parents=True, exist_ok=True)
         write_marker(run.path, "run", "train", files=[])
     if rank0:
@@ -209,10 +225,29 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     except (MemoryError, RuntimeError, OSError) as e:
         from mlx_lora.model.integrity import resource_error
 
-        err = resource_error(e, run_dir=run.path, last_checkpoint=run.latest_checkpoint())
+        err = resource_error(e, run_dir=target, last_checkpoint=None if replacing else run.latest_checkpoint())
         if err is None:
             raise
         raise err from e
+    if rank0 and replacing:
+        if result.stopped == "interrupted":
+            log(f"interrupted at step {result.steps}; {target} is left as it was (--overwrite replaces it only "
+                f"when the new run completes) and nothing of this run was kept")
+            return result
+        plotted = run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png")
+        if plotted:
+            run.record("loss.png")
+        from mlx_lora.plumbing.ownership import swap_in
+
+        RunLock(target).check_free()  # a run writing the earlier folder now comes first
+        swap_in(build, target, what="run folder")
+        swapped.append(True)
+        lock.moved_to(target)
+        run = RunDir(target)
+    elif rank0:
+        plotted = run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png")
+        if plotted:
+            run.record("loss.png")
     if rank0:
         if result.stopped == "interrupted":
             log(_interrupted_message(result, run))
@@ -222,7 +257,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
             if result.best_val_loss is not None:
                 log(f"best validation loss {result.best_val_loss:.4f} at step {result.best_step} "
                     f"({run.checkpoints / 'best'})")
-        if run.metrics_file.exists() and plot_losses(run.metrics_file, run.path / "loss.png"):
+        if plotted:
             log(f"loss curve {run.path / 'loss.png'}")
         log(f"adapter   {run.path}")
     return result

@@ -44,21 +44,33 @@ class Conversation:
         return ([{"role": "system", "content": self.system}] if self.system else []) + list(self.turns)
 
     def save(self, path: str) -> Path:
-        """Append ``{"messages": [...]}`` to ``path`` (a new file if absent). The file is rewritten
-        whole through a temporary file and a rename, so it is never left half-written."""
+        """Append ``{"messages": [...]}`` to ``path`` (a new file if absent). An existing file is
+        appended to only when it is a chat JSONL of the rows ``/save`` writes (every line one such
+        row); anything else, and a symbolic link, is refused and left untouched. The file is
+        rewritten whole through a temporary file and a rename (keeping its permissions), so it is
+        never left half-written."""
         from mlx_lora.plumbing.io import atomic_write_text
 
         if not self.turns:
             raise MlxLoraError("nothing to save yet: the conversation has no turns")
         target = Path(path).expanduser()
+        if target.is_symlink():
+            raise MlxLoraError(f"{target} is a symbolic link; /save writes only to a plain file (give the file "
+                               f"it points to, or another name)")
         if target.is_dir():
             raise MlxLoraError(f"{target} is a folder; give a file name such as chats.jsonl")
         old = ""
         if target.exists():
+            if not target.is_file():
+                raise MlxLoraError(f"{target} is not a regular file; give a file name such as chats.jsonl")
             try:
-                old = target.read_text(encoding="utf-8")
+                old = target.read_bytes().decode("utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise MlxLoraError(f"{target}: cannot append to it ({e})") from None
+                raise MlxLoraError(f"{target}: cannot append to it ({getattr(e, 'strerror', None) or e})") from None
+            for i, line in enumerate(old.splitlines(), 1):
+                if not is_saved_row(line):
+                    raise MlxLoraError(f"{target}, line {i}: not a chat row that /save writes; /save appends only "
+                                       f"to its own chat JSONL files (give a new file name)")
         if old and not old.endswith("\n"):
             old += "\n"
         row = json.dumps({"messages": self.messages()}, ensure_ascii=False)
@@ -67,6 +79,20 @@ class Conversation:
         except OSError as e:
             raise MlxLoraError(f"{target}: cannot write it ({e.strerror or e})") from None
         return target
+
+
+def is_saved_row(line: str) -> bool:
+    """Whether ``line`` is a row :meth:`Conversation.save` writes: ``{"messages": [...]}`` with
+    system, user and assistant messages of text content, and nothing else."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    if not isinstance(row, dict) or set(row) != {"messages"} or not isinstance(row["messages"], list):
+        return False
+    return bool(row["messages"]) and all(
+        isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant")
+        and isinstance(m["content"], str) for m in row["messages"])
 
 
 def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_tokens: int = 512,

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.plumbing.sandbox import require_isolation
+from mlx_lora.plumbing.errors import MlxLoraError
+from mlx_lora.plumbing.ownership import OwnershipError
 
 OUT_MAGIC = b'{"line": '
 """How every line of an ``--out`` file starts: ``--overwrite`` replaces only such a file."""
@@ -80,6 +83,7 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
                 raise
             raise OwnershipError(f"--out file {out} exists and is not an output of mlx-lora eval --generate; "
                                  f"--overwrite replaces only such files. Choose another name") from None
+        check_replaceable(out_path)
     batch = batch_size or evaluation.DEFAULT_BATCH_SIZE
 
     model, tokenizer, info = load_for_inference(model_path, None, dtype, strict=strict, dequantize_on_cpu="auto",
@@ -131,10 +135,44 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
     if out_path is not None:
         from mlx_lora.plumbing.io import atomic_write_text
 
+        check_replaceable(out_path)  # again: the file may have changed while the rows were generated
         atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                             for r in example_records(eval_set, results, "pass@1" in chosen)))
         summary["out"] = str(out_path)
     return summary
+
+
+_RECORD_KEYS = {"line", "prompt", "reference", "scores", "sandbox", "tests"}
+
+
+def is_example_record(obj) -> bool:
+    """Whether ``obj`` (a parsed line) is a record :func:`example_records` writes."""
+    return (isinstance(obj, dict) and {"line", "prompt", "reference", "scores"} <= obj.keys()
+            and all(k in _RECORD_KEYS or (k.endswith("_output") and isinstance(obj[k], str)) for k in obj)
+            and isinstance(obj["line"], int) and isinstance(obj["scores"], dict))
+
+
+def check_replaceable(path) -> None:
+    """An existing ``--out`` file is replaced only when every line of it is a record this command
+    writes; else :class:`~mlx_lora.plumbing.ownership.OwnershipError` names the first line that is not."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_file():
+        raise OwnershipError(f"--out file {path} is not a regular file; choose another name")
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OwnershipError(f"--out file {path} cannot be read as text ({getattr(e, 'strerror', None) or e}); "
+                             f"choose another name") from None
+    for i, line in enumerate(lines, 1):
+        try:
+            ok = is_example_record(json.loads(line))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise OwnershipError(f"--out file {path}, line {i}: not a record of mlx-lora eval --generate; "
+                                 f"--overwrite replaces only such files. Choose another name")
 
 
 def example_records(eval_set, results: dict, sandbox: bool) -> list[dict]:

@@ -273,6 +273,11 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     from mlx_lora.plumbing.io import atomic_write_json
     from mlx_lora.plumbing.ownership import check_output_dir, clear_owned_dir, write_marker
     from mlx_lora.commands.recipes import demo_data, get_recipe
+    from mlx_lora.commands import api
+    from mlx_lora import config
+    from mlx_lora.plumbing.io import atomic_write_json
+    from mlx_lora.plumbing.ownership import check_output_dir, new_beside, swap_in, write_marker
+    from mlx_lora.commands.recipes import demo_data, get_recipe
 
     t_start = time.perf_counter()
     timings: dict = {}
@@ -291,13 +296,10 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     t = time.perf_counter()
     base = resolve_base_model(model, hub_timeout=hub_timeout, log=log)
     log(base.message)
-    cfg = config.build(str(get_recipe(RECIPE).path), [f"model.path={base.source}", *overrides])
-    clear_owned_dir(out)  # an earlier quickstart (checked above), replaced as --overwrite asked
-    out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, "quickstart", "quickstart", files=[])
 
     # Before: the base model, as the user would run it.
-    m, tok, _ = api.load_for_inference(base.source, dtype=cfg.model.dtype)
+    m, tok, _ = api.load_for_inference(base.source, dtype=config.build(
+        str(get_recipe(RECIPE).path), [f"model.path={base.source}", *overrides]).model.dtype)
     timings["load"] = time.perf_counter() - t
     log(f"scoring the base model on {len(test_rows)} held-out tickets ...")
     before = exact_match(m, tok, data_dir / "test.jsonl", len(test_rows))
@@ -305,8 +307,36 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     timings["eval_before"] = before.seconds
     log(f"before    exact match {before.line()} ({before.seconds:.0f} s)")
 
+    # Everything is written into a temporary folder beside --out and swapped in at the end: a
+    # failure at any step (bad data, a failed export, Ctrl-C) leaves an earlier quickstart as it was.
+    build = new_beside(out)
+    try:
+        res = _build(api, config, out, build, base, test_rows, before, overrides, export, samples, timings, log)
+        timings["total"] = time.perf_counter() - t_start
+        res.seconds = {k: round(v, 1) for k, v in timings.items()}
+        atomic_write_json(build / "quickstart.json", asdict(res))
+        write_marker(build, "quickstart", "quickstart")
+        swap_in(build, out, what="quickstart folder")
+    finally:
+        if build.exists():
+            shutil.rmtree(build, ignore_errors=True)
+    system = test_rows[0]["messages"][0]["content"]
+    for line in report_lines(res, system):
+        log(line)
+    return res
+
+
+def _build(api, config, out: Path, build: Path, base, test_rows, before, overrides, export, samples, timings,
+           log) -> QuickstartResult:
+    """Train, score, fuse and export into ``build``; the result names the files where they will
+    be once ``build`` becomes ``out``."""
+    from mlx_lora.commands.recipes import demo_data, get_recipe
+
+    data_dir = demo_data(DATA)
+    cfg = config.build(str(get_recipe(RECIPE).path),
+                       [f"model.path={base.source}", *overrides, f"out={build / 'run'}"])
     t = time.perf_counter()
-    result = api.train(cfg, overwrite=True)
+    result = api.train(cfg)
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -316,29 +346,27 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     timings["eval_after"] = time.perf_counter() - t
     log(f"after     exact match {after.line()} ({after.seconds:.0f} s)")
 
+    def final(p) -> str:  # a path inside build, as it will be inside out
+        return str(out / Path(p).relative_to(build))
+
     res = QuickstartResult(out=str(out), model=base.source, model_origin=base.origin, before=before.accuracy,
                            after=after.accuracy, eval_examples=len(test_rows), steps=result.steps,
-                           samples=pick_samples(test_rows, before, after, samples), run_dir=cfg.out)
+                           samples=pick_samples(test_rows, before, after, samples), run_dir=final(cfg.out))
     system = test_rows[0]["messages"][0]["content"]
     if export:
         from mlx_lora.converters.fuse import fuse
         from mlx_lora.converters.packaging import export_ollama
 
         t = time.perf_counter()
-        fused = fuse(base.source, cfg.out, out / "fused", log=log)
-        res.fused_dir = str(fused.out_dir)
+        fused = fuse(base.source, cfg.out, build / "fused", log=log)
+        res.fused_dir = final(fused.out_dir)
         timings["fuse"] = time.perf_counter() - t
         t = time.perf_counter()
-        pkg = export_ollama(str(fused.out_dir), None, OLLAMA_NAME, out_dir=out / "gguf", type_name="q8_0",
+        pkg = export_ollama(str(fused.out_dir), None, OLLAMA_NAME, out_dir=build / "gguf", type_name="q8_0",
                             create=False, system=system, log=log)
-        res.gguf = str(next(p for p in pkg.files if p.suffix == ".gguf"))
-        res.modelfile = str(next(p for p in pkg.files if p.name == "Modelfile"))
+        res.gguf = final(next(p for p in pkg.files if p.suffix == ".gguf"))
+        res.modelfile = final(next(p for p in pkg.files if p.name == "Modelfile"))
         timings["export"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
-    res.seconds = {k: round(v, 1) for k, v in timings.items()}
-    atomic_write_json(out / "quickstart.json", asdict(res))
-    for line in report_lines(res, system):
-        log(line)
     return res
 
 

@@ -1,25 +1,37 @@
 """Atomic file and folder writes: a reader (or a resumed run) never sees half a file.
 
-Each writer puts the content in a temporary sibling named by :func:`temp_prefix`
-(so a later run can remove what a killed process left), flushes it to disk, gives it the
-permissions the umask gives a new file, then ``os.replace``s it over the target, which POSIX makes
-atomic within one filesystem.
+Each writer puts the content in a temporary sibling named by :func:`temp_prefix` (so a later run
+can remove what a killed process left, see :func:`clean_stale_temps`), flushes it to disk, gives it
+the permissions of the file it replaces (or, for a new file, those the umask gives), then
+``os.replace``s it over the target, which POSIX makes atomic within one filesystem.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import socket
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from mlx_lora.plumbing.errors import ExportError
+
+_TEMP = re.compile(r"^\..+\.mlx-lora-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.")
+
+
+class OutputAppeared(ExportError):
+    """Another process created the output folder while we were writing ours."""
+
+
+# ---------------------------------------------------------------------------------------------
+# temporary names that say who made them
 
 
 def _host_tag() -> str:
@@ -28,12 +40,61 @@ def _host_tag() -> str:
 
 def temp_prefix(name: str) -> str:
     """Prefix for a temporary sibling of ``name``: hidden, and tagged with this host and process so
-    a later run can tell a leftover of a dead process (see :func:`mlx_lora.plumbing.ownership.clean_stale_temps`)."""
+    a later run can tell a leftover of a dead process (see :func:`clean_stale_temps`)."""
     return f".{name}.mlx-lora-{_host_tag()}-{os.getpid()}."
 
 
-class OutputAppeared(ExportError):
-    """Another process created the output folder while we were writing ours."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def is_stale_temp(name: str) -> bool:
+    """Whether ``name`` is a temporary name made by :func:`temp_prefix` on this host by a process
+    that is gone."""
+    m = _TEMP.match(name)
+    return bool(m) and m["host"] == _host_tag() and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))
+
+
+def is_own_or_stale_temp(name: str) -> bool:
+    """Whether ``name`` is a temporary name made by :func:`temp_prefix` on this host by this
+    process or by one that is gone."""
+    m = _TEMP.match(name)
+    return bool(m) and m["host"] == _host_tag() and (int(m["pid"]) == os.getpid() or not _alive(int(m["pid"])))
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` has the form of a name made by :func:`temp_prefix` (any host or process)."""
+    return bool(_TEMP.match(name))
+
+
+def clean_stale_temps(folder) -> list[Path]:
+    """Delete the temporary files and folders that processes of this host, now gone, left in
+    ``folder`` (a SIGKILLed export leaves a half-written file of hundreds of MB). Only names made by
+    :func:`temp_prefix` are touched; returns what was removed."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if not is_stale_temp(p.name):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:
+            pass  # best effort: a leftover we cannot remove harms nothing
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,9 +143,15 @@ def atomic_path(target, suffix: str = "", *, temp_suffix: str = ".tmp") -> Itera
 
 
 def publish_file(tmp, target) -> None:
-    """Move the finished temporary file ``tmp`` over ``target``: with the permissions the umask
-    gives a new file (mkstemp makes it private), flushed to disk, in one atomic rename."""
-    os.chmod(tmp, 0o666 & ~_umask())
+    """Move the finished temporary file ``tmp`` over ``target``: with the permissions of the file
+    it replaces (a private 0600 file stays private), or for a new file those the umask gives
+    (mkstemp makes it private), flushed to disk, in one atomic rename."""
+    try:
+        old = os.stat(target)  # a symbolic link is followed: the caller chose to replace what it names
+        mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else None
+    except OSError:
+        mode = None
+    os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, target)
@@ -113,7 +180,9 @@ def _is_empty_dir(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_dir(target, overwrite: bool = False, *, suffix: str = ".tmp", set_aside: bool = True) -> Iterator[Path]:
+def atomic_dir(target, overwrite: bool = False, *, suffix: str = ".tmp", set_aside: bool = True,
+               before_swap: Optional[Callable[[Path], None]] = None,
+               dispose: Optional[Callable[[Path], None]] = None) -> Iterator[Path]:
     """Yield a temporary folder next to ``target``; on success it becomes ``target``.
 
     On failure the temporary folder is removed and ``target`` is left as it was. An existing
@@ -124,7 +193,12 @@ def atomic_dir(target, overwrite: bool = False, *, suffix: str = ".tmp", set_asi
     ``suffix`` ends the temporary folder's name. The folder being replaced is first renamed to
     ``.NAME.old`` when ``set_aside`` (a crash between the two renames then leaves it under a name a
     caller can recover, see :mod:`mlx_lora.training.checkpoints`), else into a temporary folder that
-    :func:`~mlx_lora.plumbing.ownership.clean_stale_temps` removes after a crash.
+    :func:`clean_stale_temps` removes after a crash.
+
+    ``before_swap(target)`` runs just before an existing folder is replaced (it may raise to keep
+    it: the new folder is then removed); ``dispose(old)`` deletes the replaced folder once it is set
+    aside (default: all of it). :mod:`mlx_lora.plumbing.ownership` passes both so that only what the tool
+    wrote is deleted.
     """
     target = Path(target)
     if target.exists() and not overwrite and not _is_empty_dir(target):
@@ -134,14 +208,16 @@ def atomic_dir(target, overwrite: bool = False, *, suffix: str = ".tmp", set_asi
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is a normal folder
         yield tmp
-        _move_into_place(tmp, target, overwrite, set_aside)
+        _move_into_place(tmp, target, overwrite, set_aside, before_swap, dispose)
         _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _move_into_place(tmp: Path, target: Path, overwrite: bool, set_aside: bool) -> None:
+def _move_into_place(tmp: Path, target: Path, overwrite: bool, set_aside: bool,
+                     before_swap: Optional[Callable[[Path], None]] = None,
+                     dispose: Optional[Callable[[Path], None]] = None) -> None:
     if _is_empty_dir(target):
         target.rmdir()  # os.replace cannot replace a folder on every OS, even an empty one
     if not target.exists():
@@ -153,20 +229,25 @@ def _move_into_place(tmp: Path, target: Path, overwrite: bool, set_aside: bool) 
                 raise
     if not overwrite:
         raise OutputAppeared(f"output folder {target} appeared while it was being written (another conversion?)")
+    if before_swap is not None:
+        before_swap(target)
+    drop = dispose or (lambda p: shutil.rmtree(p, ignore_errors=True))
     # Swap: old aside, new in place, then drop the old; a crash in between leaves both complete
     # folders on disk, never a mix.
     if set_aside:
         old = target.with_name(f".{target.name}.old")
         if old.exists():
-            shutil.rmtree(old)
+            drop(old)
+            if old.exists():
+                raise FileExistsError(f"{old} is in the way of replacing {target}")
         os.replace(target, old)
         os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        drop(old)
     else:
-        trash = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name), suffix=".old"))
-        os.replace(target, trash / "old")
+        old = target.with_name(temp_prefix(target.name) + os.urandom(4).hex() + ".old")
+        os.replace(target, old)
         os.replace(tmp, target)
-        shutil.rmtree(trash, ignore_errors=True)
+        drop(old)
 
 
 def ensure_writable_dir(path, what: str = "output folder") -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Optional, TextIO
 
 from mlx_lora.plumbing.progress import bar, show_bar
+from mlx_lora.plumbing import ownership
+from mlx_lora.plumbing.progress import bar, show_bar
 
 # Preference tuning's metrics (train.method dpo, orpo; see mlx_lora.training.preference), recorded when present.
 PREFERENCE_KEYS = ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp",
@@ -139,10 +141,12 @@ class MetricsFile:
             except ValueError:
                 continue  # a line cut short by a crash
         atomic_write_text(self.path, "".join(l + "\n" for l in keep))
+        ownership.record(self.path.parent, self.path.name)
 
-    def _write(self, record: dict) -> None:
+    def _write(self, rec: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(rec) + "\n")
+        ownership.record(self.path.parent, self.path.name)  # the run folder's marker follows every line
 
     def on_step(self, trainer, m: dict) -> None:
         record = step_record(m, self.log_every)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,14 +34,19 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lora.model.run_layout import RUN_LAYOUT, STEP_DIR, check_run_layout  # noqa: F401 (re-exported)
 from mlx_lora.plumbing.errors import CheckpointError
-from mlx_lora.plumbing.io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
-from mlx_lora.plumbing.ownership import LOCK
+from mlx_lora.plumbing.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, is_own_or_stale_temp
+from mlx_lora.plumbing.ownership import (LOCK, OwnershipError, new_beside, problems, record, remove_subfolder, replace_subfolder,
+                        subfolder_problems)
+
+logger = logging.getLogger(__name__)
 
 # A checkpoint renamed aside while a new one of the same step replaced it (io.atomic_dir); a crash
 # between the two renames leaves only this name, which remove_partial_writes() puts back.
 REPLACED_STEP_DIR = re.compile(r"^\.(step-(\d+))\.old$")
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+# The files a checkpoint holds (best/ holds the first two).
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", OPTIMIZER_FILE, STATE_FILE)
 
 
 @dataclass
@@ -195,6 +201,11 @@ class RunLock:
             raise CheckpointError(f"{self.path}: cannot lock the run folder ({e.strerror or e}); mlx-lora "
                                   f"locks it so that no two runs write it at once") from None
 
+    def moved_to(self, folder) -> None:
+        """The locked folder was renamed to ``folder`` (a run built beside the one it replaces)."""
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+
     def release(self) -> None:
         """Remove the lock file and let go (a no-op when not held)."""
         fd, self._fd = self._fd, None
@@ -233,8 +244,11 @@ class RunLock:
 
 
 class RunDir:
-    def __init__(self, path):
+    def __init__(self, path, replacing=None):
         self.path = Path(path)
+        # With train --overwrite this run is built beside the run folder it will replace (this
+        # folder is then a temporary sibling, swapped in when the run completes).
+        self.replacing: Optional[Path] = Path(replacing) if replacing is not None else None
 
     @property
     def checkpoints(self) -> Path:
@@ -253,6 +267,35 @@ class RunDir:
 
     def write_config(self, text: str) -> None:
         atomic_write_text(self.config_file, text)
+        record(self.path, self.config_file.name)
+
+    def record(self, *paths) -> None:
+        """Record in the run folder's marker what the tool just wrote at ``paths`` (inside the
+        run folder), so that ``--overwrite`` can later prove it wrote them."""
+        record(self.path, *(str(Path(p).relative_to(self.path)) if Path(p).is_absolute() else str(p)
+                            for p in paths))
+
+    def replace_checkpoint(self, name: str, writer) -> Path:
+        """Write ``checkpoints/NAME`` (``writer(folder)`` fills a temporary folder), replacing one
+        of that name only when every entry in it is one the tool wrote."""
+        target = self.checkpoints / name
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        rel = f"checkpoints/{name}"
+        if target.exists() or target.is_symlink():  # refuse before the work, naming what is not ours
+            found = subfolder_problems(self.path, rel, CHECKPOINT_FILES)
+            if found:
+                raise CheckpointError(f"{target} holds {found[0][0]!r}, {found[0][1]}; mlx-lora replaces only "
+                                      f"checkpoints it wrote: move it out and --resume")
+        tmp = new_beside(target, ".tmp")
+        try:
+            writer(tmp)
+            replace_subfolder(self.path, rel, tmp, what="checkpoint", names=CHECKPOINT_FILES)
+        except OwnershipError as e:
+            raise CheckpointError(str(e)) from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -266,19 +309,23 @@ class RunDir:
     def save_checkpoint(self, step: int, adapter_writer, optimizer_state: dict, state: TrainState,
                         keep: int = 3) -> Path:
         """``adapter_writer(folder)`` writes the adapter files into the new checkpoint folder."""
-        target = self.checkpoints / f"step-{step:07d}"
-        with atomic_dir(target, overwrite=True) as tmp:
+        def write(tmp: Path) -> None:
             adapter_writer(tmp)
             atomic_save_safetensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer_state)))
             atomic_write_json(tmp / STATE_FILE, state.__dict__)
+
+        target = self.replace_checkpoint(f"step-{step:07d}", write)
         atomic_write_text(self.checkpoints / "latest", target.name + "\n")
+        self.record(self.checkpoints / "latest")
         for old in self.list_checkpoints()[:-keep]:
             if old != target:
-                # Hide it first (one atomic rename): a crash during the deletion then leaves a hidden
-                # folder that remove_partial_writes() clears, never a half-deleted step-* checkpoint.
-                doomed = old.with_name(f".{old.name}.deleting")
-                os.replace(old, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+                # Renamed to a temporary name first (one atomic rename): a crash during the deletion
+                # then leaves a temporary, never a half-deleted step-* checkpoint. Only what the tool
+                # wrote is deleted: a checkpoint holding anything else is kept, and said so.
+                foreign = remove_subfolder(self.path, f"checkpoints/{old.name}", what="checkpoint",
+                                           names=CHECKPOINT_FILES)
+                if foreign is not None:
+                    logger.warning("kept old checkpoint %s: it holds %r, which mlx-lora did not write", old, foreign)
         return target
 
     def remove_partial_writes(self) -> list[Path]:
@@ -293,10 +340,19 @@ class RunDir:
                 name = p.name
                 if not name.startswith("."):
                     continue
-                if name.endswith(".old") and p.is_dir() and not (folder / name[1:-4]).exists():
-                    os.replace(p, folder / name[1:-4])
-                    continue
-                if ".tmp" in name or name.endswith((".old", ".deleting")):
+                # A folder renamed aside by an earlier version (.NAME.old, .NAME.deleting) is put back
+                # or removed only when it is, entry for entry, the one the marker records as NAME.
+                old = re.match(r"^\.(.+)\.(old|deleting)$", name)
+                if old and p.is_dir() and not p.is_symlink() and not is_own_or_stale_temp(name):
+                    if old.group(2) == "old" and not (folder / old.group(1)).exists():
+                        os.replace(p, folder / old.group(1))  # put back: a rename deletes nothing
+                        continue
+                    rel = str((folder / old.group(1)).relative_to(self.path))
+                    if problems(p, under=rel, root=self.path):
+                        continue  # not provably ours: left alone
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+                elif is_own_or_stale_temp(name):  # a temporary of this host's dead (or this) process
                     if p.is_dir() and not p.is_symlink():
                         shutil.rmtree(p, ignore_errors=True)
                     else:

@@ -44,6 +44,11 @@ from mlx_lora.config import Config, TrainConfig
 from mlx_lora.plumbing.errors import DataError
 from mlx_lora.model.lora import adapters_off
 from mlx_lora.training.losses import HeadSplit, Loss, _cache, _token_ce, make_loss, model_logits, split_head, target_positions
+from mlx_lora.config import Config, TrainConfig
+from mlx_lora.plumbing.errors import DataError
+from mlx_lora.model.lora import adapters_off
+from mlx_lora.training.losses import HeadSplit, Loss, _cache, _token_ce, make_loss, model_logits, split_head, target_positions
+from mlx_lora.plumbing.ownership import record
 
 METHODS = ("sft", "dpo", "orpo")
 STATS = ("correct", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "nll", "tokens")
@@ -299,6 +304,7 @@ def cached_reference_logps(model: nn.Module, ds, cfg: Config, folder, write: boo
     if write:
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, key=np.array(key), logps=logps)
+        record(path.parent, path.name)  # into the run folder's marker
     return logps
 
 

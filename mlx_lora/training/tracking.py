@@ -25,6 +25,9 @@ from typing import Optional, Sequence
 
 from mlx_lora.training.callbacks import eval_record, step_record
 from mlx_lora.plumbing.errors import ConfigError
+from mlx_lora.training.callbacks import eval_record, step_record
+from mlx_lora.plumbing.errors import ConfigError
+from mlx_lora.plumbing.ownership import record
 
 REPORTERS = ("tensorboard", "wandb")
 _MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -101,10 +104,15 @@ class TensorBoard(_Tracker):
         self._writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
         self._writer.flush()  # a record costs little; a killed run keeps every one it logged
 
+    def on_checkpoint(self, trainer, path) -> None:
+        # Another library writes these files: the run folder's marker takes them as they are now.
+        record(self.logdir.parent, self.logdir.name)
+
     def on_train_end(self, trainer, result) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            record(self.logdir.parent, self.logdir.name)
 
 
 def wandb_mode() -> Optional[str]:
@@ -150,7 +158,11 @@ class WandB(_Tracker):
         if self._run is not None:
             self._run.log({k: v for k, v in values.items() if k != "step"}, step=step)
 
+    def on_checkpoint(self, trainer, path) -> None:
+        record(self.run_dir, "wandb")  # wandb writes these files: recorded as they are now
+
     def on_train_end(self, trainer, result) -> None:
         if self._run is not None:
             self._run.finish()
             self._run = None
+            record(self.run_dir, "wandb")

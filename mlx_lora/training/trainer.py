@@ -31,6 +31,19 @@ from mlx_lora.training.losses import Loss, make_loss
 from mlx_lora.training.preference import Objective, check_data, metrics as preference_metrics, preference_loss
 from mlx_lora.training import memory
 from mlx_lora.data import shapes
+from mlx_lora.training import distributed as dist
+from mlx_lora.training.checkpoints import RunDir, TrainState
+from mlx_lora.config import Config
+from mlx_lora.data.batching import (PAD_MULTIPLE, Batch, BatchPosition, attention_mask_from_segments, iterate_batches,
+                       length_groups, num_batches)
+from mlx_lora.data.examples import TokenizedDataset
+from mlx_lora.plumbing.errors import CheckpointError, MlxLoraError
+from mlx_lora.plumbing.interrupts import interrupts_deferred
+from mlx_lora.training.losses import Loss, make_loss
+from mlx_lora.training.preference import Objective, check_data, metrics as preference_metrics, preference_loss
+from mlx_lora.training import memory
+from mlx_lora.data import shapes
+from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
@@ -468,6 +481,10 @@ class Trainer:
         run = self.run
         if run is None:
             return
+        if run.replacing is not None:
+            self.sync.hint = (f"{run.replacing} is left as it was: --overwrite replaces it only when the new run "
+                              f"completes.")
+            return
         if have_checkpoint:
             self.sync.hint = (f"Checkpoints in {run.checkpoints} are complete; continue with: "
                               f"mlx-lora train --resume {run.path} (with any number of ranks, keeping "
@@ -480,6 +497,9 @@ class Trainer:
         """The checkpoint a stopped run leaves (rank 0 writes them, so only it can tell)."""
         if self.run is None or self.rank != 0:
             return "the checkpoints saved so far are kept"
+        if self.run.replacing is not None:
+            return (f"{self.run.replacing} is left as it was (--overwrite replaces it only when the new run "
+                    f"completes) and nothing of this run is kept")
         latest = self.run.latest_checkpoint()
         if latest is None:
             return "no checkpoint was saved yet, so nothing is kept and a rerun starts over (--overwrite)"
@@ -511,6 +531,7 @@ class Trainer:
                                         keep=self.cfg.train.keep_checkpoints)
         self._set_hint(have_checkpoint=True)
         self.save_adapter_fn(self.run.path)  # the run folder's top-level adapter is the newest
+        self.run.record(ADAPTER_CONFIG, ADAPTER_WEIGHTS)
         self._emit("on_checkpoint", path)
         return str(path)
 
@@ -695,7 +716,4 @@ class Trainer:
 
     def _save_best(self) -> None:
         if self.run is not None and self.save_adapter_fn is not None and self.rank == 0:
-            from mlx_lora.plumbing.io import atomic_dir
-
-            with atomic_dir(self.run.checkpoints / "best", overwrite=True) as tmp:
-                self.save_adapter_fn(tmp)
+            self.run.replace_checkpoint("best", self.save_adapter_fn)
