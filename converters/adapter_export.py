@@ -18,9 +18,9 @@ written this way (its magnitude rescales every output row of the merged weight).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +34,8 @@ from mlx_lora.plumbing.io import atomic_path
 from mlx_lora.converters import gguf_arch
 from mlx_lora.converters import moe_layout
 from mlx_lora.converters.io import disk_error
+
+logger = logging.getLogger(__name__)
 
 PEFT_CONFIG_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout",
                     "target_modules", "layers_to_transform", "use_dora", "use_rslora", "bias", "fan_in_fan_out",
@@ -61,7 +63,7 @@ class AdapterExport:
 
 
 def _log_default(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    logger.info(msg)
 
 
 def check_adapter_state(state: dict, r: int, source: str) -> dict[str, dict]:
@@ -130,9 +132,6 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
     model with the original and with the exported adapter (needs ``model``)."""
     import mlx.core as mx
 
-    from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config
-    from mlx_lora.plumbing.io import atomic_dir, atomic_save_safetensors, atomic_write_json
-    from mlx_lora.plumbing.ownership import write_marker
     from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config
     from mlx_lora.plumbing.io import atomic_save_safetensors, atomic_write_json
     from mlx_lora.plumbing.ownership import building

@@ -23,10 +23,10 @@ sibling folder and renamed into place only after verification passes.
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import json
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -39,6 +39,8 @@ from mlx_lora.plumbing.errors import AdapterError, ExportError, ModelError
 
 from mlx_lora.converters.io import disk_error, read_safetensors_header
 from mlx_lora.converters.moe_layout import unstack_experts
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
@@ -392,15 +394,13 @@ def write_hf_folder(fm: FusedModel, tmp: Path, dtype: str | None, quantized: boo
 
 def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quantize: bool = False,
          q_bits: int | None = None, q_group_size: int | None = None, verify: bool = True,
-         overwrite: bool = False, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> FuseResult:
+         overwrite: bool = False, log: "Callable[[str], None] | None" = None) -> FuseResult:
     """Fuse ``adapter`` into ``model`` and write an HF-format folder at ``out_dir``.
 
     ``dtype`` (float32, float16, bfloat16) overrides the source precision; ``quantize``
     re-quantizes the fused layers (see :func:`requantize`). With ``verify`` the written folder is
     reloaded and its logits compared with the in-memory fused model before it is moved into place.
     """
-    from mlx_lora.plumbing.io import atomic_dir
-    from mlx_lora.plumbing.ownership import write_marker
     from mlx_lora.plumbing.ownership import building
 
     from mlx_lora.converters import verify as V
@@ -434,5 +434,5 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
     except OSError as e:
         raise disk_error(e, out) from None
     for line in result.lines():
-        log(line)
+        (log or logger.info)(line)
     return result

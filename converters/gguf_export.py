@@ -23,6 +23,7 @@ Every other combination is dequantized and re-quantized, and the error it adds i
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -40,6 +41,8 @@ from mlx_lora.plumbing.io import atomic_path, temp_file
 from mlx_lora.converters import gguf_arch
 from mlx_lora.converters import gguf_vocab
 from mlx_lora.converters.io import disk_error
+
+logger = logging.getLogger(__name__)
 
 NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 KQUANT_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
@@ -418,7 +421,7 @@ def _intermediate_type(fm) -> str:
 
 def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", verify: bool = True,
                 overwrite: bool = False, name: str | None = None, pre_tokenizer: str | None = None,
-                fused=None, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> GGUFStats:
+                fused=None, log: "Callable[[str], None] | None" = None) -> GGUFStats:
     """Fuse ``adapter`` into ``model`` (if given) and write ``out`` as GGUF ``type_name``.
 
     The file is written next to ``out`` under a temporary name and renamed into place only after
@@ -466,7 +469,7 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
             raise disk_error(e, out) from None
     stats.seconds = time.perf_counter() - t0
     for line in stats.lines():
-        log(line)
+        (log or logger.info)(line)
     return stats
 
 

@@ -25,10 +25,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 from mlx_lora.plumbing.errors import ExportError, ModelError
 from mlx_lora.plumbing.io import atomic_dir, atomic_write_json
 from mlx_lora.plumbing.progress import ByteProgress
-from mlx_lora.plumbing.errors import ExportError, ModelError
-from mlx_lora.plumbing.io import atomic_dir, atomic_write_json
 from mlx_lora.plumbing.ownership import building, check_output_dir, write_marker
-from mlx_lora.plumbing.progress import ByteProgress
 
 PathLike = Union[str, os.PathLike]
 

@@ -19,12 +19,12 @@ chat template from the GGUF metadata.
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +32,14 @@ from pathlib import Path
 from mlx_lora.plumbing.errors import ExportError
 from mlx_lora.data.templates import apply_chat_template
 
+logger = logging.getLogger(__name__)
+
 _U1, _U2, _A1, _S1 = "MLXLORAUSER1", "MLXLORAUSER2", "MLXLORAASSISTANT1", "MLXLORASYSTEM1"
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<|eom_id|>")
 
 
 def _log_default(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    logger.info(msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,17 +293,12 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
     an ``ADAPTER`` line). ``create``: run ``ollama create`` (default: when ollama is on PATH).
     """
     from mlx_lora.plumbing.io import atomic_write_text
-    from mlx_lora.plumbing.ownership import write_marker
-
-    from mlx_lora.converters.adapter_export import export_gguf_adapter
-    from mlx_lora.converters.fuse import ensure_output_path, load_fused, made_dirs
-    from mlx_lora.converters.gguf_export import check_type, export_gguf
-    from mlx_lora.plumbing.io import atomic_write_text
-    from mlx_lora.plumbing.ownership import building
 
     from mlx_lora.converters.adapter_export import export_gguf_adapter
     from mlx_lora.converters.fuse import ensure_output_path, load_fused
     from mlx_lora.converters.gguf_export import check_type, export_gguf
+    from mlx_lora.plumbing.ownership import building
+
 
     name = _safe_name(name)
     type_name = check_type(type_name)
@@ -396,7 +393,7 @@ def export_lmstudio(model: str | None, adapter, name: str, *, models_dir=None, p
                     log: Callable[[str], None] = _log_default) -> PackageResult:
     """Write ``<models dir>/<publisher>/<name>/<name>-<type>.gguf`` (adapter fused)."""
     from mlx_lora.plumbing.ownership import read_marker, write_marker
-    from mlx_lora.plumbing.ownership import read_marker, record, write_marker
+    from mlx_lora.plumbing.ownership import record
 
     from mlx_lora.converters.gguf_export import check_type, export_gguf
 

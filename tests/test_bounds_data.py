@@ -27,7 +27,6 @@ import pytest
 
 from cli_harness import assert_refused, cli_env, rows as _rows, run_main, write as _write
 from mlx_lora.data import examples as D
-from mlx_lora.data import examples as D
 from mlx_lora.plumbing.ownership import write_marker
 from mlx_lora.testing import make_tiny_dataset
 

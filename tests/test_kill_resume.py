@@ -136,9 +136,6 @@ def child_main() -> None:
     import mlx_lora.model.adapters as adapters
     import mlx_lora.training.callbacks as callbacks
     import mlx_lora.training.checkpoints as checkpoints
-    import mlx_lora.model.adapters as adapters
-    import mlx_lora.training.callbacks as callbacks
-    import mlx_lora.training.checkpoints as checkpoints
     import mlx_lora.plumbing.ownership as ownership
 
     phase, nth = os.environ.get("KILL_PHASE", ""), int(os.environ.get("KILL_ON_CALL", "1"))

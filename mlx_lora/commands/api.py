@@ -204,7 +204,6 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
             metrics.truncate_after(state.step)
         log(f"resuming  {plan.ckpt if plan else ''} (step {state.step} of {trainer.total_steps})")
     elif rank0:
-        from mlx_lora.plumbing.ownership import clear_owned_dir, write_marker
         from mlx_lora.plumbing.ownership import write_marker
 
         run.path.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ from typing import Callable, Optional, Sequence
 
 from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.plumbing.sandbox import require_isolation
-from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.plumbing.ownership import OwnershipError
 
 OUT_MAGIC = b'{"line": '

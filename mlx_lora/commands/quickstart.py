@@ -271,13 +271,9 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     from mlx_lora.commands import api
     from mlx_lora import config
     from mlx_lora.plumbing.io import atomic_write_json
-    from mlx_lora.plumbing.ownership import check_output_dir, clear_owned_dir, write_marker
+    from mlx_lora.plumbing.ownership import check_output_dir, write_marker
     from mlx_lora.commands.recipes import demo_data, get_recipe
-    from mlx_lora.commands import api
-    from mlx_lora import config
-    from mlx_lora.plumbing.io import atomic_write_json
-    from mlx_lora.plumbing.ownership import check_output_dir, new_beside, swap_in, write_marker
-    from mlx_lora.commands.recipes import demo_data, get_recipe
+    from mlx_lora.plumbing.ownership import new_beside, swap_in
 
     t_start = time.perf_counter()
     timings: dict = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Optional, TextIO
 
@@ -13,8 +13,7 @@ from mlx_lora.model.loading import load_model
 from mlx_lora.plumbing.errors import MlxLoraError
 
 
-def _log(msg: str, stream: Optional[TextIO] = None) -> None:
-    print(msg, file=stream or sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: str = "auto", *,
@@ -23,7 +22,8 @@ def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: st
     """(model, tokenizer, info) with the adapter applied, in eval mode.
 
     An adapter trained on another base model than ``model_path`` (by the fingerprint it records)
-    loads with a warning on ``stream`` (stderr), or raises AdapterError when ``strict``.
+    loads with a warning (logged), or raises AdapterError when ``strict``. ``stream`` is accepted for
+    callers of earlier versions and ignored: messages go through :mod:`logging`.
     ``dequantize_on_cpu``: see :func:`mlx_lora.model.loading.load_model` (None keeps a quantized base's
     layers quantized, for callers that inspect them). ``trust_remote_code``: let the model folder
     run the code it ships (``auto_map``, ``model_file``); otherwise a folder that needs it is refused."""
@@ -42,7 +42,7 @@ def attach_adapter(model, info, adapter: str, *, strict: bool = False, stream: O
     ainfo = adapters.load_adapter(model, adapter)
     msg = check_adapter_base(ainfo, info.local_path, strict=strict, adapter_name=str(adapter))
     if msg:
-        _log(f"warning: {msg}", stream)
+        logger.warning(msg)
     model.eval()
 
 

@@ -14,7 +14,6 @@ from typing import Optional, TextIO
 
 from mlx_lora.plumbing.progress import bar, show_bar
 from mlx_lora.plumbing import ownership
-from mlx_lora.plumbing.progress import bar, show_bar
 
 # Preference tuning's metrics (train.method dpo, orpo; see mlx_lora.training.preference), recorded when present.
 PREFERENCE_KEYS = ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp",

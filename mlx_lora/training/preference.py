@@ -44,10 +44,6 @@ from mlx_lora.config import Config, TrainConfig
 from mlx_lora.plumbing.errors import DataError
 from mlx_lora.model.lora import adapters_off
 from mlx_lora.training.losses import HeadSplit, Loss, _cache, _token_ce, make_loss, model_logits, split_head, target_positions
-from mlx_lora.config import Config, TrainConfig
-from mlx_lora.plumbing.errors import DataError
-from mlx_lora.model.lora import adapters_off
-from mlx_lora.training.losses import HeadSplit, Loss, _cache, _token_ce, make_loss, model_logits, split_head, target_positions
 from mlx_lora.plumbing.ownership import record
 
 METHODS = ("sft", "dpo", "orpo")

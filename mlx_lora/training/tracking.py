@@ -25,8 +25,6 @@ from typing import Optional, Sequence
 
 from mlx_lora.training.callbacks import eval_record, step_record
 from mlx_lora.plumbing.errors import ConfigError
-from mlx_lora.training.callbacks import eval_record, step_record
-from mlx_lora.plumbing.errors import ConfigError
 from mlx_lora.plumbing.ownership import record
 
 REPORTERS = ("tensorboard", "wandb")

@@ -31,18 +31,6 @@ from mlx_lora.training.losses import Loss, make_loss
 from mlx_lora.training.preference import Objective, check_data, metrics as preference_metrics, preference_loss
 from mlx_lora.training import memory
 from mlx_lora.data import shapes
-from mlx_lora.training import distributed as dist
-from mlx_lora.training.checkpoints import RunDir, TrainState
-from mlx_lora.config import Config
-from mlx_lora.data.batching import (PAD_MULTIPLE, Batch, BatchPosition, attention_mask_from_segments, iterate_batches,
-                       length_groups, num_batches)
-from mlx_lora.data.examples import TokenizedDataset
-from mlx_lora.plumbing.errors import CheckpointError, MlxLoraError
-from mlx_lora.plumbing.interrupts import interrupts_deferred
-from mlx_lora.training.losses import Loss, make_loss
-from mlx_lora.training.preference import Objective, check_data, metrics as preference_metrics, preference_loss
-from mlx_lora.training import memory
-from mlx_lora.data import shapes
 from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
