@@ -46,7 +46,10 @@ REPLACED_STEP_DIR = re.compile(r"^\.(step-(\d+))\.old$")
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 # The files a checkpoint holds (best/ holds the first two).
-CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", OPTIMIZER_FILE, STATE_FILE)
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapters.safetensors", OPTIMIZER_FILE,
+                    STATE_FILE)
+"""What a checkpoint folder holds: the adapter (PEFT layout, and mlx-lm's weights beside it), the
+optimizer state and the training state."""
 
 
 @dataclass

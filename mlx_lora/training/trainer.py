@@ -31,7 +31,7 @@ from mlx_lora.training.losses import Loss, make_loss
 from mlx_lora.training.preference import Objective, check_data, metrics as preference_metrics, preference_loss
 from mlx_lora.training import memory
 from mlx_lora.data import shapes
-from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MLX_LM_WEIGHTS
 
 
 GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
@@ -519,7 +519,7 @@ class Trainer:
                                         keep=self.cfg.train.keep_checkpoints)
         self._set_hint(have_checkpoint=True)
         self.save_adapter_fn(self.run.path)  # the run folder's top-level adapter is the newest
-        self.run.record(ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+        self.run.record(ADAPTER_CONFIG, ADAPTER_WEIGHTS, MLX_LM_WEIGHTS)
         self._emit("on_checkpoint", path)
         return str(path)
 
