@@ -429,11 +429,13 @@ def _adapter_argv(command: str, w: World, adapter: Path, tmp: Path) -> list:
         "chat": ["chat", "--model", w.model, "--adapter", adapter, "--max-tokens", "2"],
         "serve": ["serve", "--model", w.model, "--adapter", f"a={adapter}", "--port", "0"],
         "fuse": ["fuse", "--model", w.model, "--adapter", adapter, "--out", tmp / "fused"],
+        "export adapter": ["export", "adapter", "--model", w.model, "--adapter", adapter, "--format", "peft",
+                           "--out", tmp / "peft"],
     }[command]
 
 
 @pytest.mark.parametrize("how", sorted(ADAPTER_FAULTS))
-@pytest.mark.parametrize("command", ["generate", "eval", "eval --generate", "chat", "serve", "fuse"])
+@pytest.mark.parametrize("command", ["generate", "eval", "eval --generate", "chat", "serve", "fuse", "export adapter"])
 def test_a_broken_adapter_is_refused_by_every_command(world, tmp_path, capsys, monkeypatch, command, how):
     adapter = broken_adapter(world, tmp_path, how)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))

@@ -513,16 +513,16 @@ def _template_file(tokenizer) -> str:
     return f"the chat template of tokenizer {folder}"
 
 
-def _check_tokenizer_template(tokenizer, template: ChatTemplate) -> None:
-    """Render the tokenizer's template once on a short conversation, so that one that goes past
-    the limits even there is refused as the model loads, naming its file. (A template that
-    merely refuses the probe, e.g. one without a system role, is judged on real rows.)"""
+def _check_template(template: ChatTemplate, field: Optional[str] = None) -> None:
+    """Render a template once on a short conversation, so that one that goes past the limits
+    even there is refused before any work starts, naming its file. (A template that merely
+    refuses the probe, e.g. one without a system role, is judged on real rows.)"""
     try:
         template.render(_PROBE)
         template.render(_PROBE[:2], add_generation_prompt=True)
     except TemplateLimitError as e:
         raise DataError(f"chat template {e} (rendering a 3-message conversation)", template.name,
-                        field="chat_template") from None
+                        field=field) from None
     except Exception:
         return
 
@@ -549,7 +549,7 @@ def resolve_chat_template(spec: Optional[str], tokenizer) -> Optional[ChatTempla
         if not _tokenizer_has_template(tokenizer):
             return None
         template = _tokenizer_template(tokenizer)
-        _check_tokenizer_template(tokenizer, template)
+        _check_template(template, field="chat_template")
         return template
     if spec in BUILTIN_TEMPLATES:
         return template_from_source(BUILTIN_TEMPLATES[spec].read_text(encoding="utf-8"), spec, tokenizer)
