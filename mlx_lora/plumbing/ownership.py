@@ -65,6 +65,7 @@ COMPATIBLE = {
     "run": {"run"},
     "model": {"model"},  # `fuse` and `convert` both write model folders
     "peft": {"peft"},
+    "mlx-lm": {"mlx-lm"},
     "quickstart": {"quickstart"},
     "ollama": {"ollama"},
     "lmstudio": {"lmstudio"},
