@@ -193,9 +193,9 @@ def export_mlx_lm(adapter, out_dir, *, model: str | None = None, verify: bool = 
     import mlx.core as mx
 
     from mlx_lora.model.adapters import ADAPTER_CONFIG, MLX_LM_WEIGHTS, load_adapter, mlx_lm_layout
-    from mlx_lora.plumbing.io import atomic_dir, atomic_save_safetensors, atomic_write_json
+    from mlx_lora.plumbing.io import atomic_save_safetensors, atomic_write_json
     from mlx_lora.model.loading import load_model
-    from mlx_lora.plumbing.ownership import write_marker
+    from mlx_lora.plumbing.ownership import building
 
     from mlx_lora.converters.fuse import ensure_output_path
 
@@ -213,14 +213,13 @@ def export_mlx_lm(adapter, out_dir, *, model: str | None = None, verify: bool = 
     conf, weights = layout
     conf = {"model": base, **conf}
     try:
-        with atomic_dir(out, overwrite=True) as tmp:
+        with building(out, "mlx-lm", "export adapter --format mlx-lm", suffix=".tmp") as tmp:
             atomic_save_safetensors(tmp / MLX_LM_WEIGHTS, weights, metadata={"format": "mlx"})
             atomic_write_json(tmp / ADAPTER_CONFIG, conf)
             vr = None
             if verify:
                 vr = _verify_mlx_lm(base, m, tmp)
                 vr.raise_if_failed(str(out))
-            write_marker(tmp, "mlx-lm", "export adapter --format mlx-lm")
     except OSError as e:
         raise disk_error(e, out) from None
     del m
