@@ -13,6 +13,7 @@ an answer. Ctrl-C or Ctrl-D at the prompt ends the chat.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ import click
 
 from .cli import sampling_options
 from .errors import MlxLoraError
+from .interrupts import ctrl_c_on_terminal
 
 HELP = """commands:
   /reset         forget the conversation (the system message stays)
@@ -157,7 +159,8 @@ def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optio
     model, tokenizer, info = load_for_inference(model_path, adapter, strict=strict, stream=err,
                                                 dequantize_on_cpu="auto")
     template = chat_template_for(tokenizer, chat_template, model_path)
-    if _readline_wanted(read):
+    interactive = _readline_wanted(read)
+    if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
@@ -165,8 +168,10 @@ def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optio
     err.write(f"chat with {model_path}" + (f" + adapter {adapter}" if adapter else "")
               + f" ({template.name}); /help for commands, Ctrl-D to leave\n")
     err.flush()
-    return run_chat(model, tokenizer, template, system=system, max_tokens=max_tokens, temperature=temperature,
-                    top_p=top_p, seed=seed, read=read, out=out)
+    # Ctrl-C is how a reply is stopped and the chat left, also when SIGINT was inherited ignored.
+    with ctrl_c_on_terminal() if interactive else contextlib.nullcontext():
+        return run_chat(model, tokenizer, template, system=system, max_tokens=max_tokens,
+                        temperature=temperature, top_p=top_p, seed=seed, read=read, out=out)
 
 
 def _readline_wanted(read) -> bool:

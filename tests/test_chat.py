@@ -38,6 +38,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the terminal is its controlling tty, Ctrl-C sends it SIGINT
             os.chdir(cwd)
+            # Started as CI runners and `cmd &` in a script start it: with SIGINT inherited ignored
+            # (Python then installs no handler). Ctrl-C typed into the chat must still reach it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             os.execve(sys.executable, [sys.executable, "-m", "mlx_lora", *argv], env)
         self.text = ""
         self.arrivals: list[tuple[float, int]] = []  # (time, length of self.text) after each read
