@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional, TextIO
 
+from .backend import warn_if_slow_blas
 from .config import Config, validate
 from .errors import CheckpointError, MlxLoraError
 
@@ -248,6 +249,7 @@ def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: st
     from .models import load_model
 
     check_options([("dtype", dtype, CHOICES["model.dtype"])])
+    warn_if_slow_blas()  # a script that did not start through the mlx-lora command: one line on how
     model, tokenizer, info = load_model(model_path, dtype=dtype, dequantize_on_cpu=dequantize_on_cpu)
     if adapter:
         attach_adapter(model, info, adapter, strict=strict, stream=stream)

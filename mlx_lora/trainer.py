@@ -55,6 +55,11 @@ class TrainResult:
     stopped: str  # "completed", "early_stopping", "interrupted", "nan"
     last_checkpoint: Optional[str] = None
 
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C or SIGTERM: the adapter is a partial one; a pipeline must not go on."""
+        return self.stopped == "interrupted"
+
 
 def build_schedule(t, total_steps: int):
     """Linear warmup from 0 to ``lr``, then constant / cosine / linear decay to ``min_lr_ratio*lr``."""

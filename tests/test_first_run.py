@@ -1,0 +1,155 @@
+"""A new user's first hour, each entry point driven as a user runs it: which BLAS MLX really uses
+(every entry point runs fast or says how), an interrupted pipeline that stops, progress during
+long silent stretches, hints that say what happened, and commands that take a run folder alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlx_lora import backend
+from mlx_lora.recipes import demo_data
+
+REPO = Path(__file__).resolve().parent.parent
+OPENBLAS = backend.find_openblas()
+
+
+def _fresh_env(**extra) -> dict:
+    """The environment of a user's shell: no preload, no re-exec flags from the test run."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    for key in ("LD_PRELOAD", "MLX_LORA_NO_BLAS_REEXEC", backend.REEXEC_FLAG, "MLX_LORA_DEBUG"):
+        env.pop(key, None)
+    return {**env, **extra}
+
+
+def _python(code: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+# ---------------------------------------------------------------------------------------------
+# BLAS: what MLX itself calls, not whatever BLAS file happens to be mapped
+
+
+def test_blas_is_the_one_mlx_calls_not_numpys_bundled_openblas(tmp_path):
+    # numpy first, as a script does: its own OpenBLAS is mapped, yet MLX still calls its reference BLAS.
+    code = ("import numpy; numpy.ones((4, 4)) @ numpy.ones((4, 4))\n"
+            "import mlx.core as mx\nmx.eval(mx.ones((4, 4)) @ mx.ones((4, 4)))\n"
+            "from mlx_lora import backend\n"
+            "maps = open('/proc/self/maps').read()\n"
+            "print(repr(backend.loaded_blas())); print('openblas' in maps.lower())")
+    r = _python(code, _fresh_env(), tmp_path)
+    assert r.returncode == 0, r.stderr
+    shown, numpy_openblas_mapped = r.stdout.splitlines()
+    assert "reference BLAS bundled with mlx-cpu" in shown and "OpenBLAS" not in shown, shown
+    assert numpy_openblas_mapped == "True"  # the very thing that fooled a file-name match
+    if OPENBLAS:
+        r = _python(code, _fresh_env(LD_PRELOAD=OPENBLAS), tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "OpenBLAS" in r.stdout.splitlines()[0] and "reference" not in r.stdout, r.stdout
+
+
+def test_every_entry_point_runs_fast_or_says_how(tiny_llama, tmp_path):
+    env = _fresh_env()
+    # The CLI and `python -m mlx_lora`: re-executed with the system OpenBLAS.
+    for argv in (["-m", "mlx_lora", "doctor", "--json"], ["-c", "from mlx_lora.cli import main; main()",
+                                                           "doctor", "--json"]):
+        r = subprocess.run([sys.executable, *argv], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        facts = json.loads(r.stdout)
+        if OPENBLAS:
+            assert facts["blas"].startswith("OpenBLAS") and "blas_hint" not in facts, facts
+        else:
+            assert "install" in facts["blas_hint"]
+    # A script (a recipe's way): one call before MLX loads, then MLX calls the system OpenBLAS.
+    script = tmp_path / "job.py"
+    script.write_text("from mlx_lora.backend import reexec_with_openblas\nreexec_with_openblas()\n"
+                      "import sys\nimport mlx.core as mx\nfrom mlx_lora import backend\n"
+                      "print(backend.loaded_blas()); print(sys.argv[1:])\n")
+    r = subprocess.run([sys.executable, str(script), "a b", "--flag"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    blas, args = r.stdout.splitlines()
+    assert args == "['a b', '--flag']"  # started again with the same arguments
+    assert blas.startswith("OpenBLAS") if OPENBLAS else "reference" in blas
+    # The Python API without that call: one line that says how.
+    r = _python(f"import mlx_lora\nmlx_lora.generate({str(tiny_llama)!r}, 'hi', max_tokens=1)", env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    hints = [line for line in r.stderr.splitlines() if "slow BLAS" in line]
+    assert len(hints) == 1, r.stderr
+    assert (f"LD_PRELOAD={OPENBLAS}" in hints[0] and "reexec_with_openblas()" in hints[0]) if OPENBLAS \
+        else "install" in hints[0]
+
+
+@pytest.mark.skipif(OPENBLAS is None, reason="the fast path needs a system OpenBLAS on this machine")
+def test_the_recipe_script_trains_on_the_system_openblas(tiny_llama, tmp_path):
+    out = tmp_path / "pipe"
+    r = subprocess.run([sys.executable, str(REPO / "recipes" / "train_fuse_export.py"), "--model", str(tiny_llama),
+                        "--data", str(demo_data("chat")), "--name", "tiny-bot", "--out", str(out), "--iters", "1",
+                        "--no-create", "--set", "train.batch_size=2", "--set", "data.cache=false"],
+                       env=_fresh_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    blas = [line for line in r.stderr.splitlines() if line.startswith("blas ")]
+    assert blas and "OpenBLAS" in blas[0] and "reference" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# an interrupted pipeline stops after saving, says so, and exits non-zero
+
+
+def _ctrl_c_able():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # whatever the test runner inherited
+
+
+def test_ctrl_c_during_training_stops_the_pipeline_before_fuse_and_export(tiny_llama, tmp_path):
+    out = tmp_path / "pipe"
+    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
+    if OPENBLAS:
+        env["LD_PRELOAD"] = OPENBLAS
+    proc = subprocess.Popen([sys.executable, str(REPO / "recipes" / "train_fuse_export.py"), "--model",
+                             str(tiny_llama), "--data", str(demo_data("chat")), "--name", "tiny-bot", "--out",
+                             str(out), "--iters", "100000", "--no-create", "--set", "train.batch_size=2",
+                             "--set", "data.cache=false", "--set", "train.log_every=1"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_able)
+    try:
+        metrics = out / "run" / "metrics.jsonl"
+        end = time.monotonic() + 600  # only a stuck run reaches this
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < end, "training never logged a step"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "stopped: training was interrupted at step" in err and "--resume" in err, err
+    assert "== fuse" not in err and not (out / "fused").exists() and not (out / "ollama").exists()
+    assert list((out / "run" / "checkpoints").glob("*/adapter_model.safetensors")), "nothing was saved"
+
+
+def test_the_api_says_a_run_was_interrupted(tiny_llama, tmp_path):
+    import mlx_lora
+    from mlx_lora import config
+
+    cfg = config.build(None, [f"model.path={tiny_llama}", f"data.path={demo_data('chat')}", f"out={tmp_path / 'r'}",
+                              "train.iters=50", "train.batch_size=2", "data.cache=false", "train.log_every=1"])
+
+    class StopAtStep2:  # Ctrl-C, as the trainer meets it, after the second step
+        def on_step(self, trainer, m):
+            if m["step"] == 2:
+                raise KeyboardInterrupt
+
+    result = mlx_lora.train(cfg, callbacks=[StopAtStep2()], progress=False)
+    assert result.interrupted and result.stopped == "interrupted" and result.steps == 2
