@@ -161,6 +161,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     callbacks = own + list(callbacks)
     trainer = Trainer(model, cfg, splits.train, splits.valid, run, save_adapter=save_adapter,
                       callbacks=callbacks, group=group, sync=sync)
+    trainer.progress, trainer.progress_stream = progress, stream
 
     if resume:
         loaded = None
@@ -192,6 +193,11 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         run.write_config(config_mod.to_yaml(cfg))
     for line in banner_lines(cfg, info, trainable, total, splits, trainer.total_steps, group.size()):
         log(line)
+    from .trainer import warmup_warning
+
+    warmup = warmup_warning(cfg.train, trainer.total_steps)
+    if warmup:
+        log(f"WARNING: {warmup}")
     from .shapes import epoch_stats
 
     log(f"shapes    {trainer.shapes.chosen}; first epoch: {epoch_stats(trainer).line()}")
@@ -326,12 +332,13 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
                                                                                       method="dpo"))
         extra: dict = {}
         loss, pairs = evaluate_loss(model, preference_loss(model, Objective.from_config(cfg.train),
-                                                           cfg.train.loss_chunk_tokens), ds, cfg,
-                                    max_batches=max_batches, metrics=extra)
+                                                           cfg.train.loss_chunk_tokens, training=False), ds, cfg,
+                                    max_batches=max_batches, metrics=extra, desc="eval")
         return {"loss": loss, "pairs": pairs, "examples": len(ds), "path": ds.stats.path if hub else str(path),
                 **{k.removeprefix("val_"): v for k, v in extra.items()}}
     cfg = Config(model=ModelConfig(path=model_path), data=dcfg, train=TrainConfig(batch_size=batch_size))
-    loss, ntoks = evaluate_loss(model, make_loss(model, cfg.train.loss_chunk_tokens), ds, cfg, max_batches=max_batches)
+    loss, ntoks = evaluate_loss(model, make_loss(model, cfg.train.loss_chunk_tokens, training=False), ds, cfg,
+                                max_batches=max_batches, desc="eval")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": ntoks, "examples": len(ds),
             "path": ds.stats.path if hub else str(path)}
 

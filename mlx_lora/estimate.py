@@ -226,6 +226,11 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
 
     shape_line = f"{trainer.shapes.chosen}; first epoch: {epoch_stats(trainer).line()}"
     notes += trainer.memory_notes
+    from .trainer import warmup_warning
+
+    warmup = warmup_warning(cfg.train, steps)
+    if warmup:
+        notes.append(f"WARNING: {warmup}")
     loss = (f"chunked loss ({trainer.loss.chunk_tokens} tokens)" if trainer.loss.chunk_tokens else "plain loss")
     if trainer.loss.note:
         notes.append(trainer.loss.note)

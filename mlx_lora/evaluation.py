@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 from . import metrics as M
 from .data_formats import ChatSample, PairSample, TextSample, file_samples, one_line, tname
 from .errors import DataError, MlxLoraError
+from .progress import Ticker
 from .templates import TemplateLimitError
 
 DEFAULT_BATCH_SIZE = 16
@@ -167,7 +168,8 @@ def _logprobs(logits):
 
 
 def generate_tokens(model, prompts: Sequence[Sequence[int]], max_tokens: int, eos: set, *,
-                    batch_size: int = DEFAULT_BATCH_SIZE, sampler: Optional[Callable] = None) -> list[list[int]]:
+                    batch_size: int = DEFAULT_BATCH_SIZE, sampler: Optional[Callable] = None,
+                    on_rows: Optional[Callable[[int], None]] = None) -> list[list[int]]:
     """Continuations (token ids) of several token prompts, decoded in left-padded batches.
 
     Prompts are batched in order of length (less padding) and the results returned in the order
@@ -202,6 +204,8 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], max_tokens: int, eo
             if all(done):
                 break
             logits = model(nxt.reshape(-1, 1).astype(mx.int32), cache=cache)[:, -1, :]
+        if on_rows is not None:
+            on_rows(len(idx))  # progress: this many more rows are done
         for i, g in zip(idx, generated):
             out[i] = g
     return out  # type: ignore[return-value]
@@ -212,7 +216,8 @@ def eos_ids(tokenizer) -> set:
 
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+             top_p: float = 1.0, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
+             on_rows: Optional[Callable[[int], None]] = None) -> list[str]:
     """:func:`generate_tokens` decoded to text, stopping at the tokenizer's end-of-sequence
     tokens; greedy when ``temperature`` is 0, else sampled (top-p below 1 keeps the smallest set
     of tokens holding that much probability) from ``seed``."""
@@ -224,7 +229,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int
         mx.random.seed(seed)
         sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0)
     return [tokenizer.decode(g) for g in generate_tokens(model, prompts, max_tokens, eos_ids(tokenizer),
-                                                         batch_size=batch_size, sampler=sampler)]
+                                                         batch_size=batch_size, sampler=sampler,
+                                                         on_rows=on_rows)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,13 +282,16 @@ def score(metrics: Sequence[str], rows: Sequence[EvalRow], outputs: Sequence[str
 
 def generate_and_score(model, tokenizer, data: EvalSet, metrics: Sequence[str], *, max_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                       batch_size: int = DEFAULT_BATCH_SIZE, timeout_s: float = 10.0) -> Scores:
-    """Generate an answer for every row of ``data`` and score it."""
+                       batch_size: int = DEFAULT_BATCH_SIZE, timeout_s: float = 10.0,
+                       desc: str = "generate", progress: bool = True) -> Scores:
+    """Generate an answer for every row of ``data`` and score it; a run longer than a moment shows
+    its rows as they finish (named ``desc``) unless ``progress`` is false."""
     if not data.rows:
         raise MlxLoraError(f"{data.path}: no rows to evaluate")
     t0 = time.perf_counter()
-    outputs = generate(model, tokenizer, [r.tokens for r in data.rows], max_tokens, temperature=temperature,
-                       top_p=top_p, seed=seed, batch_size=batch_size)
+    with Ticker(len(data.rows), desc, unit="row", enabled=progress) as ticker:
+        outputs = generate(model, tokenizer, [r.tokens for r in data.rows], max_tokens, temperature=temperature,
+                           top_p=top_p, seed=seed, batch_size=batch_size, on_rows=ticker.update)
     s = score(metrics, data.rows, outputs, timeout_s=timeout_s)
     s.seconds = time.perf_counter() - t0
     return s

@@ -44,6 +44,7 @@ from .config import Config, TrainConfig
 from .errors import DataError
 from .lora import adapters_off
 from .losses import HeadSplit, Loss, _cache, _token_ce, make_loss, model_logits, split_head, target_positions
+from .progress import Ticker
 
 METHODS = ("sft", "dpo", "orpo")
 STATS = ("correct", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "nll", "tokens")
@@ -205,10 +206,10 @@ class SequenceLogps:
         return (mx.where(owner, (lp * weight)[:, None], 0.0)).sum(axis=0)
 
 
-def preference_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int]) -> Loss:
+def preference_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int], *, training: bool = True) -> Loss:
     """The :class:`~mlx_lora.losses.Loss` of ``obj`` for ``model``: chunked output layer when
     :func:`~mlx_lora.losses.make_loss` would use it (same checks), else full logits."""
-    base = make_loss(model, chunk_tokens)
+    base = make_loss(model, chunk_tokens, training=training)
     seq = SequenceLogps(split_head(model) if base.chunk_tokens is not None else None, base.chunk_tokens)
 
     def objective(model, inputs, targets, mask, attn=None, positions=None, grad=True, ref=None):
@@ -248,21 +249,25 @@ def preference_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int
 REFERENCE_FILE = "reference_logps.npz"
 
 
-def reference_logps(model: nn.Module, ds, cfg: Config) -> np.ndarray:
+def reference_logps(model: nn.Module, ds, cfg: Config, *, progress: bool = True, stream=None) -> np.ndarray:
     """The reference model's (adapter off) summed target log-probs of every example of ``ds``,
-    float32 [examples], in one pass without gradients (``train.batch_size`` pairs at a time)."""
-    from .batching import iterate_batches
+    float32 [examples], in one pass without gradients (``train.batch_size`` pairs at a time).
+    A pass longer than a moment shows its batches unless ``progress`` is false."""
+    from .batching import iterate_batches, num_batches
 
     seq = SequenceLogps(None, None)
     out = np.zeros(len(ds), np.float32)
     training = model.training
     model.eval()
     try:
-        with adapters_off(model):
+        total = num_batches(ds, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length)
+        with adapters_off(model), Ticker(total, "reference log-probs (adapter off)", stream=stream,
+                                         enabled=progress) as ticker:
             for batch, _ in iterate_batches(ds, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length,
                                             seed=0, shuffle=False, loop=False):
                 inputs, targets, mask = (mx.array(a) for a in (batch.inputs, batch.targets, batch.loss_mask))
                 out[batch.items] = np.array(seq(model, inputs, targets, mask))
+                ticker.update()
     finally:
         model.train(training)
     return out
@@ -280,7 +285,8 @@ def _reference_key(ds, cfg: Config) -> str:
     return h.hexdigest()
 
 
-def cached_reference_logps(model: nn.Module, ds, cfg: Config, folder, write: bool = True) -> np.ndarray:
+def cached_reference_logps(model: nn.Module, ds, cfg: Config, folder, write: bool = True, *, progress: bool = True,
+                           stream=None) -> np.ndarray:
     """:func:`reference_logps` of ``ds``, read from ``folder``/reference_logps.npz when it was
     written for the same data and base, else computed and (``write``) saved there atomically."""
     from pathlib import Path
@@ -295,7 +301,7 @@ def cached_reference_logps(model: nn.Module, ds, cfg: Config, folder, write: boo
                     return z["logps"].astype(np.float32)
         except Exception:  # an unreadable cache is computed again, never an error
             pass
-    logps = reference_logps(model, ds, cfg)
+    logps = reference_logps(model, ds, cfg, progress=progress, stream=stream)
     if write:
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, key=np.array(key), logps=logps)

@@ -153,3 +153,151 @@ def test_the_api_says_a_run_was_interrupted(tiny_llama, tmp_path):
 
     result = mlx_lora.train(cfg, callbacks=[StopAtStep2()], progress=False)
     assert result.interrupted and result.stopped == "interrupted" and result.steps == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# no silent stretch: evaluation, reference log-probs, generation for every row, validation
+
+
+@pytest.fixture
+def shown_at_once(monkeypatch):
+    """Progress from the first moment (the default waits ~2 s, which tiny models never take)."""
+    monkeypatch.setenv("MLX_LORA_PROGRESS_DELAY", "0")
+    monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
+    monkeypatch.delenv("MLX_LORA_PROGRESS", raising=False)
+
+
+def test_eval_and_eval_generate_show_progress_in_a_pipe(tiny_llama, capsys, shown_at_once):
+    from cli_harness import run_main
+
+    code, out, err = run_main(capsys, ["eval", "--model", str(tiny_llama), "--data", str(demo_data("chat")),
+                                       "--batch-size", "4"])
+    assert code == 0, err
+    lines = [l for l in err.splitlines() if l.startswith("eval: ")]
+    assert lines and lines[-1].startswith("eval: 8/8 batches"), err  # 32 rows, 4 a batch
+    code, out, err = run_main(capsys, ["eval", "--generate", "--model", str(tiny_llama), "--data",
+                                       str(demo_data("chat")), "--limit", "6", "--batch-size", "4",
+                                       "--max-tokens", "2"])
+    assert code == 0, err
+    rows = [l for l in err.splitlines() if l.startswith("base: ")]
+    assert rows and rows[-1].startswith("base: 6/6 rows"), err
+    assert err.index("base: ") < err.index("base      6 rows in")  # while it works, not after
+
+
+def test_dpo_shows_its_reference_pass_and_first_step_and_validation(tiny_llama, tmp_path, capsys, shown_at_once):
+    from cli_harness import run_main
+
+    code, out, err = run_main(capsys, ["train", "--model", str(tiny_llama), "--data", str(demo_data("preference")),
+                                       "--out", str(tmp_path / "dpo"), "--iters", "2", "--batch-size", "2",
+                                       "--set", "train.method=dpo", "--set", "train.dpo_precompute_ref=true",
+                                       "--set", "train.eval_every=2", "--set", "data.cache=false"])
+    assert code == 0, err
+    ref = err.index("reference log-probs (adapter off): ")
+    first = err.index("training: compiling and running step 1 of 2")
+    val = err.index("validation: ")
+    assert ref < first < err.index("step 2/2") < val < err.index("step 2: val loss"), err
+
+
+def test_a_quiet_stretch_and_a_quiet_command_show_nothing(tiny_llama, tmp_path, capsys, monkeypatch):
+    from cli_harness import run_main
+
+    monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
+    monkeypatch.setenv("MLX_LORA_PROGRESS_DELAY", "3600")  # nothing here lasts an hour
+    code, out, err = run_main(capsys, ["eval", "--model", str(tiny_llama), "--data", str(demo_data("chat"))])
+    assert code == 0 and "eval: " not in err, err
+    monkeypatch.setenv("MLX_LORA_PROGRESS_DELAY", "0")
+    code, out, err = run_main(capsys, ["train", "--model", str(tiny_llama), "--data", str(demo_data("chat")),
+                                       "--out", str(tmp_path / "q"), "--iters", "2", "--quiet",
+                                       "--set", "train.eval_every=2", "--set", "data.cache=false"])
+    assert code == 0 and "validation: " not in err and "compiling" not in err, err
+
+
+def test_eval_shows_a_bar_on_a_terminal(tiny_llama, tmp_path):
+    import pty
+
+    env = _fresh_env(MLX_LORA_PROGRESS_DELAY="0", MLX_LORA_NO_BLAS_REEXEC="1", TERM="dumb")
+    if OPENBLAS:
+        env["LD_PRELOAD"] = OPENBLAS
+    pid, fd = pty.fork()
+    if pid == 0:
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal 80 columns wide
+        os.chdir(tmp_path)
+        os.execve(sys.executable, [sys.executable, "-m", "mlx_lora", "eval", "--model", str(tiny_llama), "--data",
+                                   str(demo_data("chat"))], env)
+    text = b""
+    try:
+        while True:  # until the command closes the terminal
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            text += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    shown = text.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, shown
+    assert "eval:" in shown and "8/8" in shown and "|" in shown, shown  # tqdm's bar, drawn in place
+    assert "eval: 8/8 batches (" not in shown  # not the plain lines of a pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# eval of a base model: the chunked loss, no note about trainable parameters
+
+
+def test_eval_of_a_base_model_uses_the_chunked_loss_quietly(tiny_llama, capsys, monkeypatch):
+    import math
+
+    import mlx_lora
+    from cli_harness import run_main
+    from mlx_lora import losses
+    from mlx_lora.config import TrainConfig
+
+    monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
+    data = str(demo_data("chat"))
+    code, out, err = run_main(capsys, ["eval", "--model", str(tiny_llama), "--data", data, "--json"])
+    assert code == 0, err
+    assert "chunked loss unavailable" not in err and "trainable" not in err, err
+    # The chunked loss is the plain one, to float rounding.
+    chunked = json.loads(out)["loss"]
+    assert TrainConfig().loss_chunk_tokens, "the default config no longer chunks the loss"
+    real = losses.make_loss
+    monkeypatch.setattr(losses, "make_loss", lambda model, chunk, **kw: real(model, None, **kw))
+    plain = mlx_lora.evaluate(str(tiny_llama), data)["loss"]
+    assert math.isclose(chunked, plain, rel_tol=1e-4), (chunked, plain)
+    code, out, err = run_main(capsys, ["eval", "--model", str(tiny_llama), "--data", str(demo_data("preference"))])
+    assert code == 0 and "chunked loss unavailable" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# a warmup as long as the run
+
+
+@pytest.mark.parametrize("warmup,iters,warned", [(8, 3, True), (25, 10, True), (3, 3, True), (2, 3, False),
+                                                 (0, 3, False)])
+def test_a_warmup_as_long_as_the_run_is_warned_about(tiny_llama, tmp_path, capsys, monkeypatch, warmup, iters,
+                                                     warned):
+    from cli_harness import run_main
+
+    monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
+    argv = ["train", "--model", str(tiny_llama), "--data", str(demo_data("chat")), "--out", str(tmp_path / "w"),
+            "--iters", str(iters), "--batch-size", "2", "--set", f"train.warmup_steps={warmup}",
+            "--set", "data.cache=false", "--set", "data.valid_fraction=0"]
+    code, out, err = run_main(capsys, argv + ["--dry-run"])
+    assert code == 0, err
+    dry = [l for l in (out + err).splitlines() if "warmup_steps" in l]
+    code, out, err = run_main(capsys, argv + ["--quiet"])
+    assert code == 0, err
+    trained = [l for l in err.splitlines() if "warmup_steps" in l]
+    if not warned:
+        assert dry == [] and trained == [], (dry, trained)
+        return
+    assert len(trained) == 1 and trained[0].startswith("WARNING: train.warmup_steps"), err
+    assert f"{warmup} >= the run's {iters} steps" in trained[0] and "never" not in trained[0]
+    assert len(dry) == 1 and f"{warmup} >= the run's {iters} steps" in dry[0], dry
