@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterable, Optional, TextIO
+from typing import Callable, Iterable, Optional, TextIO
 
 from .backend import warn_if_slow_blas
 from .config import Config, validate
@@ -352,12 +352,15 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
     return run(model_path, data, adapter, **options)
 
 
-def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat: bool = False,
+def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat=False,
              system: Optional[str] = None, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, dtype: str = "auto", stream: bool = False, model_and_tokenizer=None,
-             strict: bool = False):
+             strict: bool = False, note: Optional[Callable[[str], None]] = None):
     """Generate a continuation (greedy by default). With ``chat`` the prompt is wrapped in the
-    tokenizer's chat template as a user turn. Yields text pieces when ``stream``."""
+    tokenizer's chat template as a user turn; ``chat="auto"`` does so when the tokenizer has a
+    template and the prompt carries none of its special tokens (a chat-tuned model answers a bare
+    question with an end of turn at once), and tells ``note`` which it chose. Yields text pieces
+    when ``stream``."""
     from .config import CHOICES, check_options
     from .generation import sampling_checks, stream as stream_text
 
@@ -373,6 +376,11 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
                                                  dequantize_on_cpu="auto")
     else:
         model, tokenizer = model_and_tokenizer
+    if chat == "auto":
+        chat = wants_chat_template(tokenizer, prompt)
+        if chat and note is not None:
+            note("chat template applied: the model has one and the prompt is plain text (--raw continues the "
+                 "text as it is)")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise MlxLoraError(f"{model_path}: the tokenizer has no chat template; drop --chat")
@@ -387,6 +395,19 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
     pieces = stream_text(model, tokenizer, list(prompt_tokens), max_tokens=max_tokens, temperature=temperature,
                          top_p=top_p, seed=seed)
     return pieces if stream else "".join(pieces)
+
+
+def wants_chat_template(tokenizer, prompt: str) -> bool:
+    """Whether a prompt for ``generate`` should go through the chat template: the tokenizer has
+    one, and the prompt is plain text rather than already templated (it holds none of the
+    tokenizer's special tokens, such as ``<|im_start|>``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    special = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    special.update(getattr(tokenizer, "additional_special_tokens", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special.update(str(getattr(t, "content", t)) for t in added.values() if getattr(t, "special", False))
+    return not any(s and len(s) > 1 and s in prompt for s in special)
 
 
 def doctor() -> dict:

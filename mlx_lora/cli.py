@@ -143,7 +143,9 @@ def sampling_options(f):
 @click.option("--model", required=True, help="Base model (folder, repo id or .gguf).")
 @click.option("--adapter", help="Adapter or run folder.")
 @click.option("--prompt", required=True, help="Prompt text ('-' reads standard input).")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template as a user turn.")
+@click.option("--chat/--raw", default=None,
+              help="Wrap the prompt in the chat template as a user turn, or continue it as raw text "
+                   "[default: --chat when the model has a chat template and the prompt is plain text].")
 @click.option("--system", help="System message (with --chat).")
 @click.option("--max-tokens", type=int, default=256, show_default=True, help="At most this many new tokens (>= 1).")
 @sampling_options
@@ -153,10 +155,24 @@ def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    for piece in api.generate(model, prompt, adapter, chat=chat, system=system, max_tokens=max_tokens,
-                              temperature=temperature, top_p=top_p, seed=seed, stream=True, strict=strict):
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        click.echo(text, err=True)
+
+    shown = ""
+    for piece in api.generate(model, prompt, adapter, chat="auto" if chat is None else chat, system=system,
+                              max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stream=True,
+                              strict=strict, note=note):
+        shown += piece
         click.echo(piece, nl=False)
     click.echo()
+    if not shown.strip():
+        how = ("with the chat template applied" if notes or chat else
+               "as raw text; a chat-tuned model usually wants --chat")
+        click.echo(f"the model answered with no text (it ended at once, prompt taken {how}); "
+                   f"try another prompt, or more --max-tokens", err=True)
 
 
 @cli.command(name="eval")

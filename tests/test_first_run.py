@@ -301,3 +301,41 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tiny_llama, tmp_path, capsy
     assert len(trained) == 1 and trained[0].startswith("WARNING: train.warmup_steps"), err
     assert f"{warmup} >= the run's {iters} steps" in trained[0] and "never" not in trained[0]
     assert len(dry) == 1 and f"{warmup} >= the run's {iters} steps" in dry[0], dry
+
+
+# ---------------------------------------------------------------------------------------------
+# generate on a chat-tuned model: the template, said in one line; --raw opts out
+
+
+def test_generate_applies_the_chat_template_to_a_plain_prompt_and_says_so(tiny_llama, capsys, monkeypatch):
+    import mlx_lora
+    from cli_harness import run_main
+
+    monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
+    question = "What is the code word for the red apple?"
+    base = ["generate", "--model", str(tiny_llama), "--max-tokens", "6"]
+    code, out, err = run_main(capsys, base + ["--prompt", question])
+    assert code == 0, err
+    assert [l for l in err.splitlines() if "chat template applied" in l and "--raw" in l], err
+    assert out == mlx_lora.generate(str(tiny_llama), question, chat=True, max_tokens=6) + "\n"
+    code, out, err = run_main(capsys, base + ["--prompt", question, "--raw"])
+    assert code == 0 and "chat template" not in err, err
+    assert out == mlx_lora.generate(str(tiny_llama), question, chat=False, max_tokens=6) + "\n"
+    # A prompt already in the template's own markup is continued as it is.
+    templated = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    code, out, err = run_main(capsys, base + ["--prompt", templated])
+    assert code == 0 and "chat template" not in err, err
+    assert out == mlx_lora.generate(str(tiny_llama), templated, chat=False, max_tokens=6) + "\n"
+
+
+def test_generate_says_what_happened_when_the_answer_is_empty(tiny_llama, capsys, monkeypatch):
+    from cli_harness import run_main
+    from mlx_lora import generation
+
+    monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
+    monkeypatch.setattr(generation, "stream", lambda *a, **k: iter(["\n"]))  # an end of turn at once
+    for extra, how in ((["--raw"], "as raw text; a chat-tuned model usually wants --chat"),
+                       ([], "with the chat template applied")):
+        code, out, err = run_main(capsys, ["generate", "--model", str(tiny_llama), "--prompt", "Hi", *extra])
+        assert code == 0, err
+        assert [l for l in err.splitlines() if l.startswith("the model answered with no text") and how in l], err
