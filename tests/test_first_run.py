@@ -339,3 +339,47 @@ def test_generate_says_what_happened_when_the_answer_is_empty(tiny_llama, capsys
         code, out, err = run_main(capsys, ["generate", "--model", str(tiny_llama), "--prompt", "Hi", *extra])
         assert code == 0, err
         assert [l for l in err.splitlines() if l.startswith("the model answered with no text") and how in l], err
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes list fits the terminal
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_recipes_list_fits_the_terminal_and_keeps_scripts_apart(tmp_path, columns):
+    import fcntl  # noqa: F401  (the child sets the window size through it)
+    import pty
+
+    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1", TERM="dumb")
+    env.pop("COLUMNS", None)
+    pid, fd = pty.fork()
+    if pid == 0:
+        import struct
+        import termios
+
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+        os.execve(sys.executable, [sys.executable, "-m", "mlx_lora", "recipes", "list"], env)
+    text = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        text += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    lines = text.decode().replace("\r\n", "\n").splitlines()
+    assert os.waitstatus_to_exitcode(status) == 0, lines
+    assert max(len(l) for l in lines) <= columns, [l for l in lines if len(l) > columns]
+    from mlx_lora.recipes import list_recipes
+
+    recipes = list_recipes()
+    assert lines[0].split() == ["recipe", "model", "memory", "fits"] and "script" in lines
+    split = lines.index("script")
+    for r in recipes:
+        at = next(i for i, l in enumerate(lines) if l.startswith(r.name + " "))
+        assert (at < split) == (r.kind == "config"), r.name
+        if r.kind == "config":
+            assert r.get("model") in lines[at]  # model ids stay whole: they are pasted into commands
