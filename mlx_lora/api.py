@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Optional, TextIO
 from .backend import warn_if_slow_blas
 from .config import Config, validate
 from .errors import CheckpointError, MlxLoraError
+from .run_inputs import read_run
 
 
 def _log(msg: str, stream: Optional[TextIO] = None) -> None:
@@ -288,18 +289,31 @@ def eval_data_file(data: str) -> Path:
 
 
 def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch_size: int = 4,
-             max_seq_length: int = 2048, train_on: str = "assistant", chat_template: Optional[str] = None,
-             max_batches: Optional[int] = None, dtype: str = "auto", strict: bool = False,
-             columns: Optional[dict] = None) -> dict:
+             max_seq_length: Optional[int] = None, train_on: Optional[str] = None,
+             chat_template: Optional[str] = None, max_batches: Optional[int] = None, dtype: str = "auto",
+             strict: bool = False, columns: Optional[dict] = None) -> dict:
     """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder, or the
     test (else validation) split of a data set (hf: id or save_to_disk folder); on
-    preference pairs, DPO's loss (beta 0.1) and reward accuracy, margin and log-probs against the base."""
+    preference pairs, DPO's loss (beta 0.1) and reward accuracy, margin and log-probs against the base.
+
+    ``max_seq_length``, ``train_on`` and ``chat_template`` left out are the run's (its
+    ``config.yaml``, when ``adapter`` is a run folder or one of its checkpoints), else the defaults."""
+    import dataclasses
     import math
 
     from .config import BOUNDS, CHOICES, INT_CAP, Bound, Config, DataConfig, ModelConfig, TrainConfig, check_options
     from .data import load_jsonl_dataset
     from .losses import make_loss
     from .trainer import evaluate as evaluate_loss
+
+    recorded = read_run(adapter) if adapter else None
+    defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+    if max_seq_length is None:
+        max_seq_length = (recorded and recorded.max_seq_length) or defaults["max_seq_length"]
+    if train_on is None:
+        train_on = (recorded and recorded.train_on) or defaults["train_on"]
+    if chat_template is None and recorded is not None:
+        chat_template = recorded.chat_template
 
     # Before the model loads: batch size 0 would fail deep in the batching, and 0 batches would
     # report a loss of nan as if it were a result.

@@ -24,6 +24,7 @@ import click
 from .cli import sampling_options
 from .errors import MlxLoraError
 from .interrupts import ctrl_c_on_terminal
+from .run_inputs import resolve
 
 HELP = """commands:
   /reset         forget the conversation (the system message stays)
@@ -179,13 +180,22 @@ def _readline_wanted(read) -> bool:
 
 
 @click.command(name="chat")
-@click.option("--model", required=True, help="Base, fused or quantized model (folder, repo id or .gguf).")
-@click.option("--adapter", help="Adapter or run folder.")
-@click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template.")
+@click.argument("run", required=False)
+@click.option("--model", help="Base, fused or quantized model (folder, repo id or .gguf) "
+                              "[default: the one RUN or --adapter records].")
+@click.option("--adapter", help="Adapter or run folder (or give it as RUN).")
+@click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template "
+                                      "[default: the run's data.chat_template].")
 @click.option("--system", help="System message for the conversation.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="At most this many new tokens a reply.")
 @sampling_options
-def chat_command(model, adapter, chat_template, system, max_tokens, temperature, top_p, seed, strict):
-    """Chat with a model (and adapter) in the terminal; replies stream as they are made."""
+def chat_command(run, model, adapter, chat_template, system, max_tokens, temperature, top_p, seed, strict):
+    """Chat with a model (and adapter) in the terminal; replies stream as they are made.
+
+    RUN, a run folder (e.g. runs/quickstart/run), is the adapter and names its base model; the
+    chat template it trained with is used unless --chat-template says otherwise."""
+    model, adapter, recorded = resolve(model, adapter, run)
+    if chat_template is None and recorded is not None:
+        chat_template = recorded.chat_template
     chat(model, adapter, chat_template=chat_template, system=system, max_tokens=max_tokens,
          temperature=temperature, top_p=top_p, seed=seed, strict=strict)

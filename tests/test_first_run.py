@@ -383,3 +383,188 @@ def test_recipes_list_fits_the_terminal_and_keeps_scripts_apart(tmp_path, column
         assert (at < split) == (r.kind == "config"), r.name
         if r.kind == "config":
             assert r.get("model") in lines[at]  # model ids stay whole: they are pasted into commands
+
+
+# ---------------------------------------------------------------------------------------------
+# a run folder is enough: it names its base model and fixes sequence length, template, masking
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_llama, tmp_path_factory):
+    """A run trained with a short sequence length, loss on every token, the built-in ChatML template."""
+    import io
+
+    import mlx_lora
+    from mlx_lora import config
+
+    out = tmp_path_factory.mktemp("runs") / "support" / "run"
+    cfg = config.build(None, [f"model.path={tiny_llama}", f"data.path={demo_data('chat')}", f"out={out}",
+                              "train.iters=2", "train.batch_size=2", "train.save_every=2", "data.cache=false",
+                              "data.max_seq_length=128", "data.train_on=all", "data.chat_template=chatml",
+                              "data.valid_fraction=0"])
+    mlx_lora.train(cfg, progress=False, stream=io.StringIO())
+    return out
+
+
+def test_generate_and_eval_take_a_run_folder_alone(tiny_llama, short_run, capsys, monkeypatch):
+    import mlx_lora
+    from cli_harness import run_main
+
+    monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
+    code, out, err = run_main(capsys, ["generate", str(short_run), "--prompt", "Hello", "--max-tokens", "4"])
+    assert code == 0, err
+    assert out == mlx_lora.generate(str(tiny_llama), "Hello", adapter=str(short_run), chat=True, max_tokens=4) + "\n"
+    # --model may also be the run folder; and a checkpoint of the run is read with the run's config.
+    ckpt = next((short_run / "checkpoints").glob("step-*"))
+    data = str(demo_data("chat"))
+    results = {}
+    for name, argv in {"run": [str(short_run)], "as --model": ["--model", str(short_run)],
+                       "checkpoint": [str(ckpt)],
+                       "flags": ["--model", str(tiny_llama), "--adapter", str(short_run), "--max-seq-length", "128",
+                                 "--train-on", "all", "--chat-template", "chatml"],
+                       "longer": [str(short_run), "--max-seq-length", "2048"],
+                       "assistant only": [str(short_run), "--max-seq-length", "2048", "--train-on", "assistant"]
+                       }.items():
+        code, out, err = run_main(capsys, ["eval", *argv, "--data", data, "--json"])
+        assert code == 0, (name, err)
+        results[name] = json.loads(out)
+    same = {k: (v["loss"], v["tokens"]) for k, v in results.items()}
+    assert same["run"] == same["as --model"] == same["flags"], same  # the run's 128 tokens, all of them, ChatML
+    assert same["checkpoint"][1] == same["run"][1]
+    assert same["longer"][1] > same["run"][1] and same["longer"][1] > same["assistant only"][1], same  # flags win
+
+
+def test_no_model_and_no_run_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    from cli_harness import assert_one_error_message, run_main
+
+    monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
+    for argv in (["generate", "--prompt", "hi"], ["eval", "--data", str(demo_data("chat"))], ["chat"]):
+        code, out, err = run_main(capsys, argv)
+        assert_one_error_message(code, out, err, ["no model given", "--model", "run folder"])
+    bare = tmp_path / "adapter"
+    bare.mkdir()
+    (bare / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    code, out, err = run_main(capsys, ["generate", str(bare), "--prompt", "hi"])
+    assert_one_error_message(code, out, err, [str(bare), "does not record its base model", "--model"])
+
+
+def _run_in_terminal(argv: list[str], cwd: Path, keys: bytes = b"", until: bytes = b">>> ") -> tuple[int, str]:
+    import pty
+
+    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1", TERM="dumb")
+    if OPENBLAS:
+        env["LD_PRELOAD"] = OPENBLAS
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(cwd)
+        os.execve(sys.executable, [sys.executable, "-m", "mlx_lora", *argv], env)
+    text, sent = b"", False
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        text += chunk
+        if not sent and until in text:
+            os.write(fd, keys)
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), text.decode(errors="replace").replace("\r\n", "\n")
+
+
+def _serve_until_ready(argv: list[str], cwd: Path) -> tuple[int, list[str]]:
+    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
+    if OPENBLAS:
+        env["LD_PRELOAD"] = OPENBLAS
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lora", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first, models = proc.stdout.readline(), proc.stdout.readline()  # blocks until it serves, or exits
+        proc.send_signal(signal.SIGTERM)  # handled as Ctrl-C: a clean stop
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, [first.strip(), models.strip(), *out.splitlines(), *err.splitlines()]
+
+
+def test_the_quickstarts_last_lines_are_commands_that_run(tiny_llama, short_run, tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from cli_harness import run_main
+    from mlx_lora.quickstart import QuickstartResult, report_lines
+
+    monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
+    res = QuickstartResult(out=str(short_run.parent), model=str(tiny_llama), model_origin="given", before=0.0,
+                           after=1.0, eval_examples=1, steps=2, run_dir=str(short_run))
+    lines = report_lines(res, "You route support tickets. Answer with team/priority.")
+    commands = [shlex.split(l.strip()) for l in lines if l.strip().startswith("mlx-lora ")]
+    assert {c[1] for c in commands} == {"chat", "generate", "eval", "serve"}, lines
+    for argv in commands:
+        argv = argv[1:]
+        assert str(short_run) == argv[1] and "--model" not in argv, argv  # the run folder alone
+        if argv[0] in ("generate", "eval"):
+            code, out, err = run_main(capsys, argv)
+            assert code == 0 and out.strip(), (argv, err)
+        elif argv[0] == "chat":
+            code, shown = _run_in_terminal(argv, tmp_path, keys=b"\x04")  # Ctrl-D at the prompt
+            assert code == 0 and f"chat with {tiny_llama} + adapter {short_run}" in shown, shown
+        else:
+            code, shown = _serve_until_ready(argv + ["--port", "0"], tmp_path)
+            assert code == 0 and shown[0].startswith("serving http://"), shown
+            assert shown[1].split() == ["models", f"{tiny_llama.name},", "support"], shown
+
+
+# ---------------------------------------------------------------------------------------------
+# serve stopped with Ctrl-C shuts down cleanly, also with a reply streaming
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3])  # the abort it guards against came now and then, not always
+def test_serve_stopped_with_ctrl_c_during_a_streamed_reply_exits_cleanly(tiny_llama, tmp_path, attempt):
+    import threading
+
+    import httpx
+
+    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
+    if OPENBLAS:
+        env["LD_PRELOAD"] = OPENBLAS
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lora", "serve", "--model", str(tiny_llama), "--port", "0"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_able)
+    got, streaming, ended = [], threading.Event(), threading.Event()
+    try:
+        url = proc.stdout.readline().split()[1]
+        proc.stdout.readline()
+
+        def client():
+            body = {"model": tiny_llama.name, "messages": [{"role": "user", "content": "Tell me a story"}],
+                    "max_tokens": 3000, "stream": True}
+            try:
+                with httpx.stream("POST", url + "/chat/completions", json=body, timeout=600) as r:
+                    for line in r.iter_lines():
+                        got.append(line)
+                        if line.startswith("data: {"):
+                            streaming.set()
+            except httpx.HTTPError as e:
+                got.append(f"client error: {e}")
+            finally:
+                streaming.set()
+                ended.set()
+
+        threading.Thread(target=client, daemon=True).start()
+        assert streaming.wait(600), "no reply started"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=600)
+        assert ended.wait(600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "terminate called" not in err and "Traceback" not in err and "ERROR" not in err, err
+    assert out.strip().endswith("server stopped"), out
+    assert [l for l in got if l.strip()][-1] == "data: [DONE]", got[-3:]  # the stream ended, it was not cut
