@@ -213,36 +213,9 @@ def test_a_quiet_stretch_and_a_quiet_command_show_nothing(tiny_llama, tmp_path, 
 
 
 def test_eval_shows_a_bar_on_a_terminal(tiny_llama, tmp_path):
-    import pty
-
-    env = _fresh_env(MLX_LORA_PROGRESS_DELAY="0", MLX_LORA_NO_BLAS_REEXEC="1", TERM="dumb")
-    if OPENBLAS:
-        env["LD_PRELOAD"] = OPENBLAS
-    pid, fd = pty.fork()
-    if pid == 0:
-        import fcntl
-        import struct
-        import termios
-
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal 80 columns wide
-        os.chdir(tmp_path)
-        os.execve(sys.executable, [sys.executable, "-m", "mlx_lora", "eval", "--model", str(tiny_llama), "--data",
-                                   str(demo_data("chat"))], env)
-    text = b""
-    try:
-        while True:  # until the command closes the terminal
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            text += chunk
-    finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    shown = text.decode(errors="replace")
-    assert os.waitstatus_to_exitcode(status) == 0, shown
+    code, shown = _run_in_terminal(["eval", "--model", str(tiny_llama), "--data", str(demo_data("chat"))], tmp_path,
+                                   MLX_LORA_PROGRESS_DELAY="0")
+    assert code == 0, shown
     assert "eval:" in shown and "8/8" in shown and "|" in shown, shown  # tqdm's bar, drawn in place
     assert "eval: 8/8 batches (" not in shown  # not the plain lines of a pipe
 
@@ -347,31 +320,9 @@ def test_generate_says_what_happened_when_the_answer_is_empty(tiny_llama, capsys
 
 @pytest.mark.parametrize("columns", [80, 120])
 def test_recipes_list_fits_the_terminal_and_keeps_scripts_apart(tmp_path, columns):
-    import fcntl  # noqa: F401  (the child sets the window size through it)
-    import pty
-
-    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1", TERM="dumb")
-    env.pop("COLUMNS", None)
-    pid, fd = pty.fork()
-    if pid == 0:
-        import struct
-        import termios
-
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-        os.execve(sys.executable, [sys.executable, "-m", "mlx_lora", "recipes", "list"], env)
-    text = b""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        text += chunk
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    lines = text.decode().replace("\r\n", "\n").splitlines()
-    assert os.waitstatus_to_exitcode(status) == 0, lines
+    code, shown = _run_in_terminal(["recipes", "list"], tmp_path, columns=columns)
+    lines = shown.splitlines()
+    assert code == 0, lines
     assert max(len(l) for l in lines) <= columns, [l for l in lines if len(l) > columns]
     from mlx_lora.recipes import list_recipes
 
@@ -448,30 +399,49 @@ def test_no_model_and_no_run_is_one_clear_line(tmp_path, capsys, monkeypatch):
     assert_one_error_message(code, out, err, [str(bare), "does not record its base model", "--model"])
 
 
-def _run_in_terminal(argv: list[str], cwd: Path, keys: bytes = b"", until: bytes = b">>> ") -> tuple[int, str]:
+def _run_in_terminal(argv: list[str], cwd: Path, keys: bytes = b"", until: bytes = b">>> ", columns: int = 80,
+                     **env_extra) -> tuple[int, str]:
+    """Run ``mlx-lora ARGV`` on a pseudo-terminal ``columns`` wide; type ``keys`` once ``until`` shows.
+    Waits on the output itself; the deadline only ends a truly stuck command."""
+    import fcntl
     import pty
+    import select
+    import struct
+    import termios
 
-    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1", TERM="dumb")
+    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1", TERM="dumb", **env_extra)
+    env.pop("COLUMNS", None)
     if OPENBLAS:
         env["LD_PRELOAD"] = OPENBLAS
     pid, fd = pty.fork()
     if pid == 0:
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
         os.chdir(cwd)
         os.execve(sys.executable, [sys.executable, "-m", "mlx_lora", *argv], env)
-    text, sent = b"", False
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        text += chunk
-        if not sent and until in text:
-            os.write(fd, keys)
-            sent = True
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
+    text, sent, end = b"", not keys, time.monotonic() + 600
+    finished = False
+    try:
+        while True:
+            assert time.monotonic() < end, f"stuck: {text[-2000:]!r}"
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the command closed the terminal
+                break
+            if not chunk:
+                break
+            text += chunk
+            if not sent and until in text:
+                os.write(fd, keys)
+                sent = True
+        finished = True
+    finally:
+        if not finished:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
     return os.waitstatus_to_exitcode(status), text.decode(errors="replace").replace("\r\n", "\n")
 
 
