@@ -581,7 +581,9 @@ def _server_class():
             self.engine = engine
 
         def handle_exit(self, sig, frame) -> None:
-            self.engine.stop()
+            # Not in the handler itself: it interrupts the main thread anywhere, perhaps holding the
+            # very lock (a queue's, an event's) that stopping the engine takes.
+            threading.Thread(target=self.engine.stop, name="mlx-lora-stop", daemon=True).start()
             super().handle_exit(sig, frame)
             captured = getattr(self, "_captured_signals", None)
             if isinstance(captured, list):
