@@ -88,10 +88,12 @@ class Comparison:
 
     def line(self) -> str:
         mark = "ok" if self.ok else "FAILED"
+        # Each limit sits next to the statistic it judges; the worst position is shown, not judged.
         return (f"verify {self.what} [{self.kind}]: top-1 agreement {self.top1_agreement:.1%} over "
-                f"{self.positions} positions, relative logit error {self.typical_rel_error:.2e} at the "
-                f"{PERCENTILE}th-percentile position, {self.max_rel_error:.2e} at the worst "
-                f"(limits: >= {self.threshold.min_top1:.0%}, <= {self.threshold.rel_error:.2g}) {mark}")
+                f"{self.positions} positions (needs >= {self.threshold.min_top1:.0%}), relative logit error "
+                f"{self.typical_rel_error:.2e} at the {PERCENTILE}th-percentile position (needs <= "
+                f"{self.threshold.rel_error:.2g}); {self.max_rel_error:.2e} at the worst position (shown, not "
+                f"judged): {mark}")
 
 
 @dataclass

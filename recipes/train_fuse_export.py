@@ -28,12 +28,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlx_lora.commands import api
-from mlx_lora import config
-from mlx_lora.plumbing.errors import MlxLoraError
+from mlx_lora.plumbing.backend import reexec_with_openblas
 
-from mlx_lora.converters.fuse import fuse
-from mlx_lora.converters.packaging import export_ollama
+# Before MLX loads: on Linux CPUs start again with a system OpenBLAS preloaded when one is
+# installed (MLX's bundled reference BLAS is ~40x slower); elsewhere this does nothing.
+if __name__ == "__main__":
+    reexec_with_openblas()
+
+from mlx_lora import config  # noqa: E402  (after the BLAS choice above)
+from mlx_lora.commands import api  # noqa: E402
+from mlx_lora.plumbing.errors import MlxLoraError  # noqa: E402
+
+from mlx_lora.converters.fuse import fuse  # noqa: E402
+from mlx_lora.converters.packaging import export_ollama  # noqa: E402
+
+EXIT_INTERRUPTED = 130  # as a shell reports a Ctrl-C
+
+
+class Interrupted(Exception):
+    """Training stopped early (Ctrl-C, SIGTERM): its adapter is partial, so nothing is fused or exported."""
 
 
 def log(msg: str) -> None:
@@ -52,7 +65,10 @@ def run(args) -> dict:
     cfg = build_config(args)
     run_dir = Path(cfg.out)
     log(f"== train: {cfg.model.path} on {cfg.data.path} -> {run_dir}")
-    api.train(cfg, resume=args.resume, overwrite=args.overwrite)
+    result = api.train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if result.interrupted:
+        raise Interrupted(f"training was interrupted at step {result.steps}; the adapter is partial, so it was "
+                          f"not fused or exported. Continue with the same command and --resume")
 
     fused_dir = args.out / "fused"
     log(f"== fuse -> {fused_dir}")
@@ -99,6 +115,12 @@ def main(argv=None) -> int:
     except MlxLoraError as e:
         log(f"error: {e}")
         return e.exit_code
+    except Interrupted as e:
+        log(f"stopped: {e}")
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # during fuse or export: their outputs are written atomically
+        log("stopped: interrupted; what was written before is complete, the step in progress was not kept")
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -38,6 +38,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the terminal is its controlling tty, Ctrl-C sends it SIGINT
             os.chdir(cwd)
+            # Started as CI runners and `cmd &` in a script start it: with SIGINT inherited ignored
+            # (Python then installs no handler). Ctrl-C typed into the chat must still reach it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             os.execve(sys.executable, [sys.executable, "-m", "mlx_lora", *argv], env)
         self.text = ""
         self.arrivals: list[tuple[float, int]] = []  # (time, length of self.text) after each read
@@ -57,7 +60,7 @@ class Terminal:
         self.arrivals.append((time.monotonic(), len(self.text)))
         return True
 
-    def expect(self, needle: str, timeout: float = 60) -> str:
+    def expect(self, needle: str, timeout: float = 300) -> str:
         """Wait until ``needle`` appears after the last match; return the text up to it."""
         end = time.monotonic() + timeout
         while needle not in self.text[self.mark:]:
@@ -81,7 +84,7 @@ class Terminal:
         self.expect(line + "\n")  # the terminal's echo
         return self.expect(">>> ")
 
-    def wait(self, timeout: float = 60) -> int:
+    def wait(self, timeout: float = 300) -> int:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -186,14 +189,13 @@ def test_replies_stream_and_ctrl_c_stops_a_reply_not_the_chat(terminal, tiny_lla
     t.send("Tell me a long story\n")
     t.expect("Tell me a long story\n")
     start = len(t.text)
-    while len(t.text) - start < 20:
-        t._read(30)
-    first = time.monotonic()
-    while time.monotonic() - first < 0.6:
-        t._read(0.1)
-    # More text arrived after the first, and the reply is still going: it streams.
-    assert len(t.text) > start + 20 and ">>> " not in t.text[start:], t.text[start:]
-    assert len([a for a in t.arrivals if a[1] > start]) >= 3
+    # The reply arrives in pieces (at least 3 reads), before it has ended: it streams. Waits on
+    # the text itself; the deadline only ends a truly stuck chat.
+    end = time.monotonic() + 300
+    while len(t.text) - start < 20 or len([a for a in t.arrivals if a[1] > start]) < 3:
+        assert time.monotonic() < end, t.text[start:]
+        t._read(1)
+    assert ">>> " not in t.text[start:], t.text[start:]
     t.send("\x03")
     t.expect("[reply stopped; this exchange is left out of the history]")
     t.expect(">>> ")

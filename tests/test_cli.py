@@ -19,7 +19,7 @@ from mlx_lora.plumbing.backend import find_openblas
 from mlx_lora.commands.cli import cli
 
 
-def run_cli(*args, cwd: Path, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+def run_cli(*args, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
     full_env.pop("MLX_LORA_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "mlx_lora", *args], cwd=cwd, env=full_env,
@@ -54,7 +54,7 @@ def test_help_lists_commands_without_importing_mlx_lm(tmp_path):
     probe = ("import sys; from click.testing import CliRunner; from mlx_lora.commands.cli import cli; "
              "r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0, r.output; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx_lm', 'transformers', 'torch')))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 

@@ -112,3 +112,28 @@ def test_progress_line_shows_slow_rates_with_a_decimal(rate, shown):
         "step": 1, "total_steps": 2, "loss": 1.0, "lr": 1e-4, "tokens_per_s": rate, "eta_s": 10.0,
         "peak_memory_gb": 0.5})
     assert shown in out.getvalue() and "  0 tok/s" not in out.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["auto", "false"])
+def test_dry_run_measures_and_names_the_compute_path_training_takes(q4, chat8, tmp_path, capsys, monkeypatch, mode):
+    """`train --dry-run` loads the base as training does: its compute line is training's, and the
+    steps it times run on that path (dequantized layers when training dequantizes)."""
+    from cli_harness import run_main
+    from mlx_lora.training import estimate as estimate_module
+
+    monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
+    trained = _train(q4, chat8, tmp_path / "trained", mode)
+    measured = []
+    real_timed = estimate_module._timed
+
+    def timed(trainer, batch):  # the model whose steps the dry run times
+        measured.append(_quantized(trainer.model))
+        return real_timed(trainer, batch)
+
+    monkeypatch.setattr(estimate_module, "_timed", timed)
+    code, out, err = run_main(capsys, ["train", "--dry-run", "--model", str(q4), "--data", str(chat8), "--out",
+                                       str(tmp_path / "dry"), "--iters", "2", "--batch-size", "4", "--set",
+                                       f"model.dequantize_on_cpu={mode}", "--set", "data.valid_fraction=0"])
+    assert code == 0, err
+    assert [l for l in out.splitlines() if l.startswith("compute")] == trained, out
+    assert measured and all((n == 0) == (mode == "auto") for n in measured), measured

@@ -220,7 +220,7 @@ def test_pass_at_1_rows_through_eval_generate(tiny_llama, tmp_path, monkeypatch,
                "    return 4"]
     monkeypatch.setattr(evaluation, "generate", lambda model, tok, prompts, max_tokens, **kw: answers[:len(prompts)])
     out = tmp_path / "code-outputs.jsonl"
-    summary = mlx_lora.evaluate_generate(str(tiny_llama), str(data), timeout_s=2.0, out=str(out), log=None)
+    summary = mlx_lora.evaluate_generate(str(tiny_llama), str(data), timeout_s=10.0, out=str(out), log=None)
     assert summary["metrics"] == ["pass@1"] and "tests" in summary["metric_reason"]
     assert summary["scores"] == {"base": {"pass@1": 0.25}}
     records = [json.loads(l) for l in out.read_text().splitlines()]

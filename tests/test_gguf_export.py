@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -513,6 +514,12 @@ def test_cli_export_gguf(tmp_path, tiny_llama):
                                  str(tmp_path / "x.q8_0.gguf"), "--type", "q8_0"])
     assert r.exit_code == 0, r.output
     assert "verify GGUF [q8_0]" in r.output and (tmp_path / "x.q8_0.gguf").is_file()
+    # The check line puts each limit next to the statistic it judges: it never reads like a failure that passed.
+    check = next(l for l in r.output.splitlines() if l.startswith("verify GGUF [q8_0]"))
+    assert re.search(r"top-1 agreement [\d.]+% over \d+ positions \(needs >= 80%\), relative logit error "
+                     r"\S+ at the 90th-percentile position \(needs <= 0\.06\); \S+ at the worst position "
+                     r"\(shown, not judged\): ok$", check), check
+    assert "limits:" not in check
     r = CliRunner().invoke(cli, ["export", "gguf", "--model", str(tiny_llama), "--out", str(tmp_path / "y.gguf"),
                                  "--type", "q9"])
     assert r.exit_code != 0 and "q9" in r.output

@@ -248,11 +248,11 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted_run(setup, tmp_path):
                 break
             if phase == "sigterm":
                 proc.send_signal(signal.SIGTERM)  # handled like Ctrl-C: save, then exit 130
-                assert proc.wait(timeout=120) == 130, proc.stderr.read()
+                assert proc.wait(timeout=300) == 130, proc.stderr.read()
                 assert "interrupted at step" in proc.stderr.read()
             else:
                 proc.kill()
-                assert proc.wait(timeout=60) == -signal.SIGKILL
+                assert proc.wait(timeout=300) == -signal.SIGKILL
                 kills += 1
         finally:
             if proc.poll() is None:

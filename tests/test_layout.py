@@ -249,3 +249,10 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     assert {"train_fuse_export.py", "prepare_data.py"} <= recipes
     assert "mlx_lora/templates/chatml.jinja" in names
     assert any(n.startswith("mlx_lora/demo_data/triage/") for n in names)
+    assert {Path(n).name for n in names if n.startswith("mlx_lora/demo_data/")} >= \
+        {p.name for p in (ROOT / "mlx_lora" / "demo_data").rglob("*.jsonl")}
+    # The build is quiet: no deprecation (the license is an SPDX expression), no data folder left
+    # out of the packages; and the metadata says MIT in the field tools read.
+    assert "Deprecat" not in r.stderr and "absent from the `packages`" not in r.stderr, r.stderr[-3000:]
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: MIT" in metadata.splitlines()

@@ -90,19 +90,18 @@ def test_pass_at_1_passes_fails_and_times_out():
     assert M.pass_at_1("```python\ndef f(x):\n    return 2 * x\n```", tests, 10) == (1.0, "passed")
     assert M.pass_at_1("def f(x):\n    return x + 2", tests, 10) == (0.0, "failed")
     assert M.pass_at_1("this is not python", tests, 10) == (0.0, "failed")
-    t0 = time.perf_counter()
     assert M.pass_at_1("def f(x):\n    while True:\n        pass", tests, 1.5) == (0.0, "timeout")
-    assert time.perf_counter() - t0 < 8
 
 
 def test_a_crash_or_a_child_left_running_is_a_fail_that_does_not_hang():
     assert M.pass_at_1("import os\nos.kill(os.getpid(), 9)", "", 10) == (0.0, "crashed")
     # A child holding the output open past the timeout: the whole group is killed.
-    code = "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n" \
-           "import time\ntime.sleep(60)"
+    code = "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n" \
+           "import time\ntime.sleep(600)"
     t0 = time.perf_counter()
     assert M.pass_at_1(code, "", 1.0)[1] == "timeout"
-    assert time.perf_counter() - t0 < 8
+    # Generous: only a call that waited for the 600 s child (the stuck case) is this slow.
+    assert time.perf_counter() - t0 < 300
 
 
 def test_code_runs_in_a_fresh_folder_with_a_clean_environment(tmp_path, monkeypatch):
@@ -155,7 +154,7 @@ def test_code_cannot_reach_the_network():
             assert not result.passed, result.output
     finally:
         stop.set()
-        t.join(2)
+        t.join(120)  # the accept loop sees stop within its 0.2 s socket timeout
         server.close()
     if network_isolation() is not None or containment().contained:
         assert hits == []

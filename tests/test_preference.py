@@ -421,7 +421,7 @@ def test_two_ranks_take_the_step_of_one_rank_with_the_same_pairs(memo_model, pre
         "train.iters": 4, "train.lr": 3e-3, "train.seed": 1, "train.batch_size": 2}), progress=False)
     cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()), "--python",
            sys.executable, "-m", "mlx_lora", "train", *args, "--batch-size", "1", "--out", str(two), "--distributed",
-           "--dist-timeout", "60"]
+           "--dist-timeout", "300"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=400)
     assert res.returncode == 0, res.stdout + res.stderr
     rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731

@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+import threading
 import zipfile
 from pathlib import Path
 
@@ -105,10 +105,12 @@ def test_hub_first_then_pypi_with_a_one_line_reason(tmp_path, monkeypatch):
 
 
 def test_a_hub_that_does_not_answer_is_abandoned_after_the_timeout():
-    t0 = time.perf_counter()
-    with pytest.raises(TimeoutError):
-        hub.with_deadline(lambda: time.sleep(30), 0.3)
-    assert time.perf_counter() - t0 < 5
+    silent = threading.Event()  # what never answers while the test runs
+    try:
+        with pytest.raises(TimeoutError):
+            hub.with_deadline(lambda: silent.wait(600), 0.3)
+    finally:
+        silent.set()
     assert hub.with_deadline(lambda: 42, 5) == 42
     with pytest.raises(KeyError):
         hub.with_deadline(lambda: {}["missing"], 5)
@@ -120,11 +122,13 @@ def test_hub_snapshot_gives_up_on_a_silent_hub(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("not cached")))
-    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: time.sleep(30))
-    t0 = time.perf_counter()
-    with pytest.raises(TimeoutError):
-        qs.hub_snapshot("org/model", timeout_s=0.2)
-    assert time.perf_counter() - t0 < 6
+    silent = threading.Event()
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: silent.wait(600))
+    try:
+        with pytest.raises(TimeoutError):
+            qs.hub_snapshot("org/model", timeout_s=0.2)
+    finally:
+        silent.set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +182,7 @@ def test_quickstart_pipeline_on_a_tiny_model(tiny_llama, tmp_path):
 
 
 # The real model, exactly as a newcomer runs it: the recipe's defaults, the 60 held-out tickets.
-# Measured on a quiet 2-core x86 CPU: 0.0% -> 90.0% exact match in 6.9 min (see the README).
+# Measured on a 2-core x86 CPU shared with other jobs: 0.0% -> 88.3% exact match in 9.6 min (see the README).
 @pytest.mark.slow
 def test_quickstart_on_smollm2_improves_accuracy_widely(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # CI has no hub: exercise the PyPI fallback

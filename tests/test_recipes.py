@@ -212,12 +212,18 @@ def test_list_show_copy_through_the_cli(tmp_path):
     runner = CliRunner()
     r = runner.invoke(cli, ["recipes", "list"])
     assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    scripts_from = lines.index("script")
     for recipe in list_recipes():
-        line = next(l for l in r.output.splitlines() if l.startswith(recipe.name + " "))
-        assert recipe.get("task", recipe.kind) in line
-        assert recipe.description[:30] in line
-        if recipe.kind == "config":
-            assert recipe.get("model") in line and recipe.get("memory").split(" (")[0] in line
+        i = next(i for i, l in enumerate(lines) if l.startswith(recipe.name + " "))
+        if recipe.kind == "config":  # the table of recipes, task and description below each
+            assert i < scripts_from
+            line, below = lines[i], lines[i + 1]
+            memory = recipe.get("memory").split(" (")[0].removesuffix(" peak").lstrip("~")
+            assert recipe.get("model") in line and memory in line and recipe.get("fits") in line
+            assert below.startswith(f"    {recipe.get('task')}: ") and recipe.description[:30] in below
+        else:  # the scripts, apart
+            assert i > scripts_from and recipe.description[:30] in lines[i]
 
     r = runner.invoke(cli, ["recipes", "show", "chat-sft"])
     assert r.exit_code == 0 and r.output == (RECIPES / "chat-sft.yaml").read_text()

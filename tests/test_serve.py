@@ -71,21 +71,21 @@ def server(tiny_llama, adapter_dirs):
     srv = uvicorn.Server(uvicorn.Config(serve.create_app(engine), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    end = time.monotonic() + 30
+    end = time.monotonic() + 300
     while not srv.started and time.monotonic() < end:
         time.sleep(0.05)
     assert srv.started
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     yield url, engine
     srv.should_exit = True
-    thread.join(timeout=10)
+    thread.join(timeout=120)
     engine.close()
     sock.close()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[0], api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=server[0], api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_concurrent_requests_for_different_adapters_get_their_own_answers(client
 
 def _post(url: str, path: str, content) -> httpx.Response:
     data = content if isinstance(content, (bytes, str)) else json.dumps(content)
-    return httpx.post(url + path, content=data, headers={"Content-Type": "application/json"}, timeout=60)
+    return httpx.post(url + path, content=data, headers={"Content-Type": "application/json"}, timeout=300)
 
 
 def _error(r: httpx.Response, status: int, param=None) -> str:
@@ -245,9 +245,9 @@ def test_the_serve_command_prints_its_url_and_models_and_stops_on_ctrl_c(tiny_ll
         assert first.startswith("serving http://127.0.0.1:"), first + proc.stderr.read()
         assert proc.stdout.readline().split() == ["models", "llama,", "alpha"]
         url = first.split()[1]
-        assert [m["id"] for m in httpx.get(url + "/models", timeout=30).json()["data"]] == ["llama", "alpha"]
+        assert [m["id"] for m in httpx.get(url + "/models", timeout=300).json()["data"]] == ["llama", "alpha"]
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=300) == 0
         assert proc.stdout.read().strip() == "server stopped"
     finally:
         proc.kill()

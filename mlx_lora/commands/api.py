@@ -5,11 +5,12 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterable, Optional, TextIO
+from typing import Callable, Iterable, Optional, TextIO
 
 from mlx_lora.config import Config, validate
 from mlx_lora.inference.loading import attach_adapter, eval_data_file, load_for_inference  # noqa: F401 (public API)
 from mlx_lora.plumbing.errors import CheckpointError, MlxLoraError
+from mlx_lora.commands.run_inputs import read_run
 
 
 def _log(msg: str, stream: Optional[TextIO] = None) -> None:
@@ -178,6 +179,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     callbacks = own + list(callbacks)
     trainer = Trainer(model, cfg, splits.train, splits.valid, run, save_adapter=save_adapter,
                       callbacks=callbacks, group=group, sync=sync)
+    trainer.progress, trainer.progress_stream = progress, stream
 
     if resume:
         loaded = None
@@ -212,6 +214,11 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         run.write_config(config_mod.to_yaml(cfg))
     for line in banner_lines(cfg, info, trainable, total, splits, trainer.total_steps, group.size()):
         log(line)
+    from mlx_lora.training.trainer import warmup_warning
+
+    warmup = warmup_warning(cfg.train, trainer.total_steps)
+    if warmup:
+        log(f"WARNING: {warmup}")
     from mlx_lora.data.shapes import epoch_stats
 
     log(f"shapes    {trainer.shapes.chosen}; first epoch: {epoch_stats(trainer.plan, trainer.shapes, trainer.micro_batches).line()}")
@@ -276,18 +283,31 @@ def _interrupted_message(result, run) -> str:
 
 
 def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch_size: int = 4,
-             max_seq_length: int = 2048, train_on: str = "assistant", chat_template: Optional[str] = None,
-             max_batches: Optional[int] = None, dtype: str = "auto", strict: bool = False,
-             columns: Optional[dict] = None, trust_remote_code: bool = False) -> dict:
+             max_seq_length: Optional[int] = None, train_on: Optional[str] = None,
+             chat_template: Optional[str] = None, max_batches: Optional[int] = None, dtype: str = "auto",
+             strict: bool = False, columns: Optional[dict] = None, trust_remote_code: bool = False) -> dict:
     """Token-weighted loss and perplexity of (model + adapter) on a JSONL file or data folder, or the
     test (else validation) split of a data set (hf: id or save_to_disk folder); on
-    preference pairs, DPO's loss (beta 0.1) and reward accuracy, margin and log-probs against the base."""
+    preference pairs, DPO's loss (beta 0.1) and reward accuracy, margin and log-probs against the base.
+
+    ``max_seq_length``, ``train_on`` and ``chat_template`` left out are the run's (its
+    ``config.yaml``, when ``adapter`` is a run folder or one of its checkpoints), else the defaults."""
+    import dataclasses
     import math
 
     from mlx_lora.config import BOUNDS, CHOICES, INT_CAP, Bound, Config, DataConfig, ModelConfig, TrainConfig, check_options
     from mlx_lora.data.examples import load_jsonl_dataset
     from mlx_lora.training.losses import make_loss
     from mlx_lora.training.trainer import evaluate as evaluate_loss
+
+    recorded = read_run(adapter) if adapter else None
+    defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+    if max_seq_length is None:
+        max_seq_length = (recorded and recorded.max_seq_length) or defaults["max_seq_length"]
+    if train_on is None:
+        train_on = (recorded and recorded.train_on) or defaults["train_on"]
+    if chat_template is None and recorded is not None:
+        chat_template = recorded.chat_template
 
     # Before the model loads: batch size 0 would fail deep in the batching, and 0 batches would
     # report a loss of nan as if it were a result.
@@ -322,12 +342,13 @@ def evaluate(model_path: str, data: str, adapter: Optional[str] = None, *, batch
                                                                                       method="dpo"))
         extra: dict = {}
         loss, pairs = evaluate_loss(model, preference_loss(model, Objective.from_config(cfg.train),
-                                                           cfg.train.loss_chunk_tokens), ds, cfg,
-                                    max_batches=max_batches, metrics=extra)
+                                                           cfg.train.loss_chunk_tokens, training=False), ds, cfg,
+                                    max_batches=max_batches, metrics=extra, desc="eval")
         return {"loss": loss, "pairs": pairs, "examples": len(ds), "path": ds.stats.path if hub else str(path),
                 **{k.removeprefix("val_"): v for k, v in extra.items()}}
     cfg = Config(model=ModelConfig(path=model_path), data=dcfg, train=TrainConfig(batch_size=batch_size))
-    loss, ntoks = evaluate_loss(model, make_loss(model, cfg.train.loss_chunk_tokens), ds, cfg, max_batches=max_batches)
+    loss, ntoks = evaluate_loss(model, make_loss(model, cfg.train.loss_chunk_tokens, training=False), ds, cfg,
+                                max_batches=max_batches, desc="eval")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": ntoks, "examples": len(ds),
             "path": ds.stats.path if hub else str(path)}
 
@@ -341,12 +362,15 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
     return run(model_path, data, adapter, **options)
 
 
-def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat: bool = False,
+def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, chat=False,
              system: Optional[str] = None, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, dtype: str = "auto", stream: bool = False, model_and_tokenizer=None,
-             strict: bool = False, trust_remote_code: bool = False):
+             strict: bool = False, trust_remote_code: bool = False, note: Optional[Callable[[str], None]] = None):
     """Generate a continuation (greedy by default). With ``chat`` the prompt is wrapped in the
-    tokenizer's chat template as a user turn. Yields text pieces when ``stream``."""
+    tokenizer's chat template as a user turn; ``chat="auto"`` does so when the tokenizer has a
+    template and the prompt carries none of its special tokens (a chat-tuned model answers a bare
+    question with an end of turn at once), and tells ``note`` which it chose. Yields text pieces
+    when ``stream``."""
     from mlx_lora.config import CHOICES, check_options
     from mlx_lora.inference.generation import sampling_checks, stream as stream_text
     from mlx_lora.inference.evaluation import bound_prompt, context_length
@@ -369,6 +393,11 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
         context = context_length(vars(args)) if args is not None and hasattr(args, "__dict__") else None
     # The prompt must leave room for --max-tokens in the model's context (checked before a long
     # text is tokenized: see evaluation.bound_prompt).
+    if chat == "auto":
+        chat = wants_chat_template(tokenizer, prompt)
+        if chat and note is not None:
+            note("chat template applied: the model has one and the prompt is plain text (--raw continues the "
+                 "text as it is)")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise MlxLoraError(f"{model_path}: the tokenizer has no chat template; drop --chat")
@@ -382,6 +411,19 @@ def generate(model_path: str, prompt: str, adapter: Optional[str] = None, *, cha
     pieces = stream_text(model, tokenizer, list(prompt_tokens), max_tokens=max_tokens, temperature=temperature,
                          top_p=top_p, seed=seed)
     return pieces if stream else "".join(pieces)
+
+
+def wants_chat_template(tokenizer, prompt: str) -> bool:
+    """Whether a prompt for ``generate`` should go through the chat template: the tokenizer has
+    one, and the prompt is plain text rather than already templated (it holds none of the
+    tokenizer's special tokens, such as ``<|im_start|>``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    special = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    special.update(getattr(tokenizer, "additional_special_tokens", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special.update(str(getattr(t, "content", t)) for t in added.values() if getattr(t, "special", False))
+    return not any(s and len(s) > 1 and s in prompt for s in special)
 
 
 def doctor() -> dict:

@@ -13,6 +13,7 @@ an answer. Ctrl-C or Ctrl-D at the prompt ends the chat.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ import click
 
 from mlx_lora.commands.cli import sampling_options
 from mlx_lora.plumbing.errors import MlxLoraError
+from mlx_lora.plumbing.interrupts import ctrl_c_on_terminal
+from mlx_lora.commands.run_inputs import resolve
 
 HELP = """commands:
   /reset         forget the conversation (the system message stays)
@@ -189,7 +192,8 @@ def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optio
     model, tokenizer, info = load_for_inference(model_path, adapter, strict=strict, stream=err,
                                                 dequantize_on_cpu="auto", trust_remote_code=trust_remote_code)
     template = chat_template_for(tokenizer, chat_template, model_path)
-    if _readline_wanted(read):
+    interactive = _readline_wanted(read)
+    if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
@@ -197,8 +201,11 @@ def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optio
     err.write(f"chat with {model_path}" + (f" + adapter {adapter}" if adapter else "")
               + f" ({template.name}); /help for commands, Ctrl-D to leave\n")
     err.flush()
-    return run_chat(model, tokenizer, template, system=system, max_tokens=max_tokens, temperature=temperature,
-                    top_p=top_p, seed=seed, read=read, out=out, context=context_length(info.config))
+    # Ctrl-C is how a reply is stopped and the chat left, also when SIGINT was inherited ignored.
+    with ctrl_c_on_terminal() if interactive else contextlib.nullcontext():
+        return run_chat(model, tokenizer, template, system=system, max_tokens=max_tokens,
+                        temperature=temperature, top_p=top_p, seed=seed, read=read, out=out,
+                        context=context_length(info.config))
 
 
 def _readline_wanted(read) -> bool:
@@ -206,14 +213,23 @@ def _readline_wanted(read) -> bool:
 
 
 @click.command(name="chat")
-@click.option("--model", required=True, help="Base, fused or quantized model (folder, repo id or .gguf).")
-@click.option("--adapter", help="Adapter or run folder.")
-@click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template.")
+@click.argument("run", required=False)
+@click.option("--model", help="Base, fused or quantized model (folder, repo id or .gguf) "
+                              "[default: the one RUN or --adapter records].")
+@click.option("--adapter", help="Adapter or run folder (or give it as RUN).")
+@click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template "
+                                      "[default: the run's data.chat_template].")
 @click.option("--system", help="System message for the conversation.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="At most this many new tokens a reply.")
 @sampling_options
-def chat_command(model, adapter, chat_template, system, max_tokens, temperature, top_p, seed, strict,
+def chat_command(run, model, adapter, chat_template, system, max_tokens, temperature, top_p, seed, strict,
                  trust_remote_code):
-    """Chat with a model (and adapter) in the terminal; replies stream as they are made."""
+    """Chat with a model (and adapter) in the terminal; replies stream as they are made.
+
+    RUN, a run folder (e.g. runs/quickstart/run), is the adapter and names its base model; the
+    chat template it trained with is used unless --chat-template says otherwise."""
+    model, adapter, recorded = resolve(model, adapter, run)
+    if chat_template is None and recorded is not None:
+        chat_template = recorded.chat_template
     chat(model, adapter, chat_template=chat_template, system=system, max_tokens=max_tokens,
          temperature=temperature, top_p=top_p, seed=seed, strict=strict, trust_remote_code=trust_remote_code)

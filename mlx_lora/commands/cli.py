@@ -202,35 +202,61 @@ def sampling_options(f):
 
 
 @cli.command()
-@click.option("--model", required=True, help="Base model (folder, repo id or .gguf).")
-@click.option("--adapter", "--adapter-path", "adapter", help="Adapter or run folder (PEFT or mlx-lm layout).")
+@click.argument("run", required=False)
+@click.option("--model", help="Base model (folder, repo id or .gguf) [default: the one RUN or --adapter records].")
+@click.option("--adapter", "--adapter-path", "adapter",
+              help="Adapter or run folder, PEFT or mlx-lm layout (or give it as RUN).")
 @click.option("--prompt", required=True, help="Prompt text ('-' reads standard input).")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template as a user turn.")
+@click.option("--chat/--raw", default=None,
+              help="Wrap the prompt in the chat template as a user turn, or continue it as raw text "
+                   "[default: --chat when the model has a chat template and the prompt is plain text].")
 @click.option("--system", help="System message (with --chat).")
 @click.option("--max-tokens", type=int, default=256, show_default=True, help="At most this many new tokens (>= 1).")
 @sampling_options
-def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_p, seed, strict, trust_remote_code):
-    """Generate text with a model and optional adapter (streams to standard output)."""
-    from mlx_lora.commands import api
+def generate(run, model, adapter, prompt, chat, system, max_tokens, temperature, top_p, seed, strict,
+             trust_remote_code):
+    """Generate text with a model and optional adapter (streams to standard output).
 
+    RUN, a run folder (e.g. runs/quickstart/run), is the adapter and names its base model."""
+    from mlx_lora.commands import api
+    from mlx_lora.commands.run_inputs import resolve
+
+    model, adapter, _ = resolve(model, adapter, run)
     if prompt == "-":
         prompt = sys.stdin.read()
-    for piece in api.generate(model, prompt, adapter, chat=chat, system=system, max_tokens=max_tokens,
-                              temperature=temperature, top_p=top_p, seed=seed, stream=True, strict=strict,
-                              trust_remote_code=trust_remote_code):
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        click.echo(text, err=True)
+
+    shown = ""
+    for piece in api.generate(model, prompt, adapter, chat="auto" if chat is None else chat, system=system,
+                              max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stream=True,
+                              strict=strict, note=note, trust_remote_code=trust_remote_code):
+        shown += piece
         click.echo(piece, nl=False)
     click.echo()
+    if not shown.strip():
+        how = ("with the chat template applied" if notes or chat else
+               "as raw text; a chat-tuned model usually wants --chat")
+        click.echo(f"the model answered with no text (it ended at once, prompt taken {how}); "
+                   f"try another prompt, or more --max-tokens", err=True)
 
 
 @cli.command(name="eval")
-@click.option("--model", required=True)
-@click.option("--adapter", "--adapter-path", "adapter", help="Adapter or run folder (PEFT or mlx-lm layout).")
+@click.argument("run", required=False)
+@click.option("--model", help="Base model [default: the one RUN or --adapter records].")
+@click.option("--adapter", "--adapter-path", "adapter",
+              help="Adapter or run folder, PEFT or mlx-lm layout (or give it as RUN).")
 @click.option("--data", required=True, help="JSONL file, a folder with test.jsonl / valid.jsonl, or a data set "
               "(hf: id or save_to_disk folder: its @split, test or validation split).")
 @click.option("--batch-size", type=int, help="Rows per batch [default: 4; 16 with --generate].")
-@click.option("--max-seq-length", type=int, default=2048, show_default=True)
-@click.option("--train-on", type=click.Choice(["assistant", "last", "all"]), default="assistant", show_default=True)
-@click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template.")
+@click.option("--max-seq-length", type=int, help="[default: the run's data.max_seq_length, else 2048]")
+@click.option("--train-on", type=click.Choice(["assistant", "last", "all"]),
+              help="Which tokens the loss covers [default: the run's data.train_on, else assistant].")
+@click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template "
+                                      "[default: the run's data.chat_template].")
 @click.option("--max-batches", type=int, help="Evaluate at most this many batches (>= 1; default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
@@ -253,15 +279,22 @@ def generate(model, adapter, prompt, chat, system, max_tokens, temperature, top_
 @click.option("--unsafe-exec", is_flag=True,
               help="pass@1 on a machine without a sandbox (see `mlx-lora doctor`): run each row's code unconfined.")
 @click.option("--trust-remote-code", is_flag=True, help="Let the model folder run the Python code it ships.")
-def eval_(model, adapter, data, batch_size, max_seq_length, train_on, chat_template, max_batches, as_json, strict,
-          columns, generate, metrics, compare, out, overwrite, limit, max_tokens, temperature, top_p, seed,
+def eval_(run, model, adapter, data, batch_size, max_seq_length, train_on, chat_template, max_batches, as_json,
+          strict, columns, generate, metrics, compare, out, overwrite, limit, max_tokens, temperature, top_p, seed,
           timeout_s, unsafe_exec, trust_remote_code):
-    """Loss and perplexity on a data set; with --generate, scores of generated answers."""
+    """Loss and perplexity on a data set; with --generate, scores of generated answers.
+
+    RUN, a run folder (e.g. runs/quickstart/run), is the adapter and names its base model; its
+    config.yaml gives the sequence length, masking and chat template that flags do not."""
     import json
 
     from mlx_lora.commands import api
+    from mlx_lora.commands.run_inputs import resolve
     from mlx_lora.plumbing.errors import MlxLoraError
 
+    model, adapter, recorded = resolve(model, adapter, run)
+    if chat_template is None and recorded is not None:
+        chat_template = recorded.chat_template
     bad = [c for c in columns if "=" not in c or not all(c.split("=", 1))]
     if bad:
         raise MlxLoraError(f"--column {bad[0]!r}: expected FIELD=COLUMN, e.g. completion=answer")

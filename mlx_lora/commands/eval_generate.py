@@ -112,11 +112,11 @@ def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None,
               timeout_s=timeout_s)
     results: dict[str, evaluation.Scores] = {}
     if compare or not adapter:
-        results["base"] = evaluation.generate_and_score(model, tokenizer, eval_set, chosen, **kw)
+        results["base"] = evaluation.generate_and_score(model, tokenizer, eval_set, chosen, desc="base", **kw)
         log(f"base      {n} rows in {results['base'].seconds:.0f} s")
     if adapter:
         attach_adapter(model, info, adapter, strict=strict)
-        results["adapter"] = evaluation.generate_and_score(model, tokenizer, eval_set, chosen, **kw)
+        results["adapter"] = evaluation.generate_and_score(model, tokenizer, eval_set, chosen, desc="adapter", **kw)
         log(f"adapter   {n} rows in {results['adapter'].seconds:.0f} s")
 
     cols = evaluation.columns(chosen)

@@ -246,8 +246,16 @@ def _shell_quote(s: str) -> str:
 
 
 def run_commands(result: QuickstartResult, system: str, ticket: str) -> list[str]:
-    """How to run the exported model in llama.cpp and Ollama."""
-    lines = []
+    """Ready-to-paste commands: the run folder with mlx-lora (it records its base model), then the
+    exported model in llama.cpp and Ollama."""
+    from mlx_lora.commands.recipes import demo_data
+
+    run, sys_q = _shell_quote(result.run_dir), _shell_quote(system)
+    lines = ["try the adapter (the run folder names its base model):",
+             f"  mlx-lora chat {run} --system {sys_q}",
+             f"  mlx-lora generate {run} --system {sys_q} --prompt {_shell_quote(ticket)}",
+             f"  mlx-lora eval {run} --data {_shell_quote(str(demo_data(DATA)))}",
+             f"  mlx-lora serve {run}"]
     if result.gguf:
         lines += ["llama.cpp (chat mode; then type a ticket):",
                   f"  llama-cli -m {_shell_quote(result.gguf)} -cnv --temp 0 -sys {_shell_quote(system)}"]

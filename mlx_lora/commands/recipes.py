@@ -363,17 +363,50 @@ def recipes_group():
     """
 
 
+def list_lines(recipes: list[Recipe], width: int) -> list[str]:
+    """``recipes list`` laid out in ``width`` columns (at least 60): the training configs as a table
+    (name, model, memory, fits) with each one's task and description on the line below, then the
+    scripts with their descriptions. Nothing is wider than ``width``; ``recipes show`` has it all."""
+    width = max(60, width)
+    configs = [r for r in recipes if r.kind == "config"]
+    scripts = [r for r in recipes if r.kind != "config"]
+    out: list[str] = []
+    if configs:
+        rows = [(r.name, r.get("model", "-"), r.get("memory", "-").split(" (")[0].removesuffix(" peak").lstrip("~"),
+                 r.get("fits", "-")) for r in configs]
+        head = ("recipe", "model", "memory", "fits")
+        fixed = [max(len(head[i]), *(len(row[i]) for row in rows)) for i in (0, 2, 3)]
+        model_w = max(len(head[1]), min(max(len(row[1]) for row in rows), width - sum(fixed) - 6))
+        widths = [fixed[0], model_w, fixed[1], fixed[2]]
+
+        def fmt(cells) -> str:
+            return "  ".join(_truncate(c, w).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+        out.append(fmt(head))
+        for r, row in zip(configs, rows):
+            out.append(fmt(row))
+            out.append(_truncate(f"    {r.get('task', r.kind)}: {r.description}", width))
+        out.append(_truncate("  memory: estimated peak with bfloat16 compute (Metal/CUDA)", width))
+        out.append(_truncate("  copy one to edit and run it: mlx-lora recipes copy NAME my.yaml", width))
+    if scripts:
+        out.append("")
+        name_w = max(len("script"), *(len(r.name) for r in scripts))
+        out.append("script")
+        for r in scripts:
+            out.append(_truncate(f"{r.name.ljust(name_w)}  {r.description}", width))
+        out.append(_truncate("  copy one to run it: mlx-lora recipes copy NAME . && python NAME.py --help", width))
+    return out
+
+
 @recipes_group.command(name="list")
 def list_command():
-    """Name, task, model, estimated peak memory and a one-line description of every recipe."""
-    rows = [(r.name, r.get("task", r.kind), r.get("model", "-"), r.get("memory", "-").split(" (")[0],
-             r.get("fits", "-"), r.description) for r in list_recipes()]
-    head = ("name", "task", "model", "memory", "fits", "description")
-    widths = [max(len(head[i]), *(len(_truncate(row[i], 40)) for row in rows)) for i in range(5)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(head[:5], widths)) + "  " + head[5])
-    for row in rows:
-        click.echo("  ".join(_truncate(c, 40).ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5])
-    click.echo("\nmemory: estimated peak with bfloat16 compute (Metal/CUDA); see `mlx-lora recipes show NAME`.")
+    """Training recipes (name, model, estimated peak memory, task and description) and scripts,
+    fitted to the terminal's width."""
+    import shutil
+
+    width = shutil.get_terminal_size((80, 24)).columns
+    for line in list_lines(list_recipes(), width):
+        click.echo(line)
 
 
 @recipes_group.command(name="show")

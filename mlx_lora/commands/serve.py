@@ -37,6 +37,7 @@ from mlx_lora.config import MAX_SEED, Bound, show
 from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.inference.generation import LIMITS
 from mlx_lora.plumbing.errors import DataError
+from mlx_lora.commands.run_inputs import read_run, serve_name
 
 DEFAULT_MAX_TOKENS = 512
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -123,6 +124,7 @@ class Engine:
         self._jobs: queue.Queue = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self._current: Optional[Job] = None  # the job the worker is generating for, if any
 
     @property
     def model_names(self) -> list[str]:
@@ -146,9 +148,35 @@ class Engine:
         self._jobs.put(job)
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join(timeout=30)
+        """Stop generating and wait for the worker: the reply in progress ends at its next token,
+        queued requests are dropped. When this returns no thread is inside MLX any more: a process
+        that exits while MLX still computes on another thread aborts in C++ ("terminate called
+        without an active exception"), which is what a Ctrl-C during a streamed reply used to do."""
+        if self._thread is None:
+            return
+        self.stop()
+        # The worker finishes what MLX has queued on its streams and then waits, alive, for the
+        # process to end: a thread that exits leaves its MLX thread-local stream to be torn down
+        # against the exiting process, which aborts it the same way now and then.
+        settled = threading.Event()
+        self._jobs.put(settled)
+        while self._thread.is_alive() and not settled.wait(0.5):
+            pass  # a token away at most: the worker checks the cancel flag after each
+
+    def stop(self) -> None:
+        """End the reply in progress at its next token (its client gets the end of the stream) and
+        drop the queued requests: what Ctrl-C does first, so that shutting down waits for nothing."""
+        current = self._current
+        if current is not None:
+            current.cancelled.set()
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancelled.set()
+                job.put("done", _stopped())
 
     def _work(self) -> None:
         from mlx_lora.inference.generation import Result, stream
@@ -156,13 +184,21 @@ class Engine:
         while True:
             job = self._jobs.get()
             if job is None:
+                _settle()
                 return
+            if isinstance(job, threading.Event):  # close(): settle, then stay for the process's end
+                _settle()
+                job.set()
+                continue
             if job.cancelled.is_set():
                 continue
+            self._current = job
+            pieces = None
             try:
                 self.adapters.activate(job.adapter)
                 result = Result()
-                for piece in stream(self.model, self.tokenizer, job.prompt, result=result, **job.params):
+                pieces = stream(self.model, self.tokenizer, job.prompt, result=result, **job.params)
+                for piece in pieces:
                     if job.cancelled.is_set():
                         break
                     job.put("piece", piece)
@@ -170,6 +206,32 @@ class Engine:
             except Exception as e:  # reported to this request; the next one is served as usual
                 traceback.print_exc(file=self.log)
                 job.put("error", e)
+            finally:
+                self._current = None
+                if pieces is not None and hasattr(pieces, "close"):
+                    pieces.close()  # a reply stopped early: its generator (and MLX's next token) ends here
+
+
+def _stopped():
+    from mlx_lora.inference.generation import Result
+
+    result = Result()
+    result.finish_reason = "stop"
+    return result
+
+
+def _settle() -> None:
+    """Wait for the work MLX has queued on this thread's streams (a generator stopped early may have
+    started the next token asynchronously), so that nothing is computing when the process exits."""
+    try:
+        import mlx.core as mx
+
+        mx.synchronize()
+        from mlx_lm.generate import generation_stream  # mlx-lm's (thread-local) stream of generation
+
+        mx.synchronize(generation_stream)
+    except Exception:  # shutting down: nothing left to report to
+        pass
 
 
 def build_engine(model_path: str, adapters: dict[str, str], *, chat_template: Optional[str] = None,
@@ -508,6 +570,35 @@ async def _sse(job: Job, rid: str, created: int, name: str, chat: bool, include_
 # the command
 
 
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose Ctrl-C / SIGTERM first stops the generation in progress (its
+        stream ends at once instead of running into the graceful-shutdown timeout and being
+        cancelled with a traceback) and then ends ``serve`` normally, without uvicorn raising the
+        signal again inside the event loop."""
+
+        def __init__(self, engine: "Engine", config):
+            super().__init__(config)
+            self.engine = engine
+
+        def handle_exit(self, sig, frame) -> None:
+            # Not in the handler itself: it interrupts the main thread anywhere, perhaps holding the
+            # very lock (a queue's, an event's) that stopping the engine takes.
+            threading.Thread(target=self.engine.stop, name="mlx-lora-stop", daemon=True).start()
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()  # serve's own return is the way out
+
+    return Server
+
+
+def _Server(engine, config):
+    return _server_class()(engine, config)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port (port 0: any free port), or one clear error."""
     try:
@@ -560,15 +651,21 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this address can use the models "
               f"(there is no authentication)", file=out, flush=True)
-    # On Ctrl-C a reply still streaming gets a few seconds to finish, then its connection is closed.
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=5))
+    # On Ctrl-C a reply still streaming ends at its next token, then the server closes.
+    server = _Server(engine, uvicorn.Config(create_app(engine), log_level="warning", access_log=False,
+                                            timeout_graceful_shutdown=5))
     from mlx_lora.plumbing.interrupts import sigterm_as_interrupt
 
     try:
-        # uvicorn shuts down gracefully on Ctrl-C or SIGTERM, then raises the signal again once it
-        # has restored the handlers it found: both end here, as the normal way out.
+        # Ctrl-C or SIGTERM from the first line printed on (a script that reads it may stop the
+        # server at once) ends here, as the normal way out; inside server.run uvicorn handles them.
         with sigterm_as_interrupt():
+            print(f"serving http://{shown}:{bound}/v1 (OpenAI API: /v1/chat/completions, /v1/completions, "
+                  f"/v1/models)", file=out, flush=True)
+            print(f"models   {', '.join(engine.model_names)}", file=out, flush=True)
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                print(f"warning: listening on {host}: anyone who can reach this address can use the models "
+                      f"(there is no authentication)", file=out, flush=True)
             server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
@@ -579,7 +676,8 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
 
 
 @click.command(name="serve")
-@click.option("--model", required=True, help="Base model (folder, repo id or .gguf).")
+@click.argument("runs", nargs=-1)
+@click.option("--model", help="Base model (folder, repo id or .gguf) [default: the one the runs record].")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=RUN",
               help="An adapter or run folder, served as model NAME (repeatable).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -589,7 +687,22 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
               help="New tokens when a request does not say.")
 @click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
 @click.option("--trust-remote-code", is_flag=True, help="Let the model folder run the Python code it ships.")
-def serve_command(model, adapters, host, port, chat_template, max_tokens, strict, trust_remote_code):
-    """Serve the model and its adapters over an OpenAI-compatible HTTP API."""
+def serve_command(runs, model, adapters, host, port, chat_template, max_tokens, strict, trust_remote_code):
+    """Serve the model and its adapters over an OpenAI-compatible HTTP API.
+
+    RUNS, run folders (e.g. runs/quickstart/run), are served as adapters named after their
+    folders (runs/support/run: support), on the base model they record when --model is not given."""
+    adapters = tuple(adapters) + tuple(f"{serve_name(r)}={r}" for r in runs)
+    recorded = [read_run(folder) for folder in parse_adapters(adapters).values()]
+    if model is None:
+        bases = sorted({r.base_model for r in recorded if r.base_model})
+        if len(bases) != 1 or any(r.base_model is None for r in recorded):
+            raise MlxLoraError("no --model given and the runs do not name one base model"
+                               + (f" ({', '.join(bases)})" if bases else "") + ": pass --model")
+        model = bases[0]
+    if chat_template is None:
+        templates = {r.chat_template for r in recorded}
+        if len(templates) == 1:
+            chat_template = templates.pop()
     serve(model, adapters, host=host, port=port, chat_template=chat_template, max_tokens=max_tokens, strict=strict,
           trust_remote_code=trust_remote_code)

@@ -29,6 +29,7 @@ from mlx_lora.data.formats import ChatSample, PairSample, TextSample, file_sampl
 from mlx_lora.plumbing.errors import DataError, MlxLoraError
 from mlx_lora.data.templates import TemplateLimitError
 from mlx_lora.config import MAX_SEQ_LENGTH
+from mlx_lora.plumbing.progress import Ticker
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -257,7 +258,8 @@ def _logprobs(logits):
 
 
 def generate_tokens(model, prompts: Sequence[Sequence[int]], max_tokens: int, eos: set, *,
-                    batch_size: int = DEFAULT_BATCH_SIZE, sampler: Optional[Callable] = None) -> list[list[int]]:
+                    batch_size: int = DEFAULT_BATCH_SIZE, sampler: Optional[Callable] = None,
+                    on_rows: Optional[Callable[[int], None]] = None) -> list[list[int]]:
     """Continuations (token ids) of several token prompts, decoded in left-padded batches.
 
     Prompts are batched in order of length (less padding) and the results returned in the order
@@ -292,6 +294,8 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], max_tokens: int, eo
             if all(done):
                 break
             logits = model(nxt.reshape(-1, 1).astype(mx.int32), cache=cache)[:, -1, :]
+        if on_rows is not None:
+            on_rows(len(idx))  # progress: this many more rows are done
         for i, g in zip(idx, generated):
             out[i] = g
     return out  # type: ignore[return-value]
@@ -302,7 +306,8 @@ def eos_ids(tokenizer) -> set:
 
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+             top_p: float = 1.0, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
+             on_rows: Optional[Callable[[int], None]] = None) -> list[str]:
     """:func:`generate_tokens` decoded to text, stopping at the tokenizer's end-of-sequence
     tokens; greedy when ``temperature`` is 0, else sampled (top-p below 1 keeps the smallest set
     of tokens holding that much probability) from ``seed``."""
@@ -314,7 +319,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int
         mx.random.seed(seed)
         sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0)
     return [tokenizer.decode(g) for g in generate_tokens(model, prompts, max_tokens, eos_ids(tokenizer),
-                                                         batch_size=batch_size, sampler=sampler)]
+                                                         batch_size=batch_size, sampler=sampler,
+                                                         on_rows=on_rows)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,13 +372,16 @@ def score(metrics: Sequence[str], rows: Sequence[EvalRow], outputs: Sequence[str
 
 def generate_and_score(model, tokenizer, data: EvalSet, metrics: Sequence[str], *, max_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                       batch_size: int = DEFAULT_BATCH_SIZE, timeout_s: float = 10.0) -> Scores:
-    """Generate an answer for every row of ``data`` and score it."""
+                       batch_size: int = DEFAULT_BATCH_SIZE, timeout_s: float = 10.0,
+                       desc: str = "generate", progress: bool = True) -> Scores:
+    """Generate an answer for every row of ``data`` and score it; a run longer than a moment shows
+    its rows as they finish (named ``desc``) unless ``progress`` is false."""
     if not data.rows:
         raise MlxLoraError(f"{data.path}: no rows to evaluate")
     t0 = time.perf_counter()
-    outputs = generate(model, tokenizer, [r.tokens for r in data.rows], max_tokens, temperature=temperature,
-                       top_p=top_p, seed=seed, batch_size=batch_size)
+    with Ticker(len(data.rows), desc, unit="row", enabled=progress) as ticker:
+        outputs = generate(model, tokenizer, [r.tokens for r in data.rows], max_tokens, temperature=temperature,
+                           top_p=top_p, seed=seed, batch_size=batch_size, on_rows=ticker.update)
     s = score(metrics, data.rows, outputs, timeout_s=timeout_s)
     s.seconds = time.perf_counter() - t0
     return s

@@ -10,6 +10,7 @@ from mlx_lora.config import CHOICES, check_options
 from mlx_lora.model import adapters
 from mlx_lora.model.integrity import check_adapter_base
 from mlx_lora.model.loading import load_model
+from mlx_lora.plumbing.backend import warn_if_slow_blas
 from mlx_lora.plumbing.errors import MlxLoraError
 
 
@@ -28,6 +29,7 @@ def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: st
     layers quantized, for callers that inspect them). ``trust_remote_code``: let the model folder
     run the code it ships (``auto_map``, ``model_file``); otherwise a folder that needs it is refused."""
     check_options([("dtype", dtype, CHOICES["model.dtype"])])
+    warn_if_slow_blas()  # a script that did not start through the mlx-lora command: one line on how
     model, tokenizer, info = load_model(model_path, dtype=dtype, dequantize_on_cpu=dequantize_on_cpu,
                                         trust_remote_code=trust_remote_code is True)
     if adapter:

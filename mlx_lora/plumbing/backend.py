@@ -12,6 +12,8 @@ re-execute.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import platform
 import sys
@@ -35,6 +37,7 @@ INSTALL_HINT = (
     "`sudo dnf install openblas` (Fedora); mlx-lora then uses it automatically"
 )
 REEXEC_FLAG = "MLX_LORA_BLAS_REEXEC"
+log = logging.getLogger(__name__)
 
 
 def find_openblas() -> Optional[str]:
@@ -66,46 +69,159 @@ def _is_linux_cpu_mlx() -> bool:
         return True
 
 
-def reexec_with_openblas(argv: list[str]) -> None:
+def reexec_with_openblas(argv: Optional[list[str]] = None) -> None:
     """Replace this process with one that preloads a system OpenBLAS, when that helps.
 
-    Does nothing on macOS (Accelerate is used), on CUDA, when already preloaded, when no
-    OpenBLAS is installed, or when ``MLX_LORA_NO_BLAS_REEXEC=1``.
+    ``argv`` are the ``mlx-lora`` arguments (the CLI and ``python -m mlx_lora``); without it the
+    process starts again exactly as it was started (``sys.orig_argv``): a script calls this first
+    thing, before anything imports mlx. Does nothing on macOS (Accelerate is used), on CUDA, when
+    MLX would already use another BLAS than its bundled reference one, when no OpenBLAS is
+    installed, or when ``MLX_LORA_NO_BLAS_REEXEC=1``.
     """
     if os.environ.get(REEXEC_FLAG) or os.environ.get("MLX_LORA_NO_BLAS_REEXEC"):
         return
     if not _is_linux_cpu_mlx():
         return
     lib = find_openblas()
-    if lib is None or "openblas" in os.environ.get("LD_PRELOAD", ""):
+    if lib is None or "openblas" in os.environ.get("LD_PRELOAD", "") or _global_blas() is not None:
         return
+    if argv is not None:
+        command = [sys.executable, "-m", "mlx_lora", *argv]
+    else:
+        command = list(getattr(sys, "orig_argv", [])) or [sys.executable, *sys.argv]
+        if not command[0].startswith("/") and "/" not in command[0]:
+            command[0] = sys.executable  # `python3 script.py`: the interpreter by its full path
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
     env[REEXEC_FLAG] = "1"
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "mlx_lora", *argv], env)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, command, env)
     except OSError:
         return  # keep going with the slow BLAS; doctor and the banner will say so
 
 
+# The BLAS routine MLX's CPU matmul calls; whichever library the loader binds it to is MLX's BLAS.
+_MLX_GEMM = b"cblas_sgemm"
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _library_of(handle, symbol: bytes) -> Optional[str]:
+    """The file of the library that ``dlsym(handle, symbol)`` binds to, or None."""
+    try:
+        address = ctypes.cast(getattr(handle, symbol.decode()), ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        return None
+    try:
+        dl = ctypes.CDLL(None)
+        dladdr = dl.dladdr
+    except (OSError, AttributeError):
+        try:
+            dladdr = ctypes.CDLL("libdl.so.2").dladdr
+        except (OSError, AttributeError):
+            return None
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    info = _DlInfo()
+    if not address or not dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.path.realpath(info.dli_fname.decode(errors="replace"))
+
+
+def _global_blas() -> Optional[str]:
+    """The library the process's global scope binds ``cblas_sgemm`` to (the executable, its
+    dependencies, ``LD_PRELOAD``, libraries opened RTLD_GLOBAL), or None. The loader resolves a
+    shared library's symbols there first, so when it exists MLX uses it; numpy's bundled OpenBLAS
+    is not there (loaded locally, its symbols renamed), which is why mapped file names mislead."""
+    try:
+        return _library_of(ctypes.CDLL(None), _MLX_GEMM)
+    except OSError:
+        return None
+
+
+def _libmlx_path() -> Optional[Path]:
+    try:
+        from importlib.util import find_spec
+
+        spec = find_spec("mlx")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        lib = Path(root) / "lib" / "libmlx.so"
+        if lib.exists():
+            return lib
+    return None
+
+
+def mlx_blas_library() -> Optional[str]:
+    """The file of the BLAS that MLX's CPU matmuls call in this process (Linux), or None when that
+    cannot be told. Asks the dynamic loader, as MLX's own calls are bound: first the global scope,
+    then libmlx's own dependencies (the reference BLAS the mlx-cpu wheel bundles)."""
+    if sys.platform != "linux":
+        return None
+    found = _global_blas()
+    if found:
+        return found
+    lib = _libmlx_path()
+    if lib is None:
+        return None
+    try:  # RTLD_NOLOAD: only if MLX is loaded already; otherwise open it (it is about to be)
+        handle = ctypes.CDLL(str(lib), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        try:
+            handle = ctypes.CDLL(str(lib), mode=os.RTLD_LAZY)
+        except OSError:
+            return None
+    return _library_of(handle, _MLX_GEMM)
+
+
 def loaded_blas() -> str:
-    """Which BLAS library this process has mapped (Linux), or the platform's default."""
+    """Which BLAS MLX uses in this process (Linux), or the platform's default."""
     if sys.platform == "darwin":
         return "Accelerate"
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
+    lib = mlx_blas_library()
+    if lib is None:
         return "unknown"
-    libs = {line.split()[-1] for line in maps.splitlines() if "blas" in line.lower() and "/" in line}
-    if any("openblas" in lib.lower() for lib in libs):
-        return "OpenBLAS (system, preloaded)"
-    if any("mlx_cpu.libs" in lib for lib in libs):
-        return "reference BLAS bundled with mlx-cpu (slow)"
-    return ", ".join(sorted(libs)) or "none loaded yet"
+    name = Path(lib).name
+    if "mlx_cpu.libs" in lib or (name.startswith("libblas-") and "site-packages" in lib):
+        return f"reference BLAS bundled with mlx-cpu (slow): {name}"
+    if "openblas" in lib.lower():
+        return f"OpenBLAS (system, preloaded): {lib}"
+    return lib
 
 
 def blas_is_slow() -> bool:
     return "reference BLAS" in loaded_blas()
+
+
+def slow_blas_hint() -> Optional[str]:
+    """One line saying how to get a fast BLAS, when MLX is on its slow reference one; else None."""
+    if sys.platform != "linux" or not _is_linux_cpu_mlx() or not blas_is_slow():
+        return None
+    lib = find_openblas()
+    if lib is None:
+        return f"MLX is on the reference BLAS bundled with mlx-cpu (~40x slower); {INSTALL_HINT}"
+    return (f"MLX is on the reference BLAS bundled with mlx-cpu (~40x slower) although {lib} exists: "
+            f"use the mlx-lora command, start Python with LD_PRELOAD={lib}, or call "
+            f"mlx_lora.plumbing.backend.reexec_with_openblas() first thing in the script")
+
+
+_warned_slow_blas = False
+
+
+def warn_if_slow_blas() -> None:
+    """Log :func:`slow_blas_hint` once per process (the Python API's entry points call this)."""
+    global _warned_slow_blas
+    if _warned_slow_blas:
+        return
+    hint = slow_blas_hint()
+    _warned_slow_blas = True
+    if hint:
+        log.warning("slow BLAS: %s", hint)
 
 
 def backend_name() -> str:
@@ -232,7 +348,8 @@ def summary(dtype=None) -> dict:
         if blas_is_slow():
             lib = find_openblas()
             facts["blas_hint"] = (
-                f"a system OpenBLAS exists at {lib}: run through the mlx-lora command, or set "
-                f"LD_PRELOAD={lib}" if lib else INSTALL_HINT
+                f"a system OpenBLAS exists at {lib}: run through the mlx-lora command, set "
+                f"LD_PRELOAD={lib}, or call mlx_lora.plumbing.backend.reexec_with_openblas() first in a script"
+                if lib else INSTALL_HINT
             )
     return facts

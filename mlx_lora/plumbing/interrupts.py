@@ -35,6 +35,24 @@ def sigterm_as_interrupt():
 
 
 @contextlib.contextmanager
+def ctrl_c_on_terminal():
+    """Make Ctrl-C raise KeyboardInterrupt inside the block even when SIGINT was ignored at start.
+
+    A process started from a script in the background (``cmd &`` without job control, and so many
+    test and CI runners) inherits SIGINT as *ignored*, and Python then installs no handler of its
+    own: Ctrl-C typed into an interactive command that reads the terminal would do nothing. Only
+    for commands that own the terminal (the chat's prompt); batch commands keep what they inherited."""
+    if not _main_thread() or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def interrupts_deferred(enabled: bool = True):
     """Hold Ctrl-C and SIGTERM until the block ends, then deliver them as they would have been.
 

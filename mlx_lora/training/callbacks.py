@@ -65,6 +65,18 @@ class Progress:
             self.stream.write(text + "\n")
             self.stream.flush()
 
+    def on_train_start(self, trainer) -> None:
+        """The first step also compiles it (and with DPO runs the reference model): often the
+        longest wait of a run, so it is announced rather than left silent."""
+        step, total = trainer.state.step, trainer.total_steps
+        if step >= total:
+            return
+        if self.tty:
+            self._bar = bar(total, "train", stream=self.stream, initial=step, ascii="-#", bar_format=self.BAR_FORMAT)
+            self._bar.set_postfix_str(f"step {step + 1}: compiling and running the first step")
+            return
+        self._line(f"training: compiling and running step {step + 1} of {total} (the first is the slowest)")
+
     def on_step(self, trainer, m: dict) -> None:
         step, total = m["step"], m["total_steps"]
         eta = _fmt_time(m.get("eta_s", float("nan")))

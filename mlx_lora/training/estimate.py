@@ -61,6 +61,8 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     shape_line: str = ""
     """The shape policy, its distinct call shapes and padding over an epoch."""
+    compute: str = ""
+    """How a quantized base computes (the path training takes, measured here), as the train banner says."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -88,6 +90,8 @@ class Estimate:
             f"{_duration(self.train_seconds)} (incl. ~{self.compile_seconds:.0f} s compiling {self.shapes} batch shape{'s' if self.shapes != 1 else ''}; "
             f"evaluation and checkpoints extra)",
         ]
+        if self.compute:
+            out.insert(1, f"compute   {self.compute}")
         if self.shape_line:
             out.append(f"shapes    {self.shape_line}")
         return out + [f"note      {n}" for n in self.notes]
@@ -151,8 +155,11 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
     validate(cfg)
     say = log or (lambda m: None)
     mx.random.seed(cfg.train.seed)
+    # The same load as training's: a quantized base on the CPU computes dequantized when it fits,
+    # so the steps measured here are the ones training will take.
     model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+                                        trust_remote_code=cfg.model.trust_remote_code,
+                                        dequantize_on_cpu=cfg.model.dequantize_on_cpu)
     splits = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed, splits=("train",))
     adapters.apply_lora(model, cfg.lora, warn=lambda m: say(f"WARNING: {m}"))
     trainer = Trainer(model, cfg, splits.train, None, None)
@@ -213,6 +220,11 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
 
     shape_line = f"{trainer.shapes.chosen}; first epoch: {epoch_stats(trainer.plan, trainer.shapes, trainer.micro_batches).line()}"
     notes += trainer.memory_notes
+    from mlx_lora.training.trainer import warmup_warning
+
+    warmup = warmup_warning(cfg.train, steps)
+    if warmup:
+        notes.append(f"WARNING: {warmup}")
     loss = (f"chunked loss ({trainer.loss.chunk_tokens} tokens)" if trainer.loss.chunk_tokens else "plain loss")
     if trainer.loss.note:
         notes.append(trainer.loss.note)
@@ -222,7 +234,7 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
                     train_seconds=per_step * steps + compile_s, compile_seconds=compile_s, shapes=shapes,
                     typical=typ, longest=lng, backend=backend.backend_name(),
                     dtype=str(info.dtype).replace("mlx.core.", ""), loss=loss, notes=notes,
-                    shape_line=shape_line)
+                    shape_line=shape_line, compute=getattr(info, "compute", None) or "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -246,9 +246,12 @@ def chunked_cross_entropy(split: HeadSplit, chunk_tokens: int) -> tuple[Callable
     return train, evaluate
 
 
-def make_loss(model: nn.Module, chunk_tokens: Optional[int]) -> Loss:
+def make_loss(model: nn.Module, chunk_tokens: Optional[int], *, training: bool = True) -> Loss:
     """The chunked loss when ``chunk_tokens`` is set and the model can be split (checked
-    numerically), else the plain loss, with the reason in ``note`` (also logged)."""
+    numerically), else the plain loss, with the reason in ``note`` (also logged).
+
+    ``training=False`` (evaluation only): no gradient is taken, so the output layer's trainable
+    parameters (every parameter of a base model loaded for inference is) do not matter."""
     plain = Loss(masked_cross_entropy, masked_cross_entropy, None)
     if not chunk_tokens:
         return plain
@@ -256,7 +259,7 @@ def make_loss(model: nn.Module, chunk_tokens: Optional[int]) -> Loss:
     reason = ""
     if split is None:
         reason = f"{type(model).__module__}.{type(model).__name__} has no separable output layer"
-    elif tree_flatten(split.head_module.trainable_parameters()):
+    elif training and tree_flatten(split.head_module.trainable_parameters()):
         reason = "the output layer has trainable parameters"
     elif not verify_split(model, split):
         reason = "running the output layer alone does not reproduce the model's logits"

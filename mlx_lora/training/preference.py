@@ -45,6 +45,7 @@ from mlx_lora.plumbing.errors import DataError
 from mlx_lora.model.lora import adapters_off
 from mlx_lora.training.losses import HeadSplit, Loss, _cache, _token_ce, make_loss, model_logits, split_head, target_positions
 from mlx_lora.plumbing.ownership import record
+from mlx_lora.plumbing.progress import Ticker
 
 METHODS = ("sft", "dpo", "orpo")
 STATS = ("correct", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "nll", "tokens")
@@ -206,10 +207,10 @@ class SequenceLogps:
         return (mx.where(owner, (lp * weight)[:, None], 0.0)).sum(axis=0)
 
 
-def preference_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int]) -> Loss:
+def preference_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int], *, training: bool = True) -> Loss:
     """The :class:`~mlx_lora.training.losses.Loss` of ``obj`` for ``model``: chunked output layer when
     :func:`~mlx_lora.training.losses.make_loss` would use it (same checks), else full logits."""
-    base = make_loss(model, chunk_tokens)
+    base = make_loss(model, chunk_tokens, training=training)
     seq = SequenceLogps(split_head(model) if base.chunk_tokens is not None else None, base.chunk_tokens)
 
     def objective(model, inputs, targets, mask, attn=None, positions=None, grad=True, ref=None):
@@ -249,9 +250,10 @@ def preference_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int
 REFERENCE_FILE = "reference_logps.npz"
 
 
-def reference_logps(model: nn.Module, ds, cfg: Config) -> np.ndarray:
+def reference_logps(model: nn.Module, ds, cfg: Config, *, progress: bool = True, stream=None) -> np.ndarray:
     """The reference model's (adapter off) summed target log-probs of every example of ``ds``,
-    float32 [examples], in one pass without gradients (``train.batch_size`` pairs at a time)."""
+    float32 [examples], in one pass without gradients (``train.batch_size`` pairs at a time).
+    A pass longer than a moment shows its batches unless ``progress`` is false."""
     from mlx_lora.data.batching import BatchPlan
 
     seq = SequenceLogps(None, None)
@@ -259,11 +261,13 @@ def reference_logps(model: nn.Module, ds, cfg: Config) -> np.ndarray:
     training = model.training
     model.eval()
     try:
-        with adapters_off(model):
-            plan = BatchPlan(ds, cfg.train.batch_size, cfg.data.max_seq_length, seed=0, shuffle=False)
+        plan = BatchPlan(ds, cfg.train.batch_size, cfg.data.max_seq_length, seed=0, shuffle=False)
+        with adapters_off(model), Ticker(plan.steps_per_epoch(), "reference log-probs (adapter off)", stream=stream,
+                                         enabled=progress) as ticker:
             for batch in plan.first_epoch():
                 inputs, targets, mask = (mx.array(a) for a in (batch.inputs, batch.targets, batch.loss_mask))
                 out[batch.items] = np.array(seq(model, inputs, targets, mask))
+                ticker.update()
     finally:
         model.train(training)
     return out
@@ -281,7 +285,8 @@ def _reference_key(ds, cfg: Config) -> str:
     return h.hexdigest()
 
 
-def cached_reference_logps(model: nn.Module, ds, cfg: Config, folder, write: bool = True) -> np.ndarray:
+def cached_reference_logps(model: nn.Module, ds, cfg: Config, folder, write: bool = True, *, progress: bool = True,
+                           stream=None) -> np.ndarray:
     """:func:`reference_logps` of ``ds``, read from ``folder``/reference_logps.npz when it was
     written for the same data and base, else computed and (``write``) saved there atomically."""
     from pathlib import Path
@@ -296,7 +301,7 @@ def cached_reference_logps(model: nn.Module, ds, cfg: Config, folder, write: boo
                     return z["logps"].astype(np.float32)
         except Exception:  # an unreadable cache is computed again, never an error
             pass
-    logps = reference_logps(model, ds, cfg)
+    logps = reference_logps(model, ds, cfg, progress=progress, stream=stream)
     if write:
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, key=np.array(key), logps=logps)

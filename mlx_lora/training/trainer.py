@@ -32,6 +32,7 @@ from mlx_lora.training.preference import Objective, check_data, metrics as prefe
 from mlx_lora.training import memory
 from mlx_lora.data import shapes
 from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MLX_LM_WEIGHTS
+from mlx_lora.plumbing.progress import Ticker
 
 
 GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
@@ -57,6 +58,11 @@ class TrainResult:
     stopped: str  # "completed", "early_stopping", "interrupted", "nan"
     last_checkpoint: Optional[str] = None
 
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C or SIGTERM: the adapter is a partial one; a pipeline must not go on."""
+        return self.stopped == "interrupted"
+
 
 def build_schedule(t, total_steps: int):
     """Linear warmup from 0 to ``lr``, then constant / cosine / linear decay to ``min_lr_ratio*lr``."""
@@ -73,6 +79,18 @@ def build_schedule(t, total_steps: int):
         main = main if callable(main) else (lambda lr: (lambda step: mx.array(lr, mx.float32)))(main)
         return optim.join_schedules([warm, main], [t.warmup_steps])
     return main
+
+
+def warmup_warning(t, total_steps: int) -> Optional[str]:
+    """A warning when the warmup is as long as the run or longer: the learning rate then climbs
+    the whole time and never reaches ``train.lr`` (its peak is ``lr * steps / warmup``)."""
+    w = t.warmup_steps
+    if w <= 0 or w < total_steps:
+        return None
+    peak = t.lr * min(total_steps, w) / w
+    return (f"train.warmup_steps {w} >= the run's {total_steps} steps: the learning rate climbs the whole run "
+            f"and peaks at {peak:.2e}, not train.lr {t.lr:.2e}; lower train.warmup_steps (about 10% of the "
+            f"steps: {total_steps // 10}) or train for more steps")
 
 
 def build_optimizer(t, total_steps: int) -> optim.Optimizer:
@@ -215,7 +233,8 @@ def batch_arrays(batch: Batch, rows=slice(None), length: Optional[int] = None):
 
 def evaluate(model: nn.Module, loss: Loss, dataset: TokenizedDataset, cfg: Config, *,
              max_batches: Optional[int] = None, sync: Optional[dist.Collectives] = None,
-             metrics: Optional[dict] = None) -> tuple[float, int]:
+             metrics: Optional[dict] = None, progress: bool = True, desc: str = "validation",
+             stream=None) -> tuple[float, int]:
     """Token-weighted mean loss of ``model`` on ``dataset`` and its number of target tokens.
 
     The mean is ``sum_t m_t * CE_t / sum_t m_t`` over every target token of the first
@@ -224,20 +243,26 @@ def evaluate(model: nn.Module, loss: Loss, dataset: TokenizedDataset, cfg: Confi
     computes its rows and both sums are added across ranks. nan when there is no target token.
 
     With a preference loss the mean is over pairs instead of tokens, and ``metrics`` (a dict, when
-    given) receives the preference metrics (``val_reward_accuracy``, ...)."""
+    given) receives the preference metrics (``val_reward_accuracy``, ...). A pass that takes more
+    than a moment shows its batches (:class:`~mlx_lora.plumbing.progress.Ticker`) unless ``progress`` is false."""
     rank, world = (sync.rank, sync.size) if sync is not None else (0, 1)
     gpu = mx.default_device() == mx.gpu
     overhead = call_overhead(model, gpu)
     total, ntoks, stats = mx.array(0.0), mx.array(0.0), []
-    for i, batch in enumerate(BatchPlan.for_evaluation(cfg, dataset, rank, world).first_epoch()):
-        if max_batches is not None and i >= max_batches:
-            break
-        for rows, length in micro_batches(batch, cfg.train, gpu, overhead):
-            inputs, targets, mask, attn = batch_arrays(batch, rows, length)
-            l, n, *extra = loss.eval(model, inputs, targets, mask, attn)
-            total, ntoks = total + l, ntoks + n
-            stats = extra if not stats else [a + b for a, b in zip(stats, extra)]
-        mx.eval(total, ntoks, stats)
+    plan = BatchPlan.for_evaluation(cfg, dataset, rank, world)
+    planned = plan.steps_per_epoch()
+    total_batches = min(planned, max_batches) if max_batches is not None else planned
+    with Ticker(total_batches, desc, stream=stream, enabled=progress and rank == 0) as ticker:
+        for i, batch in enumerate(plan.first_epoch()):
+            if max_batches is not None and i >= max_batches:
+                break
+            for rows, length in micro_batches(batch, cfg.train, gpu, overhead):
+                inputs, targets, mask, attn = batch_arrays(batch, rows, length)
+                l, n, *extra = loss.eval(model, inputs, targets, mask, attn)
+                total, ntoks = total + l, ntoks + n
+                stats = extra if not stats else [a + b for a, b in zip(stats, extra)]
+            mx.eval(total, ntoks, stats)
+            ticker.update()
     sums = [total.item(), ntoks.item()] + [x for s in stats for x in np.asarray(s).reshape(-1).tolist()]
     sums = sync.sum(sums, "the validation loss all_sum") if sync is not None else sums
     total_f, n_f = sums[:2]
@@ -320,6 +345,8 @@ class Trainer:
         self.model, self.cfg, self.train_set, self.valid_set = model, cfg, train_set, valid_set
         self.run, self.save_adapter_fn = run, save_adapter
         self.callbacks = list(callbacks)
+        # Progress of the passes between step lines (validation, reference log-probs), and where.
+        self.progress, self.progress_stream = True, None
         if group is None:
             group = sync.group if sync is not None else mx.distributed.init()
         self.group = group
@@ -459,7 +486,7 @@ class Trainer:
         """Token-weighted mean loss over ``dataset`` (reduced across ranks) and its token count:
         see :func:`evaluate`."""
         return evaluate(self.model, self.loss, dataset, self.cfg, max_batches=max_batches, sync=self.sync,
-                        metrics=metrics)
+                        metrics=metrics, progress=self.progress, stream=self.progress_stream)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -557,9 +584,10 @@ class Trainer:
         if self.cfg.train.dpo_precompute_ref and self._ref is None:  # one pass, cached in the run folder
             from mlx_lora.training.preference import cached_reference_logps, reference_logps
 
-            self._ref = (reference_logps(self.model, self.train_set, self.cfg) if self.run is None else
+            shown = dict(progress=self.progress and self.rank == 0, stream=self.progress_stream)
+            self._ref = (reference_logps(self.model, self.train_set, self.cfg, **shown) if self.run is None else
                          cached_reference_logps(self.model, self.train_set, self.cfg, self.run.path,
-                                                write=self.rank == 0))
+                                                write=self.rank == 0, **shown))
         self.model.train()
         self._emit("on_train_start")
         batches = self._batches()
