@@ -52,6 +52,13 @@ def banner_lines(cfg: Config, info, trainable: int, total: int, splits, steps: i
     lines.append(f"training  {steps} steps, batch {t.batch_size} x accum {t.grad_accum}"
                  + (f" x {world} ranks" if world > 1 else "") + f" = {global_batch} examples/step, "
                  f"{t.optimizer} lr {t.lr:g} ({t.schedule}, warmup {t.warmup_steps})")
+    if t.method == "grpo":
+        from .rewards import weights_of
+
+        shown = ", ".join(f"{k} x{v:g}" for k, v in weights_of(t.reward, t.rewards).items())
+        lines.append(f"grpo      {t.group_size} completions per prompt, temperature {t.temperature:g}, at most "
+                     f"{t.max_completion_length} tokens; rewards {shown}; loss {t.grpo_loss}, beta {t.grpo_beta:g}, "
+                     f"epsilon {t.epsilon:g}")
     from .distributed import batch_lines, launch_backend
 
     lines += batch_lines(t.batch_size, t.grad_accum, world, t.lr, launch_backend() or "")
@@ -105,7 +112,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
 
     from . import adapters, config as config_mod
     from .callbacks import MetricsFile, Progress, plot_losses
-    from .data import load_datasets
+    from .methods import for_config as method_for
     from .models import load_model
     from .trainer import Trainer
 
@@ -138,7 +145,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code,
                                         dequantize_on_cpu=cfg.model.dequantize_on_cpu)
-    splits = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    method = method_for(cfg)  # sft, dpo, orpo, grpo: its data, loss and any phase of its own
+    splits = method.load_datasets(cfg, tokenizer, seed=cfg.train.seed)
     adapters.apply_lora(model, cfg.lora, warn=lambda m: log(f"WARNING: {m}"))
     trainable, total = adapters.count_parameters(model)
 
@@ -159,7 +167,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         own[1:1] = trackers(cfg.train.report_to, run.path, config_mod.to_dict(cfg), cfg.train.log_every)
     callbacks = own + list(callbacks)
     trainer = Trainer(model, cfg, splits.train, splits.valid, run, save_adapter=save_adapter,
-                      callbacks=callbacks, group=group, sync=sync)
+                      callbacks=callbacks, group=group, sync=sync, method=method)
 
     if resume:
         loaded = None

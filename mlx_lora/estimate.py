@@ -150,7 +150,7 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
     import mlx.core as mx
 
     from . import adapters, backend
-    from .data import load_datasets
+    from .methods import for_config as method_for
     from .models import load_model
     from .trainer import Trainer
 
@@ -159,9 +159,13 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
     mx.random.seed(cfg.train.seed)
     model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
-    splits = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed, splits=("train",))
+    method = method_for(cfg)
+    splits = method.load_datasets(cfg, tokenizer, seed=cfg.train.seed, splits=("train",))
     adapters.apply_lora(model, cfg.lora, warn=lambda m: say(f"WARNING: {m}"))
-    trainer = Trainer(model, cfg, splits.train, None, None)
+    # A method with a sampling phase (GRPO) samples in every measured step; here each completion
+    # runs to max_completion_length, so the peak covers the longest sampling and update.
+    method.full_length = True
+    trainer = Trainer(model, cfg, splits.train, None, None, method=method)
     model.train()
 
     plan = _plan(trainer)

@@ -55,6 +55,7 @@ DEMO_DATA = {
     "code": "code.jsonl",
     "text": "text.jsonl",
     "preference": "preference.jsonl",
+    "arithmetic": "arithmetic",
 }
 HEADER_KEYS = ("task", "model", "data", "prepare", "memory", "fits", "demo")
 SCRIPT_SUFFIXES = (".py",)
