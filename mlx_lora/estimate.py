@@ -223,6 +223,11 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
 
     shape_line = f"{trainer.shapes.chosen}; first epoch: {epoch_stats(trainer).line()}"
     notes += trainer.memory_notes
+    if cfg.train.method == "grpo":
+        t = cfg.train
+        notes.append(f"each measured step includes the sampling phase: {t.group_size} completions of "
+                     f"{t.max_completion_length} tokens (the longest allowed) per prompt, then the update on them; "
+                     f"the peak covers both")
     loss = (f"chunked loss ({trainer.loss.chunk_tokens} tokens)" if trainer.loss.chunk_tokens else "plain loss")
     if trainer.loss.note:
         notes.append(trainer.loss.note)

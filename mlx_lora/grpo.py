@@ -217,7 +217,7 @@ def sample_group(model, prompt: Sequence[int], n: int, max_tokens: int, eos: set
     logits = model(tokens, cache=cache)[:, -1, :]
     out: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
-    for _ in range(max_tokens):
+    for step in range(max_tokens):
         if temperature > 0:
             key, sub = mx.random.split(key)
             nxt = mx.random.categorical(logits.astype(mx.float32) / temperature, key=sub)
@@ -227,7 +227,7 @@ def sample_group(model, prompt: Sequence[int], n: int, max_tokens: int, eos: set
             if not done[i]:
                 out[i].append(t)
                 done[i] = stop_at_eos and t in eos
-        if all(done):
+        if all(done) or step == max_tokens - 1:
             break
         logits = model(nxt.reshape(-1, 1).astype(mx.int32), cache=cache)[:, -1, :]
     return out
@@ -283,8 +283,15 @@ def _prompt_text(row: dict, template, path: str, line: int) -> str:
     if template is None:
         raise DataError("chat prompts need a chat template and the tokenizer has none; set data.chat_template "
                         "(chatml, or a path to a .jinja file)", path, line, "prompt")
+    # A conversation that ends with an assistant turn is continued: the completion goes on from
+    # its text (the start of the answer), as TRL does with continue_final_message.
+    prefix = ""
+    if msgs[-1]["role"] == "assistant" and isinstance(msgs[-1].get("content"), str):
+        prefix, msgs = msgs[-1]["content"], msgs[:-1]
+        if not msgs:
+            raise DataError("the prompt is one assistant turn; it needs a user turn before it", path, line, "prompt")
     try:
-        return template.render(msgs, add_generation_prompt=True)
+        return template.render(msgs, add_generation_prompt=True) + prefix
     except TemplateLimitError as e:
         raise DataError(f"chat template {template.name} {e} (rendering this row)", path, line, "prompt") from None
     except Exception as e:
@@ -297,8 +304,8 @@ def prompt_dataset(label: str, rows: list[tuple[int, dict]], cfg: DataConfig, en
     """Checked, rendered and tokenized GRPO rows."""
     if not rows:
         raise DataError("no rows", label)
-    R.check_rows(rewards, rows, label)
     texts = [_prompt_text(row, enc.template, label, line) for line, row in rows]
+    R.check_rows(rewards, rows, label)
     room = cfg.max_seq_length - max_completion
     examples, lines, kept, skipped = [], [], [], 0
     for (line, row), text, ids in zip(rows, texts, enc.encode_many(texts)):

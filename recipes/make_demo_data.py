@@ -436,22 +436,24 @@ def preference_rows(n: int = 40, seed: int = 71) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # arithmetic: GRPO prompts with a verifiable answer
 
-ARITHMETIC_ASKS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?")
+ARITHMETIC_ASKS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Work out {a} {op} {b}.")
 ARITHMETIC_SIZES = {"train": 400, "valid": 40, "test": 60}
 
 
 def arithmetic_splits(seed: int = 27) -> dict[str, list[dict]]:
-    """Addition and subtraction of numbers below 50, as one user turn that asks for the number
-    alone; ``answer`` is the result as text. The splits never share a problem."""
+    """Addition and subtraction of numbers up to 20 (no negative results): a user turn asking the
+    question and the start of the assistant's reply, which restates the problem up to ``=``; the
+    completion goes on from there, so its first number is the model's result. ``answer`` is the
+    result as text. The splits never share a problem."""
     rng = random.Random(seed)
-    problems = [(a, op, b) for a in range(2, 50) for b in range(2, 50) for op in ("+", "-") if op == "+" or a >= b]
+    problems = [(a, op, b) for a in range(1, 21) for b in range(1, 21) for op in ("+", "-") if op == "+" or a >= b]
     rng.shuffle(problems)
     out, start = {}, 0
     for name, n in ARITHMETIC_SIZES.items():
         rows = []
         for a, op, b in problems[start:start + n]:
             ask = rng.choice(ARITHMETIC_ASKS).format(a=a, op=op, b=b)
-            rows.append({"prompt": [{"role": "user", "content": f"{ask} Reply with the number only."}],
+            rows.append({"prompt": [{"role": "user", "content": ask}, {"role": "assistant", "content": f"{a} {op} {b} ="}],
                          "answer": str(a + b if op == "+" else a - b)})
         out[name], start = rows, start + n
     return out
