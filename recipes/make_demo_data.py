@@ -437,7 +437,7 @@ def preference_rows(n: int = 40, seed: int = 71) -> list[dict]:
 # arithmetic: GRPO prompts with a verifiable answer
 
 ARITHMETIC_ASKS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Work out {a} {op} {b}.")
-ARITHMETIC_SIZES = {"train": 400, "valid": 40, "test": 60}
+ARITHMETIC_SIZES = {"train": 320, "valid": 40, "test": 60}
 
 
 def arithmetic_splits(seed: int = 27) -> dict[str, list[dict]]:
