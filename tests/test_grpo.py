@@ -435,3 +435,38 @@ def test_dry_run_measures_the_sampling_phase(_cli_env, tiny_llama, arith, tmp_pa
                                               "train.max_completion_length=200", "--set", "data.max_seq_length=256"))
     assert code == 0, err2
     assert peak(out2 + err2) > 2 * peak(out + err)
+
+
+def test_two_ranks_take_the_step_of_one_rank_with_the_same_prompts(tiny_llama, arith, tmp_path):
+    """mlx.launch -n 2: 1 prompt per rank samples and steps exactly as 2 prompts in one process
+    (sampling keys depend on the prompt, not the rank)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from test_distributed import LAUNCH, _assert_same_adapter, _env, _free_port_pair
+
+    launch = LAUNCH if LAUNCH.exists() else Path(shutil.which("mlx.launch") or LAUNCH)
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = _args(tiny_llama, arith, one)[1:]
+    # no adapter dropout: its masks depend on the rank (as in supervised training)
+    args = [a if a != "lora.dropout=0.1" else "lora.dropout=0" for a in base if a not in ("--out", str(one))]
+    code = subprocess.run([sys.executable, "-m", "mlx_lora", "train", *args, "--out", str(one), "--quiet"],
+                          capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=400)
+    assert code.returncode == 0, code.stderr
+    args = [a if a != "train.batch_size=2" else "train.batch_size=1" for a in args]
+    cmd = [str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()), "--python",
+           sys.executable, "-m", "mlx_lora", "train", *args, "--out", str(two), "--distributed", "--dist-timeout", "60",
+           "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    ra, rb = rec(one), rec(two)
+    assert [r["step"] for r in rb] == [r["step"] for r in ra]
+    for x, y in zip(ra, rb):
+        for key in ("loss", "reward", "reward_std", "kl", "tokens", "completion_length", "val_reward"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x["step"])
+    _assert_same_adapter({k: np.array(v) for k, v in mx.load(str(two / "adapter_model.safetensors")).items()},
+                         {k: np.array(v) for k, v in mx.load(str(one / "adapter_model.safetensors")).items()})
