@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import metrics as M
+from .data_formats import one_line
 from .errors import DataError, MlxLoraError
 from .sandbox import run_python
 
@@ -227,8 +228,7 @@ def call(r: Reward, completion: str, row: dict, tokens: int, max_tokens: int, pa
     try:
         value = r.fn(completion, row, tokens, max_tokens)
     except Exception as e:
-        raise DataError(f"reward {r.name} raised {type(e).__name__}: {M.one_line(e) if hasattr(M, 'one_line') else e}"
-                        .replace("\n", " ")[:300], path, line, r.name) from None
+        raise DataError(f"reward {r.name} raised {type(e).__name__}: {one_line(e)}"[:300], path, line, r.name) from None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise DataError(f"reward {r.name} returned {type(value).__name__} {str(value)[:40]!r}, not a number",
                         path, line, r.name)
