@@ -237,7 +237,7 @@ class Poison:
     def __init__(self, monkeypatch, from_step):
         import dataclasses
 
-        import mlx_lora.trainer as tr
+        import mlx_lora.methods as tr  # the supervised method builds the trainer's loss
 
         self.on, self.from_step, orig_make = False, from_step, tr.make_loss
 
