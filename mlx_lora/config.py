@@ -501,8 +501,9 @@ def _section_from_dict(cls, data: dict, prefix: str, problems: list[str], base=N
     for k, v in data.items():
         if k not in names:
             k = clip(k)
+            # the same key in another section is a surer hint than a near spelling in this one
             problems.append(f"unknown key '{prefix}{k}'"
-                            + (_did_you_mean(k, names) or _in_other_section(k, prefix.rstrip("."))))
+                            + (_in_other_section(k, prefix.rstrip(".")) or _did_you_mean(k, names)))
             continue
         kwargs[k] = _coerce(v, hints[k], prefix + k, problems)
     base = base if base is not None else cls()
