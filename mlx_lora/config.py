@@ -23,6 +23,7 @@ from mlx_lora.data.formats import FORMATS
 from mlx_lora.plumbing.errors import SHOW_CHARS, ConfigError, MlxLoraError, clip, show  # noqa: F401 (re-exported)
 from mlx_lora.data.shapes import POLICIES as SHAPE_POLICIES
 from mlx_lora.mlx_lm_config import is_mlx_lm_config, key_lines, translate as translate_mlx_lm
+from mlx_lora.training import rewards as rewards_mod
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,8 @@ class TrainConfig:
     """On a non-finite loss: stop (keep the last good checkpoint) or skip the step."""
     method: str = "sft"
     """sft (cross-entropy on the targets), dpo or orpo (preference tuning on prompt/chosen/rejected
-    rows; batch_size then counts pairs)."""
+    rows; batch_size then counts pairs) or grpo (reinforcement learning from rewards on prompt/answer
+    rows; batch_size then counts prompts, each sampled group_size times; docs/grpo.md)."""
     dpo_loss: str = "sigmoid"
     """train.method dpo's loss: sigmoid (DPO) or ipo (IPO, squared loss on per-token log ratios)."""
     dpo_beta: float = 0.1
@@ -199,6 +201,29 @@ class TrainConfig:
     dpo_precompute_ref: bool = False
     """DPO: compute the reference log-probs of the training pairs in one pass before training and
     cache them in the run folder (reference_logps.npz, reused on resume) instead of in every step."""
+    group_size: int = 4
+    """GRPO: completions sampled per prompt; their rewards are compared within the group."""
+    temperature: float = 1.0
+    """GRPO: sampling temperature of the completions."""
+    max_completion_length: int = 256
+    """GRPO: most tokens sampled per completion (EOS included)."""
+    grpo_beta: float = 0.04
+    """GRPO: weight of the KL penalty against the reference (the base, adapter off); 0 skips the
+    reference pass."""
+    grpo_loss: str = "grpo"
+    """GRPO loss as TRL names it: grpo (mean per completion), bnpo (mean over the batch's tokens) or
+    dr_grpo (tokens summed, divided by completions x max_completion_length)."""
+    epsilon: float = 0.2
+    """GRPO: the importance ratio is clipped to [1 - epsilon, 1 + epsilon_high]."""
+    epsilon_high: Optional[float] = None
+    """GRPO: upper clipping bound (DAPO's clip-higher); null: epsilon."""
+    grpo_scale_rewards: bool = True
+    """GRPO: divide each group's centred rewards by their standard deviation (Dr. GRPO: false)."""
+    reward: Optional[str] = None
+    """GRPO: one reward function: number, exact, contains, json, pass@1, length, length:N,
+    regex:PATTERN, format:PATTERN, or a function of yours as module:function (docs/grpo.md)."""
+    rewards: Optional[dict] = None
+    """GRPO: several reward functions with weights, {name: weight}, e.g. {number: 1.0, format: 0.2}."""
     report_to: Optional[list[str]] = None
     """Also send the metrics.jsonl records to these trackers: tensorboard (event files in
     RUN/tensorboard/), wandb (RUN/wandb/; offline without an API key). Optional extras:
@@ -225,8 +250,9 @@ CHOICES = {
     "train.optimizer": ("adam", "adamw", "sgd", "adafactor"),
     "train.schedule": ("constant", "cosine", "linear"),
     "train.nan_policy": ("stop", "skip"),
-    "train.method": ("sft", "dpo", "orpo"),
+    "train.method": ("sft", "dpo", "orpo", "grpo"),
     "train.dpo_loss": ("sigmoid", "ipo"),
+    "train.grpo_loss": ("grpo", "dr_grpo", "bnpo"),
     "train.shapes": SHAPE_POLICIES,
 }
 LIST_CHOICES = {
@@ -318,6 +344,12 @@ BOUNDS = {
     "train.dpo_beta": Bound(float, 0, 1e3, lo_open=True),
     "train.dpo_label_smoothing": Bound(float, 0, 0.5, hi_open=True, cap=False),
     "train.orpo_lambda": Bound(float, 0, 1e3),
+    "train.group_size": Bound(int, 2, MAX_BATCH),
+    "train.temperature": Bound(float, 0, 100, lo_open=True),
+    "train.max_completion_length": Bound(int, 1, MAX_SEQ_LENGTH),
+    "train.grpo_beta": Bound(float, 0, 1e3),
+    "train.epsilon": Bound(float, 0, 1, lo_open=True, hi_open=True, cap=False),
+    "train.epsilon_high": Bound(float, 0, 100, lo_open=True, nullable=True),
     "train.wired_limit_gb": Bound(float, 0, MAX_MEMORY_GB, nullable=True),
     "train.cache_limit_gb": Bound(float, 0, MAX_MEMORY_GB, nullable=True),
 }
@@ -455,8 +487,9 @@ def _section_from_dict(cls, data: dict, prefix: str, problems: list[str], base=N
             continue
         if k not in names:
             k = clip(k)
+            # the same key in another section is a surer hint than a near spelling in this one
             problems.append(f"unknown key '{prefix}{k}'"
-                            + (_did_you_mean(k, names) or _in_other_section(k, prefix.rstrip("."))))
+                            + (_in_other_section(k, prefix.rstrip(".")) or _did_you_mean(k, names)))
             continue
         kwargs[k] = _coerce(v, hints[k], prefix + k, problems)
     base = base if base is not None else cls()
@@ -724,9 +757,9 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
                 except re.error as e:
                     p.append(f"lora.target_modules: bad regex {show(pat)}: {e}")
     t = cfg.train
-    if t.method in ("dpo", "orpo") and d.packing:
+    if t.method in ("dpo", "orpo", "grpo") and d.packing:
         p.append(f"data.packing: not available with train.method {t.method} (each response is a row of its own)")
-    if t.method in ("dpo", "orpo") and t.shapes == "packed":
+    if t.method in ("dpo", "orpo", "grpo") and t.shapes == "packed":
         p.append(f"train.shapes: packed is not available with train.method {t.method} (each response is a row of "
                  "its own); use ladder or exact")
     if BOUNDS["train.dpo_label_smoothing"].violation(t.dpo_label_smoothing) is None and t.dpo_label_smoothing and (
@@ -734,6 +767,7 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
         p.append("train.dpo_label_smoothing: applies to train.method dpo with train.dpo_loss sigmoid only")
     if t.dpo_precompute_ref is True and t.method != "dpo":
         p.append("train.dpo_precompute_ref: applies to train.method dpo only (orpo has no reference model)")
+    p += _reward_problems(cfg)
     if lo.layers_to_transform is not None:
         index = Bound(int, -MAX_LAYER_INDEX, MAX_LAYER_INDEX - 1)
         bad = [show(i) for i in lo.layers_to_transform if index.violation(i)]
@@ -743,6 +777,44 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
     if p:
         raise ConfigError(p, source)
     return cfg
+
+
+def _reward_problems(cfg: Config) -> list[str]:
+    """Problems of the GRPO keys: the rewards (names, weights) and what GRPO cannot combine with."""
+    t, p = cfg.train, []
+    if t.method != "grpo":
+        for key in ("reward", "rewards"):
+            if getattr(t, key) is not None:
+                p.append(f"train.{key}: applies to train.method grpo only")
+        return p
+    if t.reward is not None and t.rewards is not None:
+        p.append("train.reward: set either train.reward or train.rewards, not both")
+    if t.reward is None and not t.rewards:
+        p.append("train.reward: required with train.method grpo (e.g. number; or train.rewards: {number: 1.0, "
+                 "format: 0.2})")
+    if t.reward is not None:
+        problem = rewards_mod.name_problem(t.reward)
+        if problem:
+            p.append(f"train.reward: {problem}")
+    if t.rewards is not None:
+        if not isinstance(t.rewards, dict) or not t.rewards:
+            p.append(f"train.rewards: expected a mapping of reward names to weights, got {show(t.rewards)}")
+        else:
+            weight = Bound(float, -1e6, 1e6)
+            for name, w in t.rewards.items():
+                problem = rewards_mod.name_problem(name)
+                if problem:
+                    p.append(f"train.rewards: {problem}")
+                bad = weight.violation(w)
+                if bad:
+                    p.append(f"train.rewards.{clip(str(name))}: weight {bad}")
+    if cfg.data.sources:
+        p.append("data.sources: mixing sources is not available with train.method grpo; use data.path")
+    if BOUNDS["train.max_completion_length"].violation(t.max_completion_length) is None and isinstance(
+            cfg.data.max_seq_length, int) and t.max_completion_length >= cfg.data.max_seq_length:
+        p.append(f"train.max_completion_length: must be < data.max_seq_length ({cfg.data.max_seq_length}), which "
+                 f"holds the prompt and the completion, got {t.max_completion_length}")
+    return p
 
 
 def to_dict(cfg: Any) -> Any:

@@ -20,6 +20,9 @@ Data sets (one per recipe family, small enough for tests to run a recipe for a f
 - ``text.jsonl`` (text): field-guide paragraphs about invented plants (continued pretraining).
 - ``preference.jsonl`` (preference, chat): arithmetic questions; the chosen reply states the right
   sum in a full sentence, the rejected one a wrong sum or an unhelpful brush-off (DPO, ORPO).
+- ``arithmetic/`` (GRPO prompts: ``prompt`` as chat messages, ``answer``): small sums and
+  differences with a checkable answer. valid.jsonl and test.jsonl hold problems train.jsonl never
+  asks (no pair of operands and operator occurs in two splits).
 """
 
 from __future__ import annotations
@@ -431,12 +434,39 @@ def preference_rows(n: int = 40, seed: int = 71) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# arithmetic: GRPO prompts with a verifiable answer
+
+ARITHMETIC_ASKS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Work out {a} {op} {b}.")
+ARITHMETIC_SIZES = {"train": 320, "valid": 40, "test": 60}
+
+
+def arithmetic_splits(seed: int = 27) -> dict[str, list[dict]]:
+    """Addition and subtraction of numbers up to 20 (no negative results): a user turn asking the
+    question and the start of the assistant's reply, which restates the problem up to ``=``; the
+    completion goes on from there, so its first number is the model's result. ``answer`` is the
+    result as text. The splits never share a problem."""
+    rng = random.Random(seed)
+    problems = [(a, op, b) for a in range(1, 21) for b in range(1, 21) for op in ("+", "-") if op == "+" or a >= b]
+    rng.shuffle(problems)
+    out, start = {}, 0
+    for name, n in ARITHMETIC_SIZES.items():
+        rows = []
+        for a, op, b in problems[start:start + n]:
+            ask = rng.choice(ARITHMETIC_ASKS).format(a=a, op=op, b=b)
+            rows.append({"prompt": [{"role": "user", "content": ask}, {"role": "assistant", "content": f"{a} {op} {b} ="}],
+                         "answer": str(a + b if op == "+" else a - b)})
+        out[name], start = rows, start + n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # writing
 
 
 def all_files() -> dict[str, list[dict]]:
     """Relative path -> rows, for every bundled file."""
     files = {f"triage/{name}.jsonl": rows for name, rows in triage_splits().items()}
+    files.update({f"arithmetic/{name}.jsonl": rows for name, rows in arithmetic_splits().items()})
     files.update({
         "instruct.jsonl": instruct_rows(),
         "chat.jsonl": chat_rows(),

@@ -284,7 +284,7 @@ def test_mixture_validation_per_source(tmp_path, tok):
     ([{"path": "a.jsonl", "format": "csv"}], "data.sources[0].format: 'csv' is not one of auto,"),
     ([{"path": "hf:org/x:a:b"}], "data.sources[0].path: hf:org/x:a:b: bad config"),
     ([{"path": "a.jsonl", "columns": "question"}], "data.sources[0].columns: expected a mapping"),
-    ([{"path": "a.jsonl", "columns": {"answer": "x"}}], "data.sources[0].columns: 'answer' is not a field"),
+    ([{"path": "a.jsonl", "columns": {"solution": "x"}}], "data.sources[0].columns: 'solution' is not a field"),
     ([{"path": "a.jsonl", "split": ["x"]}], "data.sources[0].split: expected a split name"),
 ])
 def test_bad_source_specs_are_config_errors(sources, fragment):
@@ -294,8 +294,8 @@ def test_bad_source_specs_are_config_errors(sources, fragment):
 
 
 def test_bad_columns_and_path_with_sources():
-    with pytest.raises(ConfigError, match="data.columns: 'answer' is not a field of any data format"):
-        build(extra={"model": {"path": "m"}, "data": {"path": "x.jsonl", "columns": {"answer": "a"}}})
+    with pytest.raises(ConfigError, match="data.columns: 'solution' is not a field of any data format"):
+        build(extra={"model": {"path": "m"}, "data": {"path": "x.jsonl", "columns": {"solution": "a"}}})
     with pytest.raises(ConfigError, match="set either data.path or data.sources"):
         build(extra={"model": {"path": "m"}, "data": {"path": "x", "sources": [{"path": "y"}]}})
     cfg = build(extra={"model": {"path": "m"}, "data": {"path": "x.jsonl"}},
@@ -414,5 +414,5 @@ def test_eval_scores_a_data_sets_test_split(tiny_llama, tmp_path, cli_env, capsy
     assert r["path"] == str(one) and r["examples"] == 5
     assert_refused(capsys, ["eval", "--model", str(tiny_llama), "--data", str(folder), "--column", "answer"],
                    ["--column 'answer': expected FIELD=COLUMN"], [tmp_path])
-    assert_refused(capsys, ["eval", "--model", str(tiny_llama), "--data", str(folder), "--column", "answer=x"],
-                   ["--column: 'answer' is not a field of any data format"], [tmp_path])
+    assert_refused(capsys, ["eval", "--model", str(tiny_llama), "--data", str(folder), "--column", "solution=x"],
+                   ["--column: 'solution' is not a field of any data format"], [tmp_path])

@@ -238,7 +238,7 @@ class Poison:
     def __init__(self, monkeypatch, from_step):
         import dataclasses
 
-        import mlx_lora.training.trainer as tr
+        import mlx_lora.training.methods as tr  # the supervised method builds the trainer's loss
 
         self.on, self.from_step, orig_make = False, from_step, tr.make_loss
 

@@ -55,6 +55,13 @@ def banner_lines(cfg: Config, info, trainable: int, total: int, splits, steps: i
     lines.append(f"training  {steps} steps, batch {t.batch_size} x accum {t.grad_accum}"
                  + (f" x {world} ranks" if world > 1 else "") + f" = {global_batch} examples/step, "
                  f"{t.optimizer} lr {t.lr:g} ({t.schedule}, warmup {t.warmup_steps})")
+    if t.method == "grpo":
+        from mlx_lora.training.rewards import weights_of
+
+        shown = ", ".join(f"{k} x{v:g}" for k, v in weights_of(t.reward, t.rewards).items())
+        lines.append(f"grpo      {t.group_size} completions per prompt, temperature {t.temperature:g}, at most "
+                     f"{t.max_completion_length} tokens; rewards {shown}; loss {t.grpo_loss}, beta {t.grpo_beta:g}, "
+                     f"epsilon {t.epsilon:g}")
     from mlx_lora.training.distributed import batch_lines, launch_backend
 
     lines += batch_lines(t.batch_size, t.grad_accum, world, t.lr, launch_backend() or "")
@@ -110,9 +117,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     from mlx_lora.model import adapters
     from mlx_lora import config as config_mod
     from mlx_lora.training.callbacks import MetricsFile, Progress, plot_losses
-    from mlx_lora.data.mixture import load_datasets
     from mlx_lora.model.loading import load_model
     from mlx_lora.training.trainer import Trainer
+    from mlx_lora.training.methods import for_config as method_for
 
     from mlx_lora.training import distributed as dist
     from mlx_lora.training.checkpoints import RunDir, RunLock
@@ -143,7 +150,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
     model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code,
                                         dequantize_on_cpu=cfg.model.dequantize_on_cpu)
-    splits = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    method = method_for(cfg)  # sft, dpo, orpo, grpo: its data, loss and any phase of its own
+    splits = method.load_datasets(cfg, tokenizer, seed=cfg.train.seed)
     adapters.apply_lora(model, cfg.lora, warn=lambda m: log(f"WARNING: {m}"))
     trainable, total = adapters.count_parameters(model)
 
@@ -178,7 +186,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, callbacks: Iterable, prog
         own[1:1] = trackers(cfg.train.report_to, run.path, config_mod.to_dict(cfg), cfg.train.log_every)
     callbacks = own + list(callbacks)
     trainer = Trainer(model, cfg, splits.train, splits.valid, run, save_adapter=save_adapter,
-                      callbacks=callbacks, group=group, sync=sync)
+                      callbacks=callbacks, group=group, sync=sync, method=method)
     trainer.progress, trainer.progress_stream = progress, stream
 
     if resume:

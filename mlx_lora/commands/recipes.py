@@ -55,6 +55,7 @@ DEMO_DATA = {
     "code": "code.jsonl",
     "text": "text.jsonl",
     "preference": "preference.jsonl",
+    "arithmetic": "arithmetic",
 }
 HEADER_KEYS = ("task", "model", "data", "prepare", "memory", "fits", "demo")
 SCRIPT_SUFFIXES = (".py",)
@@ -329,7 +330,9 @@ def estimate_for_config(cfg, shape: Optional[ModelShape] = None, bits: Optional[
         bits = bits or known_bits
     layers = cfg.lora.layers_to_transform
     t = cfg.train
-    return estimate_peak_memory(shape, bits=bits or 16, seq_len=cfg.data.max_seq_length, batch=t.batch_size,
+    # GRPO updates on group_size completions of each prompt (the sampling phase's KV cache is smaller)
+    rows = t.batch_size * (t.group_size if getattr(t, "method", "sft") == "grpo" else 1)
+    return estimate_peak_memory(shape, bits=bits or 16, seq_len=cfg.data.max_seq_length, batch=rows,
                                 r=cfg.lora.r, grad_checkpoint=t.grad_checkpoint,
                                 checkpoint_attention=getattr(t, "checkpoint_attention", False),
                                 loss_chunk_tokens=getattr(t, "loss_chunk_tokens", None),

@@ -623,7 +623,8 @@ def file_samples(path: str, rows: list[tuple[int, dict]], fmt_cfg: str) -> tuple
         if fmt is None:
             keys = ", ".join(key_name(k) for k in sorted(first)[:20]) or "none"
             expected = "; ".join(f"{f.name}: {'+'.join(f.keys)}" for f in REGISTRY)
-            raise DataError(f"unknown format: keys {keys} match no format ({expected}); set data.format", path,
+            grpo = "; prompt/answer rows train with train.method grpo" if "prompt" in first and "answer" in first else ""
+            raise DataError(f"unknown format: keys {keys} match no format ({expected}); set data.format{grpo}", path,
                             first_line)
         why = f"detected from line {first_line}"
     elif fmt_cfg in BY_NAME:

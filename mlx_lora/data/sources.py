@@ -42,6 +42,8 @@ SPLIT_NAMES = {"train": "train", "validation": "valid", "valid": "valid", "test"
 """A data set's split names and the split of ours each becomes."""
 SOURCE_KEYS = ("path", "weight", "columns", "format", "split")
 """The keys of one ``data.sources`` entry."""
+ROW_FIELDS = ("answer", "tests")
+"""Fields besides the formats' that rows carry: GRPO's rewards and pass@1 read them."""
 
 
 def format_fields() -> tuple[str, ...]:
@@ -51,6 +53,8 @@ def format_fields() -> tuple[str, ...]:
     for f in REGISTRY:
         for k in (*f.keys, *f.reads):
             seen.setdefault(k, None)
+    for k in ROW_FIELDS:
+        seen.setdefault(k, None)
     return tuple(seen)
 
 

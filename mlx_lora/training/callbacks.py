@@ -27,6 +27,15 @@ def _preference_text(m: dict, prefix: str = "") -> str:
     return f"  acc {m[prefix + 'reward_accuracy']:.2f}  margin {m[prefix + 'reward_margin']:.3f}"
 
 
+def _grpo_text(m: dict) -> str:
+    """'  reward 0.38 (std 0.29, 25% flat)  kl 0.0012  len 9.5  sample 21.0s update 4.2s' for a GRPO step."""
+    if "reward_std" not in m:
+        return ""
+    kl = f"  kl {m['kl']:.4f}" if "kl" in m else ""
+    return (f"  reward {m['reward']:.3f} (std {m['reward_std']:.3f}, {100 * m['zero_std_groups']:.0f}% flat){kl}  "
+            f"len {m['completion_length']:.1f}  sample {m['sample_s']:.1f}s update {m['update_s']:.1f}s")
+
+
 def _fmt_time(s: float) -> str:
     if not math.isfinite(s):
         return "?"
@@ -84,20 +93,23 @@ class Progress:
             if self._bar is None:
                 self._bar = bar(total, "train", stream=self.stream, initial=step - 1, ascii="-#",
                                 bar_format=self.BAR_FORMAT)
-            self._bar.set_postfix_str(f"loss {m['loss']:.4f}{_preference_text(m)} lr {m['lr']:.2e} "
+            self._bar.set_postfix_str(f"loss {m['loss']:.4f}{_preference_text(m)}{_grpo_text(m)} lr {m['lr']:.2e} "
                                       f"{fmt_rate(m['tokens_per_s'])} tok/s eta {eta} peak {m['peak_memory_gb']:.2f} GB",
                                       refresh=False)
             self._bar.update(step - self._bar.n)
             return
         if step % self.log_every and step != total:
             return
-        self._line(f"step {step}/{total}  loss {m['loss']:.4f}{_preference_text(m)}  lr {m['lr']:.2e}  "
+        self._line(f"step {step}/{total}  loss {m['loss']:.4f}{_preference_text(m)}{_grpo_text(m)}  lr {m['lr']:.2e}  "
                    f"{fmt_rate(m['tokens_per_s'])} tok/s  eta {eta}  peak {m['peak_memory_gb']:.2f} GB")
 
     def on_eval(self, trainer, m: dict) -> None:
         best = " (best)" if m.get("is_best") else ""
         if "val_reward_accuracy" in m:  # a preference loss: perplexity means nothing
             self._line(f"step {m['step']}: val loss {m['val_loss']:.4f}{_preference_text(m, 'val_')}{best}")
+            return
+        if "val_reward" in m:  # GRPO: the mean reward of greedy answers (val loss is its negative)
+            self._line(f"step {m['step']}: val reward {m['val_reward']:.4f} (greedy){best}")
             return
         self._line(f"step {m['step']}: val loss {m['val_loss']:.4f}  ppl {m['val_ppl']:.2f}{best}")
 
@@ -111,21 +123,28 @@ class Progress:
             self._bar = None
 
 
+GRPO_KEYS = ("reward", "reward_std", "zero_std_groups", "completion_length", "truncated_completions", "kl",
+             "clip_ratio", "sample_s", "update_s")
+"""A GRPO step's metrics besides ``reward_<name>``, the mean of each reward function (mlx_lora.training.grpo)."""
 STEP_KEYS = ("step", "loss", "lr", "tokens", "trained_tokens", "tokens_per_s", "peak_memory_gb", "elapsed_s",
-             "shapes", "padding", *PREFERENCE_KEYS)
+             "shapes", "padding", *PREFERENCE_KEYS, *GRPO_KEYS)
 
 
 def step_record(m: dict, log_every: int = 1) -> Optional[dict]:
     """The record ``metrics.jsonl`` (and every tracker, see :mod:`mlx_lora.training.tracking`) keeps of a
     step, or None for a step it does not log (every ``log_every``-th, the first and the last)."""
     if m["step"] % log_every == 0 or m["step"] in (1, m["total_steps"]):
-        return {k: m[k] for k in STEP_KEYS if k in m}
+        record = {k: m[k] for k in STEP_KEYS if k in m}
+        record.update({k: v for k, v in m.items() if k.startswith("reward_") and k not in record})
+        return record
     return None
 
 
 def eval_record(m: dict) -> dict:
     """The record of an evaluation."""
-    return {k: m[k] for k in ("step", "val_loss", "val_ppl", *("val_" + k for k in PREFERENCE_KEYS)) if k in m}
+    record = {k: m[k] for k in ("step", "val_loss", "val_ppl", *("val_" + k for k in PREFERENCE_KEYS)) if k in m}
+    record.update({k: v for k, v in m.items() if k.startswith("val_reward") and k not in record})
+    return record
 
 
 class MetricsFile:

@@ -148,9 +148,9 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
 
     from mlx_lora.model import adapters
     from mlx_lora.plumbing import backend
-    from mlx_lora.data.mixture import load_datasets
     from mlx_lora.model.loading import load_model
     from mlx_lora.training.trainer import Trainer
+    from mlx_lora.training.methods import for_config as method_for
 
     validate(cfg)
     say = log or (lambda m: None)
@@ -160,9 +160,13 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
     model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code,
                                         dequantize_on_cpu=cfg.model.dequantize_on_cpu)
-    splits = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed, splits=("train",))
+    method = method_for(cfg)
+    splits = method.load_datasets(cfg, tokenizer, seed=cfg.train.seed, splits=("train",))
     adapters.apply_lora(model, cfg.lora, warn=lambda m: say(f"WARNING: {m}"))
-    trainer = Trainer(model, cfg, splits.train, None, None)
+    # A method with a sampling phase (GRPO) samples in every measured step; here each completion
+    # runs to max_completion_length, so the peak covers the longest sampling and update.
+    method.full_length = True
+    trainer = Trainer(model, cfg, splits.train, None, None, method=method)
     model.train()
 
     plan = _plan(trainer)
@@ -225,6 +229,11 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
     warmup = warmup_warning(cfg.train, steps)
     if warmup:
         notes.append(f"WARNING: {warmup}")
+    if cfg.train.method == "grpo":
+        t = cfg.train
+        notes.append(f"each measured step includes the sampling phase: {t.group_size} completions of "
+                     f"{t.max_completion_length} tokens (the longest allowed) per prompt, then the update on them; "
+                     f"the peak covers both")
     loss = (f"chunked loss ({trainer.loss.chunk_tokens} tokens)" if trainer.loss.chunk_tokens else "plain loss")
     if trainer.loss.note:
         notes.append(trainer.loss.note)

@@ -27,12 +27,13 @@ from mlx_lora.data.batching import (PAD_MULTIPLE, Batch, BatchPlan, BatchPositio
 from mlx_lora.data.examples import TokenizedDataset
 from mlx_lora.plumbing.errors import CheckpointError, MlxLoraError
 from mlx_lora.plumbing.interrupts import interrupts_deferred
-from mlx_lora.training.losses import Loss, make_loss
-from mlx_lora.training.preference import Objective, check_data, metrics as preference_metrics, preference_loss
+from mlx_lora.training.losses import Loss
+from mlx_lora.training.preference import metrics as preference_metrics
 from mlx_lora.training import memory
 from mlx_lora.data import shapes
 from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MLX_LM_WEIGHTS
 from mlx_lora.plumbing.progress import Ticker
+from mlx_lora.training.methods import for_config as method_for
 
 
 GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
@@ -341,7 +342,7 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: Config, train_set: TokenizedDataset,
                  valid_set: Optional[TokenizedDataset], run: Optional[RunDir],
                  save_adapter: Optional[Callable] = None, callbacks=(), group=None,
-                 sync: Optional[dist.Collectives] = None):
+                 sync: Optional[dist.Collectives] = None, method=None):
         self.model, self.cfg, self.train_set, self.valid_set = model, cfg, train_set, valid_set
         self.run, self.save_adapter_fn = run, save_adapter
         self.callbacks = list(callbacks)
@@ -377,19 +378,19 @@ class Trainer:
             if min_length is not None:
                 enable_attention_checkpoint(model, min_length)
         # The chunked loss (when the model allows it) never materialises [tokens x vocab] logits.
-        # Preference methods (train.method dpo, orpo) plug their pair loss into the same step.
-        check_data(cfg, train_set, valid_set)
-        self.loss = (make_loss(model, t.loss_chunk_tokens) if t.method == "sft" else
-                     preference_loss(model, Objective.from_config(t), t.loss_chunk_tokens))
-        self.step_metrics: dict = {}  # a preference loss's metrics of the last step (global batch)
+        # The method (train.method, mlx_lora.training.methods) plugs its loss into the same step.
+        self.method = method if method is not None else method_for(cfg)
+        self.method.check_data(cfg, train_set, valid_set)
+        self.loss = self.method.loss(model, cfg)
+        self.step_metrics: dict = {}  # the method's metrics of the last step (global batch)
         self._stats: list = []
-        self._ref: Optional[np.ndarray] = None  # precomputed reference log-probs (train.dpo_precompute_ref)
         self._build_steps()
         # How batches are laid out (train.shapes), the call shapes met, and the memory limits.
         self.shapes = shapes.resolve(t.shapes, gpu=self.on_gpu, sizes=train_set.lengths - 1,
                                      batch_rows=t.batch_size * t.grad_accum, max_seq_length=cfg.data.max_seq_length,
                                      seed=t.seed, bucketing=cfg.data.length_bucketing, steps=self.total_steps,
-                                     dims=shapes.model_dims(model), allow_packed=train_set.per_item == 1)
+                                     dims=shapes.model_dims(model),
+                                     allow_packed=train_set.per_item == 1 and self.method.allows_packing)
         self.shape_stats = shapes.ShapeStats()
         self.memory_notes = memory.apply_limits(t)
 
@@ -403,6 +404,8 @@ class Trainer:
         # The chunked loss takes the target positions as an extra argument (computed on the host),
         # a preference loss with train.dpo_precompute_ref the reference log-probs of the rows.
         # A preference loss also returns a vector of statistics (see mlx_lora.training.preference).
+        # then any per-row arrays of the method (Method.extras: DPO's precomputed reference
+        # log-probs, GRPO's advantages). A method's loss may also return a vector of statistics.
         def fwd_bwd(inputs, targets, mask, *positions):
             (loss, ntoks, *extra), grads = loss_and_grad(model, inputs, targets, mask, None, *positions)
             return loss, ntoks, grads, *extra
@@ -460,7 +463,7 @@ class Trainer:
         for rows, length in self.micro_batches(batch):
             self.shape_stats.add(len(rows), length, shapes.call_filled(batch, rows, length))
             inputs, targets, mask, attn = batch_arrays(batch, rows, length)
-            ref = () if self._ref is None else (mx.array(self._ref[batch.items[rows]]),)
+            ref = self.method.extras(batch, rows)
             if attn is None:
                 loss, n, g, *extra = self._fwd_bwd(inputs, targets, mask, *ref)
             else:
@@ -475,8 +478,9 @@ class Trainer:
     def step_on(self, batch) -> tuple[float, int]:
         """One optimizer step on ``batch`` (this process's rows, split into grad_accum micro-batches
         as in :meth:`fit`), evaluated before returning; no bookkeeping, callbacks or collectives.
-        Returns (mean target-token loss, target tokens). Used to measure a job (``--dry-run``)."""
-        loss_sum, ntoks, grads = self._accumulate(batch)
+        Returns (mean target-token loss, target tokens). Used to measure a job (``--dry-run``);
+        the method's preparation (GRPO's sampling phase) is part of the step."""
+        loss_sum, ntoks, grads = self._accumulate(self.method.prepare(self, batch))
         self._update(grads, ntoks)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return loss_sum.item() / max(ntoks.item(), 1.0), int(ntoks.item())
@@ -484,7 +488,10 @@ class Trainer:
     def evaluate(self, dataset: TokenizedDataset, max_batches: Optional[int] = None,
                  metrics: Optional[dict] = None) -> tuple[float, int]:
         """Token-weighted mean loss over ``dataset`` (reduced across ranks) and its token count:
-        see :func:`evaluate`."""
+        see :func:`evaluate` (or the method's own evaluation, GRPO's rewards of greedy answers)."""
+        own = self.method.evaluate(self, dataset, max_batches, metrics)
+        if own is not None:
+            return own
         return evaluate(self.model, self.loss, dataset, self.cfg, max_batches=max_batches, sync=self.sync,
                         metrics=metrics, progress=self.progress, stream=self.progress_stream)
 
@@ -581,13 +588,7 @@ class Trainer:
         """Train until ``total_steps``, early stopping, or an interrupt (Ctrl-C, or SIGTERM within
         :func:`~mlx_lora.plumbing.interrupts.sigterm_as_interrupt`), which saves a checkpoint and returns.
         A non-finite loss skips the step or raises :class:`TrainingStopped` (``train.nan_policy``)."""
-        if self.cfg.train.dpo_precompute_ref and self._ref is None:  # one pass, cached in the run folder
-            from mlx_lora.training.preference import cached_reference_logps, reference_logps
-
-            shown = dict(progress=self.progress and self.rank == 0, stream=self.progress_stream)
-            self._ref = (reference_logps(self.model, self.train_set, self.cfg, **shown) if self.run is None else
-                         cached_reference_logps(self.model, self.train_set, self.cfg, self.run.path,
-                                                write=self.rank == 0, **shown))
+        self.method.start(self)  # any state of the method's own (DPO's cached reference log-probs)
         self.model.train()
         self._emit("on_train_start")
         batches = self._batches()
@@ -641,18 +642,17 @@ class Trainer:
         generator state; the rank term keeps ranks from drawing the same masks for their
         different examples."""
         mx.random.seed(self.cfg.train.seed * 1_000_003 + self.state.step + self.rank * 1_000_000_007)
-        return self._accumulate(batch)
+        return self._accumulate(self.method.prepare(self, batch))
 
     def _global_loss(self, loss_sum, ntoks) -> tuple[float, float]:
         """(mean loss over the global batch's target tokens, their number), summed over ranks (a
         preference loss: mean over its pairs, and the number of their target tokens)."""
-        extra = [x for s in self._stats for x in np.asarray(s).reshape(-1).tolist()]
+        extra = [x for s in self._stats for x in np.asarray(s).reshape(-1).tolist()] + self.method.host_stats()
         sums = self.sync.sum([loss_sum.item(), ntoks.item()] + extra, f"the loss all_sum of step {self.state.step + 1}")
         total, n = sums[:2]
-        if self._stats:  # a preference loss: n counts pairs; throughput counts their target tokens
-            self.step_metrics = preference_metrics(sums[2:], n, self.cfg.train.method)
-            return total / max(n, 1.0), sums[-1]
-        return total / max(n, 1.0), n
+        # The method's metrics; n may count pairs or completions, throughput counts target tokens.
+        self.step_metrics, tokens = self.method.metrics(sums[2:], n)
+        return total / max(n, 1.0), tokens
 
     def _stopped_on(self, loss: float) -> TrainingStopped:
         return TrainingStopped(
