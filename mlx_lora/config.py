@@ -19,11 +19,12 @@ from typing import Any, Callable, Iterable, Optional, Union, get_args, get_origi
 
 import yaml
 
+import mlx_lora.training.rewards as rewards_mod
 from mlx_lora.data.formats import FORMATS
-from mlx_lora.plumbing.errors import SHOW_CHARS, ConfigError, MlxLoraError, clip, show  # noqa: F401 (re-exported)
 from mlx_lora.data.shapes import POLICIES as SHAPE_POLICIES
-from mlx_lora.mlx_lm_config import is_mlx_lm_config, key_lines, translate as translate_mlx_lm
-from mlx_lora.training import rewards as rewards_mod
+from mlx_lora.mlx_lm_config import is_mlx_lm_config, key_lines
+from mlx_lora.mlx_lm_config import translate as translate_mlx_lm
+from mlx_lora.plumbing.errors import SHOW_CHARS, ConfigError, MlxLoraError, clip, show  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,13 @@ MLX_LM_COMPAT = "mlx_lora.plumbing.mlx_lm_compat"
 FOLDER_LAYERS = {"plumbing": "plumbing", "data": "core", "model": "core", "training": "core",
                  "inference": "core", "commands": "commands"}
 # Inside the layers, a finer order of groups; an import pointing back up it is an exception listed here.
-GROUP_ORDER = ("plumbing", "formats", "data", "config", "model", "training", "inference", "testing", "commands")
+GROUP_ORDER = ("plumbing", "formats", "data", "config", "model", "inference", "training", "testing", "commands")
 BACK_UP = {
     # the data containers are typed by the one config's data section (DataConfig): data -> config
     ("mlx_lora.data.examples", "mlx_lora.config"),
     ("mlx_lora.data.mixture", "mlx_lora.config"),
+    # the config checks GRPO reward names with the rewards module's own parser (one grammar, not two)
+    ("mlx_lora.config", "mlx_lora.training.rewards"),
 }
 
 
