@@ -21,7 +21,9 @@ from typing import Callable, Optional, TextIO
 import click
 
 from .cli import sampling_options
+from .engine import DEFAULT_PROMPT_CACHE_GB, Engine, Result, Sampling
 from .errors import MlxLoraError
+from .generation import chat_prompt
 
 HELP = """commands:
   /reset         forget the conversation (the system message stays)
@@ -71,12 +73,21 @@ class Conversation:
 
 def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_tokens: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             read: Callable[[str], str] = input, out: Optional[TextIO] = None) -> Conversation:
+             read: Callable[[str], str] = input, out: Optional[TextIO] = None,
+             prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB) -> Conversation:
     """The read-reply loop; returns the conversation when the user leaves. ``read`` is called
     with the prompt and raises EOFError or KeyboardInterrupt to end the chat."""
-    from .generation import Result, chat_prompt, stream
-
     out = out or sys.stdout
+    # One engine for the whole chat: its prefix cache keeps the conversation's KV between turns,
+    # so a turn prefills only what is new since the last reply.
+    engine = Engine(model, tokenizer, max_batch=1, prompt_cache_bytes=int(prompt_cache_gb * 2**30))
+    try:
+        return _chat_loop(engine, tokenizer, template, system, max_tokens, temperature, top_p, seed, read, out)
+    finally:
+        engine.close()
+
+
+def _chat_loop(engine: Engine, tokenizer, template, system, max_tokens, temperature, top_p, seed, read, out):
     conv = Conversation(system)
 
     def say(text: str = "") -> None:
@@ -126,11 +137,12 @@ def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_to
             say(f"[the chat template failed on this conversation: {type(e).__name__}: {str(e)[:200]}]")
             continue
         result = Result()
+        sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed + turn)
         try:
-            for piece in stream(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature,
-                                top_p=top_p, seed=seed + turn, result=result):
-                out.write(piece)
-                out.flush()
+            for token in engine.stream(prompt, None, sampling, result):
+                if token.text:
+                    out.write(token.text)
+                    out.flush()
         except KeyboardInterrupt:
             say("\n[reply stopped; this exchange is left out of the history]")
             continue

@@ -66,7 +66,7 @@ def server(tiny_llama, adapter_dirs):
 
     from mlx_lora import serve
 
-    engine = serve.build_engine(str(tiny_llama), {k: str(v) for k, v in adapter_dirs.items()}, max_tokens=16)
+    engine = serve.build_server(str(tiny_llama), {k: str(v) for k, v in adapter_dirs.items()}, max_tokens=16)
     sock = serve.bind("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(serve.create_app(engine), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -198,7 +198,7 @@ def test_bad_requests_get_the_openai_error_shape_and_the_server_goes_on(server, 
     cases = [
         ({**ok, "max_tokens": "ten"}, "max_tokens"), ({**ok, "max_tokens": 0}, "max_tokens"),
         ({**ok, "max_tokens": 10**9}, "max_tokens"), ({**ok, "temperature": -1}, "temperature"),
-        ({**ok, "top_p": 0}, "top_p"), ({**ok, "n": 2}, "n"), ({**ok, "messages": "hi"}, "messages"),
+        ({**ok, "top_p": 0}, "top_p"), ({**ok, "n": 0}, "n"), ({**ok, "messages": "hi"}, "messages"),
         ({**ok, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({**ok, "stream": "yes"}, "stream"), ({**ok, "stop": [1]}, "stop"), ({**ok, "seed": -3}, "seed"),
         ({k: v for k, v in ok.items() if k != "model"}, "model"), ([ok], None),
@@ -219,17 +219,17 @@ def test_bad_requests_get_the_openai_error_shape_and_the_server_goes_on(server, 
 
 
 def test_an_exception_inside_one_request_does_not_stop_the_server(server, client, monkeypatch):
-    engine = server[1]
-    real = engine.adapters.activate
+    engine = server[1].engine
+    real = engine._prefill
     calls = []
 
-    def failing_once(name):
-        calls.append(name)
+    def failing_once(row, budget):
+        calls.append(row)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return real(name)
+        return real(row, budget)
 
-    monkeypatch.setattr(engine.adapters, "activate", failing_once)
+    monkeypatch.setattr(engine, "_prefill", failing_once)
     r = _post(server[0], "/chat/completions", {"model": "alpha", "messages": QUESTION, "max_tokens": 3})
     assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
     assert ask(client, "alpha")
@@ -272,13 +272,17 @@ def test_serve_refuses_bad_adapters_before_starting(tiny_llama, adapter_dirs, tm
 
 
 def test_adapters_wrap_the_one_copy_of_the_base_layers(server, client):
-    """Every adapter's layers compute on the base model's own layer objects: no copy of a weight."""
+    """Every adapter's per-row layer computes on the base model's own layer object: no copy of a weight."""
     import mlx.nn as nn
 
-    engine = server[1]
-    ask(client, "llama")  # the last request leaves the base alone in the model
-    plain = {p: m for p, m in engine.model.named_modules() if isinstance(m, nn.Linear)}
-    for name in ("alpha", "beta"):
-        wrapped = engine.adapters._layers[name]
-        assert wrapped and all(w.base is plain[p] and w.base.weight is plain[p].weight for p, w in wrapped)
-    assert {p for p, _ in engine.adapters._layers["beta"]} < set(plain)  # beta adapts q/v only
+    from mlx_lora.engine import RowLoRALinear
+
+    srv = server[1]
+    ask(client, "llama")
+    rows = {p: m for p, m in srv.model.named_modules() if isinstance(m, RowLoRALinear)}
+    plain = {p: m for p, m in srv.model.named_modules() if isinstance(m, nn.Linear)}
+    assert rows and all(p + ".base" in plain and m.base is plain[p + ".base"] for p, m in rows.items())
+    bank = srv.engine.bank
+    beta = bank.names.index("beta")
+    # beta (q/v only) has factors on fewer layers than alpha (all linear layers)
+    assert {p for p, m in rows.items() if m._lows[beta] is not None} < set(rows)
