@@ -720,10 +720,15 @@ class Engine:
             if not piece or (rank >= 2048 and len(piece) > 2):
                 continue
             st, nd = con.check(text + piece)
-            if st == "invalid":
+            if st == "invalid" or (tight and not (st == "complete" or nd < need)):
                 continue
-            if tight and not (st == "complete" or nd < need):
-                continue
+            # The token's text in context can differ from its text alone (a tokenizer's clean-up
+            # of spaces, say): the reply as it will be decoded must pass too.
+            whole = self.tokenizer.decode(row.req.result.tokens + [tok])
+            if whole != text + piece:
+                st, nd = con.check(whole)
+                if st == "invalid" or (tight and not (st == "complete" or nd < need)):
+                    continue
             return tok
         return eos  # nothing fits (the budget ran out): end the reply
 
