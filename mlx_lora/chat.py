@@ -14,6 +14,7 @@ an answer. Ctrl-C or Ctrl-D at the prompt ends the chat.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Optional, TextIO
@@ -33,6 +34,7 @@ HELP = """commands:
   /quit          leave (or Ctrl-D); Ctrl-C stops a reply"""
 
 PROMPT = ">>> "
+log = logging.getLogger(__name__)
 
 
 class Conversation:
@@ -147,6 +149,8 @@ def _chat_loop(engine: Engine, tokenizer, template, system, max_tokens, temperat
             say("\n[reply stopped; this exchange is left out of the history]")
             continue
         turn += 1
+        log.debug("turn %d: %d of %d prompt tokens came from the prefix cache", turn, result.cached_tokens,
+                  result.prompt_tokens)
         say()
         if result.finish_reason == "length":
             say(f"[reply cut at --max-tokens {max_tokens}]")
