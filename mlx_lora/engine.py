@@ -367,7 +367,7 @@ class _Row:
         self.next: Optional[int] = None
         s = req.sampling
         self.key = mx.random.key(s.seed) if s.temperature > 0 else None
-        self.detok = compat.detokenizer(tokenizer)
+        self.detok = compat.detokenizer(tokenizer) if tokenizer is not None else None
         self.stops = [t for t in s.stop if t]
         self.text = ""
         self.sent = 0
@@ -386,15 +386,19 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 class Engine:
     """See the module docstring. ``context``: the most tokens (prompt and reply) a row may
-    hold; ``prompt_cache_bytes`` 0 turns the prefix cache off."""
+    hold; ``prompt_cache_bytes`` 0 turns the prefix cache off. Without a ``tokenizer`` (then
+    ``eos`` is required) replies are token ids only: no text, stop strings or constraints."""
 
-    def __init__(self, model, tokenizer, *, bank: Optional[AdapterBank] = None, max_batch: int = DEFAULT_MAX_BATCH,
+    def __init__(self, model, tokenizer=None, *, eos: Optional[set] = None, bank: Optional[AdapterBank] = None,
+                 max_batch: int = DEFAULT_MAX_BATCH,
                  max_queue: int = DEFAULT_MAX_QUEUE, prefill_step: int = DEFAULT_PREFILL_STEP,
                  prompt_cache_bytes: int = int(DEFAULT_PROMPT_CACHE_GB * 2**30), context: Optional[int] = None):
         self.model, self.tokenizer, self.bank = model, tokenizer, bank
         self.max_batch, self.max_queue, self.prefill_step = int(max_batch), int(max_queue), int(prefill_step)
         self.context = context
-        self.eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+        if eos is None:
+            eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+        self.eos = set(eos)
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self._pending: collections.deque[Request] = collections.deque()
         self._prefilling: list[_Row] = []
@@ -422,7 +426,10 @@ class Engine:
             raise MlxLoraError("the prompt holds no tokens")
         if adapter is not None and (self.bank is None or adapter not in self.bank.names):
             raise MlxLoraError(f"no adapter named {adapter!r}")
-        req = Request(list(prompt), adapter, sampling or Sampling(), sink or (lambda kind, value: None))
+        sampling = sampling or Sampling()
+        if self.tokenizer is None and (sampling.constraint is not None or any(sampling.stop)):
+            raise MlxLoraError("stop strings and constrained replies need the engine's tokenizer")
+        req = Request(list(prompt), adapter, sampling, sink or (lambda kind, value: None))
         with self._cond:
             if self._closed:
                 raise MlxLoraError("the generation engine is closed")
@@ -742,8 +749,9 @@ class Engine:
         res.tokens.append(tok)
         if info is not None:
             res.logprobs.append(info)
-        row.detok.add_token(tok)
-        row.text += row.detok.last_segment
+        if row.detok is not None:
+            row.detok.add_token(tok)
+            row.text += row.detok.last_segment
         piece, hit = self._ready(row, final=False)
         req.sink("token", Token(piece, tok, *(info if info is not None else (None, None))))
         if hit:
@@ -755,8 +763,9 @@ class Engine:
         return False
 
     def _end(self, row: _Row, reason: str) -> bool:
-        row.detok.finalize()
-        row.text += row.detok.last_segment
+        if row.detok is not None:
+            row.detok.finalize()
+            row.text += row.detok.last_segment
         piece, hit = self._ready(row, final=True)
         if piece:
             row.req.sink("token", Token(piece, -1))

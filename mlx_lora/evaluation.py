@@ -161,14 +161,15 @@ def check_metrics(metrics: Sequence[str], data: EvalSet) -> None:
 # generation
 
 
-def generate_tokens(model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int, *,
+def generate_tokens(model, prompts: Sequence[Sequence[int]], max_tokens: int, eos: set, *,
                     batch_size: int = DEFAULT_BATCH_SIZE, temperature: float = 0.0, top_p: float = 1.0,
-                    seed: int = 0) -> list[list[int]]:
-    """Continuations (token ids, end-of-turn excluded) of several token prompts, in the order
-    given, from the generation engine (:mod:`mlx_lora.engine`) with at most ``batch_size`` rows
-    decoding at once. Greedy when ``temperature`` is 0; otherwise row ``i`` is sampled from seed
-    ``seed + i``, keeping the smallest set of tokens whose probability reaches ``top_p``."""
-    engine = Engine(model, tokenizer, max_batch=batch_size, prompt_cache_bytes=0)
+                    seed: int = 0, tokenizer=None) -> list[list[int]]:
+    """Continuations (token ids; a token in ``eos`` ends one and is left out) of several token
+    prompts, in the order given, from the generation engine (:mod:`mlx_lora.engine`) with at most
+    ``batch_size`` rows decoding at once. Greedy when ``temperature`` is 0; otherwise row ``i`` is
+    sampled from seed ``seed + i``, keeping the smallest set of tokens whose probability reaches
+    ``top_p``."""
+    engine = Engine(model, tokenizer, eos=eos, max_batch=batch_size, prompt_cache_bytes=0)
     try:
         samplings = [Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
                      for i in range(len(prompts))]
@@ -184,8 +185,9 @@ def eos_ids(tokenizer) -> set:
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
     """:func:`generate_tokens` decoded to text."""
-    return [tokenizer.decode(g) for g in generate_tokens(model, tokenizer, prompts, max_tokens, batch_size=batch_size,
-                                                         temperature=temperature, top_p=top_p, seed=seed)]
+    return [tokenizer.decode(g) for g in generate_tokens(model, prompts, max_tokens, eos_ids(tokenizer),
+                                                         batch_size=batch_size, temperature=temperature, top_p=top_p,
+                                                         seed=seed, tokenizer=tokenizer)]
 
 
 # ---------------------------------------------------------------------------------------------

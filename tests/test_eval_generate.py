@@ -96,11 +96,11 @@ def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tiny_llama):
     prompts = [tok.encode(t) for t in texts]
     assert len({len(p) for p in prompts}) == 3  # different lengths exercise the left padding
     eos = evaluation.eos_ids(tok)
-    batched = evaluation.generate_tokens(model, tok, prompts, 6, batch_size=8)
+    batched = evaluation.generate_tokens(model, prompts, 6, eos, batch_size=8)
     # mlx-lm's own generation, one prompt at a time (greedy is its default sampler)
     alone = [[r.token for r in stream_generate(model, tok, p, max_tokens=6) if r.token not in eos] for p in prompts]
     assert batched == alone
-    assert evaluation.generate_tokens(model, tok, prompts, 6, batch_size=2) == alone
+    assert evaluation.generate_tokens(model, prompts, 6, eos, batch_size=2) == alone
     assert evaluation.generate(model, tok, prompts[:1], 6) == [tok.decode(alone[0])]
 
 
