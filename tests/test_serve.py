@@ -264,6 +264,9 @@ def test_serve_refuses_bad_adapters_before_starting(tiny_llama, adapter_dirs, tm
     assert_refused(capsys, base + ["--adapter", f"llama={adapter_dirs['alpha']}"], ["names the base model"], [tmp_path])
     assert_refused(capsys, base + ["--adapter", f"x={tmp_path}"], [str(tmp_path), "not an adapter folder"], [tmp_path])
     assert_refused(capsys, base + ["--max-tokens", "0"], ["--max-tokens"], [tmp_path])
+    for flag, value in (("--max-batch", "0"), ("--max-body-mb", "0"), ("--prompt-cache-gb", "-1"),
+                        ("--max-queue", "-2"), ("--max-context", "1")):
+        assert_refused(capsys, base + [flag, value], [flag], [tmp_path])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
