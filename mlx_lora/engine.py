@@ -40,9 +40,13 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
+from . import adapters as adapters_mod
 from . import mlx_lm_compat as compat
 from .errors import MlxLoraError
+from .integrity import check_adapter_base
+from .lora import DoRALinear, LoRALinear, dense_weight
 
 log = logging.getLogger(__name__)
 
@@ -243,12 +247,6 @@ class AdapterBank:
     so the base weights exist once."""
 
     def __init__(self, model, base_path, adapters: dict[str, str], *, strict: bool = False, warn=None):
-        from mlx.utils import tree_unflatten
-
-        from . import adapters as adapters_mod
-        from .integrity import check_adapter_base
-        from .lora import DoRALinear, LoRALinear, dense_weight
-
         self.names = list(adapters)
         self.rows = RowAdapters(len(self.names))
         per_layer: dict[str, list] = {}
