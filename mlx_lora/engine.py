@@ -572,6 +572,16 @@ class Engine:
             self._prefilling.append(self._start(req))
         self._drop_cancelled()
         budget = self.prefill_step
+        group = self._fresh_group()
+        if len(group) > 1:
+            for row in group:
+                self._prefilling.remove(row)
+            try:
+                budget -= self._prefill_together(group)
+            except Exception as e:  # these rows' prompts failed: they alone get the error
+                log.exception("prefill failed")
+                for row in group:
+                    self._fail(row.req, e)
         while self._prefilling and budget > 0:
             row = self._prefilling[0]
             try:
@@ -630,6 +640,48 @@ class Engine:
             self._rows.append(row)
         return n
 
+    def _fresh_group(self) -> list[_Row]:
+        """Rows waiting with a whole, short prompt and nothing cached: prefilled in one forward pass
+        (a short prompt reads all the weights as a decode step does, so one pass for many is
+        nearly the price of one)."""
+        group, width = [], 0
+        for row in self._prefilling:
+            if row.tokens or len(row.todo) > self.prefill_step or not compat.is_plain_kv(row.cache):
+                continue
+            w = max(width, len(row.todo))
+            if group and w * (len(group) + 1) > 2 * self.prefill_step:
+                break
+            group.append(row)
+            width = w
+        return group
+
+    def _prefill_together(self, rows: list[_Row]) -> int:
+        """Prefill several fresh rows at once, left-padded to one length; they join the batch."""
+        width = max(len(r.todo) for r in rows)
+        pad = [width - len(r.todo) for r in rows]
+        tokens = mx.array([[0] * k + r.todo for k, r in zip(pad, rows)], dtype=mx.int32)
+        cache = [compat.batch_kv_cache(pad) for _ in rows[0].cache]
+        self._set_rows([r.slot for r in rows])
+        logits = self.model(tokens, cache=cache)[:, -1, :]
+        n = 0
+        for r in rows:
+            r.tokens, r.todo, r.cache = list(r.todo), [], None
+            n += len(r.tokens)
+        self.counters["prefill_tokens"] += n
+        tokens, infos = self._sample(rows, logits)
+        keep = []
+        for i, (row, tok, info) in enumerate(zip(rows, tokens, infos)):
+            if self._emit(row, tok, info):
+                self._finish(row, i, batch=cache)
+            else:
+                row.next = tok
+                keep.append(i)
+        if keep:
+            cache = compat.keep_rows(cache, keep) if len(keep) < len(rows) else cache
+            self._batch = compat.extend_batch(self._batch, cache)
+            self._rows += [rows[i] for i in keep]
+        return n
+
     def _decode(self) -> None:
         rows = self._rows
         self._set_rows([r.slot for r in rows])
@@ -652,6 +704,9 @@ class Engine:
     def _sample(self, rows: list[_Row], logits: mx.array) -> tuple[list[int], list]:
         """One token per row, with its (logprob, top alternatives) when the row asks for them."""
         logits = logits.astype(mx.float32)
+        if all(r.req.sampling.temperature == 0 and r.req.sampling.logprobs is None
+               and r.req.sampling.constraint is None for r in rows):
+            return mx.argmax(logits, axis=-1).tolist(), [None] * len(rows)  # greedy: no softmax needed
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         picks = mx.argmax(logprobs, axis=-1)
         chosen: list = [None] * len(rows)
@@ -787,12 +842,14 @@ class Engine:
         row.req.result.text += text[sent:ready]
         return text[sent:ready], False
 
-    def _finish(self, row: _Row, batch_index: Optional[int], store: bool = True) -> None:
+    def _finish(self, row: _Row, batch_index: Optional[int], store: bool = True, batch: Optional[list] = None
+                ) -> None:
         """A row is done: keep its KV in the prefix cache (from its own cache, or row
-        ``batch_index`` of the batch), and report."""
+        ``batch_index`` of ``batch``, by default the running batch), and report."""
         req = row.req
         if store and self.prompt_cache.max_bytes > 0:
-            caches = row.cache if batch_index is None else compat.row_of_batch(self._batch, batch_index)
+            caches = row.cache if batch_index is None else compat.row_of_batch(
+                self._batch if batch is None else batch, batch_index)
             if caches is not None and compat.is_plain_kv(caches) and all(
                     c.offset == len(row.tokens) for c in caches):
                 mx.eval(compat.kv_arrays(caches))
