@@ -149,19 +149,31 @@ class Request:
 class RowAdapters:
     """Which adapter each row of the current forward pass uses, shared by every RowLoRALinear.
     ``uniform``: the slot every row uses (None: the base alone), when all rows agree; else
-    ``index`` holds one slot per row."""
+    ``index`` holds one slot per row (``n`` for the base) and :meth:`mask` the per-row selectors."""
 
     def __init__(self, n: int):
         self.n = n
         self.uniform: Optional[int] = None
         self.index: Optional[mx.array] = None
+        self._slots: list[int] = []
+        self._masks: dict[int, mx.array] = {}
 
     def set(self, slots: Sequence[Optional[int]]) -> None:
+        self._masks = {}
         if len(set(slots)) <= 1:
             self.uniform, self.index = (slots[0] if slots else None), None
         else:
             self.uniform = -1
-            self.index = mx.array([self.n if s is None else s for s in slots], dtype=mx.int32)
+            self._slots = [self.n if s is None else s for s in slots]
+            self.index = mx.array(self._slots, dtype=mx.int32)
+
+    def mask(self, r: int, dtype) -> mx.array:
+        """[B, 1, n * r]: ones on the r columns of each row's adapter (none for the base)."""
+        key = (r, dtype)
+        if key not in self._masks:
+            onehot = mx.array([[1.0 if k == s else 0.0 for k in range(self.n)] for s in self._slots])
+            self._masks[key] = mx.repeat(onehot, r, axis=1)[:, None, :].astype(dtype)
+        return self._masks[key]
 
 
 @dataclass
@@ -175,7 +187,12 @@ class _Low:
 
 
 class RowLoRALinear(nn.Module):
-    """A base linear layer plus, per row, the low-rank update of that row's adapter."""
+    """A base linear layer plus, per row, the low-rank update of that row's adapter.
+
+    The adapters' factors are kept side by side, each padded to the largest rank ``r`` here:
+    ``A`` [n r, in] and ``s B`` [out, n r] (zeros for an adapter that does not target this layer).
+    A mixed batch computes ``((x A^T) * mask) (s B)^T``, the mask keeping each row's own adapter's
+    r columns: two small matmuls for the whole batch, whatever the number of adapters."""
 
     def __init__(self, base, rows: RowAdapters, lows: list[Optional[_Low]]):
         super().__init__()
@@ -183,27 +200,26 @@ class RowLoRALinear(nn.Module):
         self._rows = rows
         self._lows = lows
         out_dims, in_dims = next((lw.b.shape[0], lw.a.shape[1]) for lw in lows if lw is not None)
-        r_max = max(lw.a.shape[0] for lw in lows if lw is not None)
+        r = max(lw.a.shape[0] for lw in lows if lw is not None)
         n = len(lows)
-        a = mx.zeros((n + 1, r_max, in_dims))  # the last slot: no adapter (zeros)
-        b = mx.zeros((n + 1, out_dims, r_max))
-        scale = [0.0] * (n + 1)
-        gain = mx.ones((n + 1, out_dims))
+        a = mx.zeros((n * r, in_dims))
+        b = mx.zeros((out_dims, n * r))
+        gain = mx.ones((n + 1, out_dims))  # the last slot: no adapter
         dora = [False] * (n + 1)
         for i, lw in enumerate(lows):
             if lw is None:
                 continue
-            r = lw.a.shape[0]
-            a[i, :r] = lw.a.astype(mx.float32)
-            b[i, :, :r] = lw.b.astype(mx.float32)
-            scale[i] = lw.scale
+            k = lw.a.shape[0]
+            a[i * r:i * r + k] = lw.a.astype(mx.float32)
+            b[:, i * r:i * r + k] = lw.b.astype(mx.float32) * lw.scale
             if lw.gain is not None:
                 gain[i] = lw.gain
                 dora[i] = True
-        self._a, self._b, self._scale = a, b, mx.array(scale)
+        self._r = r
+        self._a, self._b = a, b
         self._gain = gain if any(dora) else None
         self._dora = mx.array(dora)
-        mx.eval(self._a, self._b, self._scale, self._gain, self._dora)
+        mx.eval(self._a, self._b, self._gain, self._dora)
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = self._rows
@@ -218,13 +234,12 @@ class RowLoRALinear(nn.Module):
             if lw.gain is None:
                 return self.base(x) + low
             return self._dora_out(x, lw.gain.astype(x.dtype), low)
-        idx = rows.index
-        a = self._a[idx].astype(x.dtype)  # [B, r, in]
-        b = self._b[idx].astype(x.dtype)  # [B, out, r]
-        low = ((x @ a.swapaxes(1, 2)) @ b.swapaxes(1, 2)) * self._scale[idx].astype(x.dtype)[:, None, None]
+        h = (x @ self._a.astype(x.dtype).T) * rows.mask(self._r, x.dtype)
+        low = h @ self._b.astype(x.dtype).T
         plain = self.base(x) + low
         if self._gain is None:
             return plain
+        idx = rows.index
         dora = self._dora_out(x, self._gain[idx].astype(x.dtype)[:, None, :], low)
         return mx.where(self._dora[idx][:, None, None], dora, plain)
 
@@ -765,7 +780,12 @@ class Engine:
         eos = next(iter(self.eos))
         if status == "complete" or (left <= 1 and con.complete(text)):
             return eos  # a whole value: nothing may follow it
-        tight = left - 1 <= need + 1
+
+        def fits(st: str, nd: int) -> bool:
+            # A token may leave the reply needing nd more characters only while the tokens left
+            # after it (one character each at worst, and one for the end) still cover them;
+            # past that, only tokens that bring the end nearer.
+            return st == "complete" or (st == "partial" and (nd <= left - 3 or nd < need))
         lp = logprobs
         if s.temperature > 0:
             row.key, sub = mx.random.split(row.key)
@@ -780,14 +800,14 @@ class Engine:
             if not piece or (rank >= 2048 and len(piece) > 2):
                 continue
             st, nd = con.check(text + piece)
-            if st == "invalid" or (tight and not (st == "complete" or nd < need)):
+            if not fits(st, nd):
                 continue
             # The token's text in context can differ from its text alone (a tokenizer's clean-up
             # of spaces, say): the reply as it will be decoded must pass too.
             whole = self.tokenizer.decode(row.req.result.tokens + [tok])
             if whole != text + piece:
                 st, nd = con.check(whole)
-                if st == "invalid" or (tight and not (st == "complete" or nd < need)):
+                if not fits(st, nd):
                     continue
             return tok
         return eos  # nothing fits (the budget ran out): end the reply

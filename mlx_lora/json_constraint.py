@@ -221,7 +221,7 @@ class _Parser:
                     raise _Bad
                 return value
             if c == "\\":
-                if choices is not None:  # keys and enum values are written plainly
+                if choices is not None or len(out) >= limit:  # keys are plain; an escape needs room
                     raise _Bad
                 esc = self.s[self.i + 1:self.i + 2]
                 if not esc:
@@ -268,7 +268,10 @@ class _Parser:
                 i += 1
         else:
             raise _Bad
+        # A fraction or an exponent is started only with room left to finish it within MAX_NUMBER.
         if i < n and s[i] == "." and not integer:
+            if i - start + 2 > MAX_NUMBER:
+                raise _Bad
             i += 1
             if i >= n:
                 self.i = i
@@ -278,6 +281,8 @@ class _Parser:
             while i < n and s[i].isdigit():
                 i += 1
         if i < n and s[i] in "eE" and not integer:
+            if i - start + 3 > MAX_NUMBER:
+                raise _Bad
             i += 1
             if i < n and s[i] in "+-":
                 i += 1
@@ -397,8 +402,8 @@ class _Parser:
                 if any(r not in seen for r in required):
                     raise _Bad
                 return
-            if c != ",":
-                raise _Bad
+            if c != "," or (not free and all(k in seen for k in props)) or len(seen) >= MAX_KEYS:
+                raise _Bad  # a comma needs a key still to come
             self.space(another())
 
 

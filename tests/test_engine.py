@@ -181,20 +181,28 @@ def test_sampling_is_seeded_per_request_whatever_shares_the_batch(banked):
                                        "ok": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["x", "y"]}}},
       "required": ["name", "age", "ok"]}, 48),
     ({"type": "array", "items": {"type": "number"}, "minItems": 2}, 30),
+    ({"anyOf": [{"type": "object", "properties": {"name": {"enum": ["get_weather"]}, "arguments": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city"]}}, "required": ["name", "arguments"]}]}, 60),
 ])
 def test_constrained_replies_always_parse_and_fit_the_schema(banked, schema, max_tokens):
     model, tok, bank = banked
     engine = Engine(model, tok, bank=bank, prompt_cache_bytes=0)
     try:
+        # many rows, greedy and sampled, some on adapters: every path must end in text that parses
+        runs = [(PROMPTS[i % len(PROMPTS)] + " " * (i % 3), 0.0 if i % 2 else 1.0, i) for i in range(12)]
         samplings = [Sampling(max_tokens=max_tokens, temperature=t, seed=s, constraint=JsonConstraint(schema))
-                     for t, s in ((0.0, 0), (1.0, 1), (1.0, 2))]
-        results = engine.generate([tok.encode(p) for p in PROMPTS[:3]], samplings, [None, "dora", "wide"])
+                     for _, t, s in runs]
+        results = engine.generate([tok.encode(p) for p, _, _ in runs], samplings,
+                                  [(None, "dora", "wide")[i % 3] for i in range(len(runs))])
     finally:
         engine.close()
     for r in results:
         value = json.loads(r.text)
         assert len(r.tokens) <= max_tokens
-        if schema.get("type") == "object":
+        if "anyOf" in schema:
+            assert value["name"] == "get_weather" and isinstance(value["arguments"]["city"], str)
+        elif schema.get("type") == "object":
             assert isinstance(value, dict)
             for key in schema.get("required", []):
                 assert key in value
