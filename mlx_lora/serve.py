@@ -646,7 +646,10 @@ def create_app(server: Server):
     async def complete(request: Request, chat: bool):
         body = await read_json(request)
         # Rendering the template and tokenizing can take seconds for a big prompt: in a worker thread.
-        parsed = await asyncio.to_thread(parse_request, body, server, chat)
+        try:
+            parsed = await asyncio.to_thread(parse_request, body, server, chat)
+        except RecursionError:  # a value nested almost as deep as the JSON parser allows
+            raise RequestError(400, "the request nests arrays or objects too deeply", None, "invalid_value") from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         reqs = []

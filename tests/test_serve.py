@@ -335,6 +335,12 @@ def test_body_size_bad_json_surrogates_and_deep_arrays_get_4xx(tiny_llama):
         deep = b'{"model": "llama", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
         with running(tiny_llama, max_tokens=4) as (url2, _):
             assert "too deeply" in _error(_post(url2, "/chat/completions", deep), 400)
+            # just within what the parser takes, a deep value is still a 400, not a crash
+            for depth in (900, 990):
+                almost = (b'{"model": "llama", "messages": [{"role": "user", "content": ' + b"[" * depth
+                          + b"]" * depth + b"}]}")
+                r = _post(url2, "/chat/completions", almost)
+                assert r.status_code == 400 and "\n" not in r.json()["error"]["message"], r.text[:300]
         lone = b'{"model": "llama", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
         assert "surrogate" in _error(_post(url, "/chat/completions", lone), 400, "messages[0].content")
         lone_key = b'{"model": "llama", "messages": [{"role": "user", "content": "a", "\\udfff": 1}]}'
