@@ -8,11 +8,13 @@ the thread does, over and over:
 1. **Admit** waiting requests while the batch has room (``max_batch``). A request whose prompt
    starts with tokens seen before for the same adapter copies that prefix's KV cache from the
    :class:`PromptCache` (an LRU bounded in bytes) and prefills only the rest.
-2. **Prefill** new rows, one row at a time in chunks of at most ``prefill_step`` tokens per
-   turn (so a long prompt never stalls the rows already decoding for long), each in its own
-   single-row cache. A row whose prompt is done samples its first token and joins the running
-   batch: its cache is left-padded into the batch's (mlx-lm's batch caches mask the padding and
-   offset each row's positions, so a row decodes as it would alone).
+2. **Prefill** new rows. Short prompts with nothing cached that wait together are prefilled in
+   one left-padded forward pass (a short prompt reads every weight, as a decode step does);
+   the others one row at a time in chunks of at most ``prefill_step`` tokens per turn (so a
+   long prompt never stalls the rows already decoding for long), each in its own single-row
+   cache. A row whose prompt is done samples its first token and joins the running batch: its
+   cache is left-padded into the batch's (mlx-lm's batch caches mask the padding and offset each
+   row's positions, so a row decodes as it would alone).
 3. **Decode** one token for every row of the batch with one forward pass; each row samples
    with its own temperature, top-p and seeded random key, checks its stop strings, end-of-turn
    tokens and ``max_tokens``, and leaves the batch the moment it is done. New requests join at
@@ -20,9 +22,9 @@ the thread does, over and over:
 
 **Many adapters in one batch.** :class:`AdapterBank` loads every adapter onto the base once
 and replaces each targeted layer by a :class:`RowLoRALinear`: the base layer runs once for the
-whole batch and each row adds its own adapter's low-rank update ``s_i * B_i A_i x``, its A and B
-gathered per row from stacks padded to the largest rank of that layer (an adapter that does not
-target the layer has zeros there). DoRA rows also take their adapter's per-output gain
+whole batch and each row adds its own adapter's low-rank update ``s_i * B_i A_i x``, selected per
+row from the adapters' factors laid side by side, each padded to the largest rank of that layer
+(an adapter that does not target the layer has zeros there). DoRA rows also take their adapter's per-output gain
 ``m / ||W + s B A||`` (a constant at inference). When every row of a step uses the same adapter
 (or none) the layer computes exactly what a plain :class:`mlx_lora.lora.LoRALinear` computes.
 """
