@@ -153,11 +153,13 @@ def burst(server: Server, models: list[str], max_tokens: int) -> dict:
     return {"tokens": sum(tokens), "seconds": wall, "tps": sum(tokens) / wall}
 
 
-def history_turns(server: Server, model: str) -> dict:
-    """A ~1,000-token conversation, then one more turn: TTFT of each."""
+def history_turns(server: Server, model: str, tag: str) -> dict:
+    """A ~1,000-token conversation, then one more turn: TTFT of each. ``tag`` makes each round's
+    conversation new to the server (else the first turn of a later round would hit its cache)."""
     words = ("The harbor town kept its old customs: boats went out at dawn, nets were mended at noon, and "
              "the lighthouse keeper wrote the weather in a book. ")
-    history = [{"role": "system", "content": "You are a helpful assistant who remembers the whole conversation."}]
+    history = [{"role": "system", "content": f"Conversation {tag}. You are a helpful assistant who remembers "
+                                             f"the whole conversation."}]
     for i in range(8):
         history += [{"role": "user", "content": f"Part {i + 1} of my notes: " + words * 2},
                     {"role": "assistant", "content": f"Noted part {i + 1}. " + words}]
@@ -188,8 +190,10 @@ def main() -> None:
     results["ours"]["base8"] = []
     question = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
     try:
-        for name, srv in servers.items():  # warm-up: first calls load kernels and caches
+        for name, srv in servers.items():  # warm-up: first calls compile the CPU kernels of each shape
             chat(srv, base if name == "ours" else str(model), question, 4)
+            history_turns(srv, base if name == "ours" else str(model), f"warm-up-{name}")
+            burst(srv, [base if name == "ours" else str(model)] * 8, 4)
         for rnd in range(args.rounds):
             order = ["ours", "theirs"] if rnd % 2 == 0 else ["theirs", "ours"]
             for name in order:
@@ -197,7 +201,7 @@ def main() -> None:
                 m = base if name == "ours" else str(model)
                 results[name]["single"].append(chat(srv, m, question, args.max_tokens))
                 results[name]["burst8"].append(burst(srv, [m] * 8, args.max_tokens))
-                results[name]["history"].append(history_turns(srv, m))
+                results[name]["history"].append(history_turns(srv, m, f"{rnd}-{name}"))
                 if name == "ours":
                     mixed = [base, *adapters, base, *adapters][:8]
                     results["ours"]["adapters8"].append(burst(srv, mixed, args.max_tokens))

@@ -236,8 +236,11 @@ class RowLoRALinear(nn.Module):
             if lw.gain is None:
                 return self.base(x) + low
             return self._dora_out(x, lw.gain.astype(x.dtype), low)
-        h = (x @ self._a.astype(x.dtype).T) * rows.mask(self._r, x.dtype)
-        low = h @ self._b.astype(x.dtype).T
+        a, b = self._a, self._b
+        if a.dtype != x.dtype:
+            a, b = a.astype(x.dtype), b.astype(x.dtype)
+        h = (x @ a.T) * rows.mask(self._r, x.dtype)
+        low = h @ b.T
         plain = self.base(x) + low
         if self._gain is None:
             return plain
