@@ -196,6 +196,7 @@ COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n
                      "stop", "seed", "logprobs", "echo", "best_of", "suffix", "user", "frequency_penalty",
                      "presence_penalty", "logit_bias", "response_format"}
 MAX_N = 16
+MAX_STOP_CHARS = 256
 
 
 @dataclass
@@ -446,6 +447,9 @@ def parse_request(body, server: Server, chat: bool) -> Parsed:
                            "invalid_type")
     if len(stop) > MAX_STOPS:
         raise RequestError(400, f"'stop' may hold at most {MAX_STOPS} strings, got {len(stop)}", "stop",
+                           "invalid_value")
+    if any(len(x) > MAX_STOP_CHARS for x in stop):  # each token is checked against every stop string
+        raise RequestError(400, f"a 'stop' string may hold at most {MAX_STOP_CHARS} characters", "stop",
                            "invalid_value")
     temperature = _number(body, "temperature", 1.0)  # the OpenAI default
     top_p = _number(body, "top_p", 1.0)

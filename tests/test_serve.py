@@ -203,6 +203,7 @@ def test_bad_requests_get_the_openai_error_shape_and_the_server_goes_on(server, 
         ({**ok, "top_p": 0}, "top_p"), ({**ok, "n": 0}, "n"), ({**ok, "messages": "hi"}, "messages"),
         ({**ok, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({**ok, "stream": "yes"}, "stream"), ({**ok, "stop": [1]}, "stop"), ({**ok, "seed": -3}, "seed"),
+        ({**ok, "stop": ["x" * 100_000]}, "stop"), ({**ok, "n": 10**6}, "n"),
         ({k: v for k, v in ok.items() if k != "model"}, "model"), ([ok], None),
     ]
     for body, param in cases:
