@@ -802,7 +802,9 @@ class Engine:
                     return tok
                 continue
             piece = vocab[tok] if tok < len(vocab) else ""
-            if not piece or (rank >= 2048 and len(piece) > 2):
+            # Past the most likely 512, only one-character tokens are tried: enough to reach any
+            # JSON text, and a bound on the work one step may do.
+            if not piece or (rank >= 512 and len(piece) != 1):
                 continue
             st, nd = con.check(text + piece)
             if not fits(st, nd):
