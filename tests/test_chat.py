@@ -7,6 +7,7 @@ history the chat sends to the model is checked too, not only what it prints."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -237,3 +238,29 @@ def test_a_tokenizer_without_a_template_needs_chat_template(tiny_llama, tmp_path
                 err=io.StringIO())
     assert [m["role"] for m in conv.turns] == ["user", "assistant"]
     assert conv.turns[1]["content"] and conv.turns[1]["content"] in out.getvalue()
+
+
+def test_a_second_turn_reuses_the_first_turns_cache(tiny_llama, caplog):
+    import logging
+
+    from mlx_lora.commands.api import load_for_inference
+    from mlx_lora.commands.chat import run_chat
+    from mlx_lora.inference.generation import chat_template_for
+
+    model, tok, _ = load_for_inference(str(tiny_llama))
+    lines = iter(["Tell me about the red apple and the code word, please.", "And the green one?"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    with caplog.at_level(logging.DEBUG, logger="mlx_lora.commands.chat"):
+        conv = run_chat(model, tok, chat_template_for(tok, None, "tiny"), system="Be brief.", max_tokens=6,
+                        read=read, out=io.StringIO())
+    assert len(conv.turns) == 4
+    turns = [r.args for r in caplog.records if r.getMessage().startswith("turn ")]
+    (t1, cached1, prompt1), (t2, cached2, prompt2) = turns
+    assert cached1 == 0 and prompt2 > prompt1
+    assert cached2 >= prompt1  # the whole first prompt (and part of the reply) was not prefilled again

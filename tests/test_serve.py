@@ -6,9 +6,11 @@ itself (its start-up lines, Ctrl-C)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -66,7 +68,7 @@ def server(tiny_llama, adapter_dirs):
 
     from mlx_lora.commands import serve
 
-    engine = serve.build_engine(str(tiny_llama), {k: str(v) for k, v in adapter_dirs.items()}, max_tokens=16)
+    engine = serve.build_server(str(tiny_llama), {k: str(v) for k, v in adapter_dirs.items()}, max_tokens=16)
     sock = serve.bind("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(serve.create_app(engine), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -198,9 +200,10 @@ def test_bad_requests_get_the_openai_error_shape_and_the_server_goes_on(server, 
     cases = [
         ({**ok, "max_tokens": "ten"}, "max_tokens"), ({**ok, "max_tokens": 0}, "max_tokens"),
         ({**ok, "max_tokens": 10**9}, "max_tokens"), ({**ok, "temperature": -1}, "temperature"),
-        ({**ok, "top_p": 0}, "top_p"), ({**ok, "n": 2}, "n"), ({**ok, "messages": "hi"}, "messages"),
+        ({**ok, "top_p": 0}, "top_p"), ({**ok, "n": 0}, "n"), ({**ok, "messages": "hi"}, "messages"),
         ({**ok, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({**ok, "stream": "yes"}, "stream"), ({**ok, "stop": [1]}, "stop"), ({**ok, "seed": -3}, "seed"),
+        ({**ok, "stop": ["x" * 100_000]}, "stop"), ({**ok, "n": 10**6}, "n"),
         ({k: v for k, v in ok.items() if k != "model"}, "model"), ([ok], None),
     ]
     for body, param in cases:
@@ -219,17 +222,17 @@ def test_bad_requests_get_the_openai_error_shape_and_the_server_goes_on(server, 
 
 
 def test_an_exception_inside_one_request_does_not_stop_the_server(server, client, monkeypatch):
-    engine = server[1]
-    real = engine.adapters.activate
+    engine = server[1].engine
+    real = engine._prefill
     calls = []
 
-    def failing_once(name):
-        calls.append(name)
+    def failing_once(row, budget):
+        calls.append(row)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return real(name)
+        return real(row, budget)
 
-    monkeypatch.setattr(engine.adapters, "activate", failing_once)
+    monkeypatch.setattr(engine, "_prefill", failing_once)
     r = _post(server[0], "/chat/completions", {"model": "alpha", "messages": QUESTION, "max_tokens": 3})
     assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
     assert ask(client, "alpha")
@@ -262,8 +265,9 @@ def test_serve_refuses_bad_adapters_before_starting(tiny_llama, adapter_dirs, tm
     assert_refused(capsys, base + ["--adapter", f"llama={adapter_dirs['alpha']}"], ["names the base model"], [tmp_path])
     assert_refused(capsys, base + ["--adapter", f"x={tmp_path}"], [str(tmp_path), "not an adapter folder"], [tmp_path])
     assert_refused(capsys, base + ["--max-tokens", "0"], ["--max-tokens"], [tmp_path])
-    import socket
-
+    for flag, value in (("--max-batch", "0"), ("--max-body-mb", "0"), ("--prompt-cache-gb", "-1"),
+                        ("--max-queue", "-2"), ("--max-context", "1")):
+        assert_refused(capsys, base + [flag, value], [flag], [tmp_path])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -272,13 +276,235 @@ def test_serve_refuses_bad_adapters_before_starting(tiny_llama, adapter_dirs, tm
 
 
 def test_adapters_wrap_the_one_copy_of_the_base_layers(server, client):
-    """Every adapter's layers compute on the base model's own layer objects: no copy of a weight."""
+    """Every adapter's per-row layer computes on the base model's own layer object: no copy of a weight."""
     import mlx.nn as nn
 
-    engine = server[1]
-    ask(client, "llama")  # the last request leaves the base alone in the model
-    plain = {p: m for p, m in engine.model.named_modules() if isinstance(m, nn.Linear)}
-    for name in ("alpha", "beta"):
-        wrapped = engine.adapters._layers[name]
-        assert wrapped and all(w.base is plain[p] and w.base.weight is plain[p].weight for p, w in wrapped)
-    assert {p for p, _ in engine.adapters._layers["beta"]} < set(plain)  # beta adapts q/v only
+    from mlx_lora.inference.engine import RowLoRALinear
+
+    srv = server[1]
+    ask(client, "llama")
+    rows = {p: m for p, m in srv.model.named_modules() if isinstance(m, RowLoRALinear)}
+    plain = {p: m for p, m in srv.model.named_modules() if isinstance(m, nn.Linear)}
+    assert rows and all(p + ".base" in plain and m.base is plain[p + ".base"] for p, m in rows.items())
+    bank = srv.engine.bank
+    beta = bank.names.index("beta")
+    # beta (q/v only) has factors on fewer layers than alpha (all linear layers)
+    assert {p for p, m in rows.items() if m._lows[beta] is not None} < set(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# limits, cancellation, metrics and what clients send
+
+
+@contextlib.contextmanager
+def running(model_path, adapters=None, **limits):
+    """A server on a free port with the given limits: (url, Server)."""
+    import uvicorn
+
+    from mlx_lora.commands import serve
+
+    srv_obj = serve.build_server(str(model_path), adapters or {}, **limits)
+    sock = serve.bind("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(serve.create_app(srv_obj), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    end = time.monotonic() + 120
+    while not srv.started and time.monotonic() < end:
+        thread.join(0.05)
+    assert srv.started
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", srv_obj
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        srv_obj.close()
+        sock.close()
+
+
+def test_body_size_bad_json_surrogates_and_deep_arrays_get_4xx(tiny_llama):
+    with running(tiny_llama, max_body_mb=0.01, max_tokens=4) as (url, _):
+        ok = {"model": "llama", "messages": QUESTION}
+        big = {**ok, "messages": [{"role": "user", "content": "x" * 20000}]}
+        assert "--max-body-mb" in _error(_post(url, "/chat/completions", big), 413)
+        # without a Content-Length (chunked), the limit holds as the body arrives
+        chunks = (json.dumps(big)[i:i + 1000].encode() for i in range(0, 21000, 1000))
+        r = httpx.post(url + "/chat/completions", content=chunks, headers={"Content-Type": "application/json"},
+                       timeout=60)
+        _error(r, 413)
+        assert "not valid JSON" in _error(_post(url, "/chat/completions", b'{"model": "llama", "messages": [}'), 400)
+        assert "not UTF-8" in _error(_post(url, "/chat/completions", b'{"model": "\xff\xfe"}'), 400)
+        deep = b'{"model": "llama", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        with running(tiny_llama, max_tokens=4) as (url2, _):
+            assert "too deeply" in _error(_post(url2, "/chat/completions", deep), 400)
+            # just within what the parser takes, a deep value is still a 400, not a crash
+            for depth in (900, 990):
+                almost = (b'{"model": "llama", "messages": [{"role": "user", "content": ' + b"[" * depth
+                          + b"]" * depth + b"}]}")
+                r = _post(url2, "/chat/completions", almost)
+                assert r.status_code == 400 and "\n" not in r.json()["error"]["message"], r.text[:300]
+        lone = b'{"model": "llama", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+        assert "surrogate" in _error(_post(url, "/chat/completions", lone), 400, "messages[0].content")
+        lone_key = b'{"model": "llama", "messages": [{"role": "user", "content": "a", "\\udfff": 1}]}'
+        _error(_post(url, "/chat/completions", lone_key), 400, "messages[0]")
+        msg = _error(_post(url, "/chat/completions", {**ok, "frobnicate": 1, "top_k": 3}), 400, "frobnicate")
+        assert "'frobnicate'" in msg and "'top_k'" in msg and "\n" not in msg
+        assert "frequency_penalty" in _error(_post(url, "/chat/completions", {**ok, "frequency_penalty": 0.5}), 400,
+                                             "frequency_penalty")
+        _error(httpx.delete(url + "/models", timeout=30), 405)
+        r = _post(url, "/chat/completions", ok)  # and the server goes on
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+def _metrics(url: str) -> dict:
+    r = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30)
+    assert r.status_code == 200
+    return {line.split()[0]: float(line.split()[1]) for line in r.text.splitlines() if not line.startswith("#")}
+
+
+def test_gone_clients_free_their_rows_and_a_full_queue_answers_429(tiny_llama):
+    long = {"model": "llama", "messages": QUESTION, "max_tokens": 4000, "temperature": 0}
+    with running(tiny_llama, max_batch=1, max_queue=1) as (url, srv):
+        engine = srv.engine
+        # a streaming client reads one chunk and leaves
+        with httpx.stream("POST", url + "/chat/completions", json={**long, "stream": True}, timeout=60) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)
+            assert engine.wait_until(lambda m: m["batch_size"] == 1 and m["generated_tokens_total"] > 0)
+            # meanwhile the cheap endpoints answer
+            assert httpx.get(url.removesuffix("/v1") + "/health", timeout=30).json() == {"status": "ok"}
+            assert httpx.get(url + "/models", timeout=30).status_code == 200
+            m = _metrics(url)
+            assert m["mlx_lora_batch_size"] == 1 and m["mlx_lora_batch_occupancy"] == 1.0
+        assert engine.wait_until(lambda m: m["requests_cancelled"] == 1 and m["batch_size"] == 0)
+        # a non-streaming client that hangs up
+        raw = socket.create_connection(("127.0.0.1", int(url.split(":")[2].split("/")[0])))
+        body = json.dumps(long).encode()
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert engine.wait_until(lambda m: m["batch_size"] == 1 and m["requests_total"] == 2)
+        # the batch is full and one request waits: the next one is refused with 429
+        waiting = ThreadPoolExecutor(1).submit(_post, url, "/chat/completions", {**long, "max_tokens": 2})
+        assert engine.wait_until(lambda m: m["queue_length"] == 1)
+        r = _post(url, "/chat/completions", {**long, "max_tokens": 2})
+        assert "--max-queue" in _error(r, 429)
+        raw.close()
+        assert engine.wait_until(lambda m: m["requests_cancelled"] == 2)
+        assert waiting.result(timeout=120).status_code == 200  # the waiting request got the freed row
+        m = _metrics(url)
+        assert m["mlx_lora_requests_rejected"] == 1 and m["mlx_lora_queue_length"] == 0
+
+
+def test_a_repeated_prefix_is_not_prefilled_again(client, server):
+    engine = server[1].engine
+    system = {"role": "system", "content": "You answer questions about fruit. " * 20}
+    first = client.chat.completions.create(model="alpha", messages=[system, QUESTION[0]], max_tokens=4,
+                                           temperature=0)
+    before = engine.metrics()
+    follow = [system, QUESTION[0], {"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "And the green one?"}]
+    second = client.chat.completions.create(model="alpha", messages=follow, max_tokens=4, temperature=0)
+    after = engine.metrics()
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > first.usage.prompt_tokens // 2
+    assert after["prefill_tokens_total"] - before["prefill_tokens_total"] == second.usage.prompt_tokens - cached
+    assert after["prompt_cache_hits"] == before["prompt_cache_hits"] + 1
+
+
+def test_json_schema_and_json_object_answers_parse(client):
+    schema = {"type": "object", "properties": {"fruit": {"type": "string"}, "count": {"type": "integer"},
+                                               "ripe": {"type": "boolean"}}, "required": ["fruit", "count", "ripe"]}
+    for model, kw in (("llama", {}), ("beta", {"temperature": 1.0, "seed": 5}), ("alpha", {"stream": True})):
+        kw.setdefault("temperature", 0)
+        r = client.chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=48,
+            response_format={"type": "json_schema", "json_schema": {"name": "fruit", "schema": schema}}, **kw)
+        text = ("".join(c.choices[0].delta.content or "" for c in r if c.choices) if kw.get("stream")
+                else r.choices[0].message.content)
+        value = json.loads(text)
+        assert set(value) == {"fruit", "count", "ripe"} and isinstance(value["count"], int)
+    r = client.chat.completions.create(model="beta", messages=QUESTION, max_tokens=10, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="beta", messages=QUESTION, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "patternProperties": {}}}})
+    assert "patternProperties" in e.value.body["message"]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}, "days": {"type": "integer"}},
+                                               "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_tool_calls_come_back_in_the_openai_shape(client):
+    r = client.chat.completions.create(model="alpha", messages=QUESTION, tools=[WEATHER, TIME], tool_choice="required",
+                                       max_tokens=80, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name in ("get_weather", "get_time") and call.id
+    args = json.loads(call.function.arguments)
+    assert isinstance(args, dict) and (call.function.name == "get_time" or isinstance(args["city"], str))
+    named = client.chat.completions.create(model="llama", messages=QUESTION, tools=[WEATHER, TIME], max_tokens=80,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                           temperature=0)
+    assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
+    # streamed, the call arrives as one tool_calls delta
+    chunks = list(client.chat.completions.create(model="beta", messages=QUESTION, tools=[WEATHER], max_tokens=80,
+                                                 tool_choice="required", temperature=0, stream=True))
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and deltas[0][0].function.name == "get_weather"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the call and its result go back to the model as the next turn
+    follow = QUESTION + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                         {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    r = client.chat.completions.create(model="alpha", messages=follow, tools=[WEATHER, TIME], max_tokens=5,
+                                       temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="alpha", messages=QUESTION, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert e.value.body["param"] == "tool_choice"
+
+
+def test_tool_calls_in_the_reply_text_are_recognised():
+    from mlx_lora.commands.serve import tool_calls_of
+
+    assert tool_calls_of('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', False) == \
+        (None, [{"name": "f", "arguments": {"x": 1}}])
+    assert tool_calls_of('Sure. <tool_call>{"name": "g", "arguments": "{}"}</tool_call>', False) == \
+        ("Sure.", [{"name": "g", "arguments": {}}])
+    assert tool_calls_of('{"name": "h", "parameters": {"a": "b"}}', False) == (None, [{"name": "h", "arguments": {"a": "b"}}])
+    assert tool_calls_of("plain words", False) == ("plain words", [])
+    assert tool_calls_of('{"not": "a call"}', False) == ('{"not": "a call"}', [])
+
+
+def test_logprobs_n_and_seed(client):
+    r = client.chat.completions.create(model="beta", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy takes the most likely
+    # the tokens spell the reply (the reply drops the space a first token may start with)
+    assert "".join(e.token for e in content).lstrip() == r.choices[0].message.content.lstrip()
+    c = client.completions.create(model="llama", prompt="The code word for the", max_tokens=5, temperature=0,
+                                  logprobs=2)
+    assert len(c.choices[0].logprobs.tokens) == 5 and all(len(t) == 2 for t in c.choices[0].logprobs.top_logprobs)
+    many = client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=1.0, n=3,
+                                          seed=9)
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+    assert len({ch.message.content for ch in many.choices}) > 1
+    again = client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=1.0, n=3,
+                                           seed=9)
+    assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in many.choices]
+    assert many.usage.completion_tokens == sum(8 if ch.finish_reason == "length" else 0 for ch in many.choices) or \
+        many.usage.completion_tokens <= 24
+    streamed = list(client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=1.0,
+                                                   n=3, seed=9, stream=True))
+    for i in range(3):
+        text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices and ch.choices[0].index == i)
+        assert text == many.choices[i].message.content

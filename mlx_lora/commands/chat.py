@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Callable, Optional, TextIO
@@ -22,9 +23,12 @@ from typing import Callable, Optional, TextIO
 import click
 
 from mlx_lora.commands.cli import sampling_options
+from mlx_lora.commands.run_inputs import resolve
+from mlx_lora.inference.engine import DEFAULT_PROMPT_CACHE_GB, Engine, Result, Sampling
+from mlx_lora.inference.evaluation import PromptTooLong
+from mlx_lora.inference.generation import chat_prompt
 from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.plumbing.interrupts import ctrl_c_on_terminal
-from mlx_lora.commands.run_inputs import resolve
 
 HELP = """commands:
   /reset         forget the conversation (the system message stays)
@@ -34,6 +38,7 @@ HELP = """commands:
   /quit          leave (or Ctrl-D); Ctrl-C stops a reply"""
 
 PROMPT = ">>> "
+log = logging.getLogger(__name__)
 
 
 class Conversation:
@@ -101,13 +106,23 @@ def is_saved_row(line: str) -> bool:
 def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_tokens: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              read: Callable[[str], str] = input, out: Optional[TextIO] = None,
-             context: Optional[int] = None) -> Conversation:
+             context: Optional[int] = None, prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB) -> Conversation:
     """The read-reply loop; returns the conversation when the user leaves. ``read`` is called
-    with the prompt and raises EOFError or KeyboardInterrupt to end the chat."""
-    from mlx_lora.inference.generation import Result, chat_prompt, stream
-    from mlx_lora.inference.evaluation import PromptTooLong
-
+    with the prompt and raises EOFError or KeyboardInterrupt to end the chat. ``context``: the
+    model's context length, which a turn's prompt and its reply must fit in."""
     out = out or sys.stdout
+    # One engine for the whole chat: its prefix cache keeps the conversation's KV between turns,
+    # so a turn prefills only what is new since the last reply.
+    engine = Engine(model, tokenizer, max_batch=1, prompt_cache_bytes=int(prompt_cache_gb * 2**30))
+    try:
+        return _chat_loop(engine, tokenizer, template, system, max_tokens, temperature, top_p, seed, read, out,
+                          context)
+    finally:
+        engine.close()
+
+
+def _chat_loop(engine: Engine, tokenizer, template, system, max_tokens, temperature, top_p, seed, read, out,
+               context):
     conv = Conversation(system)
 
     def say(text: str = "") -> None:
@@ -160,15 +175,18 @@ def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_to
             say(f"[the chat template failed on this conversation: {type(e).__name__}: {str(e)[:200]}]")
             continue
         result = Result()
+        sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed + turn)
         try:
-            for piece in stream(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature,
-                                top_p=top_p, seed=seed + turn, result=result):
-                out.write(piece)
-                out.flush()
+            for token in engine.stream(prompt, None, sampling, result):
+                if token.text:
+                    out.write(token.text)
+                    out.flush()
         except KeyboardInterrupt:
             say("\n[reply stopped; this exchange is left out of the history]")
             continue
         turn += 1
+        log.debug("turn %d: %d of %d prompt tokens came from the prefix cache", turn, result.cached_tokens,
+                  result.prompt_tokens)
         say()
         if result.finish_reason == "length":
             say(f"[reply cut at --max-tokens {max_tokens}]")

@@ -12,8 +12,8 @@ trained to answer:
 
 A row may carry ``tests`` (Python source) for the ``pass@1`` metric (:mod:`mlx_lora.inference.metrics`).
 
-Generation runs left-padded batches through mlx-lm's batch KV cache (see
-:func:`generate_tokens`): greedy by default, or sampled with a temperature and top-p from one seed.
+Generation runs through the one generation engine (:mod:`mlx_lora.inference.engine`, continuous batching):
+greedy by default, or sampled with a temperature and top-p, row ``i`` from seed ``seed + i``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from mlx_lora.plumbing.errors import DataError, MlxLoraError
 from mlx_lora.data.templates import TemplateLimitError
 from mlx_lora.config import MAX_SEQ_LENGTH
 from mlx_lora.plumbing.progress import Ticker
+from mlx_lora.inference.engine import Engine, Sampling
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -251,54 +252,21 @@ def check_metrics(metrics: Sequence[str], data: EvalSet) -> None:
 # generation
 
 
-def _logprobs(logits):
-    import mlx.core as mx
-
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-
 def generate_tokens(model, prompts: Sequence[Sequence[int]], max_tokens: int, eos: set, *,
-                    batch_size: int = DEFAULT_BATCH_SIZE, sampler: Optional[Callable] = None,
-                    on_rows: Optional[Callable[[int], None]] = None) -> list[list[int]]:
-    """Continuations (token ids) of several token prompts, decoded in left-padded batches.
-
-    Prompts are batched in order of length (less padding) and the results returned in the order
-    given. mlx-lm's ``BatchKVCache`` masks the padding and offsets each row's positions, so every
-    row continues exactly as it would alone (up to float rounding). ``sampler`` maps a batch of
-    log-probabilities [B, V] to tokens [B] (mlx-lm's ``make_sampler``); None is greedy. A row
-    stops at a token in ``eos`` (not included) or after ``max_tokens``."""
-    import mlx.core as mx
-
-    from mlx_lora.plumbing.mlx_lm_compat import batch_kv_cache
-
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    out: list[Optional[list[int]]] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        chunk = [list(prompts[i]) for i in idx]
-        width = max(len(p) for p in chunk)
-        pad = [width - len(p) for p in chunk]
-        tokens = mx.array([[0] * k + p for k, p in zip(pad, chunk)], dtype=mx.int32)
-        cache = [batch_kv_cache(pad) for _ in range(len(model.layers))]
-        logits = model(tokens, cache=cache)[:, -1, :]
-        generated: list[list[int]] = [[] for _ in chunk]
-        done = [False] * len(chunk)
-        for _ in range(max_tokens):
-            nxt = mx.argmax(logits, axis=-1) if sampler is None else sampler(_logprobs(logits.astype(mx.float32)))
-            for i, t in enumerate(nxt.tolist()):
-                if not done[i]:
-                    if t in eos:
-                        done[i] = True
-                    else:
-                        generated[i].append(t)
-            if all(done):
-                break
-            logits = model(nxt.reshape(-1, 1).astype(mx.int32), cache=cache)[:, -1, :]
-        if on_rows is not None:
-            on_rows(len(idx))  # progress: this many more rows are done
-        for i, g in zip(idx, generated):
-            out[i] = g
-    return out  # type: ignore[return-value]
+                    batch_size: int = DEFAULT_BATCH_SIZE, temperature: float = 0.0, top_p: float = 1.0,
+                    seed: int = 0, tokenizer=None, on_rows: Optional[Callable[[int], None]] = None) -> list[list[int]]:
+    """Continuations (token ids; a token in ``eos`` ends one and is left out) of several token
+    prompts, in the order given, from the generation engine (:mod:`mlx_lora.inference.engine`) with at
+    most ``batch_size`` rows decoding at once. Greedy when ``temperature`` is 0; otherwise row ``i``
+    is sampled from seed ``seed + i``, keeping the smallest set of tokens whose probability reaches
+    ``top_p``. ``on_rows(n)`` hears of each finished row (progress)."""
+    engine = Engine(model, tokenizer, eos=eos, max_batch=batch_size, prompt_cache_bytes=0)
+    try:
+        samplings = [Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
+                     for i in range(len(prompts))]
+        return [r.tokens for r in engine.generate([list(p) for p in prompts], samplings, on_done=on_rows)]
+    finally:
+        engine.close()
 
 
 def eos_ids(tokenizer) -> set:
@@ -308,19 +276,10 @@ def eos_ids(tokenizer) -> set:
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
              on_rows: Optional[Callable[[int], None]] = None) -> list[str]:
-    """:func:`generate_tokens` decoded to text, stopping at the tokenizer's end-of-sequence
-    tokens; greedy when ``temperature`` is 0, else sampled (top-p below 1 keeps the smallest set
-    of tokens holding that much probability) from ``seed``."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import make_sampler
-
-    sampler = None
-    if temperature > 0:
-        mx.random.seed(seed)
-        sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0)
+    """:func:`generate_tokens` decoded to text."""
     return [tokenizer.decode(g) for g in generate_tokens(model, prompts, max_tokens, eos_ids(tokenizer),
-                                                         batch_size=batch_size, sampler=sampler,
-                                                         on_rows=on_rows)]
+                                                         batch_size=batch_size, temperature=temperature, top_p=top_p,
+                                                         seed=seed, tokenizer=tokenizer, on_rows=on_rows)]
 
 
 # ---------------------------------------------------------------------------------------------

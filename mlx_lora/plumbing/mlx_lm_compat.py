@@ -8,6 +8,9 @@ means checking this one file:
 - ``mlx_lm.utils._get_classes``: the model and argument classes of an architecture;
 - ``mlx_lm.models.cache.BatchKVCache``: a KV cache for left-padded batches;
 - ``mlx_lm.models.switch_layers``: the expert layers of mixture-of-experts blocks;
+- the KV cache objects of ``mlx_lm.models.cache`` (``make_prompt_cache``, each cache's ``merge``,
+  ``extend``, ``filter``, ``extract``, ``trim``, ``nbytes`` and ``KVCache``'s ``keys`` / ``values`` /
+  ``offset``), which :mod:`mlx_lora.inference.engine` joins into and splits out of a running batch;
 - the cache protocol of ``mlx_lm.models.base.create_attention_mask`` (``make_mask``, ``offset``,
   ``update_and_fetch``), which :class:`SegmentMask` implements to carry a packed batch's mask.
 
@@ -72,3 +75,79 @@ def switch_linear_classes() -> tuple[type, type]:
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
     return SwitchLinear, QuantizedSwitchLinear
+
+
+# ----------------------------------------------------------------------------------------------
+# KV caches for the generation engine (mlx_lora.inference.engine)
+
+
+def new_row_cache(model) -> list:
+    """A fresh cache for one sequence (one entry per layer, of the kinds the model asks for)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
+def batch_of_rows(row_caches: list[list]) -> list:
+    """One batch cache per layer holding the given single-row caches, left-padded to one length."""
+    return [type(layer[0]).merge(list(layer)) for layer in zip(*row_caches)]
+
+
+def extend_batch(batch: Optional[list], more: list) -> list:
+    """``batch`` with the rows of ``more`` appended (``batch`` None: ``more`` itself)."""
+    if not batch:
+        return more
+    for c, m in zip(batch, more):
+        c.extend(m)
+    return batch
+
+
+def keep_rows(batch: list, keep: list[int]) -> Optional[list]:
+    """``batch`` holding only the rows ``keep`` (None when no row is left)."""
+    if not keep:
+        return None
+    for c in batch:
+        c.filter(keep)
+    return batch
+
+
+def row_of_batch(batch: list, i: int) -> list:
+    """Row ``i`` of a batch as a single-row cache (a copy)."""
+    return [c.extract(i) for c in batch]
+
+
+def cache_nbytes(caches: list) -> int:
+    return sum(int(c.nbytes) for c in caches)
+
+
+def is_plain_kv(caches: list) -> bool:
+    """Whether every layer's cache is a plain ``KVCache`` (its keys and values can be cut to a prefix)."""
+    from mlx_lm.models.cache import KVCache
+
+    return all(type(c) is KVCache for c in caches)
+
+
+def kv_prefix(caches: list, n: int) -> list:
+    """New plain KV caches holding the first ``n`` positions of ``caches`` (which are left as they are)."""
+    from mlx_lm.models.cache import KVCache
+
+    out = []
+    for c in caches:
+        k = KVCache()
+        if c.keys is not None and n > 0:
+            k.keys = c.keys[..., :n, :]
+            k.values = c.values[..., :n, :]
+            k.offset = n
+        out.append(k)
+    return out
+
+
+def kv_arrays(caches: list) -> list:
+    """The arrays a list of caches holds (to evaluate them)."""
+    return [a for c in caches for a in (getattr(c, "keys", None), getattr(c, "values", None)) if a is not None]
+
+
+def detokenizer(tokenizer):
+    """A fresh streaming detokenizer of an mlx-lm ``TokenizerWrapper`` (``add_token``,
+    ``last_segment``, ``finalize``)."""
+    return tokenizer.detokenizer

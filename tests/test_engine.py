@@ -1,0 +1,214 @@
+"""The generation engine (mlx_lora.inference.engine) on tiny random models: a batched greedy answer equals the
+same request alone token for token, for the base and adapters of different ranks, targets and
+LoRA/DoRA mixed in one batch (and equals the adapter loaded the usual way); requests join a
+running batch; a cancelled request frees its row; the prefix cache skips the prefill of a prompt
+seen before and stays within its byte bound; sampling is seeded per request; JSON constraints
+always give text that parses."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from mlx_lora.inference.engine import AdapterBank, Engine, PromptCache, Sampling
+from mlx_lora.inference.json_constraint import JsonConstraint
+
+PROMPTS = ["What is the code word for the red apple?", "Hi", "The quick brown fox jumps over the lazy dog again",
+           "a b c", "Tell me about the sea and the sky", "Once"]
+
+
+def make_adapter(model_path, out, seed: int, **lora):
+    """An adapter with random, large A and B: it changes the model's greedy answers."""
+    import mlx.core as mx
+
+    from mlx_lora.model import adapters
+    from mlx_lora.config import LoraConfig
+    from mlx_lora.model.loading import load_model
+
+    model, _, _ = load_model(str(model_path))
+    cfg = LoraConfig(**lora)
+    adapters.apply_lora(model, cfg)
+    mx.random.seed(seed)
+    for _, layer in adapters.adapter_layers(model):
+        layer.lora_b = 0.3 * mx.random.normal(layer.lora_b.shape)
+        if hasattr(layer, "magnitude"):
+            layer.magnitude = layer.magnitude * (1 + 0.3 * mx.random.normal(layer.magnitude.shape))
+    adapters.save_adapter(model, out, cfg, str(model_path))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine_adapters")
+    return {"wide": make_adapter(tiny_llama, root / "wide", 1, r=8, alpha=16.0),
+            "narrow": make_adapter(tiny_llama, root / "narrow", 2, r=2, alpha=4.0, target_modules=["q_proj", "v_proj"]),
+            "dora": make_adapter(tiny_llama, root / "dora", 3, r=4, alpha=8.0, use_dora=True,
+                                 target_modules=["o_proj", "down_proj", "v_proj"])}
+
+
+@pytest.fixture(scope="module")
+def banked(tiny_llama, adapter_dirs):
+    from mlx_lora.commands.api import load_for_inference
+
+    model, tok, info = load_for_inference(str(tiny_llama))
+    bank = AdapterBank(model, info.local_path, {k: str(v) for k, v in adapter_dirs.items()})
+    return model, tok, bank
+
+
+def test_batched_greedy_equals_alone_for_base_and_mixed_adapters(banked, tiny_llama, adapter_dirs):
+    from mlx_lora.commands.api import load_for_inference
+
+    model, tok, bank = banked
+    names = [None, "wide", "narrow", "dora", "wide", None, "dora", "narrow"]
+    prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(len(names))]
+    greedy = Sampling(max_tokens=10)
+    engine = Engine(model, tok, bank=bank, max_batch=16, prompt_cache_bytes=0)
+    try:
+        alone = [engine.generate([p], [greedy], [a])[0].tokens for p, a in zip(prompts, names)]
+        steps = engine.metrics()["decode_steps_total"]
+        together = engine.generate(prompts, [greedy] * len(prompts), names)
+        batched_steps = engine.metrics()["decode_steps_total"] - steps
+    finally:
+        engine.close()
+    assert [r.tokens for r in together] == alone
+    assert all(len(t) == 10 for t in alone)
+    assert batched_steps < 10 * len(prompts) // 2  # rows really shared decode steps
+    assert len({tuple(alone[i]) for i in (0, 1, 2, 3)}) == 4  # each adapter changes the answer
+    # ... and each equals the adapter loaded the usual way (LoRALinear / DoRALinear layers in the model)
+    for name in ("wide", "narrow", "dora"):
+        plain, ptok, _ = load_for_inference(str(tiny_llama), str(adapter_dirs[name]))
+        e = Engine(plain, ptok, prompt_cache_bytes=0)
+        try:
+            i = names.index(name)
+            assert e.generate([prompts[i]], [greedy])[0].tokens == alone[i], name
+        finally:
+            e.close()
+
+
+def test_a_request_joins_a_running_batch_and_a_cancelled_one_frees_its_row(banked):
+    model, tok, bank = banked
+    engine = Engine(model, tok, bank=bank, max_batch=4, prompt_cache_bytes=0)
+    try:
+        got = threading.Event()
+        long = engine.submit(tok.encode(PROMPTS[0]), "wide", Sampling(max_tokens=3000),
+                             lambda kind, value: got.set() if kind == "token" else None)
+        assert got.wait(120)
+        # the long request decodes; a short one joins without waiting for it to finish
+        short = engine.generate([tok.encode(PROMPTS[1])], [Sampling(max_tokens=5)], [None])[0]
+        assert short.finish_reason == "length" and len(short.tokens) == 5
+        assert not long.finished.is_set()
+        long.cancel()
+        assert engine.wait_until(lambda m: m["requests_cancelled"] == 1 and m["batch_size"] == 0)
+        assert long.result.finish_reason == "cancelled" and long.result.completion_tokens < 3000
+    finally:
+        engine.close()
+
+
+def test_prefix_cache_skips_the_prefill_of_a_prompt_seen_before(banked):
+    model, tok, bank = banked
+    engine = Engine(model, tok, bank=bank, prompt_cache_bytes=10 * 2**20)
+    try:
+        history = tok.encode(" ".join(PROMPTS) * 3)
+        first = engine.generate([history], [Sampling(max_tokens=4)], ["narrow"])[0]
+        before = engine.metrics()["prefill_tokens_total"]
+        follow = history + first.tokens + tok.encode(" and then?")
+        second = engine.generate([follow], [Sampling(max_tokens=4)], ["narrow"])[0]
+        m = engine.metrics()
+        prefilled = m["prefill_tokens_total"] - before
+        assert second.cached_tokens >= len(history) and prefilled == len(follow) - second.cached_tokens
+        assert prefilled < len(follow) - len(history) + 5 and m["prompt_cache_hits"] == 1
+        # another adapter does not share this cache; the answer equals an uncached run
+        other = engine.generate([follow], [Sampling(max_tokens=4)], ["wide"])[0]
+        assert other.cached_tokens == 0
+        cold = Engine(model, tok, bank=bank, prompt_cache_bytes=0)
+        try:
+            assert cold.generate([follow], [Sampling(max_tokens=4)], ["narrow"])[0].tokens == second.tokens
+        finally:
+            cold.close()
+    finally:
+        engine.close()
+
+
+def test_prompt_cache_evicts_the_least_recently_used_beyond_its_byte_bound():
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    def caches(n):
+        c = KVCache()
+        c.update_and_fetch(mx.zeros((1, 2, n, 8)), mx.zeros((1, 2, n, 8)))
+        return [c]
+
+    one = 2 * (2 * 10 * 8 * 4)  # keys and values of 10 positions, float32... as allocated (256 steps)
+    size = sum(c.nbytes for c in caches(10))
+    assert size >= one
+    pc = PromptCache(int(2.5 * size))
+    pc.insert(None, list(range(10)), caches(10))
+    pc.insert(None, list(range(100, 110)), caches(10))
+    assert pc.lookup(None, list(range(10)) + [7])[1] == 10  # touch the first: the second is now oldest
+    pc.insert("x", list(range(200, 210)), caches(10))
+    assert pc.nbytes <= pc.max_bytes and len(pc) == 2 and pc.evictions == 1
+    assert pc.lookup(None, list(range(100, 110)) + [1]) == (None, 0)
+    assert pc.lookup(None, list(range(10)) + [1])[1] == 10
+    # a longer sequence replaces the cached prefix it extends; a prompt never takes all its tokens from it
+    pc.insert(None, list(range(12)), caches(12))
+    assert pc.lookup(None, list(range(12)))[1] == 11
+    assert len([k for k in pc._entries if k[0] is None]) == 1
+
+
+def test_sampling_is_seeded_per_request_whatever_shares_the_batch(banked):
+    model, tok, bank = banked
+    engine = Engine(model, tok, bank=bank, prompt_cache_bytes=0)
+    try:
+        p = tok.encode(PROMPTS[4])
+        hot = Sampling(max_tokens=8, temperature=1.5, seed=11)
+        alone = engine.generate([p], [hot])[0].tokens
+        crowd = engine.generate([p, tok.encode(PROMPTS[0]), p], [hot, Sampling(max_tokens=8), Sampling(
+            max_tokens=8, temperature=1.5, seed=12)], [None, "wide", None])
+        assert crowd[0].tokens == alone and crowd[2].tokens != alone
+        greedy = engine.generate([p], [Sampling(max_tokens=8)])[0].tokens
+        narrow = engine.generate([p], [Sampling(max_tokens=8, temperature=1.5, top_p=1e-6, seed=3)])[0].tokens
+        assert narrow == greedy
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("schema,max_tokens", [
+    ({"type": "object"}, 6),
+    ({"type": "object"}, 40),
+    ({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                       "ok": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["x", "y"]}}},
+      "required": ["name", "age", "ok"]}, 48),
+    ({"type": "array", "items": {"type": "number"}, "minItems": 2}, 30),
+    ({"anyOf": [{"type": "object", "properties": {"name": {"enum": ["get_weather"]}, "arguments": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city"]}}, "required": ["name", "arguments"]}]}, 60),
+])
+def test_constrained_replies_always_parse_and_fit_the_schema(banked, schema, max_tokens):
+    model, tok, bank = banked
+    engine = Engine(model, tok, bank=bank, prompt_cache_bytes=0)
+    try:
+        # many rows, greedy and sampled, some on adapters: every path must end in text that parses
+        runs = [(PROMPTS[i % len(PROMPTS)] + " " * (i % 3), 0.0 if i % 2 else 1.0, i) for i in range(12)]
+        samplings = [Sampling(max_tokens=max_tokens, temperature=t, seed=s, constraint=JsonConstraint(schema))
+                     for _, t, s in runs]
+        results = engine.generate([tok.encode(p) for p, _, _ in runs], samplings,
+                                  [(None, "dora", "wide")[i % 3] for i in range(len(runs))])
+    finally:
+        engine.close()
+    for r in results:
+        value = json.loads(r.text)
+        assert len(r.tokens) <= max_tokens
+        if "anyOf" in schema:
+            assert value["name"] == "get_weather" and isinstance(value["arguments"]["city"], str)
+        elif schema.get("type") == "object":
+            assert isinstance(value, dict)
+            for key in schema.get("required", []):
+                assert key in value
+            if "properties" in schema:
+                assert set(value) <= set(schema["properties"])
+                assert isinstance(value["name"], str) and isinstance(value["age"], int)
+                assert isinstance(value["ok"], bool)
+        else:
+            assert isinstance(value, list) and len(value) >= 2 and all(isinstance(v, (int, float)) for v in value)
