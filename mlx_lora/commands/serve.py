@@ -22,6 +22,7 @@ never taking the server down.
 
 import asyncio
 import json
+import logging
 import random
 import re
 import socket
@@ -43,6 +44,8 @@ from mlx_lora.plumbing.errors import DataError, MlxLoraError
 from mlx_lora.commands.run_inputs import read_run, serve_name
 from mlx_lora.inference.generation import LIMITS
 from mlx_lora.inference.json_constraint import JsonConstraint, schema_problem
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_BODY_MB = 8.0
@@ -159,15 +162,15 @@ def build_server(model_path: str, adapters: dict[str, str], *, chat_template: Op
     model, tokenizer, info = load_for_inference(model_path, None, stream=log, dequantize_on_cpu="auto",
                                                 trust_remote_code=trust_remote_code)
     bank = AdapterBank(model, info.local_path, adapters, strict=strict,
-                       warn=lambda m: print(f"warning: {m}", file=log, flush=True)) if adapters else None
+                       warn=lambda m: click.echo(f"warning: {m}", file=log, flush=True)) if adapters else None
     template = None
     try:
         template = chat_template_for(tokenizer, chat_template, model_path)
     except MlxLoraError as e:
         if chat_template is not None or isinstance(e, DataError):  # a template that fails its check
             raise
-        print(f"warning: {model_path} has no chat template: /v1/chat/completions will refuse requests "
-              f"(start with --chat-template chatml or FILE.jinja); /v1/completions works", file=log, flush=True)
+        logger.warning(f"{model_path} has no chat template: /v1/chat/completions will refuse requests "
+                       f"(start with --chat-template chatml or FILE.jinja); /v1/completions works")
     model_context = _context_length(info.config)
     if context is None:
         context = model_context
@@ -997,19 +1000,19 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
         # Ctrl-C or SIGTERM from the first line printed on (a script that reads it may stop the
         # server at once) ends here, as the normal way out; inside app.run uvicorn handles them.
         with sigterm_as_interrupt():
-            print(f"serving http://{shown}:{bound}/v1 (OpenAI API: /v1/chat/completions, /v1/completions, "
-                  f"/v1/models)", file=out, flush=True)
-            print(f"models   {', '.join(server.model_names)}", file=out, flush=True)
+            click.echo(f"serving http://{shown}:{bound}/v1 (OpenAI API: /v1/chat/completions, /v1/completions, "
+                       f"/v1/models)", file=out)
+            click.echo(f"models   {', '.join(server.model_names)}", file=out)
             if host not in ("127.0.0.1", "localhost", "::1"):
-                print(f"warning: listening on {host}: anyone who can reach this address can use the models "
-                      f"(there is no authentication)", file=out, flush=True)
+                click.echo(f"warning: listening on {host}: anyone who can reach this address can use the models "
+                      f"(there is no authentication)", file=out)
             app.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:
         server.close()
         sock.close()
-    print("server stopped", file=out, flush=True)
+    click.echo("server stopped", file=out)
 
 
 @click.command(name="serve")

@@ -23,8 +23,8 @@ def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: st
     """(model, tokenizer, info) with the adapter applied, in eval mode.
 
     An adapter trained on another base model than ``model_path`` (by the fingerprint it records)
-    loads with a warning (logged), or raises AdapterError when ``strict``. ``stream`` is accepted for
-    callers of earlier versions and ignored: messages go through :mod:`logging`.
+    loads with a warning (logged), or raises AdapterError when ``strict``. Messages go through
+    :mod:`logging` (``stream`` is not written to).
     ``dequantize_on_cpu``: see :func:`mlx_lora.model.loading.load_model` (None keeps a quantized base's
     layers quantized, for callers that inspect them). ``trust_remote_code``: let the model folder
     run the code it ships (``auto_map``, ``model_file``); otherwise a folder that needs it is refused."""
