@@ -27,7 +27,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_lora.config import Config
-from mlx_lora.data.examples import DataSplits, load_datasets
+from mlx_lora.data.dataset import DataSplits
+from mlx_lora.data.mixture import load_datasets
 from mlx_lora.training.grpo import GRPOMethod
 from mlx_lora.training.losses import Loss, make_loss
 from mlx_lora.training.preference import (Objective, cached_reference_logps, check_data, metrics as preference_metrics,
