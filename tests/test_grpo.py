@@ -472,7 +472,7 @@ def test_two_ranks_take_the_step_of_one_rank_with_the_same_prompts(tiny_llama, a
                          {k: np.array(v) for k, v in mx.load(str(one / "adapter_model.safetensors")).items()})
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_smollm2_learns_the_arithmetic_task(smollm2_hf, tmp_path):
     """The recipe on the bundled arithmetic prompts (docs/grpo.md): held-out greedy answers are right
     more often after its 20 steps (measured: 0.45 -> 0.70). Every step's records are complete."""
