@@ -37,8 +37,8 @@ def main(argv=None) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_lora.plumbing.backend import backend_name, compute_dtype
     from mlx_lora.data.batching import attention_mask_from_segments
+    from mlx_lora.plumbing.backend import backend_name, compute_dtype
 
     dtype = getattr(mx, args.dtype) if args.dtype else compute_dtype()
     B, H, K, D, L = args.batch, args.heads, args.kv_heads, args.head_dim, args.length
@@ -49,19 +49,21 @@ def main(argv=None) -> dict:
     seg = np.zeros((B, L), np.int32)
     cuts = np.cumsum([0, int(0.4 * L), int(0.3 * L), int(0.2 * L), L - sum([int(0.4 * L), int(0.3 * L), int(0.2 * L)])])
     for s in range(4):
-        seg[:, cuts[s]:cuts[s + 1]] = s + 1
+        seg[:, cuts[s] : cuts[s + 1]] = s + 1
     allowed = attention_mask_from_segments(seg)
     forms = {
         "causal": "causal",
         "bool [B,1,L,L]": mx.array(allowed),
         f"additive {str(dtype).split('.')[-1]} [B,1,L,L]": mx.array(np.where(allowed, 0.0, -np.inf)).astype(dtype),
-        "additive float32 [B,H,L,L]": mx.array(np.broadcast_to(np.where(allowed, 0.0, -np.inf), (B, H, L, L))
-                                               .astype(np.float32)),
+        "additive float32 [B,H,L,L]": mx.array(
+            np.broadcast_to(np.where(allowed, 0.0, -np.inf), (B, H, L, L)).astype(np.float32)
+        ),
     }
     scale = D**-0.5
 
     results = {}
     for name, mask in forms.items():
+
         def loss(q, k, v, mask=mask):
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
             return (o.astype(mx.float32) ** 2).sum()

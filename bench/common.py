@@ -20,8 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # LoRA on every attention and MLP projection of every block (llama-family names).
-LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+LORA_KEYS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def fetch_gguf(log=print) -> Path:

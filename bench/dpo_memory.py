@@ -24,8 +24,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-WORDS = ("the river runs past green stones while small birds call from tall trees in the light of a slow "
-         "morning and water finds its way down to the sea").split()
+WORDS = (
+    "the river runs past green stones while small birds call from tall trees in the light of a slow "
+    "morning and water finds its way down to the sea"
+).split()
 
 
 def make_data(folder: Path, pairs: int, words: int) -> tuple[Path, Path]:
@@ -47,17 +49,21 @@ def make_data(folder: Path, pairs: int, words: int) -> tuple[Path, Path]:
 def worker(method: str, model: str, data: str, pairs: int) -> dict:
     import mlx.core as mx
 
-    from mlx_lora.model import adapters
     from mlx_lora.config import build
     from mlx_lora.data.batching import iterate_batches
     from mlx_lora.data.mixture import load_datasets
+    from mlx_lora.model import adapters
     from mlx_lora.model.loading import load_model
     from mlx_lora.training.trainer import Trainer
 
     rows = pairs if method != "sft" else 2 * pairs  # batch_size counts pairs for dpo / orpo
-    cfg = build(extra={"model": {"path": model}, "data": {"path": data, "valid_fraction": 0.0, "cache": False,
-                                                          "max_seq_length": 1024},
-                       "train": {"method": method, "batch_size": rows, "length_groups": False, "iters": 2}})
+    cfg = build(
+        extra={
+            "model": {"path": model},
+            "data": {"path": data, "valid_fraction": 0.0, "cache": False, "max_seq_length": 1024},
+            "train": {"method": method, "batch_size": rows, "length_groups": False, "iters": 2},
+        }
+    )
     mx.random.seed(0)
     m, tok, _ = load_model(model)
     ds = load_datasets(cfg.data, tok, splits=("train",)).train
@@ -70,9 +76,15 @@ def worker(method: str, model: str, data: str, pairs: int) -> dict:
     t0 = time.perf_counter()
     trainer.step_on(batch)
     seconds = time.perf_counter() - t0
-    return {"method": method, "rows": int(batch.inputs.shape[0]), "length": int(batch.inputs.shape[1]),
-            "target_tokens": batch.ntokens, "peak_gb": mx.get_peak_memory() / 1e9,
-            "active_gb_after": mx.get_active_memory() / 1e9, "step_s": seconds}
+    return {
+        "method": method,
+        "rows": int(batch.inputs.shape[0]),
+        "length": int(batch.inputs.shape[1]),
+        "target_tokens": batch.ntokens,
+        "peak_gb": mx.get_peak_memory() / 1e9,
+        "active_gb_after": mx.get_active_memory() / 1e9,
+        "step_s": seconds,
+    }
 
 
 def main(argv=None) -> int:
@@ -100,8 +112,12 @@ def main(argv=None) -> int:
     results = []
     for method in args.methods.split(","):
         data = sft if method == "sft" else pref
-        out = subprocess.run([sys.executable, __file__, "--worker", method, model, str(data), str(args.pairs)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", method, model, str(data), str(args.pairs)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]
         print(f"{method:5s} rows {r['rows']} x {r['length']}  peak {r['peak_gb']:.3f} GB  step {r['step_s']:.1f} s")
@@ -110,8 +126,9 @@ def main(argv=None) -> int:
         for r in results:
             r["peak_vs_sft"] = r["peak_gb"] / base["peak_gb"]
             print(f"{r['method']:5s} peak / sft peak = {r['peak_vs_sft']:.2f}x")
-    args.out.write_text(json.dumps({"pairs": args.pairs, "words": args.words, "model": model, "results": results},
-                                   indent=1) + "\n")
+    args.out.write_text(
+        json.dumps({"pairs": args.pairs, "words": args.words, "model": model, "results": results}, indent=1) + "\n"
+    )
     return 0
 
 

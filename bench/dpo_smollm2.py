@@ -79,10 +79,10 @@ def main(argv=None) -> int:
 
     import mlx_lora
     from bench.common import imported_model
-    from mlx_lora.model import adapters
-    from mlx_lora.plumbing.cache import cache_root
     from mlx_lora.config import build
+    from mlx_lora.model import adapters
     from mlx_lora.model.loading import load_model
+    from mlx_lora.plumbing.cache import cache_root
 
     gen = _demo_generator()
     model_path = str(imported_model("float32"))
@@ -104,11 +104,25 @@ def main(argv=None) -> int:
     print(f"before: prefers chosen {prefers_before:.3f}, right {right_before}/40, brush-offs {brush_before}/40")
 
     run = folder / "run"
-    cfg = build(extra={"model": {"path": model_path}, "data": {"path": str(folder)}, "out": str(run),
-                       "lora": {"r": 16, "alpha": 32},
-                       "train": {"method": "dpo", "dpo_beta": args.beta, "iters": args.iters, "batch_size": 4,
-                                 "lr": args.lr, "warmup_steps": 4, "eval_every": args.iters, "save_every": args.iters,
-                                 "log_every": 5}})
+    cfg = build(
+        extra={
+            "model": {"path": model_path},
+            "data": {"path": str(folder)},
+            "out": str(run),
+            "lora": {"r": 16, "alpha": 32},
+            "train": {
+                "method": "dpo",
+                "dpo_beta": args.beta,
+                "iters": args.iters,
+                "batch_size": 4,
+                "lr": args.lr,
+                "warmup_steps": 4,
+                "eval_every": args.iters,
+                "save_every": args.iters,
+                "log_every": 5,
+            },
+        }
+    )
     t0 = time.perf_counter()
     result = mlx_lora.train(cfg, overwrite=True)
     train_s = time.perf_counter() - t0
@@ -116,14 +130,31 @@ def main(argv=None) -> int:
     adapters.load_adapter(model, str(run))
     prefers_after, reward_acc = held_out_scores(model, tok, folder)
     gen_after, right_after, brush_after = answers(model_path, str(run), questions, gen.BRUSH_OFFS)
-    print(f"after:  prefers chosen {prefers_after:.3f}, reward accuracy {reward_acc:.3f}, right {right_after}/40, "
-          f"brush-offs {brush_after}/40 ({result.steps} steps, {train_s:.0f} s)")
-    args.out.write_text(json.dumps({
-        "iters": args.iters, "lr": args.lr, "beta": args.beta, "train_s": train_s,
-        "before": {"prefers_chosen": prefers_before, "right": right_before, "brush_offs": brush_before},
-        "after": {"prefers_chosen": prefers_after, "reward_accuracy": reward_acc, "right": right_after,
-                  "brush_offs": brush_after},
-        "answers_before": gen_before, "answers_after": gen_after}, indent=1) + "\n")
+    print(
+        f"after:  prefers chosen {prefers_after:.3f}, reward accuracy {reward_acc:.3f}, right {right_after}/40, "
+        f"brush-offs {brush_after}/40 ({result.steps} steps, {train_s:.0f} s)"
+    )
+    args.out.write_text(
+        json.dumps(
+            {
+                "iters": args.iters,
+                "lr": args.lr,
+                "beta": args.beta,
+                "train_s": train_s,
+                "before": {"prefers_chosen": prefers_before, "right": right_before, "brush_offs": brush_before},
+                "after": {
+                    "prefers_chosen": prefers_after,
+                    "reward_accuracy": reward_acc,
+                    "right": right_after,
+                    "brush_offs": brush_after,
+                },
+                "answers_before": gen_before,
+                "answers_after": gen_after,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return 0
 
 

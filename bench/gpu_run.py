@@ -39,16 +39,19 @@ BENCH = REPO / "bench"
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--like", help="HF-layout folder with SmolLM2's tokenizer and config (default: dry: a tiny "
-                                   "random model's)")
+    ap.add_argument(
+        "--like", help="HF-layout folder with SmolLM2's tokenizer and config (default: dry: a tiny random model's)"
+    )
     ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp(prefix="gpu-run-"))
     ap.add_argument("--budget", type=float, default=540, help="seconds for all steps together")
     ap.add_argument("--work", default=None, help="scratch folder for models and runs (default: a temporary one)")
     ap.add_argument("--dry", action="store_true", help="run every step on the CPU at tiny sizes")
-    ap.add_argument("--step-cap", type=float, default=None, help="most seconds any one step may take (default: "
-                                                                   "each step's own cap)")
-    ap.add_argument("--only", help="comma list of step kinds to run: facts, models, bench, trace, attention "
-                                   "(default: all)")
+    ap.add_argument(
+        "--step-cap", type=float, default=None, help="most seconds any one step may take (default: each step's own cap)"
+    )
+    ap.add_argument(
+        "--only", help="comma list of step kinds to run: facts, models, bench, trace, attention (default: all)"
+    )
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -79,8 +82,15 @@ def main(argv=None) -> int:
         print(f"[gpu_run] {name}: up to {limit:.0f} s: {entry['command']}", flush=True)
         t0 = time.monotonic()
         # Its own process group, so that a timeout also stops the workers it started.
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            start_new_session=True,
+        )
         try:
             text, _ = proc.communicate(timeout=limit)
             rc = proc.returncode
@@ -90,8 +100,10 @@ def main(argv=None) -> int:
             rc = "timeout"
         entry.update(rc=rc, seconds=round(time.monotonic() - t0, 1), tail=text[-6000:])
         if partial and not Path(partial[1]).is_file():
-            done = {p.name.removesuffix(".result.json"): json.loads(p.read_text())
-                    for p in sorted(Path(partial[0]).glob("*.result.json"))}
+            done = {
+                p.name.removesuffix(".result.json"): json.loads(p.read_text())
+                for p in sorted(Path(partial[0]).glob("*.result.json"))
+            }
             (out / f"{name}.partial.json").write_text(json.dumps(done))
             entry["partial"] = sorted(done)
         print(f"[gpu_run] {name}: exit {rc} after {entry['seconds']} s", flush=True)
@@ -101,16 +113,26 @@ def main(argv=None) -> int:
         return rc == 0
 
     # 1. facts
-    step("facts", [py, "-c", "import json, mlx.core as mx; from mlx_lora.plumbing import backend; "
-                   "print(json.dumps({'mlx': mx.__version__, 'backend': backend.backend_name(), "
-                   "'device': str(mx.default_device()), 'info': {k: str(v) for k, v in backend.device_info().items()}}))"],
-         5, 120)
+    step(
+        "facts",
+        [
+            py,
+            "-c",
+            "import json, mlx.core as mx; from mlx_lora.plumbing import backend; "
+            "print(json.dumps({'mlx': mx.__version__, 'backend': backend.backend_name(), "
+            "'device': str(mx.default_device()), 'info': {k: str(v) for k, v in backend.device_info().items()}}))",
+        ],
+        5,
+        120,
+    )
 
     # 2. models
     like = args.like
     if args.dry:
-        sizes = {"big": ["--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2"],
-                 "small": ["--hidden", "32", "--intermediate", "64", "--layers", "2", "--heads", "2", "--kv-heads", "1"]}
+        sizes = {
+            "big": ["--hidden", "64", "--intermediate", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2"],
+            "small": ["--hidden", "32", "--intermediate", "64", "--layers", "2", "--heads", "2", "--kv-heads", "1"],
+        }
         dtype = ["--dtype", "float32"]
         if like is None:
             from mlx_lora.testing import make_tiny_model
@@ -124,39 +146,148 @@ def main(argv=None) -> int:
     models = {}
     for name in ("big", "small"):
         folder = work / f"model-{name}"
-        if step(f"model_{name}", [py, BENCH / "make_random_model.py", "--like", like, "--out", folder, "--overwrite",
-                                  *sizes[name], *dtype], 10, 240) and folder.is_dir():
+        if (
+            step(
+                f"model_{name}",
+                [
+                    py,
+                    BENCH / "make_random_model.py",
+                    "--like",
+                    like,
+                    "--out",
+                    folder,
+                    "--overwrite",
+                    *sizes[name],
+                    *dtype,
+                ],
+                10,
+                240,
+            )
+            and folder.is_dir()
+        ):
             models[name] = folder
 
     # 3-6. measurements
     if args.dry:
-        bench_args = ["--epochs", "2", "--steps", "4", "--batch-size", "2", "--max-len", "96", "--median-len", "60",
-                      "--valid-rows", "2", "--lockstep-steps", "1", "--lowmem-steps", "1", "--levers", "shapes_packed"]
+        bench_args = [
+            "--epochs",
+            "2",
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--max-len",
+            "96",
+            "--median-len",
+            "60",
+            "--valid-rows",
+            "2",
+            "--lockstep-steps",
+            "1",
+            "--lowmem-steps",
+            "1",
+            "--levers",
+            "shapes_packed",
+        ]
         attn = ["--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--length", "64", "--repeats", "2"]
         trace_args = ["--rows", "6", "--max-len", "96", "--batch-size", "2"]
     else:
-        bench_args = ["--epochs", "3", "--steps", "48", "--valid-rows", "4", "--lockstep-steps", "2",
-                      "--lowmem-steps", "1", "--levers", "shapes_exact,shapes_ladder,shapes_packed"]
-        attn = ["--heads", "32", "--kv-heads", "8", "--head-dim", "64", "--length", "2048", "--batch", "2",
-                "--dtype", "bfloat16"]
+        bench_args = [
+            "--epochs",
+            "3",
+            "--steps",
+            "48",
+            "--valid-rows",
+            "4",
+            "--lockstep-steps",
+            "2",
+            "--lowmem-steps",
+            "1",
+            "--levers",
+            "shapes_exact,shapes_ladder,shapes_packed",
+        ]
+        attn = [
+            "--heads",
+            "32",
+            "--kv-heads",
+            "8",
+            "--head-dim",
+            "64",
+            "--length",
+            "2048",
+            "--batch",
+            "2",
+            "--dtype",
+            "bfloat16",
+        ]
         trace_args = []
     if "big" in models:
-        step("bench_1b", [py, BENCH / "train_vs_mlx_lm.py", "--model", models["big"], "--no-out-of-box", *bench_args,
-                          "--work", work / "bench-big", "--json", out / "bench_1b.json"], 60, 420,
-             partial=(work / "bench-big", out / "bench_1b.json"))
-        step("trace_1b", [py, BENCH / "memory_trace.py", "--model", models["big"], *trace_args,
-                          "--json", out / "trace_1b.json"], 20, 120)
-        step("trace_1b_packed", [py, BENCH / "memory_trace.py", "--model", models["big"], *trace_args,
-                                 "--set", "train.shapes=packed", "--json", out / "trace_1b_packed.json"], 20, 120)
+        step(
+            "bench_1b",
+            [
+                py,
+                BENCH / "train_vs_mlx_lm.py",
+                "--model",
+                models["big"],
+                "--no-out-of-box",
+                *bench_args,
+                "--work",
+                work / "bench-big",
+                "--json",
+                out / "bench_1b.json",
+            ],
+            60,
+            420,
+            partial=(work / "bench-big", out / "bench_1b.json"),
+        )
+        step(
+            "trace_1b",
+            [py, BENCH / "memory_trace.py", "--model", models["big"], *trace_args, "--json", out / "trace_1b.json"],
+            20,
+            120,
+        )
+        step(
+            "trace_1b_packed",
+            [
+                py,
+                BENCH / "memory_trace.py",
+                "--model",
+                models["big"],
+                *trace_args,
+                "--set",
+                "train.shapes=packed",
+                "--json",
+                out / "trace_1b_packed.json",
+            ],
+            20,
+            120,
+        )
     if "small" in models:
-        step("bench_135m", [py, BENCH / "train_vs_mlx_lm.py", "--model", models["small"], "--no-out-of-box",
-                            *bench_args, "--work", work / "bench-small", "--json", out / "bench_135m.json"], 60, 300,
-             partial=(work / "bench-small", out / "bench_135m.json"))
+        step(
+            "bench_135m",
+            [
+                py,
+                BENCH / "train_vs_mlx_lm.py",
+                "--model",
+                models["small"],
+                "--no-out-of-box",
+                *bench_args,
+                "--work",
+                work / "bench-small",
+                "--json",
+                out / "bench_135m.json",
+            ],
+            60,
+            300,
+            partial=(work / "bench-small", out / "bench_135m.json"),
+        )
     step("attention_1b", [py, BENCH / "attention_mask.py", *attn, "--json", out / "attention_1b.json"], 10, 60)
     record["wall_s"] = round(args.budget - (deadline - time.monotonic()), 1)
     (out / "gpu_run.json").write_text(json.dumps(record, indent=1))
     failed = [s["name"] for s in record["steps"] if s.get("rc") not in (0, None)]
-    print(f"[gpu_run] done in {record['wall_s']} s; failed: {', '.join(failed) or 'none'}; results in {out}", flush=True)
+    print(
+        f"[gpu_run] done in {record['wall_s']} s; failed: {', '.join(failed) or 'none'}; results in {out}", flush=True
+    )
     return 1 if failed else 0
 
 

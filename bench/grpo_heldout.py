@@ -13,10 +13,10 @@ import argparse
 import json
 import time
 
-from mlx_lora.model import adapters
 from mlx_lora.config import build
-from mlx_lora.training.grpo import greedy_accuracy, load_prompt_splits
+from mlx_lora.model import adapters
 from mlx_lora.model.loading import load_model
+from mlx_lora.training.grpo import greedy_accuracy, load_prompt_splits
 
 
 def main(argv=None) -> int:
@@ -27,8 +27,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reward", default="number")
     ap.add_argument("--max-tokens", type=int, default=8)
     args = ap.parse_args(argv)
-    cfg = build(extra={"model": {"path": args.model}, "data": {"path": args.data, "cache": False},
-                       "train": {"method": "grpo", "reward": args.reward, "max_completion_length": args.max_tokens}})
+    cfg = build(
+        extra={
+            "model": {"path": args.model},
+            "data": {"path": args.data, "cache": False},
+            "train": {"method": "grpo", "reward": args.reward, "max_completion_length": args.max_tokens},
+        }
+    )
     model, tokenizer, _ = load_model(args.model)
     if args.adapter:
         adapters.load_adapter(model, args.adapter)
@@ -37,8 +42,18 @@ def main(argv=None) -> int:
     ds = splits.test if splits.test is not None else splits.valid
     t0 = time.perf_counter()
     score = greedy_accuracy(model, tokenizer, ds, args.reward, args.max_tokens)
-    print(json.dumps({"data": ds.stats.path, "prompts": len(ds), "adapter": args.adapter, "reward": args.reward,
-                      "greedy_score": score, "seconds": round(time.perf_counter() - t0, 1)}))
+    print(
+        json.dumps(
+            {
+                "data": ds.stats.path,
+                "prompts": len(ds),
+                "adapter": args.adapter,
+                "reward": args.reward,
+                "greedy_score": score,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+    )
     return 0
 
 

@@ -30,8 +30,8 @@ def main(argv=None) -> int:
 
     from mlx_lora.config import build
     from mlx_lora.inference.evaluation import eos_ids
-    from mlx_lora.training.grpo import load_prompt_splits, sample_group, sample_key
     from mlx_lora.model.loading import load_model
+    from mlx_lora.training.grpo import load_prompt_splits, sample_group, sample_key
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
@@ -43,8 +43,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    cfg = build(extra={"model": {"path": args.model}, "data": {"path": args.data, "cache": False},
-                       "train": {"method": "grpo", "reward": "number", "max_completion_length": args.max_tokens}})
+    cfg = build(
+        extra={
+            "model": {"path": args.model},
+            "data": {"path": args.data, "cache": False},
+            "train": {"method": "grpo", "reward": "number", "max_completion_length": args.max_tokens},
+        }
+    )
     model, tokenizer, _ = load_model(args.model)
     model.eval()
     ds = load_prompt_splits(cfg, tokenizer, splits=("train",)).train
@@ -54,8 +59,9 @@ def main(argv=None) -> int:
     def ours():
         n = 0
         for i, p in enumerate(prompts):
-            group = sample_group(model, p, args.group, args.max_tokens, eos, temperature=args.temperature,
-                                 key=sample_key(0, 0, i))
+            group = sample_group(
+                model, p, args.group, args.max_tokens, eos, temperature=args.temperature, key=sample_key(0, 0, i)
+            )
             n += sum(len(c) for c in group)
         return n
 
@@ -80,11 +86,19 @@ def main(argv=None) -> int:
     ours(), mlx_lm_loop()  # warm-up on one prompt
     prompts = prompts_warm
     (n_ours, s_ours), (n_lm, s_lm) = timed(ours), timed(mlx_lm_loop)
-    result = {"model": args.model, "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens,
-              "sample_group_tokens": n_ours, "sample_group_s": round(s_ours, 2),
-              "sample_group_tokens_per_s": round(n_ours / s_ours, 1),
-              "mlx_lm_tokens": n_lm, "mlx_lm_s": round(s_lm, 2), "mlx_lm_tokens_per_s": round(n_lm / s_lm, 1),
-              "speedup": round((n_ours / s_ours) / (n_lm / s_lm), 2)}
+    result = {
+        "model": args.model,
+        "prompts": args.prompts,
+        "group": args.group,
+        "max_tokens": args.max_tokens,
+        "sample_group_tokens": n_ours,
+        "sample_group_s": round(s_ours, 2),
+        "sample_group_tokens_per_s": round(n_ours / s_ours, 1),
+        "mlx_lm_tokens": n_lm,
+        "mlx_lm_s": round(s_lm, 2),
+        "mlx_lm_tokens_per_s": round(n_lm / s_lm, 1),
+        "speedup": round((n_ours / s_ours) / (n_lm / s_lm), 2),
+    }
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -29,19 +29,36 @@ SHAPES = {
     "1b": (2048, 8192, 16, 32, 8),  # Llama-3.2-1B's blocks
     "3b": (3072, 8192, 28, 24, 8),  # Llama-3.2-3B's blocks
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "tokenizer.model", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 
 
-def build_config(like: dict, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
-                 dtype: str) -> dict:
+def build_config(
+    like: dict, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, dtype: str
+) -> dict:
     if hidden % heads or heads % kv_heads:
-        raise SystemExit(f"error: hidden size {hidden} must split into {heads} heads, and {heads} heads into "
-                         f"{kv_heads} key/value groups")
+        raise SystemExit(
+            f"error: hidden size {hidden} must split into {heads} heads, and {heads} heads into "
+            f"{kv_heads} key/value groups"
+        )
     cfg = dict(like)
-    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden,
-               intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-               num_key_value_heads=kv_heads, head_dim=hidden // heads, torch_dtype=dtype)
+    cfg.update(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        torch_dtype=dtype,
+    )
     return cfg
 
 
@@ -53,11 +70,19 @@ def parameter_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f),
-                       p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
     if not cfg.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = (v, h)
     return shapes
@@ -71,8 +96,10 @@ def make(like: Path, out: Path, shape: tuple, dtype: str, seed: int, overwrite: 
         raise SystemExit(f"error: {like_cfg_path}: not found (--like must be an HF-layout model folder)")
     like_cfg = json.loads(like_cfg_path.read_text())
     if like_cfg.get("model_type") not in ("llama", "mistral"):
-        raise SystemExit(f"error: {like_cfg_path}: model_type {like_cfg.get('model_type')!r}; need a llama folder "
-                         "(its tokenizer is reused)")
+        raise SystemExit(
+            f"error: {like_cfg_path}: model_type {like_cfg.get('model_type')!r}; need a llama folder "
+            "(its tokenizer is reused)"
+        )
     if out.exists() and not overwrite:
         raise SystemExit(f"error: {out} exists (pass --overwrite to replace it)")
     cfg = build_config(like_cfg, *shape, dtype=dtype)
@@ -92,8 +119,10 @@ def make(like: Path, out: Path, shape: tuple, dtype: str, seed: int, overwrite: 
         for f in TOKENIZER_FILES:
             if (like / f).is_file():
                 shutil.copy2(like / f, tmp / f)
-    print(f"wrote {out}: {n_params / 1e9:.2f}B parameters in {dtype} "
-          f"({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']})")
+    print(
+        f"wrote {out}: {n_params / 1e9:.2f}B parameters in {dtype} "
+        f"({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']})"
+    )
     return out
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common  # noqa: E402
+from bench import common
 
 
 def main(argv=None) -> dict:
@@ -35,8 +35,8 @@ def main(argv=None) -> dict:
 
     import mlx.core as mx
 
-    from mlx_lora.plumbing import backend
     from mlx_lora.config import build
+    from mlx_lora.plumbing import backend
     from mlx_lora.training.estimate import trace
 
     dtype = "bfloat16" if backend.backend_name() != "cpu" else "float32"
@@ -45,19 +45,34 @@ def main(argv=None) -> dict:
     if data is None:
         work = Path(tempfile.mkdtemp(prefix="mlx-lora-memtrace-"))
         data = str(common.write_jsonl(work / "train.jsonl", common.make_rows(args.rows, 0, 30, args.max_len, 140)))
-    cfg = build(extra={"model": {"path": model, "dtype": dtype},
-                       "data": {"path": data, "valid_fraction": 0.0, "max_seq_length": 2 * args.max_len},
-                       "lora": {"r": 8, "alpha": 16.0, "target_modules": [k.split(".")[-1] for k in common.LORA_KEYS]},
-                       "train": {"batch_size": args.batch_size, "optimizer": "adam", "max_grad_norm": None}},
-                overrides=args.set)
+    cfg = build(
+        extra={
+            "model": {"path": model, "dtype": dtype},
+            "data": {"path": data, "valid_fraction": 0.0, "max_seq_length": 2 * args.max_len},
+            "lora": {"r": 8, "alpha": 16.0, "target_modules": [k.split(".")[-1] for k in common.LORA_KEYS]},
+            "train": {"batch_size": args.batch_size, "optimizer": "adam", "max_grad_norm": None},
+        },
+        overrides=args.set,
+    )
     notes: list[str] = []
     rec = trace(cfg, log=notes.append)
-    lines = [f"memory trace  {backend.backend_name()} ({backend.device_info().get('device_name', '?')}), compute "
-             f"{dtype}, model {model}", *notes, *rec.lines()]
+    lines = [
+        f"memory trace  {backend.backend_name()} ({backend.device_info().get('device_name', '?')}), compute "
+        f"{dtype}, model {model}",
+        *notes,
+        *rec.lines(),
+    ]
     print("\n".join(lines))
-    out = {"backend": backend.backend_name(), "dtype": dtype, "model": model, "overrides": args.set,
-           "notes": notes, "phases": rec.as_dict(), "peak_memory_bytes": max(p.peak for p in rec.phases),
-           "mlx": getattr(mx, "__version__", "?")}
+    out = {
+        "backend": backend.backend_name(),
+        "dtype": dtype,
+        "model": model,
+        "overrides": args.set,
+        "notes": notes,
+        "phases": rec.as_dict(),
+        "peak_memory_bytes": max(p.peak for p in rec.phases),
+        "mlx": getattr(mx, "__version__", "?"),
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out

@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,16 +31,28 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, imported_model  # noqa: E402
-from mlx_lora.plumbing.cache import cache_root  # noqa: E402
+from bench.common import REPO, imported_model
+from mlx_lora.plumbing.cache import cache_root
 
 BLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-TOPICS = ["the ocean", "a mountain village", "bread baking", "the moon landing", "a violin maker", "winter birds",
-          "an old lighthouse", "desert travel", "honey bees", "a night train"]
-ADAPTERS = [("r4_qv", dict(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"])),
-            ("r8_all", dict(r=8, alpha=16.0)),
-            ("r16_mlp", dict(r=16, alpha=16.0, target_modules=["gate_proj", "up_proj", "down_proj"])),
-            ("r2_attn", dict(r=2, alpha=4.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))]
+TOPICS = [
+    "the ocean",
+    "a mountain village",
+    "bread baking",
+    "the moon landing",
+    "a violin maker",
+    "winter birds",
+    "an old lighthouse",
+    "desert travel",
+    "honey bees",
+    "a night train",
+]
+ADAPTERS = [
+    ("r4_qv", dict(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"])),
+    ("r8_all", dict(r=8, alpha=16.0)),
+    ("r16_mlp", dict(r=16, alpha=16.0, target_modules=["gate_proj", "up_proj", "down_proj"])),
+    ("r2_attn", dict(r=2, alpha=4.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+]
 
 
 def free_port() -> int:
@@ -79,8 +90,9 @@ class Server:
         self.name = name
         self.port = free_port()
         env = dict(os.environ, LD_PRELOAD=BLAS, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(argv + ["--port", str(self.port)], env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, cwd=REPO)
+        self.proc = subprocess.Popen(
+            argv + ["--port", str(self.port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -110,8 +122,14 @@ class Server:
 
 def chat(server: Server, model: str, messages: list, max_tokens: int) -> dict:
     """One streamed greedy chat request: TTFT, decode tokens/s, completion tokens, the text."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first = last = None
     pieces, usage = [], None
@@ -144,8 +162,10 @@ def whole(server: Server, model: str, messages: list, max_tokens: int) -> int:
 
 
 def burst(server: Server, models: list[str], max_tokens: int) -> dict:
-    msgs = [[{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]}."}]
-            for i in range(len(models))]
+    msgs = [
+        [{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]}."}]
+        for i in range(len(models))
+    ]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(models)) as pool:
         tokens = list(pool.map(lambda a: whole(server, a[0], a[1], max_tokens), zip(models, msgs)))
@@ -156,17 +176,27 @@ def burst(server: Server, models: list[str], max_tokens: int) -> dict:
 def history_turns(server: Server, model: str, tag: str) -> dict:
     """A ~1,000-token conversation, then one more turn: TTFT of each. ``tag`` makes each round's
     conversation new to the server (else the first turn of a later round would hit its cache)."""
-    words = ("The harbor town kept its old customs: boats went out at dawn, nets were mended at noon, and "
-             "the lighthouse keeper wrote the weather in a book. ")
-    history = [{"role": "system", "content": f"Conversation {tag}. You are a helpful assistant who remembers "
-                                             f"the whole conversation."}]
+    words = (
+        "The harbor town kept its old customs: boats went out at dawn, nets were mended at noon, and "
+        "the lighthouse keeper wrote the weather in a book. "
+    )
+    history = [
+        {
+            "role": "system",
+            "content": f"Conversation {tag}. You are a helpful assistant who remembers the whole conversation.",
+        }
+    ]
     for i in range(8):
-        history += [{"role": "user", "content": f"Part {i + 1} of my notes: " + words * 2},
-                    {"role": "assistant", "content": f"Noted part {i + 1}. " + words}]
+        history += [
+            {"role": "user", "content": f"Part {i + 1} of my notes: " + words * 2},
+            {"role": "assistant", "content": f"Noted part {i + 1}. " + words},
+        ]
     first_q = history + [{"role": "user", "content": "Summarise my notes in one sentence."}]
     one = chat(server, model, first_q, 16)
-    second_q = first_q + [{"role": "assistant", "content": one["text"]},
-                          {"role": "user", "content": "And what did the lighthouse keeper do?"}]
+    second_q = first_q + [
+        {"role": "assistant", "content": one["text"]},
+        {"role": "user", "content": "And what did the lighthouse keeper do?"},
+    ]
     two = chat(server, model, second_q, 16)
     return {"ttft1": one["ttft"], "ttft2": two["ttft"], "ratio": two["ttft"] / one["ttft"]}
 
@@ -181,8 +211,11 @@ def main() -> None:
     model = imported_model("float32")
     adapters = make_adapters(model)
     base = model.name
-    ours = Server("mlx-lora serve", [sys.executable, "-m", "mlx_lora", "serve", "--model", str(model)]
-                  + [x for name, path in adapters.items() for x in ("--adapter", f"{name}={path}")])
+    ours = Server(
+        "mlx-lora serve",
+        [sys.executable, "-m", "mlx_lora", "serve", "--model", str(model)]
+        + [x for name, path in adapters.items() for x in ("--adapter", f"{name}={path}")],
+    )
     theirs = Server("mlx_lm.server", [sys.executable, "-m", "mlx_lm.server", "--model", str(model)])
     servers = {"ours": ours, "theirs": theirs}
     results: dict = {k: {"single": [], "burst8": [], "history": []} for k in servers}
@@ -217,25 +250,55 @@ def main() -> None:
         return min(vals) if low else max(vals)
 
     rows = [
-        ("one request: decode tokens/s", best("ours", "single", "decode_tps"), best("theirs", "single", "decode_tps"),
-         ">= 1.0x"),
-        ("one request: time to first token (s)", best("ours", "single", "ttft", True),
-         best("theirs", "single", "ttft", True), "<= 1.0x"),
-        ("8 concurrent prompts: aggregate tokens/s", best("ours", "burst8", "tps"), best("theirs", "burst8", "tps"),
-         ">= 1.5x"),
-        ("second chat turn TTFT / first turn TTFT", best("ours", "history", "ratio", True),
-         best("theirs", "history", "ratio", True), "ours <= 0.3"),
+        (
+            "one request: decode tokens/s",
+            best("ours", "single", "decode_tps"),
+            best("theirs", "single", "decode_tps"),
+            ">= 1.0x",
+        ),
+        (
+            "one request: time to first token (s)",
+            best("ours", "single", "ttft", True),
+            best("theirs", "single", "ttft", True),
+            "<= 1.0x",
+        ),
+        (
+            "8 concurrent prompts: aggregate tokens/s",
+            best("ours", "burst8", "tps"),
+            best("theirs", "burst8", "tps"),
+            ">= 1.5x",
+        ),
+        (
+            "second chat turn TTFT / first turn TTFT",
+            best("ours", "history", "ratio", True),
+            best("theirs", "history", "ratio", True),
+            "ours <= 0.3",
+        ),
     ]
     print(f"\n{'':44} {'mlx-lora':>10} {'mlx_lm':>10} {'ours/theirs':>12}  target")
     for label, a, b, target in rows:
         print(f"{label:44} {a:10.3f} {b:10.3f} {a / b:11.2f}x  {target}")
     mixed, plain = best("ours", "adapters8", "tps"), best("ours", "base8", "tps")
-    print(f"\n8 concurrent over 4 adapters + base: {mixed:.2f} tokens/s; same burst on the base alone: {plain:.2f} "
-          f"tokens/s; ratio {mixed / plain:.2f}x (target >= 0.8x)")
-    print(f"peak resident memory: mlx-lora serve (base + 4 adapters) {peak['ours']:.0f} MB, "
-          f"mlx_lm.server (base) {peak['theirs']:.0f} MB")
-    Path(args.out).write_text(json.dumps({"results": results, "peak_rss_mb": peak, "rounds": args.rounds,
-                                          "max_tokens": args.max_tokens, "model": str(model)}, indent=1))
+    print(
+        f"\n8 concurrent over 4 adapters + base: {mixed:.2f} tokens/s; same burst on the base alone: {plain:.2f} "
+        f"tokens/s; ratio {mixed / plain:.2f}x (target >= 0.8x)"
+    )
+    print(
+        f"peak resident memory: mlx-lora serve (base + 4 adapters) {peak['ours']:.0f} MB, "
+        f"mlx_lm.server (base) {peak['theirs']:.0f} MB"
+    )
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "results": results,
+                "peak_rss_mb": peak,
+                "rounds": args.rounds,
+                "max_tokens": args.max_tokens,
+                "model": str(model),
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -65,12 +65,12 @@ def _facts() -> dict:
 def probe(spec: dict) -> dict:
     from mlx import nn
 
-    from mlx_lora.plumbing import backend
-    from mlx_lora.model.adapters import adapter_layers, apply_lora
     from mlx_lora.config import DataConfig, LoraConfig, TrainConfig
     from mlx_lora.data.batching import iterate_batches
     from mlx_lora.data.mixture import load_datasets
+    from mlx_lora.model.adapters import adapter_layers, apply_lora
     from mlx_lora.model.loading import load_model
+    from mlx_lora.plumbing import backend
     from mlx_lora.training.trainer import call_overhead, micro_batches
 
     dtype = backend.compute_dtype(spec.get("dtype", "auto"))
@@ -92,10 +92,20 @@ def probe(spec: dict) -> dict:
     # Frozen linear layers that got no adapter still run forward and backward.
     for block in model.layers:
         for _, m in block.named_modules():
-            if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and not any(m is l.base for _, l in adapter_layers(block)):
-                linear += m.weight.shape[0] * (m.weight.shape[1] * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1))
-    shape = {"linear_params": linear, "head_params": head_params, "lora_params": lora,
-             "attn_dim": heads * head_dim, "layers": len(model.layers), "vocab": args["vocab_size"]}
+            if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and not any(
+                m is l.base for _, l in adapter_layers(block)
+            ):
+                linear += m.weight.shape[0] * (
+                    m.weight.shape[1] * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1)
+                )
+    shape = {
+        "linear_params": linear,
+        "head_params": head_params,
+        "lora_params": lora,
+        "attn_dim": heads * head_dim,
+        "layers": len(model.layers),
+        "vocab": args["vocab_size"],
+    }
     data = {}
     tcfg = TrainConfig(batch_size=spec["batch_size"])
     gpu = backend.backend_name() != "cpu"
@@ -105,13 +115,30 @@ def probe(spec: dict) -> dict:
         ds = load_datasets(dcfg, tokenizer, seed=0, splits=("train",)).train
         # The batches our trainer will build for one epoch (same function, data and seed), and
         # the calls it computes each in ([rows, positions] each).
-        calls = [[[len(r), l] for r, l in micro_batches(b, tcfg, gpu, overhead)] for b, _ in iterate_batches(
-            ds, spec["batch_size"], max_seq_length=spec["max_seq_length"], seed=spec["seed"], loop=False,
-            bucketing=dcfg.length_bucketing)]
-        data[name] = {"lengths": [len(t) for t, _ in ds.examples],
-                      "targets": [int(m[1:].sum()) for _, m in ds.examples], "ours_batch_calls": calls}
-    return {"facts": _facts(), "matmul_peak_gflops": peak, "compute_dtype": str(dtype).replace("mlx.core.", ""),
-            "shape": shape, "data": data, "val": val}
+        calls = [
+            [[len(r), l] for r, l in micro_batches(b, tcfg, gpu, overhead)]
+            for b, _ in iterate_batches(
+                ds,
+                spec["batch_size"],
+                max_seq_length=spec["max_seq_length"],
+                seed=spec["seed"],
+                loop=False,
+                bucketing=dcfg.length_bucketing,
+            )
+        ]
+        data[name] = {
+            "lengths": [len(t) for t, _ in ds.examples],
+            "targets": [int(m[1:].sum()) for _, m in ds.examples],
+            "ours_batch_calls": calls,
+        }
+    return {
+        "facts": _facts(),
+        "matmul_peak_gflops": peak,
+        "compute_dtype": str(dtype).replace("mlx.core.", ""),
+        "shape": shape,
+        "data": data,
+        "val": val,
+    }
 
 
 class _Recorder:
@@ -130,9 +157,15 @@ class _Recorder:
         self.end = time.perf_counter()
 
     def on_step(self, trainer, m):
-        self.steps.append({"step": m["step"], "loss": m["loss"], "tokens": m["tokens"],
-                           "seconds": m["tokens"] / m["tokens_per_s"] if m["tokens_per_s"] else 0.0,
-                           "peak_memory_gb": m["peak_memory_gb"]})
+        self.steps.append(
+            {
+                "step": m["step"],
+                "loss": m["loss"],
+                "tokens": m["tokens"],
+                "seconds": m["tokens"] / m["tokens_per_s"] if m["tokens_per_s"] else 0.0,
+                "peak_memory_gb": m["peak_memory_gb"],
+            }
+        )
 
 
 def ours(spec: dict) -> dict:
@@ -145,10 +178,16 @@ def ours(spec: dict) -> dict:
     rec = _Recorder()
     t0 = time.perf_counter()
     result = mlx_lora.train(cfg, progress=False, overwrite=True, callbacks=[rec])
-    out = {"facts": _facts(), "steps": rec.steps, "train_wall_s": rec.end - rec.start,
-           "process_train_call_s": time.perf_counter() - t0, "trained_tokens": result.trained_tokens,
-           "peak_memory_gb": mx.get_peak_memory() / 1e9, "adapter": cfg.out,
-           "process_peak_rss_gb": _rss_gb()}
+    out = {
+        "facts": _facts(),
+        "steps": rec.steps,
+        "train_wall_s": rec.end - rec.start,
+        "process_train_call_s": time.perf_counter() - t0,
+        "trained_tokens": result.trained_tokens,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "adapter": cfg.out,
+        "process_peak_rss_gb": _rss_gb(),
+    }
     out.update(_shape_facts(rec.trainer))
     if spec.get("valid_data"):
         from mlx_lm.utils import load_tokenizer
@@ -164,9 +203,12 @@ def _shape_facts(trainer) -> dict:
     epoch as it laid them out, and the distinct call shapes it met."""
     from mlx_lora.training.estimate import _plan
 
-    return {"shape_policy": trainer.shapes.name, "shape_choice": trainer.shapes.chosen,
-            "batch_calls": [[list(c) for c in calls] for *_, calls in _plan(trainer)],
-            "distinct_shapes": len(trainer.shape_stats.shapes)}
+    return {
+        "shape_policy": trainer.shapes.name,
+        "shape_choice": trainer.shapes.chosen,
+        "batch_calls": [[list(c) for c in calls] for *_, calls in _plan(trainer)],
+        "distinct_shapes": len(trainer.shape_stats.shapes),
+    }
 
 
 def _our_trainer(spec: dict, before_trainer=None):
@@ -175,9 +217,9 @@ def _our_trainer(spec: dict, before_trainer=None):
     weights before the trainer takes the model."""
     import mlx.core as mx
 
-    from mlx_lora.model.adapters import apply_lora
     from mlx_lora.config import build
     from mlx_lora.data.mixture import load_datasets
+    from mlx_lora.model.adapters import apply_lora
     from mlx_lora.model.loading import load_model
     from mlx_lora.training.trainer import Trainer
 
@@ -198,8 +240,15 @@ def _timed_steps(trainer, batches) -> list[dict]:
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
         loss, ntoks = trainer.step_on(batch)
-        steps.append({"step": i + 1, "loss": loss, "tokens": ntoks, "seconds": time.perf_counter() - t0,
-                      "peak_memory_gb": mx.get_peak_memory() / 1e9})
+        steps.append(
+            {
+                "step": i + 1,
+                "loss": loss,
+                "tokens": ntoks,
+                "seconds": time.perf_counter() - t0,
+                "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            }
+        )
     return steps
 
 
@@ -213,17 +262,32 @@ def batches(spec: dict) -> dict:
     from mlx_lora.data.examples import iterate_batches
 
     cfg, train_set, trainer = _our_trainer(spec)
-    plan = [b for b, _ in iterate_batches(train_set, cfg.train.batch_size, max_seq_length=cfg.data.max_seq_length,
-                                          seed=cfg.train.seed, packing=cfg.data.packing, loop=False,
-                                          bucketing=cfg.data.length_bucketing)]
+    plan = [
+        b
+        for b, _ in iterate_batches(
+            train_set,
+            cfg.train.batch_size,
+            max_seq_length=cfg.data.max_seq_length,
+            seed=cfg.train.seed,
+            packing=cfg.data.packing,
+            loop=False,
+            bucketing=cfg.data.length_bucketing,
+        )
+    ]
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     steps = _timed_steps(trainer, [plan[k - 1] for k in spec["plan_steps"]])
     wall = time.perf_counter() - t0
     for s, k in zip(steps, spec["plan_steps"]):
         s["plan_step"] = k
-    return {"facts": _facts(), "steps": steps, "train_wall_s": wall, "trained_tokens": sum(s["tokens"] for s in steps),
-            "peak_memory_gb": mx.get_peak_memory() / 1e9, "process_peak_rss_gb": _rss_gb()}
+    return {
+        "facts": _facts(),
+        "steps": steps,
+        "train_wall_s": wall,
+        "trained_tokens": sum(s["tokens"] for s in steps),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "process_peak_rss_gb": _rss_gb(),
+    }
 
 
 def lockstep(spec: dict) -> dict:
@@ -233,8 +297,8 @@ def lockstep(spec: dict) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_lora.model.adapters import adapter_layers
     from mlx_lora.data.examples import Batch
+    from mlx_lora.model.adapters import adapter_layers
 
     rec = np.load(spec["recorded"])
 
@@ -242,7 +306,7 @@ def lockstep(spec: dict) -> dict:
         layers = dict(adapter_layers(model))
         for key in rec.files:
             if key.startswith("lora_a/"):
-                path = key[len("lora_a/"):]
+                path = key[len("lora_a/") :]
                 name = next(n for n in layers if n == path or n.endswith("." + path))
                 layers[name].lora_a = mx.array(rec[key].T)  # mlx-lm keeps A as [in, r], we as [r, in]
 
@@ -286,26 +350,43 @@ def mlx_lm(spec: dict) -> dict:
     lora = {"rank": spec["lora_r"], "scale": spec["lora_alpha"] / spec["lora_r"], "dropout": 0.0, "keys": spec["keys"]}
     linear_to_lora_layers(model, -1, lora)
     # What the lockstep run needs: the initial LoRA A matrices and the first batches as trained.
-    recorded = {f"lora_a/{k[:-len('.lora_a')]}": np.array(v) for k, v in tree_flatten(model.trainable_parameters())
-                if k.endswith(".lora_a")}
+    recorded = {
+        f"lora_a/{k[: -len('.lora_a')]}": np.array(v)
+        for k, v in tree_flatten(model.trainable_parameters())
+        if k.endswith(".lora_a")
+    }
     n_record = spec.get("record_steps", 0)
     adapter_dir = Path(spec["adapter_dir"])
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    (adapter_dir / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": -1, "lora_parameters": lora}))
+    (adapter_dir / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": -1, "lora_parameters": lora})
+    )
 
     steps = []
 
     class Recorder(TrainingCallback):
         def on_train_loss_report(self, info):
             done = info["trained_tokens"] - sum(s["tokens"] for s in steps)
-            steps.append({"step": info["iteration"], "loss": info["train_loss"], "tokens": done,
-                          "seconds": done / info["tokens_per_second"] if info["tokens_per_second"] else 0.0,
-                          "peak_memory_gb": info["peak_memory"]})
+            steps.append(
+                {
+                    "step": info["iteration"],
+                    "loss": info["train_loss"],
+                    "tokens": done,
+                    "seconds": done / info["tokens_per_second"] if info["tokens_per_second"] else 0.0,
+                    "peak_memory_gb": info["peak_memory"],
+                }
+            )
 
-    targs = TrainingArgs(batch_size=spec["batch_size"], iters=spec["steps"], steps_per_report=1,
-                         steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=spec["max_seq_length"],
-                         adapter_file=str(adapter_dir / "adapters.safetensors"), grad_checkpoint=False)
+    targs = TrainingArgs(
+        batch_size=spec["batch_size"],
+        iters=spec["steps"],
+        steps_per_report=1,
+        steps_per_eval=10**9,
+        steps_per_save=10**9,
+        max_seq_length=spec["max_seq_length"],
+        adapter_file=str(adapter_dir / "adapters.safetensors"),
+        grad_checkpoint=False,
+    )
     shapes = []
 
     def recording_batches(*a, **kw):
@@ -320,18 +401,32 @@ def mlx_lm(spec: dict) -> dict:
     opt = optim.Adam(learning_rate=spec["lr"])
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    train(model=model, optimizer=opt, train_dataset=CacheDataset(train_set), val_dataset=None, args=targs,
-          training_callback=Recorder(), iterate_batches=recording_batches)
+    train(
+        model=model,
+        optimizer=opt,
+        train_dataset=CacheDataset(train_set),
+        val_dataset=None,
+        args=targs,
+        training_callback=Recorder(),
+        iterate_batches=recording_batches,
+    )
     wall = time.perf_counter() - t0
     if n_record:
         recorded["n"] = np.array(min(n_record, len(shapes)))
         np.savez(spec["record_file"], **recorded)
     peak = mx.get_peak_memory() / 1e9
-    return {"facts": _facts(), "steps": steps, "train_wall_s": wall,
-            "trained_tokens": sum(s["tokens"] for s in steps), "peak_memory_gb": peak,
-            "batch_shapes": shapes[:len(steps)], "val": validation(model, tokenizer, spec),
-            "adapter": str(adapter_dir), "weights_dtype": str(model.layers[0].self_attn.q_proj.linear.weight.dtype),
-            "process_peak_rss_gb": _rss_gb()}
+    return {
+        "facts": _facts(),
+        "steps": steps,
+        "train_wall_s": wall,
+        "trained_tokens": sum(s["tokens"] for s in steps),
+        "peak_memory_gb": peak,
+        "batch_shapes": shapes[: len(steps)],
+        "val": validation(model, tokenizer, spec),
+        "adapter": str(adapter_dir),
+        "weights_dtype": str(model.layers[0].self_attn.q_proj.linear.weight.dtype),
+        "process_peak_rss_gb": _rss_gb(),
+    }
 
 
 def validation(model, tokenizer, spec: dict):
@@ -348,13 +443,17 @@ def validation(model, tokenizer, spec: dict):
         return None
     training = model.training
     model.eval()
-    ds = load_datasets(DataConfig(path=spec["valid_data"], valid_fraction=0.0, max_seq_length=spec["max_seq_length"]),
-                       tokenizer, splits=("train",)).train
+    ds = load_datasets(
+        DataConfig(path=spec["valid_data"], valid_fraction=0.0, max_seq_length=spec["max_seq_length"]),
+        tokenizer,
+        splits=("train",),
+    ).train
     losses, counts = [], []
     t0 = time.perf_counter()
     for tokens, mask in ds.examples:
-        loss, n = masked_cross_entropy(model, mx.array(tokens[None, :-1]), mx.array(tokens[None, 1:]),
-                                       mx.array(mask[None, 1:].astype("float32")))
+        loss, n = masked_cross_entropy(
+            model, mx.array(tokens[None, :-1]), mx.array(tokens[None, 1:]), mx.array(mask[None, 1:].astype("float32"))
+        )
         losses.append(loss.item())
         counts.append(n.item())
     model.train(training)

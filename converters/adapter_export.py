@@ -26,21 +26,59 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
+import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm import load as mlx_lm_load
 
-from mlx_lora.plumbing.errors import AdapterError, ExportError
-from mlx_lora.plumbing.io import atomic_path
-
-from mlx_lora.converters import gguf_arch
-from mlx_lora.converters import moe_layout
+from mlx_lora.commands.api import load_for_inference
+from mlx_lora.config import LoraConfig
+from mlx_lora.converters import gguf_arch, moe_layout
+from mlx_lora.converters import verify as V
+from mlx_lora.converters.fuse import ensure_output_path, made_dirs
+from mlx_lora.converters.gguf_export import _encode, _nbytes, _qtype
 from mlx_lora.converters.io import disk_error
+from mlx_lora.model.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MLX_LM_WEIGHTS,
+    PEFT_PREFIX,
+    apply_lora,
+    load_adapter,
+    mlx_lm_layout,
+    peft_config,
+    read_adapter,
+    set_adapter_state,
+)
+from mlx_lora.model.loading import load_model, read_config, resolve
+from mlx_lora.plumbing.errors import AdapterError, ExportError, ModelError
+from mlx_lora.plumbing.io import atomic_path, atomic_save_safetensors, atomic_write_json
+from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
+from mlx_lora.plumbing.ownership import building
 
 logger = logging.getLogger(__name__)
 
-PEFT_CONFIG_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout",
-                    "target_modules", "layers_to_transform", "use_dora", "use_rslora", "bias", "fan_in_fan_out",
-                    "inference_mode", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern",
-                    "revision")
+PEFT_CONFIG_KEYS = (
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "layers_to_transform",
+    "use_dora",
+    "use_rslora",
+    "bias",
+    "fan_in_fan_out",
+    "inference_mode",
+    "init_lora_weights",
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+    "revision",
+)
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<leaf>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 ADAPTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -82,8 +120,10 @@ def check_adapter_state(state: dict, r: int, source: str) -> dict[str, dict]:
             problems.append(f"'{path}': lora_A and lora_B must both be present")
             continue
         if (a.ndim, b.ndim) not in ((2, 2), (3, 3)) or a.shape[-2] != b.shape[-1] or a.shape[:-2] != b.shape[:-2]:
-            problems.append(f"'{path}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, in] and "
-                            f"[out, r] (nor [experts, r, in] and [experts, out, r])")
+            problems.append(
+                f"'{path}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, in] and "
+                f"[out, r] (nor [experts, r, in] and [experts, out, r])"
+            )
         elif a.shape[-2] != r:
             problems.append(f"'{path}': rank {a.shape[-2]} differs from the config's r = {r}")
         mag = g.get("lora_magnitude_vector")
@@ -98,13 +138,11 @@ def check_adapter_state(state: dict, r: int, source: str) -> dict[str, dict]:
 
 def _read(adapter, model: str | None):
     """(AdapterInfo, PEFT state) of ``adapter``; an mlx-lm adapter needs the model to be read."""
-    from mlx_lora.model.adapters import MLX_LM_WEIGHTS, read_adapter
 
     folder = Path(adapter).expanduser()
     if (folder / MLX_LM_WEIGHTS).is_file() and not (folder / "adapter_model.safetensors").is_file():
         if not model:
             raise AdapterError(f"{folder}: an mlx-lm adapter can only be converted with its base model: pass --model")
-        from mlx_lora.model.loading import load_model
 
         m, _, _ = load_model(model, with_tokenizer=False)
         return read_adapter(folder, m)
@@ -113,9 +151,6 @@ def _read(adapter, model: str | None):
 
 def _verify_peft(model: str, original, exported: Path):
     """Logits of base + original adapter vs base + exported adapter (through our loader)."""
-    from mlx_lora.commands.api import load_for_inference
-
-    from mlx_lora.converters import verify as V
 
     ref_model, tok, _ = load_for_inference(model, str(original), dtype="float32")
     tokens = V.prompts(tok)
@@ -125,18 +160,19 @@ def _verify_peft(model: str, original, exported: Path):
     return V.VerifyReport([V.compare_models(ref, test_model, tokens, "PEFT adapter", "f32")])
 
 
-def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str | None = None,
-                verify: bool = False, overwrite: bool = False, log: Callable[[str], None] = _log_default) -> AdapterExport:
+def export_peft(
+    adapter,
+    out_dir,
+    *,
+    model: str | None = None,
+    base_model: str | None = None,
+    verify: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = _log_default,
+) -> AdapterExport:
     """Write ``adapter`` as a PEFT folder at ``out_dir``; ``base_model`` (or ``model``, or the
     adapter's own) becomes ``base_model_name_or_path``. ``verify`` compares logits of the base
     model with the original and with the exported adapter (needs ``model``)."""
-    import mlx.core as mx
-
-    from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config
-    from mlx_lora.plumbing.io import atomic_save_safetensors, atomic_write_json
-    from mlx_lora.plumbing.ownership import building
-
-    from mlx_lora.converters.fuse import ensure_output_path
 
     t0 = time.perf_counter()
     out = ensure_output_path(Path(out_dir), overwrite, is_dir=True, kind="peft")
@@ -144,14 +180,17 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
     groups = check_adapter_state(state, info.lora.r, str(adapter))
     has_mag = {p for p, g in groups.items() if "lora_magnitude_vector" in g}
     if info.lora.use_dora and len(has_mag) != len(groups):
-        raise AdapterError(f"{adapter}: use_dora is set but {len(groups) - len(has_mag)} layers have no lora_magnitude_vector")
+        raise AdapterError(
+            f"{adapter}: use_dora is set but {len(groups) - len(has_mag)} layers have no lora_magnitude_vector"
+        )
     if not info.lora.use_dora and has_mag:
         raise AdapterError(f"{adapter}: lora_magnitude_vector tensors present but use_dora is false")
     targets = list(groups)
     expert_notes = []
     if any(g["lora_A.weight"].ndim == 3 for g in groups.values()):
-        state, targets, expert_notes = peft_expert_state(state, groups, info, model or info.base_model_name_or_path,
-                                                         str(adapter))
+        state, targets, expert_notes = peft_expert_state(
+            state, groups, info, model or info.base_model_name_or_path, str(adapter)
+        )
     conf = peft_config(info.lora, targets, base_model or model or info.base_model_name_or_path)
     conf = {k: conf[k] for k in PEFT_CONFIG_KEYS if k in conf}
     if info.lora.layers_to_transform is None:
@@ -176,28 +215,33 @@ def export_peft(adapter, out_dir, *, model: str | None = None, base_model: str |
                 vr.raise_if_failed(str(out))
     except OSError as e:
         raise disk_error(e, out) from None
-    res = AdapterExport(out, "PEFT", len(groups), time.perf_counter() - t0, vr,
-                        [f"base_model_name_or_path = {conf['base_model_name_or_path']}"] + expert_notes)
+    res = AdapterExport(
+        out,
+        "PEFT",
+        len(groups),
+        time.perf_counter() - t0,
+        vr,
+        [f"base_model_name_or_path = {conf['base_model_name_or_path']}"] + expert_notes,
+    )
     for line in res.lines():
         log(line)
     return res
 
 
-def export_mlx_lm(adapter, out_dir, *, model: str | None = None, verify: bool = False, overwrite: bool = False,
-                  log: Callable[[str], None] = _log_default) -> AdapterExport:
+def export_mlx_lm(
+    adapter,
+    out_dir,
+    *,
+    model: str | None = None,
+    verify: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = _log_default,
+) -> AdapterExport:
     """Write ``adapter`` as an mlx-lm adapter folder (``adapters.safetensors`` and the
     ``adapter_config.json`` keys ``mlx_lm.load(base, adapter_path=...)`` reads). The base model
     (``model``, or the adapter's own) gives the block structure that mlx-lm's ``num_layers`` and
     ``keys`` describe. ``verify`` loads the folder with mlx-lm's own loader and compares logits
     with the original adapter on the same base."""
-    import mlx.core as mx
-
-    from mlx_lora.model.adapters import ADAPTER_CONFIG, MLX_LM_WEIGHTS, load_adapter, mlx_lm_layout
-    from mlx_lora.plumbing.io import atomic_save_safetensors, atomic_write_json
-    from mlx_lora.model.loading import load_model
-    from mlx_lora.plumbing.ownership import building
-
-    from mlx_lora.converters.fuse import ensure_output_path
 
     t0 = time.perf_counter()
     out = ensure_output_path(Path(out_dir), overwrite, is_dir=True, kind="mlx-lm")
@@ -225,10 +269,17 @@ def export_mlx_lm(adapter, out_dir, *, model: str | None = None, verify: bool = 
     del m
     mx.clear_cache()
     params = conf["lora_parameters"]
-    res = AdapterExport(out, "mlx-lm", len(weights) // 2 if conf["fine_tune_type"] == "lora" else len(weights) // 3,
-                        time.perf_counter() - t0, vr,
-                        [f"num_layers {conf['num_layers']}, rank {params['rank']}, scale {params['scale']:g}, keys "
-                         f"{', '.join(params['keys'])}"])
+    res = AdapterExport(
+        out,
+        "mlx-lm",
+        len(weights) // 2 if conf["fine_tune_type"] == "lora" else len(weights) // 3,
+        time.perf_counter() - t0,
+        vr,
+        [
+            f"num_layers {conf['num_layers']}, rank {params['rank']}, scale {params['scale']:g}, keys "
+            f"{', '.join(params['keys'])}"
+        ],
+    )
     for line in res.lines():
         log(line)
     return res
@@ -236,12 +287,6 @@ def export_mlx_lm(adapter, out_dir, *, model: str | None = None, verify: bool = 
 
 def _verify_mlx_lm(base: str, original_model, exported: Path):
     """Logits of base + original adapter (our layers) vs base + exported folder (mlx-lm's loader)."""
-    import mlx.core as mx
-    from mlx_lm import load as mlx_lm_load
-
-    from mlx_lora.model.loading import resolve
-
-    from mlx_lora.converters import verify as V
 
     folder, _ = resolve(base)
     test_model, tok = mlx_lm_load(str(folder), adapter_path=str(exported))
@@ -252,7 +297,6 @@ def _verify_mlx_lm(base: str, original_model, exported: Path):
 
 
 def _model_type(info, model: str | None) -> str | None:
-    from mlx_lora.model.loading import read_config, resolve
 
     model_type = (info.extra or {}).get("model_type")
     source = model or info.base_model_name_or_path
@@ -273,8 +317,10 @@ def _leaves_and_blocks(targets: list[str], source: str) -> tuple[list[str], list
         per_block.setdefault(int(m.group(1)), set()).add(t.rsplit(".", 1)[-1])
     leaves = set.union(*per_block.values())
     if any(v != leaves for v in per_block.values()):
-        raise ExportError(f"{source}: the adapter adapts different layers in different blocks, which peft cannot "
-                          f"select on a model with expert layers; fuse instead")
+        raise ExportError(
+            f"{source}: the adapter adapts different layers in different blocks, which peft cannot "
+            f"select on a model with expert layers; fuse instead"
+        )
     return sorted(leaves), sorted(per_block)
 
 
@@ -287,24 +333,30 @@ def peft_expert_state(state: dict, groups: dict, info, model: str | None, source
 
     Refused (fuse instead) where that is not known to load exactly: a family outside
     :data:`moe_layout.PEFT_FAMILIES`, DoRA, rsLoRA (peft's doubled rank and alpha change ``alpha / sqrt(r)``)."""
-    import mlx.core as mx
-
-    from mlx_lora.model.adapters import PEFT_PREFIX
 
     model_type = _model_type(info, model)
-    fuse_hint = (f"fuse instead: mlx-lora fuse --model {model or 'MODEL'} --adapter {source} --out FOLDER "
-                 f"(a full model folder transformers loads)")
+    fuse_hint = (
+        f"fuse instead: mlx-lora fuse --model {model or 'MODEL'} --adapter {source} --out FOLDER "
+        f"(a full model folder transformers loads)"
+    )
     expert_paths = [p for p, g in groups.items() if g["lora_A.weight"].ndim == 3]
-    if model_type not in moe_layout.PEFT_FAMILIES or any(moe_layout.split_expert_path(model_type, p) is None
-                                                          for p in expert_paths):
-        raise ExportError(f"{source}: PEFT export of adapters on expert layers ({expert_paths[0]}) is supported for "
-                          f"{', '.join(moe_layout.PEFT_FAMILIES)}, not '{model_type}'; {fuse_hint}")
+    if model_type not in moe_layout.PEFT_FAMILIES or any(
+        moe_layout.split_expert_path(model_type, p) is None for p in expert_paths
+    ):
+        raise ExportError(
+            f"{source}: PEFT export of adapters on expert layers ({expert_paths[0]}) is supported for "
+            f"{', '.join(moe_layout.PEFT_FAMILIES)}, not '{model_type}'; {fuse_hint}"
+        )
     if info.lora.use_dora:
-        raise ExportError(f"{source}: a DoRA adapter on expert layers cannot be written for peft, whose adapters on "
-                          f"transformers 5's fused expert parameters are LoRA only; {fuse_hint}")
+        raise ExportError(
+            f"{source}: a DoRA adapter on expert layers cannot be written for peft, whose adapters on "
+            f"transformers 5's fused expert parameters are LoRA only; {fuse_hint}"
+        )
     if info.lora.use_rslora:
-        raise ExportError(f"{source}: an rsLoRA adapter on expert layers cannot be written for peft, which doubles "
-                          f"the rank of the fused gate/up experts and so changes alpha / sqrt(r); {fuse_hint}")
+        raise ExportError(
+            f"{source}: an rsLoRA adapter on expert layers cannot be written for peft, which doubles "
+            f"the rank of the fused gate/up experts and so changes alpha / sqrt(r); {fuse_hint}"
+        )
     out = {k: v for k, v in state.items() if _KEY.match(k)["path"] not in expert_paths}
     targets = [p for p in groups if p not in expert_paths]
     added = []
@@ -334,8 +386,10 @@ def peft_expert_state(state: dict, groups: dict, info, model: str | None, source
                 targets.append(module)
     notes = [f"{len(expert_paths)} expert layers written per expert ({a.shape[0]} experts each), as peft loads them"]
     if added:
-        notes.append(f"{len(added)} expert layers the adapter leaves alone written as zero adapters (peft adapts "
-                     f"gate, up and down experts together)")
+        notes.append(
+            f"{len(added)} expert layers the adapter leaves alone written as zero adapters (peft adapts "
+            f"gate, up and down experts together)"
+        )
     return out, targets, notes
 
 
@@ -344,8 +398,6 @@ def peft_expert_state(state: dict, groups: dict, info, model: str | None, source
 
 
 def _base_config(model: str | None, info) -> tuple[str, dict]:
-    from mlx_lora.plumbing.errors import ModelError
-    from mlx_lora.model.loading import read_config, resolve
 
     source = model or info.base_model_name_or_path
     if not source:
@@ -362,11 +414,15 @@ def gguf_adapter_tensors(groups: dict[str, dict], config: dict) -> list[tuple[st
     out = []
     for path, g in sorted(groups.items(), key=lambda kv: _natural(kv[0])):
         if tied and path.endswith("lm_head"):
-            raise ExportError(f"the adapter adapts '{path}', but this model ties lm_head to the embeddings; "
-                              f"llama.cpp cannot apply it (fuse instead)")
+            raise ExportError(
+                f"the adapter adapts '{path}', but this model ties lm_head to the embeddings; "
+                f"llama.cpp cannot apply it (fuse instead)"
+            )
         if any(f".{stacked}" in f"{path}." for stacked in spec.experts):
-            raise ExportError(f"the adapter adapts the experts of '{path}', which the GGUF LoRA export does not "
-                              f"write; fuse instead (mlx-lora export gguf --adapter ...)")
+            raise ExportError(
+                f"the adapter adapts the experts of '{path}', which the GGUF LoRA export does not "
+                f"write; fuse instead (mlx-lora export gguf --adapter ...)"
+            )
         base = names.gguf_module(path)
         a = np.array(g["lora_A.weight"], dtype=np.float32)
         b = np.array(g["lora_B.weight"], dtype=np.float32)
@@ -386,14 +442,18 @@ def gguf_alpha(lora) -> float:
     return float(lora.alpha * math.sqrt(lora.r)) if lora.use_rslora else float(lora.alpha)
 
 
-def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: str = "f32", verify: bool = False,
-                        overwrite: bool = False, name: str | None = None,
-                        log: Callable[[str], None] = _log_default) -> AdapterExport:
+def export_gguf_adapter(
+    adapter,
+    out,
+    *,
+    model: str | None = None,
+    type_name: str = "f32",
+    verify: bool = False,
+    overwrite: bool = False,
+    name: str | None = None,
+    log: Callable[[str], None] = _log_default,
+) -> AdapterExport:
     """Write ``adapter`` as a llama.cpp GGUF LoRA adapter at ``out`` (for ``--lora``)."""
-    import gguf
-
-    from mlx_lora.converters.fuse import ensure_output_path, made_dirs
-    from mlx_lora.converters.gguf_export import _encode, _nbytes, _qtype
 
     t0 = time.perf_counter()
     if type_name not in ADAPTER_TYPES:
@@ -401,15 +461,19 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
     out = ensure_output_path(Path(out), overwrite, is_dir=False)
     info, state = _read(adapter, model)
     if info.lora.use_dora or any(k.endswith("lora_magnitude_vector") for k in state):
-        raise ExportError(f"{adapter} is a DoRA adapter: its magnitude vector rescales every output row of the merged "
-                          f"weight, which a plain LoRA (what llama.cpp applies) cannot express. Fuse it instead: "
-                          f"mlx-lora export gguf --model {model or 'MODEL'} --adapter {adapter} --out model.gguf")
+        raise ExportError(
+            f"{adapter} is a DoRA adapter: its magnitude vector rescales every output row of the merged "
+            f"weight, which a plain LoRA (what llama.cpp applies) cannot express. Fuse it instead: "
+            f"mlx-lora export gguf --model {model or 'MODEL'} --adapter {adapter} --out model.gguf"
+        )
     groups = check_adapter_state(state, info.lora.r, str(adapter))
     experts = [p for p, g in groups.items() if g["lora_A.weight"].ndim == 3]
     if experts:
-        raise ExportError(f"{adapter} adapts expert layers ({experts[0]}, ...), which a GGUF LoRA file cannot hold "
-                          f"yet. Fuse it instead: mlx-lora export gguf --model {model or 'MODEL'} --adapter {adapter} "
-                          f"--out model.gguf")
+        raise ExportError(
+            f"{adapter} adapts expert layers ({experts[0]}, ...), which a GGUF LoRA file cannot hold "
+            f"yet. Fuse it instead: mlx-lora export gguf --model {model or 'MODEL'} --adapter {adapter} "
+            f"--out model.gguf"
+        )
     source, config = _base_config(model, info)
     spec = gguf_arch.arch_spec(config["model_type"])
     spec.refuse(config, "GGUF LoRA export")
@@ -459,10 +523,6 @@ def export_gguf_adapter(adapter, out, *, model: str | None = None, type_name: st
 
 def read_gguf_adapter(path, config: dict) -> tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """(alpha, {HF module path: (A [r, in], B [out, r])}) of a GGUF LoRA file, B un-permuted."""
-    from mlx.utils import tree_flatten
-    from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
-
-    from mlx_lora.converters import verify as V
 
     meta, tensors = V.read_gguf(path)
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
@@ -471,8 +531,9 @@ def read_gguf_adapter(path, config: dict) -> tuple[float, dict[str, tuple[np.nda
     names = gguf_arch.TensorNames(spec, int(config["num_hidden_layers"]))
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict({k: v for k, v in config.items() if k != "quantization"}))
-    by_gguf = {names.gguf_name(n): n[: -len(".weight")] for n, _ in tree_flatten(model.parameters())
-               if n.endswith(".weight")}
+    by_gguf = {
+        names.gguf_name(n): n[: -len(".weight")] for n, _ in tree_flatten(model.parameters()) if n.endswith(".weight")
+    }
     out = {}
     for tname in tensors:
         if not tname.endswith(".lora_a"):
@@ -495,14 +556,6 @@ def read_gguf_adapter(path, config: dict) -> tuple[float, dict[str, tuple[np.nda
 def verify_gguf_adapter(path: Path, model: str, adapter, config: dict):
     """Apply the GGUF adapter (read back, un-permuted, llama.cpp's ``alpha / r`` scale) to the
     base model and compare logits with the base model plus the original adapter."""
-    import mlx.core as mx
-
-    from mlx_lora.model.adapters import PEFT_PREFIX, apply_lora, set_adapter_state
-    from mlx_lora.commands.api import load_for_inference
-    from mlx_lora.config import LoraConfig
-    from mlx_lora.model.loading import load_model
-
-    from mlx_lora.converters import verify as V
 
     ref_model, tok, _ = load_for_inference(model, str(adapter), dtype="float32")
     tokens = V.prompts(tok)
@@ -525,6 +578,5 @@ def verify_gguf_adapter(path: Path, model: str, adapter, config: dict):
 
 
 def gguf_type_name(type_id: int) -> str:
-    import gguf
 
     return gguf.GGMLQuantizationType(type_id).name

@@ -23,9 +23,10 @@ sibling folder and renamed into place only after verification passes.
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import json
+import logging
+import os
 import shutil
 import time
 from collections import Counter
@@ -33,17 +34,35 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
+from mlx import nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import make_shards
 
-from mlx_lora.plumbing.errors import AdapterError, ExportError, ModelError
-
+from mlx_lora.converters import verify as V
 from mlx_lora.converters.io import disk_error, read_safetensors_header
 from mlx_lora.converters.moe_layout import unstack_experts
+from mlx_lora.model.adapters import adapter_layers, load_adapter, read_adapter
+from mlx_lora.model.loading import load_model, read_config
+from mlx_lora.model.lora import dense_weight, is_expert_layer
+from mlx_lora.plumbing.errors import AdapterError, ExportError, ModelError
+from mlx_lora.plumbing.io import atomic_write_json
+from mlx_lora.plumbing.ownership import building, check_output_dir, check_output_file
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 QUANT_KEYS = ("quantization", "quantization_config")
 MAX_SHARD_GB = 5
 
@@ -52,15 +71,15 @@ MAX_SHARD_GB = 5
 class FusedModel:
     """A base model with its adapter fused, held in float32, plus what is known about its source."""
 
-    model: object                         # mlx-lm nn.Module
+    model: object  # mlx-lm nn.Module
     tokenizer: object
-    info: object                          # mlx_lora.model.loading.ModelInfo
-    config: dict                          # the source config.json
-    adapter: object | None             # mlx_lora.model.adapters.AdapterInfo
+    info: object  # mlx_lora.model.loading.ModelInfo
+    config: dict  # the source config.json
+    adapter: object | None  # mlx_lora.model.adapters.AdapterInfo
     adapter_path: Path | None
-    fused: list[str]                      # module paths that were fused
-    delta_norms: dict[str, float]         # path -> ||W' - W||_F
-    source_dtypes: dict[str, str]         # tensor name -> dtype it is stored in
+    fused: list[str]  # module paths that were fused
+    delta_norms: dict[str, float]  # path -> ||W' - W||_F
+    source_dtypes: dict[str, str]  # tensor name -> dtype it is stored in
     default_dtype: str
     quantized: dict[str, dict] = field(default_factory=dict)  # module path -> {bits, group_size, mode}
 
@@ -90,13 +109,13 @@ def safetensors_dtypes(folder: Path) -> dict[str, str]:
 
 
 def _check_adapter_fits(adapter_path: Path, model_type: str) -> None:
-    from mlx_lora.model.adapters import read_adapter
 
     info, _ = read_adapter(adapter_path)
     trained_on = (info.extra or {}).get("model_type")
     if trained_on and trained_on != model_type:
-        raise AdapterError(f"{adapter_path}: the adapter was trained on a '{trained_on}' model; "
-                           f"this model is '{model_type}'")
+        raise AdapterError(
+            f"{adapter_path}: the adapter was trained on a '{trained_on}' model; this model is '{model_type}'"
+        )
 
 
 def resolve_model_source(model: str | None, adapter) -> str:
@@ -105,7 +124,6 @@ def resolve_model_source(model: str | None, adapter) -> str:
         return model
     if adapter is None:
         raise ModelError("no model given: pass --model")
-    from mlx_lora.model.adapters import read_adapter
 
     info, _ = read_adapter(adapter)
     if not info.base_model_name_or_path:
@@ -113,17 +131,11 @@ def resolve_model_source(model: str | None, adapter) -> str:
     return info.base_model_name_or_path
 
 
-def load_fused(model: str | None, adapter=None, *, revision: str | None = None,
-               keep_quantized: bool = True) -> FusedModel:
+def load_fused(
+    model: str | None, adapter=None, *, revision: str | None = None, keep_quantized: bool = True
+) -> FusedModel:
     """Load ``model`` in float32, apply the adapter folder ``adapter`` (PEFT or mlx-lm layout, or
     a run folder) and fuse it. Layers without an adapter keep their quantization, if any."""
-    import mlx.core as mx
-    from mlx import nn
-    from mlx.utils import tree_unflatten
-
-    from mlx_lora.model.adapters import adapter_layers, load_adapter
-    from mlx_lora.model.lora import dense_weight, is_expert_layer
-    from mlx_lora.model.loading import load_model, read_config
 
     adapter_path = Path(adapter).expanduser() if adapter else None
     source = resolve_model_source(model, adapter_path)
@@ -144,20 +156,31 @@ def load_fused(model: str | None, adapter=None, *, revision: str | None = None,
         m.update_modules(tree_unflatten(fused))
     mx.eval(m.parameters())
     m.eval()
-    quantized = {p: {"bits": q.bits, "group_size": q.group_size, "mode": getattr(q, "mode", "affine")}
-                 for p, q in m.named_modules() if isinstance(q, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-                 or (is_expert_layer(q) and "scales" in q)}
+    quantized = {
+        p: {"bits": q.bits, "group_size": q.group_size, "mode": getattr(q, "mode", "affine")}
+        for p, q in m.named_modules()
+        if isinstance(q, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or (is_expert_layer(q) and "scales" in q)
+    }
     dtypes = safetensors_dtypes(info.local_path)
     counts = Counter(dtypes.values())
     default = counts.most_common(1)[0][0] if counts else "float32"
-    return FusedModel(m, tok, info, read_config(info.local_path), adapter_info, adapter_path,
-                      [p for p, _ in fused], norms, dtypes, default, quantized)
+    return FusedModel(
+        m,
+        tok,
+        info,
+        read_config(info.local_path),
+        adapter_info,
+        adapter_path,
+        [p for p, _ in fused],
+        norms,
+        dtypes,
+        default,
+        quantized,
+    )
 
 
 def dense_tensors(fm: FusedModel) -> Iterator[tuple[str, object]]:
     """(name, float32 mx.array) for every parameter, quantized modules dequantized."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     modules = dict(fm.model.named_modules())
     for name, a in tree_flatten(fm.model.parameters()):
@@ -171,9 +194,6 @@ def dense_tensors(fm: FusedModel) -> Iterator[tuple[str, object]]:
 
 def dequantized(m):
     """float32 dense weight of a quantized layer (experts: [experts, out, in])."""
-    import mlx.core as mx
-
-    from mlx_lora.model.lora import dense_weight
 
     return dense_weight(m).astype(mx.float32)
 
@@ -187,33 +207,34 @@ class RequantReport:
     bits: int
     group_size: int
     layers: int
-    delta_errors: dict[str, float]          # path -> ||Q(W') - W'|| / ||W' - W||
-    weight_errors: dict[str, float]         # path -> ||Q(W') - W'|| / ||W'||
+    delta_errors: dict[str, float]  # path -> ||Q(W') - W'|| / ||W' - W||
+    weight_errors: dict[str, float]  # path -> ||Q(W') - W'|| / ||W'||
 
     def lines(self) -> list[str]:
         out = [f"re-quantized {self.layers} layers to {self.bits}-bit (group size {self.group_size})"]
         if self.delta_errors:
             v = np.array(list(self.delta_errors.values()))
             worst = max(self.delta_errors, key=self.delta_errors.get)
-            out.append(f"  error added relative to the adapter's change ||Q(W')-W'||/||W'-W||: median {np.median(v):.3g}, "
-                       f"max {v.max():.3g} ({worst})")
+            out.append(
+                f"  error added relative to the adapter's change ||Q(W')-W'||/||W'-W||: median {np.median(v):.3g}, "
+                f"max {v.max():.3g} ({worst})"
+            )
             if np.median(v) >= 0.5:
-                out.append("  WARNING: quantization noise is comparable to the fine-tune itself; keep the fused "
-                           "model unquantized or use more bits")
+                out.append(
+                    "  WARNING: quantization noise is comparable to the fine-tune itself; keep the fused "
+                    "model unquantized or use more bits"
+                )
         if self.weight_errors:
             v = np.array(list(self.weight_errors.values()))
-            out.append(f"  error relative to the weights ||Q(W')-W'||/||W'||: median {np.median(v):.3g}, max {v.max():.3g}")
+            out.append(
+                f"  error relative to the weights ||Q(W')-W'||/||W'||: median {np.median(v):.3g}, max {v.max():.3g}"
+            )
         return out
 
 
 def requantize(fm: FusedModel, bits: int | None = None, group_size: int | None = None) -> RequantReport:
     """Quantize the fused layers (MLX affine) in place, with the base's quantization settings by
     default; for a float base, every linear and embedding layer is quantized."""
-    import mlx.core as mx
-    from mlx import nn
-    from mlx.utils import tree_unflatten
-
-    from mlx_lora.model.lora import is_expert_layer
 
     base_q = fm.info.quantization or {}
     bits = int(bits or base_q.get("bits") or 4)
@@ -225,15 +246,21 @@ def requantize(fm: FusedModel, bits: int | None = None, group_size: int | None =
     if base_q:
         targets = list(fm.fused)
     else:
-        targets = [p for p, m in fm.model.named_modules()
-                   if (isinstance(m, (nn.Linear, nn.Embedding)) or is_expert_layer(m)) and p
-                   and m.weight.shape[-1] % group_size == 0]
+        targets = [
+            p
+            for p, m in fm.model.named_modules()
+            if (isinstance(m, (nn.Linear, nn.Embedding)) or is_expert_layer(m))
+            and p
+            and m.weight.shape[-1] % group_size == 0
+        ]
     delta_err, weight_err, new = {}, {}, []
     modules = dict(fm.model.named_modules())
     for path in targets:
         m = modules[path]
         if m.weight.shape[-1] % group_size:
-            raise ExportError(f"layer '{path}' has {m.weight.shape[-1]} inputs, not a multiple of the group size {group_size}")
+            raise ExportError(
+                f"layer '{path}' has {m.weight.shape[-1]} inputs, not a multiple of the group size {group_size}"
+            )
         w = m.weight.astype(mx.float32)
         q = m.to_quantized(group_size=group_size, bits=bits)
         deq = mx.dequantize(q.weight, q.scales, q.get("biases"), group_size=group_size, bits=bits)
@@ -254,7 +281,6 @@ def requantize(fm: FusedModel, bits: int | None = None, group_size: int | None =
 
 
 def _output_config(fm: FusedModel, dtype: str, quantization: dict | None) -> dict:
-    from mlx_lora.model.loading import read_config
 
     # The base's own spelling (transformers 4 or 5), not the names added for mlx-lm.
     cfg = {k: v for k, v in read_config(fm.info.local_path, spelling=False).items() if k not in QUANT_KEYS}
@@ -281,8 +307,6 @@ def _generation_config(fm: FusedModel) -> dict:
 def output_tensors(fm: FusedModel, dtype: str | None = None, keep_quantized: bool = False) -> dict:
     """name -> mx.array as written: float tensors in their source dtype (or ``dtype``),
     quantized modules dequantized unless ``keep_quantized``."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     out = {}
     if keep_quantized:
@@ -304,9 +328,6 @@ def ensure_output_path(out: Path, overwrite: bool, is_dir: bool, kind: str | Non
     A folder output (``is_dir``) of ``kind`` follows the ownership rule of
     :func:`mlx_lora.plumbing.ownership.check_output_dir`; a file output may replace only a GGUF file.
     Returns the path to write (a symbolic link followed)."""
-    import os
-
-    from mlx_lora.plumbing.ownership import check_output_dir, check_output_file
 
     out = check_output_dir(out, kind, overwrite=overwrite) if is_dir else check_output_file(out, overwrite=overwrite)
     probe = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
@@ -355,10 +376,6 @@ class FuseResult:
 def write_hf_folder(fm: FusedModel, tmp: Path, dtype: str | None, quantized: bool) -> str:
     """Write weights, config, tokenizer and generation config into the (empty) folder ``tmp``;
     returns the dtype recorded in config.json."""
-    import mlx.core as mx
-    from mlx_lm.utils import make_shards
-
-    from mlx_lora.plumbing.io import atomic_write_json
 
     tensors = output_tensors(fm, dtype, keep_quantized=quantized)
     if not quantized:  # MLX-quantized folders keep mlx-lm's stacked experts, as mlx-community's do
@@ -366,16 +383,21 @@ def write_hf_folder(fm: FusedModel, tmp: Path, dtype: str | None, quantized: boo
     floats = Counter(str(a.dtype).rsplit(".", 1)[-1] for a in tensors.values() if a.dtype != mx.uint32)
     main_dtype = dtype or (floats.most_common(1)[0][0] if floats else fm.default_dtype)
     shards = make_shards(tensors, MAX_SHARD_GB)
-    names = (["model.safetensors"] if len(shards) == 1
-             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map = {}
     for shard, name in zip(shards, names):
         mx.save_safetensors(str(tmp / name), shard, metadata={"format": "mlx" if quantized else "pt"})
         weight_map.update({k: name for k in shard})
     if len(shards) > 1:
         total = sum(a.nbytes for a in tensors.values())
-        atomic_write_json(tmp / "model.safetensors.index.json",
-                          {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        atomic_write_json(
+            tmp / "model.safetensors.index.json",
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+        )
     quant = None
     if quantized:
         default = Counter((q["bits"], q["group_size"]) for q in fm.quantized.values()).most_common(1)[0][0]
@@ -392,18 +414,25 @@ def write_hf_folder(fm: FusedModel, tmp: Path, dtype: str | None, quantized: boo
     return main_dtype
 
 
-def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quantize: bool = False,
-         q_bits: int | None = None, q_group_size: int | None = None, verify: bool = True,
-         overwrite: bool = False, log: "Callable[[str], None] | None" = None) -> FuseResult:
+def fuse(
+    model: str | None,
+    adapter,
+    out_dir,
+    *,
+    dtype: str | None = None,
+    quantize: bool = False,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
+    verify: bool = True,
+    overwrite: bool = False,
+    log: "Callable[[str], None] | None" = None,
+) -> FuseResult:
     """Fuse ``adapter`` into ``model`` and write an HF-format folder at ``out_dir``.
 
     ``dtype`` (float32, float16, bfloat16) overrides the source precision; ``quantize``
     re-quantizes the fused layers (see :func:`requantize`). With ``verify`` the written folder is
     reloaded and its logits compared with the in-memory fused model before it is moved into place.
     """
-    from mlx_lora.plumbing.ownership import building
-
-    from mlx_lora.converters import verify as V
 
     t0 = time.perf_counter()
     if dtype is not None and dtype not in V.DTYPE_KIND:
@@ -421,8 +450,6 @@ def fuse(model: str | None, adapter, out_dir, *, dtype: str | None = None, quant
             main_dtype = write_hf_folder(fm, tmp, dtype, quantized=bool(fm.quantized) and quantize)
             vr = None
             if verify:
-                from mlx_lora.model.loading import load_model
-
                 reloaded, _, _ = load_model(str(tmp), dtype="float32", with_tokenizer=False)
                 reloaded.eval()
                 # With re-quantization the reference is the re-quantized model itself, so only

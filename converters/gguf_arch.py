@@ -40,11 +40,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import gguf
 import numpy as np
 
-from mlx_lora.plumbing.errors import ExportError, ModelError
-
 from mlx_lora.converters.moe_layout import LAYOUTS as EXPERT_LAYOUTS
+from mlx_lora.plumbing.errors import ExportError, ModelError
 
 U32, F32, STR, BOOLS = "u32", "f32", "str", "bools"
 REQUIRED = object()
@@ -132,13 +132,17 @@ def _theta(config: dict):
 
 GENERAL: tuple = (
     Key("block_count", "num_hidden_layers", U32, REQUIRED),
-    Key("context_length", "max_position_embeddings", U32, 2048,
-        get=lambda c: c.get("max_position_embeddings") or 2048),
+    Key("context_length", "max_position_embeddings", U32, 2048, get=lambda c: c.get("max_position_embeddings") or 2048),
     Key("embedding_length", "hidden_size", U32, REQUIRED),
     Key("feed_forward_length", "intermediate_size", U32, REQUIRED),
     Key("attention.head_count", "num_attention_heads", U32, REQUIRED),
-    Key("attention.head_count_kv", "num_key_value_heads", U32, lambda cfg: cfg["num_attention_heads"],
-        get=lambda c: c.get("num_key_value_heads") or c["num_attention_heads"]),
+    Key(
+        "attention.head_count_kv",
+        "num_key_value_heads",
+        U32,
+        lambda cfg: cfg["num_attention_heads"],
+        get=lambda c: c.get("num_key_value_heads") or c["num_attention_heads"],
+    ),
     Key("attention.layer_norm_rms_epsilon", "rms_norm_eps", F32, REQUIRED, get=lambda c: c.get("rms_norm_eps", 1e-6)),
     FILE_TYPE,
     Key("rope.freq_base", "rope_theta", F32, 10000.0, get=_theta),
@@ -223,8 +227,13 @@ class RopeScaling:
         # The file keeps only the divisors; the published Llama 3.1+ models use low 1, high 4 and
         # an original context of 8192, and the largest divisor is the factor. Accepted only if
         # those reproduce the file.
-        scaling = {"rope_type": "llama3", "factor": float(stored.max()), "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        scaling = {
+            "rope_type": "llama3",
+            "factor": float(stored.max()),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
         expected = llama3_rope_factors({**cfg, "rope_scaling": scaling})
         if expected.shape != stored.shape or not np.allclose(expected, stored, rtol=1e-3):
             raise ModelError(
@@ -270,8 +279,10 @@ class Phi3Rope:
         long, short = rope["long_factor"], rope.get("short_factor")
         if short is None or len(long) != len(short) or len(long) != int(n) // 2:
             raise ExportError(f"rope_scaling long_factor/short_factor must each have {int(n) // 2} entries")
-        return {"rope_factors_long.weight": np.asarray(long, np.float32),
-                "rope_factors_short.weight": np.asarray(short, np.float32)}
+        return {
+            "rope_factors_long.weight": np.asarray(long, np.float32),
+            "rope_factors_short.weight": np.asarray(short, np.float32),
+        }
 
     def read(self, r: _Reader, cfg: dict) -> None:
         long, short = (r.tensor(n) for n in self.tensor_names)
@@ -282,10 +293,15 @@ class Phi3Rope:
         scale = cfg["max_position_embeddings"] / cfg["original_max_position_embeddings"]
         stored = r.get("rope.scaling.attn_factor")
         kind = "longrope"
-        if stored is not None and not math.isclose(float(stored), _phi3_attn_factor("longrope", scale, cfg["original_max_position_embeddings"]), rel_tol=1e-5):
+        if stored is not None and not math.isclose(
+            float(stored), _phi3_attn_factor("longrope", scale, cfg["original_max_position_embeddings"]), rel_tol=1e-5
+        ):
             kind = "yarn"
-        cfg["rope_scaling"] = {"type": kind, "long_factor": [float(x) for x in long.reshape(-1)],
-                               "short_factor": [float(x) for x in short.reshape(-1)]}
+        cfg["rope_scaling"] = {
+            "type": kind,
+            "long_factor": [float(x) for x in long.reshape(-1)],
+            "short_factor": [float(x) for x in short.reshape(-1)],
+        }
 
 
 @dataclass(frozen=True)
@@ -326,8 +342,10 @@ class SwaPattern:
             if flags == self.layers(pattern, n):
                 cfg["sliding_window_pattern"] = pattern
                 return
-        raise ModelError(f"{r.source}: metadata '{r.arch}.attention.sliding_window_pattern' {flags} is not one global "
-                         f"layer every k layers; this import does not support it")
+        raise ModelError(
+            f"{r.source}: metadata '{r.arch}.attention.sliding_window_pattern' {flags} is not one global "
+            f"layer every k layers; this import does not support it"
+        )
 
 
 def _query_scale_check(config: dict) -> str | None:
@@ -335,7 +353,10 @@ def _query_scale_check(config: dict) -> str | None:
     hd, scalar = head_dim(config), config.get("query_pre_attn_scalar")
     if scalar is None or float(scalar) == hd:
         return None
-    if int(config["num_hidden_layers"]) in (46, 62) and float(scalar) == config["hidden_size"] // config["num_attention_heads"]:
+    if (
+        int(config["num_hidden_layers"]) in (46, 62)
+        and float(scalar) == config["hidden_size"] // config["num_attention_heads"]
+    ):
         return None
     return f"query_pre_attn_scalar {scalar} is neither head_dim ({hd}) nor the 27B model's hidden_size / heads"
 
@@ -371,7 +392,10 @@ def _smollm3_check(config: dict) -> str | None:
         interval = int(config.get("no_rope_layer_interval", 4))
         given = [int((i + 1) % interval != 0) for i in range(n)]
     if list(given) != no_rope_layers(n):
-        return f"no_rope_layers {list(given)} differs from llama.cpp's fixed layout (no rotary embedding in every 4th layer)"
+        return (
+            f"no_rope_layers {list(given)} differs from llama.cpp's fixed layout "
+            "(no rotary embedding in every 4th layer)"
+        )
     if config.get("use_sliding_window"):
         return "use_sliding_window is true, which SmolLM3 in llama.cpp does not implement"
     return None
@@ -381,7 +405,9 @@ def _qwen3_moe_check(config: dict) -> str | None:
     if not config.get("norm_topk_prob", True):
         return "norm_topk_prob is false, while llama.cpp's qwen3moe always renormalises the top-k expert weights"
     if int(config.get("decoder_sparse_step", 1)) != 1 or config.get("mlp_only_layers"):
-        return "some layers are dense (decoder_sparse_step / mlp_only_layers), which llama.cpp's qwen3moe does not support"
+        return (
+            "some layers are dense (decoder_sparse_step / mlp_only_layers), which llama.cpp's qwen3moe does not support"
+        )
     return None
 
 
@@ -401,7 +427,10 @@ def _expert_names(model_type: str) -> dict:
 
 
 def _experts(count_key: str) -> tuple:
-    return (Key("expert_count", count_key, U32, REQUIRED), Key("expert_used_count", "num_experts_per_tok", U32, REQUIRED))
+    return (
+        Key("expert_count", count_key, U32, REQUIRED),
+        Key("expert_used_count", "num_experts_per_tok", U32, REQUIRED),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,12 +439,12 @@ def _experts(count_key: str) -> tuple:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    model_type: str        # Hugging Face model_type
-    gguf_arch: str         # general.architecture
-    hf_class: str          # config.json "architectures"
-    permute_qk: bool       # GPT-J style rotary rows in llama.cpp
-    norm_offset: float     # added to RMSNorm weights on export
-    metadata: tuple = ()   # entries written after GENERAL, in this order
+    model_type: str  # Hugging Face model_type
+    gguf_arch: str  # general.architecture
+    hf_class: str  # config.json "architectures"
+    permute_qk: bool  # GPT-J style rotary rows in llama.cpp
+    norm_offset: float  # added to RMSNorm weights on export
+    metadata: tuple = ()  # entries written after GENERAL, in this order
     hf_defaults: dict = field(default_factory=dict)
     """config.json keys GGUF does not carry (llama.cpp hard-codes them per architecture)."""
     tensor_flags: dict = field(default_factory=dict)
@@ -455,27 +484,58 @@ class ArchSpec:
 
 
 # llama.cpp's converter writes no sliding window for these; files from elsewhere may.
-_WINDOW = Key("attention.sliding_window", "sliding_window", U32, None, to_hf=lambda n, cfg: int(n) or None, export=False)
+_WINDOW = Key(
+    "attention.sliding_window", "sliding_window", U32, None, to_hf=lambda n, cfg: int(n) or None, export=False
+)
 _LLAMA_METADATA = (
     RopeScaling(llama3=True),
     Key("vocab_size", "vocab_size", U32),
     Key("rope.dimension_count", None, U32, get=head_dim),
 )
-_LLAMA_FLAGS = {"attention_bias": "model.layers.0.self_attn.q_proj.bias",
-                "mlp_bias": "model.layers.0.mlp.gate_proj.bias"}
+_LLAMA_FLAGS = {
+    "attention_bias": "model.layers.0.self_attn.q_proj.bias",
+    "mlp_bias": "model.layers.0.mlp.gate_proj.bias",
+}
 
 ARCHS: dict[str, ArchSpec] = {
-    "llama": ArchSpec("llama", "llama", "LlamaForCausalLM", True, 0.0, _LLAMA_METADATA,
-                      {"hidden_act": "silu"}, _LLAMA_FLAGS),
-    "mistral": ArchSpec("mistral", "llama", "MistralForCausalLM", True, 0.0, _LLAMA_METADATA + (_WINDOW,),
-                        {"hidden_act": "silu"}, _LLAMA_FLAGS),
-    "qwen2": ArchSpec("qwen2", "qwen2", "Qwen2ForCausalLM", False, 0.0, (RopeScaling(llama3=False), _WINDOW),
-                      {"hidden_act": "silu", "use_sliding_window": False}),
-    "qwen3": ArchSpec("qwen3", "qwen3", "Qwen3ForCausalLM", False, 0.0, (RopeScaling(llama3=False), _WINDOW),
-                      {"hidden_act": "silu", "use_sliding_window": False},
-                      {"attention_bias": "model.layers.0.self_attn.q_proj.bias"}),
+    "llama": ArchSpec(
+        "llama", "llama", "LlamaForCausalLM", True, 0.0, _LLAMA_METADATA, {"hidden_act": "silu"}, _LLAMA_FLAGS
+    ),
+    "mistral": ArchSpec(
+        "mistral",
+        "llama",
+        "MistralForCausalLM",
+        True,
+        0.0,
+        _LLAMA_METADATA + (_WINDOW,),
+        {"hidden_act": "silu"},
+        _LLAMA_FLAGS,
+    ),
+    "qwen2": ArchSpec(
+        "qwen2",
+        "qwen2",
+        "Qwen2ForCausalLM",
+        False,
+        0.0,
+        (RopeScaling(llama3=False), _WINDOW),
+        {"hidden_act": "silu", "use_sliding_window": False},
+    ),
+    "qwen3": ArchSpec(
+        "qwen3",
+        "qwen3",
+        "Qwen3ForCausalLM",
+        False,
+        0.0,
+        (RopeScaling(llama3=False), _WINDOW),
+        {"hidden_act": "silu", "use_sliding_window": False},
+        {"attention_bias": "model.layers.0.self_attn.q_proj.bias"},
+    ),
     "gemma2": ArchSpec(
-        "gemma2", "gemma2", "Gemma2ForCausalLM", False, 1.0,
+        "gemma2",
+        "gemma2",
+        "Gemma2ForCausalLM",
+        False,
+        1.0,
         (
             RopeScaling(llama3=False),
             # llama.cpp needs the head size even where config.json leaves it implicit
@@ -487,78 +547,161 @@ ARCHS: dict[str, ArchSpec] = {
             Key("attention.sliding_window", "sliding_window", U32, 4096, get=lambda c: c.get("sliding_window") or None),
             # llama.cpp scales queries by head_dim^-0.5, except for the 46-layer 27B model
             # (hidden / heads); GGUF has no key for it.
-            Key("block_count", "query_pre_attn_scalar", U32, export=False,
-                to_hf=lambda n, cfg: cfg["hidden_size"] // cfg["num_attention_heads"] if int(n) == 46 else cfg["head_dim"]),
+            Key(
+                "block_count",
+                "query_pre_attn_scalar",
+                U32,
+                export=False,
+                to_hf=lambda n, cfg: (
+                    cfg["hidden_size"] // cfg["num_attention_heads"] if int(n) == 46 else cfg["head_dim"]
+                ),
+            ),
         ),
         {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
-        check=_gemma2_check, skip=("rope.freq_base",),
+        check=_gemma2_check,
+        skip=("rope.freq_base",),
     ),
     "phi3": ArchSpec(
-        "phi3", "phi3", "Phi3ForCausalLM", False, 0.0,
+        "phi3",
+        "phi3",
+        "Phi3ForCausalLM",
+        False,
+        0.0,
         (
-            Key("rope.scaling.original_context_length", "original_max_position_embeddings", U32,
-                lambda cfg: cfg["max_position_embeddings"], get=_phi3_orig),
-            Key("rope.dimension_count", "partial_rotary_factor", U32,
-                get=lambda c: int(float(c.get("partial_rotary_factor", 1.0)) * int(c["hidden_size"])) // int(c["num_attention_heads"]),
-                to_hf=lambda n, cfg: int(n) * cfg["num_attention_heads"] / cfg["hidden_size"]),
+            Key(
+                "rope.scaling.original_context_length",
+                "original_max_position_embeddings",
+                U32,
+                lambda cfg: cfg["max_position_embeddings"],
+                get=_phi3_orig,
+            ),
+            Key(
+                "rope.dimension_count",
+                "partial_rotary_factor",
+                U32,
+                get=lambda c: (
+                    int(float(c.get("partial_rotary_factor", 1.0)) * int(c["hidden_size"]))
+                    // int(c["num_attention_heads"])
+                ),
+                to_hf=lambda n, cfg: int(n) * cfg["num_attention_heads"] / cfg["hidden_size"],
+            ),
             # 0 marks "no sliding window" to llama.cpp (Phi-4 style models)
-            Key("attention.sliding_window", "sliding_window", U32, get=lambda c: int(c.get("sliding_window") or 0),
-                to_hf=lambda n, cfg: int(n) or None),
+            Key(
+                "attention.sliding_window",
+                "sliding_window",
+                U32,
+                get=lambda c: int(c.get("sliding_window") or 0),
+                to_hf=lambda n, cfg: int(n) or None,
+            ),
             Phi3Rope(),
         ),
         {"hidden_act": "silu"},
     ),
     "smollm3": ArchSpec(
-        "smollm3", "smollm3", "SmolLM3ForCausalLM", True, 0.0,
-        _LLAMA_METADATA + (Key("block_count", "no_rope_layers", U32, export=False, to_hf=lambda n, cfg: no_rope_layers(int(n))),),
+        "smollm3",
+        "smollm3",
+        "SmolLM3ForCausalLM",
+        True,
+        0.0,
+        _LLAMA_METADATA
+        + (Key("block_count", "no_rope_layers", U32, export=False, to_hf=lambda n, cfg: no_rope_layers(int(n))),),
         {"hidden_act": "silu", "no_rope_layer_interval": 4, "use_sliding_window": False, "sliding_window": None},
-        _LLAMA_FLAGS, check=_smollm3_check,
+        _LLAMA_FLAGS,
+        check=_smollm3_check,
     ),
     "gemma3_text": ArchSpec(
-        "gemma3_text", "gemma3", "Gemma3ForCausalLM", False, 1.0,
+        "gemma3_text",
+        "gemma3",
+        "Gemma3ForCausalLM",
+        False,
+        1.0,
         (
             RopeScaling(llama3=False),
             # llama.cpp's converter writes Gemma 3's default head size when config.json has none
             Key("attention.key_length", None, U32, get=lambda c: None if c.get("head_dim") else 256),
             Key("attention.value_length", None, U32, get=lambda c: None if c.get("head_dim") else 256),
-            Key("rope.freq_base_swa", "rope_local_base_freq", F32, 10000.0,
-                get=lambda c: c.get("rope_local_base_freq", 10000.0)),
+            Key(
+                "rope.freq_base_swa",
+                "rope_local_base_freq",
+                F32,
+                10000.0,
+                get=lambda c: c.get("rope_local_base_freq", 10000.0),
+            ),
             Key("final_logit_softcapping", "final_logit_softcapping", F32, None),
-            Key("attention.sliding_window", "sliding_window", U32, 512,
-                get=lambda c: None if c.get("sliding_window_pattern") == 1 else c.get("sliding_window")),
+            Key(
+                "attention.sliding_window",
+                "sliding_window",
+                U32,
+                512,
+                get=lambda c: None if c.get("sliding_window_pattern") == 1 else c.get("sliding_window"),
+            ),
             SwaPattern(),
             Key("block_count", "query_pre_attn_scalar", U32, export=False, to_hf=_gemma3_query_scalar),
         ),
         {"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "attn_logit_softcapping": None},
         check=_gemma3_check,
     ),
-    "olmo2": ArchSpec("olmo2", "olmo2", "Olmo2ForCausalLM", False, 0.0, (RopeScaling(llama3=False),),
-                      {"hidden_act": "silu"}, {"attention_bias": "model.layers.0.self_attn.q_proj.bias"},
-                      check=_olmo2_check),
+    "olmo2": ArchSpec(
+        "olmo2",
+        "olmo2",
+        "Olmo2ForCausalLM",
+        False,
+        0.0,
+        (RopeScaling(llama3=False),),
+        {"hidden_act": "silu"},
+        {"attention_bias": "model.layers.0.self_attn.q_proj.bias"},
+        check=_olmo2_check,
+    ),
     "granite": ArchSpec(
-        "granite", "granite", "GraniteForCausalLM", True, 0.0,
-        _LLAMA_METADATA + (
-            Key("attention.scale", "attention_multiplier", F32, lambda cfg: (cfg["hidden_size"] // cfg["num_attention_heads"]) ** -0.5),
+        "granite",
+        "granite",
+        "GraniteForCausalLM",
+        True,
+        0.0,
+        _LLAMA_METADATA
+        + (
+            Key(
+                "attention.scale",
+                "attention_multiplier",
+                F32,
+                lambda cfg: (cfg["hidden_size"] // cfg["num_attention_heads"]) ** -0.5,
+            ),
             Key("embedding_scale", "embedding_multiplier", F32, 1.0),
             Key("residual_scale", "residual_multiplier", F32, 1.0),
             Key("logit_scale", "logits_scaling", F32, REQUIRED),
         ),
-        {"hidden_act": "silu"}, _LLAMA_FLAGS,
+        {"hidden_act": "silu"},
+        _LLAMA_FLAGS,
         # Granite's head size is always hidden_size / heads: the converter drops head_dim
         skip=("attention.key_length", "attention.value_length"),
     ),
     "qwen3_moe": ArchSpec(
-        "qwen3_moe", "qwen3moe", "Qwen3MoeForCausalLM", False, 0.0,
-        (RopeScaling(llama3=False), _WINDOW) + _experts("num_experts")
+        "qwen3_moe",
+        "qwen3moe",
+        "Qwen3MoeForCausalLM",
+        False,
+        0.0,
+        (RopeScaling(llama3=False), _WINDOW)
+        + _experts("num_experts")
         + (Key("expert_feed_forward_length", "moe_intermediate_size", U32, REQUIRED),),
-        {"hidden_act": "silu", "use_sliding_window": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
-         "norm_topk_prob": True},
+        {
+            "hidden_act": "silu",
+            "use_sliding_window": False,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "norm_topk_prob": True,
+        },
         {"attention_bias": "model.layers.0.self_attn.q_proj.bias"},
         experts=_expert_names("qwen3_moe"),
         check=_qwen3_moe_check,
     ),
     "mixtral": ArchSpec(
-        "mixtral", "llama", "MixtralForCausalLM", True, 0.0, _LLAMA_METADATA + (_WINDOW,) + _experts("num_local_experts"),
+        "mixtral",
+        "llama",
+        "MixtralForCausalLM",
+        True,
+        0.0,
+        _LLAMA_METADATA + (_WINDOW,) + _experts("num_local_experts"),
         {"hidden_act": "silu"},
         experts=_expert_names("mixtral"),
     ),
@@ -567,9 +710,7 @@ ARCHS: dict[str, ArchSpec] = {
 
 def arch_spec(model_type: str) -> ArchSpec:
     if model_type not in ARCHS:
-        raise ExportError(
-            f"GGUF export does not support architecture '{model_type}'; supported: {', '.join(ARCHS)}"
-        )
+        raise ExportError(f"GGUF export does not support architecture '{model_type}'; supported: {', '.join(ARCHS)}")
     return ARCHS[model_type]
 
 
@@ -579,12 +720,10 @@ def spec_for_gguf(gguf_arch: str, metadata: dict | None = None) -> ArchSpec | No
     else the entry of that model_type."""
     moe = bool((metadata or {}).get(f"{gguf_arch}.expert_count"))
     candidates = [s for s in ARCHS.values() if s.gguf_arch == gguf_arch]
-    return (next((s for s in candidates if s.moe == moe), None) or next(iter(candidates), None)
-            or ARCHS.get(gguf_arch))
+    return next((s for s in candidates if s.moe == moe), None) or next(iter(candidates), None) or ARCHS.get(gguf_arch)
 
 
 def _gguf_arch_enum(spec: ArchSpec):
-    import gguf
 
     for enum, name in gguf.MODEL_ARCH_NAMES.items():
         if name == spec.gguf_arch:
@@ -596,7 +735,6 @@ class TensorNames:
     """HF tensor name <-> GGUF tensor name for one model (``gguf``'s mapping table)."""
 
     def __init__(self, spec: ArchSpec, n_blocks: int):
-        import gguf
 
         self.spec = spec
         self._map = gguf.get_tensor_name_map(_gguf_arch_enum(spec), n_blocks)
@@ -716,8 +854,12 @@ def extra_tensors(spec: ArchSpec, config: dict) -> dict[str, np.ndarray]:
 
 def write_metadata(writer, spec: ArchSpec, config: dict, file_type: int) -> None:
     """The ``<arch>.*`` hyper-parameters llama.cpp reads for ``spec``."""
-    add = {U32: lambda k, v: writer.add_uint32(k, int(v)), F32: lambda k, v: writer.add_float32(k, float(v)),
-           STR: writer.add_string, BOOLS: lambda k, v: writer.add_array(k, [bool(x) for x in v])}
+    add = {
+        U32: lambda k, v: writer.add_uint32(k, int(v)),
+        F32: lambda k, v: writer.add_float32(k, float(v)),
+        STR: writer.add_string,
+        BOOLS: lambda k, v: writer.add_array(k, [bool(x) for x in v]),
+    }
     for e in spec.entries:
         if e is FILE_TYPE:
             writer.add_uint32(e.key, int(file_type))
@@ -728,8 +870,15 @@ def write_metadata(writer, spec: ArchSpec, config: dict, file_type: int) -> None
             add[kind](f"{spec.gguf_arch}.{key}", value)
 
 
-def hf_config(spec: ArchSpec, metadata: dict, *, source: str, tensor_names: Iterable[str],
-              tensor: Callable[[str], np.ndarray | None], gguf_arch: str | None = None) -> dict:
+def hf_config(
+    spec: ArchSpec,
+    metadata: dict,
+    *,
+    source: str,
+    tensor_names: Iterable[str],
+    tensor: Callable[[str], np.ndarray | None],
+    gguf_arch: str | None = None,
+) -> dict:
     """The HF ``config.json`` (without ``torch_dtype`` and ``vocab_size``) that :func:`write_metadata`
     read back: the entries of ``spec``, its fixed keys, the bias flags from ``tensor_names`` (the
     file's tensors) and the special token ids. ``tensor(name)`` returns a configuration tensor's
@@ -741,7 +890,9 @@ def hf_config(spec: ArchSpec, metadata: dict, *, source: str, tensor_names: Iter
     key_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     value_dim = reader.get("attention.value_length", key_dim)
     if int(value_dim) != key_dim:
-        raise ModelError(f"{source}: key_length {key_dim} != value_length {value_dim} is not supported for {reader.arch}")
+        raise ModelError(
+            f"{source}: key_length {key_dim} != value_length {value_dim} is not supported for {reader.arch}"
+        )
     present = set(tensor_names)
     cfg["tie_word_embeddings"] = "output.weight" not in present
     if spec.tensor_flags:
@@ -764,11 +915,15 @@ def support_row(spec: ArchSpec) -> dict[str, str]:
     """What the tool does for ``spec``'s family, column by column (each backed by a test that runs
     the family's tiny model through it)."""
     back = spec_for_gguf(spec.gguf_arch, {f"{spec.gguf_arch}.expert_count": 1} if spec.moe else {})
-    return {"train": "yes", "QLoRA": "yes, fuse onto the float base" if spec.moe else "yes", "fuse": "yes",
-            "GGUF export": "yes",
-            "GGUF import": "yes" if back is spec else f"yes, as `{back.model_type}`",
-            "GGUF LoRA": ("attention, router" if spec.moe else "yes") if spec.gguf_lora else "no",
-            "PEFT": "yes" if spec.peft == "yes" else "non-expert layers (experts: fuse)"}
+    return {
+        "train": "yes",
+        "QLoRA": "yes, fuse onto the float base" if spec.moe else "yes",
+        "fuse": "yes",
+        "GGUF export": "yes",
+        "GGUF import": "yes" if back is spec else f"yes, as `{back.model_type}`",
+        "GGUF LoRA": ("attention, router" if spec.moe else "yes") if spec.gguf_lora else "no",
+        "PEFT": "yes" if spec.peft == "yes" else "non-expert layers (experts: fuse)",
+    }
 
 
 def support_matrix_markdown() -> str:
@@ -777,5 +932,7 @@ def support_matrix_markdown() -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for spec in ARCHS.values():
         row = support_row(spec)
-        lines.append("| " + " | ".join([f"`{spec.model_type}`", f"`{spec.gguf_arch}`", *(row[c] for c in MATRIX_COLUMNS)]) + " |")
+        lines.append(
+            "| " + " | ".join([f"`{spec.model_type}`", f"`{spec.gguf_arch}`", *(row[c] for c in MATRIX_COLUMNS)]) + " |"
+        )
     return "\n".join(lines)

@@ -33,14 +33,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
+import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
+from mlx_lora.converters import gguf_arch, gguf_vocab
+from mlx_lora.converters import verify as V
+from mlx_lora.converters.fuse import dequantized, ensure_output_path, load_fused, made_dirs
+from mlx_lora.converters.io import disk_error
 from mlx_lora.plumbing.errors import ExportError
 from mlx_lora.plumbing.io import atomic_path, temp_file
-
-from mlx_lora.converters import gguf_arch
-from mlx_lora.converters import gguf_vocab
-from mlx_lora.converters.io import disk_error
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +56,19 @@ LLAMA_CPP_EXTRA = "pip install 'mlx-lora[llama-cpp]' (installs llama-cpp-python)
 
 
 def _qtype(name: str):
-    import gguf
 
     return gguf.GGMLQuantizationType[name.upper()]
 
 
 def _file_type(name: str) -> int:
-    import gguf
 
     if name in KQUANT_TYPES:
         return KQUANT_TYPES[name]
-    return int({"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16}.get(
-        name, getattr(gguf.LlamaFileType, f"MOSTLY_{name.upper()}", 0)))
+    return int(
+        {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16}.get(
+            name, getattr(gguf.LlamaFileType, f"MOSTLY_{name.upper()}", 0)
+        )
+    )
 
 
 def check_type(type_name: str) -> str:
@@ -118,14 +122,17 @@ def pack_blocks(q: np.ndarray, d: np.ndarray, m: np.ndarray | None, kind: str) -
 
 
 _REPACK = {  # target type -> (MLX bits, m as a multiple of d, or None for a free minimum)
-    "q4_1": (4, None), "q5_1": (5, None), "q4_0": (4, -8.0), "q5_0": (5, -16.0), "q8_0": (8, -128.0),
+    "q4_1": (4, None),
+    "q5_1": (5, None),
+    "q4_0": (4, -8.0),
+    "q5_0": (5, -16.0),
+    "q8_0": (8, -128.0),
 }
 
 
 def repack(layer, kind: str, perm: np.ndarray | None) -> np.ndarray | None:
     """GGUF bytes of an MLX-quantized layer in block type ``kind`` without re-quantizing, or None
     when the formats do not line up exactly (bits, group size, fp16 scales, fixed minimum)."""
-    import mlx.core as mx
 
     if kind not in _REPACK or getattr(layer, "mode", "affine") != "affine" or layer.group_size != 32:
         return None
@@ -134,8 +141,10 @@ def repack(layer, kind: str, perm: np.ndarray | None) -> np.ndarray | None:
         return None
     s = np.array(layer.scales.astype(mx.float32))
     b = np.array(layer.biases.astype(mx.float32))
-    if not (np.array_equal(s.astype(np.float16).astype(np.float32), s)
-            and np.array_equal(b.astype(np.float16).astype(np.float32), b)):
+    if not (
+        np.array_equal(s.astype(np.float16).astype(np.float32), s)
+        and np.array_equal(b.astype(np.float16).astype(np.float32), b)
+    ):
         return None
     if fixed is not None and not np.array_equal(b, s * np.float32(fixed)):
         return None
@@ -153,9 +162,9 @@ def repack(layer, kind: str, perm: np.ndarray | None) -> np.ndarray | None:
 class TensorPlan:
     gguf_name: str
     hf_name: str | None
-    shape: tuple[int, ...]          # numpy order
-    qtype: str                      # f32, f16, bf16, q8_0, ...
-    source: str                     # "float", "repack", "requant" (quantized source re-quantized), "extra"
+    shape: tuple[int, ...]  # numpy order
+    qtype: str  # f32, f16, bf16, q8_0, ...
+    source: str  # "float", "repack", "requant" (quantized source re-quantized), "extra"
     compute: Callable[[], np.ndarray]
     nbytes: int = 0
 
@@ -167,8 +176,8 @@ class GGUFStats:
     tensors: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     repacked: int = 0
-    requant_errors: dict[str, float] = field(default_factory=dict)   # gguf name -> ||Q(w) - w|| / ||w||
-    delta_errors: dict[str, float] = field(default_factory=dict)     # gguf name -> ||Q(W') - W'|| / ||W' - W||
+    requant_errors: dict[str, float] = field(default_factory=dict)  # gguf name -> ||Q(w) - w|| / ||w||
+    delta_errors: dict[str, float] = field(default_factory=dict)  # gguf name -> ||Q(W') - W'|| / ||W' - W||
     fallbacks: list[str] = field(default_factory=list)
     seconds: float = 0.0
     verify: object | None = None
@@ -177,20 +186,28 @@ class GGUFStats:
     def lines(self) -> list[str]:
         size = self.path.stat().st_size / 2**20 if self.path.exists() else 0.0
         kinds = ", ".join(f"{n} {k.upper()}" for k, n in sorted(self.counts.items()))
-        out = [f"wrote {self.path} ({self.type}, {size:.1f} MiB, {self.tensors} tensors: {kinds}) in {self.seconds:.1f} s"]
+        out = [
+            f"wrote {self.path} ({self.type}, {size:.1f} MiB, {self.tensors} tensors: {kinds}) in {self.seconds:.1f} s"
+        ]
         if self.repacked:
             out.append(f"  {self.repacked} quantized tensors repacked bit for bit (no re-quantization)")
         if self.requant_errors:
             v = np.array(list(self.requant_errors.values()))
-            out.append(f"  {len(v)} quantized tensors had to be dequantized and re-quantized to {self.type}: added "
-                       f"relative error ||Q(w)-w||/||w|| median {np.median(v):.3g}, max {v.max():.3g}")
+            out.append(
+                f"  {len(v)} quantized tensors had to be dequantized and re-quantized to {self.type}: added "
+                f"relative error ||Q(w)-w||/||w|| median {np.median(v):.3g}, max {v.max():.3g}"
+            )
         if self.delta_errors:
             v = np.array(list(self.delta_errors.values()))
-            out.append(f"  quantization error relative to the adapter's change ||Q(W')-W'||/||W'-W||: median "
-                       f"{np.median(v):.3g}, max {v.max():.3g}")
+            out.append(
+                f"  quantization error relative to the adapter's change ||Q(W')-W'||/||W'-W||: median "
+                f"{np.median(v):.3g}, max {v.max():.3g}"
+            )
         if self.fallbacks:
-            out.append(f"  {len(self.fallbacks)} tensors kept as F16 (rows not whole 32-value blocks): "
-                       f"{', '.join(self.fallbacks[:4])}{' ...' if len(self.fallbacks) > 4 else ''}")
+            out.append(
+                f"  {len(self.fallbacks)} tensors kept as F16 (rows not whole 32-value blocks): "
+                f"{', '.join(self.fallbacks[:4])}{' ...' if len(self.fallbacks) > 4 else ''}"
+            )
         out += [f"  {n}" for n in self.notes]
         if self.verify is not None:
             out += self.verify.lines()
@@ -198,7 +215,6 @@ class GGUFStats:
 
 
 def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
-    import gguf
 
     if qtype == "f32":
         return int(np.prod(shape)) * 4
@@ -209,7 +225,6 @@ def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
 
 
 def _encode(w: np.ndarray, qtype: str) -> np.ndarray:
-    import gguf
 
     if qtype == "f32":
         return np.ascontiguousarray(w, dtype=np.float32)
@@ -225,11 +240,6 @@ def _rel(a: np.ndarray, b: np.ndarray, denom: float) -> float:
 def plan_tensors(fm, type_name: str, stats: GGUFStats) -> list[TensorPlan]:
     """One :class:`TensorPlan` per GGUF tensor of the fused model ``fm`` at ``type_name``
     (a numpy type; K-quant exports plan their float intermediate)."""
-    import gguf
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    from mlx_lora.converters.fuse import dequantized
 
     spec = gguf_arch.arch_spec(fm.model_type)
     config = fm.config
@@ -249,7 +259,11 @@ def plan_tensors(fm, type_name: str, stats: GGUFStats) -> list[TensorPlan]:
         if owner in fm.quantized and leaf != "weight":
             continue  # scales/biases travel with their weight
         gname = names.gguf_name(hf_name)
-        shape = tuple(arr.shape) if owner not in fm.quantized else (*arr.shape[:-1], arr.shape[-1] * 32 // fm.quantized[owner]["bits"])
+        shape = (
+            tuple(arr.shape)
+            if owner not in fm.quantized
+            else (*arr.shape[:-1], arr.shape[-1] * 32 // fm.quantized[owner]["bits"])
+        )
         if len(shape) == 1 or gname.endswith("_norm.weight") or gguf_arch.is_f32_tensor(gname):
             qtype = "f32"
         else:
@@ -323,7 +337,6 @@ def _model_name(fm, name: str | None, tokens: list[str]) -> str:
 def _size_label(plans: list[TensorPlan]) -> str:
     """``general.size_label`` as llama.cpp's converter computes it: the parameter count, or for
     MoE ``<experts>x<parameters with one expert per stacked tensor>`` (e.g. ``4x6.4M``)."""
-    import gguf
 
     total = shared = expert = 0
     counts = []
@@ -340,11 +353,17 @@ def _size_label(plans: list[TensorPlan]) -> str:
     return gguf.size_label(total, shared, expert, sum(counts) // len(counts) if counts else 0)
 
 
-def write_gguf(fm, path: Path, type_name: str, *, name: str | None = None,
-               pre_tokenizer: str | None = None, stats: GGUFStats | None = None) -> GGUFStats:
+def write_gguf(
+    fm,
+    path: Path,
+    type_name: str,
+    *,
+    name: str | None = None,
+    pre_tokenizer: str | None = None,
+    stats: GGUFStats | None = None,
+) -> GGUFStats:
     """Write the fused model ``fm`` as a GGUF file at ``path`` (no atomic rename here) in a
     numpy-quantizable ``type_name``."""
-    import gguf
 
     if type_name not in NUMPY_TYPES:
         raise ExportError(f"write_gguf: '{type_name}' is not a type the gguf package quantizes")
@@ -387,8 +406,10 @@ def llama_cpp_quantize(src: Path, dst: Path, type_name: str) -> None:
     try:
         import llama_cpp
     except ImportError:
-        raise ExportError(f"GGUF type '{type_name}' (a K-quant) is made by llama.cpp's own quantizer, which needs "
-                          f"the optional llama-cpp extra: {LLAMA_CPP_EXTRA}") from None
+        raise ExportError(
+            f"GGUF type '{type_name}' (a K-quant) is made by llama.cpp's own quantizer, which needs "
+            f"the optional llama-cpp extra: {LLAMA_CPP_EXTRA}"
+        ) from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = KQUANT_TYPES[type_name]
     params.nthread = os.cpu_count() or 1
@@ -419,19 +440,25 @@ def _intermediate_type(fm) -> str:
     return {"bfloat16": "bf16", "float16": "f16"}.get(fm.default_dtype, "f32")
 
 
-def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", verify: bool = True,
-                overwrite: bool = False, name: str | None = None, pre_tokenizer: str | None = None,
-                fused=None, log: "Callable[[str], None] | None" = None) -> GGUFStats:
+def export_gguf(
+    model: str | None,
+    adapter,
+    out,
+    *,
+    type_name: str = "f16",
+    verify: bool = True,
+    overwrite: bool = False,
+    name: str | None = None,
+    pre_tokenizer: str | None = None,
+    fused=None,
+    log: "Callable[[str], None] | None" = None,
+) -> GGUFStats:
     """Fuse ``adapter`` into ``model`` (if given) and write ``out`` as GGUF ``type_name``.
 
     The file is written next to ``out`` under a temporary name and renamed into place only after
     verification (reload, compare logits and tokenization with the in-memory fused model) passes.
     ``fused`` reuses an already loaded :class:`~mlx_lora.converters.fuse.FusedModel`.
     """
-    import gguf
-
-    from mlx_lora.converters import verify as V
-    from mlx_lora.converters.fuse import ensure_output_path, load_fused, made_dirs
 
     t0 = time.perf_counter()
     type_name = check_type(type_name)
@@ -440,8 +467,10 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
         try:
             import llama_cpp  # noqa: F401  (fail before any work when the extra is missing)
         except ImportError:
-            raise ExportError(f"GGUF type '{type_name}' (a K-quant) is made by llama.cpp's own quantizer, which "
-                              f"needs the optional llama-cpp extra: {LLAMA_CPP_EXTRA}") from None
+            raise ExportError(
+                f"GGUF type '{type_name}' (a K-quant) is made by llama.cpp's own quantizer, which "
+                f"needs the optional llama-cpp extra: {LLAMA_CPP_EXTRA}"
+            ) from None
     fm = fused or load_fused(model, adapter)
     gguf_arch.arch_spec(fm.model_type).refuse(fm.config)
     with made_dirs(out.parent):
@@ -453,7 +482,9 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
                         stats = write_gguf(fm, inter, _intermediate_type(fm), name=name, pre_tokenizer=pre_tokenizer)
                         stats.path, stats.type = out, type_name
                         if fm.quantized:
-                            stats.notes.append(f"{len(fm.quantized)} quantized layers were dequantized for llama.cpp's K-quantizer")
+                            stats.notes.append(
+                                f"{len(fm.quantized)} quantized layers were dequantized for llama.cpp's K-quantizer"
+                            )
                         llama_cpp_quantize(inter, tmp, type_name)
                     stats.counts = {}
                     _, tensors = V.read_gguf(tmp)
@@ -461,7 +492,9 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
                         k = gguf.GGMLQuantizationType(t).name.lower()
                         stats.counts[k] = stats.counts.get(k, 0) + 1
                 else:
-                    stats = write_gguf(fm, tmp, type_name, name=name, pre_tokenizer=pre_tokenizer, stats=GGUFStats(out, type_name))
+                    stats = write_gguf(
+                        fm, tmp, type_name, name=name, pre_tokenizer=pre_tokenizer, stats=GGUFStats(out, type_name)
+                    )
                 if verify:
                     stats.verify = verify_gguf(fm, tmp, type_name)
                     stats.verify.raise_if_failed(str(out), _failure_hint(stats, type_name))
@@ -476,8 +509,10 @@ def export_gguf(model: str | None, adapter, out, *, type_name: str = "f16", veri
 def _failure_hint(stats: GGUFStats, type_name: str) -> str:
     if type_name in ("f32", "f16", "bf16"):
         return ""
-    hint = (f"{type_name} rounds the weights by more than this model tolerates; quantization steps larger than "
-            f"the fine-tune's change put the weights back on the base model's grid. Try q8_0 (or f16), or a K-quant.")
+    hint = (
+        f"{type_name} rounds the weights by more than this model tolerates; quantization steps larger than "
+        f"the fine-tune's change put the weights back on the base model's grid. Try q8_0 (or f16), or a K-quant."
+    )
     if stats.delta_errors:
         hint += f" (median ||Q(W')-W'||/||W'-W|| here: {np.median(list(stats.delta_errors.values())):.2g})"
     return hint
@@ -486,7 +521,6 @@ def _failure_hint(stats: GGUFStats, type_name: str) -> str:
 def verify_gguf(fm, path: Path, type_name: str):
     """Reload ``path`` into an MLX model, compare its logits with ``fm`` on the verification
     prompts, and check that its tokenizer metadata encodes like the source tokenizer."""
-    from mlx_lora.converters import verify as V
 
     tokens = V.prompts(fm.tokenizer)
     ref = V.logits(fm.model, tokens)

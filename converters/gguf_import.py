@@ -41,13 +41,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import gguf
+import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from mlx.utils import tree_flatten
 
+from mlx_lora.converters import gguf_arch, io
+from mlx_lora.converters.gguf_tokenizer import tokenizer_files
+from mlx_lora.plumbing.cache import cache_root
 from mlx_lora.plumbing.errors import ExportError, ModelError
 from mlx_lora.plumbing.io import OutputAppeared
-
-from mlx_lora.converters import gguf_arch
-from mlx_lora.converters import io
+from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
 
 PathLike = Union[str, os.PathLike]
 
@@ -56,7 +62,19 @@ IMPORTER_VERSION = 1
 
 GGUF_MAGIC = b"GGUF"
 # GGUF value type id -> numpy dtype (scalars and arrays); 7 (BOOL), 8 (STRING), 9 (ARRAY) are special.
-_SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+_SCALAR = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _STRUCT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY, _BOOL = 8, 9, 7
 
@@ -100,7 +118,6 @@ class GGUFFile:
 
 
 def ggml_type_name(type_id: int) -> str:
-    from gguf import GGMLQuantizationType
 
     try:
         return GGMLQuantizationType(type_id).name
@@ -176,7 +193,6 @@ def read_gguf(path: PathLike) -> GGUFFile:
 
     Raises :class:`ModelError` naming the file and the metadata key or tensor at fault.
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
     try:
@@ -220,7 +236,9 @@ def read_gguf(path: PathLike) -> GGUFFile:
         except (ValueError, KeyError):
             raise ModelError(f"{path}: tensor '{name}' has unknown tensor type id {type_id}") from None
         if not dims or dims[0] % block:
-            raise ModelError(f"{path}: tensor '{name}' ({qtype.name}) has shape {dims[::-1]} that is not whole blocks of {block}")
+            raise ModelError(
+                f"{path}: tensor '{name}' ({qtype.name}) has shape {dims[::-1]} that is not whole blocks of {block}"
+            )
         nbytes = math.prod(dims[1:]) * (dims[0] // block) * type_size
         start = data_start + rel
         if start + nbytes > size:
@@ -281,7 +299,6 @@ def _to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
 
 def _dequantize_rows(gf: GGUFFile, t: GGUFTensor, rows: slice) -> np.ndarray:
     """float32 values of a row range of ``t`` (2-D view: rows x last dim)."""
-    import gguf
 
     raw = gf.raw(t)[rows]
     if t.ggml_type == F32:
@@ -298,7 +315,6 @@ def _dequantize_rows(gf: GGUFFile, t: GGUFTensor, rows: slice) -> np.ndarray:
 
 def _check_decodable(gf: GGUFFile, t: GGUFTensor) -> None:
     """Raise naming the tensor if its type cannot be decoded (probed on its first row)."""
-    import gguf
 
     if t.ggml_type in (F32, F16, BF16) or t.ggml_type in AFFINE_TYPES:
         return
@@ -314,8 +330,13 @@ def _check_decodable(gf: GGUFFile, t: GGUFTensor) -> None:
 _ROW_CHUNK_ELEMENTS = 1 << 22  # bounds the float32 temporaries of one tensor
 
 
-def _dense(gf: GGUFFile, t: GGUFTensor, dtype: str, perm: Optional[np.ndarray],
-           values: Callable[[np.ndarray], np.ndarray] = lambda w: w) -> np.ndarray:
+def _dense(
+    gf: GGUFFile,
+    t: GGUFTensor,
+    dtype: str,
+    perm: Optional[np.ndarray],
+    values: Callable[[np.ndarray], np.ndarray] = lambda w: w,
+) -> np.ndarray:
     """The tensor in ``dtype``: ``values`` applied to float32 row chunks, then rows gathered by ``perm``."""
     rows = gf.raw(t).shape[0]
     cols = math.prod(t.shape) // rows
@@ -340,7 +361,6 @@ def _affine(gf: GGUFFile, t: GGUFTensor, dtype: str, perm: Optional[np.ndarray])
 
 
 def _requantized(gf: GGUFFile, t: GGUFTensor, bits: int, dtype: str, perm: Optional[np.ndarray], values):
-    import mlx.core as mx
 
     w = mx.array(_dense(gf, t, "float32", perm, values))
     wq, s, b = mx.quantize(w, group_size=GROUP_SIZE, bits=bits)
@@ -374,8 +394,14 @@ def hf_config(gf: GGUFFile, dtype: str) -> tuple[gguf_arch.ArchSpec, dict]:
         t = gf.tensors.get(name)
         return None if t is None else _dequantize_rows(gf, t, slice(None)).reshape(t.shape).astype(np.float64)
 
-    cfg = gguf_arch.hf_config(spec, gf.metadata, source=str(gf.path), tensor_names=gf.tensors, tensor=tensor,
-                              gguf_arch=gf.metadata["general.architecture"])
+    cfg = gguf_arch.hf_config(
+        spec,
+        gf.metadata,
+        source=str(gf.path),
+        tensor_names=gf.tensors,
+        tensor=tensor,
+        gguf_arch=gf.metadata["general.architecture"],
+    )
     cfg["vocab_size"] = gf.tensors["token_embd.weight"].shape[0]
     cfg["torch_dtype"] = dtype
     return spec, dict(sorted(cfg.items()))
@@ -406,7 +432,6 @@ def gguf_cache_dir(gguf_path: PathLike, keep_quantized: bool = False) -> Path:
         st = p.stat()
     except OSError as e:
         raise ModelError(f"{p}: cannot read ({e.strerror or e})") from None
-    from mlx_lora.plumbing.cache import cache_root
 
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}|q={int(bool(keep_quantized))}|v={IMPORTER_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -441,7 +466,7 @@ def _plan(gf: GGUFFile, spec: gguf_arch.ArchSpec, cfg: dict, keep_quantized: boo
             perm = gguf_arch.hf_row_order(spec, cfg, hf, t.shape[0])
         except ExportError as e:
             raise ModelError(f"{gf.path}: tensor '{t.name}': {e}") from None
-        values = lambda w, hf=hf: gguf_arch.values_from_gguf(spec, hf, w)  # noqa: E731
+        values = lambda w, hf=hf: gguf_arch.values_from_gguf(spec, hf, w)
         quantized = t.ggml_type not in (F32, F16, BF16)
         if keep_quantized and quantized and len(t.shape) == 2 and t.shape[1] % GROUP_SIZE == 0:
             if t.ggml_type in AFFINE_TYPES:
@@ -455,13 +480,11 @@ def _plan(gf: GGUFFile, spec: gguf_arch.ArchSpec, cfg: dict, keep_quantized: boo
 
 def _expected_parameters(cfg: dict, quantization: Optional[dict], quantized_weights=frozenset()) -> dict[str, tuple]:
     """Parameter names and shapes of mlx-lm's model for ``cfg`` (built lazily: no memory)."""
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-    from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
 
     model_class, args_class = _get_classes(cfg)
     model = model_class(args_class.from_dict(cfg))
     if quantization:
+
         def predicate(path, module):
             spec = quantization.get(path)
             if isinstance(spec, dict):
@@ -500,7 +523,6 @@ def import_gguf(
     dtype = dtype or _default_dtype(gf)
     io.mx_dtype(dtype)  # validates the name
     spec, cfg = hf_config(gf, dtype)
-    from mlx_lora.converters.gguf_tokenizer import tokenizer_files
 
     tok_files = tokenizer_files(gf.metadata, str(src), model_max_length=cfg["max_position_embeddings"])
     plans = _plan(gf, spec, cfg, keep_quantized)
@@ -522,7 +544,7 @@ def import_gguf(
         t = p.gguf
         if p.mode == "dense":
             tensors = [io.PendingTensor(p.hf_name, t.shape, dtype)]
-            compute: Callable = (lambda p=p: [_dense(gf, p.gguf, dtype, p.perm, p.values)])
+            compute: Callable = lambda p=p: [_dense(gf, p.gguf, dtype, p.perm, p.values)]
         else:
             rows, cols = t.shape
             base = p.hf_name[: -len(".weight")]
@@ -552,7 +574,9 @@ def import_gguf(
     for name, shape in produced.items():
         if tuple(expected[name]) != tuple(shape):
             gname = next((p.gguf.name for p in plans if p.hf_name.rsplit(".", 1)[0] == name.rsplit(".", 1)[0]), name)
-            raise ModelError(f"{src}: tensor '{gname}' has shape {list(shape)}, the model expects {list(expected[name])}")
+            raise ModelError(
+                f"{src}: tensor '{gname}' has shape {list(shape)}, the model expects {list(expected[name])}"
+            )
 
     generation = {k: cfg[k] for k in ("bos_token_id", "pad_token_id") if k in cfg}
     eos = [int(v) for k in ("eos", "eot", "eom") if (v := gf.metadata.get(f"tokenizer.ggml.{k}_token_id")) is not None]

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from mlx_lora.plumbing.errors import ModelError
-
 from mlx_lora.converters.gguf_vocab import CONTROL, NORMAL, PRE_TOKENIZER_ALIASES, UNKNOWN, USER_DEFINED
 from mlx_lora.converters.gguf_vocab import PRE_TOKENIZERS as _EXPORT_PRE_TOKENIZERS
+from mlx_lora.plumbing.errors import ModelError
 
 PRE_TOKENIZERS: dict[str, list[str]] = {
     name: list(_EXPORT_PRE_TOKENIZERS[PRE_TOKENIZER_ALIASES.get(name, name)])
@@ -60,9 +59,7 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
     tokens: list[str] = list(_required(meta, "tokenizer.ggml.tokens", source))
     types = list(_get(meta, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     if len(types) != len(tokens):
-        raise ModelError(
-            f"{source}: 'tokenizer.ggml.token_type' has {len(types)} entries for {len(tokens)} tokens"
-        )
+        raise ModelError(f"{source}: 'tokenizer.ggml.token_type' has {len(types)} entries for {len(tokens)} tokens")
     vocab = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)  # a duplicate piece keeps its first id, as llama.cpp's lookup does
@@ -79,7 +76,9 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
         for rank, m in enumerate(merges_raw):
             parts = m.split(" ")
             if len(parts) != 2:
-                raise ModelError(f"{source}: 'tokenizer.ggml.merges'[{rank}] = {m!r} is not two pieces separated by a space")
+                raise ModelError(
+                    f"{source}: 'tokenizer.ggml.merges'[{rank}] = {m!r} is not two pieces separated by a space"
+                )
             merges.append((parts[0], parts[1]))
         model = models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _IGNORE_MERGES)
         tok = Tokenizer(model)
@@ -110,7 +109,8 @@ def build_tokenizer(meta: dict, source: str = "GGUF file"):
         special_types = (CONTROL, UNKNOWN)
     else:
         raise ModelError(
-            f"{source}: unsupported tokenizer model 'tokenizer.ggml.model' = '{kind}'; supported: gpt2 (BPE), llama (SentencePiece)"
+            f"{source}: unsupported tokenizer model 'tokenizer.ggml.model' = '{kind}'; "
+            "supported: gpt2 (BPE), llama (SentencePiece)"
         )
 
     added = []
@@ -146,8 +146,10 @@ def added_bos_eos(meta: dict) -> tuple[bool, bool]:
         bos_default = meta.get("tokenizer.ggml.pre", "default") in _BOS_BY_DEFAULT
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", bos_default))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-    return (add_bos and _valid(meta.get("tokenizer.ggml.bos_token_id"), tokens),
-            add_eos and _valid(meta.get("tokenizer.ggml.eos_token_id"), tokens))
+    return (
+        add_bos and _valid(meta.get("tokenizer.ggml.bos_token_id"), tokens),
+        add_eos and _valid(meta.get("tokenizer.ggml.eos_token_id"), tokens),
+    )
 
 
 def _valid(token_id: Optional[int], tokens: list[str]) -> bool:
@@ -189,8 +191,12 @@ def tokenizer_files(meta: dict, source: str = "GGUF file", model_max_length: Opt
     for i, (t, ty) in enumerate(zip(tokens, types)):
         if ty in special_types or ty == USER_DEFINED:
             added_decoder[str(i)] = {
-                "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                "single_word": False, "special": ty in special_types,
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": ty in special_types,
             }
     bos, eos, unk, pad = name("bos"), name("eos"), name("unknown"), name("padding")
     add_bos, add_eos = added_bos_eos(meta)
@@ -207,12 +213,18 @@ def tokenizer_files(meta: dict, source: str = "GGUF file", model_max_length: Opt
     }
     if model_max_length:
         config["model_max_length"] = int(model_max_length)
-    templates = {k[len("tokenizer.chat_template"):].lstrip("."): v for k, v in meta.items() if k.startswith("tokenizer.chat_template")}
+    templates = {
+        k[len("tokenizer.chat_template") :].lstrip("."): v
+        for k, v in meta.items()
+        if k.startswith("tokenizer.chat_template")
+    }
     if "" in templates and len(templates) == 1:
         config["chat_template"] = templates[""]
     elif templates:
         config["chat_template"] = [{"name": k or "default", "template": v} for k, v in sorted(templates.items())]
-    special_map = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)) if v}
+    special_map = {
+        k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)) if v
+    }
     return {
         "tokenizer.json": tok.to_str(pretty=True),
         "tokenizer_config.json": config,

@@ -24,16 +24,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
+
 from mlx_lora.plumbing.errors import ExportError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # The split regexes of the common byte-level BPE pre-tokenizers, as tokenizer.json spells them.
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 DIGIT_REGEX = r"\p{N}"
 
 PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
@@ -45,23 +51,29 @@ PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
 """llama.cpp pre-tokenizer name -> the regexes it splits text with, in order (the names export writes)."""
 
 PRE_TOKENIZER_ALIASES: dict[str, str] = {
-    "default": "gpt-2", "gpt2": "gpt-2",
-    "llama3": "llama-bpe", "llama-v3": "llama-bpe", "smaug-bpe": "llama-bpe", "dbrx": "llama-bpe",
+    "default": "gpt-2",
+    "gpt2": "gpt-2",
+    "llama3": "llama-bpe",
+    "llama-v3": "llama-bpe",
+    "smaug-bpe": "llama-bpe",
+    "dbrx": "llama-bpe",
     "deepseek-r1-qwen": "qwen2",
-    "starcoder": "smollm", "refact": "smollm", "command-r": "smollm",
+    "starcoder": "smollm",
+    "refact": "smollm",
+    "command-r": "smollm",
 }
 """Other llama.cpp names for the same regexes, which files written elsewhere carry."""
 
 
 @dataclass
 class Vocab:
-    model: str                      # "gpt2" or "llama"
+    model: str  # "gpt2" or "llama"
     pre: str
     tokens: list[str]
     types: list[int]
     scores: list[float] | None = None
     add_space_prefix: bool | None = None
-    special: Any = None             # gguf.SpecialVocab: merges, special ids, add_* flags, chat template
+    special: Any = None  # gguf.SpecialVocab: merges, special ids, add_* flags, chat template
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -134,8 +146,10 @@ def _added_tokens(folder: Path, tok_json: dict) -> dict[int, tuple[str, bool]]:
 
 def _pad(tokens: list, types: list, scores: list | None, n_vocab: int, source: str, pad_score: float) -> None:
     if len(tokens) > n_vocab:
-        raise ExportError(f"{source}: the tokenizer defines {len(tokens)} tokens but the model's embedding has only "
-                          f"{n_vocab} rows (config vocab_size)")
+        raise ExportError(
+            f"{source}: the tokenizer defines {len(tokens)} tokens but the model's embedding has only "
+            f"{n_vocab} rows (config vocab_size)"
+        )
     for i in range(len(tokens), n_vocab):
         tokens.append(f"[PAD{i}]")
         types.append(UNUSED)
@@ -275,26 +289,35 @@ def read_vocab(folder, config: dict, pre_tokenizer: str | None = None, tokenizer
     """Read the tokenizer of the HF folder ``folder`` for a model whose embedding has
     ``config["vocab_size"]`` rows. ``tokenizer`` (the loaded tokenizer, optional) decides the
     pre-tokenizer name; ``pre_tokenizer`` overrides it."""
-    import gguf
 
     folder = Path(folder)
     n_vocab = int(config["vocab_size"])
-    if pre_tokenizer is not None and pre_tokenizer not in PRE_TOKENIZERS and not re.fullmatch(r"[\w.-]+", pre_tokenizer):
+    if (
+        pre_tokenizer is not None
+        and pre_tokenizer not in PRE_TOKENIZERS
+        and not re.fullmatch(r"[\w.-]+", pre_tokenizer)
+    ):
         raise ExportError(f"--pre-tokenizer '{pre_tokenizer}' is not a valid llama.cpp pre-tokenizer name")
     tok_json = _load_json(folder / "tokenizer.json")
     tok_conf = _load_json(folder / "tokenizer_config.json")
-    if (folder / "tokenizer.model").is_file() and tok_conf.get("tokenizer_class") not in ("GPT2Tokenizer", "GPT2TokenizerFast"):
+    if (folder / "tokenizer.model").is_file() and tok_conf.get("tokenizer_class") not in (
+        "GPT2Tokenizer",
+        "GPT2TokenizerFast",
+    ):
         vocab = _spm_vocab(folder, n_vocab)
     elif tok_json:
         model = tok_json.get("model") or {}
         if model.get("type") != "BPE":
-            raise ExportError(f"{folder / 'tokenizer.json'}: tokenizer model '{model.get('type')}' is not supported "
-                              f"(supported: byte-level BPE, SentencePiece)")
+            raise ExportError(
+                f"{folder / 'tokenizer.json'}: tokenizer model '{model.get('type')}' is not supported "
+                f"(supported: byte-level BPE, SentencePiece)"
+            )
         if model.get("byte_fallback"):
             vocab = _spm_bpe_vocab(folder, tok_json, n_vocab)
         else:
-            vocab = _bpe_vocab(folder, tok_json, n_vocab, pre_tokenizer,
-                               backend_json(tokenizer) if tokenizer is not None else None)
+            vocab = _bpe_vocab(
+                folder, tok_json, n_vocab, pre_tokenizer, backend_json(tokenizer) if tokenizer is not None else None
+            )
     else:
         raise ExportError(f"{folder}: no tokenizer.json or tokenizer.model; the GGUF file needs the tokenizer")
     if "add_prefix_space" in tok_conf and vocab.model == "llama":

@@ -26,20 +26,34 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from mlx_lora.plumbing.errors import ExportError, ModelError
-
-from mlx_lora.plumbing.io import temp_prefix
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mlx_lora.converters import io
 from mlx_lora.converters.config_spellings import normalize as normalize_spelling
+from mlx_lora.converters.gguf_import import import_gguf
+from mlx_lora.model.loading import resolve
+from mlx_lora.plumbing.errors import ExportError, ModelError
+from mlx_lora.plumbing.io import temp_prefix
+from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
+from mlx_lora.plumbing.ownership import check_output_dir
 
 PathLike = Union[str, os.PathLike]
 
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "*.tiktoken",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "*.tiktoken",
 )
 _TOKENIZER_MODELS = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
 
@@ -70,24 +84,43 @@ def convert(
     are; ``hf`` asks for a plain Hugging Face folder (dequantized, loadable by transformers).
     The output is written atomically: it is complete or absent. Returns ``out_dir``.
     """
-    from mlx_lora.plumbing.ownership import check_output_dir
 
     _check_options(quantize, bits, group_size, keep, dtype)
     out_dir = check_output_dir(out_dir, "model", overwrite=overwrite)  # before any download or work
     src_path = Path(str(src)).expanduser()
     if src_path.suffix.lower() == ".gguf":
-        return _convert_gguf(src_path, out_dir, dtype=dtype, quantize=quantize, bits=bits, group_size=group_size,
-                             keep=keep, keep_quantized=keep_quantized, hf=hf, overwrite=overwrite,
-                             show_progress=show_progress, max_shard_bytes=max_shard_bytes)
+        return _convert_gguf(
+            src_path,
+            out_dir,
+            dtype=dtype,
+            quantize=quantize,
+            bits=bits,
+            group_size=group_size,
+            keep=keep,
+            keep_quantized=keep_quantized,
+            hf=hf,
+            overwrite=overwrite,
+            show_progress=show_progress,
+            max_shard_bytes=max_shard_bytes,
+        )
     if keep_quantized:
         raise ExportError("--keep-quantized applies to GGUF sources only")
     if hf:
         raise ExportError("--hf applies to GGUF sources only (a Hugging Face folder is already in HF layout)")
-    from mlx_lora.model.loading import resolve
 
     folder, _ = resolve(str(src), revision)
-    return convert_folder(folder, out_dir, dtype=dtype, quantize=quantize, bits=bits, group_size=group_size,
-                          keep=keep, overwrite=overwrite, show_progress=show_progress, max_shard_bytes=max_shard_bytes)
+    return convert_folder(
+        folder,
+        out_dir,
+        dtype=dtype,
+        quantize=quantize,
+        bits=bits,
+        group_size=group_size,
+        keep=keep,
+        overwrite=overwrite,
+        show_progress=show_progress,
+        max_shard_bytes=max_shard_bytes,
+    )
 
 
 def _check_options(quantize: bool, bits: int, group_size: int, keep: Optional[list[str]], dtype: Optional[str]) -> None:
@@ -97,29 +130,57 @@ def _check_options(quantize: bool, bits: int, group_size: int, keep: Optional[li
         if bits not in QUANT_BITS:
             raise ExportError(f"--bits {bits} is not supported; choose one of {', '.join(map(str, QUANT_BITS))}")
         if group_size not in GROUP_SIZES:
-            raise ExportError(f"--group-size {group_size} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}")
+            raise ExportError(
+                f"--group-size {group_size} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}"
+            )
     elif keep:
         raise ExportError("--keep chooses layers to leave unquantized; it needs -q/--quantize")
 
 
-def _convert_gguf(src: Path, out_dir, *, dtype, quantize, bits, group_size, keep, keep_quantized, hf, overwrite,
-                  show_progress, max_shard_bytes) -> Path:
-    from mlx_lora.converters.gguf_import import import_gguf
+def _convert_gguf(
+    src: Path,
+    out_dir,
+    *,
+    dtype,
+    quantize,
+    bits,
+    group_size,
+    keep,
+    keep_quantized,
+    hf,
+    overwrite,
+    show_progress,
+    max_shard_bytes,
+) -> Path:
 
     if hf and (quantize or keep_quantized):
-        raise ExportError("--hf writes a plain (dequantized) Hugging Face folder; it cannot be combined with -q or --keep-quantized")
+        raise ExportError(
+            "--hf writes a plain (dequantized) Hugging Face folder; it cannot be combined with -q or --keep-quantized"
+        )
     if quantize and keep_quantized:
-        raise ExportError("choose either -q (re-quantize with MLX) or --keep-quantized (keep the GGUF's own quantization)")
+        raise ExportError(
+            "choose either -q (re-quantize with MLX) or --keep-quantized (keep the GGUF's own quantization)"
+        )
     if not quantize:
-        return import_gguf(src, out_dir, keep_quantized=keep_quantized, dtype=dtype, overwrite=overwrite,
-                           show_progress=show_progress)
+        return import_gguf(
+            src, out_dir, keep_quantized=keep_quantized, dtype=dtype, overwrite=overwrite, show_progress=show_progress
+        )
     out = Path(out_dir).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     # Dequantize next to the output (same disk), then quantize from there.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=temp_prefix(out.name), suffix=".gguf-import.tmp") as tmp:
         staged = import_gguf(src, Path(tmp) / "hf", dtype=dtype, show_progress=show_progress)
-        return convert_folder(staged, out, quantize=True, bits=bits, group_size=group_size, keep=keep,
-                              overwrite=overwrite, show_progress=show_progress, max_shard_bytes=max_shard_bytes)
+        return convert_folder(
+            staged,
+            out,
+            quantize=True,
+            bits=bits,
+            group_size=group_size,
+            keep=keep,
+            overwrite=overwrite,
+            show_progress=show_progress,
+            max_shard_bytes=max_shard_bytes,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +216,6 @@ def _matches(pattern: str, path: str, module) -> bool:
     path; anything else is a glob matched against the path or any dotted suffix of it, so
     ``lm_head``, ``down_proj``, ``mlp.*`` and ``model.layers.0.*`` all work.
     """
-    import mlx.nn as nn
 
     if pattern == "embeddings":
         return isinstance(module, nn.Embedding)
@@ -170,7 +230,6 @@ def _matches(pattern: str, path: str, module) -> bool:
 
 
 def _model_for(config: dict, config_path: Path):
-    from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
 
     model_type = config.get("model_type")
     if not model_type:
@@ -178,16 +237,22 @@ def _model_for(config: dict, config_path: Path):
     if "quantization" in config or "quantization_config" in config:
         raise ModelError(
             f"{config_path}: the model is already quantized (field "
-            f"'{'quantization' if 'quantization' in config else 'quantization_config'}'); convert from the unquantized checkpoint"
+            f"'{'quantization' if 'quantization' in config else 'quantization_config'}'); "
+            "convert from the unquantized checkpoint"
         )
     try:
         model_class, args_class = _get_classes(config)
     except (ValueError, ImportError):
-        raise ModelError(f"{config_path}: unsupported architecture '{model_type}' (field 'model_type'): mlx-lm has no implementation of it") from None
+        raise ModelError(
+            f"{config_path}: unsupported architecture '{model_type}' (field 'model_type'): "
+            "mlx-lm has no implementation of it"
+        ) from None
     try:
         return model_class(args_class.from_dict(config))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ModelError(f"{config_path}: cannot build a '{model_type}' model from this config ({type(e).__name__}: {e})") from None
+        raise ModelError(
+            f"{config_path}: cannot build a '{model_type}' model from this config ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -200,7 +265,9 @@ def _weight_files(folder: Path) -> list[Path]:
         files = list(dict.fromkeys(wmap.values()))
         for f in files:
             if not (folder / f).is_file():
-                raise ModelError(f"{index_path}: names shard '{f}', which is missing from {folder} (incomplete download?)")
+                raise ModelError(
+                    f"{index_path}: names shard '{f}', which is missing from {folder} (incomplete download?)"
+                )
         return [folder / f for f in files]
     files = sorted(folder.glob("model*.safetensors")) or sorted(
         p for p in folder.glob("*.safetensors") if not p.name.startswith(("adapter", "consolidated"))
@@ -236,8 +303,6 @@ def convert_folder(
     max_shard_bytes: int = io.MAX_SHARD_BYTES,
 ) -> Path:
     """Convert a local Hugging Face folder to an MLX folder; see :func:`convert`."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     _check_options(quantize, bits, group_size, keep, dtype)
     folder = Path(folder)
@@ -263,13 +328,19 @@ def convert_folder(
 
     missing = sorted(set(expected) - set(weights))
     if missing:
-        raise ModelError(f"{folder}: weight files lack {len(missing)} tensor(s) the model needs: {', '.join(missing[:8])}")
+        raise ModelError(
+            f"{folder}: weight files lack {len(missing)} tensor(s) the model needs: {', '.join(missing[:8])}"
+        )
     for name, arr in weights.items():
         where = origin[name] if name in origin else folder
         if name not in expected:
-            raise ModelError(f"{where}: tensor '{name}' does not belong to a '{config['model_type']}' model (unexpected tensor)")
+            raise ModelError(
+                f"{where}: tensor '{name}' does not belong to a '{config['model_type']}' model (unexpected tensor)"
+            )
         if tuple(arr.shape) != expected[name]:
-            raise ModelError(f"{where}: tensor '{name}' has shape {list(arr.shape)}, the config implies {list(expected[name])}")
+            raise ModelError(
+                f"{where}: tensor '{name}' has shape {list(arr.shape)}, the config implies {list(expected[name])}"
+            )
 
     target = io.mx_dtype(dtype) if dtype else None
     cast_ok = getattr(model, "cast_predicate", lambda _k: True)
@@ -307,6 +378,7 @@ def convert_folder(
             def compute(name=name, dt=dt, g=g, b=b):
                 a = weights.pop(name)
                 return list(mx.quantize(a.astype(dt), group_size=g, bits=b))
+
         groups.append((tensors, compute))
 
     out_config = {k: v for k, v in config.items() if k != "_name_or_path"}
@@ -325,8 +397,9 @@ def convert_folder(
         out_config["quantization_config"] = quantization
 
     with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        io.write_sharded(tmp, groups, metadata={"format": "mlx"}, max_shard_bytes=max_shard_bytes,
-                         show_progress=show_progress)
+        io.write_sharded(
+            tmp, groups, metadata={"format": "mlx"}, max_shard_bytes=max_shard_bytes, show_progress=show_progress
+        )
         io.write_json(tmp / "config.json", dict(sorted(out_config.items())))
         io.copy_files(folder, tmp, list(TOKENIZER_FILES) + ["generation_config.json"])
     return Path(out_dir).expanduser()
@@ -371,6 +444,7 @@ def _quantization_plan(model, weights: dict, bits: int, group_size: int, keep: O
 def _kept(model, keep: Optional[list[str]], plan: dict) -> set[str]:
     patterns = [p for p, b in parse_keep(keep) if b is None]
     return {
-        path for path, module in model.named_modules()
+        path
+        for path, module in model.named_modules()
         if hasattr(module, "to_quantized") and path not in plan and any(_matches(p, path, module) for p in patterns)
     }

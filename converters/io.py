@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
+import mlx.core as mx
+import numpy as np
+
 from mlx_lora.plumbing.errors import ExportError, ModelError
 from mlx_lora.plumbing.io import atomic_dir, atomic_write_json
-from mlx_lora.plumbing.progress import ByteProgress
 from mlx_lora.plumbing.ownership import building, check_output_dir, write_marker
+from mlx_lora.plumbing.progress import ByteProgress
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,7 +63,6 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 def mx_dtype(name: str):
     """The MLX dtype called ``name`` (one of :data:`FLOAT_DTYPES`)."""
-    import mlx.core as mx
 
     if name not in FLOAT_DTYPES:
         raise ExportError(f"unsupported dtype '{name}'; choose one of {', '.join(FLOAT_DTYPES)}")
@@ -77,8 +79,9 @@ def dtype_name(dtype) -> str:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: PathLike, *, overwrite: bool = False, kind: str = "model",
-                      command: str = "convert") -> Iterator[Path]:
+def atomic_output_dir(
+    out_dir: PathLike, *, overwrite: bool = False, kind: str = "model", command: str = "convert"
+) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``out_dir``; on success move it to ``out_dir``.
 
     On any exception the temporary folder is deleted and ``out_dir`` is left as it was, so a
@@ -126,8 +129,10 @@ def read_json(path: PathLike, what: str = "file") -> dict:
 def disk_error(e: OSError, path: Path, tensor: Optional[str] = None) -> ExportError:
     what = f" (tensor '{tensor}')" if tensor else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ExportError(f"out of disk space while writing {path}{what}; nothing was left in the output folder "
-                           f"(free space, or write to another disk)")
+        return ExportError(
+            f"out of disk space while writing {path}{what}; nothing was left in the output folder "
+            f"(free space, or write to another disk)"
+        )
     return ExportError(f"cannot write {path}{what}: {e.strerror or e}")
 
 
@@ -209,7 +214,6 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict
 
 def load_safetensors(path: PathLike) -> dict:
     """Validate ``path`` and return its tensors as lazily loaded MLX arrays."""
-    import mlx.core as mx
 
     tensors, _ = read_safetensors_header(path)
     for t in tensors.values():
@@ -278,7 +282,6 @@ def write_safetensors_streaming(
     is held in memory at once. Returns ``{name: nbytes}``. Disk errors raise
     :class:`ExportError` naming the file and the tensor being written.
     """
-    import mlx.core as mx
 
     path = Path(path)
     header: dict = {}
@@ -286,7 +289,11 @@ def write_safetensors_streaming(
     for tensors, _ in groups:
         for t in tensors:
             n = _nbytes(t.shape, t.dtype)
-            header[t.name] = {"dtype": _MLX_TO_SAFETENSORS[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            header[t.name] = {
+                "dtype": _MLX_TO_SAFETENSORS[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + n],
+            }
             offset += n
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -321,8 +328,6 @@ def _tensor_bytes(t: PendingTensor, a) -> memoryview:
     ``a`` is an MLX array or a numpy array; a numpy ``bfloat16`` tensor is passed as its raw
     ``uint16`` bits (numpy has no bfloat16).
     """
-    import mlx.core as mx
-    import numpy as np
 
     if isinstance(a, np.ndarray):
         want = "uint16" if t.dtype == "bfloat16" else t.dtype

@@ -14,19 +14,25 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    stacked: str          # mlx-lm's module holding the stacked experts, relative to a block
-    per_expert: str       # the hub's module holding expert E (``{e}`` stands for E)
-    names: dict           # mlx-lm projection name -> the hub's name
+    stacked: str  # mlx-lm's module holding the stacked experts, relative to a block
+    per_expert: str  # the hub's module holding expert E (``{e}`` stands for E)
+    names: dict  # mlx-lm projection name -> the hub's name
     fused_pairs: tuple = ("gate_proj", "up_proj")  # mlx-lm names transformers 5 fuses into gate_up_proj
 
 
-_QWEN = ExpertLayout("mlp.switch_mlp", "mlp.experts.{e}",
-                     {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})
-_MIXTRAL = ExpertLayout("block_sparse_moe.switch_mlp", "block_sparse_moe.experts.{e}",
-                        {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"})
+_QWEN = ExpertLayout(
+    "mlp.switch_mlp", "mlp.experts.{e}", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+)
+_MIXTRAL = ExpertLayout(
+    "block_sparse_moe.switch_mlp",
+    "block_sparse_moe.experts.{e}",
+    {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
+)
 
 LAYOUTS: dict[str, ExpertLayout] = {
     "qwen3_moe": _QWEN,
@@ -85,7 +91,6 @@ def stack_expert_state(model_type: str, state: dict) -> dict:
     .lora_A.weight`` [r, in], as peft writes them for a transformers 4 model and as our PEFT export
     does) stacked into mlx-lm's expert layers (``...mlp.switch_mlp.gate_proj.lora_A.weight``
     [E, r, in]). Anything else, and experts not numbered 0..E-1 without a gap, stays as it is."""
-    import mlx.core as mx
 
     layout = LAYOUTS.get(model_type)
     if layout is None:

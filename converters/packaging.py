@@ -19,8 +19,8 @@ chat template from the GGUF metadata.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,8 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlx_lora.plumbing.errors import ExportError
+from mlx_lora.converters.adapter_export import export_gguf_adapter
+from mlx_lora.converters.fuse import ensure_output_path, load_fused
+from mlx_lora.converters.gguf_export import check_type, export_gguf
 from mlx_lora.data.templates import apply_chat_template
+from mlx_lora.plumbing.errors import ExportError
+from mlx_lora.plumbing.io import atomic_write_text
+from mlx_lora.plumbing.ownership import building, read_marker, record, write_marker
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +106,20 @@ class ChatFormat:
             parts.append("{{ $sys := .System }}")
         else:
             otherwise = f"{{{{ else }}}}{self.head}" if self.head else ""
-            parts.append(f"{{{{ if .System }}}}{self.system_prefix}{{{{ .System }}}}{self.system_suffix}"
-                         f"{otherwise}{{{{ end }}}}")
+            parts.append(
+                f"{{{{ if .System }}}}{self.system_prefix}{{{{ .System }}}}{self.system_suffix}{otherwise}{{{{ end }}}}"
+            )
         user_content = "{{ .Content }}"
         if self.system_in_user and self.system_prefix is not None:
-            user_content = (f"{{{{ if $sys }}}}{self.system_prefix}{{{{ $sys }}}}{self.system_suffix}"
-                            f"{{{{ $sys = \"\" }}}}{{{{ end }}}}{{{{ .Content }}}}")
-        parts.append(f"{{{{ range .Messages }}}}{{{{ if eq .Role \"user\" }}}}{self.user_prefix}{user_content}"
-                     f"{self.user_suffix}{{{{ else if eq .Role \"assistant\" }}}}{self.assistant_prefix}"
-                     f"{{{{ .Content }}}}{self.assistant_suffix}{{{{ end }}}}{{{{ end }}}}")
+            user_content = (
+                f"{{{{ if $sys }}}}{self.system_prefix}{{{{ $sys }}}}{self.system_suffix}"
+                f'{{{{ $sys = "" }}}}{{{{ end }}}}{{{{ .Content }}}}'
+            )
+        parts.append(
+            f'{{{{ range .Messages }}}}{{{{ if eq .Role "user" }}}}{self.user_prefix}{user_content}'
+            f'{self.user_suffix}{{{{ else if eq .Role "assistant" }}}}{self.assistant_prefix}'
+            f"{{{{ .Content }}}}{self.assistant_suffix}{{{{ end }}}}{{{{ end }}}}"
+        )
         parts.append(self.generation_prompt)
         return "".join(parts)
 
@@ -124,62 +134,77 @@ def derive_chat_format(tokenizer, add_bos: bool) -> ChatFormat | None:
     dropped rather than doubled)."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    u1, a1, u2, s1 = ({"role": "user", "content": _U1}, {"role": "assistant", "content": _A1},
-                      {"role": "user", "content": _U2}, {"role": "system", "content": _S1})
+    u1, a1, u2, s1 = (
+        {"role": "user", "content": _U1},
+        {"role": "assistant", "content": _A1},
+        {"role": "user", "content": _U2},
+        {"role": "system", "content": _S1},
+    )
     try:
         r_u = _render(tokenizer, [u1], False)
         r_ua = _render(tokenizer, [u1, a1], False)
         r_uau = _render(tokenizer, [u1, a1, u2], False)
         r_ug = _render(tokenizer, [u1], True)
-    except Exception:  # noqa: BLE001  (Jinja and transformers raise many types; any means "cannot render")
+    except Exception:
         return None
     bos = getattr(tokenizer, "bos_token", None) or ""
     # A template that prints bos_token starts every rendering with it; a template may also simply
     # start with the same text (SmolLM2's BOS is <|im_start|>), which is not a BOS to drop.
     prints_bos = "bos_token" in str(tokenizer.chat_template)
     lead = bos if bos and prints_bos and all(r.startswith(bos) for r in (r_u, r_ua, r_uau, r_ug)) else ""
-    r_u, r_ua, r_uau, r_ug = (r[len(lead):] for r in (r_u, r_ua, r_uau, r_ug))
+    r_u, r_ua, r_uau, r_ug = (r[len(lead) :] for r in (r_u, r_ua, r_uau, r_ug))
     if not (r_ua.startswith(r_u) and r_uau.startswith(r_ua) and r_ug.startswith(r_u)) or r_u.count(_U1) != 1:
         return None
     i = r_u.index(_U1)
-    first_prefix, user_suffix = r_u[:i], r_u[i + len(_U1):]
-    turn = r_ua[len(r_u):]
+    first_prefix, user_suffix = r_u[:i], r_u[i + len(_U1) :]
+    turn = r_ua[len(r_u) :]
     if turn.count(_A1) != 1:
         return None
     j = turn.index(_A1)
-    assistant_prefix, assistant_suffix = turn[:j], turn[j + len(_A1):]
-    second = r_uau[len(r_ua):]
+    assistant_prefix, assistant_suffix = turn[:j], turn[j + len(_A1) :]
+    second = r_uau[len(r_ua) :]
     if second.count(_U2) != 1 or not second.endswith(_U2 + user_suffix):
         return None
     user_prefix = second[: second.index(_U2)]
     if not first_prefix.endswith(user_prefix):
         return None
-    fmt = ChatFormat(user_prefix, user_suffix, assistant_prefix, assistant_suffix, r_ug[len(r_u):],
-                     head=first_prefix[: len(first_prefix) - len(user_prefix)],
-                     bos="" if add_bos else lead)
+    fmt = ChatFormat(
+        user_prefix,
+        user_suffix,
+        assistant_prefix,
+        assistant_suffix,
+        r_ug[len(r_u) :],
+        head=first_prefix[: len(first_prefix) - len(user_prefix)],
+        bos="" if add_bos else lead,
+    )
     try:
-        r_s = _render(tokenizer, [s1, u1], False)[len(lead):]
-    except Exception:  # noqa: BLE001  (templates raise_exception on a system role they do not support)
+        r_s = _render(tokenizer, [s1, u1], False)[len(lead) :]
+    except Exception:
         r_s = None
     if r_s is not None and r_s.count(_S1) == 1:
         user_turn = user_prefix + _U1 + user_suffix
         k = r_s.index(_S1)
         if r_s.endswith(user_turn) and k < len(r_s) - len(user_turn):
             block = r_s[: len(r_s) - len(user_turn)]
-            fmt.system_prefix, fmt.system_suffix = block[:k], block[k + len(_S1):]
+            fmt.system_prefix, fmt.system_suffix = block[:k], block[k + len(_S1) :]
         elif r_s.startswith(fmt.head + user_prefix) and r_s.endswith(_U1 + user_suffix):
-            inner = r_s[len(fmt.head + user_prefix): len(r_s) - len(_U1 + user_suffix)]
+            inner = r_s[len(fmt.head + user_prefix) : len(r_s) - len(_U1 + user_suffix)]
             k = inner.find(_S1)
             if k >= 0:
                 fmt.system_in_user = True
-                fmt.system_prefix, fmt.system_suffix = inner[:k], inner[k + len(_S1):]
+                fmt.system_prefix, fmt.system_suffix = inner[:k], inner[k + len(_S1) :]
     # The description must reproduce the template on a conversation it was not derived from.
     # Short contents too: a template that branches on the content would be caught here.
     convo = ([s1] if fmt.system_prefix is not None else []) + [
-        u1, a1, u2, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "hi"}]
+        u1,
+        a1,
+        u2,
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "hi"},
+    ]
     try:
-        want = _render(tokenizer, convo, True)[len(lead):]
-    except Exception:  # noqa: BLE001  (a template that refuses this conversation is not a fixed wrapper)
+        want = _render(tokenizer, convo, True)[len(lead) :]
+    except Exception:
         return None
     probe = ChatFormat(**{**fmt.__dict__, "bos": ""})
     if probe.render(convo) != want:
@@ -207,7 +232,7 @@ def stop_tokens(tokenizer, fmt: ChatFormat | None, generation: dict) -> list[str
     assistant turn in the chat format."""
     stops: list[str] = []
     eos = generation.get("eos_token_id")
-    for tid in (eos if isinstance(eos, list) else [eos]):
+    for tid in eos if isinstance(eos, list) else [eos]:
         if tid is not None:
             try:
                 tok = tokenizer.convert_ids_to_tokens(int(tid))
@@ -229,9 +254,16 @@ def _quote(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
-def modelfile_text(from_path: str, *, adapter_path: str | None = None, fmt: ChatFormat | None = None,
-                   stops: list[str] = (), num_ctx: int | None = None, generation: dict | None = None,
-                   system: str | None = None) -> str:
+def modelfile_text(
+    from_path: str,
+    *,
+    adapter_path: str | None = None,
+    fmt: ChatFormat | None = None,
+    stops: list[str] = (),
+    num_ctx: int | None = None,
+    generation: dict | None = None,
+    system: str | None = None,
+) -> str:
     lines = ["# Modelfile written by mlx-lora", f"FROM {from_path}"]
     if adapter_path:
         lines.append(f"ADAPTER {adapter_path}")
@@ -248,8 +280,12 @@ def modelfile_text(from_path: str, *, adapter_path: str | None = None, fmt: Chat
     if num_ctx:
         lines.append(f"PARAMETER num_ctx {int(num_ctx)}")
     gen = generation or {}
-    for key, param in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
-                       ("repetition_penalty", "repeat_penalty")):
+    for key, param in (
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("top_k", "top_k"),
+        ("repetition_penalty", "repeat_penalty"),
+    ):
         if gen.get(key) is not None and (key != "top_k" or int(gen[key]) > 0):
             lines.append(f"PARAMETER {param} {gen[key]}")
     return "\n".join(lines) + "\n"
@@ -282,23 +318,27 @@ def _safe_name(name: str) -> str:
     return name
 
 
-def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_name: str = "q8_0",
-                  mode: str = "fused", create: bool | None = None, system: str | None = None,
-                  verify: bool = True, overwrite: bool = False, num_ctx: int | None = None,
-                  log: Callable[[str], None] = _log_default) -> PackageResult:
+def export_ollama(
+    model: str | None,
+    adapter,
+    name: str,
+    *,
+    out_dir=None,
+    type_name: str = "q8_0",
+    mode: str = "fused",
+    create: bool | None = None,
+    system: str | None = None,
+    verify: bool = True,
+    overwrite: bool = False,
+    num_ctx: int | None = None,
+    log: Callable[[str], None] = _log_default,
+) -> PackageResult:
     """Write a folder with the GGUF file(s) and a Modelfile for ``ollama create``.
 
     ``mode``: ``fused`` (one GGUF with the adapter merged; works for LoRA and DoRA) or
     ``adapter`` (the base model GGUF, or the ``--model`` .gguf file itself, plus a GGUF LoRA on
     an ``ADAPTER`` line). ``create``: run ``ollama create`` (default: when ollama is on PATH).
     """
-    from mlx_lora.plumbing.io import atomic_write_text
-
-    from mlx_lora.converters.adapter_export import export_gguf_adapter
-    from mlx_lora.converters.fuse import ensure_output_path, load_fused
-    from mlx_lora.converters.gguf_export import check_type, export_gguf
-    from mlx_lora.plumbing.ownership import building
-
 
     name = _safe_name(name)
     type_name = check_type(type_name)
@@ -306,8 +346,9 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
         raise ExportError(f"--mode {mode}: choose 'fused' or 'adapter'")
     if mode == "adapter" and adapter is None:
         raise ExportError("--mode adapter needs --adapter")
-    folder = ensure_output_path(Path(out_dir or f"{name.replace('/', '_').replace(':', '_')}-ollama"),
-                                overwrite, is_dir=True, kind="ollama")
+    folder = ensure_output_path(
+        Path(out_dir or f"{name.replace('/', '_').replace(':', '_')}-ollama"), overwrite, is_dir=True, kind="ollama"
+    )
     exe = shutil.which("ollama")
     if create and exe is None:
         raise ExportError("--create: the 'ollama' command is not on PATH")
@@ -323,28 +364,42 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
             lines.append(f"FROM uses the base GGUF file itself: {from_path}")
         else:
             gguf_file = tmp / f"{stem}.{type_name}.gguf"
-            export_gguf(None, None, gguf_file, type_name=type_name, verify=verify, fused=fm, name=name,
-                        log=lines.append)
+            export_gguf(
+                None, None, gguf_file, type_name=type_name, verify=verify, fused=fm, name=name, log=lines.append
+            )
             files.append(folder / gguf_file.name)
             from_path = f"./{gguf_file.name}"
         adapter_line = None
         if mode == "adapter":
             lora_file = tmp / f"{stem}-lora.gguf"
-            export_gguf_adapter(adapter, lora_file, model=model or str(fm.info.source), verify=verify,
-                                log=lines.append)
+            export_gguf_adapter(adapter, lora_file, model=model or str(fm.info.source), verify=verify, log=lines.append)
             files.append(folder / lora_file.name)
             adapter_line = f"./{lora_file.name}"
         add_bos = bool(getattr(fm.tokenizer, "bos_token", None)) and _adds_bos(fm.tokenizer)
         fmt = derive_chat_format(fm.tokenizer, add_bos)
         generation = _generation(fm)
         ctx = num_ctx or min(int(fm.config.get("max_position_embeddings") or 4096), 8192)
-        text = modelfile_text(from_path, adapter_path=adapter_line, fmt=fmt, stops=stop_tokens(fm.tokenizer, fmt, generation),
-                              num_ctx=ctx, generation=generation, system=system)
+        text = modelfile_text(
+            from_path,
+            adapter_path=adapter_line,
+            fmt=fmt,
+            stops=stop_tokens(fm.tokenizer, fmt, generation),
+            num_ctx=ctx,
+            generation=generation,
+            system=system,
+        )
         modelfile = folder / "Modelfile"
         atomic_write_text(tmp / modelfile.name, text)
         files.append(modelfile)
-        lines.append(f"wrote {modelfile}" + ("" if fmt else " (no TEMPLATE: the chat template is not a fixed "
-                                                          "per-role wrapper; Ollama reads it from the GGUF metadata)"))
+        lines.append(
+            f"wrote {modelfile}"
+            + (
+                ""
+                if fmt
+                else " (no TEMPLATE: the chat template is not a fixed "
+                "per-role wrapper; Ollama reads it from the GGUF metadata)"
+            )
+        )
     lines = [line.replace(str(tmp), str(folder)) for line in lines]  # name the files where they now are
     command = ["ollama", "create", name, "-f", str(modelfile)]
     result = PackageResult(folder, files, command, False, "translated" if fmt else "gguf", lines)
@@ -353,11 +408,15 @@ def export_ollama(model: str | None, adapter, name: str, *, out_dir=None, type_n
         lines.append("running: " + " ".join(command))
         proc = subprocess.run([exe, *command[1:]], cwd=folder, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise ExportError(f"ollama create failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-800:]}")
+            raise ExportError(
+                f"ollama create failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-800:]}"
+            )
         result.created = True
         lines.append(f"created Ollama model '{name}': ollama run {name}")
     else:
-        lines.append(f"ollama is not on PATH; to register the model run:\n  cd {folder} && ollama create {name} -f Modelfile")
+        lines.append(
+            f"ollama is not on PATH; to register the model run:\n  cd {folder} && ollama create {name} -f Modelfile"
+        )
     for line in lines:
         log(line)
     return result
@@ -388,14 +447,19 @@ def lmstudio_models_dir(explicit=None) -> Path:
     return old if old.is_dir() and not new.is_dir() else new
 
 
-def export_lmstudio(model: str | None, adapter, name: str, *, models_dir=None, publisher: str = "mlx-lora",
-                    type_name: str = "q8_0", verify: bool = True, overwrite: bool = False,
-                    log: Callable[[str], None] = _log_default) -> PackageResult:
+def export_lmstudio(
+    model: str | None,
+    adapter,
+    name: str,
+    *,
+    models_dir=None,
+    publisher: str = "mlx-lora",
+    type_name: str = "q8_0",
+    verify: bool = True,
+    overwrite: bool = False,
+    log: Callable[[str], None] = _log_default,
+) -> PackageResult:
     """Write ``<models dir>/<publisher>/<name>/<name>-<type>.gguf`` (adapter fused)."""
-    from mlx_lora.plumbing.ownership import read_marker, write_marker
-    from mlx_lora.plumbing.ownership import record
-
-    from mlx_lora.converters.gguf_export import check_type, export_gguf
 
     type_name = check_type(type_name)
     for what, v in (("--name", name), ("--publisher", publisher)):
@@ -405,8 +469,9 @@ def export_lmstudio(model: str | None, adapter, name: str, *, models_dir=None, p
     target = root / publisher / name / f"{name}-{type_name.upper()}.gguf"
     new_folder = not target.parent.exists()
     lines: list[str] = []
-    st = export_gguf(model, adapter, target, type_name=type_name, verify=verify, overwrite=overwrite, name=name,
-                     log=lines.append)
+    st = export_gguf(
+        model, adapter, target, type_name=type_name, verify=verify, overwrite=overwrite, name=name, log=lines.append
+    )
     if new_folder:
         write_marker(target.parent, "lmstudio", "export lmstudio", files=[target.name])
     elif read_marker(target.parent) is not None:

@@ -25,11 +25,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
+import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
-from mlx_lora.plumbing.errors import ExportError
-from mlx_lora.inference.generation import encode
+from mlx_lora.converters.gguf_arch import TensorNames, arch_spec, from_gguf
+from mlx_lora.converters.gguf_import import read_gguf as parse
+from mlx_lora.converters.gguf_tokenizer import build_tokenizer
 from mlx_lora.data.templates import apply_chat_template
+from mlx_lora.inference.generation import encode
+from mlx_lora.plumbing.errors import ExportError
+from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
 
 VERIFY_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -89,11 +96,13 @@ class Comparison:
     def line(self) -> str:
         mark = "ok" if self.ok else "FAILED"
         # Each limit sits next to the statistic it judges; the worst position is shown, not judged.
-        return (f"verify {self.what} [{self.kind}]: top-1 agreement {self.top1_agreement:.1%} over "
-                f"{self.positions} positions (needs >= {self.threshold.min_top1:.0%}), relative logit error "
-                f"{self.typical_rel_error:.2e} at the {PERCENTILE}th-percentile position (needs <= "
-                f"{self.threshold.rel_error:.2g}); {self.max_rel_error:.2e} at the worst position (shown, not "
-                f"judged): {mark}")
+        return (
+            f"verify {self.what} [{self.kind}]: top-1 agreement {self.top1_agreement:.1%} over "
+            f"{self.positions} positions (needs >= {self.threshold.min_top1:.0%}), relative logit error "
+            f"{self.typical_rel_error:.2e} at the {PERCENTILE}th-percentile position (needs <= "
+            f"{self.threshold.rel_error:.2g}); {self.max_rel_error:.2e} at the worst position (shown, not "
+            f"judged): {mark}"
+        )
 
 
 @dataclass
@@ -111,8 +120,12 @@ class VerifyReport:
 
     def raise_if_failed(self, target: str, hint: str = "") -> None:
         if not self.ok:
-            raise ExportError(f"verification of {target} failed; nothing was written:\n  " + "\n  ".join(self.lines())
-                              + (f"\n{hint}" if hint else "") + "\n(pass --no-verify to write it anyway)")
+            raise ExportError(
+                f"verification of {target} failed; nothing was written:\n  "
+                + "\n  ".join(self.lines())
+                + (f"\n{hint}" if hint else "")
+                + "\n(pass --no-verify to write it anyway)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,18 +138,18 @@ def prompts(tokenizer, max_tokens: int = 48) -> list[list[int]]:
     out = [list(tokenizer.encode(t))[:max_tokens] for t in VERIFY_TEXTS]
     if getattr(tokenizer, "chat_template", None):
         try:
-            text = apply_chat_template(tokenizer, [{"role": "user", "content": CHAT_PROMPT}],
-                                       add_generation_prompt=True)
+            text = apply_chat_template(
+                tokenizer, [{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True
+            )
             ids = encode(tokenizer, text)
             out.append(list(ids)[:max_tokens])
-        except Exception:  # noqa: BLE001, S110  (a template needing extra variables: the plain prompts suffice)
+        except Exception:
             pass
     return [p for p in out if p]
 
 
 def logits(model, token_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """float32 logits [T, vocab] of ``model`` for each token list."""
-    import mlx.core as mx
 
     out = []
     for toks in token_lists:
@@ -179,7 +192,6 @@ def compare_models(ref_logits: Sequence[np.ndarray], model, token_lists, what: s
 
 def read_gguf(path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], np.ndarray]]]:
     """(metadata, {name: (ggml type id, numpy shape, raw bytes as uint8 rows)})."""
-    from mlx_lora.converters.gguf_import import read_gguf as parse  # a parser that skips gguf-py's per-element objects
 
     gf = parse(Path(path))
     return gf.metadata, {n: (t.ggml_type, t.shape, gf.raw(t)) for n, t in gf.tensors.items()}
@@ -187,7 +199,6 @@ def read_gguf(path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], np.ndar
 
 def dequantize(type_id: int, shape: tuple[int, ...], raw: np.ndarray) -> np.ndarray:
     """float32 values of one GGUF tensor in numpy order."""
-    import gguf
 
     qtype = gguf.GGMLQuantizationType(type_id)
     if qtype == gguf.GGMLQuantizationType.F32:
@@ -200,11 +211,6 @@ def dequantize(type_id: int, shape: tuple[int, ...], raw: np.ndarray) -> np.ndar
 def model_from_gguf(path, config: dict):
     """The mlx-lm model for ``config`` with weights read back from the GGUF file ``path``
     (float32). Returns (model, metadata)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lora.plumbing.mlx_lm_compat import model_classes as _get_classes
-
-    from mlx_lora.converters.gguf_arch import TensorNames, arch_spec, from_gguf
 
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     spec = arch_spec(config["model_type"])
@@ -239,13 +245,12 @@ def model_from_gguf(path, config: dict):
 def check_gguf_tokenizer(meta: dict, hf_tokenizer, texts: Sequence[str] = VERIFY_TEXTS) -> tuple[list[str], list[str]]:
     """Rebuild the tokenizer from the GGUF metadata and compare its token ids with the source
     tokenizer on ``texts``; returns (notes, problems)."""
-    from mlx_lora.converters.gguf_tokenizer import build_tokenizer
 
     try:
         tok = build_tokenizer(meta, "exported GGUF")
     except ExportError:
         raise
-    except Exception as e:  # noqa: BLE001  (the rebuild raises its own error types on metadata it cannot read)
+    except Exception as e:
         return [], [f"the GGUF tokenizer metadata cannot be rebuilt into a tokenizer: {e}"]
     inner = getattr(hf_tokenizer, "_tokenizer", hf_tokenizer)
     bad = []

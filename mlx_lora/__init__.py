@@ -17,10 +17,17 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _API = {"train", "evaluate", "evaluate_generate", "generate", "doctor", "load_for_inference"}
-_MODULES = {"config": "mlx_lora.config", "data": "mlx_lora.data.examples", "adapters": "mlx_lora.model.adapters",
-            "lora": "mlx_lora.model.lora", "models": "mlx_lora.model.loading", "trainer": "mlx_lora.training.trainer",
-            "backend": "mlx_lora.plumbing.backend", "errors": "mlx_lora.plumbing.errors",
-            "losses": "mlx_lora.training.losses"}
+_MODULES = {
+    "config": "mlx_lora.config",
+    "data": "mlx_lora.data.examples",
+    "adapters": "mlx_lora.model.adapters",
+    "lora": "mlx_lora.model.lora",
+    "models": "mlx_lora.model.loading",
+    "trainer": "mlx_lora.training.trainer",
+    "backend": "mlx_lora.plumbing.backend",
+    "errors": "mlx_lora.plumbing.errors",
+    "losses": "mlx_lora.training.losses",
+}
 
 
 def __getattr__(name):

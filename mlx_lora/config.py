@@ -7,12 +7,15 @@ every problem and raises a single :class:`~mlx_lora.plumbing.errors.ConfigError`
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import math
 import numbers
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union, get_args, get_origin, get_type_hints
@@ -22,6 +25,7 @@ import yaml
 import mlx_lora.training.rewards as rewards_mod
 from mlx_lora.data.formats import FORMATS
 from mlx_lora.data.shapes import POLICIES as SHAPE_POLICIES
+from mlx_lora.data.sources import config_problems
 from mlx_lora.mlx_lm_config import is_mlx_lm_config, key_lines
 from mlx_lora.mlx_lm_config import translate as translate_mlx_lm
 from mlx_lora.plumbing.errors import SHOW_CHARS, ConfigError, MlxLoraError, clip, show  # noqa: F401 (re-exported)
@@ -294,8 +298,7 @@ class Bound:
     cap: bool = True
 
     def interval(self) -> str:
-        return (f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}"
-                f"{')' if self.hi_open else ']'}")
+        return f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
 
     def violation(self, value: Any) -> Optional[str]:
         """None when ``value`` is allowed, else what is wrong ("must be >= 1, got 0")."""
@@ -387,19 +390,36 @@ def _num(x: float) -> str:
 
 
 # Names users bring from PEFT, mlx-lm and transformers configs.
-ALIASES = {"rank": "r", "lora_rank": "r", "lora_r": "r", "lora_alpha": "alpha",
-           "lora_dropout": "dropout", "learning_rate": "lr", "num_epochs": "epochs", "iterations": "iters",
-           "gradient_accumulation_steps": "grad_accum", "max_length": "max_seq_length", "model": "path",
-           "data": "path", "warmup": "warmup_steps", "lr_schedule": "schedule", "grad_checkpointing": "grad_checkpoint",
-           "gradient_checkpointing": "grad_checkpoint", "steps_per_eval": "eval_every", "batch": "batch_size"}
+ALIASES = {
+    "rank": "r",
+    "lora_rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "iterations": "iters",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_length": "max_seq_length",
+    "model": "path",
+    "data": "path",
+    "warmup": "warmup_steps",
+    "lr_schedule": "schedule",
+    "grad_checkpointing": "grad_checkpoint",
+    "gradient_checkpointing": "grad_checkpoint",
+    "steps_per_eval": "eval_every",
+    "batch": "batch_size",
+}
 
 
 def _scale_hint(value: Any, r: Any) -> str:
     """mlx-lm's ``scale`` multiplies B A directly, ours is alpha / r: the alpha that gives it."""
     where = "lora.alpha"
     if isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(r, int) and r > 0:
-        return (f" (mlx-lm's scale is alpha / r: for scale {value:g} with r {r}, set {where}: {value * r:g}, "
-                f"i.e. alpha = scale * r)")
+        return (
+            f" (mlx-lm's scale is alpha / r: for scale {value:g} with r {r}, set {where}: {value * r:g}, "
+            f"i.e. alpha = scale * r)"
+        )
     return f" (mlx-lm's scale is alpha / r: set {where} to scale * r)"
 
 
@@ -489,8 +509,9 @@ def _section_from_dict(cls, data: dict, prefix: str, problems: list[str], base=N
         if k not in names:
             k = clip(k)
             # the same key in another section is a surer hint than a near spelling in this one
-            problems.append(f"unknown key '{prefix}{k}'"
-                            + (_in_other_section(k, prefix.rstrip(".")) or _did_you_mean(k, names)))
+            problems.append(
+                f"unknown key '{prefix}{k}'" + (_in_other_section(k, prefix.rstrip(".")) or _did_you_mean(k, names))
+            )
             continue
         kwargs[k] = _coerce(v, hints[k], prefix + k, problems)
     base = base if base is not None else cls()
@@ -522,8 +543,9 @@ def from_dict(data: dict, base: Optional[Config] = None, source: Optional[str] =
             problems.append(f"unknown key 'scale'{_scale_hint(v, None)}")
         else:
             k = clip(k)
-            problems.append(f"unknown key '{k}'" + (_in_other_section(k, None)
-                                                     or _did_you_mean(k, list(SECTIONS) + ["out"])))
+            problems.append(
+                f"unknown key '{k}'" + (_in_other_section(k, None) or _did_you_mean(k, list(SECTIONS) + ["out"]))
+            )
     if problems:
         raise ConfigError(problems, source)
     return replace(base, **kwargs)
@@ -573,12 +595,15 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                   |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
                   |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
+                  |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -595,8 +620,12 @@ def safe_load(text: str) -> Any:
         if size is None:
             raise ConfigError(["a YAML alias refers to a value that contains it"])
         if size > MAX_YAML_NODES:
-            raise ConfigError([f"the YAML expands to more than {MAX_YAML_NODES:,} values through its aliases "
-                               f"(&anchor / *alias); a config needs far fewer"])
+            raise ConfigError(
+                [
+                    f"the YAML expands to more than {MAX_YAML_NODES:,} values through its aliases "
+                    f"(&anchor / *alias); a config needs far fewer"
+                ]
+            )
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -699,10 +728,18 @@ def build(
             data = {k: t.config[k] for k in (*SECTIONS, "out") if k in t.config}  # our order
             if on_translate is not None:
                 order = {k: [f.name for f in fields(cls)] for k, cls in SECTIONS.items()}
-                text = yaml.dump({k: {n: v[n] for n in order[k] if n in v} if k in order else v
-                                  for k, v in data.items()}, Dumper=_ListsInline, sort_keys=False, width=120).rstrip()
-                on_translate("\n".join([f"{config_file}: an mlx-lm config; the same job in mlx-lora's keys:", text]
-                                       + [f"note: {n}" for n in t.notes]))
+                text = yaml.dump(
+                    {k: {n: v[n] for n in order[k] if n in v} if k in order else v for k, v in data.items()},
+                    Dumper=_ListsInline,
+                    sort_keys=False,
+                    width=120,
+                ).rstrip()
+                on_translate(
+                    "\n".join(
+                        [f"{config_file}: an mlx-lm config; the same job in mlx-lora's keys:", text]
+                        + [f"note: {n}" for n in t.notes]
+                    )
+                )
     if extra:
         data = deep_merge(data, extra)
     if overrides:
@@ -720,14 +757,14 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
         sec, name = key.split(".")
         value = getattr(getattr(cfg, sec), name)
         if not isinstance(value, str) or value not in choices:
-            p.append(f"{key}: {show(value)} is not one of {', '.join(choices)}"
-                     + _did_you_mean(clip(value), choices))
+            p.append(f"{key}: {show(value)} is not one of {', '.join(choices)}" + _did_you_mean(clip(value), choices))
     for key, choices in LIST_CHOICES.items():
         sec, name = key.split(".")
         for value in getattr(getattr(cfg, sec), name) or ():
             if not isinstance(value, str) or value not in choices:
-                p.append(f"{key}: {show(value)} is not one of {', '.join(choices)}"
-                         + _did_you_mean(clip(value), choices))
+                p.append(
+                    f"{key}: {show(value)} is not one of {', '.join(choices)}" + _did_you_mean(clip(value), choices)
+                )
     m, lo, d = cfg.model, cfg.lora, cfg.data
     if not m.path:
         p.append("model.path: required (a local folder, a Hugging Face repo id or a .gguf file)")
@@ -735,10 +772,10 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
         p.append("data.path: required (a JSONL file or a folder with train.jsonl)")
     if d.sources and d.path:
         p.append("data.sources: set either data.path or data.sources, not both")
-    from mlx_lora.data.sources import config_problems
 
-    p += config_problems(d.columns, d.sources, SOURCE_CHOICES["data.sources[].format"][1:],
-                         SOURCE_BOUNDS["data.sources[].weight"])
+    p += config_problems(
+        d.columns, d.sources, SOURCE_CHOICES["data.sources[].format"][1:], SOURCE_BOUNDS["data.sources[].weight"]
+    )
     # Numbers: type, finiteness and range, in the order of BOUNDS (NaN fails every comparison, so
     # a bare "< 1" test would let it through).
     for key, bound in BOUNDS.items():
@@ -761,10 +798,15 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
     if t.method in ("dpo", "orpo", "grpo") and d.packing:
         p.append(f"data.packing: not available with train.method {t.method} (each response is a row of its own)")
     if t.method in ("dpo", "orpo", "grpo") and t.shapes == "packed":
-        p.append(f"train.shapes: packed is not available with train.method {t.method} (each response is a row of "
-                 "its own); use ladder or exact")
-    if BOUNDS["train.dpo_label_smoothing"].violation(t.dpo_label_smoothing) is None and t.dpo_label_smoothing and (
-            t.method != "dpo" or t.dpo_loss != "sigmoid"):
+        p.append(
+            f"train.shapes: packed is not available with train.method {t.method} (each response is a row of "
+            "its own); use ladder or exact"
+        )
+    if (
+        BOUNDS["train.dpo_label_smoothing"].violation(t.dpo_label_smoothing) is None
+        and t.dpo_label_smoothing
+        and (t.method != "dpo" or t.dpo_loss != "sigmoid")
+    ):
         p.append("train.dpo_label_smoothing: applies to train.method dpo with train.dpo_loss sigmoid only")
     if t.dpo_precompute_ref is True and t.method != "dpo":
         p.append("train.dpo_precompute_ref: applies to train.method dpo only (orpo has no reference model)")
@@ -773,8 +815,10 @@ def validate(cfg: Config, source: Optional[str] = None, need_data: bool = True) 
         index = Bound(int, -MAX_LAYER_INDEX, MAX_LAYER_INDEX - 1)
         bad = [show(i) for i in lo.layers_to_transform if index.violation(i)]
         if bad:
-            p.append(f"lora.layers_to_transform: block indices must be integers in {index.interval()}, got "
-                     + clip(", ".join(bad)))
+            p.append(
+                f"lora.layers_to_transform: block indices must be integers in {index.interval()}, got "
+                + clip(", ".join(bad))
+            )
     if p:
         raise ConfigError(p, source)
     return cfg
@@ -791,8 +835,9 @@ def _reward_problems(cfg: Config) -> list[str]:
     if t.reward is not None and t.rewards is not None:
         p.append("train.reward: set either train.reward or train.rewards, not both")
     if t.reward is None and not t.rewards:
-        p.append("train.reward: required with train.method grpo (e.g. number; or train.rewards: {number: 1.0, "
-                 "format: 0.2})")
+        p.append(
+            "train.reward: required with train.method grpo (e.g. number; or train.rewards: {number: 1.0, format: 0.2})"
+        )
     if t.reward is not None:
         problem = rewards_mod.name_problem(t.reward)
         if problem:
@@ -811,10 +856,15 @@ def _reward_problems(cfg: Config) -> list[str]:
                     p.append(f"train.rewards.{clip(str(name))}: weight {bad}")
     if cfg.data.sources:
         p.append("data.sources: mixing sources is not available with train.method grpo; use data.path")
-    if BOUNDS["train.max_completion_length"].violation(t.max_completion_length) is None and isinstance(
-            cfg.data.max_seq_length, int) and t.max_completion_length >= cfg.data.max_seq_length:
-        p.append(f"train.max_completion_length: must be < data.max_seq_length ({cfg.data.max_seq_length}), which "
-                 f"holds the prompt and the completion, got {t.max_completion_length}")
+    if (
+        BOUNDS["train.max_completion_length"].violation(t.max_completion_length) is None
+        and isinstance(cfg.data.max_seq_length, int)
+        and t.max_completion_length >= cfg.data.max_seq_length
+    ):
+        p.append(
+            f"train.max_completion_length: must be < data.max_seq_length ({cfg.data.max_seq_length}), which "
+            f"holds the prompt and the completion, got {t.max_completion_length}"
+        )
     return p
 
 
@@ -832,9 +882,6 @@ def to_yaml(cfg: Config) -> str:
 
 def _field_docs(cls) -> dict[str, str]:
     """Attribute docstrings (the string literal after each field) of a dataclass, by field name."""
-    import ast
-    import inspect
-    import textwrap
 
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body

@@ -45,17 +45,64 @@ MLX_LM_DEFAULTS = {
 # Keys only mlx-lm configs have: one of them (or ``model``/``data`` given as a string, ``train`` as
 # a bool) marks a file as mlx-lm's.
 MLX_LM_ONLY = {
-    "fine_tune_type", "training_mode", "optimizer", "optimizer_config", "seed", "num_layers", "batch_size", "iters",
-    "val_batches", "learning_rate", "steps_per_report", "steps_per_eval", "resume_adapter_file", "adapter_path",
-    "save_every", "test", "test_batches", "max_seq_length", "config", "grad_checkpoint", "grad_accumulation_steps",
-    "clear_cache_threshold", "lr_schedule", "lora_parameters", "mask_prompt", "report_to", "project_name",
-    "trust_remote_code", "hf_dataset", "prompt_feature", "completion_feature", "text_feature", "chat_feature",
+    "fine_tune_type",
+    "training_mode",
+    "optimizer",
+    "optimizer_config",
+    "seed",
+    "num_layers",
+    "batch_size",
+    "iters",
+    "val_batches",
+    "learning_rate",
+    "steps_per_report",
+    "steps_per_eval",
+    "resume_adapter_file",
+    "adapter_path",
+    "save_every",
+    "test",
+    "test_batches",
+    "max_seq_length",
+    "config",
+    "grad_checkpoint",
+    "grad_accumulation_steps",
+    "clear_cache_threshold",
+    "lr_schedule",
+    "lora_parameters",
+    "mask_prompt",
+    "report_to",
+    "project_name",
+    "trust_remote_code",
+    "hf_dataset",
+    "prompt_feature",
+    "completion_feature",
+    "text_feature",
+    "chat_feature",
 }
-GRPO_KEYS = {"reference_model_path", "group_size", "beta", "epsilon", "max_completion_length", "use_chat_template",
-             "use_prompt", "temperature", "reward_weights", "reward_functions", "reward_functions_file",
-             "system_feature", "answer_feature", "chosen_feature", "rejected_feature", "preference_score_feature"}
-FEATURES = {"prompt_feature": "prompt", "completion_feature": "completion", "text_feature": "text",
-            "chat_feature": "messages"}
+GRPO_KEYS = {
+    "reference_model_path",
+    "group_size",
+    "beta",
+    "epsilon",
+    "max_completion_length",
+    "use_chat_template",
+    "use_prompt",
+    "temperature",
+    "reward_weights",
+    "reward_functions",
+    "reward_functions_file",
+    "system_feature",
+    "answer_feature",
+    "chosen_feature",
+    "rejected_feature",
+    "preference_score_feature",
+}
+FEATURES = {
+    "prompt_feature": "prompt",
+    "completion_feature": "completion",
+    "text_feature": "text",
+    "chat_feature": "messages",
+}
 """mlx-lm's column-name keys -> the format field each names (data.columns)."""
 SCHEDULES = {"cosine_decay": "cosine", "linear_schedule": "linear"}
 """mlx.optimizers schedules an ``lr_schedule`` may name -> train.schedule."""
@@ -75,8 +122,9 @@ def is_mlx_lm_config(data: Any) -> bool:
         return False
     if any(k in MLX_LM_ONLY or k in GRPO_KEYS for k in data):
         return True
-    return (isinstance(data.get("model"), str) or isinstance(data.get("data"), str)
-            or isinstance(data.get("train"), bool))
+    return (
+        isinstance(data.get("model"), str) or isinstance(data.get("data"), str) or isinstance(data.get("train"), bool)
+    )
 
 
 def key_lines(text: str) -> dict[str, int]:
@@ -141,13 +189,19 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
     ``methods`` are the training methods this tool has (train.method's choices)."""
     t = Translation(lines or {})
     d = {**MLX_LM_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
-    lora_params = {**MLX_LM_DEFAULTS["lora_parameters"], **(d["lora_parameters"] or {})} \
-        if isinstance(d["lora_parameters"], dict) else d["lora_parameters"]
+    lora_params = (
+        {**MLX_LM_DEFAULTS["lora_parameters"], **(d["lora_parameters"] or {})}
+        if isinstance(d["lora_parameters"], dict)
+        else d["lora_parameters"]
+    )
 
     for key in data:
         if key in GRPO_KEYS:
-            t.refuse(key, "a GRPO / preference key of mlx-lm forks; only supervised (training_mode: normal) "
-                          "mlx-lm configs translate")
+            t.refuse(
+                key,
+                "a GRPO / preference key of mlx-lm forks; only supervised (training_mode: normal) "
+                "mlx-lm configs translate",
+            )
         elif key not in MLX_LM_ONLY and key not in ("model", "data", "train"):
             t.refuse(key, "not an mlx-lm config key")
 
@@ -157,9 +211,11 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
         t.refuse("model", f"expected a model folder or Hugging Face repo id, got {_show(data['model'])}")
     if data.get("train") is False or d.get("test") is True:
         which = "train: false" if data.get("train") is False else "test: true"
-        t.refuse("train" if which.startswith("train") else "test",
-                 f"{which}: mlx-lora train only trains; score a data set with mlx-lora eval --model M "
-                 f"--adapter RUN --data D")
+        t.refuse(
+            "train" if which.startswith("train") else "test",
+            f"{which}: mlx-lora train only trains; score a data set with mlx-lora eval --model M "
+            f"--adapter RUN --data D",
+        )
     kind = d["fine_tune_type"]
     if kind == "full":
         t.refuse("fine_tune_type", "full: full fine-tuning is not available (LoRA and DoRA only)")
@@ -169,8 +225,11 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
         t.refuse("fine_tune_type", f"expected lora or dora, got {_show(kind)}")
     mode = d.get("training_mode", "normal")
     if mode not in ("normal", "sft"):
-        t.refuse("training_mode", f"{_show(mode)}: only normal (supervised) mlx-lm configs translate; mlx-lora's "
-                                  f"train.method takes {', '.join(methods)} with its own keys")
+        t.refuse(
+            "training_mode",
+            f"{_show(mode)}: only normal (supervised) mlx-lm configs translate; mlx-lora's "
+            f"train.method takes {', '.join(methods)} with its own keys",
+        )
 
     # LoRA: rank, scale (alpha = scale * rank), dropout, keys, the last num_layers blocks.
     if not isinstance(lora_params, dict):
@@ -196,8 +255,10 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
         elif isinstance(keys, list) and keys and all(isinstance(k, str) and k for k in keys):
             t.set("lora.target_modules", list(keys))
         else:
-            t.refuse("lora_parameters.keys", f"expected a non-empty list of module paths such as "
-                                             f"self_attn.q_proj, got {_show(keys)}")
+            t.refuse(
+                "lora_parameters.keys",
+                f"expected a non-empty list of module paths such as self_attn.q_proj, got {_show(keys)}",
+            )
     n = _number(t, "num_layers", d["num_layers"], int)
     if n is not None:
         # mlx-lm adapts model.layers[-max(num_layers, 0):]: -1 (or 0) means every block.
@@ -221,17 +282,21 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
                 continue
             if k in ADAM_DEFAULTS and (list(v) if isinstance(v, (list, tuple)) else v) == ADAM_DEFAULTS[k]:
                 continue
-            t.refuse(f"optimizer_config.{opt}.{k}", f"{_show(v)}: mlx-lora's {opt} uses mlx's defaults (betas "
-                                                   f"[0.9, 0.999], eps 1e-8, no bias correction) and cannot take it")
+            t.refuse(
+                f"optimizer_config.{opt}.{k}",
+                f"{_show(v)}: mlx-lora's {opt} uses mlx's defaults (betas "
+                f"[0.9, 0.999], eps 1e-8, no bias correction) and cannot take it",
+            )
         if opt == "adamw":
-            wd = _number(t, f"optimizer_config.adamw.weight_decay", own.get("weight_decay", ADAMW_WEIGHT_DECAY),
-                         float)
+            wd = _number(t, "optimizer_config.adamw.weight_decay", own.get("weight_decay", ADAMW_WEIGHT_DECAY), float)
             if wd is not None:
                 t.set("train.weight_decay", wd)
     elif opt in ("sgd", "adafactor", "muon"):
-        why = {"sgd": "mlx-lm's SGD has no momentum unless told, mlx-lora's has 0.9",
-               "adafactor": "mlx-lm's Adafactor sets its own step size, mlx-lora's follows the learning rate",
-               "muon": "not available"}[opt]
+        why = {
+            "sgd": "mlx-lm's SGD has no momentum unless told, mlx-lora's has 0.9",
+            "adafactor": "mlx-lm's Adafactor sets its own step size, mlx-lora's follows the learning rate",
+            "muon": "not available",
+        }[opt]
         t.refuse("optimizer", f"{opt}: {why}; use adam or adamw")
     else:
         t.refuse("optimizer", f"expected adam or adamw, got {_show(opt)}")
@@ -245,9 +310,12 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
     else:
         _schedule(t, schedule, d, "learning_rate" in data)
 
-    for key, target, kind_ in (("batch_size", "train.batch_size", int),
-                               ("grad_accumulation_steps", "train.grad_accum", int), ("seed", "train.seed", int),
-                               ("max_seq_length", "data.max_seq_length", int)):
+    for key, target, kind_ in (
+        ("batch_size", "train.batch_size", int),
+        ("grad_accumulation_steps", "train.grad_accum", int),
+        ("seed", "train.seed", int),
+        ("max_seq_length", "data.max_seq_length", int),
+    ):
         value = _number(t, key, d[key], kind_)
         if value is not None:
             t.set(target, value)
@@ -256,8 +324,12 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
     accum = _number(t, "grad_accumulation_steps", d["grad_accumulation_steps"], int)
     accum = accum if accum and accum > 0 else 1
     counted = []
-    for key, target in (("iters", "train.iters"), ("steps_per_report", "train.log_every"),
-                        ("steps_per_eval", "train.eval_every"), ("save_every", "train.save_every")):
+    for key, target in (
+        ("iters", "train.iters"),
+        ("steps_per_report", "train.log_every"),
+        ("steps_per_eval", "train.eval_every"),
+        ("save_every", "train.save_every"),
+    ):
         value = _number(t, key, d[key], int)
         if value is None:
             continue
@@ -270,8 +342,11 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
             value = steps
         t.set(target, value)
     if counted:
-        t.notes.append(f"grad_accumulation_steps {accum}: mlx-lm counts micro-batches, mlx-lora optimizer steps ("
-                       + ", ".join(counted) + ")")
+        t.notes.append(
+            f"grad_accumulation_steps {accum}: mlx-lm counts micro-batches, mlx-lora optimizer steps ("
+            + ", ".join(counted)
+            + ")"
+        )
     vb = _number(t, "val_batches", d["val_batches"], int)
     if vb is not None:
         t.set("train.eval_batches", None if vb == -1 else vb)  # -1: the whole validation set
@@ -295,8 +370,10 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
         # mlx-lm's mask_prompt keeps the loss on the last message (the completion) only.
         t.set("data.train_on", "last" if mask else "all")
         if not mask:
-            t.notes.append("mask_prompt is false, so the loss covers every token, prompt included, as in mlx-lm "
-                           "(mlx-lora's own default trains on the assistant turns only)")
+            t.notes.append(
+                "mask_prompt is false, so the loss covers every token, prompt included, as in mlx-lm "
+                "(mlx-lora's own default trains on the assistant turns only)"
+            )
     columns = _columns(t, data, "")
     if d.get("hf_dataset"):
         _hf_dataset(t, d["hf_dataset"], columns)
@@ -307,9 +384,11 @@ def translate(data: dict, methods: tuple = ("sft",), lines: Optional[dict[str, i
 
     for key, ok in (("resume_adapter_file", None), ("clear_cache_threshold", 0), ("project_name", None)):
         if key in data and data[key] not in (ok, None):
-            hint = {"resume_adapter_file": "continue a run of mlx-lora with --resume RUN instead",
-                    "clear_cache_threshold": "set train.cache_limit_gb instead",
-                    "project_name": "name the wandb project with WANDB_PROJECT instead"}[key]
+            hint = {
+                "resume_adapter_file": "continue a run of mlx-lora with --resume RUN instead",
+                "clear_cache_threshold": "set train.cache_limit_gb instead",
+                "project_name": "name the wandb project with WANDB_PROJECT instead",
+            }[key]
             t.refuse(key, f"not translated; {hint}")
     report = data.get("report_to")
     if report is not None:
@@ -345,8 +424,10 @@ def _schedule(t: Translation, schedule: Any, d: dict, lr_given: bool) -> None:
     # cosine_decay(init, decay_steps, end=0); linear_schedule(init, end, steps)
     expected = 3 if name == "linear_schedule" else None
     if (expected and len(nums) != expected) or (not expected and len(nums) not in (2, 3)):
-        t.refuse("lr_schedule.arguments", f"{name} takes {'[init, end, steps]' if expected else '[init, steps, end]'}"
-                                          f", got {_show(args)}")
+        t.refuse(
+            "lr_schedule.arguments",
+            f"{name} takes {'[init, end, steps]' if expected else '[init, steps, end]'}, got {_show(args)}",
+        )
         return
     peak = nums[0]
     if name == "cosine_decay":
@@ -360,8 +441,10 @@ def _schedule(t: Translation, schedule: Any, d: dict, lr_given: bool) -> None:
         t.set("train.min_lr_ratio", end / peak)
     iters = d.get("iters")
     if isinstance(iters, int) and steps != iters - warmup:
-        t.notes.append(f"lr_schedule decays over {steps} steps in mlx-lm; mlx-lora decays over iters - warmup = "
-                       f"{iters - warmup} steps")
+        t.notes.append(
+            f"lr_schedule decays over {steps} steps in mlx-lm; mlx-lora decays over iters - warmup = "
+            f"{iters - warmup} steps"
+        )
     if lr_given and d["learning_rate"] != peak:
         t.notes.append(f"learning_rate is not used: lr_schedule's first argument ({peak:g}) is the peak, as in mlx-lm")
 
@@ -413,16 +496,20 @@ def _hf_dataset(t: Translation, spec: Any, columns: dict) -> None:
     spec_id = "hf:" + path + (f":{name}" if name else "")
     split = e.get("train_split")
     if split is None:
-        t.notes.append("hf_dataset has no train_split: mlx-lm trains on train[:80%] and validates on train[-10%:]; "
-                       "mlx-lora trains on the train split and validates on the data set's validation split (or, "
-                       "without one, on a data.valid_fraction share of train)")
+        t.notes.append(
+            "hf_dataset has no train_split: mlx-lm trains on train[:80%] and validates on train[-10%:]; "
+            "mlx-lora trains on the train split and validates on the data set's validation split (or, "
+            "without one, on a data.valid_fraction share of train)"
+        )
     elif not isinstance(split, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", split):
         t.refuse("hf_dataset.train_split", f"{_show(split)}: only a whole split translates (no [:80%] slices)")
     else:
         spec_id += "@" + split
         if e.get("valid_split") is not None:
-            t.notes.append(f"hf_dataset.valid_split {e['valid_split']!r} is not used: with @{split} mlx-lora "
-                           f"validates on a data.valid_fraction share of it")
+            t.notes.append(
+                f"hf_dataset.valid_split {e['valid_split']!r} is not used: with @{split} mlx-lora "
+                f"validates on a data.valid_fraction share of it"
+            )
     t.set("data.path", spec_id)
     if cols:
         t.set("data.columns", cols)

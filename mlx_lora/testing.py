@@ -31,12 +31,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
+from mlx_lora.converters.moe_layout import LAYOUTS
 from mlx_lora.plumbing.io import atomic_dir, atomic_write_json, atomic_write_text
+from mlx_lora.plumbing.mlx_lm_compat import model_classes
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "smollm3", "gemma3_text", "olmo2",
-                 "granite", "qwen3_moe", "mixtral")
+ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "phi3",
+    "smollm3",
+    "gemma3_text",
+    "olmo2",
+    "granite",
+    "qwen3_moe",
+    "mixtral",
+)
 """Families in the GGUF architecture table (tests iterate it)."""
 OTHER_ARCHITECTURES = ("starcoder2",)
 """Families mlx-lm trains that the GGUF table does not hold (tests that they train, fuse and are
@@ -70,13 +86,48 @@ DATASET_KINDS = ("chat", "completions", "text", "alpaca")
 # tokens (as real data does with a real tokenizer).
 _ADJECTIVES = ("red", "green", "small", "old", "quiet", "bright", "frozen", "golden", "wooden", "hidden")
 _SUBJECTS = (
-    "apple", "river", "lantern", "mountain", "violin", "garden", "window", "bridge", "candle",
-    "forest", "harbor", "pencil", "mirror", "castle", "meadow", "engine", "island", "rocket",
-    "teapot", "basket",
+    "apple",
+    "river",
+    "lantern",
+    "mountain",
+    "violin",
+    "garden",
+    "window",
+    "bridge",
+    "candle",
+    "forest",
+    "harbor",
+    "pencil",
+    "mirror",
+    "castle",
+    "meadow",
+    "engine",
+    "island",
+    "rocket",
+    "teapot",
+    "basket",
 )
 _CODE_WORDS = (
-    "zebra", "falcon", "otter", "badger", "heron", "lynx", "walrus", "gecko", "bison", "raven",
-    "marmot", "ibex", "koala", "puffin", "tapir", "jackal", "newt", "okapi", "quokka", "yak",
+    "zebra",
+    "falcon",
+    "otter",
+    "badger",
+    "heron",
+    "lynx",
+    "walrus",
+    "gecko",
+    "bison",
+    "raven",
+    "marmot",
+    "ibex",
+    "koala",
+    "puffin",
+    "tapir",
+    "jackal",
+    "newt",
+    "okapi",
+    "quokka",
+    "yak",
 )
 _PROSE = (
     "The quick brown fox jumps over the lazy dog.",
@@ -154,8 +205,12 @@ def make_tokenizer(out_dir: PathLike, vocab_size: int = 512) -> None:
 
     added = {
         str(tid): {
-            "content": content, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for tid, content in enumerate(SPECIAL_TOKENS)
     }
@@ -208,101 +263,225 @@ class _ArchSpec:
 
 _SPECS = {
     "llama": _ArchSpec(
-        "LlamaForCausalLM", tie=False, explicit_head_dim=True, wide_heads=False, rope_theta=500000.0,
-        rms_norm_eps=1e-5, max_position_embeddings=4096, norm_offset=1.0,
+        "LlamaForCausalLM",
+        tie=False,
+        explicit_head_dim=True,
+        wide_heads=False,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        norm_offset=1.0,
         extra={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1, "hidden_act": "silu"},
     ),
     "mistral": _ArchSpec(
-        "MistralForCausalLM", tie=False, explicit_head_dim=True, wide_heads=False, rope_theta=1000000.0,
-        rms_norm_eps=1e-5, max_position_embeddings=32768, norm_offset=1.0,
+        "MistralForCausalLM",
+        tie=False,
+        explicit_head_dim=True,
+        wide_heads=False,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=32768,
+        norm_offset=1.0,
         extra={"sliding_window": None, "hidden_act": "silu"},
     ),
     "qwen2": _ArchSpec(
         # q/k/v biases are always on in Qwen2; the config has no key for them.
-        "Qwen2ForCausalLM", tie=True, explicit_head_dim=False, wide_heads=False, rope_theta=1000000.0,
-        rms_norm_eps=1e-6, max_position_embeddings=32768, norm_offset=1.0,
+        "Qwen2ForCausalLM",
+        tie=True,
+        explicit_head_dim=False,
+        wide_heads=False,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        norm_offset=1.0,
         extra={"use_sliding_window": False, "sliding_window": None, "hidden_act": "silu"},
     ),
     "qwen3": _ArchSpec(
-        "Qwen3ForCausalLM", tie=True, explicit_head_dim=True, wide_heads=True, rope_theta=1000000.0,
-        rms_norm_eps=1e-6, max_position_embeddings=40960, norm_offset=1.0,
+        "Qwen3ForCausalLM",
+        tie=True,
+        explicit_head_dim=True,
+        wide_heads=True,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+        norm_offset=1.0,
         extra={"attention_bias": False, "use_sliding_window": False, "sliding_window": None, "hidden_act": "silu"},
     ),
     "gemma2": _ArchSpec(
         # mlx-lm's gemma2 always ties the output projection to the embeddings.
-        "Gemma2ForCausalLM", tie=True, explicit_head_dim=True, wide_heads=True, rope_theta=10000.0,
-        rms_norm_eps=1e-6, max_position_embeddings=8192, norm_offset=0.0, untied_supported=False,
+        "Gemma2ForCausalLM",
+        tie=True,
+        explicit_head_dim=True,
+        wide_heads=True,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=8192,
+        norm_offset=0.0,
+        untied_supported=False,
         extra={
-            "attention_bias": False, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
-            "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
-            "sliding_window": 4096, "cache_implementation": "hybrid",
+            "attention_bias": False,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "sliding_window": 4096,
+            "cache_implementation": "hybrid",
         },
     ),
     "phi3": _ArchSpec(
         # q/k/v live in one fused qkv_proj, gate/up in one gate_up_proj (names fixed by the class).
-        "Phi3ForCausalLM", tie=False, explicit_head_dim=False, wide_heads=False, rope_theta=10000.0,
-        rms_norm_eps=1e-5, max_position_embeddings=4096, norm_offset=1.0,
+        "Phi3ForCausalLM",
+        tie=False,
+        explicit_head_dim=False,
+        wide_heads=False,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        norm_offset=1.0,
         extra={
-            "original_max_position_embeddings": 4096, "sliding_window": None, "embd_pdrop": 0.0,
-            "resid_pdrop": 0.0, "hidden_act": "silu",
+            "original_max_position_embeddings": 4096,
+            "sliding_window": None,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+            "hidden_act": "silu",
         },
     ),
     "gemma3_text": _ArchSpec(
         # Gemma 3 1B, scaled down: local (sliding, rope base 10k) and global (rope base 1M) layers;
         # a pattern of 2 puts one of each in two layers (published checkpoints: 5 local, 1 global).
-        "Gemma3ForCausalLM", tie=True, explicit_head_dim=True, wide_heads=True, rope_theta=1000000.0,
-        rms_norm_eps=1e-6, max_position_embeddings=32768, norm_offset=0.0, untied_supported=False,
+        "Gemma3ForCausalLM",
+        tie=True,
+        explicit_head_dim=True,
+        wide_heads=True,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        norm_offset=0.0,
+        untied_supported=False,
         extra={
-            "attention_bias": False, "attn_logit_softcapping": None, "final_logit_softcapping": None,
-            "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 512, "sliding_window_pattern": 2,
+            "attention_bias": False,
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": None,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "sliding_window": 512,
+            "sliding_window_pattern": 2,
             "rope_local_base_freq": 10000.0,
         },
     ),
     "smollm3": _ArchSpec(
         # SmolLM3 3B: every 4th layer has no rotary embedding (NoPE), hence 4 layers.
-        "SmolLM3ForCausalLM", tie=True, explicit_head_dim=False, wide_heads=False, rope_theta=5000000.0,
-        rms_norm_eps=1e-6, max_position_embeddings=65536, norm_offset=1.0, num_layers=4,
-        extra={"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "no_rope_layer_interval": 4,
-               "use_sliding_window": False, "sliding_window": None},
+        "SmolLM3ForCausalLM",
+        tie=True,
+        explicit_head_dim=False,
+        wide_heads=False,
+        rope_theta=5000000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=65536,
+        norm_offset=1.0,
+        num_layers=4,
+        extra={
+            "attention_bias": False,
+            "mlp_bias": False,
+            "hidden_act": "silu",
+            "no_rope_layer_interval": 4,
+            "use_sliding_window": False,
+            "sliding_window": None,
+        },
     ),
     "olmo2": _ArchSpec(
         # OLMo 2 1B: norms after attention and MLP, q/k norms over all heads.
-        "Olmo2ForCausalLM", tie=False, explicit_head_dim=False, wide_heads=False, rope_theta=500000.0,
-        rms_norm_eps=1e-6, max_position_embeddings=4096, norm_offset=1.0,
+        "Olmo2ForCausalLM",
+        tie=False,
+        explicit_head_dim=False,
+        wide_heads=False,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        norm_offset=1.0,
         extra={"attention_bias": False, "hidden_act": "silu"},
     ),
     "granite": _ArchSpec(
         # Granite 3.x 2B's multipliers (embedding, residual, attention, logits).
-        "GraniteForCausalLM", tie=True, explicit_head_dim=False, wide_heads=False, rope_theta=10000000.0,
-        rms_norm_eps=1e-5, max_position_embeddings=131072, norm_offset=1.0,
-        extra={"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "embedding_multiplier": 12.0,
-               "residual_multiplier": 0.22, "attention_multiplier": 0.015625, "logits_scaling": 8.0},
+        "GraniteForCausalLM",
+        tie=True,
+        explicit_head_dim=False,
+        wide_heads=False,
+        rope_theta=10000000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        norm_offset=1.0,
+        extra={
+            "attention_bias": False,
+            "mlp_bias": False,
+            "hidden_act": "silu",
+            "embedding_multiplier": 12.0,
+            "residual_multiplier": 0.22,
+            "attention_multiplier": 0.015625,
+            "logits_scaling": 8.0,
+        },
     ),
     "starcoder2": _ArchSpec(
         # StarCoder2 3B: LayerNorm with biases, biased projections, a plain GELU MLP.
-        "Starcoder2ForCausalLM", tie=True, explicit_head_dim=False, wide_heads=False, rope_theta=999999.4420358813,
-        rms_norm_eps=1e-5, max_position_embeddings=16384, norm_offset=1.0,
-        extra={"norm_epsilon": 1e-5, "use_bias": True, "hidden_act": "gelu_pytorch_tanh", "sliding_window": 4096,
-               "residual_dropout": 0.0, "embedding_dropout": 0.0},
+        "Starcoder2ForCausalLM",
+        tie=True,
+        explicit_head_dim=False,
+        wide_heads=False,
+        rope_theta=999999.4420358813,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=16384,
+        norm_offset=1.0,
+        extra={
+            "norm_epsilon": 1e-5,
+            "use_bias": True,
+            "hidden_act": "gelu_pytorch_tanh",
+            "sliding_window": 4096,
+            "residual_dropout": 0.0,
+            "embedding_dropout": 0.0,
+        },
     ),
     "qwen3_moe": _ArchSpec(
         # Qwen3-30B-A3B: every layer sparse, top-k weights renormalised, untied head.
-        "Qwen3MoeForCausalLM", tie=False, explicit_head_dim=True, wide_heads=True, rope_theta=1000000.0,
-        rms_norm_eps=1e-6, max_position_embeddings=40960, norm_offset=1.0,
+        "Qwen3MoeForCausalLM",
+        tie=False,
+        explicit_head_dim=True,
+        wide_heads=True,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+        norm_offset=1.0,
         extra={
-            "attention_bias": False, "use_sliding_window": False, "sliding_window": None, "hidden_act": "silu",
-            "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
-            "norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False,
+            "attention_bias": False,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "hidden_act": "silu",
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "norm_topk_prob": True,
+            "router_aux_loss_coef": 0.001,
+            "output_router_logits": False,
         },
         experts=True,
     ),
     "mixtral": _ArchSpec(
         # Mixtral 8x7B, scaled down: 4 experts, top-2.
-        "MixtralForCausalLM", tie=False, explicit_head_dim=False, wide_heads=False, rope_theta=1000000.0,
-        rms_norm_eps=1e-5, max_position_embeddings=32768, norm_offset=1.0,
+        "MixtralForCausalLM",
+        tie=False,
+        explicit_head_dim=False,
+        wide_heads=False,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=32768,
+        norm_offset=1.0,
         extra={
-            "sliding_window": None, "hidden_act": "silu", "num_local_experts": 4, "num_experts_per_tok": 2,
-            "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0, "output_router_logits": False,
+            "sliding_window": None,
+            "hidden_act": "silu",
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "router_aux_loss_coef": 0.02,
+            "router_jitter_noise": 0.0,
+            "output_router_logits": False,
         },
         experts=True,
     ),
@@ -402,8 +581,6 @@ def hf_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     Taken from the mlx-lm model built from ``config``; for the architectures here its parameter
     names are the Hugging Face names, and a tied model has no ``lm_head.weight`` in either.
     """
-    from mlx.utils import tree_flatten
-    from mlx_lora.plumbing.mlx_lm_compat import model_classes
 
     model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
@@ -413,7 +590,6 @@ def hf_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     spec = _SPECS.get(config["model_type"])
     if spec is None or not spec.experts:
         return shapes
-    from mlx_lora.converters.moe_layout import LAYOUTS
 
     lay = LAYOUTS[config["model_type"]]
     stacked, names = lay.stacked, lay.names
@@ -447,7 +623,6 @@ def _random_weights(config: dict, seed: int, init_std: float, norm_offset: float
 
 
 def _save_safetensors(path: Path, weights: dict[str, np.ndarray], dtype: str) -> None:
-    import mlx.core as mx
 
     arrays = {k: mx.array(v).astype(getattr(mx, dtype)) for k, v in sorted(weights.items())}
     mx.save_safetensors(str(path), arrays, metadata={"format": "pt"})
@@ -474,7 +649,11 @@ def make_tiny_model(
     """
     spec = _spec(arch)
     config = tiny_config(
-        arch, hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size, dtype=dtype,
+        arch,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        vocab_size=vocab_size,
+        dtype=dtype,
         tie_word_embeddings=tie_word_embeddings,
     )
     out = Path(out_dir)

@@ -140,13 +140,22 @@ WRAPPERS = {
     ],
 }
 HELD_OUT_TICKETS, HELD_OUT_WRAPPERS = 2, 1
-PRODUCTS = ("Lumo desk lamp", "Brewster kettle", "Pathfinder watch", "Nimbus speaker", "Quill tablet",
-            "Orbit camera", "Tidy vacuum", "Ember heater", "Drift scooter", "Harbor router")
+PRODUCTS = (
+    "Lumo desk lamp",
+    "Brewster kettle",
+    "Pathfinder watch",
+    "Nimbus speaker",
+    "Quill tablet",
+    "Orbit camera",
+    "Tidy vacuum",
+    "Ember heater",
+    "Drift scooter",
+    "Harbor router",
+)
 NAMES = ("Amara", "Jonas", "Priya", "Tomasz", "Lucia", "Kenji", "Fatima", "Oskar", "Mei", "Diego", "Ines", "Kwame")
 CITIES = ("Leeds", "Porto", "Lyon", "Graz", "Turku", "Cork", "Ghent", "Bergen", "Brno", "Malmo")
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
 TRIAGE_SPLITS = (("train", 480, 11), ("valid", 40, 12), ("test", 120, 13))
-
 
 
 def _umask() -> int:
@@ -154,13 +163,20 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
+
 def _fill(template: str, rng: random.Random) -> str:
     a = rng.randrange(5, 300)
     return template.format(
-        order=f"#{rng.randrange(10000, 99999)}", amount=f"${a}.{rng.randrange(100):02d}",
-        amount2=f"${a + rng.randrange(1, 50)}.00", product=rng.choice(PRODUCTS), day=rng.choice(DAYS),
-        city=rng.choice(CITIES), code=f"E{rng.randrange(100, 999)}", pct=rng.randrange(10, 95),
-        email=f"{rng.choice(NAMES).lower()}{rng.randrange(10, 99)}@example.com", name=rng.choice(NAMES),
+        order=f"#{rng.randrange(10000, 99999)}",
+        amount=f"${a}.{rng.randrange(100):02d}",
+        amount2=f"${a + rng.randrange(1, 50)}.00",
+        product=rng.choice(PRODUCTS),
+        day=rng.choice(DAYS),
+        city=rng.choice(CITIES),
+        code=f"E{rng.randrange(100, 999)}",
+        pct=rng.randrange(10, 95),
+        email=f"{rng.choice(NAMES).lower()}{rng.randrange(10, 99)}@example.com",
+        name=rng.choice(NAMES),
     )
 
 
@@ -183,8 +199,15 @@ def triage_rows(n: int, seed: int, held_out: bool) -> list[dict]:
         if text in seen:
             continue
         seen.add(text)
-        rows.append({"messages": [{"role": "system", "content": TRIAGE_SYSTEM}, {"role": "user", "content": text},
-                                  {"role": "assistant", "content": label}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": TRIAGE_SYSTEM},
+                    {"role": "user", "content": text},
+                    {"role": "assistant", "content": label},
+                ]
+            }
+        )
     return rows
 
 
@@ -200,12 +223,42 @@ def triage_splits() -> dict[str, list[dict]]:
 # ---------------------------------------------------------------------------------------------
 # instruct (alpaca)
 
-_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_ONES = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+)
 _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 _WORDS = ("pear", "apple", "fig", "plum", "kiwi", "lime", "mango", "grape", "melon", "cherry", "date", "quince")
-_IRREGULAR = {"mouse": "mice", "goose": "geese", "child": "children", "tooth": "teeth", "foot": "feet",
-              "person": "people", "leaf": "leaves", "knife": "knives", "wolf": "wolves", "man": "men"}
+_IRREGULAR = {
+    "mouse": "mice",
+    "goose": "geese",
+    "child": "children",
+    "tooth": "teeth",
+    "foot": "feet",
+    "person": "people",
+    "leaf": "leaves",
+    "knife": "knives",
+    "wolf": "wolves",
+    "man": "men",
+}
 
 
 def number_words(n: int) -> str:
@@ -224,29 +277,50 @@ def instruct_rows(n: int = 48, seed: int = 21) -> list[dict]:
         if kind == 0:
             c = rng.randrange(-20, 41)
             f = c * 9 / 5 + 32
-            rows.append({"instruction": "Convert the temperature from Celsius to Fahrenheit.", "input": f"{c} °C",
-                         "output": f"{f:g} °F"})
+            rows.append(
+                {
+                    "instruction": "Convert the temperature from Celsius to Fahrenheit.",
+                    "input": f"{c} °C",
+                    "output": f"{f:g} °F",
+                }
+            )
         elif kind == 1:
             words = rng.sample(_WORDS, rng.randrange(3, 6))
-            rows.append({"instruction": "Sort the words alphabetically.", "input": ", ".join(words),
-                         "output": ", ".join(sorted(words))})
+            rows.append(
+                {
+                    "instruction": "Sort the words alphabetically.",
+                    "input": ", ".join(words),
+                    "output": ", ".join(sorted(words)),
+                }
+            )
         elif kind == 2:
             k = rng.randrange(0, 100)
             rows.append({"instruction": "Write the number in words.", "input": str(k), "output": number_words(k)})
         elif kind == 3:
             noun = rng.choice(sorted(_IRREGULAR))
-            rows.append({"instruction": f"Give the plural of the noun '{noun}'.", "input": "",
-                         "output": _IRREGULAR[noun]})
+            rows.append(
+                {"instruction": f"Give the plural of the noun '{noun}'.", "input": "", "output": _IRREGULAR[noun]}
+            )
         elif kind == 4:
             words = rng.sample(_WORDS, rng.randrange(3, 7))
             sentence = "I bought " + ", ".join(words[:-1]) + " and " + words[-1] + "."
-            rows.append({"instruction": "Count the words in the sentence.", "input": sentence,
-                         "output": str(len(sentence.split()))})
+            rows.append(
+                {
+                    "instruction": "Count the words in the sentence.",
+                    "input": sentence,
+                    "output": str(len(sentence.split())),
+                }
+            )
         else:
             start = rng.randrange(1, 90)
             evens = [x for x in range(start + 1, start + 8) if x % 2 == 0][:3]
-            rows.append({"instruction": f"List three even numbers greater than {start}.", "input": "",
-                         "output": ", ".join(map(str, evens))})
+            rows.append(
+                {
+                    "instruction": f"List three even numbers greater than {start}.",
+                    "input": "",
+                    "output": ", ".join(map(str, evens)),
+                }
+            )
     return rows
 
 
@@ -255,9 +329,13 @@ def instruct_rows(n: int = 48, seed: int = 21) -> list[dict]:
 
 _BIKES = {"city bike": 6, "e-bike": 14, "tandem": 11, "cargo bike": 12}
 _EXTRAS = {"helmet": 2, "child seat": 3, "lock": 1}
-CHAT_SYSTEM = ("You are the assistant of the Riverside bicycle rental. Prices per hour: "
-               + ", ".join(f"{b} ${p}" for b, p in _BIKES.items()) + ". Extras per hour: "
-               + ", ".join(f"{e} ${p}" for e, p in _EXTRAS.items()) + ". Answer briefly.")
+CHAT_SYSTEM = (
+    "You are the assistant of the Riverside bicycle rental. Prices per hour: "
+    + ", ".join(f"{b} ${p}" for b, p in _BIKES.items())
+    + ". Extras per hour: "
+    + ", ".join(f"{e} ${p}" for e, p in _EXTRAS.items())
+    + ". Answer briefly."
+)
 
 
 def chat_rows(n: int = 32, seed: int = 31) -> list[dict]:
@@ -274,15 +352,19 @@ def chat_rows(n: int = 32, seed: int = 31) -> list[dict]:
             {"role": "user", "content": f"How much is a {bike} for {hours} hour{'s' * (hours > 1)}?"},
             {"role": "assistant", "content": f"A {bike} for {hours} hour{'s' * (hours > 1)} costs ${base}."},
             {"role": "user", "content": f"And with a {extra}?"},
-            {"role": "assistant", "content": f"With a {extra} it is ${with_extra} in total "
-                                             f"(${base} + ${_EXTRAS[extra] * hours})."},
+            {
+                "role": "assistant",
+                "content": f"With a {extra} it is ${with_extra} in total (${base} + ${_EXTRAS[extra] * hours}).",
+            },
         ]
         if rng.random() < 0.5:
             people = rng.randrange(2, 5)
             msgs += [
                 {"role": "user", "content": f"We are {people} people, each wants the same."},
-                {"role": "assistant", "content": f"For {people} people that is {people} x ${with_extra} = "
-                                                 f"${people * with_extra}."},
+                {
+                    "role": "assistant",
+                    "content": f"For {people} people that is {people} x ${with_extra} = ${people * with_extra}.",
+                },
             ]
         rows.append({"messages": msgs})
     return rows
@@ -291,10 +373,24 @@ def chat_rows(n: int = 32, seed: int = 31) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # summarize (completions, long inputs)
 
-_FIRMS = ("Alder & Finch Ltd", "Brightwater Logistics", "Cobalt Orchard Farms", "Dunmore Print Works",
-          "Elmstead Dental Group", "Fairhaven Robotics", "Greystone Bakery Co", "Hollins Marine Supply")
-_SERVICES = ("cleaning of office premises", "maintenance of delivery vans", "hosting of the customer website",
-             "payroll processing", "security patrols of the warehouse", "translation of product manuals")
+_FIRMS = (
+    "Alder & Finch Ltd",
+    "Brightwater Logistics",
+    "Cobalt Orchard Farms",
+    "Dunmore Print Works",
+    "Elmstead Dental Group",
+    "Fairhaven Robotics",
+    "Greystone Bakery Co",
+    "Hollins Marine Supply",
+)
+_SERVICES = (
+    "cleaning of office premises",
+    "maintenance of delivery vans",
+    "hosting of the customer website",
+    "payroll processing",
+    "security patrols of the warehouse",
+    "translation of product manuals",
+)
 _REGIONS = ("the Northern Province", "the Coastal District", "the Central Territory", "the Eastern Shire")
 SUMMARIZE_INSTRUCTION = "Summarize the agreement in three sentences: parties and service, term and fee, termination."
 
@@ -334,8 +430,10 @@ def _agreement(rng: random.Random) -> tuple[str, str]:
         f"jurisdiction over any dispute arising from it.",
     ]
     document = "\n\n".join(clauses)
-    summary = (f"{provider} provides {service} to {client}. The agreement runs for {months} months, renewing "
-               f"yearly, at ${fee:,} per month. Either party may terminate with {notice} days' written notice.")
+    summary = (
+        f"{provider} provides {service} to {client}. The agreement runs for {months} months, renewing "
+        f"yearly, at ${fee:,} per month. Either party may terminate with {notice} days' written notice."
+    )
     return document, summary
 
 
@@ -354,18 +452,43 @@ def summarize_rows(n: int = 16, seed: int = 41) -> list[dict]:
 # (name, arguments, specification, body lines); {k} is a per-row constant.
 _FUNCTIONS = (
     ("clamp", "x, lo, hi", "limits x to the range [lo, hi]", ["return max(lo, min(x, hi))"]),
-    ("count_vowels", "text", "returns how many vowels (a, e, i, o, u, either case) text contains",
-     ["return sum(1 for ch in text.lower() if ch in \"aeiou\")"]),
+    (
+        "count_vowels",
+        "text",
+        "returns how many vowels (a, e, i, o, u, either case) text contains",
+        ['return sum(1 for ch in text.lower() if ch in "aeiou")'],
+    ),
     ("is_multiple", "n", "returns True when n is a multiple of {k}", ["return n % {k} == 0"]),
-    ("add_tax", "price", "returns price plus {k}% tax, rounded to 2 decimals", ["return round(price * (1 + {k} / 100), 2)"]),
-    ("first_words", "text", "returns the first {k} words of text joined by single spaces",
-     ["return \" \".join(text.split()[:{k}])"]),
-    ("chunk", "items", "splits the list items into consecutive lists of length {k} (the last may be shorter)",
-     ["return [items[i:i + {k}] for i in range(0, len(items), {k})]"]),
-    ("running_total", "numbers", "returns the list of running sums of numbers",
-     ["total, out = 0, []", "for x in numbers:", "    total += x", "    out.append(total)", "return out"]),
-    ("safe_div", "a, b", "divides a by b and returns {k} when b is zero",
-     ["if b == 0:", "    return {k}", "return a / b"]),
+    (
+        "add_tax",
+        "price",
+        "returns price plus {k}% tax, rounded to 2 decimals",
+        ["return round(price * (1 + {k} / 100), 2)"],
+    ),
+    (
+        "first_words",
+        "text",
+        "returns the first {k} words of text joined by single spaces",
+        ['return " ".join(text.split()[:{k}])'],
+    ),
+    (
+        "chunk",
+        "items",
+        "splits the list items into consecutive lists of length {k} (the last may be shorter)",
+        ["return [items[i:i + {k}] for i in range(0, len(items), {k})]"],
+    ),
+    (
+        "running_total",
+        "numbers",
+        "returns the list of running sums of numbers",
+        ["total, out = 0, []", "for x in numbers:", "    total += x", "    out.append(total)", "return out"],
+    ),
+    (
+        "safe_div",
+        "a, b",
+        "divides a by b and returns {k} when b is zero",
+        ["if b == 0:", "    return {k}", "return a / b"],
+    ),
 )
 
 
@@ -377,8 +500,13 @@ def code_rows(n: int = 32, seed: int = 51) -> list[dict]:
         k = rng.randrange(2, 10)
         spec = spec.format(k=k)
         code = f"def {name}({args}):\n" + "\n".join("    " + line.format(k=k) for line in body)
-        rows.append({"instruction": f"Write a Python function `{name}({args})` that {spec}.", "input": "",
-                     "output": f"```python\n{code}\n```"})
+        rows.append(
+            {
+                "instruction": f"Write a Python function `{name}({args})` that {spec}.",
+                "input": "",
+                "output": f"```python\n{code}\n```",
+            }
+        )
     return rows
 
 
@@ -399,11 +527,15 @@ def text_rows(n: int = 40, seed: int = 61) -> list[dict]:
         species = rng.choice(("minor", "alpina", "ripensis", "grandis", "nocturna", "vulgaris"))
         height = rng.randrange(5, 120)
         altitude = rng.randrange(0, 2400, 50)
-        text = (f"{genus} {species} grows on {rng.choice(_HABITATS)} up to {altitude} metres above sea level. "
-                f"It reaches {height} cm and flowers in {rng.choice(_SEASONS)}, with {rng.choice(_COLOURS)} petals "
-                f"arranged in groups of {rng.randrange(3, 8)}. The leaves are {rng.choice(('narrow', 'heart-shaped', 'lobed', 'waxy'))} "
-                f"and the seeds are spread by {rng.choice(('wind', 'birds', 'water', 'ants'))}. "
-                f"Field workers recognise it by its {rng.choice(('sharp scent', 'hairy stem', 'red veins', 'curled tips'))}.")
+        text = (
+            f"{genus} {species} grows on {rng.choice(_HABITATS)} up to {altitude} metres above sea level. "
+            f"It reaches {height} cm and flowers in {rng.choice(_SEASONS)}, with {rng.choice(_COLOURS)} petals "
+            f"arranged in groups of {rng.randrange(3, 8)}. "
+            f"The leaves are {rng.choice(('narrow', 'heart-shaped', 'lobed', 'waxy'))} "
+            f"and the seeds are spread by {rng.choice(('wind', 'birds', 'water', 'ants'))}. "
+            f"Field workers recognise it by its "
+            f"{rng.choice(('sharp scent', 'hairy stem', 'red veins', 'curled tips'))}."
+        )
         rows.append({"text": text})
     return rows
 
@@ -411,8 +543,7 @@ def text_rows(n: int = 40, seed: int = 61) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # preference: prompt / chosen / rejected
 
-BRUSH_OFFS = ("Work it out yourself.", "I would rather not say.", "That is too hard to answer.",
-              "Ask someone else.")
+BRUSH_OFFS = ("Work it out yourself.", "I would rather not say.", "That is too hard to answer.", "Ask someone else.")
 
 
 def preference_rows(n: int = 40, seed: int = 71) -> list[dict]:
@@ -424,12 +555,14 @@ def preference_rows(n: int = 40, seed: int = 71) -> list[dict]:
         right = op(a, b)
         wrong = right + rng.choice((-10, -2, -1, 1, 2, 10))
         question = rng.choice(("What is {a} {w} {b}?", "Please compute {a} {w} {b}.", "{a} {w} {b} = ?"))
-        rejected = (f"{a} {word} {b} is {wrong}." if rng.random() < 0.6 else rng.choice(BRUSH_OFFS))
-        out.append({
-            "prompt": [{"role": "user", "content": question.format(a=a, w=word, b=b)}],
-            "chosen": [{"role": "assistant", "content": f"{a} {word} {b} is {right}."}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-        })
+        rejected = f"{a} {word} {b} is {wrong}." if rng.random() < 0.6 else rng.choice(BRUSH_OFFS)
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": question.format(a=a, w=word, b=b)}],
+                "chosen": [{"role": "assistant", "content": f"{a} {word} {b} is {right}."}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
     return out
 
 
@@ -451,10 +584,14 @@ def arithmetic_splits(seed: int = 27) -> dict[str, list[dict]]:
     out, start = {}, 0
     for name, n in ARITHMETIC_SIZES.items():
         rows = []
-        for a, op, b in problems[start:start + n]:
+        for a, op, b in problems[start : start + n]:
             ask = rng.choice(ARITHMETIC_ASKS).format(a=a, op=op, b=b)
-            rows.append({"prompt": [{"role": "user", "content": ask}, {"role": "assistant", "content": f"{a} {op} {b} ="}],
-                         "answer": str(a + b if op == "+" else a - b)})
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": ask}, {"role": "assistant", "content": f"{a} {op} {b} ="}],
+                    "answer": str(a + b if op == "+" else a - b),
+                }
+            )
         out[name], start = rows, start + n
     return out
 
@@ -467,14 +604,16 @@ def all_files() -> dict[str, list[dict]]:
     """Relative path -> rows, for every bundled file."""
     files = {f"triage/{name}.jsonl": rows for name, rows in triage_splits().items()}
     files.update({f"arithmetic/{name}.jsonl": rows for name, rows in arithmetic_splits().items()})
-    files.update({
-        "instruct.jsonl": instruct_rows(),
-        "chat.jsonl": chat_rows(),
-        "summarize.jsonl": summarize_rows(),
-        "code.jsonl": code_rows(),
-        "text.jsonl": text_rows(),
-        "preference.jsonl": preference_rows(),
-    })
+    files.update(
+        {
+            "instruct.jsonl": instruct_rows(),
+            "chat.jsonl": chat_rows(),
+            "summarize.jsonl": summarize_rows(),
+            "code.jsonl": code_rows(),
+            "text.jsonl": text_rows(),
+            "preference.jsonl": preference_rows(),
+        }
+    )
     return files
 
 

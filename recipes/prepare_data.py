@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 # python recipes/prepare_data.py DATASET --out data/NAME
 #
-# Turn a public Hugging Face data set (or a local JSONL/JSON file) into train/valid/test JSONL files that mlx-lora reads.
+# Turn a public Hugging Face data set (or a local JSONL/JSON file) into train/valid/test JSONL files
+# that mlx-lora reads.
 #
 # task:    data preparation
 # data:    any data set `datasets.load_dataset` opens; presets for the ones the recipes name
@@ -45,10 +46,17 @@ PRESETS = {
     "databricks/databricks-dolly-15k": {"format": "alpaca", "fields": {"input": "context", "output": "response"}},
     "HuggingFaceH4/ultrachat_200k": {"format": "chat", "split": "train_sft"},
     "HuggingFaceH4/no_robots": {"format": "chat"},
-    "FiscalNote/billsum": {"format": "completions", "fields": {"prompt": "text", "completion": "summary"},
-                           "template": SUMMARIZE},
-    "abisee/cnn_dailymail": {"format": "completions", "config": "3.0.0",
-                             "fields": {"prompt": "article", "completion": "highlights"}, "template": SUMMARIZE},
+    "FiscalNote/billsum": {
+        "format": "completions",
+        "fields": {"prompt": "text", "completion": "summary"},
+        "template": SUMMARIZE,
+    },
+    "abisee/cnn_dailymail": {
+        "format": "completions",
+        "config": "3.0.0",
+        "fields": {"prompt": "article", "completion": "highlights"},
+        "template": SUMMARIZE,
+    },
     "Salesforce/wikitext": {"format": "text", "config": "wikitext-103-raw-v1"},
     # chosen / rejected are whole conversations sharing the prompt turn (no prompt column)
     "trl-lib/ultrafeedback_binarized": {"format": "preference"},
@@ -61,13 +69,15 @@ class PrepareError(ValueError):
 
 def convert_row(row: dict, fmt: str, fields: dict, template: str | None = None) -> dict | None:
     """One source row as a row of ``fmt``; None for a row with nothing to learn from."""
+
     def get(ours: str, optional: bool = False):
         theirs = fields.get(ours, ours)
         if theirs not in row:
             if optional:
                 return ""
-            raise PrepareError(f"column '{theirs}' missing (have: {', '.join(sorted(row))}); "
-                               f"map it with --field {ours}=COLUMN")
+            raise PrepareError(
+                f"column '{theirs}' missing (have: {', '.join(sorted(row))}); map it with --field {ours}=COLUMN"
+            )
         return row[theirs]
 
     if fmt == "chat":
@@ -92,7 +102,7 @@ def convert_row(row: dict, fmt: str, fields: dict, template: str | None = None) 
         prompt = get("prompt", optional=True)
         if prompt:
             out = {"prompt": prompt, **out}
-        plain = lambda v: v if isinstance(v, str) else [{"role": m["role"], "content": m["content"]} for m in v]  # noqa: E731
+        plain = lambda v: v if isinstance(v, str) else [{"role": m["role"], "content": m["content"]} for m in v]
         return {k: plain(v) for k, v in out.items()} if all(out.values()) else None
     text = str(get("text"))
     # wikitext-style dumps: one paragraph per row, headings as " = Title = ", many empty rows.
@@ -124,9 +134,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def prepare(source: str, out: Path, *, fmt: str | None = None, split: str | None = None, config: str | None = None,
-            fields: dict | None = None, template: str | None = None, limit: int | None = None, valid: int = 200,
-            test: int = 200, seed: int = 0) -> dict[str, int]:
+def prepare(
+    source: str,
+    out: Path,
+    *,
+    fmt: str | None = None,
+    split: str | None = None,
+    config: str | None = None,
+    fields: dict | None = None,
+    template: str | None = None,
+    limit: int | None = None,
+    valid: int = 200,
+    test: int = 200,
+    seed: int = 0,
+) -> dict[str, int]:
     """Convert ``source`` and write the three splits into ``out``; returns rows per split."""
     preset = PRESETS.get(source, {})
     fmt = fmt or preset.get("format")
@@ -147,8 +168,10 @@ def prepare(source: str, out: Path, *, fmt: str | None = None, split: str | None
     if limit is not None:
         converted = converted[: limit + valid + test]
     if len(converted) <= valid + test:
-        raise PrepareError(f"{source}: only {len(converted)} usable rows; need more than --valid + --test = {valid + test}")
-    splits = {"valid": converted[:valid], "test": converted[valid:valid + test], "train": converted[valid + test:]}
+        raise PrepareError(
+            f"{source}: only {len(converted)} usable rows; need more than --valid + --test = {valid + test}"
+        )
+    splits = {"valid": converted[:valid], "test": converted[valid : valid + test], "train": converted[valid + test :]}
     for name, part in splits.items():
         if part:
             write_jsonl(out / f"{name}.jsonl", part)
@@ -176,8 +199,19 @@ def main(argv=None) -> int:
         ours, theirs = item.split("=", 1)
         fields[ours] = theirs
     try:
-        counts = prepare(args.source, args.out, fmt=args.format, split=args.split, config=args.config, fields=fields,
-                         template=args.template, limit=args.limit, valid=args.valid, test=args.test, seed=args.seed)
+        counts = prepare(
+            args.source,
+            args.out,
+            fmt=args.format,
+            split=args.split,
+            config=args.config,
+            fields=fields,
+            template=args.template,
+            limit=args.limit,
+            valid=args.valid,
+            test=args.test,
+            seed=args.seed,
+        )
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

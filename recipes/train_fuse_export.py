@@ -35,12 +35,11 @@ from mlx_lora.plumbing.backend import reexec_with_openblas
 if __name__ == "__main__":
     reexec_with_openblas()
 
-from mlx_lora import config  # noqa: E402  (after the BLAS choice above)
-from mlx_lora.commands import api  # noqa: E402
-from mlx_lora.plumbing.errors import MlxLoraError  # noqa: E402
-
-from mlx_lora.converters.fuse import fuse  # noqa: E402
-from mlx_lora.converters.packaging import export_ollama  # noqa: E402
+from mlx_lora import config
+from mlx_lora.commands import api
+from mlx_lora.converters.fuse import fuse
+from mlx_lora.converters.packaging import export_ollama
+from mlx_lora.plumbing.errors import MlxLoraError
 
 EXIT_INTERRUPTED = 130  # as a shell reports a Ctrl-C
 
@@ -67,16 +66,27 @@ def run(args) -> dict:
     log(f"== train: {cfg.model.path} on {cfg.data.path} -> {run_dir}")
     result = api.train(cfg, resume=args.resume, overwrite=args.overwrite)
     if result.interrupted:
-        raise Interrupted(f"training was interrupted at step {result.steps}; the adapter is partial, so it was "
-                          f"not fused or exported. Continue with the same command and --resume")
+        raise Interrupted(
+            f"training was interrupted at step {result.steps}; the adapter is partial, so it was "
+            f"not fused or exported. Continue with the same command and --resume"
+        )
 
     fused_dir = args.out / "fused"
     log(f"== fuse -> {fused_dir}")
     fuse(cfg.model.path, run_dir, fused_dir, overwrite=args.overwrite or args.resume, log=log)
 
     log(f"== export {args.type} GGUF + Modelfile -> {args.out / 'ollama'}")
-    pkg = export_ollama(str(fused_dir), None, args.name, out_dir=args.out / "ollama", type_name=args.type,
-                        create=args.create, system=args.system, overwrite=args.overwrite or args.resume, log=log)
+    pkg = export_ollama(
+        str(fused_dir),
+        None,
+        args.name,
+        out_dir=args.out / "ollama",
+        type_name=args.type,
+        create=args.create,
+        system=args.system,
+        overwrite=args.overwrite or args.resume,
+        log=log,
+    )
     gguf = next(p for p in pkg.files if p.suffix == ".gguf")
     log("")
     log(f"llama.cpp: llama-cli -m {gguf} -cnv" + (" -sys '...'" if args.system else ""))
@@ -84,8 +94,13 @@ def run(args) -> dict:
         log(f"Ollama:    ollama run {args.name}")
     else:
         log(f"Ollama:    cd {pkg.folder} && ollama create {args.name} -f Modelfile && ollama run {args.name}")
-    return {"run": str(run_dir), "fused": str(fused_dir), "gguf": str(gguf), "modelfile": str(pkg.folder / "Modelfile"),
-            "created": pkg.created}
+    return {
+        "run": str(run_dir),
+        "fused": str(fused_dir),
+        "gguf": str(gguf),
+        "modelfile": str(pkg.folder / "Modelfile"),
+        "created": pkg.created,
+    }
 
 
 def parse_args(argv=None):
@@ -93,15 +108,23 @@ def parse_args(argv=None):
     ap.add_argument("--model", required=True, help="base model: local folder, Hugging Face id or .gguf file")
     ap.add_argument("--data", required=True, help="JSONL file or folder with train.jsonl [valid.jsonl test.jsonl]")
     ap.add_argument("--name", required=True, help="model name in Ollama (letters, digits, . _ - : /)")
-    ap.add_argument("--config", type=Path, help="training config, e.g. recipes/chat-sft.yaml (default: built-in defaults)")
+    ap.add_argument(
+        "--config", type=Path, help="training config, e.g. recipes/chat-sft.yaml (default: built-in defaults)"
+    )
     ap.add_argument("--out", type=Path, help="output folder (default runs/NAME)")
     ap.add_argument("--iters", type=int, help="training steps (overrides the config)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     ap.add_argument("--type", default="q8_0", help="GGUF type: f16, q8_0, q4_0, q4_k_m, ... (default q8_0)")
     ap.add_argument("--system", help="SYSTEM prompt for the Modelfile")
-    ap.add_argument("--create", action=argparse.BooleanOptionalAction, default=None,
-                    help="run `ollama create` (default: when ollama is on PATH)")
-    ap.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT/run, then redo fuse and export")
+    ap.add_argument(
+        "--create",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run `ollama create` (default: when ollama is on PATH)",
+    )
+    ap.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run in OUT/run, then redo fuse and export"
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in OUT")
     args = ap.parse_args(argv)
     args.out = args.out or Path("runs") / args.name.replace("/", "_").replace(":", "_")

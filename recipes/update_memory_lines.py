@@ -21,12 +21,14 @@ def refresh_memory_lines(path: Path) -> bool:
     """Rewrite ``path``'s memory and fits header lines from the estimator; True if they changed."""
     sys.path.insert(0, str(HERE.parent))
     from mlx_lora import config
-    from mlx_lora.plumbing.io import atomic_write_text
     from mlx_lora.commands.recipes import estimate_for_config, memory_text
+    from mlx_lora.plumbing.io import atomic_write_text
 
     est = estimate_for_config(config.build(str(path), check=False))
     if est is None:
-        raise SystemExit(f"{path}: its model is not in mlx_lora.commands.recipes.KNOWN_MODELS; add its config facts there")
+        raise SystemExit(
+            f"{path}: its model is not in mlx_lora.commands.recipes.KNOWN_MODELS; add its config facts there"
+        )
     mem, fits = memory_text(est)
     text = path.read_text(encoding="utf-8")
     new = re.sub(r"^# memory: .*$", f"# memory:  {mem}", text, count=1, flags=re.M)

@@ -10,8 +10,8 @@ keep: a non-zero exit, one ``error:`` line naming the file, line or key, no trac
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -30,15 +30,24 @@ def snapshot(*roots: Path) -> dict:
         for p in paths:
             st = p.lstat()
             if p.is_file():
-                out[str(p)] = ("file", st.st_mode, st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+                out[str(p)] = (
+                    "file",
+                    st.st_mode,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    hashlib.sha256(p.read_bytes()).hexdigest(),
+                )
             else:
                 out[str(p)] = ("dir" if p.is_dir() else "other", st.st_mode, None, st.st_mtime_ns, None)
     return out
 
 
 def diff(before: dict, after: dict) -> list[str]:
-    return [f"{'created' if k not in before else 'removed' if k not in after else 'changed'}: {k}"
-            for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    return [
+        f"{'created' if k not in before else 'removed' if k not in after else 'changed'}: {k}"
+        for k in sorted(set(before) | set(after))
+        if before.get(k) != after.get(k)
+    ]
 
 
 def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:

@@ -22,10 +22,19 @@ from mlx_lora.plumbing.errors import AdapterError, ExportError
 from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES
 
 QUIET = {"log": lambda m: None}
-GGUF_MODULE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
-               "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp"}  # MoE routers
+GGUF_MODULE = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "self_attn.qkv_proj": "attn_qkv",
+    "mlp.gate_up_proj": "ffn_up",
+    "mlp.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp",
+}  # MoE routers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +59,15 @@ def test_peft_config_and_tensor_layout(tmp_path, tiny_llama):
     assert set(conf) <= set(PEFT_CONFIG_KEYS)  # only keys PEFT's LoraConfig knows
     assert conf["r"] == 4 and conf["lora_alpha"] == 12.0 and conf["use_dora"] is True and conf["use_rslora"] is False
     assert conf["base_model_name_or_path"] == "org/tiny-llama" and conf["peft_type"] == "LORA"
-    assert sorted(conf["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sorted(conf["target_modules"]) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     cfg = json.loads((tiny_llama / "config.json").read_text())
     tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert len(tensors) == 3 * 14
@@ -76,16 +93,21 @@ def test_mlx_lm_adapter_is_converted(tmp_path, tiny_llama):
     src = tmp_path / "mlxlm"
     src.mkdir()
     save_file(weights, str(src / "adapters.safetensors"))
-    (src / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2,
-                                                         "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0}}))
+    (src / "adapter_config.json").write_text(
+        json.dumps(
+            {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0}}
+        )
+    )
     with pytest.raises(AdapterError, match="--model"):
         export_peft(src, tmp_path / "peft", **QUIET)
     export_peft(src, tmp_path / "peft", model=str(tiny_llama), verify=True, **QUIET)
     conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert conf["r"] == 8 and conf["lora_alpha"] == 16.0  # mlx-lm's scale 2 = alpha / r
     tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    np.testing.assert_array_equal(tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
-                                  weights["model.layers.0.self_attn.q_proj.lora_a"].T)
+    np.testing.assert_array_equal(
+        tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+        weights["model.layers.0.self_attn.q_proj.lora_a"].T,
+    )
 
 
 def test_broken_adapter_is_refused(tmp_path, tiny_llama):
@@ -107,8 +129,13 @@ def test_gguf_adapter_layout(tmp_path, tiny_models, arch):
     folder = tiny_models[arch]
     # MoE families: attention and router (LoRA on experts is refused in a GGUF LoRA file: fuse instead)
     moe = arch in MOE_ARCHITECTURES
-    ad = make_adapter(folder, tmp_path / "ad", r=4, alpha=8.0,
-                      targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate"] if moe else None)
+    ad = make_adapter(
+        folder,
+        tmp_path / "ad",
+        r=4,
+        alpha=8.0,
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate"] if moe else None,
+    )
     export_gguf_adapter(ad, tmp_path / "a.gguf", model=str(folder), **QUIET)
     r = gguf.GGUFReader(tmp_path / "a.gguf")
     meta = {k: f.contents() for k, f in r.fields.items()}
@@ -122,7 +149,7 @@ def test_gguf_adapter_layout(tmp_path, tiny_models, arch):
     for key, a in state.items():
         if not key.endswith("lora_A.weight"):
             continue
-        path = key[len("base_model.model."):-len(".lora_A.weight")]
+        path = key[len("base_model.model.") : -len(".lora_A.weight")]
         layer, mod = path.split(".", 3)[2], path.split(".", 3)[3]
         base = f"blk.{layer}.{GGUF_MODULE[mod]}.weight"
         ta, tb = tensors[base + ".lora_a"], tensors[base + ".lora_b"]
@@ -176,11 +203,26 @@ def test_cli_export_adapter(tmp_path, tiny_llama):
     from mlx_lora.commands.cli import cli
 
     ad = make_adapter(tiny_llama, tmp_path / "ad")
-    r = CliRunner().invoke(cli, ["export", "adapter", "--adapter", str(ad), "--format", "gguf", "--out",
-                                 str(tmp_path / "x-lora.gguf")])
+    r = CliRunner().invoke(
+        cli, ["export", "adapter", "--adapter", str(ad), "--format", "gguf", "--out", str(tmp_path / "x-lora.gguf")]
+    )
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(cli, ["export", "adapter", "--adapter", str(ad), "--format", "peft", "--out",
-                                 str(tmp_path / "x-peft"), "--model", str(tiny_llama), "--verify"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            "adapter",
+            "--adapter",
+            str(ad),
+            "--format",
+            "peft",
+            "--out",
+            str(tmp_path / "x-peft"),
+            "--model",
+            str(tiny_llama),
+            "--verify",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "verify PEFT adapter [f32]: top-1 agreement 100.0%" in r.output
     assert (tmp_path / "x-lora.gguf").is_file() and (tmp_path / "x-peft" / "adapter_model.safetensors").is_file()

@@ -16,15 +16,20 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
 
-from mlx_lora.model import adapters
+from mlx_lora.config import LoraConfig
 from mlx_lora.model.adapters import (
-    PEFT_PREFIX, adapter_layers, apply_lora, count_parameters, fuse_model, load_adapter, read_adapter,
+    PEFT_PREFIX,
+    adapter_layers,
+    apply_lora,
+    count_parameters,
+    fuse_model,
+    load_adapter,
+    read_adapter,
     save_adapter,
 )
-from mlx_lora.config import LoraConfig
-from mlx_lora.plumbing.errors import AdapterError
-from mlx_lora.model.lora import DoRALinear, LoRALinear
 from mlx_lora.model.loading import load_model
+from mlx_lora.model.lora import DoRALinear, LoRALinear
+from mlx_lora.plumbing.errors import AdapterError
 from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES
 
 DENSE = [a for a in ARCHITECTURES if a not in MOE_ARCHITECTURES]  # expert targets: tested with LoRA on experts
@@ -51,8 +56,15 @@ def expected_linears(cfg: dict) -> dict[str, tuple[int, int]]:
         layers["self_attn.qkv_proj"] = (h, (heads + 2 * kv) * d)
         layers["mlp.gate_up_proj"] = (h, 2 * inter)
     else:
-        layers.update({"self_attn.q_proj": (h, heads * d), "self_attn.k_proj": (h, kv * d),
-                       "self_attn.v_proj": (h, kv * d), "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter)})
+        layers.update(
+            {
+                "self_attn.q_proj": (h, heads * d),
+                "self_attn.k_proj": (h, kv * d),
+                "self_attn.v_proj": (h, kv * d),
+                "mlp.gate_proj": (h, inter),
+                "mlp.up_proj": (h, inter),
+            }
+        )
     return layers
 
 
@@ -153,22 +165,33 @@ def test_quantized_model_counts_logical_weights_and_wraps_quantized_layers(llama
     [
         (LoraConfig(target_modules=["q_proj", "v_proj"]), [0, 1], ["self_attn.q_proj", "self_attn.v_proj"]),
         (LoraConfig(target_modules=["self_attn.o_proj"]), [0, 1], ["self_attn.o_proj"]),
-        (LoraConfig(target_modules=[r"re:.*\.layers\.1\.mlp\..*"]), [1], ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+        (
+            LoraConfig(target_modules=[r"re:.*\.layers\.1\.mlp\..*"]),
+            [1],
+            ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+        ),
         (LoraConfig(target_modules=[r"re:.*(q|k)_proj"]), [0, 1], ["self_attn.q_proj", "self_attn.k_proj"]),
         (LoraConfig(layers_to_transform=[0]), [0], None),
         (LoraConfig(layers_to_transform=[-1]), [1], None),
         (LoraConfig(layers_to_transform=[-2, 1]), [0, 1], None),
         (LoraConfig(target_modules=["down_proj"], layers_to_transform=[-1]), [1], ["mlp.down_proj"]),
     ],
-    ids=["names", "dotted-suffix", "regex-one-block", "regex-alternation", "first-block", "negative",
-         "negative-and-positive", "name-and-layer"],
+    ids=[
+        "names",
+        "dotted-suffix",
+        "regex-one-block",
+        "regex-alternation",
+        "first-block",
+        "negative",
+        "negative-and-positive",
+        "name-and-layer",
+    ],
 )
 def test_target_selection(llama, lora, blocks, names):
     cfg = hf_config(llama)
     model = load(llama)
     wrapped = apply_lora(model, lora)
-    expected = [p for p in expected_targets(cfg, blocks)
-                if names is None or p.split(".", 3)[-1] in names]
+    expected = [p for p in expected_targets(cfg, blocks) if names is None or p.split(".", 3)[-1] in names]
     assert sorted(wrapped) == sorted(expected)
     assert len(adapter_layers(model)) == len(expected)
 
@@ -190,9 +213,15 @@ def test_layer_index_out_of_range(llama):
 # PEFT save / load
 
 
-@pytest.mark.parametrize("lora", [LoraConfig(r=4, alpha=8), LoraConfig(r=4, alpha=8, use_rslora=True),
-                                  LoraConfig(r=2, alpha=3, use_dora=True, target_modules=["q_proj", "down_proj"])],
-                         ids=["lora", "rslora", "dora"])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        LoraConfig(r=4, alpha=8),
+        LoraConfig(r=4, alpha=8, use_rslora=True),
+        LoraConfig(r=2, alpha=3, use_dora=True, target_modules=["q_proj", "down_proj"]),
+    ],
+    ids=["lora", "rslora", "dora"],
+)
 def test_save_then_load_in_fresh_model_gives_identical_logits(llama, tmp_path, lora):
     model = load(llama)
     base = logits(model)
@@ -216,8 +245,11 @@ def test_saved_files_use_peft_names_shapes_and_config(llama, tmp_path):
     apply_lora(model, lora)
     out = save_adapter(model, tmp_path / "ad", lora, "some/base-model")
     # PEFT's files, and mlx-lm's weights beside them (tests/test_mlx_lm_compat_config.py)
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                     "adapters.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "adapters.safetensors",
+    ]
     tensors = load_file(str(out / "adapter_model.safetensors"))  # independent reader
     expected = {}
     for path, (din, dout) in expected_targets(cfg, [1]).items():
@@ -269,8 +301,9 @@ def test_adapter_of_another_size_reports_every_mismatch(tiny_model_dir, tmp_path
     msg = str(e.value)
     assert str(tmp_path / "ad") in msg
     # hidden 64 -> 96 changes both dims of every projection: A and B of all 7 layers mismatch.
-    expected = {f"{PEFT_PREFIX}model.layers.0.{n}.lora_{ab}.weight"
-                for n in expected_linears(hf_config(small)) for ab in "AB"}
+    expected = {
+        f"{PEFT_PREFIX}model.layers.0.{n}.lora_{ab}.weight" for n in expected_linears(hf_config(small)) for ab in "AB"
+    }
     problems = _problems(msg)
     assert "(14 problems)" in msg and len(problems) == 14
     assert {p.split("'")[1] for p in problems} == expected
@@ -295,8 +328,9 @@ def test_adapter_for_deeper_model_names_missing_layers(tiny_model_dir, tmp_path)
     with pytest.raises(AdapterError) as e:
         load_adapter(load(tiny_model_dir("llama", num_layers=1)), tmp_path / "ad")
     problems = _problems(str(e.value))
-    assert sorted(problems) == sorted(f"'model.layers.1.self_attn.{n}': no such layer in the model"
-                                      for n in ("q_proj", "v_proj"))
+    assert sorted(problems) == sorted(
+        f"'model.layers.1.self_attn.{n}': no such layer in the model" for n in ("q_proj", "v_proj")
+    )
 
 
 @pytest.mark.parametrize("case", ["missing", "no-config", "bad-json", "no-weights"])
@@ -336,8 +370,9 @@ def test_fuse_model_replaces_adapters_with_plain_layers(llama, use_dora):
 # mlx-lm adapter folders
 
 
-def write_mlx_lm_adapter(model_path: Path, out: Path, *, num_layers: int, params: dict,
-                         fine_tune_type: str = "lora") -> np.ndarray:
+def write_mlx_lm_adapter(
+    model_path: Path, out: Path, *, num_layers: int, params: dict, fine_tune_type: str = "lora"
+) -> np.ndarray:
     """Train-free mlx-lm adapter written the way ``mlx_lm.lora`` writes one; returns the logits
     of the model it was made on."""
     from mlx_lm.lora import CONFIG_DEFAULTS
@@ -356,8 +391,16 @@ def write_mlx_lm_adapter(model_path: Path, out: Path, *, num_layers: int, params
             updates.append((name, p * mx.array(rng.uniform(0.5, 1.5, p.shape).astype(np.float32))))
     model.load_weights(updates, strict=False)
     out.mkdir(parents=True)
-    args = dict(CONFIG_DEFAULTS, model=str(model_path), train=True, fine_tune_type=fine_tune_type,
-                num_layers=num_layers, lora_parameters=params, adapter_path=str(out), data="data")
+    args = dict(
+        CONFIG_DEFAULTS,
+        model=str(model_path),
+        train=True,
+        fine_tune_type=fine_tune_type,
+        num_layers=num_layers,
+        lora_parameters=params,
+        adapter_path=str(out),
+        data="data",
+    )
     save_config(args, out / "adapter_config.json")
     mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
     model.eval()
@@ -378,8 +421,9 @@ def test_mlx_lm_adapter_loads_like_mlx_lm_does(tmp_path, tiny_model_dir, num_lay
     from mlx_lm.tuner.utils import load_adapters
 
     path = tiny_model_dir("qwen2")  # q/k/v biases exercise the bias path
-    made_on = write_mlx_lm_adapter(path, tmp_path / "ad", num_layers=num_layers, params=params,
-                                   fine_tune_type=fine_tune_type)
+    made_on = write_mlx_lm_adapter(
+        path, tmp_path / "ad", num_layers=num_layers, params=params, fine_tune_type=fine_tune_type
+    )
     theirs = load(path)
     load_adapters(theirs, str(tmp_path / "ad"))
     theirs.eval()
@@ -405,8 +449,9 @@ def test_mlx_lm_adapter_loads_like_mlx_lm_does(tmp_path, tiny_model_dir, num_lay
 
 
 def test_mlx_lm_adapter_needs_the_model_to_be_read(tmp_path, tiny_model_dir):
-    write_mlx_lm_adapter(tiny_model_dir("llama"), tmp_path / "ad", num_layers=1,
-                         params={"rank": 2, "scale": 1.0, "dropout": 0.0})
+    write_mlx_lm_adapter(
+        tiny_model_dir("llama"), tmp_path / "ad", num_layers=1, params={"rank": 2, "scale": 1.0, "dropout": 0.0}
+    )
     with pytest.raises(AdapterError, match="needs the model"):
         read_adapter(tmp_path / "ad")
 
@@ -417,8 +462,9 @@ def test_mlx_lm_full_fine_tune_folder_is_not_an_adapter(llama, tmp_path):
     folder.mkdir()
     weights = {k: v for k, v in tree_flatten(model.parameters()) if ".layers.1." in k}
     mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
-    (folder / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "full", "num_layers": 1,
-                                                            "lora_parameters": None}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "full", "num_layers": 1, "lora_parameters": None})
+    )
     with pytest.raises(AdapterError, match="full fine-tune"):
         load_adapter(model, folder)
 

@@ -25,15 +25,29 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from cli_harness import assert_one_error_message, assert_refused, cli_env, diff, run_main, snapshot
+from cli_harness import make_read_only as _make_read_only
+from cli_harness import make_writable as _make_writable
+from cli_harness import rows as _rows
+from cli_harness import write as _write
 
-from cli_harness import (assert_one_error_message, assert_refused, cli_env, diff, make_read_only as _make_read_only,
-                         make_writable as _make_writable, rows as _rows, run_main, snapshot, write as _write)
 from mlx_lora.plumbing.ownership import write_marker
 from mlx_lora.testing import make_tiny_dataset
 
-ROW = {"messages": [{"role": "user", "content": "What is the code word?"}, {"role": "assistant", "content": "zebra-17"}]}
-TRAIN_ONLY = ("--quiet", "--iters", "2", "--batch-size", "2", "--set", "data.valid_fraction=0",
-              "--set", "train.save_every=1")
+ROW = {
+    "messages": [{"role": "user", "content": "What is the code word?"}, {"role": "assistant", "content": "zebra-17"}]
+}
+TRAIN_ONLY = (
+    "--quiet",
+    "--iters",
+    "2",
+    "--batch-size",
+    "2",
+    "--set",
+    "data.valid_fraction=0",
+    "--set",
+    "train.save_every=1",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,11 +57,11 @@ TRAIN_ONLY = ("--quiet", "--iters", "2", "--batch-size", "2", "--set", "data.val
 @dataclass
 class World:
     root: Path
-    model: Path          # tiny llama (hidden 64)
-    other_seed: Path     # same shapes, other weights
-    good: Path           # valid chat JSONL
-    previous_run: Path   # a finished 2-step run on `model`
-    wide_adapter: Path   # adapter of a llama with hidden 128
+    model: Path  # tiny llama (hidden 64)
+    other_seed: Path  # same shapes, other weights
+    good: Path  # valid chat JSONL
+    previous_run: Path  # a finished 2-step run on `model`
+    wide_adapter: Path  # adapter of a llama with hidden 128
     other_adapter: Path  # adapter trained on `other_seed`
 
 
@@ -56,8 +70,8 @@ _env = pytest.fixture(scope="module", autouse=True)(cli_env)
 
 def _adapter_for(model_dir: Path, out: Path) -> Path:
     """An untrained adapter saved for ``model_dir`` with the fingerprint training records."""
-    from mlx_lora.model import adapters
     from mlx_lora.config import LoraConfig
+    from mlx_lora.model import adapters
     from mlx_lora.model.integrity import FINGERPRINT_KEY, base_model_fingerprint
     from mlx_lora.model.loading import load_model
 
@@ -77,9 +91,15 @@ def world(tmp_path_factory, tiny_model_dir, _env) -> World:
     previous = root / "previous-run"
     main(["train", "--model", str(model), "--data", str(good), "--out", str(previous), *TRAIN_ONLY])
     other = tiny_model_dir("llama", seed=1)
-    return World(root, model, other, good, previous,
-                  _adapter_for(tiny_model_dir("llama", hidden_size=128), root / "wide-adapter"),
-                  _adapter_for(other, root / "other-adapter"))
+    return World(
+        root,
+        model,
+        other,
+        good,
+        previous,
+        _adapter_for(tiny_model_dir("llama", hidden_size=128), root / "wide-adapter"),
+        _adapter_for(other, root / "other-adapter"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,8 +112,17 @@ def world(tmp_path_factory, tiny_model_dir, _env) -> World:
 
 
 def train(w: World, ws: Path, data=None, model=None, *extra) -> list[str]:
-    return ["train", "--model", str(model or w.model), "--data", str(data or w.good), "--out", str(ws / "out"),
-            *TRAIN_ONLY, *extra]
+    return [
+        "train",
+        "--model",
+        str(model or w.model),
+        "--data",
+        str(data or w.good),
+        "--out",
+        str(ws / "out"),
+        *TRAIN_ONLY,
+        *extra,
+    ]
 
 
 def _copy_model(w: World, ws: Path) -> Path:
@@ -184,8 +213,10 @@ def chat_row_with_no_assistant_turn(w, ws):
 def row_longer_than_max_seq_length_policy_error(w, ws):
     long = {"prompt": "Tell me.", "completion": " ".join(["zebra"] * 80)}
     d = _write(ws / "d.jsonl", _rows({"prompt": "a", "completion": "b"}, long))
-    return (train(w, ws, d, None, "--max-seq-length", "24", "--set", "data.overlong=error"),
-            [f"{d}:2", "data.max_seq_length=24"])
+    return (
+        train(w, ws, d, None, "--max-seq-length", "24", "--set", "data.overlong=error"),
+        [f"{d}:2", "data.max_seq_length=24"],
+    )
 
 
 @case
@@ -235,15 +266,19 @@ def foreign_key_name_with_did_you_mean(w, ws):
 
 @case
 def key_in_the_wrong_section(w, ws):
-    return (train(w, ws, None, None, "--set", "train.max_seq_length=64"),
-            ["train.max_seq_length", "did you mean 'data.max_seq_length'"])
+    return (
+        train(w, ws, None, None, "--set", "train.max_seq_length=64"),
+        ["train.max_seq_length", "did you mean 'data.max_seq_length'"],
+    )
 
 
 @case
 def unknown_key_in_yaml_file(w, ws):
     c = _write(ws / "c.yaml", f"model:\n  path: {w.model}\ntrain:\n  batchsize: 4\n")
-    return (["train", "--config", str(c), "--data", str(w.good), "--out", str(ws / "out"), "--quiet"],
-            [str(c), "train.batchsize", "did you mean 'batch_size'"])
+    return (
+        ["train", "--config", str(c), "--data", str(w.good), "--out", str(ws / "out"), "--quiet"],
+        [str(c), "train.batchsize", "did you mean 'batch_size'"],
+    )
 
 
 @case
@@ -355,20 +390,37 @@ def model_path_is_a_plain_file(w, ws):
 
 
 def generate(w: World, adapter, *extra) -> list[str]:
-    return ["generate", "--model", str(w.model), "--adapter", str(adapter), "--prompt", "Hi", "--max-tokens", "2",
-            *extra]
+    return [
+        "generate",
+        "--model",
+        str(w.model),
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "2",
+        *extra,
+    ]
 
 
 @case
 def adapter_for_a_different_base_shape_mismatch(w, ws):
-    return generate(w, w.wide_adapter), [str(w.wide_adapter), "does not fit this model",
-                                         "model.layers.0.self_attn.q_proj.lora_A.weight", "(4, 128)", "(4, 64)"]
+    return generate(w, w.wide_adapter), [
+        str(w.wide_adapter),
+        "does not fit this model",
+        "model.layers.0.self_attn.q_proj.lora_A.weight",
+        "(4, 128)",
+        "(4, 64)",
+    ]
 
 
 @case
 def adapter_for_a_different_base_strict_eval(w, ws):
-    return (["eval", "--model", str(w.model), "--adapter", str(w.other_adapter), "--data", str(w.good), "--strict"],
-            [str(w.other_adapter), "different base model", "--strict"])
+    return (
+        ["eval", "--model", str(w.model), "--adapter", str(w.other_adapter), "--data", str(w.good), "--strict"],
+        [str(w.other_adapter), "different base model", "--strict"],
+    )
 
 
 @case
@@ -474,14 +526,20 @@ def _run_case(name: str, w: World, tmp_path: Path, capsys, prior_run: bool) -> s
     ws.mkdir()
     try:
         argv, fragments = CASES[name](w, ws)
-        if prior_run and argv[0] == "train" and "--out" in argv and not (ws / "out").exists() \
-                and argv[argv.index("--out") + 1] == str(ws / "out"):
+        if (
+            prior_run
+            and argv[0] == "train"
+            and "--out" in argv
+            and not (ws / "out").exists()
+            and argv[argv.index("--out") + 1] == str(ws / "out")
+        ):
             # the most dangerous variant: a finished run in the way, and --overwrite given
             shutil.copytree(w.previous_run, ws / "out")
             write_marker(ws / "out", "run", "train")  # a copy's marker names the original: mark it the tool's
             argv = argv + ["--overwrite"]
-        return assert_refused(capsys, argv, fragments,
-                              (ws, w.model, w.good, w.previous_run, w.other_adapter, w.wide_adapter))
+        return assert_refused(
+            capsys, argv, fragments, (ws, w.model, w.good, w.previous_run, w.other_adapter, w.wide_adapter)
+        )
     finally:
         _make_writable(ws)
 
@@ -493,8 +551,23 @@ def test_bad_input(name, world, tmp_path, capsys):
 
 # Cases that reach the model and data checks, rerun with a finished run in the output folder and
 # --overwrite: the old run must survive every one of them untouched.
-OVERWRITE_CASES = [n for n in CASES if n.startswith(("malformed", "mixed", "non_utf8", "chat_row", "every_example",
-                                                      "row_longer", "truncated", "unsupported", "weights_that"))]
+OVERWRITE_CASES = [
+    n
+    for n in CASES
+    if n.startswith(
+        (
+            "malformed",
+            "mixed",
+            "non_utf8",
+            "chat_row",
+            "every_example",
+            "row_longer",
+            "truncated",
+            "unsupported",
+            "weights_that",
+        )
+    )
+]
 
 
 @pytest.mark.parametrize("name", OVERWRITE_CASES)
@@ -504,12 +577,27 @@ def test_bad_input_leaves_an_existing_run_untouched(name, world, tmp_path, capsy
 
 def test_the_suite_covers_what_it_claims():
     """The closing note reports this count; the issue's list must all be here."""
-    required = {"malformed_json_on_line_3", "row_missing_its_keys", "mixed_formats_in_one_file", "empty_file",
-                "non_utf8_bytes", "chat_row_with_no_assistant_turn", "row_longer_than_max_seq_length_policy_error",
-                "every_example_fully_masked", "unknown_key_with_did_you_mean", "wrong_type_value",
-                "out_of_range_value", "model_path_does_not_exist", "folder_that_is_not_a_model",
-                "unsupported_architecture", "truncated_safetensors", "truncated_gguf",
-                "adapter_for_a_different_base_shape_mismatch", "output_path_is_a_file", "output_path_read_only"}
+    required = {
+        "malformed_json_on_line_3",
+        "row_missing_its_keys",
+        "mixed_formats_in_one_file",
+        "empty_file",
+        "non_utf8_bytes",
+        "chat_row_with_no_assistant_turn",
+        "row_longer_than_max_seq_length_policy_error",
+        "every_example_fully_masked",
+        "unknown_key_with_did_you_mean",
+        "wrong_type_value",
+        "out_of_range_value",
+        "model_path_does_not_exist",
+        "folder_that_is_not_a_model",
+        "unsupported_architecture",
+        "truncated_safetensors",
+        "truncated_gguf",
+        "adapter_for_a_different_base_shape_mismatch",
+        "output_path_is_a_file",
+        "output_path_read_only",
+    }
     assert required <= set(CASES)
     assert len(CASES) >= 45 and len(OVERWRITE_CASES) >= 9
 
@@ -524,9 +612,26 @@ def test_overlong_rows_are_reported_when_truncated_or_skipped(world, tmp_path, c
     d = _write(tmp_path / "d.jsonl", _rows(short, short, long))
     for policy, words in (("truncate", "1 truncated to 24 tokens"), ("skip", "1 skipped")):
         out = tmp_path / policy
-        code, _, err = run_main(capsys, ["train", "--model", str(world.model), "--data", str(d), "--out", str(out),
-                                         "--max-seq-length", "24", "--set", f"data.overlong={policy}",
-                                         "--iters", "1", "--set", "data.valid_fraction=0"])
+        code, _, err = run_main(
+            capsys,
+            [
+                "train",
+                "--model",
+                str(world.model),
+                "--data",
+                str(d),
+                "--out",
+                str(out),
+                "--max-seq-length",
+                "24",
+                "--set",
+                f"data.overlong={policy}",
+                "--iters",
+                "1",
+                "--set",
+                "data.valid_fraction=0",
+            ],
+        )
         assert code == 0, err
         assert words in err, err
 
@@ -547,12 +652,19 @@ def test_adapter_from_another_base_loads_with_a_warning(world, capsys):
 
 def _cli(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLX_LORA_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "mlx_lora", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_lora", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("name, debug", [("malformed_json_on_line_3", True),
-                                         ("adapter_for_a_different_base_shape_mismatch", False)])
+@pytest.mark.parametrize(
+    "name, debug", [("malformed_json_on_line_3", True), ("adapter_for_a_different_base_shape_mismatch", False)]
+)
 def test_real_command_line(name, debug, world, tmp_path):
     ws = tmp_path / "ws"
     ws.mkdir()

@@ -18,9 +18,32 @@ def bench_run(tiny_model_dir, tmp_path_factory):
     model = tiny_model_dir("llama")
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "results.json"
-    cmd = [sys.executable, str(REPO / "bench" / "train_vs_mlx_lm.py"), "--model", str(model), "--steps", "2",
-           "--batch-size", "2", "--max-len", "96", "--median-len", "60", "--valid-rows", "3", "--oob-steps", "2",
-           "--oob-batch-size", "1", "--quality-seeds", "1", "--json", str(out), "--work", str(tmp / "work")]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "train_vs_mlx_lm.py"),
+        "--model",
+        str(model),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-len",
+        "96",
+        "--median-len",
+        "60",
+        "--valid-rows",
+        "3",
+        "--oob-steps",
+        "2",
+        "--oob-batch-size",
+        "1",
+        "--quality-seeds",
+        "1",
+        "--json",
+        str(out),
+        "--work",
+        str(tmp / "work"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text()), proc.stdout
@@ -76,6 +99,13 @@ def test_table_targets_and_out_of_box(bench_run):
     oob = R["out_of_box"]
     assert oob["ratio"] == pytest.approx(oob["ours_tokens_per_s"] / oob["mlx_lm_tokens_per_s"])
     assert oob["mlx_lm_blas"] == "reference BLAS bundled with mlx-cpu"  # nothing preloaded out of the box
-    for label in ("trained tokens/s", "peak memory (GB)", "wall time, training (s)", "validation loss after",
-                  "model FLOP utilisation (%)", "ours/mlx-lm", "load avg"):
+    for label in (
+        "trained tokens/s",
+        "peak memory (GB)",
+        "wall time, training (s)",
+        "validation loss after",
+        "model FLOP utilisation (%)",
+        "ours/mlx-lm",
+        "load avg",
+    ):
         assert label in stdout, label

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 import pytest
-
 from cli_harness import assert_refused, cli_env, run_main, write
+
 from mlx_lora.config import BOUNDS, SECTIONS, SHOW_CHARS, Bound, build, show
 from mlx_lora.plumbing.errors import ConfigError, MlxLoraError
 from mlx_lora.testing import make_tiny_dataset
-
 
 _env = pytest.fixture(scope="module", autouse=True)(cli_env)
 
@@ -32,7 +31,7 @@ _env = pytest.fixture(scope="module", autouse=True)(cli_env)
 @dataclass
 class World:
     model: Path  # tiny llama (hidden 64, 2 layers, vocab 512)
-    good: Path   # valid chat JSONL
+    good: Path  # valid chat JSONL
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +41,21 @@ def world(tmp_path_factory, tiny_model_dir, _env) -> World:
 
 
 def train(w: World, ws: Path, *extra, model: Optional[Path] = None) -> list[str]:
-    return ["train", "--model", str(model or w.model), "--data", str(w.good), "--out", str(ws / "out"),
-            "--quiet", "--iters", "1", "--batch-size", "2", *extra]
+    return [
+        "train",
+        "--model",
+        str(model or w.model),
+        "--data",
+        str(w.good),
+        "--out",
+        str(ws / "out"),
+        "--quiet",
+        "--iters",
+        "1",
+        "--batch-size",
+        "2",
+        *extra,
+    ]
 
 
 def generate(w: World, *extra, model: Optional[Path] = None) -> list[str]:
@@ -83,6 +95,7 @@ def _bad_values(bound: Bound) -> list[str]:
 def _config_case(key: str, raw: str) -> Case:
     def run(w, ws):
         return train(w, ws, "--set", f"{key}={raw}"), [key, "got"]
+
     return run
 
 
@@ -151,14 +164,18 @@ def layer_index_1e30(w, ws):
 
 @case
 def layer_index_huge_int(w, ws):
-    return (train(w, ws, "--set", "lora.layers_to_transform=[0, 100000000000]"),
-            ["lora.layers_to_transform", "100000000000"])
+    return (
+        train(w, ws, "--set", "lora.layers_to_transform=[0, 100000000000]"),
+        ["lora.layers_to_transform", "100000000000"],
+    )
 
 
 @case
 def several_problems_at_once(w, ws):
-    return (train(w, ws, "--set", "train.lr=.nan", "--set", "lora.r=1e8", "--set", "train.weight_decay=-1"),
-            ["3 problems", "train.lr", "lora.r", "train.weight_decay"])
+    return (
+        train(w, ws, "--set", "train.lr=.nan", "--set", "lora.r=1e8", "--set", "train.weight_decay=-1"),
+        ["3 problems", "train.lr", "lora.r", "train.weight_decay"],
+    )
 
 
 LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10))
@@ -166,15 +183,21 @@ LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in ran
 
 @case
 def billion_laughs_in_yaml(w, ws):
-    c = write(ws / "c.yaml", 'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
-              + LAUGHS + "lora:\n  target_modules: *l9\n")
+    c = write(
+        ws / "c.yaml",
+        'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+        + LAUGHS
+        + "lora:\n  target_modules: *l9\n",
+    )
     return train(w, ws, "--config", str(c)), [str(c), "aliases", "10,000"]
 
 
 @case
 def billion_laughs_in_set(w, ws):
-    value = "[&a [x,x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], " \
-            "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], *d]"
+    value = (
+        "[&a [x,x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+        "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], *d]"
+    )
     return train(w, ws, "--set", f"lora.target_modules={value}"), ["lora.target_modules", "aliases"]
 
 
@@ -228,15 +251,22 @@ def _model_case(key: str, value, fragments: list[str], command=generate) -> Case
     def run(w, ws):
         m = _model_with(w, ws, lambda c: c.update({key: value}))
         return command(w, model=m), [str(m / "config.json"), *fragments]
+
     return run
 
 
 MODEL_CASES = {
     "ten_million_layers": ("num_hidden_layers", 10_000_000, ["num_hidden_layers", "10000000"]),
-    "layers_within_bounds_but_not_the_files": ("num_hidden_layers", 4000,
-                                               ["num_hidden_layers=4000", "does not match the weights"]),
-    "intermediate_size_not_the_files": ("intermediate_size", 1_000_000,
-                                        ["intermediate_size=1000000", "does not match"]),
+    "layers_within_bounds_but_not_the_files": (
+        "num_hidden_layers",
+        4000,
+        ["num_hidden_layers=4000", "does not match the weights"],
+    ),
+    "intermediate_size_not_the_files": (
+        "intermediate_size",
+        1_000_000,
+        ["intermediate_size=1000000", "does not match"],
+    ),
     "vocab_size_huge": ("vocab_size", 10**12, ["vocab_size"]),
     "hidden_size_zero": ("hidden_size", 0, ["hidden_size", ">= 1"]),
     "hidden_size_negative": ("hidden_size", -64, ["hidden_size", ">= 1"]),
@@ -259,10 +289,12 @@ MODEL_CASES = {
 for _name, (_key, _value, _fragments) in MODEL_CASES.items():
     CASES[f"model {_name}"] = _model_case(_key, _value, _fragments)
 # the model copy lies in the case's folder, whose out/ train must not create
-CASES["model ten_million_layers (train)"] = _model_case("num_hidden_layers", 10_000_000, ["num_hidden_layers"],
-                                                        command=lambda w, model: train(w, model.parent, model=model))
-CASES["model ten_million_layers (eval)"] = _model_case("num_hidden_layers", 10_000_000, ["num_hidden_layers"],
-                                                       command=evaluate)
+CASES["model ten_million_layers (train)"] = _model_case(
+    "num_hidden_layers", 10_000_000, ["num_hidden_layers"], command=lambda w, model: train(w, model.parent, model=model)
+)
+CASES["model ten_million_layers (eval)"] = _model_case(
+    "num_hidden_layers", 10_000_000, ["num_hidden_layers"], command=evaluate
+)
 
 
 @case
@@ -310,15 +342,23 @@ OPTION_CASES = {
 
 
 # train's options become config keys, and the message names the key
-for _option, _key in (("--iters", "train.iters"), ("--epochs", "train.epochs"), ("--batch-size", "train.batch_size"),
-                      ("--lr", "train.lr"), ("--rank", "lora.r"), ("--alpha", "lora.alpha"),
-                      ("--max-seq-length", "data.max_seq_length"), ("--seed", "train.seed")):
+for _option, _key in (
+    ("--iters", "train.iters"),
+    ("--epochs", "train.epochs"),
+    ("--batch-size", "train.batch_size"),
+    ("--lr", "train.lr"),
+    ("--rank", "lora.r"),
+    ("--alpha", "lora.alpha"),
+    ("--max-seq-length", "data.max_seq_length"),
+    ("--seed", "train.seed"),
+):
     OPTION_CASES[f"train {_option} -1"] = (train, [_option, "-1"], [_key, "-1"])
 
 
 def _option_case(command, extra, fragments) -> Case:
     def run(w, ws):
         return (train(w, ws, *extra) if command is train else command(w, *extra)), fragments
+
     return run
 
 
@@ -355,8 +395,12 @@ def test_model_too_large_for_memory(world, tmp_path, capsys, monkeypatch):
     import mlx_lora.plumbing.backend
 
     monkeypatch.setattr(mlx_lora.plumbing.backend, "total_memory_bytes", lambda: 100_000)
-    _run_case(generate(world), [str(world.model / "config.json"), "num_hidden_layers=2", "memory"],
-              (tmp_path, world.model), capsys)
+    _run_case(
+        generate(world),
+        [str(world.model / "config.json"), "num_hidden_layers=2", "memory"],
+        (tmp_path, world.model),
+        capsys,
+    )
 
 
 def test_every_numeric_key_has_bounds():
@@ -378,16 +422,24 @@ def test_the_library_refuses_bad_options_before_loading(world):
     from mlx_lora.commands import api
 
     missing = "no/such/model"  # the checks come first: the model is never looked for
-    for kwargs, fragment in (({"top_p": 5}, "--top-p must be in (0, 1], got 5"), ({"max_tokens": -1}, "--max-tokens"),
-                             ({"temperature": float("nan")}, "--temperature"), ({"seed": -1}, "--seed"),
-                             ({"dtype": "float8"}, "dtype")):
+    for kwargs, fragment in (
+        ({"top_p": 5}, "--top-p must be in (0, 1], got 5"),
+        ({"max_tokens": -1}, "--max-tokens"),
+        ({"temperature": float("nan")}, "--temperature"),
+        ({"seed": -1}, "--seed"),
+        ({"dtype": "float8"}, "dtype"),
+    ):
         with pytest.raises(MlxLoraError, match=None) as e:
             api.generate(missing, "Hi", **kwargs)
         assert fragment in str(e.value)
     with pytest.raises(MlxLoraError, match="--prompt"):
         api.generate(missing, "")
-    for kwargs, fragment in (({"batch_size": 0}, "--batch-size"), ({"max_batches": 0}, "--max-batches"),
-                             ({"max_seq_length": 1}, "--max-seq-length"), ({"train_on": "none"}, "--train-on")):
+    for kwargs, fragment in (
+        ({"batch_size": 0}, "--batch-size"),
+        ({"max_batches": 0}, "--max-batches"),
+        ({"max_seq_length": 1}, "--max-seq-length"),
+        ({"train_on": "none"}, "--train-on"),
+    ):
         with pytest.raises(MlxLoraError) as e:
             api.evaluate(missing, str(world.good), **kwargs)
         assert fragment in str(e.value)
@@ -398,8 +450,12 @@ def test_the_library_refuses_bad_options_before_loading(world):
 def test_validate_checks_types_and_finiteness_of_a_config_built_in_python():
     from mlx_lora.config import Config, DataConfig, LoraConfig, ModelConfig, TrainConfig, validate
 
-    cfg = Config(model=ModelConfig(path="m"), data=DataConfig(path="d", max_seq_length=10**30),
-                 lora=LoraConfig(r="8", alpha=float("inf")), train=TrainConfig(epochs=float("nan"), seed=-5))
+    cfg = Config(
+        model=ModelConfig(path="m"),
+        data=DataConfig(path="d", max_seq_length=10**30),
+        lora=LoraConfig(r="8", alpha=float("inf")),
+        train=TrainConfig(epochs=float("nan"), seed=-5),
+    )
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     keys = sorted(p.split(":")[0] for p in e.value.problems)
@@ -410,19 +466,36 @@ def test_validate_checks_types_and_finiteness_of_a_config_built_in_python():
 # what stays allowed
 
 
-@pytest.mark.parametrize("item", [
-    "lora.r=16384", "lora.alpha=1e-3", "lora.dropout=0", "data.valid_fraction=0", "data.max_seq_length=1048576",
-    "data.max_seq_length=2", "train.iters=1e3", "train.epochs=10000", "train.epochs=0.5", "train.seed=4294967295",
-    "train.max_grad_norm=null", "train.lr=10", "train.min_lr_ratio=1", "train.weight_decay=0",
-    "lora.layers_to_transform=[-1, 0]", "train.loss_chunk_tokens=null",
-])
+@pytest.mark.parametrize(
+    "item",
+    [
+        "lora.r=16384",
+        "lora.alpha=1e-3",
+        "lora.dropout=0",
+        "data.valid_fraction=0",
+        "data.max_seq_length=1048576",
+        "data.max_seq_length=2",
+        "train.iters=1e3",
+        "train.epochs=10000",
+        "train.epochs=0.5",
+        "train.seed=4294967295",
+        "train.max_grad_norm=null",
+        "train.lr=10",
+        "train.min_lr_ratio=1",
+        "train.weight_decay=0",
+        "lora.layers_to_transform=[-1, 0]",
+        "train.loss_chunk_tokens=null",
+    ],
+)
 def test_edge_values_inside_the_bounds_are_accepted(item):
     build(overrides=["model.path=m", "data.path=d", item])
 
 
 def test_small_yaml_aliases_still_work(tmp_path):
-    c = write(tmp_path / "c.yaml", "model: {path: &p shared/name}\ndata: {path: *p}\n"
-                                   "lora: {target_modules: &t [q_proj, v_proj]}\n")
+    c = write(
+        tmp_path / "c.yaml",
+        "model: {path: &p shared/name}\ndata: {path: *p}\nlora: {target_modules: &t [q_proj, v_proj]}\n",
+    )
     cfg = build(str(c))
     assert cfg.data.path == "shared/name" and cfg.lora.target_modules == ["q_proj", "v_proj"]
 
@@ -445,8 +518,10 @@ def test_greedy_and_full_top_p_generate(world, capsys):
 
 
 def test_sampling_at_the_edges_of_the_ranges(world, capsys):
-    code, out, err = run_main(capsys, generate(world, "--temperature", "100", "--top-p", "0.01", "--seed",
-                                               str(2**32 - 1), "--max-tokens", "1"))
+    code, out, err = run_main(
+        capsys,
+        generate(world, "--temperature", "100", "--top-p", "0.01", "--seed", str(2**32 - 1), "--max-tokens", "1"),
+    )
     assert code == 0 and out.strip(), err
 
 

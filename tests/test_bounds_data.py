@@ -24,8 +24,10 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from cli_harness import assert_refused, cli_env, run_main
+from cli_harness import rows as _rows
+from cli_harness import write as _write
 
-from cli_harness import assert_refused, cli_env, rows as _rows, run_main, write as _write
 from mlx_lora.data import examples as D
 from mlx_lora.plumbing.ownership import write_marker
 from mlx_lora.testing import make_tiny_dataset
@@ -63,8 +65,17 @@ def world(tmp_path_factory, tiny_model_dir, _env) -> World:
 
 
 def train(w: World, ws: Path, data=None, *extra, model=None) -> list[str]:
-    return ["train", "--model", str(model or w.model), "--data", str(data or w.good), "--out", str(ws / "out"),
-            *TRAIN, *extra]
+    return [
+        "train",
+        "--model",
+        str(model or w.model),
+        "--data",
+        str(data or w.good),
+        "--out",
+        str(ws / "out"),
+        *TRAIN,
+        *extra,
+    ]
 
 
 def generate(w: World, adapter: Path) -> list[str]:
@@ -82,6 +93,7 @@ def case(fn: Case) -> Case:
 
 def data_case(name: str, row, fragments: list[str], line: int = 2):
     """A file of a good row then ``row`` (on ``line`` 2); the message names file:line and ``fragments``."""
+
     def fn(w, ws):
         d = _write(ws / "d.jsonl", _rows(*([ROW] * (line - 1)), row))
         return train(w, ws, d), [f"{d}:{line}", *fragments]
@@ -93,49 +105,98 @@ def data_case(name: str, row, fragments: list[str], line: int = 2):
 # -- data: lone surrogates, in any string a format reads ----------------------------------------
 
 NOT_UNICODE = "not valid Unicode (lone surrogate)"
-data_case("surrogate_in_chat_content", {"messages": [USER, {"role": "assistant", "content": "a" + SUR}]},
-          ["field 'messages[1].content'", NOT_UNICODE])
-data_case("surrogate_in_role", {"messages": [{"role": "user" + SUR, "content": "x"}, ANSWER]},
-          ["field 'messages[0].role'", NOT_UNICODE])
-data_case("surrogate_in_a_message_key", {"messages": [{"role": "user", "content": "x", SUR: 1}, ANSWER]},
-          ["field 'messages[0].\\ud800'", "lone surrogate in a key"])
-data_case("surrogate_in_tool_definition",
-          {"messages": [USER, ANSWER], "tools": [{"type": "function", "function": {"name": "f", "description": SUR}}]},
-          ["field 'tools[0].function.description'", NOT_UNICODE])
-data_case("surrogate_escaped_in_a_tools_json_string",
-          {"messages": [USER, ANSWER], "tools": json.dumps([{"name": SUR}])}, ["field 'tools[0].name'", NOT_UNICODE])
-data_case("surrogate_in_sharegpt_value",
-          {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": SUR + "!"}]},
-          ["field 'conversations[1].value'", NOT_UNICODE], line=1)
+data_case(
+    "surrogate_in_chat_content",
+    {"messages": [USER, {"role": "assistant", "content": "a" + SUR}]},
+    ["field 'messages[1].content'", NOT_UNICODE],
+)
+data_case(
+    "surrogate_in_role",
+    {"messages": [{"role": "user" + SUR, "content": "x"}, ANSWER]},
+    ["field 'messages[0].role'", NOT_UNICODE],
+)
+data_case(
+    "surrogate_in_a_message_key",
+    {"messages": [{"role": "user", "content": "x", SUR: 1}, ANSWER]},
+    ["field 'messages[0].\\ud800'", "lone surrogate in a key"],
+)
+data_case(
+    "surrogate_in_tool_definition",
+    {"messages": [USER, ANSWER], "tools": [{"type": "function", "function": {"name": "f", "description": SUR}}]},
+    ["field 'tools[0].function.description'", NOT_UNICODE],
+)
+data_case(
+    "surrogate_escaped_in_a_tools_json_string",
+    {"messages": [USER, ANSWER], "tools": json.dumps([{"name": SUR}])},
+    ["field 'tools[0].name'", NOT_UNICODE],
+)
+data_case(
+    "surrogate_in_sharegpt_value",
+    {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": SUR + "!"}]},
+    ["field 'conversations[1].value'", NOT_UNICODE],
+    line=1,
+)
 data_case("surrogate_in_prompt", {"prompt": "low \udfff", "completion": "b"}, ["field 'prompt'", NOT_UNICODE], line=1)
 data_case("surrogate_in_completion", {"prompt": "a", "completion": SUR}, ["field 'completion'", NOT_UNICODE], line=1)
-data_case("surrogate_in_alpaca_input", {"instruction": "a", "input": SUR, "output": "b"},
-          ["field 'input'", NOT_UNICODE], line=1)
+data_case(
+    "surrogate_in_alpaca_input",
+    {"instruction": "a", "input": SUR, "output": "b"},
+    ["field 'input'", NOT_UNICODE],
+    line=1,
+)
 data_case("surrogate_in_text", {"text": "ok " * 50 + SUR}, ["field 'text'", NOT_UNICODE], line=1)
 
 
 # -- data: wrong types and values ---------------------------------------------------------------
 
-data_case("message_that_is_not_an_object", {"messages": [USER, "zebra-17"]},
-          ["field 'messages[1]'", "expected an object", "got a string"])
-data_case("number_as_content", {"messages": [USER, {"role": "assistant", "content": 17}]},
-          ["field 'messages[1].content'", "expected a string, got int"])
-data_case("number_as_role", {"messages": [{"role": 1, "content": "x"}, ANSWER]},
-          ["field 'messages[0].role'", "unknown role 1"])
-data_case("number_as_message_name", {"messages": [USER, {**ANSWER, "name": 5}]},
-          ["field 'messages[1].name'", "expected a string, got int"])
-data_case("tools_of_the_wrong_type", {"messages": [USER, ANSWER], "tools": 5},
-          ["field 'tools'", "expected a list of tools, got int"])
-data_case("tool_that_is_not_an_object", {"messages": [USER, ANSWER], "tools": ["search"]},
-          ["field 'tools[0]'", "expected a tool object"])
-data_case("tool_calls_not_a_list", {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": "f()"}]},
-          ["field 'messages[1].tool_calls'", "expected a list of tool calls"])
-data_case("tools_json_string_nested_too_deeply", {"messages": [USER, ANSWER], "tools": "[" * 100_000 + "]" * 100_000},
-          ["field 'tools'", "expected a list of tools"])
-data_case("empty_role", {"messages": [{"role": "", "content": "x"}, ANSWER]},
-          ["field 'messages[0].role'", "unknown role ''"])
-data_case("huge_role_is_shown_short", {"messages": [{"role": "r" * 100_000, "content": "x"}, ANSWER]},
-          ["field 'messages[0].role'", "unknown role 'rrrr"])
+data_case(
+    "message_that_is_not_an_object",
+    {"messages": [USER, "zebra-17"]},
+    ["field 'messages[1]'", "expected an object", "got a string"],
+)
+data_case(
+    "number_as_content",
+    {"messages": [USER, {"role": "assistant", "content": 17}]},
+    ["field 'messages[1].content'", "expected a string, got int"],
+)
+data_case(
+    "number_as_role",
+    {"messages": [{"role": 1, "content": "x"}, ANSWER]},
+    ["field 'messages[0].role'", "unknown role 1"],
+)
+data_case(
+    "number_as_message_name",
+    {"messages": [USER, {**ANSWER, "name": 5}]},
+    ["field 'messages[1].name'", "expected a string, got int"],
+)
+data_case(
+    "tools_of_the_wrong_type",
+    {"messages": [USER, ANSWER], "tools": 5},
+    ["field 'tools'", "expected a list of tools, got int"],
+)
+data_case(
+    "tool_that_is_not_an_object",
+    {"messages": [USER, ANSWER], "tools": ["search"]},
+    ["field 'tools[0]'", "expected a tool object"],
+)
+data_case(
+    "tool_calls_not_a_list",
+    {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": "f()"}]},
+    ["field 'messages[1].tool_calls'", "expected a list of tool calls"],
+)
+data_case(
+    "tools_json_string_nested_too_deeply",
+    {"messages": [USER, ANSWER], "tools": "[" * 100_000 + "]" * 100_000},
+    ["field 'tools'", "expected a list of tools"],
+)
+data_case(
+    "empty_role", {"messages": [{"role": "", "content": "x"}, ANSWER]}, ["field 'messages[0].role'", "unknown role ''"]
+)
+data_case(
+    "huge_role_is_shown_short",
+    {"messages": [{"role": "r" * 100_000, "content": "x"}, ANSWER]},
+    ["field 'messages[0].role'", "unknown role 'rrrr"],
+)
 
 
 @case
@@ -147,8 +208,10 @@ def number_with_too_many_digits(w, ws):
 @case
 def overlong_huge_row_with_policy_error(w, ws):
     d = _write(ws / "d.jsonl", _rows(ROW, {"messages": [USER, {"role": "assistant", "content": " zebra" * 400_000}]}))
-    return (train(w, ws, d, "--max-seq-length", "24", "--set", "data.overlong=error"),
-            [f"{d}:2", "longer than data.max_seq_length=24"])
+    return (
+        train(w, ws, d, "--max-seq-length", "24", "--set", "data.overlong=error"),
+        [f"{d}:2", "longer than data.max_seq_length=24"],
+    )
 
 
 # -- data: templates that never finish ----------------------------------------------------------
@@ -157,14 +220,19 @@ def overlong_huge_row_with_policy_error(w, ws):
 @case
 def chat_template_with_huge_loops(w, ws):
     t = _write(ws / "loop.jinja", LOOP + "{% for m in messages %}{{ m.content }}{% endfor %}")
-    return (train(w, ws, None, "--set", f"data.chat_template={t}"),
-            [f"{w.good}:1", "field 'messages'", str(t), "step budget"])
+    return (
+        train(w, ws, None, "--set", f"data.chat_template={t}"),
+        [f"{w.good}:1", "field 'messages'", str(t), "step budget"],
+    )
 
 
 @case
 def chat_template_that_doubles_a_string(w, ws):
-    t = _write(ws / "grow.jinja", "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
-                                  "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}")
+    t = _write(
+        ws / "grow.jinja",
+        "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
+        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    )
     return train(w, ws, None, "--set", f"data.chat_template={t}"), [f"{w.good}:1", str(t), "over the limit"]
 
 
@@ -189,6 +257,7 @@ def tokenizer_template_with_huge_loops(w, ws):
 
 def adapter_case(name: str, change: dict, fragments: list[str]):
     """The finished run's adapter with ``change`` made to its adapter_config.json, loaded by generate."""
+
     def fn(w, ws):
         a = ws / "adapter"
         a.mkdir()
@@ -207,8 +276,9 @@ adapter_case("adapter_rank_negative", {"r": -4}, ["key 'r'", "got -4"])
 adapter_case("adapter_rank_not_an_integer", {"r": 8.5}, ["key 'r'", "expected an integer", "8.5"])
 adapter_case("adapter_rank_a_string", {"r": "8"}, ["key 'r'", "expected an integer", '"8"'])
 adapter_case("adapter_rank_null", {"r": None}, ["key 'r'", "missing"])
-adapter_case("adapter_rank_larger_than_the_layers", {"r": 100_000_000},
-             ["key 'r'", "100000000", "(64 in, 32 out)", "at most 32"])
+adapter_case(
+    "adapter_rank_larger_than_the_layers", {"r": 100_000_000}, ["key 'r'", "100000000", "(64 in, 32 out)", "at most 32"]
+)
 adapter_case("adapter_alpha_a_string", {"lora_alpha": "abc"}, ["key 'lora_alpha'", "expected a number", '"abc"'])
 adapter_case("adapter_alpha_zero_is_not_read_as_8", {"lora_alpha": 0}, ["key 'lora_alpha'", "> 0", "got 0"])
 adapter_case("adapter_alpha_infinite", {"lora_alpha": float("inf")}, ["key 'lora_alpha'", "got inf"])
@@ -217,16 +287,24 @@ adapter_case("adapter_dropout_negative", {"lora_dropout": -0.1}, ["key 'lora_dro
 adapter_case("adapter_use_dora_a_string", {"use_dora": "false"}, ["key 'use_dora'", "true or false", '"false"'])
 adapter_case("adapter_use_rslora_a_string", {"use_rslora": "true"}, ["key 'use_rslora'", "true or false"])
 adapter_case("adapter_use_rslora_a_number", {"use_rslora": 1}, ["key 'use_rslora'", "true or false", "got 1"])
-adapter_case("adapter_target_modules_match_nothing", {"target_modules": ["qkv_proj", "dense"]},
-             ["key 'target_modules'", "'qkv_proj'", "match no linear layer", "it has:", "q_proj", "down_proj"])
-adapter_case("adapter_target_modules_regex_matches_nothing", {"target_modules": r".*\.attention\.wq"},
-             ["key 'target_modules'", "match no linear layer", "q_proj"])
+adapter_case(
+    "adapter_target_modules_match_nothing",
+    {"target_modules": ["qkv_proj", "dense"]},
+    ["key 'target_modules'", "'qkv_proj'", "match no linear layer", "it has:", "q_proj", "down_proj"],
+)
+adapter_case(
+    "adapter_target_modules_regex_matches_nothing",
+    {"target_modules": r".*\.attention\.wq"},
+    ["key 'target_modules'", "match no linear layer", "q_proj"],
+)
 adapter_case("adapter_target_modules_empty", {"target_modules": []}, ["key 'target_modules'", "empty list"])
 adapter_case("adapter_target_modules_a_number", {"target_modules": 7}, ["key 'target_modules'", "got 7"])
-adapter_case("adapter_target_modules_bad_regex", {"target_modules": "(("},
-             ["key 'target_modules'", "regular expression"])
-adapter_case("adapter_layers_out_of_range", {"layers_to_transform": [9]},
-             ["key 'layers_to_transform'", "[9]", "2 blocks"])
+adapter_case(
+    "adapter_target_modules_bad_regex", {"target_modules": "(("}, ["key 'target_modules'", "regular expression"]
+)
+adapter_case(
+    "adapter_layers_out_of_range", {"layers_to_transform": [9]}, ["key 'layers_to_transform'", "[9]", "2 blocks"]
+)
 adapter_case("adapter_layers_a_string", {"layers_to_transform": "0"}, ["key 'layers_to_transform'", '"0"'])
 adapter_case("adapter_other_peft_type", {"peft_type": "LOHA"}, ["key 'peft_type'", "LORA only"])
 adapter_case("adapter_per_layer_ranks", {"rank_pattern": {"q_proj": 4}}, ["key 'rank_pattern'", "not supported"])
@@ -245,8 +323,10 @@ def adapter_config_not_an_object(w, ws):
 @case
 def mlx_lm_adapter_rank_a_string(w, ws):
     a = ws / "adapter"
-    c = _write(a / "adapter_config.json", json.dumps({"fine_tune_type": "lora", "num_layers": 2,
-                                                      "lora_parameters": {"rank": "8", "scale": 20.0}}))
+    c = _write(
+        a / "adapter_config.json",
+        json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": "8", "scale": 20.0}}),
+    )
     _write(a / "adapters.safetensors", b"not read: the config is checked first")
     return generate(w, a), [str(c), "key 'lora_parameters.rank'", '"8"']
 
@@ -264,14 +344,18 @@ def mlx_lm_adapter_too_many_layers(w, ws):
 
 @case
 def train_rank_larger_than_the_smallest_layer(w, ws):
-    return (train(w, ws, None, "--set", "lora.r=33"),
-            ["lora.r=33", "model.layers.0.self_attn.k_proj", "(64 in, 32 out)", "at most 32"])
+    return (
+        train(w, ws, None, "--set", "lora.r=33"),
+        ["lora.r=33", "model.layers.0.self_attn.k_proj", "(64 in, 32 out)", "at most 32"],
+    )
 
 
 @case
 def train_target_modules_match_nothing(w, ws):
-    return (train(w, ws, None, "--set", "lora.target_modules=[qkv_proj]"),
-            ["lora.target_modules", "'qkv_proj'", "matched no linear layer", "q_proj"])
+    return (
+        train(w, ws, None, "--set", "lora.target_modules=[qkv_proj]"),
+        ["lora.target_modules", "'qkv_proj'", "matched no linear layer", "q_proj"],
+    )
 
 
 @case
@@ -304,8 +388,13 @@ def test_bad_input(name, world, tmp_path, capsys):
 
 
 # The training cases again, with a finished run in the output folder and --overwrite: it survives.
-OVERWRITE_CASES = [n for n in CASES if n.startswith(("surrogate_in_chat", "tools_json", "number_with",
-                                                     "overlong_huge", "chat_template_with", "train_rank"))]
+OVERWRITE_CASES = [
+    n
+    for n in CASES
+    if n.startswith(
+        ("surrogate_in_chat", "tools_json", "number_with", "overlong_huge", "chat_template_with", "train_rank")
+    )
+]
 
 
 @pytest.mark.parametrize("name", OVERWRITE_CASES)
@@ -314,11 +403,24 @@ def test_bad_input_leaves_an_existing_run_untouched(name, world, tmp_path, capsy
 
 
 def test_the_table_covers_what_it_claims():
-    required = {"surrogate_in_chat_content", "surrogate_in_role", "surrogate_in_tool_definition", "surrogate_in_prompt",
-                "surrogate_in_text", "message_that_is_not_an_object", "tools_of_the_wrong_type",
-                "chat_template_with_huge_loops", "adapter_rank_zero", "adapter_rank_not_an_integer",
-                "adapter_alpha_a_string", "adapter_alpha_zero_is_not_read_as_8", "adapter_dropout_one",
-                "adapter_use_dora_a_string", "adapter_target_modules_match_nothing", "train_rank_huge"}
+    required = {
+        "surrogate_in_chat_content",
+        "surrogate_in_role",
+        "surrogate_in_tool_definition",
+        "surrogate_in_prompt",
+        "surrogate_in_text",
+        "message_that_is_not_an_object",
+        "tools_of_the_wrong_type",
+        "chat_template_with_huge_loops",
+        "adapter_rank_zero",
+        "adapter_rank_not_an_integer",
+        "adapter_alpha_a_string",
+        "adapter_alpha_zero_is_not_read_as_8",
+        "adapter_dropout_one",
+        "adapter_use_dora_a_string",
+        "adapter_target_modules_match_nothing",
+        "train_rank_huge",
+    }
     assert required <= set(CASES)
     assert len(CASES) >= 55 and len(OVERWRITE_CASES) >= 6
 
@@ -343,22 +445,44 @@ def chars_tokenized(monkeypatch) -> list[int]:
 
 HUGE = " ".join(["zebra"] * 400_000)  # 2.4 MB: tokenized whole, this took seconds and hundreds of MB
 SHORT = {"chat": ROW, "completions": {"prompt": "Tell me.", "completion": "zebra-17"}, "text": {"text": "zebra-17"}}
-LONG = {"chat": {"messages": [USER, {"role": "assistant", "content": HUGE}]},
-        # 20,000 target turns: the two prefixes of every one add up to nearly 30 GB of text to tokenize
-        "chat-many-turns": {"messages": [{"role": "user", "content": "Hi"}, ANSWER] * 20_000},
-        "completions": {"prompt": "Tell me.", "completion": HUGE}, "text": {"text": HUGE}}
+LONG = {
+    "chat": {"messages": [USER, {"role": "assistant", "content": HUGE}]},
+    # 20,000 target turns: the two prefixes of every one add up to nearly 30 GB of text to tokenize
+    "chat-many-turns": {"messages": [{"role": "user", "content": "Hi"}, ANSWER] * 20_000},
+    "completions": {"prompt": "Tell me.", "completion": HUGE},
+    "text": {"text": HUGE},
+}
 
 
 @pytest.mark.parametrize("name", list(LONG))
 @pytest.mark.parametrize("policy, words", [("truncate", "1 truncated to 24 tokens"), ("skip", "1 skipped")])
-def test_huge_row_is_cut_before_tokenizing_and_still_counted(name, policy, words, world, tmp_path, capsys,
-                                                            chars_tokenized):
+def test_huge_row_is_cut_before_tokenizing_and_still_counted(
+    name, policy, words, world, tmp_path, capsys, chars_tokenized
+):
     fmt = name.split("-")[0]
     d = _write(tmp_path / "d.jsonl", _rows(SHORT[fmt], SHORT[fmt], LONG[name]))
-    code, _, err = run_main(capsys, ["train", "--model", str(world.model), "--data", str(d), "--out",
-                                     str(tmp_path / "out"), "--max-seq-length", "24", "--set",
-                                     f"data.overlong={policy}", "--iters", "1", "--set", "data.valid_fraction=0",
-                                     "--set", "data.cache=false"])
+    code, _, err = run_main(
+        capsys,
+        [
+            "train",
+            "--model",
+            str(world.model),
+            "--data",
+            str(d),
+            "--out",
+            str(tmp_path / "out"),
+            "--max-seq-length",
+            "24",
+            "--set",
+            f"data.overlong={policy}",
+            "--iters",
+            "1",
+            "--set",
+            "data.valid_fraction=0",
+            "--set",
+            "data.cache=false",
+        ],
+    )
     assert code == 0, err
     assert words in err, err
     examples = 3 if policy == "truncate" else 2
@@ -377,8 +501,14 @@ def _long_rows() -> dict[str, list[dict]]:
         "chat": [
             {"messages": [USER, {"role": "assistant", "content": words}]},
             {"messages": [{"role": "user", "content": words}, ANSWER]},
-            {"messages": [USER, ANSWER, {"role": "user", "content": words[:900]},
-                          {"role": "assistant", "content": blob}]},
+            {
+                "messages": [
+                    USER,
+                    ANSWER,
+                    {"role": "user", "content": words[:900]},
+                    {"role": "assistant", "content": blob},
+                ]
+            },
             {"messages": [{"role": "system", "content": "Be brief."}] + [USER, ANSWER] * 20},
             ROW,
         ],
@@ -395,8 +525,9 @@ def _long_rows() -> dict[str, list[dict]]:
 @pytest.mark.parametrize("fmt", ["chat", "completions", "text"])
 @pytest.mark.parametrize("max_len", [24, 200])
 @pytest.mark.parametrize("train_on", ["assistant", "last", "all"])
-def test_cut_rows_give_the_tokens_and_masks_of_whole_rows(fmt, max_len, train_on, world, tmp_path, monkeypatch,
-                                                          chars_tokenized):
+def test_cut_rows_give_the_tokens_and_masks_of_whole_rows(
+    fmt, max_len, train_on, world, tmp_path, monkeypatch, chars_tokenized
+):
     """The loss mask and the prompt/completion and turn boundaries of a cut row are those of the
     whole row: the same tokens, masks, counts and skipped rows as tokenizing everything."""
     from transformers import AutoTokenizer
@@ -436,8 +567,14 @@ class _ChunkTokenizer:
         return [1 + (hash(text[i : i + 64]) % 1000) for i in range(0, len(text), 64)]
 
 
-@pytest.mark.parametrize("row", [{"text": "y" * 100_000}, {"prompt": "p" * 10, "completion": "c" * 100_000},
-                                 {"prompt": "p" * 100_000, "completion": "c"}])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"text": "y" * 100_000},
+        {"prompt": "p" * 10, "completion": "c" * 100_000},
+        {"prompt": "p" * 100_000, "completion": "c"},
+    ],
+)
 def test_rows_of_few_tokens_per_character_are_cut_again_later(row, tmp_path, monkeypatch, chars_tokenized):
     from mlx_lora.config import DataConfig
 
@@ -484,10 +621,20 @@ def _corrupt(kind: str, f: Path) -> None:
         np.savez(out, **a)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "ids_past_the_vocabulary", "negative_ids", "ids_that_wrap_when_cast",
-                                  "offsets_past_the_tokens", "tokens_of_another_shape",
-                                  "example_longer_than_max_seq_length", "rows_past_the_end_of_the_file",
-                                  "mask_not_boolean"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "truncated",
+        "ids_past_the_vocabulary",
+        "negative_ids",
+        "ids_that_wrap_when_cast",
+        "offsets_past_the_tokens",
+        "tokens_of_another_shape",
+        "example_longer_than_max_seq_length",
+        "rows_past_the_end_of_the_file",
+        "mask_not_boolean",
+    ],
+)
 def test_corrupt_token_cache_is_rebuilt_with_a_warning(kind, world, tmp_path, capsys, caplog, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("MLX_LORA_CACHE", str(cache))
@@ -522,9 +669,11 @@ def test_adapter_defaults_and_real_booleans_are_read_as_written(world, tmp_path)
     a = tmp_path / "adapter"
     a.mkdir()
     shutil.copy2(world.previous_run / "adapter_model.safetensors", a)
-    for change, expect in (({"lora_alpha": None, "lora_dropout": None, "use_dora": None}, (8.0, 0.0, False)),
-                           ({"lora_alpha": 0.5, "lora_dropout": 0, "use_rslora": True}, (0.5, 0.0, False)),
-                           ({"target_modules": "all-linear", "use_dora": False}, (16.0, 0.0, False))):
+    for change, expect in (
+        ({"lora_alpha": None, "lora_dropout": None, "use_dora": None}, (8.0, 0.0, False)),
+        ({"lora_alpha": 0.5, "lora_dropout": 0, "use_rslora": True}, (0.5, 0.0, False)),
+        ({"target_modules": "all-linear", "use_dora": False}, (16.0, 0.0, False)),
+    ):
         _write(a / "adapter_config.json", json.dumps({**conf, **change}))
         info, _ = read_adapter(a)
         assert (info.lora.alpha, info.lora.dropout, info.lora.use_dora) == expect
@@ -533,16 +682,31 @@ def test_adapter_defaults_and_real_booleans_are_read_as_written(world, tmp_path)
 
 def test_template_limits_leave_ordinary_templates_alone(world, tmp_path, capsys):
     """The built-in ChatML template and one with macros, loops over tools and filters train as before."""
-    t = _write(tmp_path / "tools.jinja",
-               "{% macro turn(m) %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endmacro %}"
-               "{% if tools %}{% for t in tools %}{{ t | tojson }}{% endfor %}{% endif %}"
-               "{% for m in messages %}{{ turn(m) }}{% endfor %}"
-               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    d = _write(tmp_path / "d.jsonl", _rows(*[{"messages": [USER, ANSWER], "tools": [{"name": "f", "n": i}]}
-                                             for i in range(4)]))
+    t = _write(
+        tmp_path / "tools.jinja",
+        "{% macro turn(m) %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endmacro %}"
+        "{% if tools %}{% for t in tools %}{{ t | tojson }}{% endfor %}{% endif %}"
+        "{% for m in messages %}{{ turn(m) }}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    d = _write(
+        tmp_path / "d.jsonl", _rows(*[{"messages": [USER, ANSWER], "tools": [{"name": "f", "n": i}]} for i in range(4)])
+    )
     for template in ("chatml", str(t)):
-        code, _, err = run_main(capsys, ["train", "--model", str(world.model), "--data", str(d), "--out",
-                                         str(tmp_path / Path(template).stem), *TRAIN,
-                                         "--set", f"data.chat_template={template}"])
+        code, _, err = run_main(
+            capsys,
+            [
+                "train",
+                "--model",
+                str(world.model),
+                "--data",
+                str(d),
+                "--out",
+                str(tmp_path / Path(template).stem),
+                *TRAIN,
+                "--set",
+                f"data.chat_template={template}",
+            ],
+        )
         assert code == 0, err
         assert "4 examples (chat)" in err, err

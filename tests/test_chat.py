@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from cli_harness import cli_env as _cli_env, run_main
+from cli_harness import cli_env as _cli_env
+from cli_harness import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,8 +33,14 @@ class Terminal:
     """A child process on a pseudo-terminal: write keys, wait for text, with timestamps."""
 
     def __init__(self, argv: list[str], cwd: Path):
-        env = dict(os.environ, TERM="dumb", PYTHONPATH=str(REPO), MLX_LORA_NO_BLAS_REEXEC="1",
-                   HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            TERM="dumb",
+            PYTHONPATH=str(REPO),
+            MLX_LORA_NO_BLAS_REEXEC="1",
+            HF_HUB_OFFLINE="1",
+            PYTHONUNBUFFERED="1",
+        )
         env.pop("MLX_LORA_DEBUG", None)
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the terminal is its controlling tty, Ctrl-C sends it SIGINT
@@ -64,7 +70,7 @@ class Terminal:
     def expect(self, needle: str, timeout: float = 300) -> str:
         """Wait until ``needle`` appears after the last match; return the text up to it."""
         end = time.monotonic() + timeout
-        while needle not in self.text[self.mark:]:
+        while needle not in self.text[self.mark :]:
             left = end - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"{needle!r} did not appear; the terminal shows:\n{self.text[-3000:]}")
@@ -73,7 +79,7 @@ class Terminal:
             except EOFError:
                 raise AssertionError(f"the chat ended before {needle!r}:\n{self.text[-3000:]}") from None
         i = self.text.index(needle, self.mark)
-        before, self.mark = self.text[self.mark:i], i + len(needle)
+        before, self.mark = self.text[self.mark : i], i + len(needle)
         return before
 
     def send(self, text: str) -> None:
@@ -141,8 +147,9 @@ def greedy(tiny_llama):
     return answer
 
 
-def test_multi_turn_chat_system_reset_and_save_as_training_data(terminal, tiny_llama, tmp_path, greedy, capsys,
-                                                               cli_env):
+def test_multi_turn_chat_system_reset_and_save_as_training_data(
+    terminal, tiny_llama, tmp_path, greedy, capsys, cli_env
+):
     t = terminal("chat", "--model", str(tiny_llama), "--max-tokens", "8")
     t.expect(">>> ")
     assert "/save FILE" in t.say("/help")
@@ -175,9 +182,25 @@ def test_multi_turn_chat_system_reset_and_save_as_training_data(terminal, tiny_l
     assert m2[2]["content"] == greedy(m2[:2], 8) and m2[2]["content"] in shown3
 
     # The saved file is training data as it stands.
-    code, out, err = run_main(capsys, ["train", "--model", str(tiny_llama), "--data", str(tmp_path / "chats.jsonl"),
-                                       "--out", str(tmp_path / "run"), "--iters", "1", "--batch-size", "1",
-                                       "--set", "data.valid_fraction=0", "--quiet"])
+    code, out, err = run_main(
+        capsys,
+        [
+            "train",
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(tmp_path / "chats.jsonl"),
+            "--out",
+            str(tmp_path / "run"),
+            "--iters",
+            "1",
+            "--batch-size",
+            "1",
+            "--set",
+            "data.valid_fraction=0",
+            "--quiet",
+        ],
+    )
     assert code == 0, err
     assert "2 examples (chat)" in err
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
@@ -213,8 +236,12 @@ def test_chat_refuses_bad_options_in_one_line(tiny_llama, tmp_path, capsys, cli_
     base = ["chat", "--model", str(tiny_llama)]
     assert_refused(capsys, base + ["--max-tokens", "0"], ["--max-tokens", ">= 1"], [tmp_path])
     assert_refused(capsys, base + ["--top-p", "2"], ["--top-p", "(0, 1]"], [tmp_path])
-    assert_refused(capsys, base + ["--chat-template", str(tmp_path / "none.jinja")],
-                   [str(tmp_path / "none.jinja"), "no such file"], [tmp_path])
+    assert_refused(
+        capsys,
+        base + ["--chat-template", str(tmp_path / "none.jinja")],
+        [str(tmp_path / "none.jinja"), "no such file"],
+        [tmp_path],
+    )
     assert_refused(capsys, ["chat", "--model", str(tmp_path / "missing")], ["does not exist"], [tmp_path])
 
 
@@ -234,8 +261,9 @@ def test_a_tokenizer_without_a_template_needs_chat_template(tiny_llama, tmp_path
     with pytest.raises(MlxLoraError, match="no chat template; pass --chat-template chatml"):
         chat(str(model), read=lambda prompt: next(lines), out=io.StringIO(), err=io.StringIO())
     out = io.StringIO()
-    conv = chat(str(model), chat_template="chatml", max_tokens=4, read=lambda prompt: next(lines), out=out,
-                err=io.StringIO())
+    conv = chat(
+        str(model), chat_template="chatml", max_tokens=4, read=lambda prompt: next(lines), out=out, err=io.StringIO()
+    )
     assert [m["role"] for m in conv.turns] == ["user", "assistant"]
     assert conv.turns[1]["content"] and conv.turns[1]["content"] in out.getvalue()
 
@@ -257,8 +285,15 @@ def test_a_second_turn_reuses_the_first_turns_cache(tiny_llama, caplog):
             raise EOFError from None
 
     with caplog.at_level(logging.DEBUG, logger="mlx_lora.commands.chat"):
-        conv = run_chat(model, tok, chat_template_for(tok, None, "tiny"), system="Be brief.", max_tokens=6,
-                        read=read, out=io.StringIO())
+        conv = run_chat(
+            model,
+            tok,
+            chat_template_for(tok, None, "tiny"),
+            system="Be brief.",
+            max_tokens=6,
+            read=read,
+            out=io.StringIO(),
+        )
     assert len(conv.turns) == 4
     turns = [r.args for r in caplog.records if r.getMessage().startswith("turn ")]
     (t1, cached1, prompt1), (t2, cached2, prompt2) = turns

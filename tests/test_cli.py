@@ -11,19 +11,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import mlx.core as mx
 import pytest
 
-from mlx_lora.plumbing.backend import find_openblas
 from mlx_lora.commands.cli import cli
+from mlx_lora.plumbing.backend import find_openblas
 
 
 def run_cli(*args, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
     full_env.pop("MLX_LORA_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "mlx_lora", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_lora", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_user_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -51,9 +56,11 @@ def test_help_lists_commands_without_importing_mlx_lm(tmp_path):
     for name in ("train", "generate", "eval", "doctor", "convert"):
         assert name in commands
     # --help must stay instant: the multi-second mlx-lm import happens inside commands only.
-    probe = ("import sys; from click.testing import CliRunner; from mlx_lora.commands.cli import cli; "
-             "r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0, r.output; "
-             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx_lm', 'transformers', 'torch')))")
+    probe = (
+        "import sys; from click.testing import CliRunner; from mlx_lora.commands.cli import cli; "
+        "r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0, r.output; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx_lm', 'transformers', 'torch')))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -85,8 +92,7 @@ def test_bad_set_key_is_one_error_line(tmp_path, data_file):
 
 
 def test_debug_shows_the_traceback(tmp_path, data_file):
-    r = run_cli("--debug", "train", "--model", "m", "--data", str(data_file), "--set", "lora.aplha=4",
-                cwd=tmp_path)
+    r = run_cli("--debug", "train", "--model", "m", "--data", str(data_file), "--set", "lora.aplha=4", cwd=tmp_path)
     assert r.returncode == 2
     assert "Traceback" in r.stderr and "ConfigError" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -102,8 +108,7 @@ def test_missing_model_path_fails_before_writing_anything(tmp_path, data_file):
 
 
 def test_missing_data_file(tmp_path, tiny_llama):
-    r = run_cli("train", "--model", str(tiny_llama), "--data", "nope.jsonl", "--out", "run", "--quiet",
-                cwd=tmp_path)
+    r = run_cli("train", "--model", str(tiny_llama), "--data", "nope.jsonl", "--out", "run", "--quiet", cwd=tmp_path)
     assert r.returncode == 2
     assert_user_error(r, "nope.jsonl", "data.path")
     assert not (tmp_path / "run").exists()
@@ -133,11 +138,18 @@ def test_help_lists_the_lazy_commands_without_importing_them():
 
     from mlx_lora.commands.cli import LAZY_COMMANDS, lazy_command
 
-    code = ("import sys; from mlx_lora.commands.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print('LOADED', sorted(m for m in sys.modules if m.startswith(('mlx_lora.', 'numpy', 'mlx.'))))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    code = (
+        "import sys; from mlx_lora.commands.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in sys.modules if m.startswith(('mlx_lora.', 'numpy', 'mlx.'))))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
+    )
     assert r.returncode == 0, r.stderr
     loaded = r.stdout.split("LOADED", 1)[1]
     assert "numpy" not in loaded and "mlx_lora.config" not in loaded, loaded

@@ -48,13 +48,16 @@ def test_config_is_immutable():
 
 
 def test_yaml_then_cli_options_then_set(tmp_path):
-    path = write_yaml(tmp_path, {
-        "model": {"path": "from-yaml"},
-        "data": {"path": "d.jsonl", "packing": True},
-        "lora": {"r": 4, "alpha": 8},
-        "train": {"lr": 0.001, "iters": 50},
-        "out": "yaml-out",
-    })
+    path = write_yaml(
+        tmp_path,
+        {
+            "model": {"path": "from-yaml"},
+            "data": {"path": "d.jsonl", "packing": True},
+            "lora": {"r": 4, "alpha": 8},
+            "train": {"lr": 0.001, "iters": 50},
+            "out": "yaml-out",
+        },
+    )
     cfg = build(path, ["lora.r=16", "train.iters=7"], extra={"lora": {"r": 32, "alpha": 64}, "out": "cli-out"})
     assert cfg.lora.r == 16  # --set beats the CLI option and the file
     assert cfg.lora.alpha == 64  # CLI option beats the file
@@ -101,8 +104,18 @@ def test_unknown_keys_are_named_with_suggestions(tmp_path):
 
 def test_wrong_types_are_all_reported():
     with pytest.raises(ConfigError) as e:
-        build(overrides=REQUIRED + ["lora.r=abc", "train.lr=[1]", "lora.use_dora=maybe", "data.packing=2",
-                                    "lora.r=8.5", "lora.layers_to_transform=x", "model=5"])
+        build(
+            overrides=REQUIRED
+            + [
+                "lora.r=abc",
+                "train.lr=[1]",
+                "lora.use_dora=maybe",
+                "data.packing=2",
+                "lora.r=8.5",
+                "lora.layers_to_transform=x",
+                "model=5",
+            ]
+        )
     p = problems_of(e)
     # lora.r appears once: the later --set wins, and 8.5 is not an integer.
     assert len(p) == 6, p
@@ -120,23 +133,62 @@ def test_every_range_check_is_reported_at_once():
     bad = Config(
         model=ModelConfig(path=None, dtype="float8"),
         lora=LoraConfig(r=0, alpha=0, dropout=1.0, target_modules=["re:(unclosed"]),
-        data=DataConfig(path=None, format="csv", valid_fraction=1.0, max_seq_length=1, train_on="none",
-                        overlong="wrap"),
-        train=TrainConfig(iters=0, epochs=0, batch_size=0, grad_accum=0, lr=0, optimizer="lion",
-                          schedule="step", warmup_steps=-1, min_lr_ratio=1.5, max_grad_norm=0, eval_every=0,
-                          eval_batches=0, save_every=0, keep_checkpoints=0, early_stopping_patience=0,
-                          log_every=0, nan_policy="ignore"),
+        data=DataConfig(
+            path=None, format="csv", valid_fraction=1.0, max_seq_length=1, train_on="none", overlong="wrap"
+        ),
+        train=TrainConfig(
+            iters=0,
+            epochs=0,
+            batch_size=0,
+            grad_accum=0,
+            lr=0,
+            optimizer="lion",
+            schedule="step",
+            warmup_steps=-1,
+            min_lr_ratio=1.5,
+            max_grad_norm=0,
+            eval_every=0,
+            eval_batches=0,
+            save_every=0,
+            keep_checkpoints=0,
+            early_stopping_patience=0,
+            log_every=0,
+            nan_policy="ignore",
+        ),
     )
     with pytest.raises(ConfigError) as e:
         validate(bad)
     p = problems_of(e)
     keys = [
-        "model.dtype", "data.format", "data.train_on", "data.overlong", "train.optimizer", "train.schedule",
-        "train.nan_policy", "model.path", "data.path", "lora.r", "lora.alpha", "lora.dropout",
-        "lora.target_modules", "data.valid_fraction", "data.max_seq_length", "train.iters", "train.epochs",
-        "train.batch_size", "train.grad_accum", "train.eval_every", "train.save_every", "train.log_every",
-        "train.keep_checkpoints", "train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.max_grad_norm",
-        "train.eval_batches", "train.early_stopping_patience",
+        "model.dtype",
+        "data.format",
+        "data.train_on",
+        "data.overlong",
+        "train.optimizer",
+        "train.schedule",
+        "train.nan_policy",
+        "model.path",
+        "data.path",
+        "lora.r",
+        "lora.alpha",
+        "lora.dropout",
+        "lora.target_modules",
+        "data.valid_fraction",
+        "data.max_seq_length",
+        "train.iters",
+        "train.epochs",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.eval_every",
+        "train.save_every",
+        "train.log_every",
+        "train.keep_checkpoints",
+        "train.lr",
+        "train.warmup_steps",
+        "train.min_lr_ratio",
+        "train.max_grad_norm",
+        "train.eval_batches",
+        "train.early_stopping_patience",
     ]
     assert len(p) == len(keys), p
     assert sorted(line.split(":")[0] for line in p) == sorted(keys)
@@ -163,11 +215,26 @@ def test_data_path_optional_when_not_training():
 def test_round_trip_through_yaml(tmp_path):
     cfg = Config(
         model=ModelConfig(path="org/model", dtype="float32", revision="main"),
-        lora=LoraConfig(r=16, alpha=8.5, dropout=0.05, target_modules=["q_proj", "re:.*mlp.*"],
-                        layers_to_transform=[-1, 0], use_dora=True, use_rslora=True),
+        lora=LoraConfig(
+            r=16,
+            alpha=8.5,
+            dropout=0.05,
+            target_modules=["q_proj", "re:.*mlp.*"],
+            layers_to_transform=[-1, 0],
+            use_dora=True,
+            use_rslora=True,
+        ),
         data=DataConfig(path="data/", format="chat", max_seq_length=512, packing=True, chat_template="chatml"),
-        train=TrainConfig(iters=10, epochs=1.5, lr=2.5e-5, max_grad_norm=None, eval_batches=None,
-                          early_stopping_patience=3, compile=False, seed=7),
+        train=TrainConfig(
+            iters=10,
+            epochs=1.5,
+            lr=2.5e-5,
+            max_grad_norm=None,
+            eval_batches=None,
+            early_stopping_patience=3,
+            compile=False,
+            seed=7,
+        ),
         out="runs/x",
     )
     path = write_yaml(tmp_path, config.to_yaml(cfg))

@@ -20,22 +20,33 @@ import pytest
 
 from mlx_lora.converters.config_spellings import normalize
 from mlx_lora.converters.gguf_arch import ARCHS
-from mlx_lora.plumbing.mlx_lm_compat import model_classes
 from mlx_lora.model.loading import load_model
+from mlx_lora.plumbing.mlx_lm_compat import model_classes
 
 TOKENS = mx.array([[5, 17, 99, 3, 250, 42, 7, 300, 11, 64, 2, 8]])
 
 # rope scaling as each family's published transformers 4 configs write it
 SCALED = {
-    "llama": {"rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-              "max_position_embeddings": 131072},
-    "qwen2": {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
-              "max_position_embeddings": 131072},
-    "phi3": {"rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3],
-                              "long_factor": [2.0, 2.5, 3.0, 4.0]},
-             "original_max_position_embeddings": 4096, "max_position_embeddings": 131072,
-             "partial_rotary_factor": 0.5},
+    "llama": {
+        "rope_scaling": {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "max_position_embeddings": 131072,
+    },
+    "qwen2": {
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+        "max_position_embeddings": 131072,
+    },
+    "phi3": {
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [2.0, 2.5, 3.0, 4.0]},
+        "original_max_position_embeddings": 4096,
+        "max_position_embeddings": 131072,
+        "partial_rotary_factor": 0.5,
+    },
     "gemma3_text": {"rope_scaling": {"rope_type": "linear", "factor": 8.0}},
     "granite": {"rope_scaling": {"type": "linear", "factor": 2.0}},
 }
@@ -98,8 +109,12 @@ def test_qwen3_moe_as_transformers_5_saves_it(tmp_path, tiny_models):
     src = tiny_models["qwen3_moe"]
     v4 = json.loads((src / "config.json").read_text())
     v5 = {k: v for k, v in v4.items() if k not in ("rope_theta", "rope_scaling", "num_experts", "torch_dtype")}
-    v5.update(rope_parameters={"rope_theta": v4["rope_theta"], "rope_type": "default"},
-              num_local_experts=v4["num_experts"], dtype="float32", transformers_version="5.0.0")
+    v5.update(
+        rope_parameters={"rope_theta": v4["rope_theta"], "rope_type": "default"},
+        num_local_experts=v4["num_experts"],
+        dtype="float32",
+        transformers_version="5.0.0",
+    )
     folder = _respelled(src, tmp_path / "v5", v5)
     np.testing.assert_array_equal(_logits(folder), _logits(src))
 
@@ -113,19 +128,32 @@ def test_a_missing_rope_theta_would_change_the_numbers(tmp_path, tiny_models):
     assert _args(normalize(transformers5(v4))).rope_theta == v4["rope_theta"]
 
 
-@pytest.mark.parametrize("v5,expected", [
-    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}, {"rope_theta": 5e5}),
-    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}},
-     {"rope_theta": 1e4, "rope_scaling": {"rope_type": "linear", "type": "linear", "factor": 2.0}}),
-    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
-     {"rope_theta": 1e6, "rope_local_base_freq": 1e4}),
-    ({"num_local_experts": 8}, {"num_experts": 8, "num_local_experts": 8}),
-    ({"num_experts": 8}, {"num_experts": 8, "num_local_experts": 8}),
-    ({"text_config": {"rope_parameters": {"rope_theta": 3.0, "rope_type": "default"}, "num_local_experts": 4}},
-     {"text_config": {"rope_theta": 3.0, "num_experts": 4}}),
-    ({"rope_theta": 7.0, "rope_parameters": {"rope_theta": 7.0, "rope_type": "default"}}, {"rope_theta": 7.0}),
-])
+@pytest.mark.parametrize(
+    "v5,expected",
+    [
+        ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}, {"rope_theta": 5e5}),
+        (
+            {"rope_parameters": {"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}},
+            {"rope_theta": 1e4, "rope_scaling": {"rope_type": "linear", "type": "linear", "factor": 2.0}},
+        ),
+        (
+            {
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                }
+            },
+            {"rope_theta": 1e6, "rope_local_base_freq": 1e4},
+        ),
+        ({"num_local_experts": 8}, {"num_experts": 8, "num_local_experts": 8}),
+        ({"num_experts": 8}, {"num_experts": 8, "num_local_experts": 8}),
+        (
+            {"text_config": {"rope_parameters": {"rope_theta": 3.0, "rope_type": "default"}, "num_local_experts": 4}},
+            {"text_config": {"rope_theta": 3.0, "num_experts": 4}},
+        ),
+        ({"rope_theta": 7.0, "rope_parameters": {"rope_theta": 7.0, "rope_type": "default"}}, {"rope_theta": 7.0}),
+    ],
+)
 def test_normalize_adds_the_transformers_4_names(v5, expected):
     out = normalize(v5)
     for k, v in expected.items():

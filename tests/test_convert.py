@@ -33,7 +33,9 @@ def logits(model) -> np.ndarray:
 
 
 def as_float32(model):
-    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+    model.update(
+        tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
+    )
     return model
 
 
@@ -67,19 +69,28 @@ def test_roundtrip_gives_identical_logits_in_mlx_lm(tiny_models, tmp_path, arch)
     assert tokenizer.encode("What is the code word for the red apple?")
 
 
-@pytest.mark.parametrize("arch, kwargs", [
-    ("llama", {"quantize": True, "bits": 4, "group_size": 32}),
-    ("phi3", {"quantize": True, "bits": 8, "group_size": 64, "dtype": "float16"}),
-    ("gemma2", {"dtype": "bfloat16"}),
-])
+@pytest.mark.parametrize(
+    "arch, kwargs",
+    [
+        ("llama", {"quantize": True, "bits": 4, "group_size": 32}),
+        ("phi3", {"quantize": True, "bits": 8, "group_size": 64, "dtype": "float16"}),
+        ("gemma2", {"dtype": "bfloat16"}),
+    ],
+)
 def test_same_tensors_as_mlx_lm_convert(tiny_models, tmp_path, arch, kwargs):
     """mlx-lm's own converter (which loads the whole model) writes bit-identical tensors."""
     from mlx_lm.convert import convert as mlx_lm_convert
 
     src = tiny_models[arch]
     ours = convert(str(src), tmp_path / "ours", **kwargs)
-    mlx_lm_convert(str(src), str(tmp_path / "theirs"), quantize=kwargs.get("quantize", False),
-                   q_group_size=kwargs.get("group_size"), q_bits=kwargs.get("bits"), dtype=kwargs.get("dtype"))
+    mlx_lm_convert(
+        str(src),
+        str(tmp_path / "theirs"),
+        quantize=kwargs.get("quantize", False),
+        q_group_size=kwargs.get("group_size"),
+        q_bits=kwargs.get("bits"),
+        dtype=kwargs.get("dtype"),
+    )
     a, b = mx.load(str(ours / "model.safetensors")), mx.load(str(tmp_path / "theirs" / "model.safetensors"))
     assert set(a) == set(b)
     for k in a:
@@ -148,7 +159,9 @@ def test_quantized_weights_within_one_step(tiny_models, tmp_path, bits, group):
     assert len(quantized) == 1 + 7 * 2  # embeddings + 7 linear layers in each of 2 blocks
     for base in quantized:
         w = float_w[f"{base}.weight"]
-        deq = np.array(mx.dequantize(q[f"{base}.weight"], q[f"{base}.scales"], q[f"{base}.biases"], group_size=group, bits=bits))
+        deq = np.array(
+            mx.dequantize(q[f"{base}.weight"], q[f"{base}.scales"], q[f"{base}.biases"], group_size=group, bits=bits)
+        )
         scale = np.abs(np.array(q[f"{base}.scales"]))
         assert np.all(np.abs(deq - w) <= np.repeat(scale, group, axis=-1) * 1.001 + 1e-8), base
         assert np.all(scale <= 1.25 * _group_steps(w, group, bits) + 1e-8), base
@@ -204,7 +217,9 @@ def test_our_loader_loads_the_converted_folder(tiny_models, tmp_path):
 
 def test_keep_patterns(tiny_models, tmp_path):
     src = tiny_models["llama"]  # untied: has lm_head
-    out = convert(str(src), tmp_path / "q", quantize=True, bits=4, group_size=32, keep=["lm_head", "embeddings", "down_proj=8"])
+    out = convert(
+        str(src), tmp_path / "q", quantize=True, bits=4, group_size=32, keep=["lm_head", "embeddings", "down_proj=8"]
+    )
     cfg = json.loads((out / "config.json").read_text())["quantization"]
     assert cfg["lm_head"] is False and cfg["model.embed_tokens"] is False
     assert cfg["model.layers.0.mlp.down_proj"] == {"group_size": 32, "bits": 8, "mode": "affine"}
@@ -212,10 +227,15 @@ def test_keep_patterns(tiny_models, tmp_path):
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
     assert model.model.layers[1].mlp.down_proj.bits == 8 and model.model.layers[1].mlp.up_proj.bits == 4
     stored = mx.load(str(out / "model.safetensors"))
-    np.testing.assert_array_equal(np.array(stored["lm_head.weight"]), np.array(mx.load(str(src / "model.safetensors"))["lm_head.weight"]))
+    np.testing.assert_array_equal(
+        np.array(stored["lm_head.weight"]), np.array(mx.load(str(src / "model.safetensors"))["lm_head.weight"])
+    )
     # A regex, and a pattern that matches nothing (a typo must not pass silently).
     convert(str(src), tmp_path / "r", quantize=True, keep=[r"re:model\.layers\.0\..*"])
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["quantization"]["model.layers.0.self_attn.q_proj"] is False
+    assert (
+        json.loads((tmp_path / "r" / "config.json").read_text())["quantization"]["model.layers.0.self_attn.q_proj"]
+        is False
+    )
     with pytest.raises(ExportError, match="'lm_haed'"):
         convert(str(src), tmp_path / "typo", quantize=True, keep=["lm_haed"])
     assert not (tmp_path / "typo").exists()
@@ -257,7 +277,10 @@ def test_truncated_safetensors_names_file_and_tensor(tiny_llama, tmp_path):
     f.write_bytes(data[: len(data) - 1000])
     # The tensor stored last is the one cut.
     header_len = int.from_bytes(data[:8], "little")
-    last = max(json.loads(data[8 : 8 + header_len]).items(), key=lambda kv: kv[1]["data_offsets"][1] if kv[0] != "__metadata__" else -1)[0]
+    last = max(
+        json.loads(data[8 : 8 + header_len]).items(),
+        key=lambda kv: kv[1]["data_offsets"][1] if kv[0] != "__metadata__" else -1,
+    )[0]
     _expect(tmp_path, src, ModelError, str(f), f"'{last}'", "truncated")
 
 
@@ -363,8 +386,13 @@ def test_streaming_writer_is_read_back_by_the_safetensors_library(tmp_path):
         "e.scalar": mx.array(np.float32(3.5)),
         "f.numpy": rng.standard_normal((2, 2)).astype(np.float32),
     }
-    groups = [([io.PendingTensor(k, tuple(v.shape), io.dtype_name(v.dtype) if isinstance(v, mx.array) else "float32")],
-               (lambda v=v: [v])) for k, v in arrays.items()]
+    groups = [
+        (
+            [io.PendingTensor(k, tuple(v.shape), io.dtype_name(v.dtype) if isinstance(v, mx.array) else "float32")],
+            (lambda v=v: [v]),
+        )
+        for k, v in arrays.items()
+    ]
     io.write_safetensors_streaming(tmp_path / "t.safetensors", groups, metadata={"format": "mlx"})
     back = mx.load(str(tmp_path / "t.safetensors"))
     for k, v in arrays.items():
@@ -382,8 +410,23 @@ def test_cli_convert_quantized(tiny_llama, tmp_path):
 
     from mlx_lora.commands.convert_cli import convert as cli_convert
 
-    result = CliRunner().invoke(cli_convert, [str(tiny_llama), "--out", str(tmp_path / "m"), "-q", "--bits", "4",
-                                              "--group-size", "32", "--keep", "lm_head", "--dtype", "float16"])
+    result = CliRunner().invoke(
+        cli_convert,
+        [
+            str(tiny_llama),
+            "--out",
+            str(tmp_path / "m"),
+            "-q",
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--keep",
+            "lm_head",
+            "--dtype",
+            "float16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "peak memory" in result.output
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())

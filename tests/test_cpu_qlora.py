@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import mlx_lora
-from mlx_lora.plumbing.backend import backend_name
-from mlx_lora.training.callbacks import Progress
 from mlx_lora.config import build
 from mlx_lora.model.integrity import base_model_fingerprint, recorded_fingerprint
 from mlx_lora.model.loading import load_model
+from mlx_lora.plumbing.backend import backend_name
 from mlx_lora.testing import make_tiny_dataset
+from mlx_lora.training.callbacks import Progress
 
 pytestmark = pytest.mark.skipif(backend_name() != "cpu", reason="the choice is made on the CPU backend only")
 
@@ -39,10 +39,15 @@ def chat8(tmp_path_factory):
 
 
 def _train(model, data, out, mode: str) -> list[str]:
-    cfg = build(extra={"model": {"path": str(model), "dequantize_on_cpu": mode},
-                       "data": {"path": str(data), "valid_fraction": 0.0}, "out": str(out),
-                       "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000}},
-                overrides=["train.iters=2", "train.batch_size=4", "train.lr=3e-3", "lora.r=4"])
+    cfg = build(
+        extra={
+            "model": {"path": str(model), "dequantize_on_cpu": mode},
+            "data": {"path": str(data), "valid_fraction": 0.0},
+            "out": str(out),
+            "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000},
+        },
+        overrides=["train.iters=2", "train.batch_size=4", "train.lr=3e-3", "lora.r=4"],
+    )
     log = io.StringIO()
     mlx_lora.train(cfg, progress=False, stream=log)
     return [l for l in log.getvalue().splitlines() if l.startswith("compute")]
@@ -108,9 +113,18 @@ def test_yaml_booleans_are_accepted_for_the_key_and_other_values_refused():
 @pytest.mark.parametrize("rate,shown", [(0.3, "0.3 tok/s"), (0.04, "0.04 tok/s"), (37.4, "37 tok/s")])
 def test_progress_line_shows_slow_rates_with_a_decimal(rate, shown):
     out = io.StringIO()
-    Progress(stream=out, log_every=1, tty=False).on_step(None, {
-        "step": 1, "total_steps": 2, "loss": 1.0, "lr": 1e-4, "tokens_per_s": rate, "eta_s": 10.0,
-        "peak_memory_gb": 0.5})
+    Progress(stream=out, log_every=1, tty=False).on_step(
+        None,
+        {
+            "step": 1,
+            "total_steps": 2,
+            "loss": 1.0,
+            "lr": 1e-4,
+            "tokens_per_s": rate,
+            "eta_s": 10.0,
+            "peak_memory_gb": 0.5,
+        },
+    )
     assert shown in out.getvalue() and "  0 tok/s" not in out.getvalue()
 
 
@@ -119,6 +133,7 @@ def test_dry_run_measures_and_names_the_compute_path_training_takes(q4, chat8, t
     """`train --dry-run` loads the base as training does: its compute line is training's, and the
     steps it times run on that path (dequantized layers when training dequantizes)."""
     from cli_harness import run_main
+
     from mlx_lora.training import estimate as estimate_module
 
     monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
@@ -131,9 +146,27 @@ def test_dry_run_measures_and_names_the_compute_path_training_takes(q4, chat8, t
         return real_timed(trainer, batch)
 
     monkeypatch.setattr(estimate_module, "_timed", timed)
-    code, out, err = run_main(capsys, ["train", "--dry-run", "--model", str(q4), "--data", str(chat8), "--out",
-                                       str(tmp_path / "dry"), "--iters", "2", "--batch-size", "4", "--set",
-                                       f"model.dequantize_on_cpu={mode}", "--set", "data.valid_fraction=0"])
+    code, out, err = run_main(
+        capsys,
+        [
+            "train",
+            "--dry-run",
+            "--model",
+            str(q4),
+            "--data",
+            str(chat8),
+            "--out",
+            str(tmp_path / "dry"),
+            "--iters",
+            "2",
+            "--batch-size",
+            "4",
+            "--set",
+            f"model.dequantize_on_cpu={mode}",
+            "--set",
+            "data.valid_fraction=0",
+        ],
+    )
     assert code == 0, err
     assert [l for l in out.splitlines() if l.startswith("compute")] == trained, out
     assert measured and all((n == 0) == (mode == "auto") for n in measured), measured

@@ -13,9 +13,9 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
+from mlx_lora.config import DataConfig
 from mlx_lora.data import examples as D
 from mlx_lora.data import mixture as M
-from mlx_lora.config import DataConfig
 from mlx_lora.plumbing.errors import DataError
 
 # ----------------------------------------------------------------------------------------------
@@ -26,7 +26,7 @@ CORPUS = (
     "you. What is two plus two? Two plus two is four. Be nice. user assistant system tool "
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request. ### Instruction: ### "
-    "Input: ### Response: Translate to French: bonjour le monde. 0123456789 {\"name\": \"add\"}"
+    'Input: ### Response: Translate to French: bonjour le monde. 0123456789 {"name": "add"}'
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
 CHATML = (
@@ -185,7 +185,9 @@ def test_alpaca_prompt_with_and_without_input(tmp_path, tok):
     assert with_input.startswith("Below is an instruction that describes a task, paired with an input")
     assert "### Input:" not in no_input and no_input.endswith("### Response:\nHello there!<|endoftext|>")
     assert null_input == no_input
-    assert [targets(tok, e) for e in ds.examples] == ["bonjour le monde<|endoftext|>"] + ["Hello there!<|endoftext|>"] * 2
+    assert [targets(tok, e) for e in ds.examples] == ["bonjour le monde<|endoftext|>"] + [
+        "Hello there!<|endoftext|>"
+    ] * 2
 
 
 def test_sharegpt_matches_the_equivalent_chat_row(tmp_path, tok):
@@ -211,7 +213,11 @@ def test_builtin_chatml_template_and_tools(tmp_path, bpe):
     row = {
         "messages": [
             {"role": "user", "content": "What is two plus two?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "add", "arguments": {"a": 2}}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"function": {"name": "add", "arguments": {"a": 2}}}],
+            },
             {"role": "tool", "content": "4"},
             {"role": "assistant", "content": "Four."},
         ],
@@ -384,7 +390,9 @@ def test_single_file_split_is_deterministic_and_disjoint(tmp_path, tok):
     assert set(a.train.lines) | set(a.valid.lines) == set(range(1, 41))
     assert not set(a.train.lines) & set(a.valid.lines)
     assert list(a.valid.lines) == list(b.valid.lines) and list(a.valid.lines) != list(c.valid.lines)
-    two = M.load_datasets(DataConfig(path=str(write_jsonl(tmp_path / "two.jsonl", rows[:2])), valid_fraction=0.01, cache=False), tok)
+    two = M.load_datasets(
+        DataConfig(path=str(write_jsonl(tmp_path / "two.jsonl", rows[:2])), valid_fraction=0.01, cache=False), tok
+    )
     assert (len(two.train), len(two.valid)) == (1, 1)
     none = M.load_datasets(DataConfig(path=str(path), valid_fraction=0.0, cache=False), tok)
     assert none.valid is None and len(none.train) == 40
@@ -528,11 +536,16 @@ def test_length_groups_cover_each_row_once_with_the_least_padding():
         assert sorted(rows.tolist()) == list(range(n))
         for g, length in groups:
             assert 1 <= len(g) <= max_rows and length == -(-lengths[g].max() // 32) * 32
-        best = min(cost(p, lengths, 32, overhead) for p in partitions(list(range(n)))
-                   if all(len(g) <= max_rows for g in p))
+        best = min(
+            cost(p, lengths, 32, overhead) for p in partitions(list(range(n))) if all(len(g) <= max_rows for g in p)
+        )
         assert cost([g for g, _ in groups], lengths, 32, overhead) == best
     # one row per group when max_rows is 1; the cap bounds the padded length
-    assert [(g.tolist(), L) for g, L in D.length_groups(np.array([40, 7, 90]), 1, cap=64)] == [([1], 32), ([0], 64), ([2], 64)]
+    assert [(g.tolist(), L) for g, L in D.length_groups(np.array([40, 7, 90]), 1, cap=64)] == [
+        ([1], 32),
+        ([0], 64),
+        ([2], 64),
+    ]
 
 
 def test_pad_multiple_and_cap():
@@ -558,8 +571,16 @@ def test_num_batches_matches_the_iterator(packing):
     for world in (1, 2):
         n = D.num_batches(ds, 3, max_seq_length=64, packing=packing, world_size=world)
         for epoch in range(3):
-            it = D.iterate_batches(ds, 3, max_seq_length=64, seed=epoch, packing=packing, world_size=world,
-                                   start=D.BatchPosition(epoch, 0), loop=False)
+            it = D.iterate_batches(
+                ds,
+                3,
+                max_seq_length=64,
+                seed=epoch,
+                packing=packing,
+                world_size=world,
+                start=D.BatchPosition(epoch, 0),
+                loop=False,
+            )
             assert sum(1 for _ in it) == n
     assert D.num_batches(ds, 3, max_seq_length=64) == 14  # ceil(41 / 3)
 
@@ -572,13 +593,28 @@ def test_batch_plan_is_the_configs_batching(packing):
     from mlx_lora.data.batching import BatchPlan
 
     ds = synthetic(np.random.default_rng(9).integers(2, 50, size=37))
-    cfg = build(extra={"data": {"packing": packing, "max_seq_length": 64, "length_bucketing": True},
-                       "train": {"batch_size": 2, "grad_accum": 2, "seed": 11}}, check=False)
-    rows = lambda batches: [b.inputs.tolist() for b in batches]  # noqa: E731
+    cfg = build(
+        extra={
+            "data": {"packing": packing, "max_seq_length": 64, "length_bucketing": True},
+            "train": {"batch_size": 2, "grad_accum": 2, "seed": 11},
+        },
+        check=False,
+    )
+    rows = lambda batches: [b.inputs.tolist() for b in batches]
     for rank, world in ((0, 1), (1, 2)):
         plan = BatchPlan.for_training(cfg, ds, rank, world)
-        direct = D.iterate_batches(ds, 4, max_seq_length=64, seed=11, shuffle=True, packing=packing, loop=False,
-                                   rank=rank, world_size=world, bucketing=True)
+        direct = D.iterate_batches(
+            ds,
+            4,
+            max_seq_length=64,
+            seed=11,
+            shuffle=True,
+            packing=packing,
+            loop=False,
+            rank=rank,
+            world_size=world,
+            bucketing=True,
+        )
         assert rows(plan.first_epoch()) == rows(b for b, _ in direct)
         assert plan.steps_per_epoch() == sum(1 for _ in plan.first_epoch())
     ev = BatchPlan.for_evaluation(cfg, ds)

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 import mlx_lora
-from mlx_lora.training import distributed as dist
 from mlx_lora.config import build
 from mlx_lora.testing import make_tiny_dataset
+from mlx_lora.training import distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -75,8 +75,11 @@ def _start_ranks(tmp_path: Path, argv: list[str], n: int = 2) -> list[subprocess
     procs = []
     for r in range(n):
         with open(tmp_path / f"rank{r}.out", "w") as out, open(tmp_path / f"rank{r}.err", "w") as err:
-            procs.append(subprocess.Popen(argv, stdout=out, stderr=err, cwd=tmp_path,
-                                          env=_env(MLX_RANK=str(r), MLX_HOSTFILE=str(hosts))))
+            procs.append(
+                subprocess.Popen(
+                    argv, stdout=out, stderr=err, cwd=tmp_path, env=_env(MLX_RANK=str(r), MLX_HOSTFILE=str(hosts))
+                )
+            )
     return procs
 
 
@@ -96,10 +99,33 @@ def _records(run) -> list[dict]:
 
 
 def _train_args(model, data, out, batch_size, *extra) -> list[str]:
-    return ["--model", str(model), "--data", str(data), "--out", str(out), "--iters", str(ITERS),
-            "--batch-size", str(batch_size), "--lr", str(LR), "--seed", "1",
-            "--set", "data.valid_fraction=0.25", "--set", "train.log_every=1", "--set", "train.eval_every=4",
-            "--set", "train.save_every=2", "--set", "train.keep_checkpoints=20", *extra]
+    return [
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--iters",
+        str(ITERS),
+        "--batch-size",
+        str(batch_size),
+        "--lr",
+        str(LR),
+        "--seed",
+        "1",
+        "--set",
+        "data.valid_fraction=0.25",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.eval_every=4",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "train.keep_checkpoints=20",
+        *extra,
+    ]
 
 
 def _assert_same_adapter(a: dict, b: dict) -> None:
@@ -150,8 +176,24 @@ def test_two_ranks_batch_2_equal_one_rank_batch_4(model, data, one_rank_run, tmp
     and adapter as one process with the same global batch; one writer; group-wide numbers."""
     out = tmp_path / "run"
     port = _free_port_pair()
-    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(port), "--python", sys.executable,
-           "-m", "mlx_lora", "train", *_train_args(model, data, out, 2), "--distributed", "--dist-timeout", "300"]
+    cmd = [
+        str(LAUNCH),
+        "-n",
+        "2",
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(port),
+        "--python",
+        sys.executable,
+        "-m",
+        "mlx_lora",
+        "train",
+        *_train_args(model, data, out, 2),
+        "--distributed",
+        "--dist-timeout",
+        "300",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=400)
     log = res.stdout + res.stderr
     assert res.returncode == 0 and f"done: {ITERS} steps" in log, log
@@ -181,8 +223,17 @@ def test_killed_rank_stops_the_other_and_checkpoint_resumes_on_one_rank(model, d
     """SIGKILL one rank mid-run: the other exits promptly with a clear message; the last checkpoint
     resumes on 1 process with batch 4 and ends exactly where the straight 1-process run ends."""
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "mlx_lora", "train", "--quiet", *_train_args(model, data, out, 2),
-            "--distributed", "--dist-timeout", "300"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mlx_lora",
+        "train",
+        "--quiet",
+        *_train_args(model, data, out, 2),
+        "--distributed",
+        "--dist-timeout",
+        "300",
+    ]
     procs = _start_ranks(tmp_path, argv)
     try:
         deadline = time.monotonic() + 300
@@ -299,8 +350,11 @@ def test_collectives_between_two_processes_and_watchdog(tmp_path):
         np.testing.assert_array_equal(np.array(o["arrays"]["f"], np.float32), f)
         b16 = np.array(mx.array(b).astype(mx.bfloat16).astype(mx.float32))
         np.testing.assert_array_equal(np.array(o["arrays"]["b"], np.float32), b16)
-        assert o["arrays"]["u"] == 2**40 and o["dtypes"] == {"f": "mlx.core.float32", "b": "mlx.core.bfloat16",
-                                                           "u": "mlx.core.uint64"}
+        assert o["arrays"]["u"] == 2**40 and o["dtypes"] == {
+            "f": "mlx.core.float32",
+            "b": "mlx.core.bfloat16",
+            "u": "mlx.core.uint64",
+        }
         assert o["identical_same"] is True and o["identical_diff"] is False
         adapter, step, v, state = o["ckpt"]  # rank 0's checkpoint, rebuilt on every rank
         assert adapter == [[0.25] * 3] * 2 and step == 5 and v == [0.5] * 3
@@ -318,8 +372,13 @@ def test_collectives_between_two_processes_and_watchdog(tmp_path):
 def test_rank_whose_peer_never_connects_gives_up(tmp_path):
     hosts = _hostfile(tmp_path, 2)
     code = "from mlx_lora.training import distributed as dist; dist.init(timeout_s=2); print('JOINED')"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env=_env(MLX_RANK="0", MLX_HOSTFILE=str(hosts)))
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(MLX_RANK="0", MLX_HOSTFILE=str(hosts)),
+    )
     assert res.returncode != 0 and "JOINED" not in res.stdout
     assert "gave up after 2 s waiting for the other ranks to connect" in res.stderr, res.stderr
     assert "127.0.0.1" in res.stderr  # names the hosts it tried
@@ -350,7 +409,9 @@ def test_launch_backend_from_environment():
     assert dist.launch_backend({}) is None
     assert dist.launch_backend({"MLX_RANK": "1", "MLX_HOSTFILE": "/tmp/h"}) == "ring"
     assert dist.launch_backend({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
-    assert dist.launch_backend({"MLX_RANK": "0", "MLX_JACCL_COORDINATOR": "10.0.0.1:1", "MLX_IBV_DEVICES": "x"}) == "jaccl"
+    assert (
+        dist.launch_backend({"MLX_RANK": "0", "MLX_JACCL_COORDINATOR": "10.0.0.1:1", "MLX_IBV_DEVICES": "x"}) == "jaccl"
+    )
     assert dist.launch_backend({"MLX_RANK": "0", "MLX_WORLD_SIZE": "2", "NCCL_HOST_IP": "10.0.0.1"}) == "nccl"
 
 

@@ -5,17 +5,19 @@ commands exist, the README stays a front page, and every relative link resolves.
 import re
 from pathlib import Path
 
+from mlx_lora.commands.recipes import list_recipes, memory_table_markdown
 from mlx_lora.config import reference_markdown
 from mlx_lora.converters.gguf_arch import support_matrix_markdown
-from mlx_lora.commands.recipes import list_recipes, memory_table_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 # block name in a <!-- name:start --> / <!-- name:end --> marker pair -> (the file that holds it, its generator)
-GENERATED = {"config-reference": (DOCS / "configuration.md", reference_markdown),
-             "mac-table": (DOCS / "memory-and-speed.md", memory_table_markdown),
-             "support-matrix": (README, support_matrix_markdown)}
+GENERATED = {
+    "config-reference": (DOCS / "configuration.md", reference_markdown),
+    "mac-table": (DOCS / "memory-and-speed.md", memory_table_markdown),
+    "support-matrix": (README, support_matrix_markdown),
+}
 README_MAX_LINES = 300
 
 
@@ -27,8 +29,9 @@ def sync_readme() -> None:
     """Rewrite the generated blocks from the code (run this file as a script)."""
     for name, (path, make) in GENERATED.items():
         text = path.read_text(encoding="utf-8")
-        text = _block(name).sub(lambda m, name=name, make=make: f"<!-- {name}:start -->\n{make()}\n<!-- {name}:end -->",
-                                text)
+        text = _block(name).sub(
+            lambda m, name=name, make=make: f"<!-- {name}:start -->\n{make()}\n<!-- {name}:end -->", text
+        )
         path.write_text(text, encoding="utf-8")
 
 
@@ -40,8 +43,10 @@ def test_generated_blocks_match_the_code():
 
 
 def test_readme_recipes_table_states_each_headers_memory_and_mac():
-    rows = {m.group(1): [c.strip() for c in m.group(2).split("|")]
-            for m in re.finditer(r"^\| `([\w-]+)` \|(.*)\|$", (DOCS / "recipes.md").read_text(encoding="utf-8"), re.M)}
+    rows = {
+        m.group(1): [c.strip() for c in m.group(2).split("|")]
+        for m in re.finditer(r"^\| `([\w-]+)` \|(.*)\|$", (DOCS / "recipes.md").read_text(encoding="utf-8"), re.M)
+    }
     yamls = [r for r in list_recipes() if r.path.suffix == ".yaml"]
     assert yamls
     for r in yamls:

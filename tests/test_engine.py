@@ -15,16 +15,22 @@ import pytest
 from mlx_lora.inference.engine import AdapterBank, Engine, PromptCache, Sampling
 from mlx_lora.inference.json_constraint import JsonConstraint
 
-PROMPTS = ["What is the code word for the red apple?", "Hi", "The quick brown fox jumps over the lazy dog again",
-           "a b c", "Tell me about the sea and the sky", "Once"]
+PROMPTS = [
+    "What is the code word for the red apple?",
+    "Hi",
+    "The quick brown fox jumps over the lazy dog again",
+    "a b c",
+    "Tell me about the sea and the sky",
+    "Once",
+]
 
 
 def make_adapter(model_path, out, seed: int, **lora):
     """An adapter with random, large A and B: it changes the model's greedy answers."""
     import mlx.core as mx
 
-    from mlx_lora.model import adapters
     from mlx_lora.config import LoraConfig
+    from mlx_lora.model import adapters
     from mlx_lora.model.loading import load_model
 
     model, _, _ = load_model(str(model_path))
@@ -42,10 +48,19 @@ def make_adapter(model_path, out, seed: int, **lora):
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine_adapters")
-    return {"wide": make_adapter(tiny_llama, root / "wide", 1, r=8, alpha=16.0),
-            "narrow": make_adapter(tiny_llama, root / "narrow", 2, r=2, alpha=4.0, target_modules=["q_proj", "v_proj"]),
-            "dora": make_adapter(tiny_llama, root / "dora", 3, r=4, alpha=8.0, use_dora=True,
-                                 target_modules=["o_proj", "down_proj", "v_proj"])}
+    return {
+        "wide": make_adapter(tiny_llama, root / "wide", 1, r=8, alpha=16.0),
+        "narrow": make_adapter(tiny_llama, root / "narrow", 2, r=2, alpha=4.0, target_modules=["q_proj", "v_proj"]),
+        "dora": make_adapter(
+            tiny_llama,
+            root / "dora",
+            3,
+            r=4,
+            alpha=8.0,
+            use_dora=True,
+            target_modules=["o_proj", "down_proj", "v_proj"],
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +107,12 @@ def test_a_request_joins_a_running_batch_and_a_cancelled_one_frees_its_row(banke
     engine = Engine(model, tok, bank=bank, max_batch=4, prompt_cache_bytes=0)
     try:
         got = threading.Event()
-        long = engine.submit(tok.encode(PROMPTS[0]), "wide", Sampling(max_tokens=3000),
-                             lambda kind, value: got.set() if kind == "token" else None)
+        long = engine.submit(
+            tok.encode(PROMPTS[0]),
+            "wide",
+            Sampling(max_tokens=3000),
+            lambda kind, value: got.set() if kind == "token" else None,
+        )
         assert got.wait(120)
         # the long request decodes; a short one joins without waiting for it to finish
         short = engine.generate([tok.encode(PROMPTS[1])], [Sampling(max_tokens=5)], [None])[0]
@@ -164,8 +183,11 @@ def test_sampling_is_seeded_per_request_whatever_shares_the_batch(banked):
         p = tok.encode(PROMPTS[4])
         hot = Sampling(max_tokens=8, temperature=1.5, seed=11)
         alone = engine.generate([p], [hot])[0].tokens
-        crowd = engine.generate([p, tok.encode(PROMPTS[0]), p], [hot, Sampling(max_tokens=8), Sampling(
-            max_tokens=8, temperature=1.5, seed=12)], [None, "wide", None])
+        crowd = engine.generate(
+            [p, tok.encode(PROMPTS[0]), p],
+            [hot, Sampling(max_tokens=8), Sampling(max_tokens=8, temperature=1.5, seed=12)],
+            [None, "wide", None],
+        )
         assert crowd[0].tokens == alone and crowd[2].tokens != alone
         greedy = engine.generate([p], [Sampling(max_tokens=8)])[0].tokens
         narrow = engine.generate([p], [Sampling(max_tokens=8, temperature=1.5, top_p=1e-6, seed=3)])[0].tokens
@@ -174,27 +196,59 @@ def test_sampling_is_seeded_per_request_whatever_shares_the_batch(banked):
         engine.close()
 
 
-@pytest.mark.parametrize("schema,max_tokens", [
-    ({"type": "object"}, 6),
-    ({"type": "object"}, 40),
-    ({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                                       "ok": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["x", "y"]}}},
-      "required": ["name", "age", "ok"]}, 48),
-    ({"type": "array", "items": {"type": "number"}, "minItems": 2}, 30),
-    ({"anyOf": [{"type": "object", "properties": {"name": {"enum": ["get_weather"]}, "arguments": {
-        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-        "required": ["city"]}}, "required": ["name", "arguments"]}]}, 60),
-])
+@pytest.mark.parametrize(
+    "schema,max_tokens",
+    [
+        ({"type": "object"}, 6),
+        ({"type": "object"}, 40),
+        (
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "age": {"type": "integer"},
+                    "ok": {"type": "boolean"},
+                    "tags": {"type": "array", "items": {"enum": ["x", "y"]}},
+                },
+                "required": ["name", "age", "ok"],
+            },
+            48,
+        ),
+        ({"type": "array", "items": {"type": "number"}, "minItems": 2}, 30),
+        (
+            {
+                "anyOf": [
+                    {
+                        "type": "object",
+                        "properties": {
+                            "name": {"enum": ["get_weather"]},
+                            "arguments": {
+                                "type": "object",
+                                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                                "required": ["city"],
+                            },
+                        },
+                        "required": ["name", "arguments"],
+                    }
+                ]
+            },
+            60,
+        ),
+    ],
+)
 def test_constrained_replies_always_parse_and_fit_the_schema(banked, schema, max_tokens):
     model, tok, bank = banked
     engine = Engine(model, tok, bank=bank, prompt_cache_bytes=0)
     try:
         # many rows, greedy and sampled, some on adapters: every path must end in text that parses
         runs = [(PROMPTS[i % len(PROMPTS)] + " " * (i % 3), 0.0 if i % 2 else 1.0, i) for i in range(12)]
-        samplings = [Sampling(max_tokens=max_tokens, temperature=t, seed=s, constraint=JsonConstraint(schema))
-                     for _, t, s in runs]
-        results = engine.generate([tok.encode(p) for p, _, _ in runs], samplings,
-                                  [(None, "dora", "wide")[i % 3] for i in range(len(runs))])
+        samplings = [
+            Sampling(max_tokens=max_tokens, temperature=t, seed=s, constraint=JsonConstraint(schema))
+            for _, t, s in runs
+        ]
+        results = engine.generate(
+            [tok.encode(p) for p, _, _ in runs], samplings, [(None, "dora", "wide")[i % 3] for i in range(len(runs))]
+        )
     finally:
         engine.close()
     for r in results:

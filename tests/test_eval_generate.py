@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_harness import assert_refused, cli_env, diff, run_main, snapshot, write
+from cli_harness import rows as jsonl
 
 import mlx_lora
-from cli_harness import assert_refused, cli_env, rows as jsonl, run_main, snapshot, diff, write
-from mlx_lora.inference import evaluation
 from mlx_lora.config import build
 from mlx_lora.data.templates import alpaca_prompt
+from mlx_lora.inference import evaluation
 from mlx_lora.testing import make_tiny_dataset
 
 _env = pytest.fixture(scope="module")(cli_env)
@@ -35,10 +36,20 @@ def qa(tmp_path_factory):
 def taught(memo_model, qa, tmp_path_factory, _env):
     """A LoRA adapter trained until it answers the 8 questions exactly."""
     run = tmp_path_factory.mktemp("runs") / "run"
-    sets = {"train.iters": 80, "train.lr": 3e-3, "train.batch_size": 8, "lora.r": 16, "train.warmup_steps": 10,
-            "train.log_every": 10, "train.save_every": 1000, "train.eval_every": 1000}
-    cfg = build(extra={"model": {"path": str(memo_model)}, "data": {"path": str(qa), "valid_fraction": 0.0},
-                       "out": str(run)}, overrides=[f"{k}={v}" for k, v in sets.items()])
+    sets = {
+        "train.iters": 80,
+        "train.lr": 3e-3,
+        "train.batch_size": 8,
+        "lora.r": 16,
+        "train.warmup_steps": 10,
+        "train.log_every": 10,
+        "train.save_every": 1000,
+        "train.eval_every": 1000,
+    }
+    cfg = build(
+        extra={"model": {"path": str(memo_model)}, "data": {"path": str(qa), "valid_fraction": 0.0}, "out": str(run)},
+        overrides=[f"{k}={v}" for k, v in sets.items()],
+    )
     mlx_lora.train(cfg, progress=False)
     return run
 
@@ -52,13 +63,20 @@ def test_prompts_and_references_of_every_format(tiny_llama, tmp_path):
     from mlx_lora.data.templates import resolve_chat_template
 
     _, tok, _ = load_for_inference(str(tiny_llama))
-    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
-            {"role": "assistant", "content": "6"}]
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3?"},
+        {"role": "assistant", "content": "6"},
+    ]
     cases = [
         ({"messages": conv}, "6", "messages[4].content"),
-        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}, "hello",
-         "conversations[1].value"),
+        (
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+            "hello",
+            "conversations[1].value",
+        ),
         ({"prompt": "Capital of France:", "completion": " Paris"}, " Paris", "completion"),
         ({"instruction": "Translate", "input": "chat", "output": "cat"}, "cat", "output"),
     ]
@@ -124,9 +142,27 @@ def test_sampling_is_seeded_and_top_p_narrows_it(tiny_llama):
 
 def test_compare_scores_the_adapter_above_the_base(memo_model, qa, taught, tmp_path, capsys, _env):
     out = tmp_path / "outputs.jsonl"
-    argv = ["eval", "--generate", "--compare", "--model", str(memo_model), "--adapter", str(taught),
-            "--data", str(qa), "--max-tokens", "12", "--metric", "exact,contains", "--metric", "rouge-l",
-            "--batch-size", "3", "--out", str(out)]
+    argv = [
+        "eval",
+        "--generate",
+        "--compare",
+        "--model",
+        str(memo_model),
+        "--adapter",
+        str(taught),
+        "--data",
+        str(qa),
+        "--max-tokens",
+        "12",
+        "--metric",
+        "exact,contains",
+        "--metric",
+        "rouge-l",
+        "--batch-size",
+        "3",
+        "--out",
+        str(out),
+    ]
     code, stdout, err = run_main(capsys, argv)
     assert code == 0, err
     head, *lines = stdout.splitlines()
@@ -156,8 +192,21 @@ def test_compare_scores_the_adapter_above_the_base(memo_model, qa, taught, tmp_p
     assert diff(before, snapshot(out)) and len(out.read_text().splitlines()) == 2
 
     # the adapter alone, metric chosen from the data
-    code, stdout, err = run_main(capsys, ["eval", "--generate", "--model", str(memo_model), "--adapter",
-                                          str(taught), "--data", str(qa), "--max-tokens", "12"])
+    code, stdout, err = run_main(
+        capsys,
+        [
+            "eval",
+            "--generate",
+            "--model",
+            str(memo_model),
+            "--adapter",
+            str(taught),
+            "--data",
+            str(qa),
+            "--max-tokens",
+            "12",
+        ],
+    )
     assert code == 0, err
     assert "metric    exact (chosen from the data: short references" in err
     assert stdout.splitlines()[0].split() == ["metric", "adapter"] and "100.0%" in stdout
@@ -173,7 +222,9 @@ def test_bad_inputs_are_refused_in_one_line(tiny_llama, tmp_path, capsys, _env):
         "text": jsonl({"text": "just text"}),
         "badjson": jsonl(good, '{"messages": [', good),
         "noanswer": jsonl(good, {"messages": [{"role": "user", "content": "q"}]}),
-        "notests": jsonl({"prompt": "def f", "completion": "x", "tests": "assert f(1)"}, {"prompt": "p", "completion": "c"}),
+        "notests": jsonl(
+            {"prompt": "def f", "completion": "x", "tests": "assert f(1)"}, {"prompt": "p", "completion": "c"}
+        ),
         "badtests": jsonl({"prompt": "def f", "completion": "x", "tests": ["assert f(1)"]}),
         "notjson": jsonl({"prompt": "p", "completion": '{"a": 1}'}, {"prompt": "p", "completion": "not json"}),
         "good": jsonl(good),
@@ -201,11 +252,19 @@ def test_bad_inputs_are_refused_in_one_line(tiny_llama, tmp_path, capsys, _env):
     # An adapter that cannot be read fails before the base model answers anything
     not_adapter = tmp_path / "not-an-adapter"
     not_adapter.mkdir()
-    assert_refused(capsys, m + ["--data", str(paths["good"]), "--compare", "--adapter", str(not_adapter)],
-                   [str(not_adapter), "not an adapter folder"], [tmp_path])
+    assert_refused(
+        capsys,
+        m + ["--data", str(paths["good"]), "--compare", "--adapter", str(not_adapter)],
+        [str(not_adapter), "not an adapter folder"],
+        [tmp_path],
+    )
     # Options of --generate without it
-    assert_refused(capsys, ["eval", "--model", str(tiny_llama), "--data", str(paths["good"]), "--metric", "exact"],
-                   ["--metric needs --generate"], [tmp_path])
+    assert_refused(
+        capsys,
+        ["eval", "--model", str(tiny_llama), "--data", str(paths["good"]), "--metric", "exact"],
+        ["--metric needs --generate"],
+        [tmp_path],
+    )
 
 
 def test_pass_at_1_rows_through_eval_generate(tiny_llama, tmp_path, monkeypatch, _env):
@@ -213,12 +272,13 @@ def test_pass_at_1_rows_through_eval_generate(tiny_llama, tmp_path, monkeypatch,
     passing, a failing, a hanging and a network-using answer; only the first passes."""
     rows = [{"prompt": f"Write f{i}.", "completion": "...", "tests": f"assert f{i}(2) == 4"} for i in range(4)]
     data = write(tmp_path / "code.jsonl", jsonl(*rows))
-    answers = ["```python\ndef f0(x):\n    return 2 * x\n```",
-               "def f1(x):\n    return x + 3",
-               "def f2(x):\n    while True:\n        pass",
-               "import urllib.request\ndef f3(x):\n    urllib.request.urlopen('http://example.com', timeout=2)\n"
-               "    return 4"]
-    monkeypatch.setattr(evaluation, "generate", lambda model, tok, prompts, max_tokens, **kw: answers[:len(prompts)])
+    answers = [
+        "```python\ndef f0(x):\n    return 2 * x\n```",
+        "def f1(x):\n    return x + 3",
+        "def f2(x):\n    while True:\n        pass",
+        "import urllib.request\ndef f3(x):\n    urllib.request.urlopen('http://example.com', timeout=2)\n    return 4",
+    ]
+    monkeypatch.setattr(evaluation, "generate", lambda model, tok, prompts, max_tokens, **kw: answers[: len(prompts)])
     out = tmp_path / "code-outputs.jsonl"
     summary = mlx_lora.evaluate_generate(str(tiny_llama), str(data), timeout_s=10.0, out=str(out), log=None)
     assert summary["metrics"] == ["pass@1"] and "tests" in summary["metric_reason"]

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from test_fuse import TOKENS, adapter_logits, make_adapter
 
+from mlx_lora.converters import gguf_arch
 from mlx_lora.converters import verify as V
 from mlx_lora.converters.adapter_export import export_gguf_adapter, export_peft
 from mlx_lora.converters.fuse import fuse, load_fused
 from mlx_lora.converters.gguf_export import export_gguf
-from mlx_lora.converters import gguf_arch
 from mlx_lora.testing import ARCHITECTURES
 
 pytestmark = pytest.mark.reference
@@ -130,8 +130,7 @@ def test_transformers_loads_the_fused_folder(tmp_path, tiny_models, arch):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    ad = make_adapter(tiny_models[arch], tmp_path / "ad", dora=arch == "gemma2", targets=targets(arch),
-                      r=rank(arch))
+    ad = make_adapter(tiny_models[arch], tmp_path / "ad", dora=arch == "gemma2", targets=targets(arch), r=rank(arch))
     out = fuse(str(tiny_models[arch]), ad, tmp_path / "fused", **QUIET).out_dir
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
@@ -161,8 +160,12 @@ def test_peft_loads_the_peft_export(tmp_path, tiny_models, kind):
 # SmolLM2-135M-Instruct
 
 
-CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
-                "Explain what a LoRA adapter is in one sentence."]
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain what a LoRA adapter is in one sentence.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +177,9 @@ def smol(smollm2_hf, tmp_path_factory):
     fm = load_fused(str(smollm2_hf), ad)
     prompts = []
     for p in CHAT_PROMPTS:
-        ids = fm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=True)
+        ids = fm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+        )
         prompts.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
     return {"root": root, "adapter": ad, "fm": fm, "prompts": prompts, "base": smollm2_hf}
 
@@ -189,8 +193,9 @@ def test_smollm2_gguf_greedy_continuations_match_mlx(smol, type_name):
     continuations may part, but only where MLX itself rates llama.cpp's token within a tie
     (0.1 standard deviations of that position's logits; measured here: 0.12 of 3.3-3.5)."""
     fm = smol["fm"]
-    st = export_gguf(None, None, smol["root"] / f"smol.{type_name}.gguf", type_name=type_name, fused=fm,
-                     overwrite=True, **QUIET)
+    st = export_gguf(
+        None, None, smol["root"] / f"smol.{type_name}.gguf", type_name=type_name, fused=fm, overwrite=True, **QUIET
+    )
     llm = _llama(st.path)
     ref = fm.model if type_name == "f16" else V.model_from_gguf(st.path, fm.config)[0]
     for prompt in smol["prompts"]:
@@ -209,10 +214,12 @@ def test_smollm2_gguf_greedy_continuations_match_mlx(smol, type_name):
 
 
 def test_smollm2_base_gguf_plus_gguf_lora_matches_fused(smol):
-    base = export_gguf(str(smol["base"]), None, smol["root"] / "base.f16.gguf", type_name="f16", overwrite=True,
-                       **QUIET).path
-    lora = export_gguf_adapter(smol["adapter"], smol["root"] / "lora.gguf", model=str(smol["base"]), overwrite=True,
-                               **QUIET).path
+    base = export_gguf(
+        str(smol["base"]), None, smol["root"] / "base.f16.gguf", type_name="f16", overwrite=True, **QUIET
+    ).path
+    lora = export_gguf_adapter(
+        smol["adapter"], smol["root"] / "lora.gguf", model=str(smol["base"]), overwrite=True, **QUIET
+    ).path
     llm = _llama(base, lora)
     for prompt in smol["prompts"]:
         assert llama_cpp_greedy(llm, prompt, 24) == mlx_greedy(smol["fm"].model, prompt, 24)
@@ -236,12 +243,16 @@ def test_smollm2_peft_export_in_transformers(smol):
 @pytest.mark.parametrize("type_name", ["f16", "q8_0"])
 def test_smollm2_gguf_equals_llama_cpps_converter(smol, type_name):
     fused = fuse(str(smol["base"]), smol["adapter"], smol["root"] / "fused", overwrite=True, **QUIET).out_dir
-    ours = export_gguf(str(fused), None, smol["root"] / f"ours.{type_name}.gguf", type_name=type_name, overwrite=True,
-                       **QUIET).path
+    ours = export_gguf(
+        str(fused), None, smol["root"] / f"ours.{type_name}.gguf", type_name=type_name, overwrite=True, **QUIET
+    ).path
     theirs = smol["root"] / f"theirs.{type_name}.gguf"
     script = Path(os.environ["LLAMA_CPP_DIR"]) / "convert_hf_to_gguf.py"
-    subprocess.run([sys.executable, str(script), str(fused), "--outtype", type_name, "--outfile", str(theirs)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(script), str(fused), "--outtype", type_name, "--outfile", str(theirs)],
+        check=True,
+        capture_output=True,
+    )
     ma, ta = V.read_gguf(ours)
     mb, tb = V.read_gguf(theirs)
     assert {k: v for k, v in ma.items() if k != "general.name"} == {k: v for k, v in mb.items() if k != "general.name"}
@@ -256,9 +267,11 @@ def test_smollm2_gguf_equals_llama_cpps_converter(smol, type_name):
 # Keys this exporter writes that llama.cpp's converter does not: Gemma 3's layer pattern when it is
 # not the 5-local-to-1-global llama.cpp assumes (without it llama.cpp would run the tiny model's
 # global layer as a sliding one).
-EXTRA_KEYS = {"gemma3_text": {"gemma3.attention.sliding_window_pattern"},
-              # the converter writes it on its SentencePiece path, which this test keeps Gemma 2 off
-              "gemma2": {"tokenizer.ggml.add_space_prefix"}}
+EXTRA_KEYS = {
+    "gemma3_text": {"gemma3.attention.sliding_window_pattern"},
+    # the converter writes it on its SentencePiece path, which this test keeps Gemma 2 off
+    "gemma2": {"tokenizer.ggml.add_space_prefix"},
+}
 
 
 def _with_smollm2_tokenizer(arch: str, smollm2_hf: Path, out: Path) -> Path:
@@ -276,10 +289,24 @@ def _with_smollm2_tokenizer(arch: str, smollm2_hf: Path, out: Path) -> Path:
 
 # Rope variants with tensors of their own: Llama 3.x scaling (rope_freqs) and Phi-3 LongRoPE
 # (rope_factors_long/short), each also run by llama.cpp below.
-LLAMA3 = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                           "original_max_position_embeddings": 8192}, "rope_theta": 500000.0}
-LONGROPE = {"rope_scaling": {"type": "longrope", "long_factor": [1.0 + i / 4 for i in range(8)],
-                             "short_factor": [1.0 + i / 8 for i in range(8)]}, "max_position_embeddings": 131072}
+LLAMA3 = {
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "rope_theta": 500000.0,
+}
+LONGROPE = {
+    "rope_scaling": {
+        "type": "longrope",
+        "long_factor": [1.0 + i / 4 for i in range(8)],
+        "short_factor": [1.0 + i / 8 for i in range(8)],
+    },
+    "max_position_embeddings": 131072,
+}
 CONVERTER_CASES = [(a, {}) for a in ARCHITECTURES] + [("llama", LLAMA3), ("phi3", LONGROPE)]
 
 
@@ -313,8 +340,7 @@ def test_llama_cpp_runs_rope_scaled_exports_like_transformers(tmp_path, tiny_mod
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMA_CPP_DIR"), reason="set LLAMA_CPP_DIR to a llama.cpp source tree")
-@pytest.mark.parametrize("arch, change", CONVERTER_CASES,
-                         ids=[a + ("-rope" if c else "") for a, c in CONVERTER_CASES])
+@pytest.mark.parametrize("arch, change", CONVERTER_CASES, ids=[a + ("-rope" if c else "") for a, c in CONVERTER_CASES])
 def test_every_family_equals_llama_cpps_converter(tmp_path, smollm2_hf, arch, change):
     """Our f16 GGUF of a tiny model of each family equals convert_hf_to_gguf.py's: every tensor's
     name, type, shape and bytes, and every metadata key it writes (general.name aside)."""
@@ -327,13 +353,15 @@ def test_every_family_equals_llama_cpps_converter(tmp_path, smollm2_hf, arch, ch
     # our export found (the same path the llama family takes without hashing). Gemma 2 and Phi-3
     # read only a SentencePiece tokenizer.model; they are given the BPE path the others take.
     script = Path(os.environ["LLAMA_CPP_DIR"]) / "convert_hf_to_gguf.py"
-    wrapper = (f"import sys, runpy; sys.path[:0] = [{str(script.parent)!r}, {str(script.parent / 'gguf-py')!r}]\n"
-               f"import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, t: "
-               f"{ma['tokenizer.ggml.pre']!r}\n"
-               "import conversion.gemma as g, conversion.phi as p\n"
-               "g.Gemma2Model.set_vocab = p.Phi3MiniModel.set_vocab = b.TextModel._set_vocab_gpt2\n"
-               f"sys.argv = [{str(script)!r}, {str(folder)!r}, '--outtype', 'f16', '--outfile', {str(theirs)!r}]\n"
-               f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    wrapper = (
+        f"import sys, runpy; sys.path[:0] = [{str(script.parent)!r}, {str(script.parent / 'gguf-py')!r}]\n"
+        f"import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, t: "
+        f"{ma['tokenizer.ggml.pre']!r}\n"
+        "import conversion.gemma as g, conversion.phi as p\n"
+        "g.Gemma2Model.set_vocab = p.Phi3MiniModel.set_vocab = b.TextModel._set_vocab_gpt2\n"
+        f"sys.argv = [{str(script)!r}, {str(folder)!r}, '--outtype', 'f16', '--outfile', {str(theirs)!r}]\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+    )
     subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True)
     mb, tb = V.read_gguf(theirs)
     mb.pop("general.name")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora.plumbing import backend
 from mlx_lora.commands.recipes import demo_data
+from mlx_lora.plumbing import backend
 
 REPO = Path(__file__).resolve().parent.parent
 OPENBLAS = backend.find_openblas()
@@ -30,8 +30,7 @@ def _fresh_env(**extra) -> dict:
 
 
 def _python(code: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,11 +39,13 @@ def _python(code: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_blas_is_the_one_mlx_calls_not_numpys_bundled_openblas(tmp_path):
     # numpy first, as a script does: its own OpenBLAS is mapped, yet MLX still calls its reference BLAS.
-    code = ("import numpy; numpy.ones((4, 4)) @ numpy.ones((4, 4))\n"
-            "import mlx.core as mx\nmx.eval(mx.ones((4, 4)) @ mx.ones((4, 4)))\n"
-            "from mlx_lora.plumbing import backend\n"
-            "maps = open('/proc/self/maps').read()\n"
-            "print(repr(backend.loaded_blas())); print('openblas' in maps.lower())")
+    code = (
+        "import numpy; numpy.ones((4, 4)) @ numpy.ones((4, 4))\n"
+        "import mlx.core as mx\nmx.eval(mx.ones((4, 4)) @ mx.ones((4, 4)))\n"
+        "from mlx_lora.plumbing import backend\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print(repr(backend.loaded_blas())); print('openblas' in maps.lower())"
+    )
     r = _python(code, _fresh_env(), tmp_path)
     assert r.returncode == 0, r.stderr
     shown, numpy_openblas_mapped = r.stdout.splitlines()
@@ -59,10 +60,11 @@ def test_blas_is_the_one_mlx_calls_not_numpys_bundled_openblas(tmp_path):
 def test_every_entry_point_runs_fast_or_says_how(tiny_llama, tmp_path):
     env = _fresh_env()
     # The CLI and `python -m mlx_lora`: re-executed with the system OpenBLAS.
-    for argv in (["-m", "mlx_lora", "doctor", "--json"], ["-c", "from mlx_lora.commands.cli import main; main()",
-                                                           "doctor", "--json"]):
-        r = subprocess.run([sys.executable, *argv], env=env, cwd=tmp_path, capture_output=True, text=True,
-                           timeout=600)
+    for argv in (
+        ["-m", "mlx_lora", "doctor", "--json"],
+        ["-c", "from mlx_lora.commands.cli import main; main()", "doctor", "--json"],
+    ):
+        r = subprocess.run([sys.executable, *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         facts = json.loads(r.stdout)
         if OPENBLAS:
@@ -71,11 +73,19 @@ def test_every_entry_point_runs_fast_or_says_how(tiny_llama, tmp_path):
             assert "install" in facts["blas_hint"]
     # A script (a recipe's way): one call before MLX loads, then MLX calls the system OpenBLAS.
     script = tmp_path / "job.py"
-    script.write_text("from mlx_lora.plumbing.backend import reexec_with_openblas\nreexec_with_openblas()\n"
-                      "import sys\nimport mlx.core as mx\nfrom mlx_lora import backend\n"
-                      "print(backend.loaded_blas()); print(sys.argv[1:])\n")
-    r = subprocess.run([sys.executable, str(script), "a b", "--flag"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600)
+    script.write_text(
+        "from mlx_lora.plumbing.backend import reexec_with_openblas\nreexec_with_openblas()\n"
+        "import sys\nimport mlx.core as mx\nfrom mlx_lora import backend\n"
+        "print(backend.loaded_blas()); print(sys.argv[1:])\n"
+    )
+    r = subprocess.run(
+        [sys.executable, str(script), "a b", "--flag"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     blas, args = r.stdout.splitlines()
     assert args == "['a b', '--flag']"  # started again with the same arguments
@@ -85,17 +95,42 @@ def test_every_entry_point_runs_fast_or_says_how(tiny_llama, tmp_path):
     assert r.returncode == 0, r.stderr
     hints = [line for line in r.stderr.splitlines() if "slow BLAS" in line]
     assert len(hints) == 1, r.stderr
-    assert (f"LD_PRELOAD={OPENBLAS}" in hints[0] and "reexec_with_openblas()" in hints[0]) if OPENBLAS \
+    assert (
+        (f"LD_PRELOAD={OPENBLAS}" in hints[0] and "reexec_with_openblas()" in hints[0])
+        if OPENBLAS
         else "install" in hints[0]
+    )
 
 
 @pytest.mark.skipif(OPENBLAS is None, reason="the fast path needs a system OpenBLAS on this machine")
 def test_the_recipe_script_trains_on_the_system_openblas(tiny_llama, tmp_path):
     out = tmp_path / "pipe"
-    r = subprocess.run([sys.executable, str(REPO / "recipes" / "train_fuse_export.py"), "--model", str(tiny_llama),
-                        "--data", str(demo_data("chat")), "--name", "tiny-bot", "--out", str(out), "--iters", "1",
-                        "--no-create", "--set", "train.batch_size=2", "--set", "data.cache=false"],
-                       env=_fresh_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "recipes" / "train_fuse_export.py"),
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(demo_data("chat")),
+            "--name",
+            "tiny-bot",
+            "--out",
+            str(out),
+            "--iters",
+            "1",
+            "--no-create",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "data.cache=false",
+        ],
+        env=_fresh_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr
     blas = [line for line in r.stderr.splitlines() if line.startswith("blas ")]
     assert blas and "OpenBLAS" in blas[0] and "reference" not in r.stderr, r.stderr
@@ -114,12 +149,35 @@ def test_ctrl_c_during_training_stops_the_pipeline_before_fuse_and_export(tiny_l
     env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
     if OPENBLAS:
         env["LD_PRELOAD"] = OPENBLAS
-    proc = subprocess.Popen([sys.executable, str(REPO / "recipes" / "train_fuse_export.py"), "--model",
-                             str(tiny_llama), "--data", str(demo_data("chat")), "--name", "tiny-bot", "--out",
-                             str(out), "--iters", "100000", "--no-create", "--set", "train.batch_size=2",
-                             "--set", "data.cache=false", "--set", "train.log_every=1"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_ctrl_c_able)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "recipes" / "train_fuse_export.py"),
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(demo_data("chat")),
+            "--name",
+            "tiny-bot",
+            "--out",
+            str(out),
+            "--iters",
+            "100000",
+            "--no-create",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "data.cache=false",
+            "--set",
+            "train.log_every=1",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ctrl_c_able,
+    )
     try:
         metrics = out / "run" / "metrics.jsonl"
         end = time.monotonic() + 600  # only a stuck run reaches this
@@ -143,8 +201,18 @@ def test_the_api_says_a_run_was_interrupted(tiny_llama, tmp_path):
     import mlx_lora
     from mlx_lora import config
 
-    cfg = config.build(None, [f"model.path={tiny_llama}", f"data.path={demo_data('chat')}", f"out={tmp_path / 'r'}",
-                              "train.iters=50", "train.batch_size=2", "data.cache=false", "train.log_every=1"])
+    cfg = config.build(
+        None,
+        [
+            f"model.path={tiny_llama}",
+            f"data.path={demo_data('chat')}",
+            f"out={tmp_path / 'r'}",
+            "train.iters=50",
+            "train.batch_size=2",
+            "data.cache=false",
+            "train.log_every=1",
+        ],
+    )
 
     class StopAtStep2:  # Ctrl-C, as the trainer meets it, after the second step
         def on_step(self, trainer, m):
@@ -170,14 +238,29 @@ def shown_at_once(monkeypatch):
 def test_eval_and_eval_generate_show_progress_in_a_pipe(tiny_llama, capsys, shown_at_once):
     from cli_harness import run_main
 
-    code, out, err = run_main(capsys, ["eval", "--model", str(tiny_llama), "--data", str(demo_data("chat")),
-                                       "--batch-size", "4"])
+    code, out, err = run_main(
+        capsys, ["eval", "--model", str(tiny_llama), "--data", str(demo_data("chat")), "--batch-size", "4"]
+    )
     assert code == 0, err
     lines = [l for l in err.splitlines() if l.startswith("eval: ")]
     assert lines and lines[-1].startswith("eval: 8/8 batches"), err  # 32 rows, 4 a batch
-    code, out, err = run_main(capsys, ["eval", "--generate", "--model", str(tiny_llama), "--data",
-                                       str(demo_data("chat")), "--limit", "6", "--batch-size", "4",
-                                       "--max-tokens", "2"])
+    code, out, err = run_main(
+        capsys,
+        [
+            "eval",
+            "--generate",
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(demo_data("chat")),
+            "--limit",
+            "6",
+            "--batch-size",
+            "4",
+            "--max-tokens",
+            "2",
+        ],
+    )
     assert code == 0, err
     rows = [l for l in err.splitlines() if l.startswith("base: ")]
     assert rows and rows[-1].startswith("base: 6/6 rows"), err
@@ -187,10 +270,30 @@ def test_eval_and_eval_generate_show_progress_in_a_pipe(tiny_llama, capsys, show
 def test_dpo_shows_its_reference_pass_and_first_step_and_validation(tiny_llama, tmp_path, capsys, shown_at_once):
     from cli_harness import run_main
 
-    code, out, err = run_main(capsys, ["train", "--model", str(tiny_llama), "--data", str(demo_data("preference")),
-                                       "--out", str(tmp_path / "dpo"), "--iters", "2", "--batch-size", "2",
-                                       "--set", "train.method=dpo", "--set", "train.dpo_precompute_ref=true",
-                                       "--set", "train.eval_every=2", "--set", "data.cache=false"])
+    code, out, err = run_main(
+        capsys,
+        [
+            "train",
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(demo_data("preference")),
+            "--out",
+            str(tmp_path / "dpo"),
+            "--iters",
+            "2",
+            "--batch-size",
+            "2",
+            "--set",
+            "train.method=dpo",
+            "--set",
+            "train.dpo_precompute_ref=true",
+            "--set",
+            "train.eval_every=2",
+            "--set",
+            "data.cache=false",
+        ],
+    )
     assert code == 0, err
     ref = err.index("reference log-probs (adapter off): ")
     first = err.index("training: compiling and running step 1 of 2")
@@ -206,15 +309,32 @@ def test_a_quiet_stretch_and_a_quiet_command_show_nothing(tiny_llama, tmp_path, 
     code, out, err = run_main(capsys, ["eval", "--model", str(tiny_llama), "--data", str(demo_data("chat"))])
     assert code == 0 and "eval: " not in err, err
     monkeypatch.setenv("MLX_LORA_PROGRESS_DELAY", "0")
-    code, out, err = run_main(capsys, ["train", "--model", str(tiny_llama), "--data", str(demo_data("chat")),
-                                       "--out", str(tmp_path / "q"), "--iters", "2", "--quiet",
-                                       "--set", "train.eval_every=2", "--set", "data.cache=false"])
+    code, out, err = run_main(
+        capsys,
+        [
+            "train",
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(demo_data("chat")),
+            "--out",
+            str(tmp_path / "q"),
+            "--iters",
+            "2",
+            "--quiet",
+            "--set",
+            "train.eval_every=2",
+            "--set",
+            "data.cache=false",
+        ],
+    )
     assert code == 0 and "validation: " not in err and "compiling" not in err, err
 
 
 def test_eval_shows_a_bar_on_a_terminal(tiny_llama, tmp_path):
-    code, shown = _run_in_terminal(["eval", "--model", str(tiny_llama), "--data", str(demo_data("chat"))], tmp_path,
-                                   MLX_LORA_PROGRESS_DELAY="0")
+    code, shown = _run_in_terminal(
+        ["eval", "--model", str(tiny_llama), "--data", str(demo_data("chat"))], tmp_path, MLX_LORA_PROGRESS_DELAY="0"
+    )
     assert code == 0, shown
     assert "eval:" in shown and "8/8" in shown and "|" in shown, shown  # tqdm's bar, drawn in place
     assert "eval: 8/8 batches (" not in shown  # not the plain lines of a pipe
@@ -227,10 +347,11 @@ def test_eval_shows_a_bar_on_a_terminal(tiny_llama, tmp_path):
 def test_eval_of_a_base_model_uses_the_chunked_loss_quietly(tiny_llama, capsys, monkeypatch):
     import math
 
-    import mlx_lora
     from cli_harness import run_main
-    from mlx_lora.training import losses
+
+    import mlx_lora
     from mlx_lora.config import TrainConfig
+    from mlx_lora.training import losses
 
     monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
     data = str(demo_data("chat"))
@@ -252,16 +373,32 @@ def test_eval_of_a_base_model_uses_the_chunked_loss_quietly(tiny_llama, capsys, 
 # a warmup as long as the run
 
 
-@pytest.mark.parametrize("warmup,iters,warned", [(8, 3, True), (25, 10, True), (3, 3, True), (2, 3, False),
-                                                 (0, 3, False)])
-def test_a_warmup_as_long_as_the_run_is_warned_about(tiny_llama, tmp_path, capsys, monkeypatch, warmup, iters,
-                                                     warned):
+@pytest.mark.parametrize(
+    "warmup,iters,warned", [(8, 3, True), (25, 10, True), (3, 3, True), (2, 3, False), (0, 3, False)]
+)
+def test_a_warmup_as_long_as_the_run_is_warned_about(tiny_llama, tmp_path, capsys, monkeypatch, warmup, iters, warned):
     from cli_harness import run_main
 
     monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
-    argv = ["train", "--model", str(tiny_llama), "--data", str(demo_data("chat")), "--out", str(tmp_path / "w"),
-            "--iters", str(iters), "--batch-size", "2", "--set", f"train.warmup_steps={warmup}",
-            "--set", "data.cache=false", "--set", "data.valid_fraction=0"]
+    argv = [
+        "train",
+        "--model",
+        str(tiny_llama),
+        "--data",
+        str(demo_data("chat")),
+        "--out",
+        str(tmp_path / "w"),
+        "--iters",
+        str(iters),
+        "--batch-size",
+        "2",
+        "--set",
+        f"train.warmup_steps={warmup}",
+        "--set",
+        "data.cache=false",
+        "--set",
+        "data.valid_fraction=0",
+    ]
     code, out, err = run_main(capsys, argv + ["--dry-run"])
     assert code == 0, err
     dry = [l for l in (out + err).splitlines() if "warmup_steps" in l]
@@ -281,8 +418,9 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tiny_llama, tmp_path, capsy
 
 
 def test_generate_applies_the_chat_template_to_a_plain_prompt_and_says_so(tiny_llama, capsys, monkeypatch):
-    import mlx_lora
     from cli_harness import run_main
+
+    import mlx_lora
 
     monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
     question = "What is the code word for the red apple?"
@@ -303,12 +441,15 @@ def test_generate_applies_the_chat_template_to_a_plain_prompt_and_says_so(tiny_l
 
 def test_generate_says_what_happened_when_the_answer_is_empty(tiny_llama, capsys, monkeypatch):
     from cli_harness import run_main
+
     from mlx_lora.inference import generation
 
     monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
     monkeypatch.setattr(generation, "stream", lambda *a, **k: iter(["\n"]))  # an end of turn at once
-    for extra, how in ((["--raw"], "as raw text; a chat-tuned model usually wants --chat"),
-                       ([], "with the chat template applied")):
+    for extra, how in (
+        (["--raw"], "as raw text; a chat-tuned model usually wants --chat"),
+        ([], "with the chat template applied"),
+    ):
         code, out, err = run_main(capsys, ["generate", "--model", str(tiny_llama), "--prompt", "Hi", *extra])
         assert code == 0, err
         assert [l for l in err.splitlines() if l.startswith("the model answered with no text") and how in l], err
@@ -349,17 +490,30 @@ def short_run(tiny_llama, tmp_path_factory):
     from mlx_lora import config
 
     out = tmp_path_factory.mktemp("runs") / "support" / "run"
-    cfg = config.build(None, [f"model.path={tiny_llama}", f"data.path={demo_data('chat')}", f"out={out}",
-                              "train.iters=2", "train.batch_size=2", "train.save_every=2", "data.cache=false",
-                              "data.max_seq_length=128", "data.train_on=all", "data.chat_template=chatml",
-                              "data.valid_fraction=0"])
+    cfg = config.build(
+        None,
+        [
+            f"model.path={tiny_llama}",
+            f"data.path={demo_data('chat')}",
+            f"out={out}",
+            "train.iters=2",
+            "train.batch_size=2",
+            "train.save_every=2",
+            "data.cache=false",
+            "data.max_seq_length=128",
+            "data.train_on=all",
+            "data.chat_template=chatml",
+            "data.valid_fraction=0",
+        ],
+    )
     mlx_lora.train(cfg, progress=False, stream=io.StringIO())
     return out
 
 
 def test_generate_and_eval_take_a_run_folder_alone(tiny_llama, short_run, capsys, monkeypatch):
-    import mlx_lora
     from cli_harness import run_main
+
+    import mlx_lora
 
     monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
     code, out, err = run_main(capsys, ["generate", str(short_run), "--prompt", "Hello", "--max-tokens", "4"])
@@ -369,13 +523,25 @@ def test_generate_and_eval_take_a_run_folder_alone(tiny_llama, short_run, capsys
     ckpt = next((short_run / "checkpoints").glob("step-*"))
     data = str(demo_data("chat"))
     results = {}
-    for name, argv in {"run": [str(short_run)], "as --model": ["--model", str(short_run)],
-                       "checkpoint": [str(ckpt)],
-                       "flags": ["--model", str(tiny_llama), "--adapter", str(short_run), "--max-seq-length", "128",
-                                 "--train-on", "all", "--chat-template", "chatml"],
-                       "longer": [str(short_run), "--max-seq-length", "2048"],
-                       "assistant only": [str(short_run), "--max-seq-length", "2048", "--train-on", "assistant"]
-                       }.items():
+    for name, argv in {
+        "run": [str(short_run)],
+        "as --model": ["--model", str(short_run)],
+        "checkpoint": [str(ckpt)],
+        "flags": [
+            "--model",
+            str(tiny_llama),
+            "--adapter",
+            str(short_run),
+            "--max-seq-length",
+            "128",
+            "--train-on",
+            "all",
+            "--chat-template",
+            "chatml",
+        ],
+        "longer": [str(short_run), "--max-seq-length", "2048"],
+        "assistant only": [str(short_run), "--max-seq-length", "2048", "--train-on", "assistant"],
+    }.items():
         code, out, err = run_main(capsys, ["eval", *argv, "--data", data, "--json"])
         assert code == 0, (name, err)
         results[name] = json.loads(out)
@@ -399,8 +565,9 @@ def test_no_model_and_no_run_is_one_clear_line(tmp_path, capsys, monkeypatch):
     assert_one_error_message(code, out, err, [str(bare), "does not record its base model", "--model"])
 
 
-def _run_in_terminal(argv: list[str], cwd: Path, keys: bytes = b"", until: bytes = b">>> ", columns: int = 80,
-                     **env_extra) -> tuple[int, str]:
+def _run_in_terminal(
+    argv: list[str], cwd: Path, keys: bytes = b"", until: bytes = b">>> ", columns: int = 80, **env_extra
+) -> tuple[int, str]:
     """Run ``mlx-lora ARGV`` on a pseudo-terminal ``columns`` wide; type ``keys`` once ``until`` shows.
     Waits on the output itself; the deadline only ends a truly stuck command."""
     import fcntl
@@ -449,8 +616,14 @@ def _serve_until_ready(argv: list[str], cwd: Path) -> tuple[int, list[str]]:
     env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
     if OPENBLAS:
         env["LD_PRELOAD"] = OPENBLAS
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lora", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lora", *argv],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first, models = proc.stdout.readline(), proc.stdout.readline()  # blocks until it serves, or exits
         proc.send_signal(signal.SIGTERM)  # handled as Ctrl-C: a clean stop
@@ -466,11 +639,20 @@ def test_the_quickstarts_last_lines_are_commands_that_run(tiny_llama, short_run,
     import shlex
 
     from cli_harness import run_main
+
     from mlx_lora.commands.quickstart import QuickstartResult, report_lines
 
     monkeypatch.setenv("MLX_LORA_NO_BLAS_REEXEC", "1")
-    res = QuickstartResult(out=str(short_run.parent), model=str(tiny_llama), model_origin="given", before=0.0,
-                           after=1.0, eval_examples=1, steps=2, run_dir=str(short_run))
+    res = QuickstartResult(
+        out=str(short_run.parent),
+        model=str(tiny_llama),
+        model_origin="given",
+        before=0.0,
+        after=1.0,
+        eval_examples=1,
+        steps=2,
+        run_dir=str(short_run),
+    )
     lines = report_lines(res, "You route support tickets. Answer with team/priority.")
     commands = [shlex.split(l.strip()) for l in lines if l.strip().startswith("mlx-lora ")]
     assert {c[1] for c in commands} == {"chat", "generate", "eval", "serve"}, lines
@@ -502,17 +684,27 @@ def test_serve_stopped_with_ctrl_c_during_a_streamed_reply_exits_cleanly(tiny_ll
     env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
     if OPENBLAS:
         env["LD_PRELOAD"] = OPENBLAS
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lora", "serve", "--model", str(tiny_llama), "--port", "0"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_ctrl_c_able)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lora", "serve", "--model", str(tiny_llama), "--port", "0"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ctrl_c_able,
+    )
     got, streaming, ended = [], threading.Event(), threading.Event()
     try:
         url = proc.stdout.readline().split()[1]
         proc.stdout.readline()
 
         def client():
-            body = {"model": tiny_llama.name, "messages": [{"role": "user", "content": "Tell me a story"}],
-                    "max_tokens": 3000, "stream": True}
+            body = {
+                "model": tiny_llama.name,
+                "messages": [{"role": "user", "content": "Tell me a story"}],
+                "max_tokens": 3000,
+                "stream": True,
+            }
             try:
                 with httpx.stream("POST", url + "/chat/completions", json=body, timeout=600) as r:
                     for line in r.iter_lines():

@@ -25,14 +25,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 # What published small checkpoints of each family do (Llama 3.x 8B, Mistral 7B, Qwen2.5 0.5B,
 # Qwen3 0.6B, Gemma 2 2B, Phi-3 mini).
-TYPICAL_TIE = {"llama": False, "mistral": False, "qwen2": True, "qwen3": True, "gemma2": True, "phi3": False,
-               "smollm3": True, "gemma3_text": True, "olmo2": False, "granite": True, "qwen3_moe": False,
-               "mixtral": False}
+TYPICAL_TIE = {
+    "llama": False,
+    "mistral": False,
+    "qwen2": True,
+    "qwen3": True,
+    "gemma2": True,
+    "phi3": False,
+    "smollm3": True,
+    "gemma3_text": True,
+    "olmo2": False,
+    "granite": True,
+    "qwen3_moe": False,
+    "mixtral": False,
+}
 FAMILIES = ARCHITECTURES
 ALWAYS_TIED = ("gemma2", "gemma3_text")  # mlx-lm ties their heads to the embeddings
 # Per-expert HF names of the MoE families: (module, number of experts key, HF name of gate/up/down)
-EXPERTS = {"qwen3_moe": ("mlp.experts", "num_experts", ("gate_proj", "up_proj", "down_proj")),
-           "mixtral": ("block_sparse_moe.experts", "num_local_experts", ("w1", "w3", "w2"))}
+EXPERTS = {
+    "qwen3_moe": ("mlp.experts", "num_experts", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("block_sparse_moe.experts", "num_local_experts", ("w1", "w3", "w2")),
+}
 # Gemma's RMSNorm multiplies by (1 + w); the others multiply by w.
 NORM_SCALE_OFFSET = {"gemma2": 1.0, "gemma3_text": 1.0}
 ROUTERS = (".mlp.gate.weight", ".block_sparse_moe.gate.weight")
@@ -145,8 +158,14 @@ def test_every_architecture_is_built(tiny_models):
     assert set(MOE_ARCHITECTURES) <= set(ARCHITECTURES)
     for arch, path in tiny_models.items():
         names = {p.name for p in path.iterdir()}
-        assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json"} == names, arch
+        assert {
+            "config.json",
+            "model.safetensors",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        } == names, arch
         assert read_config(path)["model_type"] == arch
 
 
@@ -222,8 +241,10 @@ def test_config_keys_are_ones_transformers_knows(tiny_model_dir, arch):
     known = set(AutoConfig.for_model(arch).to_dict())
     # transformers 4.x wrote these top-level keys, which published checkpoints carry and 5.x reads.
     v4_layout = {"rope_theta", "rope_scaling", "torch_dtype"}
-    v4_layout |= {"gemma2": {"hidden_act", "cache_implementation"},
-                  "gemma3_text": {"rope_local_base_freq", "sliding_window_pattern"}}.get(arch, set())
+    v4_layout |= {
+        "gemma2": {"hidden_act", "cache_implementation"},
+        "gemma3_text": {"rope_local_base_freq", "sliding_window_pattern"},
+    }.get(arch, set())
     # Qwen3-MoE checkpoints name these as published; transformers maps num_experts and reads head_dim.
     v4_layout |= {"qwen3_moe": {"num_experts", "head_dim"}}.get(arch, set())
     assert set(cfg) - known - v4_layout == set()
@@ -234,8 +255,15 @@ def test_config_keys_are_ones_transformers_knows(tiny_model_dir, arch):
         assert rope["sliding_attention"]["rope_theta"] == cfg["rope_local_base_freq"]
         rope = rope["full_attention"]
     assert rope["rope_theta"] == cfg["rope_theta"]
-    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "tie_word_embeddings",
-                "eos_token_id", "pad_token_id", "vocab_size"):
+    for key in (
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+        "eos_token_id",
+        "pad_token_id",
+        "vocab_size",
+    ):
         assert getattr(hf, key) == cfg[key], key
     if "head_dim" in cfg:
         assert hf.head_dim == cfg["head_dim"]
@@ -281,7 +309,11 @@ def test_weights_have_the_stated_distribution(tiny_models, arch):
     routers = [v for k, v in weights.items() if k.endswith(ROUTERS)]
     assert bool(routers) == (arch in MOE_ARCHITECTURES)
     if routers:  # drawn ROUTER_SCALE times wider
-        assert 0.8 * testing.ROUTER_SCALE * 0.02 < np.concatenate([r.ravel() for r in routers]).std() < 1.2 * testing.ROUTER_SCALE * 0.02
+        assert (
+            0.8 * testing.ROUTER_SCALE * 0.02
+            < np.concatenate([r.ravel() for r in routers]).std()
+            < 1.2 * testing.ROUTER_SCALE * 0.02
+        )
     norms = [k for k, v in weights.items() if v.ndim == 1 and k.endswith("norm.weight")]
     assert norms
     scale = np.concatenate([weights[k] for k in norms]) + NORM_SCALE_OFFSET.get(arch, 0.0)

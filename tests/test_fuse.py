@@ -22,12 +22,12 @@ from mlx import nn
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
 
+from mlx_lora.config import LoraConfig
 from mlx_lora.converters import verify as V
 from mlx_lora.converters.fuse import fuse, load_fused
 from mlx_lora.model.adapters import adapter_layers, apply_lora, load_adapter, save_adapter
-from mlx_lora.config import LoraConfig
-from mlx_lora.plumbing.errors import AdapterError, ExportError
 from mlx_lora.model.loading import load_model
+from mlx_lora.plumbing.errors import AdapterError, ExportError
 from mlx_lora.plumbing.ownership import OwnershipError
 from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES
 
@@ -38,8 +38,18 @@ TOKENS = [[5, 17, 99, 3, 250, 42, 7, 300, 11, 64]]
 # helpers shared with the other export tests
 
 
-def make_adapter(model_dir: Path, out: Path, *, dora: bool = False, r: int = 8, alpha: float = 16.0,
-                 rslora: bool = False, targets=None, seed: int = 0, b_std: float = 0.05) -> Path:
+def make_adapter(
+    model_dir: Path,
+    out: Path,
+    *,
+    dora: bool = False,
+    r: int = 8,
+    alpha: float = 16.0,
+    rslora: bool = False,
+    targets=None,
+    seed: int = 0,
+    b_std: float = 0.05,
+) -> Path:
     """A trained-looking adapter: PEFT's init for A, random non-zero B (and a perturbed DoRA
     magnitude), saved the way the trainer saves it."""
     model, _, info = load_model(str(model_dir), with_tokenizer=False)
@@ -72,8 +82,10 @@ def quantized_copy(src: Path, out: Path, bits: int, group_size: int = 32, scales
     """An MLX-quantized copy of an HF folder, laid out like mlx-lm's converter writes it."""
     model, _, _ = load_model(str(src), with_tokenizer=False)
     nn.quantize(model, group_size=group_size, bits=bits)
-    weights = {k: (v.astype(scales_dtype) if v.dtype in (mx.float32, mx.float16, mx.bfloat16) else v)
-               for k, v in tree_flatten(model.parameters())}
+    weights = {
+        k: (v.astype(scales_dtype) if v.dtype in (mx.float32, mx.float16, mx.bfloat16) else v)
+        for k, v in tree_flatten(model.parameters())
+    }
     out.mkdir(parents=True)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     cfg = json.loads((src / "config.json").read_text())
@@ -112,7 +124,7 @@ def test_fused_weights_follow_the_formula(tmp_path, tiny_llama, dora):
     for key in state:
         if not key.endswith("lora_A.weight"):
             continue
-        path = key[len("base_model.model."):-len(".lora_A.weight")]
+        path = key[len("base_model.model.") : -len(".lora_A.weight")]
         a = state[key].astype(np.float64)
         b = state[key.replace("lora_A", "lora_B")].astype(np.float64)
         w = base[path + ".weight"].astype(np.float64) + scale * b @ a
@@ -138,15 +150,24 @@ def test_fused_model_equals_the_adapter_model_and_fusing_twice_is_identical(tmp_
 
 
 def test_output_folder_is_complete_hf_layout(tmp_path, tiny_llama):
-    out = fuse(str(tiny_llama), make_adapter(tiny_llama, tmp_path / "ad"), tmp_path / "fused",
-               log=lambda m: None).out_dir
+    out = fuse(
+        str(tiny_llama), make_adapter(tiny_llama, tmp_path / "ad"), tmp_path / "fused", log=lambda m: None
+    ).out_dir
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json", "special_tokens_map.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    } <= names
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".fused")]  # no temporary left over
     src_cfg = json.loads((tiny_llama / "config.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
-    assert {k: v for k, v in cfg.items() if k != "torch_dtype"} == {k: v for k, v in src_cfg.items() if k != "torch_dtype"}
+    assert {k: v for k, v in cfg.items() if k != "torch_dtype"} == {
+        k: v for k, v in src_cfg.items() if k != "torch_dtype"
+    }
     assert (out / "tokenizer.json").read_bytes() == (tiny_llama / "tokenizer.json").read_bytes()
     assert set(st_dtypes(out / "model.safetensors")) == set(st_dtypes(tiny_llama / "model.safetensors"))
 
@@ -202,8 +223,15 @@ def test_requantize_reports_the_error_relative_to_the_delta(tmp_path, tiny_llama
     path = "model.layers.0.self_attn.q_proj"
     w_new = np.array(dict(tree_flatten(fused_dense.model.parameters()))[path + ".weight"])
     src = load_file(str(qbase / "model.safetensors"))
-    w_old = np.array(mx.dequantize(mx.array(src[path + ".weight"]), mx.array(src[path + ".scales"]),
-                                   mx.array(src[path + ".biases"]), group_size=32, bits=4).astype(mx.float32))
+    w_old = np.array(
+        mx.dequantize(
+            mx.array(src[path + ".weight"]),
+            mx.array(src[path + ".scales"]),
+            mx.array(src[path + ".biases"]),
+            group_size=32,
+            bits=4,
+        ).astype(mx.float32)
+    )
     q, s, b = mx.quantize(mx.array(w_new), group_size=32, bits=4)
     w_q = np.array(mx.dequantize(q, s, b, group_size=32, bits=4))
     expected = np.linalg.norm(w_q - w_new) / np.linalg.norm(w_new - w_old)
@@ -263,8 +291,9 @@ def test_cli_fuse(tmp_path, tiny_llama):
     from mlx_lora.commands.cli import cli
 
     ad = make_adapter(tiny_llama, tmp_path / "ad")
-    r = CliRunner().invoke(cli, ["fuse", "--model", str(tiny_llama), "--adapter", str(ad), "--out",
-                                 str(tmp_path / "fused")])
+    r = CliRunner().invoke(
+        cli, ["fuse", "--model", str(tiny_llama), "--adapter", str(ad), "--out", str(tmp_path / "fused")]
+    )
     assert r.exit_code == 0, r.output
     assert "verify fused folder [f32]: top-1 agreement 100.0%" in r.output
     assert (tmp_path / "fused" / "model.safetensors").is_file()

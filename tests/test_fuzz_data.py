@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mlx_lora.data import examples as D
 from mlx_lora.config import DataConfig
+from mlx_lora.data import examples as D
 from mlx_lora.plumbing.errors import DataError
 from mlx_lora.testing import IM_END, make_tokenizer
 
@@ -34,10 +34,12 @@ SCALE = float(os.environ.get("MLX_LORA_FUZZ_EXAMPLES", "1"))
 
 
 def fuzz(n: int):
-    return settings(max_examples=max(1, int(n * SCALE)), deadline=None,
-                    derandomize=not os.environ.get("MLX_LORA_FUZZ_RANDOM"),
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=max(1, int(n * SCALE)),
+        deadline=None,
+        derandomize=not os.environ.get("MLX_LORA_FUZZ_RANDOM"),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +55,35 @@ def tok(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 # strategies
 
-TRICKY = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "{{ messages }}", "{% endfor %}", "\n", "\r\n", " ", "\t",
-          "assistant", "user\n", "zebra-17", "ünïcödé", "🙂", "\u200b", "\\", '"', "\x00", "### Response:"]
-texts = st.one_of(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=24),
-                  st.lists(st.sampled_from(TRICKY), max_size=5).map("".join))
+TRICKY = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "{{ messages }}",
+    "{% endfor %}",
+    "\n",
+    "\r\n",
+    " ",
+    "\t",
+    "assistant",
+    "user\n",
+    "zebra-17",
+    "ünïcödé",
+    "🙂",
+    "\u200b",
+    "\\",
+    '"',
+    "\x00",
+    "### Response:",
+]
+texts = st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=24),
+    st.lists(st.sampled_from(TRICKY), max_size=5).map("".join),
+)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False, width=32), texts)
-json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(texts, c, max_size=3),
-                           max_leaves=6)
+json_values = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(texts, c, max_size=3), max_leaves=6
+)
 ROLES = st.sampled_from(["system", "user", "assistant", "tool"])
 
 
@@ -69,8 +93,15 @@ def messages():
 
 ROWS_BY_FORMAT = [
     st.fixed_dictionaries({"messages": messages()}),
-    st.fixed_dictionaries({"conversations": st.lists(st.fixed_dictionaries(
-        {"from": st.sampled_from(["human", "gpt", "system"]), "value": texts}), min_size=1, max_size=4)}),
+    st.fixed_dictionaries(
+        {
+            "conversations": st.lists(
+                st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system"]), "value": texts}),
+                min_size=1,
+                max_size=4,
+            )
+        }
+    ),
     st.fixed_dictionaries({"prompt": texts, "completion": texts}),
     st.fixed_dictionaries({"instruction": texts, "output": texts}, optional={"input": st.one_of(st.none(), texts)}),
     st.fixed_dictionaries({"text": texts}),
@@ -90,11 +121,27 @@ def damaged_rows(draw):
         row[key] = draw(json_values)
     elif how == "inner" and isinstance(row[key], list) and row[key]:
         i = draw(st.integers(0, len(row[key]) - 1))
-        row[key] = row[key][:i] + [draw(json_values)] + row[key][i + 1:]
+        row[key] = row[key][:i] + [draw(json_values)] + row[key][i + 1 :]
     else:
-        row = draw(st.dictionaries(st.sampled_from(["messages", "prompt", "completion", "text", "output",
-                                                    "instruction", "conversations", "tools", "role"]),
-                                   json_values, max_size=3))
+        row = draw(
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "messages",
+                        "prompt",
+                        "completion",
+                        "text",
+                        "output",
+                        "instruction",
+                        "conversations",
+                        "tools",
+                        "role",
+                    ]
+                ),
+                json_values,
+                max_size=3,
+            )
+        )
     return row
 
 
@@ -103,10 +150,13 @@ def as_line(item) -> bytes:
 
 
 bad_lines = st.one_of(
-    damaged_rows().map(as_line), valid_rows.map(as_line),  # a row of another format
+    damaged_rows().map(as_line),
+    valid_rows.map(as_line),  # a row of another format
     st.binary(max_size=20).filter(lambda b: b"\n" not in b),
     valid_rows.map(as_line).flatmap(lambda b: st.integers(0, max(len(b) - 1, 0)).map(lambda n: b[:n])),
-    json_values.map(as_line), st.just(b""), st.just(b"   "),
+    json_values.map(as_line),
+    st.just(b""),
+    st.just(b"   "),
 )
 
 
@@ -119,12 +169,15 @@ def files(draw) -> list[bytes]:
         raw[draw(st.integers(0, len(raw) - 1))] = draw(bad_lines)
     return raw
 
-configs = st.fixed_dictionaries({
-    "format": st.sampled_from(["auto"] * 5 + ["chat", "completions", "text", "alpaca", "sharegpt"]),
-    "max_seq_length": st.one_of(st.integers(2, 48), st.just(512)),
-    "train_on": st.sampled_from(["assistant", "last", "all"]),
-    "overlong": st.sampled_from(["truncate", "truncate", "skip", "error"]),
-})
+
+configs = st.fixed_dictionaries(
+    {
+        "format": st.sampled_from(["auto"] * 5 + ["chat", "completions", "text", "alpaca", "sharegpt"]),
+        "max_seq_length": st.one_of(st.integers(2, 48), st.just(512)),
+        "train_on": st.sampled_from(["assistant", "last", "all"]),
+        "overlong": st.sampled_from(["truncate", "truncate", "skip", "error"]),
+    }
+)
 
 
 def write(tmp_path: Path, raw_lines: list[bytes]) -> Path:
@@ -162,8 +215,10 @@ def test_loader_never_crashes_and_padding_is_never_a_target(tok, tmp_path, raw, 
     assert s.target_tokens == sum(int(m.sum()) for _, m in ds.examples)
     # One epoch of single-row batches (no top-up repeats) carries exactly the data set's targets:
     # none lost, and no padding position counted as one.
-    got = sum(batch.ntokens for batch, _ in D.iterate_batches(ds, 1, max_seq_length=cfg.max_seq_length, seed=0,
-                                                              packing=packing, loop=False))
+    got = sum(
+        batch.ntokens
+        for batch, _ in D.iterate_batches(ds, 1, max_seq_length=cfg.max_seq_length, seed=0, packing=packing, loop=False)
+    )
     assert got == s.target_tokens
 
 
@@ -172,17 +227,21 @@ def test_loader_never_crashes_and_padding_is_never_a_target(tok, tmp_path, raw, 
 
 
 @fuzz(80)
-@given(turns=st.lists(st.tuples(texts, texts), min_size=1, max_size=3), system=st.one_of(st.none(), texts),
-       opening=st.one_of(st.none(), texts), train_on=st.sampled_from(["assistant", "last"]))
+@given(
+    turns=st.lists(st.tuples(texts, texts), min_size=1, max_size=3),
+    system=st.one_of(st.none(), texts),
+    opening=st.one_of(st.none(), texts),
+    train_on=st.sampled_from(["assistant", "last"]),
+)
 def test_chat_targets_are_exactly_the_assistant_replies(tok, tmp_path, turns, system, opening, train_on):
-    msgs = ([{"role": "system", "content": system}] if system is not None else [])
+    msgs = [{"role": "system", "content": system}] if system is not None else []
     if opening is not None:  # the assistant speaks first (a greeting)
         msgs.append({"role": "assistant", "content": opening})
     for user, reply in turns:
         msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     path = write(tmp_path, [as_line({"messages": msgs})])
     ds = D.load_jsonl_dataset(path, DataConfig(path=str(path), cache=False, train_on=train_on), tok)
-    (tokens, mask), = ds.examples
+    ((tokens, mask),) = ds.examples
     replies = ([] if opening is None else [opening]) + [r for _, r in turns]
     replies = replies[-1:] if train_on == "last" else replies
     expected = "".join(r + IM_END + "\n" for r in replies)
@@ -206,21 +265,39 @@ def example_sets(draw):
         mask = np.array([False] + draw(st.lists(st.booleans(), min_size=length - 1, max_size=length - 1)))
         mask[draw(st.integers(1, length - 1))] = True
         examples.append((np.full(length, i + 1, np.int32), mask))
-    stats = D.DataStats("synthetic", "text", n, n, 0, 0, int(sum(m.sum() for _, m in examples)),
-                        int(sum(len(t) for t, _ in examples)))
+    stats = D.DataStats(
+        "synthetic", "text", n, n, 0, 0, int(sum(m.sum() for _, m in examples)), int(sum(len(t) for t, _ in examples))
+    )
     return D.TokenizedDataset(examples, stats)
 
 
 @fuzz(120)
-@given(ds=example_sets(), batch_size=st.integers(1, 4), world=st.integers(1, 3), extra=st.integers(0, 30),
-       packing=st.booleans(), seed=st.integers(0, 3), epoch=st.integers(0, 2))
-def test_batches_hold_examples_verbatim_and_packing_never_crosses_examples(ds, batch_size, world, extra, packing,
-                                                                           seed, epoch):
+@given(
+    ds=example_sets(),
+    batch_size=st.integers(1, 4),
+    world=st.integers(1, 3),
+    extra=st.integers(0, 30),
+    packing=st.booleans(),
+    seed=st.integers(0, 3),
+    epoch=st.integers(0, 2),
+)
+def test_batches_hold_examples_verbatim_and_packing_never_crosses_examples(
+    ds, batch_size, world, extra, packing, seed, epoch
+):
     cap = int(ds.lengths.max()) - 1 + extra
     seen = set()
     for rank in range(world):
-        it = D.iterate_batches(ds, batch_size, max_seq_length=cap, seed=seed, packing=packing, loop=False,
-                               rank=rank, world_size=world, start=D.BatchPosition(epoch, 0))
+        it = D.iterate_batches(
+            ds,
+            batch_size,
+            max_seq_length=cap,
+            seed=seed,
+            packing=packing,
+            loop=False,
+            rank=rank,
+            world_size=world,
+            start=D.BatchPosition(epoch, 0),
+        )
         for batch, _ in it:
             B, L = batch.inputs.shape
             assert B == batch_size and L <= cap
@@ -256,8 +333,7 @@ def tiny_model(tiny_model_dir):
 
 
 @fuzz(15)
-@given(lengths=st.lists(st.integers(2, 10), min_size=2, max_size=4), pad=st.integers(0, 5),
-       seed=st.integers(0, 2**16))
+@given(lengths=st.lists(st.integers(2, 10), min_size=2, max_size=4), pad=st.integers(0, 5), seed=st.integers(0, 2**16))
 def test_packed_examples_get_the_logits_they_get_alone(tiny_model, lengths, pad, seed):
     import mlx.core as mx
 
@@ -272,6 +348,6 @@ def test_packed_examples_get_the_logits_they_get_alone(tiny_model, lengths, pad,
     at = 0
     for tokens in examples:
         alone = np.array(tiny_model(mx.array(tokens[None]))[0])
-        np.testing.assert_allclose(packed[at: at + len(tokens)], alone, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(packed[at : at + len(tokens)], alone, rtol=1e-4, atol=1e-4)
         at += len(tokens)
     assert np.isfinite(packed).all()  # padding queries attend to themselves: no NaN leaks

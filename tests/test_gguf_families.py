@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_harness import assert_refused
-from test_fuse import folder_logits, quantized_copy
+from test_fuse import quantized_copy
 
 import mlx_lora
 from mlx_lora.config import build
@@ -34,8 +34,12 @@ def chat(tmp_path_factory) -> Path:
 
 
 def train_3_steps(model: Path, data: Path, out: Path, targets=None) -> Path:
-    base = {"model": {"path": str(model)}, "data": {"path": str(data), "valid_fraction": 0.0},
-            "out": str(out), "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000}}
+    base = {
+        "model": {"path": str(model)},
+        "data": {"path": str(data), "valid_fraction": 0.0},
+        "out": str(out),
+        "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000},
+    }
     sets = ["train.iters=3", "train.batch_size=2", "lora.r=4", "train.lr=1e-2"]
     if targets:
         sets.append("lora.target_modules=[" + ",".join(targets) + "]")
@@ -80,16 +84,33 @@ def test_a_family_outside_the_table_trains_fuses_and_gguf_refuses(tiny_model_dir
     out = tmp_path / "out"
     out.mkdir()
     watched = [tmp_path / "run", tmp_path / "fused", out]
-    for argv in (["export", "gguf", "--model", str(folder), "--adapter", str(run), "--out", str(out / "m.gguf")],
-                 ["export", "adapter", "--adapter", str(run), "--model", str(folder), "--format", "gguf",
-                  "--out", str(out / "lora.gguf")]):
+    for argv in (
+        ["export", "gguf", "--model", str(folder), "--adapter", str(run), "--out", str(out / "m.gguf")],
+        [
+            "export",
+            "adapter",
+            "--adapter",
+            str(run),
+            "--model",
+            str(folder),
+            "--format",
+            "gguf",
+            "--out",
+            str(out / "lora.gguf"),
+        ],
+    ):
         message = assert_refused(capsys, argv, [f"architecture '{arch}'", table], watched, code=2)
         assert "\n" not in message.strip()
     # a GGUF file of an architecture outside the table: convert refuses it the same way
     gguf_file = out.parent / "other.gguf"
     _write_foreign_gguf(gguf_file, arch)
-    assert_refused(capsys, ["convert", str(gguf_file), "--out", str(out / "conv")],
-                   [f"unsupported architecture '{arch}'", table], watched + [gguf_file], code=2)
+    assert_refused(
+        capsys,
+        ["convert", str(gguf_file), "--out", str(out / "conv")],
+        [f"unsupported architecture '{arch}'", table],
+        watched + [gguf_file],
+        code=2,
+    )
 
 
 def _write_foreign_gguf(path: Path, arch: str) -> None:
@@ -126,5 +147,10 @@ def test_configs_llama_cpp_would_run_differently_are_refused(tiny_model_dir, tmp
     (src / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     out.mkdir()
-    assert_refused(capsys, ["export", "gguf", "--model", str(src), "--out", str(out / "m.gguf")],
-                   ["config.json", key, "llama.cpp"], [src, out], code=2)
+    assert_refused(
+        capsys,
+        ["export", "gguf", "--model", str(src), "--out", str(out / "m.gguf")],
+        ["config.json", key, "llama.cpp"],
+        [src, out],
+        code=2,
+    )

@@ -22,8 +22,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from hypothesis import given, settings, strategies as st
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_gguf_export import GEMMA_NORMS, GGUF_ARCH, expected_names, hf_expected, source_tensor
 
 from mlx_lora.converters import gguf_arch, gguf_import, io
@@ -94,8 +94,17 @@ def _add_meta(w: gguf.GGUFWriter, key: str, value) -> None:
         w.add_array(key, list(value))
 
 
-def write_gguf(hf_dir: Path, out: Path, *, arch: str = "llama", qtype: QT = QT.F32, overrides=None,
-               extra_meta=None, extra_tensors=None, drop_meta=()) -> Path:
+def write_gguf(
+    hf_dir: Path,
+    out: Path,
+    *,
+    arch: str = "llama",
+    qtype: QT = QT.F32,
+    overrides=None,
+    extra_meta=None,
+    extra_tensors=None,
+    drop_meta=(),
+) -> Path:
     """Write the tiny HF model at ``hf_dir`` as a GGUF file; 2-D weights get ``qtype``.
 
     ``overrides`` maps GGUF tensor names to a type (or to raw bytes + type); norms and biases
@@ -188,19 +197,28 @@ def family_metadata(arch: str, cfg: dict) -> dict:
     """The family's own keys as llama.cpp's converter writes them (beyond write_gguf's common ones)."""
     a = GGUF_ARCH[arch]
     if arch == "granite":
-        return {f"{a}.logit_scale": float(cfg["logits_scaling"]), f"{a}.embedding_scale": float(cfg["embedding_multiplier"]),
-                f"{a}.residual_scale": float(cfg["residual_multiplier"]),
-                f"{a}.attention.scale": float(cfg["attention_multiplier"])}
+        return {
+            f"{a}.logit_scale": float(cfg["logits_scaling"]),
+            f"{a}.embedding_scale": float(cfg["embedding_multiplier"]),
+            f"{a}.residual_scale": float(cfg["residual_multiplier"]),
+            f"{a}.attention.scale": float(cfg["attention_multiplier"]),
+        }
     if arch == "qwen3_moe":
-        return {f"{a}.expert_count": cfg["num_experts"], f"{a}.expert_used_count": cfg["num_experts_per_tok"],
-                f"{a}.expert_feed_forward_length": cfg["moe_intermediate_size"]}
+        return {
+            f"{a}.expert_count": cfg["num_experts"],
+            f"{a}.expert_used_count": cfg["num_experts_per_tok"],
+            f"{a}.expert_feed_forward_length": cfg["moe_intermediate_size"],
+        }
     if arch == "mixtral":
         return {f"{a}.expert_count": cfg["num_local_experts"], f"{a}.expert_used_count": cfg["num_experts_per_tok"]}
     if arch == "gemma3_text":  # a pattern other than llama.cpp's 6, spelled out per layer (true = sliding)
-        return {f"{a}.attention.sliding_window": cfg["sliding_window"],
-                f"{a}.rope.freq_base_swa": float(cfg["rope_local_base_freq"]),
-                f"{a}.attention.sliding_window_pattern": [(i + 1) % cfg["sliding_window_pattern"] != 0
-                                                          for i in range(cfg["num_hidden_layers"])]}
+        return {
+            f"{a}.attention.sliding_window": cfg["sliding_window"],
+            f"{a}.rope.freq_base_swa": float(cfg["rope_local_base_freq"]),
+            f"{a}.attention.sliding_window_pattern": [
+                (i + 1) % cfg["sliding_window_pattern"] != 0 for i in range(cfg["num_hidden_layers"])
+            ],
+        }
     return {}
 
 
@@ -222,8 +240,16 @@ def test_f32_import_gives_back_the_hf_model(tiny_model_dir, tmp_path, arch):
     np.testing.assert_allclose(mlx_logits(out), mlx_logits(src), rtol=0, atol=1e-5)
     cfg = json.loads((out / "config.json").read_text())
     src_cfg = json.loads((src / "config.json").read_text())
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "vocab_size", "tie_word_embeddings", "rope_theta"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+        "rope_theta",
+    ):
         assert cfg[key] == src_cfg[key], key
     assert cfg["torch_dtype"] == "float32"
 
@@ -234,8 +260,13 @@ def test_llama3_rope_scaling_is_recovered_from_rope_freqs(tiny_model_dir, tmp_pa
     src = tmp_path / "src"
     shutil.copytree(tiny_model_dir("llama"), src)
     cfg = json.loads((src / "config.json").read_text())
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     cfg.update(rope_scaling=scaling, rope_theta=500000.0)
     (src / "config.json").write_text(json.dumps(cfg))
     # llama.cpp's converter: divisor 1 for short wavelengths, `factor` for long, blended between.
@@ -287,7 +318,7 @@ def _relative_logit_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 def _same_config_value(got, want) -> bool:
     """Equal, with floats as float32 round trips and ``type`` / ``rope_type`` as the same key."""
     if isinstance(want, dict):
-        norm = lambda d: {("rope_type" if k == "type" else k): v for k, v in d.items()}  # noqa: E731
+        norm = lambda d: {("rope_type" if k == "type" else k): v for k, v in d.items()}
         g, w = norm(got), norm(want)
         return set(g) == set(w) and all(_same_config_value(g[k], w[k]) for k in w)
     if isinstance(want, list):
@@ -328,39 +359,99 @@ def test_export_then_import_gives_back_the_model(tiny_model_dir, tmp_path, arch,
     assert cfg["architectures"] == json.loads((tiny_model_dir(want_type) / "config.json").read_text())["architectures"]
     common = set(cfg) & set(src_cfg) - {"model_type", "architectures", "torch_dtype"}
     # what the import must at least restore (each architecture's own keys included)
-    assert common >= {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
-                      "vocab_size", "tie_word_embeddings", "eos_token_id", "pad_token_id"}
+    assert common >= {
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+        "eos_token_id",
+        "pad_token_id",
+    }
     assert common >= ({"hidden_activation"} if arch == "gemma3_text" else {"hidden_act"})
-    assert common >= {"gemma2": {"head_dim", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
-                                 "query_pre_attn_scalar", "hidden_activation", "attention_bias"},
-                      "phi3": {"original_max_position_embeddings", "sliding_window"},
-                      "qwen3": {"head_dim", "attention_bias", "use_sliding_window", "sliding_window"},
-                      "qwen2": {"use_sliding_window", "sliding_window"},
-                      "llama": {"head_dim", "attention_bias", "mlp_bias"},
-                      "gemma3_text": {"head_dim", "sliding_window", "sliding_window_pattern", "rope_local_base_freq",
-                                      "query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping",
-                                      "attention_bias"},
-                      "smollm3": {"no_rope_layers", "no_rope_layer_interval", "use_sliding_window", "attention_bias",
-                                  "mlp_bias"},
-                      "olmo2": {"attention_bias"},
-                      "granite": {"embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
-                                  "attention_bias", "mlp_bias"},
-                      "qwen3_moe": {"head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                                    "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "attention_bias"},
-                      "mixtral": {"num_local_experts", "num_experts_per_tok"}}.get(arch, set())
+    assert common >= {
+        "gemma2": {
+            "head_dim",
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "sliding_window",
+            "query_pre_attn_scalar",
+            "hidden_activation",
+            "attention_bias",
+        },
+        "phi3": {"original_max_position_embeddings", "sliding_window"},
+        "qwen3": {"head_dim", "attention_bias", "use_sliding_window", "sliding_window"},
+        "qwen2": {"use_sliding_window", "sliding_window"},
+        "llama": {"head_dim", "attention_bias", "mlp_bias"},
+        "gemma3_text": {
+            "head_dim",
+            "sliding_window",
+            "sliding_window_pattern",
+            "rope_local_base_freq",
+            "query_pre_attn_scalar",
+            "final_logit_softcapping",
+            "attn_logit_softcapping",
+            "attention_bias",
+        },
+        "smollm3": {"no_rope_layers", "no_rope_layer_interval", "use_sliding_window", "attention_bias", "mlp_bias"},
+        "olmo2": {"attention_bias"},
+        "granite": {
+            "embedding_multiplier",
+            "residual_multiplier",
+            "attention_multiplier",
+            "logits_scaling",
+            "attention_bias",
+            "mlp_bias",
+        },
+        "qwen3_moe": {
+            "head_dim",
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "norm_topk_prob",
+            "decoder_sparse_step",
+            "mlp_only_layers",
+            "attention_bias",
+        },
+        "mixtral": {"num_local_experts", "num_experts_per_tok"},
+    }.get(arch, set())
     for key in sorted(common):
         assert _same_config_value(cfg[key], src_cfg[key]), (key, cfg[key], src_cfg[key])
 
 
 ROPE_VARIANTS = [
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 8192}, "rope_theta": 500000.0}),
+    (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            "rope_theta": 500000.0,
+        },
+    ),
     ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}}),
-    ("phi3", {"rope_scaling": {"type": "longrope", "long_factor": [1.0 + i / 4 for i in range(8)],
-                               "short_factor": [1.0 + i / 8 for i in range(8)]},
-              "max_position_embeddings": 131072}),
+    (
+        "phi3",
+        {
+            "rope_scaling": {
+                "type": "longrope",
+                "long_factor": [1.0 + i / 4 for i in range(8)],
+                "short_factor": [1.0 + i / 8 for i in range(8)],
+            },
+            "max_position_embeddings": 131072,
+        },
+    ),
 ]
 
 
@@ -434,7 +525,7 @@ def test_block_quants_decode_like_gguf_reference(tiny_model_dir, tmp_path, qtype
             deq = np.array(mx.dequantize(w, s, b, group_size=32, bits=bits))
             np.testing.assert_allclose(deq, reference, rtol=1e-6, atol=1e-7, err_msg=hf)
             if ".q_proj." not in hf and ".k_proj." not in hf:  # MLX's reader does not un-permute
-                ws, ss, bs = (mlx_reader[f"{t.name[:-len('.weight')]}.{k}"] for k in ("weight", "scales", "biases"))
+                ws, ss, bs = (mlx_reader[f"{t.name[: -len('.weight')]}.{k}"] for k in ("weight", "scales", "biases"))
                 theirs = mx.dequantize(ws, ss.astype(mx.float32), bs.astype(mx.float32), group_size=32, bits=bits)
                 np.testing.assert_allclose(deq, np.array(theirs), rtol=1e-6, atol=1e-7, err_msg=hf)
         else:
@@ -534,7 +625,8 @@ def test_imported_tokenizer_loads_in_mlx_lm_with_chat_template(tiny_model_dir, t
     ours, theirs = load_tokenizer(out), load_tokenizer(src)
     msgs = [{"role": "user", "content": "Give the code word for the red apple."}]
     assert ours.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == theirs.apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=True)
+        msgs, tokenize=False, add_generation_prompt=True
+    )
     assert ours.encode(TEXTS[2]) == theirs.encode(TEXTS[2])
     assert ours.eos_token_id == theirs.eos_token_id == 2
     tc = json.loads((out / "tokenizer_config.json").read_text())
@@ -545,14 +637,25 @@ def test_imported_tokenizer_loads_in_mlx_lm_with_chat_template(tiny_model_dir, t
 
 def _train_sentencepiece(tmp_path: Path):
     import sentencepiece as spm
+
     from mlx_lora.testing import _corpus
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(_corpus() * 3) + "\nhéllo wörld ünïcode\n")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, split_digits=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        character_coverage=1.0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
         minloglevel=2,
     )
     return spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
@@ -725,6 +828,7 @@ def test_concurrent_imports_into_the_cache(tiny_model_dir, tmp_path, monkeypatch
 def test_our_loader_reads_gguf_directly(tiny_model_dir, tmp_path, monkeypatch):
     """mlx_lora.model.loading.load_model on a .gguf path imports it once into the cache and reuses it."""
     import mlx.nn as nn
+
     from mlx_lora.model.loading import load_model
 
     monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path / "cache"))
@@ -755,7 +859,9 @@ def test_cli_convert_gguf(tiny_model_dir, tmp_path):
     result = runner.invoke(convert, [str(path), "--out", str(tmp_path / "x"), "--hf", "-q"])
     assert isinstance(result.exception, ExportError) and not (tmp_path / "x").exists()
     # -q on a GGUF: dequantize, then MLX-quantize with the requested settings.
-    result = runner.invoke(convert, [str(path), "--out", str(tmp_path / "q8"), "-q", "--bits", "8", "--group-size", "32"])
+    result = runner.invoke(
+        convert, [str(path), "--out", str(tmp_path / "q8"), "-q", "--bits", "8", "--group-size", "32"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"]["bits"] == 8
     mlx_logits(tmp_path / "q8")
@@ -777,7 +883,9 @@ def _float32_logits(folder: Path, tokens: list[int]) -> np.ndarray:
     from mlx_lm.utils import load_model
 
     model, _ = load_model(folder)
-    model.update(tree_map(lambda a: a.astype(mx.float32) if a.dtype in (mx.float16, mx.bfloat16) else a, model.parameters()))
+    model.update(
+        tree_map(lambda a: a.astype(mx.float32) if a.dtype in (mx.float16, mx.bfloat16) else a, model.parameters())
+    )
     return np.array(model(mx.array([tokens]))[0].astype(mx.float32))
 
 
@@ -823,7 +931,12 @@ def test_smollm2_config_and_chat_template(smollm2_gguf, smollm2_hf):
     from mlx_lm.utils import load_tokenizer
 
     cfg = json.loads((smollm2_hf / "config.json").read_text())
-    assert (cfg["model_type"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == ("llama", 576, 30, 3)
+    assert (cfg["model_type"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == (
+        "llama",
+        576,
+        30,
+        3,
+    )
     assert cfg["tie_word_embeddings"] is True and cfg["rope_theta"] == 100000.0
     tok = load_tokenizer(smollm2_hf)
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)

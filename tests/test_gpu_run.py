@@ -18,8 +18,21 @@ def _env():
 
 def test_dry_mode_runs_the_steps_and_writes_their_json(tmp_path, tiny_llama):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "bench" / "gpu_run.py"), "--dry", "--only", "facts,models,trace,attention",
-           "--like", str(tiny_llama), "--out", str(out), "--work", str(tmp_path / "work"), "--budget", "600"]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "gpu_run.py"),
+        "--dry",
+        "--only",
+        "facts,models,trace,attention",
+        "--like",
+        str(tiny_llama),
+        "--out",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+        "--budget",
+        "600",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((out / "gpu_run.json").read_text())
@@ -28,9 +41,17 @@ def test_dry_mode_runs_the_steps_and_writes_their_json(tmp_path, tiny_llama):
     assert all(s["rc"] == 0 for s in steps.values())
     assert json.loads(steps["facts"]["tail"].strip().splitlines()[-1])["backend"] == "cpu"
 
-    phases = ["weights loaded", "LoRA wrapped", "trainer built (optimizer state)", "first forward (loss only)",
-              "first forward+backward (compiles)", "forward+backward (compiled)", "optimizer step",
-              "evaluation (loss only)", "after clear_cache"]
+    phases = [
+        "weights loaded",
+        "LoRA wrapped",
+        "trainer built (optimizer state)",
+        "first forward (loss only)",
+        "first forward+backward (compiles)",
+        "forward+backward (compiled)",
+        "optimizer step",
+        "evaluation (loss only)",
+        "after clear_cache",
+    ]
     for name, policy in (("trace_1b", "exact"), ("trace_1b_packed", "packed")):
         trace = json.loads((out / f"{name}.json").read_text())
         got = {p["name"]: p for p in trace["phases"]}
@@ -47,8 +68,19 @@ def test_dry_mode_runs_the_steps_and_writes_their_json(tmp_path, tiny_llama):
 
 def test_out_of_budget_steps_are_skipped_and_recorded(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "bench" / "gpu_run.py"), "--dry", "--only", "facts,attention", "--like",
-           str(tmp_path), "--out", str(out), "--budget", "0"]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "gpu_run.py"),
+        "--dry",
+        "--only",
+        "facts,attention",
+        "--like",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--budget",
+        "0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env())
     assert proc.returncode == 0, proc.stderr
     steps = json.loads((out / "gpu_run.json").read_text())["steps"]
@@ -74,17 +106,36 @@ def test_a_step_out_of_time_is_stopped_with_its_workers_and_keeps_finished_resul
     (work / "model-big").mkdir()  # as the models step (not run here) leaves it
     (work / "bench-big" / "mlx_lm.result.json").write_text(json.dumps({"steps": [1, 2]}))
     pidfile = tmp_path / "grandchild.pid"
-    slow = [sys.executable, "-c", "import subprocess, sys, time; "
-            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(600)"]
+    slow = [
+        sys.executable,
+        "-c",
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(600)",
+    ]
     real = gpu_run.subprocess.Popen
 
     def popen(cmd, **kw):  # every step's command becomes the slow one
         return real(slow, **kw)
 
     monkeypatch.setattr(gpu_run.subprocess, "Popen", popen)
-    rc = gpu_run.main(["--dry", "--only", "bench", "--like", str(tmp_path), "--out", str(tmp_path / "out"),
-                       "--work", str(work), "--budget", "600", "--step-cap", "3"])
+    rc = gpu_run.main(
+        [
+            "--dry",
+            "--only",
+            "bench",
+            "--like",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(work),
+            "--budget",
+            "600",
+            "--step-cap",
+            "3",
+        ]
+    )
     assert rc == 1
     steps = json.loads((tmp_path / "out" / "gpu_run.json").read_text())["steps"]
     big = next(s for s in steps if s["name"] == "bench_1b")

@@ -13,14 +13,21 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from cli_harness import assert_refused, cli_env, rows, run_main, write
 
 import mlx_lora
-from cli_harness import assert_refused, cli_env, rows, run_main, write
-from mlx_lora.training import rewards as R
 from mlx_lora.config import build
 from mlx_lora.plumbing.errors import ConfigError, DataError
-from mlx_lora.training.grpo import (Objective, TokenLogps, advantages, completion_batch, sample_group, sample_key,
-                           token_loss)
+from mlx_lora.training import rewards as R
+from mlx_lora.training.grpo import (
+    Objective,
+    TokenLogps,
+    advantages,
+    completion_batch,
+    sample_group,
+    sample_key,
+    token_loss,
+)
 from mlx_lora.training.losses import split_head
 from mlx_lora.training.trainer import batch_arrays
 
@@ -63,7 +70,7 @@ def _case(seed=0, B=6, T=7):
     rng = np.random.default_rng(seed)
     mask = np.zeros((B, T), np.float32)
     for b in range(B):
-        mask[b, :rng.integers(1, T + 1)] = 1  # completions of different lengths, right-padded
+        mask[b, : rng.integers(1, T + 1)] = 1  # completions of different lengths, right-padded
     logps = -rng.gamma(2.0, 0.5, (B, T)).astype(np.float32)
     old = (logps + rng.normal(0, 0.4, (B, T))).astype(np.float32)  # ratios well outside [0.8, 1.2]
     ref = (logps + rng.normal(0, 0.3, (B, T))).astype(np.float32)
@@ -78,10 +85,12 @@ def test_loss_matches_trl_formulas(loss_type, beta, eps, eps_high):
     adv = _trl_advantages(rewards.astype(np.float64), 3)
     np.testing.assert_allclose(advantages(rewards, 3), adv, rtol=1e-5, atol=1e-6)
     obj = Objective(loss_type, beta, eps, eps_high, max_completion_length=9)
-    num, den, stats = token_loss(obj, mx.array(logps), mx.array(mask), mx.array(adv.astype(np.float32)),
-                                 mx.array(old), mx.array(ref))
-    want, kl, low, high = _trl_loss(logps.astype(np.float64), old, ref, adv, mask, loss_type, beta, eps,
-                                    eps if eps_high is None else eps_high, 9)
+    num, den, stats = token_loss(
+        obj, mx.array(logps), mx.array(mask), mx.array(adv.astype(np.float32)), mx.array(old), mx.array(ref)
+    )
+    want, kl, low, high = _trl_loss(
+        logps.astype(np.float64), old, ref, adv, mask, loss_type, beta, eps, eps if eps_high is None else eps_high, 9
+    )
     assert float(num) / float(den) == pytest.approx(want, rel=1e-5, abs=1e-7)
     assert low + high > 0  # the case exercises clipping on both sides
     kl_sum, tokens, got_low, got_high, n = np.array(stats).tolist()
@@ -115,10 +124,12 @@ def test_accumulated_micro_batches_take_the_step_of_one_batch():
     for loss_type in ("grpo", "bnpo", "dr_grpo"):
         obj = Objective(loss_type, 0.04, 0.2, max_completion_length=9)
         whole = token_loss(obj, *(mx.array(x) for x in (logps, mask, adv, old, ref)))
-        parts = [token_loss(obj, *(mx.array(x[s]) for x in (logps, mask, adv, old, ref)))
-                 for s in (slice(0, 2), slice(2, 6))]
+        parts = [
+            token_loss(obj, *(mx.array(x[s]) for x in (logps, mask, adv, old, ref))) for s in (slice(0, 2), slice(2, 6))
+        ]
         assert float(whole[0]) / float(whole[1]) == pytest.approx(
-            sum(float(p[0]) for p in parts) / sum(float(p[1]) for p in parts), rel=1e-6)
+            sum(float(p[0]) for p in parts) / sum(float(p[1]) for p in parts), rel=1e-6
+        )
 
 
 def test_flat_groups_have_zero_advantage_and_unscaled_variant():
@@ -127,8 +138,8 @@ def test_flat_groups_have_zero_advantage_and_unscaled_variant():
 
 
 def test_chunked_and_full_per_token_log_probs_agree_with_gradients(tiny_llama):
-    from mlx_lora.model import adapters
     from mlx_lora.config import LoraConfig
+    from mlx_lora.model import adapters
     from mlx_lora.model.loading import load_model
 
     model, _, _ = load_model(str(tiny_llama))
@@ -137,8 +148,12 @@ def test_chunked_and_full_per_token_log_probs_agree_with_gradients(tiny_llama):
     inputs, targets, mask, _ = batch_arrays(batch)
     assert np.array(mask).sum() == 4 and np.array(mask)[0, 2:5].tolist() == [1, 1, 1]
     full, chunked = TokenLogps(None, None), TokenLogps(split_head(model), 2)
-    np.testing.assert_allclose(np.array(chunked(model, inputs, targets, mask)),
-                               np.array(full(model, inputs, targets, mask)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(chunked(model, inputs, targets, mask)),
+        np.array(full(model, inputs, targets, mask)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     w = mx.array(np.random.default_rng(0).normal(size=mask.shape).astype(np.float32))
 
     def loss(tl):
@@ -190,11 +205,21 @@ def _reward(name, completion, row=None, tokens=0, max_tokens=10):
     return R.call(r, completion, row or {}, tokens, max_tokens, "data.jsonl", 1)
 
 
-@pytest.mark.parametrize("completion, answer, want", [
-    ("The answer is 42.", "42", 1.0), ("42", 42, 1.0), ("-7 apples", "-7", 1.0), ("1,000 people", "1000", 1.0),
-    ("2.50", "2.5", 1.0), ("12 + 30 = 42", "42", 0.0), ("no number", "3", 0.0), ("41", "42", 0.0),
-    ("3", "x = 3", 1.0), ("3", "none", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, answer, want",
+    [
+        ("The answer is 42.", "42", 1.0),
+        ("42", 42, 1.0),
+        ("-7 apples", "-7", 1.0),
+        ("1,000 people", "1000", 1.0),
+        ("2.50", "2.5", 1.0),
+        ("12 + 30 = 42", "42", 0.0),
+        ("no number", "3", 0.0),
+        ("41", "42", 0.0),
+        ("3", "x = 3", 1.0),
+        ("3", "none", 0.0),
+    ],
+)
 def test_number_reward_compares_the_first_number(completion, answer, want):
     assert _reward("number", completion, {"answer": answer}) == want
 
@@ -230,11 +255,17 @@ def test_weighted_rewards_and_user_function(tmp_path, monkeypatch):
 
 
 def test_reward_that_raises_or_returns_nan_names_row_and_reward(tmp_path, monkeypatch):
-    write(tmp_path / "bad_rewards.py", "def boom(c, row):\n    raise KeyError('gold')\n\n"
-                                       "def nan(c, row):\n    return float('nan')\n\ndef text(c, row):\n    return 'yes'\n")
+    write(
+        tmp_path / "bad_rewards.py",
+        "def boom(c, row):\n    raise KeyError('gold')\n\n"
+        "def nan(c, row):\n    return float('nan')\n\ndef text(c, row):\n    return 'yes'\n",
+    )
     monkeypatch.chdir(tmp_path)
-    for name, fragment in (("bad_rewards:boom", "raised KeyError"), ("bad_rewards:nan", "not a finite number"),
-                           ("bad_rewards:text", "not a number")):
+    for name, fragment in (
+        ("bad_rewards:boom", "raised KeyError"),
+        ("bad_rewards:nan", "not a finite number"),
+        ("bad_rewards:text", "not a number"),
+    ):
         (r,) = R.build(name, None)
         with pytest.raises(DataError) as e:
             R.call(r, "x", {}, 0, 1, "data.jsonl", 7)
@@ -254,23 +285,26 @@ def _build(**sets):
     return build(extra=base, overrides=[f"{k}={v}" for k, v in sets.items()])
 
 
-@pytest.mark.parametrize("sets, fragment", [
-    ({"train.reward": "nubmer"}, "train.reward: unknown reward 'nubmer' (did you mean 'number'?)"),
-    ({"train.reward": "null"}, "train.reward: required with train.method grpo"),
-    ({"train.rewards": "{number: 1, exact: 0.5}"}, "set either train.reward or train.rewards"),
-    ({"train.reward": "null", "train.rewards": "{number: 1, bogus: 0.5}"}, "train.rewards: unknown reward 'bogus'"),
-    ({"train.reward": "null", "train.rewards": "{number: .nan}"}, "train.rewards.number: weight must be a finite"),
-    ({"train.reward": "regex:(ab"}, "train.reward: reward regex:(ab: bad regular expression"),
-    ({"train.reward": "length:x"}, "expected length:N"),
-    ({"train.method": "sft"}, "train.reward: applies to train.method grpo only"),
-    ({"train.group_size": 1}, "train.group_size: must be >= 2"),
-    ({"train.temperature": 0}, "train.temperature: must be > 0"),
-    ({"train.epsilon": 1}, "train.epsilon: must be in (0, 1)"),
-    ({"train.grpo_beta": -1}, "train.grpo_beta: must be >= 0"),
-    ({"train.grpo_loss": "dapo"}, "train.grpo_loss: 'dapo' is not one of grpo, dr_grpo, bnpo"),
-    ({"data.packing": True}, "data.packing: not available with train.method grpo"),
-    ({"train.max_completion_length": 2048}, "train.max_completion_length: must be < data.max_seq_length"),
-])
+@pytest.mark.parametrize(
+    "sets, fragment",
+    [
+        ({"train.reward": "nubmer"}, "train.reward: unknown reward 'nubmer' (did you mean 'number'?)"),
+        ({"train.reward": "null"}, "train.reward: required with train.method grpo"),
+        ({"train.rewards": "{number: 1, exact: 0.5}"}, "set either train.reward or train.rewards"),
+        ({"train.reward": "null", "train.rewards": "{number: 1, bogus: 0.5}"}, "train.rewards: unknown reward 'bogus'"),
+        ({"train.reward": "null", "train.rewards": "{number: .nan}"}, "train.rewards.number: weight must be a finite"),
+        ({"train.reward": "regex:(ab"}, "train.reward: reward regex:(ab: bad regular expression"),
+        ({"train.reward": "length:x"}, "expected length:N"),
+        ({"train.method": "sft"}, "train.reward: applies to train.method grpo only"),
+        ({"train.group_size": 1}, "train.group_size: must be >= 2"),
+        ({"train.temperature": 0}, "train.temperature: must be > 0"),
+        ({"train.epsilon": 1}, "train.epsilon: must be in (0, 1)"),
+        ({"train.grpo_beta": -1}, "train.grpo_beta: must be >= 0"),
+        ({"train.grpo_loss": "dapo"}, "train.grpo_loss: 'dapo' is not one of grpo, dr_grpo, bnpo"),
+        ({"data.packing": True}, "data.packing: not available with train.method grpo"),
+        ({"train.max_completion_length": 2048}, "train.max_completion_length: must be < data.max_seq_length"),
+    ],
+)
 def test_config_errors_name_the_key(sets, fragment):
     with pytest.raises(ConfigError) as e:
         _build(**sets)
@@ -299,16 +333,59 @@ def arith(tmp_path_factory):
 
 
 def _args(model, data, out, *extra):
-    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--iters", "4", "--lr", "1e-2",
-            "--seed", "3", "--set", "train.method=grpo", "--set", f"train.rewards={REWARDS}", "--set",
-            "train.max_completion_length=6", "--set", "train.batch_size=2", "--set", "train.group_size=3",
-            "--set", "train.log_every=1", "--set", "train.eval_every=4", "--set", "train.eval_batches=1",
-            "--set", "train.save_every=2", "--set", "lora.dropout=0.1", *extra]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--iters",
+        "4",
+        "--lr",
+        "1e-2",
+        "--seed",
+        "3",
+        "--set",
+        "train.method=grpo",
+        "--set",
+        f"train.rewards={REWARDS}",
+        "--set",
+        "train.max_completion_length=6",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.group_size=3",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.eval_every=4",
+        "--set",
+        "train.eval_batches=1",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "lora.dropout=0.1",
+        *extra,
+    ]
 
 
 REWARDS = "{number: 1.0, 'regex:e': 0.5}"  # the tiny model's text holds an 'e' about half the time
-STEP_FIELDS = ("loss", "reward", "reward_number", "reward_regex:e", "reward_std", "zero_std_groups", "kl", "completion_length",
-               "sample_s", "update_s", "tokens", "clip_ratio")
+STEP_FIELDS = (
+    "loss",
+    "reward",
+    "reward_number",
+    "reward_regex:e",
+    "reward_std",
+    "zero_std_groups",
+    "kl",
+    "completion_length",
+    "sample_s",
+    "update_s",
+    "tokens",
+    "clip_ratio",
+)
 
 
 def test_cli_run_writes_grpo_metrics_and_progress(_cli_env, tiny_llama, arith, tmp_path, capsys):
@@ -344,11 +421,24 @@ def test_resume_continues_exactly_including_the_sampling(_cli_env, tiny_llama, a
     full, part = tmp_path / "full", tmp_path / "part"
     code, _, err = run_main(capsys, _args(tiny_llama, arith, full))
     assert code == 0, err
-    cfg = build(extra={"model": {"path": str(tiny_llama)}, "data": {"path": str(arith)}, "out": str(part)},
-                overrides=["train.iters=4", "train.lr=1e-2", "train.seed=3", "train.method=grpo", f"train.rewards={REWARDS}",
-                           "train.max_completion_length=6", "train.batch_size=2", "train.group_size=3",
-                           "train.log_every=1", "train.eval_every=4", "train.eval_batches=1", "train.save_every=2",
-                           "lora.dropout=0.1"])
+    cfg = build(
+        extra={"model": {"path": str(tiny_llama)}, "data": {"path": str(arith)}, "out": str(part)},
+        overrides=[
+            "train.iters=4",
+            "train.lr=1e-2",
+            "train.seed=3",
+            "train.method=grpo",
+            f"train.rewards={REWARDS}",
+            "train.max_completion_length=6",
+            "train.batch_size=2",
+            "train.group_size=3",
+            "train.log_every=1",
+            "train.eval_every=4",
+            "train.eval_batches=1",
+            "train.save_every=2",
+            "lora.dropout=0.1",
+        ],
+    )
     r1 = mlx_lora.train(cfg, progress=False, callbacks=[StopAt()])
     assert r1.stopped == "interrupted" and r1.steps == 2
     code, _, err = run_main(capsys, ["train", "--resume", str(part)])
@@ -357,7 +447,7 @@ def test_resume_continues_exactly_including_the_sampling(_cli_env, tiny_llama, a
     b = {k: np.array(v) for k, v in mx.load(str(part / "adapter_model.safetensors")).items()}
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     for x, y in zip(rec(full), rec(part), strict=True):
         assert x["step"] == y["step"]
         for key in ("loss", "reward", "reward_std", "completion_length", "kl", "val_reward"):
@@ -368,11 +458,23 @@ def test_resume_continues_exactly_including_the_sampling(_cli_env, tiny_llama, a
 def test_grad_accum_takes_the_step_of_one_batch(tiny_llama, arith, tmp_path):
     """Sampling keys depend on (seed, step, prompt), so 2 x 1 prompts accumulated sample and step
     exactly as a batch of 2."""
+
     def run(out, bs, accum):
-        cfg = build(extra={"model": {"path": str(tiny_llama)}, "data": {"path": str(arith)}, "out": str(out)},
-                    overrides=["train.iters=2", "train.lr=1e-2", "train.method=grpo", f"train.rewards={REWARDS}",
-                               "train.max_completion_length=6", f"train.batch_size={bs}", f"train.grad_accum={accum}",
-                               "train.group_size=3", "train.log_every=1", "train.eval_every=100"])
+        cfg = build(
+            extra={"model": {"path": str(tiny_llama)}, "data": {"path": str(arith)}, "out": str(out)},
+            overrides=[
+                "train.iters=2",
+                "train.lr=1e-2",
+                "train.method=grpo",
+                f"train.rewards={REWARDS}",
+                "train.max_completion_length=6",
+                f"train.batch_size={bs}",
+                f"train.grad_accum={accum}",
+                "train.group_size=3",
+                "train.log_every=1",
+                "train.eval_every=100",
+            ],
+        )
         mlx_lora.train(cfg, progress=False)
         return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -386,8 +488,11 @@ def test_grad_accum_takes_the_step_of_one_batch(tiny_llama, arith, tmp_path):
 @pytest.mark.parametrize("case", ["no_answer", "unknown_reward", "raises", "nan", "bad_prompt"])
 def test_bad_input_is_refused_before_anything_is_written(_cli_env, tiny_llama, tmp_path, capsys, monkeypatch, case):
     data = write(tmp_path / "data" / "train.jsonl", rows(*ARITH[:6]))
-    write(tmp_path / "rewards_here.py", "def boom(c, row):\n    return {'a': 1}[row['answer']]\n\n"
-                                        "def nan(c, row):\n    return float('nan') if row['level'] == 1 else 0.0\n")
+    write(
+        tmp_path / "rewards_here.py",
+        "def boom(c, row):\n    return {'a': 1}[row['answer']]\n\n"
+        "def nan(c, row):\n    return float('nan') if row['level'] == 1 else 0.0\n",
+    )
     monkeypatch.chdir(tmp_path)
     reward, fragments = "number", []
     if case == "no_answer":
@@ -404,20 +509,71 @@ def test_bad_input_is_refused_before_anything_is_written(_cli_env, tiny_llama, t
     else:
         write(data, rows(*ARITH[:2], {"prompt": 5, "answer": "1"}))
         fragments = [f"{data}:3", "field 'prompt'", "expected a string or a list of messages"]
-    argv = ["train", "--model", str(tiny_llama), "--data", str(data.parent), "--out", str(tmp_path / "run"),
-            "--iters", "1", "--quiet", "--set", "train.method=grpo", "--set", f"train.reward={reward}"]
+    argv = [
+        "train",
+        "--model",
+        str(tiny_llama),
+        "--data",
+        str(data.parent),
+        "--out",
+        str(tmp_path / "run"),
+        "--iters",
+        "1",
+        "--quiet",
+        "--set",
+        "train.method=grpo",
+        "--set",
+        f"train.reward={reward}",
+    ]
     assert_refused(capsys, argv, fragments, [tmp_path], code=2)
 
 
 def test_sft_data_for_grpo_and_prompt_rows_for_sft_are_refused(_cli_env, tiny_llama, tmp_path, capsys):
-    chat = write(tmp_path / "chat.jsonl", rows({"messages": [{"role": "user", "content": "hi"},
-                                                             {"role": "assistant", "content": "yo"}]}))
-    assert_refused(capsys, ["train", "--model", str(tiny_llama), "--data", str(chat), "--out", str(tmp_path / "a"),
-                            "--iters", "1", "--quiet", "--set", "train.method=grpo", "--set", "train.reward=number"],
-                   [str(chat), "field 'prompt'", "GRPO rows need a prompt"], [tmp_path], code=2)
+    chat = write(
+        tmp_path / "chat.jsonl",
+        rows({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}),
+    )
+    assert_refused(
+        capsys,
+        [
+            "train",
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(chat),
+            "--out",
+            str(tmp_path / "a"),
+            "--iters",
+            "1",
+            "--quiet",
+            "--set",
+            "train.method=grpo",
+            "--set",
+            "train.reward=number",
+        ],
+        [str(chat), "field 'prompt'", "GRPO rows need a prompt"],
+        [tmp_path],
+        code=2,
+    )
     prompts = write(tmp_path / "prompts.jsonl", rows(*ARITH[:3]))
-    assert_refused(capsys, ["train", "--model", str(tiny_llama), "--data", str(prompts), "--out", str(tmp_path / "b"),
-                            "--iters", "1", "--quiet"], [str(prompts), "train with train.method grpo"], [tmp_path], code=2)
+    assert_refused(
+        capsys,
+        [
+            "train",
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(prompts),
+            "--out",
+            str(tmp_path / "b"),
+            "--iters",
+            "1",
+            "--quiet",
+        ],
+        [str(prompts), "train with train.method grpo"],
+        [tmp_path],
+        code=2,
+    )
 
 
 def test_dry_run_measures_the_sampling_phase(_cli_env, tiny_llama, arith, tmp_path, capsys):
@@ -431,8 +587,19 @@ def test_dry_run_measures_the_sampling_phase(_cli_env, tiny_llama, arith, tmp_pa
         return float(value) * {"KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
 
     # completions decode to max_completion_length in the measured steps, so a longer limit raises the peak
-    code, out2, err2 = run_main(capsys, _args(tiny_llama, arith, tmp_path / "never", "--dry-run", "--set",
-                                              "train.max_completion_length=200", "--set", "data.max_seq_length=256"))
+    code, out2, err2 = run_main(
+        capsys,
+        _args(
+            tiny_llama,
+            arith,
+            tmp_path / "never",
+            "--dry-run",
+            "--set",
+            "train.max_completion_length=200",
+            "--set",
+            "data.max_seq_length=256",
+        ),
+    )
     assert code == 0, err2
     assert peak(out2 + err2) > 2 * peak(out + err)
 
@@ -452,38 +619,72 @@ def test_two_ranks_take_the_step_of_one_rank_with_the_same_prompts(tiny_llama, a
     base = _args(tiny_llama, arith, one)[1:]
     # no adapter dropout: its masks depend on the rank (as in supervised training)
     args = [a if a != "lora.dropout=0.1" else "lora.dropout=0" for a in base if a not in ("--out", str(one))]
-    code = subprocess.run([sys.executable, "-m", "mlx_lora", "train", *args, "--out", str(one), "--quiet"],
-                          capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=400)
+    code = subprocess.run(
+        [sys.executable, "-m", "mlx_lora", "train", *args, "--out", str(one), "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+        timeout=400,
+    )
     assert code.returncode == 0, code.stderr
     args = [a if a != "train.batch_size=2" else "train.batch_size=1" for a in args]
-    cmd = [str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()), "--python",
-           sys.executable, "-m", "mlx_lora", "train", *args, "--out", str(two), "--distributed", "--dist-timeout", "60",
-           "--quiet"]
+    cmd = [
+        str(launch),
+        "-n",
+        "2",
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(_free_port_pair()),
+        "--python",
+        sys.executable,
+        "-m",
+        "mlx_lora",
+        "train",
+        *args,
+        "--out",
+        str(two),
+        "--distributed",
+        "--dist-timeout",
+        "60",
+        "--quiet",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=400)
     assert res.returncode == 0, res.stdout + res.stderr
-    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     ra, rb = rec(one), rec(two)
     assert [r["step"] for r in rb] == [r["step"] for r in ra]
     for x, y in zip(ra, rb):
         for key in ("loss", "reward", "reward_std", "kl", "tokens", "completion_length", "val_reward"):
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x["step"])
-    _assert_same_adapter({k: np.array(v) for k, v in mx.load(str(two / "adapter_model.safetensors")).items()},
-                         {k: np.array(v) for k, v in mx.load(str(one / "adapter_model.safetensors")).items()})
+    _assert_same_adapter(
+        {k: np.array(v) for k, v in mx.load(str(two / "adapter_model.safetensors")).items()},
+        {k: np.array(v) for k, v in mx.load(str(one / "adapter_model.safetensors")).items()},
+    )
 
 
 @pytest.mark.long
 def test_smollm2_learns_the_arithmetic_task(smollm2_hf, tmp_path):
     """The recipe on the bundled arithmetic prompts (docs/grpo.md): held-out greedy answers are right
     more often after its 20 steps (measured: 0.45 -> 0.70). Every step's records are complete."""
-    from mlx_lora.model import adapters
-    from mlx_lora.training.grpo import greedy_accuracy, load_prompt_splits
-    from mlx_lora.model.loading import load_model
     from mlx_lora.commands.recipes import demo_data
+    from mlx_lora.model import adapters
+    from mlx_lora.model.loading import load_model
+    from mlx_lora.training.grpo import greedy_accuracy, load_prompt_splits
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "grpo-arithmetic.yaml"
-    cfg = build(str(recipe), [f"model.path={smollm2_hf}", f"data.path={demo_data('arithmetic')}",
-                              f"out={tmp_path / 'run'}", "train.eval_every=1000", "data.cache=false"])
+    cfg = build(
+        str(recipe),
+        [
+            f"model.path={smollm2_hf}",
+            f"data.path={demo_data('arithmetic')}",
+            f"out={tmp_path / 'run'}",
+            "train.eval_every=1000",
+            "data.cache=false",
+        ],
+    )
 
     def held_out(adapter=None):
         model, tokenizer, _ = load_model(str(smollm2_hf))

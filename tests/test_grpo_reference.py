@@ -30,7 +30,7 @@ def _case(seed=0):
     rng = np.random.default_rng(seed)
     mask = np.zeros((B, T), np.float32)
     for b in range(B):
-        mask[b, :rng.integers(1, T + 1)] = 1
+        mask[b, : rng.integers(1, T + 1)] = 1
     logps = -rng.gamma(2.0, 0.5, (B, T)).astype(np.float32)
     old = (logps + rng.normal(0, 0.4, (B, T))).astype(np.float32)
     ref = (logps + rng.normal(0, 0.3, (B, T))).astype(np.float32)
@@ -42,31 +42,56 @@ def _trl_loss(tmp_path, case, loss_type, beta, eps, eps_high):
     from trl import GRPOConfig, GRPOTrainer
 
     logps, old, ref, rewards, mask = case
-    args = GRPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=beta, epsilon=eps,
-                      epsilon_high=eps_high if eps_high is not None else eps, max_completion_length=T,
-                      num_generations=G, per_device_train_batch_size=B, report_to=[])
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        loss_type=loss_type,
+        beta=beta,
+        epsilon=eps,
+        epsilon_high=eps_high if eps_high is not None else eps,
+        max_completion_length=T,
+        num_generations=G,
+        per_device_train_batch_size=B,
+        report_to=[],
+    )
     lp = torch.tensor(logps, requires_grad=True)
 
     class Stub:
         def __getattr__(self, name):  # any setting TRL reads that is not set below: the config's
             return getattr(args, name)
 
-    ident = lambda t: t  # noqa: E731
+    ident = lambda t: t
     stub = Stub()
     stub.__dict__.update(
-        args=args, loss_type=loss_type, beta=beta, epsilon_low=eps, epsilon_high=eps_high if eps_high is not None else eps,
-        max_completion_length=T, num_iterations=1, importance_sampling_level="token", top_entropy_quantile=1.0,
-        use_vllm=False, vllm_importance_sampling_correction=False, use_liger_loss=False, mask_truncated_completions=False,
-        current_gradient_accumulation_steps=1, model=SimpleNamespace(training=True),
+        args=args,
+        loss_type=loss_type,
+        beta=beta,
+        epsilon_low=eps,
+        epsilon_high=eps_high if eps_high is not None else eps,
+        max_completion_length=T,
+        num_iterations=1,
+        importance_sampling_level="token",
+        top_entropy_quantile=1.0,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        use_liger_loss=False,
+        mask_truncated_completions=False,
+        current_gradient_accumulation_steps=1,
+        model=SimpleNamespace(training=True),
         accelerator=SimpleNamespace(device="cpu", gather=ident, gather_for_metrics=ident),
         _metrics=defaultdict(lambda: defaultdict(list)),
         _get_per_token_logps_and_entropies=lambda *a, **k: (lp, torch.zeros_like(lp)),
     )
     adv = advantages(rewards, G)
-    inputs = {"prompt_ids": torch.ones((B, 2), dtype=torch.long), "prompt_mask": torch.ones((B, 2), dtype=torch.long),
-              "completion_ids": torch.ones((B, T), dtype=torch.long), "completion_mask": torch.tensor(mask),
-              "advantages": torch.tensor(adv), "old_per_token_logps": torch.tensor(old),
-              "ref_per_token_logps": torch.tensor(ref), "num_items_in_batch": torch.tensor(mask.sum())}
+    inputs = {
+        "prompt_ids": torch.ones((B, 2), dtype=torch.long),
+        "prompt_mask": torch.ones((B, 2), dtype=torch.long),
+        "completion_ids": torch.ones((B, T), dtype=torch.long),
+        "completion_mask": torch.tensor(mask),
+        "advantages": torch.tensor(adv),
+        "old_per_token_logps": torch.tensor(old),
+        "ref_per_token_logps": torch.tensor(ref),
+        "num_items_in_batch": torch.tensor(mask.sum()),
+    }
     loss = GRPOTrainer._compute_loss(stub, None, inputs)
     (grad,) = torch.autograd.grad(loss, lp)
     return float(loss), grad.numpy()

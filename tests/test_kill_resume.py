@@ -30,10 +30,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lora.training.checkpoints import RunDir
 from mlx_lora.config import build
 from mlx_lora.plumbing.ownership import LOCK, MARKER
 from mlx_lora.testing import make_tiny_dataset
+from mlx_lora.training.checkpoints import RunDir
 
 STEPS = 40  # enough that a fast machine cannot finish before every kind of kill has happened
 CONFIG = """\
@@ -93,15 +93,21 @@ def assert_same_run(run, ref) -> None:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
     ref_losses, losses = _losses(ref), _losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([losses[s] for s in sorted(losses)], [ref_losses[s] for s in sorted(ref_losses)],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [losses[s] for s in sorted(losses)], [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-5
+    )
 
 
 def leftovers(run: Path) -> list[str]:
     """Hidden temporary files and folders a cut-short write leaves in the run folder (the ownership
     marker and the lock file, which a killed run leaves behind by design, are not such leftovers)."""
-    return sorted(str(p.relative_to(run)) for folder in (run, run / "checkpoints") if folder.is_dir()
-                  for p in folder.iterdir() if p.name.startswith(".") and p.name not in (MARKER, LOCK))
+    return sorted(
+        str(p.relative_to(run))
+        for folder in (run, run / "checkpoints")
+        if folder.is_dir()
+        for p in folder.iterdir()
+        if p.name.startswith(".") and p.name not in (MARKER, LOCK)
+    )
 
 
 def assert_everything_readable(run: Path) -> int:
@@ -134,9 +140,9 @@ def child_main() -> None:
     """Entry point of the training subprocess: install the pause for ``KILL_PHASE`` (on its
     ``KILL_ON_CALL``-th occurrence), then run ``mlx-lora`` with the given arguments."""
     import mlx_lora.model.adapters as adapters
+    import mlx_lora.plumbing.ownership as ownership
     import mlx_lora.training.callbacks as callbacks
     import mlx_lora.training.checkpoints as checkpoints
-    import mlx_lora.plumbing.ownership as ownership
 
     phase, nth = os.environ.get("KILL_PHASE", ""), int(os.environ.get("KILL_ON_CALL", "1"))
     seen = [0]
@@ -151,8 +157,11 @@ def child_main() -> None:
         (target.parent / f"{ownership.temp_prefix(target.name)}killed.tmp").write_bytes(b"\x93partial" * 512)
 
     save_opt, save_adapter = checkpoints.atomic_save_safetensors, adapters.atomic_save_safetensors
-    write_text, delete_owned, write_metric = (checkpoints.atomic_write_text, ownership.delete_owned,
-                                              callbacks.MetricsFile._write)
+    write_text, delete_owned, write_metric = (
+        checkpoints.atomic_write_text,
+        ownership.delete_owned,
+        callbacks.MetricsFile._write,
+    )
 
     def opt_file(target, arrays, metadata=None):
         if phase == "checkpoint-optimizer" and due():
@@ -198,9 +207,12 @@ def child_main() -> None:
 
 
 def _launch(args: list[str], env: dict) -> subprocess.Popen:
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_kill_resume as t; t.child_main()"
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_kill_resume as t; t.child_main()"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait(proc: subprocess.Popen, until, timeout: float = 300.0) -> bool:
@@ -216,8 +228,16 @@ def _wait(proc: subprocess.Popen, until, timeout: float = 300.0) -> bool:
     raise AssertionError("the training process made no progress")
 
 
-PHASES = ["checkpoint-adapter", "checkpoint-optimizer", "latest-pointer", "pruning", "run-adapter",
-          "metrics-line", "random", "sigterm"]
+PHASES = [
+    "checkpoint-adapter",
+    "checkpoint-optimizer",
+    "latest-pointer",
+    "pruning",
+    "run-adapter",
+    "metrics-line",
+    "random",
+    "sigterm",
+]
 
 
 def test_sigkill_anywhere_then_resume_equals_uninterrupted_run(setup, tmp_path):
@@ -230,8 +250,11 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted_run(setup, tmp_path):
     kills, mid_write, steps_at_kill = 0, 0, []
     for phase in phases:
         step = assert_everything_readable(run) if run.exists() else 0
-        args = (["train", "--resume", str(run)] if RunDir(run).exists() else
-                ["train", "--config", str(cfg), "--out", str(run)]) + ["--quiet"]
+        args = (
+            ["train", "--resume", str(run)]
+            if RunDir(run).exists()
+            else ["train", "--config", str(cfg), "--out", str(run)]
+        ) + ["--quiet"]
         # before the first checkpoint exists, pause at a later write so there is one to resume from
         nth = rng.randint(1, 2) if step else rng.randint(2, 3)
         mark.unlink(missing_ok=True)
@@ -263,11 +286,18 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted_run(setup, tmp_path):
         mid_write += bool(leftovers(run)) or phase in ("latest-pointer", "metrics-line")
         steps_at_kill.append((phase, assert_everything_readable(run)))
     # the last life runs to the end
-    final = subprocess.run([sys.executable, "-m", "mlx_lora", "train", "--resume", str(run), "--quiet"],
-                           env=base_env, capture_output=True, text=True, timeout=600)
+    final = subprocess.run(
+        [sys.executable, "-m", "mlx_lora", "train", "--resume", str(run), "--quiet"],
+        env=base_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert final.returncode == 0, final.stderr
-    print(f"\nkills survived: {kills} SIGKILL + 1 SIGTERM, {mid_write} inside a write; "
-          f"(phase, newest checkpoint step) after each: {steps_at_kill}")
+    print(
+        f"\nkills survived: {kills} SIGKILL + 1 SIGTERM, {mid_write} inside a write; "
+        f"(phase, newest checkpoint step) after each: {steps_at_kill}"
+    )
     assert kills >= len(PHASES) - 2 and mid_write >= 6, steps_at_kill
     assert_same_run(run, ref)
     assert leftovers(run) == []  # resuming cleared every half-written temp file
@@ -335,8 +365,10 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(setup, tmp_path, capsy
 
 
 OOM_ERRORS = {
-    "metal": RuntimeError("[metal::malloc] Attempting to allocate 68719476736 bytes which is greater than the "
-                          "maximum allowed buffer size of 28991029248 bytes."),
+    "metal": RuntimeError(
+        "[metal::malloc] Attempting to allocate 68719476736 bytes which is greater than the "
+        "maximum allowed buffer size of 28991029248 bytes."
+    ),
     "metal-resources": RuntimeError("[metal::malloc] Resource limit (499000) exceeded."),
     "cuda": RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory"),
     "cpu": MemoryError("std::bad_alloc"),
@@ -360,22 +392,31 @@ def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(kind, setup,
                 if i == 3:  # the 4th step needs more memory than there is
                     raise OOM_ERRORS[kind]
                 yield item
+
         return steps()
 
     monkeypatch.setattr(BatchPlan, "batches", running_out)
     code, err = run_main(capsys, ["train", "--config", cfg, "--out", run, "--quiet"])
     line = one_error(err)
     assert code == 2
-    for words in ("out of memory", "train.batch_size", "train.grad_accum", "grad_checkpoint", "quantized base",
-                  "step-0000003", f"--resume {run}"):
+    for words in (
+        "out of memory",
+        "train.batch_size",
+        "train.grad_accum",
+        "grad_checkpoint",
+        "quantized base",
+        "step-0000003",
+        f"--resume {run}",
+    ):
         assert words in line, line
     assert assert_everything_readable(run) == 3 and leftovers(run) == []
     if kind != "metal":
         return
     # the advice works: half the batch, twice the accumulation, same examples per step
     monkeypatch.setattr(BatchPlan, "batches", batches)
-    code, err = run_main(capsys, ["train", "--resume", run, "--quiet", "--set", "train.batch_size=1",
-                                  "--set", "train.grad_accum=2"])
+    code, err = run_main(
+        capsys, ["train", "--resume", run, "--quiet", "--set", "train.batch_size=1", "--set", "train.grad_accum=2"]
+    )
     assert code == 0, err
     assert sorted(_losses(run)) == list(range(1, STEPS + 1))
 
@@ -421,8 +462,8 @@ def test_run_files_get_the_usual_permissions(setup):
 
 
 def test_fingerprint_follows_the_weights_not_the_files(tiny_model_dir, tmp_path):
-    from mlx_lora.plumbing.errors import ModelError
     from mlx_lora.model.integrity import base_model_fingerprint, check_adapter_base
+    from mlx_lora.plumbing.errors import ModelError
 
     model = tiny_model_dir("llama")
     fp = base_model_fingerprint(model)
@@ -434,11 +475,15 @@ def test_fingerprint_follows_the_weights_not_the_files(tiny_model_dir, tmp_path)
     tensors = mx.load(str(model / "model.safetensors"))
     names = sorted(tensors)
     half = {n: tensors[n] for n in names[: len(names) // 2]}
-    rest = {n: tensors[n] for n in names[len(names) // 2:]}
+    rest = {n: tensors[n] for n in names[len(names) // 2 :]}
     mx.save_safetensors(str(shards / "model-00001-of-00002.safetensors"), half, metadata={"format": "pt"})
     mx.save_safetensors(str(shards / "model-00002-of-00002.safetensors"), rest, metadata={"format": "pt"})
-    index = {"weight_map": {**{n: "model-00001-of-00002.safetensors" for n in half},
-                            **{n: "model-00002-of-00002.safetensors" for n in rest}}}
+    index = {
+        "weight_map": {
+            **{n: "model-00001-of-00002.safetensors" for n in half},
+            **{n: "model-00002-of-00002.safetensors" for n in rest},
+        }
+    }
     (shards / "model.safetensors.index.json").write_text(json.dumps(index))
     assert base_model_fingerprint(shards) == fp
 
@@ -453,8 +498,12 @@ def test_fingerprint_follows_the_weights_not_the_files(tiny_model_dir, tmp_path)
     # one weight changed, one tensor recast, one tensor missing: each is another base
     first = names[0]
     others = [
-        variant("one-value", lambda t: t.__setitem__(first, t[first] + mx.array(
-            np.eye(1, t[first].size, dtype=np.float32).reshape(t[first].shape)))),
+        variant(
+            "one-value",
+            lambda t: t.__setitem__(
+                first, t[first] + mx.array(np.eye(1, t[first].size, dtype=np.float32).reshape(t[first].shape))
+            ),
+        ),
         variant("float16", lambda t: t.__setitem__(first, t[first].astype(mx.float16))),
         variant("missing", lambda t: t.pop(names[-1])),
         tiny_model_dir("llama", seed=1),

@@ -19,8 +19,14 @@ LAYERS = ("plumbing", "formats", "core", "commands")
 PACKAGES = {"mlx_lora": ROOT / "mlx_lora", "mlx_lora.converters": ROOT / "converters"}
 MLX_LM_COMPAT = "mlx_lora.plumbing.mlx_lm_compat"
 # The layer each folder of mlx_lora/ holds (converters/ holds two: formats and exports, by the table).
-FOLDER_LAYERS = {"plumbing": "plumbing", "data": "core", "model": "core", "training": "core",
-                 "inference": "core", "commands": "commands"}
+FOLDER_LAYERS = {
+    "plumbing": "plumbing",
+    "data": "core",
+    "model": "core",
+    "training": "core",
+    "inference": "core",
+    "commands": "commands",
+}
 # Inside the layers, a finer order of groups; an import pointing back up it is an exception listed here.
 GROUP_ORDER = ("plumbing", "formats", "data", "config", "model", "inference", "training", "testing", "commands")
 BACK_UP = {
@@ -46,8 +52,11 @@ def source_modules() -> dict[str, Path]:
 
 def tabled_modules() -> dict[str, Path]:
     """Every module but the subpackages' own __init__ files (which only name their folder)."""
-    return {n: p for n, p in source_modules().items()
-            if not (p.name == "__init__.py" and p.parent.parent == PACKAGES["mlx_lora"])}
+    return {
+        n: p
+        for n, p in source_modules().items()
+        if not (p.name == "__init__.py" and p.parent.parent == PACKAGES["mlx_lora"])
+    }
 
 
 def layer_of(name: str, layers: dict[str, str]) -> str:
@@ -61,8 +70,9 @@ def group_of(name: str, layers: dict[str, str]) -> str:
     if parts[1] == "converters":
         return "formats" if layer_of(name, layers) == "formats" else "commands"
     if len(parts) == 2:
-        return {"config": "config", "mlx_lm_config": "config", "testing": "testing",
-                "__main__": "commands"}.get(parts[1], "plumbing")
+        return {"config": "config", "mlx_lm_config": "config", "testing": "testing", "__main__": "commands"}.get(
+            parts[1], "plumbing"
+        )
     return parts[1] if parts[1] in GROUP_ORDER else FOLDER_LAYERS[parts[1]]
 
 
@@ -95,15 +105,17 @@ def imports_of(name: str, path: Path) -> set[str]:
             continue
         found |= {t for t in targets if t.split(".")[0] in ("mlx_lora", "converters")}
     modules = source_modules()
-    return {t for t in found if t in modules} | {t.rpartition(".")[0] for t in found
-                                                  if t not in modules and t.rpartition(".")[0] in modules}
+    return {t for t in found if t in modules} | {
+        t.rpartition(".")[0] for t in found if t not in modules and t.rpartition(".")[0] in modules
+    }
 
 
 def test_every_module_is_in_the_architecture_table():
     documented, actual = documented_layers(), tabled_modules()
     assert set(documented) == set(actual), (
         f"ARCHITECTURE.md lists modules that do not exist: {sorted(set(documented) - set(actual))}; "
-        f"modules missing from it: {sorted(set(actual) - set(documented))}")
+        f"modules missing from it: {sorted(set(actual) - set(documented))}"
+    )
     assert set(documented.values()) <= set(LAYERS)
 
 
@@ -114,7 +126,8 @@ def test_imports_point_one_way():
     for name, path in source_modules().items():
         for target in sorted(imports_of(name, path) - {name}):
             if rank.get(target, LAYERS.index(layer_of(target, layers))) > rank.get(
-                    name, LAYERS.index(layer_of(name, layers))):
+                name, LAYERS.index(layer_of(name, layers))
+            ):
                 wrong.append(f"{name} ({layer_of(name, layers)}) imports {target} ({layer_of(target, layers)})")
     assert not wrong, "imports against the layers of ARCHITECTURE.md:\n" + "\n".join(wrong)
 
@@ -122,18 +135,23 @@ def test_imports_point_one_way():
 def test_folders_are_the_layers():
     """A module's folder says its layer: ARCHITECTURE.md's table agrees with the folder."""
     layers = documented_layers()
-    wrong = [f"{name}: table says {layer}, folder {name.split('.')[1]}/ holds {FOLDER_LAYERS[name.split('.')[1]]}"
-             for name, layer in layers.items()
-             if len(name.split(".")) > 2 and name.split(".")[1] in FOLDER_LAYERS
-             and FOLDER_LAYERS[name.split(".")[1]] != layer]
+    wrong = [
+        f"{name}: table says {layer}, folder {name.split('.')[1]}/ holds {FOLDER_LAYERS[name.split('.')[1]]}"
+        for name, layer in layers.items()
+        if len(name.split(".")) > 2
+        and name.split(".")[1] in FOLDER_LAYERS
+        and FOLDER_LAYERS[name.split(".")[1]] != layer
+    ]
     assert not wrong, "\n".join(wrong)
     assert len([p for p in PACKAGES["mlx_lora"].glob("*.py")]) <= 5, "mlx_lora/ keeps its modules in subpackages"
 
 
 def import_graph() -> dict[str, set[str]]:
     modules = source_modules()
-    return {name: {t for t in imports_of(name, path) - {name} if t in modules and t != "mlx_lora"}
-            for name, path in modules.items()}
+    return {
+        name: {t for t in imports_of(name, path) - {name} if t in modules and t != "mlx_lora"}
+        for name, path in modules.items()
+    }
 
 
 def test_no_import_loops():
@@ -170,8 +188,12 @@ def test_no_import_loops():
 
 def test_imports_pointing_back_up_are_the_named_exceptions():
     layers = documented_layers()
-    back = {(name, t) for name, targets in import_graph().items() for t in targets
-            if GROUP_ORDER.index(group_of(t, layers)) > GROUP_ORDER.index(group_of(name, layers))}
+    back = {
+        (name, t)
+        for name, targets in import_graph().items()
+        for t in targets
+        if GROUP_ORDER.index(group_of(t, layers)) > GROUP_ORDER.index(group_of(name, layers))
+    }
     assert back <= BACK_UP, f"imports pointing back up the order {GROUP_ORDER}: {sorted(back - BACK_UP)}"
     assert len(BACK_UP) <= 3
 
@@ -207,19 +229,28 @@ def mlx_lm_internals(path: Path) -> list[str]:
 def test_mlx_lm_internals_are_used_in_one_module_only():
     compat = ROOT / (MLX_LM_COMPAT.replace(".", "/") + ".py")
     assert mlx_lm_internals(compat), f"{compat} no longer uses mlx-lm internals: update this test"
-    offenders = [hit for folder in MLX_LM_CHECKED for p in sorted((ROOT / folder).rglob("*.py")) if p != compat
-                 for hit in mlx_lm_internals(p)]
-    assert not offenders, ("mlx-lm internals used outside mlx_lora/plumbing/mlx_lm_compat.py (add what you need there):\n"
-                           + "\n".join(offenders))
+    offenders = [
+        hit
+        for folder in MLX_LM_CHECKED
+        for p in sorted((ROOT / folder).rglob("*.py"))
+        if p != compat
+        for hit in mlx_lm_internals(p)
+    ]
+    assert not offenders, (
+        "mlx-lm internals used outside mlx_lora/plumbing/mlx_lm_compat.py (add what you need there):\n"
+        + "\n".join(offenders)
+    )
 
 
 def test_no_import_names_the_repository_folder():
     """Code imports mlx_lora.converters, never the folder name converters (which is not installed)."""
-    offenders = [f"{p.relative_to(ROOT)}:{i}" for folder in (ROOT / "mlx_lora", ROOT / "converters", ROOT / "tests",
-                                                            ROOT / "recipes", ROOT / "bench")
-                 for p in folder.rglob("*.py")
-                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-                 if re.match(r"\s*(from|import) converters\b", line)]
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for folder in (ROOT / "mlx_lora", ROOT / "converters", ROOT / "tests", ROOT / "recipes", ROOT / "bench")
+        for p in folder.rglob("*.py")
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if re.match(r"\s*(from|import) converters\b", line)
+    ]
     assert not offenders
 
 
@@ -228,15 +259,34 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     converters and the recipes inside it."""
     if shutil.which("git") is None:
         pytest.skip("git is needed to list the tracked files")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     src = tmp_path / "src"
     for f in files:
         if (ROOT / f).is_file():
             (src / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, src / f)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("mlx_lora-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -251,8 +301,9 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     assert {"train_fuse_export.py", "prepare_data.py"} <= recipes
     assert "mlx_lora/templates/chatml.jinja" in names
     assert any(n.startswith("mlx_lora/demo_data/triage/") for n in names)
-    assert {Path(n).name for n in names if n.startswith("mlx_lora/demo_data/")} >= \
-        {p.name for p in (ROOT / "mlx_lora" / "demo_data").rglob("*.jsonl")}
+    assert {Path(n).name for n in names if n.startswith("mlx_lora/demo_data/")} >= {
+        p.name for p in (ROOT / "mlx_lora" / "demo_data").rglob("*.jsonl")
+    }
     # The build is quiet: no deprecation (the license is an SPDX expression), no data folder left
     # out of the packages; and the metadata says MIT in the field tools read.
     assert "Deprecat" not in r.stderr and "absent from the `packages`" not in r.stderr, r.stderr[-3000:]

@@ -39,8 +39,12 @@ def _quantized(bias: bool) -> nn.QuantizedLinear:
 
 
 def _base(kind: str):
-    return {"linear": lambda: _linear(False), "linear_bias": lambda: _linear(True),
-            "quantized": lambda: _quantized(False), "quantized_bias": lambda: _quantized(True)}[kind]()
+    return {
+        "linear": lambda: _linear(False),
+        "linear_bias": lambda: _linear(True),
+        "quantized": lambda: _quantized(False),
+        "quantized_bias": lambda: _quantized(True),
+    }[kind]()
 
 
 BASES = ["linear", "linear_bias", "quantized", "quantized_bias"]
@@ -200,8 +204,9 @@ def test_fuse_keeps_half_precision_base_dtype():
     assert fused.weight.dtype == mx.float16 and fused.bias.dtype == mx.float16
     # Merged in float32, rounded once to float16.
     expected = (np.array(base.weight.astype(mx.float32)) + 2.0 * b @ a).astype(np.float16)
-    np.testing.assert_allclose(np.array(fused.weight).astype(np.float32), expected.astype(np.float32),
-                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        np.array(fused.weight).astype(np.float32), expected.astype(np.float32), rtol=1e-3, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("kind", ["quantized", "quantized_bias"])

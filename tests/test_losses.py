@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_lora.model import adapters
 from mlx_lora.config import LoraConfig
 from mlx_lora.data.examples import attention_mask_from_segments
-from mlx_lora.training.losses import make_loss, masked_cross_entropy, split_head, verify_split
+from mlx_lora.model import adapters
 from mlx_lora.model.loading import load_model
 from mlx_lora.testing import ARCHITECTURES
+from mlx_lora.training.losses import make_loss, masked_cross_entropy, split_head, verify_split
 
 
 def _lora_model(folder, seed=0):
@@ -165,9 +165,17 @@ def test_chunked_loss_never_holds_the_full_logits():
     blocks (MLX's evaluator runs some operations ahead), so its peak does not grow with N."""
     from mlx_lm.models import llama
 
-    args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
-                           num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=8192,
-                           tie_word_embeddings=True)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=8192,
+        tie_word_embeddings=True,
+    )
     mx.random.seed(0)
     model = llama.Model(args)
     adapters.apply_lora(model, LoraConfig(r=4))
@@ -219,8 +227,16 @@ def test_attention_checkpoint_frees_the_attention_probabilities():
 
     from mlx_lora.training.trainer import attention_checkpoint_length, enable_attention_checkpoint
 
-    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
-                           num_attention_heads=16, num_key_value_heads=4, rms_norm_eps=1e-5, vocab_size=256)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-5,
+        vocab_size=256,
+    )
     # heads x L >= intermediate: L >= ceil(128 / 16) = 8; and at least 3/4 of the longest row
     assert attention_checkpoint_length(llama.Model(args), longest=8) == 8
     assert attention_checkpoint_length(llama.Model(args), longest=1000) == 750
@@ -250,5 +266,6 @@ def test_a_scaled_head_falls_back_to_the_plain_loss_with_a_note(tiny_models):
     loss = make_loss(model, 16)
     assert "plain loss" in loss.note
     inputs, targets, mask = _batch(model.args.vocab_size)
-    _assert_same(_grads(model, masked_cross_entropy, inputs, targets, mask),
-                 _grads(model, loss.train, inputs, targets, mask))
+    _assert_same(
+        _grads(model, masked_cross_entropy, inputs, targets, mask), _grads(model, loss.train, inputs, targets, mask)
+    )

@@ -13,8 +13,7 @@ import pytest
 
 from mlx_lora.inference import metrics as M
 from mlx_lora.plumbing.errors import MlxLoraError
-from mlx_lora.plumbing.sandbox import network_isolation, run_python
-from mlx_lora.plumbing.sandbox import containment
+from mlx_lora.plumbing.sandbox import containment, network_isolation, run_python
 
 
 def test_exact_and_contains_normalize_case_and_whitespace():
@@ -96,8 +95,10 @@ def test_pass_at_1_passes_fails_and_times_out():
 def test_a_crash_or_a_child_left_running_is_a_fail_that_does_not_hang():
     assert M.pass_at_1("import os\nos.kill(os.getpid(), 9)", "", 10) == (0.0, "crashed")
     # A child holding the output open past the timeout: the whole group is killed.
-    code = "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n" \
-           "import time\ntime.sleep(600)"
+    code = (
+        "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "import time\ntime.sleep(600)"
+    )
     t0 = time.perf_counter()
     assert M.pass_at_1(code, "", 1.0)[1] == "timeout"
     # Generous: only a call that waited for the 600 s child (the stuck case) is this slow.
@@ -106,9 +107,11 @@ def test_a_crash_or_a_child_left_running_is_a_fail_that_does_not_hang():
 
 def test_code_runs_in_a_fresh_folder_with_a_clean_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")
-    r = run_python("import os, json, resource\nprint(json.dumps([os.getcwd(), sorted(os.environ), os.listdir('.'), "
-                   "resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_CPU)[0]]))",
-                   timeout_s=5)
+    r = run_python(
+        "import os, json, resource\nprint(json.dumps([os.getcwd(), sorted(os.environ), os.listdir('.'), "
+        "resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_CPU)[0]]))",
+        timeout_s=5,
+    )
     assert r.passed, r.output
     import json
 
@@ -143,12 +146,13 @@ def test_code_cannot_reach_the_network():
     t = threading.Thread(target=accept, daemon=True)
     t.start()
     try:
-        tests = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
-                 f"s.sendall(b'leak')")
+        tests = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\ns.sendall(b'leak')"
         assert M.pass_at_1("", tests, 10) == (0.0, "failed")
         # The socket module's own class, reached around the prelude: only the namespace stops it.
-        raw = (f"import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(3)\n"
-               f"s.connect(('127.0.0.1', {port}))")
+        raw = (
+            f"import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(3)\n"
+            f"s.connect(('127.0.0.1', {port}))"
+        )
         result = run_python(raw, timeout_s=10)
         if network_isolation() is not None or containment().contained:
             assert not result.passed, result.output

@@ -10,9 +10,9 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_lora.model.loading import load_model, resolve
 from mlx_lora.plumbing.backend import compute_dtype
 from mlx_lora.plumbing.errors import ModelError
-from mlx_lora.model.loading import load_model, resolve
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -102,8 +102,14 @@ def test_weights_of_another_size(tiny_model_dir, tmp_path):
     folder = copy_model(tiny_model_dir("llama"), tmp_path / "m")
     small = json.loads((folder / "config.json").read_text())
     wide = json.loads((tiny_model_dir("llama", hidden_size=96) / "config.json").read_text())
-    edit_config(folder, **{k: wide[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                                 "num_key_value_heads") if wide[k] != small[k]})
+    edit_config(
+        folder,
+        **{
+            k: wide[k]
+            for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+            if wide[k] != small[k]
+        },
+    )
     msg = load_error(folder)
     assert str(folder) in msg and "llama" in msg
 

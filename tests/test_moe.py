@@ -6,20 +6,26 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from fixtures_moe import UNREACHABLE, with_unreachable_expert
 
 import mlx_lora
-from fixtures_moe import UNREACHABLE, with_unreachable_expert
-from mlx_lora.model.adapters import adapter_layers, apply_lora, count_parameters, load_adapter, rank_problem, save_adapter
 from mlx_lora.config import LoraConfig, build
-from mlx_lora.plumbing.errors import AdapterError
-from mlx_lora.model.lora import DoRASwitchLinear, LoRASwitchLinear, dense_weight, is_expert_layer
-from mlx_lora.plumbing.mlx_lm_compat import switch_linear_classes
+from mlx_lora.model.adapters import (
+    adapter_layers,
+    apply_lora,
+    count_parameters,
+    load_adapter,
+    rank_problem,
+    save_adapter,
+)
 from mlx_lora.model.loading import load_model
+from mlx_lora.model.lora import DoRASwitchLinear, LoRASwitchLinear, dense_weight, is_expert_layer
+from mlx_lora.plumbing.errors import AdapterError
+from mlx_lora.plumbing.mlx_lm_compat import switch_linear_classes
 from mlx_lora.testing import MOE_ARCHITECTURES, make_tiny_dataset
 
 SwitchLinear, QuantizedSwitchLinear = switch_linear_classes()
@@ -102,7 +108,9 @@ def test_default_targets_include_every_expert_layer_but_not_the_router(moe_dirs)
     for family, moe in (("qwen3_moe", "mlp"), ("mixtral", "block_sparse_moe")):
         model, _, info = load_model(str(moe_dirs[family]), dtype="float32", with_tokenizer=False)
         paths = set(apply_lora(model, LoraConfig(r=4)))
-        experts = {f"model.layers.{i}.{moe}.switch_mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")}
+        experts = {
+            f"model.layers.{i}.{moe}.switch_mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")
+        }
         assert experts <= paths, family
         assert not any(p.endswith(f"{moe}.gate") for p in paths), family
         trainable, _ = count_parameters(model)
@@ -122,8 +130,11 @@ def test_targets_that_match_nothing_or_cannot_be_wrapped_are_never_silent(moe_di
     # switch_mlp holds the experts but is not a layer itself: named, with what it is
     with pytest.raises(AdapterError, match=r"model\.layers\.0\.mlp\.switch_mlp \(SwitchGLU\)"):
         apply_lora(model, LoraConfig(r=4, target_modules=["switch_mlp"]))
-    with pytest.warns(UserWarning, match=r"model\.layers\.0\.input_layernorm \(RMSNorm\).*'w2' \(no such module\)"
-                                         r".*cannot carry"):
+    with pytest.warns(
+        UserWarning,
+        match=r"model\.layers\.0\.input_layernorm \(RMSNorm\).*'w2' \(no such module\)"
+        r".*cannot carry",
+    ):
         apply_lora(model, LoraConfig(r=4, target_modules=["q_proj", "input_layernorm", "w2"]))
     assert len(adapter_layers(model)) == 2
 
@@ -209,10 +220,21 @@ def line_setup(moe_dirs, tmp_path_factory):
     data = make_tiny_dataset(root / "chat.jsonl", "chat", n=8, seed=0)
 
     def cfg(out, dora: bool = False):
-        return build(extra={"model": {"path": str(model_dir)}, "data": {"path": str(data), "valid_fraction": 0.0},
-                            "out": str(out), "train": {"log_every": 1, "save_every": 2, "eval_every": 1000}},
-                     overrides=["train.iters=3", "train.batch_size=4", "train.lr=1e-2", "lora.r=4",
-                                f"lora.use_dora={str(dora).lower()}"])
+        return build(
+            extra={
+                "model": {"path": str(model_dir)},
+                "data": {"path": str(data), "valid_fraction": 0.0},
+                "out": str(out),
+                "train": {"log_every": 1, "save_every": 2, "eval_every": 1000},
+            },
+            overrides=[
+                "train.iters=3",
+                "train.batch_size=4",
+                "train.lr=1e-2",
+                "lora.r=4",
+                f"lora.use_dora={str(dora).lower()}",
+            ],
+        )
 
     return model_dir, cfg
 
@@ -232,7 +254,7 @@ def test_training_moves_routed_experts_only(line_setup, tmp_path, dora):
     expert_keys = [k for k in trained if ".switch_mlp." in k]
     assert len(expert_keys) == 2 * 3 * (3 if dora else 2)  # blocks x projections x (A, B[, magnitude])
     for key in expert_keys:
-        path = key[len("base_model.model."):].rsplit(".lora_", 1)[0]
+        path = key[len("base_model.model.") :].rsplit(".lora_", 1)[0]
         t = np.array(trained[key])
         leaf = "lora_a" if ".lora_A." in key else "lora_b" if ".lora_B." in key else "magnitude"
         start = np.array(init[path][leaf])
@@ -284,7 +306,7 @@ def test_save_and_load_round_trip_expert_adapters(moe_dirs, tmp_path):
 
     again, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
     info = load_adapter(again, tmp_path / "a")
-    assert key[len("base_model.model."):] in info.targets
+    assert key[len("base_model.model.") :] in info.targets
     np.testing.assert_allclose(_np(again(TOKENS)), want, rtol=1e-5, atol=1e-5)
 
 
@@ -304,8 +326,9 @@ def test_an_mlx_lm_adapter_on_experts_loads_and_computes_as_mlx_lm(moe_dirs, tmp
     folder = tmp_path / "mlxlm"
     folder.mkdir()
     mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(ref.trainable_parameters())))
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params, "model": path}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params, "model": path})
+    )
     assert any(".switch_mlp." in k for k in mx.load(str(folder / "adapters.safetensors")))
 
     ours, _, _ = load_model(path, dtype="float32", with_tokenizer=False)
@@ -331,9 +354,11 @@ def test_fused_folder_computes_as_the_lora_model(moe_dirs, moe_q4, base, tmp_pat
     save_adapter(model, tmp_path / "a", cfg, path)
     fuse(path, tmp_path / "a", tmp_path / "fused", log=lambda m: None)
 
-    names = json.loads((tmp_path / "fused" / "model.safetensors.index.json").read_text())["weight_map"] \
-        if (tmp_path / "fused" / "model.safetensors.index.json").exists() \
+    names = (
+        json.loads((tmp_path / "fused" / "model.safetensors.index.json").read_text())["weight_map"]
+        if (tmp_path / "fused" / "model.safetensors.index.json").exists()
         else mx.load(str(tmp_path / "fused" / "model.safetensors")).keys()
+    )
     # the hub's per-expert layout, as transformers and convert_hf_to_gguf.py read it
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in names
     assert not any("switch_mlp" in n for n in names)
@@ -434,33 +459,79 @@ def test_expert_adapters_that_cannot_be_exported_are_refused_with_fuse_instead(e
     conf = json.loads((adapter / "adapter_config.json").read_text())
     (rs / "adapter_config.json").write_text(json.dumps({**conf, "use_rslora": True}))
     (rs / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
-    assert_refused(capsys, ["export", "adapter", "--adapter", str(rs), "--format", "peft", "--out",
-                            str(tmp_path / "o1"), "--model", path], ["rsLoRA", "expert layers", "fuse instead"],
-                   [tmp_path], code=2)
+    assert_refused(
+        capsys,
+        ["export", "adapter", "--adapter", str(rs), "--format", "peft", "--out", str(tmp_path / "o1"), "--model", path],
+        ["rsLoRA", "expert layers", "fuse instead"],
+        [tmp_path],
+        code=2,
+    )
     other = tmp_path / "other"
     other.mkdir()
     (other / "adapter_config.json").write_text(json.dumps({**conf, "mlx_lora": {"model_type": "olmoe"}}))
     (other / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
-    assert_refused(capsys, ["export", "adapter", "--adapter", str(other), "--format", "peft", "--out",
-                            str(tmp_path / "o3")], ["qwen3_moe, mixtral, not 'olmoe'", "fuse instead"],
-                   [tmp_path], code=2)
-    assert_refused(capsys, ["export", "adapter", "--adapter", str(adapter), "--format", "gguf", "--out",
-                            str(tmp_path / "o2.gguf"), "--model", path], ["expert layers", "Fuse it instead"],
-                   [tmp_path], code=2)
+    assert_refused(
+        capsys,
+        ["export", "adapter", "--adapter", str(other), "--format", "peft", "--out", str(tmp_path / "o3")],
+        ["qwen3_moe, mixtral, not 'olmoe'", "fuse instead"],
+        [tmp_path],
+        code=2,
+    )
+    assert_refused(
+        capsys,
+        [
+            "export",
+            "adapter",
+            "--adapter",
+            str(adapter),
+            "--format",
+            "gguf",
+            "--out",
+            str(tmp_path / "o2.gguf"),
+            "--model",
+            path,
+        ],
+        ["expert layers", "Fuse it instead"],
+        [tmp_path],
+        code=2,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The expert layout table
 
 
-_SMALL = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
-              vocab_size=64, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128,
-              tie_word_embeddings=False)
+_SMALL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    intermediate_size=48,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=64,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 _MOE_KEYS = {
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
-                      mlp_only_layers=[], norm_topk_prob=True, head_dim=16),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
-                      shared_expert_intermediate_size=24, mlp_only_layers=[], norm_topk_prob=False),
+    "qwen3_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+        head_dim=16,
+    ),
+    "qwen2_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        decoder_sparse_step=1,
+        shared_expert_intermediate_size=24,
+        mlp_only_layers=[],
+        norm_topk_prob=False,
+    ),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, head_dim=16),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, rope_scaling=None),

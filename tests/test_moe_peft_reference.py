@@ -9,8 +9,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lora.model.adapters import adapter_layers, apply_lora, save_adapter
 from mlx_lora.config import LoraConfig
+from mlx_lora.model.adapters import adapter_layers, apply_lora, save_adapter
 from mlx_lora.model.loading import load_model
 from mlx_lora.testing import make_tiny_model
 
@@ -19,13 +19,16 @@ pytestmark = pytest.mark.reference
 TOKENS = [[5, 17, 99, 3, 250, 41, 7, 300, 12, 64], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
 
 
-@pytest.mark.parametrize("family,targets", [
-    ("qwen3_moe", None),                                   # the defaults: attention and experts
-    ("mixtral", None),
-    ("qwen3_moe", ["q_proj", "gate_proj", "down_proj"]),   # up_proj missing: a zero partner is added
-    ("qwen3_moe", ["v_proj", "gate", "up_proj"]),          # the router too
-    ("mixtral", [r"re:.*layers\.1\..*_proj"]),            # one block, by regex
-])
+@pytest.mark.parametrize(
+    "family,targets",
+    [
+        ("qwen3_moe", None),  # the defaults: attention and experts
+        ("mixtral", None),
+        ("qwen3_moe", ["q_proj", "gate_proj", "down_proj"]),  # up_proj missing: a zero partner is added
+        ("qwen3_moe", ["v_proj", "gate", "up_proj"]),  # the router too
+        ("mixtral", [r"re:.*layers\.1\..*_proj"]),  # one block, by regex
+    ],
+)
 def test_peft_export_of_expert_adapters_matches_in_transformers(family, targets, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -102,8 +105,9 @@ def test_an_mlx_lm_expert_adapter_exports_to_peft_with_mlx_lms_logits(tmp_path):
     folder = tmp_path / "mlxlm"
     folder.mkdir()
     mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(ref.trainable_parameters())))
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params, "model": str(path)}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params, "model": str(path)})
+    )
     export_peft(folder, tmp_path / "peft", model=str(path), log=lambda m: None)
 
     base = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)

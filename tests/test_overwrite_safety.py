@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_harness import assert_one_error_message, cli_env, diff, run_main, snapshot, write
+
 from mlx_lora.plumbing import ownership
 from mlx_lora.plumbing.ownership import MARKER, problems, read_marker
 from mlx_lora.testing import make_tiny_dataset
@@ -47,8 +47,23 @@ def _main(argv) -> int:
 
 
 def train_argv(w, out, *extra):
-    return ["train", "--model", w.model, "--data", w.data, "--out", out, "--quiet", "--iters", "1",
-            "--batch-size", "2", "--set", "data.valid_fraction=0", *extra]
+    return [
+        "train",
+        "--model",
+        w.model,
+        "--data",
+        w.data,
+        "--out",
+        out,
+        "--quiet",
+        "--iters",
+        "1",
+        "--batch-size",
+        "2",
+        "--set",
+        "data.valid_fraction=0",
+        *extra,
+    ]
 
 
 # command -> argv writing the folder `out` (fast settings)
@@ -57,10 +72,36 @@ FOLDER_COMMANDS = {
     "fuse": lambda w, out: ["fuse", "--model", w.model, "--adapter", w.adapter, "--out", out, "--no-verify"],
     "convert": lambda w, out: ["convert", w.model, "--out", out],
     "export-peft": lambda w, out: ["export", "adapter", "--adapter", w.adapter, "--format", "peft", "--out", out],
-    "export-ollama": lambda w, out: ["export", "ollama", "--model", w.model, "--adapter", w.adapter, "--name",
-                                     "mine", "--out", out, "--no-create", "--no-verify", "--type", "f16"],
-    "quickstart": lambda w, out: ["quickstart", "--out", out, "--model", w.model, "--iters", "1",
-                                  "--eval-examples", "1", "--no-export", "--set", "data.max_seq_length=1024"],
+    "export-ollama": lambda w, out: [
+        "export",
+        "ollama",
+        "--model",
+        w.model,
+        "--adapter",
+        w.adapter,
+        "--name",
+        "mine",
+        "--out",
+        out,
+        "--no-create",
+        "--no-verify",
+        "--type",
+        "f16",
+    ],
+    "quickstart": lambda w, out: [
+        "quickstart",
+        "--out",
+        out,
+        "--model",
+        w.model,
+        "--iters",
+        "1",
+        "--eval-examples",
+        "1",
+        "--no-export",
+        "--set",
+        "data.max_seq_length=1024",
+    ],
 }
 
 
@@ -115,8 +156,12 @@ def _edit_marker(folder: Path, change) -> None:
 def test_a_copied_marker_beside_a_users_files_authorises_nothing(command, world, outputs, tmp_path, capsys):
     target = user_files(tmp_path / "mine")
     shutil.copy2(outputs[command] / MARKER, target / MARKER)
-    refused(capsys, FOLDER_COMMANDS[command](world, target) + ["--overwrite"],
-            [str(target), MARKER, "another folder", "'checkpoints'"], [tmp_path])
+    refused(
+        capsys,
+        FOLDER_COMMANDS[command](world, target) + ["--overwrite"],
+        [str(target), MARKER, "another folder", "'checkpoints'"],
+        [tmp_path],
+    )
 
 
 @pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
@@ -124,8 +169,9 @@ def test_a_whole_copy_of_an_output_is_not_proven(command, world, outputs, tmp_pa
     """cp -r makes a new folder: its marker was written for the original, so it proves nothing."""
     target = tmp_path / "copy"
     shutil.copytree(outputs[command], target, symlinks=True)
-    refused(capsys, FOLDER_COMMANDS[command](world, target) + ["--overwrite"], [str(target), "another folder"],
-            [tmp_path])
+    refused(
+        capsys, FOLDER_COMMANDS[command](world, target) + ["--overwrite"], [str(target), "another folder"], [tmp_path]
+    )
 
 
 def _fresh(world, command, tmp_path, capsys) -> Path:
@@ -142,8 +188,12 @@ def test_a_marker_that_lists_a_users_file_does_not_delete_it(command, world, tmp
     write(out / "thesis.tex", "years of work\n")
     # a hand-made entry for it: any size and hash but its own prove nothing
     _edit_marker(out, lambda m: m["entries"].update({"thesis.tex": {"size": 3, "sha256": "0" * 64}}))
-    refused(capsys, FOLDER_COMMANDS[command](world, out) + ["--overwrite"], [str(out), "'thesis.tex'", "changed"],
-            [tmp_path])
+    refused(
+        capsys,
+        FOLDER_COMMANDS[command](world, out) + ["--overwrite"],
+        [str(out), "'thesis.tex'", "changed"],
+        [tmp_path],
+    )
 
 
 @pytest.mark.parametrize("entry", ["../outside.txt", "/etc/passwd", "a/../../outside.txt", "./x"])
@@ -154,16 +204,24 @@ def test_a_marker_listing_a_path_outside_its_folder_is_refused(entry, world, tmp
     refused(capsys, train_argv(world, out, "--overwrite"), [str(out), repr(entry), "not a path inside"], [tmp_path])
 
 
-@pytest.mark.parametrize("where", ["checkpoints/step-0000001/sub/deeper/notes.md", "checkpoints/mine.txt",
-                                   "checkpoints/step-0000001/notes.md", "notes.md"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "checkpoints/step-0000001/sub/deeper/notes.md",
+        "checkpoints/mine.txt",
+        "checkpoints/step-0000001/notes.md",
+        "notes.md",
+    ],
+)
 def test_a_users_file_inside_a_real_run_is_named_and_kept(where, world, tmp_path, capsys):
     out = _fresh(world, "train", tmp_path, capsys)
     write(out / where, "a user's file\n")
     refused(capsys, train_argv(world, out, "--overwrite"), [str(out), repr(where), "did not write"], [tmp_path])
 
 
-@pytest.mark.parametrize("what", ["config.yaml", "metrics.jsonl", "checkpoints/step-0000001/state.json",
-                                  "adapter_model.safetensors"])
+@pytest.mark.parametrize(
+    "what", ["config.yaml", "metrics.jsonl", "checkpoints/step-0000001/state.json", "adapter_model.safetensors"]
+)
 def test_a_recorded_file_changed_since_is_refused(what, world, tmp_path, capsys):
     out = _fresh(world, "train", tmp_path, capsys)
     with open(out / what, "ab") as f:
@@ -178,15 +236,28 @@ def test_a_symbolic_link_inside_pointing_out_is_refused_and_its_target_kept(comm
     sub = out / "checkpoints" if command == "train" else out
     (sub / "link").symlink_to(outside.parent, target_is_directory=True)
     rel = "checkpoints/link" if command == "train" else "link"
-    refused(capsys, FOLDER_COMMANDS[command](world, out) + ["--overwrite"], [str(out), repr(rel), "symbolic link"],
-            [tmp_path])
+    refused(
+        capsys,
+        FOLDER_COMMANDS[command](world, out) + ["--overwrite"],
+        [str(out), repr(rel), "symbolic link"],
+        [tmp_path],
+    )
 
 
 def test_a_marker_of_an_older_format_proves_nothing(world, tmp_path, capsys):
     out = tmp_path / "old"
     user_files(out)
-    write(out / MARKER, json.dumps({"written_by": "mlx-lora", "kind": "run", "command": "train",
-                                    "files": ["config.yaml", "thesis.tex", "checkpoints"]}))
+    write(
+        out / MARKER,
+        json.dumps(
+            {
+                "written_by": "mlx-lora",
+                "kind": "run",
+                "command": "train",
+                "files": ["config.yaml", "thesis.tex", "checkpoints"],
+            }
+        ),
+    )
     refused(capsys, train_argv(world, out, "--overwrite"), [str(out), "older mlx-lora"], [tmp_path])
 
 
@@ -196,9 +267,28 @@ def test_a_marker_of_an_older_format_proves_nothing(world, tmp_path, capsys):
 
 def test_a_run_with_checkpoints_rotation_evaluations_and_a_resume_stays_provable(world, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--model", world.model, "--data", world.data, "--out", out, "--quiet", "--iters", "4",
-            "--batch-size", "2", "--set", "data.valid_fraction=0.25", "--set", "train.save_every=1",
-            "--set", "train.keep_checkpoints=2", "--set", "train.eval_every=2"]
+    argv = [
+        "train",
+        "--model",
+        world.model,
+        "--data",
+        world.data,
+        "--out",
+        out,
+        "--quiet",
+        "--iters",
+        "4",
+        "--batch-size",
+        "2",
+        "--set",
+        "data.valid_fraction=0.25",
+        "--set",
+        "train.save_every=1",
+        "--set",
+        "train.keep_checkpoints=2",
+        "--set",
+        "train.eval_every=2",
+    ]
     assert _main(argv) == 0
     names = {p.name for p in (out / "checkpoints").iterdir()}
     assert {"best", "latest", "step-0000003", "step-0000004"} <= names and "step-0000001" not in names
@@ -216,9 +306,26 @@ def test_a_run_with_checkpoints_rotation_evaluations_and_a_resume_stays_provable
 
 def test_an_old_checkpoint_holding_a_users_file_is_kept_by_the_rotation(world, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--model", world.model, "--data", world.data, "--out", out, "--quiet", "--iters", "2",
-            "--batch-size", "2", "--set", "data.valid_fraction=0", "--set", "train.save_every=1",
-            "--set", "train.keep_checkpoints=1"]
+    argv = [
+        "train",
+        "--model",
+        world.model,
+        "--data",
+        world.data,
+        "--out",
+        out,
+        "--quiet",
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--set",
+        "data.valid_fraction=0",
+        "--set",
+        "train.save_every=1",
+        "--set",
+        "train.keep_checkpoints=1",
+    ]
     assert _main(argv) == 0
     assert not (out / "checkpoints" / "step-0000001").exists()  # rotated away: it was all the tool's
     notes = write(out / "checkpoints" / "step-0000002" / "deep" / "notes.md", "mine\n")
@@ -235,8 +342,9 @@ def test_an_old_checkpoint_holding_a_users_file_is_kept_by_the_rotation(world, t
 
 @pytest.mark.parametrize("command", ["fuse", "convert", "export-peft", "export-ollama", "quickstart", "train"])
 @pytest.mark.parametrize("how", ["exception", "ctrl-c"])
-def test_a_failure_after_the_new_output_is_built_but_before_the_swap_keeps_the_old(command, how, world, tmp_path,
-                                                                                  capsys, monkeypatch):
+def test_a_failure_after_the_new_output_is_built_but_before_the_swap_keeps_the_old(
+    command, how, world, tmp_path, capsys, monkeypatch
+):
     out = _fresh(world, command, tmp_path, capsys)
     error = KeyboardInterrupt if how == "ctrl-c" else OSError
     real_marker = ownership.write_marker
@@ -307,8 +415,10 @@ def test_quickstart_overwrite_with_bad_data_leaves_the_old_output(world, tmp_pat
     out = _fresh(world, "quickstart", tmp_path, capsys)
     bad = write(tmp_path / "bad.jsonl", '{"messages": [{"role": "user", "content": "no answer"}]}\n{not json\n')
     before, names = snapshot(out), _names(tmp_path)
-    code, _, err = run_main(capsys, [str(a) for a in FOLDER_COMMANDS["quickstart"](world, out)]
-                            + ["--overwrite", "--set", f"data.path={bad}"])
+    code, _, err = run_main(
+        capsys,
+        [str(a) for a in FOLDER_COMMANDS["quickstart"](world, out)] + ["--overwrite", "--set", f"data.path={bad}"],
+    )
     assert code == 2 and str(bad) in err and "Traceback" not in err, err
     assert diff(before, snapshot(out)) == [] and _names(tmp_path) == names
     # a good rerun replaces it, and names the files where they now are
@@ -323,8 +433,22 @@ def test_a_model_that_does_not_load_leaves_the_old_quickstart(world, tmp_path, c
     out = _fresh(world, "quickstart", tmp_path, capsys)
     broken = write(tmp_path / "broken" / "config.json", "{}")
     before, names = snapshot(out), _names(tmp_path)
-    code, _, err = run_main(capsys, ["quickstart", "--out", str(out), "--model", str(broken.parent),
-                                     "--iters", "1", "--eval-examples", "1", "--no-export", "--overwrite"])
+    code, _, err = run_main(
+        capsys,
+        [
+            "quickstart",
+            "--out",
+            str(out),
+            "--model",
+            str(broken.parent),
+            "--iters",
+            "1",
+            "--eval-examples",
+            "1",
+            "--no-export",
+            "--overwrite",
+        ],
+    )
     assert code != 0 and "Traceback" not in err, err
     assert diff(before, snapshot(out)) == [] and _names(tmp_path) == names
 
@@ -336,8 +460,17 @@ def test_a_model_that_does_not_load_leaves_the_old_quickstart(world, tmp_path, c
 @pytest.mark.parametrize("mode", [0o600, 0o640])
 def test_export_gguf_overwrite_keeps_the_files_mode(mode, world, tmp_path, capsys):
     out = tmp_path / "m.gguf"
-    argv = ["export", "gguf", "--model", str(world.model), "--adapter", str(world.adapter), "--out", str(out),
-            "--no-verify"]
+    argv = [
+        "export",
+        "gguf",
+        "--model",
+        str(world.model),
+        "--adapter",
+        str(world.adapter),
+        "--out",
+        str(out),
+        "--no-verify",
+    ]
     assert _main(argv) == 0
     out.chmod(mode)
     code, _, err = run_main(capsys, argv + ["--overwrite"])
@@ -346,11 +479,22 @@ def test_export_gguf_overwrite_keeps_the_files_mode(mode, world, tmp_path, capsy
 
 
 def test_eval_out_overwrite_keeps_the_mode_and_replaces_only_its_own_records(world, tmp_path, capsys):
-    data = write(tmp_path / "eval.jsonl", "".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n"
-                                                  for i in range(2)))
+    data = write(
+        tmp_path / "eval.jsonl", "".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(2))
+    )
     out = tmp_path / "preds.jsonl"
-    argv = ["eval", "--generate", "--model", str(world.model), "--data", str(data), "--max-tokens", "2",
-            "--out", str(out)]
+    argv = [
+        "eval",
+        "--generate",
+        "--model",
+        str(world.model),
+        "--data",
+        str(data),
+        "--max-tokens",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert _main(argv) == 0
     out.chmod(0o600)
     code, _, err = run_main(capsys, argv + ["--overwrite"])
@@ -369,9 +513,15 @@ def test_eval_out_overwrite_keeps_the_mode_and_replaces_only_its_own_records(wor
 def _chat(world, cwd: Path, *lines: str) -> str:
     env = dict(os.environ, PYTHONPATH=str(REPO), MLX_LORA_NO_BLAS_REEXEC="1", HF_HUB_OFFLINE="1")
     env.pop("MLX_LORA_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "mlx_lora", "chat", "--model", str(world.model), "--max-tokens", "2"],
-                          input="".join(l + "\n" for l in lines), capture_output=True, text=True, cwd=cwd,
-                          timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_lora", "chat", "--model", str(world.model), "--max-tokens", "2"],
+        input="".join(l + "\n" for l in lines),
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -381,11 +531,24 @@ def test_chat_save_appends_only_to_its_own_chat_jsonl(world, tmp_path):
     chats = tmp_path / "chats.jsonl"
     outside = write(tmp_path / "elsewhere" / "notes.txt", "mine\n")
     (tmp_path / "link.jsonl").symlink_to(outside)
-    noisy = write(tmp_path / "mixed.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]})
-                  + "\n" + json.dumps({"messages": [], "note": "mine"}) + "\n")
+    noisy = write(
+        tmp_path / "mixed.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        + "\n"
+        + json.dumps({"messages": [], "note": "mine"})
+        + "\n",
+    )
     before = snapshot(config, outside, noisy, tmp_path / "link.jsonl")
-    text = _chat(world, tmp_path, "hello", "/save config.json", "/save link.jsonl", "/save mixed.jsonl",
-                 "/save chats.jsonl", "/save chats.jsonl")
+    text = _chat(
+        world,
+        tmp_path,
+        "hello",
+        "/save config.json",
+        "/save link.jsonl",
+        "/save mixed.jsonl",
+        "/save chats.jsonl",
+        "/save chats.jsonl",
+    )
     assert diff(before, snapshot(config, outside, noisy, tmp_path / "link.jsonl")) == []
     assert (tmp_path / "link.jsonl").is_symlink()
     assert "[not saved: config.json, line 1: not a chat row that /save writes" in text, text
@@ -405,8 +568,21 @@ def test_chat_save_keeps_the_files_mode(world, tmp_path):
 
 def test_lm_studio_replaces_its_gguf_only_while_the_marker_records_it(world, tmp_path, capsys):
     models = tmp_path / "models"
-    argv = ["export", "lmstudio", "--model", world.model, "--adapter", world.adapter, "--name", "mine",
-            "--models-dir", models, "--no-verify", "--type", "f16"]
+    argv = [
+        "export",
+        "lmstudio",
+        "--model",
+        world.model,
+        "--adapter",
+        world.adapter,
+        "--name",
+        "mine",
+        "--models-dir",
+        models,
+        "--no-verify",
+        "--type",
+        "f16",
+    ]
     assert _main(argv) == 0
     gguf = models / "mlx-lora" / "mine" / "mine-F16.gguf"
     gguf.chmod(0o600)
@@ -422,9 +598,28 @@ def test_a_copied_run_resumes_and_its_checkpoints_rotate_by_their_file_names(wor
     """A copy's marker proves nothing, yet the copy can be resumed: a checkpoint there is replaced or
     deleted only when it holds nothing but the files a checkpoint holds."""
     original = tmp_path / "original"
-    argv = ["train", "--model", world.model, "--data", world.data, "--out", original, "--quiet", "--iters", "2",
-            "--batch-size", "2", "--set", "data.valid_fraction=0.25", "--set", "train.save_every=1",
-            "--set", "train.keep_checkpoints=2", "--set", "train.eval_every=1"]
+    argv = [
+        "train",
+        "--model",
+        world.model,
+        "--data",
+        world.data,
+        "--out",
+        original,
+        "--quiet",
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--set",
+        "data.valid_fraction=0.25",
+        "--set",
+        "train.save_every=1",
+        "--set",
+        "train.keep_checkpoints=2",
+        "--set",
+        "train.eval_every=1",
+    ]
     assert _main(argv) == 0
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)

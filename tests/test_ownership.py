@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_harness import assert_one_error_message, cli_env, diff, run_main, snapshot, write
 
-from cli_harness import cli_env, assert_one_error_message, diff, run_main, snapshot, write
 from mlx_lora.plumbing.io import temp_prefix
 from mlx_lora.plumbing.ownership import MARKER, read_marker
 from mlx_lora.testing import make_tiny_dataset
-
 
 _env = pytest.fixture(scope="module", autouse=True)(cli_env)
 
@@ -39,8 +38,24 @@ def world(tmp_path_factory, tiny_model_dir, _env) -> World:
     model = tiny_model_dir("llama")
     data = make_tiny_dataset(root / "data.jsonl", "chat", n=6)
     adapter = root / "run"
-    code = _main(["train", "--model", str(model), "--data", str(data), "--out", str(adapter), "--quiet",
-                  "--iters", "1", "--batch-size", "2", "--set", "data.valid_fraction=0"])
+    code = _main(
+        [
+            "train",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(adapter),
+            "--quiet",
+            "--iters",
+            "1",
+            "--batch-size",
+            "2",
+            "--set",
+            "data.valid_fraction=0",
+        ]
+    )
     assert code == 0
     return World(root, model, data, adapter)
 
@@ -57,27 +72,105 @@ def _main(argv) -> int:
 
 # command name -> argv writing to the folder `out` (fast settings: no verification, one step)
 FOLDER_COMMANDS = {
-    "train": lambda w, out: ["train", "--model", str(w.model), "--data", str(w.data), "--out", str(out), "--quiet",
-                             "--iters", "1", "--batch-size", "2", "--set", "data.valid_fraction=0"],
-    "fuse": lambda w, out: ["fuse", "--model", str(w.model), "--adapter", str(w.adapter), "--out", str(out),
-                            "--no-verify"],
+    "train": lambda w, out: [
+        "train",
+        "--model",
+        str(w.model),
+        "--data",
+        str(w.data),
+        "--out",
+        str(out),
+        "--quiet",
+        "--iters",
+        "1",
+        "--batch-size",
+        "2",
+        "--set",
+        "data.valid_fraction=0",
+    ],
+    "fuse": lambda w, out: [
+        "fuse",
+        "--model",
+        str(w.model),
+        "--adapter",
+        str(w.adapter),
+        "--out",
+        str(out),
+        "--no-verify",
+    ],
     "convert": lambda w, out: ["convert", str(w.model), "--out", str(out)],
-    "export-peft": lambda w, out: ["export", "adapter", "--adapter", str(w.adapter), "--format", "peft",
-                                   "--out", str(out)],
-    "export-ollama": lambda w, out: ["export", "ollama", "--model", str(w.model), "--adapter", str(w.adapter),
-                                     "--name", "mine", "--out", str(out), "--no-create", "--no-verify",
-                                     "--type", "f16"],
-    "quickstart": lambda w, out: ["quickstart", "--out", str(out), "--model", str(w.model), "--iters", "1",
-                                  "--eval-examples", "1", "--no-export"],
+    "export-peft": lambda w, out: [
+        "export",
+        "adapter",
+        "--adapter",
+        str(w.adapter),
+        "--format",
+        "peft",
+        "--out",
+        str(out),
+    ],
+    "export-ollama": lambda w, out: [
+        "export",
+        "ollama",
+        "--model",
+        str(w.model),
+        "--adapter",
+        str(w.adapter),
+        "--name",
+        "mine",
+        "--out",
+        str(out),
+        "--no-create",
+        "--no-verify",
+        "--type",
+        "f16",
+    ],
+    "quickstart": lambda w, out: [
+        "quickstart",
+        "--out",
+        str(out),
+        "--model",
+        str(w.model),
+        "--iters",
+        "1",
+        "--eval-examples",
+        "1",
+        "--no-export",
+    ],
 }
 # what each command's folder is marked as
-KIND = {"train": "run", "fuse": "model", "convert": "model", "export-peft": "peft", "export-ollama": "ollama",
-        "quickstart": "quickstart"}
+KIND = {
+    "train": "run",
+    "fuse": "model",
+    "convert": "model",
+    "export-peft": "peft",
+    "export-ollama": "ollama",
+    "quickstart": "quickstart",
+}
 FILE_COMMANDS = {
-    "export-gguf": lambda w, out: ["export", "gguf", "--model", str(w.model), "--adapter", str(w.adapter),
-                                   "--out", str(out), "--no-verify"],
-    "export-gguf-adapter": lambda w, out: ["export", "adapter", "--adapter", str(w.adapter), "--format", "gguf",
-                                           "--model", str(w.model), "--out", str(out)],
+    "export-gguf": lambda w, out: [
+        "export",
+        "gguf",
+        "--model",
+        str(w.model),
+        "--adapter",
+        str(w.adapter),
+        "--out",
+        str(out),
+        "--no-verify",
+    ],
+    "export-gguf-adapter": lambda w, out: [
+        "export",
+        "adapter",
+        "--adapter",
+        str(w.adapter),
+        "--format",
+        "gguf",
+        "--model",
+        str(w.model),
+        "--out",
+        str(out),
+    ],
 }
 
 
@@ -116,8 +209,9 @@ def test_a_folder_of_another_kind_is_not_replaced(command, world, tmp_path, caps
 
 
 @pytest.mark.parametrize("command", ["train", "fuse", "convert", "export-peft", "export-ollama"])
-def test_a_folder_the_tool_wrote_is_replaced_on_request_but_not_with_a_users_file_added(command, world, tmp_path,
-                                                                                        capsys):
+def test_a_folder_the_tool_wrote_is_replaced_on_request_but_not_with_a_users_file_added(
+    command, world, tmp_path, capsys
+):
     target = tmp_path / "out"
     assert _main(FOLDER_COMMANDS[command](world, target)) == 0
     assert read_marker(target)["kind"] == KIND[command]
@@ -142,8 +236,9 @@ def test_a_folder_the_tool_wrote_is_replaced_on_request_but_not_with_a_users_fil
 
 @pytest.mark.parametrize("where", ["cwd", "parent", "home"])
 @pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
-def test_the_current_folder_its_parents_and_home_are_never_targets(command, where, world, tmp_path, capsys,
-                                                                   monkeypatch):
+def test_the_current_folder_its_parents_and_home_are_never_targets(
+    command, where, world, tmp_path, capsys, monkeypatch
+):
     home = tmp_path / "home"
     cwd = home / "project" / "work"
     cwd.mkdir(parents=True)
@@ -209,8 +304,21 @@ def test_lmstudio_adds_to_a_shared_models_folder(world, tmp_path, capsys):
     write(models / "someone" / "their-model" / "their-model-Q4_0.gguf", b"GGUF their bytes")
     write(models / "mlx-lora" / "other" / "readme.txt", "theirs")
     before = snapshot(models)
-    argv = ["export", "lmstudio", "--model", str(world.model), "--adapter", str(world.adapter), "--name", "mine",
-            "--models-dir", str(models), "--no-verify", "--type", "f16"]
+    argv = [
+        "export",
+        "lmstudio",
+        "--model",
+        str(world.model),
+        "--adapter",
+        str(world.adapter),
+        "--name",
+        "mine",
+        "--models-dir",
+        str(models),
+        "--no-verify",
+        "--type",
+        "f16",
+    ]
     code, _, err = run_main(capsys, argv)
     assert code == 0, err
     after = snapshot(models)
@@ -235,8 +343,9 @@ def test_a_killed_runs_temporaries_are_cleaned_by_the_next_run_into_the_same_par
     ours_dead = temp_prefix("m").replace(f"-{os.getpid()}.", f"-{_dead_pid()}.")
     stale_dir = parent / f"{ours_dead}abc123.partial"
     write(stale_dir / "model.safetensors", b"\0" * 4096)
-    stale_file = write(parent / f"{temp_prefix('x.gguf').replace(f'-{os.getpid()}.', f'-{_dead_pid()}.')}q.partial",
-                       b"\0" * 4096)
+    stale_file = write(
+        parent / f"{temp_prefix('x.gguf').replace(f'-{os.getpid()}.', f'-{_dead_pid()}.')}q.partial", b"\0" * 4096
+    )
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         live = write(parent / f"{temp_prefix('y').replace(f'-{os.getpid()}.', f'-{sleeper.pid}.')}z.partial", b"1")

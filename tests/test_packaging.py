@@ -23,30 +23,46 @@ from mlx_lora.plumbing.errors import ExportError
 QUIET = {"log": lambda m: None}
 
 TEMPLATES = {
-    "llama3": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-               "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
-               "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
-    "gemma": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] + '\n\n' %}"
-              "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
-              "{% for m in msgs %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-              "<start_of_turn>{{ role }}\n{% if loop.first %}{{ sys }}{% endif %}{{ m['content'] | trim }}"
-              "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
-    "phi3": ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
-    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-                "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
-                "{% else %}{{ raise_exception('system messages are not supported') }}{% endif %}{% endfor %}"),
-    "qwen-default-system": ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
-                            "assistant.<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-                            "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
-                            "<|im_start|>assistant\n{% endif %}"),
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] + '\n\n' %}"
+        "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+        "{% for m in msgs %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "<start_of_turn>{{ role }}\n{% if loop.first %}{{ sys }}{% endif %}{{ m['content'] | trim }}"
+        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+    "phi3": (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+        "{% else %}{{ raise_exception('system messages are not supported') }}{% endif %}{% endfor %}"
+    ),
+    "qwen-default-system": (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+        "assistant.<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+        "<|im_start|>assistant\n{% endif %}"
+    ),
 }
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello there"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b c"}, {"role": "user", "content": "d?"}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
-     {"role": "user", "content": "z"}, {"role": "assistant", "content": "w"}, {"role": "user", "content": "v"}],
+    [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "y"},
+        {"role": "user", "content": "z"},
+        {"role": "assistant", "content": "w"},
+        {"role": "user", "content": "v"},
+    ],
 ]
 
 
@@ -103,7 +119,9 @@ def test_translation_details(tokenizer):
 
 
 def test_template_with_logic_is_not_translated(tokenizer):
-    branching = "{% for m in messages %}{% if m['content'] | length > 5 %}LONG {% endif %}{{ m['content'] }}{% endfor %}"
+    branching = (
+        "{% for m in messages %}{% if m['content'] | length > 5 %}LONG {% endif %}{{ m['content'] }}{% endfor %}"
+    )
     assert derive_chat_format(_with_template(tokenizer, branching), add_bos=False) is None
     assert derive_chat_format(_with_template(tokenizer, None), add_bos=False) is None
 
@@ -139,12 +157,18 @@ def test_ollama_adapter_mode(tmp_path, tiny_llama, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no ollama on PATH
     lines = []
     ad = make_adapter(tiny_llama, tmp_path / "ad")
-    res = export_ollama(str(tiny_llama), ad, "m2", out_dir=tmp_path / "pkg", mode="adapter", type_name="f16",
-                        log=lines.append)
+    res = export_ollama(
+        str(tiny_llama), ad, "m2", out_dir=tmp_path / "pkg", mode="adapter", type_name="f16", log=lines.append
+    )
     assert not res.created
     text = (tmp_path / "pkg" / "Modelfile").read_text()
     assert "FROM ./m2.f16.gguf\nADAPTER ./m2-lora.gguf\n" in text
-    assert {p.name for p in (tmp_path / "pkg").iterdir()} == {"Modelfile", "m2.f16.gguf", "m2-lora.gguf", ".mlx-lora.json"}
+    assert {p.name for p in (tmp_path / "pkg").iterdir()} == {
+        "Modelfile",
+        "m2.f16.gguf",
+        "m2-lora.gguf",
+        ".mlx-lora.json",
+    }
     assert any("ollama create m2 -f Modelfile" in line for line in lines)
 
 
@@ -187,12 +211,40 @@ def test_cli_export_ollama_and_lmstudio(tmp_path, tiny_llama, monkeypatch):
 
     monkeypatch.setenv("PATH", str(tmp_path))
     ad = make_adapter(tiny_llama, tmp_path / "ad")
-    r = CliRunner().invoke(cli, ["export", "ollama", "--model", str(tiny_llama), "--adapter", str(ad), "--name",
-                                 "my-model", "--out", str(tmp_path / "pkg")])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            "ollama",
+            "--model",
+            str(tiny_llama),
+            "--adapter",
+            str(ad),
+            "--name",
+            "my-model",
+            "--out",
+            str(tmp_path / "pkg"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "ollama create my-model -f Modelfile" in r.output
-    r = CliRunner().invoke(cli, ["export", "lmstudio", "--model", str(tiny_llama), "--adapter", str(ad), "--name",
-                                 "my-model", "--models-dir", str(tmp_path / "lms"), "--type", "f16"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            "lmstudio",
+            "--model",
+            str(tiny_llama),
+            "--adapter",
+            str(ad),
+            "--name",
+            "my-model",
+            "--models-dir",
+            str(tmp_path / "lms"),
+            "--type",
+            "f16",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "lms" / "mlx-lora" / "my-model" / "my-model-F16.gguf").is_file()
 

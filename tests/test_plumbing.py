@@ -11,14 +11,13 @@ import threading
 
 import pytest
 
-from mlx_lora.plumbing import hub
-from mlx_lora.plumbing import progress
-from mlx_lora.plumbing.cache import cache_root
-from mlx_lora.training.callbacks import Progress
 from mlx_lora.converters import io as cio
-from mlx_lora.plumbing.errors import ModelError
 from mlx_lora.model.integrity import base_model_fingerprint, check_safetensors
+from mlx_lora.plumbing import hub, progress
+from mlx_lora.plumbing.cache import cache_root
+from mlx_lora.plumbing.errors import ModelError
 from mlx_lora.plumbing.io import OutputAppeared, atomic_dir
+from mlx_lora.training.callbacks import Progress
 
 
 @pytest.fixture
@@ -93,8 +92,11 @@ def _safetensors(path, header: dict, data: bytes = b""):
 def test_fp8_tensors_are_checked_fingerprinted_and_not_converted(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
-    f = _safetensors(folder / "model.safetensors", {"w": {"dtype": "F8_E4M3", "shape": [2, 4], "data_offsets": [0, 8]}},
-                     bytes(range(8)))
+    f = _safetensors(
+        folder / "model.safetensors",
+        {"w": {"dtype": "F8_E4M3", "shape": [2, 4], "data_offsets": [0, 8]}},
+        bytes(range(8)),
+    )
     infos, _ = cio.read_safetensors_header(f)
     assert infos["w"].nbytes == 8 and infos["w"].offset == f.stat().st_size - 8
     assert len(base_model_fingerprint(folder)) == 64
@@ -105,12 +107,15 @@ def test_fp8_tensors_are_checked_fingerprinted_and_not_converted(tmp_path):
         check_safetensors(f)
 
 
-@pytest.mark.parametrize("entry, words", [
-    ({"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}, None),  # numbers as strings are read as numbers
-    ({"dtype": "F32", "shape": [2], "data_offsets": [0, "x"]}, "malformed header entry"),
-    ({"dtype": "F4", "shape": [2], "data_offsets": [0, 8]}, "unsupported dtype F4"),
-    ({"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "truncated"),
-])
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        ({"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}, None),  # numbers as strings are read as numbers
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, "x"]}, "malformed header entry"),
+        ({"dtype": "F4", "shape": [2], "data_offsets": [0, 8]}, "unsupported dtype F4"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "truncated"),
+    ],
+)
 def test_every_reader_applies_the_same_checks(tmp_path, entry, words):
     """The fingerprint, the damaged-file check and the converters read one header the same way."""
     from mlx_lora.converters.fuse import safetensors_dtypes
@@ -118,9 +123,12 @@ def test_every_reader_applies_the_same_checks(tmp_path, entry, words):
     folder = tmp_path / "m"
     folder.mkdir()
     _safetensors(folder / "model.safetensors", {"w": entry}, b"\0" * 8)
-    readers = [lambda: cio.read_safetensors_header(folder / "model.safetensors"),
-               lambda: check_safetensors(folder / "model.safetensors"),
-               lambda: base_model_fingerprint(folder), lambda: safetensors_dtypes(folder)]
+    readers = [
+        lambda: cio.read_safetensors_header(folder / "model.safetensors"),
+        lambda: check_safetensors(folder / "model.safetensors"),
+        lambda: base_model_fingerprint(folder),
+        lambda: safetensors_dtypes(folder),
+    ]
     for read in readers:
         if words is None:
             read()
@@ -142,8 +150,12 @@ def test_every_cache_follows_mlx_lora_cache(tmp_path, monkeypatch):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     assert cache_root() == tmp_path / "c"
-    assert quickstart.models_cache_dir().parent == default_cache_dir().parent == gguf_cache_dir(gguf).parent.parent \
+    assert (
+        quickstart.models_cache_dir().parent
+        == default_cache_dir().parent
+        == gguf_cache_dir(gguf).parent.parent
         == cache_root()
+    )
     monkeypatch.delenv("MLX_LORA_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_root() == tmp_path / "home" / ".cache" / "mlx-lora"
@@ -157,8 +169,11 @@ def test_a_cached_snapshot_is_used_without_asking_the_hub(tmp_path, monkeypatch)
     import huggingface_hub
 
     asked = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo, **k: str(tmp_path) if k.get("local_files_only") else asked.append(repo))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo, **k: str(tmp_path) if k.get("local_files_only") else asked.append(repo),
+    )
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: asked.append("info"))
     assert hub.snapshot("org/model", timeout_s=5) == tmp_path and not asked
 
@@ -168,8 +183,9 @@ def test_download_gives_up_on_a_silent_hub_with_one_clear_error(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub, "offline_mode", lambda: False)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError("not cached")))
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda *a, **k: (_ for _ in ()).throw(OSError("not cached"))
+    )
     silent = threading.Event()  # the hub never answers while the test runs
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: silent.wait(600))
     try:
@@ -191,8 +207,9 @@ class _Terminal(stdio.StringIO):
 STEP = dict(total_steps=3, loss=1.5, lr=1e-4, tokens_per_s=1000.0, peak_memory_gb=1.25, eta_s=65.0)
 
 
-@pytest.mark.parametrize("env, terminal, bar", [(None, True, True), (None, False, False), ("0", True, False),
-                                                ("1", False, True)])
+@pytest.mark.parametrize(
+    "env, terminal, bar", [(None, True, True), (None, False, False), ("0", True, False), ("1", False, True)]
+)
 def test_mlx_lora_progress_decides_between_a_bar_and_lines(monkeypatch, env, terminal, bar):
     if env is None:
         monkeypatch.delenv("MLX_LORA_PROGRESS", raising=False)
@@ -211,7 +228,8 @@ def test_mlx_lora_progress_decides_between_a_bar_and_lines(monkeypatch, env, ter
         assert "\r[" in text and "3/3" in text and "loss 1.5000 lr 1.00e-04 1000 tok/s eta 01:05 peak 1.25 GB" in text
     else:
         assert text.splitlines()[:3] == [
-            f"step {s}/3  loss 1.5000  lr 1.00e-04  1000 tok/s  eta 01:05  peak 1.25 GB" for s in (1, 2, 3)]
+            f"step {s}/3  loss 1.5000  lr 1.00e-04  1000 tok/s  eta 01:05  peak 1.25 GB" for s in (1, 2, 3)
+        ]
 
 
 def test_byte_progress_draws_only_when_asked(monkeypatch, capsys):

@@ -13,18 +13,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from cli_harness import assert_refused, cli_env, rows, write
 
 import mlx_lora
-from cli_harness import assert_refused, cli_env, rows, write
-from mlx_lora.model import adapters
-from mlx_lora.data.batching import iterate_batches
 from mlx_lora.config import DataConfig, LoraConfig, build
+from mlx_lora.data.batching import iterate_batches
 from mlx_lora.data.mixture import load_datasets
-from mlx_lora.plumbing.errors import ConfigError, DataError
-from mlx_lora.model.lora import adapters_off
+from mlx_lora.model import adapters
 from mlx_lora.model.loading import load_model
-from mlx_lora.training.preference import Objective, SequenceLogps, pair_losses
+from mlx_lora.model.lora import adapters_off
+from mlx_lora.plumbing.errors import ConfigError, DataError
 from mlx_lora.training.losses import split_head
+from mlx_lora.training.preference import Objective, SequenceLogps, pair_losses
 from mlx_lora.training.trainer import batch_arrays, micro_batches
 
 _cli_env = pytest.fixture(scope="module")(cli_env)
@@ -43,7 +43,7 @@ PC, PR, RC, RR, NC, NR = -5.0, -7.0, -6.0, -6.5, 4.0, 5.0
 
 
 def _losses(obj, ref=True):
-    a = lambda v: mx.array([v])  # noqa: E731
+    a = lambda v: mx.array([v])
     losses, stats = pair_losses(obj, a(PC), a(PR), a(NC), a(NR), a(RC) if ref else None, a(RR) if ref else None)
     return float(losses[0]), np.array(stats[0])
 
@@ -117,10 +117,12 @@ def _load(path, tokenizer, **kw):
 
 
 def test_string_pairs_share_the_prompt_and_mask_only_the_responses(tok, tmp_path):
-    ds = _load(_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q: river\nA:", "chosen": " yes", "rejected": " no tree"}]), tok)
+    ds = _load(
+        _jsonl(tmp_path / "p.jsonl", [{"prompt": "Q: river\nA:", "chosen": " yes", "rejected": " no tree"}]), tok
+    )
     assert ds.per_item == 2 and len(ds) == 2 and ds.stats.format == "preference"
     (tc, mc), (tr, mr) = ds.examples
-    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+    enc = lambda t: tok.encode(t, add_special_tokens=False)
     bos = len(tc) - len(enc("Q: river\nA:")) - len(enc(" yes")) - 1  # 1 when the tokenizer adds BOS, else 0
     assert bos in (0, 1) and len(tr) == bos + len(enc("Q: river\nA:")) + len(enc(" no tree")) + 1
     p = bos + len(enc("Q: river\nA:"))
@@ -132,13 +134,20 @@ def test_string_pairs_share_the_prompt_and_mask_only_the_responses(tok, tmp_path
 def test_chat_pairs_continuation_full_conversation_and_implicit_prompt_are_one_thing(tok, tmp_path):
     prompt = [{"role": "user", "content": "Which is green?"}]
     good, bad = [{"role": "assistant", "content": "The tree."}], [{"role": "assistant", "content": "The stone."}]
-    forms = [{"prompt": prompt, "chosen": good, "rejected": bad},
-             {"prompt": prompt, "chosen": prompt + good, "rejected": prompt + bad},
-             {"chosen": prompt + good, "rejected": prompt + bad},
-             {"prompt": "Which is green?", "chosen": "The tree.", "rejected": [{"role": "assistant",
-                                                                                  "content": "The stone."}]}]
-    got = [_load(_jsonl(tmp_path / f"f{i}.jsonl", [row]), tok, chat_template="chatml").examples
-           for i, row in enumerate(forms)]
+    forms = [
+        {"prompt": prompt, "chosen": good, "rejected": bad},
+        {"prompt": prompt, "chosen": prompt + good, "rejected": prompt + bad},
+        {"chosen": prompt + good, "rejected": prompt + bad},
+        {
+            "prompt": "Which is green?",
+            "chosen": "The tree.",
+            "rejected": [{"role": "assistant", "content": "The stone."}],
+        },
+    ]
+    got = [
+        _load(_jsonl(tmp_path / f"f{i}.jsonl", [row]), tok, chat_template="chatml").examples
+        for i, row in enumerate(forms)
+    ]
     for other in got[1:]:
         for (t1, m1), (t2, m2) in zip(got[0], other):
             assert list(t1) == list(t2) and list(m1) == list(m2)
@@ -148,15 +157,28 @@ def test_chat_pairs_continuation_full_conversation_and_implicit_prompt_are_one_t
     assert "Which is green?" in tok.decode(list(tc[:first])) and "tree" in tok.decode(list(tc[mc]))
 
 
-@pytest.mark.parametrize("row, field, fragment", [
-    ({"prompt": "q", "chosen": 3, "rejected": "b"}, "chosen", "expected a string or a list of messages"),
-    ({"chosen": "a", "rejected": "b"}, "prompt", "missing key"),
-    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "bot", "content": "a"}], "rejected": "b"},
-     "chosen[0].role", "unknown role"),
-    ({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]}, "rejected",
-     "same conversation"),
-    ({"prompt": "q", "chosen": "a"}, None, "unknown format"),
-])
+@pytest.mark.parametrize(
+    "row, field, fragment",
+    [
+        ({"prompt": "q", "chosen": 3, "rejected": "b"}, "chosen", "expected a string or a list of messages"),
+        ({"chosen": "a", "rejected": "b"}, "prompt", "missing key"),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "bot", "content": "a"}],
+                "rejected": "b",
+            },
+            "chosen[0].role",
+            "unknown role",
+        ),
+        (
+            {"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]},
+            "rejected",
+            "same conversation",
+        ),
+        ({"prompt": "q", "chosen": "a"}, None, "unknown format"),
+    ],
+)
 def test_bad_rows_name_file_line_and_field(tok, tmp_path, row, field, fragment):
     path = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, row])
     with pytest.raises(DataError) as e:
@@ -170,8 +192,10 @@ def test_bad_rows_name_file_line_and_field(tok, tmp_path, row, field, fragment):
 
 def test_overlong_pairs_are_truncated_or_skipped_as_a_pair(tok, tmp_path):
     long = " ".join(["water"] * 80)
-    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "Q:", "chosen": " yes", "rejected": long},
-                                         {"prompt": "Q:", "chosen": " yes", "rejected": " no"}])
+    path = _jsonl(
+        tmp_path / "p.jsonl",
+        [{"prompt": "Q:", "chosen": " yes", "rejected": long}, {"prompt": "Q:", "chosen": " yes", "rejected": " no"}],
+    )
     ds = _load(path, tok, max_seq_length=16, overlong="skip")
     assert len(ds) == 2 and ds.stats.skipped == 1
     ds = _load(path, tok, max_seq_length=16, overlong="truncate")
@@ -187,7 +211,7 @@ def _pair_of(ds, batch, b) -> int:
     n = int(batch.lengths[b]) + 1
     for j in range(len(ds) // 2):
         t, _ = ds.examples[2 * j]
-        if len(t) == n and list(t[:-1]) == list(batch.inputs[b, :n - 1]):
+        if len(t) == n and list(t[:-1]) == list(batch.inputs[b, : n - 1]):
             r, _ = ds.examples[2 * j + 1]
             m = int(batch.lengths[b + 1])
             assert m == len(r) - 1 and list(r[:-1]) == list(batch.inputs[b + 1, :m]), "rows of different pairs"
@@ -197,8 +221,13 @@ def _pair_of(ds, batch, b) -> int:
 
 def test_pairs_are_the_unit_of_batches_ranks_accumulation_and_length_groups(tok, tmp_path):
     ds = _load(_jsonl(tmp_path / "p.jsonl", pref_rows(22, seed=1)), tok)
-    cfg = build(extra={"model": {"path": "m"}, "data": {"path": "d"},
-                       "train": {"batch_size": 2, "grad_accum": 2, "length_groups": True}})
+    cfg = build(
+        extra={
+            "model": {"path": "m"},
+            "data": {"path": "d"},
+            "train": {"batch_size": 2, "grad_accum": 2, "length_groups": True},
+        }
+    )
     seen = []
     for rank in (0, 1):
         it = iterate_batches(ds, 4, max_seq_length=64, seed=0, loop=False, rank=rank, world_size=2)
@@ -251,14 +280,18 @@ def test_chunked_sequence_log_probs_and_gradients_equal_full_logits(tiny_llama):
     weights = mx.array([1.0, -2.0, 0.5, 3.0])
     # numpy from the full logits
     logits = np.array(model(inputs)).astype(np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     want = (np.take_along_axis(logp, np.array(targets)[..., None], -1)[..., 0] * np.array(mask)).sum(-1)
     full, chunked = SequenceLogps(None, None), SequenceLogps(split_head(model), 7)
     from mlx_lora.training.losses import target_positions
 
     grads = []
     for seq, pos in ((full, None), (chunked, target_positions(mask))):
-        f = lambda m: (seq(m, inputs, targets, mask, None, pos) * weights).sum()  # noqa: E731
+        f = lambda m: (seq(m, inputs, targets, mask, None, pos) * weights).sum()
         value, g = nn.value_and_grad(model, f)(model)
         got = seq(model, inputs, targets, mask, None, pos, grad=False)
         np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4)
@@ -279,8 +312,12 @@ def mlx_lora_flat(tree):
 
 
 def _cfg(model, data, out, **sets):
-    base = {"model": {"path": str(model)}, "data": {"path": str(data), "valid_fraction": 0.0},
-            "out": str(out), "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000, "method": "dpo"}}
+    base = {
+        "model": {"path": str(model)},
+        "data": {"path": str(data), "valid_fraction": 0.0},
+        "out": str(out),
+        "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000, "method": "dpo"},
+    }
     return build(extra=base, overrides=[f"{k}={v}" for k, v in sets.items()])
 
 
@@ -320,15 +357,18 @@ def _held_out(model_path, adapter, data, tokenizer_model=None):
 def test_dpo_learns_the_preference_and_generalises_to_held_out_pairs(memo_model, pref_data, tmp_path):
     _, prefers_before = _held_out(memo_model, None, pref_data)
     run = tmp_path / "run"
-    cfg = _cfg(memo_model, pref_data, run, **{"train.iters": 20, "train.lr": 3e-3, "train.batch_size": 4,
-                                              "train.eval_every": 20, "lora.r": 8})
+    cfg = _cfg(
+        memo_model,
+        pref_data,
+        run,
+        **{"train.iters": 20, "train.lr": 3e-3, "train.batch_size": 4, "train.eval_every": 20, "lora.r": 8},
+    )
     result = mlx_lora.train(cfg, progress=False)
     assert result.stopped == "completed"
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
-    for key in ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp",
-                "rejected_logp"):
+    for key in ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp", "rejected_logp"):
         assert key in steps[0] and "val_" + key in evals[-1], key
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=0.05)  # policy == reference at step 1
     assert steps[-1]["loss"] < 0.5 * steps[0]["loss"]
@@ -355,12 +395,21 @@ class StopAt:
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_interrupt_and_resume_matches_uninterrupted_run(tiny_llama, pref_data, tmp_path, method):
-    sets = {"train.iters": 6, "train.lr": 3e-3, "train.batch_size": 2, "train.grad_accum": 2, "lora.dropout": 0.1,
-            "train.save_every": 3, "train.seed": 5, "train.method": method}
+    sets = {
+        "train.iters": 6,
+        "train.lr": 3e-3,
+        "train.batch_size": 2,
+        "train.grad_accum": 2,
+        "lora.dropout": 0.1,
+        "train.save_every": 3,
+        "train.seed": 5,
+        "train.method": method,
+    }
     full, part = tmp_path / "full", tmp_path / "part"
     mlx_lora.train(_cfg(tiny_llama, pref_data / "train.jsonl", full, **sets), progress=False)
-    r1 = mlx_lora.train(_cfg(tiny_llama, pref_data / "train.jsonl", part, **sets), progress=False,
-                        callbacks=[StopAt(4)])
+    r1 = mlx_lora.train(
+        _cfg(tiny_llama, pref_data / "train.jsonl", part, **sets), progress=False, callbacks=[StopAt(4)]
+    )
     assert r1.stopped == "interrupted" and r1.steps == 4
     r2 = mlx_lora.train(build(str(part / "config.yaml")), resume=True, progress=False)
     assert r2.steps == 6 and r2.stopped == "completed"
@@ -368,7 +417,7 @@ def test_interrupt_and_resume_matches_uninterrupted_run(tiny_llama, pref_data, t
     b = {k: np.array(v) for k, v in mx.load(str(part / "adapter_model.safetensors")).items()}
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     ra, rb = rec(full), rec(part)
     assert [r["step"] for r in rb] == [r["step"] for r in ra]
     for x, y in zip(ra, rb):
@@ -376,15 +425,17 @@ def test_interrupt_and_resume_matches_uninterrupted_run(tiny_llama, pref_data, t
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x["step"])
 
 
-def test_precomputed_reference_gives_the_same_run_and_is_reused_on_resume(memo_model, pref_data, tmp_path,
-                                                                         monkeypatch):
+def test_precomputed_reference_gives_the_same_run_and_is_reused_on_resume(memo_model, pref_data, tmp_path, monkeypatch):
     from mlx_lora.training import preference
 
     sets = {"train.iters": 4, "train.lr": 3e-3, "train.batch_size": 2, "train.save_every": 2, "train.seed": 2}
     live, pre = tmp_path / "live", tmp_path / "pre"
     mlx_lora.train(_cfg(memo_model, pref_data / "train.jsonl", live, **sets), progress=False)
-    r1 = mlx_lora.train(_cfg(memo_model, pref_data / "train.jsonl", pre, **sets, **{"train.dpo_precompute_ref": True}),
-                        progress=False, callbacks=[StopAt(2)])
+    r1 = mlx_lora.train(
+        _cfg(memo_model, pref_data / "train.jsonl", pre, **sets, **{"train.dpo_precompute_ref": True}),
+        progress=False,
+        callbacks=[StopAt(2)],
+    )
     assert r1.stopped == "interrupted"
     cache = pre / preference.REFERENCE_FILE
     with np.load(cache) as z:
@@ -396,7 +447,7 @@ def test_precomputed_reference_gives_the_same_run_and_is_reused_on_resume(memo_m
     monkeypatch.setattr(preference, "reference_logps", no_second_pass)
     monkeypatch.setattr(preference, "adapters_off", no_second_pass)  # and no step computes them either
     mlx_lora.train(build(str(pre / "config.yaml")), resume=True, progress=False)
-    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     for x, y in zip(rec(live), rec(pre), strict=True):
         for key in ("loss", "reward_margin", "chosen_reward"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (key, x["step"])
@@ -413,42 +464,96 @@ def test_two_ranks_take_the_step_of_one_rank_with_the_same_pairs(memo_model, pre
 
     from test_distributed import LAUNCH, _assert_same_adapter, _env, _free_port_pair
 
-    args = ["--model", str(memo_model), "--data", str(pref_data / "train.jsonl"), "--iters", "4", "--lr", "3e-3",
-            "--seed", "1", "--set", "train.method=dpo", "--set", "data.valid_fraction=0", "--set", "train.log_every=1",
-            "--set", "train.save_every=100", "--quiet"]
+    args = [
+        "--model",
+        str(memo_model),
+        "--data",
+        str(pref_data / "train.jsonl"),
+        "--iters",
+        "4",
+        "--lr",
+        "3e-3",
+        "--seed",
+        "1",
+        "--set",
+        "train.method=dpo",
+        "--set",
+        "data.valid_fraction=0",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.save_every=100",
+        "--quiet",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
-    mlx_lora.train(_cfg(memo_model, pref_data / "train.jsonl", one, **{
-        "train.iters": 4, "train.lr": 3e-3, "train.seed": 1, "train.batch_size": 2}), progress=False)
-    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()), "--python",
-           sys.executable, "-m", "mlx_lora", "train", *args, "--batch-size", "1", "--out", str(two), "--distributed",
-           "--dist-timeout", "300"]
+    mlx_lora.train(
+        _cfg(
+            memo_model,
+            pref_data / "train.jsonl",
+            one,
+            **{"train.iters": 4, "train.lr": 3e-3, "train.seed": 1, "train.batch_size": 2},
+        ),
+        progress=False,
+    )
+    cmd = [
+        str(LAUNCH),
+        "-n",
+        "2",
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(_free_port_pair()),
+        "--python",
+        sys.executable,
+        "-m",
+        "mlx_lora",
+        "train",
+        *args,
+        "--batch-size",
+        "1",
+        "--out",
+        str(two),
+        "--distributed",
+        "--dist-timeout",
+        "300",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=400)
     assert res.returncode == 0, res.stdout + res.stderr
-    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rec = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     ra, rb = rec(one), rec(two)
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     for x, y in zip(ra, rb):
         for key in ("loss", "reward_margin", "chosen_logp", "tokens"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x["step"])
-    _assert_same_adapter({k: np.array(v) for k, v in mx.load(str(two / "adapter_model.safetensors")).items()},
-                         {k: np.array(v) for k, v in mx.load(str(one / "adapter_model.safetensors")).items()})
+    _assert_same_adapter(
+        {k: np.array(v) for k, v in mx.load(str(two / "adapter_model.safetensors")).items()},
+        {k: np.array(v) for k, v in mx.load(str(one / "adapter_model.safetensors")).items()},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # configuration and the command line
 
 
-@pytest.mark.parametrize("sets, fragment", [
-    ({"train.method": "kto"}, "train.method: 'kto' is not one of sft, dpo, orpo"),
-    ({"train.dpo_loss": "hinge"}, "train.dpo_loss: 'hinge' is not one of sigmoid, ipo"),
-    ({"train.dpo_beta": 0}, "train.dpo_beta: must be > 0"),
-    ({"train.dpo_label_smoothing": 0.5}, "train.dpo_label_smoothing: must be in [0, 0.5)"),
-    ({"train.orpo_lambda": -1}, "train.orpo_lambda: must be >= 0"),
-    ({"train.method": "dpo", "data.packing": True}, "data.packing: not available with train.method dpo"),
-    ({"train.method": "orpo", "train.dpo_precompute_ref": True}, "train.dpo_precompute_ref: applies to train.method dpo"),
-    ({"train.method": "dpo", "train.dpo_loss": "ipo", "train.dpo_label_smoothing": 0.1},
-     "train.dpo_label_smoothing: applies to train.method dpo with train.dpo_loss sigmoid only"),
-])
+@pytest.mark.parametrize(
+    "sets, fragment",
+    [
+        ({"train.method": "kto"}, "train.method: 'kto' is not one of sft, dpo, orpo"),
+        ({"train.dpo_loss": "hinge"}, "train.dpo_loss: 'hinge' is not one of sigmoid, ipo"),
+        ({"train.dpo_beta": 0}, "train.dpo_beta: must be > 0"),
+        ({"train.dpo_label_smoothing": 0.5}, "train.dpo_label_smoothing: must be in [0, 0.5)"),
+        ({"train.orpo_lambda": -1}, "train.orpo_lambda: must be >= 0"),
+        ({"train.method": "dpo", "data.packing": True}, "data.packing: not available with train.method dpo"),
+        (
+            {"train.method": "orpo", "train.dpo_precompute_ref": True},
+            "train.dpo_precompute_ref: applies to train.method dpo",
+        ),
+        (
+            {"train.method": "dpo", "train.dpo_loss": "ipo", "train.dpo_label_smoothing": 0.1},
+            "train.dpo_label_smoothing: applies to train.method dpo with train.dpo_loss sigmoid only",
+        ),
+    ],
+)
 def test_config_errors_name_the_key(sets, fragment):
     with pytest.raises(ConfigError) as e:
         build(extra={"model": {"path": "m"}, "data": {"path": "d"}}, overrides=[f"{k}={v}" for k, v in sets.items()])
@@ -456,15 +561,34 @@ def test_config_errors_name_the_key(sets, fragment):
 
 
 def test_method_and_data_must_match_on_the_command_line(_cli_env, tiny_llama, tmp_path, capsys):
-    chat = write(tmp_path / "chat.jsonl", rows({"messages": [{"role": "user", "content": "hi"},
-                                                             {"role": "assistant", "content": "yo"}]}))
+    chat = write(
+        tmp_path / "chat.jsonl",
+        rows({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}),
+    )
     pairs = _jsonl(tmp_path / "pairs.jsonl", pref_rows(4, seed=0))
     base = ["train", "--model", str(tiny_llama), "--iters", "1", "--quiet"]
-    assert_refused(capsys, base + ["--data", str(chat), "--out", str(tmp_path / "a"), "--set", "train.method=dpo"],
-                   [str(chat), "train.method dpo needs preference rows", "chat format"], [tmp_path], code=2)
-    assert_refused(capsys, base + ["--data", str(pairs), "--out", str(tmp_path / "b")],
-                   [str(pairs), "train.method: dpo or orpo"], [tmp_path], code=2)
-    bad = write(tmp_path / "bad.jsonl", rows({"prompt": "q", "chosen": "a", "rejected": "b"},
-                                             {"prompt": "q", "chosen": "a", "rejected": None}))
-    assert_refused(capsys, base + ["--data", str(bad), "--out", str(tmp_path / "c"), "--set", "train.method=orpo"],
-                   [f"{bad}:2", "field 'rejected'", "expected a string or a list of messages"], [tmp_path], code=2)
+    assert_refused(
+        capsys,
+        base + ["--data", str(chat), "--out", str(tmp_path / "a"), "--set", "train.method=dpo"],
+        [str(chat), "train.method dpo needs preference rows", "chat format"],
+        [tmp_path],
+        code=2,
+    )
+    assert_refused(
+        capsys,
+        base + ["--data", str(pairs), "--out", str(tmp_path / "b")],
+        [str(pairs), "train.method: dpo or orpo"],
+        [tmp_path],
+        code=2,
+    )
+    bad = write(
+        tmp_path / "bad.jsonl",
+        rows({"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": None}),
+    )
+    assert_refused(
+        capsys,
+        base + ["--data", str(bad), "--out", str(tmp_path / "c"), "--set", "train.method=orpo"],
+        [f"{bad}:2", "field 'rejected'", "expected a string or a list of messages"],
+        [tmp_path],
+        code=2,
+    )

@@ -32,7 +32,7 @@ def _case(seed: int = 0):
     for i in range(2 * P):
         start = int(rng.integers(2, 5))
         end = int(rng.integers(start + 1, L + 1))
-        mask[i, start:end + 1] = 1
+        mask[i, start : end + 1] = 1
     token_logps = -rng.gamma(2.0, 0.6, (2 * P, L)).astype(np.float32) * mask[:, 1:]
     ref = (token_logps.sum(1) + rng.normal(0, 1.5, 2 * P)).astype(np.float32)
     return token_logps, mask, ref
@@ -48,35 +48,58 @@ def _trl_dpo(case, loss_type: str, beta: float, label_smoothing: float = 0.0):
 
     def model(**kwargs):
         t = torch.tensor(token_logps)
-        return SimpleNamespace(log_probs=t, entropy=torch.zeros_like(t), mean_logits=torch.zeros_like(t),
-                               is_top1=torch.zeros_like(t, dtype=torch.bool))
+        return SimpleNamespace(
+            log_probs=t,
+            entropy=torch.zeros_like(t),
+            mean_logits=torch.zeros_like(t),
+            is_top1=torch.zeros_like(t, dtype=torch.bool),
+        )
 
-    ident = lambda t: t  # noqa: E731
+    ident = lambda t: t
     stub = SimpleNamespace(
-        model=SimpleNamespace(training=False), accelerator=SimpleNamespace(device="cpu", gather=ident,
-                                                                           gather_for_metrics=ident),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing, use_weighting=False,
-        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
-    inputs = {"input_ids": torch.ones((n, L + 1), dtype=torch.long),
-              "attention_mask": torch.ones((n, L + 1), dtype=torch.long),
-              "completion_mask": torch.tensor(mask, dtype=torch.long),
-              "ref_chosen_logps": torch.tensor(ref[0::2]), "ref_rejected_logps": torch.tensor(ref[1::2])}
+        model=SimpleNamespace(training=False),
+        accelerator=SimpleNamespace(device="cpu", gather=ident, gather_for_metrics=ident),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.ones((n, L + 1), dtype=torch.long),
+        "attention_mask": torch.ones((n, L + 1), dtype=torch.long),
+        "completion_mask": torch.tensor(mask, dtype=torch.long),
+        "ref_chosen_logps": torch.tensor(ref[0::2]),
+        "ref_rejected_logps": torch.tensor(ref[1::2]),
+    }
     loss = DPOTrainer._compute_loss(stub, model, inputs, False)
     m = stub._metrics["eval"]
-    return float(loss), {k: m[k][-1] for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                                              "rewards/margins")}
+    return float(loss), {
+        k: m[k][-1] for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+    }
 
 
 def _ours(case, obj: Objective):
     token_logps, mask, ref = case
     seq, counts = token_logps.sum(1), mask[:, 1:].sum(1)
-    a = lambda x: mx.array(np.ascontiguousarray(x))  # noqa: E731
-    losses, stats = pair_losses(obj, a(seq[0::2]), a(seq[1::2]), a(counts[0::2]), a(counts[1::2]),
-                                a(ref[0::2]), a(ref[1::2]))
+    a = lambda x: mx.array(np.ascontiguousarray(x))
+    losses, stats = pair_losses(
+        obj, a(seq[0::2]), a(seq[1::2]), a(counts[0::2]), a(counts[1::2]), a(ref[0::2]), a(ref[1::2])
+    )
     s = np.array(stats).mean(0)
-    return float(np.array(losses).mean()), {"rewards/chosen": s[1], "rewards/rejected": s[2],
-                                            "rewards/accuracies": s[0], "rewards/margins": s[1] - s[2]}
+    return float(np.array(losses).mean()), {
+        "rewards/chosen": s[1],
+        "rewards/rejected": s[2],
+        "rewards/accuracies": s[0],
+        "rewards/margins": s[1] - s[2],
+    }
 
 
 @pytest.mark.parametrize("loss_type, beta", [("sigmoid", 0.1), ("sigmoid", 0.7), ("ipo", 0.1), ("ipo", 0.5)])
@@ -93,7 +116,7 @@ def test_label_smoothed_dpo_matches_trl_on_each_pair():
     # pair at a time the sort is the identity and it is conservative DPO.
     token_logps, mask, ref = _case()
     for i in range(P):
-        one = token_logps[2 * i:2 * i + 2], mask[2 * i:2 * i + 2], ref[2 * i:2 * i + 2]
+        one = token_logps[2 * i : 2 * i + 2], mask[2 * i : 2 * i + 2], ref[2 * i : 2 * i + 2]
         want_loss, _ = _trl_dpo(one, "aot", 0.3, label_smoothing=0.2)
         got_loss, _ = _ours(one, Objective("dpo", "sigmoid", beta=0.3, label_smoothing=0.2))
         assert got_loss == pytest.approx(want_loss, rel=1e-5), i
@@ -108,9 +131,10 @@ def test_orpo_matches_trl():
     lam = 0.25
     stub = SimpleNamespace(beta=lam, accelerator=SimpleNamespace(device="cpu"))
     trl_losses, trl_c, trl_r, _, _ = ORPOTrainer.odds_ratio_loss(stub, torch.tensor(avg[0::2]), torch.tensor(avg[1::2]))
-    a = lambda x: mx.array(np.ascontiguousarray(x))  # noqa: E731
-    losses, stats = pair_losses(Objective("orpo", orpo_lambda=lam), a(seq[0::2]), a(seq[1::2]), a(counts[0::2]),
-                                a(counts[1::2]))
+    a = lambda x: mx.array(np.ascontiguousarray(x))
+    losses, stats = pair_losses(
+        Objective("orpo", orpo_lambda=lam), a(seq[0::2]), a(seq[1::2]), a(counts[0::2]), a(counts[1::2])
+    )
     # TRL's loss = NLL of the chosen tokens - mean(odds-ratio term); per pair: -mean logp(chosen) - term
     np.testing.assert_allclose(np.array(losses), -avg[0::2] - trl_losses.numpy(), rtol=1e-5)
     np.testing.assert_allclose(np.array(stats)[:, 1], trl_c.numpy(), rtol=1e-5)

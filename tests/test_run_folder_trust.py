@@ -27,10 +27,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from cli_harness import assert_one_error_message, cli_env, diff, make_read_only, make_writable, run_main, snapshot
 
-from cli_harness import cli_env, assert_one_error_message, diff, make_read_only, make_writable, run_main, snapshot
-from mlx_lora.training.checkpoints import RunDir, RunLock
 from mlx_lora.testing import make_tiny_dataset
+from mlx_lora.training.checkpoints import RunDir, RunLock
 
 TRAIN = ("--quiet", "--batch-size", "2", "--set", "data.valid_fraction=0", "--set", "train.save_every=1")
 
@@ -122,10 +122,15 @@ FORBIDDEN = {
     "train.method": (["--set", "train.method=orpo"], "sft -> orpo"),
     "train.dpo_loss": (["--set", "train.dpo_loss=ipo"], "sigmoid -> ipo"),
     "train.dpo_beta": (["--set", "train.dpo_beta=0.2"], "0.1 -> 0.2"),
-    "train.dpo_label_smoothing": (["--set", "train.method=dpo", "--set", "train.dpo_label_smoothing=0.1"], "0.0 -> 0.1"),
+    "train.dpo_label_smoothing": (
+        ["--set", "train.method=dpo", "--set", "train.dpo_label_smoothing=0.1"],
+        "0.0 -> 0.1",
+    ),
     "train.orpo_lambda": (["--set", "train.orpo_lambda=0.2"], "0.1 -> 0.2"),
-    "train.dpo_precompute_ref": (["--set", "train.method=dpo", "--set", "train.dpo_precompute_ref=true"],
-                                 "false -> true"),
+    "train.dpo_precompute_ref": (
+        ["--set", "train.method=dpo", "--set", "train.dpo_precompute_ref=true"],
+        "false -> true",
+    ),
     "train.group_size": (["--set", "train.group_size=8"], "4 -> 8"),
     "train.temperature": (["--set", "train.temperature=0.7"], "1.0 -> 0.7"),
     "train.max_completion_length": (["--set", "train.max_completion_length=64"], "256 -> 64"),
@@ -136,9 +141,11 @@ FORBIDDEN = {
     "train.grpo_scale_rewards": (["--set", "train.grpo_scale_rewards=false"], "true -> false"),
     "train.reward": (["--set", "train.method=grpo", "--set", "train.reward=number"], "null -> number"),
     "train.rewards": (["--set", "train.method=grpo", "--set", "train.rewards={exact: 1}"], "train.rewards"),
-    "data.columns": (["--set", "data.columns={completion: answer}"], 'data.columns.completion (null -> answer)'),
-    "data.sources": (lambda w, ws: ["--set", f"data.sources=[{{path: {_other_data(w, ws)}}}]", "--set", "data.path=null"],
-                     "null -> "),
+    "data.columns": (["--set", "data.columns={completion: answer}"], "data.columns.completion (null -> answer)"),
+    "data.sources": (
+        lambda w, ws: ["--set", f"data.sources=[{{path: {_other_data(w, ws)}}}]", "--set", "data.path=null"],
+        "null -> ",
+    ),
 }
 
 
@@ -151,17 +158,36 @@ def test_resume_refuses_a_change_that_breaks_the_run(key, world, tmp_path, capsy
     if callable(args):
         args = args(world, ws)
     change = change.format(other_model=world.other_model, ws=ws)
-    line = _refused(capsys, ["train", "--resume", run, "--iters", "3", *args],
-                    (ws, world.model, world.other_model, world.data), [str(run), "--resume cannot change", change])
+    line = _refused(
+        capsys,
+        ["train", "--resume", run, "--iters", "3", *args],
+        (ws, world.model, world.other_model, world.data),
+        [str(run), "--resume cannot change", change],
+    )
     assert key in line
     assert "train.iters" not in line  # an allowed change in the same command is not listed
 
 
 def test_resume_names_every_refused_key_at_once(world, tmp_path, capsys):
     run = _copy_run(world, tmp_path / "run")
-    line = _refused(capsys, ["train", "--resume", run, "--model", world.other_model, "--set", "lora.r=4",
-                             "--set", "data.train_on=all", "--lr", "1e-3"],
-                    (tmp_path, world.model), ["model.path", "lora.r (8 -> 4)", "data.train_on (assistant -> all)"])
+    line = _refused(
+        capsys,
+        [
+            "train",
+            "--resume",
+            run,
+            "--model",
+            world.other_model,
+            "--set",
+            "lora.r=4",
+            "--set",
+            "data.train_on=all",
+            "--lr",
+            "1e-3",
+        ],
+        (tmp_path, world.model),
+        ["model.path", "lora.r (8 -> 4)", "data.train_on (assistant -> all)"],
+    )
     assert "train.lr" not in line
 
 
@@ -228,8 +254,22 @@ def test_a_new_learning_rate_is_the_one_used(world, tmp_path, capsys):
     """A constant learning rate lives in the optimizer state the checkpoint restores; the resumed
     run must still take the new one."""
     run = _copy_run(world, tmp_path / "run")
-    code, _, err = run_main(capsys, ["train", "--resume", str(run), "--iters", "3", "--lr", "0.005", "--set",
-                                     "train.schedule=constant", "--set", "train.log_every=1"])
+    code, _, err = run_main(
+        capsys,
+        [
+            "train",
+            "--resume",
+            str(run),
+            "--iters",
+            "3",
+            "--lr",
+            "0.005",
+            "--set",
+            "train.schedule=constant",
+            "--set",
+            "train.log_every=1",
+        ],
+    )
     assert code == 0, err
     lr = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["step"] == 3]
     assert lr == [pytest.approx(0.005)]
@@ -247,8 +287,8 @@ def test_the_tables_decide_every_config_key():
     assert not (set(ALLOWED) & set(FORBIDDEN))
 
     # refused by default: a key the allowed list does not know
-    from mlx_lora.training import resume
     from mlx_lora.config import Config
+    from mlx_lora.training import resume
 
     real = resume.to_dict
     try:
@@ -273,12 +313,17 @@ def test_resume_refuses_another_base_under_the_same_path(world, tmp_path, capsys
     model = tmp_path / "model"
     shutil.copytree(world.model, model)
     run = tmp_path / "run"
-    code, _, err = run_main(capsys, ["train", "--model", str(model), "--data", str(world.data), "--out", str(run),
-                                     "--iters", "2", *TRAIN])
+    code, _, err = run_main(
+        capsys, ["train", "--model", str(model), "--data", str(world.data), "--out", str(run), "--iters", "2", *TRAIN]
+    )
     assert code == 0, err
     shutil.copy2(world.other_model / "model.safetensors", model / "model.safetensors")
-    _refused(capsys, ["train", "--resume", run, "--iters", "3"], (run, model),
-             [str(run), "base_model_fingerprint", str(model), "is not the base model"])
+    _refused(
+        capsys,
+        ["train", "--resume", run, "--iters", "3"],
+        (run, model),
+        [str(run), "base_model_fingerprint", str(model), "is not the base model"],
+    )
 
 
 def test_resume_refuses_a_hand_edited_config_that_no_longer_fits_the_checkpoint(world, tmp_path, capsys):
@@ -294,8 +339,9 @@ def test_resume_refuses_a_hand_edited_config_that_no_longer_fits_the_checkpoint(
 
 def test_resume_cannot_end_before_the_checkpoint(world, tmp_path, capsys):
     run = _copy_run(world, tmp_path / "run")
-    _refused(capsys, ["train", "--resume", run, "--iters", "1"], (run,),
-             ["train.iters", "step-0000002", "at least 2 steps"])
+    _refused(
+        capsys, ["train", "--resume", run, "--iters", "1"], (run,), ["train.iters", "step-0000002", "at least 2 steps"]
+    )
 
 
 def test_the_adapter_must_fit_the_checkpoint_tensors(world, tmp_path):
@@ -325,6 +371,7 @@ def _state_edit(change):
         result = change(data)
         path.write_text(result if isinstance(result, str) else json.dumps(data))
         return path
+
     return edit
 
 
@@ -349,8 +396,10 @@ BAD_STATE = {
     "missing_key": (_state_edit(lambda d: d.pop("batch_index")), ["'batch_index'", "missing"]),
     "extra_junk": (_state_edit(lambda d: d.update(junk=[1, 2])), ["unexpected key 'junk'"]),
     "not_an_object": (_state_edit(lambda d: "[1, 2]"), ["expected a JSON object"]),
-    "bad_global_batch": (_state_edit(lambda d: d["extra"].update(global_batch="four")),
-                         ["'extra.global_batch'", '"four"']),
+    "bad_global_batch": (
+        _state_edit(lambda d: d["extra"].update(global_batch="four")),
+        ["'extra.global_batch'", '"four"'],
+    ),
     "nan_elapsed": (_state_edit(lambda d: d.update(elapsed_s=float("nan"))), ["'elapsed_s'", "NaN"]),
 }
 
@@ -403,9 +452,12 @@ def test_a_second_writer_is_refused_and_changes_nothing(how, world, tmp_path, ca
         from mlx_lora.plumbing.ownership import write_marker
 
         write_marker(run, "run", "train")
-    argv = (["train", "--resume", run] if how == "resume" else
-            ["train", "--model", world.model, "--data", world.data, "--out", run, *TRAIN]
-            + (["--overwrite"] if how == "overwrite" else []))
+    argv = (
+        ["train", "--resume", run]
+        if how == "resume"
+        else ["train", "--model", world.model, "--data", world.data, "--out", run, *TRAIN]
+        + (["--overwrite"] if how == "overwrite" else [])
+    )
     with RunLock(run):  # this process is the writer now
         assert (run / ".lock").read_text().strip() == str(os.getpid())
         _refused(capsys, argv, (tmp_path,), [f"{run} is in use by another mlx-lora train (pid {os.getpid()})"])
@@ -419,9 +471,8 @@ def test_a_second_writer_is_refused_and_changes_nothing(how, world, tmp_path, ca
 
 def test_a_new_run_folder_is_locked_before_its_first_write(world, tmp_path, capsys, monkeypatch):
     """Even the first files of a new run (marker, config) are written under the lock."""
-    import mlx_lora.training.checkpoints as checkpoints
-
     import mlx_lora.plumbing.ownership as ownership
+    import mlx_lora.training.checkpoints as checkpoints
 
     seen = []
 
@@ -432,14 +483,17 @@ def test_a_new_run_folder_is_locked_before_its_first_write(world, tmp_path, caps
                 RunLock(folder).acquire()
             seen.append((write.__name__, sorted(p.name for p in folder.iterdir())))
             return write(*args, **kwargs)
+
         return locked_then_write
 
     monkeypatch.setattr(checkpoints.RunDir, "write_config", spy(checkpoints.RunDir.write_config, lambda s, t: s.path))
     monkeypatch.setattr(ownership, "write_marker", spy(ownership.write_marker, lambda f, *a: f))
     run = tmp_path / "new"
     monkeypatch.setattr(RunLock, "RETRY_S", 0.0)
-    code, _, err = run_main(capsys, ["train", "--model", str(world.model), "--data", str(world.data), "--out",
-                                     str(run), "--iters", "1", *TRAIN])
+    code, _, err = run_main(
+        capsys,
+        ["train", "--model", str(world.model), "--data", str(world.data), "--out", str(run), "--iters", "1", *TRAIN],
+    )
     assert code == 0, err
     assert [name for name, _ in seen] == ["write_marker", "write_config"]
     assert seen[0][1] == [".lock"]  # nothing but the lock came before the marker
@@ -450,8 +504,10 @@ def test_the_lock_is_let_go_on_every_way_out(world, tmp_path, capsys, monkeypatc
     """An error inside training (here a non-finite loss) still releases the lock, in-process."""
     run = tmp_path / "run"
     _nan_at(monkeypatch, 2)
-    code, _, err = run_main(capsys, ["train", "--model", str(world.model), "--data", str(world.data), "--out",
-                                     str(run), "--iters", "3", *TRAIN])
+    code, _, err = run_main(
+        capsys,
+        ["train", "--model", str(world.model), "--data", str(world.data), "--out", str(run), "--iters", "3", *TRAIN],
+    )
     assert code == 2 and "loss became nan" in err, err
     assert not (run / ".lock").exists()
     with RunLock(run):
@@ -518,19 +574,39 @@ def paused_main() -> None:
 
 
 def _cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_lora", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_lora", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_a_live_writer_blocks_a_second_process_until_it_is_killed(world, tmp_path):
     run, mark = tmp_path / "run", tmp_path / "mark"
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import test_run_folder_trust as t; t.paused_main()")
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"import test_run_folder_trust as t; t.paused_main()"
+    )
     env = dict(os.environ, PAUSE_MARK=str(mark))
-    argv = ["train", "--model", world.model, "--data", world.data, "--out", run, "--iters", "4", *TRAIN,
-            "--set", "train.log_every=1"]  # a metrics line, and so a pause, at every step
-    writer = subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    argv = [
+        "train",
+        "--model",
+        world.model,
+        "--data",
+        world.data,
+        "--out",
+        run,
+        "--iters",
+        "4",
+        *TRAIN,
+        "--set",
+        "train.log_every=1",
+    ]  # a metrics line, and so a pause, at every step
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, argv)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not mark.exists():
@@ -538,11 +614,14 @@ def test_a_live_writer_blocks_a_second_process_until_it_is_killed(world, tmp_pat
             assert time.monotonic() < deadline, "the writer never reached its pause"
             time.sleep(0.02)
         before = snapshot(tmp_path)
-        for argv in (["--resume", run], ["--model", world.model, "--data", world.data, "--out", run, "--overwrite",
-                                         *TRAIN]):
+        for argv in (
+            ["--resume", run],
+            ["--model", world.model, "--data", world.data, "--out", run, "--overwrite", *TRAIN],
+        ):
             r = _cli("train", *argv)
-            line = assert_one_error_message(r.returncode, r.stdout, r.stderr,
-                                            [f"{run} is in use by another mlx-lora train (pid {writer.pid})"])
+            line = assert_one_error_message(
+                r.returncode, r.stdout, r.stderr, [f"{run} is in use by another mlx-lora train (pid {writer.pid})"]
+            )
             assert r.returncode == 2, line
         assert diff(before, snapshot(tmp_path)) == []
         writer.kill()  # SIGKILL: no cleanup runs, the operating system drops the lock
@@ -577,15 +656,24 @@ def test_disk_full_is_recognised_however_it_is_raised(tmp_path):
             except OSError as e:
                 if how == "cause":
                     raise RuntimeError("saving failed") from e
-                raise RuntimeError("saving failed")
+                raise RuntimeError("saving failed")  # noqa: B904 (the case without a cause)
         except RuntimeError as outer:
             return outer
 
-    yes = [RuntimeError(MLX_WRITE_FAILED), enospc, OSError(errno.EDQUOT, "Disk quota exceeded"),
-           wrapped(enospc, "cause"), wrapped(enospc, "context")]
-    no = [RuntimeError(f"[save_safetensors] Failed to open file {tmp_path}/x.safetensors"),  # a disk with room
-          OSError(errno.EACCES, "Permission denied"), RuntimeError("[write] File x is not open."),
-          RuntimeError("[matmul] shapes do not match"), ValueError(MLX_WRITE_FAILED)]
+    yes = [
+        RuntimeError(MLX_WRITE_FAILED),
+        enospc,
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        wrapped(enospc, "cause"),
+        wrapped(enospc, "context"),
+    ]
+    no = [
+        RuntimeError(f"[save_safetensors] Failed to open file {tmp_path}/x.safetensors"),  # a disk with room
+        OSError(errno.EACCES, "Permission denied"),
+        RuntimeError("[write] File x is not open."),
+        RuntimeError("[matmul] shapes do not match"),
+        ValueError(MLX_WRITE_FAILED),
+    ]
     assert [is_disk_full(e) for e in yes] == [True] * len(yes)
     assert [is_disk_full(e) for e in no] == [False] * len(no)
 
@@ -605,8 +693,9 @@ def small_disk(tmp_path):
     def mount(size: str) -> Path:
         where = tmp_path / f"disk{len(mounted)}"
         where.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode})")
         mounted.append(where)
@@ -651,8 +740,23 @@ def test_a_file_mlx_cannot_create_on_a_full_disk_is_a_full_disk(small_disk, tmp_
 
 def test_a_real_full_disk_keeps_the_last_checkpoint_and_the_run_resumes(world, small_disk, capsys):
     run = small_disk("1m") / "run"
-    code, out, err = run_main(capsys, ["train", "--model", str(world.model), "--data", str(world.data), "--out",
-                                       str(run), "--iters", "40", *TRAIN, "--set", "train.keep_checkpoints=100"])
+    code, out, err = run_main(
+        capsys,
+        [
+            "train",
+            "--model",
+            str(world.model),
+            "--data",
+            str(world.data),
+            "--out",
+            str(run),
+            "--iters",
+            "40",
+            *TRAIN,
+            "--set",
+            "train.keep_checkpoints=100",
+        ],
+    )
     line = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err, err
     assert [l for l in err.splitlines() if l.startswith("error")] == [line], err
@@ -673,8 +777,10 @@ def test_a_real_full_disk_keeps_the_last_checkpoint_and_the_run_resumes(world, s
 
 def test_a_disk_too_small_for_the_first_checkpoint_says_nothing_was_kept(world, small_disk, capsys):
     run = small_disk("64k") / "run"
-    code, _, err = run_main(capsys, ["train", "--model", str(world.model), "--data", str(world.data), "--out",
-                                     str(run), "--iters", "3", *TRAIN])
+    code, _, err = run_main(
+        capsys,
+        ["train", "--model", str(world.model), "--data", str(world.data), "--out", str(run), "--iters", "3", *TRAIN],
+    )
     line = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err, err
     assert line.startswith("error: out of disk space"), err
@@ -704,12 +810,15 @@ def _nan_at(monkeypatch, step: int) -> None:
 
 
 @pytest.mark.parametrize("step", [1, 3])
-def test_a_non_finite_loss_names_the_checkpoint_it_keeps_or_says_there_is_none(step, world, tmp_path, capsys,
-                                                                                monkeypatch):
+def test_a_non_finite_loss_names_the_checkpoint_it_keeps_or_says_there_is_none(
+    step, world, tmp_path, capsys, monkeypatch
+):
     run = tmp_path / "run"
     _nan_at(monkeypatch, step)
-    code, out, err = run_main(capsys, ["train", "--model", str(world.model), "--data", str(world.data), "--out",
-                                       str(run), "--iters", "4", *TRAIN])
+    code, out, err = run_main(
+        capsys,
+        ["train", "--model", str(world.model), "--data", str(world.data), "--out", str(run), "--iters", "4", *TRAIN],
+    )
     assert "Traceback" not in err, err
     line = assert_one_error_message(code, out, err.strip().splitlines()[-1], [f"at step {step}"])
     if step == 1:
@@ -734,12 +843,15 @@ def test_an_interrupt_says_what_was_saved(at, world, tmp_path, capsys, monkeypat
                 if i == at:
                     raise KeyboardInterrupt
                 yield item
+
         return steps()
 
     monkeypatch.setattr(BatchPlan, "batches", interrupted)
     run = tmp_path / "run"
-    code, _, err = run_main(capsys, ["train", "--model", str(world.model), "--data", str(world.data), "--out",
-                                     str(run), "--iters", "4", *TRAIN])
+    code, _, err = run_main(
+        capsys,
+        ["train", "--model", str(world.model), "--data", str(world.data), "--out", str(run), "--iters", "4", *TRAIN],
+    )
     assert code == 130, err
     line = next(l for l in err.splitlines() if l.startswith("interrupted"))
     if at == 0:

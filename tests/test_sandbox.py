@@ -20,8 +20,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cli_harness import assert_refused, cli_env, diff, run_main, snapshot, write
+from cli_harness import rows as jsonl
 
-from cli_harness import assert_refused, cli_env, diff, rows as jsonl, run_main, snapshot, write
 from mlx_lora.plumbing import sandbox as S
 
 HERE = [b for b in ("bwrap", "unshare") if not S.probe(b)]
@@ -64,8 +65,10 @@ def test_this_machine_has_a_backend_to_test():
     if not sys.platform.startswith("linux"):
         pytest.skip("namespaces are Linux only")
     if not HERE:
-        pytest.skip(f"this machine offers no namespaces, the claims are untested here: "
-                    f"{ {b: S.probe(b) for b in ('bwrap', 'unshare')} }")
+        pytest.skip(
+            f"this machine offers no namespaces, the claims are untested here: "
+            f"{ {b: S.probe(b) for b in ('bwrap', 'unshare')} }"
+        )
     assert S.containment().backend == HERE[0]
 
 
@@ -80,12 +83,14 @@ def test_code_cannot_kill_the_caller_or_its_other_processes(backend):
     and the row is a failure."""
     sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        code = (f"import os, signal\n"
-                f"for pid in (os.getppid(), {os.getpid()}, {sibling.pid}, 1, -1, 0):\n"
-                f"    try:\n"
-                f"        os.kill(pid, signal.SIGKILL)\n"
-                f"    except OSError as e:\n"
-                f"        print(pid, e)\n")
+        code = (
+            f"import os, signal\n"
+            f"for pid in (os.getppid(), {os.getpid()}, {sibling.pid}, 1, -1, 0):\n"
+            f"    try:\n"
+            f"        os.kill(pid, signal.SIGKILL)\n"
+            f"    except OSError as e:\n"
+            f"        print(pid, e)\n"
+        )
         r = run(code, backend)
         assert not r.passed and r.status in ("crashed", "failed"), r
         assert sibling.poll() is None, "the sandboxed code killed a process of the caller's"
@@ -160,8 +165,9 @@ def test_a_killed_caller_takes_the_run_with_it(backend, tmp_path):
     marker = f"mlx-lora-survivor-{uuid.uuid4().hex}"
     source, later = survivor_program(tmp_path, marker, "while True:\n    pass\n")
     program = write(tmp_path / "program.py", source)
-    caller = subprocess.Popen([sys.executable, "-c", CALLER, backend, str(program)],
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    caller = subprocess.Popen(
+        [sys.executable, "-c", CALLER, backend, str(program)], env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
     try:
         wait_for(lambda: len(processes_with(marker)) == 5, "the grandchildren to start")
     finally:
@@ -217,8 +223,13 @@ def test_code_cannot_read_the_callers_secrets(backend, tmp_path, monkeypatch):
     token_file = write(tmp_path / "token.txt", secret)
     monkeypatch.setenv("SECRET_TOKEN", secret)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-c", SECRET_CALLER, backend, str(token_file)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", SECRET_CALLER, backend, str(token_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     status, output = json.loads(p.stdout.strip().splitlines()[-1])
     assert status == "passed" and " read" in output, output
@@ -325,9 +336,22 @@ def test_code_cannot_write_outside_its_tmpfs(backend, tmp_path):
     tmpfs) takes a write. The host is unchanged, by hash."""
     keep = write(tmp_path / "keep.txt", "mine")
     prefix = Path(sys.prefix)
-    targets = [str(keep), str(tmp_path / "new.txt"), "/x", "/usr/x", "/etc/x", "/dev/x", "/proc/x", "/run/x",
-               "/var/tmp/x", "/home/x", os.path.expanduser("~/mlx-lora-x"), str(prefix / "mlx-lora-x"),
-               str(Path(sys.executable).parent / "mlx-lora-x"), "/tmp/x"]
+    targets = [
+        str(keep),
+        str(tmp_path / "new.txt"),
+        "/x",
+        "/usr/x",
+        "/etc/x",
+        "/dev/x",
+        "/proc/x",
+        "/run/x",
+        "/var/tmp/x",
+        "/home/x",
+        os.path.expanduser("~/mlx-lora-x"),
+        str(prefix / "mlx-lora-x"),
+        str(Path(sys.executable).parent / "mlx-lora-x"),
+        "/tmp/x",
+    ]
     before = snapshot(tmp_path, prefix / "mlx-lora-x", Path(os.path.expanduser("~/mlx-lora-x")))
     r = run(WRITER.replace("TARGETS", repr(targets)), backend)
     assert r.passed, r
@@ -386,17 +410,19 @@ def test_code_cannot_reach_the_network(backend):
                 continue
 
     threading.Thread(target=accept, daemon=True).start()
-    code = (f"import _socket, json, socket\ngot = {{}}\n"
-            f"for addr in (('127.0.0.1', {port}), ('1.1.1.1', 53)):\n"
-            f"    s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\n"
-            f"    s.settimeout(5)\n"
-            f"    try:\n"
-            f"        s.connect(addr)\n"
-            f"        got[addr[0]] = 'connected'\n"
-            f"    except OSError as e:\n"
-            f"        got[addr[0]] = str(e)\n"
-            f"got['interfaces'] = [n for _, n in socket.if_nameindex()]\n"
-            f"print(json.dumps(got))")
+    code = (
+        f"import _socket, json, socket\ngot = {{}}\n"
+        f"for addr in (('127.0.0.1', {port}), ('1.1.1.1', 53)):\n"
+        f"    s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\n"
+        f"    s.settimeout(5)\n"
+        f"    try:\n"
+        f"        s.connect(addr)\n"
+        f"        got[addr[0]] = 'connected'\n"
+        f"    except OSError as e:\n"
+        f"        got[addr[0]] = str(e)\n"
+        f"got['interfaces'] = [n for _, n in socket.if_nameindex()]\n"
+        f"print(json.dumps(got))"
+    )
     try:
         r = run(code, backend)
         assert r.passed, r
@@ -413,20 +439,30 @@ def test_code_cannot_reach_the_network(backend):
 def test_clean_environment_limits_and_results(backend):
     """A fixed environment, the folder /tmp holding only the program, the rlimits, and every
     kind of result: passed, failed (exit 3), crashed (SIGKILL of itself), timeout."""
-    r = run("import os, json, resource\nprint(json.dumps([os.getcwd(), dict(os.environ), os.listdir('.'), "
-            "resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_CPU)[0], "
-            "resource.getrlimit(resource.RLIMIT_NOFILE)[0], resource.getrlimit(resource.RLIMIT_FSIZE)[0], "
-            "resource.getrlimit(resource.RLIMIT_CORE)[0]]))", backend, timeout_s=5)
+    r = run(
+        "import os, json, resource\nprint(json.dumps([os.getcwd(), dict(os.environ), os.listdir('.'), "
+        "resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_CPU)[0], "
+        "resource.getrlimit(resource.RLIMIT_NOFILE)[0], resource.getrlimit(resource.RLIMIT_FSIZE)[0], "
+        "resource.getrlimit(resource.RLIMIT_CORE)[0]]))",
+        backend,
+        timeout_s=5,
+    )
     assert r.passed, r
     cwd, env, files, memory, cpu, nofile, fsize, core = json.loads(r.output)
     # (plus the top folder of a Python installed below /tmp, bound read-only on top of the tmpfs)
-    pythons = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.executable)} | \
-        {sys.prefix, sys.base_prefix, sys.executable}
+    pythons = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.executable)} | {
+        sys.prefix,
+        sys.base_prefix,
+        sys.executable,
+    }
     below = sorted({Path(p).relative_to("/tmp").parts[0] for p in pythons if p.startswith("/tmp/")})
     assert (cwd, env, sorted(files)) == ("/tmp", S.ENV, sorted(["main.py", *below]))
     assert (memory, cpu, nofile, fsize, core) == (S.MEMORY_BYTES, 7, S.OPEN_FILES, S.FILE_BYTES, 0)
-    caps = run("print([l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', "
-               "'CapBnd', 'NoNewPrivs'))])", backend)
+    caps = run(
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', "
+        "'CapBnd', 'NoNewPrivs'))])",
+        backend,
+    )
     assert caps.output.strip() == str(["0" * 16, "0" * 16, "0" * 16, "1"]), caps
     assert (run("raise SystemExit(3)", backend).status, run("raise SystemExit(3)", backend).returncode) == ("failed", 3)
     crashed = run("import os\nos.kill(os.getpid(), 9)", backend)
@@ -440,21 +476,23 @@ def test_code_cannot_fake_a_pass(backend):
     """A failing program that first tries to write "exit 0" into every file descriptor of the
     namespace's init (which reports the verdict), to trace it, and to signal it (an alarm, an
     interrupt, a child's end, a stop): still a plain failure, reported when it ends."""
-    code = ("import ctypes, glob, os\ntried = []\n"
-            "for fd in glob.glob('/proc/1/fd/*'):\n"
-            "    try:\n"
-            "        with open(fd, 'w') as f:\n"
-            "            f.write('ready\\nexit 0\\n')\n"
-            "        tried.append(fd)\n"
-            "    except OSError as e:\n"
-            "        tried.append(e.strerror)\n"
-            "libc = ctypes.CDLL(None, use_errno=True)\n"
-            "print(tried, libc.ptrace(16, 1, None, None), flush=True)\n"  # PTRACE_ATTACH
-            "import signal, time\n"
-            "for sig in (signal.SIGALRM, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGSTOP):\n"
-            "    os.kill(1, sig)\n"
-            "time.sleep(1)\n"  # room for a wrongly handled signal to end the run early
-            "raise SystemExit(1)\n")
+    code = (
+        "import ctypes, glob, os\ntried = []\n"
+        "for fd in glob.glob('/proc/1/fd/*'):\n"
+        "    try:\n"
+        "        with open(fd, 'w') as f:\n"
+        "            f.write('ready\\nexit 0\\n')\n"
+        "        tried.append(fd)\n"
+        "    except OSError as e:\n"
+        "        tried.append(e.strerror)\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(tried, libc.ptrace(16, 1, None, None), flush=True)\n"  # PTRACE_ATTACH
+        "import signal, time\n"
+        "for sig in (signal.SIGALRM, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGSTOP):\n"
+        "    os.kill(1, sig)\n"
+        "time.sleep(1)\n"  # room for a wrongly handled signal to end the run early
+        "raise SystemExit(1)\n"
+    )
     r = run(code, backend)
     assert (r.status, r.passed, r.returncode) == ("failed", False, 1), r
     assert "-1" in r.output, r.output
@@ -500,8 +538,9 @@ def test_doctor_names_the_containment_level(capsys, monkeypatch, _env):
     monkeypatch.setenv(S.ENV_VAR, "none")
     code, out, err = run_main(capsys, ["doctor"])
     assert code == 0, err
-    assert [l for l in out.splitlines() if l.startswith("sandbox")] == \
-        ["sandbox        none: pass@1 needs --unsafe-exec (MLX_LORA_SANDBOX=none)"]
+    assert [l for l in out.splitlines() if l.startswith("sandbox")] == [
+        "sandbox        none: pass@1 needs --unsafe-exec (MLX_LORA_SANDBOX=none)"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,13 +558,32 @@ def test_without_isolation_pass_at_1_needs_unsafe_exec(tiny_llama, tmp_path, cap
     data = write(tmp_path / "code.jsonl", jsonl(*CODE_ROWS[:1]))
     out = tmp_path / "out.jsonl"
     monkeypatch.setenv(S.ENV_VAR, "none")
-    argv = ["eval", "--generate", "--model", str(tiny_llama), "--data", str(data), "--metric", "pass@1",
-            "--out", str(out), "--max-tokens", "2"]
-    msg = assert_refused(capsys, argv, ["pass@1", "no sandbox", "MLX_LORA_SANDBOX=none", "install bubblewrap",
-                                        "--unsafe-exec"], [tmp_path])
+    argv = [
+        "eval",
+        "--generate",
+        "--model",
+        str(tiny_llama),
+        "--data",
+        str(data),
+        "--metric",
+        "pass@1",
+        "--out",
+        str(out),
+        "--max-tokens",
+        "2",
+    ]
+    msg = assert_refused(
+        capsys,
+        argv,
+        ["pass@1", "no sandbox", "MLX_LORA_SANDBOX=none", "install bubblewrap", "--unsafe-exec"],
+        [tmp_path],
+    )
     assert len(msg.splitlines()) == 1
-    monkeypatch.setattr(evaluation, "generate", lambda model, tok, prompts, max_tokens, **kw:
-                        ["def f0(x):\n    return 2 * x"] * len(prompts))
+    monkeypatch.setattr(
+        evaluation,
+        "generate",
+        lambda model, tok, prompts, max_tokens, **kw: ["def f0(x):\n    return 2 * x"] * len(prompts),
+    )
     code, stdout, err = run_main(capsys, argv + ["--unsafe-exec"])
     assert code == 0, err
     assert "sandbox   none: each row's code runs WITHOUT isolation" in err
@@ -535,8 +593,12 @@ def test_without_isolation_pass_at_1_needs_unsafe_exec(tiny_llama, tmp_path, cap
         code, stdout, err = run_main(capsys, argv + ["--overwrite"])
         assert code == 0, err
         assert err.splitlines()[0] == f"sandbox   {S.containment().description}"
-    assert_refused(capsys, ["eval", "--model", str(tiny_llama), "--data", str(data), "--unsafe-exec"],
-                   ["--unsafe-exec needs --generate"], [tmp_path])
+    assert_refused(
+        capsys,
+        ["eval", "--model", str(tiny_llama), "--data", str(data), "--unsafe-exec"],
+        ["--unsafe-exec needs --generate"],
+        [tmp_path],
+    )
 
 
 EVAL_DRIVER = r"""
@@ -570,9 +632,31 @@ def test_eval_generate_survives_rows_that_attack_it(tiny_llama, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), MLX_LORA_NO_BLAS_REEXEC="1", SECRET_TOKEN="hunter2")
     env.pop(S.ENV_VAR, None)
     before = snapshot(keep)
-    p = subprocess.run([sys.executable, "-c", EVAL_DRIVER, str(answers_file), "eval", "--generate", "--model",
-                        str(tiny_llama), "--data", str(data), "--metric", "pass@1", "--out", str(out),
-                        "--timeout", "60", "--json"], env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            EVAL_DRIVER,
+            str(answers_file),
+            "eval",
+            "--generate",
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(data),
+            "--metric",
+            "pass@1",
+            "--out",
+            str(out),
+            "--timeout",
+            "60",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     summary = json.loads(p.stdout)
     assert summary["scores"] == {"base": {"pass@1": 0.25}}

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from cli_harness import assert_refused, cli_env as _cli_env
+from cli_harness import assert_refused
+from cli_harness import cli_env as _cli_env
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -38,8 +38,8 @@ def make_adapter(model_path: Path, out: Path, seed: int, **lora) -> Path:
     """An adapter with random, large A and B: it changes the model's greedy answers."""
     import mlx.core as mx
 
-    from mlx_lora.model import adapters
     from mlx_lora.config import LoraConfig
+    from mlx_lora.model import adapters
     from mlx_lora.model.loading import load_model
 
     model, _, _ = load_model(str(model_path))
@@ -57,9 +57,12 @@ def make_adapter(model_path: Path, out: Path, seed: int, **lora) -> Path:
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {"alpha": make_adapter(tiny_llama, root / "alpha", 1, r=8, alpha=16.0),
-            "beta": make_adapter(tiny_llama, root / "beta", 2, r=4, alpha=8.0, target_modules=["q_proj", "v_proj"],
-                                 use_dora=True)}
+    return {
+        "alpha": make_adapter(tiny_llama, root / "alpha", 1, r=8, alpha=16.0),
+        "beta": make_adapter(
+            tiny_llama, root / "beta", 2, r=4, alpha=8.0, target_modules=["q_proj", "v_proj"], use_dora=True
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +103,10 @@ def reference(tiny_llama, adapter_dirs):
     for name, folder in [("tiny", None), *adapter_dirs.items()]:
         model, tok, _ = load_for_inference(str(tiny_llama), None if folder is None else str(folder))
         template = chat_template_for(tok, None, "tiny")
-        out[name] = {"chat": "".join(stream(model, tok, chat_prompt(tok, template, QUESTION), max_tokens=12)),
-                     "text": "".join(stream(model, tok, encode(tok, "The code word for the"), max_tokens=12))}
+        out[name] = {
+            "chat": "".join(stream(model, tok, chat_prompt(tok, template, QUESTION), max_tokens=12)),
+            "text": "".join(stream(model, tok, encode(tok, "The code word for the"), max_tokens=12)),
+        }
     return out
 
 
@@ -139,29 +144,51 @@ def test_streaming_equals_the_whole_reply_with_usage(client):
     assert whole.choices[0].finish_reason == "length"
     assert whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens > 5
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + 12
-    chunks = list(client.chat.completions.create(model="beta", messages=QUESTION, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="beta",
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == whole.choices[0].message.content
     assert sum(1 for p in pieces if p) > 1  # it came in pieces
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
-    text = "".join(c.choices[0].text for c in client.completions.create(
-        model="alpha", prompt="The code word for the", max_tokens=12, temperature=0, stream=True))
-    assert text == client.completions.create(model="alpha", prompt="The code word for the", max_tokens=12,
-                                             temperature=0).choices[0].text
+    text = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="alpha", prompt="The code word for the", max_tokens=12, temperature=0, stream=True
+        )
+    )
+    assert (
+        text
+        == client.completions.create(model="alpha", prompt="The code word for the", max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
 
 
 def test_stop_strings_end_the_reply_before_them_streamed_or_not(client, reference):
     full = reference["beta"]["chat"]
     # Three characters from the middle of the reply, where they first occur.
-    stop = next(full[k:k + 3] for k in range(3, len(full) - 3)
-                if full.index(full[k:k + 3]) == k and "\ufffd" not in full[k:k + 3])
-    expected = full[:full.index(stop)]
+    stop = next(
+        full[k : k + 3]
+        for k in range(3, len(full) - 3)
+        if full.index(full[k : k + 3]) == k and "\ufffd" not in full[k : k + 3]
+    )
+    expected = full[: full.index(stop)]
     r = client.chat.completions.create(model="beta", messages=QUESTION, max_tokens=12, temperature=0, stop=[stop])
     assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(model="beta", messages=QUESTION, max_tokens=12, temperature=0,
-                                                 stop=stop, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="beta", messages=QUESTION, max_tokens=12, temperature=0, stop=stop, stream=True
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
 
@@ -198,13 +225,21 @@ def test_bad_requests_get_the_openai_error_shape_and_the_server_goes_on(server, 
     assert "not valid JSON" in _error(_post(url, "/chat/completions", b'{"model": "alpha", "messages": ['), 400)
     assert ask(client, "alpha")  # the next request works
     cases = [
-        ({**ok, "max_tokens": "ten"}, "max_tokens"), ({**ok, "max_tokens": 0}, "max_tokens"),
-        ({**ok, "max_tokens": 10**9}, "max_tokens"), ({**ok, "temperature": -1}, "temperature"),
-        ({**ok, "top_p": 0}, "top_p"), ({**ok, "n": 0}, "n"), ({**ok, "messages": "hi"}, "messages"),
+        ({**ok, "max_tokens": "ten"}, "max_tokens"),
+        ({**ok, "max_tokens": 0}, "max_tokens"),
+        ({**ok, "max_tokens": 10**9}, "max_tokens"),
+        ({**ok, "temperature": -1}, "temperature"),
+        ({**ok, "top_p": 0}, "top_p"),
+        ({**ok, "n": 0}, "n"),
+        ({**ok, "messages": "hi"}, "messages"),
         ({**ok, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        ({**ok, "stream": "yes"}, "stream"), ({**ok, "stop": [1]}, "stop"), ({**ok, "seed": -3}, "seed"),
-        ({**ok, "stop": ["x" * 100_000]}, "stop"), ({**ok, "n": 10**6}, "n"),
-        ({k: v for k, v in ok.items() if k != "model"}, "model"), ([ok], None),
+        ({**ok, "stream": "yes"}, "stream"),
+        ({**ok, "stop": [1]}, "stop"),
+        ({**ok, "seed": -3}, "seed"),
+        ({**ok, "stop": ["x" * 100_000]}, "stop"),
+        ({**ok, "n": 10**6}, "n"),
+        ({k: v for k, v in ok.items() if k != "model"}, "model"),
+        ([ok], None),
     ]
     for body, param in cases:
         _error(_post(url, "/chat/completions", body), 400, param)
@@ -240,9 +275,24 @@ def test_an_exception_inside_one_request_does_not_stop_the_server(server, client
 
 def test_the_serve_command_prints_its_url_and_models_and_stops_on_ctrl_c(tiny_llama, adapter_dirs):
     env = dict(os.environ, PYTHONPATH=str(REPO), MLX_LORA_NO_BLAS_REEXEC="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lora", "serve", "--model", str(tiny_llama), "--adapter",
-                             f"alpha={adapter_dirs['alpha']}", "--port", "0"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lora",
+            "serve",
+            "--model",
+            str(tiny_llama),
+            "--adapter",
+            f"alpha={adapter_dirs['alpha']}",
+            "--port",
+            "0",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = proc.stdout.readline()
         assert first.startswith("serving http://127.0.0.1:"), first + proc.stderr.read()
@@ -260,13 +310,22 @@ def test_the_serve_command_prints_its_url_and_models_and_stops_on_ctrl_c(tiny_ll
 def test_serve_refuses_bad_adapters_before_starting(tiny_llama, adapter_dirs, tmp_path, capsys, cli_env):
     base = ["serve", "--model", str(tiny_llama), "--port", "0"]
     assert_refused(capsys, base + ["--adapter", str(adapter_dirs["alpha"])], ["NAME=RUN"], [tmp_path])
-    assert_refused(capsys, base + ["--adapter", f"a={adapter_dirs['alpha']}", "--adapter", f"a={adapter_dirs['beta']}"],
-                   ["given twice"], [tmp_path])
+    assert_refused(
+        capsys,
+        base + ["--adapter", f"a={adapter_dirs['alpha']}", "--adapter", f"a={adapter_dirs['beta']}"],
+        ["given twice"],
+        [tmp_path],
+    )
     assert_refused(capsys, base + ["--adapter", f"llama={adapter_dirs['alpha']}"], ["names the base model"], [tmp_path])
     assert_refused(capsys, base + ["--adapter", f"x={tmp_path}"], [str(tmp_path), "not an adapter folder"], [tmp_path])
     assert_refused(capsys, base + ["--max-tokens", "0"], ["--max-tokens"], [tmp_path])
-    for flag, value in (("--max-batch", "0"), ("--max-body-mb", "0"), ("--prompt-cache-gb", "-1"),
-                        ("--max-queue", "-2"), ("--max-context", "1")):
+    for flag, value in (
+        ("--max-batch", "0"),
+        ("--max-body-mb", "0"),
+        ("--prompt-cache-gb", "-1"),
+        ("--max-queue", "-2"),
+        ("--max-context", "1"),
+    ):
         assert_refused(capsys, base + [flag, value], [flag], [tmp_path])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -327,9 +386,10 @@ def test_body_size_bad_json_surrogates_and_deep_arrays_get_4xx(tiny_llama):
         big = {**ok, "messages": [{"role": "user", "content": "x" * 20000}]}
         assert "--max-body-mb" in _error(_post(url, "/chat/completions", big), 413)
         # without a Content-Length (chunked), the limit holds as the body arrives
-        chunks = (json.dumps(big)[i:i + 1000].encode() for i in range(0, 21000, 1000))
-        r = httpx.post(url + "/chat/completions", content=chunks, headers={"Content-Type": "application/json"},
-                       timeout=60)
+        chunks = (json.dumps(big)[i : i + 1000].encode() for i in range(0, 21000, 1000))
+        r = httpx.post(
+            url + "/chat/completions", content=chunks, headers={"Content-Type": "application/json"}, timeout=60
+        )
         _error(r, 413)
         assert "not valid JSON" in _error(_post(url, "/chat/completions", b'{"model": "llama", "messages": [}'), 400)
         assert "not UTF-8" in _error(_post(url, "/chat/completions", b'{"model": "\xff\xfe"}'), 400)
@@ -338,8 +398,12 @@ def test_body_size_bad_json_surrogates_and_deep_arrays_get_4xx(tiny_llama):
             assert "too deeply" in _error(_post(url2, "/chat/completions", deep), 400)
             # just within what the parser takes, a deep value is still a 400, not a crash
             for depth in (900, 990):
-                almost = (b'{"model": "llama", "messages": [{"role": "user", "content": ' + b"[" * depth
-                          + b"]" * depth + b"}]}")
+                almost = (
+                    b'{"model": "llama", "messages": [{"role": "user", "content": '
+                    + b"[" * depth
+                    + b"]" * depth
+                    + b"}]}"
+                )
                 r = _post(url2, "/chat/completions", almost)
                 assert r.status_code == 400 and "\n" not in r.json()["error"]["message"], r.text[:300]
         lone = b'{"model": "llama", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
@@ -348,8 +412,9 @@ def test_body_size_bad_json_surrogates_and_deep_arrays_get_4xx(tiny_llama):
         _error(_post(url, "/chat/completions", lone_key), 400, "messages[0]")
         msg = _error(_post(url, "/chat/completions", {**ok, "frobnicate": 1, "top_k": 3}), 400, "frobnicate")
         assert "'frobnicate'" in msg and "'top_k'" in msg and "\n" not in msg
-        assert "frequency_penalty" in _error(_post(url, "/chat/completions", {**ok, "frequency_penalty": 0.5}), 400,
-                                             "frequency_penalty")
+        assert "frequency_penalty" in _error(
+            _post(url, "/chat/completions", {**ok, "frequency_penalty": 0.5}), 400, "frequency_penalty"
+        )
         _error(httpx.delete(url + "/models", timeout=30), 405)
         r = _post(url, "/chat/completions", ok)  # and the server goes on
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
@@ -379,8 +444,10 @@ def test_gone_clients_free_their_rows_and_a_full_queue_answers_429(tiny_llama):
         # a non-streaming client that hangs up
         raw = socket.create_connection(("127.0.0.1", int(url.split(":")[2].split("/")[0])))
         body = json.dumps(long).encode()
-        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
         assert engine.wait_until(lambda m: m["batch_size"] == 1 and m["requests_total"] == 2)
         # the batch is full and one request waits: the next one is refused with 429
         waiting = ThreadPoolExecutor(1).submit(_post, url, "/chat/completions", {**long, "max_tokens": 2})
@@ -397,11 +464,14 @@ def test_gone_clients_free_their_rows_and_a_full_queue_answers_429(tiny_llama):
 def test_a_repeated_prefix_is_not_prefilled_again(client, server):
     engine = server[1].engine
     system = {"role": "system", "content": "You answer questions about fruit. " * 20}
-    first = client.chat.completions.create(model="alpha", messages=[system, QUESTION[0]], max_tokens=4,
-                                           temperature=0)
+    first = client.chat.completions.create(model="alpha", messages=[system, QUESTION[0]], max_tokens=4, temperature=0)
     before = engine.metrics()
-    follow = [system, QUESTION[0], {"role": "assistant", "content": first.choices[0].message.content},
-              {"role": "user", "content": "And the green one?"}]
+    follow = [
+        system,
+        QUESTION[0],
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And the green one?"},
+    ]
     second = client.chat.completions.create(model="alpha", messages=follow, max_tokens=4, temperature=0)
     after = engine.metrics()
     cached = second.usage.prompt_tokens_details.cached_tokens
@@ -411,79 +481,134 @@ def test_a_repeated_prefix_is_not_prefilled_again(client, server):
 
 
 def test_json_schema_and_json_object_answers_parse(client):
-    schema = {"type": "object", "properties": {"fruit": {"type": "string"}, "count": {"type": "integer"},
-                                               "ripe": {"type": "boolean"}}, "required": ["fruit", "count", "ripe"]}
+    schema = {
+        "type": "object",
+        "properties": {"fruit": {"type": "string"}, "count": {"type": "integer"}, "ripe": {"type": "boolean"}},
+        "required": ["fruit", "count", "ripe"],
+    }
     for model, kw in (("llama", {}), ("beta", {"temperature": 1.0, "seed": 5}), ("alpha", {"stream": True})):
         kw.setdefault("temperature", 0)
         r = client.chat.completions.create(
-            model=model, messages=QUESTION, max_tokens=48,
-            response_format={"type": "json_schema", "json_schema": {"name": "fruit", "schema": schema}}, **kw)
-        text = ("".join(c.choices[0].delta.content or "" for c in r if c.choices) if kw.get("stream")
-                else r.choices[0].message.content)
+            model=model,
+            messages=QUESTION,
+            max_tokens=48,
+            response_format={"type": "json_schema", "json_schema": {"name": "fruit", "schema": schema}},
+            **kw,
+        )
+        text = (
+            "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+            if kw.get("stream")
+            else r.choices[0].message.content
+        )
         value = json.loads(text)
         assert set(value) == {"fruit", "count", "ripe"} and isinstance(value["count"], int)
-    r = client.chat.completions.create(model="beta", messages=QUESTION, max_tokens=10, temperature=0,
-                                       response_format={"type": "json_object"})
+    r = client.chat.completions.create(
+        model="beta", messages=QUESTION, max_tokens=10, temperature=0, response_format={"type": "json_object"}
+    )
     assert isinstance(json.loads(r.choices[0].message.content), dict)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="beta", messages=QUESTION, response_format={
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "patternProperties": {}}}})
+        client.chat.completions.create(
+            model="beta",
+            messages=QUESTION,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object", "patternProperties": {}}},
+            },
+        )
     assert "patternProperties" in e.value.body["message"]
 
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {
-                                               "city": {"type": "string"}, "days": {"type": "integer"}},
-                                               "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 
 def test_tool_calls_come_back_in_the_openai_shape(client):
-    r = client.chat.completions.create(model="alpha", messages=QUESTION, tools=[WEATHER, TIME], tool_choice="required",
-                                       max_tokens=80, temperature=0)
+    r = client.chat.completions.create(
+        model="alpha", messages=QUESTION, tools=[WEATHER, TIME], tool_choice="required", max_tokens=80, temperature=0
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
     call = choice.message.tool_calls[0]
     assert call.type == "function" and call.function.name in ("get_weather", "get_time") and call.id
     args = json.loads(call.function.arguments)
     assert isinstance(args, dict) and (call.function.name == "get_time" or isinstance(args["city"], str))
-    named = client.chat.completions.create(model="llama", messages=QUESTION, tools=[WEATHER, TIME], max_tokens=80,
-                                           tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                                           temperature=0)
+    named = client.chat.completions.create(
+        model="llama",
+        messages=QUESTION,
+        tools=[WEATHER, TIME],
+        max_tokens=80,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+    )
     assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
     # streamed, the call arrives as one tool_calls delta
-    chunks = list(client.chat.completions.create(model="beta", messages=QUESTION, tools=[WEATHER], max_tokens=80,
-                                                 tool_choice="required", temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="beta",
+            messages=QUESTION,
+            tools=[WEATHER],
+            max_tokens=80,
+            tool_choice="required",
+            temperature=0,
+            stream=True,
+        )
+    )
     deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
     assert len(deltas) == 1 and deltas[0][0].function.name == "get_weather"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     # the call and its result go back to the model as the next turn
-    follow = QUESTION + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-                         {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
-    r = client.chat.completions.create(model="alpha", messages=follow, tools=[WEATHER, TIME], max_tokens=5,
-                                       temperature=0)
+    follow = QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+    ]
+    r = client.chat.completions.create(
+        model="alpha", messages=follow, tools=[WEATHER, TIME], max_tokens=5, temperature=0
+    )
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="alpha", messages=QUESTION, tools=[WEATHER],
-                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+        client.chat.completions.create(
+            model="alpha",
+            messages=QUESTION,
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
     assert e.value.body["param"] == "tool_choice"
 
 
 def test_tool_calls_in_the_reply_text_are_recognised():
     from mlx_lora.commands.serve import tool_calls_of
 
-    assert tool_calls_of('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', False) == \
-        (None, [{"name": "f", "arguments": {"x": 1}}])
-    assert tool_calls_of('Sure. <tool_call>{"name": "g", "arguments": "{}"}</tool_call>', False) == \
-        ("Sure.", [{"name": "g", "arguments": {}}])
-    assert tool_calls_of('{"name": "h", "parameters": {"a": "b"}}', False) == (None, [{"name": "h", "arguments": {"a": "b"}}])
+    assert tool_calls_of('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', False) == (
+        None,
+        [{"name": "f", "arguments": {"x": 1}}],
+    )
+    assert tool_calls_of('Sure. <tool_call>{"name": "g", "arguments": "{}"}</tool_call>', False) == (
+        "Sure.",
+        [{"name": "g", "arguments": {}}],
+    )
+    assert tool_calls_of('{"name": "h", "parameters": {"a": "b"}}', False) == (
+        None,
+        [{"name": "h", "arguments": {"a": "b"}}],
+    )
     assert tool_calls_of("plain words", False) == ("plain words", [])
     assert tool_calls_of('{"not": "a call"}', False) == ('{"not": "a call"}', [])
 
 
 def test_logprobs_n_and_seed(client):
-    r = client.chat.completions.create(model="beta", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True,
-                                       top_logprobs=3)
+    r = client.chat.completions.create(
+        model="beta", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for entry in content:
@@ -491,20 +616,24 @@ def test_logprobs_n_and_seed(client):
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy takes the most likely
     # the tokens spell the reply (the reply drops the space a first token may start with)
     assert "".join(e.token for e in content).lstrip() == r.choices[0].message.content.lstrip()
-    c = client.completions.create(model="llama", prompt="The code word for the", max_tokens=5, temperature=0,
-                                  logprobs=2)
+    c = client.completions.create(
+        model="llama", prompt="The code word for the", max_tokens=5, temperature=0, logprobs=2
+    )
     assert len(c.choices[0].logprobs.tokens) == 5 and all(len(t) == 2 for t in c.choices[0].logprobs.top_logprobs)
-    many = client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=1.0, n=3,
-                                          seed=9)
+    many = client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=1.0, n=3, seed=9)
     assert [ch.index for ch in many.choices] == [0, 1, 2]
     assert len({ch.message.content for ch in many.choices}) > 1
-    again = client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=1.0, n=3,
-                                           seed=9)
+    again = client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=1.0, n=3, seed=9)
     assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in many.choices]
-    assert many.usage.completion_tokens == sum(8 if ch.finish_reason == "length" else 0 for ch in many.choices) or \
-        many.usage.completion_tokens <= 24
-    streamed = list(client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=8, temperature=1.0,
-                                                   n=3, seed=9, stream=True))
+    assert (
+        many.usage.completion_tokens == sum(8 if ch.finish_reason == "length" else 0 for ch in many.choices)
+        or many.usage.completion_tokens <= 24
+    )
+    streamed = list(
+        client.chat.completions.create(
+            model="alpha", messages=QUESTION, max_tokens=8, temperature=1.0, n=3, seed=9, stream=True
+        )
+    )
     for i in range(3):
         text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices and ch.choices[0].index == i)
         assert text == many.choices[i].message.content

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import mlx_lora
-from mlx_lora.data.batching import PAD_MULTIPLE, Batch
 from mlx_lora.config import build
-from mlx_lora.plumbing.errors import ConfigError
+from mlx_lora.data.batching import PAD_MULTIPLE, Batch
 from mlx_lora.data.shapes import ShapePolicy, ladder, plan_costs, repack, resolve, rung
+from mlx_lora.plumbing.errors import ConfigError
 
 
 def _varied_chat(path: Path, n: int = 12) -> Path:
@@ -25,8 +25,14 @@ def _varied_chat(path: Path, n: int = 12) -> Path:
     for i in range(n):
         k = 1 + (i * 37) % 48
         answer = " ".join(words[(i + j) % len(words)] for j in range(k))
-        rows.append({"messages": [{"role": "user", "content": f"Say {k} words, number {i}."},
-                                  {"role": "assistant", "content": answer}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Say {k} words, number {i}."},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -68,10 +74,14 @@ def test_repack_keeps_every_example_whole_and_apart():
         for s in range(1, packed.segments[r].max() + 1):
             at = np.flatnonzero(packed.segments[r] == s)
             assert np.all(np.diff(at) == 1)  # contiguous
-            match = [e for e, n in enumerate(batch.lengths) if n == len(at)
-                     and np.array_equal(batch.inputs[e, :n], packed.inputs[r, at])
-                     and np.array_equal(batch.targets[e, :n], packed.targets[r, at])
-                     and np.array_equal(batch.loss_mask[e, :n], packed.loss_mask[r, at])]
+            match = [
+                e
+                for e, n in enumerate(batch.lengths)
+                if n == len(at)
+                and np.array_equal(batch.inputs[e, :n], packed.inputs[r, at])
+                and np.array_equal(batch.targets[e, :n], packed.targets[r, at])
+                and np.array_equal(batch.loss_mask[e, :n], packed.loss_mask[r, at])
+            ]
             assert len(match) == 1
             found += match
     assert sorted(found) == list(range(5))
@@ -93,7 +103,7 @@ def test_policies_lay_out_a_batch():
 def test_cost_model_trades_padding_against_compiles():
     rng = np.random.default_rng(0)
     sizes = np.clip(np.exp(rng.normal(np.log(140), 0.8, 256)), 45, 512).astype(np.int64)
-    batches = [sizes[i:i + 4] for i in range(0, 256, 4)]
+    batches = [sizes[i : i + 4] for i in range(0, 256, 4)]
     dims = (1_000_000_000, 2048, 16)
     costs = plan_costs(batches, 2048, 3.0, dims)
     assert costs["ladder"][1] < costs["exact"][1]  # fewer shapes
@@ -104,14 +114,28 @@ def test_cost_model_trades_padding_against_compiles():
     assert min(free, key=lambda k: free[k][0]) in ("exact", "packed")
     dear = plan_costs(batches, 2048, 3.0, dims, compile_s=100.0)
     assert min(dear, key=lambda k: dear[k][0]) == min(dear, key=lambda k: dear[k][1])
-    cpu = resolve("auto", gpu=False, sizes=sizes, batch_rows=4, max_seq_length=2048, seed=0, bucketing=False,
-                  steps=64, dims=dims)
+    cpu = resolve(
+        "auto", gpu=False, sizes=sizes, batch_rows=4, max_seq_length=2048, seed=0, bucketing=False, steps=64, dims=dims
+    )
     assert cpu.name == "exact"
-    gpu = resolve("auto", gpu=True, sizes=sizes, batch_rows=4, max_seq_length=2048, seed=0, bucketing=False,
-                  steps=64, dims=dims)
+    gpu = resolve(
+        "auto", gpu=True, sizes=sizes, batch_rows=4, max_seq_length=2048, seed=0, bucketing=False, steps=64, dims=dims
+    )
     assert gpu.name in ("ladder", "packed") and "predicted" in gpu.chosen
-    assert resolve("ladder", gpu=False, sizes=sizes, batch_rows=4, max_seq_length=2048, seed=0,
-                   bucketing=False, steps=64, dims=dims).name == "ladder"
+    assert (
+        resolve(
+            "ladder",
+            gpu=False,
+            sizes=sizes,
+            batch_rows=4,
+            max_seq_length=2048,
+            seed=0,
+            bucketing=False,
+            steps=64,
+            dims=dims,
+        ).name
+        == "ladder"
+    )
 
 
 def test_bad_shape_and_memory_keys_are_refused(tmp_path):
@@ -127,8 +151,12 @@ def test_bad_shape_and_memory_keys_are_refused(tmp_path):
 
 
 def _run(model, data, out, **sets):
-    base = {"model": {"path": str(model)}, "data": {"path": str(data), "valid_fraction": 0.0},
-            "out": str(out), "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000}}
+    base = {
+        "model": {"path": str(model)},
+        "data": {"path": str(data), "valid_fraction": 0.0},
+        "out": str(out),
+        "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000},
+    }
     cfg = build(extra=base, overrides=[f"{k}={v}" for k, v in sets.items()])
     banner = io.StringIO()
     result = mlx_lora.train(cfg, progress=False, stream=banner)
@@ -140,23 +168,31 @@ def _run(model, data, out, **sets):
 
 def test_every_policy_trains_the_same_steps(tiny_llama, tmp_path):
     data = _varied_chat(tmp_path / "varied.jsonl")
-    common = {"train.iters": 3, "train.batch_size": 4, "train.lr": 1e-2, "train.optimizer": "adam",
-              "train.max_grad_norm": "null", "data.max_seq_length": 512}
+    common = {
+        "train.iters": 3,
+        "train.batch_size": 4,
+        "train.lr": 1e-2,
+        "train.optimizer": "adam",
+        "train.max_grad_norm": "null",
+        "data.max_seq_length": 512,
+    }
     runs = {}
     for policy in ("exact", "ladder", "packed"):
-        runs[policy] = _run(tiny_llama, data, tmp_path / policy, **common, **{"train.shapes": policy,
-                                                                              "train.length_groups": "false"})
+        runs[policy] = _run(
+            tiny_llama, data, tmp_path / policy, **common, **{"train.shapes": policy, "train.length_groups": "false"}
+        )
     runs["auto"] = _run(tiny_llama, data, tmp_path / "auto", **common)  # CPU: rows at their own length
     ref_result, ref_rows, ref_adapter, _ = runs["exact"]
     for policy, (result, rows, adapter, line) in runs.items():
         # the banner names the policy and predicts the shapes and padding the epoch then met
         assert line.startswith(f"shapes    {'exact (auto: the CPU backend)' if policy == 'auto' else policy}"), line
         n = rows[-1]["shapes"]
-        assert f"first epoch: {n} distinct call shape{'s' if n != 1 else ''}, {100 * rows[-1]['padding']:.1f}% padding" \
-            in line, (line, rows[-1])
+        assert (
+            f"first epoch: {n} distinct call shape{'s' if n != 1 else ''}, {100 * rows[-1]['padding']:.1f}% padding"
+            in line
+        ), (line, rows[-1])
         assert result.trained_tokens == ref_result.trained_tokens, policy
-        np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref_rows], rtol=2e-5,
-                                   err_msg=policy)
+        np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref_rows], rtol=2e-5, err_msg=policy)
         for k in ref_adapter:
             np.testing.assert_allclose(adapter[k], ref_adapter[k], rtol=1e-3, atol=5e-5, err_msg=f"{policy} {k}")
     shapes = {p: runs[p][1][-1]["shapes"] for p in runs}
@@ -170,8 +206,8 @@ def test_packed_rows_get_per_example_logits_through_the_fast_attention_kernel(ti
     """A batch packed by the ``packed`` policy gives each example the logits and loss it gets alone,
     and its attention goes through mx.fast.scaled_dot_product_attention with a one-byte mask
     broadcast over the heads ([B, 1, L, L] bool), not a float32 mask per head."""
-    from mlx_lora.training.losses import masked_cross_entropy, model_logits
     from mlx_lora.model.loading import load_model
+    from mlx_lora.training.losses import masked_cross_entropy, model_logits
     from mlx_lora.training.trainer import batch_arrays
 
     model, _, _ = load_model(str(tiny_llama), dtype="float32", with_tokenizer=False)

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_harness import assert_refused, cli_env, run_main
+
 from mlx_lora.testing import make_tiny_dataset
 
 _env = pytest.fixture(scope="module")(cli_env)
@@ -23,9 +23,27 @@ def chat(tmp_path_factory):
 
 
 def _train(capsys, model, data, out, *extra):
-    argv = ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--quiet", "--batch-size", "2",
-            "--set", "data.valid_fraction=0.25", "--set", "train.log_every=1", "--set", "train.eval_every=2",
-            "--set", "train.save_every=2", *extra]
+    argv = [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--quiet",
+        "--batch-size",
+        "2",
+        "--set",
+        "data.valid_fraction=0.25",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.save_every=2",
+        *extra,
+    ]
     code, _, err = run_main(capsys, argv)
     assert code == 0, err
 
@@ -113,13 +131,22 @@ def test_wandb_runs_offline_into_the_run_folder(tiny_llama, chat, tmp_path, caps
     assert len(runs) == 2 and all(f"-{run_id}" in r.name for r in runs)
 
 
-def test_a_missing_tracker_or_an_unknown_one_is_refused_before_training(tiny_llama, chat, tmp_path, capsys, _env,
-                                                                        monkeypatch):
+def test_a_missing_tracker_or_an_unknown_one_is_refused_before_training(
+    tiny_llama, chat, tmp_path, capsys, _env, monkeypatch
+):
     run = tmp_path / "run"
     base = ["train", "--model", str(tiny_llama), "--data", str(chat), "--out", str(run), "--iters", "1"]
-    assert_refused(capsys, base + ["--set", "train.report_to=[mlflow]"],
-                   ["train.report_to", "'mlflow' is not one of tensorboard, wandb"], [tmp_path])
+    assert_refused(
+        capsys,
+        base + ["--set", "train.report_to=[mlflow]"],
+        ["train.report_to", "'mlflow' is not one of tensorboard, wandb"],
+        [tmp_path],
+    )
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
-    assert_refused(capsys, base + ["--set", "train.report_to=[tensorboard, wandb]"],
-                   ["train.report_to", "wandb is not installed", "pip install 'mlx-lora[wandb]'"], [tmp_path])
+    assert_refused(
+        capsys,
+        base + ["--set", "train.report_to=[tensorboard, wandb]"],
+        ["train.report_to", "wandb is not installed", "pip install 'mlx-lora[wandb]'"],
+        [tmp_path],
+    )
     assert not run.exists()

@@ -15,16 +15,20 @@ import pytest
 
 import mlx_lora
 import mlx_lora.data.mixture
-from mlx_lora.model import adapters
 from mlx_lora.config import build
+from mlx_lora.model import adapters
 from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.testing import ARCHITECTURES, MOE_ARCHITECTURES, make_tiny_dataset
 
 
 def _cfg(model, data, out, **sets):
     items = [f"{k}={v}" for k, v in sets.items()]
-    base = {"model": {"path": str(model)}, "data": {"path": str(data), "valid_fraction": 0.0},
-            "out": str(out), "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000}}
+    base = {
+        "model": {"path": str(model)},
+        "data": {"path": str(data), "valid_fraction": 0.0},
+        "out": str(out),
+        "train": {"log_every": 1, "save_every": 1000, "eval_every": 1000},
+    }
     return build(extra=base, overrides=items)
 
 
@@ -50,8 +54,12 @@ def chat8(tmp_path_factory):
 
 def test_memorises_and_generates_in_new_process(memo_model, chat8, tmp_path):
     run = tmp_path / "run"
-    cfg = _cfg(memo_model, chat8, run, **{"train.iters": 100, "train.lr": 3e-3, "train.batch_size": 8,
-                                          "lora.r": 16, "train.warmup_steps": 10})
+    cfg = _cfg(
+        memo_model,
+        chat8,
+        run,
+        **{"train.iters": 100, "train.lr": 3e-3, "train.batch_size": 8, "lora.r": 16, "train.warmup_steps": 10},
+    )
     result = mlx_lora.train(cfg, progress=False)
     losses = _losses(run)
     assert result.steps == 100 and len(losses) == 100
@@ -67,9 +75,26 @@ def test_memorises_and_generates_in_new_process(memo_model, chat8, tmp_path):
     for row in rows:
         question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
         out = subprocess.run(
-            [sys.executable, "-m", "mlx_lora", "generate", "--model", str(memo_model), "--adapter", str(run),
-             "--chat", "--prompt", question, "--max-tokens", "12"],
-            capture_output=True, text=True, env=env, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "mlx_lora",
+                "generate",
+                "--model",
+                str(memo_model),
+                "--adapter",
+                str(run),
+                "--chat",
+                "--prompt",
+                question,
+                "--max-tokens",
+                "12",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip().startswith(answer), (question, out.stdout)
 
@@ -86,8 +111,14 @@ class StopAt:
 
 
 def test_interrupt_and_resume_matches_uninterrupted_run(memo_model, chat8, tmp_path):
-    sets = {"train.iters": 12, "train.lr": 3e-3, "train.batch_size": 2, "lora.dropout": 0.1,
-            "train.save_every": 4, "train.seed": 3}
+    sets = {
+        "train.iters": 12,
+        "train.lr": 3e-3,
+        "train.batch_size": 2,
+        "lora.dropout": 0.1,
+        "train.save_every": 4,
+        "train.seed": 3,
+    }
     full = tmp_path / "full"
     mlx_lora.train(_cfg(memo_model, chat8, full, **sets), progress=False)
 
@@ -107,9 +138,14 @@ def test_interrupt_and_resume_matches_uninterrupted_run(memo_model, chat8, tmp_p
     np.testing.assert_allclose(_losses(part), _losses(full), rtol=1e-4)
 
 
-@pytest.mark.parametrize("other", [{"train.batch_size": 1, "train.grad_accum": 4, "train.length_groups": False},
-                                   {"train.batch_size": 4, "train.length_groups": True}],
-                         ids=["grad_accum", "length_groups"])
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"train.batch_size": 1, "train.grad_accum": 4, "train.length_groups": False},
+        {"train.batch_size": 4, "train.length_groups": True},
+    ],
+    ids=["grad_accum", "length_groups"],
+)
 def test_grad_accumulation_and_length_groups_equal_the_whole_batch(memo_model, chat8, tmp_path, other, monkeypatch):
     """4 micro-batches of 1 row, or each row alone at its own padded length, take the step of one
     padded batch of 4."""
@@ -119,8 +155,10 @@ def test_grad_accumulation_and_length_groups_equal_the_whole_batch(memo_model, c
     # one call: price a call at nothing, as for a real model, so every row runs alone.
     monkeypatch.setattr(T, "CPU_CALL_OVERHEAD", 0.0)
     common = {"train.iters": 3, "train.lr": 1e-3, "train.seed": 1}
-    mlx_lora.train(_cfg(memo_model, chat8, tmp_path / "b4", **common,
-                        **{"train.batch_size": 4, "train.length_groups": False}), progress=False)
+    mlx_lora.train(
+        _cfg(memo_model, chat8, tmp_path / "b4", **common, **{"train.batch_size": 4, "train.length_groups": False}),
+        progress=False,
+    )
     mlx_lora.train(_cfg(memo_model, chat8, tmp_path / "a4", **common, **other), progress=False)
     a, b = _adapter(tmp_path / "b4"), _adapter(tmp_path / "a4")
     assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
@@ -135,8 +173,8 @@ def test_grad_accumulation_and_length_groups_equal_the_whole_batch(memo_model, c
 def test_packed_row_gives_each_example_its_own_loss(tiny_models, arch):
     """Three examples packed in one row with the block-diagonal mask score exactly as alone."""
     from mlx_lora.data.examples import attention_mask_from_segments
-    from mlx_lora.training.losses import masked_cross_entropy
     from mlx_lora.model.loading import load_model
+    from mlx_lora.training.losses import masked_cross_entropy
 
     model, _, _ = load_model(str(tiny_models[arch]), with_tokenizer=False)
     rng = np.random.default_rng(0)
@@ -187,7 +225,7 @@ def test_qlora_on_quantized_base(tiny_model_dir, chat8, tmp_path):
     convert(str(tiny_model_dir("llama", init_std=0.2)), str(q), quantize=True, q_group_size=32, q_bits=4)
     run = tmp_path / "run"
     cfg = _cfg(q, chat8, run, **{"train.iters": 30, "train.lr": 3e-3, "train.batch_size": 8, "lora.r": 16})
-    result = mlx_lora.train(cfg, progress=False)
+    mlx_lora.train(cfg, progress=False)
     losses = _losses(run)
     assert losses[-1] < 0.5 * losses[0]
     model, _, info = mlx_lora.load_for_inference(str(q), str(run))
@@ -200,8 +238,9 @@ def test_qlora_on_quantized_base(tiny_model_dir, chat8, tmp_path):
 
 def test_dora_trains(memo_model, chat8, tmp_path):
     run = tmp_path / "dora"
-    cfg = _cfg(memo_model, chat8, run, **{"train.iters": 30, "train.lr": 3e-3, "train.batch_size": 8,
-                                          "lora.use_dora": True})
+    cfg = _cfg(
+        memo_model, chat8, run, **{"train.iters": 30, "train.lr": 3e-3, "train.batch_size": 8, "lora.use_dora": True}
+    )
     mlx_lora.train(cfg, progress=False)
     losses = _losses(run)
     assert losses[-1] < 0.5 * losses[0]
@@ -211,8 +250,18 @@ def test_dora_trains(memo_model, chat8, tmp_path):
 def test_epochs_decide_steps_and_validation_tracks_best(memo_model, tmp_path):
     data = make_tiny_dataset(tmp_path / "d.jsonl", "chat", n=20, seed=1)
     run = tmp_path / "run"
-    cfg = _cfg(memo_model, data, run, **{"train.epochs": 2, "train.batch_size": 4, "data.valid_fraction": 0.2,
-                                         "train.eval_every": 2, "train.lr": 3e-3})
+    cfg = _cfg(
+        memo_model,
+        data,
+        run,
+        **{
+            "train.epochs": 2,
+            "train.batch_size": 4,
+            "data.valid_fraction": 0.2,
+            "train.eval_every": 2,
+            "train.lr": 3e-3,
+        },
+    )
     result = mlx_lora.train(cfg, progress=False)
     # 16 training rows (20 minus a 20% validation split), 4 per step, 2 epochs
     assert result.steps == 8
@@ -225,9 +274,20 @@ def test_epochs_decide_steps_and_validation_tracks_best(memo_model, tmp_path):
 
 def test_early_stopping(memo_model, chat8, tmp_path):
     data = make_tiny_dataset(tmp_path / "d.jsonl", "chat", n=20, seed=1)
-    cfg = _cfg(memo_model, data, tmp_path / "run", **{
-        "train.iters": 50, "train.lr": 1e-12, "train.batch_size": 4, "data.valid_fraction": 0.2,
-        "train.eval_every": 1, "train.early_stopping_patience": 2, "train.max_grad_norm": "null"})
+    cfg = _cfg(
+        memo_model,
+        data,
+        tmp_path / "run",
+        **{
+            "train.iters": 50,
+            "train.lr": 1e-12,
+            "train.batch_size": 4,
+            "data.valid_fraction": 0.2,
+            "train.eval_every": 1,
+            "train.early_stopping_patience": 2,
+            "train.max_grad_norm": "null",
+        },
+    )
     result = mlx_lora.train(cfg, progress=False)
     assert result.stopped == "early_stopping" and result.steps < 50
 
@@ -260,8 +320,18 @@ class Poison:
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_loss_policy_keeps_last_good_checkpoint(memo_model, chat8, tmp_path, monkeypatch, policy):
     run = tmp_path / "run"
-    cfg = _cfg(memo_model, chat8, run, **{"train.iters": 8, "train.batch_size": 8, "train.save_every": 1,
-                                          "train.compile": False, "train.nan_policy": policy})
+    cfg = _cfg(
+        memo_model,
+        chat8,
+        run,
+        **{
+            "train.iters": 8,
+            "train.batch_size": 8,
+            "train.save_every": 1,
+            "train.compile": False,
+            "train.nan_policy": policy,
+        },
+    )
     poison = Poison(monkeypatch, from_step=4)
     with pytest.raises(mlx_lora.training.trainer.TrainingStopped, match="last good checkpoint"):
         mlx_lora.train(cfg, progress=False, callbacks=[poison])
@@ -295,8 +365,9 @@ def test_bad_data_leaves_no_run_folder(memo_model, tmp_path):
 def test_grad_checkpoint_takes_the_same_steps(memo_model, chat8, tmp_path):
     common = {"train.iters": 3, "train.lr": 1e-3, "train.batch_size": 4}
     mlx_lora.train(_cfg(memo_model, chat8, tmp_path / "plain", **common), progress=False)
-    mlx_lora.train(_cfg(memo_model, chat8, tmp_path / "ckpt", **common, **{"train.grad_checkpoint": True}),
-                   progress=False)
+    mlx_lora.train(
+        _cfg(memo_model, chat8, tmp_path / "ckpt", **common, **{"train.grad_checkpoint": True}), progress=False
+    )
     a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "ckpt")
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
@@ -309,8 +380,19 @@ def test_grad_checkpoint_takes_the_same_steps(memo_model, chat8, tmp_path):
 
 def test_packed_training_memorises(memo_model, chat8, tmp_path):
     run = tmp_path / "packed"
-    cfg = _cfg(memo_model, chat8, run, **{"train.iters": 60, "train.lr": 3e-3, "train.batch_size": 1,
-                                          "lora.r": 16, "data.packing": True, "data.max_seq_length": 256})
+    cfg = _cfg(
+        memo_model,
+        chat8,
+        run,
+        **{
+            "train.iters": 60,
+            "train.lr": 3e-3,
+            "train.batch_size": 1,
+            "lora.r": 16,
+            "data.packing": True,
+            "data.max_seq_length": 256,
+        },
+    )
     mlx_lora.train(cfg, progress=False)
     losses = _losses(run)
     assert losses[-1] < 0.2 * losses[0]
@@ -331,10 +413,18 @@ def test_dry_run_predicts_the_jobs_peak_and_writes_nothing(memo_model, chat8, tm
     assert not run.exists()
     assert est.total_steps == 6 and est.train_seconds > 0 and est.shapes >= 1
     # chat8 is 8 examples: 2 batches of 4 per epoch, 3 epochs in 6 steps
-    ds_tokens = sum(b.ntokens for b, _ in mlx_lora.data.examples.iterate_batches(
-        mlx_lora.data.mixture.load_datasets(cfg.data, mlx_lora.model.loading.load_model(str(memo_model))[1], seed=0,
-                                    splits=("train",)).train, 4, max_seq_length=cfg.data.max_seq_length,
-        seed=0, loop=False))
+    ds_tokens = sum(
+        b.ntokens
+        for b, _ in mlx_lora.data.examples.iterate_batches(
+            mlx_lora.data.mixture.load_datasets(
+                cfg.data, mlx_lora.model.loading.load_model(str(memo_model))[1], seed=0, splits=("train",)
+            ).train,
+            4,
+            max_seq_length=cfg.data.max_seq_length,
+            seed=0,
+            loop=False,
+        )
+    )
     assert est.target_tokens == 3 * ds_tokens
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -342,8 +432,22 @@ def test_dry_run_predicts_the_jobs_peak_and_writes_nothing(memo_model, chat8, tm
     real = mx.get_peak_memory()
     assert 0.5 * real <= est.peak_memory_bytes <= 1.5 * real, (est.peak_memory_bytes, real)
 
-    out = CliRunner().invoke(cli, ["train", "--model", str(memo_model), "--data", str(chat8), "--out",
-                                   str(tmp_path / "cli"), "--iters", "6", "--dry-run", "--quiet"])
+    out = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--model",
+            str(memo_model),
+            "--data",
+            str(chat8),
+            "--out",
+            str(tmp_path / "cli"),
+            "--iters",
+            "6",
+            "--dry-run",
+            "--quiet",
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert "peak" in out.output and "target tokens/s" in out.output and "6 steps" in out.output
     assert not (tmp_path / "cli").exists()

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-
 from cli_harness import assert_one_error_message, cli_env, diff, run_main, snapshot, write
+
 from mlx_lora.data import templates
-from mlx_lora.inference.evaluation import PromptTooLong, bound_prompt
 from mlx_lora.data.templates import TemplateLimitError, template_from_source
+from mlx_lora.inference.evaluation import PromptTooLong, bound_prompt
 from mlx_lora.testing import make_tiny_dataset
 
 _env = pytest.fixture(scope="module", autouse=True)(cli_env)
@@ -62,8 +62,26 @@ def world(tmp_path_factory, tiny_llama, _env) -> World:
     w.evil = evil_model(tiny_llama, w.root / "evil", w.marker)
     w.chat_data = make_tiny_dataset(w.root / "chat.jsonl", "chat", n=8)
     w.run = w.root / "run"
-    code = _main(["train", "--model", str(w.model), "--data", str(w.chat_data), "--out", str(w.run), "--iters", "2",
-                  "--batch-size", "2", "--quiet", "--set", "data.valid_fraction=0", "--set", "train.save_every=1"])
+    code = _main(
+        [
+            "train",
+            "--model",
+            str(w.model),
+            "--data",
+            str(w.chat_data),
+            "--out",
+            str(w.run),
+            "--iters",
+            "2",
+            "--batch-size",
+            "2",
+            "--quiet",
+            "--set",
+            "data.valid_fraction=0",
+            "--set",
+            "train.save_every=1",
+        ]
+    )
     assert code == 0
     return w
 
@@ -91,17 +109,29 @@ def evil_model(source: Path, out: Path, marker: Path) -> Path:
         f"pathlib.Path({str(marker)!r}).write_text('ran')\n"
         "from transformers import PreTrainedTokenizerFast\n\n\n"
         "class EvilTokenizer(PreTrainedTokenizerFast):\n"
-        "    pass\n")
+        "    pass\n"
+    )
     return out
 
 
 def subprocess_cli(argv, tmp: Path, stdin: str = "y\ny\ny\ny\n") -> subprocess.CompletedProcess:
     """The real command in its own process, with ``stdin`` piped in (as ``echo y | mlx-lora ...``)."""
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp / "hf_modules"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO / "tests")}
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp / "hf_modules"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO / "tests"),
+    }
     env.pop("MLX_LORA_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "mlx_lora", *map(str, argv)], input=stdin, capture_output=True,
-                          text=True, env=env, cwd=tmp, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_lora", *map(str, argv)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp,
+        timeout=600,
+    )
 
 
 def assert_one_line(r: subprocess.CompletedProcess, fragments) -> str:
@@ -125,8 +155,18 @@ def _remote_code_cases(w: World, tmp: Path) -> dict:
         "generate": ["generate", "--model", w.evil, "--prompt", "hi", "--max-tokens", "2"],
         "chat": ["chat", "--model", w.evil, "--max-tokens", "2"],
         "eval": ["eval", "--model", w.evil, "--data", eval_rows],
-        "eval --generate": ["eval", "--generate", "--model", w.evil, "--data", eval_rows, "--max-tokens", "2",
-                            "--out", tmp / "out.jsonl"],
+        "eval --generate": [
+            "eval",
+            "--generate",
+            "--model",
+            w.evil,
+            "--data",
+            eval_rows,
+            "--max-tokens",
+            "2",
+            "--out",
+            tmp / "out.jsonl",
+        ],
         "train": ["train", "--model", w.evil, "--data", w.chat_data, "--out", tmp / "run", "--iters", "1", "--quiet"],
         "serve": ["serve", "--model", w.evil, "--port", "0"],
     }
@@ -137,8 +177,9 @@ def test_remote_tokenizer_code_never_runs_even_with_yes_on_stdin(world, tmp_path
     argv = _remote_code_cases(world, tmp_path)[command]
     before = snapshot(world.evil, tmp_path)
     r = subprocess_cli(argv, tmp_path)
-    assert_one_line(r, [world.evil / "tokenizer_config.json", "auto_map", "--trust-remote-code",
-                        "model.trust_remote_code"])
+    assert_one_line(
+        r, [world.evil / "tokenizer_config.json", "auto_map", "--trust-remote-code", "model.trust_remote_code"]
+    )
     assert not world.marker.exists(), "the model folder's code ran"
     assert "Do you wish to run the custom code" not in r.stdout + r.stderr
     assert diff(before, snapshot(world.evil, tmp_path)) == []
@@ -148,16 +189,35 @@ def test_trust_remote_code_reaches_the_tokenizer(world, tmp_path, capsys, monkey
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
     marker = tmp_path / "MARKER"
     evil = evil_model(world.model, tmp_path / "evil", marker)
-    code, out, err = run_main(capsys, ["generate", "--model", str(evil), "--prompt", "hi", "--max-tokens", "2",
-                                       "--trust-remote-code"])
+    code, out, err = run_main(
+        capsys, ["generate", "--model", str(evil), "--prompt", "hi", "--max-tokens", "2", "--trust-remote-code"]
+    )
     assert code == 0, err
     assert marker.read_text() == "ran"
     # train: the config key reaches it too (another folder: this process has imported the first one)
     marker = tmp_path / "MARKER2"
     evil = evil_model(world.model, tmp_path / "evil_two", marker)
-    code, out, err = run_main(capsys, ["train", "--model", str(evil), "--data", str(world.chat_data), "--out",
-                                       str(tmp_path / "run"), "--iters", "1", "--batch-size", "2", "--quiet",
-                                       "--set", "data.valid_fraction=0", "--set", "model.trust_remote_code=true"])
+    code, out, err = run_main(
+        capsys,
+        [
+            "train",
+            "--model",
+            str(evil),
+            "--data",
+            str(world.chat_data),
+            "--out",
+            str(tmp_path / "run"),
+            "--iters",
+            "1",
+            "--batch-size",
+            "2",
+            "--quiet",
+            "--set",
+            "data.valid_fraction=0",
+            "--set",
+            "model.trust_remote_code=true",
+        ],
+    )
     assert code == 0, err
     assert marker.read_text() == "ran"
 
@@ -192,21 +252,20 @@ def test_no_library_reads_an_answer_from_stdin_while_loading(world, monkeypatch,
 BOMBS = {
     "big-int squaring": "{% set x = 2 ** 4000 %}" + "{% set x = x * x %}" * 20 + "{{ x }}",
     "big-int in a loop": "{% set ns = namespace(x=2) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}"
-                         "{% endfor %}{{ ns.x }}",
+    "{% endfor %}{{ ns.x }}",
     "power chain": "{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x ** 2 %}{% endfor %}",
     "float power": "{{ 2.5 ** 100000 }}",
     "string multiplication": "{{ 'x' * 10 ** 9 }}",
     "string doubling": "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s * 2 %}{% endfor %}",
     "concat doubling": "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
-                       "{% endfor %}",
-    "list doubling": "{% set ns = namespace(s=[1]) %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
-                     "{% endfor %}",
+    "{% endfor %}",
+    "list doubling": "{% set ns = namespace(s=[1]) %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
     "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}",
     "range(10**12)": "{% for i in range(10 ** 12) %}{{ i }}{% endfor %}",
     "range list": "{{ range(10 ** 7) | list | length }}",
     "recursive macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
     "exponential macro": "{% macro f(n) %}{% if n < 60 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}{% endmacro %}"
-                         "{{ f(0) }}",
+    "{{ f(0) }}",
     "recursive loop": "{% for m in messages recursive %}{{ loop(messages) }}{% endfor %}",
     "big join": "{{ (['x' * 1000000] * 100) | join('') }}",
     "center": "{{ 'x' | center(10 ** 10) }}",
@@ -232,7 +291,7 @@ def test_the_deadline_holds_in_a_worker_thread(monkeypatch):
     def work():
         try:
             template.render([{"role": "user", "content": "hi"}])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             got.append(e)
 
     t = threading.Thread(target=work)
@@ -249,11 +308,11 @@ def test_normal_templates_still_render_as_transformers_does(world):
     from mlx_lora.data.templates import apply_chat_template
 
     tok = AutoTokenizer.from_pretrained(world.model)
-    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-            {"role": "assistant", "content": "a"}]
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
     for gen in (False, True):
         assert apply_chat_template(tok, msgs, add_generation_prompt=gen) == tok.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=gen)
+            msgs, tokenize=False, add_generation_prompt=gen
+        )
 
 
 def bomb_model(world: World, tmp: Path, source: str) -> Path:
@@ -267,9 +326,11 @@ def bomb_model(world: World, tmp: Path, source: str) -> Path:
 
 BOMB = BOMBS["big-int squaring"]
 # Renders normally until a message says "boom": passes the check made as the model loads.
-LATE_BOMB = ("{% for m in messages %}{% if m.content == 'boom' %}{{ 'x' * 10 ** 10 }}{% endif %}"
-             "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LATE_BOMB = (
+    "{% for m in messages %}{% if m.content == 'boom' %}{{ 'x' * 10 ** 10 }}{% endif %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.mark.parametrize("command", ["generate --chat", "chat", "serve", "eval --generate", "eval", "train"])
@@ -295,20 +356,42 @@ def test_a_models_own_template_bomb_fails_in_one_line_naming_its_file(world, tmp
 def test_a_jinja_file_bomb_fails_training_in_one_line(world, tmp_path, capsys):
     jinja = write(tmp_path / "evil.jinja", BOMBS["nested loops"])
     before = snapshot(tmp_path)
-    code, out, err = run_main(capsys, ["train", "--model", str(world.model), "--data", str(world.chat_data), "--out",
-                                       str(tmp_path / "run"), "--iters", "1", "--quiet",
-                                       "--set", f"data.chat_template={jinja}"])
+    code, out, err = run_main(
+        capsys,
+        [
+            "train",
+            "--model",
+            str(world.model),
+            "--data",
+            str(world.chat_data),
+            "--out",
+            str(tmp_path / "run"),
+            "--iters",
+            "1",
+            "--quiet",
+            "--set",
+            f"data.chat_template={jinja}",
+        ],
+    )
     assert_one_error_message(code, out, err, [jinja, "step budget"])
     assert diff(before, snapshot(tmp_path)) == []
 
 
 def test_a_template_that_explodes_on_one_row_names_the_file_and_row(world, tmp_path, capsys):
     model = bomb_model(world, tmp_path, LATE_BOMB)
-    data = write(tmp_path / "rows.jsonl", "".join(json.dumps(r) + "\n" for r in [
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
-        {"messages": [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "ok"}]}]))
-    code, out, err = run_main(capsys, ["eval", "--generate", "--model", str(model), "--data", str(data),
-                                       "--max-tokens", "2"])
+    data = write(
+        tmp_path / "rows.jsonl",
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
+                {"messages": [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "ok"}]},
+            ]
+        ),
+    )
+    code, out, err = run_main(
+        capsys, ["eval", "--generate", "--model", str(model), "--data", str(data), "--max-tokens", "2"]
+    )
     assert_one_error_message(code, out, err, [model / "tokenizer_config.json", f"{data}:2", "size limit"])
 
 
@@ -352,11 +435,25 @@ def test_generate_refuses_a_prompt_past_the_context(world, capsys):
     huge = "word " * 2_000_000
     code, out, err = run_main(capsys, ["generate", "--model", str(world.model), "--prompt", huge, "--max-tokens", "4"])
     assert_one_error_message(code, out, err, ["--prompt", "characters", "context is 4096 tokens"])
-    code, out, err = run_main(capsys, ["generate", "--model", str(world.model), "--prompt", "hello world " * 20,
-                                       "--max-tokens", "4090"])
+    code, out, err = run_main(
+        capsys, ["generate", "--model", str(world.model), "--prompt", "hello world " * 20, "--max-tokens", "4090"]
+    )
     assert_one_error_message(code, out, err, ["--prompt", "tokens", "4096", "4090"])
-    code, out, err = run_main(capsys, ["generate", "--model", str(world.model), "--prompt", "hi", "--chat",
-                                       "--system", "word " * 5000, "--max-tokens", "4"])
+    code, out, err = run_main(
+        capsys,
+        [
+            "generate",
+            "--model",
+            str(world.model),
+            "--prompt",
+            "hi",
+            "--chat",
+            "--system",
+            "word " * 5000,
+            "--max-tokens",
+            "4",
+        ],
+    )
     assert_one_error_message(code, out, err, ["the conversation", "tokens", "context is 4096"])
 
 
@@ -368,14 +465,30 @@ def test_chat_refuses_a_turn_past_the_context_and_goes_on(world, capsys, monkeyp
 
 
 def test_eval_generate_skips_and_counts_rows_past_the_context(world, tmp_path, capsys):
-    rows = [{"prompt": "short one", "completion": "x"},
-            {"prompt": "word " * 1_000_000, "completion": "x"},  # refused before tokenizing
-            {"prompt": "word " * 5000, "completion": "x"},  # tokenized: past the context
-            {"prompt": "another", "completion": "y"}]
+    rows = [
+        {"prompt": "short one", "completion": "x"},
+        {"prompt": "word " * 1_000_000, "completion": "x"},  # refused before tokenizing
+        {"prompt": "word " * 5000, "completion": "x"},  # tokenized: past the context
+        {"prompt": "another", "completion": "y"},
+    ]
     data = write(tmp_path / "rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     out_file = tmp_path / "out.jsonl"
-    code, out, err = run_main(capsys, ["eval", "--generate", "--model", str(world.model), "--data", str(data),
-                                       "--max-tokens", "4", "--out", str(out_file), "--json"])
+    code, out, err = run_main(
+        capsys,
+        [
+            "eval",
+            "--generate",
+            "--model",
+            str(world.model),
+            "--data",
+            str(data),
+            "--max-tokens",
+            "4",
+            "--out",
+            str(out_file),
+            "--json",
+        ],
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["rows"] == 2 and summary["skipped"] == 2 and summary["skipped_lines"] == [2, 3]
@@ -415,22 +528,47 @@ def broken_adapter(world: World, tmp: Path, how: str) -> Path:
     return folder
 
 
-ADAPTER_FAULTS = {"nan": ["NaN"], "alpha": ["lora_alpha", "scale 1.25e+307"],
-                  "alpha-untrained": ["lora_alpha", "scale 1.25e+307"],
-                  "latest-folder": ["checkpoints/latest is a folder"]}
+ADAPTER_FAULTS = {
+    "nan": ["NaN"],
+    "alpha": ["lora_alpha", "scale 1.25e+307"],
+    "alpha-untrained": ["lora_alpha", "scale 1.25e+307"],
+    "latest-folder": ["checkpoints/latest is a folder"],
+}
 
 
 def _adapter_argv(command: str, w: World, adapter: Path, tmp: Path) -> list:
     return {
         "generate": ["generate", "--model", w.model, "--adapter", adapter, "--prompt", "hi", "--max-tokens", "2"],
         "eval": ["eval", "--model", w.model, "--adapter", adapter, "--data", w.chat_data],
-        "eval --generate": ["eval", "--generate", "--model", w.model, "--adapter", adapter, "--data", w.chat_data,
-                            "--max-tokens", "2", "--out", tmp / "out.jsonl"],
+        "eval --generate": [
+            "eval",
+            "--generate",
+            "--model",
+            w.model,
+            "--adapter",
+            adapter,
+            "--data",
+            w.chat_data,
+            "--max-tokens",
+            "2",
+            "--out",
+            tmp / "out.jsonl",
+        ],
         "chat": ["chat", "--model", w.model, "--adapter", adapter, "--max-tokens", "2"],
         "serve": ["serve", "--model", w.model, "--adapter", f"a={adapter}", "--port", "0"],
         "fuse": ["fuse", "--model", w.model, "--adapter", adapter, "--out", tmp / "fused"],
-        "export adapter": ["export", "adapter", "--model", w.model, "--adapter", adapter, "--format", "peft",
-                           "--out", tmp / "peft"],
+        "export adapter": [
+            "export",
+            "adapter",
+            "--model",
+            w.model,
+            "--adapter",
+            adapter,
+            "--format",
+            "peft",
+            "--out",
+            tmp / "peft",
+        ],
     }[command]
 
 
@@ -466,8 +604,10 @@ def test_resume_refuses_a_broken_run_before_writing(world, tmp_path, capsys, how
 
 
 def test_a_healthy_adapter_still_loads_everywhere(world, capsys):
-    code, out, err = run_main(capsys, ["generate", "--model", str(world.model), "--adapter", str(world.run),
-                                       "--prompt", "hi", "--max-tokens", "2"])
+    code, out, err = run_main(
+        capsys,
+        ["generate", "--model", str(world.model), "--adapter", str(world.run), "--prompt", "hi", "--max-tokens", "2"],
+    )
     assert code == 0, err
 
 
@@ -496,8 +636,9 @@ def test_serve_answers_a_template_bomb_with_a_400_and_keeps_serving(world, tmp_p
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/chat/completions"
 
         def post(content: str):
-            body = json.dumps({"model": model.name, "messages": [{"role": "user", "content": content}],
-                               "max_tokens": 2}).encode()
+            body = json.dumps(
+                {"model": model.name, "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+            ).encode()
             req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=300) as r:

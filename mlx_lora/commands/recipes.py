@@ -38,13 +38,17 @@ from typing import Optional
 
 import click
 
+from mlx_lora.config import TrainConfig
 from mlx_lora.plumbing.errors import MlxLoraError
+from mlx_lora.plumbing.io import atomic_path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # An installed package holds the recipes as mlx_lora/recipes_data (mapped from recipes/ at build
 # time); a source checkout or editable install reads the repository's recipes/ folder itself.
-RECIPES_DIR = next((d for d in (PACKAGE_DIR / "recipes_data", PACKAGE_DIR.parent / "recipes") if d.is_dir()),
-                   PACKAGE_DIR / "recipes_data")
+RECIPES_DIR = next(
+    (d for d in (PACKAGE_DIR / "recipes_data", PACKAGE_DIR.parent / "recipes") if d.is_dir()),
+    PACKAGE_DIR / "recipes_data",
+)
 DEMO_DIR = PACKAGE_DIR / "demo_data"
 # Bundled demo data sets: name -> path relative to DEMO_DIR.
 DEMO_DATA = {
@@ -79,8 +83,8 @@ class RecipeError(MlxLoraError):
 class Recipe:
     name: str
     path: Path
-    kind: str                       # "config" (YAML) or "script" (Python)
-    command: str                    # the exact command from the first header line
+    kind: str  # "config" (YAML) or "script" (Python)
+    command: str  # the exact command from the first header line
     description: str
     fields: dict = field(default_factory=dict)  # header key -> value
 
@@ -159,7 +163,6 @@ def get_recipe(name: str, folder: Optional[Path] = None) -> Recipe:
 
 def copy_recipe(name: str, dest, overwrite: bool = False) -> Path:
     """Copy recipe ``name`` to ``dest`` (a file, or a folder to put it in); returns the new file."""
-    from mlx_lora.plumbing.io import atomic_path
 
     recipe = get_recipe(name)
     dest = Path(dest).expanduser()
@@ -229,11 +232,16 @@ class ModelShape:
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelShape":
         text = cfg.get("text_config", cfg)
-        return cls(hidden=text["hidden_size"], layers=text["num_hidden_layers"],
-                   intermediate=text["intermediate_size"], heads=text["num_attention_heads"],
-                   kv_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
-                   vocab=text["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-                   head_dim=text.get("head_dim"))
+        return cls(
+            hidden=text["hidden_size"],
+            layers=text["num_hidden_layers"],
+            intermediate=text["intermediate_size"],
+            heads=text["num_attention_heads"],
+            kv_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
+            vocab=text["vocab_size"],
+            tied=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            head_dim=text.get("head_dim"),
+        )
 
 
 # Published config.json values of the models the recipes and the memory table name.
@@ -276,10 +284,20 @@ class MemoryEstimate:
         return self.total / 1e9
 
 
-def estimate_peak_memory(shape: ModelShape, *, bits: int = 16, seq_len: int = 2048, batch: int = 1, r: int = 8,
-                         grad_checkpoint: bool = False, checkpoint_attention: bool = False,
-                         loss_chunk_tokens: Optional[int] = None, compute_bytes: int = 2,
-                         lora_layers: Optional[int] = None, weight_bytes: Optional[float] = None) -> MemoryEstimate:
+def estimate_peak_memory(
+    shape: ModelShape,
+    *,
+    bits: int = 16,
+    seq_len: int = 2048,
+    batch: int = 1,
+    r: int = 8,
+    grad_checkpoint: bool = False,
+    checkpoint_attention: bool = False,
+    loss_chunk_tokens: Optional[int] = None,
+    compute_bytes: int = 2,
+    lora_layers: Optional[int] = None,
+    weight_bytes: Optional[float] = None,
+) -> MemoryEstimate:
     """Peak memory of one training step (see the module docstring for the model).
 
     ``bits``: 16 for float weights (stored in ``weight_bytes``, default ``compute_bytes``), else the
@@ -294,8 +312,8 @@ def estimate_peak_memory(shape: ModelShape, *, bits: int = 16, seq_len: int = 20
     n_lora = lora_layers if lora_layers is not None else shape.layers
     adapter = 16 * shape.lora_params(r) * n_lora / shape.layers
     kv = shape.kv_heads * shape.hd
-    kept = B * L * c * (8 * h + 3 * kv + 4 * shape.intermediate)   # one block, without attention scores
-    scores = B * L * c * 2 * shape.heads * L                         # one block's scores + probabilities
+    kept = B * L * c * (8 * h + 3 * kv + 4 * shape.intermediate)  # one block, without attention scores
+    scores = B * L * c * 2 * shape.heads * L  # one block's scores + probabilities
     if grad_checkpoint:
         activations = shape.layers * B * L * h * c + kept + scores
     elif checkpoint_attention:
@@ -318,8 +336,9 @@ def smallest_mac(gb: float) -> Optional[int]:
     return None
 
 
-def estimate_for_config(cfg, shape: Optional[ModelShape] = None, bits: Optional[int] = None,
-                        compute_bytes: int = 2) -> Optional[MemoryEstimate]:
+def estimate_for_config(
+    cfg, shape: Optional[ModelShape] = None, bits: Optional[int] = None, compute_bytes: int = 2
+) -> Optional[MemoryEstimate]:
     """Estimate for a training :class:`~mlx_lora.config.Config` whose model is in
     :data:`KNOWN_MODELS` (or whose ``shape``/``bits`` are given); None when the model is unknown."""
     if shape is None:
@@ -332,11 +351,18 @@ def estimate_for_config(cfg, shape: Optional[ModelShape] = None, bits: Optional[
     t = cfg.train
     # GRPO updates on group_size completions of each prompt (the sampling phase's KV cache is smaller)
     rows = t.batch_size * (t.group_size if getattr(t, "method", "sft") == "grpo" else 1)
-    return estimate_peak_memory(shape, bits=bits or 16, seq_len=cfg.data.max_seq_length, batch=rows,
-                                r=cfg.lora.r, grad_checkpoint=t.grad_checkpoint,
-                                checkpoint_attention=getattr(t, "checkpoint_attention", False),
-                                loss_chunk_tokens=getattr(t, "loss_chunk_tokens", None),
-                                compute_bytes=compute_bytes, lora_layers=len(layers) if layers else None)
+    return estimate_peak_memory(
+        shape,
+        bits=bits or 16,
+        seq_len=cfg.data.max_seq_length,
+        batch=rows,
+        r=cfg.lora.r,
+        grad_checkpoint=t.grad_checkpoint,
+        checkpoint_attention=getattr(t, "checkpoint_attention", False),
+        loss_chunk_tokens=getattr(t, "loss_chunk_tokens", None),
+        compute_bytes=compute_bytes,
+        lora_layers=len(layers) if layers else None,
+    )
 
 
 def memory_text(est: MemoryEstimate) -> tuple[str, str]:
@@ -375,8 +401,15 @@ def list_lines(recipes: list[Recipe], width: int) -> list[str]:
     scripts = [r for r in recipes if r.kind != "config"]
     out: list[str] = []
     if configs:
-        rows = [(r.name, r.get("model", "-"), r.get("memory", "-").split(" (")[0].removesuffix(" peak").lstrip("~"),
-                 r.get("fits", "-")) for r in configs]
+        rows = [
+            (
+                r.name,
+                r.get("model", "-"),
+                r.get("memory", "-").split(" (")[0].removesuffix(" peak").lstrip("~"),
+                r.get("fits", "-"),
+            )
+            for r in configs
+        ]
         head = ("recipe", "model", "memory", "fits")
         fixed = [max(len(head[i]), *(len(row[i]) for row in rows)) for i in (0, 2, 3)]
         model_w = max(len(head[1]), min(max(len(row[1]) for row in rows), width - sum(fixed) - 6))
@@ -405,7 +438,6 @@ def list_lines(recipes: list[Recipe], width: int) -> list[str]:
 def list_command():
     """Training recipes (name, model, estimated peak memory, task and description) and scripts,
     fitted to the terminal's width."""
-    import shutil
 
     width = shutil.get_terminal_size((80, 24)).columns
     for line in list_lines(list_recipes(), width):
@@ -464,18 +496,20 @@ def memory_table_markdown(r: int = 16, grad_checkpoint: bool = True) -> str:
     """Estimated peak memory (bfloat16 compute, batch 1, LoRA rank ``r`` on every linear layer,
     the trainer's default loss) per model, weight precision and sequence length, with the smallest
     Mac it fits."""
-    from mlx_lora.config import TrainConfig
 
     chunk = getattr(TrainConfig(), "loss_chunk_tokens", None)
-    lines = ["| model | weights | " + " | ".join(f"{n} tokens" for n in TABLE_LENGTHS) + " |",
-             "|---|---|" + "---|" * len(TABLE_LENGTHS)]
+    lines = [
+        "| model | weights | " + " | ".join(f"{n} tokens" for n in TABLE_LENGTHS) + " |",
+        "|---|---|" + "---|" * len(TABLE_LENGTHS),
+    ]
     for label, key in TABLE_MODELS:
         shape = KNOWN_MODELS[key][0]
         for bits, name in ((16, "bf16"), (8, "8-bit"), (4, "4-bit")):
             cells = []
             for n in TABLE_LENGTHS:
-                gb = estimate_peak_memory(shape, bits=bits, seq_len=n, r=r, grad_checkpoint=grad_checkpoint,
-                                          loss_chunk_tokens=chunk).gb()
+                gb = estimate_peak_memory(
+                    shape, bits=bits, seq_len=n, r=r, grad_checkpoint=grad_checkpoint, loss_chunk_tokens=chunk
+                ).gb()
                 mac = smallest_mac(gb)
                 cells.append(f"{gb:.1f} GB ({mac} GB)" if mac else f"{gb:.1f} GB (none)")
             lines.append(f"| {label} ({shape.params / 1e9:.2f}B) | {name} | " + " | ".join(cells) + " |")

@@ -68,8 +68,9 @@ def read_run(adapter: str) -> RunInputs:
         try:
             raw = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise MlxLoraError(f"{cfg_path}: cannot read the run's configuration ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200]})") from None
+            raise MlxLoraError(
+                f"{cfg_path}: cannot read the run's configuration ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
         if not isinstance(raw, dict):
             raise MlxLoraError(f"{cfg_path}: the run's configuration is not a mapping of sections")
         data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
@@ -87,8 +88,9 @@ def read_run(adapter: str) -> RunInputs:
     )
 
 
-def resolve(model: Optional[str], adapter: Optional[str], run: Optional[str] = None
-            ) -> tuple[str, Optional[str], Optional[RunInputs]]:
+def resolve(
+    model: Optional[str], adapter: Optional[str], run: Optional[str] = None
+) -> tuple[str, Optional[str], Optional[RunInputs]]:
     """(model, adapter, what the run records) for a command given any of: ``run`` (a run folder
     as the command's argument), ``--adapter``, ``--model``. ``--model`` may be left out when the
     adapter records its base; a run folder given as ``--model`` is taken as the adapter."""
@@ -101,11 +103,15 @@ def resolve(model: Optional[str], adapter: Optional[str], run: Optional[str] = N
     inputs = read_run(adapter) if adapter is not None else None
     if model is None:
         if inputs is None:
-            raise MlxLoraError("no model given: pass --model (a folder, hub id or .gguf), or a run folder "
-                               "such as runs/quickstart/run, which records its base model")
+            raise MlxLoraError(
+                "no model given: pass --model (a folder, hub id or .gguf), or a run folder "
+                "such as runs/quickstart/run, which records its base model"
+            )
         if inputs.base_model is None:
-            raise MlxLoraError(f"{adapter}: the adapter does not record its base model "
-                               f"(adapter_config.json has no base_model_name_or_path); pass --model")
+            raise MlxLoraError(
+                f"{adapter}: the adapter does not record its base model "
+                f"(adapter_config.json has no base_model_name_or_path); pass --model"
+            )
         model = inputs.base_model
     return model, adapter, inputs
 

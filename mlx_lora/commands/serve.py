@@ -37,13 +37,23 @@ from typing import Optional, TextIO
 
 import click
 
-from mlx_lora.config import MAX_SEED, Bound, show
-from mlx_lora.inference.engine import (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PROMPT_CACHE_GB, MAX_TOP_LOGPROBS, AdapterBank,
-                     Engine, QueueFull, Sampling)
-from mlx_lora.plumbing.errors import DataError, MlxLoraError
+from mlx_lora.commands.api import load_for_inference
 from mlx_lora.commands.run_inputs import read_run, serve_name
-from mlx_lora.inference.generation import LIMITS
+from mlx_lora.config import MAX_SEED, Bound, check_options, show
+from mlx_lora.inference.engine import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PROMPT_CACHE_GB,
+    MAX_TOP_LOGPROBS,
+    AdapterBank,
+    Engine,
+    QueueFull,
+    Sampling,
+)
+from mlx_lora.inference.generation import LIMITS, MAX_STOPS, chat_prompt, chat_template_for, encode
 from mlx_lora.inference.json_constraint import JsonConstraint, schema_problem
+from mlx_lora.plumbing.errors import DataError, MlxLoraError
+from mlx_lora.plumbing.interrupts import sigterm_as_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +68,14 @@ FIELD_BOUNDS = {"temperature": Bound(float, 0, 2, cap=False), "top_p": LIMITS["t
 class RequestError(Exception):
     """A request the server refuses, in the OpenAI error shape."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -84,8 +100,10 @@ def parse_adapters(specs) -> dict[str, str]:
         if not eq or not name or not folder:
             raise MlxLoraError(f"--adapter {show(spec)}: expected NAME=RUN_FOLDER, e.g. --adapter support=runs/support")
         if not NAME.match(name):
-            raise MlxLoraError(f"--adapter {show(spec)}: the name may hold letters, digits and . _ : / - "
-                               f"(at most 128, starting with a letter or digit)")
+            raise MlxLoraError(
+                f"--adapter {show(spec)}: the name may hold letters, digits and . _ : / - "
+                f"(at most 128, starting with a letter or digit)"
+            )
         if name in out:
             raise MlxLoraError(f"--adapter {show(spec)}: the name {name!r} is given twice")
         out[name] = folder
@@ -105,9 +123,19 @@ class Server:
     """What the HTTP app serves: the generation engine (which owns the model and runs on its own
     thread), the tokenizer and chat template, the model names and the limits."""
 
-    def __init__(self, engine: Engine, tokenizer, template, adapter_names: list[str], base_name: str, *,
-                 context: Optional[int] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2**20, log: Optional[TextIO] = None):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        template,
+        adapter_names: list[str],
+        base_name: str,
+        *,
+        context: Optional[int] = None,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2**20,
+        log: Optional[TextIO] = None,
+    ):
         self.engine, self.tokenizer, self.template = engine, tokenizer, template
         self.adapter_names, self.base_name = list(adapter_names), base_name
         self.context = context
@@ -132,54 +160,99 @@ class Server:
             return None
         if name in self.adapter_names:
             return name
-        raise RequestError(404, f"The model '{name[:200]}' does not exist; this server has: "
-                                f"{', '.join(self.model_names)}", "model", "model_not_found")
+        raise RequestError(
+            404,
+            f"The model '{name[:200]}' does not exist; this server has: {', '.join(self.model_names)}",
+            "model",
+            "model_not_found",
+        )
 
     def close(self) -> None:
         self.engine.close()
 
 
-def build_server(model_path: str, adapters: dict[str, str], *, chat_template: Optional[str] = None,
-                 strict: bool = False, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_queue: int = DEFAULT_MAX_QUEUE, context: Optional[int] = None,
-                 prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB, max_body_mb: float = DEFAULT_MAX_BODY_MB,
-                 log: Optional[TextIO] = None, trust_remote_code: bool = False) -> Server:
+def build_server(
+    model_path: str,
+    adapters: dict[str, str],
+    *,
+    chat_template: Optional[str] = None,
+    strict: bool = False,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    context: Optional[int] = None,
+    prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+    log: Optional[TextIO] = None,
+    trust_remote_code: bool = False,
+) -> Server:
     """Load the base once, then every adapter (all checked before the server starts)."""
-    from mlx_lora.commands.api import load_for_inference
-    from mlx_lora.config import check_options
-    from mlx_lora.inference.generation import chat_template_for
 
-    check_options([("--max-tokens", max_tokens, LIMITS["max_tokens"]),
-                   ("--max-batch", max_batch, Bound(int, 1, 1024)), ("--max-queue", max_queue, Bound(int, 0, 10**6)),
-                   ("--prompt-cache-gb", prompt_cache_gb, Bound(float, 0, 2**20)),
-                   ("--max-body-mb", max_body_mb, Bound(float, 0, 2**20, lo_open=True))]
-                  + ([("--max-context", context, Bound(int, 2, 2**24))] if context is not None else []))
+    check_options(
+        [
+            ("--max-tokens", max_tokens, LIMITS["max_tokens"]),
+            ("--max-batch", max_batch, Bound(int, 1, 1024)),
+            ("--max-queue", max_queue, Bound(int, 0, 10**6)),
+            ("--prompt-cache-gb", prompt_cache_gb, Bound(float, 0, 2**20)),
+            ("--max-body-mb", max_body_mb, Bound(float, 0, 2**20, lo_open=True)),
+        ]
+        + ([("--max-context", context, Bound(int, 2, 2**24))] if context is not None else [])
+    )
     log = log or sys.stderr
     base_name = base_model_name(model_path)
     if base_name in adapters:
-        raise MlxLoraError(f"--adapter {base_name}=...: {base_name!r} already names the base model; "
-                           f"choose another adapter name")
-    model, tokenizer, info = load_for_inference(model_path, None, stream=log, dequantize_on_cpu="auto",
-                                                trust_remote_code=trust_remote_code)
-    bank = AdapterBank(model, info.local_path, adapters, strict=strict,
-                       warn=lambda m: click.echo(f"warning: {m}", file=log, flush=True)) if adapters else None
+        raise MlxLoraError(
+            f"--adapter {base_name}=...: {base_name!r} already names the base model; choose another adapter name"
+        )
+    model, tokenizer, info = load_for_inference(
+        model_path, None, stream=log, dequantize_on_cpu="auto", trust_remote_code=trust_remote_code
+    )
+    bank = (
+        AdapterBank(
+            model,
+            info.local_path,
+            adapters,
+            strict=strict,
+            warn=lambda m: click.echo(f"warning: {m}", file=log, flush=True),
+        )
+        if adapters
+        else None
+    )
     template = None
     try:
         template = chat_template_for(tokenizer, chat_template, model_path)
     except MlxLoraError as e:
         if chat_template is not None or isinstance(e, DataError):  # a template that fails its check
             raise
-        logger.warning(f"{model_path} has no chat template: /v1/chat/completions will refuse requests "
-                       f"(start with --chat-template chatml or FILE.jinja); /v1/completions works")
+        logger.warning(
+            f"{model_path} has no chat template: /v1/chat/completions will refuse requests "
+            f"(start with --chat-template chatml or FILE.jinja); /v1/completions works"
+        )
     model_context = _context_length(info.config)
     if context is None:
         context = model_context
     elif model_context is not None:
         context = min(context, model_context)
-    engine = Engine(model, tokenizer, bank=bank, max_batch=max_batch, max_queue=max_queue, context=context,
-                    prompt_cache_bytes=int(prompt_cache_gb * 2**30))
-    return Server(engine, tokenizer, template, list(adapters), base_name, context=context,
-                  default_max_tokens=max_tokens, max_body_bytes=int(max_body_mb * 2**20), log=log)
+    engine = Engine(
+        model,
+        tokenizer,
+        bank=bank,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        context=context,
+        prompt_cache_bytes=int(prompt_cache_gb * 2**30),
+    )
+    return Server(
+        engine,
+        tokenizer,
+        template,
+        list(adapters),
+        base_name,
+        context=context,
+        default_max_tokens=max_tokens,
+        max_body_bytes=int(max_body_mb * 2**20),
+        log=log,
+    )
 
 
 def _context_length(config: dict) -> Optional[int]:
@@ -194,13 +267,52 @@ def _context_length(config: dict) -> Optional[int]:
 # requests
 
 # The request fields each endpoint understands; any other field is refused, named.
-CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
-               "stream_options", "stop", "seed", "logprobs", "top_logprobs", "response_format", "tools",
-               "tool_choice", "parallel_tool_calls", "user", "frequency_penalty", "presence_penalty", "logit_bias",
-               "metadata", "store"}
-COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
-                     "stop", "seed", "logprobs", "echo", "best_of", "suffix", "user", "frequency_penalty",
-                     "presence_penalty", "logit_bias", "response_format"}
+CHAT_FIELDS = {
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "user",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "metadata",
+    "store",
+}
+COMPLETION_FIELDS = {
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "logprobs",
+    "echo",
+    "best_of",
+    "suffix",
+    "user",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "response_format",
+}
 MAX_N = 16
 MAX_STOP_CHARS = 256
 
@@ -251,29 +363,43 @@ def _text_content(content, where: str) -> str:
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(400, f"'{where}': only text parts ({{\"type\": \"text\", \"text\": ...}}) "
-                                        f"are supported, got {show(part)}", where, "invalid_type")
+                raise RequestError(
+                    400,
+                    f'\'{where}\': only text parts ({{"type": "text", "text": ...}}) are supported, got {show(part)}',
+                    where,
+                    "invalid_type",
+                )
             texts.append(part["text"])
         return "".join(texts)
-    raise RequestError(400, f"'{where}' must be a string or a list of text parts, got {show(content)}",
-                       where, "invalid_type")
+    raise RequestError(
+        400, f"'{where}' must be a string or a list of text parts, got {show(content)}", where, "invalid_type"
+    )
 
 
 def _messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise RequestError(400, f"'messages' must be a non-empty list of messages, got {show(messages)}",
-                           "messages", "invalid_type" if messages is not None else "missing_required_parameter")
+        raise RequestError(
+            400,
+            f"'messages' must be a non-empty list of messages, got {show(messages)}",
+            "messages",
+            "invalid_type" if messages is not None else "missing_required_parameter",
+        )
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise RequestError(400, f"'{where}' must be an object with 'role' and 'content', got {show(m)}",
-                               where, "invalid_type")
+            raise RequestError(
+                400, f"'{where}' must be an object with 'role' and 'content', got {show(m)}", where, "invalid_type"
+            )
         role = m.get("role")
         if not isinstance(role, str) or not role:
-            raise RequestError(400, f"'{where}.role' must be a string such as 'user', got {show(role)}",
-                               f"{where}.role", "invalid_type")
+            raise RequestError(
+                400,
+                f"'{where}.role' must be a string such as 'user', got {show(role)}",
+                f"{where}.role",
+                "invalid_type",
+            )
         calls = m.get("tool_calls")
         msg = {"role": role}
         if calls is not None:  # an assistant turn that called tools (content may be null)
@@ -284,8 +410,9 @@ def _messages(body: dict) -> list[dict]:
         for key in ("tool_call_id", "name"):
             if m.get(key) is not None:
                 if not isinstance(m[key], str):
-                    raise RequestError(400, f"'{where}.{key}' must be a string, got {show(m[key])}",
-                                       f"{where}.{key}", "invalid_type")
+                    raise RequestError(
+                        400, f"'{where}.{key}' must be a string, got {show(m[key])}", f"{where}.{key}", "invalid_type"
+                    )
                 msg[key] = m[key]
         out.append(msg)
     return out
@@ -299,15 +426,23 @@ def _tool_calls_in(calls, where: str) -> list[dict]:
     for i, c in enumerate(calls):
         fn = c.get("function") if isinstance(c, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise RequestError(400, f"'{where}[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
-                                    f"\"arguments\"}}}}, got {show(c)}", f"{where}[{i}]", "invalid_type")
+            raise RequestError(
+                400,
+                f'\'{where}[{i}]\' must be {{"type": "function", "function": {{"name", "arguments"}}}}, got {show(c)}',
+                f"{where}[{i}]",
+                "invalid_type",
+            )
         args = fn.get("arguments", "{}")
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
             except ValueError:
-                raise RequestError(400, f"'{where}[{i}].function.arguments' is not JSON", f"{where}[{i}].function"
-                                        f".arguments", "invalid_value") from None
+                raise RequestError(
+                    400,
+                    f"'{where}[{i}].function.arguments' is not JSON",
+                    f"{where}[{i}].function.arguments",
+                    "invalid_value",
+                ) from None
         out.append({"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return out
 
@@ -321,36 +456,68 @@ def _tools(body: dict) -> tuple[Optional[list], bool, Optional[dict]]:
             raise RequestError(400, "'tool_choice' names a tool but 'tools' is missing", "tool_choice")
         return None, False, None
     if not isinstance(tools, list) or not tools:
-        raise RequestError(400, f"'tools' must be a non-empty list of functions, got {show(tools)}", "tools",
-                           "invalid_type")
+        raise RequestError(
+            400, f"'tools' must be a non-empty list of functions, got {show(tools)}", "tools", "invalid_type"
+        )
     names = []
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict) \
-                or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise RequestError(400, f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
-                                    f"\"parameters\": ...}}}}, got {show(t)}", f"tools[{i}]", "invalid_type")
+        if (
+            not isinstance(t, dict)
+            or t.get("type") != "function"
+            or not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+            or not fn["name"]
+        ):
+            raise RequestError(
+                400,
+                f'\'tools[{i}]\' must be {{"type": "function", "function": {{"name": ..., '
+                f'"parameters": ...}}}}, got {show(t)}',
+                f"tools[{i}]",
+                "invalid_type",
+            )
         params = fn.get("parameters", {"type": "object"})
         problem = schema_problem(params)
         if problem:
-            raise RequestError(400, f"'tools[{i}].function.parameters': {problem}", f"tools[{i}].function.parameters",
-                               "unsupported_value")
+            raise RequestError(
+                400,
+                f"'tools[{i}].function.parameters': {problem}",
+                f"tools[{i}].function.parameters",
+                "unsupported_value",
+            )
         names.append(fn["name"])
     if choice in (None, "auto", "none"):
         return (None if choice == "none" else tools), False, None
     if choice == "required":
         chosen = tools
-    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict) \
-            and choice["function"].get("name") in names:
+    elif (
+        isinstance(choice, dict)
+        and isinstance(choice.get("function"), dict)
+        and choice["function"].get("name") in names
+    ):
         chosen = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
     else:
-        raise RequestError(400, f"'tool_choice' must be 'none', 'auto', 'required' or "
-                                f"{{\"type\": \"function\", \"function\": {{\"name\": one of {names}}}}}, "
-                                f"got {show(choice)}", "tool_choice", "invalid_value")
-    schema = {"anyOf": [{"type": "object", "properties": {
-        "name": {"enum": [t["function"]["name"]]},
-        "arguments": t["function"].get("parameters", {"type": "object"})}, "required": ["name", "arguments"]}
-        for t in chosen]}
+        raise RequestError(
+            400,
+            f"'tool_choice' must be 'none', 'auto', 'required' or "
+            f'{{"type": "function", "function": {{"name": one of {names}}}}}, '
+            f"got {show(choice)}",
+            "tool_choice",
+            "invalid_value",
+        )
+    schema = {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"enum": [t["function"]["name"]]},
+                    "arguments": t["function"].get("parameters", {"type": "object"}),
+                },
+                "required": ["name", "arguments"],
+            }
+            for t in chosen
+        ]
+    }
     return tools, True, schema
 
 
@@ -368,19 +535,30 @@ def _response_format(body: dict) -> Optional[dict]:
         js = rf.get("json_schema")
         schema = js.get("schema") if isinstance(js, dict) else None
         if not isinstance(schema, dict):
-            raise RequestError(400, "'response_format.json_schema.schema' must be a JSON schema object",
-                               "response_format.json_schema.schema", "invalid_type")
+            raise RequestError(
+                400,
+                "'response_format.json_schema.schema' must be a JSON schema object",
+                "response_format.json_schema.schema",
+                "invalid_type",
+            )
         problem = schema_problem(schema)
         if problem:
-            raise RequestError(400, f"'response_format.json_schema.schema': {problem}",
-                               "response_format.json_schema.schema", "unsupported_value")
+            raise RequestError(
+                400,
+                f"'response_format.json_schema.schema': {problem}",
+                "response_format.json_schema.schema",
+                "unsupported_value",
+            )
         return schema
-    raise RequestError(400, f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got "
-                            f"{show(kind)}", "response_format.type", "invalid_value")
+    raise RequestError(
+        400,
+        f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {show(kind)}",
+        "response_format.type",
+        "invalid_value",
+    )
 
 
 def _completion_prompt(body: dict, server: Server) -> list[int]:
-    from mlx_lora.inference.generation import encode
 
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -391,15 +569,24 @@ def _completion_prompt(body: dict, server: Server) -> list[int]:
         size = server.vocab_size
         bad = [t for t in prompt if t < 0 or (size is not None and t >= size)]
         if bad:
-            raise RequestError(400, f"'prompt' holds token ids outside the vocabulary: {show(bad)}", "prompt",
-                               "invalid_value")
+            raise RequestError(
+                400, f"'prompt' holds token ids outside the vocabulary: {show(bad)}", "prompt", "invalid_value"
+            )
         ids = list(prompt)
     elif isinstance(prompt, list) and len(prompt) > 1:
-        raise RequestError(400, "one prompt per request is supported; send the others as separate requests",
-                           "prompt", "unsupported_value")
+        raise RequestError(
+            400,
+            "one prompt per request is supported; send the others as separate requests",
+            "prompt",
+            "unsupported_value",
+        )
     else:
-        raise RequestError(400, f"'prompt' must be a string or a list of token ids, got {show(prompt)}", "prompt",
-                           "invalid_type" if prompt is not None else "missing_required_parameter")
+        raise RequestError(
+            400,
+            f"'prompt' must be a string or a list of token ids, got {show(prompt)}",
+            "prompt",
+            "invalid_type" if prompt is not None else "missing_required_parameter",
+        )
     if not ids:
         raise RequestError(400, "'prompt' encodes to no tokens", "prompt", "invalid_value")
     return ids
@@ -409,24 +596,29 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
     known = CHAT_FIELDS if chat else COMPLETION_FIELDS
     unknown = sorted(k for k in body if k not in known)
     if unknown:
-        raise RequestError(400, f"unsupported field{'s' if len(unknown) > 1 else ''}: "
-                                f"{', '.join(repr(k[:60]) for k in unknown[:10])}", unknown[0][:60],
-                           "unsupported_parameter")
-    refused = {"frequency_penalty": body.get("frequency_penalty") not in (None, 0, 0.0),
-               "presence_penalty": body.get("presence_penalty") not in (None, 0, 0.0),
-               "logit_bias": body.get("logit_bias") not in (None, {}),
-               "echo": body.get("echo") not in (None, False),
-               "best_of": not chat and body.get("best_of") not in (None, 1),
-               "suffix": not chat and body.get("suffix") not in (None, "")}
+        raise RequestError(
+            400,
+            f"unsupported field{'s' if len(unknown) > 1 else ''}: {', '.join(repr(k[:60]) for k in unknown[:10])}",
+            unknown[0][:60],
+            "unsupported_parameter",
+        )
+    refused = {
+        "frequency_penalty": body.get("frequency_penalty") not in (None, 0, 0.0),
+        "presence_penalty": body.get("presence_penalty") not in (None, 0, 0.0),
+        "logit_bias": body.get("logit_bias") not in (None, {}),
+        "echo": body.get("echo") not in (None, False),
+        "best_of": not chat and body.get("best_of") not in (None, 1),
+        "suffix": not chat and body.get("suffix") not in (None, ""),
+    }
     for key, bad in refused.items():
         if bad:
-            raise RequestError(400, f"'{key}' is not supported by this server, got {show(body.get(key))}", key,
-                               "unsupported_parameter")
+            raise RequestError(
+                400, f"'{key}' is not supported by this server, got {show(body.get(key))}", key, "unsupported_parameter"
+            )
 
 
 def parse_request(body, server: Server, chat: bool) -> Parsed:
     """The checked request of a body, or RequestError."""
-    from mlx_lora.inference.generation import MAX_STOPS, chat_prompt
 
     if not isinstance(body, dict):
         raise RequestError(400, f"the request body must be a JSON object, got {type(body).__name__}")
@@ -441,22 +633,29 @@ def parse_request(body, server: Server, chat: bool) -> Parsed:
     options = _get(body, "stream_options", (dict,), "an object", {}) or {}
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
-        raise RequestError(400, f"'stream_options.include_usage' must be true or false, got {show(include_usage)}",
-                           "stream_options.include_usage", "invalid_type")
+        raise RequestError(
+            400,
+            f"'stream_options.include_usage' must be true or false, got {show(include_usage)}",
+            "stream_options.include_usage",
+            "invalid_type",
+        )
     stop = body.get("stop")
     if stop is None:
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise RequestError(400, f"'stop' must be a string or a list of strings, got {show(stop)}", "stop",
-                           "invalid_type")
+        raise RequestError(
+            400, f"'stop' must be a string or a list of strings, got {show(stop)}", "stop", "invalid_type"
+        )
     if len(stop) > MAX_STOPS:
-        raise RequestError(400, f"'stop' may hold at most {MAX_STOPS} strings, got {len(stop)}", "stop",
-                           "invalid_value")
+        raise RequestError(
+            400, f"'stop' may hold at most {MAX_STOPS} strings, got {len(stop)}", "stop", "invalid_value"
+        )
     if any(len(x) > MAX_STOP_CHARS for x in stop):  # each token is checked against every stop string
-        raise RequestError(400, f"a 'stop' string may hold at most {MAX_STOP_CHARS} characters", "stop",
-                           "invalid_value")
+        raise RequestError(
+            400, f"a 'stop' string may hold at most {MAX_STOP_CHARS} characters", "stop", "invalid_value"
+        )
     temperature = _number(body, "temperature", 1.0)  # the OpenAI default
     top_p = _number(body, "top_p", 1.0)
     seed = _number(body, "seed", None)
@@ -482,46 +681,67 @@ def parse_request(body, server: Server, chat: bool) -> Parsed:
     tools, forced, tool_schema = _tools(body) if chat else (None, False, None)
     if forced:
         if schema is not None:
-            raise RequestError(400, "'response_format' and a forced 'tool_choice' cannot be combined",
-                               "response_format", "invalid_value")
+            raise RequestError(
+                400,
+                "'response_format' and a forced 'tool_choice' cannot be combined",
+                "response_format",
+                "invalid_value",
+            )
         schema = tool_schema
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(key)
     if chat:
         if server.template is None:
-            raise RequestError(400, f"the model '{server.base_name}' has no chat template; use /v1/completions, or "
-                                    f"restart the server with --chat-template chatml or FILE.jinja", "messages",
-                               "no_chat_template")
+            raise RequestError(
+                400,
+                f"the model '{server.base_name}' has no chat template; use /v1/completions, or "
+                f"restart the server with --chat-template chatml or FILE.jinja",
+                "messages",
+                "no_chat_template",
+            )
         messages = _messages(body)
         try:
             prompt = chat_prompt(server.tokenizer, server.template, messages, tools=tools)
         except MlxLoraError as e:
             raise RequestError(400, f"the chat template refused these messages: {e}", "messages") from None
         except Exception as e:  # raise_exception() in a template (e.g. roles out of order)
-            raise RequestError(400, f"the chat template refused these messages: {one_line(e)[:300]}",
-                               "messages") from None
+            raise RequestError(
+                400, f"the chat template refused these messages: {one_line(e)[:300]}", "messages"
+            ) from None
         if not prompt:
             raise RequestError(400, "the messages render to no tokens", "messages", "invalid_value")
     else:
         prompt = _completion_prompt(body, server)
     room = None if server.context is None else server.context - len(prompt)
     if room is not None and room < 1:
-        raise RequestError(400, f"the prompt has {len(prompt)} tokens, the context is {server.context}",
-                           "messages" if chat else "prompt", "context_length_exceeded")
+        raise RequestError(
+            400,
+            f"the prompt has {len(prompt)} tokens, the context is {server.context}",
+            "messages" if chat else "prompt",
+            "context_length_exceeded",
+        )
     if max_tokens is None:
         max_tokens = server.default_max_tokens if room is None else min(server.default_max_tokens, room)
     else:
         hi = room if room is not None else Bound(int, 1, 2**20).hi
         problem = Bound(int, 1, hi, cap=False).violation(max_tokens)
         if problem:
-            extra = (f" (the context is {server.context} tokens, the prompt takes {len(prompt)})"
-                     if room is not None else "")
+            extra = (
+                f" (the context is {server.context} tokens, the prompt takes {len(prompt)})" if room is not None else ""
+            )
             raise RequestError(400, f"'{key}' {problem}{extra}", key, "invalid_value")
     if seed is None:
         seed = random.randrange(MAX_SEED - MAX_N)
     constraint = JsonConstraint(schema) if schema is not None else None
-    sampling = Sampling(max_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p),
-                        seed=int(seed), stop=stop, logprobs=top if logprobs else None, constraint=constraint)
+    sampling = Sampling(
+        max_tokens=int(max_tokens),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        seed=int(seed),
+        stop=stop,
+        logprobs=top if logprobs else None,
+        constraint=constraint,
+    )
     return Parsed(adapter, prompt, sampling, n, stream, include_usage, logprobs, top, tools, forced)
 
 
@@ -600,27 +820,37 @@ def create_app(server: Server):
     @app.exception_handler(HTTPException)
     async def _http(request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", kind),
-                            status_code=e.status_code)
+        return JSONResponse(
+            error_body(f"{request.method} {request.url.path}: {e.detail}", kind), status_code=e.status_code
+        )
 
     @app.exception_handler(Exception)
     async def _crashed(request, e: Exception):
         traceback.print_exception(type(e), e, e.__traceback__, file=server.log)
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {one_line(e)[:300]}", "server_error"),
-                            status_code=500)
+        return JSONResponse(
+            error_body(f"internal error: {type(e).__name__}: {one_line(e)[:300]}", "server_error"), status_code=500
+        )
 
     async def read_json(request) -> object:
         limit = server.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, f"the request body has {int(declared)} bytes, more than this server's limit "
-                                    f"of {limit} (--max-body-mb)", None, "request_too_large")
+            raise RequestError(
+                413,
+                f"the request body has {int(declared)} bytes, more than this server's limit of {limit} (--max-body-mb)",
+                None,
+                "request_too_large",
+            )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise RequestError(413, f"the request body is larger than this server's limit of {limit} bytes "
-                                        f"(--max-body-mb)", None, "request_too_large")
+                raise RequestError(
+                    413,
+                    f"the request body is larger than this server's limit of {limit} bytes (--max-body-mb)",
+                    None,
+                    "request_too_large",
+                )
             chunks.append(chunk)
         # Parsing a big body takes time: off the event loop, so other clients are answered meanwhile.
         return await asyncio.to_thread(parse_json_body, b"".join(chunks))
@@ -673,8 +903,9 @@ def create_app(server: Server):
             raise RequestError(429, str(e), None, "queue_full", type="rate_limit_error") from None
         reply = Reply(server, parsed, chat, body["model"])
         if parsed.stream:
-            return StreamingResponse(_sse(reply, events, reqs), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _sse(reply, events, reqs), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         try:
             kind, value = await _until_done_or_gone(request, events, parsed.n)
         finally:
@@ -703,6 +934,7 @@ def _sink(loop, events: asyncio.Queue, index: int):
             loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
         except RuntimeError:  # the request's event loop is gone (server shutting down)
             pass
+
     return put
 
 
@@ -753,10 +985,17 @@ class Reply:
         content = []
         for tok, (lp, top) in zip(tokens, infos):
             text = self._token_text(tok)
-            content.append({"token": text, "logprob": lp, "bytes": list(text.encode("utf-8", "replace")),
-                            "top_logprobs": [{"token": (t := self._token_text(i)), "logprob": v,
-                                              "bytes": list(t.encode("utf-8", "replace"))}
-                                             for i, v in (top or [])[:self.parsed.top_logprobs]]})
+            content.append(
+                {
+                    "token": text,
+                    "logprob": lp,
+                    "bytes": list(text.encode("utf-8", "replace")),
+                    "top_logprobs": [
+                        {"token": (t := self._token_text(i)), "logprob": v, "bytes": list(t.encode("utf-8", "replace"))}
+                        for i, v in (top or [])[: self.parsed.top_logprobs]
+                    ],
+                }
+            )
         return {"content": content}
 
     def _text_logprobs(self, tokens, infos, offset: int = 0) -> dict:
@@ -774,9 +1013,14 @@ class Reply:
         if not self.tools:
             return result.text, []
         text, calls = tool_calls_of(result.text, self.parsed.forced_tool)
-        return text, [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                       "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                      for c in calls]
+        return text, [
+            {
+                "id": "call_" + uuid.uuid4().hex[:24],
+                "type": "function",
+                "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)},
+            }
+            for c in calls
+        ]
 
     def choice(self, i: int, result) -> dict:
         lps = None
@@ -795,16 +1039,34 @@ class Reply:
     def usage(self, results) -> dict:
         prompt = results[0].prompt_tokens
         completion = sum(r.completion_tokens for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens}}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens},
+        }
 
     def whole(self, results) -> dict:
-        return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.name,
-                "choices": [self.choice(i, r) for i, r in enumerate(results)], "usage": self.usage(results)}
+        return {
+            "id": self.rid,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.name,
+            "choices": [self.choice(i, r) for i, r in enumerate(results)],
+            "usage": self.usage(results),
+        }
 
-    def chunk(self, i: int, content: Optional[str] = None, finish=None, role: bool = False, usage=None,
-              choices: bool = True, logprobs=None, delta: Optional[dict] = None) -> str:
+    def chunk(
+        self,
+        i: int,
+        content: Optional[str] = None,
+        finish=None,
+        role: bool = False,
+        usage=None,
+        choices: bool = True,
+        logprobs=None,
+        delta: Optional[dict] = None,
+    ) -> str:
         if self.chat:
             if delta is None:
                 delta = {} if content is None else {"content": content}
@@ -813,8 +1075,13 @@ class Reply:
             choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": i, "text": content or "", "logprobs": logprobs, "finish_reason": finish}
-        data = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.name, "choices": [choice] if choices else []}
+        data = {
+            "id": self.rid,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.name,
+            "choices": [choice] if choices else [],
+        }
         if usage is not None:
             data["usage"] = usage
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -881,8 +1148,9 @@ def parse_json_body(raw: bytes) -> object:
         raise RequestError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
     where = _lone_surrogate(value)
     if where is not None:
-        raise RequestError(400, f"'{where or 'body'}' holds a lone UTF-16 surrogate (not a character)",
-                           where or None, "invalid_value")
+        raise RequestError(
+            400, f"'{where or 'body'}' holds a lone UTF-16 surrogate (not a character)", where or None, "invalid_value"
+        )
     return value
 
 
@@ -926,9 +1194,10 @@ def bind(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as e:
         sock.close()
-        raise MlxLoraError(f"cannot listen on {host}:{port}: {e.strerror or e}"
-                           + (" (another server uses this port; pick another with --port)"
-                              if e.errno in (98, 48) else "")) from None
+        raise MlxLoraError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}"
+            + (" (another server uses this port; pick another with --port)" if e.errno in (98, 48) else "")
+        ) from None
     sock.set_inheritable(True)
     return sock
 
@@ -962,19 +1231,32 @@ def _Server(server, config):
     return _server_class()(server, config)
 
 
-def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 8080,
-          chat_template: Optional[str] = None, max_tokens: int = DEFAULT_MAX_TOKENS, strict: bool = False,
-          max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE, context: Optional[int] = None,
-          prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB, max_body_mb: float = DEFAULT_MAX_BODY_MB,
-          out: Optional[TextIO] = None, trust_remote_code: bool = False) -> None:
+def serve(
+    model_path: str,
+    adapters=(),
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    chat_template: Optional[str] = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    strict: bool = False,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    context: Optional[int] = None,
+    prompt_cache_gb: float = DEFAULT_PROMPT_CACHE_GB,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+    out: Optional[TextIO] = None,
+    trust_remote_code: bool = False,
+) -> None:
     """Serve until interrupted (Ctrl-C, SIGTERM). Everything that can be refused (options,
     adapters, the port) is refused before the server starts."""
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise MlxLoraError(f"mlx-lora serve needs FastAPI and uvicorn ({e.name} is missing): "
-                           f"pip install 'mlx-lora[serve]'") from None
+        raise MlxLoraError(
+            f"mlx-lora serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'mlx-lora[serve]'"
+        ) from None
 
     out = out or sys.stdout
     named = parse_adapters(adapters)
@@ -982,30 +1264,44 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
         raise MlxLoraError(f"--port must be in [0, 65535], got {show(port)}")
     sock = bind(host, port)  # a taken port is refused before the seconds the model takes to load
     try:
-        server = build_server(model_path, named, chat_template=chat_template, strict=strict, max_tokens=max_tokens,
-                              max_batch=max_batch, max_queue=max_queue, context=context,
-                              prompt_cache_gb=prompt_cache_gb, max_body_mb=max_body_mb,
-                              trust_remote_code=trust_remote_code)
+        server = build_server(
+            model_path,
+            named,
+            chat_template=chat_template,
+            strict=strict,
+            max_tokens=max_tokens,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            context=context,
+            prompt_cache_gb=prompt_cache_gb,
+            max_body_mb=max_body_mb,
+            trust_remote_code=trust_remote_code,
+        )
     except BaseException:
         sock.close()
         raise
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     # On Ctrl-C a reply still streaming ends at its next token, then the server closes.
-    app = _Server(server, uvicorn.Config(create_app(server), log_level="warning", access_log=False,
-                                         timeout_graceful_shutdown=5))
-    from mlx_lora.plumbing.interrupts import sigterm_as_interrupt
+    app = _Server(
+        server, uvicorn.Config(create_app(server), log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    )
 
     try:
         # Ctrl-C or SIGTERM from the first line printed on (a script that reads it may stop the
         # server at once) ends here, as the normal way out; inside app.run uvicorn handles them.
         with sigterm_as_interrupt():
-            click.echo(f"serving http://{shown}:{bound}/v1 (OpenAI API: /v1/chat/completions, /v1/completions, "
-                       f"/v1/models)", file=out)
+            click.echo(
+                f"serving http://{shown}:{bound}/v1 (OpenAI API: /v1/chat/completions, /v1/completions, /v1/models)",
+                file=out,
+            )
             click.echo(f"models   {', '.join(server.model_names)}", file=out)
             if host not in ("127.0.0.1", "localhost", "::1"):
-                click.echo(f"warning: listening on {host}: anyone who can reach this address can use the models "
-                      f"(there is no authentication)", file=out)
+                click.echo(
+                    f"warning: listening on {host}: anyone who can reach this address can use the models "
+                    f"(there is no authentication)",
+                    file=out,
+                )
             app.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
@@ -1018,27 +1314,75 @@ def serve(model_path: str, adapters=(), *, host: str = "127.0.0.1", port: int = 
 @click.command(name="serve")
 @click.argument("runs", nargs=-1)
 @click.option("--model", help="Base model (folder, repo id or .gguf) [default: the one the runs record].")
-@click.option("--adapter", "adapters", multiple=True, metavar="NAME=RUN",
-              help="An adapter or run folder, served as model NAME (repeatable).")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="NAME=RUN",
+    help="An adapter or run folder, served as model NAME (repeatable).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=8080, show_default=True, help="Port (0: any free port).")
 @click.option("--chat-template", help="'chatml' or a .jinja file, for tokenizers without a template.")
-@click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True,
-              help="New tokens when a request does not say.")
-@click.option("--max-batch", type=int, default=DEFAULT_MAX_BATCH, show_default=True,
-              help="Requests decoded together at most (the rest wait in the queue).")
-@click.option("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, show_default=True,
-              help="Requests waiting at most; more are answered 429.")
-@click.option("--max-context", "context", type=int,
-              help="Tokens (prompt and reply) a request may use [default: the model's context].")
-@click.option("--prompt-cache-gb", type=float, default=DEFAULT_PROMPT_CACHE_GB, show_default=True,
-              help="Memory for KV caches of earlier prompts, reused by prompts that start the same (0: off).")
-@click.option("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, show_default=True,
-              help="Largest request body accepted; larger ones are answered 413.")
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=DEFAULT_MAX_TOKENS,
+    show_default=True,
+    help="New tokens when a request does not say.",
+)
+@click.option(
+    "--max-batch",
+    type=int,
+    default=DEFAULT_MAX_BATCH,
+    show_default=True,
+    help="Requests decoded together at most (the rest wait in the queue).",
+)
+@click.option(
+    "--max-queue",
+    type=int,
+    default=DEFAULT_MAX_QUEUE,
+    show_default=True,
+    help="Requests waiting at most; more are answered 429.",
+)
+@click.option(
+    "--max-context",
+    "context",
+    type=int,
+    help="Tokens (prompt and reply) a request may use [default: the model's context].",
+)
+@click.option(
+    "--prompt-cache-gb",
+    type=float,
+    default=DEFAULT_PROMPT_CACHE_GB,
+    show_default=True,
+    help="Memory for KV caches of earlier prompts, reused by prompts that start the same (0: off).",
+)
+@click.option(
+    "--max-body-mb",
+    type=float,
+    default=DEFAULT_MAX_BODY_MB,
+    show_default=True,
+    help="Largest request body accepted; larger ones are answered 413.",
+)
 @click.option("--strict", is_flag=True, help="Refuse an adapter trained on a different base model (default: warn).")
 @click.option("--trust-remote-code", is_flag=True, help="Let the model folder run the Python code it ships.")
-def serve_command(runs, model, adapters, host, port, chat_template, max_tokens, max_batch, max_queue, context,
-                  prompt_cache_gb, max_body_mb, strict, trust_remote_code):
+def serve_command(
+    runs,
+    model,
+    adapters,
+    host,
+    port,
+    chat_template,
+    max_tokens,
+    max_batch,
+    max_queue,
+    context,
+    prompt_cache_gb,
+    max_body_mb,
+    strict,
+    trust_remote_code,
+):
     """Serve the model and its adapters over an OpenAI-compatible HTTP API.
 
     RUNS, run folders (e.g. runs/quickstart/run), are served as adapters named after their
@@ -1048,13 +1392,28 @@ def serve_command(runs, model, adapters, host, port, chat_template, max_tokens, 
     if model is None:
         bases = sorted({r.base_model for r in recorded if r.base_model})
         if len(bases) != 1 or any(r.base_model is None for r in recorded):
-            raise MlxLoraError("no --model given and the runs do not name one base model"
-                               + (f" ({', '.join(bases)})" if bases else "") + ": pass --model")
+            raise MlxLoraError(
+                "no --model given and the runs do not name one base model"
+                + (f" ({', '.join(bases)})" if bases else "")
+                + ": pass --model"
+            )
         model = bases[0]
     if chat_template is None:
         templates = {r.chat_template for r in recorded}
         if len(templates) == 1:
             chat_template = templates.pop()
-    serve(model, adapters, host=host, port=port, chat_template=chat_template, max_tokens=max_tokens, strict=strict,
-          max_batch=max_batch, max_queue=max_queue, context=context, prompt_cache_gb=prompt_cache_gb,
-          max_body_mb=max_body_mb, trust_remote_code=trust_remote_code)
+    serve(
+        model,
+        adapters,
+        host=host,
+        port=port,
+        chat_template=chat_template,
+        max_tokens=max_tokens,
+        strict=strict,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        context=context,
+        prompt_cache_gb=prompt_cache_gb,
+        max_body_mb=max_body_mb,
+        trust_remote_code=trust_remote_code,
+    )

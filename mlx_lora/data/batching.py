@@ -81,8 +81,14 @@ def pack(sizes: np.ndarray, capacity: int, order: Optional[np.ndarray] = None) -
     return [np.array(r, dtype=np.int64) for r in rows]
 
 
-def epoch_plan(sizes: np.ndarray, global_batch: int, seed: int, epoch: int, shuffle: bool = True,
-               bucket_batches: int = BUCKET_BATCHES) -> list[np.ndarray]:
+def epoch_plan(
+    sizes: np.ndarray,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    bucket_batches: int = BUCKET_BATCHES,
+) -> list[np.ndarray]:
     """Global batches (item indices) of one epoch, by length bucketing.
 
     Shuffle the items, top them up to a whole number of batches with the first items of that order
@@ -113,7 +119,9 @@ def unit_sizes(ds: TokenizedDataset) -> np.ndarray:
     return sizes if ds.per_item == 1 else sizes.reshape(-1, ds.per_item).max(axis=1)
 
 
-def num_batches(ds: TokenizedDataset, batch_size: int, *, max_seq_length: int, packing: bool = False, world_size: int = 1) -> int:
+def num_batches(
+    ds: TokenizedDataset, batch_size: int, *, max_seq_length: int, packing: bool = False, world_size: int = 1
+) -> int:
     """Global batches per epoch of :func:`iterate_batches`, without building them: ceil(items /
     (batch_size * world_size)), items being examples (preference pairs), or packed rows
     (best-fit decreasing decides by sizes alone, so every epoch packs into the same number of rows)."""
@@ -200,7 +208,9 @@ def iterate_batches(
             ds = pool.for_epoch(seed, epoch)
             sizes = unit_sizes(ds)
         if packing:
-            members = pack(sizes, max_seq_length, np.random.default_rng(seed_seq(seed, 3, epoch)).permutation(len(sizes)))
+            members = pack(
+                sizes, max_seq_length, np.random.default_rng(seed_seq(seed, 3, epoch)).permutation(len(sizes))
+            )
             item_sizes = np.array([sizes[m].sum() for m in members], dtype=np.int64)
         else:
             members, item_sizes = None, sizes
@@ -218,8 +228,14 @@ def iterate_batches(
         epoch, index = epoch + 1, 0
 
 
-def length_groups(lengths: np.ndarray, max_rows: int, *, pad_multiple: int = PAD_MULTIPLE, cap: Optional[int] = None,
-                  overhead: int = 0) -> list[tuple[np.ndarray, int]]:
+def length_groups(
+    lengths: np.ndarray,
+    max_rows: int,
+    *,
+    pad_multiple: int = PAD_MULTIPLE,
+    cap: Optional[int] = None,
+    overhead: int = 0,
+) -> list[tuple[np.ndarray, int]]:
     """Split one batch's rows into groups of similar length, each padded only to its own longest
     row: ``[(row indices, padded length), ...]``, at most ``max_rows`` rows per group.
 
@@ -287,26 +303,59 @@ class BatchPlan:
         """The training order of ``cfg`` (a :class:`~mlx_lora.config.Config`): shuffled per epoch by
         the run's seed, packed and length-bucketed as the config says."""
         t, d = cfg.train, cfg.data
-        return cls(dataset, t.batch_size * t.grad_accum, d.max_seq_length, t.seed, shuffle=True, packing=d.packing,
-                   bucketing=d.length_bucketing, rank=rank, world_size=world_size)
+        return cls(
+            dataset,
+            t.batch_size * t.grad_accum,
+            d.max_seq_length,
+            t.seed,
+            shuffle=True,
+            packing=d.packing,
+            bucketing=d.length_bucketing,
+            rank=rank,
+            world_size=world_size,
+        )
 
     @classmethod
     def for_evaluation(cls, cfg, dataset: TokenizedDataset, rank: int = 0, world_size: int = 1) -> "BatchPlan":
         """Every example once, in order (``cfg.train.batch_size`` rows per rank)."""
-        return cls(dataset, cfg.train.batch_size, cfg.data.max_seq_length, cfg.train.seed, shuffle=False,
-                   packing=cfg.data.packing, rank=rank, world_size=world_size)
+        return cls(
+            dataset,
+            cfg.train.batch_size,
+            cfg.data.max_seq_length,
+            cfg.train.seed,
+            shuffle=False,
+            packing=cfg.data.packing,
+            rank=rank,
+            world_size=world_size,
+        )
 
-    def batches(self, *, start: BatchPosition = BatchPosition(), loop: bool = True
-                ) -> Iterator[tuple[Batch, BatchPosition]]:
+    def batches(
+        self, *, start: BatchPosition = BatchPosition(), loop: bool = True
+    ) -> Iterator[tuple[Batch, BatchPosition]]:
         """:func:`iterate_batches` of this plan from ``start`` (``loop=False``: to the end of its epoch)."""
-        return iterate_batches(self.dataset, self.batch_size, max_seq_length=self.max_seq_length, seed=self.seed,
-                               shuffle=self.shuffle, packing=self.packing, start=start, loop=loop, rank=self.rank,
-                               world_size=self.world_size, bucketing=self.bucketing)
+        return iterate_batches(
+            self.dataset,
+            self.batch_size,
+            max_seq_length=self.max_seq_length,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            packing=self.packing,
+            start=start,
+            loop=loop,
+            rank=self.rank,
+            world_size=self.world_size,
+            bucketing=self.bucketing,
+        )
 
     def first_epoch(self) -> Iterator[Batch]:
         """The batches of the first epoch, in the order the run sees them."""
         return (b for b, _ in self.batches(loop=False))
 
     def steps_per_epoch(self) -> int:
-        return num_batches(self.dataset, self.batch_size, max_seq_length=self.max_seq_length, packing=self.packing,
-                           world_size=self.world_size)
+        return num_batches(
+            self.dataset,
+            self.batch_size,
+            max_seq_length=self.max_seq_length,
+            packing=self.packing,
+            world_size=self.world_size,
+        )

@@ -25,31 +25,75 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from mlx_lora.data.batching import (BUCKET_BATCHES, PAD_MULTIPLE, Batch, BatchPosition, attention_mask_from_segments,
-                       epoch_plan, iterate_batches, length_groups, num_batches, pack, padded_length, seed_seq)
 from mlx_lora.config import DataConfig
+from mlx_lora.data.batching import (
+    BUCKET_BATCHES,
+    PAD_MULTIPLE,
+    Batch,
+    BatchPosition,
+    attention_mask_from_segments,
+    epoch_plan,
+    iterate_batches,
+    length_groups,
+    num_batches,
+    pack,
+    padded_length,
+    seed_seq,
+)
 from mlx_lora.data.dataset import DataSplits, DataStats, TokenizedDataset
-from mlx_lora.data.formats import (CHAT_ROLES, CUT_MARGIN, FORMATS, SHAREGPT_ROLES, Sample, detect_format, examples_per_row,
-                           file_samples, one_line, tname)
-from mlx_lora.plumbing.errors import DataError
-from mlx_lora.plumbing.io import atomic_path
+from mlx_lora.data.formats import (
+    CHAT_ROLES,
+    CUT_MARGIN,
+    FORMATS,
+    SHAREGPT_ROLES,
+    Sample,
+    detect_format,
+    examples_per_row,
+    file_samples,
+    one_line,
+    tname,
+)
 from mlx_lora.data.sources import is_datasets_source, map_jsonl_rows, missing, open_source
 from mlx_lora.data.templates import ChatTemplate, resolve_chat_template
+from mlx_lora.plumbing.cache import cache_root
+from mlx_lora.plumbing.errors import DataError
+from mlx_lora.plumbing.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 # The data API in one place: the batching and format names are defined in their own modules.
 __all__ = [
-    "BUCKET_BATCHES", "CHAT_ROLES", "FORMATS", "PAD_MULTIPLE", "SHAREGPT_ROLES", "Batch", "BatchPosition",
-    "DataSplits", "DataStats", "TokenizedDataset", "attention_mask_from_segments", "default_cache_dir",
-    "detect_format", "epoch_plan", "iterate_batches", "length_groups", "load_jsonl_dataset",
-    "load_rows_dataset", "load_source", "num_batches", "pack", "padded_length", "read_jsonl_rows", "split_rows",
+    "BUCKET_BATCHES",
+    "CHAT_ROLES",
+    "FORMATS",
+    "PAD_MULTIPLE",
+    "SHAREGPT_ROLES",
+    "Batch",
+    "BatchPosition",
+    "DataSplits",
+    "DataStats",
+    "TokenizedDataset",
+    "attention_mask_from_segments",
+    "default_cache_dir",
+    "detect_format",
+    "epoch_plan",
+    "iterate_batches",
+    "length_groups",
+    "load_jsonl_dataset",
+    "load_rows_dataset",
+    "load_source",
+    "num_batches",
+    "pack",
+    "padded_length",
+    "read_jsonl_rows",
+    "split_rows",
 ]
 
 _CACHE_VERSION = 1
@@ -120,7 +164,6 @@ def read_jsonl_rows(path) -> list[tuple[int, dict]]:
     return _parse_rows(path, _read_bytes(path))
 
 
-
 # ----------------------------------------------------------------------------------------------
 # tokenizing and masking
 
@@ -182,7 +225,6 @@ class _Encoder:
             "probe": hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest(),
             "template": self.template.fingerprint if self.template is not None else None,
         }
-
 
 
 def _why_no_target(sample: Sample, cfg: DataConfig, truncated: bool) -> tuple[Optional[str], str]:
@@ -310,7 +352,6 @@ def _dataset(fd: _FileData, rows: Optional[np.ndarray] = None) -> TokenizedDatas
 
 def default_cache_dir() -> Path:
     """$MLX_LORA_CACHE/data when set, else ~/.cache/mlx-lora/data."""
-    from mlx_lora.plumbing.cache import cache_root
 
     return cache_root() / "data"
 
@@ -425,9 +466,6 @@ def _load_file(path: Path, cfg: DataConfig, enc: _Encoder, cache_dir: Optional[P
 def _load_rows(src, cfg: DataConfig, enc: _Encoder, cache_dir: Optional[Path]) -> _FileData:
     """:func:`_load_file` for one split of a ``datasets`` data set (a
     :class:`~mlx_lora.data.sources.RowSource`); errors name its label and row index."""
-    import re
-
-    from dataclasses import replace
 
     cfg = replace(cfg, format=src.fmt, columns=src.columns)
     try:
@@ -472,8 +510,15 @@ def split_rows(n_rows: int, valid_fraction: float, seed: int) -> np.ndarray:
     return valid
 
 
-def load_source(cfg: DataConfig, tokenizer, *, seed: int = 0, cache_dir: Optional[Path] = None,
-                splits: Sequence[str] = ("train", "valid", "test"), split: Optional[str] = None) -> DataSplits:
+def load_source(
+    cfg: DataConfig,
+    tokenizer,
+    *,
+    seed: int = 0,
+    cache_dir: Optional[Path] = None,
+    splits: Sequence[str] = ("train", "valid", "test"),
+    split: Optional[str] = None,
+) -> DataSplits:
     """:func:`load_datasets` of the one source ``cfg.path`` (``split``: a data set's training split)."""
     if not cfg.path:
         raise DataError("data.path is not set (a JSONL file or a folder with train.jsonl)")
@@ -496,8 +541,11 @@ def load_source(cfg: DataConfig, tokenizer, *, seed: int = 0, cache_dir: Optiona
         if root.is_dir():
             train_file = root / "train.jsonl"
             if not train_file.is_file():
-                raise DataError("folder has no train.jsonl (expected train.jsonl, optional valid.jsonl and "
-                                "test.jsonl, or a folder saved with datasets' save_to_disk)", str(root))
+                raise DataError(
+                    "folder has no train.jsonl (expected train.jsonl, optional valid.jsonl and "
+                    "test.jsonl, or a folder saved with datasets' save_to_disk)",
+                    str(root),
+                )
             valid_file, test_file = root / "valid.jsonl", root / "test.jsonl"
         else:
             train_file, valid_file, test_file = root, None, None
@@ -511,7 +559,9 @@ def load_source(cfg: DataConfig, tokenizer, *, seed: int = 0, cache_dir: Optiona
     train = valid = test = None
     if "train" in splits or ("valid" in splits and not has_valid_file):
         fd = load(train_file)
-        held_out = np.zeros(len(fd.lines), bool) if has_valid_file else split_rows(len(fd.lines), cfg.valid_fraction, seed)
+        held_out = (
+            np.zeros(len(fd.lines), bool) if has_valid_file else split_rows(len(fd.lines), cfg.valid_fraction, seed)
+        )
         if "train" in splits:
             train = _dataset(fd, ~held_out)
             if len(train) == 0:

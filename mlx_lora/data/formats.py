@@ -20,8 +20,8 @@ from typing import Any, ClassVar, Iterator, Optional
 
 import numpy as np
 
-from mlx_lora.plumbing.errors import DataError
 from mlx_lora.data.templates import TemplateLimitError, alpaca_prompt, template_from_source
+from mlx_lora.plumbing.errors import DataError
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -118,13 +118,15 @@ class Sample:
         example: every cut text reaches past them with tokens it can trust."""
         return not any(cut) or all(_trusted(t, True) > max_len for t, c in zip(ids, cut) if c)
 
-    def spans(self, ids: list[list[int]], enc, train_on: str, path: str, line: int,
-              cut: list[bool]) -> tuple[list[int], list[tuple[int, int]]]:
+    def spans(
+        self, ids: list[list[int]], enc, train_on: str, path: str, line: int, cut: list[bool]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         """(token ids, target spans) of the example, from the encodings of :meth:`texts`."""
         raise NotImplementedError
 
-    def example(self, ids: list[list[int]], enc, train_on: str, path: str, line: int,
-                cut: Optional[list[bool]] = None) -> tuple[np.ndarray, np.ndarray]:
+    def example(
+        self, ids: list[list[int]], enc, train_on: str, path: str, line: int, cut: Optional[list[bool]] = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int32, mask bool) of this row. A text that was cut (see :meth:`window_known`)
         is compared and used only as far as it can be trusted; the tokens past that lie beyond
         max_seq_length and are truncated away."""
@@ -140,8 +142,9 @@ class Sample:
         mask[:1] = False  # nothing predicts the first token
         return np.asarray(tokens, dtype=np.int32), mask
 
-    def examples(self, ids: list[list[int]], enc, train_on: str, path: str, line: int,
-                 cut: Optional[list[bool]] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    def examples(
+        self, ids: list[list[int]], enc, train_on: str, path: str, line: int, cut: Optional[list[bool]] = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The examples this row makes: one (:meth:`example`); a preference pair makes two."""
         return [self.example(ids, enc, train_on, path, line, cut)]
 
@@ -242,14 +245,20 @@ class ChatSample(Sample):
             whole = enc.template.render(msgs, tools=tools)
             yield whole
             for i in self.target_turns(train_on):
-                head = (self._generation_prompt(enc) if i == 0 else
-                        enc.template.render(msgs[:i], tools=tools, add_generation_prompt=True))
+                head = (
+                    self._generation_prompt(enc)
+                    if i == 0
+                    else enc.template.render(msgs[:i], tools=tools, add_generation_prompt=True)
+                )
                 yield head, (whole if i == len(msgs) - 1 else enc.template.render(msgs[: i + 1], tools=tools))
         except TemplateLimitError as e:
-            raise DataError(f"chat template {enc.template.name} {e} (rendering this row)", path, line, self.key) from None
+            raise DataError(
+                f"chat template {enc.template.name} {e} (rendering this row)", path, line, self.key
+            ) from None
         except Exception as e:
-            raise DataError(f"chat template ({enc.template.name}) failed: {type(e).__name__}: {one_line(e)}",
-                            path, line, self.key) from None
+            raise DataError(
+                f"chat template ({enc.template.name}) failed: {type(e).__name__}: {one_line(e)}", path, line, self.key
+            ) from None
 
     @staticmethod
     def _by_turns(turns: Iterator, whole: str, enc, chars: int, max_len: int):
@@ -312,7 +321,6 @@ class ChatSample(Sample):
         return None
 
 
-
 class ContinuationChatSample(ChatSample):
     """A conversation whose targets are the assistant turns from message ``first`` on: a
     preference pair's continuation of its shared prompt conversation."""
@@ -354,13 +362,16 @@ class PreferenceSample(Sample):
 
     def window_known(self, ids, cut, max_len):
         k = self._split
-        return (self.chosen.window_known(ids[:k], cut[:k], max_len)
-                and self.rejected.window_known(ids[k:], cut[k:], max_len))
+        return self.chosen.window_known(ids[:k], cut[:k], max_len) and self.rejected.window_known(
+            ids[k:], cut[k:], max_len
+        )
 
     def examples(self, ids, enc, train_on, path, line, cut=None):
         k, cut = self._split, cut or [False] * len(ids)
-        return [self.chosen.example(ids[:k], enc, train_on, path, line, cut[:k]),
-                self.rejected.example(ids[k:], enc, train_on, path, line, cut[k:])]
+        return [
+            self.chosen.example(ids[:k], enc, train_on, path, line, cut[:k]),
+            self.rejected.example(ids[k:], enc, train_on, path, line, cut[k:]),
+        ]
 
     def example(self, ids, enc, train_on, path, line, cut=None):
         raise TypeError("a preference pair makes two examples; use examples()")
@@ -413,8 +424,9 @@ def _check_turn(m: Any, where: str, role_key: str, content_key: str, roles, path
         raise DataError("missing key", path, line, f"{where}.{role_key}")
     role = m[role_key]
     if not isinstance(role, str) or role not in roles:
-        raise DataError(f"unknown role {short(role)}; expected one of {', '.join(roles)}", path, line,
-                        f"{where}.{role_key}")
+        raise DataError(
+            f"unknown role {short(role)}; expected one of {', '.join(roles)}", path, line, f"{where}.{role_key}"
+        )
     return role
 
 
@@ -466,8 +478,9 @@ class Chat(Format):
 
     @classmethod
     def parse(cls, row, path, line):
-        return ChatSample(chat_messages(row["messages"], "messages", path, line), _check_tools(row, path, line),
-                          "messages")
+        return ChatSample(
+            chat_messages(row["messages"], "messages", path, line), _check_tools(row, path, line), "messages"
+        )
 
 
 def chat_messages(msgs: Any, key: str, path: str, line: int) -> list[dict]:
@@ -481,12 +494,12 @@ def chat_messages(msgs: Any, key: str, path: str, line: int) -> list[dict]:
         calls = m.get("tool_calls")
         if calls is not None:
             if not isinstance(calls, list):
-                raise DataError(f"expected a list of tool calls, got {tname(calls)}", path, line,
-                                f"{where}.tool_calls")
+                raise DataError(f"expected a list of tool calls, got {tname(calls)}", path, line, f"{where}.tool_calls")
             for j, call in enumerate(calls):
                 if not isinstance(call, dict):
-                    raise DataError(f"expected a tool call object, got {tname(call)}", path, line,
-                                    f"{where}.tool_calls[{j}]")
+                    raise DataError(
+                        f"expected a tool call object, got {tname(call)}", path, line, f"{where}.tool_calls[{j}]"
+                    )
         for k in _TEXT_KEYS:
             if m.get(k) is not None and not isinstance(m[k], str):
                 raise DataError(f"expected a string, got {tname(m[k])}", path, line, f"{where}.{k}")
@@ -535,7 +548,9 @@ class Alpaca(Format):
 
     @classmethod
     def parse(cls, row, path, line):
-        prompt = alpaca_prompt(_string(row, "instruction", path, line), _string(row, "input", path, line, optional=True))
+        prompt = alpaca_prompt(
+            _string(row, "instruction", path, line), _string(row, "input", path, line, optional=True)
+        )
         return PairSample(prompt, _string(row, "output", path, line))
 
 
@@ -575,8 +590,7 @@ class Preference(Format):
                 raise DataError(f"expected a string or a list of messages, got {tname(v)}", path, line, key)
         if all(isinstance(v, str) for v in (chosen, rejected)) and not isinstance(prompt, list):
             if prompt is None:
-                raise DataError("missing key (string chosen and rejected need a prompt string)", path, line,
-                                "prompt")
+                raise DataError("missing key (string chosen and rejected need a prompt string)", path, line, "prompt")
             return PreferenceSample(PairSample(prompt, chosen), PairSample(prompt, rejected))
         tools = _check_tools(row, path, line)
         c = _as_messages(chosen, "chosen", path, line, "assistant")
@@ -586,16 +600,23 @@ class Preference(Format):
             while k < min(len(c), len(r)) and c[k] == r[k]:
                 k += 1
             if k == len(c) or k == len(r):
-                raise DataError("chosen and rejected are the same conversation (or one extends the other); "
-                                "nothing tells them apart", path, line, "rejected")
+                raise DataError(
+                    "chosen and rejected are the same conversation (or one extends the other); "
+                    "nothing tells them apart",
+                    path,
+                    line,
+                    "rejected",
+                )
             p, c, r = c[:k], c[k:], r[k:]
         else:
             p = _as_messages(prompt, "prompt", path, line, "user")
             # Whole conversations that repeat the prompt: keep their continuations.
-            c = c[len(p):] if len(c) > len(p) and c[:len(p)] == p else c
-            r = r[len(p):] if len(r) > len(p) and r[:len(p)] == p else r
-        return PreferenceSample(ContinuationChatSample(p + c, tools, "chosen", len(p)),
-                                ContinuationChatSample(p + r, tools, "rejected", len(p)))
+            c = c[len(p) :] if len(c) > len(p) and c[: len(p)] == p else c
+            r = r[len(p) :] if len(r) > len(p) and r[: len(p)] == p else r
+        return PreferenceSample(
+            ContinuationChatSample(p + c, tools, "chosen", len(p)),
+            ContinuationChatSample(p + r, tools, "rejected", len(p)),
+        )
 
 
 REGISTRY: tuple[type[Format], ...] = (Chat, ShareGPT, Preference, Completions, Alpaca, Text)
@@ -623,14 +644,18 @@ def file_samples(path: str, rows: list[tuple[int, dict]], fmt_cfg: str) -> tuple
         if fmt is None:
             keys = ", ".join(key_name(k) for k in sorted(first)[:20]) or "none"
             expected = "; ".join(f"{f.name}: {'+'.join(f.keys)}" for f in REGISTRY)
-            grpo = "; prompt/answer rows train with train.method grpo" if "prompt" in first and "answer" in first else ""
-            raise DataError(f"unknown format: keys {keys} match no format ({expected}); set data.format{grpo}", path,
-                            first_line)
+            grpo = (
+                "; prompt/answer rows train with train.method grpo" if "prompt" in first and "answer" in first else ""
+            )
+            raise DataError(
+                f"unknown format: keys {keys} match no format ({expected}); set data.format{grpo}", path, first_line
+            )
         why = f"detected from line {first_line}"
     elif fmt_cfg in BY_NAME:
         fmt, why = fmt_cfg, f"data.format is {fmt_cfg}"
     else:
-        raise DataError(f"unknown format '{fmt_cfg}'; expected auto or one of {', '.join(FORMATS)}", path,
-                        field="data.format")
+        raise DataError(
+            f"unknown format '{fmt_cfg}'; expected auto or one of {', '.join(FORMATS)}", path, field="data.format"
+        )
     cls = BY_NAME[fmt]
     return fmt, [cls.sample(row, path, line, why) for line, row in rows]

@@ -10,7 +10,7 @@ so a resumed run sees the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -58,8 +58,6 @@ def load_eval_split(cfg, tokenizer, *, cache_dir=None):
     return load_rows_dataset(src, cfg, tokenizer, cache_dir=cache_dir)
 
 
-
-
 def epoch_shares(sizes: list[int], weights: list[float]) -> list[int]:
     """Examples each source gives an epoch of sum(sizes) examples: proportional to ``weights``,
     rounded by largest remainders (ties to the earlier source) so they add up exactly."""
@@ -87,7 +85,6 @@ def epoch_sample(sizes: list[int], shares: list[int], seed: int, epoch: int) -> 
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-
 @dataclass
 class SourcePart:
     """One source of a mixture as the banner reports it."""
@@ -113,9 +110,12 @@ class SourcePart:
         if s.skipped:
             cut.append(f"{s.skipped} skipped")
         valid = f"valid {self.valid.examples} ({self.valid_how})" if self.valid is not None else "no valid"
-        return (f"{s.path} ({s.format}): {s.rows:,} rows -> {s.examples:,} examples"
-                + (f" ({', '.join(cut)})" if cut else "") + f"; weight {self.weight:g} -> "
-                f"{self.share:,}/epoch ({how}); {valid}")
+        return (
+            f"{s.path} ({s.format}): {s.rows:,} rows -> {s.examples:,} examples"
+            + (f" ({', '.join(cut)})" if cut else "")
+            + f"; weight {self.weight:g} -> "
+            f"{self.share:,}/epoch ({how}); {valid}"
+        )
 
 
 class MixedDataset(TokenizedDataset):
@@ -126,11 +126,15 @@ class MixedDataset(TokenizedDataset):
         examples = [e for p in parts for e in p.examples]
         lines = np.concatenate([p.lines for p in parts])
         stats = DataStats(
-            path=f"{len(parts)} sources", format="mixed", rows=sum(p.stats.rows for p in parts),
-            examples=len(examples), truncated=sum(p.stats.truncated for p in parts),
+            path=f"{len(parts)} sources",
+            format="mixed",
+            rows=sum(p.stats.rows for p in parts),
+            examples=len(examples),
+            truncated=sum(p.stats.truncated for p in parts),
             skipped=sum(p.stats.skipped for p in parts),
             target_tokens=sum(p.stats.target_tokens for p in parts),
-            total_tokens=sum(p.stats.total_tokens for p in parts))
+            total_tokens=sum(p.stats.total_tokens for p in parts),
+        )
         super().__init__(examples, stats, lines)
         self.sizes = [len(p) for p in parts]
         self.shares = [r.share for r in reports]
@@ -152,7 +156,6 @@ class MixedDataset(TokenizedDataset):
         return [f"source {i + 1}  {r.line(max_seq_length)}" for i, r in enumerate(self.parts)]
 
 
-
 def _concat(sets: list, label: str):
     sets = [s for s in sets if s is not None and len(s)]
     if not sets:
@@ -160,22 +163,32 @@ def _concat(sets: list, label: str):
     if len(sets) == 1:
         return sets[0]
     st = [s.stats for s in sets]
-    stats = DataStats(path=label, format="mixed", rows=sum(s.rows for s in st),
-                      examples=sum(s.examples for s in st), truncated=sum(s.truncated for s in st),
-                      skipped=sum(s.skipped for s in st), target_tokens=sum(s.target_tokens for s in st),
-                      total_tokens=sum(s.total_tokens for s in st))
+    stats = DataStats(
+        path=label,
+        format="mixed",
+        rows=sum(s.rows for s in st),
+        examples=sum(s.examples for s in st),
+        truncated=sum(s.truncated for s in st),
+        skipped=sum(s.skipped for s in st),
+        target_tokens=sum(s.target_tokens for s in st),
+        total_tokens=sum(s.total_tokens for s in st),
+    )
     return TokenizedDataset([e for s in sets for e in s.examples], stats, np.concatenate([s.lines for s in sets]))
 
 
 def load_mixture(cfg, tokenizer, *, seed: int, cache_dir=None, splits=("train", "valid", "test")):
     """``cfg.sources`` loaded one by one (each like ``data.path``, with its own columns, format
     and split; data.columns and data.format apply where an entry sets none) and mixed."""
-    from dataclasses import replace
 
     trains, valids, tests, reports = [], [], [], []
     for i, s in enumerate(cfg.sources):
-        sub = replace(cfg, path=s["path"], sources=None, format=s.get("format") or cfg.format,
-                      columns=s.get("columns") or cfg.columns)
+        sub = replace(
+            cfg,
+            path=s["path"],
+            sources=None,
+            format=s.get("format") or cfg.format,
+            columns=s.get("columns") or cfg.columns,
+        )
         if not is_datasets_source(sub.path) and not Path(sub.path).expanduser().exists():
             raise DataError(missing(sub.path), sub.path, field=f"data.sources[{i}].path")
         got = load_source(sub, tokenizer, seed=seed, cache_dir=cache_dir, splits=splits, split=s.get("split"))

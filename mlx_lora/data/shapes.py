@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_lora.data.batching import PAD_MULTIPLE, Batch, BatchPlan, epoch_plan, pack, padded_length
 
@@ -127,10 +128,10 @@ def repack(batch: Batch, row_length: int) -> Batch:
         at = 0
         for k, e in enumerate(sorted(members.tolist())):
             m = int(lengths[e])
-            inputs[r, at:at + m] = batch.inputs[e, :m]
-            targets[r, at:at + m] = batch.targets[e, :m]
-            loss[r, at:at + m] = batch.loss_mask[e, :m]
-            segments[r, at:at + m] = k + 1
+            inputs[r, at : at + m] = batch.inputs[e, :m]
+            targets[r, at : at + m] = batch.targets[e, :m]
+            loss[r, at : at + m] = batch.loss_mask[e, :m]
+            segments[r, at : at + m] = k + 1
             at += m
         filled[r] = at
     return Batch(inputs, targets, loss, segments, filled)
@@ -167,7 +168,6 @@ def call_filled(batch: Batch, rows, length: int) -> int:
 
 def model_dims(model) -> tuple[int, int, int]:
     """(parameters, hidden size, blocks) of ``model``, as far as it states them."""
-    from mlx.utils import tree_flatten
 
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     args = getattr(model, "args", None)
@@ -177,8 +177,14 @@ def model_dims(model) -> tuple[int, int, int]:
     return int(params), int(hidden or 0), int(n or 0)
 
 
-def plan_costs(batches: list[np.ndarray], max_seq_length: int, epochs: float, dims: tuple[int, int, int],
-               rate: float = GPU_RATE, compile_s: float = GPU_COMPILE_S) -> dict[str, tuple[float, int, float]]:
+def plan_costs(
+    batches: list[np.ndarray],
+    max_seq_length: int,
+    epochs: float,
+    dims: tuple[int, int, int],
+    rate: float = GPU_RATE,
+    compile_s: float = GPU_COMPILE_S,
+) -> dict[str, tuple[float, int, float]]:
     """Per policy (exact, ladder, packed): (predicted seconds, distinct shapes, padding share) of a
     run whose epochs look like ``batches`` (the positions each row of each batch fills)."""
     params, hidden, layers = dims
@@ -204,8 +210,19 @@ def plan_costs(batches: list[np.ndarray], max_seq_length: int, epochs: float, di
     return out
 
 
-def resolve(policy: str, *, gpu: bool, sizes: np.ndarray, batch_rows: int, max_seq_length: int, seed: int,
-            bucketing: bool, steps: int, dims: tuple[int, int, int], allow_packed: bool = True) -> ShapePolicy:
+def resolve(
+    policy: str,
+    *,
+    gpu: bool,
+    sizes: np.ndarray,
+    batch_rows: int,
+    max_seq_length: int,
+    seed: int,
+    bucketing: bool,
+    steps: int,
+    dims: tuple[int, int, int],
+    allow_packed: bool = True,
+) -> ShapePolicy:
     """The policy a run uses: ``policy`` as asked, or for ``auto`` exact on the CPU and, on a GPU,
     the cheapest by :func:`plan_costs` over the first epoch of this run's data (``sizes``:
     positions of each example; ``batch_rows``: rows of one batch on this process). Without

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-
 from mlx_lora.data.formats import BY_NAME, REGISTRY, one_line
 from mlx_lora.plumbing.errors import DataError, show
+from mlx_lora.plumbing.hub import offline_mode
 
 HF_PREFIX = "hf:"
 SPLIT_NAMES = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
@@ -79,8 +79,9 @@ PRESETS: dict[str, Preset] = {
     "HuggingFaceH4/ultrachat_200k": Preset(format="chat", train="train_sft", valid="test_sft"),
     "HuggingFaceH4/no_robots": Preset(format="chat"),
     "FiscalNote/billsum": Preset(format="completions", columns={"prompt": "text", "completion": "summary"}),
-    "abisee/cnn_dailymail": Preset(format="completions", config="3.0.0",
-                                   columns={"prompt": "article", "completion": "highlights"}),
+    "abisee/cnn_dailymail": Preset(
+        format="completions", config="3.0.0", columns={"prompt": "article", "completion": "highlights"}
+    ),
     "Salesforce/wikitext": Preset(format="text", config="wikitext-103-raw-v1"),
 }
 """The data sets the recipes name (``recipes/*.yaml``, ``recipes/prepare_data.py``)."""
@@ -97,7 +98,12 @@ class HubId:
     split: Optional[str] = None
 
     def __str__(self) -> str:
-        return HF_PREFIX + self.name + (f":{self.config}" if self.config else "") + (f"@{self.split}" if self.split else "")
+        return (
+            HF_PREFIX
+            + self.name
+            + (f":{self.config}" if self.config else "")
+            + (f"@{self.split}" if self.split else "")
+        )
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -108,7 +114,7 @@ def parse_hf_id(spec: str) -> HubId:
     """``hf:org/name[:config][@split]`` -> HubId; DataError naming what is malformed."""
     if not spec.startswith(HF_PREFIX):
         raise DataError(f"not a hub data set id (expected {HF_PREFIX}org/name[:config][@split])", spec)
-    rest = spec[len(HF_PREFIX):]
+    rest = spec[len(HF_PREFIX) :]
     rest, _, split = rest.partition("@")
     name, _, config = rest.partition(":")
     what = "expected hf:org/name[:config][@split]"
@@ -183,8 +189,13 @@ class RowSource:
             if name and os.path.exists(name):
                 st = os.stat(name)
                 files.append([name, st.st_size, st.st_mtime_ns])
-        key = {"fingerprint": getattr(self.dataset, "_fingerprint", None), "files": files, "rows": len(self),
-               "columns": list(self.dataset.column_names), "map": self.columns}
+        key = {
+            "fingerprint": getattr(self.dataset, "_fingerprint", None),
+            "files": files,
+            "rows": len(self),
+            "columns": list(self.dataset.column_names),
+            "map": self.columns,
+        }
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
     def rows(self) -> list[tuple[int, dict]]:
@@ -197,11 +208,15 @@ class RowSource:
             cls, theirs = BY_NAME[self.fmt], dict(self.columns or {})
             for key in cls.keys:
                 if theirs.get(key, key) not in ds.column_names:
-                    raise DataError(f"no column {theirs.get(key, key)!r}, which {cls.name} rows need for field "
-                                    f"{key!r} (columns: {', '.join(ds.column_names)}); map one with data.columns",
-                                    self.label, field="data.columns")
-            ds = ds.select_columns([c for c in dict.fromkeys(theirs.get(k, k) for k in cls.reads)
-                                    if c in ds.column_names])
+                    raise DataError(
+                        f"no column {theirs.get(key, key)!r}, which {cls.name} rows need for field "
+                        f"{key!r} (columns: {', '.join(ds.column_names)}); map one with data.columns",
+                        self.label,
+                        field="data.columns",
+                    )
+            ds = ds.select_columns(
+                [c for c in dict.fromkeys(theirs.get(k, k) for k in cls.reads) if c in ds.column_names]
+            )
         if ds.num_rows == 0:
             raise DataError("empty data set: no rows", self.label)
         return [(i + 1, map_row(row, self.columns)) for i, row in enumerate(ds.to_list())]
@@ -219,8 +234,12 @@ def check_columns(columns: dict, available, label: str) -> None:
     missing = [c for c in columns.values() if c not in available]
     if missing:
         field = next(k for k, v in columns.items() if v == missing[0])
-        raise DataError(f"data.columns maps {field!r} to column {missing[0]!r}, which it does not have "
-                        f"(columns: {', '.join(map(str, available)) or 'none'})", label, field="data.columns")
+        raise DataError(
+            f"data.columns maps {field!r} to column {missing[0]!r}, which it does not have "
+            f"(columns: {', '.join(map(str, available)) or 'none'})",
+            label,
+            field="data.columns",
+        )
 
 
 def map_row(row: dict, columns: Optional[dict]) -> dict:
@@ -252,13 +271,13 @@ def _datasets():
     try:
         import datasets
     except ImportError:  # an optional dependency
-        raise DataError("reading a Hugging Face data set needs the datasets package: "
-                        "pip install 'mlx-lora[datasets]'") from None
+        raise DataError(
+            "reading a Hugging Face data set needs the datasets package: pip install 'mlx-lora[datasets]'"
+        ) from None
     return datasets
 
 
 def _offline() -> bool:
-    from mlx_lora.plumbing.hub import offline_mode
 
     flag = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     try:
@@ -275,12 +294,16 @@ def _hub_error(hid: HubId, e: Exception) -> DataError:
     if isinstance(e, ValueError) and "config" in text.lower():  # a config name it does not have
         return DataError(text, str(hid))
     if _offline() or "OfflineModeIsEnabled" in text or "offline" in text.lower():
-        return DataError(f"not in the local datasets cache, and offline mode is on (HF_HUB_OFFLINE / "
-                         f"HF_DATASETS_OFFLINE). Load it once with network access (the datasets cache keeps it), "
-                         f"or save it with save_to_disk and pass that folder", str(hid))
+        return DataError(
+            "not in the local datasets cache, and offline mode is on (HF_HUB_OFFLINE / "
+            "HF_DATASETS_OFFLINE). Load it once with network access (the datasets cache keeps it), "
+            "or save it with save_to_disk and pass that folder",
+            str(hid),
+        )
     if "DatasetNotFound" in name or "doesn't exist" in text or "404" in text:
-        return DataError("no such data set on the Hugging Face hub (or it is private: run `huggingface-cli "
-                         "login`)", str(hid))
+        return DataError(
+            "no such data set on the Hugging Face hub (or it is private: run `huggingface-cli login`)", str(hid)
+        )
     return DataError(f"could not load it with datasets ({name}: {text}). Check the network and the name", str(hid))
 
 
@@ -300,8 +323,9 @@ def _load_folder(path: Path):
         raise DataError(f"not a readable datasets folder ({type(e).__name__}: {one_line(e)})", str(path)) from None
 
 
-def open_source(path: str, *, split: Optional[str] = None, columns: Optional[dict] = None,
-                fmt: str = "auto") -> dict[str, Optional[RowSource]]:
+def open_source(
+    path: str, *, split: Optional[str] = None, columns: Optional[dict] = None, fmt: str = "auto"
+) -> dict[str, Optional[RowSource]]:
     """The train/valid/test splits of a data set source (valid and test None when it has none).
 
     ``split`` (or ``@split`` in an hf: id) picks the training split; then the others are used only
@@ -316,16 +340,16 @@ def open_source(path: str, *, split: Optional[str] = None, columns: Optional[dic
         hid = HubId(hid.name, config, hid.split or split)
         data = _load_hub(hid, config)
         base = HF_PREFIX + hid.name + (f":{config}" if config else "")
-        label = lambda s: f"{base}@{s}"  # noqa: E731
+        label = lambda s: f"{base}@{s}"
     else:
         folder = Path(path).expanduser()
         preset = Preset()
         data = _load_folder(folder)
         hid = None
-        label = lambda s: f"{path}[{s}]" if isinstance(data, datasets.DatasetDict) else str(path)  # noqa: E731
+        label = lambda s: f"{path}[{s}]" if isinstance(data, datasets.DatasetDict) else str(path)
     cols = columns if columns else preset.columns
     fmt = fmt if fmt != "auto" else preset.format
-    make = lambda s, ds: RowSource(label(s), ds, cols, fmt)  # noqa: E731
+    make = lambda s, ds: RowSource(label(s), ds, cols, fmt)
     if not isinstance(data, datasets.DatasetDict):
         if split and split != "train":
             raise DataError(f"no split {split!r}: this folder holds one data set (no splits)", str(path))
@@ -368,8 +392,10 @@ def config_problems(columns: Any, sources: Any, formats: tuple, weight_bound) ->
         if value is None:
             return
         if not isinstance(value, dict) or not value:
-            p.append(f"{key}: expected a mapping of format fields to column names (e.g. "
-                     f"{{prompt: question, completion: answer}}), got {_show(value)}")
+            p.append(
+                f"{key}: expected a mapping of format fields to column names (e.g. "
+                f"{{prompt: question, completion: answer}}), got {_show(value)}"
+            )
             return
         for k, v in value.items():
             if k not in fields:

@@ -39,6 +39,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from mlx_lora.plumbing.errors import DataError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -84,9 +89,7 @@ class ChatTemplate:
         self._render = render
         self._fingerprint: Optional[str] = None
 
-    def render(
-        self, messages: list[dict], *, tools: Optional[list] = None, add_generation_prompt: bool = False
-    ) -> str:
+    def render(self, messages: list[dict], *, tools: Optional[list] = None, add_generation_prompt: bool = False) -> str:
         out = self._render(messages, tools, add_generation_prompt)
         if not isinstance(out, str):
             raise TypeError(f"chat template {self.name} returned {type(out).__name__}, not text")
@@ -150,15 +153,17 @@ class _Budget:
     def spend(self, n: int = 1) -> None:
         self.steps -= n
         if self.steps < 0:
-            raise TemplateLimitError("went past its step budget (loop iterations, calls and filters); "
-                                     "a template must not loop without end")
+            raise TemplateLimitError(
+                "went past its step budget (loop iterations, calls and filters); a template must not loop without end"
+            )
         if time.monotonic() > self.deadline:
             raise TemplateLimitError(f"ran past its deadline of {self.seconds:.0f} s")
 
     def check_int(self, bits: int, what: str) -> None:
         if bits > MAX_INT_BITS:
-            raise TemplateLimitError(f"{what} would be a number of about {bits:,} bits, over the limit of "
-                                     f"{MAX_INT_BITS:,} bits")
+            raise TemplateLimitError(
+                f"{what} would be a number of about {bits:,} bits, over the limit of {MAX_INT_BITS:,} bits"
+            )
 
     def check_size(self, value: Any, what: str = "a value") -> None:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -169,8 +174,7 @@ class _Budget:
         except TypeError:
             n = 0
         if n > self.max_size:
-            raise TemplateLimitError(f"built {what} of {n:,} characters or items, over the limit of "
-                                     f"{self.max_size:,}")
+            raise TemplateLimitError(f"built {what} of {n:,} characters or items, over the limit of {self.max_size:,}")
         if n >= _CHARS_PER_STEP:
             self.spend(n // _CHARS_PER_STEP)
 
@@ -195,8 +199,9 @@ class _Budget:
         elif name == "format" and args and isinstance(args[0], str):
             size = _format_width(args[0])
         if size is not None and size > self.max_size:
-            raise TemplateLimitError(f"{name} would build {size:,} characters, over the size limit of "
-                                     f"{self.max_size:,}")
+            raise TemplateLimitError(
+                f"{name} would build {size:,} characters, over the size limit of {self.max_size:,}"
+            )
 
 
 def _format_width(fmt: str) -> int:
@@ -266,19 +271,13 @@ _COUNTED, _CHECKED = "mlx_lora_counted_loop", "mlx_lora_checked_value"
 
 
 def _jinja_environment():
-    import jinja2
-    import jinja2.ext
-    import jinja2.runtime
-    from jinja2 import nodes
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class BoundedEnvironment(ImmutableSandboxedEnvironment):
         """The sandbox, with every call, operator and loop iteration charged to the render's budget."""
 
         intercepted_binops = frozenset(["+", "-", "*", "/", "//", "**", "%"])
 
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
+        def call(__self, __context, __obj, *args, **kwargs):
             b = _budget()
             b.spend()
             b.check_args(args, kwargs)
@@ -289,8 +288,9 @@ def _jinja_environment():
             nests = isinstance(__obj, (jinja2.runtime.Macro, jinja2.runtime.LoopContext))
             if nests:
                 if b.depth >= MAX_CALL_DEPTH:
-                    raise TemplateLimitError(f"nested macro calls more than {MAX_CALL_DEPTH} deep (a macro "
-                                             f"calling itself without end?)")
+                    raise TemplateLimitError(
+                        f"nested macro calls more than {MAX_CALL_DEPTH} deep (a macro calling itself without end?)"
+                    )
                 b.depth += 1
             try:
                 rv = super().call(__context, __obj, *args, **kwargs)
@@ -377,8 +377,9 @@ def _special_tokens(tokenizer) -> dict[str, Any]:
     mapping = getattr(tokenizer, "special_tokens_map", None)
     if isinstance(mapping, dict):
         for name, value in mapping.items():
-            if isinstance(name, str) and (isinstance(value, str) or (isinstance(value, list) and
-                                                                      all(isinstance(v, str) for v in value))):
+            if isinstance(name, str) and (
+                isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            ):
                 out[name] = value
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = getattr(tokenizer, name, None)
@@ -422,7 +423,6 @@ def template_from_source(source: str, name: str, tokenizer=None, *, hub: bool = 
     """Compile Jinja ``source`` into a ChatTemplate; syntax errors become DataError naming
     ``name`` (the template's file). ``hub``: the tokenizer's own template, given the messages as
     transformers gives them (reasoning fields aliased)."""
-    import jinja2
 
     try:
         compiled = _jinja_environment().from_string(source)
@@ -437,8 +437,12 @@ def template_from_source(source: str, name: str, tokenizer=None, *, hub: bool = 
         token = _BUDGET.set(budget)
         try:
             parts = []
-            for chunk in compiled.generate(messages=_alias_reasoning(messages) if hub else messages, tools=tools,
-                                           add_generation_prompt=add_generation_prompt, **specials):
+            for chunk in compiled.generate(
+                messages=_alias_reasoning(messages) if hub else messages,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                **specials,
+            ):
                 budget.output += len(chunk)
                 if budget.output > budget.max_size:
                     raise TemplateLimitError(f"rendered more than {budget.max_size:,} characters")
@@ -521,14 +525,19 @@ def _check_template(template: ChatTemplate, field: Optional[str] = None) -> None
         template.render(_PROBE)
         template.render(_PROBE[:2], add_generation_prompt=True)
     except TemplateLimitError as e:
-        raise DataError(f"chat template {e} (rendering a 3-message conversation)", template.name,
-                        field=field) from None
+        raise DataError(f"chat template {e} (rendering a 3-message conversation)", template.name, field=field) from None
     except Exception:
         return
 
 
-def apply_chat_template(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False,
-                        tools: Optional[list] = None, template: Optional[ChatTemplate] = None) -> str:
+def apply_chat_template(
+    tokenizer,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = False,
+    tools: Optional[list] = None,
+    template: Optional[ChatTemplate] = None,
+) -> str:
     """The bounded replacement of ``tokenizer.apply_chat_template(..., tokenize=False)``: the
     text of ``messages`` through ``template`` (default: the tokenizer's own). Any limit it goes
     past is a :class:`DataError` naming the template's file. Raises DataError when the tokenizer
@@ -556,9 +565,7 @@ def resolve_chat_template(spec: Optional[str], tokenizer) -> Optional[ChatTempla
     path = Path(spec).expanduser()
     if not path.is_file():
         known = ", ".join(sorted(BUILTIN_TEMPLATES))
-        raise DataError(
-            f"not a built-in template ({known}) and no such file", str(path), field="data.chat_template"
-        )
+        raise DataError(f"not a built-in template ({known}) and no such file", str(path), field="data.chat_template")
     try:
         source = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

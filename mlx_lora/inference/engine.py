@@ -45,10 +45,10 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mlx_lora.model import adapters as adapters_mod
-from mlx_lora.plumbing import mlx_lm_compat as compat
-from mlx_lora.plumbing.errors import MlxLoraError
 from mlx_lora.model.integrity import check_adapter_base
 from mlx_lora.model.lora import DoRALinear, LoRALinear, dense_weight
+from mlx_lora.plumbing import mlx_lm_compat as compat
+from mlx_lora.plumbing.errors import MlxLoraError
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,8 @@ class RowLoRALinear(nn.Module):
             if lw is None:
                 continue
             k = lw.a.shape[0]
-            a[i * r:i * r + k] = lw.a.astype(mx.float32)
-            b[:, i * r:i * r + k] = lw.b.astype(mx.float32) * lw.scale
+            a[i * r : i * r + k] = lw.a.astype(mx.float32)
+            b[:, i * r : i * r + k] = lw.b.astype(mx.float32) * lw.scale
             if lw.gain is not None:
                 gain[i] = lw.gain
                 dora[i] = True
@@ -277,8 +277,10 @@ class AdapterBank:
                 wrapped = adapters_mod.adapter_layers(model)
                 for path, layer in wrapped:
                     if not isinstance(layer, LoRALinear):
-                        raise MlxLoraError(f"{folder}: adapters on expert (mixture-of-experts) layers cannot be "
-                                           f"served beside others yet; fuse it (mlx-lora fuse) and serve the result")
+                        raise MlxLoraError(
+                            f"{folder}: adapters on expert (mixture-of-experts) layers cannot be "
+                            f"served beside others yet; fuse it (mlx-lora fuse) and serve the result"
+                        )
                     gain = None
                     if isinstance(layer, DoRALinear):
                         w = dense_weight(layer.base).astype(mx.float32) + layer.delta()
@@ -353,8 +355,9 @@ class PromptCache:
             return
         key = (adapter, tuple(tokens))
         # A cached sequence that this one extends is redundant: this one serves all its prompts.
-        for old in [k for k in self._entries if k[0] == adapter and len(k[1]) <= len(key[1])
-                    and key[1][:len(k[1])] == k[1]]:
+        for old in [
+            k for k in self._entries if k[0] == adapter and len(k[1]) <= len(key[1]) and key[1][: len(k[1])] == k[1]
+        ]:
             self.nbytes -= self._entries.pop(old)[1]
         self._entries[key] = (caches, size)
         self.nbytes += size
@@ -407,10 +410,19 @@ class Engine:
     hold; ``prompt_cache_bytes`` 0 turns the prefix cache off. Without a ``tokenizer`` (then
     ``eos`` is required) replies are token ids only: no text, stop strings or constraints."""
 
-    def __init__(self, model, tokenizer=None, *, eos: Optional[set] = None, bank: Optional[AdapterBank] = None,
-                 max_batch: int = DEFAULT_MAX_BATCH,
-                 max_queue: int = DEFAULT_MAX_QUEUE, prefill_step: int = DEFAULT_PREFILL_STEP,
-                 prompt_cache_bytes: int = int(DEFAULT_PROMPT_CACHE_GB * 2**30), context: Optional[int] = None):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        eos: Optional[set] = None,
+        bank: Optional[AdapterBank] = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        prefill_step: int = DEFAULT_PREFILL_STEP,
+        prompt_cache_bytes: int = int(DEFAULT_PROMPT_CACHE_GB * 2**30),
+        context: Optional[int] = None,
+    ):
         self.model, self.tokenizer, self.bank = model, tokenizer, bank
         self.max_batch, self.max_queue, self.prefill_step = int(max_batch), int(max_queue), int(prefill_step)
         self.context = context
@@ -436,8 +448,15 @@ class Engine:
 
     # -- the caller's side ------------------------------------------------------------------
 
-    def submit(self, prompt: Sequence[int], adapter: Optional[str] = None, sampling: Optional[Sampling] = None,
-               sink: Optional[Callable] = None, *, wait: bool = False) -> Request:
+    def submit(
+        self,
+        prompt: Sequence[int],
+        adapter: Optional[str] = None,
+        sampling: Optional[Sampling] = None,
+        sink: Optional[Callable] = None,
+        *,
+        wait: bool = False,
+    ) -> Request:
         """Queue a request. ``wait`` False: raise :class:`QueueFull` when ``max_queue`` requests
         are waiting already; True (in-process callers): always queue."""
         if not prompt:
@@ -453,8 +472,10 @@ class Engine:
                 raise MlxLoraError("the generation engine is closed")
             if not wait and len(self._pending) >= self.max_queue:
                 self.counters["rejected"] += 1
-                raise QueueFull(f"the server is busy: {len(self._pending)} requests are waiting already "
-                                f"(--max-queue {self.max_queue}); try again shortly")
+                raise QueueFull(
+                    f"the server is busy: {len(self._pending)} requests are waiting already "
+                    f"(--max-queue {self.max_queue}); try again shortly"
+                )
             self._pending.append(req)
             self.counters["requests"] += 1
             if self._thread is None:
@@ -464,8 +485,13 @@ class Engine:
             self._cond.notify()
         return req
 
-    def stream(self, prompt: Sequence[int], adapter: Optional[str] = None, sampling: Optional[Sampling] = None,
-               result: Optional[Result] = None) -> Iterator[Token]:
+    def stream(
+        self,
+        prompt: Sequence[int],
+        adapter: Optional[str] = None,
+        sampling: Optional[Sampling] = None,
+        result: Optional[Result] = None,
+    ) -> Iterator[Token]:
         """Submit and yield the reply's tokens as they come; ``result`` (when given) is filled in
         once the iterator ends. Leaving the loop early (or Ctrl-C) cancels the request."""
         q: queue.Queue = queue.Queue()
@@ -484,15 +510,26 @@ class Engine:
         finally:
             req.cancel()
 
-    def generate(self, prompts: Sequence[Sequence[int]], samplings: Sequence[Sampling],
-                 adapters: Optional[Sequence[Optional[str]]] = None,
-                 on_done: Optional[Callable[[int], None]] = None) -> list[Result]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        samplings: Sequence[Sampling],
+        adapters: Optional[Sequence[Optional[str]]] = None,
+        on_done: Optional[Callable[[int], None]] = None,
+    ) -> list[Result]:
         """Every prompt's whole reply (they are batched as the engine sees fit); ``on_done(1)`` is
         called as each one finishes (progress)."""
         q: queue.Queue = queue.Queue()
-        reqs = [self.submit(p, None if adapters is None else adapters[i], s,
-                            (lambda i: lambda kind, value: q.put((i, kind, value)))(i), wait=True)
-                for i, (p, s) in enumerate(zip(prompts, samplings))]
+        reqs = [
+            self.submit(
+                p,
+                None if adapters is None else adapters[i],
+                s,
+                (lambda i: lambda kind, value: q.put((i, kind, value)))(i),
+                wait=True,
+            )
+            for i, (p, s) in enumerate(zip(prompts, samplings))
+        ]
         out: list[Optional[Result]] = [None] * len(reqs)
         left = len(reqs)
         try:
@@ -518,20 +555,28 @@ class Engine:
             span = (now - window[0][0]) if window else 0.0
             tps = sum(n for _, n in window) / span if span > 0 else 0.0
             c = self.prompt_cache
-            return {"requests_total": self.counters["requests"], "requests_finished": self.counters["finished"],
-                    "requests_cancelled": self.counters["cancelled"], "requests_rejected": self.counters["rejected"],
-                    "requests_failed": self.counters["failed"],
-                    "queue_length": len(self._pending), "prefilling": len(self._prefilling),
-                    "batch_size": len(self._rows), "max_batch": self.max_batch,
-                    "batch_occupancy": len(self._rows) / self.max_batch,
-                    "prompt_tokens_total": self.counters["prompt_tokens"],
-                    "prefill_tokens_total": self.counters["prefill_tokens"],
-                    "generated_tokens_total": self.counters["generated_tokens"],
-                    "decode_steps_total": self.counters["decode_steps"],
-                    "tokens_per_second": round(tps, 3),
-                    "prompt_cache_hits": c.hits, "prompt_cache_misses": c.misses,
-                    "prompt_cache_entries": len(c), "prompt_cache_bytes": c.nbytes,
-                    "prompt_cache_evictions": c.evictions}
+            return {
+                "requests_total": self.counters["requests"],
+                "requests_finished": self.counters["finished"],
+                "requests_cancelled": self.counters["cancelled"],
+                "requests_rejected": self.counters["rejected"],
+                "requests_failed": self.counters["failed"],
+                "queue_length": len(self._pending),
+                "prefilling": len(self._prefilling),
+                "batch_size": len(self._rows),
+                "max_batch": self.max_batch,
+                "batch_occupancy": len(self._rows) / self.max_batch,
+                "prompt_tokens_total": self.counters["prompt_tokens"],
+                "prefill_tokens_total": self.counters["prefill_tokens"],
+                "generated_tokens_total": self.counters["generated_tokens"],
+                "decode_steps_total": self.counters["decode_steps"],
+                "tokens_per_second": round(tps, 3),
+                "prompt_cache_hits": c.hits,
+                "prompt_cache_misses": c.misses,
+                "prompt_cache_entries": len(c),
+                "prompt_cache_bytes": c.nbytes,
+                "prompt_cache_evictions": c.evictions,
+            }
 
     def wait_until(self, predicate: Callable[[dict], bool], timeout: float = 120.0) -> bool:
         """Block until ``predicate(self.metrics())`` holds (True) or ``timeout`` seconds pass (False)."""
@@ -728,8 +773,10 @@ class Engine:
     def _sample(self, rows: list[_Row], logits: mx.array) -> tuple[list[int], list]:
         """One token per row, with its (logprob, top alternatives) when the row asks for them."""
         logits = logits.astype(mx.float32)
-        if all(r.req.sampling.temperature == 0 and r.req.sampling.logprobs is None
-               and r.req.sampling.constraint is None for r in rows):
+        if all(
+            r.req.sampling.temperature == 0 and r.req.sampling.logprobs is None and r.req.sampling.constraint is None
+            for r in rows
+        ):
             return mx.argmax(logits, axis=-1).tolist(), [None] * len(rows)  # greedy: no softmax needed
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         picks = mx.argmax(logprobs, axis=-1)
@@ -742,8 +789,9 @@ class Engine:
                 row.key, sub = mx.random.split(row.key)
                 chosen[i] = _sample_row(logprobs[i], s.temperature, s.top_p, sub)
         if any(c is not None for c in chosen):
-            picks = mx.stack([picks[i] if c is None else mx.array(c).reshape(()).astype(picks.dtype)
-                              for i, c in enumerate(chosen)])
+            picks = mx.stack(
+                [picks[i] if c is None else mx.array(c).reshape(()).astype(picks.dtype) for i, c in enumerate(chosen)]
+            )
         tokens = picks.tolist()
         infos: list = [None] * len(rows)
         want = [i for i, r in enumerate(rows) if r.req.sampling.logprobs is not None]
@@ -795,6 +843,7 @@ class Engine:
             # after it (one character each at worst, and one for the end) still cover them;
             # past that, only tokens that bring the end nearer.
             return st == "complete" or (st == "partial" and (nd <= left - 3 or nd < need))
+
         lp = logprobs
         if s.temperature > 0:
             row.key, sub = mx.random.split(row.key)
@@ -842,7 +891,8 @@ class Engine:
             res.finish_reason = "stop"
             return True
         if res.completion_tokens >= req.sampling.max_tokens or (
-                self.context is not None and len(row.tokens) + 1 >= self.context):
+            self.context is not None and len(row.tokens) + 1 >= self.context
+        ):
             return self._end(row, "length")
         return False
 
@@ -873,16 +923,17 @@ class Engine:
         row.req.result.text += text[sent:ready]
         return text[sent:ready], False
 
-    def _finish(self, row: _Row, batch_index: Optional[int], store: bool = True, batch: Optional[list] = None
-                ) -> None:
+    def _finish(self, row: _Row, batch_index: Optional[int], store: bool = True, batch: Optional[list] = None) -> None:
         """A row is done: keep its KV in the prefix cache (from its own cache, or row
         ``batch_index`` of ``batch``, by default the running batch), and report."""
         req = row.req
         if store and self.prompt_cache.max_bytes > 0:
-            caches = row.cache if batch_index is None else compat.row_of_batch(
-                self._batch if batch is None else batch, batch_index)
-            if caches is not None and compat.is_plain_kv(caches) and all(
-                    c.offset == len(row.tokens) for c in caches):
+            caches = (
+                row.cache
+                if batch_index is None
+                else compat.row_of_batch(self._batch if batch is None else batch, batch_index)
+            )
+            if caches is not None and compat.is_plain_kv(caches) and all(c.offset == len(row.tokens) for c in caches):
                 mx.eval(compat.kv_arrays(caches))
                 self.prompt_cache.insert(req.adapter, row.tokens, caches)
         if req.cancelled.is_set() and req.result.finish_reason is None:

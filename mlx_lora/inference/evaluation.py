@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mlx_lora.inference import metrics as M
-from mlx_lora.data.formats import ChatSample, PairSample, TextSample, file_samples, one_line, tname
-from mlx_lora.plumbing.errors import DataError, MlxLoraError
-from mlx_lora.data.templates import TemplateLimitError
 from mlx_lora.config import MAX_SEQ_LENGTH
-from mlx_lora.plumbing.progress import Ticker
+from mlx_lora.data.examples import _Encoder, read_jsonl_rows
+from mlx_lora.data.formats import ChatSample, PairSample, TextSample, file_samples, one_line, tname
+from mlx_lora.data.templates import TemplateLimitError, resolve_chat_template
+from mlx_lora.inference import metrics as M
 from mlx_lora.inference.engine import Engine, Sampling
+from mlx_lora.plumbing.errors import DataError, MlxLoraError
+from mlx_lora.plumbing.progress import Ticker
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -38,8 +39,7 @@ DEFAULT_BATCH_SIZE = 16
 # ---------------------------------------------------------------------------------------------
 # prompt bounds
 
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
-                "max_sequence_length")
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length")
 """Where a model's config.json gives its context length (the first one present counts)."""
 
 
@@ -70,7 +70,7 @@ def token_chars(tokenizer) -> int:
         pass
     try:
         longest = max((len(t) for t in tokenizer.get_vocab() if isinstance(t, str)), default=0)
-    except Exception:  # noqa: BLE001  (a tokenizer without a readable vocabulary: a generous constant)
+    except Exception:
         longest = 64
     n = max(16, longest)
     try:
@@ -80,8 +80,15 @@ def token_chars(tokenizer) -> int:
     return n
 
 
-def bound_prompt(tokenizer, text: str, *, context: Optional[int], max_tokens: int,
-                 encode: Optional[Callable[[str], list[int]]] = None, what: str = "the prompt") -> list[int]:
+def bound_prompt(
+    tokenizer,
+    text: str,
+    *,
+    context: Optional[int],
+    max_tokens: int,
+    encode: Optional[Callable[[str], list[int]]] = None,
+    what: str = "the prompt",
+) -> list[int]:
     """Token ids of the prompt ``text`` when it fits in the model's ``context`` (tokens; None:
     unknown, then :data:`~mlx_lora.config.MAX_SEQ_LENGTH`) with room for ``max_tokens`` new
     tokens; otherwise :class:`PromptTooLong`, one line saying by how much.
@@ -96,12 +103,16 @@ def bound_prompt(tokenizer, text: str, *, context: Optional[int], max_tokens: in
         raise PromptTooLong(f"{max_tokens} new tokens leave no room for {what}: {ctx}; ask for fewer new tokens")
     max_chars = 2 * limit * token_chars(tokenizer)
     if len(text) > max_chars:
-        raise PromptTooLong(f"{what} has {len(text):,} characters, far more than fit: {ctx}, {max_tokens} of them "
-                            f"kept for new tokens, so at most {limit:,} prompt tokens (checked before tokenizing)")
+        raise PromptTooLong(
+            f"{what} has {len(text):,} characters, far more than fit: {ctx}, {max_tokens} of them "
+            f"kept for new tokens, so at most {limit:,} prompt tokens (checked before tokenizing)"
+        )
     tokens = list(encode(text) if encode is not None else tokenizer.encode(text))
     if len(tokens) > limit:
-        raise PromptTooLong(f"{what} has {len(tokens):,} tokens: {ctx} and {max_tokens} of them are kept for new "
-                            f"tokens, so at most {limit:,} prompt tokens fit; shorten it or ask for fewer new tokens")
+        raise PromptTooLong(
+            f"{what} has {len(tokens):,} tokens: {ctx} and {max_tokens} of them are kept for new "
+            f"tokens, so at most {limit:,} prompt tokens fit; shorten it or ask for fewer new tokens"
+        )
     return tokens
 
 
@@ -153,22 +164,26 @@ def _chat_prompt(sample: ChatSample, template, path: str, line: int) -> str:
     """The messages before the last assistant turn, rendered with a generation prompt."""
     last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
     if template is None:
-        raise DataError("chat rows need a chat template and the tokenizer has none; pass --chat-template chatml "
-                        "(or a path to a .jinja file)", path, line)
+        raise DataError(
+            "chat rows need a chat template and the tokenizer has none; pass --chat-template chatml "
+            "(or a path to a .jinja file)",
+            path,
+            line,
+        )
     try:
         return template.render(sample.messages[:last], tools=sample.tools, add_generation_prompt=True)
     except TemplateLimitError as e:
         raise DataError(f"chat template {template.name} {e} (rendering this row)", path, line, sample.key) from None
     except Exception as e:
-        raise DataError(f"chat template ({template.name}) failed: {type(e).__name__}: {one_line(e)}",
-                        path, line, sample.key) from None
+        raise DataError(
+            f"chat template ({template.name}) failed: {type(e).__name__}: {one_line(e)}", path, line, sample.key
+        ) from None
 
 
 def read_eval_set(path, *, fmt: str = "auto", limit: Optional[int] = None) -> EvalSet:
     """The rows of the JSONL file ``path`` (the first ``limit`` of them) with their references
     and tests, checked; no tokenizer needed, so a bad file fails before a model loads. The
     prompts are filled in by :func:`render_prompts`."""
-    from mlx_lora.data.examples import read_jsonl_rows
 
     p = str(Path(path).expanduser())
     rows = read_jsonl_rows(p)
@@ -176,8 +191,11 @@ def read_eval_set(path, *, fmt: str = "auto", limit: Optional[int] = None) -> Ev
         rows = rows[:limit]
     name, samples = file_samples(p, rows, fmt)
     if any(isinstance(s, TextSample) for s in samples):
-        raise DataError("text rows have no reference answer to score; eval --generate needs chat, sharegpt, "
-                        "completions or alpaca rows (loss and perplexity: eval without --generate)", p)
+        raise DataError(
+            "text rows have no reference answer to score; eval --generate needs chat, sharegpt, "
+            "completions or alpaca rows (loss and perplexity: eval without --generate)",
+            p,
+        )
     out = []
     for (line, row), sample in zip(rows, samples):
         if isinstance(sample, ChatSample):
@@ -192,15 +210,14 @@ def read_eval_set(path, *, fmt: str = "auto", limit: Optional[int] = None) -> Ev
     return EvalSet(p, name, out)
 
 
-def render_prompts(data: EvalSet, tokenizer, chat_template: Optional[str] = None, *,
-                   context: Optional[int] = None, max_tokens: int = 0) -> EvalSet:
+def render_prompts(
+    data: EvalSet, tokenizer, chat_template: Optional[str] = None, *, context: Optional[int] = None, max_tokens: int = 0
+) -> EvalSet:
     """Fill in each row's prompt text and tokens: the chat template (``chat_template``, else the
     tokenizer's) for conversations, and the BOS token where training examples have one.
 
     A row whose prompt does not fit in ``context`` tokens with room for ``max_tokens`` new ones
     (:func:`bound_prompt`) is moved to ``data.skipped`` with the reason, never generated for."""
-    from mlx_lora.data.examples import _Encoder
-    from mlx_lora.data.templates import resolve_chat_template
 
     chat = data.format in ("chat", "sharegpt")
     template = resolve_chat_template(chat_template, tokenizer) if chat else None
@@ -215,8 +232,9 @@ def render_prompts(data: EvalSet, tokenizer, chat_template: Optional[str] = None
     kept = []
     for row in data.rows:
         sample = row.sample
-        row.prompt = (_chat_prompt(sample, template, data.path, row.line) if isinstance(sample, ChatSample)
-                      else sample.prompt)
+        row.prompt = (
+            _chat_prompt(sample, template, data.path, row.line) if isinstance(sample, ChatSample) else sample.prompt
+        )
         try:
             row.tokens = bound_prompt(tokenizer, row.prompt, context=context, max_tokens=max_tokens, encode=encode)
         except PromptTooLong as e:
@@ -230,8 +248,9 @@ def render_prompts(data: EvalSet, tokenizer, chat_template: Optional[str] = None
     return data
 
 
-def load_eval_set(path, tokenizer, *, chat_template: Optional[str] = None, fmt: str = "auto",
-                  limit: Optional[int] = None) -> EvalSet:
+def load_eval_set(
+    path, tokenizer, *, chat_template: Optional[str] = None, fmt: str = "auto", limit: Optional[int] = None
+) -> EvalSet:
     """:func:`read_eval_set` then :func:`render_prompts`."""
     return render_prompts(read_eval_set(path, fmt=fmt, limit=limit), tokenizer, chat_template)
 
@@ -241,20 +260,38 @@ def check_metrics(metrics: Sequence[str], data: EvalSet) -> None:
     every row, ``json`` a reference that parses as JSON."""
     for row in data.rows:
         if "pass@1" in metrics and not (row.tests or "").strip():
-            raise DataError("missing: pass@1 runs each row's tests (Python source, e.g. \"assert f(2) == 4\")",
-                            data.path, row.line, M.TESTS_FIELD)
+            raise DataError(
+                'missing: pass@1 runs each row\'s tests (Python source, e.g. "assert f(2) == 4")',
+                data.path,
+                row.line,
+                M.TESTS_FIELD,
+            )
         if "json" in metrics and not M.parse_json(row.reference)[0]:
-            raise DataError("the reference is not JSON, so the json metric cannot compare with it", data.path,
-                            row.line, row.reference_field)
+            raise DataError(
+                "the reference is not JSON, so the json metric cannot compare with it",
+                data.path,
+                row.line,
+                row.reference_field,
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # generation
 
 
-def generate_tokens(model, prompts: Sequence[Sequence[int]], max_tokens: int, eos: set, *,
-                    batch_size: int = DEFAULT_BATCH_SIZE, temperature: float = 0.0, top_p: float = 1.0,
-                    seed: int = 0, tokenizer=None, on_rows: Optional[Callable[[int], None]] = None) -> list[list[int]]:
+def generate_tokens(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: int,
+    eos: set,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    tokenizer=None,
+    on_rows: Optional[Callable[[int], None]] = None,
+) -> list[list[int]]:
     """Continuations (token ids; a token in ``eos`` ends one and is left out) of several token
     prompts, in the order given, from the generation engine (:mod:`mlx_lora.inference.engine`) with at
     most ``batch_size`` rows decoding at once. Greedy when ``temperature`` is 0; otherwise row ``i``
@@ -262,8 +299,10 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], max_tokens: int, eo
     ``top_p``. ``on_rows(n)`` hears of each finished row (progress)."""
     engine = Engine(model, tokenizer, eos=eos, max_batch=batch_size, prompt_cache_bytes=0)
     try:
-        samplings = [Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
-                     for i in range(len(prompts))]
+        samplings = [
+            Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
+            for i in range(len(prompts))
+        ]
         return [r.tokens for r in engine.generate([list(p) for p in prompts], samplings, on_done=on_rows)]
     finally:
         engine.close()
@@ -273,13 +312,34 @@ def eos_ids(tokenizer) -> set:
     return set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
 
 
-def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
-             on_rows: Optional[Callable[[int], None]] = None) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_rows: Optional[Callable[[int], None]] = None,
+) -> list[str]:
     """:func:`generate_tokens` decoded to text."""
-    return [tokenizer.decode(g) for g in generate_tokens(model, prompts, max_tokens, eos_ids(tokenizer),
-                                                         batch_size=batch_size, temperature=temperature, top_p=top_p,
-                                                         seed=seed, tokenizer=tokenizer, on_rows=on_rows)]
+    return [
+        tokenizer.decode(g)
+        for g in generate_tokens(
+            model,
+            prompts,
+            max_tokens,
+            eos_ids(tokenizer),
+            batch_size=batch_size,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            tokenizer=tokenizer,
+            on_rows=on_rows,
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,8 +362,14 @@ def columns(metrics: Sequence[str]) -> list[str]:
     return [c for m in metrics for c in M.COLUMNS[m]]
 
 
-def score(metrics: Sequence[str], rows: Sequence[EvalRow], outputs: Sequence[str], *,
-          timeout_s: float = 10.0, workers: int = 2) -> Scores:
+def score(
+    metrics: Sequence[str],
+    rows: Sequence[EvalRow],
+    outputs: Sequence[str],
+    *,
+    timeout_s: float = 10.0,
+    workers: int = 2,
+) -> Scores:
     """Every metric of ``metrics`` on every row (pass@1 runs ``workers`` sandboxes at a time)."""
     per_row: list[dict] = [{} for _ in rows]
     statuses: list[Optional[str]] = [None] * len(rows)
@@ -329,18 +395,38 @@ def score(metrics: Sequence[str], rows: Sequence[EvalRow], outputs: Sequence[str
     return Scores(list(outputs), per_row, means, statuses=statuses)
 
 
-def generate_and_score(model, tokenizer, data: EvalSet, metrics: Sequence[str], *, max_tokens: int,
-                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                       batch_size: int = DEFAULT_BATCH_SIZE, timeout_s: float = 10.0,
-                       desc: str = "generate", progress: bool = True) -> Scores:
+def generate_and_score(
+    model,
+    tokenizer,
+    data: EvalSet,
+    metrics: Sequence[str],
+    *,
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    timeout_s: float = 10.0,
+    desc: str = "generate",
+    progress: bool = True,
+) -> Scores:
     """Generate an answer for every row of ``data`` and score it; a run longer than a moment shows
     its rows as they finish (named ``desc``) unless ``progress`` is false."""
     if not data.rows:
         raise MlxLoraError(f"{data.path}: no rows to evaluate")
     t0 = time.perf_counter()
     with Ticker(len(data.rows), desc, unit="row", enabled=progress) as ticker:
-        outputs = generate(model, tokenizer, [r.tokens for r in data.rows], max_tokens, temperature=temperature,
-                           top_p=top_p, seed=seed, batch_size=batch_size, on_rows=ticker.update)
+        outputs = generate(
+            model,
+            tokenizer,
+            [r.tokens for r in data.rows],
+            max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+            on_rows=ticker.update,
+        )
     s = score(metrics, data.rows, outputs, timeout_s=timeout_s)
     s.seconds = time.perf_counter() - t0
     return s

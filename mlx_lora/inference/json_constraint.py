@@ -28,9 +28,31 @@ MAX_SPACE = 4
 MAX_NUMBER = 24
 
 _TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
-_KNOWN = {"type", "properties", "required", "items", "enum", "const", "anyOf", "oneOf", "minItems", "maxItems",
-          "maxLength", "additionalProperties", "description", "title", "default", "$schema", "strict", "examples",
-          "minLength", "minimum", "maximum", "format", "name"}
+_KNOWN = {
+    "type",
+    "properties",
+    "required",
+    "items",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "minItems",
+    "maxItems",
+    "maxLength",
+    "additionalProperties",
+    "description",
+    "title",
+    "default",
+    "$schema",
+    "strict",
+    "examples",
+    "minLength",
+    "minimum",
+    "maximum",
+    "format",
+    "name",
+}
 
 
 def schema_problem(schema, where: str = "schema", depth: int = 0) -> Optional[str]:
@@ -41,8 +63,10 @@ def schema_problem(schema, where: str = "schema", depth: int = 0) -> Optional[st
         return f"{where} must be an object"
     unknown = sorted(k for k in schema if k not in _KNOWN)
     if unknown:
-        return f"{where}: unsupported keyword {unknown[0]!r} (supported: type, properties, required, items, enum, " \
-               f"const, anyOf, oneOf, minItems, maxItems, maxLength)"
+        return (
+            f"{where}: unsupported keyword {unknown[0]!r} (supported: type, properties, required, items, enum, "
+            f"const, anyOf, oneOf, minItems, maxItems, maxLength)"
+        )
     t = schema.get("type")
     types = t if isinstance(t, list) else [t] if t is not None else []
     if any(x not in _TYPES for x in types):
@@ -149,8 +173,12 @@ class _Parser:
             raise _Bad
         self.space(min_len(schema))
         if "const" in schema or "enum" in schema:
-            return self.literal([json.dumps(v, ensure_ascii=False) for v in
-                                 ([schema["const"]] if "const" in schema else schema["enum"])])
+            return self.literal(
+                [
+                    json.dumps(v, ensure_ascii=False)
+                    for v in ([schema["const"]] if "const" in schema else schema["enum"])
+                ]
+            )
         alts = schema.get("anyOf") or schema.get("oneOf")
         if alts:
             return self.any_of(alts, depth)
@@ -189,7 +217,7 @@ class _Parser:
         raise _Bad
 
     def literal(self, options: list[str]) -> None:
-        rest = self.s[self.i:]
+        rest = self.s[self.i :]
         done = [o for o in options if rest.startswith(o)]
         if done:
             self.i += len(max(done, key=len))
@@ -223,7 +251,7 @@ class _Parser:
             if c == "\\":
                 if choices is not None or len(out) >= limit:  # keys are plain; an escape needs room
                     raise _Bad
-                esc = self.s[self.i + 1:self.i + 2]
+                esc = self.s[self.i + 1 : self.i + 2]
                 if not esc:
                     self.i += 1
                     raise _End(2)
@@ -231,7 +259,7 @@ class _Parser:
                     out.append(json.loads(f'"\\{esc}"'))
                     self.i += 2
                 elif esc == "u":
-                    hexa = self.s[self.i + 2:self.i + 6]
+                    hexa = self.s[self.i + 2 : self.i + 6]
                     if any(h not in "0123456789abcdefABCDEF" for h in hexa):
                         raise _Bad
                     if len(hexa) < 4:
@@ -382,7 +410,7 @@ class _Parser:
             try:
                 key = self.string(MAX_KEY, choices)
             except _End:
-                raise _End(self._key_need(self.s[start + 1:], choices, props, left(), required, seen)) from None
+                raise _End(self._key_need(self.s[start + 1 :], choices, props, left(), required, seen)) from None
             if key in seen or len(seen) >= MAX_KEYS:
                 raise _Bad
             sub = props.get(key, {})
@@ -426,7 +454,7 @@ class JsonConstraint:
             return "partial", e.need
         except _Bad:
             return "invalid", -1
-        rest = text[p.i:]
+        rest = text[p.i :]
         if rest.strip() or len(rest) > 2:
             return "invalid", -1
         return "complete", 0

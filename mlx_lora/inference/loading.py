@@ -13,13 +13,19 @@ from mlx_lora.model.loading import load_model
 from mlx_lora.plumbing.backend import warn_if_slow_blas
 from mlx_lora.plumbing.errors import MlxLoraError
 
-
 logger = logging.getLogger(__name__)
 
 
-def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: str = "auto", *,
-                       strict: bool = False, stream: Optional[TextIO] = None,
-                       dequantize_on_cpu: Optional[str] = None, trust_remote_code: bool = False):
+def load_for_inference(
+    model_path: str,
+    adapter: Optional[str] = None,
+    dtype: str = "auto",
+    *,
+    strict: bool = False,
+    stream: Optional[TextIO] = None,
+    dequantize_on_cpu: Optional[str] = None,
+    trust_remote_code: bool = False,
+):
     """(model, tokenizer, info) with the adapter applied, in eval mode.
 
     An adapter trained on another base model than ``model_path`` (by the fingerprint it records)
@@ -30,8 +36,9 @@ def load_for_inference(model_path: str, adapter: Optional[str] = None, dtype: st
     run the code it ships (``auto_map``, ``model_file``); otherwise a folder that needs it is refused."""
     check_options([("dtype", dtype, CHOICES["model.dtype"])])
     warn_if_slow_blas()  # a script that did not start through the mlx-lora command: one line on how
-    model, tokenizer, info = load_model(model_path, dtype=dtype, dequantize_on_cpu=dequantize_on_cpu,
-                                        trust_remote_code=trust_remote_code is True)
+    model, tokenizer, info = load_model(
+        model_path, dtype=dtype, dequantize_on_cpu=dequantize_on_cpu, trust_remote_code=trust_remote_code is True
+    )
     if adapter:
         attach_adapter(model, info, adapter, strict=strict, stream=stream)
     model.eval()

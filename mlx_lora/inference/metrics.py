@@ -25,10 +25,16 @@ import unicodedata
 from typing import Iterable, Optional, Sequence
 
 from mlx_lora.plumbing.errors import MlxLoraError
+from mlx_lora.plumbing.sandbox import run_python
 
 METRICS = ("exact", "contains", "json", "rouge-l", "pass@1")
-COLUMNS = {"exact": ("exact",), "contains": ("contains",), "json": ("json_valid", "json_equal"),
-           "rouge-l": ("rouge-l",), "pass@1": ("pass@1",)}
+COLUMNS = {
+    "exact": ("exact",),
+    "contains": ("contains",),
+    "json": ("json_valid", "json_equal"),
+    "rouge-l": ("rouge-l",),
+    "pass@1": ("pass@1",),
+}
 TESTS_FIELD = "tests"
 """The row field that carries a code row's tests (Python source, e.g. ``assert f(2) == 4``)."""
 SHORT_ANSWER_WORDS = 8
@@ -133,7 +139,6 @@ def code_of(output: str) -> str:
 
 def pass_at_1(output: str, tests: str, timeout_s: float) -> tuple[float, str]:
     """(1.0 or 0.0, the sandbox's status) for the generated code followed by ``tests``."""
-    from mlx_lora.plumbing.sandbox import run_python
 
     result = run_python(code_of(output).rstrip() + "\n\n" + tests + "\n", timeout_s=timeout_s)
     return float(result.passed), result.status

@@ -4,8 +4,8 @@ Module paths of mlx-lm models follow Hugging Face names (``model.layers.3.self_a
 so the PEFT keys are ``base_model.model.<path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight``
 ([out, r]), plus ``.lora_magnitude_vector`` ([out]) for DoRA; the expert layers of
 mixture-of-experts blocks (mlx-lm's ``switch_mlp``) keep one of each per expert: [E, r, in],
-[E, out, r], [E, out]. ``adapter_config.json`` carries ``r``, ``lora_alpha``, ``target_modules``, ``use_dora``, ``use_rslora`` and
-``base_model_name_or_path``: the format HF PEFT, llama.cpp's converter and Ollama read.
+[E, out, r], [E, out]. ``adapter_config.json`` carries ``r``, ``lora_alpha``, ``target_modules``,
+``use_dora``, ``use_rslora`` and ``base_model_name_or_path``: the format HF PEFT, llama.cpp's converter and Ollama read.
 Adapter folders written by mlx-lm (``adapters.safetensors``) load too.
 """
 
@@ -25,11 +25,18 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lora.config import BOUNDS, LoraConfig
 from mlx_lora.converters.moe_layout import stack_expert_state
-from mlx_lora.model.lora import (DoRALinear, DoRASwitchLinear, LoRALinear, LoRASwitchLinear, base_dims, is_adapter_layer,
-                                 is_expert_layer)
+from mlx_lora.model.lora import (
+    DoRALinear,
+    DoRASwitchLinear,
+    LoRALinear,
+    LoRASwitchLinear,
+    base_dims,
+    is_adapter_layer,
+    is_expert_layer,
+)
+from mlx_lora.model.run_layout import check_run_layout
 from mlx_lora.plumbing.errors import AdapterError
 from mlx_lora.plumbing.io import atomic_save_safetensors, atomic_write_json
-from mlx_lora.model.run_layout import check_run_layout
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -79,8 +86,9 @@ def routers(block: nn.Module) -> set[str]:
     found = set()
     for path, m in block.named_modules():
         children = m.children()  # direct descendants: modules, or lists / dicts of them
-        experts = [e for c in children.values() if isinstance(c, nn.Module)
-                   for _, e in c.named_modules() if is_expert_layer(e)]
+        experts = [
+            e for c in children.values() if isinstance(c, nn.Module) for _, e in c.named_modules() if is_expert_layer(e)
+        ]
         if not experts:
             continue
         n = experts[0].weight.shape[0]
@@ -99,8 +107,10 @@ def _selected_blocks(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Mo
         bad = [i for i in cfg.layers_to_transform if not -n <= i < n]
         last = len(cfg.layers_to_transform)
         if bad and cfg.layers_to_transform == list(range(-last, 0)):  # mlx-lm's num_layers
-            raise AdapterError(f"lora.layers_to_transform: the last {last} blocks ([-{last}, ..., -1], mlx-lm's "
-                               f"num_layers {last}), but the model has {n} blocks")
+            raise AdapterError(
+                f"lora.layers_to_transform: the last {last} blocks ([-{last}, ..., -1], mlx-lm's "
+                f"num_layers {last}), but the model has {n} blocks"
+            )
         if bad:
             raise AdapterError(f"lora.layers_to_transform: {bad} out of range for a model with {n} blocks")
         indices = sorted({i % n for i in cfg.layers_to_transform})
@@ -166,8 +176,10 @@ def rank_problem(targets: list[tuple[str, nn.Module]], r) -> Optional[str]:
     path, layer = min(targets, key=lambda t: (min(base_dims(t[1])), t[0]))  # the same layer named every time
     out_dims, in_dims = base_dims(layer)
     if r > min(out_dims, in_dims):
-        return (f"{r} is larger than the layer {path} allows ({in_dims} in, {out_dims} out): "
-                f"the rank can be at most {min(out_dims, in_dims)}")
+        return (
+            f"{r} is larger than the layer {path} allows ({in_dims} in, {out_dims} out): "
+            f"the rank can be at most {min(out_dims, in_dims)}"
+        )
     return None
 
 
@@ -190,8 +202,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, warn: Optional[Callable[[str],
     if problem:
         raise AdapterError(f"lora.r={cfg.r}: {problem}")
     if skipped:
-        message = (f"lora.target_modules: {_listing(skipped)} cannot carry a LoRA adapter (only linear and expert "
-                   f"layers can) and stay as they are")
+        message = (
+            f"lora.target_modules: {_listing(skipped)} cannot carry a LoRA adapter (only linear and expert "
+            f"layers can) and stay as they are"
+        )
         if warn is None:
             warnings.warn(message, stacklevel=2)
         else:
@@ -313,7 +327,7 @@ def mlx_lm_layout(model: nn.Module, cfg: LoraConfig) -> Optional[tuple[dict, dic
         if not found or isinstance(m, DoRASwitchLinear):
             return None
         i, pre = found[0]
-        keys.add(path[len(pre):])
+        keys.add(path[len(pre) :])
         first = min(first, i)
         expert = isinstance(m, LoRASwitchLinear)
         # mlx-lm: a linear layer's A is [in, r] and B [r, out]; an expert layer's [E, r, in] and [E, out, r].
@@ -322,13 +336,17 @@ def mlx_lm_layout(model: nn.Module, cfg: LoraConfig) -> Optional[tuple[dict, dic
         if isinstance(m, DoRALinear):
             dora = True
             weights[f"{path}.m"] = m.magnitude.astype(mx.float32)
-    conf = {"fine_tune_type": "dora" if dora else "lora", "num_layers": len(blocks) - first,
-            "lora_parameters": {"rank": cfg.r, "scale": cfg.scale, "dropout": cfg.dropout, "keys": sorted(keys)}}
+    conf = {
+        "fine_tune_type": "dora" if dora else "lora",
+        "num_layers": len(blocks) - first,
+        "lora_parameters": {"rank": cfg.r, "scale": cfg.scale, "dropout": cfg.dropout, "keys": sorted(keys)},
+    }
     return conf, weights
 
 
-def save_adapter(model: nn.Module, out_dir, cfg: LoraConfig, base_model: Optional[str],
-                 extra: Optional[dict] = None) -> Path:
+def save_adapter(
+    model: nn.Module, out_dir, cfg: LoraConfig, base_model: Optional[str], extra: Optional[dict] = None
+) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` atomically (each file is
     replaced whole; the weights are written before the config that points readers at them).
 
@@ -437,8 +455,11 @@ class _Fields:
         if value is None:
             return None
         value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-        if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                               for v in value):
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
             raise self.fail(key, f"expected a non-empty list of block indices, got {_show(value)}")
         return value
 
@@ -474,8 +495,9 @@ def _read_mlx_lm_adapter(folder: Path, conf: dict, model: nn.Module):
     kind = f.text("fine_tune_type")
     kind = "lora" if kind is None else kind
     if kind == "full":
-        raise AdapterError(f"{folder}: mlx-lm full fine-tune weights, not an adapter; load that folder's "
-                           f"weights as a model instead")
+        raise AdapterError(
+            f"{folder}: mlx-lm full fine-tune weights, not an adapter; load that folder's weights as a model instead"
+        )
     if kind not in ("lora", "dora"):
         raise f.fail("fine_tune_type", f"expected lora, dora or full, got {_show(kind)}")
     params = _Fields(f.mapping("lora_parameters"), conf_path, "lora_parameters.")
@@ -483,8 +505,7 @@ def _read_mlx_lm_adapter(folder: Path, conf: dict, model: nn.Module):
     scale = params.number("scale", 20.0, 0)
     dropout = params.number("dropout", 0.0, 0, 1, lo_open=False)
     keys = params.get("keys")
-    if keys is not None and (not isinstance(keys, list) or not keys
-                             or not all(isinstance(k, str) and k for k in keys)):
+    if keys is not None and (not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys)):
         raise params.fail("keys", f"expected a non-empty list of module names, got {_show(keys)}")
     f.text("model")
     n = len(transformer_blocks(model))
@@ -492,8 +513,9 @@ def _read_mlx_lm_adapter(folder: Path, conf: dict, model: nn.Module):
     if num_layers == -1:
         num_layers = n
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= n:
-        raise f.fail("num_layers", f"expected -1 or an integer in [1, {n}] (this model's blocks), "
-                                   f"got {_show(num_layers)}")
+        raise f.fail(
+            "num_layers", f"expected -1 or an integer in [1, {n}] (this model's blocks), got {_show(num_layers)}"
+        )
     try:
         weights = mx.load(str(folder / MLX_LM_WEIGHTS))
     except Exception as e:
@@ -539,21 +561,27 @@ def _max_abs(x: mx.array) -> float:
     return float(mx.max(mx.abs(x.astype(mx.float32))).item()) if x.size else 0.0
 
 
-def check_adapter_values(lora: LoraConfig, state: dict, weights_file: Path, config_file: Path,
-                         key: str = "lora_alpha") -> None:
+def check_adapter_values(
+    lora: LoraConfig, state: dict, weights_file: Path, config_file: Path, key: str = "lora_alpha"
+) -> None:
     """The one check of a loaded adapter's values, where every command loads one (generate, eval,
     chat, serve, fuse, export, a resumed run): every tensor is finite, the scale is at most
     :data:`MAX_ADAPTER_SCALE`, and no layer's update ``scale * B A`` changes a weight by more than
-    :data:`MAX_ADAPTER_DELTA` (what fuse would otherwise find only while merging). A cheap bound per layer comes first; the exact product
-    is computed only for a layer that fails it. Raises AdapterError naming the file and key."""
+    :data:`MAX_ADAPTER_DELTA` (what fuse would otherwise find only while merging). A cheap bound per
+    layer comes first; the exact product is computed only for a layer that fails it. Raises
+    AdapterError naming the file and key."""
     for k, v in state.items():
         if not bool(mx.all(mx.isfinite(v)).item()):
-            raise AdapterError(f"{weights_file}: tensor '{k}' has NaN or infinite values; the adapter is broken "
-                               f"(retrain it, or resume from an earlier checkpoint)")
+            raise AdapterError(
+                f"{weights_file}: tensor '{k}' has NaN or infinite values; the adapter is broken "
+                f"(retrain it, or resume from an earlier checkpoint)"
+            )
     scale = float(lora.scale)
     if not math.isfinite(scale) or scale > MAX_ADAPTER_SCALE:  # inf in float32 even where B is zero
-        raise AdapterError(f"{config_file}: key '{key}': scale {scale:.3g} is over {MAX_ADAPTER_SCALE:g}, the "
-                           f"most a run may set (it overflows the computation); the adapter is broken")
+        raise AdapterError(
+            f"{config_file}: key '{key}': scale {scale:.3g} is over {MAX_ADAPTER_SCALE:g}, the "
+            f"most a run may set (it overflows the computation); the adapter is broken"
+        )
     for name in sorted(k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")):
         a, b = state[f"{name}.lora_A.weight"], state.get(f"{name}.lora_B.weight")
         if b is None:
@@ -564,10 +592,12 @@ def check_adapter_values(lora: LoraConfig, state: dict, weights_file: Path, conf
         delta = _max_abs(mx.matmul(b.astype(mx.float32), a.astype(mx.float32))) * scale
         if math.isfinite(delta) and delta <= MAX_ADAPTER_DELTA:
             continue
-        layer = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        layer = name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
         size = "NaN or infinity" if not math.isfinite(delta) else f"{delta:.3g}"
-        raise AdapterError(f"{config_file}: key '{key}': scale {scale:.3g} makes layer '{layer}' change its weights "
-                           f"by {size}, more than {MAX_ADAPTER_DELTA:g}; the adapter is broken")
+        raise AdapterError(
+            f"{config_file}: key '{key}': scale {scale:.3g} makes layer '{layer}' change its weights "
+            f"by {size}, more than {MAX_ADAPTER_DELTA:g}; the adapter is broken"
+        )
 
 
 def _checked(info: "AdapterInfo", state: dict, folder: Path, weights: str) -> tuple["AdapterInfo", dict]:
@@ -602,14 +632,14 @@ def read_adapter(folder, model: Optional[nn.Module] = None) -> tuple[AdapterInfo
         model_type = getattr(model, "model_type", None) or (conf.get("mlx_lora") or {}).get("model_type")
         if isinstance(model_type, str):  # per-expert adapters (peft's layout) onto mlx-lm's stacked experts
             state = stack_expert_state(model_type, state)
-        targets = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
+        targets = sorted({k[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0] for k in state})
         info = AdapterInfo(lora, conf.get("base_model_name_or_path"), targets, "peft", conf.get("mlx_lora") or {})
         return _checked(info, state, folder, ADAPTER_WEIGHTS)
     if (folder / MLX_LM_WEIGHTS).is_file():
         if model is None:
             raise AdapterError(f"{folder}: an mlx-lm adapter needs the model to be read")
         lora, state = _read_mlx_lm_adapter(folder, conf, model)
-        targets = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in state})
+        targets = sorted({k[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0] for k in state})
         return _checked(AdapterInfo(lora, conf.get("model"), targets, "mlx-lm", {}), state, folder, MLX_LM_WEIGHTS)
     raise AdapterError(f"{folder}: no {ADAPTER_WEIGHTS} (PEFT) or {MLX_LM_WEIGHTS} (mlx-lm) file")
 
@@ -623,13 +653,17 @@ def load_adapter(model: nn.Module, folder) -> AdapterInfo:
     if not info.targets:
         raise AdapterError(f"{folder}: the adapter file holds no LoRA tensors")
     # Wrap exactly the layers the file has weights for.
-    lora = replace(info.lora, target_modules=["re:" + "|".join(re.escape(t) for t in info.targets)],
-                   layers_to_transform=None)
+    lora = replace(
+        info.lora, target_modules=["re:" + "|".join(re.escape(t) for t in info.targets)], layers_to_transform=None
+    )
     modules = dict(model.named_modules())
     problems = [f"'{t}': no such layer in the model" for t in info.targets if t not in modules]
     if problems:
-        raise AdapterError(f"{folder}: adapter does not fit this model:\n  - " + "\n  - ".join(problems[:20])
-                           + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+        raise AdapterError(
+            f"{folder}: adapter does not fit this model:\n  - "
+            + "\n  - ".join(problems[:20])
+            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        )
     _check_against_model(model, info, folder)
     apply_lora(model, lora)
     expected = adapter_state(model)
@@ -639,12 +673,16 @@ def load_adapter(model: nn.Module, folder) -> AdapterInfo:
         elif k not in state:
             problems.append(f"missing tensor '{k}'")
         elif tuple(state[k].shape) != tuple(expected[k].shape):
-            problems.append(f"'{k}': shape {tuple(state[k].shape)} in the file, "
-                            f"{tuple(expected[k].shape)} expected by the model")
+            problems.append(
+                f"'{k}': shape {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} expected by the model"
+            )
     if problems:
-        raise AdapterError(f"{folder}: adapter does not fit this model "
-                           f"({len(problems)} problems):\n  - " + "\n  - ".join(problems[:20])
-                           + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+        raise AdapterError(
+            f"{folder}: adapter does not fit this model "
+            f"({len(problems)} problems):\n  - "
+            + "\n  - ".join(problems[:20])
+            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        )
     set_adapter_state(model, state)
     return info
 
@@ -653,8 +691,9 @@ def _check_against_model(model: nn.Module, info: AdapterInfo, folder) -> None:
     """The config's selection and rank, checked against the model before anything is allocated."""
     _refuse_stacking(model)
     conf_path = _config_path(folder)
-    if info.source_format == "peft" and (info.lora.target_modules is not None
-                                         or info.lora.layers_to_transform is not None):
+    if info.source_format == "peft" and (
+        info.lora.target_modules is not None or info.lora.layers_to_transform is not None
+    ):
         try:
             selected = candidate_layers(model, info.lora)
         except AdapterError as e:  # a block index past this model's blocks
@@ -662,8 +701,10 @@ def _check_against_model(model: nn.Module, info: AdapterInfo, folder) -> None:
         if not selected:
             where = "" if info.lora.layers_to_transform is None else f" in blocks {info.lora.layers_to_transform}"
             names = [t[3:] if t.startswith("re:") else t for t in info.lora.target_modules or ["all-linear"]]
-            raise AdapterError(f"{conf_path}: key 'target_modules': {names} match no linear layer or expert layer "
-                               f"of this model{where}; it has: {_linear_names(model)}")
+            raise AdapterError(
+                f"{conf_path}: key 'target_modules': {names} match no linear layer or expert layer "
+                f"of this model{where}; it has: {_linear_names(model)}"
+            )
     layers = [(t, m) for t, m in model.named_modules() if t in set(info.targets) and wrappable(m)]
     problem = rank_problem(layers, info.lora.r)
     if problem:

@@ -65,7 +65,9 @@ def base_model_fingerprint(folder: Union[str, Path]) -> str:
     folder = Path(folder)
     # The weight files a loader reads (mlx-lm reads model*.safetensors; some repositories also ship
     # the same weights as consolidated.safetensors).
-    files = (sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))) if folder.is_dir() else []
+    files = (
+        (sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))) if folder.is_dir() else []
+    )
     if not files:
         raise ModelError(f"{folder}: no *.safetensors weight files to fingerprint")
     model_type = ""
@@ -75,8 +77,10 @@ def base_model_fingerprint(folder: Union[str, Path]) -> str:
         pass  # the weights alone still identify the model
     entries = []
     for path in files:
-        entries += [(t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes, path)
-                    for t in read_safetensors_header(path)[0].values()]
+        entries += [
+            (t.name, t.dtype, t.shape, t.offset, t.offset + t.nbytes, path)
+            for t in read_safetensors_header(path)[0].values()
+        ]
     entries.sort(key=lambda e: e[0])
     h = hashlib.sha256(_VERSION + b"\0" + model_type.encode() + b"\0")
     try:
@@ -106,8 +110,9 @@ def recorded_fingerprint(adapter_info) -> Optional[str]:
     return value if isinstance(value, str) and value else None
 
 
-def check_adapter_base(adapter_info, model_folder: Union[str, Path], strict: bool = False,
-                       adapter_name: Optional[str] = None) -> Optional[str]:
+def check_adapter_base(
+    adapter_info, model_folder: Union[str, Path], strict: bool = False, adapter_name: Optional[str] = None
+) -> Optional[str]:
     """Compare the base model an adapter was trained on with ``model_folder``.
 
     Returns None when they match and a warning message (for the caller to show) when they
@@ -119,8 +124,10 @@ def check_adapter_base(adapter_info, model_folder: Union[str, Path], strict: boo
     recorded = recorded_fingerprint(adapter_info)
     if recorded is None:
         if strict:
-            raise AdapterError(f"{what} records no base-model fingerprint, so --strict cannot verify that it "
-                               f"belongs to {model_folder}; drop --strict to load it anyway")
+            raise AdapterError(
+                f"{what} records no base-model fingerprint, so --strict cannot verify that it "
+                f"belongs to {model_folder}; drop --strict to load it anyway"
+            )
         return None
     actual = base_model_fingerprint(model_folder)
     if actual == recorded:
@@ -129,8 +136,10 @@ def check_adapter_base(adapter_info, model_folder: Union[str, Path], strict: boo
     if trained_on is None and isinstance(adapter_info, Mapping):
         trained_on = adapter_info.get("base_model_name_or_path")
     origin = f" ({trained_on})" if trained_on else ""
-    msg = (f"{what} was trained on a different base model{origin}: its fingerprint is {recorded[:16]}, "
-           f"{model_folder} has {actual[:16]}; outputs may be wrong")
+    msg = (
+        f"{what} was trained on a different base model{origin}: its fingerprint is {recorded[:16]}, "
+        f"{model_folder} has {actual[:16]}; outputs may be wrong"
+    )
     if strict:
         raise AdapterError(msg + "; refusing because of --strict")
     return msg
@@ -144,11 +153,16 @@ class ResourceError(MlxLoraError):
     """The machine ran out of memory or disk; the message says what to change."""
 
 
-_OOM = re.compile(r"\[(?:metal::|cuda::)?malloc\]|out of memory|unable to allocate|attempting to allocate"
-                  r"|resource limit \(\d+\) exceeded|bad_alloc", re.IGNORECASE)
-TRAIN_MEMORY_HINT = ("lower train.batch_size (raise train.grad_accum to keep the same examples per step), "
-                     "lower data.max_seq_length, turn on train.grad_checkpoint (--grad-checkpoint), or train "
-                     "on a quantized base (mlx-lora convert MODEL --out DIR -q)")
+_OOM = re.compile(
+    r"\[(?:metal::|cuda::)?malloc\]|out of memory|unable to allocate|attempting to allocate"
+    r"|resource limit \(\d+\) exceeded|bad_alloc",
+    re.IGNORECASE,
+)
+TRAIN_MEMORY_HINT = (
+    "lower train.batch_size (raise train.grad_accum to keep the same examples per step), "
+    "lower data.max_seq_length, turn on train.grad_checkpoint (--grad-checkpoint), or train "
+    "on a quantized base (mlx-lora convert MODEL --out DIR -q)"
+)
 INFERENCE_MEMORY_HINT = "lower --batch-size or --max-seq-length, or use a quantized base (mlx-lora convert -q)"
 
 
@@ -197,8 +211,9 @@ def is_disk_full(e: BaseException) -> bool:
     return _disk_full_error(e) is not None
 
 
-def resource_error(e: BaseException, *, run_dir=None, last_checkpoint=None,
-                   memory_hint: str = TRAIN_MEMORY_HINT) -> Optional[ResourceError]:
+def resource_error(
+    e: BaseException, *, run_dir=None, last_checkpoint=None, memory_hint: str = TRAIN_MEMORY_HINT
+) -> Optional[ResourceError]:
     """A :class:`ResourceError` for an out-of-memory or disk-full exception ``e``, else None.
 
     With ``run_dir`` the message says how to continue the run; ``last_checkpoint`` is named as
@@ -220,9 +235,13 @@ def resource_error(e: BaseException, *, run_dir=None, last_checkpoint=None,
         return None
     if run_dir is not None:
         if last_checkpoint:
-            msg += (f". The last good checkpoint {last_checkpoint} is kept; continue with: "
-                    f"mlx-lora train --resume {run_dir}")
+            msg += (
+                f". The last good checkpoint {last_checkpoint} is kept; continue with: "
+                f"mlx-lora train --resume {run_dir}"
+            )
         else:
-            msg += (". No checkpoint was saved yet, so there is nothing to resume: run the same command with "
-                    "--overwrite to start over")
+            msg += (
+                ". No checkpoint was saved yet, so there is nothing to resume: run the same command with "
+                "--overwrite to start over"
+            )
     return ResourceError(msg)

@@ -17,21 +17,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from mlx_lora.plumbing.errors import ModelError
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+from mlx_lm.utils import load_model as mlx_lm_load_model
+from mlx_lm.utils import load_tokenizer
+
+from mlx_lora.config import CHOICES, Bound, show
 from mlx_lora.converters.config_spellings import normalize as normalize_spelling
+from mlx_lora.converters.gguf_import import gguf_cache_dir, import_gguf
+from mlx_lora.model.integrity import check_safetensors
+from mlx_lora.model.lora import dense_weight, make_switch_linear
+from mlx_lora.plumbing.backend import available_memory_bytes, backend_name, compute_dtype, fmt_bytes, total_memory_bytes
+from mlx_lora.plumbing.errors import ModelError
+from mlx_lora.plumbing.hub import download
+from mlx_lora.plumbing.mlx_lm_compat import model_classes, switch_linear_classes
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
 class ModelInfo:
-    source: str            # what the user asked for
-    local_path: Path       # the folder actually loaded
-    kind: str              # "folder", "hub" or "gguf"
+    source: str  # what the user asked for
+    local_path: Path  # the folder actually loaded
+    kind: str  # "folder", "hub" or "gguf"
     model_type: str
     config: dict
     quantization: Optional[dict]
-    dtype: Any             # compute dtype (mx.Dtype)
+    dtype: Any  # compute dtype (mx.Dtype)
     compute: Optional[str] = None  # how a quantized base is computed, for the banner (see plan_cpu_compute)
 
 
@@ -43,7 +56,6 @@ def resolve(source: str, revision: Optional[str] = None, keep_quantized: bool = 
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        from mlx_lora.converters.gguf_import import gguf_cache_dir, import_gguf
 
         out = gguf_cache_dir(path, keep_quantized=keep_quantized)
         if not (out / "config.json").is_file():
@@ -60,7 +72,6 @@ def resolve(source: str, revision: Optional[str] = None, keep_quantized: bool = 
         return path, "folder"
     if source.startswith((".", "/", "~")) or not REPO_ID.match(source):
         raise ModelError(f"model path does not exist: {path}")
-    from mlx_lora.plumbing.hub import download
 
     return download(source, revision), "hub"
 
@@ -73,17 +84,33 @@ MAX_CONFIG_BYTES = 64 * 2**20
 # millions of layers or allocate terabytes before any weight is read. Several names mean the same
 # size in different families (GPT-2's n_layer). intermediate_size may be a list (one per layer).
 SIZE_KEYS = {
-    "hidden_size": ("hidden", 2**17), "n_embd": ("hidden", 2**17), "d_model": ("hidden", 2**17),
-    "num_hidden_layers": ("layers", 4096), "n_layer": ("layers", 4096), "num_layers": ("layers", 4096),
-    "intermediate_size": ("intermediate", 2**20), "n_inner": ("intermediate", 2**20),
-    "num_attention_heads": ("heads", 4096), "n_head": ("heads", 4096),
-    "num_key_value_heads": ("kv_heads", 4096), "head_dim": ("head_dim", 2**14),
+    "hidden_size": ("hidden", 2**17),
+    "n_embd": ("hidden", 2**17),
+    "d_model": ("hidden", 2**17),
+    "num_hidden_layers": ("layers", 4096),
+    "n_layer": ("layers", 4096),
+    "num_layers": ("layers", 4096),
+    "intermediate_size": ("intermediate", 2**20),
+    "n_inner": ("intermediate", 2**20),
+    "num_attention_heads": ("heads", 4096),
+    "n_head": ("heads", 4096),
+    "num_key_value_heads": ("kv_heads", 4096),
+    "head_dim": ("head_dim", 2**14),
     "vocab_size": ("vocab", 2**24),
-    "num_local_experts": ("experts", 4096), "num_experts": ("experts", 4096), "n_routed_experts": ("experts", 4096),
+    "num_local_experts": ("experts", 4096),
+    "num_experts": ("experts", 4096),
+    "n_routed_experts": ("experts", 4096),
 }
 # Sizes that may be null (the architecture then derives them, or has none), and sizes that may be 0.
-NULLABLE_SIZES = {"num_key_value_heads", "head_dim", "n_inner", "intermediate_size", "num_local_experts",
-                  "num_experts", "n_routed_experts"}
+NULLABLE_SIZES = {
+    "num_key_value_heads",
+    "head_dim",
+    "n_inner",
+    "intermediate_size",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+}
 MAY_BE_ZERO = {"intermediate", "experts"}
 
 
@@ -105,9 +132,11 @@ def read_config(folder: Path, spelling: bool = True) -> dict:
     return normalize_spelling(config) if spelling else config
 
 
-REMOTE_CODE_FLAG = ("model.trust_remote_code: true (train: in the config or --set) or --trust-remote-code (generate, "
-                    "eval, chat, serve), "
-                    "only if you trust the code in it")
+REMOTE_CODE_FLAG = (
+    "model.trust_remote_code: true (train: in the config or --set) or --trust-remote-code (generate, "
+    "eval, chat, serve), "
+    "only if you trust the code in it"
+)
 """How a user lets a model folder run its own code, named by every refusal."""
 
 
@@ -118,14 +147,17 @@ def remote_code(folder: Path) -> list[tuple[Path, str, str]]:
     for name in ("config.json", "tokenizer_config.json"):
         path = folder / name
         try:
-            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and \
-                path.stat().st_size <= MAX_CONFIG_BYTES else None
+            data = (
+                json.loads(path.read_text(encoding="utf-8"))
+                if path.is_file() and path.stat().st_size <= MAX_CONFIG_BYTES
+                else None
+            )
         except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             continue
         if not isinstance(data, dict):
             continue
         auto = data.get("auto_map")
-        refs = (list(auto.values()) if isinstance(auto, dict) else auto if isinstance(auto, list) else [])
+        refs = list(auto.values()) if isinstance(auto, dict) else auto if isinstance(auto, list) else []
         refs = [r for ref in refs for r in (ref if isinstance(ref, list) else [ref]) if isinstance(r, str) and r]
         if refs:
             found.append((path, "auto_map", refs[0]))
@@ -136,8 +168,10 @@ def remote_code(folder: Path) -> list[tuple[Path, str, str]]:
 
 def remote_code_error(folder: Path, asks: list[tuple[Path, str, str]]) -> ModelError:
     path, field, what = asks[0]
-    return ModelError(f"{path}: field '{field}' asks to run code shipped in {folder} ({what}); it was not run. "
-                      f"To allow it, set {REMOTE_CODE_FLAG}")
+    return ModelError(
+        f"{path}: field '{field}' asks to run code shipped in {folder} ({what}); it was not run. "
+        f"To allow it, set {REMOTE_CODE_FLAG}"
+    )
 
 
 class _NoAnswer(io.StringIO):
@@ -183,8 +217,6 @@ def check_config(config: Any, cfg_path: Path) -> None:
     """Refuse a config.json whose keys have the wrong type or absurd sizes, or whose sizes need far
     more weights than the folder's safetensors files hold, before anything is built from it.
     Every message names config.json and the key."""
-    from mlx_lora.plumbing.backend import fmt_bytes
-    from mlx_lora.config import Bound, show
 
     def bad(key: str, problem: str):
         raise ModelError(f"{cfg_path}: '{key}': {problem}")
@@ -228,15 +260,18 @@ def check_config(config: Any, cfg_path: Path) -> None:
     # Twice the files leaves room for architectures where the bound is loose; a wrong size is off
     # by orders of magnitude.
     if need > 2 * on_disk + 2**20:
-        raise ModelError(f"{cfg_path}: its sizes ({_size_summary(sizes)}) mean at least {fmt_bytes(need)} of "
-                         f"weights, but the weight files hold {fmt_bytes(on_disk)}; config.json does not match "
-                         f"the weights")
+        raise ModelError(
+            f"{cfg_path}: its sizes ({_size_summary(sizes)}) mean at least {fmt_bytes(need)} of "
+            f"weights, but the weight files hold {fmt_bytes(on_disk)}; config.json does not match "
+            f"the weights"
+        )
 
 
 def weight_lower_bound(sizes: dict[str, tuple[str, int]]) -> int:
     """Fewest weights a model with these sizes can have: the embedding table, and per block at least
     one hidden x hidden projection (attention, or what replaces it) and an MLP (up and down) of
     intermediate_size. No architecture has less; mixture-of-experts ones have far more."""
+
     def get(meaning):
         return sizes[meaning][1] if meaning in sizes else 0
 
@@ -249,8 +284,11 @@ def _fewest_bits(config: dict) -> Optional[float]:
     quant = config.get("quantization")
     if isinstance(quant, dict):
         # per-layer overrides (mixed-precision quantization) are objects of their own
-        bits = [v for v in [quant.get("bits")] + [q.get("bits") for q in quant.values() if isinstance(q, dict)]
-                if isinstance(v, int)]
+        bits = [
+            v
+            for v in [quant.get("bits")] + [q.get("bits") for q in quant.values() if isinstance(q, dict)]
+            if isinstance(v, int)
+        ]
         return min(bits or [1])
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     if "quantization_config" in config or "quantization_config" in text:
@@ -259,14 +297,14 @@ def _fewest_bits(config: dict) -> Optional[float]:
 
 
 def _size_summary(sizes: dict[str, tuple[str, int]]) -> str:
-    return ", ".join(f"{sizes[m][0]}={sizes[m][1]}" for m in ("layers", "hidden", "intermediate", "vocab")
-                     if m in sizes)
+    return ", ".join(
+        f"{sizes[m][0]}={sizes[m][1]}" for m in ("layers", "hidden", "intermediate", "vocab") if m in sizes
+    )
 
 
 def check_fits_in_memory(config: dict, cfg_path: Path, dtype) -> None:
     """Refuse a model whose weights alone, at the compute ``dtype`` (quantized ones stay packed),
     exceed the machine's memory: loading it would only end in an out-of-memory kill."""
-    from mlx_lora.plumbing.backend import fmt_bytes, total_memory_bytes
 
     sizes = _sizes(config)
     if "hidden" not in sizes:
@@ -275,14 +313,15 @@ def check_fits_in_memory(config: dict, cfg_path: Path, dtype) -> None:
     need = weight_lower_bound(sizes) * (dtype.size if bits is None else bits / 8)
     total = total_memory_bytes()
     if total and need > total:
-        raise ModelError(f"{cfg_path}: its sizes ({_size_summary(sizes)}) mean at least {fmt_bytes(need)} of "
-                         f"weights in {str(dtype).replace('mlx.core.', '')}, more than this machine's "
-                         f"{fmt_bytes(total)} of memory")
+        raise ModelError(
+            f"{cfg_path}: its sizes ({_size_summary(sizes)}) mean at least {fmt_bytes(need)} of "
+            f"weights in {str(dtype).replace('mlx.core.', '')}, more than this machine's "
+            f"{fmt_bytes(total)} of memory"
+        )
 
 
 def _name_damaged_weight_file(folder: Path) -> None:
     """Raise a ModelError naming the truncated or corrupt weight file and tensor, if one is."""
-    from mlx_lora.model.integrity import check_safetensors
 
     for f in sorted(folder.glob("*.safetensors")):
         check_safetensors(f)
@@ -300,9 +339,6 @@ activations, the logits and their gradients, which on long rows outgrow a small 
 
 def _quantized_modules(model) -> list[tuple[str, Any]]:
     """Quantized linear, embedding and expert (``QuantizedSwitchLinear``) layers."""
-    import mlx.nn as nn
-
-    from mlx_lora.plumbing.mlx_lm_compat import switch_linear_classes
 
     kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding, switch_linear_classes()[1])
     return [(p, m) for p, m in model.named_modules() if isinstance(m, kinds)]
@@ -323,11 +359,6 @@ def dequantize_layers(model, dtype) -> int:
     float ``Linear`` / ``Embedding`` / ``SwitchLinear`` holding exactly the values the quantized
     layer computes with; returns how many. One layer at a time, so the packed and dense copies
     never both exist for the whole model."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_unflatten
-
-    from mlx_lora.model.lora import dense_weight, make_switch_linear
 
     found = _quantized_modules(model)
     for path, m in found:
@@ -355,7 +386,6 @@ def plan_cpu_compute(model, info: "ModelInfo", mode: str) -> Optional[str]:
 
     Only the computation changes: ``info`` keeps the quantized folder, so the adapter records that
     folder and its fingerprint, and fuse/export load it quantized as before."""
-    from mlx_lora.plumbing.backend import available_memory_bytes, backend_name, fmt_bytes
 
     if not info.quantization or backend_name() != "cpu" or not _quantized_modules(model):
         return None
@@ -366,37 +396,45 @@ def plan_cpu_compute(model, info: "ModelInfo", mode: str) -> Optional[str]:
     if mode == "true" or (mode == "auto" and fits):
         n = dequantize_layers(model, info.dtype)
         forced = "" if fits else "; forced by model.dequantize_on_cpu: true past the safe share"
-        return (f"dequantized: {n} quantized layers computed as {dtype} ({room}{forced}), since the CPU "
-                f"backend has no fast quantized matmul; the adapter's base stays the quantized folder")
-    why = ("model.dequantize_on_cpu: false" if mode == "false" else
-           f"dequantized weights need {room}, more than the safe share")
-    return (f"quantized: WARNING: {QUANTIZED_CPU_SLOWDOWN} slower per step than {dtype} weights "
-            f"(the CPU backend has no fast quantized matmul); {why}")
+        return (
+            f"dequantized: {n} quantized layers computed as {dtype} ({room}{forced}), since the CPU "
+            f"backend has no fast quantized matmul; the adapter's base stays the quantized folder"
+        )
+    why = (
+        "model.dequantize_on_cpu: false"
+        if mode == "false"
+        else f"dequantized weights need {room}, more than the safe share"
+    )
+    return (
+        f"quantized: WARNING: {QUANTIZED_CPU_SLOWDOWN} slower per step than {dtype} weights "
+        f"(the CPU backend has no fast quantized matmul); {why}"
+    )
 
 
-def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = None,
-               trust_remote_code: bool = False, keep_quantized: bool = False,
-               with_tokenizer: bool = True, dequantize_on_cpu: Optional[str] = None):
+def load_model(
+    source: str,
+    *,
+    dtype: str = "auto",
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    keep_quantized: bool = False,
+    with_tokenizer: bool = True,
+    dequantize_on_cpu: Optional[str] = None,
+):
     """Load (model, tokenizer, ModelInfo). Float weights are cast to the compute dtype; quantized
     weights stay packed (QLoRA); LoRA weights are float32 whatever the compute dtype.
 
     ``dequantize_on_cpu`` (auto, true, false; see :func:`plan_cpu_compute`) lets a quantized base
     compute dequantized on the CPU backend; None (fuse, export) keeps the layers quantized."""
-    from mlx_lora.config import CHOICES, show
 
     if dtype not in CHOICES["model.dtype"]:
         raise ModelError(f"dtype {show(dtype)} is not one of {', '.join(CHOICES['model.dtype'])}")
     if dequantize_on_cpu is not None and dequantize_on_cpu not in CHOICES["model.dequantize_on_cpu"]:
-        raise ModelError(f"dequantize_on_cpu {show(dequantize_on_cpu)} is not one of "
-                         f"{', '.join(CHOICES['model.dequantize_on_cpu'])}")
+        raise ModelError(
+            f"dequantize_on_cpu {show(dequantize_on_cpu)} is not one of {', '.join(CHOICES['model.dequantize_on_cpu'])}"
+        )
     # Resolve first: a wrong path is reported before the multi-second mlx-lm import.
     folder, kind = resolve(source, revision, keep_quantized=keep_quantized)
-
-    import mlx.core as mx
-    from mlx_lm.utils import load_model as mlx_lm_load_model, load_tokenizer
-
-    from mlx_lora.plumbing.backend import compute_dtype
-    from mlx_lora.plumbing.mlx_lm_compat import model_classes
 
     raw = read_config(folder, spelling=False)
     config = normalize_spelling(raw)
@@ -420,8 +458,9 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
         raise remote_code_error(folder, [a for a in asks if a[1] == "model_file"])
     try:
         with no_stdin():
-            model, config = mlx_lm_load_model(folder, lazy=True, strict=True, model_config=added,
-                                              trust_remote_code=trust_remote_code)
+            model, config = mlx_lm_load_model(
+                folder, lazy=True, strict=True, model_config=added, trust_remote_code=trust_remote_code
+            )
     except ValueError as e:
         msg = str(e)
         raise ModelError(f"{folder}: weights do not match the '{model_type}' architecture: {msg[:400]}") from None
@@ -443,15 +482,24 @@ def load_model(source: str, *, dtype: str = "auto", revision: Optional[str] = No
             # The flag goes to transformers explicitly (None would make it ask on stdin), and stdin
             # cannot answer any question it asks anyway.
             with no_stdin():
-                tokenizer = load_tokenizer(folder, {"trust_remote_code": trust_remote_code},
-                                           eos_token_ids=config.get("eos_token_id"))
+                tokenizer = load_tokenizer(
+                    folder, {"trust_remote_code": trust_remote_code}, eos_token_ids=config.get("eos_token_id")
+                )
         except Exception as e:
             if asks and not trust_remote_code and "trust_remote_code" in str(e):
                 raise remote_code_error(folder, asks) from None
-            raise ModelError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:300]})") from None
-    info = ModelInfo(source=source, local_path=folder, kind=kind, model_type=model_type, config=config,
-                     quantization=config.get("quantization"), dtype=target)
+            raise ModelError(
+                f"{folder}: cannot load the tokenizer ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+            ) from None
+    info = ModelInfo(
+        source=source,
+        local_path=folder,
+        kind=kind,
+        model_type=model_type,
+        config=config,
+        quantization=config.get("quantization"),
+        dtype=target,
+    )
     if dequantize_on_cpu is not None:
         info.compute = plan_cpu_compute(model, info, dequantize_on_cpu)
     return model, tokenizer, info

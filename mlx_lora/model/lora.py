@@ -29,6 +29,8 @@ from typing import Iterator, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_lora.plumbing.mlx_lm_compat import switch_linear_classes
+
 Base = Union[nn.Linear, nn.QuantizedLinear]
 
 
@@ -53,8 +55,12 @@ def dense_weight(layer) -> mx.array:
     kw = dict(group_size=layer.group_size, bits=layer.bits, mode=getattr(layer, "mode", "affine"))
     global_scale = layer.get("global_scale")
     if global_scale is not None and layer.weight.ndim == 3:  # nvfp4 experts: one tensor scale each
-        return mx.stack([mx.dequantize(layer.weight[e], layer.scales[e], None, global_scale=global_scale[e], **kw)
-                         for e in range(layer.weight.shape[0])])
+        return mx.stack(
+            [
+                mx.dequantize(layer.weight[e], layer.scales[e], None, global_scale=global_scale[e], **kw)
+                for e in range(layer.weight.shape[0])
+            ]
+        )
     if global_scale is not None:
         kw["global_scale"] = global_scale
     return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), **kw)
@@ -65,8 +71,10 @@ def check_lora_args(r, alpha, dropout, out_dims: int, in_dims: int) -> None:
     # Checked before lora_a / lora_b are allocated: r x in floats for a mistyped r can take the
     # whole memory. The rank of B A cannot exceed min(out, in), so a larger r adds nothing.
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= min(out_dims, in_dims):
-        raise ValueError(f"LoRA rank must be an integer in [1, {min(out_dims, in_dims)}] for a layer with "
-                         f"{in_dims} inputs and {out_dims} outputs, got {r!r}")
+        raise ValueError(
+            f"LoRA rank must be an integer in [1, {min(out_dims, in_dims)}] for a layer with "
+            f"{in_dims} inputs and {out_dims} outputs, got {r!r}"
+        )
     if not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     if not math.isfinite(alpha):
@@ -94,8 +102,7 @@ class LoRALinear(nn.Module):
     adapter_off = False
     """When True (see :func:`adapters_off`) the layer is exactly its base layer."""
 
-    def __init__(self, base: Base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base: Base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         _init_low_rank(self, base, r, alpha, dropout, use_rslora)
 
@@ -138,8 +145,7 @@ class LoRALinear(nn.Module):
 class DoRALinear(LoRALinear):
     """Weight-decomposed LoRA: a trainable per-output magnitude times the adapted direction."""
 
-    def __init__(self, base: Base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base: Base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
         w = dense_weight(base).astype(mx.float32)
         self.magnitude = mx.linalg.norm(w, axis=1)
@@ -190,7 +196,6 @@ def is_adapter_layer(m) -> bool:
 
 def is_expert_layer(m) -> bool:
     """Whether ``m`` is an mlx-lm expert layer (``SwitchLinear`` / ``QuantizedSwitchLinear``)."""
-    from mlx_lora.plumbing.mlx_lm_compat import switch_linear_classes
 
     return isinstance(m, switch_linear_classes())
 
@@ -206,8 +211,7 @@ class LoRASwitchLinear(nn.Module):
     to gets exactly zero gradient. ``A`` and ``B`` are initialised per expert as in
     :class:`LoRALinear` (B = 0: equal to the base at step 0)."""
 
-    def __init__(self, base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         _init_low_rank(self, base, r, alpha, dropout, use_rslora, experts=(base.weight.shape[0],))
 
@@ -246,7 +250,6 @@ class LoRASwitchLinear(nn.Module):
 def make_switch_linear(weight: mx.array, bias: Optional[mx.array]):
     """A ``SwitchLinear`` holding ``weight`` [E, out, in] (and ``bias`` [E, out]), built without
     drawing random initial weights."""
-    from mlx_lora.plumbing.mlx_lm_compat import switch_linear_classes
 
     cls = switch_linear_classes()[0]
     layer = cls.__new__(cls)
@@ -267,8 +270,7 @@ class DoRASwitchLinear(LoRASwitchLinear):
     with ``<W, B A>_row = sum_k B[:, k] (W A^T)[:, k]``: one pass of the (possibly quantized) base
     over the rank-r rows of A, never a dense copy of the experts' weights."""
 
-    def __init__(self, base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
         w = dense_weight(base).astype(mx.float32)
         self.base_norm_sq = mx.sum(w * w, axis=-1)  # [E, out], a constant of the frozen base

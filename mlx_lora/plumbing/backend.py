@@ -107,8 +107,12 @@ _MLX_GEMM = b"cblas_sgemm"
 
 
 class _DlInfo(ctypes.Structure):
-    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
 
 
 def _library_of(handle, symbol: bytes) -> Optional[str]:
@@ -205,9 +209,11 @@ def slow_blas_hint() -> Optional[str]:
     lib = find_openblas()
     if lib is None:
         return f"MLX is on the reference BLAS bundled with mlx-cpu (~40x slower); {INSTALL_HINT}"
-    return (f"MLX is on the reference BLAS bundled with mlx-cpu (~40x slower) although {lib} exists: "
-            f"use the mlx-lora command, start Python with LD_PRELOAD={lib}, or call "
-            f"mlx_lora.plumbing.backend.reexec_with_openblas() first thing in the script")
+    return (
+        f"MLX is on the reference BLAS bundled with mlx-cpu (~40x slower) although {lib} exists: "
+        f"use the mlx-lora command, start Python with LD_PRELOAD={lib}, or call "
+        f"mlx_lora.plumbing.backend.reexec_with_openblas() first thing in the script"
+    )
 
 
 _warned_slow_blas = False
@@ -350,6 +356,7 @@ def summary(dtype=None) -> dict:
             facts["blas_hint"] = (
                 f"a system OpenBLAS exists at {lib}: run through the mlx-lora command, set "
                 f"LD_PRELOAD={lib}, or call mlx_lora.plumbing.backend.reexec_with_openblas() first in a script"
-                if lib else INSTALL_HINT
+                if lib
+                else INSTALL_HINT
             )
     return facts

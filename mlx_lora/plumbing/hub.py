@@ -65,13 +65,13 @@ def snapshot(repo_id: str, revision: Optional[str] = None, timeout_s: Optional[f
     if timeout_s is None:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
-                                      local_files_only=True))
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS, local_files_only=True)
+        )
     except Exception:  # not cached (every hub error type means the same here)
         pass
     with_deadline(lambda: HfApi().model_info(repo_id, revision=revision, timeout=timeout_s), timeout_s + 2)
-    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
-                                  etag_timeout=timeout_s))
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS, etag_timeout=timeout_s))
 
 
 def download(repo_id: str, revision: Optional[str] = None, timeout_s: Optional[float] = None) -> Path:
@@ -89,7 +89,10 @@ def download(repo_id: str, revision: Optional[str] = None, timeout_s: Optional[f
         if "RepositoryNotFound" in name or "404" in str(e):
             raise ModelError(f"'{repo_id}': no such local path, and no such Hugging Face repository") from None
         if "GatedRepo" in name or "401" in str(e) or "403" in str(e):
-            raise ModelError(f"'{repo_id}' is gated or private: run `huggingface-cli login` and accept "
-                             f"its license on the hub") from None
-        raise ModelError(f"could not download '{repo_id}' from the Hugging Face hub ({name}: {e}). "
-                         f"Check the network, or pass a local folder or .gguf file.") from None
+            raise ModelError(
+                f"'{repo_id}' is gated or private: run `huggingface-cli login` and accept its license on the hub"
+            ) from None
+        raise ModelError(
+            f"could not download '{repo_id}' from the Hugging Face hub ({name}: {e}). "
+            f"Check the network, or pass a local folder or .gguf file."
+        ) from None

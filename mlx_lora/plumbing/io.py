@@ -21,7 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from mlx_lora.plumbing.errors import ExportError
+import mlx.core as mx
+
+from mlx_lora.plumbing.errors import ExportError, MlxLoraError
 
 _TEMP = re.compile(r"^\..+\.mlx-lora-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.")
 
@@ -168,7 +170,6 @@ def atomic_write_json(target, obj, *, ensure_ascii: bool = True) -> None:
 
 
 def atomic_save_safetensors(target, arrays: dict, metadata: Optional[dict] = None) -> None:
-    import mlx.core as mx
 
     # mx.save_safetensors appends ".safetensors" unless the name already ends with it.
     with atomic_path(target, suffix=".safetensors") as tmp:
@@ -180,9 +181,15 @@ def _is_empty_dir(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_dir(target, overwrite: bool = False, *, suffix: str = ".tmp", set_aside: bool = True,
-               before_swap: Optional[Callable[[Path], None]] = None,
-               dispose: Optional[Callable[[Path], None]] = None) -> Iterator[Path]:
+def atomic_dir(
+    target,
+    overwrite: bool = False,
+    *,
+    suffix: str = ".tmp",
+    set_aside: bool = True,
+    before_swap: Optional[Callable[[Path], None]] = None,
+    dispose: Optional[Callable[[Path], None]] = None,
+) -> Iterator[Path]:
     """Yield a temporary folder next to ``target``; on success it becomes ``target``.
 
     On failure the temporary folder is removed and ``target`` is left as it was. An existing
@@ -215,9 +222,14 @@ def atomic_dir(target, overwrite: bool = False, *, suffix: str = ".tmp", set_asi
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _move_into_place(tmp: Path, target: Path, overwrite: bool, set_aside: bool,
-                     before_swap: Optional[Callable[[Path], None]] = None,
-                     dispose: Optional[Callable[[Path], None]] = None) -> None:
+def _move_into_place(
+    tmp: Path,
+    target: Path,
+    overwrite: bool,
+    set_aside: bool,
+    before_swap: Optional[Callable[[Path], None]] = None,
+    dispose: Optional[Callable[[Path], None]] = None,
+) -> None:
     if _is_empty_dir(target):
         target.rmdir()  # os.replace cannot replace a folder on every OS, even an empty one
     if not target.exists():
@@ -252,7 +264,6 @@ def _move_into_place(tmp: Path, target: Path, overwrite: bool, set_aside: bool,
 
 def ensure_writable_dir(path, what: str = "output folder") -> Path:
     """Check that ``path`` is (or can become) a writable folder; raise a clear error if not."""
-    from mlx_lora.plumbing.errors import MlxLoraError
 
     path = Path(path)
     if path.exists() and not path.is_dir():

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from mlx_lm.utils import _get_classes
+
 
 def model_classes(config: dict) -> tuple[type, type]:
     """(model class, model-args class) of ``config["model_type"]`` (ValueError or ImportError
     when the installed mlx-lm has no such architecture)."""
-    from mlx_lm.utils import _get_classes
 
     return _get_classes(config)
 
@@ -34,7 +38,6 @@ def model_classes(config: dict) -> tuple[type, type]:
 def batch_kv_cache(left_padding: list[int]):
     """A KV cache for one layer of a batch whose rows are left-padded by ``left_padding`` tokens:
     it masks the padding and offsets each row's positions."""
-    from mlx_lm.models.cache import BatchKVCache
 
     return BatchKVCache(left_padding)
 
@@ -54,7 +57,6 @@ class SegmentMask:
         self.mask = mask  # [B, 1, L, L] bool mx.array
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
-        import mlx.core as mx
 
         mask = self.mask
         if window_size is not None and window_size < N:
@@ -72,7 +74,6 @@ class SegmentMask:
 def switch_linear_classes() -> tuple[type, type]:
     """(``SwitchLinear``, ``QuantizedSwitchLinear``): the expert layers of mlx-lm's mixture-of-experts
     blocks (``SwitchGLU`` / ``SwitchMLP``), one [experts, out, in] weight called with expert indices."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
     return SwitchLinear, QuantizedSwitchLinear
 
@@ -83,7 +84,6 @@ def switch_linear_classes() -> tuple[type, type]:
 
 def new_row_cache(model) -> list:
     """A fresh cache for one sequence (one entry per layer, of the kinds the model asks for)."""
-    from mlx_lm.models.cache import make_prompt_cache
 
     return make_prompt_cache(model)
 
@@ -122,14 +122,12 @@ def cache_nbytes(caches: list) -> int:
 
 def is_plain_kv(caches: list) -> bool:
     """Whether every layer's cache is a plain ``KVCache`` (its keys and values can be cut to a prefix)."""
-    from mlx_lm.models.cache import KVCache
 
     return all(type(c) is KVCache for c in caches)
 
 
 def kv_prefix(caches: list, n: int) -> list:
     """New plain KV caches holding the first ``n`` positions of ``caches`` (which are left as they are)."""
-    from mlx_lm.models.cache import KVCache
 
     out = []
     for c in caches:

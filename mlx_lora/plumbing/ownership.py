@@ -45,9 +45,18 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, Optional
 
+from mlx_lora import __version__
 from mlx_lora.plumbing.errors import MlxLoraError
-from mlx_lora.plumbing.io import (_umask, atomic_dir, atomic_write_json, clean_stale_temps, is_own_or_stale_temp,  # noqa: F401
-                 is_stale_temp, is_temp_name, temp_prefix)
+from mlx_lora.plumbing.io import (  # noqa: F401
+    _umask,
+    atomic_dir,
+    atomic_write_json,
+    clean_stale_temps,
+    is_own_or_stale_temp,
+    is_stale_temp,
+    is_temp_name,
+    temp_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +157,6 @@ def write_marker(folder, kind: str, command: str, files: Optional[Iterable[str]]
     ``files`` (paths relative to the folder; a folder is recorded with all it holds), or by default
     everything the folder holds now (for a folder the command built itself, under a temporary
     name no one else writes to)."""
-    from mlx_lora import __version__
 
     folder = Path(folder)
     if kind not in COMPATIBLE:
@@ -160,8 +168,18 @@ def write_marker(folder, kind: str, command: str, files: Optional[Iterable[str]]
         for rel in files:
             if (folder / rel).exists() or (folder / rel).is_symlink():
                 entries.update(_scan(folder, str(PurePosixPath(rel))))
-    _save(folder, {"written_by": "mlx-lora", "version": __version__, "format": FORMAT, "kind": kind,
-                   "command": command, "folder": _folder_id(folder), "entries": entries})
+    _save(
+        folder,
+        {
+            "written_by": "mlx-lora",
+            "version": __version__,
+            "format": FORMAT,
+            "kind": kind,
+            "command": command,
+            "folder": _folder_id(folder),
+            "entries": entries,
+        },
+    )
 
 
 def read_marker(folder) -> Optional[dict]:
@@ -269,8 +287,13 @@ def _walk_problems(path: Path, entries: dict, prefix: str, shown: str, out: list
         name = f"{shown}/{child.name}" if shown else child.name
         if not prefix and child.name == MARKER:
             continue
-        if not prefix and child.name == LOCK and child.is_file() and not child.is_symlink() \
-                and child.stat().st_size <= _LOCK_MAX_BYTES:
+        if (
+            not prefix
+            and child.name == LOCK
+            and child.is_file()
+            and not child.is_symlink()
+            and child.stat().st_size <= _LOCK_MAX_BYTES
+        ):
             continue
         if is_own_or_stale_temp(child.name):
             continue  # a temporary this process, or a dead mlx-lora process, left half-written
@@ -308,8 +331,7 @@ def marker_problem(folder) -> Optional[str]:
         return "it has no mlx-lora marker"
     if marker.get("format") != FORMAT or not isinstance(marker.get("entries"), dict):
         return "its marker comes from an older mlx-lora that did not record what it wrote"
-    bad = next((k for k in marker["entries"] if not _valid_key(k) or not isinstance(marker["entries"][k], dict)),
-               None)
+    bad = next((k for k in marker["entries"] if not _valid_key(k) or not isinstance(marker["entries"][k], dict)), None)
     if bad is not None:
         return f"its marker lists {bad!r}, which is not a path inside the folder"
     if marker.get("folder") != _folder_id(folder):
@@ -340,10 +362,14 @@ def owned_entries_only(folder, *, what: str, under: str = "", root=None) -> None
         if name == MARKER:
             first = next((p.name for p in sorted(Path(folder).iterdir()) if p.name not in (MARKER, LOCK)), None)
             holds = f", so it proves nothing about {first!r}" if first else ""
-            raise OwnershipError(f"{what} {folder}: {why}{holds}; mlx-lora replaces only folders it can prove it "
-                                 f"wrote. Choose another folder")
-        raise OwnershipError(f"{what} {folder} holds {name!r}, {why}; mlx-lora deletes only what it can prove "
-                             f"it wrote: move it out or choose another folder")
+            raise OwnershipError(
+                f"{what} {folder}: {why}{holds}; mlx-lora replaces only folders it can prove it "
+                f"wrote. Choose another folder"
+            )
+        raise OwnershipError(
+            f"{what} {folder} holds {name!r}, {why}; mlx-lora deletes only what it can prove "
+            f"it wrote: move it out or choose another folder"
+        )
 
 
 def delete_owned(folder, *, under: str = "", root=None, entries: Optional[dict] = None) -> list[str]:
@@ -422,14 +448,21 @@ def follow_link(path, what: str) -> Path:
     if path.is_symlink():
         target = path.resolve()
         if not target.exists():
-            raise OwnershipError(f"{what} {path} is a symbolic link to {target}, which does not exist; "
-                                 f"create it or give another path")
+            raise OwnershipError(
+                f"{what} {path} is a symbolic link to {target}, which does not exist; create it or give another path"
+            )
         return target
     return path
 
 
-def check_output_dir(path, kind: str, *, overwrite: bool, what: str = "output folder",
-                     exists_hint: str = "pass --overwrite to replace it") -> Path:
+def check_output_dir(
+    path,
+    kind: str,
+    *,
+    overwrite: bool,
+    what: str = "output folder",
+    exists_hint: str = "pass --overwrite to replace it",
+) -> Path:
     """Check, before any work, that a command that writes a folder of ``kind`` may write ``path``;
     returns the path to write (a symbolic link followed).
 
@@ -442,8 +475,10 @@ def check_output_dir(path, kind: str, *, overwrite: bool, what: str = "output fo
     out = follow_link(path, what)
     why = _protected(out.resolve())
     if why is not None:
-        raise OwnershipError(f"{what} {out} is {why}; mlx-lora never writes its output over it. "
-                             f"Give a new folder (e.g. {Path(out.resolve().name or 'out') / 'mlx-lora-out'})")
+        raise OwnershipError(
+            f"{what} {out} is {why}; mlx-lora never writes its output over it. "
+            f"Give a new folder (e.g. {Path(out.resolve().name or 'out') / 'mlx-lora-out'})"
+        )
     if out.exists() and not out.is_dir():
         raise OwnershipError(f"{what} {out} is a file, not a folder")
     if out.parent.is_dir():
@@ -454,9 +489,11 @@ def check_output_dir(path, kind: str, *, overwrite: bool, what: str = "output fo
     if marker is None or marker["kind"] not in COMPATIBLE[kind]:
         first = next(iter(sorted(p.name for p in out.iterdir())), "?")
         label = "" if marker is None else f" (it holds a {marker['kind']} folder, not a {kind} folder)"
-        raise OwnershipError(f"{what} {out} is not empty and was not written by this kind of mlx-lora command"
-                             f"{label}: it holds {first!r}; mlx-lora replaces only folders it wrote. "
-                             f"Choose another folder")
+        raise OwnershipError(
+            f"{what} {out} is not empty and was not written by this kind of mlx-lora command"
+            f"{label}: it holds {first!r}; mlx-lora replaces only folders it wrote. "
+            f"Choose another folder"
+        )
     if not overwrite:
         raise OwnershipError(f"{what} {out} already exists; {exists_hint}")
     owned_entries_only(out, what=what)
@@ -484,13 +521,17 @@ def check_output_file(path, *, overwrite: bool, what: str = "output file", magic
         except OSError as e:
             raise OwnershipError(f"{what} {out} cannot be read ({e.strerror or e})") from None
         if head != magic:
-            raise OwnershipError(f"{what} {out} exists and is not a {magic.decode(errors='replace')} file; "
-                                 f"--overwrite replaces only files of the kind this command writes. "
-                                 f"Choose another name")
+            raise OwnershipError(
+                f"{what} {out} exists and is not a {magic.decode(errors='replace')} file; "
+                f"--overwrite replaces only files of the kind this command writes. "
+                f"Choose another name"
+            )
         marker = _own_marker(out.parent)
         if marker is not None and _why_not(out, marker["entries"].get(out.name)) is not None:
-            raise OwnershipError(f"{what} {out} is not the file mlx-lora wrote there (it changed since, or "
-                                 f"another program wrote it); choose another name")
+            raise OwnershipError(
+                f"{what} {out} is not the file mlx-lora wrote there (it changed since, or "
+                f"another program wrote it); choose another name"
+            )
     return out
 
 
@@ -511,6 +552,7 @@ def new_beside(target, suffix: str = ".partial") -> Path:
 def _check_before_swap(what: str, under: str = "", root=None):
     def check(target: Path) -> None:
         owned_entries_only(target, what=what, under=under, root=root)
+
     return check
 
 
@@ -518,6 +560,7 @@ def _dispose(entries_of, what: str):
     """A ``dispose`` for :func:`mlx_lora.plumbing.io.atomic_dir`: delete the old folder, set aside, entry by
     entry where it still matches its records (``entries_of()``, read before the swap); anything else
     stays, under a visible name that is reported."""
+
     def dispose(old: Path) -> None:
         kept = delete_owned(old, entries=entries_of[0]) if old.exists() else []
         if kept and old.exists():
@@ -528,14 +571,17 @@ def _dispose(entries_of, what: str):
                 n += 1
                 keep = base.with_name(f"{base.name}-{n}")
             os.replace(old, keep)
-            logger.warning("%s: %r appeared while it was being replaced and was not deleted; it is now in %s",
-                           what, kept[0], keep)
+            logger.warning(
+                "%s: %r appeared while it was being replaced and was not deleted; it is now in %s", what, kept[0], keep
+            )
+
     return dispose
 
 
 @contextlib.contextmanager
-def building(target, kind: str, command: str, *, what: str = "output folder",
-             suffix: str = ".partial") -> Iterator[Path]:
+def building(
+    target, kind: str, command: str, *, what: str = "output folder", suffix: str = ".partial"
+) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``target`` (checked before by
     :func:`check_output_dir`); on success it is marked as ``kind`` (every entry recorded) and
     takes the place of ``target``. An existing ``target`` is checked again just before the swap and
@@ -548,8 +594,9 @@ def building(target, kind: str, command: str, *, what: str = "output folder",
         _check_before_swap(what)(t)
         state[0] = dict(read_marker(t)["entries"])
 
-    with atomic_dir(target, overwrite=True, suffix=suffix, set_aside=False, before_swap=before,
-                    dispose=_dispose(state, what)) as tmp:
+    with atomic_dir(
+        target, overwrite=True, suffix=suffix, set_aside=False, before_swap=before, dispose=_dispose(state, what)
+    ) as tmp:
         yield tmp
         write_marker(tmp, kind, command)
 
@@ -619,8 +666,10 @@ def replace_subfolder(root, rel: str, tmp, *, what: str, names: Iterable[str]) -
     target = root / rel
 
     def refuse(found, where: Path):
-        raise OwnershipError(f"{where} holds {found[0][0]!r}, {found[0][1]}; mlx-lora replaces only "
-                             f"{what}s it wrote: move it out and --resume")
+        raise OwnershipError(
+            f"{where} holds {found[0][0]!r}, {found[0][1]}; mlx-lora replaces only "
+            f"{what}s it wrote: move it out and --resume"
+        )
 
     if target.exists() or target.is_symlink():
         found = subfolder_problems(root, rel, names)
@@ -631,8 +680,11 @@ def replace_subfolder(root, rel: str, tmp, *, what: str, names: Iterable[str]) -
         # folder recovers from (see mlx_lora.training.checkpoints), and the records still describe it.
         old = target.with_name(f".{target.name}.old")
         if old.exists() or old.is_symlink():
-            found = subfolder_problems(root, str(PurePosixPath(rel).parent / old.name), names) \
-                if entries is None else problems(old, limit=1, under=rel, root=root)
+            found = (
+                subfolder_problems(root, str(PurePosixPath(rel).parent / old.name), names)
+                if entries is None
+                else problems(old, limit=1, under=rel, root=root)
+            )
             if found or _delete(old, rel, root, entries, names):
                 raise OwnershipError(f"{what}: {old} is in the way of replacing {target}")
         os.replace(target, old)
@@ -641,8 +693,9 @@ def replace_subfolder(root, rel: str, tmp, *, what: str, names: Iterable[str]) -
         if kept and old.exists():
             keep = target.with_name(f"{target.name}.kept-{os.urandom(3).hex()}")
             os.replace(old, keep)
-            logger.warning("%s: %r appeared while it was being replaced and was not deleted; it is now in %s",
-                           what, kept[0], keep)
+            logger.warning(
+                "%s: %r appeared while it was being replaced and was not deleted; it is now in %s", what, kept[0], keep
+            )
     else:
         os.replace(tmp, target)
     record(root, rel)

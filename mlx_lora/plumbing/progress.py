@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Optional, TextIO
 
+from tqdm import tqdm
+
 DELAY_S = 2.0
 """A stretch of work shorter than this shows nothing (``MLX_LORA_PROGRESS_DELAY``)."""
 PLAIN_EVERY_S = 10.0
@@ -36,7 +38,6 @@ def show_bar(stream: Optional[TextIO] = None, show: Optional[bool] = None) -> bo
 
 def bar(total: Optional[int], desc: str, *, stream: Optional[TextIO] = None, **options):
     """A tqdm bar on ``stream`` (default stderr) that stays on screen when closed (``leave``)."""
-    from tqdm import tqdm
 
     options.setdefault("leave", True)
     return tqdm(total=total, desc=desc, file=stream or sys.stderr, **options)
@@ -75,8 +76,16 @@ class Ticker:
     one every :data:`PLAIN_EVERY_S`, and a last one at the end. ``enabled=False`` (a quiet command)
     or ``MLX_LORA_PROGRESS=0`` shows nothing."""
 
-    def __init__(self, total: Optional[int], desc: str, *, unit: str = "batch", stream: Optional[TextIO] = None,
-                 show: Optional[bool] = None, enabled: bool = True):
+    def __init__(
+        self,
+        total: Optional[int],
+        desc: str,
+        *,
+        unit: str = "batch",
+        stream: Optional[TextIO] = None,
+        show: Optional[bool] = None,
+        enabled: bool = True,
+    ):
         self.total, self.desc, self.unit, self.n = total, desc, unit, 0
         self.stream = stream or sys.stderr
         self.delay, self.start = _delay(), time.monotonic()

@@ -62,34 +62,73 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 PR_SET_PDEATHSIG = 1
 
 DEFAULT_TIMEOUT_S = 10.0
-MEMORY_BYTES = 2 << 30   # address space: generous for tests, small enough that a runaway list fails fast
-FILE_BYTES = 64 << 20    # largest file the code may write
+MEMORY_BYTES = 2 << 30  # address space: generous for tests, small enough that a runaway list fails fast
+FILE_BYTES = 64 << 20  # largest file the code may write
 OPEN_FILES = 256
-OUTPUT_CHARS = 2000      # how much of stdout/stderr a result keeps
+OUTPUT_CHARS = 2000  # how much of stdout/stderr a result keeps
 TMPFS_BYTES = 256 << 20  # the private tmpfs: all the code may write, together
-TMPFS_INODES = 16384     # files in it (unshare backend; bubblewrap offers no such option)
-STARTUP_GRACE_S = 60.0   # the caller's own deadline past the timeout, in case the init itself is stuck
+TMPFS_INODES = 16384  # files in it (unshare backend; bubblewrap offers no such option)
+STARTUP_GRACE_S = 60.0  # the caller's own deadline past the timeout, in case the init itself is stuck
 PROBE_TIMEOUT_S = 60.0
 
 ENV_VAR = "MLX_LORA_SANDBOX"
 BACKENDS = ("bwrap", "unshare", "sandbox-exec", "none")
-WORK = "/tmp"            # the program's folder inside the namespaces
-ENV = {"PATH": "/usr/bin:/bin", "HOME": WORK, "TMPDIR": WORK, "LANG": "C.UTF-8",
-       "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
-HOW_TO_ISOLATE = ("install bubblewrap (apt-get install bubblewrap) or enable unprivileged user namespaces "
-                  "(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces), or pass --unsafe-exec "
-                  "to run it without isolation")
+WORK = "/tmp"  # the program's folder inside the namespaces
+ENV = {
+    "PATH": "/usr/bin:/bin",
+    "HOME": WORK,
+    "TMPDIR": WORK,
+    "LANG": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONHASHSEED": "0",
+}
+HOW_TO_ISOLATE = (
+    "install bubblewrap (apt-get install bubblewrap) or enable unprivileged user namespaces "
+    "(sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces), or pass --unsafe-exec "
+    "to run it without isolation"
+)
 
 # Read-only inside: the system folders Python and its libraries live in, and these files of /etc.
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/nix/store", "/gnu/store")
-ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "passwd", "group", "nsswitch.conf",
-             "hosts", "host.conf", "protocols", "services", "alternatives", "os-release", "mime.types")
+ETC_FILES = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "passwd",
+    "group",
+    "nsswitch.conf",
+    "hosts",
+    "host.conf",
+    "protocols",
+    "services",
+    "alternatives",
+    "os-release",
+    "mime.types",
+)
 DEVICES = ("null", "zero", "full", "random", "urandom")
-DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-             ("stderr", "/proc/self/fd/2"), ("shm", WORK))
+DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("shm", WORK),
+)
 """/dev/shm (POSIX semaphores, multiprocessing) is the tmpfs: one writable place, one size limit."""
-PIVOT_ROOT = {"x86_64": 155, "amd64": 155, "aarch64": 41, "arm64": 41, "riscv64": 41, "loongarch64": 41,
-              "ppc64le": 203, "ppc64": 203, "s390x": 217, "i386": 217, "i686": 217, "armv7l": 218}
+PIVOT_ROOT = {
+    "x86_64": 155,
+    "amd64": 155,
+    "aarch64": 41,
+    "arm64": 41,
+    "riscv64": 41,
+    "loongarch64": 41,
+    "ppc64le": 203,
+    "ppc64": 203,
+    "s390x": 217,
+    "i386": 217,
+    "i686": 217,
+    "armv7l": 218,
+}
 """The pivot_root system call's number per machine (glibc has no wrapper); elsewhere: chroot."""
 
 # Runs before the code: no socket can connect, bind, send to an address or resolve a name (a belt
@@ -283,8 +322,10 @@ def describe(backend: str, why: str = "", tmpfs_bytes: int = TMPFS_BYTES) -> str
     """The one-line description of a containment level."""
     if backend in ("bwrap", "unshare"):
         name = "bubblewrap" if backend == "bwrap" else "unshare"
-        return (f"{name} (user, pid, mount, net namespaces; read-only root; {tmpfs_bytes >> 20} MiB tmpfs; "
-                f"all processes killed at the end)")
+        return (
+            f"{name} (user, pid, mount, net namespaces; read-only root; {tmpfs_bytes >> 20} MiB tmpfs; "
+            f"all processes killed at the end)"
+        )
     if backend == "sandbox-exec":
         return "sandbox-exec (no network; writes only in its own folder; reads and processes not contained)"
     return "none: pass@1 needs --unsafe-exec" + (f" ({why})" if why else "")
@@ -308,8 +349,13 @@ def containment(backend: Optional[str] = None) -> Containment:
         if why:
             raise MlxLoraError(f"sandbox {wanted} does not work here: {why}")
         return Containment(wanted, describe(wanted))
-    candidates = ("bwrap", "unshare") if sys.platform.startswith("linux") else \
-        ("sandbox-exec",) if sys.platform == "darwin" else ()
+    candidates = (
+        ("bwrap", "unshare")
+        if sys.platform.startswith("linux")
+        else ("sandbox-exec",)
+        if sys.platform == "darwin"
+        else ()
+    )
     reasons = []
     for b in candidates:
         why = probe(b)
@@ -345,8 +391,10 @@ def require_isolation(unsafe_exec: bool) -> Containment:
     level = containment()
     if not level.contained and not unsafe_exec:
         why = level.description.partition("(")[2].rstrip(")")
-        raise MlxLoraError(f"pass@1 runs each row's code and this machine offers no sandbox for it"
-                           f"{f' ({why})' if why else ''}: {HOW_TO_ISOLATE}")
+        raise MlxLoraError(
+            f"pass@1 runs each row's code and this machine offers no sandbox for it"
+            f"{f' ({why})' if why else ''}: {HOW_TO_ISOLATE}"
+        )
     return level
 
 
@@ -354,9 +402,15 @@ def require_isolation(unsafe_exec: bool) -> Containment:
 # running
 
 
-def run_python(source: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, memory_bytes: int = MEMORY_BYTES,
-               isolate_network: bool = True, backend: Optional[str] = None,
-               tmpfs_bytes: int = TMPFS_BYTES) -> RunResult:
+def run_python(
+    source: str,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    memory_bytes: int = MEMORY_BYTES,
+    isolate_network: bool = True,
+    backend: Optional[str] = None,
+    tmpfs_bytes: int = TMPFS_BYTES,
+) -> RunResult:
     """Run the Python program ``source`` at the containment level :func:`containment` picks (or
     ``backend``); never raises for what the program does. ``isolate_network`` matters only at the
     level "none" (elsewhere the network namespace is always empty)."""
@@ -371,17 +425,24 @@ def _warn_unconfined(description: str) -> None:
     logger.warning("running untrusted code without isolation (sandbox: %s)", description)
 
 
-def _run(backend: str, source: str, timeout_s: float, memory_bytes: int, tmpfs_bytes: int, *,
-         isolate_network: bool = True) -> RunResult:
+def _run(
+    backend: str, source: str, timeout_s: float, memory_bytes: int, tmpfs_bytes: int, *, isolate_network: bool = True
+) -> RunResult:
     if backend in ("bwrap", "unshare"):
         return _run_namespaced(backend, source, timeout_s, memory_bytes, tmpfs_bytes)
-    return _run_process_group(source, timeout_s, memory_bytes, sandbox_exec=backend == "sandbox-exec",
-                              isolate_network=isolate_network)
+    return _run_process_group(
+        source, timeout_s, memory_bytes, sandbox_exec=backend == "sandbox-exec", isolate_network=isolate_network
+    )
 
 
 def _limits(cpu_s: int, memory: int) -> list[tuple[str, int]]:
-    return [("RLIMIT_CPU", cpu_s), ("RLIMIT_AS", memory), ("RLIMIT_FSIZE", FILE_BYTES),
-            ("RLIMIT_NOFILE", OPEN_FILES), ("RLIMIT_CORE", 0)]
+    return [
+        ("RLIMIT_CPU", cpu_s),
+        ("RLIMIT_AS", memory),
+        ("RLIMIT_FSIZE", FILE_BYTES),
+        ("RLIMIT_NOFILE", OPEN_FILES),
+        ("RLIMIT_CORE", 0),
+    ]
 
 
 def _binds() -> list[tuple[str, str, str]]:
@@ -398,15 +459,21 @@ def _binds() -> list[tuple[str, str, str]]:
         if os.path.exists(p):
             out.append(("dir" if os.path.isdir(p) else "file", p, os.path.realpath(p)))
     # The Python installation, at its own path and (when a link leads there) at its real path.
-    pythons = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
-               os.path.dirname(os.path.dirname(sys.executable)),
-               os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))}
+    pythons = {
+        sys.prefix,
+        sys.exec_prefix,
+        sys.base_prefix,
+        sys.base_exec_prefix,
+        os.path.dirname(os.path.dirname(sys.executable)),
+        os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))),
+    }
     home = os.path.realpath(os.path.expanduser("~"))
     for prefix in sorted(pythons):
         real = os.path.realpath(prefix)
         # A Python installed straight into the home folder (or /): only its bin and lib folders.
-        parts = [""] if real != home and not (home + "/").startswith(real.rstrip("/") + "/") else \
-            ["/bin", "/lib", "/lib64"]
+        parts = (
+            [""] if real != home and not (home + "/").startswith(real.rstrip("/") + "/") else ["/bin", "/lib", "/lib64"]
+        )
         for part in parts:
             for inside in sorted({os.path.abspath(prefix) + part, real + part}):
                 out.append(("dir", inside, real + part))
@@ -416,8 +483,11 @@ def _binds() -> list[tuple[str, str, str]]:
 
     kept: list[tuple[str, str, str]] = []
     for entry in sorted(out, key=lambda e: (e[1].count("/"), e[1])):
-        if entry[1] != "/" and os.path.exists(entry[2] if entry[0] != "symlink" else entry[1]) \
-                and not covered(entry[1], kept):
+        if (
+            entry[1] != "/"
+            and os.path.exists(entry[2] if entry[0] != "symlink" else entry[1])
+            and not covered(entry[1], kept)
+        ):
             kept.append(entry)
     return kept
 
@@ -426,13 +496,39 @@ def _command(backend: str, cfg: dict) -> list[str]:
     python = sys.executable
     init = [python, "-I", "-S", "-c", INIT, json.dumps(cfg)]
     if backend == "unshare":
-        return [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child",
-                "--mount", "--net", "--ipc", "--uts"] + init
-    cmd = [shutil.which("bwrap") or "bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
-           "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--as-pid-1", "--new-session",
-           "--disable-userns", "--cap-drop", "ALL", "--clearenv",
-           # the writable tmpfs first: a Python installed below its path stays visible, bound on top
-           "--size", str(cfg["tmpfs_bytes"]), "--tmpfs", WORK]
+        return [
+            shutil.which("unshare") or "unshare",
+            "--user",
+            "--map-root-user",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount",
+            "--net",
+            "--ipc",
+            "--uts",
+        ] + init
+    cmd = [
+        shutil.which("bwrap") or "bwrap",
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--as-pid-1",
+        "--new-session",
+        "--disable-userns",
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+        # the writable tmpfs first: a Python installed below its path stays visible, bound on top
+        "--size",
+        str(cfg["tmpfs_bytes"]),
+        "--tmpfs",
+        WORK,
+    ]
     for kind, dst, src in cfg["binds"]:
         cmd += ["--symlink", src, dst] if kind == "symlink" else ["--ro-bind", src, dst]
     cmd += ["--proc", "/proc", "--dir", "/dev"]
@@ -516,20 +612,38 @@ def _run_namespaced(backend: str, source: str, timeout_s: float, memory_bytes: i
         root = folder / "root"  # unshare: where the new root is mounted, in its own mount namespace only
         root.mkdir()
         read_end, write_end = os.pipe()
-        cfg = {"backend": backend, "status_fd": write_end, "root": str(root), "binds": _binds(),
-               "devices": [d for d in DEVICES if os.path.exists(f"/dev/{d}")], "dev_links": DEV_LINKS, "work": WORK,
-               "tmpfs_bytes": int(tmpfs_bytes), "tmpfs_inodes": TMPFS_INODES,
-               "timeout_s": max(float(timeout_s), 0.01),  # 0 would disarm the init's timer
-               "limits": _limits(int(timeout_s) + 2, memory_bytes), "python": sys.executable, "prelude": PRELUDE,
-               "env": ENV, "pivot_root": PIVOT_ROOT.get(platform.machine().lower(), 0)}
+        cfg = {
+            "backend": backend,
+            "status_fd": write_end,
+            "root": str(root),
+            "binds": _binds(),
+            "devices": [d for d in DEVICES if os.path.exists(f"/dev/{d}")],
+            "dev_links": DEV_LINKS,
+            "work": WORK,
+            "tmpfs_bytes": int(tmpfs_bytes),
+            "tmpfs_inodes": TMPFS_INODES,
+            "timeout_s": max(float(timeout_s), 0.01),  # 0 would disarm the init's timer
+            "limits": _limits(int(timeout_s) + 2, memory_bytes),
+            "python": sys.executable,
+            "prelude": PRELUDE,
+            "env": ENV,
+            "pivot_root": PIVOT_ROOT.get(platform.machine().lower(), 0),
+        }
         t0 = time.perf_counter()
         timed_out = False
         try:
             with open(log, "wb") as out:
                 caller = os.getpid()
-                proc = subprocess.Popen(_command(backend, cfg), stdin=subprocess.PIPE, stdout=out,
-                                        stderr=subprocess.STDOUT, env=ENV, start_new_session=True,
-                                        pass_fds=(write_end,), preexec_fn=lambda: _die_with_caller(caller))
+                proc = subprocess.Popen(
+                    _command(backend, cfg),
+                    stdin=subprocess.PIPE,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=ENV,
+                    start_new_session=True,
+                    pass_fds=(write_end,),
+                    preexec_fn=lambda: _die_with_caller(caller),
+                )
                 os.close(write_end)
                 write_end = -1
                 try:
@@ -550,8 +664,9 @@ def _run_namespaced(backend: str, source: str, timeout_s: float, memory_bytes: i
         seconds = time.perf_counter() - t0
         output = _tail(log)
     if "ready" not in report and not timed_out:
-        logger.warning("the %s sandbox did not start (exit status %s): %s", backend, proc.returncode,
-                       output.strip()[-500:])
+        logger.warning(
+            "the %s sandbox did not start (exit status %s): %s", backend, proc.returncode, output.strip()[-500:]
+        )
         return RunResult(False, "error", proc.returncode, output, seconds)
     if timed_out or "timeout" in report:
         return RunResult(False, "timeout", None, output, seconds)
@@ -570,20 +685,23 @@ def macos_profile(folder: str) -> str:
     """The sandbox-exec profile: everything the user may do, except any network (unix sockets
     included), writes outside ``folder`` (and the harmless devices), and signals to processes
     outside the sandbox."""
+
     def quoted(path: str) -> str:
         return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    return "\n".join([
-        "(version 1)",
-        "(allow default)",
-        "(deny network*)",
-        "(deny file-write*)",
-        f"(allow file-write* (subpath {quoted(os.path.realpath(folder))}) (literal \"/dev/null\") "
-        "(literal \"/dev/zero\") (literal \"/dev/dtracehelper\"))",
-        "(deny signal)",
-        "(allow signal (target same-sandbox))",
-        "",
-    ])
+    return "\n".join(
+        [
+            "(version 1)",
+            "(allow default)",
+            "(deny network*)",
+            "(deny file-write*)",
+            f'(allow file-write* (subpath {quoted(os.path.realpath(folder))}) (literal "/dev/null") '
+            '(literal "/dev/zero") (literal "/dev/dtracehelper"))',
+            "(deny signal)",
+            "(allow signal (target same-sandbox))",
+            "",
+        ]
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -629,8 +747,9 @@ def _tail(path: Path) -> str:
     return text[-OUTPUT_CHARS:]
 
 
-def _run_process_group(source: str, timeout_s: float, memory_bytes: int, *, sandbox_exec: bool,
-                       isolate_network: bool) -> RunResult:
+def _run_process_group(
+    source: str, timeout_s: float, memory_bytes: int, *, sandbox_exec: bool, isolate_network: bool
+) -> RunResult:
     with tempfile.TemporaryDirectory(prefix="mlx-lora-sandbox-") as tmp:
         folder = Path(tmp)
         script, log = folder / "main.py", folder / "output.txt"
@@ -644,8 +763,16 @@ def _run_process_group(source: str, timeout_s: float, memory_bytes: int, *, sand
         preexec = (lambda: _set_limits(int(timeout_s) + 2, memory_bytes)) if os.name == "posix" else None
         t0 = time.perf_counter()
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=folder,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
             try:
                 code = proc.wait(timeout=timeout_s)
                 status = "passed" if code == 0 else "crashed" if code < 0 else "failed"

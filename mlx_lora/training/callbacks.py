@@ -12,12 +12,20 @@ import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
-from mlx_lora.plumbing.progress import bar, show_bar
 from mlx_lora.plumbing import ownership
+from mlx_lora.plumbing.io import atomic_path, atomic_write_text
+from mlx_lora.plumbing.progress import bar, show_bar
 
 # Preference tuning's metrics (train.method dpo, orpo; see mlx_lora.training.preference), recorded when present.
-PREFERENCE_KEYS = ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp",
-                   "rejected_logp", "nll")
+PREFERENCE_KEYS = (
+    "reward_accuracy",
+    "chosen_reward",
+    "rejected_reward",
+    "reward_margin",
+    "chosen_logp",
+    "rejected_logp",
+    "nll",
+)
 
 
 def _preference_text(m: dict, prefix: str = "") -> str:
@@ -32,8 +40,10 @@ def _grpo_text(m: dict) -> str:
     if "reward_std" not in m:
         return ""
     kl = f"  kl {m['kl']:.4f}" if "kl" in m else ""
-    return (f"  reward {m['reward']:.3f} (std {m['reward_std']:.3f}, {100 * m['zero_std_groups']:.0f}% flat){kl}  "
-            f"len {m['completion_length']:.1f}  sample {m['sample_s']:.1f}s update {m['update_s']:.1f}s")
+    return (
+        f"  reward {m['reward']:.3f} (std {m['reward_std']:.3f}, {100 * m['zero_std_groups']:.0f}% flat){kl}  "
+        f"len {m['completion_length']:.1f}  sample {m['sample_s']:.1f}s update {m['update_s']:.1f}s"
+    )
 
 
 def _fmt_time(s: float) -> str:
@@ -91,17 +101,22 @@ class Progress:
         eta = _fmt_time(m.get("eta_s", float("nan")))
         if self.tty:
             if self._bar is None:
-                self._bar = bar(total, "train", stream=self.stream, initial=step - 1, ascii="-#",
-                                bar_format=self.BAR_FORMAT)
-            self._bar.set_postfix_str(f"loss {m['loss']:.4f}{_preference_text(m)}{_grpo_text(m)} lr {m['lr']:.2e} "
-                                      f"{fmt_rate(m['tokens_per_s'])} tok/s eta {eta} peak {m['peak_memory_gb']:.2f} GB",
-                                      refresh=False)
+                self._bar = bar(
+                    total, "train", stream=self.stream, initial=step - 1, ascii="-#", bar_format=self.BAR_FORMAT
+                )
+            self._bar.set_postfix_str(
+                f"loss {m['loss']:.4f}{_preference_text(m)}{_grpo_text(m)} lr {m['lr']:.2e} "
+                f"{fmt_rate(m['tokens_per_s'])} tok/s eta {eta} peak {m['peak_memory_gb']:.2f} GB",
+                refresh=False,
+            )
             self._bar.update(step - self._bar.n)
             return
         if step % self.log_every and step != total:
             return
-        self._line(f"step {step}/{total}  loss {m['loss']:.4f}{_preference_text(m)}{_grpo_text(m)}  lr {m['lr']:.2e}  "
-                   f"{fmt_rate(m['tokens_per_s'])} tok/s  eta {eta}  peak {m['peak_memory_gb']:.2f} GB")
+        self._line(
+            f"step {step}/{total}  loss {m['loss']:.4f}{_preference_text(m)}{_grpo_text(m)}  lr {m['lr']:.2e}  "
+            f"{fmt_rate(m['tokens_per_s'])} tok/s  eta {eta}  peak {m['peak_memory_gb']:.2f} GB"
+        )
 
     def on_eval(self, trainer, m: dict) -> None:
         best = " (best)" if m.get("is_best") else ""
@@ -123,11 +138,32 @@ class Progress:
             self._bar = None
 
 
-GRPO_KEYS = ("reward", "reward_std", "zero_std_groups", "completion_length", "truncated_completions", "kl",
-             "clip_ratio", "sample_s", "update_s")
+GRPO_KEYS = (
+    "reward",
+    "reward_std",
+    "zero_std_groups",
+    "completion_length",
+    "truncated_completions",
+    "kl",
+    "clip_ratio",
+    "sample_s",
+    "update_s",
+)
 """A GRPO step's metrics besides ``reward_<name>``, the mean of each reward function (mlx_lora.training.grpo)."""
-STEP_KEYS = ("step", "loss", "lr", "tokens", "trained_tokens", "tokens_per_s", "peak_memory_gb", "elapsed_s",
-             "shapes", "padding", *PREFERENCE_KEYS, *GRPO_KEYS)
+STEP_KEYS = (
+    "step",
+    "loss",
+    "lr",
+    "tokens",
+    "trained_tokens",
+    "tokens_per_s",
+    "peak_memory_gb",
+    "elapsed_s",
+    "shapes",
+    "padding",
+    *PREFERENCE_KEYS,
+    *GRPO_KEYS,
+)
 
 
 def step_record(m: dict, log_every: int = 1) -> Optional[dict]:
@@ -158,7 +194,6 @@ class MetricsFile:
         """On resume, drop records past the checkpoint so the file tells one consistent story."""
         if not self.path.exists():
             return
-        from mlx_lora.plumbing.io import atomic_write_text
 
         keep = []
         # A crash can cut a line short, even inside a multi-byte character.
@@ -216,7 +251,6 @@ def plot_losses(metrics_path, out_png) -> Optional[Path]:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    from mlx_lora.plumbing.io import atomic_path
 
     with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")

@@ -35,8 +35,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lora.model.run_layout import RUN_LAYOUT, STEP_DIR, check_run_layout  # noqa: F401 (re-exported)
 from mlx_lora.plumbing.errors import CheckpointError
 from mlx_lora.plumbing.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, is_own_or_stale_temp
-from mlx_lora.plumbing.ownership import (LOCK, OwnershipError, new_beside, problems, record, remove_subfolder, replace_subfolder,
-                        subfolder_problems)
+from mlx_lora.plumbing.ownership import (
+    LOCK,
+    OwnershipError,
+    new_beside,
+    problems,
+    record,
+    remove_subfolder,
+    replace_subfolder,
+    subfolder_problems,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +54,13 @@ REPLACED_STEP_DIR = re.compile(r"^\.(step-(\d+))\.old$")
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 # The files a checkpoint holds (best/ holds the first two).
-CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapters.safetensors", OPTIMIZER_FILE,
-                    STATE_FILE)
+CHECKPOINT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapters.safetensors",
+    OPTIMIZER_FILE,
+    STATE_FILE,
+)
 """What a checkpoint folder holds: the adapter (PEFT layout, and mlx-lm's weights beside it), the
 optimizer state and the training state."""
 
@@ -76,8 +89,10 @@ class TrainState:
         names = [f.name for f in fields(cls)]
         unknown = [k for k in data if k not in names]
         if unknown:
-            raise CheckpointError(f"{source}: unexpected key {unknown[0]!r}; this is not a state file that "
-                                  f"mlx-lora wrote (or it was edited)")
+            raise CheckpointError(
+                f"{source}: unexpected key {unknown[0]!r}; this is not a state file that "
+                f"mlx-lora wrote (or it was edited)"
+            )
         missing = [k for k in names if k not in data]
         if missing:
             raise CheckpointError(f"{source}: key {missing[0]!r} is missing")
@@ -107,8 +122,9 @@ class TrainState:
             raise bad("extra", "an object")
         gb = data["extra"].get("global_batch")
         if gb is not None and (not whole(gb) or gb < 1):
-            raise CheckpointError(f"{source}: key 'extra.global_batch' must be a whole number >= 1, "
-                                  f"got {json.dumps(gb)}")
+            raise CheckpointError(
+                f"{source}: key 'extra.global_batch' must be a whole number >= 1, got {json.dumps(gb)}"
+            )
         return cls(**{k: data[k] for k in names})
 
 
@@ -201,8 +217,10 @@ class RunLock:
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise  # reported as a full disk
-            raise CheckpointError(f"{self.path}: cannot lock the run folder ({e.strerror or e}); mlx-lora "
-                                  f"locks it so that no two runs write it at once") from None
+            raise CheckpointError(
+                f"{self.path}: cannot lock the run folder ({e.strerror or e}); mlx-lora "
+                f"locks it so that no two runs write it at once"
+            ) from None
 
     def moved_to(self, folder) -> None:
         """The locked folder was renamed to ``folder`` (a run built beside the one it replaces)."""
@@ -242,8 +260,10 @@ class RunLock:
                 break
             time.sleep(0.01)
         who = f"pid {pid}" if pid is not None else "process id unknown"
-        return RunInUse(f"{self.folder} is in use by another mlx-lora train ({who}); wait for it to finish or "
-                        f"stop it, or choose another --out")
+        return RunInUse(
+            f"{self.folder} is in use by another mlx-lora train ({who}); wait for it to finish or "
+            f"stop it, or choose another --out"
+        )
 
 
 class RunDir:
@@ -275,8 +295,7 @@ class RunDir:
     def record(self, *paths) -> None:
         """Record in the run folder's marker what the tool just wrote at ``paths`` (inside the
         run folder), so that ``--overwrite`` can later prove it wrote them."""
-        record(self.path, *(str(Path(p).relative_to(self.path)) if Path(p).is_absolute() else str(p)
-                            for p in paths))
+        record(self.path, *(str(Path(p).relative_to(self.path)) if Path(p).is_absolute() else str(p) for p in paths))
 
     def replace_checkpoint(self, name: str, writer) -> Path:
         """Write ``checkpoints/NAME`` (``writer(folder)`` fills a temporary folder), replacing one
@@ -287,8 +306,10 @@ class RunDir:
         if target.exists() or target.is_symlink():  # refuse before the work, naming what is not ours
             found = subfolder_problems(self.path, rel, CHECKPOINT_FILES)
             if found:
-                raise CheckpointError(f"{target} holds {found[0][0]!r}, {found[0][1]}; mlx-lora replaces only "
-                                      f"checkpoints it wrote: move it out and --resume")
+                raise CheckpointError(
+                    f"{target} holds {found[0][0]!r}, {found[0][1]}; mlx-lora replaces only "
+                    f"checkpoints it wrote: move it out and --resume"
+                )
         tmp = new_beside(target, ".tmp")
         try:
             writer(tmp)
@@ -305,13 +326,16 @@ class RunDir:
     def list_checkpoints(self) -> list[Path]:
         if not self.checkpoints.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.checkpoints.iterdir()
-                 if p.is_dir() and (m := STEP_DIR.match(p.name))]
+        found = [
+            (int(m.group(1)), p) for p in self.checkpoints.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))
+        ]
         return [p for _, p in sorted(found)]
 
-    def save_checkpoint(self, step: int, adapter_writer, optimizer_state: dict, state: TrainState,
-                        keep: int = 3) -> Path:
+    def save_checkpoint(
+        self, step: int, adapter_writer, optimizer_state: dict, state: TrainState, keep: int = 3
+    ) -> Path:
         """``adapter_writer(folder)`` writes the adapter files into the new checkpoint folder."""
+
         def write(tmp: Path) -> None:
             adapter_writer(tmp)
             atomic_save_safetensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer_state)))
@@ -325,8 +349,9 @@ class RunDir:
                 # Renamed to a temporary name first (one atomic rename): a crash during the deletion
                 # then leaves a temporary, never a half-deleted step-* checkpoint. Only what the tool
                 # wrote is deleted: a checkpoint holding anything else is kept, and said so.
-                foreign = remove_subfolder(self.path, f"checkpoints/{old.name}", what="checkpoint",
-                                           names=CHECKPOINT_FILES)
+                foreign = remove_subfolder(
+                    self.path, f"checkpoints/{old.name}", what="checkpoint", names=CHECKPOINT_FILES
+                )
                 if foreign is not None:
                     logger.warning("kept old checkpoint %s: it holds %r, which mlx-lora did not write", old, foreign)
         return target

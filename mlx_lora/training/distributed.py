@@ -80,6 +80,7 @@ tokens per step, another workload competing) 1 process ran at 26 tokens/s and 2 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -97,6 +98,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lora.plumbing.errors import MlxLoraError
+from mlx_lora.training.checkpoints import TrainState
 
 TIMEOUT_ENV = "MLX_LORA_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -106,8 +108,23 @@ EXIT_CODE = 3
 BUCKET_BYTES = 32 * 1024**2
 """Arrays are concatenated into all_sum calls of about this size: one call per step for LoRA."""
 
-_DTYPES = {str(d): d for d in (mx.bool_, mx.uint8, mx.uint16, mx.uint32, mx.uint64, mx.int8, mx.int16,
-                                mx.int32, mx.int64, mx.float16, mx.bfloat16, mx.float32)}
+_DTYPES = {
+    str(d): d
+    for d in (
+        mx.bool_,
+        mx.uint8,
+        mx.uint16,
+        mx.uint32,
+        mx.uint64,
+        mx.int8,
+        mx.int16,
+        mx.int32,
+        mx.int64,
+        mx.float16,
+        mx.bfloat16,
+        mx.float32,
+    )
+}
 _COMM_ERROR_MARKS = ("[ring]", "[mpi]", "[nccl]", "[jaccl]", "connection", "peer")
 
 
@@ -157,7 +174,8 @@ NOT_LAUNCHED = (
     "--distributed: this process was not started by a distributed launcher, so it would train alone. "
     "Start every rank with mlx.launch, e.g. "
     "'mlx.launch --hostfile hosts.json --python \"$(which python)\" -m mlx_lora train ... --distributed' "
-    "(or 'mlx.launch -n 2 --backend ring ...' for two local processes), or drop --distributed")
+    "(or 'mlx.launch -n 2 --backend ring ...' for two local processes), or drop --distributed"
+)
 
 
 def init(required: bool = False, timeout_s: Optional[float] = None) -> mx.distributed.Group:
@@ -183,7 +201,8 @@ def init(required: bool = False, timeout_s: Optional[float] = None) -> mx.distri
         f"mlx-lora: rank {rank} gave up after {timeout:g} s waiting for the other ranks to connect "
         f"({backend} backend{where}). Check that every host runs the same command with the same "
         f"environment, that the addresses and ports are reachable from every host (firewall, "
-        f"VPN), and look for another rank's error; raise the limit with --dist-timeout.")
+        f"VPN), and look for another rank's error; raise the limit with --dist-timeout."
+    )
     try:
         with _InitGuard(timeout, message):
             group = mx.distributed.init(strict=True, backend=backend)
@@ -205,7 +224,8 @@ def _ring_hosts() -> str:
         # mlx.launch writes an empty hostfile for a single host, which mx.distributed rejects.
         raise DistributedError(
             "launched by mlx.launch on a single host: run 'mlx-lora train' without mlx.launch for one "
-            "process, or launch 2 or more ranks (-n 2, or several --hosts)")
+            "process, or launch 2 or more ranks (-n 2, or several --hosts)"
+        )
     try:
         hosts = json.loads(text)
         return ", hosts " + " ".join(",".join(h) if isinstance(h, list) else str(h) for h in hosts)
@@ -246,7 +266,10 @@ class _InitGuard:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _GUARD_CODE, str(os.getpid()), repr(self.timeout), self.message],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                close_fds=True,
+            )
         except OSError:
             self.proc = None  # no guard is better than no training; the launcher still watches
         return self
@@ -274,10 +297,12 @@ def _watch(state: _WatchState) -> None:
     while not state.stop.wait(poll):
         since = state.since
         if since is not None and time.monotonic() - since > state.timeout:
-            msg = (f"mlx-lora: rank {state.rank} of {state.size} waited {state.timeout:g} s for the other ranks "
-                   f"in {state.what} and got no answer: a rank hangs, died, or lost the network (see its "
-                   f"output). Exiting so the job does not hang forever.{state.hint} Raise the limit with "
-                   f"--dist-timeout if a rank is just slow (e.g. tokenizing a big data set).\n")
+            msg = (
+                f"mlx-lora: rank {state.rank} of {state.size} waited {state.timeout:g} s for the other ranks "
+                f"in {state.what} and got no answer: a rank hangs, died, or lost the network (see its "
+                f"output). Exiting so the job does not hang forever.{state.hint} Raise the limit with "
+                f"--dist-timeout if a rank is just slow (e.g. tokenizing a big data set).\n"
+            )
             try:
                 os.write(2, msg.encode())
             except OSError:
@@ -336,7 +361,8 @@ class Collectives:
                 raise
             raise DistributedError(
                 f"rank {self.rank} of {self.size} lost the connection to another rank in {what} ({text}): that "
-                f"rank crashed, was stopped, or its machine left the network; see its output.{st.hint}") from None
+                f"rank crashed, was stopped, or its machine left the network; see its output.{st.hint}"
+            ) from None
         finally:
             st.since = None
 
@@ -370,7 +396,8 @@ class Collectives:
         if self.size == 1:
             return arrays
         meta = self.broadcast_json(
-            [[k, list(v.shape), str(v.dtype)] for k, v in arrays.items()] if self.rank == 0 else None, what)
+            [[k, list(v.shape), str(v.dtype)] for k, v in arrays.items()] if self.rank == 0 else None, what
+        )
         if self.rank == 0:
             values = [arrays[k] for k, _, _ in meta]
         else:
@@ -414,8 +441,9 @@ def fingerprint(arrays: Sequence[mx.array]) -> bytes:
 # gradients and positions
 
 
-def all_sum_arrays(arrays: Sequence[mx.array], group: mx.distributed.Group, bucket_bytes: int = BUCKET_BYTES,
-                   stream=None) -> list[mx.array]:
+def all_sum_arrays(
+    arrays: Sequence[mx.array], group: mx.distributed.Group, bucket_bytes: int = BUCKET_BYTES, stream=None
+) -> list[mx.array]:
     """Sum each array over the ranks with few collective calls: arrays of one dtype are flattened
     and concatenated into buckets of about ``bucket_bytes``, summed, and split back. Traceable,
     so it can sit inside ``mx.compile``. The sum is element-wise, so grouping changes no value."""
@@ -474,7 +502,6 @@ def share_checkpoint(loaded, sync: Collectives):
     resumes from the very same bits."""
     if sync.size == 1:
         return loaded
-    from mlx_lora.training.checkpoints import TrainState
 
     what = "sharing the checkpoint from rank 0"
     adapter, opt, state = loaded if sync.rank == 0 else (None, None, None)
@@ -491,7 +518,6 @@ def check_same_config(text: str, sync: Collectives) -> None:
     hangs or silently trains garbage; a different data file breaks the shared batch order."""
     if sync.size == 1:
         return
-    import difflib
 
     what = "comparing the configurations of the ranks"
     reference = sync.broadcast_json(text if sync.rank == 0 else None, what)
@@ -502,12 +528,16 @@ def check_same_config(text: str, sync: Collectives) -> None:
         return
     detail = ""
     if mine:
-        lines = [l for l in difflib.unified_diff(reference.splitlines(), text.splitlines(), lineterm="", n=0)
-                 if l[:1] in "+-" and not l.startswith(("+++", "---"))]
+        lines = [
+            l
+            for l in difflib.unified_diff(reference.splitlines(), text.splitlines(), lineterm="", n=0)
+            if l[:1] in "+-" and not l.startswith(("+++", "---"))
+        ]
         detail = " Here (rank {}) vs rank 0: {}.".format(sync.rank, "; ".join(lines[:8]))
     raise DistributedError(
         f"rank{'s' if len(differing) > 1 else ''} {', '.join(map(str, differing))} resolved a different "
-        f"configuration than rank 0; every rank must run the same command with the same config file.{detail}")
+        f"configuration than rank 0; every rank must run the same command with the same config file.{detail}"
+    )
 
 
 def batch_lines(batch_size: int, grad_accum: int, world: int, lr: float, backend: str = "") -> list[str]:

@@ -23,8 +23,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
 from mlx_lora.config import Config, validate
+from mlx_lora.data.mixture import load_datasets
+from mlx_lora.data.shapes import epoch_stats
+from mlx_lora.model import adapters
+from mlx_lora.model.loading import load_model
+from mlx_lora.plumbing import backend
+from mlx_lora.plumbing.backend import fmt_bytes
+from mlx_lora.training.callbacks import fmt_rate
 from mlx_lora.training.memory import GB
+from mlx_lora.training.methods import for_config as method_for
+from mlx_lora.training.trainer import Trainer, batch_arrays, warmup_warning
 
 
 @dataclass
@@ -74,20 +86,25 @@ class Estimate:
         return None if self.available_bytes is None else self.peak_memory_bytes <= 0.9 * self.available_bytes
 
     def lines(self) -> list[str]:
-        from mlx_lora.plumbing.backend import fmt_bytes
 
-        fit = {None: "", True: " -> fits", False: " -> DOES NOT FIT (lower train.batch_size or "
-               "data.max_seq_length, or set train.grad_checkpoint: true)"}[self.fits]
+        fit = {
+            None: "",
+            True: " -> fits",
+            False: " -> DOES NOT FIT (lower train.batch_size or "
+            "data.max_seq_length, or set train.grad_checkpoint: true)",
+        }[self.fits]
         avail = f" of {fmt_bytes(self.available_bytes)}" if self.available_bytes else ""
         lg, ty = self.longest, self.typical
         out = [
             f"dry run   {self.backend}, compute {self.dtype}, {self.loss}; measured 4 steps, nothing written",
             f"memory    peak {fmt_bytes(self.peak_memory_bytes)}{avail}{fit} (longest batch: {lg.rows} x {lg.length} "
             f"positions{_calls(lg)})",
-            f"speed     {_rate(ty.target_tokens / ty.second_s)} target tokens/s on a typical batch ({ty.rows} x {ty.length}), "
+            f"speed     {_rate(ty.target_tokens / ty.second_s)} target tokens/s on a typical batch "
+            f"({ty.rows} x {ty.length}), "
             f"{_rate(lg.target_tokens / lg.second_s)} on the longest; {_rate(self.tokens_per_s)} over the whole run",
             f"run       {self.total_steps:,} steps, {self.target_tokens:,} target tokens: about "
-            f"{_duration(self.train_seconds)} (incl. ~{self.compile_seconds:.0f} s compiling {self.shapes} batch shape{'s' if self.shapes != 1 else ''}; "
+            f"{_duration(self.train_seconds)} (incl. ~{self.compile_seconds:.0f} s compiling {self.shapes} "
+            f"batch shape{'s' if self.shapes != 1 else ''}; "
             f"evaluation and checkpoints extra)",
         ]
         if self.compute:
@@ -103,7 +120,6 @@ def _calls(m: MeasuredBatch) -> str:
 
 def _rate(x: float) -> str:
     """Tokens/s: thousands separated, and a slow job (a quantized base on the CPU) as 0.3, not 0."""
-    from mlx_lora.training.callbacks import fmt_rate
 
     return f"{x:,.0f}" if x >= 10 else fmt_rate(x)
 
@@ -120,8 +136,10 @@ def _plan(trainer) -> list[tuple[int, int, int, list[tuple[int, int]]]]:
     """(rows, padded length, target tokens, [(rows, length) of each call]) of every batch of one
     epoch, in order; the calls are how the trainer runs the batch (see Trainer.micro_batches)."""
     shaped = [trainer.shapes.apply(b) for b in trainer.plan.first_epoch()]
-    return [(b.inputs.shape[0], b.inputs.shape[1], b.ntokens, [(len(r), l) for r, l in trainer.micro_batches(b)])
-            for b in shaped]
+    return [
+        (b.inputs.shape[0], b.inputs.shape[1], b.ntokens, [(len(r), l) for r, l in trainer.micro_batches(b)])
+        for b in shaped
+    ]
 
 
 def _batch_at(trainer, index: int):
@@ -144,22 +162,19 @@ def _work(calls) -> tuple[int, int]:
 
 def estimate(cfg: Config, *, log=None) -> Estimate:
     """Set up ``cfg``'s job, measure a few steps and predict its peak memory and duration."""
-    import mlx.core as mx
-
-    from mlx_lora.model import adapters
-    from mlx_lora.plumbing import backend
-    from mlx_lora.model.loading import load_model
-    from mlx_lora.training.trainer import Trainer
-    from mlx_lora.training.methods import for_config as method_for
 
     validate(cfg)
     say = log or (lambda m: None)
     mx.random.seed(cfg.train.seed)
     # The same load as training's: a quantized base on the CPU computes dequantized when it fits,
     # so the steps measured here are the ones training will take.
-    model, tokenizer, info = load_model(cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code,
-                                        dequantize_on_cpu=cfg.model.dequantize_on_cpu)
+    model, tokenizer, info = load_model(
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        dequantize_on_cpu=cfg.model.dequantize_on_cpu,
+    )
     method = method_for(cfg)
     splits = method.load_datasets(cfg, tokenizer, seed=cfg.train.seed, splits=("train",))
     adapters.apply_lora(model, cfg.lora, warn=lambda m: say(f"WARNING: {m}"))
@@ -220,30 +235,43 @@ def estimate(cfg: Config, *, log=None) -> Estimate:
             break
     if available is None:
         available = backend.total_memory_bytes()
-    from mlx_lora.data.shapes import epoch_stats
 
-    shape_line = f"{trainer.shapes.chosen}; first epoch: {epoch_stats(trainer.plan, trainer.shapes, trainer.micro_batches).line()}"
+    first = epoch_stats(trainer.plan, trainer.shapes, trainer.micro_batches)
+    shape_line = f"{trainer.shapes.chosen}; first epoch: {first.line()}"
     notes += trainer.memory_notes
-    from mlx_lora.training.trainer import warmup_warning
 
     warmup = warmup_warning(cfg.train, steps)
     if warmup:
         notes.append(f"WARNING: {warmup}")
     if cfg.train.method == "grpo":
         t = cfg.train
-        notes.append(f"each measured step includes the sampling phase: {t.group_size} completions of "
-                     f"{t.max_completion_length} tokens (the longest allowed) per prompt, then the update on them; "
-                     f"the peak covers both")
-    loss = (f"chunked loss ({trainer.loss.chunk_tokens} tokens)" if trainer.loss.chunk_tokens else "plain loss")
+        notes.append(
+            f"each measured step includes the sampling phase: {t.group_size} completions of "
+            f"{t.max_completion_length} tokens (the longest allowed) per prompt, then the update on them; "
+            f"the peak covers both"
+        )
+    loss = f"chunked loss ({trainer.loss.chunk_tokens} tokens)" if trainer.loss.chunk_tokens else "plain loss"
     if trainer.loss.note:
         notes.append(trainer.loss.note)
     if cfg.train.grad_checkpoint:
         loss += ", gradient checkpointing"
-    return Estimate(peak_memory_bytes=peak, available_bytes=available, total_steps=steps, target_tokens=tokens,
-                    train_seconds=per_step * steps + compile_s, compile_seconds=compile_s, shapes=shapes,
-                    typical=typ, longest=lng, backend=backend.backend_name(),
-                    dtype=str(info.dtype).replace("mlx.core.", ""), loss=loss, notes=notes,
-                    shape_line=shape_line, compute=getattr(info, "compute", None) or "")
+    return Estimate(
+        peak_memory_bytes=peak,
+        available_bytes=available,
+        total_steps=steps,
+        target_tokens=tokens,
+        train_seconds=per_step * steps + compile_s,
+        compile_seconds=compile_s,
+        shapes=shapes,
+        typical=typ,
+        longest=lng,
+        backend=backend.backend_name(),
+        dtype=str(info.dtype).replace("mlx.core.", ""),
+        loss=loss,
+        notes=notes,
+        shape_line=shape_line,
+        compute=getattr(info, "compute", None) or "",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,14 +294,12 @@ class Recorder:
     """Runs phases one after another, recording memory around each (see :class:`Phase`)."""
 
     def __init__(self):
-        import mlx.core as mx
 
         self.mx = mx
         self.phases: list[Phase] = []
         mx.reset_peak_memory()
 
     def run(self, name: str, fn: Callable[[], object] = lambda: None):
-        import time
 
         mx = self.mx
         mx.reset_peak_memory()  # to zero: the phase's peak is at least what was held before and after it
@@ -282,16 +308,19 @@ class Recorder:
         out = fn()
         seconds = time.perf_counter() - t0
         active = int(mx.get_active_memory())
-        self.phases.append(Phase(name, active, int(max(mx.get_peak_memory(), before, active)),
-                                 int(mx.get_cache_memory()), seconds))
+        self.phases.append(
+            Phase(name, active, int(max(mx.get_peak_memory(), before, active)), int(mx.get_cache_memory()), seconds)
+        )
         return out
 
     def lines(self) -> list[str]:
         out = [f"{'phase':<34} {'active GB':>9} {'peak GB':>9} {'+peak GB':>9} {'cache GB':>9} {'s':>7}"]
         before = 0
         for p in self.phases:
-            out.append(f"{p.name:<34} {p.active / GB:9.3f} {p.peak / GB:9.3f} {(p.peak - before) / GB:9.3f} "
-                       f"{p.cache / GB:9.3f} {p.seconds:7.2f}")
+            out.append(
+                f"{p.name:<34} {p.active / GB:9.3f} {p.peak / GB:9.3f} {(p.peak - before) / GB:9.3f} "
+                f"{p.cache / GB:9.3f} {p.seconds:7.2f}"
+            )
             before = p.active
         return out
 
@@ -301,22 +330,21 @@ class Recorder:
 
 def trace(cfg, *, log: Optional[Callable[[str], None]] = None) -> Recorder:
     """Set ``cfg``'s job up phase by phase on its longest batch and record each phase's memory."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    from mlx_lora.model import adapters
-    from mlx_lora.config import validate
-    from mlx_lora.data.mixture import load_datasets
-    from mlx_lora.model.loading import load_model
-    from mlx_lora.training.trainer import Trainer, batch_arrays
 
     validate(cfg)
     say = log or (lambda m: None)
     rec = Recorder()
     mx.random.seed(cfg.train.seed)
-    model, tokenizer, info = rec.run("weights loaded", lambda: load_model(
-        cfg.model.path, dtype=cfg.model.dtype, revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code, dequantize_on_cpu=cfg.model.dequantize_on_cpu))
+    model, tokenizer, info = rec.run(
+        "weights loaded",
+        lambda: load_model(
+            cfg.model.path,
+            dtype=cfg.model.dtype,
+            revision=cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code,
+            dequantize_on_cpu=cfg.model.dequantize_on_cpu,
+        ),
+    )
     mx.eval(model.parameters())
     splits = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed, splits=("train",))
 

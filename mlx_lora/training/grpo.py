@@ -53,19 +53,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_lora.training import rewards as R
-from mlx_lora.data.batching import PAD_MULTIPLE, Batch
 from mlx_lora.config import Config, DataConfig, TrainConfig
+from mlx_lora.data.batching import PAD_MULTIPLE, Batch
 from mlx_lora.data.examples import DataSplits, DataStats, TokenizedDataset, _Encoder, read_jsonl_rows, split_rows
 from mlx_lora.data.formats import chat_messages, check_unicode, one_line, tname
 from mlx_lora.data.sources import is_datasets_source, map_jsonl_rows, open_source
-from mlx_lora.plumbing.errors import DataError
+from mlx_lora.data.templates import TemplateLimitError, resolve_chat_template
 from mlx_lora.inference.evaluation import eos_ids, generate_tokens
 from mlx_lora.model.lora import adapters_off
-from mlx_lora.training.losses import Loss, _cache, _token_ce, make_loss, model_logits, split_head, target_positions
+from mlx_lora.plumbing.errors import DataError
 from mlx_lora.plumbing.mlx_lm_compat import batch_kv_cache
+from mlx_lora.training import rewards as R
+from mlx_lora.training.losses import Loss, _cache, _token_ce, make_loss, model_logits, split_head, target_positions
 from mlx_lora.training.preference import _fused_head_logp
-from mlx_lora.data.templates import TemplateLimitError, resolve_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ class Objective:
 
     @classmethod
     def from_config(cls, t: TrainConfig) -> "Objective":
-        return cls(t.grpo_loss, t.grpo_beta, t.epsilon, t.epsilon_high, t.max_completion_length,
-                   t.grpo_scale_rewards)
+        return cls(t.grpo_loss, t.grpo_beta, t.epsilon, t.epsilon_high, t.max_completion_length, t.grpo_scale_rewards)
 
     @property
     def eps_high(self) -> float:
@@ -110,8 +109,14 @@ def advantages(rewards: np.ndarray, group_size: int, scale: bool = True) -> np.n
     return adv.reshape(-1).astype(np.float32)
 
 
-def token_loss(obj: Objective, logps: mx.array, mask: mx.array, adv: mx.array,
-               old_logps: Optional[mx.array] = None, ref_logps: Optional[mx.array] = None):
+def token_loss(
+    obj: Objective,
+    logps: mx.array,
+    mask: mx.array,
+    adv: mx.array,
+    old_logps: Optional[mx.array] = None,
+    ref_logps: Optional[mx.array] = None,
+):
     """(numerator, denominator, statistics [len(STATS)]) of the GRPO loss of completions with
     per-token log-probs ``logps`` [B, T], completion mask ``mask`` [B, T] and advantages
     ``adv`` [B]; the loss is numerator / denominator (see the module docstring)."""
@@ -181,9 +186,11 @@ def grpo_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int]) -> 
         return token_loss(obj, logps, mask, adv, None, ref)
 
     if base.chunk_tokens is not None:
+
         def train(model, inputs, targets, mask, attn=None, positions=None, adv=None):
             return objective(model, inputs, targets, mask, attn, positions, adv)
     else:
+
         def train(model, inputs, targets, mask, attn=None, adv=None):
             return objective(model, inputs, targets, mask, attn, None, adv)
 
@@ -203,8 +210,17 @@ def sample_key(seed: int, step: int, item: int) -> mx.array:
     return mx.random.key(int(mixed))
 
 
-def sample_group(model, prompt: Sequence[int], n: int, max_tokens: int, eos: set, *, temperature: float,
-                 key: Optional[mx.array] = None, stop_at_eos: bool = True) -> list[list[int]]:
+def sample_group(
+    model,
+    prompt: Sequence[int],
+    n: int,
+    max_tokens: int,
+    eos: set,
+    *,
+    temperature: float,
+    key: Optional[mx.array] = None,
+    stop_at_eos: bool = True,
+) -> list[list[int]]:
     """``n`` completions (token ids) of one token prompt, sampled in one batched decode (the rows
     share the prompt; mlx-lm's batch KV cache). A completion ends with the EOS token it sampled
     (included) or after ``max_tokens`` tokens. ``temperature`` 0 is greedy. ``stop_at_eos=False``
@@ -245,7 +261,7 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], ite
         seq = list(p) + list(c)
         n = len(seq) - 1
         inputs[b, :n], targets[b, :n] = seq[:-1], seq[1:]
-        mask[b, len(p) - 1:n] = 1.0
+        mask[b, len(p) - 1 : n] = 1.0
     return Batch(inputs, targets, mask, lengths=lengths, items=items)
 
 
@@ -269,8 +285,9 @@ def _rows_of(path: str, columns: Optional[dict]) -> list[tuple[int, dict]]:
 
 def _prompt_text(row: dict, template, path: str, line: int) -> str:
     if "prompt" not in row:
-        raise DataError("missing key (GRPO rows need a prompt and what the rewards read, e.g. answer)", path, line,
-                        "prompt")
+        raise DataError(
+            "missing key (GRPO rows need a prompt and what the rewards read, e.g. answer)", path, line, "prompt"
+        )
     p = row["prompt"]
     check_unicode(p, path, line, "prompt")
     if isinstance(p, str):
@@ -281,8 +298,13 @@ def _prompt_text(row: dict, template, path: str, line: int) -> str:
         raise DataError(f"expected a string or a list of messages, got {tname(p)}", path, line, "prompt")
     msgs = chat_messages(p, "prompt", path, line)
     if template is None:
-        raise DataError("chat prompts need a chat template and the tokenizer has none; set data.chat_template "
-                        "(chatml, or a path to a .jinja file)", path, line, "prompt")
+        raise DataError(
+            "chat prompts need a chat template and the tokenizer has none; set data.chat_template "
+            "(chatml, or a path to a .jinja file)",
+            path,
+            line,
+            "prompt",
+        )
     # A conversation that ends with an assistant turn is continued: the completion goes on from
     # its text (the start of the answer), as TRL does with continue_final_message.
     prefix = ""
@@ -295,12 +317,14 @@ def _prompt_text(row: dict, template, path: str, line: int) -> str:
     except TemplateLimitError as e:
         raise DataError(f"chat template {template.name} {e} (rendering this row)", path, line, "prompt") from None
     except Exception as e:
-        raise DataError(f"chat template ({template.name}) failed: {type(e).__name__}: {one_line(e)}", path, line,
-                        "prompt") from None
+        raise DataError(
+            f"chat template ({template.name}) failed: {type(e).__name__}: {one_line(e)}", path, line, "prompt"
+        ) from None
 
 
-def prompt_dataset(label: str, rows: list[tuple[int, dict]], cfg: DataConfig, enc: _Encoder,
-                   rewards: list, max_completion: int) -> PromptDataset:
+def prompt_dataset(
+    label: str, rows: list[tuple[int, dict]], cfg: DataConfig, enc: _Encoder, rewards: list, max_completion: int
+) -> PromptDataset:
     """Checked, rendered and tokenized GRPO rows."""
     if not rows:
         raise DataError("no rows", label)
@@ -315,34 +339,49 @@ def prompt_dataset(label: str, rows: list[tuple[int, dict]], cfg: DataConfig, en
             if cfg.overlong == "skip":
                 skipped += 1
                 continue
-            raise DataError(f"the prompt has {len(ids)} tokens; with train.max_completion_length {max_completion} "
-                            f"at most {room} fit in data.max_seq_length {cfg.max_seq_length} (data.overlong: skip "
-                            f"drops such rows)", label, line, "prompt")
+            raise DataError(
+                f"the prompt has {len(ids)} tokens; with train.max_completion_length {max_completion} "
+                f"at most {room} fit in data.max_seq_length {cfg.max_seq_length} (data.overlong: skip "
+                f"drops such rows)",
+                label,
+                line,
+                "prompt",
+            )
         examples.append((np.asarray(ids, np.int32), np.zeros(len(ids), bool)))
         lines.append(line)
         kept.append((row, text))
-    stats = DataStats(label, "prompts", len(rows), len(examples), 0, skipped, 0,
-                      int(sum(len(t) for t, _ in examples)))
+    stats = DataStats(label, "prompts", len(rows), len(examples), 0, skipped, 0, int(sum(len(t) for t, _ in examples)))
     return PromptDataset(examples, stats, np.asarray(lines, np.int64), [r for r, _ in kept], [t for _, t in kept])
 
 
 def _subset(ds: PromptDataset, keep: np.ndarray) -> PromptDataset:
     idx = np.flatnonzero(keep)
-    stats = DataStats(ds.stats.path, ds.stats.format, int(len(idx)), int(len(idx)), 0, 0, 0,
-                      int(sum(len(ds.examples[i][0]) for i in idx)))
-    return PromptDataset([ds.examples[i] for i in idx], stats, ds.lines[idx], [ds.rows[i] for i in idx],
-                         [ds.texts[i] for i in idx])
+    stats = DataStats(
+        ds.stats.path,
+        ds.stats.format,
+        int(len(idx)),
+        int(len(idx)),
+        0,
+        0,
+        0,
+        int(sum(len(ds.examples[i][0]) for i in idx)),
+    )
+    return PromptDataset(
+        [ds.examples[i] for i in idx], stats, ds.lines[idx], [ds.rows[i] for i in idx], [ds.texts[i] for i in idx]
+    )
 
 
-def load_prompt_splits(cfg: Config, tokenizer, *, seed: int = 0,
-                       splits: Sequence[str] = ("train", "valid", "test")) -> DataSplits:
+def load_prompt_splits(
+    cfg: Config, tokenizer, *, seed: int = 0, splits: Sequence[str] = ("train", "valid", "test")
+) -> DataSplits:
     """GRPO's train/valid/test prompts from ``data.path`` (a JSONL file, a folder with train.jsonl
     and optional valid.jsonl/test.jsonl, a ``datasets`` folder or an ``hf:`` id), with
     ``data.columns`` applied; validation rows are held out as for the other methods."""
     d, t = cfg.data, cfg.train
     if d.sources:
-        raise DataError("data.sources: mixing sources is not available with train.method grpo; use data.path",
-                        field="data.sources")
+        raise DataError(
+            "data.sources: mixing sources is not available with train.method grpo; use data.path", field="data.sources"
+        )
     rewards = R.build(t.reward, t.rewards)
     enc = _Encoder(tokenizer, resolve_chat_template(d.chat_template, tokenizer))
     srcs: dict[str, Optional[tuple[str, list]]] = {"train": None, "valid": None, "test": None}
@@ -360,8 +399,9 @@ def load_prompt_splits(cfg: Config, tokenizer, *, seed: int = 0,
             raise DataError("no such file or folder", str(root), field="data.path")
         if root.is_dir():
             if not (root / "train.jsonl").is_file():
-                raise DataError("folder has no train.jsonl (expected train.jsonl, optional valid.jsonl and "
-                                "test.jsonl)", str(root))
+                raise DataError(
+                    "folder has no train.jsonl (expected train.jsonl, optional valid.jsonl and test.jsonl)", str(root)
+                )
             for name in srcs:
                 f = root / f"{name}.jsonl"
                 if f.is_file():
@@ -377,8 +417,7 @@ def load_prompt_splits(cfg: Config, tokenizer, *, seed: int = 0,
     need_train = "train" in splits or ("valid" in splits and srcs["valid"] is None)
     if need_train:
         full = load("train")
-        held = (np.zeros(len(full), bool) if srcs["valid"] is not None
-                else split_rows(len(full), d.valid_fraction, seed))
+        held = np.zeros(len(full), bool) if srcs["valid"] is not None else split_rows(len(full), d.valid_fraction, seed)
         out["train"] = _subset(full, ~held) if held.any() else full
         if "valid" in splits and held.any():
             out["valid"] = _subset(full, held)
@@ -428,8 +467,12 @@ class GRPOMethod:
     def check_data(self, cfg: Config, *datasets) -> None:
         for ds in datasets:
             if ds is not None and not isinstance(ds, PromptDataset):
-                raise DataError("train.method grpo needs prompt rows (prompt, answer, ...); this data is in "
-                                f"{ds.stats.format} format", ds.stats.path, field="train.method")
+                raise DataError(
+                    "train.method grpo needs prompt rows (prompt, answer, ...); this data is in "
+                    f"{ds.stats.format} format",
+                    ds.stats.path,
+                    field="train.method",
+                )
 
     def loss(self, model, cfg: Config) -> Loss:
         return grpo_loss(model, self.obj, cfg.train.loss_chunk_tokens)
@@ -468,8 +511,16 @@ class GRPOMethod:
             for item in batch.items.tolist():
                 prompt = ds.examples[item][0].tolist()
                 key = sample_key(self.cfg.train.seed, trainer.state.step, item)
-                group = sample_group(model, prompt, G, self.obj.max_completion_length, eos,
-                                     temperature=self.temperature, key=key, stop_at_eos=not self.full_length)
+                group = sample_group(
+                    model,
+                    prompt,
+                    G,
+                    self.obj.max_completion_length,
+                    eos,
+                    temperature=self.temperature,
+                    key=key,
+                    stop_at_eos=not self.full_length,
+                )
                 rewards.append(self._score(ds, item, group, eos))
                 prompts += [prompt] * G
                 comps += group
@@ -483,8 +534,20 @@ class GRPOMethod:
         std = groups.std(axis=1, ddof=1) if G > 1 else np.zeros(len(groups))
         lengths = np.array([len(c) for c in comps], np.float64)
         truncated = np.array([len(c) >= self.obj.max_completion_length and c[-1] not in eos for c in comps])
-        self._host = np.concatenate([[total.sum()], per_func.sum(axis=0), [std.sum(), float((std < 1e-9).sum()),
-                                     float(len(groups)), lengths.sum(), float(len(comps)), float(truncated.sum())]])
+        self._host = np.concatenate(
+            [
+                [total.sum()],
+                per_func.sum(axis=0),
+                [
+                    std.sum(),
+                    float((std < 1e-9).sum()),
+                    float(len(groups)),
+                    lengths.sum(),
+                    float(len(comps)),
+                    float(truncated.sum()),
+                ],
+            ]
+        )
         items = np.repeat(batch.items, G)
         self._sample_s = time.perf_counter() - t0
         self._prepared_at = time.perf_counter()
@@ -502,14 +565,20 @@ class GRPOMethod:
         s = dict(zip(STATS, sums[:k]))
         host = sums[k:]
         F = len(self.rewards)
-        total, per_func = host[0], host[1:1 + F]
-        std_sum, zero, groups, len_sum, count, trunc = host[1 + F:7 + F]
+        total, per_func = host[0], host[1 : 1 + F]
+        std_sum, zero, groups, len_sum, count, trunc = host[1 + F : 7 + F]
         count = max(count, 1.0)
         out = {"reward": total / count}
         for r, v in zip(self.rewards, per_func):
             out[f"reward_{r.name}"] = v / count
-        out.update({"reward_std": std_sum / max(groups, 1.0), "zero_std_groups": zero / max(groups, 1.0),
-                    "completion_length": len_sum / count, "truncated_completions": trunc / count})
+        out.update(
+            {
+                "reward_std": std_sum / max(groups, 1.0),
+                "zero_std_groups": zero / max(groups, 1.0),
+                "completion_length": len_sum / count,
+                "truncated_completions": trunc / count,
+            }
+        )
         if self.obj.beta != 0.0:
             out["kl"] = s["kl"] / max(s["tokens"], 1.0)
         out["clip_ratio"] = (s["clipped_low"] + s["clipped_high"]) / max(s["tokens"], 1.0)
@@ -527,8 +596,13 @@ class GRPOMethod:
         n = len(dataset) if max_batches is None else min(len(dataset), max_batches * t.batch_size * trainer.world)
         mine = list(range(trainer.rank, n, trainer.world))
         eos = self._eos_ids()
-        outs = generate_tokens(trainer.model, [dataset.examples[i][0].tolist() for i in mine],
-                               self.obj.max_completion_length, eos) if mine else []
+        outs = (
+            generate_tokens(
+                trainer.model, [dataset.examples[i][0].tolist() for i in mine], self.obj.max_completion_length, eos
+            )
+            if mine
+            else []
+        )
         F = len(self.rewards)
         sums = np.zeros(F + 2)
         weights = np.array([r.weight for r in self.rewards])
@@ -552,6 +626,8 @@ def greedy_accuracy(model, tokenizer, ds: PromptDataset, reward: str, max_tokens
     fn = R.build(reward, None)[0]
     eos = eos_ids(tokenizer)
     outs = generate_tokens(model, [e[0].tolist() for e in ds.examples], max_tokens, eos)
-    vals = [R.call(fn, tokenizer.decode(o), row, len(o), max_tokens, ds.stats.path, int(line))
-            for o, row, line in zip(outs, ds.rows, ds.lines)]
+    vals = [
+        R.call(fn, tokenizer.decode(o), row, len(o), max_tokens, ds.stats.path, int(line))
+        for o, row, line in zip(outs, ds.rows, ds.lines)
+    ]
     return float(np.mean(vals)) if vals else math.nan

@@ -48,8 +48,9 @@ def _token_ce(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.logsumexp(logits, axis=-1) - picked
 
 
-def masked_cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array, loss_mask: mx.array,
-                         attn_mask: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
+def masked_cross_entropy(
+    model: nn.Module, inputs: mx.array, targets: mx.array, loss_mask: mx.array, attn_mask: Optional[mx.array] = None
+) -> tuple[mx.array, mx.array]:
     """Token-level cross-entropy summed over target positions, and the target count."""
     logits = model_logits(model, inputs, attn_mask)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
@@ -119,8 +120,9 @@ def verify_split(model: nn.Module, split: HeadSplit) -> bool:
         ref = model(x)
         got = split.head(split.body(x, None))
         mx.eval(ref, got)
-        ok = ref.shape == got.shape and bool(mx.allclose(ref.astype(mx.float32), got.astype(mx.float32),
-                                                          rtol=1e-3, atol=1e-3).item())
+        ok = ref.shape == got.shape and bool(
+            mx.allclose(ref.astype(mx.float32), got.astype(mx.float32), rtol=1e-3, atol=1e-3).item()
+        )
     except Exception as e:  # an unknown architecture may reject the call itself
         log.info("chunked loss: cannot run the model without its output layer (%s: %s)", type(e).__name__, e)
         ok = False
@@ -141,7 +143,7 @@ def _fused_head_ce(head: Callable, chunk_tokens: int):
         losses, grads = [], []
         n = h.shape[0]
         for s in range(0, n, chunk_tokens):
-            hc, tc, mc = h[s:s + chunk_tokens], targets[s:s + chunk_tokens], mask[s:s + chunk_tokens]
+            hc, tc, mc = h[s : s + chunk_tokens], targets[s : s + chunk_tokens], mask[s : s + chunk_tokens]
             if grads:
                 # Finish the previous chunk (loss and gradient) before this one's logits exist;
                 # without the edge the evaluator may compute every chunk's logits first.
@@ -170,8 +172,8 @@ def _chunked_forward_ce(head: Callable, h, targets, mask, chunk_tokens: int):
     """Loss only (evaluation): each chunk's logits are freed once its sum is taken."""
     total = mx.array(0.0, mx.float32)
     for s in range(0, h.shape[0], chunk_tokens):
-        z = head(h[s:s + chunk_tokens])
-        total = total + (_token_ce(z, targets[s:s + chunk_tokens]) * mask[s:s + chunk_tokens]).sum()
+        z = head(h[s : s + chunk_tokens])
+        total = total + (_token_ce(z, targets[s : s + chunk_tokens]) * mask[s : s + chunk_tokens]).sum()
     return total
 
 
@@ -210,7 +212,7 @@ def target_positions(loss_mask) -> mx.array:
     quantum = max(POSITION_QUANTUM, -(-n // 8))
     size = min(max(-(-len(idx) // quantum), 1) * quantum, max(n, 1))
     out = np.full(max(size, len(idx)), -1, dtype=np.int32)
-    out[:len(idx)] = idx
+    out[: len(idx)] = idx
     return mx.array(out)
 
 
@@ -270,4 +272,3 @@ def make_loss(model: nn.Module, chunk_tokens: Optional[int], *, training: bool =
         return plain
     train, evaluate = chunked_cross_entropy(split, chunk_tokens)
     return Loss(train, evaluate, chunk_tokens)
-

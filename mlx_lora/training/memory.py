@@ -16,16 +16,17 @@ cache column shows how much the allocator keeps after it.
 
 from __future__ import annotations
 
+import mlx.core as mx
+
+from mlx_lora.plumbing.backend import backend_name, device_info
+from mlx_lora.plumbing.errors import ConfigError
+
 GB = 1e9
 
 
 def apply_limits(t) -> list[str]:
     """Set MLX's wired and cache limits from ``t`` (a TrainConfig); one note per limit set, saying
     what it does on this backend."""
-    import mlx.core as mx
-
-    from mlx_lora.plumbing.backend import backend_name, device_info
-    from mlx_lora.plumbing.errors import ConfigError
 
     notes = []
     if t.cache_limit_gb is not None:
@@ -33,13 +34,18 @@ def apply_limits(t) -> list[str]:
         notes.append(f"allocator cache limited to {t.cache_limit_gb:g} GB (train.cache_limit_gb)")
     if t.wired_limit_gb is not None:
         if backend_name() != "metal":
-            notes.append(f"train.wired_limit_gb has no effect on the {backend_name()} backend "
-                         "(wired memory is a Metal feature)")
+            notes.append(
+                f"train.wired_limit_gb has no effect on the {backend_name()} backend (wired memory is a Metal feature)"
+            )
         else:
             most = device_info().get("max_recommended_working_set_size")
             if most and t.wired_limit_gb * GB > most:
-                raise ConfigError([f"train.wired_limit_gb: must be <= {most / GB:.1f} (this GPU's recommended "
-                                   f"working set), got {t.wired_limit_gb:g}"])
+                raise ConfigError(
+                    [
+                        f"train.wired_limit_gb: must be <= {most / GB:.1f} (this GPU's recommended "
+                        f"working set), got {t.wired_limit_gb:g}"
+                    ]
+                )
             mx.set_wired_limit(int(t.wired_limit_gb * GB))
             notes.append(f"wired memory limit {t.wired_limit_gb:g} GB (train.wired_limit_gb)")
     return notes

@@ -31,8 +31,8 @@ from mlx_lora.data.dataset import DataSplits
 from mlx_lora.data.mixture import load_datasets
 from mlx_lora.training.grpo import GRPOMethod
 from mlx_lora.training.losses import Loss, make_loss
-from mlx_lora.training.preference import (Objective, cached_reference_logps, check_data, metrics as preference_metrics,
-                         preference_loss, reference_logps)
+from mlx_lora.training.preference import Objective, cached_reference_logps, check_data, preference_loss, reference_logps
+from mlx_lora.training.preference import metrics as preference_metrics
 
 
 class Supervised:
@@ -87,11 +87,17 @@ class Preference(Supervised):
 
     def start(self, trainer) -> None:
         if self.cfg.train.dpo_precompute_ref and self.ref is None:  # one pass, cached in the run folder
-            shown = {"progress": getattr(trainer, "progress", True) and trainer.rank == 0,
-                     "stream": getattr(trainer, "progress_stream", None)}
-            self.ref = (reference_logps(trainer.model, trainer.train_set, self.cfg, **shown) if trainer.run is None
-                        else cached_reference_logps(trainer.model, trainer.train_set, self.cfg, trainer.run.path,
-                                                    write=trainer.rank == 0, **shown))
+            shown = {
+                "progress": getattr(trainer, "progress", True) and trainer.rank == 0,
+                "stream": getattr(trainer, "progress_stream", None),
+            }
+            self.ref = (
+                reference_logps(trainer.model, trainer.train_set, self.cfg, **shown)
+                if trainer.run is None
+                else cached_reference_logps(
+                    trainer.model, trainer.train_set, self.cfg, trainer.run.path, write=trainer.rank == 0, **shown
+                )
+            )
 
     def extras(self, batch, rows) -> tuple:
         return () if self.ref is None else (mx.array(self.ref[batch.items[rows]]),)

@@ -32,8 +32,10 @@ the full ``[tokens x vocab]`` logits never exist, only per-token log-probs at ta
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -41,18 +43,36 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_lora.config import Config, TrainConfig
-from mlx_lora.plumbing.errors import DataError
+from mlx_lora.data.batching import BatchPlan
 from mlx_lora.model.lora import adapters_off
-from mlx_lora.training.losses import HeadSplit, Loss, _cache, _token_ce, make_loss, model_logits, split_head, target_positions
+from mlx_lora.plumbing.errors import DataError
+from mlx_lora.plumbing.io import atomic_path
 from mlx_lora.plumbing.ownership import record
 from mlx_lora.plumbing.progress import Ticker
+from mlx_lora.training.losses import (
+    HeadSplit,
+    Loss,
+    _cache,
+    _token_ce,
+    make_loss,
+    model_logits,
+    split_head,
+    target_positions,
+)
 
 METHODS = ("sft", "dpo", "orpo")
 STATS = ("correct", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "nll", "tokens")
 """What a preference loss sums over pairs, in the order of its statistics vector (``tokens``: the
 target tokens of both responses, which throughput and ``trained_tokens`` count)."""
-METRICS = ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp", "rejected_logp",
-           "nll")
+METRICS = (
+    "reward_accuracy",
+    "chosen_reward",
+    "rejected_reward",
+    "reward_margin",
+    "chosen_logp",
+    "rejected_logp",
+    "nll",
+)
 """The metrics a preference run records (``nll`` for ORPO only), per step and with ``val_`` at evaluation."""
 
 
@@ -91,9 +111,15 @@ def log1mexp(x: mx.array) -> mx.array:
     return mx.where(x > -math.log(2), mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))
 
 
-def pair_losses(obj: Objective, chosen: mx.array, rejected: mx.array, n_chosen: mx.array, n_rejected: mx.array,
-                ref_chosen: Optional[mx.array] = None, ref_rejected: Optional[mx.array] = None
-                ) -> tuple[mx.array, mx.array]:
+def pair_losses(
+    obj: Objective,
+    chosen: mx.array,
+    rejected: mx.array,
+    n_chosen: mx.array,
+    n_rejected: mx.array,
+    ref_chosen: Optional[mx.array] = None,
+    ref_rejected: Optional[mx.array] = None,
+) -> tuple[mx.array, mx.array]:
     """(loss of each pair [P], statistics [P, len(STATS)]) from the summed log-probs of the chosen
     and rejected responses [P], their target-token counts [P] and (DPO, IPO) the reference
     model's sums. See the module docstring for the formulas."""
@@ -125,10 +151,14 @@ def metrics(stats, pairs: float, method: str, prefix: str = "") -> dict:
     """The metrics (:data:`METRICS`) of summed statistics over ``pairs`` pairs."""
     s = dict(zip(STATS, (float(x) for x in stats)))
     n = max(float(pairs), 1.0)
-    out = {"reward_accuracy": s["correct"] / n, "chosen_reward": s["chosen_reward"] / n,
-           "rejected_reward": s["rejected_reward"] / n,
-           "reward_margin": (s["chosen_reward"] - s["rejected_reward"]) / n,
-           "chosen_logp": s["chosen_logp"] / n, "rejected_logp": s["rejected_logp"] / n}
+    out = {
+        "reward_accuracy": s["correct"] / n,
+        "chosen_reward": s["chosen_reward"] / n,
+        "rejected_reward": s["rejected_reward"] / n,
+        "reward_margin": (s["chosen_reward"] - s["rejected_reward"]) / n,
+        "chosen_logp": s["chosen_logp"] / n,
+        "rejected_logp": s["rejected_logp"] / n,
+    }
     if method == "orpo":
         out["nll"] = s["nll"] / n
     return {prefix + k: v for k, v in out.items()}
@@ -148,7 +178,7 @@ def _fused_head_logp(head: Callable, chunk_tokens: int):
     def forward(h, targets):
         logps, grads = [], []
         for s in range(0, h.shape[0], chunk_tokens):
-            hc, tc = h[s:s + chunk_tokens], targets[s:s + chunk_tokens]
+            hc, tc = h[s : s + chunk_tokens], targets[s : s + chunk_tokens]
             if grads:  # finish the previous chunk before this one's logits exist
                 hc = mx.depends(hc, [logps[-1], grads[-1]])
 
@@ -175,8 +205,8 @@ def _chunked_logp(head: Callable, h: mx.array, targets: mx.array, chunk_tokens: 
     """Per-row log p(targets) [N] without gradients, one chunk of logits at a time."""
     out = []
     for s in range(0, h.shape[0], chunk_tokens):
-        hc = h[s:s + chunk_tokens] if not out else mx.depends(h[s:s + chunk_tokens], [out[-1]])
-        out.append(-_token_ce(head(hc), targets[s:s + chunk_tokens]))
+        hc = h[s : s + chunk_tokens] if not out else mx.depends(h[s : s + chunk_tokens], [out[-1]])
+        out.append(-_token_ce(head(hc), targets[s : s + chunk_tokens]))
     return mx.concatenate(out)
 
 
@@ -220,7 +250,7 @@ def preference_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int
             with adapters_off(model):
                 ref = mx.stop_gradient(seq(model, inputs, targets, mask, attn, positions, grad=False))
         P = inputs.shape[0] // 2
-        pairs = lambda a: a.reshape(P, 2)  # noqa: E731  rows (2i, 2i+1) are pair i
+        pairs = lambda a: a.reshape(P, 2)
         c, r = pairs(policy)[:, 0], pairs(policy)[:, 1]
         nc, nr = pairs(counts)[:, 0], pairs(counts)[:, 1]
         rc = rr = None
@@ -232,9 +262,11 @@ def preference_loss(model: nn.Module, obj: Objective, chunk_tokens: Optional[int
     # The trainer passes the target positions when the output layer is chunked, then the
     # precomputed reference log-probs of the rows when there are any (train.dpo_precompute_ref).
     if base.chunk_tokens is not None:
+
         def train(model, inputs, targets, mask, attn=None, positions=None, ref=None):
             return objective(model, inputs, targets, mask, attn, positions, grad=True, ref=ref)
     else:
+
         def train(model, inputs, targets, mask, attn=None, ref=None):
             return objective(model, inputs, targets, mask, attn, None, grad=True, ref=ref)
 
@@ -254,7 +286,6 @@ def reference_logps(model: nn.Module, ds, cfg: Config, *, progress: bool = True,
     """The reference model's (adapter off) summed target log-probs of every example of ``ds``,
     float32 [examples], in one pass without gradients (``train.batch_size`` pairs at a time).
     A pass longer than a moment shows its batches unless ``progress`` is false."""
-    from mlx_lora.data.batching import BatchPlan
 
     seq = SequenceLogps(None, None)
     out = np.zeros(len(ds), np.float32)
@@ -262,8 +293,12 @@ def reference_logps(model: nn.Module, ds, cfg: Config, *, progress: bool = True,
     model.eval()
     try:
         plan = BatchPlan(ds, cfg.train.batch_size, cfg.data.max_seq_length, seed=0, shuffle=False)
-        with adapters_off(model), Ticker(plan.steps_per_epoch(), "reference log-probs (adapter off)", stream=stream,
-                                         enabled=progress) as ticker:
+        with (
+            adapters_off(model),
+            Ticker(
+                plan.steps_per_epoch(), "reference log-probs (adapter off)", stream=stream, enabled=progress
+            ) as ticker,
+        ):
             for batch in plan.first_epoch():
                 inputs, targets, mask = (mx.array(a) for a in (batch.inputs, batch.targets, batch.loss_mask))
                 out[batch.items] = np.array(seq(model, inputs, targets, mask))
@@ -276,7 +311,6 @@ def reference_logps(model: nn.Module, ds, cfg: Config, *, progress: bool = True,
 def _reference_key(ds, cfg: Config) -> str:
     """What the reference log-probs depend on: every example's tokens and targets, and the base
     (its path and compute dtype; ``--resume`` refuses a base whose fingerprint changed)."""
-    import hashlib
 
     h = hashlib.sha256(f"{cfg.model.path}\0{cfg.model.dtype}\0{len(ds)}".encode())
     for tokens, mask in ds.examples:
@@ -285,13 +319,11 @@ def _reference_key(ds, cfg: Config) -> str:
     return h.hexdigest()
 
 
-def cached_reference_logps(model: nn.Module, ds, cfg: Config, folder, write: bool = True, *, progress: bool = True,
-                           stream=None) -> np.ndarray:
+def cached_reference_logps(
+    model: nn.Module, ds, cfg: Config, folder, write: bool = True, *, progress: bool = True, stream=None
+) -> np.ndarray:
     """:func:`reference_logps` of ``ds``, read from ``folder``/reference_logps.npz when it was
     written for the same data and base, else computed and (``write``) saved there atomically."""
-    from pathlib import Path
-
-    from mlx_lora.plumbing.io import atomic_path
 
     path, key = Path(folder) / REFERENCE_FILE, _reference_key(ds, cfg)
     if path.is_file():
@@ -318,8 +350,15 @@ def check_data(cfg: Config, *datasets) -> None:
             continue
         paired = ds.per_item == 2
         if method == "sft" and paired:
-            raise DataError("preference rows (prompt, chosen, rejected) train with train.method: dpo or orpo, "
-                            "not sft", ds.stats.path, field="train.method")
+            raise DataError(
+                "preference rows (prompt, chosen, rejected) train with train.method: dpo or orpo, not sft",
+                ds.stats.path,
+                field="train.method",
+            )
         if method != "sft" and not paired:
-            raise DataError(f"train.method {method} needs preference rows (prompt, chosen, rejected); this file "
-                            f"is in {ds.stats.format} format", ds.stats.path, field="train.method")
+            raise DataError(
+                f"train.method {method} needs preference rows (prompt, chosen, rejected); this file "
+                f"is in {ds.stats.format} format",
+                ds.stats.path,
+                field="train.method",
+            )

@@ -23,29 +23,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_lora.training.checkpoints import REPLACED_STEP_DIR, RunDir, TrainState
 from mlx_lora.config import Config, from_dict, load_yaml, to_dict
+from mlx_lora.model.integrity import FINGERPRINT_KEY, recorded_fingerprint
 from mlx_lora.plumbing.errors import CheckpointError, ConfigError
+from mlx_lora.training.checkpoints import REPLACED_STEP_DIR, RunDir, TrainState
 
 # key -> why it may change. Everything else is fixed for the life of a run.
 ALLOWED: dict[str, str] = {
     # how long
-    "train.iters": "length", "train.epochs": "length",
+    "train.iters": "length",
+    "train.epochs": "length",
     # the step size: the schedule is rebuilt for the new total and continues at the current step
-    "train.lr": "learning rate", "train.schedule": "learning rate", "train.warmup_steps": "learning rate",
-    "train.min_lr_ratio": "learning rate", "train.weight_decay": "learning rate",
+    "train.lr": "learning rate",
+    "train.schedule": "learning rate",
+    "train.warmup_steps": "learning rate",
+    "train.min_lr_ratio": "learning rate",
+    "train.weight_decay": "learning rate",
     "train.max_grad_norm": "learning rate",
     # bookkeeping
-    "train.eval_every": "cadence", "train.eval_batches": "cadence", "train.save_every": "cadence",
-    "train.keep_checkpoints": "cadence", "train.log_every": "cadence",
-    "train.early_stopping_patience": "cadence", "train.nan_policy": "failure handling",
+    "train.eval_every": "cadence",
+    "train.eval_batches": "cadence",
+    "train.save_every": "cadence",
+    "train.keep_checkpoints": "cadence",
+    "train.log_every": "cadence",
+    "train.early_stopping_patience": "cadence",
+    "train.nan_policy": "failure handling",
     "train.report_to": "cadence",
     # how a step is computed, not what it computes
-    "train.grad_checkpoint": "memory", "train.checkpoint_attention": "memory",
-    "train.loss_chunk_tokens": "memory", "train.length_groups": "memory", "train.compile": "memory",
-    "data.cache": "memory", "model.trust_remote_code": "memory",
+    "train.grad_checkpoint": "memory",
+    "train.checkpoint_attention": "memory",
+    "train.loss_chunk_tokens": "memory",
+    "train.length_groups": "memory",
+    "train.compile": "memory",
+    "data.cache": "memory",
+    "model.trust_remote_code": "memory",
     "model.dequantize_on_cpu": "memory",  # the dequantized weights are the quantized ones' values
-    "train.shapes": "memory", "train.wired_limit_gb": "memory", "train.cache_limit_gb": "memory",
+    "train.shapes": "memory",
+    "train.wired_limit_gb": "memory",
+    "train.cache_limit_gb": "memory",
     "train.clear_cache_after_eval": "memory",  # how batches are laid out and memory held, not the step
     # where the run folder is (it may have been moved or be reached through another path)
     "out": "location",
@@ -107,8 +122,11 @@ def refused_changes(old: Config, new: Config, old_global_batch: int, new_global_
     """The changes a resume may not make (empty when it may go ahead)."""
     refused = [c for c in config_changes(old, new) if c.key not in ALLOWED and c.key not in BATCH_KEYS]
     if old_global_batch != new_global_batch:
-        refused.append(Change("examples per step (train.batch_size x train.grad_accum x ranks)",
-                              old_global_batch, new_global_batch))
+        refused.append(
+            Change(
+                "examples per step (train.batch_size x train.grad_accum x ranks)", old_global_batch, new_global_batch
+            )
+        )
     return refused
 
 
@@ -116,8 +134,10 @@ def refusal(run_path, refused: list[Change], fix: str) -> ResumeRefused:
     return ResumeRefused(f"{run_path}: --resume cannot change {', '.join(map(str, refused))}; {fix}")
 
 
-FIX = ("these are fixed for the life of a run (adapter shape, base model, data, seed, examples per step); "
-       "resume without changing them, or start a new run with another --out or --overwrite")
+FIX = (
+    "these are fixed for the life of a run (adapter shape, base model, data, seed, examples per step); "
+    "resume without changing them, or start a new run with another --out or --overwrite"
+)
 
 
 def read_stored_config(run: RunDir) -> tuple[Config, bytes]:
@@ -148,8 +168,9 @@ def _check_metrics_file(path: Path) -> None:
     if not os.path.lexists(path):
         return
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, not the run's metrics file; move it out of the run "
-                              f"folder to resume")
+        raise CheckpointError(
+            f"{path}: is a folder, not the run's metrics file; move it out of the run folder to resume"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: is not a regular file; move it out of the run folder to resume")
     try:
@@ -158,8 +179,7 @@ def _check_metrics_file(path: Path) -> None:
         with open(path, "ab"):  # opening to append changes nothing
             pass
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read and append to the run's metrics file "
-                              f"({e.strerror or e})") from None
+        raise CheckpointError(f"{path}: cannot read and append to the run's metrics file ({e.strerror or e})") from None
 
 
 @dataclass
@@ -175,13 +195,15 @@ class ResumePlan:
 
     def check_base(self, fingerprint: str, model_path: str) -> None:
         """Refuse a base model whose fingerprint differs from the one the checkpoint records."""
-        from mlx_lora.model.integrity import FINGERPRINT_KEY, recorded_fingerprint
 
         recorded = recorded_fingerprint(self.adapter_config)
         if recorded is not None and recorded != fingerprint:
-            raise refusal(self.run.path, [Change(FINGERPRINT_KEY, recorded[:16], fingerprint[:16])],
-                          f"{model_path} is not the base model {self.ckpt} was trained on; resume with that "
-                          f"model, or start a new run with another --out or --overwrite")
+            raise refusal(
+                self.run.path,
+                [Change(FINGERPRINT_KEY, recorded[:16], fingerprint[:16])],
+                f"{model_path} is not the base model {self.ckpt} was trained on; resume with that "
+                f"model, or start a new run with another --out or --overwrite",
+            )
 
     def check_total(self, total_steps: int, cfg: Config) -> None:
         """The checkpoint's step must not lie beyond the run's end."""
@@ -190,22 +212,28 @@ class ResumePlan:
             return
         length = [c for c in config_changes(self.stored, cfg) if c.key in ("train.iters", "train.epochs")]
         if length:
-            raise ResumeRefused(f"{self.run.path}: {length[0].key} {_show(length[0].new)} ends the run at step "
-                                f"{total_steps}, but {self.ckpt} is already at step {step}; ask for at least "
-                                f"{step} steps")
-        raise CheckpointError(f"{self.ckpt / 'state.json'}: key 'step' is {step}, beyond the run's "
-                              f"{total_steps} steps")
+            raise ResumeRefused(
+                f"{self.run.path}: {length[0].key} {_show(length[0].new)} ends the run at step "
+                f"{total_steps}, but {self.ckpt} is already at step {step}; ask for at least "
+                f"{step} steps"
+            )
+        raise CheckpointError(f"{self.ckpt / 'state.json'}: key 'step' is {step}, beyond the run's {total_steps} steps")
 
     def check_unchanged(self) -> None:
         """Under the run lock: nothing wrote the run folder since the plan was made."""
         try:
-            same = (self.run.config_file.read_bytes() == self.stored_bytes
-                    and self.run.latest_checkpoint() == self.ckpt and self.run.read_state(self.ckpt) == self.state)
+            same = (
+                self.run.config_file.read_bytes() == self.stored_bytes
+                and self.run.latest_checkpoint() == self.ckpt
+                and self.run.read_state(self.ckpt) == self.state
+            )
         except (OSError, CheckpointError):
             same = False
         if not same:
-            raise CheckpointError(f"{self.run.path}: another mlx-lora train wrote this run while this one was "
-                                  f"starting; run the command again to resume from its newest checkpoint")
+            raise CheckpointError(
+                f"{self.run.path}: another mlx-lora train wrote this run while this one was "
+                f"starting; run the command again to resume from its newest checkpoint"
+            )
 
     def begin(self) -> None:
         """Under the run lock, before the first write: check that nothing changed meanwhile, then
@@ -233,8 +261,13 @@ def plan_resume(run: RunDir, cfg: Config, world_size: int) -> ResumePlan:
     refused = refused_changes(stored, cfg, old_global, t.batch_size * t.grad_accum * world_size)
     # The checkpoint's own adapter settings, in case config.yaml was edited by hand.
     listed = {c.key for c in refused}
-    for key, name in (("lora.r", "r"), ("lora.alpha", "lora_alpha"), ("lora.use_dora", "use_dora"),
-                      ("lora.use_rslora", "use_rslora"), ("lora.dropout", "lora_dropout")):
+    for key, name in (
+        ("lora.r", "r"),
+        ("lora.alpha", "lora_alpha"),
+        ("lora.use_dora", "use_dora"),
+        ("lora.use_rslora", "use_rslora"),
+        ("lora.dropout", "lora_dropout"),
+    ):
         new = getattr(cfg.lora, key.split(".")[1])
         if key not in listed and name in adapter_config and adapter_config[name] != new:
             refused.append(Change(key, adapter_config[name], new))

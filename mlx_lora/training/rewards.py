@@ -39,8 +39,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from mlx_lora.inference import metrics as M
 from mlx_lora.data.formats import one_line
+from mlx_lora.inference import metrics as M
 from mlx_lora.plumbing.errors import DataError, MlxLoraError
 from mlx_lora.plumbing.sandbox import run_python
 
@@ -111,7 +111,7 @@ def _regex(pattern: str, name: str) -> re.Pattern:
 
 
 def _length_cut(name: str) -> int:
-    text = name[len("length:"):]
+    text = name[len("length:") :]
     if not text.isdigit():
         raise RewardError(f"reward {name}: expected length:N with N a whole number of tokens")
     return int(text)
@@ -127,9 +127,11 @@ def _builtin(name: str) -> tuple[Callable, tuple[str, ...]]:
     if name == "json":
         return (lambda c, row, n, m: json_reward(c, row[ANSWER])), (ANSWER,)
     if name == "pass@1":
+
         def passed(c, row, n, m):
             source = M.code_of(c).rstrip() + "\n\n" + row[TESTS] + "\n"
             return float(run_python(source, timeout_s=PASS_TIMEOUT_S).passed)
+
         return passed, (TESTS,)
     if name == "length":
         return (lambda c, row, n, m: -n / max(m, 1)), ()
@@ -137,10 +139,10 @@ def _builtin(name: str) -> tuple[Callable, tuple[str, ...]]:
         cut = _length_cut(name)
         return (lambda c, row, n, m: -max(0, n - cut) / max(m - cut, 1)), ()
     if name.startswith("regex:"):
-        rx = _regex(name[len("regex:"):], name)
+        rx = _regex(name[len("regex:") :], name)
         return (lambda c, row, n, m: float(rx.search(c) is not None)), ()
     if name.startswith("format:"):
-        rx = _regex(name[len("format:"):], name)
+        rx = _regex(name[len("format:") :], name)
         return (lambda c, row, n, m: float(rx.fullmatch(c.strip()) is not None)), ()
     raise KeyError(name)
 
@@ -163,8 +165,10 @@ def name_problem(name: Any) -> Optional[str]:
         return None
     close = difflib.get_close_matches(name, BUILTIN, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return (f"unknown reward '{name}'{hint}; built in: {', '.join(BUILTIN)}, regex:PATTERN, format:PATTERN, "
-            f"length:N; or a function of yours as module:function")
+    return (
+        f"unknown reward '{name}'{hint}; built in: {', '.join(BUILTIN)}, regex:PATTERN, format:PATTERN, "
+        f"length:N; or a function of yours as module:function"
+    )
 
 
 def _user_function(name: str) -> Callable:
@@ -216,8 +220,9 @@ def check_rows(rewards: list[Reward], rows: list[tuple[int, dict]], path: str) -
             for f in r.needs:
                 value = row.get(f)
                 if value is None:
-                    raise DataError(f"missing: reward {r.name} compares the completion with the row's '{f}'",
-                                    path, line, f)
+                    raise DataError(
+                        f"missing: reward {r.name} compares the completion with the row's '{f}'", path, line, f
+                    )
                 if f == TESTS and not isinstance(value, str):
                     raise DataError(f"expected Python source as a string, got {type(value).__name__}", path, line, f)
 
@@ -230,8 +235,9 @@ def call(r: Reward, completion: str, row: dict, tokens: int, max_tokens: int, pa
     except Exception as e:
         raise DataError(f"reward {r.name} raised {type(e).__name__}: {one_line(e)}"[:300], path, line, r.name) from None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise DataError(f"reward {r.name} returned {type(value).__name__} {str(value)[:40]!r}, not a number",
-                        path, line, r.name)
+        raise DataError(
+            f"reward {r.name} returned {type(value).__name__} {str(value)[:40]!r}, not a number", path, line, r.name
+        )
     value = float(value)
     if not math.isfinite(value):
         raise DataError(f"reward {r.name} returned {value}, not a finite number", path, line, r.name)

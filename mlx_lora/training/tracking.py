@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlx_lora.training.callbacks import eval_record, step_record
 from mlx_lora.plumbing.errors import ConfigError
+from mlx_lora.plumbing.io import atomic_write_text
 from mlx_lora.plumbing.ownership import record
+from mlx_lora.training.callbacks import eval_record, step_record
 
 REPORTERS = ("tensorboard", "wandb")
 _MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -38,8 +40,9 @@ def check_available(report_to: Optional[Sequence[str]]) -> None:
         try:
             importlib.import_module(_MODULES[name])
         except ImportError:
-            raise ConfigError([f"train.report_to: {name} is not installed; install it with "
-                               f"pip install 'mlx-lora[{name}]'"]) from None
+            raise ConfigError(
+                [f"train.report_to: {name} is not installed; install it with pip install 'mlx-lora[{name}]'"]
+            ) from None
 
 
 def trackers(report_to: Optional[Sequence[str]], run_dir, config: dict, log_every: int) -> list:
@@ -90,15 +93,13 @@ class TensorBoard(_Tracker):
             self._writer.flush()
 
     def scalars(self, step: int, values: dict) -> None:
-        import time
 
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         if self._writer is None:
             return
-        summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v))
-                                 for k, v in values.items() if k != "step"])
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items() if k != "step"])
         self._writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
         self._writer.flush()  # a record costs little; a killed run keeps every one it logged
 
@@ -114,7 +115,7 @@ class TensorBoard(_Tracker):
 
 
 def wandb_mode() -> Optional[str]:
-    """"offline" unless ``WANDB_MODE`` says otherwise or an API key is configured; None lets
+    """ "offline" unless ``WANDB_MODE`` says otherwise or an API key is configured; None lets
     wandb decide (``WANDB_MODE`` or its online default)."""
     if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
         return None
@@ -144,13 +145,18 @@ class WandB(_Tracker):
         id_file = folder / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if trainer.state.step > 0 and id_file.is_file() else None
         if run_id is None:
-            from mlx_lora.plumbing.io import atomic_write_text
-
             run_id = uuid.uuid4().hex[:12]
             atomic_write_text(id_file, run_id + "\n")
-        self._run = wandb.init(dir=str(self.run_dir), id=run_id, resume="allow", mode=wandb_mode(),
-                               project=os.environ.get("WANDB_PROJECT", "mlx-lora"), name=self.run_dir.name,
-                               config=self.config, settings=wandb.Settings(console="off", silent=True))
+        self._run = wandb.init(
+            dir=str(self.run_dir),
+            id=run_id,
+            resume="allow",
+            mode=wandb_mode(),
+            project=os.environ.get("WANDB_PROJECT", "mlx-lora"),
+            name=self.run_dir.name,
+            config=self.config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
 
     def scalars(self, step: int, values: dict) -> None:
         if self._run is not None:

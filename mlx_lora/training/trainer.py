@@ -19,22 +19,28 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_lora.training import distributed as dist
-from mlx_lora.training.checkpoints import RunDir, TrainState
 from mlx_lora.config import Config
-from mlx_lora.data.batching import (PAD_MULTIPLE, Batch, BatchPlan, BatchPosition, attention_mask_from_segments,
-                                    length_groups)
+from mlx_lora.data import shapes
+from mlx_lora.data.batching import (
+    PAD_MULTIPLE,
+    Batch,
+    BatchPlan,
+    BatchPosition,
+    attention_mask_from_segments,
+    length_groups,
+)
 from mlx_lora.data.examples import TokenizedDataset
+from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MLX_LM_WEIGHTS, set_adapter_state
+from mlx_lora.model.adapters import adapter_state as current_adapter
 from mlx_lora.plumbing.errors import CheckpointError, MlxLoraError
 from mlx_lora.plumbing.interrupts import interrupts_deferred
-from mlx_lora.training.losses import Loss
-from mlx_lora.training.preference import metrics as preference_metrics
-from mlx_lora.training import memory
-from mlx_lora.data import shapes
-from mlx_lora.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MLX_LM_WEIGHTS
 from mlx_lora.plumbing.progress import Ticker
+from mlx_lora.training import distributed as dist
+from mlx_lora.training import memory
+from mlx_lora.training.checkpoints import RunDir, TrainState
+from mlx_lora.training.losses import Loss
 from mlx_lora.training.methods import for_config as method_for
-
+from mlx_lora.training.preference import metrics as preference_metrics
 
 GROUP_OVERHEAD_GPU = 256  # positions: the assumed fixed cost of one more call on a GPU
 # On the CPU, one more call costs ~4 ms (a tiny llama: 23 ms for a step on 4 x 64 positions, 37 ms as
@@ -77,7 +83,7 @@ def build_schedule(t, total_steps: int):
         main = optim.linear_schedule(t.lr, end, decay_steps)
     if t.warmup_steps > 0:
         warm = optim.linear_schedule(0.0, t.lr, t.warmup_steps)
-        main = main if callable(main) else (lambda lr: (lambda step: mx.array(lr, mx.float32)))(main)
+        main = main if callable(main) else (lambda lr: lambda step: mx.array(lr, mx.float32))(main)
         return optim.join_schedules([warm, main], [t.warmup_steps])
     return main
 
@@ -89,9 +95,11 @@ def warmup_warning(t, total_steps: int) -> Optional[str]:
     if w <= 0 or w < total_steps:
         return None
     peak = t.lr * min(total_steps, w) / w
-    return (f"train.warmup_steps {w} >= the run's {total_steps} steps: the learning rate climbs the whole run "
-            f"and peaks at {peak:.2e}, not train.lr {t.lr:.2e}; lower train.warmup_steps (about 10% of the "
-            f"steps: {total_steps // 10}) or train for more steps")
+    return (
+        f"train.warmup_steps {w} >= the run's {total_steps} steps: the learning rate climbs the whole run "
+        f"and peaks at {peak:.2e}, not train.lr {t.lr:.2e}; lower train.warmup_steps (about 10% of the "
+        f"steps: {total_steps // 10}) or train for more steps"
+    )
 
 
 def build_optimizer(t, total_steps: int) -> optim.Optimizer:
@@ -209,8 +217,13 @@ def micro_batches(batch, t, gpu: bool, overhead: float = 0.0) -> list[tuple[np.n
     split = (not gpu) if t.length_groups is None else t.length_groups
     if split and batch.segments is None and batch.lengths is not None:
         alone = overhead < 1
-        groups = length_groups(batch.lengths.reshape(-1, g).max(axis=1), 1 if alone else t.batch_size,
-                               pad_multiple=PAD_MULTIPLE, cap=L, overhead=0 if alone else int(round(overhead)))
+        groups = length_groups(
+            batch.lengths.reshape(-1, g).max(axis=1),
+            1 if alone else t.batch_size,
+            pad_multiple=PAD_MULTIPLE,
+            cap=L,
+            overhead=0 if alone else int(round(overhead)),
+        )
         return [(_item_rows(items, g), length) for items, length in groups]
     n = B // g
     return [(_item_rows(np.arange(s, min(s + t.batch_size, n)), g), L) for s in range(0, n, t.batch_size)]
@@ -228,14 +241,27 @@ def batch_arrays(batch: Batch, rows=slice(None), length: Optional[int] = None):
     attn = None
     if batch.segments is not None:
         attn = mx.array(attention_mask_from_segments(batch.segments[rows, cols]))
-    return (mx.array(batch.inputs[rows, cols]), mx.array(batch.targets[rows, cols]),
-            mx.array(batch.loss_mask[rows, cols]), attn)
+    return (
+        mx.array(batch.inputs[rows, cols]),
+        mx.array(batch.targets[rows, cols]),
+        mx.array(batch.loss_mask[rows, cols]),
+        attn,
+    )
 
 
-def evaluate(model: nn.Module, loss: Loss, dataset: TokenizedDataset, cfg: Config, *,
-             max_batches: Optional[int] = None, sync: Optional[dist.Collectives] = None,
-             metrics: Optional[dict] = None, progress: bool = True, desc: str = "validation",
-             stream=None) -> tuple[float, int]:
+def evaluate(
+    model: nn.Module,
+    loss: Loss,
+    dataset: TokenizedDataset,
+    cfg: Config,
+    *,
+    max_batches: Optional[int] = None,
+    sync: Optional[dist.Collectives] = None,
+    metrics: Optional[dict] = None,
+    progress: bool = True,
+    desc: str = "validation",
+    stream=None,
+) -> tuple[float, int]:
     """Token-weighted mean loss of ``model`` on ``dataset`` and its number of target tokens.
 
     The mean is ``sum_t m_t * CE_t / sum_t m_t`` over every target token of the first
@@ -280,7 +306,7 @@ class NanPolicy:
         self.policy, self.limit, self.in_a_row = policy, limit, 0
 
     def verdict(self, loss: float) -> str:
-        """"step" (a finite loss), "skip" or "stop"."""
+        """ "step" (a finite loss), "skip" or "stop"."""
         if math.isfinite(loss):
             self.in_a_row = 0
             return "step"
@@ -324,25 +350,41 @@ def _check_same_tensors(expected: dict, got: dict, what: str) -> None:
     """Raise CheckpointError unless ``got`` has exactly the names and shapes of ``expected``."""
     missing = sorted(expected.keys() - got.keys())
     if missing:
-        raise CheckpointError(f"{what} lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1
-                                                              else "") + "; it was written for another adapter")
+        raise CheckpointError(
+            f"{what} lacks {missing[0]}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            + "; it was written for another adapter"
+        )
     extra = sorted(got.keys() - expected.keys())
     if extra:
-        raise CheckpointError(f"{what} has {extra[0]}, which this config's adapter does not"
-                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise CheckpointError(
+            f"{what} has {extra[0]}, which this config's adapter does not"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
     for name in sorted(expected):
         if tuple(expected[name].shape) != tuple(got[name].shape):
-            raise CheckpointError(f"{what} holds {name} of shape {tuple(got[name].shape)}, but this config builds "
-                                  f"{tuple(expected[name].shape)}")
+            raise CheckpointError(
+                f"{what} holds {name} of shape {tuple(got[name].shape)}, but this config builds "
+                f"{tuple(expected[name].shape)}"
+            )
 
 
 class Trainer:
     """Trains the adapter layers of ``model``. Collaborators come in as arguments."""
 
-    def __init__(self, model: nn.Module, cfg: Config, train_set: TokenizedDataset,
-                 valid_set: Optional[TokenizedDataset], run: Optional[RunDir],
-                 save_adapter: Optional[Callable] = None, callbacks=(), group=None,
-                 sync: Optional[dist.Collectives] = None, method=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Config,
+        train_set: TokenizedDataset,
+        valid_set: Optional[TokenizedDataset],
+        run: Optional[RunDir],
+        save_adapter: Optional[Callable] = None,
+        callbacks=(),
+        group=None,
+        sync: Optional[dist.Collectives] = None,
+        method=None,
+    ):
         self.model, self.cfg, self.train_set, self.valid_set = model, cfg, train_set, valid_set
         self.run, self.save_adapter_fn = run, save_adapter
         self.callbacks = list(callbacks)
@@ -386,11 +428,18 @@ class Trainer:
         self._stats: list = []
         self._build_steps()
         # How batches are laid out (train.shapes), the call shapes met, and the memory limits.
-        self.shapes = shapes.resolve(t.shapes, gpu=self.on_gpu, sizes=train_set.lengths - 1,
-                                     batch_rows=t.batch_size * t.grad_accum, max_seq_length=cfg.data.max_seq_length,
-                                     seed=t.seed, bucketing=cfg.data.length_bucketing, steps=self.total_steps,
-                                     dims=shapes.model_dims(model),
-                                     allow_packed=train_set.per_item == 1 and self.method.allows_packing)
+        self.shapes = shapes.resolve(
+            t.shapes,
+            gpu=self.on_gpu,
+            sizes=train_set.lengths - 1,
+            batch_rows=t.batch_size * t.grad_accum,
+            max_seq_length=cfg.data.max_seq_length,
+            seed=t.seed,
+            bucketing=cfg.data.length_bucketing,
+            steps=self.total_steps,
+            dims=shapes.model_dims(model),
+            allow_packed=train_set.per_item == 1 and self.method.allows_packing,
+        )
         self.shape_stats = shapes.ShapeStats()
         self.memory_notes = memory.apply_limits(t)
 
@@ -437,6 +486,7 @@ class Trainer:
 
             def fwd_bwd_packed(inputs, targets, mask, attn, *ref):
                 return fbp(inputs, targets, mask, attn, pos(mask), *ref)
+
         self._fwd_bwd, self._fwd_bwd_packed, self._update = fwd_bwd, fwd_bwd_packed, update
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -485,15 +535,25 @@ class Trainer:
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return loss_sum.item() / max(ntoks.item(), 1.0), int(ntoks.item())
 
-    def evaluate(self, dataset: TokenizedDataset, max_batches: Optional[int] = None,
-                 metrics: Optional[dict] = None) -> tuple[float, int]:
+    def evaluate(
+        self, dataset: TokenizedDataset, max_batches: Optional[int] = None, metrics: Optional[dict] = None
+    ) -> tuple[float, int]:
         """Token-weighted mean loss over ``dataset`` (reduced across ranks) and its token count:
         see :func:`evaluate` (or the method's own evaluation, GRPO's rewards of greedy answers)."""
         own = self.method.evaluate(self, dataset, max_batches, metrics)
         if own is not None:
             return own
-        return evaluate(self.model, self.loss, dataset, self.cfg, max_batches=max_batches, sync=self.sync,
-                        metrics=metrics, progress=self.progress, stream=self.progress_stream)
+        return evaluate(
+            self.model,
+            self.loss,
+            dataset,
+            self.cfg,
+            max_batches=max_batches,
+            sync=self.sync,
+            metrics=metrics,
+            progress=self.progress,
+            stream=self.progress_stream,
+        )
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -504,24 +564,30 @@ class Trainer:
         if run is None:
             return
         if run.replacing is not None:
-            self.sync.hint = (f"{run.replacing} is left as it was: --overwrite replaces it only when the new run "
-                              f"completes.")
+            self.sync.hint = (
+                f"{run.replacing} is left as it was: --overwrite replaces it only when the new run completes."
+            )
             return
         if have_checkpoint:
-            self.sync.hint = (f"Checkpoints in {run.checkpoints} are complete; continue with: "
-                              f"mlx-lora train --resume {run.path} (with any number of ranks, keeping "
-                              f"batch_size x grad_accum x ranks).")
+            self.sync.hint = (
+                f"Checkpoints in {run.checkpoints} are complete; continue with: "
+                f"mlx-lora train --resume {run.path} (with any number of ranks, keeping "
+                f"batch_size x grad_accum x ranks)."
+            )
         else:
-            self.sync.hint = ("No checkpoint of this run was saved yet, so there is nothing to resume; "
-                              "start over with --overwrite.")
+            self.sync.hint = (
+                "No checkpoint of this run was saved yet, so there is nothing to resume; start over with --overwrite."
+            )
 
     def _what_is_kept(self) -> str:
         """The checkpoint a stopped run leaves (rank 0 writes them, so only it can tell)."""
         if self.run is None or self.rank != 0:
             return "the checkpoints saved so far are kept"
         if self.run.replacing is not None:
-            return (f"{self.run.replacing} is left as it was (--overwrite replaces it only when the new run "
-                    f"completes) and nothing of this run is kept")
+            return (
+                f"{self.run.replacing} is left as it was (--overwrite replaces it only when the new run "
+                f"completes) and nothing of this run is kept"
+            )
         latest = self.run.latest_checkpoint()
         if latest is None:
             return "no checkpoint was saved yet, so nothing is kept and a rerun starts over (--overwrite)"
@@ -545,12 +611,18 @@ class Trainer:
                 raise dist.DistributedError(
                     f"after step {self.state.step} the ranks hold different adapter or optimizer states, so "
                     f"data-parallel training is no longer one run; make sure every host runs the same "
-                    f"mlx and mlx-lora versions. {self.sync.hint}")
+                    f"mlx and mlx-lora versions. {self.sync.hint}"
+                )
         if self.rank != 0:
             self._set_hint(have_checkpoint=True)  # rank 0 is writing it now
             return None
-        path = self.run.save_checkpoint(self.state.step, self.save_adapter_fn, self.optimizer.state, self.state,
-                                        keep=self.cfg.train.keep_checkpoints)
+        path = self.run.save_checkpoint(
+            self.state.step,
+            self.save_adapter_fn,
+            self.optimizer.state,
+            self.state,
+            keep=self.cfg.train.keep_checkpoints,
+        )
         self._set_hint(have_checkpoint=True)
         self.save_adapter_fn(self.run.path)  # the run folder's top-level adapter is the newest
         self.run.record(ADAPTER_CONFIG, ADAPTER_WEIGHTS, MLX_LM_WEIGHTS)
@@ -561,12 +633,14 @@ class Trainer:
         """Continue from a checkpoint (``source`` names it in errors). Its adapter and optimizer
         state must have exactly the tensors this config builds: loading weights of another shape
         would silently train an adapter its own config does not describe."""
-        from mlx_lora.model.adapters import adapter_state as current_adapter, set_adapter_state
 
         what = f"checkpoint {source}" if source is not None else "the checkpoint"
         _check_same_tensors(current_adapter(self.model), adapter_state, f"{what}: its adapter")
-        _check_same_tensors(dict(tree_flatten(self.optimizer.state)), dict(tree_flatten(optimizer_state)),
-                            f"{what}: its optimizer state")
+        _check_same_tensors(
+            dict(tree_flatten(self.optimizer.state)),
+            dict(tree_flatten(optimizer_state)),
+            f"{what}: its optimizer state",
+        )
         set_adapter_state(self.model, adapter_state)
         # The learning rate comes from this config, which may have changed it: a schedule recomputes
         # it from the step at every update, but a constant one lives only in the optimizer state.
@@ -624,8 +698,16 @@ class Trainer:
         except KeyboardInterrupt:
             stopped = "interrupted"
             last_ckpt = self._save_on_interrupt() or last_ckpt
-        result = TrainResult(self.state.step, last_loss, self.state.best_val_loss, self.state.best_step,
-                             self.state.trained_tokens, self.state.elapsed_s, stopped, last_ckpt)
+        result = TrainResult(
+            self.state.step,
+            last_loss,
+            self.state.best_val_loss,
+            self.state.best_step,
+            self.state.trained_tokens,
+            self.state.elapsed_s,
+            stopped,
+            last_ckpt,
+        )
         self._emit("on_train_end", result)
         return result
 
@@ -657,15 +739,19 @@ class Trainer:
     def _stopped_on(self, loss: float) -> TrainingStopped:
         return TrainingStopped(
             f"loss became {loss} at step {self.state.step + 1}; stopped: {self._what_is_kept()}. "
-            f"Lower train.lr, enable train.max_grad_norm, or set train.nan_policy: skip")
+            f"Lower train.lr, enable train.max_grad_norm, or set train.nan_policy: skip"
+        )
 
     def _apply(self, grads, ntoks, pos: BatchPosition, global_tokens: float) -> None:
         """The optimizer step and the counters that name it; _update_pending tells an interrupt
         arriving in between (several ranks) that the state is not a whole step."""
         self._update_pending = True
         self._update(grads, ntoks)
-        self.sync.eval(self.model.trainable_parameters(), self.optimizer.state,
-                       what=f"the gradient all_sum of step {self.state.step + 1}")
+        self.sync.eval(
+            self.model.trainable_parameters(),
+            self.optimizer.state,
+            what=f"the gradient all_sum of step {self.state.step + 1}",
+        )
         self.state.step += 1
         self.state.epoch, self.state.batch_index = pos.epoch, pos.index
         self.state.trained_tokens += int(global_tokens)
@@ -677,22 +763,34 @@ class Trainer:
         st.elapsed_s = clock.step(int(global_tokens))
         if st.step % self.cfg.train.log_every != 0 and st.step not in (1, self.total_steps):
             return
-        self._emit("on_step", {
-            "step": st.step, "total_steps": self.total_steps, "loss": loss,
-            "lr": float(self.optimizer.learning_rate.item()),
-            "tokens": int(global_tokens), "trained_tokens": st.trained_tokens,
-            "tokens_per_s": clock.tokens_per_s(), "peak_memory_gb": mx.get_peak_memory() / 1e9,
-            "shapes": len(self.shape_stats.shapes), "padding": self.shape_stats.padding,
-            "elapsed_s": st.elapsed_s, "eta_s": (self.total_steps - st.step) * clock.s_per_step(),
-            **self.step_metrics,
-        })
+        self._emit(
+            "on_step",
+            {
+                "step": st.step,
+                "total_steps": self.total_steps,
+                "loss": loss,
+                "lr": float(self.optimizer.learning_rate.item()),
+                "tokens": int(global_tokens),
+                "trained_tokens": st.trained_tokens,
+                "tokens_per_s": clock.tokens_per_s(),
+                "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                "shapes": len(self.shape_stats.shapes),
+                "padding": self.shape_stats.padding,
+                "elapsed_s": st.elapsed_s,
+                "eta_s": (self.total_steps - st.step) * clock.s_per_step(),
+                **self.step_metrics,
+            },
+        )
         clock.new_window()
 
     def _eval_due(self) -> bool:
         """Every ``eval_every`` steps and at the last, when there is a validation set."""
         step = self.state.step
-        return bool(self.valid_set is not None and len(self.valid_set)
-                    and (step % self.cfg.train.eval_every == 0 or step == self.total_steps))
+        return bool(
+            self.valid_set is not None
+            and len(self.valid_set)
+            and (step % self.cfg.train.eval_every == 0 or step == self.total_steps)
+        )
 
     def _save_due(self) -> bool:
         """Every ``save_every`` steps and at the last (early stopping saves too, see fit)."""
@@ -726,8 +824,16 @@ class Trainer:
             self._save_best()
         else:
             st.evals_since_best += 1
-        self._emit("on_eval", {"step": st.step, "val_loss": val_loss,
-                               "val_ppl": math.exp(min(val_loss, 50.0)), "is_best": is_best, **extra})
+        self._emit(
+            "on_eval",
+            {
+                "step": st.step,
+                "val_loss": val_loss,
+                "val_ppl": math.exp(min(val_loss, 50.0)),
+                "is_best": is_best,
+                **extra,
+            },
+        )
         return t.early_stopping_patience is not None and st.evals_since_best >= t.early_stopping_patience
 
     def _save_best(self) -> None:
