@@ -25,9 +25,10 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from mlx_lora.plumbing import ownership
 from mlx_lora.plumbing.errors import ExportError, ModelError
 from mlx_lora.plumbing.io import atomic_dir, atomic_write_json
-from mlx_lora.plumbing.ownership import building, check_output_dir, write_marker
+from mlx_lora.plumbing.ownership import building, check_output_dir
 from mlx_lora.plumbing.progress import ByteProgress
 
 PathLike = Union[str, os.PathLike]
@@ -96,7 +97,7 @@ def atomic_output_dir(
     if not overwrite:  # a folder that appears meanwhile is another process's: never replaced
         with atomic_dir(out, False, suffix=".partial", set_aside=False) as tmp:
             yield tmp
-            write_marker(tmp, kind, command)
+            ownership.write_marker(tmp, kind, command)
         return
     with building(out, kind, command, suffix=".partial") as tmp:
         yield tmp

@@ -33,9 +33,10 @@ from mlx_lora.converters.adapter_export import export_gguf_adapter
 from mlx_lora.converters.fuse import ensure_output_path, load_fused
 from mlx_lora.converters.gguf_export import check_type, export_gguf
 from mlx_lora.data.templates import apply_chat_template
+from mlx_lora.plumbing import ownership
 from mlx_lora.plumbing.errors import ExportError
 from mlx_lora.plumbing.io import atomic_write_text
-from mlx_lora.plumbing.ownership import building, read_marker, record, write_marker
+from mlx_lora.plumbing.ownership import building, read_marker, record
 
 logger = logging.getLogger(__name__)
 
@@ -473,7 +474,7 @@ def export_lmstudio(
         model, adapter, target, type_name=type_name, verify=verify, overwrite=overwrite, name=name, log=lines.append
     )
     if new_folder:
-        write_marker(target.parent, "lmstudio", "export lmstudio", files=[target.name])
+        ownership.write_marker(target.parent, "lmstudio", "export lmstudio", files=[target.name])
     elif read_marker(target.parent) is not None:
         # Several types of one model share the folder; the marker records every file the tool wrote.
         record(target.parent, target.name)

@@ -39,6 +39,7 @@ from mlx_lora import config
 from mlx_lora.commands import api
 from mlx_lora.converters.fuse import fuse
 from mlx_lora.converters.packaging import export_ollama
+from mlx_lora.plumbing import logs
 from mlx_lora.plumbing.errors import MlxLoraError
 
 EXIT_INTERRUPTED = 130  # as a shell reports a Ctrl-C
@@ -133,6 +134,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logs.setup()  # the library's progress and banner lines on stderr, as the mlx-lora command shows them
     try:
         run(args)
     except MlxLoraError as e:

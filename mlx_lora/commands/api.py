@@ -32,24 +32,24 @@ from mlx_lora.data.examples import load_jsonl_dataset
 from mlx_lora.data.mixture import load_eval_split
 from mlx_lora.data.shapes import epoch_stats
 from mlx_lora.data.sources import check_exists, config_problems, is_datasets_source
+from mlx_lora.inference import generation
 from mlx_lora.inference.evaluation import bound_prompt, context_length
 from mlx_lora.inference.generation import chat_prompt, chat_template_for, sampling_checks
-from mlx_lora.inference.generation import stream as stream_text
 from mlx_lora.inference.loading import attach_adapter, eval_data_file, load_for_inference  # noqa: F401 (public API)
 from mlx_lora.model import adapters
 from mlx_lora.model.integrity import FINGERPRINT_KEY, base_model_fingerprint, resource_error
 from mlx_lora.model.loading import load_model
-from mlx_lora.plumbing import backend, sandbox
+from mlx_lora.plumbing import backend, ownership, sandbox
 from mlx_lora.plumbing.backend import summary
 from mlx_lora.plumbing.errors import CheckpointError, MlxLoraError
 from mlx_lora.plumbing.interrupts import sigterm_as_interrupt
 from mlx_lora.plumbing.io import ensure_writable_dir
-from mlx_lora.plumbing.ownership import LOCK, check_output_dir, follow_link, new_beside, swap_in, write_marker
+from mlx_lora.plumbing.ownership import LOCK, check_output_dir, follow_link, new_beside
 from mlx_lora.training import distributed as dist
+from mlx_lora.training import losses
 from mlx_lora.training.callbacks import MetricsFile, Progress, plot_losses
 from mlx_lora.training.checkpoints import RunDir, RunLock, check_run_layout
 from mlx_lora.training.distributed import batch_lines, launch_backend
-from mlx_lora.training.losses import make_loss
 from mlx_lora.training.methods import for_config as method_for
 from mlx_lora.training.preference import Objective, preference_loss
 from mlx_lora.training.resume import plan_resume
@@ -286,7 +286,7 @@ def _train(
         log(f"resuming  {plan.ckpt if plan else ''} (step {state.step} of {trainer.total_steps})")
     elif rank0:
         run.path.mkdir(parents=True, exist_ok=True)
-        write_marker(run.path, "run", "train", files=[])
+        ownership.write_marker(run.path, "run", "train", files=[])
     if rank0:
         run.write_config(config_mod.to_yaml(cfg))
     for line in banner_lines(cfg, info, trainable, total, splits, trainer.total_steps, group.size()):
@@ -321,7 +321,7 @@ def _train(
             run.record("loss.png")
 
         RunLock(target).check_free()  # a run writing the earlier folder now comes first
-        swap_in(build, target, what="run folder")
+        ownership.swap_in(build, target, what="run folder")
         swapped.append(True)
         lock.moved_to(target)
         run = RunDir(target)
@@ -454,7 +454,7 @@ def evaluate(
     cfg = Config(model=ModelConfig(path=model_path), data=dcfg, train=TrainConfig(batch_size=batch_size))
     loss, ntoks = evaluate_loss(
         model,
-        make_loss(model, cfg.train.loss_chunk_tokens, training=False),
+        losses.make_loss(model, cfg.train.loss_chunk_tokens, training=False),
         ds,
         cfg,
         max_batches=max_batches,
@@ -537,7 +537,7 @@ def generate(
         prompt_tokens = bound_prompt(tokenizer, prompt, context=context, max_tokens=max_tokens, what="--prompt")
     if len(prompt_tokens) == 0:
         raise MlxLoraError("--prompt encodes to no tokens: give the text to continue")
-    pieces = stream_text(
+    pieces = generation.stream(
         model, tokenizer, list(prompt_tokens), max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     return pieces if stream else "".join(pieces)

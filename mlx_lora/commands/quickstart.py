@@ -37,11 +37,12 @@ from mlx_lora.commands.recipes import demo_data, get_recipe
 from mlx_lora.converters.fuse import fuse
 from mlx_lora.converters.packaging import export_ollama
 from mlx_lora.inference.evaluation import generate_and_score, load_eval_set
+from mlx_lora.plumbing import ownership
 from mlx_lora.plumbing.cache import cache_root
 from mlx_lora.plumbing.errors import MlxLoraError, ModelError
 from mlx_lora.plumbing.hub import snapshot
 from mlx_lora.plumbing.io import atomic_path, atomic_write_json
-from mlx_lora.plumbing.ownership import check_output_dir, new_beside, swap_in, write_marker
+from mlx_lora.plumbing.ownership import check_output_dir, new_beside
 
 logger = logging.getLogger(__name__)
 
@@ -383,8 +384,8 @@ def run_quickstart(
         timings["total"] = time.perf_counter() - t_start
         res.seconds = {k: round(v, 1) for k, v in timings.items()}
         atomic_write_json(build / "quickstart.json", asdict(res))
-        write_marker(build, "quickstart", "quickstart")
-        swap_in(build, out, what="quickstart folder")
+        ownership.write_marker(build, "quickstart", "quickstart")
+        ownership.swap_in(build, out, what="quickstart folder")
     finally:
         if build.exists():
             shutil.rmtree(build, ignore_errors=True)

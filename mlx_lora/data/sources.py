@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mlx_lora.data.formats import BY_NAME, REGISTRY, one_line
+from mlx_lora.plumbing import hub
 from mlx_lora.plumbing.errors import DataError, show
-from mlx_lora.plumbing.hub import offline_mode
 
 HF_PREFIX = "hf:"
 SPLIT_NAMES = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
@@ -285,7 +285,7 @@ def _offline() -> bool:
         flag = flag or bool(getattr(cfg, "HF_HUB_OFFLINE", False)) or bool(getattr(cfg, "HF_DATASETS_OFFLINE", False))
     except Exception:  # the flags only choose a message
         pass
-    return flag or offline_mode()
+    return flag or hub.offline_mode()
 
 
 def _hub_error(hid: HubId, e: Exception) -> DataError:

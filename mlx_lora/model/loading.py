@@ -28,7 +28,8 @@ from mlx_lora.converters.config_spellings import normalize as normalize_spelling
 from mlx_lora.converters.gguf_import import gguf_cache_dir, import_gguf
 from mlx_lora.model.integrity import check_safetensors
 from mlx_lora.model.lora import dense_weight, make_switch_linear
-from mlx_lora.plumbing.backend import available_memory_bytes, backend_name, compute_dtype, fmt_bytes, total_memory_bytes
+from mlx_lora.plumbing import backend
+from mlx_lora.plumbing.backend import backend_name, compute_dtype, fmt_bytes
 from mlx_lora.plumbing.errors import ModelError
 from mlx_lora.plumbing.hub import download
 from mlx_lora.plumbing.mlx_lm_compat import model_classes, switch_linear_classes
@@ -311,7 +312,7 @@ def check_fits_in_memory(config: dict, cfg_path: Path, dtype) -> None:
         return
     bits = _fewest_bits(config)  # quantized weights stay packed; the others take the compute dtype
     need = weight_lower_bound(sizes) * (dtype.size if bits is None else bits / 8)
-    total = total_memory_bytes()
+    total = backend.total_memory_bytes()
     if total and need > total:
         raise ModelError(
             f"{cfg_path}: its sizes ({_size_summary(sizes)}) mean at least {fmt_bytes(need)} of "
@@ -389,7 +390,7 @@ def plan_cpu_compute(model, info: "ModelInfo", mode: str) -> Optional[str]:
 
     if not info.quantization or backend_name() != "cpu" or not _quantized_modules(model):
         return None
-    need, avail = dequantized_bytes(model, info.dtype), available_memory_bytes()
+    need, avail = dequantized_bytes(model, info.dtype), backend.available_memory_bytes()
     fits = avail is None or need <= DEQUANTIZE_MEMORY_SHARE * avail
     dtype = str(info.dtype).replace("mlx.core.", "")
     room = f"{fmt_bytes(need)} of {fmt_bytes(avail)} available"

@@ -29,9 +29,10 @@ import numpy as np
 from mlx_lora.config import Config
 from mlx_lora.data.dataset import DataSplits
 from mlx_lora.data.mixture import load_datasets
+from mlx_lora.training import preference
 from mlx_lora.training.grpo import GRPOMethod
 from mlx_lora.training.losses import Loss, make_loss
-from mlx_lora.training.preference import Objective, cached_reference_logps, check_data, preference_loss, reference_logps
+from mlx_lora.training.preference import Objective, check_data, preference_loss
 from mlx_lora.training.preference import metrics as preference_metrics
 
 
@@ -92,9 +93,9 @@ class Preference(Supervised):
                 "stream": getattr(trainer, "progress_stream", None),
             }
             self.ref = (
-                reference_logps(trainer.model, trainer.train_set, self.cfg, **shown)
+                preference.reference_logps(trainer.model, trainer.train_set, self.cfg, **shown)
                 if trainer.run is None
-                else cached_reference_logps(
+                else preference.cached_reference_logps(
                     trainer.model, trainer.train_set, self.cfg, trainer.run.path, write=trainer.rank == 0, **shown
                 )
             )
