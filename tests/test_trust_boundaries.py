@@ -433,10 +433,13 @@ def test_a_huge_prompt_is_refused_before_tokenizing():
 
 def test_generate_refuses_a_prompt_past_the_context(world, capsys):
     huge = "word " * 2_000_000
-    code, out, err = run_main(capsys, ["generate", "--model", str(world.model), "--prompt", huge, "--max-tokens", "4"])
+    code, out, err = run_main(
+        capsys, ["generate", "--model", str(world.model), "--raw", "--prompt", huge, "--max-tokens", "4"]
+    )
     assert_one_error_message(code, out, err, ["--prompt", "characters", "context is 4096 tokens"])
     code, out, err = run_main(
-        capsys, ["generate", "--model", str(world.model), "--prompt", "hello world " * 20, "--max-tokens", "4090"]
+        capsys,
+        ["generate", "--model", str(world.model), "--raw", "--prompt", "hello world " * 20, "--max-tokens", "4090"],
     )
     assert_one_error_message(code, out, err, ["--prompt", "tokens", "4096", "4090"])
     code, out, err = run_main(
@@ -623,7 +626,7 @@ def test_serve_answers_a_template_bomb_with_a_400_and_keeps_serving(world, tmp_p
     from mlx_lora.commands import serve
 
     model = bomb_model(world, tmp_path, LATE_BOMB)
-    engine = serve.build_engine(str(model), {}, max_tokens=4)
+    engine = serve.build_server(str(model), {}, max_tokens=4)
     sock = serve.bind("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(serve.create_app(engine), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
