@@ -164,7 +164,7 @@ def test_multi_turn_chat_system_reset_and_save_as_training_data(
     t.say("/save chats.jsonl")  # appended: a second row
     assert "system message removed" in t.say("/system")
     t.send("\x03")  # Ctrl-C at the prompt leaves, cleanly
-    assert t.wait() == 0
+    assert t.wait() == 0, t.text[-3000:]
 
     rows = [json.loads(line) for line in (tmp_path / "chats.jsonl").read_text().splitlines()]
     assert len(rows) == 2
