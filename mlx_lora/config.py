@@ -224,6 +224,9 @@ class TrainConfig:
     """GRPO: upper clipping bound (DAPO's clip-higher); null: epsilon."""
     grpo_scale_rewards: bool = True
     """GRPO: divide each group's centred rewards by their standard deviation (Dr. GRPO: false)."""
+    grpo_kl_bias_correction: bool = False
+    """GRPO: weight each token's KL term by its importance ratio (TRL's use_bias_correction_kl,
+    true by default in TRL 1.x): the same value on policy, a gradient with an extra KL term."""
     reward: Optional[str] = None
     """GRPO: one reward function: number, exact, contains, json, pass@1, length, length:N,
     regex:PATTERN, format:PATTERN, or a function of yours as module:function (docs/grpo.md)."""

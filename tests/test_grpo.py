@@ -115,6 +115,20 @@ def test_gradient_is_the_policy_gradient_when_old_is_the_policy():
     want = (-adv[:, None] + 0.04 * (1 - np.exp(ref - logps))) * mask / n / len(mask)
     np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-7)
 
+    # TRL's use_bias_correction_kl weights KL_t by rho_t: on policy the loss is the same, and the
+    # gradient gains beta * KL_t (d rho_t / d logp_t = 1 there).
+    corrected = Objective("grpo", 0.04, 0.2, kl_bias_correction=True)
+
+    def fc(lp):
+        num, den, _ = token_loss(corrected, lp, mx.array(mask), mx.array(adv), None, mx.array(ref))
+        return num / den
+
+    assert float(fc(mx.array(logps))) == pytest.approx(float(f(mx.array(logps))), rel=1e-6)
+    kl = np.exp(ref - logps) - (ref - logps) - 1
+    np.testing.assert_allclose(
+        np.array(mx.grad(fc)(mx.array(logps))), want + 0.04 * kl * mask / n / len(mask), rtol=1e-4, atol=1e-7
+    )
+
 
 def test_accumulated_micro_batches_take_the_step_of_one_batch():
     """Each micro-batch returns (numerator, its share of the denominator): their sums divide to

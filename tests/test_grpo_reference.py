@@ -9,6 +9,7 @@ The same formulas, transcribed, run in the default suite (tests/test_grpo.py). R
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -38,7 +39,7 @@ def _case(seed=0):
     return logps, old, ref, rewards, mask
 
 
-def _trl_loss(tmp_path, case, loss_type, beta, eps, eps_high):
+def _trl_loss(tmp_path, case, loss_type, beta, eps, eps_high, kl_correction):
     from trl import GRPOConfig, GRPOTrainer
 
     logps, old, ref, rewards, mask = case
@@ -52,6 +53,9 @@ def _trl_loss(tmp_path, case, loss_type, beta, eps, eps_high):
         num_generations=G,
         per_device_train_batch_size=B,
         report_to=[],
+        use_cpu=True,
+        use_bias_correction_kl=kl_correction,
+        bf16=False,
     )
     lp = torch.tensor(logps, requires_grad=True)
 
@@ -60,6 +64,7 @@ def _trl_loss(tmp_path, case, loss_type, beta, eps, eps_high):
             return getattr(args, name)
 
     ident = lambda t: t
+    n_outputs = 3 if "aux_loss" in inspect.getsource(GRPOTrainer._compute_loss) else 2
     stub = Stub()
     stub.__dict__.update(
         args=args,
@@ -77,9 +82,21 @@ def _trl_loss(tmp_path, case, loss_type, beta, eps, eps_high):
         mask_truncated_completions=False,
         current_gradient_accumulation_steps=1,
         model=SimpleNamespace(training=True),
-        accelerator=SimpleNamespace(device="cpu", gather=ident, gather_for_metrics=ident),
+        accelerator=SimpleNamespace(
+            device="cpu",
+            gather=ident,
+            gather_for_metrics=ident,
+            reduce=lambda t, reduction="sum": t,
+            sync_gradients=True,
+        ),
         _metrics=defaultdict(lambda: defaultdict(list)),
-        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, torch.zeros_like(lp)),
+        aux_loss_enabled=False,
+        off_policy_mask_threshold=None,
+        _entropy_bonus_enabled=False,
+        use_adaptive_entropy=False,
+        entropy_coef=0.0,
+        # TRL 1.x returns (log-probs, entropies), later ones an auxiliary loss as well
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, torch.zeros_like(lp), None)[:n_outputs],
     )
     adv = advantages(rewards, G)
     inputs = {
@@ -98,12 +115,14 @@ def _trl_loss(tmp_path, case, loss_type, beta, eps, eps_high):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
-@pytest.mark.parametrize("beta, eps, eps_high", [(0.04, 0.2, None), (0.0, 0.2, 0.28)])
-def test_loss_and_gradient_equal_trls(tmp_path, loss_type, beta, eps, eps_high):
+@pytest.mark.parametrize(
+    "beta, eps, eps_high, kl_correction", [(0.04, 0.2, None, False), (0.04, 0.2, None, True), (0.0, 0.2, 0.28, False)]
+)
+def test_loss_and_gradient_equal_trls(tmp_path, loss_type, beta, eps, eps_high, kl_correction):
     case = _case()
-    want, want_grad = _trl_loss(tmp_path, case, loss_type, beta, eps, eps_high)
+    want, want_grad = _trl_loss(tmp_path, case, loss_type, beta, eps, eps_high, kl_correction)
     logps, old, ref, rewards, mask = case
-    obj = Objective(loss_type, beta, eps, eps_high, max_completion_length=T)
+    obj = Objective(loss_type, beta, eps, eps_high, max_completion_length=T, kl_bias_correction=kl_correction)
     adv = mx.array(advantages(rewards, G))
 
     def f(lp):

@@ -139,6 +139,7 @@ FORBIDDEN = {
     "train.epsilon": (["--set", "train.epsilon=0.1"], "0.2 -> 0.1"),
     "train.epsilon_high": (["--set", "train.epsilon_high=0.28"], "null -> 0.28"),
     "train.grpo_scale_rewards": (["--set", "train.grpo_scale_rewards=false"], "true -> false"),
+    "train.grpo_kl_bias_correction": (["--set", "train.grpo_kl_bias_correction=true"], "false -> true"),
     "train.reward": (["--set", "train.method=grpo", "--set", "train.reward=number"], "null -> number"),
     "train.rewards": (["--set", "train.method=grpo", "--set", "train.rewards={exact: 1}"], "train.rewards"),
     "data.columns": (["--set", "data.columns={completion: answer}"], "data.columns.completion (null -> answer)"),

@@ -18,9 +18,10 @@ off, :func:`mlx_lora.model.lora.adapters_off`: no second copy), the per-token lo
     l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps_high) A) + beta KL_t,
     KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1      (the k3 estimator, >= 0)
 
-(``eps = train.epsilon``, ``eps_high = train.epsilon_high`` or ``eps``; ``beta = train.grpo_beta``;
-the KL term and the reference pass are skipped when beta is 0). The completion tokens
-(``m_t``, EOS included when it was sampled) are reduced as TRL's ``loss_type``:
+(``beta KL_t`` becomes ``beta rho_t KL_t`` with ``train.grpo_kl_bias_correction``, TRL's
+``use_bias_correction_kl``; ``eps = train.epsilon``, ``eps_high = train.epsilon_high`` or
+``eps``; ``beta = train.grpo_beta``; the KL term and the reference pass are skipped when beta
+is 0). The completion tokens (``m_t``, EOS included when it was sampled) are reduced as TRL's ``loss_type``:
 
 - ``grpo``: ``sum_i (sum_t m_t l_t / sum_t m_t) / n_completions`` (each completion's mean);
 - ``bnpo``: ``sum_{i,t} m_t l_t / sum_{i,t} m_t`` (mean over the batch's tokens);
@@ -85,10 +86,19 @@ class Objective:
     epsilon_high: Optional[float] = None
     max_completion_length: int = 256
     scale_rewards: bool = True
+    kl_bias_correction: bool = False
 
     @classmethod
     def from_config(cls, t: TrainConfig) -> "Objective":
-        return cls(t.grpo_loss, t.grpo_beta, t.epsilon, t.epsilon_high, t.max_completion_length, t.grpo_scale_rewards)
+        return cls(
+            t.grpo_loss,
+            t.grpo_beta,
+            t.epsilon,
+            t.epsilon_high,
+            t.max_completion_length,
+            t.grpo_scale_rewards,
+            t.grpo_kl_bias_correction,
+        )
 
     @property
     def eps_high(self) -> float:
@@ -132,7 +142,7 @@ def token_loss(
             raise ValueError("grpo_beta > 0 needs the reference model's log-probs")
         d = ref_logps - logps
         kl = mx.exp(d) - d - 1.0
-        per_token = per_token + obj.beta * kl
+        per_token = per_token + obj.beta * (kl * ratio if obj.kl_bias_correction else kl)
     counts = mask.sum(axis=-1)
     B = logps.shape[0]
     if obj.loss_type == "grpo":
