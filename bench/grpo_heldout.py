@@ -1,10 +1,14 @@
-"""Held-out greedy score of a GRPO task: the share of prompts whose greedy completion gets the
-reward (default ``number``: its first number equals the row's answer), before and after training.
+"""Held-out score of a GRPO task: the share of prompts whose greedy completion gets the reward
+(default ``number``: its first number equals the row's answer), before and after training, and
+the mean reward of completions sampled as training samples them (``--samples``).
 
     python bench/grpo_heldout.py --model MODEL --data mlx_lora/demo_data/arithmetic [--adapter RUN]
+        [--samples 6 --temperature 1.0]
 
 Prompts are the ``test`` split (else ``valid``) of the data folder, rendered as training renders
-them; completions are greedy, at most ``--max-tokens`` tokens.
+them; completions are at most ``--max-tokens`` tokens. Sampled completions draw from a key fixed
+per prompt, so a before and an after run sample the same prompts the same way: training's own
+mean reward swings with the few prompts each step draws, this one does not.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from mlx_lora.config import build
 from mlx_lora.model import adapters
 from mlx_lora.model.loading import load_model
-from mlx_lora.training.grpo import greedy_accuracy, load_prompt_splits
+from mlx_lora.training.grpo import greedy_accuracy, load_prompt_splits, sampled_reward
 
 
 def main(argv=None) -> int:
@@ -26,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--reward", default="number")
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=0, help="completions sampled per prompt (0: greedy only)")
+    ap.add_argument("--temperature", type=float, default=1.0)
     args = ap.parse_args(argv)
     cfg = build(
         extra={
@@ -42,6 +48,9 @@ def main(argv=None) -> int:
     ds = splits.test if splits.test is not None else splits.valid
     t0 = time.perf_counter()
     score = greedy_accuracy(model, tokenizer, ds, args.reward, args.max_tokens)
+    sampled = None
+    if args.samples > 0:
+        sampled = sampled_reward(model, tokenizer, ds, args.reward, args.max_tokens, args.samples, args.temperature)
     print(
         json.dumps(
             {
@@ -50,6 +59,9 @@ def main(argv=None) -> int:
                 "adapter": args.adapter,
                 "reward": args.reward,
                 "greedy_score": score,
+                "samples": args.samples,
+                "temperature": args.temperature if args.samples else None,
+                "sampled_reward": sampled,
                 "seconds": round(time.perf_counter() - t0, 1),
             }
         )

@@ -641,3 +641,19 @@ def greedy_accuracy(model, tokenizer, ds: PromptDataset, reward: str, max_tokens
         for o, row, line in zip(outs, ds.rows, ds.lines)
     ]
     return float(np.mean(vals)) if vals else math.nan
+
+
+def sampled_reward(
+    model, tokenizer, ds: PromptDataset, reward: str, max_tokens: int, n: int, temperature: float, seed: int = 0
+) -> float:
+    """The mean of ``reward`` over ``n`` completions of every prompt of ``ds`` sampled as training
+    samples them, from a key fixed per prompt (``seed``, prompt index): a before and an after
+    measurement see the same prompts sampled the same way."""
+    fn = R.build(reward, None)[0]
+    eos = eos_ids(tokenizer)
+    vals = []
+    for i, (example, row, line) in enumerate(zip(ds.examples, ds.rows, ds.lines)):
+        key = sample_key(seed, 0, i)
+        for o in sample_group(model, example[0].tolist(), n, max_tokens, eos, temperature=temperature, key=key):
+            vals.append(R.call(fn, tokenizer.decode(o), row, len(o), max_tokens, ds.stats.path, int(line)))
+    return float(np.mean(vals)) if vals else math.nan
