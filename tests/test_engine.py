@@ -266,3 +266,33 @@ def test_constrained_replies_always_parse_and_fit_the_schema(banked, schema, max
                 assert isinstance(value["ok"], bool)
         else:
             assert isinstance(value, list) and len(value) >= 2 and all(isinstance(v, (int, float)) for v in value)
+
+
+def test_a_batch_generation_prefills_its_prompts_shared_start_once(banked, monkeypatch):
+    """An eval set's prompts share a system prompt: it is prefilled once, each row prefills only
+    the rest, and the answers are those of prefilling every prompt whole."""
+    from mlx_lora.inference import evaluation
+
+    model, tok, _ = banked
+    system = tok.encode("You are a careful assistant. Answer with one word, lower case, and nothing else. " * 2)
+    prompts = [system + tok.encode(p) for p in PROMPTS * 3]  # more rows than one batch holds
+    engines = []
+
+    class Recorded(Engine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            engines.append(self)
+
+    monkeypatch.setattr(evaluation, "Engine", Recorded)
+    eos = evaluation.eos_ids(tok)
+    warm = evaluation.generate_tokens(model, prompts, 6, eos, batch_size=4, tokenizer=tok)
+    shared = len(evaluation.common_prefix(prompts))
+    assert shared >= len(system) >= evaluation.MIN_SHARED_PREFIX
+    m = engines[-1].counters
+    # (at most: a row may also find more of itself in a finished row's cache)
+    assert m["prefill_tokens"] <= shared + sum(len(p) - shared for p in prompts)
+
+    monkeypatch.setattr(evaluation, "MIN_SHARED_PREFIX", 10**9)  # every prompt prefilled whole
+    cold = evaluation.generate_tokens(model, prompts, 6, eos, batch_size=4, tokenizer=tok)
+    assert engines[-1].counters["prefill_tokens"] == sum(len(p) for p in prompts)
+    assert warm == cold

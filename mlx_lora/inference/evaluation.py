@@ -34,6 +34,10 @@ from mlx_lora.plumbing.errors import DataError, MlxLoraError
 from mlx_lora.plumbing.progress import Ticker
 
 DEFAULT_BATCH_SIZE = 16
+MIN_SHARED_PREFIX = 16
+"""Prompts that all start with at least this many equal tokens have that start prefilled once."""
+SHARED_PREFIX_CACHE = 256 * 2**20
+"""Bytes of KV the prefix cache of a batch generation may hold (the shared start and recent rows)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,15 +301,38 @@ def generate_tokens(
     most ``batch_size`` rows decoding at once. Greedy when ``temperature`` is 0; otherwise row ``i``
     is sampled from seed ``seed + i``, keeping the smallest set of tokens whose probability reaches
     ``top_p``. ``on_rows(n)`` hears of each finished row (progress)."""
-    engine = Engine(model, tokenizer, eos=eos, max_batch=batch_size, prompt_cache_bytes=0)
+    prompts = [list(p) for p in prompts]
+    shared = common_prefix(prompts) if len(prompts) > 1 else []
+    warm = len(shared) >= MIN_SHARED_PREFIX
+    engine = Engine(
+        model, tokenizer, eos=eos, max_batch=batch_size, prompt_cache_bytes=SHARED_PREFIX_CACHE if warm else 0
+    )
     try:
+        if warm:
+            # The prompts' common start (an eval set's system prompt and template) is prefilled
+            # once: every row then takes it from the prefix cache and prefills only its own rest.
+            engine.generate([shared], [Sampling(max_tokens=1)])
         samplings = [
             Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
             for i in range(len(prompts))
         ]
-        return [r.tokens for r in engine.generate([list(p) for p in prompts], samplings, on_done=on_rows)]
+        return [r.tokens for r in engine.generate(prompts, samplings, on_done=on_rows)]
     finally:
         engine.close()
+
+
+def common_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The longest run of tokens every prompt starts with."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+        if not n:
+            break
+    return list(first[:n])
 
 
 def eos_ids(tokenizer) -> set:
