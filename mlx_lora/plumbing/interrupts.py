@@ -112,12 +112,14 @@ def ctrl_c_on_terminal():
     try:
         yield
     finally:
+        # SIGINT's own handler back first (a Ctrl-C from here on is the caller's); SIGUSR1's only
+        # once the watcher has stopped, as its default action would end the process.
+        stopping[0] = True
+        signal.signal(signal.SIGINT, previous_int)
         if previous_fd is not None:
             signal.set_wakeup_fd(previous_fd)
-            stopping[0] = True
             os.write(stop_write, b"x")
             watcher.join()
-        signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGUSR1, previous_usr1 if previous_usr1 is not None else signal.SIG_DFL)
         for fd in (read_fd, write_fd, stop_read, stop_write):
             os.close(fd)
