@@ -696,6 +696,7 @@ def test_smollm2_learns_the_arithmetic_task(smollm2_hf, tmp_path):
             f"data.path={demo_data('arithmetic')}",
             f"out={tmp_path / 'run'}",
             "train.eval_every=1000",
+            "train.log_every=1",  # a metrics record for every step
             "data.cache=false",
         ],
     )
