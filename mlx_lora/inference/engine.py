@@ -309,6 +309,15 @@ class AdapterBank:
 # the prefix cache
 
 
+def shared_length(a: Sequence[int], b: Sequence[int], limit: Optional[int] = None) -> int:
+    """How many tokens ``a`` and ``b`` start with in common (at most ``limit``)."""
+    m = min(len(a), len(b)) if limit is None else min(len(a), len(b), limit)
+    n = 0
+    while n < m and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class PromptCache:
     """KV caches of token sequences seen before, per adapter, least recently used first out,
     at most ``max_bytes`` in all. :meth:`lookup` returns a copy of the longest cached prefix of
@@ -333,11 +342,7 @@ class PromptCache:
         for key in self._entries:
             if key[0] != adapter:
                 continue
-            toks = key[1]
-            n = 0
-            m = min(len(toks), limit)
-            while n < m and toks[n] == prompt[n]:
-                n += 1
+            n = shared_length(key[1], prompt, limit)
             if n > best_n:
                 best, best_n = key, n
         if best is None:

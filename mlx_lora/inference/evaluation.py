@@ -29,7 +29,7 @@ from mlx_lora.data.examples import _Encoder, read_jsonl_rows
 from mlx_lora.data.formats import ChatSample, PairSample, TextSample, file_samples, one_line, tname
 from mlx_lora.data.templates import TemplateLimitError, resolve_chat_template
 from mlx_lora.inference import metrics as M
-from mlx_lora.inference.engine import Engine, Sampling
+from mlx_lora.inference.engine import Engine, Sampling, shared_length
 from mlx_lora.plumbing.errors import DataError, MlxLoraError
 from mlx_lora.plumbing.progress import Ticker
 
@@ -324,12 +324,9 @@ def generate_tokens(
 def common_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:
     """The longest run of tokens every prompt starts with."""
     first = prompts[0]
-    n = min(len(p) for p in prompts)
+    n = len(first)
     for p in prompts[1:]:
-        k = 0
-        while k < n and p[k] == first[k]:
-            k += 1
-        n = k
+        n = shared_length(first, p, n)
         if not n:
             break
     return list(first[:n])

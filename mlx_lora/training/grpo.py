@@ -633,14 +633,9 @@ class GRPOMethod:
 def greedy_accuracy(model, tokenizer, ds: PromptDataset, reward: str, max_tokens: int) -> float:
     """The mean of ``reward`` over greedy completions of every prompt of ``ds`` (the held-out
     score the guide reports)."""
-    fn = R.build(reward, None)[0]
-    eos = eos_ids(tokenizer)
-    outs = generate_tokens(model, [e[0].tolist() for e in ds.examples], max_tokens, eos)
-    vals = [
-        R.call(fn, tokenizer.decode(o), row, len(o), max_tokens, ds.stats.path, int(line))
-        for o, row, line in zip(outs, ds.rows, ds.lines)
-    ]
-    return float(np.mean(vals)) if vals else math.nan
+    fn = R.build(reward, None)[0]  # an unknown reward fails before the generation
+    outs = generate_tokens(model, [e[0].tolist() for e in ds.examples], max_tokens, eos_ids(tokenizer))
+    return _mean_reward(fn, tokenizer, ds, [[o] for o in outs], max_tokens)
 
 
 def sampled_reward(
@@ -651,9 +646,18 @@ def sampled_reward(
     measurement see the same prompts sampled the same way."""
     fn = R.build(reward, None)[0]
     eos = eos_ids(tokenizer)
-    vals = []
-    for i, (example, row, line) in enumerate(zip(ds.examples, ds.rows, ds.lines)):
-        key = sample_key(seed, 0, i)
-        for o in sample_group(model, example[0].tolist(), n, max_tokens, eos, temperature=temperature, key=key):
-            vals.append(R.call(fn, tokenizer.decode(o), row, len(o), max_tokens, ds.stats.path, int(line)))
+    groups = [
+        sample_group(model, e[0].tolist(), n, max_tokens, eos, temperature=temperature, key=sample_key(seed, 0, i))
+        for i, e in enumerate(ds.examples)
+    ]
+    return _mean_reward(fn, tokenizer, ds, groups, max_tokens)
+
+
+def _mean_reward(fn, tokenizer, ds: PromptDataset, groups: list[list[list[int]]], max_tokens: int) -> float:
+    """The mean of reward ``fn`` over completions ``groups[i]`` (token ids) of each prompt ``i`` of ``ds``."""
+    vals = [
+        R.call(fn, tokenizer.decode(o), row, len(o), max_tokens, ds.stats.path, int(line))
+        for group, row, line in zip(groups, ds.rows, ds.lines)
+        for o in group
+    ]
     return float(np.mean(vals)) if vals else math.nan
