@@ -3,9 +3,14 @@
     python bench/serve_vs_mlx_lm.py                # 2 alternating rounds, about 10 min on a 2-core box
     python bench/serve_vs_mlx_lm.py --rounds 3 --out bench/serve_vs_mlx_lm.json
 
-Both servers run at once (an idle server takes no CPU), started as a user starts them, with the
-system OpenBLAS preloaded for both, and are asked through the plain HTTP API (greedy, no seed, so
-mlx_lm.server batches). Rounds alternate which server goes first; the best of each figure is kept.
+Both servers run at once (an idle server takes no CPU) and are asked through the plain HTTP API
+(greedy, no seed, so mlx_lm.server batches). ``mlx-lora serve`` starts as a user starts it: the
+command picks its BLAS (Intel MKL when the ``mkl`` package is installed on an Intel CPU, else the
+system OpenBLAS). ``mlx_lm.server`` gets the system OpenBLAS preloaded (``--their-blas openblas``,
+the default: a plain ``mlx_lm.server`` on Linux would run on mlx-cpu's reference BLAS, ~40x slower)
+or the same MKL (``--their-blas mkl``), to tell the BLAS's share of a ratio from the engine's. Each
+server's BLAS is printed (read from the libraries it mapped). Rounds alternate which server goes
+first; the best of each figure is kept.
 
 - one request: time to first token (TTFT) and decode tokens/s of one streamed chat reply;
 - 8 concurrent different prompts: aggregate completion tokens/s of the burst;
@@ -32,6 +37,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, imported_model
+from mlx_lora.plumbing import backend
 from mlx_lora.plumbing.cache import cache_root
 
 BLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
@@ -85,11 +91,28 @@ for i, (name, kw) in enumerate({ADAPTERS!r}):
     return out
 
 
+def blas_env(which: str) -> dict:
+    """The environment that preloads ``which`` (``own``: none; the mlx-lora command chooses)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    for key in ("LD_PRELOAD", "MLX_LORA_BLAS_REEXEC", "MLX_LORA_NO_BLAS_REEXEC"):
+        env.pop(key, None)
+    if which == "openblas":
+        env["LD_PRELOAD"] = BLAS
+    elif which == "mkl":
+        chosen = backend.fast_blas() if backend.find_mkl() else None
+        if chosen is None or chosen[0] != "mkl":
+            os.environ["MLX_LORA_BLAS"] = "mkl"
+            chosen = backend.fast_blas()
+        if chosen is None or chosen[0] != "mkl":
+            raise SystemExit("--their-blas mkl: MKL is not installed (pip install mkl)")
+        env.update(chosen[2], LD_PRELOAD=chosen[1])
+    return env
+
+
 class Server:
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(self, name: str, argv: list[str], env: dict):
         self.name = name
         self.port = free_port()
-        env = dict(os.environ, LD_PRELOAD=BLAS, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
             argv + ["--port", str(self.port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO
         )
@@ -105,6 +128,13 @@ class Server:
                 pass
             time.sleep(0.5)
         raise SystemExit(f"{name} did not start")
+
+    def blas(self) -> str:
+        maps = Path(f"/proc/{self.proc.pid}/maps").read_text()
+        for lib in ("libmkl_rt", "openblas"):
+            if lib in maps:
+                return {"libmkl_rt": "Intel MKL", "openblas": "OpenBLAS"}[lib]
+        return "the reference BLAS"
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -206,6 +236,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--out", default=str(REPO / "bench" / "serve_vs_mlx_lm.json"))
+    ap.add_argument(
+        "--their-blas",
+        choices=("openblas", "mkl"),
+        default="openblas",
+        help="the BLAS preloaded for mlx_lm.server (mlx-lora serve picks its own)",
+    )
     args = ap.parse_args()
 
     model = imported_model("float32")
@@ -215,8 +251,13 @@ def main() -> None:
         "mlx-lora serve",
         [sys.executable, "-m", "mlx_lora", "serve", "--model", str(model)]
         + [x for name, path in adapters.items() for x in ("--adapter", f"{name}={path}")],
+        blas_env("own"),
     )
-    theirs = Server("mlx_lm.server", [sys.executable, "-m", "mlx_lm.server", "--model", str(model)])
+    theirs = Server(
+        "mlx_lm.server", [sys.executable, "-m", "mlx_lm.server", "--model", str(model)], blas_env(args.their_blas)
+    )
+    blas = {"ours": ours.blas(), "theirs": theirs.blas()}
+    print(f"BLAS: mlx-lora serve on {blas['ours']}, mlx_lm.server on {blas['theirs']}", flush=True)
     servers = {"ours": ours, "theirs": theirs}
     results: dict = {k: {"single": [], "burst8": [], "history": []} for k in servers}
     results["ours"]["adapters8"] = []
@@ -283,6 +324,7 @@ def main() -> None:
         f"\n8 concurrent over 4 adapters + base: {mixed:.2f} tokens/s; same burst on the base alone: {plain:.2f} "
         f"tokens/s; ratio {mixed / plain:.2f}x (target >= 0.8x)"
     )
+    print(f"BLAS: mlx-lora serve on {blas['ours']}, mlx_lm.server on {blas['theirs']}")
     print(
         f"peak resident memory: mlx-lora serve (base + 4 adapters) {peak['ours']:.0f} MB, "
         f"mlx_lm.server (base) {peak['theirs']:.0f} MB"
@@ -292,6 +334,7 @@ def main() -> None:
             {
                 "results": results,
                 "peak_rss_mb": peak,
+                "blas": blas,
                 "rounds": args.rounds,
                 "max_tokens": args.max_tokens,
                 "model": str(model),

@@ -28,12 +28,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlx_lora.plumbing.backend import reexec_with_openblas
+from mlx_lora.plumbing.backend import reexec_with_fast_blas
 
-# Before MLX loads: on Linux CPUs start again with a system OpenBLAS preloaded when one is
-# installed (MLX's bundled reference BLAS is ~40x slower); elsewhere this does nothing.
+# Before MLX loads: on Linux CPUs start again with the fastest BLAS installed preloaded (MKL on an
+# Intel CPU, else a system OpenBLAS; MLX's bundled reference BLAS is ~40x slower); elsewhere this
+# does nothing.
 if __name__ == "__main__":
-    reexec_with_openblas()
+    reexec_with_fast_blas()
 
 from mlx_lora import config
 from mlx_lora.commands import api

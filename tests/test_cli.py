@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_lora.commands.cli import cli
-from mlx_lora.plumbing.backend import find_openblas
+from mlx_lora.plumbing.backend import fast_blas
 
 
 def run_cli(*args, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -67,7 +67,7 @@ def test_help_lists_commands_without_importing_mlx_lm(tmp_path):
 
 
 def test_doctor_json_reports_backend_and_blas(tmp_path):
-    env = {"LD_PRELOAD": ""}  # the command itself must find and preload a system OpenBLAS
+    env = {"LD_PRELOAD": ""}  # the command itself must find and preload the fastest BLAS installed
     r = run_cli("doctor", "--json", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     facts = json.loads(r.stdout)
@@ -77,8 +77,9 @@ def test_doctor_json_reports_backend_and_blas(tmp_path):
         assert facts["backend"] in ("metal", "cuda") and facts["compute_dtype"] == "bfloat16"
         return
     assert facts["backend"] == "cpu" and facts["compute_dtype"] == "float32"
-    if sys.platform == "linux" and find_openblas():
-        assert "OpenBLAS" in facts["blas"] and "blas_hint" not in facts
+    chosen = fast_blas() if sys.platform == "linux" else None
+    if chosen:
+        assert {"mkl": "Intel MKL", "openblas": "OpenBLAS"}[chosen[0]] in facts["blas"] and "blas_hint" not in facts
     else:
         assert facts["blas"]
         if "reference BLAS" in facts["blas"]:

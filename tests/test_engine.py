@@ -296,3 +296,56 @@ def test_a_batch_generation_prefills_its_prompts_shared_start_once(banked, monke
     cold = evaluation.generate_tokens(model, prompts, 6, eos, batch_size=4, tokenizer=tok)
     assert engines[-1].counters["prefill_tokens"] == sum(len(p) for p in prompts)
     assert warm == cold
+
+
+def test_the_output_layer_runs_on_the_last_prompt_position_alone_with_the_same_logits(tiny_models):
+    # Prefill needs the last position's logits only: every family laid out as inner model + output
+    # layer gets them without the output layer over the whole prompt, and they equal the full pass's.
+    import mlx.core as mx
+
+    from mlx_lora.commands.api import load_for_inference
+    from mlx_lora.plumbing import mlx_lm_compat as compat
+
+    split = {}
+    for arch, path in tiny_models.items():
+        model, _, _ = load_for_inference(str(path))
+        found = compat.last_position_head(model)
+        split[arch] = found is not None
+        if found is None:
+            continue
+        inner, head = found
+        tokens = mx.array([[5, 9, 2, 7, 11, 3, 8]], dtype=mx.int32)
+        cache_a, cache_b = compat.new_row_cache(model), compat.new_row_cache(model)
+        full = model(tokens, cache=cache_a)[:, -1, :]
+        last = head(inner(tokens, cache=cache_b)[:, -1:, :])[:, -1, :]
+        step = mx.array([[4]], dtype=mx.int32)  # and the caches it filled are the same
+        assert mx.allclose(full, last, rtol=1e-4, atol=1e-4), arch
+        assert mx.allclose(model(step, cache=cache_a), model(step, cache=cache_b), rtol=1e-4, atol=1e-4), arch
+    # the common families all take the short path (soft-capped heads may keep the full pass)
+    assert all(split[a] for a in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "mixtral")), split
+
+
+def test_prefill_through_the_last_position_head_answers_as_the_whole_forward(banked, monkeypatch):
+    # Chunked (prefill_step 4: a prompt in several pieces, the first ones computing no logits) and
+    # grouped prefill give the same greedy tokens with and without the last-position output layer.
+    from mlx_lora.plumbing import mlx_lm_compat as compat
+
+    model, tok, bank = banked
+    prompts = [tok.encode(p) for p in PROMPTS]
+
+    def answers(split: bool):
+        out = []
+        for step in (4, 512):
+            eng = Engine(model, tok, bank=bank, prefill_step=step, prompt_cache_bytes=0)
+            try:
+                adapters = [None, "wide", "narrow", "dora", None, "wide"]
+                samplings = [Sampling(max_tokens=6) for _ in prompts]
+                out.append([r.tokens for r in eng.generate(prompts, samplings, adapters)])
+                assert (eng._split is not None) == split
+            finally:
+                eng.close()
+        return out
+
+    short = answers(True)
+    monkeypatch.setattr(compat, "last_position_head", lambda model: None)
+    assert short == answers(False)

@@ -19,6 +19,8 @@ from mlx_lora.plumbing import backend
 
 REPO = Path(__file__).resolve().parent.parent
 OPENBLAS = backend.find_openblas()
+CHOSEN = backend.fast_blas()  # what a fresh mlx-lora process preloads here: (kind, library, env) or None
+LABEL = {"mkl": "Intel MKL", "openblas": "OpenBLAS"}
 
 
 def _fresh_env(**extra) -> dict:
@@ -59,7 +61,7 @@ def test_blas_is_the_one_mlx_calls_not_numpys_bundled_openblas(tmp_path):
 
 def test_every_entry_point_runs_fast_or_says_how(tiny_llama, tmp_path):
     env = _fresh_env()
-    # The CLI and `python -m mlx_lora`: re-executed with the system OpenBLAS.
+    # The CLI and `python -m mlx_lora`: re-executed with the fastest BLAS installed.
     for argv in (
         ["-m", "mlx_lora", "doctor", "--json"],
         ["-c", "from mlx_lora.commands.cli import main; main()", "doctor", "--json"],
@@ -67,14 +69,14 @@ def test_every_entry_point_runs_fast_or_says_how(tiny_llama, tmp_path):
         r = subprocess.run([sys.executable, *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         facts = json.loads(r.stdout)
-        if OPENBLAS:
-            assert facts["blas"].startswith("OpenBLAS") and "blas_hint" not in facts, facts
+        if CHOSEN:
+            assert facts["blas"].startswith(LABEL[CHOSEN[0]]) and "blas_hint" not in facts, facts
         else:
             assert "install" in facts["blas_hint"]
-    # A script (a recipe's way): one call before MLX loads, then MLX calls the system OpenBLAS.
+    # A script (a recipe's way): one call before MLX loads, then MLX calls that BLAS.
     script = tmp_path / "job.py"
     script.write_text(
-        "from mlx_lora.plumbing.backend import reexec_with_openblas\nreexec_with_openblas()\n"
+        "from mlx_lora.plumbing.backend import reexec_with_fast_blas\nreexec_with_fast_blas()\n"
         "import sys\nimport mlx.core as mx\nfrom mlx_lora import backend\n"
         "print(backend.loaded_blas()); print(sys.argv[1:])\n"
     )
@@ -89,21 +91,21 @@ def test_every_entry_point_runs_fast_or_says_how(tiny_llama, tmp_path):
     assert r.returncode == 0, r.stderr
     blas, args = r.stdout.splitlines()
     assert args == "['a b', '--flag']"  # started again with the same arguments
-    assert blas.startswith("OpenBLAS") if OPENBLAS else "reference" in blas
+    assert blas.startswith(LABEL[CHOSEN[0]]) if CHOSEN else "reference" in blas
     # The Python API without that call: one line that says how.
     r = _python(f"import mlx_lora\nmlx_lora.generate({str(tiny_llama)!r}, 'hi', max_tokens=1)", env, tmp_path)
     assert r.returncode == 0, r.stderr
     hints = [line for line in r.stderr.splitlines() if "slow BLAS" in line]
     assert len(hints) == 1, r.stderr
     assert (
-        (f"LD_PRELOAD={OPENBLAS}" in hints[0] and "reexec_with_openblas()" in hints[0])
-        if OPENBLAS
+        (f"LD_PRELOAD={CHOSEN[1]}" in hints[0] and "reexec_with_fast_blas()" in hints[0])
+        if CHOSEN
         else "install" in hints[0]
     )
 
 
-@pytest.mark.skipif(OPENBLAS is None, reason="the fast path needs a system OpenBLAS on this machine")
-def test_the_recipe_script_trains_on_the_system_openblas(tiny_llama, tmp_path):
+@pytest.mark.skipif(CHOSEN is None, reason="the fast path needs a system OpenBLAS or MKL on this machine")
+def test_the_recipe_script_trains_on_the_fast_blas(tiny_llama, tmp_path):
     out = tmp_path / "pipe"
     r = subprocess.run(
         [
@@ -133,7 +135,61 @@ def test_the_recipe_script_trains_on_the_system_openblas(tiny_llama, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     blas = [line for line in r.stderr.splitlines() if line.startswith("blas ")]
-    assert blas and "OpenBLAS" in blas[0] and "reference" not in r.stderr, r.stderr
+    assert blas and LABEL[CHOSEN[0]] in blas[0] and "reference" not in r.stderr, r.stderr
+
+
+def test_the_blas_chosen_mkl_on_intel_else_openblas_and_mlx_lora_blas_overrides(monkeypatch, tmp_path):
+    mkl, openblas = tmp_path / "libmkl_rt.so.3", tmp_path / "libopenblas.so.0"
+    mkl.write_bytes(b""), openblas.write_bytes(b"")
+    monkeypatch.setenv("MLX_LORA_MKL", str(mkl))
+    monkeypatch.setenv("MLX_LORA_OPENBLAS", str(openblas))
+    monkeypatch.delenv("MLX_LORA_BLAS", raising=False)
+    monkeypatch.delenv("MKL_THREADING_LAYER", raising=False)
+    monkeypatch.setattr(backend, "_intel_cpu", lambda: True)
+    kind, lib, env = backend.fast_blas()
+    assert (kind, lib) == ("mkl", str(mkl)) and env["MKL_THREADING_LAYER"] in ("GNU", "INTEL")
+    monkeypatch.setenv("MKL_THREADING_LAYER", "SEQUENTIAL")  # the user's own setting is kept
+    assert backend.fast_blas()[2] == {"MKL_THREADING_LAYER": "SEQUENTIAL"}
+    monkeypatch.setattr(backend, "_intel_cpu", lambda: False)  # MKL is Intel's: elsewhere only when asked
+    assert backend.fast_blas()[:2] == ("openblas", str(openblas))
+    monkeypatch.setenv("MLX_LORA_BLAS", "mkl")
+    assert backend.fast_blas()[:2] == ("mkl", str(mkl))
+    monkeypatch.setattr(backend, "_intel_cpu", lambda: True)
+    monkeypatch.setenv("MLX_LORA_BLAS", "openblas")
+    assert backend.fast_blas()[:2] == ("openblas", str(openblas))
+    monkeypatch.setenv("MLX_LORA_BLAS", "off")
+    assert backend.fast_blas() is None
+    monkeypatch.setenv("MLX_LORA_BLAS", "auto")
+    monkeypatch.setenv("MLX_LORA_MKL", str(tmp_path / "gone.so"))  # not installed: OpenBLAS
+    assert backend.fast_blas()[:2] == ("openblas", str(openblas))
+
+
+@pytest.mark.skipif(backend.find_mkl() is None, reason="MKL is not installed here (`pip install mkl`, x86-64 Linux)")
+def test_the_cli_runs_on_mkl_or_openblas_as_chosen_and_both_compute_the_same(tmp_path):
+    # The same tiny product on each BLAS a user can pick; MLX really calls the one named.
+    code = (
+        "from mlx_lora.plumbing.backend import reexec_with_fast_blas\nreexec_with_fast_blas()\n"
+        "import mlx.core as mx\nfrom mlx_lora.plumbing import backend\n"
+        "mx.random.seed(0); a = mx.random.normal((64, 96)); b = mx.random.normal((96, 32))\n"
+        "print(backend.loaded_blas()); print((a @ b).sum().item())\n"
+    )
+    script = tmp_path / "blas.py"
+    script.write_text(code)
+    seen = {}
+    for choice in ("mkl", "openblas") if OPENBLAS else ("mkl",):
+        r = subprocess.run(
+            [sys.executable, str(script)],
+            env=_fresh_env(MLX_LORA_BLAS=choice),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert r.returncode == 0, r.stderr
+        shown, total = r.stdout.splitlines()
+        assert shown.startswith(LABEL[choice]), shown
+        seen[choice] = float(total)
+    assert all(abs(v - seen["mkl"]) <= 1e-4 * abs(seen["mkl"]) + 1e-3 for v in seen.values()), seen
 
 
 # ---------------------------------------------------------------------------------------------

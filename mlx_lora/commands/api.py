@@ -564,6 +564,7 @@ def doctor() -> dict:
     facts["matmul_gflops"] = round(backend.measure_matmul_gflops(1024), 1)
     facts["versions"] = backend.versions()
     facts["openblas_found"] = backend.find_openblas()
+    facts["mkl_found"] = backend.find_mkl()
     try:
         facts["sandbox"] = sandbox.containment().description
     except MlxLoraError as e:  # MLX_LORA_SANDBOX names a level that does not work here

@@ -540,11 +540,11 @@ def doctor(as_json):
 
 
 def main(argv=None) -> None:
-    from mlx_lora.plumbing.backend import reexec_with_openblas
+    from mlx_lora.plumbing.backend import reexec_with_fast_blas
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not ({"-h", "--help", "--version"} & set(argv) or not argv):  # help computes nothing: no re-exec
-        reexec_with_openblas(argv)
+        reexec_with_fast_blas(argv)
     debug = "--debug" in argv or bool(os.environ.get("MLX_LORA_DEBUG"))
     logs.setup()
     try:

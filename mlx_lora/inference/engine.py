@@ -240,10 +240,10 @@ class RowLoRALinear(nn.Module):
         if a.dtype != x.dtype:
             a, b = a.astype(x.dtype), b.astype(x.dtype)
         h = (x @ a.T) * rows.mask(self._r, x.dtype)
+        if self._gain is None:
+            return mx.addmm(self.base(x), h, b.T)  # the base plus each row's update, one op fewer
         low = h @ b.T
         plain = self.base(x) + low
-        if self._gain is None:
-            return plain
         idx = rows.index
         dora = self._dora_out(x, self._gain[idx].astype(x.dtype)[:, None, :], low)
         return mx.where(self._dora[idx][:, None, None], dora, plain)
@@ -446,6 +446,8 @@ class Engine:
         self.counters = collections.Counter()
         self.changed = threading.Condition()  # notified after every step (tests wait on it)
         self._vocab_text: Optional[list[str]] = None
+        self._split: Optional[tuple] = None  # (inner, head) of the model, checked on first use
+        self._split_checked = False
         if bank is None:
             self._set_rows = lambda slots: None
         else:
@@ -639,6 +641,10 @@ class Engine:
         gc.collect()
 
     def _step(self, admitted: list[Request]) -> None:
+        if not self._split_checked:  # once, on the base alone: can the output layer skip the prompt?
+            self._split_checked = True
+            self._set_rows([None])
+            self._split = compat.last_position_head(self.model)
         for req in admitted:
             if req.cancelled.is_set():
                 self._done(req, "cancelled")
@@ -694,17 +700,30 @@ class Engine:
         self._rows = [self._rows[i] for i in keep]
         self._batch = compat.keep_rows(self._batch, keep) if self._batch is not None else None
 
+    def _last_logits(self, tokens: mx.array, cache: list, need: bool = True) -> Optional[mx.array]:
+        """The logits of the last position of a prefill (None when not ``need``ed: a chunk of a
+        longer prompt only fills the cache). The output layer runs on that position alone when
+        the model allows it (:func:`compat.last_position_head`)."""
+        if self._split is None:
+            logits = self.model(tokens, cache=cache)
+            return logits[:, -1, :] if need else None
+        inner, head = self._split
+        hidden = inner(tokens, cache=cache)
+        if not need:
+            return None
+        return head(hidden[:, -1:, :])[:, -1, :]
+
     def _prefill(self, row: _Row, budget: int) -> int:
         n = min(len(row.todo), budget)
         chunk, row.todo = row.todo[:n], row.todo[n:]
         self._set_rows([row.slot])
-        logits = self.model(mx.array([chunk], dtype=mx.int32), cache=row.cache)
+        logits = self._last_logits(mx.array([chunk], dtype=mx.int32), row.cache, need=not row.todo)
         row.tokens += chunk
         self.counters["prefill_tokens"] += n
         if row.todo:
             mx.eval([c.state for c in row.cache])
             return n
-        tokens, infos = self._sample([row], logits[:, -1, :])
+        tokens, infos = self._sample([row], logits)
         if self._emit(row, tokens[0], infos[0]):
             self._finish(row, None)
         else:
@@ -736,7 +755,7 @@ class Engine:
         tokens = mx.array([[0] * k + r.todo for k, r in zip(pad, rows)], dtype=mx.int32)
         cache = [compat.batch_kv_cache(pad) for _ in rows[0].cache]
         self._set_rows([r.slot for r in rows])
-        logits = self.model(tokens, cache=cache)[:, -1, :]
+        logits = self._last_logits(tokens, cache)
         n = 0
         for r in rows:
             r.tokens, r.todo, r.cache = list(r.todo), [], None

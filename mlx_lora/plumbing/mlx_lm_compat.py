@@ -11,6 +11,9 @@ means checking this one file:
 - the KV cache objects of ``mlx_lm.models.cache`` (``make_prompt_cache``, each cache's ``merge``,
   ``extend``, ``filter``, ``extract``, ``trim``, ``nbytes`` and ``KVCache``'s ``keys`` / ``values`` /
   ``offset``), which :mod:`mlx_lora.inference.engine` joins into and splits out of a running batch;
+- the layout of mlx-lm's causal language models (an inner ``model`` returning the final hidden
+  states, then ``lm_head`` or the tied embedding's ``as_linear``), which :func:`last_position_head`
+  relies on after checking it on the model at hand;
 - the cache protocol of ``mlx_lm.models.base.create_attention_mask`` (``make_mask``, ``offset``,
   ``update_and_fetch``), which :class:`SegmentMask` implements to carry a packed batch's mask.
 
@@ -143,6 +146,36 @@ def kv_prefix(caches: list, n: int) -> list:
 def kv_arrays(caches: list) -> list:
     """The arrays a list of caches holds (to evaluate them)."""
     return [a for c in caches for a in (getattr(c, "keys", None), getattr(c, "values", None)) if a is not None]
+
+
+def last_position_head(model):
+    """``(inner, head)`` such that ``head(inner(tokens, cache=cache)[:, -1:, :])[:, -1, :]`` are the
+    logits of the last position, which ``model(tokens, cache=cache)[:, -1, :]`` gives at the cost of
+    the output layer over every position (for a prompt of n tokens, n times a decode step's output
+    layer: 49152 x 576 multiply-adds per position for SmolLM2). None when the model is not laid out
+    that way, as checked on a three-token input against the whole forward pass (an output scale or
+    soft-capping after the head, a multimodal wrapper: these keep the whole forward pass)."""
+
+    inner = getattr(model, "model", None)
+    if not callable(inner):
+        return None
+    if "lm_head" in model and callable(model["lm_head"]):
+        head = model["lm_head"]
+    elif callable(getattr(getattr(inner, "embed_tokens", None), "as_linear", None)):
+        head = inner.embed_tokens.as_linear
+    else:
+        return None
+    try:
+        x = mx.array([[1, 2, 3]], dtype=mx.int32)
+        full = model(x)[:, -1, :]
+        part = head(inner(x)[:, -1:, :])[:, -1, :]
+        mx.eval(full, part)
+    except Exception:
+        return None
+    full, part = full.astype(mx.float32), part.astype(mx.float32)
+    if full.shape != part.shape or not mx.allclose(full, part, rtol=1e-4, atol=1e-4):
+        return None
+    return inner, head
 
 
 def detokenizer(tokenizer):
