@@ -321,8 +321,10 @@ def test_the_output_layer_runs_on_the_last_prompt_position_alone_with_the_same_l
         step = mx.array([[4]], dtype=mx.int32)  # and the caches it filled are the same
         assert mx.allclose(full, last, rtol=1e-4, atol=1e-4), arch
         assert mx.allclose(model(step, cache=cache_a), model(step, cache=cache_b), rtol=1e-4, atol=1e-4), arch
-    # the common families all take the short path (soft-capped heads may keep the full pass)
+    # the common families all take the short path; soft-capped (Gemma 2) and scaled (Granite) logits keep
+    # the whole forward pass
     assert all(split[a] for a in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "mixtral")), split
+    assert not split["gemma2"] and not split["granite"], split
 
 
 def test_prefill_through_the_last_position_head_answers_as_the_whole_forward(banked, monkeypatch):

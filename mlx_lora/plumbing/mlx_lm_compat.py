@@ -148,6 +148,11 @@ def kv_arrays(caches: list) -> list:
     return [a for c in caches for a in (getattr(c, "keys", None), getattr(c, "values", None)) if a is not None]
 
 
+# Model-argument names of transforms applied to the logits after the output layer (soft-capping,
+# scaling): a model with one keeps the whole forward pass.
+_AFTER_HEAD = ("final_logit_softcapping", "logits_scaling", "logit_scale", "output_multiplier_scale")
+
+
 def last_position_head(model):
     """``(inner, head)`` such that ``head(inner(tokens, cache=cache)[:, -1:, :])[:, -1, :]`` are the
     logits of the last position, which ``model(tokens, cache=cache)[:, -1, :]`` gives at the cost of
@@ -158,6 +163,9 @@ def last_position_head(model):
 
     inner = getattr(model, "model", None)
     if not callable(inner):
+        return None
+    args = getattr(model, "args", None)
+    if any(getattr(args, k, None) for k in _AFTER_HEAD):  # a transform of the logits the check may not see
         return None
     if "lm_head" in model and callable(model["lm_head"]):
         head = model["lm_head"]
