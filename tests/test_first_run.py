@@ -173,18 +173,9 @@ def test_the_cli_runs_on_mkl_or_openblas_as_chosen_and_both_compute_the_same(tmp
         "mx.random.seed(0); a = mx.random.normal((64, 96)); b = mx.random.normal((96, 32))\n"
         "print(backend.loaded_blas()); print((a @ b).sum().item())\n"
     )
-    script = tmp_path / "blas.py"
-    script.write_text(code)
     seen = {}
     for choice in ("mkl", "openblas") if OPENBLAS else ("mkl",):
-        r = subprocess.run(
-            [sys.executable, str(script)],
-            env=_fresh_env(MLX_LORA_BLAS=choice),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        r = _python(code, _fresh_env(MLX_LORA_BLAS=choice), tmp_path)
         assert r.returncode == 0, r.stderr
         shown, total = r.stdout.splitlines()
         assert shown.startswith(LABEL[choice]), shown
