@@ -131,9 +131,9 @@ class Server:
 
     def blas(self) -> str:
         maps = Path(f"/proc/{self.proc.pid}/maps").read_text()
-        for lib in ("libmkl_rt", "openblas"):
+        for lib, kind in (("libmkl_rt", "mkl"), ("openblas", "openblas")):
             if lib in maps:
-                return {"libmkl_rt": "Intel MKL", "openblas": "OpenBLAS"}[lib]
+                return backend.BLAS_LABELS[kind]
         return "the reference BLAS"
 
     def peak_rss_mb(self) -> float:

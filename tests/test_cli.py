@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_lora.commands.cli import cli
-from mlx_lora.plumbing.backend import fast_blas
+from mlx_lora.plumbing.backend import BLAS_LABELS, fast_blas
 
 
 def run_cli(*args, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -79,7 +79,7 @@ def test_doctor_json_reports_backend_and_blas(tmp_path):
     assert facts["backend"] == "cpu" and facts["compute_dtype"] == "float32"
     chosen = fast_blas() if sys.platform == "linux" else None
     if chosen:
-        assert {"mkl": "Intel MKL", "openblas": "OpenBLAS"}[chosen[0]] in facts["blas"] and "blas_hint" not in facts
+        assert BLAS_LABELS[chosen[0]] in facts["blas"] and "blas_hint" not in facts
     else:
         assert facts["blas"]
         if "reference BLAS" in facts["blas"]:

@@ -20,7 +20,7 @@ from mlx_lora.plumbing import backend
 REPO = Path(__file__).resolve().parent.parent
 OPENBLAS = backend.find_openblas()
 CHOSEN = backend.fast_blas()  # what a fresh mlx-lora process preloads here: (kind, library, env) or None
-LABEL = {"mkl": "Intel MKL", "openblas": "OpenBLAS"}
+LABEL = backend.BLAS_LABELS
 
 
 def _fresh_env(**extra) -> dict:

@@ -203,7 +203,7 @@ def test_quickstart_pipeline_on_a_tiny_model(tiny_llama, tmp_path):
 # The real model, exactly as a newcomer runs it: the recipe's defaults, the 60 held-out tickets.
 # About 10-16 minutes on a 2-core x86 CPU, so it is run by hand (pytest -m long), like the other
 # learning runs; the default suite runs the same pipeline on the real model with a short run below.
-# Measured: see the README.
+# Measured: see docs/quickstart.md.
 @pytest.mark.long
 def test_quickstart_on_smollm2_improves_accuracy_widely(tmp_path):
     proc, res = _quickstart(tmp_path)

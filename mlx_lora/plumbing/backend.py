@@ -5,7 +5,7 @@ for the matmuls LoRA training is made of (2048^3 float32: ~3 vs ~140 GFLOP/s on 
 The BLAS is chosen by the dynamic loader when the process starts, so the CLI re-executes itself
 once with ``LD_PRELOAD`` pointing at the fastest BLAS installed (see :func:`reexec_with_fast_blas`):
 Intel's MKL from the ``mkl`` Python package on an Intel CPU (``pip install mkl``; on a 2-core
-AVX-512 Xeon its float32 matmuls ran at 250-310 GFLOP/s against OpenBLAS's 64, and a batch-8 decode
+AVX-512 Xeon its float32 matmuls ran at 250-310 GFLOP/s against OpenBLAS's 40-64, and a batch-8 decode
 step of a 135M model in 0.7x the time), else a system OpenBLAS. ``MLX_LORA_BLAS`` (``auto``, ``mkl``,
 ``openblas``, ``off``) overrides the choice. Library users can set ``LD_PRELOAD`` themselves;
 ``doctor`` says how.
@@ -46,6 +46,8 @@ INSTALL_HINT = (
 # Where pip and conda put the `mkl` package's runtime library: <prefix>/lib.
 MKL_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
 BLAS_CHOICES = ("auto", "mkl", "openblas", "off")
+BLAS_LABELS = {"mkl": "Intel MKL", "openblas": "OpenBLAS"}
+"""How :func:`loaded_blas` names each kind :func:`fast_blas` picks (its text starts with it)."""
 REEXEC_FLAG = "MLX_LORA_BLAS_REEXEC"
 log = logging.getLogger(__name__)
 
@@ -266,9 +268,9 @@ def loaded_blas() -> str:
     if "mlx_cpu.libs" in lib or (name.startswith("libblas-") and "site-packages" in lib):
         return f"reference BLAS bundled with mlx-cpu (slow): {name}"
     if "openblas" in lib.lower():
-        return f"OpenBLAS (system, preloaded): {lib}"
+        return f"{BLAS_LABELS['openblas']} (system, preloaded): {lib}"
     if "libmkl" in name.lower():
-        return f"Intel MKL (preloaded): {lib}"
+        return f"{BLAS_LABELS['mkl']} (preloaded): {lib}"
     return lib
 
 
@@ -280,14 +282,18 @@ def slow_blas_hint() -> Optional[str]:
     """One line saying how to get a fast BLAS, when MLX is on its slow reference one; else None."""
     if sys.platform != "linux" or not _is_linux_cpu_mlx() or not blas_is_slow():
         return None
+    return f"MLX is on the reference BLAS bundled with mlx-cpu (~40x slower); {fast_blas_advice()}"
+
+
+def fast_blas_advice() -> str:
+    """How to get onto the fastest BLAS installed here, or how to install one."""
     chosen = fast_blas()
     if chosen is None:
-        return f"MLX is on the reference BLAS bundled with mlx-cpu (~40x slower); {INSTALL_HINT}"
+        return INSTALL_HINT
     _, lib, extra_env = chosen
     env = "".join(f"{k}={v} " for k, v in extra_env.items())
     return (
-        f"MLX is on the reference BLAS bundled with mlx-cpu (~40x slower) although {lib} exists: "
-        f"use the mlx-lora command, start Python with {env}LD_PRELOAD={lib}, or call "
+        f"{lib} exists: use the mlx-lora command, start Python with {env}LD_PRELOAD={lib}, or call "
         f"mlx_lora.plumbing.backend.reexec_with_fast_blas() first thing in the script"
     )
 
@@ -428,12 +434,5 @@ def summary(dtype=None) -> dict:
     if name == "cpu":
         facts["blas"] = loaded_blas()
         if blas_is_slow():
-            chosen = fast_blas()
-            facts["blas_hint"] = (
-                f"a fast BLAS exists at {chosen[1]}: run through the mlx-lora command, set "
-                f"{''.join(f'{k}={v} ' for k, v in chosen[2].items())}LD_PRELOAD={chosen[1]}, or call "
-                "mlx_lora.plumbing.backend.reexec_with_fast_blas() first in a script"
-                if chosen
-                else INSTALL_HINT
-            )
+            facts["blas_hint"] = fast_blas_advice()
     return facts
