@@ -96,15 +96,10 @@ def blas_env(which: str) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     for key in ("LD_PRELOAD", "MLX_LORA_BLAS_REEXEC", "MLX_LORA_NO_BLAS_REEXEC"):
         env.pop(key, None)
-    if which == "openblas":
-        env["LD_PRELOAD"] = BLAS
-    elif which == "mkl":
-        chosen = backend.fast_blas() if backend.find_mkl() else None
-        if chosen is None or chosen[0] != "mkl":
-            os.environ["MLX_LORA_BLAS"] = "mkl"
-            chosen = backend.fast_blas()
-        if chosen is None or chosen[0] != "mkl":
-            raise SystemExit("--their-blas mkl: MKL is not installed (pip install mkl)")
+    if which != "own":
+        chosen = backend.blas_for(which)
+        if chosen is None:
+            raise SystemExit(f"--their-blas {which}: not installed here")
         env.update(chosen[2], LD_PRELOAD=chosen[1])
     return env
 

@@ -1,7 +1,7 @@
 """Our trainer against mlx_lm.lora on the same machine, model, data, LoRA config, batch size, number
 of optimizer steps and BLAS, in one invocation:
 
-    python bench/train_vs_mlx_lm.py [--steps 8] [--batch-size 4] [--json results.json]
+    python bench/train_vs_mlx_lm.py [--steps 8] [--batch-size 4] [--blas openblas|mkl] [--json results.json]
 
 Every run is its own process (bench/worker.py), one after the other, so peak memory is per run and
 no run competes with another for the cores. Runs:
@@ -442,6 +442,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps of each trainer (default 8)")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument(
+        "--blas", choices=("openblas", "mkl"), default="openblas", help="the BLAS both trainers get (Linux CPU)"
+    )
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--min-len", type=int, default=30)
     ap.add_argument("--max-len", type=int, default=512, help="longest row in tokens (log-normal lengths are clipped)")
@@ -511,9 +514,13 @@ def main(argv=None) -> int:
     gpu = backend_name != "cpu"
     dtype = "bfloat16" if gpu else "float32"
     model = args.model or str(common.imported_model(dtype, log))
-    # The BLAS both trainers get: the system OpenBLAS on Linux CPU when installed, else the default.
-    blas = backend.find_openblas() if (backend_name == "cpu" and sys.platform == "linux") else None
+    # The BLAS both trainers get on Linux CPU (--blas; the system OpenBLAS by default), else the default.
+    chosen = backend.blas_for(args.blas) if (backend_name == "cpu" and sys.platform == "linux") else None
+    if chosen is None and args.blas == "mkl" and backend_name == "cpu" and sys.platform == "linux":
+        raise SystemExit("error: --blas mkl: MKL is not installed (pip install mkl)")
+    blas = chosen[1] if chosen else None
     env = common.environment(blas)
+    env.update(chosen[2] if chosen else {})
 
     if args.epochs < 1 or args.steps % args.epochs:
         raise SystemExit(f"error: --steps {args.steps} must be a multiple of --epochs {args.epochs}")

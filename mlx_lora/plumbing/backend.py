@@ -100,22 +100,33 @@ def blas_choice() -> str:
     return choice if choice in BLAS_CHOICES else "auto"
 
 
+def blas_for(kind: str) -> Optional[tuple[str, str, dict]]:
+    """``(kind, library, environment)`` that preload ``kind`` (``"mkl"`` or ``"openblas"``), or None
+    when it is not installed. MKL runs its threads on GNU OpenMP when the system has it (the same
+    runtime as the rest of the process's libraries), else on Intel's, which its package brings; a
+    ``MKL_THREADING_LAYER`` already set is kept."""
+    if kind == "mkl":
+        mkl = find_mkl()
+        if mkl is None:
+            return None
+        layer = os.environ.get("MKL_THREADING_LAYER") or ("GNU" if ctypes.util.find_library("gomp") else "INTEL")
+        return "mkl", mkl, {"MKL_THREADING_LAYER": layer}
+    lib = find_openblas()
+    return ("openblas", lib, {}) if lib else None
+
+
 def fast_blas() -> Optional[tuple[str, str, dict]]:
-    """The BLAS a Linux CPU process should preload: ``(kind, library, environment)`` with kind
-    ``"mkl"`` or ``"openblas"``, or None (none installed, or ``MLX_LORA_BLAS=off``). MKL when its
-    package is installed and the CPU is Intel's (or ``MLX_LORA_BLAS=mkl``), else OpenBLAS.
-    MKL runs its threads on GNU OpenMP when the system has it (the same runtime as the rest of
-    the process's libraries), else on Intel's, which its package brings."""
+    """The BLAS a Linux CPU process should preload (see :func:`blas_for`), or None (none installed,
+    or ``MLX_LORA_BLAS=off``): MKL when its package is installed and the CPU is Intel's (or
+    ``MLX_LORA_BLAS=mkl``), else OpenBLAS."""
     choice = blas_choice()
     if choice == "off":
         return None
-    if choice in ("auto", "mkl"):
-        mkl = find_mkl()
-        if mkl and (choice == "mkl" or _intel_cpu()):
-            layer = os.environ.get("MKL_THREADING_LAYER") or ("GNU" if ctypes.util.find_library("gomp") else "INTEL")
-            return "mkl", mkl, {"MKL_THREADING_LAYER": layer}
-    lib = find_openblas()
-    return ("openblas", lib, {}) if lib else None
+    if choice == "mkl" or (choice == "auto" and _intel_cpu()):
+        chosen = blas_for("mkl")
+        if chosen:
+            return chosen
+    return blas_for("openblas")
 
 
 def _is_linux_cpu_mlx() -> bool:
