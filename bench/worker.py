@@ -33,27 +33,16 @@ def _write(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _blas() -> str:
-    """Which BLAS MLX's CPU matmuls use in this process. A preloaded library wins symbol lookup;
-    otherwise the mlx-cpu wheel's bundled reference BLAS. (numpy maps its own OpenBLAS too, under
-    prefixed symbol names MLX never calls, so a library merely being mapped proves nothing.)"""
-    from mlx_lora.plumbing import backend
-
-    if sys.platform == "darwin":
-        return "Accelerate"
-    if backend.backend_name() != "cpu":
-        return "n/a (GPU matmuls)"
-    pre = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if "blas" in p.lower()]
-    if pre:
-        return f"{pre[0]} (preloaded)"
-    return "reference BLAS bundled with mlx-cpu"
-
-
 def _facts() -> dict:
     from mlx_lora.plumbing import backend
 
     facts = backend.summary()
-    facts["blas"] = _blas()
+    # what MLX's CPU matmuls call, as the dynamic loader binds them (MKL, OpenBLAS or the bundled one)
+    if backend.backend_name() != "cpu":
+        facts["blas"] = "n/a (GPU matmuls)"
+    else:
+        blas = backend.loaded_blas()
+        facts["blas"] = "reference BLAS bundled with mlx-cpu" if "reference BLAS" in blas else blas
     facts.pop("blas_hint", None)
     facts["versions"] = backend.versions()
     return facts

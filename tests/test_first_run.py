@@ -164,6 +164,15 @@ def test_the_blas_chosen_mkl_on_intel_else_openblas_and_mlx_lora_blas_overrides(
     assert backend.fast_blas()[:2] == ("openblas", str(openblas))
 
 
+def test_an_unknown_mlx_lora_blas_is_named_once_and_read_as_auto(monkeypatch, caplog):
+    monkeypatch.setenv("MLX_LORA_BLAS", "atlas")
+    monkeypatch.setattr(backend, "_warned_blas_choice", False)
+    with caplog.at_level("WARNING", logger=backend.__name__):
+        assert backend.blas_choice() == "auto" and backend.blas_choice() == "auto"
+    warned = [r.getMessage() for r in caplog.records if "MLX_LORA_BLAS" in r.getMessage()]
+    assert len(warned) == 1 and "atlas" in warned[0] and "openblas" in warned[0], warned
+
+
 @pytest.mark.skipif(backend.find_mkl() is None, reason="MKL is not installed here (`pip install mkl`, x86-64 Linux)")
 def test_the_cli_runs_on_mkl_or_openblas_as_chosen_and_both_compute_the_same(tmp_path):
     # The same tiny product on each BLAS a user can pick; MLX really calls the one named.

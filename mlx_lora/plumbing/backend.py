@@ -95,9 +95,20 @@ def _intel_cpu() -> bool:
     return False
 
 
+_warned_blas_choice = False
+
+
 def blas_choice() -> str:
-    choice = os.environ.get("MLX_LORA_BLAS", "auto").strip().lower() or "auto"
-    return choice if choice in BLAS_CHOICES else "auto"
+    """``MLX_LORA_BLAS`` (``auto`` when unset); another value is named in one warning and read as ``auto``."""
+    global _warned_blas_choice
+    raw = os.environ.get("MLX_LORA_BLAS", "")
+    choice = raw.strip().lower() or "auto"
+    if choice in BLAS_CHOICES:
+        return choice
+    if not _warned_blas_choice:
+        _warned_blas_choice = True
+        log.warning("MLX_LORA_BLAS=%s is not one of %s; choosing as with auto", raw, ", ".join(BLAS_CHOICES))
+    return "auto"
 
 
 def blas_for(kind: str) -> Optional[tuple[str, str, dict]]:
