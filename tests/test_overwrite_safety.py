@@ -631,3 +631,36 @@ def test_a_copied_run_resumes_and_its_checkpoints_rotate_by_their_file_names(wor
     assert notes.read_text() == "mine\n" and (copy / "checkpoints" / "best" / "adapter_model.safetensors").is_file()
     # and the copy is still not the tool's to delete
     refused(capsys, argv[:6] + [copy] + argv[7:] + ["--overwrite"], [str(copy), "another folder"], [tmp_path])
+
+
+def test_a_new_checkpoint_is_provably_ours_the_moment_it_is_renamed_into_place(tmp_path, monkeypatch):
+    # A training killed right after a new checkpoint's rename (before any bookkeeping after it) must
+    # leave a checkpoint its resume may write over: the marker records it before the rename.
+    from mlx_lora.training.checkpoints import CHECKPOINT_FILES, RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ownership.write_marker(run, "run", "train", files=[])
+    rd = RunDir(run)
+    real_replace = os.replace
+    seen = []
+
+    def killed_after_the_rename(src, dst, *a, **kw):
+        real_replace(src, dst, *a, **kw)
+        if Path(dst).name == "step-0000006":
+            seen.append(ownership.subfolder_problems(run, "checkpoints/step-0000006", CHECKPOINT_FILES))
+            raise KeyboardInterrupt("killed here")
+
+    def write(folder, text="first"):
+        (folder / "adapters.safetensors").write_text(text)
+        (folder / "adapter_config.json").write_text("{}")
+
+    monkeypatch.setattr(os, "replace", killed_after_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        rd.replace_checkpoint("step-0000006", write)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert seen == [[]], seen  # nothing in it the marker does not prove
+    # the resumed run saves that step again over it
+    rd.replace_checkpoint("step-0000006", lambda f: write(f, "second"))
+    assert (run / "checkpoints" / "step-0000006" / "adapters.safetensors").read_text() == "second"
+    assert problems(run) == []

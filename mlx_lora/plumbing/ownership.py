@@ -216,18 +216,37 @@ def record(folder, *paths: str) -> None:
     marker = _own_marker(folder)
     if marker is None:
         return
-    entries = marker["entries"]
     for rel in paths:
         rel = str(PurePosixPath(rel))
-        for k in [k for k in entries if k == rel or k.startswith(rel + "/")]:
-            del entries[k]
-        if (folder / rel).exists() or (folder / rel).is_symlink():
-            entries.update(_scan(folder, rel))
-        parent = str(PurePosixPath(rel).parent)
-        while parent not in (".", "") and parent not in entries and (folder / parent).is_dir():
-            entries[parent] = {"dir": True}  # the folders the tool created on the way
-            parent = str(PurePosixPath(parent).parent)
+        exists = (folder / rel).exists() or (folder / rel).is_symlink()
+        _put(folder, marker["entries"], rel, _scan(folder, rel) if exists else {})
     _save(folder, marker)
+
+
+def record_before_move(folder, source, rel: str) -> None:
+    """Record the finished ``source`` (inside ``folder``) as what the tool is about to rename to
+    ``rel``, before the rename: a process killed in between leaves a record of a path that does not
+    exist yet (nothing to prove), never a folder of its own that its marker does not know."""
+    folder = Path(folder)
+    marker = _own_marker(folder)
+    if marker is None:
+        return
+    rel = str(PurePosixPath(rel))
+    src = str(PurePosixPath(Path(source).relative_to(folder)))
+    scanned = {rel + k[len(src) :]: v for k, v in _scan(folder, src).items()}
+    _put(folder, marker["entries"], rel, scanned)
+    _save(folder, marker)
+
+
+def _put(folder: Path, entries: dict, rel: str, scanned: dict) -> None:
+    """Replace the records of ``rel`` and all below it by ``scanned``, adding the folders on the way."""
+    for k in [k for k in entries if k == rel or k.startswith(rel + "/")]:
+        del entries[k]
+    entries.update(scanned)
+    parent = str(PurePosixPath(rel).parent)
+    while parent not in (".", "") and parent not in entries and (folder / parent).is_dir():
+        entries[parent] = {"dir": True}  # the folders the tool created on the way
+        parent = str(PurePosixPath(parent).parent)
 
 
 def forget(folder, *paths: str) -> None:
@@ -696,9 +715,10 @@ def replace_subfolder(root, rel: str, tmp, *, what: str, names: Iterable[str]) -
             logger.warning(
                 "%s: %r appeared while it was being replaced and was not deleted; it is now in %s", what, kept[0], keep
             )
+        record(root, rel)
     else:
+        record_before_move(root, tmp, rel)
         os.replace(tmp, target)
-    record(root, rel)
 
 
 def remove_subfolder(root, rel: str, *, what: str, names: Iterable[str]) -> Optional[str]:
