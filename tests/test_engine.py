@@ -351,3 +351,86 @@ def test_prefill_through_the_last_position_head_answers_as_the_whole_forward(ban
     short = answers(True)
     monkeypatch.setattr(compat, "last_position_head", lambda model: None)
     assert short == answers(False)
+
+
+EXIT_SCRIPT = """
+import sys
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lora.commands.api import load_for_inference
+from mlx_lora.inference.engine import Engine, Sampling
+
+same = mx.compile(lambda y: y * 1.0)  # compiled on the main thread, run on the engine thread
+
+
+class Through(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, x):
+        return same(self.inner(x))
+
+
+model, tok, _ = load_for_inference(sys.argv[1])
+model.layers[0].mlp = Through(model.layers[0].mlp)
+engine = Engine(model, tok, prompt_cache_bytes=0)
+prompts = [tok.encode(p) for p in ("Hi", "Once upon a time")]
+out = engine.generate(prompts, [Sampling(max_tokens=4)] * 2)
+assert all(r.completion_tokens for r in out)
+x = mx.ones((2, 8))
+assert mx.allclose(same(x), x).item()  # the main thread compiles while the engine lives
+if sys.argv[2] == "close":
+    engine.close()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("ending", ["close", "left-running"])
+def test_a_process_that_generated_with_compiled_functions_exits_cleanly(tiny_llama, tmp_path, ending):
+    """MLX streams belong to a thread: an engine thread that ran compiled functions (mlx-lm's SwiGLU,
+    the model's own) and did not free them made the process abort at exit ("terminate called
+    without an active exception", most runs). Closed or left running at exit, the engine frees them."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "gen.py"
+    script.write_text(EXIT_SCRIPT)
+    for _ in range(3):  # the abort did not happen on every run
+        run = subprocess.run(
+            [sys.executable, str(script), str(tiny_llama), ending], capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0 and "terminate called" not in run.stderr, run.stderr[-2000:]
+        assert run.stdout.strip().endswith("done")
+
+
+def test_a_request_that_cannot_start_gets_the_error_and_the_others_go_on(banked, monkeypatch):
+    """A request whose start fails (its KV cache could not be made) gets that error instead of
+    waiting forever, and the requests admitted with it are answered."""
+    from mlx_lora.plumbing import mlx_lm_compat
+
+    model, tok, bank = banked
+    real, made = mlx_lm_compat.new_row_cache, []
+
+    def first_fails(m):
+        made.append(m)
+        if len(made) == 1:
+            raise RuntimeError("out of cache memory")
+        return real(m)
+
+    monkeypatch.setattr(mlx_lm_compat, "new_row_cache", first_fails)
+    engine = Engine(model, tok, bank=bank, prompt_cache_bytes=0)
+    got: dict = {}
+    try:
+        reqs = [
+            engine.submit(
+                tok.encode(p), None, Sampling(max_tokens=3), (lambda i: lambda k, v: got.setdefault(i, []).append(k))(i)
+            )
+            for i, p in enumerate(PROMPTS[:3])
+        ]
+        for r in reqs:
+            assert r.finished.wait(120)
+    finally:
+        engine.close()
+    assert sorted(got[i][-1] for i in range(3)) == ["done", "done", "error"]
+    assert engine.counters["failed"] == 1

@@ -31,12 +31,14 @@ row from the adapters' factors laid side by side, each padded to the largest ran
 
 from __future__ import annotations
 
+import atexit
 import collections
 import gc
 import logging
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -59,22 +61,36 @@ DEFAULT_PROMPT_CACHE_GB = 1.0
 MAX_TOP_LOGPROBS = 20
 
 
+# MLX gives every thread its own streams. A thread that ran compiled functions (mlx-lm compiles
+# its activations, e.g. SwiGLU) and ends without freeing its streams makes MLX abort at process
+# exit ("terminate called without an active exception"): each engine thread frees its streams as it
+# ends (``mx.clear_streams``), and engines still running at exit are closed first (atexit). An
+# MLX without per-thread streams has no ``clear_streams``: there compilation is turned off while
+# an engine thread runs (uncompiled functions compute the same values).
+_CLEAR_STREAMS = getattr(mx, "clear_streams", None)
 _COMPILE_LOCK = threading.Lock()
 _ENGINES_RUNNING = 0
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
 def _compile_off(on: bool) -> None:
-    """Turn MLX's function compilation off while any engine thread runs (``on`` True: one more
-    engine; False: one fewer). Functions that mlx-lm compiles (``mx.compile``), called from a
-    thread other than the main one, leave compiled entries bound to that thread's stream, and MLX
-    aborts at process exit when it frees them; uncompiled, they compute the same values."""
+    """Where MLX cannot free a thread's streams: compilation off while any engine thread runs
+    (``on`` True: one more engine; False: one fewer)."""
     global _ENGINES_RUNNING
+    if _CLEAR_STREAMS is not None:
+        return
     with _COMPILE_LOCK:
         _ENGINES_RUNNING += 1 if on else -1
         if on and _ENGINES_RUNNING == 1:
             mx.disable_compile()
         elif not on and _ENGINES_RUNNING == 0:
             mx.enable_compile()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    for engine in list(_LIVE):
+        engine.close()
 
 
 class QueueFull(MlxLoraError):
@@ -487,6 +503,7 @@ class Engine:
             self.counters["requests"] += 1
             if self._thread is None:
                 _compile_off(True)
+                _LIVE.add(self)
                 self._thread = threading.Thread(target=self._work, name="mlx-lora-engine", daemon=True)
                 self._thread.start()
             self._cond.notify()
@@ -605,6 +622,7 @@ class Engine:
             if not self._thread.is_alive():
                 _compile_off(False)
             self._thread = None
+        _LIVE.discard(self)
 
     # -- the engine thread ------------------------------------------------------------------
 
@@ -622,8 +640,9 @@ class Engine:
                 self._step(admitted)
             except Exception as e:  # the step failed: every row in flight gets the error, the engine goes on
                 log.exception("generation step failed")
-                for row in self._rows + self._prefilling:
-                    self._fail(row.req, e)
+                for req in [r.req for r in self._rows + self._prefilling] + admitted:
+                    if not req.finished.is_set():
+                        self._fail(req, e)
                 self._rows, self._prefilling, self._batch = [], [], None
             with self.changed:
                 self.changed.notify_all()
@@ -639,6 +658,8 @@ class Engine:
         if self.bank is not None:
             self.bank.rows.set([])
         gc.collect()
+        if _CLEAR_STREAMS is not None:
+            _CLEAR_STREAMS()
 
     def _step(self, admitted: list[Request]) -> None:
         if not self._split_checked:  # once, on the base alone: can the output layer skip the prompt?
@@ -649,7 +670,11 @@ class Engine:
             if req.cancelled.is_set():
                 self._done(req, "cancelled")
                 continue
-            self._prefilling.append(self._start(req))
+            try:
+                self._prefilling.append(self._start(req))
+            except Exception as e:  # this request could not start (its cache): it alone gets the error
+                log.exception("starting a request failed")
+                self._fail(req, e)
         self._drop_cancelled()
         budget = self.prefill_step
         group = self._fresh_group()
