@@ -664,3 +664,49 @@ def test_a_new_checkpoint_is_provably_ours_the_moment_it_is_renamed_into_place(t
     rd.replace_checkpoint("step-0000006", lambda f: write(f, "second"))
     assert (run / "checkpoints" / "step-0000006" / "adapters.safetensors").read_text() == "second"
     assert problems(run) == []
+
+
+def test_a_replaced_checkpoint_is_provably_ours_at_every_rename(tmp_path, monkeypatch):
+    # Saving a checkpoint again over one of the same name (`best`, or a step saved again after a
+    # resume) sets the old one aside, renames the new one into place, then records it. A training
+    # killed after either rename must leave folders its resume may write over: the new files are
+    # recorded beside the old ones before the first rename.
+    from mlx_lora.training.checkpoints import CHECKPOINT_FILES, RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ownership.write_marker(run, "run", "train", files=[])
+    rd = RunDir(run)
+
+    def write(text):
+        def put(folder):
+            (folder / "adapters.safetensors").write_text(text)
+            (folder / "adapter_config.json").write_text("{}")
+
+        return put
+
+    rd.replace_checkpoint("best", write("first"))
+    real_replace = os.replace
+    for kill_after in (".best.old", "best"):
+        seen = []
+
+        def killed_after_the_rename(src, dst, *a, **kw):
+            real_replace(src, dst, *a, **kw)
+            if Path(dst).name == kill_after:
+                seen.append(ownership.subfolder_problems(run, "checkpoints/best", CHECKPOINT_FILES))
+                raise KeyboardInterrupt("killed here")
+
+        monkeypatch.setattr(os, "replace", killed_after_the_rename)
+        with pytest.raises(KeyboardInterrupt):
+            rd.replace_checkpoint("best", write(f"killed after {kill_after}"))
+        monkeypatch.setattr(os, "replace", real_replace)
+        if kill_after == "best":
+            assert seen == [[]], seen  # the new one, just renamed into place, is proven
+        # the resumed run clears what the kill left (the old `best`, set aside) and saves `best` again
+        rd = RunDir(run)
+        rd.remove_partial_writes()
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["best"]
+        rd.replace_checkpoint("best", write("again"))
+        assert (run / "checkpoints" / "best" / "adapters.safetensors").read_text() == "again"
+        assert problems(run) == []
+        assert "also" not in json.dumps(ownership.read_marker(run))  # one record per file once done

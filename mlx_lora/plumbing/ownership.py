@@ -238,6 +238,33 @@ def record_before_move(folder, source, rel: str) -> None:
     _save(folder, marker)
 
 
+def record_alongside(folder, source, rel: str) -> None:
+    """Before ``source`` (inside ``folder``) replaces the recorded folder ``rel``: record each of
+    its entries beside what is recorded there now, so that whichever of the two is at ``rel``
+    when the process is killed (the old one, or the new one the moment it is renamed into place)
+    is proven. :func:`record` of ``rel`` after the replacement keeps the new records alone."""
+    folder = Path(folder)
+    marker = _own_marker(folder)
+    if marker is None:
+        return
+    rel = str(PurePosixPath(rel))
+    src = str(PurePosixPath(Path(source).relative_to(folder)))
+    entries = marker["entries"]
+    for key, new in _scan(folder, src).items():
+        key = rel + key[len(src) :]
+        old = entries.get(key)
+        if old is None or old == new:
+            entries[key] = new
+            continue
+        both = [new, {k: v for k, v in old.items() if k != "also"}]
+        files = [r for r in both if not r.get("dir")]
+        if len(files) < 2:  # a folder (and perhaps a file) at this path
+            entries[key] = {"dir": True, **({"also": files} if files else {})}
+        else:
+            entries[key] = {**files[0], "also": files[1:]}
+    _save(folder, marker)
+
+
 def _put(folder: Path, entries: dict, rel: str, scanned: dict) -> None:
     """Replace the records of ``rel`` and all below it by ``scanned``, adding the folders on the way."""
     for k in [k for k in entries if k == rel or k.startswith(rel + "/")]:
@@ -281,16 +308,18 @@ def _why_not(path: Path, rec: Optional[dict]) -> Optional[str]:
         return None if rec.get("dir") is True else "a folder where mlx-lora wrote a file"
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
-    if rec.get("dir"):
+    # A file being replaced has two records for a moment (see record_alongside): either proves it.
+    files = [r for r in [rec, *(rec.get("also") or [])] if isinstance(r, dict) and not r.get("dir")]
+    if not files:
         return "a file where mlx-lora wrote a folder"
-    if rec.get("size") != st.st_size:
+    sized = [r for r in files if r.get("size") == st.st_size]
+    if not sized:
         return "which changed since mlx-lora wrote it"
     try:
-        if rec.get("sha256") != file_digest(path):
-            return "which changed since mlx-lora wrote it"
+        digest = file_digest(path)
     except OSError as e:
         return f"which cannot be read ({e.strerror or e})"
-    return None
+    return None if any(r.get("sha256") == digest for r in sized) else "which changed since mlx-lora wrote it"
 
 
 def _walk_problems(path: Path, entries: dict, prefix: str, shown: str, out: list, limit: int) -> None:
@@ -706,6 +735,7 @@ def replace_subfolder(root, rel: str, tmp, *, what: str, names: Iterable[str]) -
             )
             if found or _delete(old, rel, root, entries, names):
                 raise OwnershipError(f"{what}: {old} is in the way of replacing {target}")
+        record_alongside(root, tmp, rel)  # killed after the rename below: the new one is proven too
         os.replace(target, old)
         os.replace(tmp, target)
         kept = _delete(old, rel, root, entries, names)
