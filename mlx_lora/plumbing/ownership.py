@@ -223,10 +223,15 @@ def record(folder, *paths: str) -> None:
     _save(folder, marker)
 
 
-def record_before_move(folder, source, rel: str) -> None:
+def record_before_move(folder, source, rel: str, *, beside: bool = False) -> None:
     """Record the finished ``source`` (inside ``folder``) as what the tool is about to rename to
     ``rel``, before the rename: a process killed in between leaves a record of a path that does not
-    exist yet (nothing to prove), never a folder of its own that its marker does not know."""
+    exist yet (nothing to prove), never a folder of its own that its marker does not know.
+
+    ``beside``: ``source`` will replace the recorded folder ``rel``; each of its entries is recorded
+    beside what is recorded there now, so that whichever of the two is at ``rel`` when the process is
+    killed (the old one, or the new one the moment it is renamed into place) is proven.
+    :func:`record` of ``rel`` after the replacement keeps the new records alone."""
     folder = Path(folder)
     marker = _own_marker(folder)
     if marker is None:
@@ -234,35 +239,24 @@ def record_before_move(folder, source, rel: str) -> None:
     rel = str(PurePosixPath(rel))
     src = str(PurePosixPath(Path(source).relative_to(folder)))
     scanned = {rel + k[len(src) :]: v for k, v in _scan(folder, src).items()}
-    _put(folder, marker["entries"], rel, scanned)
-    _save(folder, marker)
-
-
-def record_alongside(folder, source, rel: str) -> None:
-    """Before ``source`` (inside ``folder``) replaces the recorded folder ``rel``: record each of
-    its entries beside what is recorded there now, so that whichever of the two is at ``rel``
-    when the process is killed (the old one, or the new one the moment it is renamed into place)
-    is proven. :func:`record` of ``rel`` after the replacement keeps the new records alone."""
-    folder = Path(folder)
-    marker = _own_marker(folder)
-    if marker is None:
-        return
-    rel = str(PurePosixPath(rel))
-    src = str(PurePosixPath(Path(source).relative_to(folder)))
     entries = marker["entries"]
-    for key, new in _scan(folder, src).items():
-        key = rel + key[len(src) :]
-        old = entries.get(key)
-        if old is None or old == new:
-            entries[key] = new
-            continue
-        both = [new, {k: v for k, v in old.items() if k != "also"}]
-        files = [r for r in both if not r.get("dir")]
-        if len(files) < 2:  # a folder (and perhaps a file) at this path
-            entries[key] = {"dir": True, **({"also": files} if files else {})}
-        else:
-            entries[key] = {**files[0], "also": files[1:]}
+    if beside:
+        for key, new in scanned.items():
+            entries[key] = _either(entries.get(key), new)
+    else:
+        _put(folder, entries, rel, scanned)
     _save(folder, marker)
+
+
+def _either(old: Optional[dict], new: dict) -> dict:
+    """One record that proves either ``new`` or ``old`` (the ``also`` alternatives of a file)."""
+    if old is None or old == new:
+        return new
+    both = [new, {k: v for k, v in old.items() if k != "also"}]
+    files = [r for r in both if not r.get("dir")]
+    if len(files) < 2:  # a folder (and perhaps a file) at this path
+        return {"dir": True, **({"also": files} if files else {})}
+    return {**files[0], "also": files[1:]}
 
 
 def _put(folder: Path, entries: dict, rel: str, scanned: dict) -> None:
@@ -308,7 +302,7 @@ def _why_not(path: Path, rec: Optional[dict]) -> Optional[str]:
         return None if rec.get("dir") is True else "a folder where mlx-lora wrote a file"
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
-    # A file being replaced has two records for a moment (see record_alongside): either proves it.
+    # A file being replaced has two records for a moment (see record_before_move): either proves it.
     files = [r for r in [rec, *(rec.get("also") or [])] if isinstance(r, dict) and not r.get("dir")]
     if not files:
         return "a file where mlx-lora wrote a folder"
@@ -735,7 +729,7 @@ def replace_subfolder(root, rel: str, tmp, *, what: str, names: Iterable[str]) -
             )
             if found or _delete(old, rel, root, entries, names):
                 raise OwnershipError(f"{what}: {old} is in the way of replacing {target}")
-        record_alongside(root, tmp, rel)  # killed after the rename below: the new one is proven too
+        record_before_move(root, tmp, rel, beside=True)  # killed after the rename below: the new one is proven too
         os.replace(target, old)
         os.replace(tmp, target)
         kept = _delete(old, rel, root, entries, names)
