@@ -396,6 +396,23 @@ def test_eval_shows_a_bar_on_a_terminal(tiny_llama, tmp_path):
     assert "eval: 8/8 batches (" not in shown  # not the plain lines of a pipe
 
 
+def test_a_bar_shows_its_end_however_fast_the_last_units_come(monkeypatch):
+    # tqdm skips redraws closer together than its mininterval (0.1 s): a stretch whose last units
+    # came quickly used to leave its bar at some earlier count, and the terminal test above saw
+    # "7/8" or "8/8" depending on the machine's speed.
+    import io
+
+    from mlx_lora.plumbing.progress import Ticker
+
+    monkeypatch.setenv("MLX_LORA_PROGRESS_DELAY", "0")
+    stream = io.StringIO()
+    ticker = Ticker(50, "work", stream=stream, show=True)
+    for _ in range(50):
+        ticker.update()
+    ticker.close()
+    assert "50/50" in stream.getvalue(), stream.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------
 # eval of a base model: the chunked loss, no note about trainable parameters
 

@@ -118,6 +118,10 @@ class Ticker:
 
     def close(self) -> None:
         if self._bar is not None:
+            if time.monotonic() - self.start >= self.delay:
+                # tqdm skips redraws closer together than its mininterval: the bar shows its end
+                # (n/total) before it goes, however fast the last units came.
+                self._bar.refresh()
             self._bar.close()
             self._bar = None
         elif self.plain and self.last_line is not None and self.shown_n != self.n:
