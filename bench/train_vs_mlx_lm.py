@@ -515,11 +515,11 @@ def main(argv=None) -> int:
     dtype = "bfloat16" if gpu else "float32"
     model = args.model or str(common.imported_model(dtype, log))
     # The BLAS both trainers get on Linux CPU (--blas; the system OpenBLAS by default), else the default.
-    chosen = backend.blas_for(args.blas) if (backend_name == "cpu" and sys.platform == "linux") else None
-    if chosen is None and args.blas == "mkl" and backend_name == "cpu" and sys.platform == "linux":
+    linux_cpu = backend_name == "cpu" and sys.platform == "linux"
+    chosen = backend.blas_for(args.blas) if linux_cpu else None
+    if linux_cpu and chosen is None and args.blas == "mkl":
         raise SystemExit("error: --blas mkl: MKL is not installed (pip install mkl)")
-    blas = chosen[1] if chosen else None
-    env = common.environment(blas)
+    env = common.environment(chosen[1] if chosen else None)
     env.update(chosen[2] if chosen else {})
 
     if args.epochs < 1 or args.steps % args.epochs:
