@@ -37,7 +37,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, imported_model
-from mlx_lora.plumbing import backend
+from mlx_lora.plumbing import backend, native
 from mlx_lora.plumbing.cache import cache_root
 
 BLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
@@ -126,10 +126,11 @@ class Server:
 
     def blas(self) -> str:
         maps = Path(f"/proc/{self.proc.pid}/maps").read_text()
+        kernel = " with mlx-lora's small-batch kernel" if native.MARK in maps else ""
         for lib, kind in (("libmkl_rt", "mkl"), ("openblas", "openblas")):
             if lib in maps:
-                return backend.BLAS_LABELS[kind]
-        return "the reference BLAS"
+                return backend.BLAS_LABELS[kind] + kernel
+        return "the reference BLAS" + kernel
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

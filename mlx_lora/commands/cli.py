@@ -530,7 +530,17 @@ def doctor(as_json):
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
-    for k in ("backend", "device", "device_name", "compute_dtype", "memory", "blas", "matmul_gflops", "sandbox"):
+    for k in (
+        "backend",
+        "device",
+        "device_name",
+        "compute_dtype",
+        "memory",
+        "blas",
+        "small_gemm",
+        "matmul_gflops",
+        "sandbox",
+    ):
         if k in facts:
             click.echo(f"{k:<14} {facts[k]}")
     if "blas_hint" in facts:

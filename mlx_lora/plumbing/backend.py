@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from mlx_lora.plumbing import native
+
 # Debian/Ubuntu (libopenblas0-pthread / -openmp / -serial), Fedora, Arch, conda-style prefixes.
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
@@ -177,7 +179,11 @@ def reexec_with_fast_blas(argv: Optional[list[str]] = None) -> None:
     preloaded = os.environ.get("LD_PRELOAD", "")
     if chosen is None or "openblas" in preloaded or "libmkl" in preloaded or _global_blas() is not None:
         return
-    _, lib, extra_env = chosen
+    kind, lib, extra_env = chosen
+    if kind == "openblas":  # MKL's own small products were fast where measured (Intel, AVX-512)
+        kernel = native.build()
+        if kernel is not None:
+            lib = f"{kernel}:{lib}"
     if argv is not None:
         command = [sys.executable, "-m", "mlx_lora", *argv]
     else:
@@ -279,6 +285,20 @@ def mlx_blas_library() -> Optional[str]:
     return _library_of(handle, _MLX_GEMM)
 
 
+KERNEL_NOTE = ", with mlx-lora's small-batch kernel for products of up to 16 rows"
+
+
+def _behind_kernel(kernel: str) -> Optional[str]:
+    """The BLAS that the small-batch kernel at ``kernel`` passes its other products to."""
+    try:
+        ask = ctypes.CDLL(kernel, mode=os.RTLD_NOLOAD | os.RTLD_LAZY).mlx_lora_small_gemm_next_library
+    except (OSError, AttributeError):
+        return None
+    ask.restype = ctypes.c_char_p
+    found = ask()
+    return os.path.realpath(found.decode(errors="replace")) if found else None
+
+
 def loaded_blas() -> str:
     """Which BLAS MLX uses in this process (Linux), or the platform's default."""
     if sys.platform == "darwin":
@@ -286,6 +306,13 @@ def loaded_blas() -> str:
     lib = mlx_blas_library()
     if lib is None:
         return "unknown"
+    if native.is_kernel(lib):
+        behind = _behind_kernel(lib)
+        return (_name_blas(behind) if behind else "unknown") + KERNEL_NOTE
+    return _name_blas(lib)
+
+
+def _name_blas(lib: str) -> str:
     name = Path(lib).name
     if "mlx_cpu.libs" in lib or (name.startswith("libblas-") and "site-packages" in lib):
         return f"reference BLAS bundled with mlx-cpu (slow): {name}"
@@ -455,6 +482,8 @@ def summary(dtype=None) -> dict:
     }
     if name == "cpu":
         facts["blas"] = loaded_blas()
+        if KERNEL_NOTE not in facts["blas"]:
+            facts["small_gemm"] = native.state()
         if blas_is_slow():
             facts["blas_hint"] = fast_blas_advice()
     return facts
