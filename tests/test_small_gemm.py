@@ -57,7 +57,7 @@ PRODUCTS = """
 import numpy as np, mlx.core as mx, ctypes, json, threading
 from mlx_lora.plumbing import backend
 rng = np.random.default_rng(0)
-worst, unequal_rows, cases = 0.0, [], 0
+worst, unequal_rows, expected = 0.0, [], 0
 for M in (1, 2, 3, 4, 5, 8, 13, 16, 17, 40):
     for N, K in ((576, 576), (7, 100), (1537, 577), (4, 1), (300, 63), (49152, 64)):
         x = rng.standard_normal((M, K)).astype(np.float32)
@@ -68,12 +68,12 @@ for M in (1, 2, 3, 4, 5, 8, 13, 16, 17, 40):
         fused = np.array(mx.addmm(mx.array(c), mx.array(x), mx.array(w).T, alpha=0.5, beta=2.0))
         for out, want in ((got, ref), (fused, 2.0 * c + 0.5 * ref)):
             worst = max(worst, float(np.abs(out - want).max() / np.abs(want).max()))
-        if M <= 16:
+        if M <= 16 and K >= 64:  # the products the kernel takes
+            expected += 2 + M
             for i in range(M):
                 alone = np.array(mx.array(x[i:i + 1]) @ mx.array(w).T)
                 if not (alone == got[i:i + 1]).all():
                     unequal_rows.append([M, N, K, i])
-        cases += 1
 # two threads at once (MLX streams on two threads): each gets its own right answer
 xs = [rng.standard_normal((8, 576)).astype(np.float32) for _ in range(2)]
 w = rng.standard_normal((1536, 576)).astype(np.float32)
@@ -87,7 +87,7 @@ threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
 threaded = max(float(np.abs(outs[i] - xs[i].astype(np.float64) @ w.astype(np.float64).T).max()) for i in range(2))
 lib = backend.mlx_blas_library()
 taken = ctypes.CDLL(lib).mlx_lora_small_gemm_products() if lib and "small_gemm" in lib else 0
-print(json.dumps(dict(blas=backend.loaded_blas(), worst=worst, unequal_rows=unequal_rows, cases=cases,
+print(json.dumps(dict(blas=backend.loaded_blas(), worst=worst, unequal_rows=unequal_rows, expected=expected + 60,
                       threaded=threaded, taken=taken)))
 """
 
@@ -98,8 +98,9 @@ def test_small_products_are_right_and_a_row_is_the_same_whatever_it_is_batched_w
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout.splitlines()[-1])
     assert seen["blas"].startswith(backend.BLAS_LABELS["openblas"]) and backend.KERNEL_NOTE in seen["blas"], seen
-    # every product of <= 16 rows went through the kernel (plain and fused, the rows alone, the threads)
-    assert seen["taken"] >= 2 * 8 * 6 + 6 * (1 + 2 + 3 + 4 + 5 + 8 + 13 + 16) + 60, seen
+    # every product of <= 16 rows and depth >= 64 went through the kernel (plain and fused, the rows
+    # alone, the threads' 60), and no other
+    assert seen["taken"] == seen["expected"], seen
     assert seen["worst"] < 2e-6 and seen["threaded"] < 1e-3, seen
     # batched decoding gives each request the answer it gets alone because of this
     assert seen["unequal_rows"] == [], seen

@@ -5,7 +5,7 @@ here) packs each weight into its own layout before such a product, and on a 2-co
 packing made the 210 weight products of a batch-8 step of SmolLM2-135M take 104-114 ms against
 61-65 ms for this kernel, which reads each weight row once (``bench/RESULTS.md``). The library is
 preloaded in front of the BLAS (see :func:`mlx_lora.plumbing.backend.reexec_with_fast_blas`); it
-takes only ``cblas_sgemm`` calls of at most 16 rows against a transposed weight and passes every
+takes only ``cblas_sgemm`` calls of at most 16 rows and depth 64 or more against a transposed weight and passes every
 other call to the BLAS.
 
 Used on Linux x86-64 CPUs with AVX2 and FMA when a C compiler is found (``$CC``, else ``cc``/``gcc``/

@@ -1,7 +1,7 @@
 /* Small-batch float32 products for MLX's CPU backend (Linux x86-64, AVX2 + FMA).
  *
  * MLX's CPU matmul calls cblas_sgemm. For a decode step of a batch of a few requests that is
- * x (rows x in) times a weight's transpose, with rows <= 16: a BLAS packs the whole weight into
+ * x (rows x in) times a weight's transpose, with rows <= 16 (and in >= 64): a BLAS packs the whole weight into
  * its own layout before every such product, which costs more than the product itself reads. This
  * library is preloaded before the BLAS; it defines cblas_sgemm, runs those products reading each
  * weight row once (several rows of x at a time, the weight split over a few threads), and hands
@@ -9,6 +9,8 @@
  *
  * Every output element is computed by the same instructions in the same order whatever the
  * number of rows or threads, so a row's result does not depend on what it is batched with.
+ * Shallow products (in < 64, such as an adapter's rank-r factor) stay with the BLAS: one dot
+ * product per output element costs more than the BLAS's packing there.
  * Built by mlx_lora.plumbing.native with -mavx2 -mfma -ffp-contract=off.
  */
 #define _GNU_SOURCE
@@ -22,7 +24,7 @@
 
 enum { ROW_MAJOR = 101 };
 enum { NO_TRANS = 111, TRANS = 112 };
-enum { MAX_ROWS = 16, NB = 3, MB = 4, MAX_THREADS = 8, SPINS = 20000 };
+enum { MAX_ROWS = 16, MIN_DEPTH = 64, NB = 3, MB = 4, MAX_THREADS = 8, SPINS = 20000 };
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
@@ -63,6 +65,8 @@ static inline __attribute__((always_inline)) void block(int mb, int nb, int K, c
   for (; k + 8 <= K; k += 8) {
     __m256 b[NB];
     for (int j = 0; j < NB; j++) b[j] = j < nb ? _mm256_loadu_ps(B + (size_t)j * ldb + k) : _mm256_setzero_ps();
+    if ((k & 15) == 0) /* the next block's weight rows, a cache line at a time, while this one computes */
+      for (int j = 0; j < NB; j++) _mm_prefetch((const char *)(B + (size_t)(NB + j) * ldb + k), _MM_HINT_T0);
     for (int i = 0; i < mb; i++) {
       __m256 a = _mm256_loadu_ps(A + (size_t)i * lda + k);
       for (int j = 0; j < NB; j++) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);
@@ -187,7 +191,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
                  int lda, const float *B, int ldb, float beta, float *C, int ldc) {
   pthread_once(&next_once, find_next);
   if (order != ROW_MAJOR || trans_a != NO_TRANS || trans_b != TRANS || M < 1 || M > MAX_ROWS || N < 1 ||
-      K < 1) {
+      K < MIN_DEPTH) {
     if (next_sgemm) next_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
