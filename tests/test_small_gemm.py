@@ -59,21 +59,27 @@ from mlx_lora.plumbing import backend
 rng = np.random.default_rng(0)
 worst, unequal_rows, expected = 0.0, [], 0
 for M in (1, 2, 3, 4, 5, 8, 13, 16, 17, 40):
-    for N, K in ((576, 576), (7, 100), (1537, 577), (4, 1), (300, 63), (49152, 64)):
+    for N, K in ((576, 576), (7, 100), (1537, 577), (4, 1), (300, 63), (49152, 64), (1536, 32), (64, 237)):
         x = rng.standard_normal((M, K)).astype(np.float32)
-        w = rng.standard_normal((N, K)).astype(np.float32)
-        ref = x.astype(np.float64) @ w.astype(np.float64).T
-        got = np.array(mx.array(x) @ mx.array(w).T)
+        w = rng.standard_normal((N, K)).astype(np.float32)  # a weight, used transposed
+        v = rng.standard_normal((K, N)).astype(np.float32)  # a matrix used as it is (values, rank x out)
         c = rng.standard_normal((M, N)).astype(np.float32)
-        fused = np.array(mx.addmm(mx.array(c), mx.array(x), mx.array(w).T, alpha=0.5, beta=2.0))
-        for out, want in ((got, ref), (fused, 2.0 * c + 0.5 * ref)):
-            worst = max(worst, float(np.abs(out - want).max() / np.abs(want).max()))
-        if M <= 16 and K >= 64:  # the products the kernel takes
-            expected += 2 + M
-            for i in range(M):
-                alone = np.array(mx.array(x[i:i + 1]) @ mx.array(w).T)
-                if not (alone == got[i:i + 1]).all():
-                    unequal_rows.append([M, N, K, i])
+        for name, right, want in (
+            ("transposed", mx.array(w).T, x.astype(np.float64) @ w.astype(np.float64).T),
+            ("plain", mx.array(v), x.astype(np.float64) @ v.astype(np.float64)),
+        ):
+            got = np.array(mx.array(x) @ right)
+            fused = np.array(mx.addmm(mx.array(c), mx.array(x), right, alpha=0.5, beta=2.0))
+            for out, ref in ((got, want), (fused, 2.0 * c + 0.5 * want)):
+                worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
+            # the products the kernel takes: <= 16 rows, against a transposed weight of depth >= 64 or
+            # a matrix as it is
+            if M <= 16 and (name == "plain" or K >= 64):
+                expected += 2 + M
+                for i in range(M):
+                    alone = np.array(mx.array(x[i:i + 1]) @ right)
+                    if not (alone == got[i:i + 1]).all():
+                        unequal_rows.append([name, M, N, K, i])
 # two threads at once (MLX streams on two threads): each gets its own right answer
 xs = [rng.standard_normal((8, 576)).astype(np.float32) for _ in range(2)]
 w = rng.standard_normal((1536, 576)).astype(np.float32)
@@ -98,8 +104,7 @@ def test_small_products_are_right_and_a_row_is_the_same_whatever_it_is_batched_w
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout.splitlines()[-1])
     assert seen["blas"].startswith(backend.BLAS_LABELS["openblas"]) and backend.KERNEL_NOTE in seen["blas"], seen
-    # every product of <= 16 rows and depth >= 64 went through the kernel (plain and fused, the rows
-    # alone, the threads' 60), and no other
+    # every product it takes went through it (plain and fused, the rows alone, the threads' 60), no other
     assert seen["taken"] == seen["expected"], seen
     assert seen["worst"] < 2e-6 and seen["threaded"] < 1e-3, seen
     # batched decoding gives each request the answer it gets alone because of this

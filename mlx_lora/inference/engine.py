@@ -208,7 +208,7 @@ class RowLoRALinear(nn.Module):
     """A base linear layer plus, per row, the low-rank update of that row's adapter.
 
     The adapters' factors are kept side by side, each padded to the largest rank ``r`` here:
-    ``A`` [n r, in] and ``s B`` [out, n r] (zeros for an adapter that does not target this layer).
+    ``A`` [n r, in] and ``(s B)^T`` [n r, out] (zeros for an adapter that does not target this layer).
     A mixed batch computes ``((x A^T) * mask) (s B)^T``, the mask keeping each row's own adapter's
     r columns: two small matmuls for the whole batch, whatever the number of adapters."""
 
@@ -221,7 +221,7 @@ class RowLoRALinear(nn.Module):
         r = max(lw.a.shape[0] for lw in lows if lw is not None)
         n = len(lows)
         a = mx.zeros((n * r, in_dims))
-        b = mx.zeros((out_dims, n * r))
+        bt = mx.zeros((n * r, out_dims))  # (s B)^T, kept rank-major: a product with it needs no transpose
         gain = mx.ones((n + 1, out_dims))  # the last slot: no adapter
         dora = [False] * (n + 1)
         for i, lw in enumerate(lows):
@@ -229,15 +229,15 @@ class RowLoRALinear(nn.Module):
                 continue
             k = lw.a.shape[0]
             a[i * r : i * r + k] = lw.a.astype(mx.float32)
-            b[:, i * r : i * r + k] = lw.b.astype(mx.float32) * lw.scale
+            bt[i * r : i * r + k] = lw.b.astype(mx.float32).T * lw.scale
             if lw.gain is not None:
                 gain[i] = lw.gain
                 dora[i] = True
         self._r = r
-        self._a, self._b = a, b
+        self._a, self._bt = a, bt
         self._gain = gain if any(dora) else None
         self._dora = mx.array(dora)
-        mx.eval(self._a, self._b, self._gain, self._dora)
+        mx.eval(self._a, self._bt, self._gain, self._dora)
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = self._rows
@@ -252,13 +252,13 @@ class RowLoRALinear(nn.Module):
             if lw.gain is None:
                 return self.base(x) + low
             return self._dora_out(x, lw.gain.astype(x.dtype), low)
-        a, b = self._a, self._b
+        a, bt = self._a, self._bt
         if a.dtype != x.dtype:
-            a, b = a.astype(x.dtype), b.astype(x.dtype)
+            a, bt = a.astype(x.dtype), bt.astype(x.dtype)
         h = (x @ a.T) * rows.mask(self._r, x.dtype)
         if self._gain is None:
-            return mx.addmm(self.base(x), h, b.T)  # the base plus each row's update, one op fewer
-        low = h @ b.T
+            return mx.addmm(self.base(x), h, bt)  # the base plus each row's update, one op fewer
+        low = h @ bt
         plain = self.base(x) + low
         idx = rows.index
         dora = self._dora_out(x, self._gain[idx].astype(x.dtype)[:, None, :], low)

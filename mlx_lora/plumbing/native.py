@@ -5,8 +5,8 @@ here) packs each weight into its own layout before such a product, and on a 2-co
 packing made the 210 weight products of a batch-8 step of SmolLM2-135M take 104-114 ms against
 61-65 ms for this kernel, which reads each weight row once (``bench/RESULTS.md``). The library is
 preloaded in front of the BLAS (see :func:`mlx_lora.plumbing.backend.reexec_with_fast_blas`); it
-takes only ``cblas_sgemm`` calls of at most 16 rows and depth 64 or more against a transposed weight and passes every
-other call to the BLAS.
+takes only ``cblas_sgemm`` calls of at most 16 rows (against a transposed weight of depth 64 or more,
+or a matrix that is not transposed) and passes every other call to the BLAS.
 
 Used on Linux x86-64 CPUs with AVX2 and FMA when a C compiler is found (``$CC``, else ``cc``/``gcc``/
 ``clang``). ``MLX_LORA_SMALL_GEMM=off`` leaves it out. A failed build is remembered (the compiler's
@@ -99,7 +99,9 @@ def build(quiet: bool = True) -> Optional[Path]:
         log.debug("small-batch kernel: cannot write %s: %s", target.parent, e)
         return None
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-ldl"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [cc, *FLAGS, str(SOURCE), "-o", tmp, "-ldl", "-lm"], capture_output=True, text=True, timeout=120
+        )
         if done.returncode != 0:
             failed.write_text(f"{cc} {' '.join(FLAGS)} {SOURCE}\n{done.stderr}", encoding="utf-8")
             if not quiet:

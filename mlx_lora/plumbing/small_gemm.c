@@ -1,7 +1,7 @@
 /* Small-batch float32 products for MLX's CPU backend (Linux x86-64, AVX2 + FMA).
  *
  * MLX's CPU matmul calls cblas_sgemm. For a decode step of a batch of a few requests that is
- * x (rows x in) times a weight's transpose, with rows <= 16 (and in >= 64): a BLAS packs the whole weight into
+ * x (rows x in) times a weight's transpose, with rows <= 16: a BLAS packs the whole weight into
  * its own layout before every such product, which costs more than the product itself reads. This
  * library is preloaded before the BLAS; it defines cblas_sgemm, runs those products reading each
  * weight row once (several rows of x at a time, the weight split over a few threads), and hands
@@ -9,13 +9,16 @@
  *
  * Every output element is computed by the same instructions in the same order whatever the
  * number of rows or threads, so a row's result does not depend on what it is batched with.
- * Shallow products (in < 64, such as an adapter's rank-r factor) stay with the BLAS: one dot
- * product per output element costs more than the BLAS's packing there.
+ * Shallow products against a transposed weight (in < 64, such as an adapter's rank-r factor) stay
+ * with the BLAS: one dot product per output element costs more than the BLAS's packing there.
+ * Products of at most 16 rows against a matrix that is not transposed (K x N: an adapter's factor
+ * kept as rank x out, attention's values) are taken too, eight columns at a time.
  * Built by mlx_lora.plumbing.native with -mavx2 -mfma -ffp-contract=off.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <immintrin.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -82,14 +85,62 @@ static inline __attribute__((always_inline)) void block(int mb, int nb, int K, c
 }
 
 typedef struct {
-  int M, N, K, lda, ldb, ldc;
+  int M, N, K, lda, ldb, ldc, plain_b; /* plain_b: B is K x N (B not transposed) */
   float alpha, beta;
   const float *A, *B;
   float *C;
 } job_t;
 
+/* B not transposed (K x N, such as an adapter's factor kept as rank x out, or attention's values):
+ * C[i, n] = alpha * sum_k A[i, k] B[k, n], eight columns per register, k in order. Each output is the
+ * same chain of fused multiply-adds from zero wherever its column falls. */
+static void plain_columns(const job_t *p, int first, int last) {
+  for (int m = 0; m < p->M; m++) {
+    const float *a = p->A + (size_t)m * p->lda;
+    float *c = p->C + (size_t)m * p->ldc;
+    int n = first;
+    for (; n + 64 <= last; n += 64) {
+      __m256 acc[8];
+      for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+      for (int k = 0; k < p->K; k++) {
+        __m256 x = _mm256_broadcast_ss(a + k);
+        const float *b = p->B + (size_t)k * p->ldb + n;
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(b + 8 * j), acc[j]);
+      }
+      for (int j = 0; j < 8; j++) {
+        float out[8];
+        _mm256_storeu_ps(out, acc[j]);
+        for (int t = 0; t < 8; t++) {
+          float *o = c + n + 8 * j + t;
+          *o = p->beta == 0.0f ? p->alpha * out[t] : p->alpha * out[t] + p->beta * *o;
+        }
+      }
+    }
+    for (; n + 8 <= last; n += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int k = 0; k < p->K; k++)
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k), _mm256_loadu_ps(p->B + (size_t)k * p->ldb + n), acc);
+      float out[8];
+      _mm256_storeu_ps(out, acc);
+      for (int t = 0; t < 8; t++) {
+        float *o = c + n + t;
+        *o = p->beta == 0.0f ? p->alpha * out[t] : p->alpha * out[t] + p->beta * *o;
+      }
+    }
+    for (; n < last; n++) {
+      float s = 0.0f;
+      for (int k = 0; k < p->K; k++) s = fmaf(a[k], p->B[(size_t)k * p->ldb + n], s);
+      c[n] = p->beta == 0.0f ? p->alpha * s : p->alpha * s + p->beta * c[n];
+    }
+  }
+}
+
 /* Weight rows [first, last) in steps of NB, every row of x. */
 static void run_part(const job_t *p, int first, int last) {
+  if (p->plain_b) {
+    plain_columns(p, first, last);
+    return;
+  }
   for (int n = first; n < last; n += NB) {
     const float *b = p->B + (size_t)n * p->ldb;
     int nb = p->N - n < NB ? p->N - n : NB;
@@ -122,9 +173,10 @@ static struct {
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .busy = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
 static void part_bounds(const job_t *p, int part, int parts, int *first, int *last) {
-  long blocks = (p->N + NB - 1) / NB;
-  *first = (int)(blocks * part / parts) * NB;
-  *last = (int)(blocks * (part + 1) / parts) * NB;
+  int unit = p->plain_b ? 64 : NB;
+  long blocks = (p->N + unit - 1) / unit;
+  *first = (int)(blocks * part / parts) * unit;
+  *last = (int)(blocks * (part + 1) / parts) * unit;
   if (*last > p->N) *last = p->N;
 }
 
@@ -190,13 +242,13 @@ static void start_pool(void) {
 void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
                  int lda, const float *B, int ldb, float beta, float *C, int ldc) {
   pthread_once(&next_once, find_next);
-  if (order != ROW_MAJOR || trans_a != NO_TRANS || trans_b != TRANS || M < 1 || M > MAX_ROWS || N < 1 ||
-      K < MIN_DEPTH) {
+  if (order != ROW_MAJOR || trans_a != NO_TRANS || M < 1 || M > MAX_ROWS || N < 1 || K < 1 ||
+      !(trans_b == NO_TRANS || (trans_b == TRANS && K >= MIN_DEPTH))) {
     if (next_sgemm) next_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
   atomic_fetch_add_explicit(&products, 1, memory_order_relaxed);
-  job_t job = {M, N, K, lda, ldb, ldc, alpha, beta, A, B, C};
+  job_t job = {M, N, K, lda, ldb, ldc, trans_b == NO_TRANS, alpha, beta, A, B, C};
   /* small products, or another thread using the pool now: this thread does it all */
   if ((long)N * K < 65536 || pthread_mutex_trylock(&pool.busy) != 0) {
     run_part(&job, 0, N);
