@@ -39,6 +39,19 @@ def _run(code: str, env: dict, cwd: Path, timeout: int = 300) -> subprocess.Comp
     )
 
 
+def _doctor(env: dict, cwd: Path) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_lora", "doctor", "--json"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
     os.environ["MLX_LORA_CACHE"], old = str(tmp_path_factory.mktemp("cache")), os.environ.get("MLX_LORA_CACHE")
@@ -146,16 +159,7 @@ def test_the_cli_runs_on_the_kernel_in_front_of_openblas_unless_switched_off(tmp
         env = _env(MLX_LORA_CACHE=str(cache), MLX_LORA_BLAS="openblas")
         if switch:
             env[native.SWITCH] = switch
-        r = subprocess.run(
-            [sys.executable, "-m", "mlx_lora", "doctor", "--json"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert r.returncode == 0, r.stderr
-        blas = json.loads(r.stdout)["blas"]
+        blas = _doctor(env, tmp_path)["blas"]
         assert blas.startswith(backend.BLAS_LABELS["openblas"]), blas
         assert (backend.KERNEL_NOTE in blas) is expected, (switch, blas)
     assert len(list((cache / "native").glob("*.so"))) == 1  # built once, into the cache
@@ -178,16 +182,9 @@ def test_without_a_working_compiler_it_is_left_out_and_a_failed_build_is_not_tri
     assert not list((tmp_path / "cache" / "native").glob("*.so")) + list((tmp_path / "cache" / "native").glob("*.tmp"))
     # a CLI on such a machine still runs on the plain BLAS
     if OPENBLAS:
-        r = subprocess.run(
-            [sys.executable, "-m", "mlx_lora", "doctor", "--json"],
-            env=_env(MLX_LORA_CACHE=str(tmp_path / "cache"), CC=str(broken), MLX_LORA_BLAS="openblas"),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
+        facts = _doctor(
+            _env(MLX_LORA_CACHE=str(tmp_path / "cache"), CC=str(broken), MLX_LORA_BLAS="openblas"), tmp_path
         )
-        assert r.returncode == 0, r.stderr
-        facts = json.loads(r.stdout)
         assert facts["blas"].startswith(backend.BLAS_LABELS["openblas"]) and backend.KERNEL_NOTE not in facts["blas"]
         assert "failed" in facts["small_gemm"] and str(failed[0]) in facts["small_gemm"], facts
 
