@@ -18,6 +18,19 @@ from typing import Optional
 
 import pytest
 
+from mlx_lora.plumbing import backend, native
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fresh_env(**extra) -> dict:
+    """The environment of a user's shell for a child process: the repository importable, no BLAS
+    preload, no re-exec or debug flags and no small-kernel switch from the test run; then ``extra``."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    for key in ("LD_PRELOAD", "MLX_LORA_NO_BLAS_REEXEC", backend.REEXEC_FLAG, "MLX_LORA_DEBUG", native.SWITCH):
+        env.pop(key, None)
+    return {**env, **extra}
+
 
 def snapshot(*roots: Path) -> dict:
     """Every path under ``roots`` -> (kind, mode, size, mtime_ns, sha256 of a file's bytes)."""

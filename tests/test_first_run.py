@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_harness import fresh_env
 
 from mlx_lora.commands.recipes import demo_data
 from mlx_lora.plumbing import backend
@@ -21,14 +22,6 @@ REPO = Path(__file__).resolve().parent.parent
 OPENBLAS = backend.find_openblas()
 CHOSEN = backend.fast_blas()  # what a fresh mlx-lora process preloads here: (kind, library, env) or None
 LABEL = backend.BLAS_LABELS
-
-
-def _fresh_env(**extra) -> dict:
-    """The environment of a user's shell: no preload, no re-exec flags from the test run."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    for key in ("LD_PRELOAD", "MLX_LORA_NO_BLAS_REEXEC", backend.REEXEC_FLAG, "MLX_LORA_DEBUG"):
-        env.pop(key, None)
-    return {**env, **extra}
 
 
 def _python(code: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
@@ -48,19 +41,19 @@ def test_blas_is_the_one_mlx_calls_not_numpys_bundled_openblas(tmp_path):
         "maps = open('/proc/self/maps').read()\n"
         "print(repr(backend.loaded_blas())); print('openblas' in maps.lower())"
     )
-    r = _python(code, _fresh_env(), tmp_path)
+    r = _python(code, fresh_env(), tmp_path)
     assert r.returncode == 0, r.stderr
     shown, numpy_openblas_mapped = r.stdout.splitlines()
     assert "reference BLAS bundled with mlx-cpu" in shown and "OpenBLAS" not in shown, shown
     assert numpy_openblas_mapped == "True"  # the very thing that fooled a file-name match
     if OPENBLAS:
-        r = _python(code, _fresh_env(LD_PRELOAD=OPENBLAS), tmp_path)
+        r = _python(code, fresh_env(LD_PRELOAD=OPENBLAS), tmp_path)
         assert r.returncode == 0, r.stderr
         assert "OpenBLAS" in r.stdout.splitlines()[0] and "reference" not in r.stdout, r.stdout
 
 
 def test_every_entry_point_runs_fast_or_says_how(tiny_llama, tmp_path):
-    env = _fresh_env()
+    env = fresh_env()
     # The CLI and `python -m mlx_lora`: re-executed with the fastest BLAS installed.
     for argv in (
         ["-m", "mlx_lora", "doctor", "--json"],
@@ -127,7 +120,7 @@ def test_the_recipe_script_trains_on_the_fast_blas(tiny_llama, tmp_path):
             "--set",
             "data.cache=false",
         ],
-        env=_fresh_env(),
+        env=fresh_env(),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -184,7 +177,7 @@ def test_the_cli_runs_on_mkl_or_openblas_as_chosen_and_both_compute_the_same(tmp
     )
     seen = {}
     for choice in ("mkl", "openblas") if OPENBLAS else ("mkl",):
-        r = _python(code, _fresh_env(MLX_LORA_BLAS=choice), tmp_path)
+        r = _python(code, fresh_env(MLX_LORA_BLAS=choice), tmp_path)
         assert r.returncode == 0, r.stderr
         shown, total = r.stdout.splitlines()
         assert shown.startswith(LABEL[choice]), shown
@@ -202,7 +195,7 @@ def _ctrl_c_able():
 
 def test_ctrl_c_during_training_stops_the_pipeline_before_fuse_and_export(tiny_llama, tmp_path):
     out = tmp_path / "pipe"
-    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
+    env = fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
     if OPENBLAS:
         env["LD_PRELOAD"] = OPENBLAS
     proc = subprocess.Popen(
@@ -649,7 +642,7 @@ def _run_in_terminal(
     import struct
     import termios
 
-    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1", TERM="dumb", **env_extra)
+    env = fresh_env(MLX_LORA_NO_BLAS_REEXEC="1", TERM="dumb", **env_extra)
     env.pop("COLUMNS", None)
     if OPENBLAS:
         env["LD_PRELOAD"] = OPENBLAS
@@ -686,7 +679,7 @@ def _run_in_terminal(
 
 
 def _serve_until_ready(argv: list[str], cwd: Path) -> tuple[int, list[str]]:
-    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
+    env = fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
     if OPENBLAS:
         env["LD_PRELOAD"] = OPENBLAS
     proc = subprocess.Popen(
@@ -754,7 +747,7 @@ def test_serve_stopped_with_ctrl_c_during_a_streamed_reply_exits_cleanly(tiny_ll
 
     import httpx
 
-    env = _fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
+    env = fresh_env(MLX_LORA_NO_BLAS_REEXEC="1")
     if OPENBLAS:
         env["LD_PRELOAD"] = OPENBLAS
     proc = subprocess.Popen(

@@ -13,23 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_harness import fresh_env
 
 from mlx_lora.plumbing import backend, native
 
-REPO = Path(__file__).resolve().parent.parent
 OPENBLAS = backend.find_openblas()
 
 needs_kernel = pytest.mark.skipif(
     not native.wanted() or native.compiler() is None or OPENBLAS is None,
     reason="the kernel is for Linux x86-64 CPUs with AVX2 and FMA, a C compiler and a system OpenBLAS",
 )
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    for key in ("LD_PRELOAD", "MLX_LORA_NO_BLAS_REEXEC", backend.REEXEC_FLAG, native.SWITCH):
-        env.pop(key, None)
-    return {**env, **extra}
 
 
 def _run(code: str, env: dict, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -113,7 +106,7 @@ print(json.dumps(dict(blas=backend.loaded_blas(), worst=worst, unequal_rows=uneq
 
 @needs_kernel
 def test_small_products_are_right_and_a_row_is_the_same_whatever_it_is_batched_with(kernel, tmp_path):
-    r = _run(PRODUCTS, _env(LD_PRELOAD=f"{kernel}:{OPENBLAS}", MLX_LORA_NO_BLAS_REEXEC="1"), tmp_path)
+    r = _run(PRODUCTS, fresh_env(LD_PRELOAD=f"{kernel}:{OPENBLAS}", MLX_LORA_NO_BLAS_REEXEC="1"), tmp_path)
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout.splitlines()[-1])
     assert seen["blas"].startswith(backend.BLAS_LABELS["openblas"]) and backend.KERNEL_NOTE in seen["blas"], seen
@@ -148,7 +141,7 @@ print(os.waitstatus_to_exitcode(status))
 @needs_kernel
 def test_a_forked_child_runs_products_on_its_own_threads(kernel, tmp_path):
     # the parent's worker threads do not exist in a fork: the child starts its own instead of waiting forever
-    r = _run(FORK, _env(LD_PRELOAD=f"{kernel}:{OPENBLAS}", MLX_LORA_NO_BLAS_REEXEC="1"), tmp_path, timeout=120)
+    r = _run(FORK, fresh_env(LD_PRELOAD=f"{kernel}:{OPENBLAS}", MLX_LORA_NO_BLAS_REEXEC="1"), tmp_path, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "0", (r.stdout, r.stderr)
 
 
@@ -156,7 +149,7 @@ def test_a_forked_child_runs_products_on_its_own_threads(kernel, tmp_path):
 def test_the_cli_runs_on_the_kernel_in_front_of_openblas_unless_switched_off(tmp_path):
     cache = tmp_path / "cache"
     for switch, expected in ((None, True), ("off", False)):
-        env = _env(MLX_LORA_CACHE=str(cache), MLX_LORA_BLAS="openblas")
+        env = fresh_env(MLX_LORA_CACHE=str(cache), MLX_LORA_BLAS="openblas")
         if switch:
             env[native.SWITCH] = switch
         blas = _doctor(env, tmp_path)["blas"]
@@ -183,7 +176,7 @@ def test_without_a_working_compiler_it_is_left_out_and_a_failed_build_is_not_tri
     # a CLI on such a machine still runs on the plain BLAS
     if OPENBLAS:
         facts = _doctor(
-            _env(MLX_LORA_CACHE=str(tmp_path / "cache"), CC=str(broken), MLX_LORA_BLAS="openblas"), tmp_path
+            fresh_env(MLX_LORA_CACHE=str(tmp_path / "cache"), CC=str(broken), MLX_LORA_BLAS="openblas"), tmp_path
         )
         assert facts["blas"].startswith(backend.BLAS_LABELS["openblas"]) and backend.KERNEL_NOTE not in facts["blas"]
         assert "failed" in facts["small_gemm"] and str(failed[0]) in facts["small_gemm"], facts

@@ -87,14 +87,7 @@ def find_mkl() -> Optional[str]:
 
 def _intel_cpu() -> bool:
     """MKL is Intel's: picked by itself only on Intel CPUs (``MLX_LORA_BLAS=mkl`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return "GenuineIntel" in line
-    except OSError:
-        pass
-    return False
+    return native.cpuinfo_field("vendor_id") == "GenuineIntel"
 
 
 _warned_blas_choice = False

@@ -38,23 +38,29 @@ MARK = "mlx_lora_small_gemm"
 log = logging.getLogger(__name__)
 
 
-def wanted() -> bool:
-    """False when ``MLX_LORA_SMALL_GEMM`` is ``0``/``off``/``no``/``false``, or the machine cannot run it."""
-    if os.environ.get(SWITCH, "").strip().lower() in ("0", "off", "no", "false"):
-        return False
-    return sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64") and _has_avx2_fma()
-
-
-def _has_avx2_fma() -> bool:
+def cpuinfo_field(name: str) -> str:
+    """The value of the first ``name`` line of ``/proc/cpuinfo`` (``vendor_id``, ``flags``), or ""."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return "avx2" in flags and "fma" in flags
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return False
+    return ""
+
+
+def _switched_off() -> bool:
+    return os.environ.get(SWITCH, "").strip().lower() in ("0", "off", "no", "false")
+
+
+def wanted() -> bool:
+    """False when ``MLX_LORA_SMALL_GEMM`` is ``0``/``off``/``no``/``false``, or the machine cannot run it."""
+    if _switched_off():
+        return False
+    flags = cpuinfo_field("flags").split()
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return sys.platform == "linux" and is_x86 and "avx2" in flags and "fma" in flags
 
 
 def compiler() -> Optional[str]:
@@ -119,7 +125,7 @@ def build(quiet: bool = True) -> Optional[Path]:
 
 def state() -> str:
     """Why the kernel is or is not there, in a few words (``mlx-lora doctor``)."""
-    if os.environ.get(SWITCH, "").strip().lower() in ("0", "off", "no", "false"):
+    if _switched_off():
         return f"off ({SWITCH}={os.environ[SWITCH]})"
     if not wanted():
         return "not for this machine (Linux x86-64 CPUs with AVX2 and FMA)"
